@@ -1,0 +1,56 @@
+"""Argument checks shared by the graph and eager paths."""
+
+import tensorflow as tf
+
+FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+def as_list(value):
+  """Returns `(list, was_sequence)` for a tensor or a list/tuple of them."""
+  if isinstance(value, (list, tuple)):
+    return list(value), True
+  return [value], False
+
+
+def restore_structure(values, was_sequence):
+  return values if was_sequence else values[0]
+
+
+def check_float(t, arg):
+  """Raises `TypeError` unless `t` has a floating dtype tf1hess supports."""
+  if t.dtype.base_dtype not in FLOAT_DTYPES:
+    raise TypeError(
+      f"`{arg}` must be a floating tensor (float16, bfloat16, float32 or "
+      f"float64); saw dtype {t.dtype.name}."
+    )
+
+
+def check_batched(t, arg):
+  """Raises `ValueError` unless `t` has a known rank >= 2."""
+  rank = t.shape.rank
+  if rank is None:
+    raise ValueError(
+      f"`{arg}` must have a known rank >= 2 (batch, features...); saw "
+      "unknown rank."
+    )
+  if rank < 2:
+    raise ValueError(
+      f"`{arg}` must have rank >= 2 (batch, features...); saw rank {rank} "
+      f"with shape {t.shape}."
+    )
+
+
+def check_unconnected(unconnected_gradients):
+  """Returns a `tf.UnconnectedGradients` member or raises `ValueError`."""
+  try:
+    return tf.UnconnectedGradients(unconnected_gradients)
+  except ValueError:
+    raise ValueError(
+      "`unconnected_gradients` must be 'zero' or 'none' (or a "
+      f"tf.UnconnectedGradients); saw {unconnected_gradients!r}."
+    ) from None
+
+
+def check_positive_int(value, arg):
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"`{arg}` must be a positive int; saw {value!r}.")

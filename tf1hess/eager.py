@@ -1,0 +1,271 @@
+"""Per-sample derivatives of a function with `tf.GradientTape`.
+
+The twin of `tf1hess.ops` for code that holds a function instead of a graph:
+`tf1hess.eager.batch_hessians(fn, x)` gives the numbers of
+`tf1hess.batch_hessians(fn(x), x)`. It runs eagerly, inside a `tf.function`
+(also with a `None` batch in the `input_signature`), and while building a TF1
+graph, and uses the same row loop as the graph ops.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tf1hess import _checks
+from tf1hess import _core
+
+
+def _as_input(x):
+  """Converts `x` to a floating `Tensor` of rank >= 2 or raises."""
+  if isinstance(x, np.ndarray) and not np.issubdtype(x.dtype, np.floating):
+    raise TypeError(
+      "`x` must be a floating tensor (float16, bfloat16, float32 or "
+      f"float64); saw dtype {x.dtype}."
+    )
+  if not isinstance(x, (tf.Tensor, tf.Variable)):
+    x = tf.convert_to_tensor(x)
+  _checks.check_float(x, "x")
+  _checks.check_batched(x, "x")
+  return x
+
+
+class _Tapes:
+  """Nested persistent tapes, one per derivative level, all watching `x`.
+
+  Level 1 is the innermost tape. `gradient_fn(level)` stops the tape of that
+  level (the outer ones keep recording, so that the next level can
+  differentiate this one) and returns its vector-Jacobian product.
+  """
+
+  def __init__(self, x, order):
+    self._x = x
+    self._tapes = [tf.GradientTape(persistent=True) for _ in range(order)]
+    self._stopped = {}
+
+  def __enter__(self):
+    for tape in self._tapes:
+      tape.__enter__()
+      tape.watch(self._x)
+    return self
+
+  def __exit__(self, *exc):
+    while self._tapes:
+      self._tapes.pop().__exit__(*exc)
+
+  def tape(self, level):
+    """Stops (once) and returns the tape that differentiates level `level`."""
+    if level not in self._stopped:
+      tape = self._tapes.pop()
+      tape.__exit__(None, None, None)
+      self._stopped[level] = tape
+    return self._stopped[level]
+
+  def gradient_fn(self, level, unconnected):
+    tape = self.tape(level)
+
+    def gradient(target, cotangent):
+      return tape.gradient(
+        target,
+        self._x,
+        output_gradients=cotangent,
+        unconnected_gradients=unconnected,
+      )
+
+    return gradient
+
+
+def _derivatives(
+  fn,
+  x,
+  order,
+  unconnected_gradients="zero",
+  parallel_iterations=None,
+  diagonal=False,
+  check_independence=False,
+):
+  """Shared body of the public functions: per-sample derivatives of `order`."""
+  if not callable(fn):
+    raise TypeError(
+      "`fn` must be a callable mapping a batch to per-sample outputs; saw "
+      f"{type(fn).__name__}."
+    )
+  unconnected = _checks.check_unconnected(unconnected_gradients)
+  x = _as_input(x)
+  with _Tapes(x, order) as tapes:
+    ys = fn(x)
+    for y in _checks.as_list(ys)[0]:
+      _checks.check_float(tf.convert_to_tensor(y), "fn(x)")
+    grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
+    if grad is None or order == 1:
+      return grad
+    return _core.per_sample_derivatives(
+      x,
+      grad,
+      lambda level: tapes.gradient_fn(level, unconnected),
+      order,
+      parallel_iterations=parallel_iterations,
+      diagonal=diagonal,
+      check_independence=check_independence,
+    )
+
+
+def batch_hessians(
+  fn,
+  x,
+  unconnected_gradients="zero",
+  check_independence=False,
+  parallel_iterations=None,
+):
+  """Per-sample Hessians of `fn` at the batch `x`.
+
+  Args:
+    fn: callable mapping a batch `(N, d...)` to per-sample outputs (`(N,)`,
+      `(N, 1)`, ...) or to their sum; a Keras model works.
+    x: a floating `Tensor` or numpy array of rank >= 2, batch first.
+    unconnected_gradients: 'zero' (default) or 'none', as in
+      `tf1hess.batch_hessians`.
+    check_independence: `bool`, default `False`: check that samples are
+      independent (raises `tf.errors.InvalidArgumentError` otherwise).
+    parallel_iterations: `int` or `None`, for the row loop.
+
+  Returns:
+    A `Tensor` of shape `(N, d..., d...)`, or `None` with
+    `unconnected_gradients='none'` when the Hessian is not connected.
+
+  Raises:
+    TypeError: when `fn` is not callable or `x`/`fn(x)` is not floating.
+    ValueError: when `x` has rank < 2 or `unconnected_gradients` is unknown.
+    tf.errors.InvalidArgumentError: when `check_independence` fails.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> x = tf.constant([[1., 2.]])
+    >>> tf1hess.eager.batch_hessians(lambda x: tf.reduce_sum(x ** 3, 1), x)
+    <tf.Tensor: shape=(1, 2, 2), dtype=float32, numpy=
+    array([[[ 6.,  0.],
+            [ 0., 12.]]], dtype=float32)>
+  """
+  return _derivatives(
+    fn,
+    x,
+    2,
+    unconnected_gradients,
+    parallel_iterations,
+    check_independence=check_independence,
+  )
+
+
+def batch_hessian_diagonals(
+  fn, x, unconnected_gradients="zero", parallel_iterations=None
+):
+  """Diagonals of the per-sample Hessians of `fn` at `x`, shape of `x`.
+
+  Args:
+    fn: as in `batch_hessians`.
+    x: as in `batch_hessians`.
+    unconnected_gradients: as in `batch_hessians`.
+    parallel_iterations: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` of the shape of `x`.
+
+  Raises:
+    As `batch_hessians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> tf1hess.eager.batch_hessian_diagonals(
+    ...     lambda x: tf.reduce_sum(x ** 3), tf.constant([[1., 2.]])).numpy()
+    array([[ 6., 12.]], dtype=float32)
+  """
+  return _derivatives(
+    fn, x, 2, unconnected_gradients, parallel_iterations, diagonal=True
+  )
+
+
+def batch_gradients(fn, x, unconnected_gradients="zero"):
+  """Per-sample gradients of `fn` at `x`, shape of `x`.
+
+  Args:
+    fn: as in `batch_hessians`.
+    x: as in `batch_hessians`.
+    unconnected_gradients: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` of the shape of `x`.
+
+  Raises:
+    As `batch_hessians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> tf1hess.eager.batch_gradients(
+    ...     lambda x: tf.reduce_sum(x * x), tf.constant([[1., 2.]])).numpy()
+    array([[2., 4.]], dtype=float32)
+  """
+  return _derivatives(fn, x, 1, unconnected_gradients)
+
+
+def batch_derivatives(
+  fn, x, order, unconnected_gradients="zero", parallel_iterations=None
+):
+  """Per-sample derivative tensors of `fn` of order `order`.
+
+  Args:
+    fn: as in `batch_hessians`.
+    x: as in `batch_hessians`.
+    order: `int` >= 1.
+    unconnected_gradients: as in `batch_hessians`.
+    parallel_iterations: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` of shape `(N,) + (d...) * order`.
+
+  Raises:
+    ValueError: when `order` is not a positive int, and as `batch_hessians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> d = tf1hess.eager.batch_derivatives(
+    ...     lambda x: tf.math.log(x + 2.), tf.constant([[1.]], tf.float64), 4)
+    >>> float(d.numpy().ravel()[0])  # -6/81
+    -0.07407407407407407
+  """
+  _checks.check_positive_int(order, "order")
+  return _derivatives(fn, x, order, unconnected_gradients, parallel_iterations)
+
+
+def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
+  """Per-sample Hessian-vector products of `fn` at `x` with `v`.
+
+  Args:
+    fn: as in `batch_hessians`.
+    x: as in `batch_hessians`.
+    v: a `Tensor` of the shape and dtype of `x`.
+    unconnected_gradients: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` of the shape of `x`.
+
+  Raises:
+    ValueError: when `v` does not have the shape of `x`, and as
+      `batch_hessians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> tf1hess.eager.batch_hessian_vector_products(
+    ...     lambda x: tf.reduce_sum(x ** 3), tf.constant([[1., 2.]]),
+    ...     tf.ones([1, 2])).numpy()
+    array([[ 6., 12.]], dtype=float32)
+  """
+  unconnected = _checks.check_unconnected(unconnected_gradients)
+  x = _as_input(x)
+  v = tf.convert_to_tensor(v, dtype=x.dtype)
+  if not v.shape.is_compatible_with(x.shape):
+    raise ValueError(
+      f"`v` must have the shape of `x` ({x.shape}); saw {v.shape}."
+    )
+  with _Tapes(x, 2) as tapes:
+    grad = tapes.tape(1).gradient(fn(x), x, unconnected_gradients=unconnected)
+    if grad is None:
+      return None
+    return tapes.gradient_fn(2, unconnected)(grad, v)

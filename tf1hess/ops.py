@@ -1,0 +1,417 @@
+"""Per-sample derivatives as TF1 graph ops, in the style of `tf.gradients`.
+
+For a batch `x` of shape `(N, d1, ..., dm)` whose `N` may only be known at run
+time, `batch_hessians(ys, x)` is the tensor `(N, d1, ..., dm, d1, ..., dm)` of
+per-sample Hessians `d^2 sum(ys) / d x[i, ...] d x[i, ...]`: the diagonal
+blocks of the `(N, K, N, K)` tensor `tf.hessians` would build, computed with
+K backward passes whatever N is.
+"""
+
+import tensorflow as tf
+
+from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
+
+from tf1hess import _checks
+from tf1hess import _core
+
+_ZERO = tf.UnconnectedGradients.ZERO
+_NONE = tf.UnconnectedGradients.NONE
+
+
+def _is_tensor_like(value):
+  return isinstance(value, (tf.Tensor, tf.Variable))
+
+
+def _prepare(ys, xs, op_name):
+  """Checks `ys` and `xs`; returns `(ys_list, xs_list, xs_was_sequence)`."""
+  if tf.executing_eagerly():
+    raise RuntimeError(
+      f"`{op_name}` builds graph ops and needs graph mode "
+      "(tf.compat.v1.disable_eager_execution(), a tf.Graph().as_default() "
+      "block, or a tf.function); for eager tensors use "
+      f"tf1hess.eager.{op_name}(fn, x)."
+    )
+  ys_list, _ = _checks.as_list(ys)
+  xs_list, was_sequence = _checks.as_list(xs)
+  if not ys_list:
+    raise ValueError("`ys` must be a tensor or a non-empty list; saw [].")
+  if not xs_list:
+    raise ValueError("`xs` must be a tensor or a non-empty list; saw [].")
+  graph = tf.compat.v1.get_default_graph()
+  for arg, values in (("ys", ys_list), ("xs", xs_list)):
+    for value in values:
+      if isinstance(value, tf_ops.EagerTensor):
+        raise ValueError(
+          f"`{arg}` holds an eager tensor while a graph is being built; "
+          "pass tensors of the graph (e.g. a tf.compat.v1.placeholder and "
+          "the ops built on it), or use tf1hess.eager with a function."
+        )
+      if not _is_tensor_like(value):
+        raise TypeError(
+          f"`{arg}` must be a tf.Tensor (or a list of them) of the graph "
+          "being built, e.g. a tf.compat.v1.placeholder; saw "
+          f"{type(value).__name__}."
+        )
+      if value.graph is not graph:
+        raise ValueError(
+          f"`{arg}` holds a tensor of another graph ({value.name}); build "
+          f"`{op_name}` inside `with {arg}.graph.as_default():`."
+        )
+  if graph.finalized:
+    raise RuntimeError(
+      f"The graph is finalized and `{op_name}` cannot add its ops to it; "
+      "call it before the graph is finalized (e.g. before creating a "
+      "tf.compat.v1.train.MonitoredSession)."
+    )
+  for y in ys_list:
+    _checks.check_float(y, "ys")
+  for x in xs_list:
+    _checks.check_float(x, "xs")
+    _checks.check_batched(x, "xs")
+  return ys_list, xs_list, was_sequence
+
+
+def _v1_loop_between(ys_list, xs_list):
+  """Whether a control-flow-v1 while loop lies between `xs` and `ys`."""
+  seen, stack = set(), [y.op for y in ys_list]
+  x_ops = {x.op for x in xs_list}
+  while stack:
+    op = stack.pop()
+    if op in seen or op in x_ops:
+      continue
+    seen.add(op)
+    if control_flow_util.IsLoopEnter(op):
+      return True
+    stack.extend(t.op for t in op.inputs)
+  return False
+
+
+def _graph_gradient(x, unconnected):
+  """Returns `(target, cotangent) -> d <target, cotangent> / dx` or `None`."""
+
+  def gradient(target, cotangent):
+    return tf.gradients(
+      target, x, grad_ys=cotangent, unconnected_gradients=unconnected
+    )[0]
+
+  return gradient
+
+
+def _derivatives(
+  ys,
+  xs,
+  name,
+  default_name,
+  order,
+  unconnected_gradients,
+  parallel_iterations,
+  check_independence=False,
+  diagonal=False,
+):
+  """Shared body of the public ops: per-sample derivatives of `order`."""
+  unconnected = _checks.check_unconnected(unconnected_gradients)
+  ys_list, xs_list, was_sequence = _prepare(ys, xs, default_name)
+  with tf.name_scope(name or default_name):
+    ys_list = [tf.convert_to_tensor(y) for y in ys_list]
+    grads = tf.gradients(ys_list, xs_list, unconnected_gradients=unconnected)
+    if order == 1:
+      return _checks.restore_structure(grads, was_sequence)
+    if _core.control_flow_v1() and _v1_loop_between(ys_list, xs_list):
+      raise ValueError(
+        "`ys` is computed by a control-flow-v1 tf.while_loop (e.g. "
+        "tf.compat.v1.nn.dynamic_rnn or tf.scan after "
+        "tf.compat.v1.disable_v2_behavior()), and TensorFlow cannot take "
+        "second-order gradients through v1 loops. Call "
+        "tf.compat.v1.enable_control_flow_v2() right after "
+        "disable_v2_behavior(), before building the model."
+      )
+    results = []
+    for x, g in zip(xs_list, grads):
+      results.append(
+        None
+        if g is None
+        else _core.per_sample_derivatives(
+          x,
+          g,
+          lambda level, x=x: _graph_gradient(x, unconnected),
+          order,
+          parallel_iterations=parallel_iterations,
+          diagonal=diagonal,
+          check_independence=check_independence,
+          input_name=x.name,
+        )
+      )
+    return _checks.restore_structure(results, was_sequence)
+
+
+def batch_hessians(
+  ys,
+  xs,
+  name=None,
+  unconnected_gradients="zero",
+  check_independence=False,
+  parallel_iterations=None,
+):
+  """Per-sample Hessians of `sum(ys)` with respect to each `x` in `xs`.
+
+  Like `tf.hessians`, but only the per-sample diagonal blocks: for `x` of
+  shape `(N, d1, ..., dm)` (N may be `None`) the result has shape
+  `(N, d1, ..., dm, d1, ..., dm)` with
+  `H[i, a, b] = d^2 sum(ys) / d x[i, a] d x[i, b]`; for `(N, K)` it is
+  `(N, K, K)`. It is built with a `tf.while_loop` of K backward passes whose
+  cost does not grow with the number of rows of `tf.gradients` outputs it
+  reads, never through the `(N, K, N, K)` tensor.
+
+  The result is only meaningful when the output of sample `i` depends on
+  `x[i]` alone; `check_independence=True` verifies that at run time.
+
+  Args:
+    ys: a `Tensor` or list of tensors to be differentiated; summed like
+      `tf.gradients` does, so per-sample outputs `(N,)`, `(N, 1)` or their
+      scalar sum all give the same result.
+    xs: a `Tensor` of rank >= 2 (batch first), or a list of them.
+    name: `str`, optional name of the op's scope; default "batch_hessians".
+    unconnected_gradients: 'zero' (default) gives zeros for an `x` that `ys`
+      does not depend on, or whose gradient is constant (a linear model);
+      'none' gives `None` there, like `tf.gradients`.
+    check_independence: `bool`, default `False`. Adds a run-time check that
+      compares one random full Hessian-vector product with the per-sample
+      product, and fails with `tf.errors.InvalidArgumentError` when samples
+      are coupled (batch norm in training mode, reductions over the batch).
+      It costs one more backward pass.
+    parallel_iterations: `int` or `None`: iterations of the row loop that
+      may run in parallel (`tf.while_loop`'s argument; default 10).
+
+  Returns:
+    A `Tensor` of shape `(N, d..., d...)` for each `x`, in the structure of
+    `xs` (a tensor or a list). Static dimensions of `x` are kept.
+
+  Raises:
+    RuntimeError: when called eagerly outside a `tf.function`, or on a
+      finalized graph.
+    TypeError: when `ys` or `xs` is not a floating tensor of the graph.
+    ValueError: when an `x` has rank < 2, a tensor is eager or from another
+      graph, `unconnected_gradients` is unknown, or `ys` contains a control
+      flow v1 loop (enable control flow v2).
+    tf.errors.InvalidArgumentError: at run time, when `check_independence`
+      finds samples that are not independent.
+
+  Example:
+    >>> import tensorflow as tf, numpy as np, tf1hess
+    >>> g = tf.Graph()
+    >>> with g.as_default():
+    ...   x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+    ...   h = tf1hess.batch_hessians(tf.reduce_sum(x * x, axis=1), x)
+    ...   with tf.compat.v1.Session() as sess:
+    ...     out = sess.run(h, {x: np.ones((5, 3), np.float32)})
+    >>> out.shape
+    (5, 3, 3)
+    >>> out[0]
+    array([[2., 0., 0.],
+           [0., 2., 0.],
+           [0., 0., 2.]], dtype=float32)
+  """
+  return _derivatives(
+    ys,
+    xs,
+    name,
+    "batch_hessians",
+    2,
+    unconnected_gradients,
+    parallel_iterations,
+    check_independence=check_independence,
+  )
+
+
+def batch_hessian_diagonals(
+  ys, xs, name=None, unconnected_gradients="zero", parallel_iterations=None
+):
+  """Diagonals of the per-sample Hessians, shape of each `x`.
+
+  `D[i, a] = d^2 sum(ys) / d x[i, a]^2`. Uses the same row loop as
+  `batch_hessians` (K backward passes) but keeps only one element per row.
+
+  Args:
+    ys: as in `batch_hessians`.
+    xs: as in `batch_hessians`.
+    name: `str`, optional; default "batch_hessian_diagonals".
+    unconnected_gradients: as in `batch_hessians`.
+    parallel_iterations: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` of the shape of each `x`, in the structure of `xs`.
+
+  Raises:
+    As `batch_hessians`.
+
+  Example:
+    >>> import tensorflow as tf, numpy as np, tf1hess
+    >>> with tf.Graph().as_default():
+    ...   x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+    ...   d = tf1hess.batch_hessian_diagonals(tf.reduce_sum(x ** 3), x)
+    ...   with tf.compat.v1.Session() as sess:
+    ...     print(sess.run(d, {x: [[1., 2.]]}))
+    [[ 6. 12.]]
+  """
+  return _derivatives(
+    ys,
+    xs,
+    name,
+    "batch_hessian_diagonals",
+    2,
+    unconnected_gradients,
+    parallel_iterations,
+    diagonal=True,
+  )
+
+
+def batch_gradients(ys, xs, name=None, unconnected_gradients="zero"):
+  """Per-sample gradients `d sum(ys) / d x[i]`, shape of each `x`.
+
+  With independent samples, the gradient of the summed outputs is the stack
+  of the per-sample gradients: one backward pass for the whole batch.
+
+  Args:
+    ys: as in `batch_hessians`.
+    xs: as in `batch_hessians`.
+    name: `str`, optional; default "batch_gradients".
+    unconnected_gradients: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` of the shape of each `x`, in the structure of `xs`.
+
+  Raises:
+    As `batch_hessians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> with tf.Graph().as_default():
+    ...   x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+    ...   g = tf1hess.batch_gradients(tf.reduce_sum(x * x, axis=1), x)
+    ...   with tf.compat.v1.Session() as sess:
+    ...     print(sess.run(g, {x: [[1., 2.]]}))
+    [[2. 4.]]
+  """
+  return _derivatives(
+    ys, xs, name, "batch_gradients", 1, unconnected_gradients, None
+  )
+
+
+def batch_derivatives(
+  ys,
+  xs,
+  order,
+  name=None,
+  unconnected_gradients="zero",
+  parallel_iterations=None,
+):
+  """Per-sample derivative tensors of order `order`.
+
+  For `x` of shape `(N, K)` the result has shape `(N,) + (K,) * order`:
+  order 1 is `batch_gradients`, order 2 `batch_hessians`. Order n takes
+  `K + K^2 + ... + K^(n-1)` backward passes (nested row loops), and its
+  output has `N * K^n` elements.
+
+  Args:
+    ys: as in `batch_hessians`.
+    xs: as in `batch_hessians`.
+    order: `int` >= 1.
+    name: `str`, optional; default "batch_derivatives".
+    unconnected_gradients: as in `batch_hessians`.
+    parallel_iterations: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` of shape `(N,) + (d1, ..., dm) * order` per `x`, in the
+    structure of `xs`.
+
+  Raises:
+    ValueError: when `order` is not a positive int, and as `batch_hessians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> with tf.Graph().as_default():
+    ...   x = tf.compat.v1.placeholder(tf.float64, [None, 1])
+    ...   d3 = tf1hess.batch_derivatives(tf.math.log(x + 2.), x, order=3)
+    ...   with tf.compat.v1.Session() as sess:
+    ...     print(sess.run(d3, {x: [[1.]]}).ravel())
+    [0.07407407]
+  """
+  _checks.check_positive_int(order, "order")
+  return _derivatives(
+    ys,
+    xs,
+    name,
+    "batch_derivatives",
+    order,
+    unconnected_gradients,
+    parallel_iterations,
+  )
+
+
+def batch_hessian_vector_products(
+  ys, xs, vs, name=None, unconnected_gradients="zero"
+):
+  """Per-sample Hessian-vector products `H_i v_i`, shape of each `x`.
+
+  One extra backward pass through the gradient, no loop over features:
+  `tf.gradients(grad, x, grad_ys=v)`.
+
+  Args:
+    ys: as in `batch_hessians`.
+    xs: as in `batch_hessians`.
+    vs: a `Tensor` (or list, matching `xs`) of the shape of each `x`.
+    name: `str`, optional; default "batch_hessian_vector_products".
+    unconnected_gradients: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` of the shape of each `x`, in the structure of `xs`.
+
+  Raises:
+    ValueError: when `vs` does not match `xs` in length or shape, and as
+      `batch_hessians`.
+    TypeError: when a `v` has another dtype than its `x`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> with tf.Graph().as_default():
+    ...   x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+    ...   hv = tf1hess.batch_hessian_vector_products(
+    ...       tf.reduce_sum(x ** 3), x, tf.ones_like(x))
+    ...   with tf.compat.v1.Session() as sess:
+    ...     print(sess.run(hv, {x: [[1., 2.]]}))
+    [[ 6. 12.]]
+  """
+  unconnected = _checks.check_unconnected(unconnected_gradients)
+  default_name = "batch_hessian_vector_products"
+  ys_list, xs_list, was_sequence = _prepare(ys, xs, default_name)
+  vs_list, _ = _checks.as_list(vs)
+  if len(vs_list) != len(xs_list):
+    raise ValueError(
+      f"`vs` must hold one tensor per tensor of `xs` ({len(xs_list)}); saw "
+      f"{len(vs_list)}."
+    )
+  with tf.name_scope(name or default_name):
+    vs_list = [
+      tf.convert_to_tensor(v, dtype_hint=x.dtype)
+      for v, x in zip(vs_list, xs_list)
+    ]
+    for v, x in zip(vs_list, xs_list):
+      if v.dtype.base_dtype != x.dtype.base_dtype:
+        raise TypeError(
+          f"`vs` must have the dtype of `xs` ({x.dtype.name}); saw "
+          f"{v.dtype.name}."
+        )
+      if not v.shape.is_compatible_with(x.shape):
+        raise ValueError(
+          f"`vs` must have the shape of `xs` ({x.shape}); saw {v.shape}."
+        )
+    grads = tf.gradients(ys_list, xs_list, unconnected_gradients=unconnected)
+    results = []
+    for x, g, v in zip(xs_list, grads, vs_list):
+      if g is None:
+        results.append(None)
+        continue
+      (hv,) = tf.gradients(g, x, grad_ys=v, unconnected_gradients=unconnected)
+      results.append(hv)
+    return _checks.restore_structure(results, was_sequence)
