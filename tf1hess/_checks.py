@@ -1,5 +1,7 @@
 """Argument checks shared by the graph and eager paths."""
 
+import os
+
 import tensorflow as tf
 
 FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -54,3 +56,37 @@ def check_unconnected(unconnected_gradients):
 def check_positive_int(value, arg):
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"`{arg}` must be a positive int; saw {value!r}.")
+
+
+def physical_memory_bytes():
+  """Returns this machine's physical memory in bytes."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_output_fits(x, order, arg="order"):
+  """Raises `ValueError` when the derivative tensor cannot fit in memory.
+
+  The tensor of order `order` holds `K^order` elements per sample. With a
+  static `K` (and `N`, when known; else a single sample) it is refused before
+  anything is built when it exceeds the machine's physical memory.
+
+  Args:
+    x: the input `Tensor` `(N, d...)`.
+    order: `int`, the derivative order.
+    arg: the argument name to put in the message.
+  """
+  dims = x.shape[1:]
+  if not dims.is_fully_defined():
+    return
+  k = dims.num_elements()
+  n = x.shape[0] if x.shape[0] is not None else 1
+  nbytes = n * k**order * x.dtype.size
+  limit = physical_memory_bytes()
+  if nbytes > limit:
+    per = f"N = {n}" if x.shape[0] is not None else "a single sample"
+    raise ValueError(
+      f"`{arg}` = {order} asks for K^{order} = {k}^{order} elements per "
+      f"sample: {nbytes / 2**30:.1f} GiB for {per}, more than this "
+      f"machine's {limit / 2**30:.1f} GiB of memory. Use a lower order, "
+      "fewer features, or Hessian-vector products."
+    )

@@ -90,6 +90,7 @@ def _derivatives(
     )
   unconnected = _checks.check_unconnected(unconnected_gradients)
   x = _as_input(x)
+  _checks.check_output_fits(x, 1 if diagonal else order)
   with _Tapes(x, order) as tapes:
     ys = fn(x)
     for y in _checks.as_list(ys)[0]:
@@ -221,7 +222,8 @@ def batch_derivatives(
     A `Tensor` of shape `(N,) + (d...) * order`.
 
   Raises:
-    ValueError: when `order` is not a positive int, and as `batch_hessians`.
+    ValueError: when `order` is not a positive int, when the output would
+      exceed the machine's memory, and as `batch_hessians`.
 
   Example:
     >>> import tensorflow as tf, tf1hess

@@ -112,6 +112,8 @@ def _derivatives(
   """Shared body of the public ops: per-sample derivatives of `order`."""
   unconnected = _checks.check_unconnected(unconnected_gradients)
   ys_list, xs_list, was_sequence = _prepare(ys, xs, default_name)
+  for x in xs_list:
+    _checks.check_output_fits(x, 1 if diagonal else order)
   with tf.name_scope(name or default_name):
     ys_list = [tf.convert_to_tensor(y) for y in ys_list]
     grads = tf.gradients(ys_list, xs_list, unconnected_gradients=unconnected)
@@ -326,7 +328,9 @@ def batch_derivatives(
     structure of `xs`.
 
   Raises:
-    ValueError: when `order` is not a positive int, and as `batch_hessians`.
+    ValueError: when `order` is not a positive int, when the output for a
+      static K (and N, if static) would exceed the machine's memory, and as
+      `batch_hessians`.
 
   Example:
     >>> import tensorflow as tf, tf1hess
