@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf1hess
+from tf1hess import _cli
 
 _BATCH_SIZE = flags.DEFINE_integer(
   "batch_size", 4, "Number of samples in the random batch.", lower_bound=0
@@ -88,9 +89,8 @@ def main(argv):
     f"max |tf1hess - diagonal blocks of tf.hessians (N, 3, N, 3)| = {err:.2e}"
   )
   if _OUTPUT.value:
-    tmp = _OUTPUT.value + ".tmp.npz"
-    np.savez(tmp, **results)
-    os.replace(tmp, _OUTPUT.value)
+    with _cli.atomic_output(_OUTPUT.value, suffix=".npz") as tmp:
+      np.savez(tmp, **results)
     logging.info("Wrote %s", _OUTPUT.value)
 
 
