@@ -54,6 +54,9 @@ def atomic_output(path, suffix=""):
     dir=directory,
   )
   os.close(fd)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what users expect.
   try:
     yield tmp
     os.replace(tmp, path)
