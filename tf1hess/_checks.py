@@ -79,11 +79,12 @@ def check_output_fits(x, order, arg="order"):
   if not dims.is_fully_defined():
     return
   k = dims.num_elements()
-  n = x.shape[0] if x.shape[0] is not None else 1
+  static_n = tf.compat.dimension_value(x.shape[0])
+  n = static_n if static_n is not None else 1
   nbytes = n * k**order * x.dtype.size
   limit = physical_memory_bytes()
   if nbytes > limit:
-    per = f"N = {n}" if x.shape[0] is not None else "a single sample"
+    per = f"N = {n}" if static_n is not None else "a single sample"
     raise ValueError(
       f"`{arg}` = {order} asks for K^{order} = {k}^{order} elements per "
       f"sample: {nbytes / 2**30:.1f} GiB for {per}, more than this "

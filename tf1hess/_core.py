@@ -36,8 +36,8 @@ def num_columns(x):
 
 def batch_size(x):
   """Returns `N` of `x`: a Python int when static, else a scalar `Tensor`."""
-  n = x.shape[0]
-  return int(n) if n is not None else tf.shape(x)[0]
+  n = tf.compat.dimension_value(x.shape[0])
+  return n if n is not None else tf.shape(x)[0]
 
 
 def flatten_samples(t, n, k):

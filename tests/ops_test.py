@@ -1,0 +1,609 @@
+"""Tests of the graph ops against analytic Hessians, tf.hessians and FD."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import testing_utils
+import tf1hess
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_TOL = {
+  tf.float16: 3e-2,
+  tf.bfloat16: 1e-1,
+  tf.float32: 1e-4,
+  tf.float64: 1e-10,
+}
+
+
+def _quadratic(x, a):
+  """Per-sample `x^T A x` for `x (N, K)`; its Hessian is `A + A^T`."""
+  return tf.einsum("ni,ij,nj->n", x, tf.constant(a, x.dtype), x)
+
+
+class ControlFlowMixin:
+  """Runs a test body under control flow v1 or v2 in a fresh graph."""
+
+  def control_flow(self, version):
+    if version == 1:
+      tf.compat.v1.disable_control_flow_v2()
+      self.addCleanup(tf.compat.v1.enable_control_flow_v2)
+    else:
+      tf.compat.v1.enable_control_flow_v2()
+
+
+class BatchHessiansTest(
+  ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  @parameterized.product(
+    n=[0, 1, 7, 64],
+    dtype=[tf.float16, tf.bfloat16, tf.float32, tf.float64],
+    cf=[1, 2],
+  )
+  def test_quadratic_form_matches_analytic(self, n, dtype, cf):
+    self.control_flow(cf)
+    k = 4
+    a = np.random.default_rng(1).normal(size=(k, k)).round(1)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(dtype, [None, k])
+      h = tf1hess.batch_hessians(_quadratic(x, a), x)
+      self.assertEqual(h.shape.as_list(), [None, k, k])
+      x_val = np.random.default_rng(2).normal(size=(n, k))
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(h, {x: x_val})
+    expected = np.broadcast_to(a + a.T, (n, k, k))
+    self.assertEqual(out.shape, (n, k, k))
+    self.assertAllClose(
+      out.astype(np.float64), expected, atol=_TOL[dtype] * 10, rtol=_TOL[dtype]
+    )
+
+  @parameterized.product(n=[1, 7], cf=[1, 2], dtype=[tf.float32, tf.float64])
+  def test_tanh_mlp_matches_tf_hessians_blocks_and_analytic(self, n, cf, dtype):
+    self.control_flow(cf)
+    weights = testing_utils.mlp_weights(5)
+    x_val = np.random.default_rng(3).normal(size=(n, 5))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(dtype, [None, 5])
+      y = testing_utils.tanh_mlp(x, *weights)
+      h = tf1hess.batch_hessians(y, x)
+      full = tf.hessians(y, x)[0]
+      with tf.compat.v1.Session() as sess:
+        out, full_val = sess.run([h, full], {x: x_val})
+    tol = _TOL[dtype]
+    self.assertAllClose(out, testing_utils.diagonal_blocks(full_val), atol=tol)
+    self.assertAllClose(
+      out, testing_utils.tanh_mlp_hessians(x_val, *weights), atol=tol * 10
+    )
+
+  def test_dynamic_number_of_features(self):
+    weights = testing_utils.mlp_weights(3)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, None])
+      y = testing_utils.tanh_mlp(tf.reshape(x, [-1, 3]), *weights)
+      h = tf1hess.batch_hessians(y, x)
+      self.assertEqual(h.shape.as_list(), [None, None, None])
+      with tf.compat.v1.Session() as sess:
+        for n in (0, 1, 6):
+          x_val = np.random.default_rng(n).normal(size=(n, 3))
+          self.assertAllClose(
+            sess.run(h, {x: x_val}),
+            testing_utils.tanh_mlp_hessians(x_val, *weights),
+          )
+
+  def test_static_shape_is_kept(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [5, 2, 3])
+      h = tf1hess.batch_hessians(tf.reduce_sum(x**3), x)
+      self.assertEqual(h.shape.as_list(), [5, 2, 3, 2, 3])
+
+  @parameterized.parameters(1, 2)
+  def test_rank3_xs_matches_tf_hessians_blocks(self, cf):
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2, 3])
+      w = tf.constant(np.random.default_rng(0).normal(size=(3, 3)))
+      y = tf.reduce_sum(tf.sin(tf.einsum("nab,bc->nac", x, w)) * x, [1, 2])
+      h = tf1hess.batch_hessians(y, x)
+      full = tf.hessians(y, x)[0]
+      x_val = np.random.default_rng(1).normal(size=(4, 2, 3))
+      with tf.compat.v1.Session() as sess:
+        out, full_val = sess.run([h, full], {x: x_val})
+    self.assertEqual(out.shape, (4, 2, 3, 2, 3))
+    self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
+
+  def test_list_of_xs_returns_list(self):
+    with tf.Graph().as_default():
+      x1 = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      x2 = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = tf.reduce_sum(tf.sin(x1), 1) * tf.reduce_sum(x2**2, 1)
+      hs = tf1hess.batch_hessians([y], [x1, x2])
+      self.assertIsInstance(hs, list)
+      refs = tf.hessians(y, [x1, x2])
+      feed = {
+        x1: np.random.default_rng(0).normal(size=(3, 2)),
+        x2: np.random.default_rng(1).normal(size=(3, 3)),
+      }
+      with tf.compat.v1.Session() as sess:
+        outs, ref_vals = sess.run([hs, refs], feed)
+    for out, ref in zip(outs, ref_vals):
+      self.assertAllClose(out, testing_utils.diagonal_blocks(ref))
+
+  def test_list_of_ys_is_summed(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      h_list = tf1hess.batch_hessians([x[:, 0] ** 3, x[:, 1] ** 3], x)
+      h_sum = tf1hess.batch_hessians(x[:, 0] ** 3 + x[:, 1] ** 3, x)
+      with tf.compat.v1.Session() as sess:
+        a, b = sess.run([h_list, h_sum], {x: [[1.0, 2.0]]})
+    self.assertAllClose(a, [[[6.0, 0.0], [0.0, 12.0]]])
+    self.assertAllClose(a, b)
+
+  @parameterized.parameters(1, 2)
+  def test_unconnected_and_linear_give_zeros(self, cf):
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      other = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      linear = tf.reduce_sum(x * 2.0, axis=1)
+      h_linear = tf1hess.batch_hessians(linear, x)
+      h_unconnected = tf1hess.batch_hessians(tf.reduce_sum(other**2), x)
+      with tf.compat.v1.Session() as sess:
+        a, b = sess.run(
+          [h_linear, h_unconnected],
+          {x: np.ones((4, 3)), other: np.ones((4, 3))},
+        )
+    self.assertAllEqual(a, np.zeros((4, 3, 3)))
+    self.assertAllEqual(b, np.zeros((4, 3, 3)))
+
+  def test_unconnected_none_gives_none(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      other = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      self.assertIsNone(
+        tf1hess.batch_hessians(
+          tf.reduce_sum(x * 2.0), x, unconnected_gradients="none"
+        )
+      )
+      self.assertIsNone(
+        tf1hess.batch_hessians(
+          tf.reduce_sum(other**2),
+          x,
+          unconnected_gradients=tf.UnconnectedGradients.NONE,
+        )
+      )
+      self.assertIsNotNone(
+        tf1hess.batch_hessians(
+          tf.reduce_sum(x**2), x, unconnected_gradients="none"
+        )
+      )
+
+  def test_name_scope_is_used(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+      h = tf1hess.batch_hessians(tf.reduce_sum(x**3), x, name="my_hess")
+      d = tf1hess.batch_hessian_diagonals(tf.reduce_sum(x**3), x)
+    self.assertStartsWith(h.name, "my_hess/")
+    self.assertStartsWith(d.name, "batch_hessian_diagonals/")
+
+  def test_inside_tf_function_with_none_batch(self):
+    weights = testing_utils.mlp_weights(4)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float64)])
+    def hessians(x):
+      return tf1hess.batch_hessians(testing_utils.tanh_mlp(x, *weights), x)
+
+    for n in (0, 1, 7):
+      x_val = np.random.default_rng(n).normal(size=(n, 4))
+      self.assertAllClose(
+        hessians(x_val), testing_utils.tanh_mlp_hessians(x_val, *weights)
+      )
+
+  def test_scan_model_under_control_flow_v2(self):
+    self.control_flow(2)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      states = tf.scan(
+        lambda c, xt: tf.tanh(0.7 * c + xt),
+        tf.transpose(x),
+        initializer=tf.zeros_like(x[:, 0]),
+      )
+      y = states[-1] ** 2
+      h = tf1hess.batch_hessians(y, x)
+      (g,) = tf.gradients(y, x)
+      x_val = np.random.default_rng(0).normal(size=(5, 3))
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(h, {x: x_val})
+        reference = testing_utils.central_difference_jacobian(
+          lambda v: sess.run(g, {x: v}), x_val
+        )
+    self.assertAllClose(out, reference, atol=1e-6)
+
+  def test_scan_model_under_control_flow_v1_raises_clearly(self):
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      states = tf.scan(
+        lambda c, xt: tf.tanh(c + xt),
+        tf.transpose(x),
+        initializer=tf.zeros_like(x[:, 0]),
+      )
+      with self.assertRaisesRegex(ValueError, "enable_control_flow_v2"):
+        tf1hess.batch_hessians(states[-1], x)
+
+
+class IndependenceCheckTest(tf.test.TestCase, parameterized.TestCase):
+  @parameterized.named_parameters(
+    ("square_of_batch_sum", lambda x: tf.reduce_sum(x) ** 2),
+    (
+      "batch_norm_training",
+      lambda x: tf.reduce_sum(
+        tf.tanh(
+          (x - tf.reduce_mean(x, 0)) / tf.sqrt(tf.math.reduce_variance(x, 0))
+        )
+        ** 3
+      ),
+    ),
+  )
+  def test_fires_on_coupled_samples(self, fn):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      h = tf1hess.batch_hessians(fn(x), x, check_independence=True)
+      with tf.compat.v1.Session() as sess:
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError, "are not independent"
+        ):
+          sess.run(h, {x: np.random.default_rng(0).normal(size=(16, 3))})
+
+  @parameterized.parameters(tf.float16, tf.float32, tf.float64)
+  def test_silent_on_independent_samples(self, dtype):
+    weights = testing_utils.mlp_weights(6, hidden=32)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(dtype, [None, 6])
+      y = testing_utils.tanh_mlp(x, *weights)
+      h = tf1hess.batch_hessians(y, x, check_independence=True)
+      with tf.compat.v1.Session() as sess:
+        for n in (0, 1, 64):
+          x_val = np.random.default_rng(n).normal(size=(n, 6))
+          out = sess.run(h, {x: x_val})
+          self.assertEqual(out.shape, (n, 6, 6))
+
+
+class CompanionsTest(tf.test.TestCase, parameterized.TestCase):
+  @parameterized.parameters(0, 1, 7)
+  def test_gradients_diagonals_and_products(self, n):
+    weights = testing_utils.mlp_weights(4)
+    rng = np.random.default_rng(n)
+    x_val, v_val = rng.normal(size=(n, 4)), rng.normal(size=(n, 4))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      v = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      y = testing_utils.tanh_mlp(x, *weights)
+      ops = [
+        tf1hess.batch_gradients(y, x),
+        tf1hess.batch_hessian_diagonals(y, x),
+        tf1hess.batch_hessian_vector_products(y, x, v),
+      ]
+      for op in ops:
+        self.assertEqual(op.shape.as_list(), [None, 4])
+      with tf.compat.v1.Session() as sess:
+        grads, diagonals, products = sess.run(ops, {x: x_val, v: v_val})
+    hessians = testing_utils.tanh_mlp_hessians(x_val, *weights)
+    self.assertAllClose(
+      grads, testing_utils.tanh_mlp_gradients(x_val, *weights)
+    )
+    self.assertAllClose(diagonals, np.einsum("nii->ni", hessians))
+    self.assertAllClose(products, np.einsum("nij,nj->ni", hessians, v_val))
+
+  def test_companions_give_zeros_for_linear(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+      y = tf.reduce_sum(3.0 * x)
+      d = tf1hess.batch_hessian_diagonals(y, x)
+      hv = tf1hess.batch_hessian_vector_products(y, x, tf.ones_like(x))
+      with tf.compat.v1.Session() as sess:
+        out = sess.run([d, hv], {x: np.ones((3, 2))})
+    self.assertAllEqual(out[0], np.zeros((3, 2)))
+    self.assertAllEqual(out[1], np.zeros((3, 2)))
+
+  def test_vector_products_argument_errors(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+      y = tf.reduce_sum(x**3)
+      with self.assertRaisesRegex(ValueError, r"`vs` must hold one tensor"):
+        tf1hess.batch_hessian_vector_products(y, x, [x, x])
+      with self.assertRaisesRegex(ValueError, r"`vs` must have the shape"):
+        tf1hess.batch_hessian_vector_products(y, x, tf.ones([3, 5]))
+      with self.assertRaisesRegex(TypeError, r"`vs` must have the dtype"):
+        tf1hess.batch_hessian_vector_products(y, x, tf.ones([3, 2], tf.float64))
+
+
+class LegacyModelsTest(
+  ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  """Models built the way TF1 code builds them, against tf.hessians blocks."""
+
+  def _compare_with_tf_hessians(self, build, x_shape, n=3, atol=1e-6):
+    with tf.Graph().as_default():
+      tf.compat.v1.set_random_seed(0)
+      x = tf.compat.v1.placeholder(tf.float64, [None] + x_shape)
+      y = build(x)
+      h = tf1hess.batch_hessians(y, x)
+      full = tf.hessians(y, x)[0]
+      x_val = np.random.default_rng(0).normal(size=[n] + x_shape)
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        out, full_val = sess.run([h, full], {x: x_val})
+    self.assertEqual(out.shape, (n,) + tuple(x_shape) * 2)
+    self.assertAllClose(out, testing_utils.diagonal_blocks(full_val), atol=atol)
+    return out
+
+  @parameterized.parameters(1, 2)
+  def test_dense_stack(self, cf):
+    self.control_flow(cf)
+
+    def build(x):
+      h = tf.compat.v1.layers.dense(x, 16, activation=tf.nn.softplus)
+      h = tf.compat.v1.layers.dense(h, 16, activation=tf.tanh)
+      return tf.compat.v1.layers.dense(h, 1)
+
+    self._compare_with_tf_hessians(build, [5])
+
+  def test_conv_net(self):
+    def build(x):
+      h = tf.compat.v1.layers.conv2d(
+        x, 4, 3, padding="same", activation=tf.tanh
+      )
+      h = tf.compat.v1.layers.conv2d(h, 2, 3, activation=tf.nn.elu)
+      return tf.compat.v1.layers.dense(tf.compat.v1.layers.flatten(h), 1)
+
+    self._compare_with_tf_hessians(build, [4, 4, 1], n=2)
+
+  @parameterized.parameters(1, 2)
+  def test_lstm_unrolled(self, cf):
+    self.control_flow(cf)
+
+    def build(x):
+      cell = tf.compat.v1.nn.rnn_cell.LSTMCell(6)
+      inputs = tf.unstack(tf.reshape(x, [-1, 3, 2]), axis=1)
+      outputs, _ = tf.compat.v1.nn.static_rnn(cell, inputs, dtype=tf.float64)
+      return tf.compat.v1.layers.dense(outputs[-1], 1)
+
+    self._compare_with_tf_hessians(build, [6])
+
+  def test_lstm_dynamic_rnn_under_control_flow_v2(self):
+    self.control_flow(2)
+
+    def build(x):
+      cell = tf.compat.v1.nn.rnn_cell.LSTMCell(5)
+      outputs, _ = tf.compat.v1.nn.dynamic_rnn(
+        cell, tf.reshape(x, [-1, 3, 2]), dtype=tf.float64
+      )
+      return tf.compat.v1.layers.dense(outputs[:, -1], 1)
+
+    self._compare_with_tf_hessians(build, [6])
+
+  def test_lstm_dynamic_rnn_under_control_flow_v1_raises_clearly(self):
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3, 2])
+      cell = tf.compat.v1.nn.rnn_cell.LSTMCell(4)
+      outputs, _ = tf.compat.v1.nn.dynamic_rnn(cell, x, dtype=tf.float32)
+      with self.assertRaisesRegex(ValueError, "control-flow-v1 tf.while_loop"):
+        tf1hess.batch_hessians(outputs[:, -1], x)
+
+  def test_softmax_cross_entropy_loss(self):
+    labels = np.eye(3)[[0, 2, 1]]
+
+    def build(x):
+      logits = tf.compat.v1.layers.dense(x, 3, activation=None)
+      return tf.compat.v1.losses.softmax_cross_entropy(
+        labels, logits, reduction=tf.compat.v1.losses.Reduction.NONE
+      )
+
+    with tf.Graph().as_default():
+      tf.compat.v1.set_random_seed(0)
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      logits = tf.compat.v1.layers.dense(x, 3)
+      p = tf.nn.softmax(logits)
+      loss = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+      h = tf1hess.batch_hessians(loss, x)
+      w = tf.compat.v1.trainable_variables()[0]
+      x_val = np.random.default_rng(0).normal(size=(3, 4))
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        out, p_val, w_val = sess.run([h, p, w], {x: x_val})
+    # d^2 CE / dz dz^T = diag(p) - p p^T, so H = W (diag(p) - p p^T) W^T.
+    expected = np.einsum(
+      "kc,ncd,ld->nkl",
+      w_val,
+      np.einsum("nc,cd->ncd", p_val, np.eye(3))
+      - np.einsum("nc,nd->ncd", p_val, p_val),
+      w_val,
+    )
+    self.assertAllClose(out, expected)
+
+
+class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
+  def test_integer_xs(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.int32, [None, 3])
+      with self.assertRaisesRegex(
+        TypeError, r"`xs` must be a floating tensor .* saw dtype int32"
+      ):
+        tf1hess.batch_hessians(tf.cast(x, tf.float32), x)
+
+  def test_integer_ys(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      with self.assertRaisesRegex(TypeError, r"`ys` must be a floating"):
+        tf1hess.batch_hessians(tf.cast(x, tf.int32), x)
+
+  @parameterized.parameters(([None],), ([],))
+  def test_rank_below_two(self, shape):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, shape)
+      with self.assertRaisesRegex(
+        ValueError, r"`xs` must have rank >= 2 \(batch, features...\); saw rank"
+      ):
+        tf1hess.batch_hessians(x * x, x)
+
+  def test_unknown_rank(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, None)
+      with self.assertRaisesRegex(ValueError, "known rank >= 2"):
+        tf1hess.batch_hessians(x * x, x)
+
+  def test_eager_mode(self):
+    x = tf.ones([2, 3])
+    with self.assertRaisesRegex(RuntimeError, "needs graph mode"):
+      tf1hess.batch_hessians(x * x, x)
+
+  def test_eager_tensor_while_building_graph(self):
+    eager_x = tf.ones([2, 3])
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      with self.assertRaisesRegex(ValueError, "`xs` holds an eager tensor"):
+        tf1hess.batch_hessians(tf.reduce_sum(x), eager_x)
+      with self.assertRaisesRegex(ValueError, "`ys` holds an eager tensor"):
+        tf1hess.batch_hessians(eager_x, x)
+
+  def test_numpy_xs(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      with self.assertRaisesRegex(
+        TypeError, r"`xs` must be a tf.Tensor .* saw ndarray"
+      ):
+        tf1hess.batch_hessians(tf.reduce_sum(x), np.ones((2, 3)))
+
+  def test_tensor_of_another_graph(self):
+    with tf.Graph().as_default():
+      other = tf.compat.v1.placeholder(tf.float32, [None, 3])
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      with self.assertRaisesRegex(ValueError, "`xs` holds a tensor of another"):
+        tf1hess.batch_hessians(tf.reduce_sum(x), other)
+
+  def test_finalized_graph(self):
+    graph = tf.Graph()
+    with graph.as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      y = tf.reduce_sum(x**2)
+      graph.finalize()
+      with self.assertRaisesRegex(RuntimeError, "graph is finalized"):
+        tf1hess.batch_hessians(y, x)
+
+  def test_empty_lists(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      with self.assertRaisesRegex(ValueError, "`xs` must be a tensor or a"):
+        tf1hess.batch_hessians(tf.reduce_sum(x), [])
+      with self.assertRaisesRegex(ValueError, "`ys` must be a tensor or a"):
+        tf1hess.batch_hessians([], x)
+
+  def test_unknown_unconnected_gradients(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      with self.assertRaisesRegex(
+        ValueError, r"`unconnected_gradients` must be 'zero' or 'none'"
+      ):
+        tf1hess.batch_hessians(tf.reduce_sum(x), x, unconnected_gradients="x")
+
+  @parameterized.parameters(0, -1, 1.5, True)
+  def test_bad_order(self, order):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      with self.assertRaisesRegex(ValueError, "`order` must be a positive int"):
+        tf1hess.batch_derivatives(tf.reduce_sum(x), x, order)
+
+
+_MODE_SCRIPT = textwrap.dedent(
+  """
+  import os, sys
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  os.environ["TF_USE_LEGACY_KERAS"] = "1"
+  import numpy as np
+  import tensorflow as tf
+  import tf1hess
+  getattr(tf.compat.v1, sys.argv[1])()
+  if sys.argv[2] == "enable_cf2":
+    tf.compat.v1.enable_control_flow_v2()
+  # A model without loops works in every entry; compare with tf.hessians.
+  x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+  y = tf.compat.v1.layers.dense(
+    tf.compat.v1.layers.dense(x, 8, activation=tf.tanh), 1)
+  h, full = tf1hess.batch_hessians(y, x), tf.hessians(y, x)[0]
+  with tf.compat.v1.Session() as sess:
+    sess.run(tf.compat.v1.global_variables_initializer())
+    assert sess.run(h, {x: np.zeros((0, 3))}).shape == (0, 3, 3)
+    xv = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    out, ref = sess.run([h, full], {x: xv})
+    ref = np.stack([ref[i, :, i] for i in range(4)])
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+  print("MLP OK")
+  x = tf.compat.v1.placeholder(tf.float32, [None, 3, 2])
+  cell = tf.compat.v1.nn.rnn_cell.LSTMCell(4)
+  outputs, _ = tf.compat.v1.nn.dynamic_rnn(cell, x, dtype=tf.float32)
+  y = tf.compat.v1.layers.dense(outputs[:, -1], 1)
+  try:
+    h = tf1hess.batch_hessians(y, x)
+  except ValueError as e:
+    print("ERROR", e)
+    sys.exit(0)
+  g = tf.gradients(y, x)[0]
+  with tf.compat.v1.Session() as sess:
+    sess.run(tf.compat.v1.global_variables_initializer())
+    for n in (0, 1, 5):
+      xv = np.random.default_rng(n).normal(size=(n, 3, 2)).astype(np.float32)
+      out = sess.run(h, {x: xv})
+      assert out.shape == (n, 3, 2, 3, 2), out.shape
+      if n:
+        # Central differences of the gradient, per feature.
+        ref = np.zeros((n, 6, 6))
+        eps = 1e-2
+        for j in range(6):
+          d = np.zeros((n, 6), np.float32)
+          d[:, j] = eps
+          d = d.reshape(n, 3, 2)
+          ref[:, :, j] = (
+            sess.run(g, {x: xv + d}) - sess.run(g, {x: xv - d})
+          ).reshape(n, 6) / (2 * eps)
+        np.testing.assert_allclose(out.reshape(n, 6, 6), ref, atol=2e-3)
+  print("OK")
+  """
+)
+
+
+class GraphModeEntriesTest(tf.test.TestCase, parameterized.TestCase):
+  """The two global ways into graph mode, in fresh processes."""
+
+  @parameterized.named_parameters(
+    ("disable_eager_execution", "disable_eager_execution", "", "OK"),
+    ("disable_v2_behavior", "disable_v2_behavior", "", "ERROR"),
+    ("disable_v2_behavior_then_cf2", "disable_v2_behavior", "enable_cf2", "OK"),
+  )
+  def test_dynamic_rnn_model(self, entry, extra, expected):
+    result = subprocess.run(
+      [sys.executable, "-c", _MODE_SCRIPT, entry, extra],
+      capture_output=True,
+      text=True,
+      cwd=_ROOT,
+      timeout=300,
+      check=False,
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    lines = result.stdout.strip().splitlines()
+    self.assertEqual(lines[0], "MLP OK")
+    last = lines[-1]
+    self.assertStartsWith(last, expected)
+    if expected == "ERROR":
+      self.assertIn("tf.compat.v1.enable_control_flow_v2()", last)
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,67 @@
+"""Independent references for the tests: analytic Hessians and friends.
+
+Nothing here calls tf1hess: these are the values tf1hess is compared with.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def diagonal_blocks(full):
+  """Per-sample blocks of a `tf.hessians` result `(N, d..., N, d...)`."""
+  full = np.asarray(full)
+  n = full.shape[0]
+  rank = full.ndim // 2
+  blocks = [full[(i,) + (slice(None),) * (rank - 1) + (i,)] for i in range(n)]
+  shape = full.shape[1:rank] + full.shape[rank + 1 :]
+  return np.stack(blocks) if blocks else np.zeros((0,) + shape, full.dtype)
+
+
+def mlp_weights(k, hidden=8, seed=0, dtype=np.float64):
+  """Weights `(w1 (K, H), b1 (H,), w2 (H,))` of `y = w2 . tanh(x w1 + b1)`."""
+  rng = np.random.default_rng(seed)
+  return (
+    rng.normal(size=(k, hidden)).astype(dtype),
+    rng.normal(size=(hidden,)).astype(dtype),
+    rng.normal(size=(hidden,)).astype(dtype),
+  )
+
+
+def tanh_mlp(x, w1, b1, w2):
+  """TF ops of `y = w2 . tanh(x w1 + b1)`, per sample `(N,)`."""
+  dtype = x.dtype
+  a = tf.matmul(x, tf.constant(w1, dtype)) + tf.constant(b1, dtype)
+  return tf.reduce_sum(tf.tanh(a) * tf.constant(w2, dtype), axis=1)
+
+
+def tanh_mlp_hessians(x, w1, b1, w2):
+  """Analytic per-sample Hessians of `tanh_mlp`, float64 `(N, K, K)`.
+
+  `d^2 y / dx dx^T = sum_h w2_h tanh''(a_h) w1[:, h] w1[:, h]^T` with
+  `tanh'' = -2 t (1 - t^2)`.
+  """
+  x = np.asarray(x, np.float64)
+  t = np.tanh(x @ w1 + b1)
+  second = -2.0 * t * (1.0 - t**2) * w2  # (N, H)
+  return np.einsum("nh,kh,lh->nkl", second, w1, w1)
+
+
+def tanh_mlp_gradients(x, w1, b1, w2):
+  """Analytic per-sample gradients of `tanh_mlp`, float64 `(N, K)`."""
+  t = np.tanh(np.asarray(x, np.float64) @ w1 + b1)
+  return ((1.0 - t**2) * w2) @ w1.T
+
+
+def central_difference_jacobian(fn, x, eps=1e-5):
+  """Per-sample Jacobian of `fn: (N, K) -> (N, M)` by float64 differences.
+
+  Returns `(N, M, K)`; `fn` must treat samples independently.
+  """
+  x = np.asarray(x, np.float64)
+  n, k = x.shape
+  columns = []
+  for j in range(k):
+    step = np.zeros_like(x)
+    step[:, j] = eps
+    columns.append((fn(x + step) - fn(x - step)) / (2 * eps))
+  return np.stack(columns, axis=-1).reshape(n, -1, k)
