@@ -14,8 +14,13 @@ from tf1hess import _checks
 from tf1hess import _core
 
 
-def _as_input(x):
-  """Converts `x` to a floating `Tensor` of rank >= 2 or raises."""
+def _as_input(fn, x):
+  """Checks `fn`; converts `x` to a floating `Tensor` of rank >= 2 or raises."""
+  if not callable(fn):
+    raise TypeError(
+      "`fn` must be a callable mapping a batch to per-sample outputs; saw "
+      f"{type(fn).__name__}."
+    )
   if isinstance(x, np.ndarray) and not np.issubdtype(x.dtype, np.floating):
     raise TypeError(
       "`x` must be a floating tensor (float16, bfloat16, float32 or "
@@ -83,13 +88,8 @@ def _derivatives(
   check_independence=False,
 ):
   """Shared body of the public functions: per-sample derivatives of `order`."""
-  if not callable(fn):
-    raise TypeError(
-      "`fn` must be a callable mapping a batch to per-sample outputs; saw "
-      f"{type(fn).__name__}."
-    )
   unconnected = _checks.check_unconnected(unconnected_gradients)
-  x = _as_input(x)
+  x = _as_input(fn, x)
   _checks.check_output_fits(x, 1 if diagonal else order)
   with _Tapes(x, order) as tapes:
     ys = fn(x)
@@ -260,14 +260,15 @@ def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
     array([[ 6., 12.]], dtype=float32)
   """
   unconnected = _checks.check_unconnected(unconnected_gradients)
-  x = _as_input(x)
+  x = _as_input(fn, x)
   v = tf.convert_to_tensor(v, dtype=x.dtype)
   if not v.shape.is_compatible_with(x.shape):
     raise ValueError(
       f"`v` must have the shape of `x` ({x.shape}); saw {v.shape}."
     )
   with _Tapes(x, 2) as tapes:
-    grad = tapes.tape(1).gradient(fn(x), x, unconnected_gradients=unconnected)
+    ys = fn(x)
+    grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
     if grad is None:
       return None
     return tapes.gradient_fn(2, unconnected)(grad, v)

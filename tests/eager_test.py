@@ -1,0 +1,211 @@
+"""The eager (GradientTape) path gives the numbers of the graph path."""
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import testing_utils
+import tf1hess
+
+_WEIGHTS = testing_utils.mlp_weights(4)
+_A = np.random.default_rng(5).normal(size=(4, 4))
+
+
+def _mlp(x):
+  return testing_utils.tanh_mlp(x, *_WEIGHTS)
+
+
+def _quadratic(x):
+  return tf.einsum("ni,ij,nj->n", x, tf.constant(_A, x.dtype), x)
+
+
+def _scan(x):
+  states = tf.scan(
+    lambda c, xt: tf.tanh(0.7 * c + xt),
+    tf.transpose(x),
+    initializer=tf.zeros_like(x[:, 0]),
+  )
+  return states[-1] ** 2
+
+
+_FUNCTIONS = {"mlp": _mlp, "quadratic": _quadratic, "scan": _scan}
+
+
+def _graph_path(fn, x_val, order=2):
+  """Reference: the graph op on the same function, in its own session."""
+  with tf.Graph().as_default():
+    x = tf.compat.v1.placeholder(tf.float64, [None, x_val.shape[1]])
+    d = tf1hess.batch_derivatives(fn(x), x, order)
+    with tf.compat.v1.Session() as sess:
+      return sess.run(d, {x: x_val})
+
+
+class EagerMatchesGraphTest(tf.test.TestCase, parameterized.TestCase):
+  @parameterized.product(name=list(_FUNCTIONS), n=[0, 1, 7])
+  def test_eagerly(self, name, n):
+    x_val = np.random.default_rng(n).normal(size=(n, 4))
+    fn = _FUNCTIONS[name]
+    out = tf1hess.eager.batch_hessians(fn, tf.constant(x_val))
+    self.assertAllClose(out, _graph_path(fn, x_val))
+    if name == "mlp":
+      self.assertAllClose(
+        out, testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS)
+      )
+
+  @parameterized.product(name=list(_FUNCTIONS))
+  def test_in_tf_function_with_none_batch(self, name):
+    fn = _FUNCTIONS[name]
+    hessians = tf.function(
+      lambda x: tf1hess.eager.batch_hessians(fn, x),
+      input_signature=[tf.TensorSpec([None, 4], tf.float64)],
+    )
+    for n in (0, 1, 7):
+      x_val = np.random.default_rng(n).normal(size=(n, 4))
+      self.assertAllClose(hessians(x_val), _graph_path(fn, x_val))
+
+  @parameterized.product(name=list(_FUNCTIONS), cf=[1, 2])
+  def test_while_building_a_graph(self, name, cf):
+    if cf == 1:
+      if name == "scan":
+        self.skipTest("tf.scan under control flow v1 has no second order.")
+      tf.compat.v1.disable_control_flow_v2()
+      self.addCleanup(tf.compat.v1.enable_control_flow_v2)
+    fn = _FUNCTIONS[name]
+    x_val = np.random.default_rng(0).normal(size=(5, 4))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      h = tf1hess.eager.batch_hessians(fn, x)
+      self.assertEqual(h.shape.as_list(), [None, 4, 4])
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(h, {x: x_val})
+    self.assertAllClose(out, _graph_path(fn, x_val))
+
+  def test_numpy_input_and_per_sample_or_summed_outputs(self):
+    x_val = np.random.default_rng(0).normal(size=(3, 4))
+    per_sample = tf1hess.eager.batch_hessians(_mlp, x_val)
+    summed = tf1hess.eager.batch_hessians(
+      lambda x: tf.reduce_sum(_mlp(x)), x_val
+    )
+    column = tf1hess.eager.batch_hessians(lambda x: _mlp(x)[:, None], x_val)
+    expected = testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS)
+    for out in (per_sample, summed, column):
+      self.assertAllClose(out, expected)
+
+  def test_rank3_input(self):
+    x_val = np.random.default_rng(0).normal(size=(3, 2, 2))
+
+    def fn(x):
+      return tf.reduce_sum(
+        tf.sin(x) * tf.reduce_sum(x, 2, keepdims=True), [1, 2]
+      )
+
+    out = tf1hess.eager.batch_hessians(fn, x_val)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2, 2])
+      full = tf.hessians(fn(x), x)[0]
+      with tf.compat.v1.Session() as sess:
+        full_val = sess.run(full, {x: x_val})
+    self.assertEqual(out.shape, (3, 2, 2, 2, 2))
+    self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
+
+  @parameterized.parameters(1, 3)
+  def test_derivatives_of_other_orders(self, order):
+    x_val = np.random.default_rng(0).normal(size=(3, 4))
+    out = tf1hess.eager.batch_derivatives(_mlp, x_val, order)
+    self.assertEqual(out.shape, (3,) + (4,) * order)
+    self.assertAllClose(out, _graph_path(_mlp, x_val, order))
+
+  def test_companions(self):
+    rng = np.random.default_rng(0)
+    x_val, v_val = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    hessians = testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS)
+    self.assertAllClose(
+      tf1hess.eager.batch_gradients(_mlp, x_val),
+      testing_utils.tanh_mlp_gradients(x_val, *_WEIGHTS),
+    )
+    self.assertAllClose(
+      tf1hess.eager.batch_hessian_diagonals(_mlp, x_val),
+      np.einsum("nii->ni", hessians),
+    )
+    self.assertAllClose(
+      tf1hess.eager.batch_hessian_vector_products(_mlp, x_val, v_val),
+      np.einsum("nij,nj->ni", hessians, v_val),
+    )
+
+  def test_linear_gives_zeros_or_none(self):
+    x_val = np.ones((3, 2), np.float32)
+
+    def linear(x):
+      return tf.reduce_sum(2.0 * x, 1)
+
+    self.assertAllEqual(
+      tf1hess.eager.batch_hessians(linear, x_val), np.zeros((3, 2, 2))
+    )
+    self.assertIsNone(
+      tf1hess.eager.batch_hessians(linear, x_val, unconnected_gradients="none")
+    )
+    self.assertIsNone(
+      tf1hess.eager.batch_hessians(
+        lambda x: tf.constant(1.0), x_val, unconnected_gradients="none"
+      )
+    )
+    self.assertAllEqual(
+      tf1hess.eager.batch_hessian_vector_products(linear, x_val, x_val),
+      np.zeros((3, 2)),
+    )
+
+
+class EagerIndependenceCheckTest(tf.test.TestCase):
+  def test_fires_on_coupled_samples(self):
+    x_val = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    with self.assertRaisesRegex(
+      tf.errors.InvalidArgumentError, "are not independent"
+    ):
+      tf1hess.eager.batch_hessians(
+        lambda x: tf.reduce_sum(x) ** 2, x_val, check_independence=True
+      )
+
+  def test_silent_on_independent_samples(self):
+    x_val = np.random.default_rng(0).normal(size=(8, 4))
+    out = tf1hess.eager.batch_hessians(_mlp, x_val, check_independence=True)
+    self.assertAllClose(out, testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS))
+
+
+class EagerErrorsTest(tf.test.TestCase):
+  def test_fn_not_callable(self):
+    with self.assertRaisesRegex(TypeError, "`fn` must be a callable"):
+      tf1hess.eager.batch_hessians(tf.ones([2, 2]), tf.ones([2, 2]))
+    with self.assertRaisesRegex(TypeError, "`fn` must be a callable"):
+      tf1hess.eager.batch_hessian_vector_products(
+        None, tf.ones([2, 2]), tf.ones([2, 2])
+      )
+
+  def test_integer_x(self):
+    with self.assertRaisesRegex(TypeError, "`x` must be a floating tensor"):
+      tf1hess.eager.batch_hessians(tf.reduce_sum, np.ones((2, 2), np.int32))
+    with self.assertRaisesRegex(TypeError, "`x` must be a floating tensor"):
+      tf1hess.eager.batch_hessians(tf.reduce_sum, tf.ones([2, 2], tf.int32))
+
+  def test_integer_output(self):
+    with self.assertRaisesRegex(TypeError, r"`fn\(x\)` must be a floating"):
+      tf1hess.eager.batch_hessians(
+        lambda x: tf.cast(x, tf.int32), tf.ones([2, 2])
+      )
+
+  def test_rank_below_two(self):
+    with self.assertRaisesRegex(ValueError, "`x` must have rank >= 2"):
+      tf1hess.eager.batch_hessians(tf.reduce_sum, tf.ones([3]))
+
+  def test_vector_of_wrong_shape(self):
+    with self.assertRaisesRegex(ValueError, "`v` must have the shape of `x`"):
+      tf1hess.eager.batch_hessian_vector_products(
+        tf.reduce_sum, tf.ones([3, 2]), tf.ones([3, 3])
+      )
+
+  def test_bad_order(self):
+    with self.assertRaisesRegex(ValueError, "`order` must be a positive int"):
+      tf1hess.eager.batch_derivatives(tf.reduce_sum, tf.ones([3, 2]), 0)
+
+
+if __name__ == "__main__":
+  tf.test.main()
