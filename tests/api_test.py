@@ -1,0 +1,46 @@
+"""The public API: every name in `__all__` imports; versions agree."""
+
+import doctest
+import importlib
+import os
+import pkgutil
+import re
+
+from absl.testing import parameterized
+import tensorflow as tf
+
+import tf1hess
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _modules():
+  return sorted(
+    name for _, name, _ in pkgutil.iter_modules(tf1hess.__path__, "tf1hess.")
+  )
+
+
+class ApiTest(tf.test.TestCase, parameterized.TestCase):
+  def test_every_public_name_imports(self):
+    self.assertNotEmpty(tf1hess.__all__)
+    self.assertLen(set(tf1hess.__all__), len(tf1hess.__all__))
+    for name in tf1hess.__all__:
+      self.assertTrue(hasattr(tf1hess, name), name)
+      exec(f"from tf1hess import {name}", {})  # pylint: disable=exec-used
+
+  def test_version_matches_setup(self):
+    with open(os.path.join(_ROOT, "setup.py"), encoding="utf-8") as f:
+      setup_version = re.search(r'version="([^"]+)"', f.read()).group(1)
+    self.assertEqual(tf1hess.__version__, setup_version)
+
+  @parameterized.named_parameters((name, name) for name in _modules())
+  def test_docstring_examples_run(self, module_name):
+    module = importlib.import_module(module_name)
+    result = doctest.testmod(
+      module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
+    )
+    self.assertEqual(result.failed, 0, f"{module_name}: {result}")
+
+
+if __name__ == "__main__":
+  tf.test.main()
