@@ -224,6 +224,20 @@ class BatchHessiansTest(
         )
     self.assertAllClose(out, reference, atol=1e-6)
 
+  def test_loop_outside_the_path_from_xs_is_fine_under_v1(self):
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      scale = tf.while_loop(
+        lambda i, s: i < 3,
+        lambda i, s: (i + 1, s * 1.5),
+        [0, tf.constant(1.0, tf.float64)],
+      )[1]
+      h = tf1hess.batch_hessians(scale * tf.reduce_sum(x**3, 1), x)
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(h, {x: [[1.0, 2.0]]})
+    self.assertAllClose(out, [np.diag([1.5**3 * 6.0, 1.5**3 * 12.0])])
+
   def test_scan_model_under_control_flow_v1_raises_clearly(self):
     self.control_flow(1)
     with tf.Graph().as_default():

@@ -73,12 +73,17 @@ def _prepare(ys, xs, op_name):
 
 
 def _v1_loop_between(ys_list, xs_list):
-  """Whether a control-flow-v1 while loop lies between `xs` and `ys`."""
-  seen, stack = set(), [y.op for y in ys_list]
-  x_ops = {x.op for x in xs_list}
+  """Whether a control-flow-v1 while loop lies on a path from `xs` to `ys`."""
+  downstream, stack = set(), [x.op for x in xs_list]
   while stack:
     op = stack.pop()
-    if op in seen or op in x_ops:
+    if op not in downstream:
+      downstream.add(op)
+      stack.extend(c for t in op.outputs for c in t.consumers())
+  seen, stack = set(), [y.op for y in ys_list]
+  while stack:
+    op = stack.pop()
+    if op in seen or op not in downstream:
       continue
     seen.add(op)
     if control_flow_util.IsLoopEnter(op):
@@ -88,11 +93,17 @@ def _v1_loop_between(ys_list, xs_list):
 
 
 def _graph_gradient(x, unconnected):
-  """Returns `(target, cotangent) -> d <target, cotangent> / dx` or `None`."""
+  """Returns `(target, cotangent, source=x) -> d <target, cotangent> / dsource`.
 
-  def gradient(target, cotangent):
+  The gradient is `None` when unconnected (with `unconnected='none'`).
+  """
+
+  def gradient(target, cotangent, source=None):
     return tf.gradients(
-      target, x, grad_ys=cotangent, unconnected_gradients=unconnected
+      target,
+      x if source is None else source,
+      grad_ys=cotangent,
+      unconnected_gradients=unconnected,
     )[0]
 
   return gradient
@@ -108,9 +119,12 @@ def _derivatives(
   parallel_iterations,
   check_independence=False,
   diagonal=False,
+  method="auto",
+  chunk_size=None,
 ):
   """Shared body of the public ops: per-sample derivatives of `order`."""
   unconnected = _checks.check_unconnected(unconnected_gradients)
+  _core.check_method(method, chunk_size)
   ys_list, xs_list, was_sequence = _prepare(ys, xs, default_name)
   for x in xs_list:
     _checks.check_output_fits(x, 1 if diagonal else order)
@@ -142,6 +156,8 @@ def _derivatives(
           diagonal=diagonal,
           check_independence=check_independence,
           input_name=x.name,
+          method=method,
+          chunk_size=chunk_size,
         )
       )
     return _checks.restore_structure(results, was_sequence)
@@ -154,6 +170,8 @@ def batch_hessians(
   unconnected_gradients="zero",
   check_independence=False,
   parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
 ):
   """Per-sample Hessians of `sum(ys)` with respect to each `x` in `xs`.
 
@@ -184,6 +202,16 @@ def batch_hessians(
       It costs one more backward pass.
     parallel_iterations: `int` or `None`: iterations of the row loop that
       may run in parallel (`tf.while_loop`'s argument; default 10).
+    method: `str`, how the K rows are built; default `"auto"`:
+      `"pfor"` (all rows of a chunk in one vectorized backward pass, with
+      shortcuts through linear layers) when every op vectorizes, else a
+      `tf.while_loop` over rows; decided when the graph is built.
+      `"while_loop"` is the reference design, one backward pass per row.
+      See BENCHMARKS.md for the speed of each.
+    chunk_size: `int` or `None` (default): rows per vectorized backward pass
+      for `"pfor"`/`"auto"`; `None` does all K rows at once (fastest).
+      Lower it to bound the peak memory to about the output plus
+      `chunk_size` rows of intermediate activations.
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)` for each `x`, in the structure of
@@ -194,8 +222,9 @@ def batch_hessians(
       finalized graph.
     TypeError: when `ys` or `xs` is not a floating tensor of the graph.
     ValueError: when an `x` has rank < 2, a tensor is eager or from another
-      graph, `unconnected_gradients` is unknown, or `ys` contains a control
-      flow v1 loop (enable control flow v2).
+      graph, `unconnected_gradients` or `method` is unknown, `chunk_size`
+      is not a positive int, or `ys` contains a control flow v1 loop (enable
+      control flow v2).
     tf.errors.InvalidArgumentError: at run time, when `check_independence`
       finds samples that are not independent.
 
@@ -223,11 +252,19 @@ def batch_hessians(
     unconnected_gradients,
     parallel_iterations,
     check_independence=check_independence,
+    method=method,
+    chunk_size=chunk_size,
   )
 
 
 def batch_hessian_diagonals(
-  ys, xs, name=None, unconnected_gradients="zero", parallel_iterations=None
+  ys,
+  xs,
+  name=None,
+  unconnected_gradients="zero",
+  parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
 ):
   """Diagonals of the per-sample Hessians, shape of each `x`.
 
@@ -240,6 +277,8 @@ def batch_hessian_diagonals(
     name: `str`, optional; default "batch_hessian_diagonals".
     unconnected_gradients: as in `batch_hessians`.
     parallel_iterations: as in `batch_hessians`.
+    method: as in `batch_hessians`.
+    chunk_size: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of the shape of each `x`, in the structure of `xs`.
@@ -265,6 +304,8 @@ def batch_hessian_diagonals(
     unconnected_gradients,
     parallel_iterations,
     diagonal=True,
+    method=method,
+    chunk_size=chunk_size,
   )
 
 
@@ -307,6 +348,8 @@ def batch_derivatives(
   name=None,
   unconnected_gradients="zero",
   parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
 ):
   """Per-sample derivative tensors of order `order`.
 
@@ -322,6 +365,10 @@ def batch_derivatives(
     name: `str`, optional; default "batch_derivatives".
     unconnected_gradients: as in `batch_hessians`.
     parallel_iterations: as in `batch_hessians`.
+    method: as in `batch_hessians`.
+    chunk_size: as in `batch_hessians`; `None` does the K rows of the
+      Hessian level at once and the K^(l-1) rows of level l > 2 by chunks of
+      K rows.
 
   Returns:
     A `Tensor` of shape `(N,) + (d1, ..., dm) * order` per `x`, in the
@@ -350,6 +397,8 @@ def batch_derivatives(
     order,
     unconnected_gradients,
     parallel_iterations,
+    method=method,
+    chunk_size=chunk_size,
   )
 
 
