@@ -1,15 +1,138 @@
-"""Helpers for the absl scripts: clean one-line failures and atomic outputs."""
+"""Helpers for the absl scripts: shared flags, one-line errors, atomic files."""
 
 import contextlib
+import dataclasses
 import os
+import re
+import shutil
 import sys
 import tempfile
 
+from absl import flags
 import tensorflow as tf
 
 # What a script reports as a one-line error instead of a traceback: bad
 # arguments, missing or unreadable files, and TensorFlow run-time errors.
 USER_ERRORS = (ValueError, TypeError, OSError, KeyError, tf.errors.OpError)
+
+
+# Lines of a TensorFlow run-time error that do not say what went wrong.
+_TF_NOISE = re.compile(
+  r"^(Graph execution error:|Detected at node|Node: |From /job:|"
+  r"Additional GRPC error|File \"|\[\[|Traceback|\(\d+\) )"
+)
+
+
+def error_summary(error):
+  """Returns the line of an error message that says what failed.
+
+  Graph-mode run-time errors start with "Graph execution error:" and the
+  Python stack of the failing op; this keeps the first other line.
+
+  Args:
+    error: an exception, e.g. a `tf.errors.OpError`.
+
+  Returns:
+    A one-line `str`.
+  """
+  message = getattr(error, "message", None) or str(error)
+  if isinstance(error, KeyError) and error.args:
+    message = str(error.args[0])
+  for line in message.splitlines():
+    if line.strip() and not _TF_NOISE.match(line.strip()):
+      if not line.startswith((" ", "\t")):
+        return line.strip()
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFlags:
+  """The flags that name a saved model and its tensors, shared by scripts."""
+
+  saved_model: flags.FlagHolder
+  graph: flags.FlagHolder
+  meta_graph: flags.FlagHolder
+  checkpoint: flags.FlagHolder
+  tag: flags.FlagHolder
+  xs: flags.FlagHolder
+  ys: flags.FlagHolder
+  check_independence: flags.FlagHolder
+
+  def model_kwargs(self):
+    """The keyword arguments of `tf1hess.legacy.load_graph_def`."""
+    return {
+      "saved_model": self.saved_model.value,
+      "graph": self.graph.value,
+      "meta_graph": self.meta_graph.value,
+      "checkpoint": self.checkpoint.value,
+      "tag": self.tag.value,
+    }
+
+  def ys_value(self):
+    """`--ys` as one name, or a list when several were given."""
+    ys = self.ys.value
+    return ys[0] if len(ys) == 1 else ys
+
+
+_MODEL_FLAGS = []
+
+
+def define_model_flags():
+  """Defines the model flags once per process and returns their holders.
+
+  `--saved_model` | `--graph` | `--meta_graph` with `--checkpoint`, `--tag`,
+  `--xs`, `--ys` and `--check_independence`. Every script that loads a model
+  calls this, so that several scripts can be imported in one process (their
+  tests) without defining a flag twice.
+
+  Returns:
+    A `ModelFlags`.
+  """
+  if not _MODEL_FLAGS:
+    _MODEL_FLAGS.append(
+      ModelFlags(
+        saved_model=flags.DEFINE_string(
+          "saved_model", None, "A TF1 SavedModel directory."
+        ),
+        graph=flags.DEFINE_string(
+          "graph", None, "A frozen GraphDef file (binary .pb or text .pbtxt)."
+        ),
+        meta_graph=flags.DEFINE_string(
+          "meta_graph",
+          None,
+          "A .meta file written by tf.compat.v1.train.Saver.",
+        ),
+        checkpoint=flags.DEFINE_string(
+          "checkpoint",
+          None,
+          "The checkpoint prefix (or directory) of --meta_graph's variables.",
+        ),
+        tag=flags.DEFINE_string(
+          "tag", "serve", "The SavedModel's MetaGraph tag."
+        ),
+        xs=flags.DEFINE_string(
+          "xs",
+          None,
+          "Name of the batched input tensor, e.g. x:0.",
+          required=True,
+        ),
+        ys=flags.DEFINE_list(
+          "ys",
+          None,
+          "Name(s) of the per-sample output tensor(s), e.g. y:0; their sum "
+          "is differentiated.",
+          required=True,
+        ),
+        check_independence=flags.DEFINE_bool(
+          "check_independence",
+          False,
+          "Fail at run time when samples are coupled (e.g. batch norm in "
+          "training mode).",
+        ),
+      )
+    )
+  return _MODEL_FLAGS[0]
 
 
 @contextlib.contextmanager
@@ -25,42 +148,47 @@ def exit_on_error(prog):
   try:
     yield
   except USER_ERRORS as error:
-    message = getattr(error, "message", None) or str(error)
-    if isinstance(error, KeyError) and error.args:
-      message = str(error.args[0])
-    first = message.strip().splitlines()[0] if message.strip() else repr(error)
-    sys.exit(f"{prog}: error: {first}")
+    sys.exit(f"{prog}: error: {error_summary(error)}")
 
 
 @contextlib.contextmanager
-def atomic_output(path, suffix=""):
+def atomic_output(path, suffix="", directory=False):
   """Yields a temporary path beside `path`; renames it to `path` on success.
 
-  On any exception the temporary file is removed, so an interrupted or failed
-  run leaves nothing half-written under `path`.
+  On any exception the temporary file (or directory) is removed, so an
+  interrupted or failed run leaves nothing half-written under `path`.
 
   Args:
     path: `str`, the final output path.
     suffix: `str`, ending of the temporary name (e.g. ".npy", which
       `np.save` would otherwise append).
+    directory: `bool`, default `False`: make a temporary directory (for a
+      SavedModel) instead of a file.
 
   Yields:
-    The temporary path to write to.
+    The temporary path to write to, with the usual permissions (those of a
+    new file or directory under the process' umask).
   """
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(
-    prefix="." + os.path.basename(path) + ".",
-    suffix=".tmp" + suffix,
-    dir=directory,
-  )
-  os.close(fd)
+  parent = os.path.dirname(os.path.abspath(path))
+  prefix = "." + os.path.basename(os.path.abspath(path)) + "."
+  if directory:
+    tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp" + suffix, dir=parent)
+  else:
+    fd, tmp = tempfile.mkstemp(
+      prefix=prefix, suffix=".tmp" + suffix, dir=parent
+    )
+    os.close(fd)
   umask = os.umask(0)
   os.umask(umask)
-  os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what users expect.
+  # mkstemp's 0600 and mkdtemp's 0700 are not what users expect.
+  os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)
   try:
     yield tmp
     os.replace(tmp, path)
   except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
+    if directory:
+      shutil.rmtree(tmp, ignore_errors=True)
+    else:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
     raise

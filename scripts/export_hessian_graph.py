@@ -1,0 +1,128 @@
+r"""Adds per-sample Hessians to a saved TF1 model and exports the result.
+
+Loads a TF1 SavedModel, a frozen GraphDef or a MetaGraph with its
+checkpoint, adds the per-sample Hessians `(N, K, K)` and gradients `(N, K)`
+of `--ys` with respect to `--xs`, and writes a graph that plain TensorFlow
+runs (tf1hess not needed) for any batch size:
+
+- `--export_dir`: a SavedModel (tag "serve") with the signature "hessians":
+  input "x", outputs "hessians", "gradients" and the model's `--ys`;
+- `--output_graph`: a frozen GraphDef with "hessians:0" and "gradients:0";
+- `--logdir`: a TensorBoard log of that graph.
+
+  python scripts/export_hessian_graph.py --saved_model=/tmp/model \
+    --xs=x:0 --ys=y:0 --export_dir=/tmp/model_hessians \
+    --output_graph=/tmp/hessians.pb
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from tf1hess import _cli
+from tf1hess import export
+from tf1hess import legacy
+
+_MODEL = _cli.define_model_flags()
+_EXPORT_DIR = flags.DEFINE_string(
+  "export_dir", None, "SavedModel directory to write (must not exist)."
+)
+_OUTPUT_GRAPH = flags.DEFINE_string(
+  "output_graph", None, "Frozen GraphDef file to write (.pb, or .pbtxt)."
+)
+_LOGDIR = flags.DEFINE_string(
+  "logdir", None, "Optional TensorBoard log directory for the graph."
+)
+
+
+def export_model(
+  xs,
+  ys,
+  saved_model=None,
+  graph=None,
+  meta_graph=None,
+  checkpoint=None,
+  tag="serve",
+  export_dir=None,
+  output_graph=None,
+  logdir=None,
+  check_independence=False,
+):
+  """Loads a model, adds its Hessian ops and writes the exports.
+
+  Args:
+    xs: `str`, the input tensor's name.
+    ys: `str` or list of `str`, the output tensors' names.
+    saved_model: as in `tf1hess.legacy.load_graph_def`.
+    graph: as in `tf1hess.legacy.load_graph_def`.
+    meta_graph: as in `tf1hess.legacy.load_graph_def`.
+    checkpoint: as in `tf1hess.legacy.load_graph_def`.
+    tag: as in `tf1hess.legacy.load_graph_def`.
+    export_dir: as in `tf1hess.export.export_hessian_graph`.
+    output_graph: as in `tf1hess.export.export_hessian_graph`.
+    logdir: as in `tf1hess.export.export_hessian_graph`.
+    check_independence: `bool`, as in `tf1hess.batch_hessians`.
+
+  Returns:
+    The `tf1hess.legacy.HessianModel` that was exported.
+
+  Raises:
+    As `tf1hess.legacy.load` and `tf1hess.export.export_hessian_graph`.
+  """
+  if not (export_dir or output_graph or logdir):
+    raise ValueError(
+      "Give at least one output: `export_dir`, `output_graph` or `logdir`."
+    )
+  export.check_output_paths(export_dir, output_graph, logdir)
+  model = legacy.load(
+    xs,
+    ys,
+    saved_model=saved_model,
+    graph=graph,
+    meta_graph=meta_graph,
+    checkpoint=checkpoint,
+    tag=tag,
+    check_independence=check_independence,
+  )
+  logging.info(
+    "Hessians %s and gradients %s of %s with respect to %s %s",
+    model.hessians.shape,
+    model.gradients.shape,
+    ys,
+    model.xs.name,
+    model.xs.shape,
+  )
+  export.export_hessian_graph(
+    model,
+    export_dir=export_dir,
+    output_graph=output_graph,
+    logdir=logdir,
+    tag=tag,
+  )
+  for path in (export_dir, output_graph, logdir):
+    if path:
+      logging.info("Wrote %s", path)
+  return model
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  with _cli.exit_on_error("export_hessian_graph"):
+    export_model(
+      _MODEL.xs.value,
+      _MODEL.ys_value(),
+      **_MODEL.model_kwargs(),
+      export_dir=_EXPORT_DIR.value,
+      output_graph=_OUTPUT_GRAPH.value,
+      logdir=_LOGDIR.value,
+      check_independence=_MODEL.check_independence.value,
+    )
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,426 @@
+"""Tests for tf1hess.export: graphs with Hessians that plain TensorFlow runs.
+
+Every export is reloaded in a subprocess that never imports tf1hess and run
+at two batch sizes; the Hessians are compared with the analytic Hessian of
+the tanh MLP y = w2^T tanh(W1^T x + b1).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import testing_utils
+
+from tf1hess import export
+from tf1hess import legacy
+
+_K, _H = 3, 4
+_BATCH_SIZES = (1, 5)
+
+# Loads each export with TensorFlow alone and runs it on the given inputs.
+_RELOAD = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+jobs = json.loads(sys.argv[1])
+inputs = dict(np.load(sys.argv[2]))
+results = {}
+for key, kind, path in jobs:
+  for n in (1, 5):
+    x = inputs[f"x{n}"]
+    if kind == "saved_model":
+      with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        meta = tf.compat.v1.saved_model.load(sess, ["serve"], path)
+        sig = meta.signature_def["hessians"]
+        names = sorted(sig.outputs)
+        fetch = [sig.outputs[k].name for k in names]
+        out = dict(zip(names, sess.run(fetch, {sig.inputs["x"].name: x})))
+    elif kind == "saved_model_v2":
+      fn = tf.saved_model.load(path, tags=["serve"]).signatures["hessians"]
+      out = {k: v.numpy() for k, v in fn(x=tf.constant(x)).items()}
+    else:
+      graph_def = tf.compat.v1.GraphDef()
+      with open(path, "rb") as f:
+        if kind == "pbtxt":
+          from google.protobuf import text_format
+          text_format.Parse(f.read().decode(), graph_def)
+        else:
+          graph_def.ParseFromString(f.read())
+      with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        h, g, y = sess.run(["hessians:0", "gradients:0", "y:0"], {"x:0": x})
+        out = {"hessians": h, "gradients": g, "y": y}
+    for name, value in out.items():
+      results[f"{key}/{kind}/{n}/{name}"] = value
+assert "tf1hess" not in sys.modules, "the export needed tf1hess"
+np.savez(sys.argv[3], **results)
+"""
+
+
+def _expected(x, weights):
+  """Analytic outputs (N,), gradients (N, K) and Hessians (N, K, K)."""
+  w1, b1, w2 = weights
+  y = np.tanh(x.astype(np.float64) @ w1 + b1) @ w2
+  return (
+    y,
+    testing_utils.tanh_mlp_gradients(x, *weights),
+    testing_utils.tanh_mlp_hessians(x, *weights),
+  )
+
+
+def _mlp(weights, use_resource):
+  """Builds the MLP with variables in the default graph; returns (x, y)."""
+  x = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+  w1, b1, w2 = [
+    tf.compat.v1.get_variable(
+      name, initializer=value, use_resource=use_resource
+    )
+    for name, value in zip(("w1", "b1", "w2"), weights)
+  ]
+  return x, tf.identity(tf.linalg.matvec(tf.tanh(x @ w1 + b1), w2), name="y")
+
+
+def _export_mlp(directory, weights, use_resource=False, control_flow_v1=False):
+  """Exports the MLP with variables from a live session, in every format."""
+  paths = {
+    "saved_model": os.path.join(directory, "saved_model"),
+    "pb": os.path.join(directory, "hessians.pb"),
+    "pbtxt": os.path.join(directory, "hessians.pbtxt"),
+    "logdir": os.path.join(directory, "logs"),
+  }
+  os.makedirs(directory)
+  if control_flow_v1:
+    tf.compat.v1.disable_control_flow_v2()
+  try:
+    with tf.Graph().as_default() as graph:
+      x, y = _mlp(weights, use_resource)
+      model = legacy.HessianModel(
+        graph, x, y, **legacy.add_hessian_ops(graph, x, y)
+      )
+  finally:
+    tf.compat.v1.enable_control_flow_v2()
+  with tf.compat.v1.Session(graph=graph) as sess:
+    sess.run(
+      tf.compat.v1.variables_initializer(tf.compat.v1.global_variables())
+    )
+    export.export_hessian_graph(
+      model,
+      export_dir=paths["saved_model"],
+      output_graph=paths["pb"],
+      logdir=paths["logdir"],
+      session=sess,
+    )
+    export.export_frozen_graph(model, paths["pbtxt"], session=sess)
+  return model, paths
+
+
+_VARIANTS = (
+  ("ref_variables", False, False),
+  ("resource_variables", True, False),
+  ("control_flow_v1", False, True),
+)
+
+
+class ReloadTest(tf.test.TestCase, parameterized.TestCase):
+  """Exports in setUpClass, reloads all of them in one subprocess."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.dir = tempfile.mkdtemp()
+    cls.weights, cls.paths, jobs = {}, {}, []
+    for seed, (name, use_resource, v1) in enumerate(_VARIANTS):
+      cls.weights[name] = testing_utils.mlp_weights(_K, _H, seed, np.float32)
+      _, cls.paths[name] = _export_mlp(
+        os.path.join(cls.dir, name), cls.weights[name], use_resource, v1
+      )
+      for kind in ("saved_model", "pb", "pbtxt"):
+        jobs.append([name, kind, cls.paths[name][kind]])
+      jobs.append([name, "saved_model_v2", cls.paths[name]["saved_model"]])
+    rng = np.random.default_rng(42)
+    cls.inputs = {
+      f"x{n}": rng.normal(size=(n, _K)).astype(np.float32) for n in _BATCH_SIZES
+    }
+    inputs_path = os.path.join(cls.dir, "inputs.npz")
+    results_path = os.path.join(cls.dir, "results.npz")
+    np.savez(inputs_path, **cls.inputs)
+    cls.reload = subprocess.run(
+      [
+        sys.executable,
+        "-c",
+        _RELOAD,
+        json.dumps(jobs),
+        inputs_path,
+        results_path,
+      ],
+      capture_output=True,
+      text=True,
+      cwd=cls.dir,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+      check=False,
+    )
+    cls.results = (
+      dict(np.load(results_path)) if cls.reload.returncode == 0 else {}
+    )
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.dir, ignore_errors=True)
+    super().tearDownClass()
+
+  def test_reload_ran_without_tf1hess(self):
+    self.assertEqual(self.reload.returncode, 0, self.reload.stderr[-3000:])
+
+  @parameterized.named_parameters(
+    (f"{name}_{kind}", name, kind)
+    for name, _, _ in _VARIANTS
+    for kind in ("saved_model", "saved_model_v2", "pb", "pbtxt")
+  )
+  def test_reloaded_matches_analytic(self, name, kind):
+    self.assertEqual(self.reload.returncode, 0, self.reload.stderr[-3000:])
+    for n in _BATCH_SIZES:
+      want = _expected(self.inputs[f"x{n}"], self.weights[name])
+      for key, value in zip(("y", "gradients", "hessians"), want):
+        got = self.results[f"{name}/{kind}/{n}/{key}"]
+        self.assertEqual(got.shape, value.shape)
+        self.assertAllClose(got, value, atol=1e-5, rtol=1e-4)
+
+  @parameterized.named_parameters((name, name) for name, _, _ in _VARIANTS)
+  def test_saved_model_signature(self, name):
+    saved_model = os.path.join(self.paths[name]["saved_model"])
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+      meta = tf.compat.v1.saved_model.load(sess, ["serve"], saved_model)
+    self.assertEqual(list(meta.signature_def), ["hessians"])
+    signature = meta.signature_def["hessians"]
+    self.assertEqual(list(signature.inputs), ["x"])
+    self.assertEqual(signature.inputs["x"].name, "x:0")
+    self.assertCountEqual(signature.outputs, ["hessians", "gradients", "y"])
+    shape = tf.TensorShape(signature.outputs["hessians"].tensor_shape)
+    self.assertEqual(shape.as_list(), [None, _K, _K])
+    self.assertEqual(meta.meta_info_def.tags, ["serve"])
+
+  @parameterized.named_parameters((name, name) for name, _, _ in _VARIANTS)
+  def test_frozen_graph_has_no_variables(self, name):
+    graph_def = tf.compat.v1.GraphDef()
+    with open(self.paths[name]["pb"], "rb") as f:
+      graph_def.ParseFromString(f.read())
+    ops = {node.op for node in graph_def.node}
+    self.assertEmpty(ops & legacy.VARIABLE_OPS)
+    self.assertEmpty(ops & {"Assign", "AssignVariableOp", "ReadVariableOp"})
+    names = {node.name for node in graph_def.node}
+    self.assertContainsSubset({"x", "y", "hessians", "gradients"}, names)
+
+  @parameterized.named_parameters((name, name) for name, _, _ in _VARIANTS)
+  def test_graph_log(self, name):
+    logdir = self.paths[name]["logdir"]
+    (events,) = os.listdir(logdir)
+    graphs = []
+    for event in tf.compat.v1.train.summary_iterator(
+      os.path.join(logdir, events)
+    ):
+      if event.graph_def:
+        graph_def = tf.compat.v1.GraphDef()
+        graph_def.ParseFromString(event.graph_def)
+        graphs.append({node.name for node in graph_def.node})
+    self.assertLen(graphs, 1)
+    self.assertContainsSubset({"x", "hessians", "gradients"}, graphs[0])
+
+  def test_no_temporary_files_left(self):
+    for name, _, _ in _VARIANTS:
+      leftovers = [
+        f for f in os.listdir(os.path.join(self.dir, name)) if ".tmp" in f
+      ]
+      self.assertEmpty(leftovers)
+
+
+class ExportTest(tf.test.TestCase, parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+    self.weights = testing_utils.mlp_weights(_K, _H, 3, np.float32)
+
+  def _model(self, use_resource=False):
+    with tf.Graph().as_default() as graph:
+      x, y = _mlp(self.weights, use_resource)
+      return legacy.HessianModel(
+        graph, x, y, **legacy.add_hessian_ops(graph, x, y)
+      )
+
+  def _constant_model(self, hessians_name=None, y_name="y"):
+    """A model without variables; the Hessians optionally named."""
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2], name="x")
+      y = tf.identity(tf.reduce_sum(x**3, axis=1), name=y_name)
+      added = legacy.add_hessian_ops(graph, x, y)
+      if hessians_name:
+        added["hessians"] = tf.identity(added["hessians"], hessians_name)
+      return legacy.HessianModel(graph, x, y, **added)
+
+  def test_graph_without_variables_needs_no_session(self):
+    model = self._constant_model()
+    graph_def = export.export_frozen_graph(model, os.path.join(self.dir, "m"))
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+      tf.compat.v1.import_graph_def(graph_def, name="")
+      h = sess.run("hessians:0", {"x:0": [[1.0, 2.0], [0.0, -1.0]]})
+    self.assertAllClose(h, [[[6, 0], [0, 12]], [[0, 0], [0, -6]]])
+
+  def test_hessians_already_named_get_no_alias(self):
+    model = self._constant_model(hessians_name="hessians")
+    graph_def = export.frozen_graph_def(model)
+    names = [node.name for node in graph_def.node]
+    self.assertEqual(names.count("hessians"), 1)
+    self.assertEqual(names.count("gradients"), 1)
+    hessians = [n for n in graph_def.node if n.name == "hessians"][0]
+    self.assertEqual(list(hessians.input), ["tf1hess/hessians"])
+
+  def test_export_is_pruned(self):
+    with tf.Graph().as_default() as graph:
+      x, y = _mlp(self.weights, False)
+      loss = tf.reduce_mean(y**2)
+      tf.compat.v1.train.AdamOptimizer().minimize(loss)
+      model = legacy.HessianModel(
+        graph, x, y, **legacy.add_hessian_ops(graph, x, y)
+      )
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        graph_def = export.frozen_graph_def(model, sess)
+    names = {node.name for node in graph_def.node}
+    self.assertNotIn("Mean", names)
+    self.assertEmpty([n for n in names if n.startswith(("Adam", "beta"))])
+
+  def test_failed_export_leaves_nothing(self):
+    model = self._constant_model()
+    export_dir = os.path.join(self.dir, "saved_model")
+    output_graph = os.path.join(self.dir, "hessians.pb")
+    with mock.patch.object(
+      export, "_write_graph_def", side_effect=OSError("disk full")
+    ):
+      with self.assertRaisesRegex(OSError, "disk full"):
+        export.export_hessian_graph(
+          model, export_dir=export_dir, output_graph=output_graph
+        )
+    self.assertEmpty(os.listdir(self.dir))
+
+  def test_empty_export_dir_is_replaced(self):
+    export_dir = os.path.join(self.dir, "saved_model")
+    os.mkdir(export_dir)
+    export.export_saved_model(self._constant_model(), export_dir)
+    self.assertTrue(os.path.isfile(os.path.join(export_dir, "saved_model.pb")))
+    self.assertEqual(os.listdir(self.dir), ["saved_model"])
+
+  def test_text_graph(self):
+    path = os.path.join(self.dir, "hessians.pbtxt")
+    export.export_frozen_graph(self._constant_model(), path)
+    with open(path) as f:
+      self.assertIn('name: "hessians"', f.read())
+
+  def test_errors(self):
+    model = self._model()
+    other = self._constant_model()
+    with tf.compat.v1.Session(graph=other.graph) as other_sess:
+      cases = (
+        (TypeError, r"`model` must be a tf1hess.legacy.HessianModel", (1,), {}),
+        (
+          ValueError,
+          r"`session` is needed: the graph holds variables \('w1', ...\)",
+          (model,),
+          {},
+        ),
+        (
+          ValueError,
+          r"`session` must run `model.graph`; it runs another graph",
+          (model,),
+          {"session": other_sess},
+        ),
+        (
+          ValueError,
+          r"`model.hessians` must be a tensor of `model.graph`; saw "
+          r"tf1hess/hessians:0",
+          (model._replace(hessians=other.hessians),),
+          {},
+        ),
+        (
+          ValueError,
+          r"`model.ys` must be a tensor of `model.graph`; saw str",
+          (model._replace(ys=["y:0"]),),
+          {},
+        ),
+      )
+      for error, regex, args, kwargs in cases:
+        with self.subTest(regex=regex):
+          with self.assertRaisesRegex(error, regex):
+            export.frozen_graph_def(*args, **kwargs)
+
+  @parameterized.named_parameters(
+    ("hessians", "hessians", "y"), ("gradients", None, "gradients")
+  )
+  def test_name_taken_error(self, hessians_name, y_name):
+    model = self._constant_model(y_name=y_name)
+    if hessians_name:  # Another op of the model takes the name.
+      with model.graph.as_default():
+        tf.identity(model.ys, name=hessians_name)
+      model = model._replace(
+        ys=[model.ys, model.graph.get_tensor_by_name(hessians_name + ":0")]
+      )
+    taken = hessians_name or y_name
+    with self.assertRaisesRegex(
+      ValueError,
+      f"The model already has an op named '{taken}', the name the export "
+      f"gives `{taken}`; rename that op of the model.",
+    ):
+      export.frozen_graph_def(model)
+
+  def test_output_errors(self):
+    model = self._constant_model()
+    full = os.path.join(self.dir, "full")
+    os.mkdir(full)
+    open(os.path.join(full, "f"), "w").close()
+    missing = os.path.join(self.dir, "missing", "out")
+    cases = (
+      (ValueError, r"Give at least one output: `export_dir`", {}),
+      (
+        FileExistsError,
+        r"`export_dir` must not exist \(or be an empty directory\); '.*full' "
+        "does",
+        {"export_dir": full},
+      ),
+      (
+        FileNotFoundError,
+        r"`export_dir` must be in an existing directory; '.*missing' does "
+        "not exist",
+        {"export_dir": missing},
+      ),
+      (
+        FileNotFoundError,
+        r"`output_graph` must be in an existing directory",
+        {"output_graph": missing},
+      ),
+      (
+        FileExistsError,
+        r"`output_graph` must be a file path; '.*full' is a directory",
+        {"output_graph": full},
+      ),
+      (
+        FileExistsError,
+        r"`logdir` must be a directory; '.*f' is a file",
+        {"logdir": os.path.join(full, "f")},
+      ),
+    )
+    for error, regex, kwargs in cases:
+      with self.subTest(regex=regex):
+        with self.assertRaisesRegex(error, regex):
+          export.export_hessian_graph(model, **kwargs)
+    self.assertCountEqual(os.listdir(self.dir), ["full"])
+
+
+if __name__ == "__main__":
+  tf.test.main()

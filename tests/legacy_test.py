@@ -1,0 +1,480 @@
+"""Tests for tf1hess.legacy: loading legacy artifacts and adding Hessian ops.
+
+The artifacts (SavedModel, frozen GraphDef, MetaGraph + checkpoint) of a
+small tanh MLP with variables are written here, and the Hessians read from
+them are compared with the analytic Hessian of y = w2^T tanh(W1^T x + b1).
+"""
+
+import os
+import shutil
+import tempfile
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import testing_utils
+
+from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-direct-tensorflow-import
+
+from tf1hess import legacy
+
+_K, _H = 3, 5
+
+
+def _write_artifacts(directory, use_resource=False, seed=0):
+  """Writes the tanh MLP as SavedModel, frozen .pb/.pbtxt and MetaGraph.
+
+  The graph also has a loss, a train op and a saver, as training code
+  leaves them.
+
+  Returns:
+    A dict of paths, and the weights `(w1 (K, H), b1 (H,), w2 (H,))`.
+  """
+  weights = testing_utils.mlp_weights(_K, _H, seed, np.float32)
+  paths = {
+    "saved_model": os.path.join(directory, "saved_model"),
+    "graph": os.path.join(directory, "frozen.pb"),
+    "graph_text": os.path.join(directory, "frozen.pbtxt"),
+    "meta_graph": os.path.join(directory, "ckpt", "model.ckpt.meta"),
+    "checkpoint": os.path.join(directory, "ckpt", "model.ckpt"),
+    "checkpoint_dir": os.path.join(directory, "ckpt"),
+  }
+  with tf.Graph().as_default():
+    x = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+    labels = tf.compat.v1.placeholder(tf.float32, [None], name="labels")
+    w1, b1, w2 = [
+      tf.compat.v1.get_variable(
+        name, initializer=tf.zeros_like(value), use_resource=use_resource
+      )
+      for name, value in zip(("w1", "b1", "w2"), weights)
+    ]
+    y = tf.identity(tf.linalg.matvec(tf.tanh(x @ w1 + b1), w2), name="y")
+    loss = tf.reduce_mean((y - labels) ** 2)
+    tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(loss)
+    saver = tf.compat.v1.train.Saver()
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      for variable, value in zip((w1, b1, w2), weights):
+        variable.load(value, sess)
+      tf.compat.v1.saved_model.simple_save(
+        sess, paths["saved_model"], {"x": x}, {"y": y}
+      )
+      saver.save(sess, paths["checkpoint"])
+      frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
+        sess, sess.graph.as_graph_def(), ["y"]
+      )
+  tf.io.write_graph(frozen, directory, "frozen.pb", as_text=False)
+  tf.io.write_graph(frozen, directory, "frozen.pbtxt", as_text=True)
+  return paths, weights
+
+
+_KINDS = (
+  ("saved_model", lambda p: {"saved_model": p["saved_model"]}),
+  ("frozen_pb", lambda p: {"graph": p["graph"]}),
+  ("frozen_pbtxt", lambda p: {"graph": p["graph_text"]}),
+  (
+    "meta_graph",
+    lambda p: {"meta_graph": p["meta_graph"], "checkpoint": p["checkpoint"]},
+  ),
+  (
+    "checkpoint_dir",
+    lambda p: {
+      "meta_graph": p["meta_graph"],
+      "checkpoint": p["checkpoint_dir"],
+    },
+  ),
+)
+
+
+class LoadGraphDefTest(tf.test.TestCase, parameterized.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.dir = tempfile.mkdtemp()
+    cls.paths, cls.weights = _write_artifacts(os.path.join(cls.dir, "ref"))
+    cls.resource_paths, cls.resource_weights = _write_artifacts(
+      os.path.join(cls.dir, "resource"), use_resource=True, seed=1
+    )
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.dir, ignore_errors=True)
+    super().tearDownClass()
+
+  def _check_hessians(self, graph_def, weights):
+    graph = legacy.import_graph_def(graph_def)
+    added = legacy.add_hessian_ops(graph, "x:0", "y:0")
+    rng = np.random.default_rng(7)
+    with tf.compat.v1.Session(graph=graph) as sess:
+      for n in (1, 6):
+        x = rng.normal(size=(n, _K)).astype(np.float32)
+        h, g = sess.run([added["hessians"], added["gradients"]], {"x:0": x})
+        want_h = testing_utils.tanh_mlp_hessians(x, *weights)
+        want_g = testing_utils.tanh_mlp_gradients(x, *weights)
+        self.assertEqual(h.shape, (n, _K, _K))
+        self.assertAllClose(h, want_h, atol=1e-5, rtol=1e-4)
+        self.assertAllClose(g, want_g, atol=1e-5, rtol=1e-4)
+
+  @parameterized.named_parameters(*_KINDS)
+  def test_hessians_match_analytic(self, kwargs):
+    graph_def = legacy.load_graph_def(**kwargs(self.paths))
+    self.assertIsInstance(graph_def, tf.compat.v1.GraphDef)
+    self._check_hessians(graph_def, self.weights)
+
+  @parameterized.named_parameters(
+    (name, kwargs) for name, kwargs in _KINDS if "pb" not in name
+  )
+  def test_resource_variables(self, kwargs):
+    graph_def = legacy.load_graph_def(**kwargs(self.resource_paths))
+    self._check_hessians(graph_def, self.resource_weights)
+
+  @parameterized.named_parameters(
+    ("saved_model", "saved_model"), ("meta_graph", "meta_graph")
+  )
+  def test_frozen_without_state_ops(self, kind):
+    for paths in (self.paths, self.resource_paths):
+      kwargs = dict(_KINDS)[kind](paths)
+      nodes = legacy.load_graph_def(**kwargs).node
+      ops = {node.op for node in nodes}
+      self.assertContainsSubset({"Placeholder", "Tanh", "Const"}, ops)
+      for op in ops:
+        self.assertNotIn(op, legacy.VARIABLE_OPS)
+        self.assertFalse(
+          op.startswith(("Assign", "Apply", "ResourceApply", "Save")), op
+        )
+        self.assertNotIn(op, ("RestoreV2", "VarIsInitializedOp"))
+      for node in nodes:  # Saver and optimizer constants are dropped too.
+        self.assertFalse(
+          node.name.startswith(("save", "GradientDescent")), node.name
+        )
+
+  def test_load_returns_model(self):
+    model = legacy.load("x", "y:0", saved_model=self.paths["saved_model"])
+    self.assertIsInstance(model, legacy.HessianModel)
+    self.assertEqual(model.xs.name, "x:0")
+    self.assertEqual(model.ys.name, "y:0")
+    self.assertEqual(model.hessians.name, "tf1hess/hessians:0")
+    self.assertEqual(model.gradients.name, "tf1hess/gradients:0")
+    self.assertEqual(model.hessians.shape.as_list(), [None, _K, _K])
+    x = np.random.default_rng(3).normal(size=(4, _K)).astype(np.float32)
+    with tf.compat.v1.Session(graph=model.graph) as sess:
+      h = sess.run(model.hessians, {model.xs: x})
+    want = testing_utils.tanh_mlp_hessians(x, *self.weights)
+    self.assertAllClose(h, want, atol=1e-5, rtol=1e-4)
+
+  def test_load_list_of_ys_sums_them(self):
+    model = legacy.load(
+      "x:0", ["y:0", "y:0"], graph=self.paths["graph"], name="twice"
+    )
+    self.assertLen(model.ys, 2)
+    self.assertEqual(model.hessians.name, "twice/hessians:0")
+    x = np.random.default_rng(4).normal(size=(2, _K)).astype(np.float32)
+    with tf.compat.v1.Session(graph=model.graph) as sess:
+      h = sess.run(model.hessians, {model.xs: x})
+    want = 2 * testing_utils.tanh_mlp_hessians(x, *self.weights)
+    self.assertAllClose(h, want, atol=1e-5, rtol=1e-4)
+
+  @parameterized.named_parameters(
+    ("none", {}, r"exactly one model.*saw none\."),
+    (
+      "saved_model_and_graph",
+      {"saved_model": "a", "graph": "b"},
+      r"exactly one model.*saw `saved_model` and `graph`\.",
+    ),
+    (
+      "graph_and_checkpoint",
+      {"graph": "b", "checkpoint": "c"},
+      r"exactly one model.*saw `graph` and `checkpoint`\.",
+    ),
+    (
+      "all",
+      {"saved_model": "a", "graph": "b", "meta_graph": "m", "checkpoint": "c"},
+      r"saw `saved_model` and `graph` and `meta_graph` and `checkpoint`\.",
+    ),
+    ("meta_alone", {"meta_graph": "m"}, r"`meta_graph` needs `checkpoint`"),
+    ("checkpoint_alone", {"checkpoint": "c"}, r"`checkpoint` needs `meta_"),
+  )
+  def test_model_flags_error(self, kwargs, regex):
+    with self.assertRaisesRegex(ValueError, regex):
+      legacy.load_graph_def(**kwargs)
+
+  def test_missing_paths_error(self):
+    missing = os.path.join(self.dir, "missing")
+    cases = (
+      ({"saved_model": missing}, r"`saved_model` names no directory: '.*'"),
+      ({"graph": missing}, r"`graph` names no file: '.*missing'"),
+      (
+        {"meta_graph": missing, "checkpoint": self.paths["checkpoint"]},
+        r"`meta_graph` names no file",
+      ),
+      (
+        {"meta_graph": self.paths["meta_graph"], "checkpoint": missing},
+        r"`checkpoint` names no checkpoint: '.*missing' \(expected the "
+        r"prefix of '.*missing.index'\)",
+      ),
+      (
+        {"meta_graph": self.paths["meta_graph"], "checkpoint": self.dir},
+        r"`checkpoint` names a directory without a checkpoint",
+      ),
+      (
+        {"saved_model": self.paths["checkpoint_dir"]},
+        r"`saved_model` must be a SavedModel directory .* holds none",
+      ),
+    )
+    for kwargs, regex in cases:
+      with self.subTest(regex=regex):
+        with self.assertRaisesRegex(FileNotFoundError, regex):
+          legacy.load_graph_def(**kwargs)
+
+  def test_unknown_tag_error(self):
+    with self.assertRaisesRegex(
+      ValueError, r"`tag` 'train' names no MetaGraph .* tag sets are \[\['s"
+    ):
+      legacy.load_graph_def(saved_model=self.paths["saved_model"], tag="train")
+
+  def test_not_a_graph_def_error(self):
+    path = os.path.join(self.dir, "garbage.pb")
+    with open(path, "wb") as f:
+      f.write(b"\xff\xfe not a graph {{{")
+    with self.assertRaisesRegex(
+      ValueError, r"`graph` must be a GraphDef file .*is neither\."
+    ):
+      legacy.load_graph_def(graph=path)
+
+  def test_unfrozen_graph_error(self):
+    with tf.Graph().as_default() as graph:
+      tf.compat.v1.get_variable("w", [2])
+    path = tf.io.write_graph(graph, self.dir, "unfrozen.pb", as_text=False)
+    with self.assertRaisesRegex(
+      ValueError, r"`graph` must be a frozen GraphDef .* holds 1 variables"
+    ):
+      legacy.load_graph_def(graph=path)
+
+
+def _tanh_mlp(x, w1, b1, w2):
+  return tf.reduce_sum(tf.tanh(x @ w1 + b1) * w2, axis=1)
+
+
+class FunctionCallTest(tf.test.TestCase):
+  """Models computed in function calls: TF2 SavedModels, tf.function."""
+
+  def setUp(self):
+    super().setUp()
+    self.dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+    self.weights = testing_utils.mlp_weights(_K, _H, 2, np.float32)
+    self.x = np.random.default_rng(5).normal(size=(4, _K)).astype(np.float32)
+
+  def _check(self, graph_def, xs, ys):
+    self.assertEmpty(
+      [n.op for n in graph_def.node if n.op.endswith("PartitionedCall")]
+    )
+    graph = legacy.import_graph_def(graph_def)
+    added = legacy.add_hessian_ops(graph, xs, ys)
+    with tf.compat.v1.Session(graph=graph) as sess:
+      h = sess.run(added["hessians"], {xs: self.x})
+    want = testing_utils.tanh_mlp_hessians(self.x, *self.weights)
+    self.assertAllClose(h, want, atol=1e-5, rtol=1e-4)
+
+  def test_tf2_saved_model(self):
+    module = tf.Module()
+    module.w = [tf.Variable(w) for w in self.weights]
+    module.f = tf.function(
+      lambda x: {"y": _tanh_mlp(x, *module.w)},
+      input_signature=[tf.TensorSpec([None, _K], tf.float32, name="x")],
+    )
+    path = os.path.join(self.dir, "tf2")
+    tf.saved_model.save(module, path, signatures=module.f)
+    signature = (
+      loader_impl.parse_saved_model(path)
+      .meta_graphs[0]
+      .signature_def["serving_default"]
+    )
+    self._check(
+      legacy.load_graph_def(saved_model=path),
+      signature.inputs["x"].name,
+      signature.outputs["y"].name,
+    )
+
+  def test_frozen_graph_with_function_call(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+      y = tf.function(_tanh_mlp)(x, *self.weights)
+      tf.identity(y, name="y")
+    self.assertIn("PartitionedCall", [op.type for op in graph.get_operations()])
+    path = tf.io.write_graph(graph, self.dir, "call.pb", as_text=False)
+    self._check(legacy.load_graph_def(graph=path), "x:0", "y:0")
+
+
+class WhileLoopTest(tf.test.TestCase, parameterized.TestCase):
+  """Frozen graphs whose model holds a tf.while_loop: y = sum(x^3)."""
+
+  def _write_cube(self, control_flow_v1):
+    if control_flow_v1:
+      tf.compat.v1.disable_control_flow_v2()
+    try:
+      with tf.Graph().as_default() as graph:
+        x = tf.compat.v1.placeholder(tf.float64, [None, 2], name="x")
+        _, cube = tf.while_loop(
+          lambda i, a: i < 2, lambda i, a: (i + 1, a * x), [0, x]
+        )
+        tf.identity(tf.reduce_sum(cube, axis=1), name="y")
+    finally:
+      tf.compat.v1.enable_control_flow_v2()
+    directory = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    return tf.io.write_graph(graph, directory, "cube.pb", as_text=False)
+
+  def test_control_flow_v2_loop(self):
+    model = legacy.load("x:0", "y:0", graph=self._write_cube(False))
+    x = np.array([[1.0, -2.0], [0.5, 3.0]])
+    with tf.compat.v1.Session(graph=model.graph) as sess:
+      h = sess.run(model.hessians, {model.xs: x})
+    self.assertAllClose(h, np.stack([np.diag(6 * row) for row in x]))
+
+  def test_control_flow_v1_loop_error(self):
+    with self.assertRaisesRegex(
+      ValueError,
+      r"`ys` must not be computed by a control-flow-v1 tf.while_loop loaded "
+      r"from a GraphDef \(while/\S*Enter\S*\): TensorFlow cannot differentiate",
+    ):
+      legacy.load("x:0", "y:0", graph=self._write_cube(True))
+
+
+class FindTensorTest(tf.test.TestCase, parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.graph = tf.Graph()
+    with self.graph.as_default():
+      self.x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+      self.y = tf.identity(tf.reduce_sum(self.x, 1), name="output")
+      tf.split(self.x, 2, axis=1, name="halves")
+
+  @parameterized.named_parameters(
+    ("tensor_name", "x:0", "x:0"),
+    ("op_name", "output", "output:0"),
+    ("second_output", "halves:1", "halves:1"),
+  )
+  def test_finds(self, name, want):
+    self.assertEqual(legacy.find_tensor(self.graph, name, "xs").name, want)
+
+  @parameterized.named_parameters(
+    (
+      "typo",
+      "outptu:0",
+      r"`ys` names no tensor of the model: 'outptu:0'\. "
+      r"Closest names: 'output:0'",
+    ),
+    ("op_name", "outpt", r"'outpt:0'\. Closest names: 'output:0'"),
+    ("index", "x:3", r"'x:3'\. Closest names: 'x:0'"),
+    (
+      "nothing_close",
+      "logits/BiasAdd:0",
+      r"'logits/BiasAdd:0'\. No name is close; the model's placeholders are "
+      r"'x:0'\.",
+    ),
+  )
+  def test_unknown_name_error(self, name, regex):
+    with self.assertRaisesRegex(ValueError, regex):
+      legacy.find_tensor(self.graph, name, "ys")
+
+  def test_type_errors(self):
+    with self.assertRaisesRegex(TypeError, r"`graph` must be a tf.Graph"):
+      legacy.find_tensor(self.graph.as_graph_def(), "x:0", "xs")
+    with self.assertRaisesRegex(TypeError, r"`xs` must be a tensor name"):
+      legacy.find_tensor(self.graph, 3, "xs")
+
+
+class AddHessianOpsTest(tf.test.TestCase, parameterized.TestCase):
+  def test_second_call_gets_own_scope(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2], name="x")
+      y = tf.reduce_sum(x**3, axis=1)
+    first = legacy.add_hessian_ops(graph, x, y)
+    second = legacy.add_hessian_ops(graph, x, y)
+    self.assertEqual(second["hessians"].name, "tf1hess_1/hessians:0")
+    with tf.compat.v1.Session(graph=graph) as sess:
+      h1, h2 = sess.run(
+        [first["hessians"], second["hessians"]], {x: [[1.0, -2.0]]}
+      )
+    self.assertAllClose(h1, [[[6.0, 0.0], [0.0, -12.0]]])
+    self.assertAllClose(h2, h1)
+
+  def test_check_independence_catches_coupling(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+      y = tf.reduce_sum(x, axis=1) * tf.reduce_sum(x)  # couples the samples
+    added = legacy.add_hessian_ops(graph, x, y, check_independence=True)
+    with tf.compat.v1.Session(graph=graph) as sess:
+      with self.assertRaisesRegex(
+        tf.errors.InvalidArgumentError, r"are not independent"
+      ):
+        sess.run(added["hessians"], {x: np.ones((3, 2), np.float32)})
+
+  def _graph(self, x_dtype=tf.float32, x_shape=(None, 2)):
+    graph = tf.Graph()
+    with graph.as_default():
+      x = tf.compat.v1.placeholder(x_dtype, x_shape, name="x")
+      tf.identity(tf.reduce_sum(tf.cast(x, tf.float32) ** 2), name="y")
+      tf.compat.v1.placeholder(tf.float32, [None, 2], name="other")
+      tf.constant([1, 2], name="ints")
+    return graph
+
+  def test_errors(self):
+    graph = self._graph()
+    cases = (
+      (TypeError, r"`graph` must be a tf.Graph", (None, "x:0", "y:0")),
+      (ValueError, r"`xs` names no tensor .* 'x:0'", (graph, "xx", "y:0")),
+      (ValueError, r"`ys` names no tensor", (graph, "x:0", "why:0")),
+      (
+        ValueError,
+        r"`ys` must be a tensor or a non-empty list",
+        (graph, "x", []),
+      ),
+      (TypeError, r"`xs` must be a tf.Tensor of `graph`", (graph, 1.0, "y")),
+      (
+        ValueError,
+        r"`ys` must depend on `xs`; y:0 is not computed from other:0\.",
+        (graph, "other:0", "y:0"),
+      ),
+      (TypeError, r"`ys` must be a floating tensor", (graph, "x", "ints")),
+      (
+        ValueError,
+        r"`xs` must be a tensor of `graph`; saw x:0 of another graph",
+        (graph, self._graph().get_tensor_by_name("x:0"), "y:0"),
+      ),
+    )
+    for error, regex, args in cases:
+      with self.subTest(regex=regex):
+        with self.assertRaisesRegex(error, regex):
+          legacy.add_hessian_ops(*args)
+
+  def test_integer_xs_error(self):
+    with self.assertRaisesRegex(
+      TypeError, r"`xs` must be a floating tensor .* saw dtype int32\."
+    ):
+      legacy.add_hessian_ops(self._graph(x_dtype=tf.int32), "x:0", "y:0")
+
+  def test_no_second_derivative_error(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="x")
+      images = tf.image.resize(
+        tf.reshape(x, [-1, 2, 2, 1]), [3, 3], method="bicubic"
+      )
+      y = tf.reduce_sum(images, [1, 2, 3])
+    with self.assertRaisesRegex(
+      ValueError,
+      r"`ys` must be twice differentiable with respect to `xs`; No gradient "
+      r"defined for operation.*\(op type: ResizeBicubicGrad\)\.",
+    ):
+      legacy.add_hessian_ops(graph, x, y)
+
+  def test_rank_one_xs_error(self):
+    with self.assertRaisesRegex(
+      ValueError, r"`xs` must have rank >= 2 \(batch, features...\)"
+    ):
+      legacy.add_hessian_ops(self._graph(x_shape=(None,)), "x:0", "y:0")
+
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,678 @@
+"""Per-sample Hessians for the models old code bases leave on disk.
+
+A TF1 SavedModel (tag "serve"), a frozen GraphDef (`.pb`) or a MetaGraph with
+its checkpoint is loaded into a frozen `tf.compat.v1.GraphDef` (variables
+folded into constants), its input and output tensors are found by name
+(`"x:0"`, `"y:0"`), and the per-sample Hessian and gradient ops are added to
+it with `tf1hess.batch_hessians` and `tf1hess.batch_gradients`:
+
+    model = tf1hess.legacy.load(xs="x:0", ys="y:0", saved_model="/tmp/model")
+    with tf.compat.v1.Session(graph=model.graph) as sess:
+      h = sess.run(model.hessians, {model.xs: batch})  # (N, K, K)
+
+`tf1hess.export` writes such a graph back to disk so that plain TensorFlow
+runs it.
+"""
+
+import collections
+import difflib
+import os
+
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
+import tensorflow as tf
+
+from tensorflow.core.protobuf import config_pb2  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.core.protobuf import meta_graph_pb2  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.core.protobuf import rewriter_config_pb2  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.framework import graph_util_impl  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.framework import op_def_registry  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.grappler import tf_optimizer  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
+
+from tf1hess import _checks
+from tf1hess import ops
+
+# Ops that hold variables: a frozen graph has none of them.
+VARIABLE_OPS = frozenset(
+  ("Variable", "VariableV2", "VarHandleOp", "AutoReloadVariable")
+)
+
+# Ops that change state or talk to checkpoints. They and every op that
+# depends on them (initializers, savers, train ops) are no part of the model
+# that is frozen. Ops with a reference input (`Assign`, `ApplyAdam`, ...) are
+# found through their OpDef.
+_STATE_OP_PREFIXES = (
+  "Assign",
+  "ResourceApply",
+  "ResourceSparseApply",
+  "ResourceScatter",
+  "ResourceStridedSliceAssign",
+  "Save",
+  "Restore",
+  "MergeV2Checkpoints",
+  "InitializeTable",
+  "LookupTableImport",
+)
+_STATE_OPS = frozenset(
+  (
+    "VarIsInitializedOp",
+    "IsVariableInitialized",
+    "DestroyResourceOp",
+    "ShardedFilename",
+    "ShardedFilespec",
+  )
+)
+
+HessianModel = collections.namedtuple(
+  "HessianModel", ["graph", "xs", "ys", "hessians", "gradients"]
+)
+HessianModel.__doc__ = """A model graph with its per-sample Hessian ops.
+
+`load` returns one; for a graph built in Python, make one from the ops that
+`add_hessian_ops` adds:
+`HessianModel(graph, x, y, **add_hessian_ops(graph, x, y))`.
+`tf1hess.export` writes it to disk.
+
+Fields:
+  graph: the `tf.Graph` holding the model and the added ops.
+  xs: the input `Tensor` `(N, K)` (or `(N, d...)`) to feed.
+  ys: the output `Tensor` (or list of them) whose per-sample values are
+    differentiated.
+  hessians: `Tensor` `(N, K, K)` (`(N, d..., d...)`).
+  gradients: `Tensor` `(N, K)` (`(N, d...)`).
+"""
+
+
+def _model_kind(saved_model, graph, meta_graph, checkpoint):
+  """Returns which kind of model was given, or raises `ValueError`."""
+  given = [
+    name
+    for name, value in (
+      ("saved_model", saved_model),
+      ("graph", graph),
+      ("meta_graph", meta_graph),
+      ("checkpoint", checkpoint),
+    )
+    if value
+  ]
+  if given == ["checkpoint"]:
+    raise ValueError(
+      "`checkpoint` needs `meta_graph` (the .meta file written with it); "
+      "saw `checkpoint` alone."
+    )
+  if given == ["meta_graph"]:
+    raise ValueError(
+      "`meta_graph` needs `checkpoint` (the prefix of the variables' "
+      "checkpoint, e.g. /tmp/model.ckpt); saw `meta_graph` alone."
+    )
+  if given not in (["saved_model"], ["graph"], ["meta_graph", "checkpoint"]):
+    saw = " and ".join(f"`{name}`" for name in given) or "none"
+    raise ValueError(
+      "Give exactly one model: `saved_model`, `graph`, or `meta_graph` "
+      f"with `checkpoint`; saw {saw}."
+    )
+  return given[0]
+
+
+def _changes_state(node):
+  if node.op in _STATE_OPS or node.op.startswith(_STATE_OP_PREFIXES):
+    return True
+  op_def = op_def_registry.get(node.op)
+  return op_def is not None and any(arg.is_ref for arg in op_def.input_arg)
+
+
+def _input_node(name):
+  return name.lstrip("^").split(":")[0]
+
+
+def model_node_names(graph_def):
+  """Names of the nodes of `graph_def` that belong to the model proper.
+
+  Drops variables themselves (freezing brings back those the model reads),
+  ops that change state or read and write checkpoints (initializers, savers,
+  train ops), every op that depends on one of those, and every op whose
+  outputs only feed dropped ops.
+
+  Args:
+    graph_def: a `tf.compat.v1.GraphDef`.
+
+  Returns:
+    A `list` of node names, in the order of `graph_def`.
+  """
+  consumers = collections.defaultdict(list)
+  inputs = {}
+  for node in graph_def.node:
+    inputs[node.name] = [_input_node(name) for name in node.input]
+    for name in inputs[node.name]:
+      consumers[name].append(node.name)
+  dropped = set()
+  stack = [node.name for node in graph_def.node if _changes_state(node)]
+  while stack:  # What depends on a state op.
+    name = stack.pop()
+    if name not in dropped:
+      dropped.add(name)
+      stack.extend(consumers[name])
+  stack = list(dropped)
+  while stack:  # What only feeds dropped ops (saver constants, ...).
+    for name in inputs.get(stack.pop(), ()):
+      if name not in dropped and all(c in dropped for c in consumers[name]):
+        dropped.add(name)
+        stack.append(name)
+  return [
+    node.name
+    for node in graph_def.node
+    if node.name not in dropped and node.op not in VARIABLE_OPS
+  ]
+
+
+def freeze_session_graph(session, outputs=None):
+  """Returns the graph of `session` with its variables folded into constants.
+
+  Args:
+    session: a `tf.compat.v1.Session` whose variables hold the values to keep.
+    outputs: optional `list` of node names to keep (with what they need);
+      default: every node of the model proper (see `model_node_names`).
+
+  Returns:
+    A `tf.compat.v1.GraphDef` without variables.
+  """
+  graph_def = session.graph.as_graph_def()
+  if outputs is None:
+    outputs = model_node_names(graph_def)
+  with deprecation.silence():  # TF1 APIs warn on every use.
+    if not any(node.op in VARIABLE_OPS for node in graph_def.node):
+      return graph_util_impl.extract_sub_graph(graph_def, outputs)
+    return (
+      convert_to_constants.convert_variables_to_constants_from_session_graph(
+        session, graph_def, outputs
+      )
+    )
+
+
+_CALL_OPS = frozenset(("PartitionedCall", "StatefulPartitionedCall"))
+
+
+def inline_function_calls(graph_def):
+  """Returns `graph_def` with its function calls inlined, if it has any.
+
+  TensorFlow cannot take the second derivative of a function call imported
+  from a GraphDef (`SymbolicGradient` has no gradient), and TF2 SavedModels
+  compute everything in `(Stateful)PartitionedCall` ops. Grappler's function
+  optimizer inlines the calls; control flow (`While`, `If`) keeps its v2
+  form, through which second derivatives work.
+
+  Args:
+    graph_def: a frozen `tf.compat.v1.GraphDef`.
+
+  Returns:
+    A `tf.compat.v1.GraphDef` without call ops (`graph_def` itself when it
+    has none).
+  """
+  if not any(node.op in _CALL_OPS for node in graph_def.node):
+    return graph_def
+  graph_def = convert_to_constants.disable_lower_using_switch_merge(graph_def)
+  with deprecation.silence():
+    meta_graph = tf.compat.v1.train.export_meta_graph(
+      graph_def=graph_def, graph=import_graph_def(graph_def)
+    )
+  fetch = meta_graph_pb2.CollectionDef()  # Keep every node.
+  fetch.node_list.value.extend(node.name for node in graph_def.node)
+  meta_graph.collection_def["train_op"].CopyFrom(fetch)
+  config = config_pb2.ConfigProto()
+  rewrite = config.graph_options.rewrite_options
+  rewrite.min_graph_nodes = -1
+  rewrite.optimizers.append("function")
+  rewrite.function_optimization = rewriter_config_pb2.RewriterConfig.AGGRESSIVE
+  return tf_optimizer.OptimizeGraph(config, meta_graph)
+
+
+def _check_exists(path, arg, directory=False):
+  exists = os.path.isdir(path) if directory else os.path.isfile(path)
+  if not exists:
+    what = "directory" if directory else "file"
+    raise FileNotFoundError(f"`{arg}` names no {what}: {path!r}.")
+
+
+def _read_graph_def(path):
+  """Parses a binary or text GraphDef file."""
+  with open(path, "rb") as f:
+    data = f.read()
+  graph_def = tf.compat.v1.GraphDef()
+  if not path.endswith(".pbtxt"):
+    try:
+      graph_def.ParseFromString(data)
+      return graph_def
+    except pb_message.DecodeError:
+      pass
+  try:
+    text_format.Parse(data.decode("utf-8"), graph_def)
+  except (text_format.ParseError, UnicodeDecodeError):
+    raise ValueError(
+      f"`graph` must be a GraphDef file (binary .pb or text .pbtxt); "
+      f"{path!r} is neither."
+    ) from None
+  return graph_def
+
+
+def _load_frozen(path):
+  _check_exists(path, "graph")
+  graph_def = _read_graph_def(path)
+  variables = [n.name for n in graph_def.node if n.op in VARIABLE_OPS]
+  if variables:
+    raise ValueError(
+      f"`graph` must be a frozen GraphDef (variables folded into "
+      f"constants); {path!r} holds {len(variables)} variables "
+      f"({variables[0]!r}, ...) whose values it does not contain. Give "
+      "`meta_graph` and `checkpoint` (or `saved_model`) instead."
+    )
+  return graph_def
+
+
+def _load_saved_model(path, tag):
+  _check_exists(path, "saved_model", directory=True)
+  if not loader_impl.contains_saved_model(path):
+    raise FileNotFoundError(
+      f"`saved_model` must be a SavedModel directory (with saved_model.pb); "
+      f"{path!r} holds none."
+    )
+  loader = loader_impl.SavedModelLoader(path)
+  tag_sets = [
+    sorted(meta.meta_info_def.tags) for meta in loader.saved_model.meta_graphs
+  ]
+  if [tag] not in tag_sets:
+    raise ValueError(
+      f"`tag` {tag!r} names no MetaGraph of the SavedModel {path!r}; its tag "
+      f"sets are {tag_sets}."
+    )
+  meta_graph = loader.get_meta_graph_def_from_tags([tag])
+  outputs = None
+  if meta_graph.object_graph_def.nodes:
+    # Written by tf.saved_model.save (TF2): its graph also holds the
+    # functions that save and restore the objects. Keep what the signatures
+    # compute.
+    outputs = sorted(
+      {
+        _input_node(info.name)
+        for signature in meta_graph.signature_def.values()
+        for info in signature.outputs.values()
+      }
+    )
+  with tf.Graph().as_default():
+    with tf.compat.v1.Session() as sess:
+      loader.load(sess, [tag], clear_devices=True)
+      return inline_function_calls(freeze_session_graph(sess, outputs))
+
+
+def _checkpoint_prefix(checkpoint):
+  if os.path.isdir(checkpoint):
+    prefix = tf.train.latest_checkpoint(checkpoint)
+    if prefix is None:
+      raise FileNotFoundError(
+        f"`checkpoint` names a directory without a checkpoint: {checkpoint!r}."
+      )
+    return prefix
+  if not os.path.isfile(checkpoint + ".index"):
+    raise FileNotFoundError(
+      f"`checkpoint` names no checkpoint: {checkpoint!r} (expected the "
+      f"prefix of {checkpoint + '.index'!r})."
+    )
+  return checkpoint
+
+
+def _load_meta_graph(meta_graph, checkpoint):
+  _check_exists(meta_graph, "meta_graph")
+  prefix = _checkpoint_prefix(checkpoint)
+  with tf.Graph().as_default():
+    saver = tf.compat.v1.train.import_meta_graph(meta_graph, clear_devices=True)
+    with tf.compat.v1.Session() as sess:
+      if saver is None and tf.compat.v1.global_variables():
+        saver = tf.compat.v1.train.Saver()
+      if saver is not None:
+        saver.restore(sess, prefix)
+      return freeze_session_graph(sess)
+
+
+def load_graph_def(
+  saved_model=None, graph=None, meta_graph=None, checkpoint=None, tag="serve"
+):
+  """Loads a legacy model as a frozen `GraphDef`, variables made constants.
+
+  Exactly one kind of model must be given: a TF1 SavedModel directory, a
+  frozen GraphDef file, or a MetaGraph file with its checkpoint. Variables
+  are folded into constants; initializers, savers and train ops are left
+  out (so is, for a SavedModel, its init op: lookup tables are not
+  initialized in the result). Function calls are inlined (see
+  `inline_function_calls`), so a SavedModel written by TF2's
+  `tf.saved_model.save` loads too: what its signatures compute, with
+  tensors named like "serving_default_x:0" and "StatefulPartitionedCall:0".
+
+  Args:
+    saved_model: `str`, optional: a SavedModel directory (TF1 builder,
+      `tf.compat.v1.saved_model.simple_save`, or `tf.saved_model.save`).
+    graph: `str`, optional: a frozen GraphDef, binary (`.pb`) or text
+      (`.pbtxt`).
+    meta_graph: `str`, optional: a `.meta` file written by
+      `tf.compat.v1.train.Saver`; needs `checkpoint`.
+    checkpoint: `str`, optional: the checkpoint prefix (e.g.
+      `/tmp/model.ckpt-100`) or a directory (its latest checkpoint); only
+      with `meta_graph`.
+    tag: `str`, default "serve": the SavedModel's MetaGraph tag.
+
+  Returns:
+    A `tf.compat.v1.GraphDef` without variables.
+
+  Raises:
+    ValueError: when no model, more than one, or a `meta_graph` without
+      `checkpoint` (or the reverse) is given; when `tag` is not in the
+      SavedModel; when `graph` is not a GraphDef or holds variables.
+    FileNotFoundError: when a given file, directory or checkpoint is missing.
+    tf.errors.OpError: when the checkpoint does not hold the variables.
+
+  Example:
+    >>> import tempfile, tensorflow as tf, tf1hess
+    >>> directory = tempfile.mkdtemp()
+    >>> with tf.Graph().as_default() as g:
+    ...   x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+    ...   w = tf.compat.v1.get_variable("w", initializer=[[1.], [2.]])
+    ...   y = tf.identity(tf.matmul(x, w), name="y")
+    ...   saver = tf.compat.v1.train.Saver()
+    ...   with tf.compat.v1.Session() as sess:
+    ...     sess.run(w.initializer)
+    ...     prefix = saver.save(sess, directory + "/model.ckpt")
+    >>> graph_def = tf1hess.legacy.load_graph_def(
+    ...   meta_graph=prefix + ".meta", checkpoint=prefix)
+    >>> sorted({node.op for node in graph_def.node})
+    ['Const', 'Identity', 'MatMul', 'Placeholder']
+  """
+  kind = _model_kind(saved_model, graph, meta_graph, checkpoint)
+  if kind == "saved_model":
+    return _load_saved_model(saved_model, tag)
+  if kind == "graph":
+    return inline_function_calls(_load_frozen(graph))
+  return inline_function_calls(_load_meta_graph(meta_graph, checkpoint))
+
+
+def _tensor_names(graph):
+  return [t.name for op in graph.get_operations() for t in op.outputs]
+
+
+def find_tensor(graph, name, arg):
+  """Returns the tensor of `graph` named `name`, or says what exists.
+
+  Args:
+    graph: a `tf.Graph`.
+    name: `str`, a tensor name like "x:0"; an op name "x" means "x:0".
+    arg: `str`, the argument or flag the name came from, for the message.
+
+  Returns:
+    The `tf.Tensor`.
+
+  Raises:
+    TypeError: when `graph` is not a `tf.Graph` or `name` not a `str`.
+    ValueError: when no tensor has that name; the message lists the closest
+      names that exist.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> with tf.Graph().as_default() as g:
+    ...   x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+    >>> tf1hess.legacy.find_tensor(g, "x", "xs").name
+    'x:0'
+  """
+  if not isinstance(graph, tf.Graph):
+    raise TypeError(f"`graph` must be a tf.Graph; saw {type(graph).__name__}.")
+  if not isinstance(name, str):
+    raise TypeError(
+      f"`{arg}` must be a tensor name like 'x:0' (a str); saw "
+      f"{type(name).__name__}."
+    )
+  full = name if ":" in name else name + ":0"
+  try:
+    return graph.get_tensor_by_name(full)
+  except (KeyError, ValueError):
+    pass
+  names = _tensor_names(graph)
+  close = difflib.get_close_matches(full, names, n=5, cutoff=0.6)
+  if close:
+    hint = "Closest names: " + ", ".join(repr(n) for n in close) + "."
+  else:
+    inputs = [
+      op.outputs[0].name
+      for op in graph.get_operations()
+      if op.type in ("Placeholder", "PlaceholderWithDefault")
+    ]
+    hint = (
+      "No name is close; the model's placeholders are "
+      + (", ".join(repr(n) for n in inputs) or "none")
+      + "."
+    )
+  raise ValueError(f"`{arg}` names no tensor of the model: {full!r}. {hint}")
+
+
+def _as_graph_tensor(graph, value, arg):
+  if isinstance(value, str):
+    return find_tensor(graph, value, arg)
+  if not isinstance(value, tf.Tensor):
+    raise TypeError(
+      f"`{arg}` must be a tf.Tensor of `graph` or a tensor name like 'x:0'; "
+      f"saw {type(value).__name__}."
+    )
+  if value.graph is not graph:
+    raise ValueError(
+      f"`{arg}` must be a tensor of `graph`; saw {value.name} of another graph."
+    )
+  return value
+
+
+def _ops_between(ys, x):
+  """The ops on a path from `x` to any of `ys` (data inputs, any depth)."""
+  ancestors, stack = set(), [y.op for y in ys]
+  while stack:
+    op = stack.pop()
+    if op not in ancestors:
+      ancestors.add(op)
+      stack.extend(t.op for t in op.inputs)
+  if x.op not in ancestors:
+    return set()
+  between, stack = set(), [c for c in x.consumers() if c in ancestors]
+  while stack:
+    op = stack.pop()
+    if op not in between:
+      between.add(op)
+      stack.extend(
+        c for t in op.outputs for c in t.consumers() if c in ancestors
+      )
+  return between
+
+
+def _imported_v1_loop(between):
+  """A v1 loop op that came from a GraphDef (no while context), or `None`."""
+  for op in sorted(between, key=lambda op: op.name):
+    if op.type in ("Enter", "RefEnter") and (
+      op._get_control_flow_context() is None  # pylint: disable=protected-access
+    ):
+      return op
+  return None
+
+
+def add_hessian_ops(
+  graph,
+  xs,
+  ys,
+  name="tf1hess",
+  check_independence=False,
+  parallel_iterations=None,
+):
+  """Adds per-sample Hessian and gradient ops of a loaded model to `graph`.
+
+  Built with `tf1hess.batch_hessians` and `tf1hess.batch_gradients` under
+  the name scope `name`, and named `"<name>/hessians"` and
+  `"<name>/gradients"` (for the default name: "tf1hess/hessians:0" and
+  "tf1hess/gradients:0"; a second call gets "tf1hess_1/...").
+
+  Args:
+    graph: the `tf.Graph` of the model (not finalized).
+    xs: `tf.Tensor` or `str` name ("x:0"): the batched input `(N, K)` (or
+      `(N, d...)`), floating.
+    ys: `tf.Tensor` or `str` name, or a list of them: the per-sample
+      outputs, floating; their sum is differentiated.
+    name: `str`, default "tf1hess": the name scope of the added ops.
+    check_independence: `bool`, default `False`: see
+      `tf1hess.batch_hessians`.
+    parallel_iterations: `int` or `None`: see `tf1hess.batch_hessians`.
+
+  Returns:
+    A `dict` with "hessians", a `Tensor` `(N, K, K)` (`(N, d..., d...)`),
+    and "gradients", a `Tensor` `(N, K)` (`(N, d...)`).
+
+  Raises:
+    TypeError: when `graph` is not a `tf.Graph`, or `xs` or `ys` is not a
+      floating tensor of it.
+    ValueError: when a name is not in the graph (the message lists the
+      closest), `xs` has rank < 2, `ys` does not depend on `xs`, an op
+      between them has no second derivative in TensorFlow, or a
+      control-flow-v1 loop loaded from a GraphDef lies between them.
+
+  Example:
+    >>> import numpy as np, tensorflow as tf, tf1hess
+    >>> with tf.Graph().as_default() as g:
+    ...   x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+    ...   y = tf.identity(tf.reduce_sum(x ** 3, 1), name="y")
+    >>> out = tf1hess.legacy.add_hessian_ops(g, "x:0", "y:0")
+    >>> out["hessians"].name
+    'tf1hess/hessians:0'
+    >>> with tf.compat.v1.Session(graph=g) as sess:
+    ...   print(sess.run(out["hessians"], {x: [[1., 2.]]}))
+    [[[ 6.  0.]
+      [ 0. 12.]]]
+  """
+  if not isinstance(graph, tf.Graph):
+    raise TypeError(f"`graph` must be a tf.Graph; saw {type(graph).__name__}.")
+  x = _as_graph_tensor(graph, xs, "xs")
+  ys_list, was_sequence = _checks.as_list(ys)
+  if not ys_list:
+    raise ValueError("`ys` must be a tensor or a non-empty list; saw [].")
+  ys_list = [_as_graph_tensor(graph, y, "ys") for y in ys_list]
+  _checks.check_float(x, "xs")
+  _checks.check_batched(x, "xs")
+  for y in ys_list:
+    _checks.check_float(y, "ys")
+  between = _ops_between(ys_list, x)
+  if not between and not any(y.name == x.name for y in ys_list):
+    raise ValueError(
+      f"`ys` must depend on `xs`; {', '.join(y.name for y in ys_list)} is "
+      f"not computed from {x.name}."
+    )
+  loop = _imported_v1_loop(between)
+  if loop is not None:
+    raise ValueError(
+      "`ys` must not be computed by a control-flow-v1 tf.while_loop loaded "
+      f"from a GraphDef ({loop.name}): TensorFlow cannot differentiate it. "
+      "Rebuild the model with control flow v2 "
+      "(tf.compat.v1.enable_control_flow_v2() before building it) and save "
+      "it again."
+    )
+  target = ys_list if was_sequence else ys_list[0]
+  with graph.as_default(), tf.name_scope(name):
+    try:
+      hessians = ops.batch_hessians(
+        target,
+        x,
+        check_independence=check_independence,
+        parallel_iterations=parallel_iterations,
+      )
+    except LookupError as error:  # An op without a (second) gradient.
+      raise ValueError(
+        "`ys` must be twice differentiable with respect to `xs`; "
+        + str(error).split(". ")[0]
+        + "."
+      ) from error
+    gradients = ops.batch_gradients(target, x)
+    return {
+      "hessians": tf.identity(hessians, name="hessians"),
+      "gradients": tf.identity(gradients, name="gradients"),
+    }
+
+
+def import_graph_def(graph_def):
+  """Returns a new `tf.Graph` holding `graph_def` (names unchanged)."""
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.compat.v1.import_graph_def(graph_def, name="")
+  return graph
+
+
+def load(
+  xs,
+  ys,
+  saved_model=None,
+  graph=None,
+  meta_graph=None,
+  checkpoint=None,
+  tag="serve",
+  name="tf1hess",
+  check_independence=False,
+):
+  """Loads a legacy model and adds its per-sample Hessian and gradient ops.
+
+  `load_graph_def`, then the frozen graph is imported into a new `tf.Graph`
+  and `add_hessian_ops` adds the ops. Run them in a session on that graph.
+
+  Args:
+    xs: `str`, the input tensor's name, e.g. "x:0".
+    ys: `str` or list of `str`, the output tensors' names, e.g. "y:0".
+    saved_model: as in `load_graph_def`.
+    graph: as in `load_graph_def` (a file path).
+    meta_graph: as in `load_graph_def`.
+    checkpoint: as in `load_graph_def`.
+    tag: as in `load_graph_def`.
+    name: `str`, default "tf1hess": the name scope of the added ops.
+    check_independence: `bool`, default `False`: see
+      `tf1hess.batch_hessians`.
+
+  Returns:
+    A `HessianModel(graph, xs, ys, hessians, gradients)`.
+
+  Raises:
+    As `load_graph_def` and `add_hessian_ops`.
+
+  Example:
+    >>> import tempfile, tensorflow as tf, tf1hess
+    >>> with tf.Graph().as_default() as g:
+    ...   x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+    ...   y = tf.identity(tf.reduce_sum(x ** 3, 1), name="y")
+    >>> path = tf.io.write_graph(g, tempfile.mkdtemp(), "m.pb", False)
+    >>> m = tf1hess.legacy.load("x:0", "y:0", graph=path)
+    >>> with tf.compat.v1.Session(graph=m.graph) as sess:
+    ...   print(sess.run(m.hessians, {m.xs: [[1., 2.]]}))
+    [[[ 6.  0.]
+      [ 0. 12.]]]
+  """
+  graph_def = load_graph_def(
+    saved_model=saved_model,
+    graph=graph,
+    meta_graph=meta_graph,
+    checkpoint=checkpoint,
+    tag=tag,
+  )
+  loaded = import_graph_def(graph_def)
+  x = find_tensor(loaded, xs, "xs")
+  ys_names, was_sequence = _checks.as_list(ys)
+  ys_list = [find_tensor(loaded, y, "ys") for y in ys_names]
+  added = add_hessian_ops(
+    loaded,
+    x,
+    ys_list if was_sequence else ys_list[0],
+    name=name,
+    check_independence=check_independence,
+  )
+  return HessianModel(
+    loaded,
+    x,
+    ys_list if was_sequence else ys_list[0],
+    added["hessians"],
+    added["gradients"],
+  )
