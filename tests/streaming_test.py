@@ -1,0 +1,876 @@
+"""Tests of tf1hess.streaming: readers, outputs, resume, bounded memory.
+
+References: analytic Hessians and gradients of a tanh MLP (testing_utils),
+the numpy arrays the input files were written from, and an uninterrupted
+run for the bytes of resumed runs.
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from unittest import mock
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import testing_utils
+from tf1hess import _cli
+from tf1hess import streaming
+
+_K = 3
+_WEIGHTS = testing_utils.mlp_weights(_K, hidden=5, seed=1)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mlp_graph_def(dtype=tf.float32, feature_shape=(_K,), weights=_WEIGHTS):
+  """Frozen graph of `y = w2 . tanh(x w1 + b1)` on `x:0`, output `y:0`."""
+  k = int(np.prod(feature_shape))
+  with tf.Graph().as_default() as graph:
+    x = tf.compat.v1.placeholder(dtype, (None,) + feature_shape, name="x")
+    flat = tf.reshape(x, [-1, k])
+    tf.identity(testing_utils.tanh_mlp(flat, *weights), name="y")
+  return graph.as_graph_def()
+
+
+def _example(values, key="x", kind="float"):
+  if kind == "float":
+    feature = tf.train.Feature(float_list=tf.train.FloatList(value=values))
+  else:
+    feature = tf.train.Feature(
+      int64_list=tf.train.Int64List(value=[int(v) for v in values])
+    )
+  return tf.train.Example(
+    features=tf.train.Features(feature={key: feature})
+  ).SerializeToString()
+
+
+def write_input(directory, x, kind):
+  """Writes the samples `x` (N, K) in format `kind`; returns (path, key)."""
+  if kind == "npy":
+    path = os.path.join(directory, "x.npy")
+    np.save(path, x)
+    return path, None
+  if kind == "npz_stored":
+    path = os.path.join(directory, "x.npz")
+    np.savez(path, other=np.zeros(2), samples=x)
+    return path, "samples"
+  if kind == "npz_compressed":
+    path = os.path.join(directory, "x.npz")
+    np.savez_compressed(path, x)
+    return path, None
+  if kind in ("csv", "csv_header"):
+    path = os.path.join(directory, "x.csv")
+    with open(path, "w", encoding="utf-8") as f:
+      if kind == "csv_header":
+        f.write(",".join(f"f{i}" for i in range(x.shape[1])) + "\n\n")
+      for row in np.asarray(x, np.float64):
+        f.write(", ".join(repr(float(v)) for v in row) + "\n")
+    return path, None
+  if kind in ("tfrecord", "tfrecord_gzip"):
+    gzip = kind == "tfrecord_gzip"
+    path = os.path.join(directory, "x.tfrecord" + (".gz" if gzip else ""))
+    options = tf.io.TFRecordOptions(compression_type="GZIP" if gzip else "")
+    with tf.io.TFRecordWriter(path, options) as writer:
+      for row in x:
+        writer.write(_example(row))
+    return path, None
+  raise ValueError(kind)
+
+
+_FORMATS = (
+  "npy",
+  "npz_stored",
+  "npz_compressed",
+  "csv",
+  "csv_header",
+  "tfrecord",
+  "tfrecord_gzip",
+)
+
+
+def _samples(n, k=_K, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, k)).astype(np.float32)
+
+
+class StreamingTest(tf.test.TestCase, parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+
+  def path(self, name):
+    return os.path.join(self.dir, name)
+
+  def files(self):
+    return sorted(os.listdir(self.dir))
+
+  @parameterized.named_parameters((kind, kind) for kind in _FORMATS)
+  def test_formats_match_analytic_hessians(self, kind):
+    x = _samples(11)
+    path, key = write_input(self.dir, x, kind)
+    summary = streaming.compute_hessians(
+      mlp_graph_def(),
+      "x:0",
+      "y:0",
+      path,
+      self.path("h.npy"),
+      input_key=key,
+      batch_size=4,
+      gradients_output=self.path("g.npy"),
+    )
+    hessians = np.load(self.path("h.npy"))
+    self.assertEqual(hessians.shape, (11, _K, _K))
+    self.assertEqual(hessians.dtype, np.float32)
+    self.assertAllClose(
+      hessians,
+      testing_utils.tanh_mlp_hessians(x, *_WEIGHTS),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+    self.assertAllClose(
+      np.load(self.path("g.npy")),
+      testing_utils.tanh_mlp_gradients(x, *_WEIGHTS),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+    self.assertEqual(summary.num_batches, 3)
+    self.assertEqual(summary.computed_batches, 3)
+    self.assertEqual(summary.output_files, (self.path("h.npy"),))
+    self.assertEqual(summary.gradients_files, (self.path("g.npy"),))
+    self.assertNotIn("h.npy.partial", self.files())
+    self.assertNotIn("h.npy.progress.json", self.files())
+
+  @parameterized.named_parameters((kind, kind) for kind in _FORMATS)
+  def test_reader_skips_batches_and_bounds_them(self, kind):
+    x = _samples(10)
+    path, key = write_input(self.dir, x, kind)
+    reader = streaming.open_input(path, key)
+    self.assertEqual(reader.num_samples, 10)
+    self.assertEqual(reader.feature_shape, (_K,))
+    got = list(reader.batches(3, first_batch=1, wanted=lambda i: i != 2))
+    self.assertEqual([i for i, _ in got], [1, 3])
+    self.assertAllEqual(got[0][1].astype(np.float32), x[3:6])
+    self.assertAllEqual(got[1][1].astype(np.float32), x[9:10])
+    sizes = [b.shape[0] for _, b in reader.batches(4)]
+    self.assertEqual(sizes, [4, 4, 2])
+
+  @parameterized.named_parameters(("npy", "npy"), ("csv", "csv"))
+  def test_samples_reshaped_to_xs(self, kind):
+    x = _samples(5, k=6)
+    weights = testing_utils.mlp_weights(6, hidden=4, seed=2)
+    data = x.reshape(5, 2, 3) if kind == "npy" else x
+    path, _ = write_input(self.dir, data, kind)
+    streaming.compute_hessians(
+      mlp_graph_def(feature_shape=(2, 3), weights=weights),
+      "x:0",
+      "y:0",
+      path,
+      self.path("h.npy"),
+      batch_size=2,
+    )
+    self.assertAllClose(
+      np.load(self.path("h.npy")),
+      testing_utils.tanh_mlp_hessians(x, *weights),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+
+  def test_float64_model_and_list_of_ys(self):
+    x = np.random.default_rng(3).normal(size=(7, _K))
+    path, _ = write_input(self.dir, x, "npy")
+    streaming.compute_hessians(
+      mlp_graph_def(tf.float64),
+      "x:0",
+      ["y:0", "y:0"],
+      path,
+      self.path("h.npy"),
+      batch_size=3,
+    )
+    hessians = np.load(self.path("h.npy"))
+    self.assertEqual(hessians.dtype, np.float64)
+    self.assertAllClose(
+      hessians, 2 * testing_utils.tanh_mlp_hessians(x, *_WEIGHTS), atol=1e-12
+    )
+
+  @parameterized.named_parameters(
+    ("float64", "float64"), ("float16", "float16")
+  )
+  def test_output_dtype(self, dtype):
+    path, _ = write_input(self.dir, _samples(6), "npy")
+    args = (mlp_graph_def(), "x:0", "y:0", path)
+    streaming.compute_hessians(*args, self.path("a.npy"), batch_size=4)
+    streaming.compute_hessians(
+      *args, self.path("b.npy"), batch_size=4, dtype=dtype
+    )
+    written = np.load(self.path("b.npy"))
+    self.assertEqual(written.dtype, np.dtype(dtype))
+    self.assertAllEqual(written, np.load(self.path("a.npy")).astype(dtype))
+
+  def test_sharded_output(self):
+    x = _samples(11)
+    path, _ = write_input(self.dir, x, "npy")
+    args = (mlp_graph_def(), "x:0", "y:0", path)
+    streaming.compute_hessians(*args, self.path("one.npy"), batch_size=2)
+    shutil.copy(self.path("one.npy"), self.path("h.npy"))  # Out of date.
+    # A Hessian row is 9 float32 = 36 bytes: two batches of 2 rows per file.
+    summary = streaming.compute_hessians(
+      *args,
+      self.path("h.npy"),
+      batch_size=2,
+      max_file_bytes=144,
+      gradients_output=self.path("g.npy"),
+    )
+    names = [f"h-{i:05d}-of-00003.npy" for i in range(3)]
+    self.assertEqual(summary.output_files, tuple(map(self.path, names)))
+    self.assertEqual(
+      streaming.output_files(self.path("h.npy")), list(map(self.path, names))
+    )
+    self.assertNotIn("h.npy", self.files())
+    self.assertEqual([np.load(self.path(n)).shape[0] for n in names], [4, 4, 3])
+    self.assertAllEqual(
+      np.concatenate([np.load(self.path(n)) for n in names]),
+      np.load(self.path("one.npy")),
+    )
+    # 12-byte gradient rows: all 11 fit one file.
+    self.assertEqual(summary.gradients_files, (self.path("g.npy"),))
+    self.assertEqual(streaming.output_files(self.path("none.npy")), [])
+
+  def _interrupt_after(self, calls):
+    """Patches the engine to raise KeyboardInterrupt on run `calls + 1`."""
+    original = streaming._Engine.run
+    count = [0]
+
+    def run(engine, replica, batch):
+      if count[0] == calls:
+        raise KeyboardInterrupt
+      count[0] += 1
+      return original(engine, replica, batch)
+
+    return mock.patch.object(streaming._Engine, "run", run)
+
+  def _interrupted_run(self, x, **kwargs):
+    path, _ = write_input(self.dir, x, "npy")
+    args = (mlp_graph_def(), "x:0", "y:0", path)
+    streaming.compute_hessians(
+      *args,
+      self.path("ref.npy"),
+      batch_size=2,
+      gradients_output=self.path("ref_g.npy"),
+    )
+    with self._interrupt_after(2), self.assertRaises(KeyboardInterrupt):
+      streaming.compute_hessians(
+        *args,
+        self.path("h.npy"),
+        batch_size=2,
+        gradients_output=self.path("g.npy"),
+        **kwargs,
+      )
+    return args
+
+  def _same_bytes(self, a, b):
+    with open(self.path(a), "rb") as fa, open(self.path(b), "rb") as fb:
+      self.assertEqual(fa.read(), fb.read())
+
+  def test_resume_after_interrupt(self):
+    args = self._interrupted_run(_samples(9))
+    self.assertNotIn("h.npy", self.files())
+    self.assertNotIn("g.npy", self.files())
+    self.assertIn("h.npy.partial", self.files())
+    self.assertIn("g.npy.partial", self.files())
+    with open(self.path("h.npy.progress.json"), encoding="utf-8") as f:
+      self.assertEqual(json.load(f)["completed"], [[0, 2]])
+    summary = streaming.compute_hessians(
+      *args,
+      self.path("h.npy"),
+      batch_size=2,
+      gradients_output=self.path("g.npy"),
+    )
+    self.assertEqual(summary.resumed_batches, 2)
+    self.assertEqual(summary.computed_batches, 3)
+    self._same_bytes("h.npy", "ref.npy")
+    self._same_bytes("g.npy", "ref_g.npy")
+    self.assertCountEqual(
+      self.files(), ["x.npy", "ref.npy", "ref_g.npy", "h.npy", "g.npy"]
+    )
+
+  def test_noresume_starts_over(self):
+    args = self._interrupted_run(_samples(9))
+    summary = streaming.compute_hessians(
+      *args,
+      self.path("h.npy"),
+      batch_size=2,
+      gradients_output=self.path("g.npy"),
+      resume=False,
+    )
+    self.assertEqual(summary.resumed_batches, 0)
+    self.assertEqual(summary.computed_batches, 5)
+    self._same_bytes("h.npy", "ref.npy")
+
+  def test_noresume_removes_the_old_partial_files(self):
+    args = self._interrupted_run(_samples(9))
+    streaming.compute_hessians(
+      *args, self.path("h.npy"), batch_size=2, max_file_bytes=72, resume=False
+    )
+    self.assertCountEqual(
+      self.files(),
+      ["x.npy", "ref.npy", "ref_g.npy"]
+      + [f"h-{i:05d}-of-00005.npy" for i in range(5)],
+    )
+
+  def test_other_settings_are_refused(self):
+    args = self._interrupted_run(_samples(9))
+    with self.assertRaisesRegex(
+      ValueError,
+      r"`output` has an unfinished run with other settings "
+      r"\(batch_size, gradients_output differ",
+    ):
+      streaming.compute_hessians(*args, self.path("h.npy"), batch_size=3)
+    with open(self.path("h.npy.progress.json"), encoding="utf-8") as f:
+      self.assertEqual(json.load(f)["completed"], [[0, 2]])
+
+  def test_restart_after_rename_only_cleans_up(self):
+    path, _ = write_input(self.dir, _samples(5), "npy")
+    args = (mlp_graph_def(), "x:0", "y:0", path, self.path("h.npy"))
+    with mock.patch.object(
+      streaming._Manifest, "remove", side_effect=KeyboardInterrupt
+    ):
+      with self.assertRaises(KeyboardInterrupt):
+        streaming.compute_hessians(*args, batch_size=2)
+    self.assertCountEqual(
+      self.files(), ["x.npy", "h.npy", "h.npy.progress.json"]
+    )
+    with open(self.path("h.npy"), "rb") as f:
+      first = f.read()
+    summary = streaming.compute_hessians(*args, batch_size=2)
+    self.assertEqual(summary.computed_batches, 0)
+    self.assertEqual(summary.resumed_batches, 3)
+    self.assertCountEqual(self.files(), ["x.npy", "h.npy"])
+    with open(self.path("h.npy"), "rb") as f:
+      self.assertEqual(f.read(), first)
+
+  def test_failure_before_any_batch_leaves_nothing(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+      coupled = x - tf.reduce_mean(x, axis=0)  # Couples the samples.
+      tf.identity(tf.reduce_sum(tf.tanh(coupled) ** 3, axis=1), name="y")
+    path, _ = write_input(self.dir, _samples(6), "npy")
+    with self.assertRaisesRegex(
+      tf.errors.InvalidArgumentError, "are not independent"
+    ):
+      streaming.compute_hessians(
+        graph.as_graph_def(),
+        "x:0",
+        "y:0",
+        path,
+        self.path("h.npy"),
+        batch_size=3,
+        check_independence=True,
+      )
+    self.assertEqual(self.files(), ["x.npy"])
+
+  def test_progress_is_logged(self):
+    path, _ = write_input(self.dir, _samples(6), "npy")
+    with self.assertLogs("absl", "INFO") as logs:
+      streaming.compute_hessians(
+        mlp_graph_def(),
+        "x:0",
+        "y:0",
+        path,
+        self.path("h.npy"),
+        batch_size=2,
+        progress_interval=0.0,
+      )
+    progress = [m for m in logs.output if "samples/s" in m]
+    self.assertLen(progress, 3)
+    self.assertRegex(
+      progress[-1], r"6/6 samples \(100\.0%\), batch 3/3, .* samples/s, ETA"
+    )
+
+  def test_locked_output_is_refused(self):
+    args = self._interrupted_run(_samples(9))
+    with open(self.path("h.npy.partial"), "rb") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      for resume in (True, False):
+        with self.assertRaisesRegex(
+          ValueError, r"`output` is being written by another run"
+        ):
+          streaming.compute_hessians(
+            *args,
+            self.path("h.npy"),
+            batch_size=2,
+            gradients_output=self.path("g.npy"),
+            resume=resume,
+          )
+    self.assertIn("h.npy.partial", self.files())
+
+  def test_lost_partial_file_is_refused(self):
+    args = self._interrupted_run(_samples(9))
+    os.remove(self.path("g.npy.partial"))
+    with self.assertRaisesRegex(
+      ValueError, r"its partial file .*g\.npy\.partial is gone"
+    ):
+      streaming.compute_hessians(
+        *args,
+        self.path("h.npy"),
+        batch_size=2,
+        gradients_output=self.path("g.npy"),
+      )
+
+  def test_changed_partial_file_is_refused(self):
+    args = self._interrupted_run(_samples(9))
+    np.save(self.path("other.npy"), np.zeros((9, 2, 2), np.float32))
+    os.replace(self.path("other.npy"), self.path("h.npy.partial"))
+    with self.assertRaisesRegex(
+      ValueError, r"partial file .*h\.npy\.partial holds float32 \(9, 2, 2\)"
+    ):
+      streaming.compute_hessians(
+        *args,
+        self.path("h.npy"),
+        batch_size=2,
+        gradients_output=self.path("g.npy"),
+      )
+
+  @parameterized.named_parameters(
+    ("unreadable", "{", r"progress file .* is unreadable"),
+    ("foreign", '{"format": "x"}', r"is not a tf1hess progress file"),
+  )
+  def test_bad_progress_file_is_refused(self, text, regex):
+    path, _ = write_input(self.dir, _samples(3), "npy")
+    with open(self.path("h.npy.progress.json"), "w", encoding="utf-8") as f:
+      f.write(text)
+    with self.assertRaisesRegex(ValueError, regex):
+      streaming.compute_hessians(
+        mlp_graph_def(), "x:0", "y:0", path, self.path("h.npy")
+      )
+
+  def test_intervals(self):
+    done = streaming._Intervals()
+    for i in (3, 0, 1, 5, 4, 1):
+      done.add(i)
+    self.assertEqual(done.ranges, [[0, 2], [3, 6]])
+    self.assertLen(done, 5)
+    self.assertEqual(done.first_missing(), 2)
+    self.assertIn(4, done)
+    self.assertNotIn(2, done)
+    self.assertEqual(streaming._Intervals([[2, 4]]).first_missing(), 0)
+
+  def test_error_summary(self):
+    error = tf.errors.UnavailableError(
+      None,
+      None,
+      "Graph execution error:\n\nFrom /job:worker/replica:0/task:1:\n"
+      "recvmsg:Connection reset by peer\nAdditional GRPC error information",
+    )
+    self.assertEqual(
+      _cli.error_summary(error), "recvmsg:Connection reset by peer"
+    )
+
+
+def _write(path, data):
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(data)
+
+
+def _write_records(path, records):
+  with tf.io.TFRecordWriter(path) as writer:
+    for record in records:
+      writer.write(record)
+
+
+def _truncated_npz(path):
+  """A compressed .npz whose member promises 10 rows and holds 5."""
+  header = np.lib.format.header_data_from_array_1_0(np.zeros((10, 3)))
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+    with archive.open("x.npy", "w") as f:
+      np.lib.format.write_array_header_1_0(f, header)
+      f.write(np.zeros((5, 3)).tobytes())
+  return path
+
+
+# name, setup(dir) -> kwargs overrides, exception, message regex.
+_BAD_INPUTS = (
+  (
+    "missing_input",
+    lambda d: {"input": os.path.join(d, "nope.npy")},
+    FileNotFoundError,
+    r"`input` does not exist: .*nope\.npy",
+  ),
+  (
+    "input_directory",
+    lambda d: {"input": d},
+    ValueError,
+    r"`input` must be a file; saw the directory",
+  ),
+  (
+    "unknown_format",
+    lambda d: {"input": _touch(os.path.join(d, "x.txt"))},
+    ValueError,
+    r"`input` must be a \.npy, \.npz, \.csv or \.tfrecord file",
+  ),
+  (
+    "integer_npy",
+    lambda d: {"input": _save(d, np.ones((4, _K), np.int32))},
+    TypeError,
+    r"`input` must hold floating-point values .*; saw dtype int32",
+  ),
+  (
+    "empty_npy",
+    lambda d: {"input": _save(d, np.ones((0, _K), np.float32))},
+    ValueError,
+    r"`input` holds no samples: .* has N = 0",
+  ),
+  (
+    "rank_1_npy",
+    lambda d: {"input": _save(d, np.ones((4,), np.float32))},
+    ValueError,
+    r"`input` must have rank >= 2 \(samples, features...\); saw shape \(4,\)",
+  ),
+  (
+    "fortran_npy",
+    lambda d: {"input": _save(d, np.asfortranarray(np.ones((4, _K))))},
+    ValueError,
+    r"`input` must be stored in C \(row-major\) order",
+  ),
+  (
+    "not_npy",
+    lambda d: {"input": _touch(os.path.join(d, "x.npy"), "hello")},
+    ValueError,
+    r"`input` must be a \.npy array file; .* is not",
+  ),
+  (
+    "width",
+    lambda d: {"input": _save(d, np.ones((4, 4), np.float32))},
+    ValueError,
+    r"`input` samples must match `xs` x:0, which takes 3 features per "
+    r"sample \(shape \(None, 3\)\); saw 4 features per sample",
+  ),
+  (
+    "csv_not_a_number",
+    lambda d: {"input": _touch(os.path.join(d, "x.csv"), "1,2,3\n\n4,abc,6\n")},
+    TypeError,
+    r"`input` must hold floating-point numbers only; .*x\.csv line 3 field 2 "
+    r"is 'abc'",
+  ),
+  (
+    "csv_ragged",
+    lambda d: {"input": _touch(os.path.join(d, "x.csv"), "1,2,3\n4,5\n")},
+    ValueError,
+    r"`input` rows must all have 3 fields like the first one; .* line 2 has 2",
+  ),
+  (
+    "csv_empty",
+    lambda d: {"input": _touch(os.path.join(d, "x.csv"), "\n\n")},
+    ValueError,
+    r"`input` holds no samples: .*x\.csv has no rows",
+  ),
+  (
+    "csv_header_only",
+    lambda d: {"input": _touch(os.path.join(d, "x.csv"), "a,b,c\n")},
+    ValueError,
+    r"`input` holds no samples: .* has N = 0",
+  ),
+  (
+    "npz_unknown_key",
+    lambda d: {
+      "input": _savez(d, a=np.ones((2, _K)), b=np.ones((2, _K))),
+      "input_key": "c",
+    },
+    ValueError,
+    r"`input_key` must name an array of .*x\.npz, one of \['a', 'b'\]; "
+    r"saw 'c'",
+  ),
+  (
+    "npz_ambiguous",
+    lambda d: {"input": _savez(d, a=np.ones((2, _K)), b=np.ones((2, _K)))},
+    ValueError,
+    r"`input_key` must name the array holding the samples, one of "
+    r"\['a', 'b'\]",
+  ),
+  (
+    "npz_not_zip",
+    lambda d: {"input": _touch(os.path.join(d, "x.npz"), "hello")},
+    ValueError,
+    r"`input` must be a \.npz archive; .* is not",
+  ),
+  (
+    "npz_truncated",
+    lambda d: {"input": _truncated_npz(os.path.join(d, "x.npz"))},
+    ValueError,
+    r"`input` member 'x\.npy' of .* ends before its 10 samples",
+  ),
+  (
+    "key_for_npy",
+    lambda d: {"input": _save(d, np.ones((2, _K))), "input_key": "a"},
+    ValueError,
+    r"`input_key` applies to \.npz and TFRecord inputs only",
+  ),
+  (
+    "tfrecord_int_feature",
+    lambda d: {"input": _records(d, [_example([1, 2, 3], kind="int")])},
+    TypeError,
+    r"`input` feature 'x' must be a float_list .*; saw a int64_list",
+  ),
+  (
+    "tfrecord_int_later",
+    lambda d: {
+      "input": _records(
+        d, [_example([1.0, 2.0, 3.0]), _example([1, 2, 3], kind="int")]
+      )
+    },
+    TypeError,
+    r"`input` feature 'x' must hold floating-point values in every record",
+  ),
+  (
+    "tfrecord_lengths",
+    lambda d: {
+      "input": _records(
+        d, [_example([1.0, 2.0, 3.0])] * 2 + [_example([1.0, 2.0])]
+      )
+    },
+    ValueError,
+    r"`input` records must all hold 3 values in feature 'x' like the first "
+    r"one; record 2 of .* holds 2",
+  ),
+  (
+    "tfrecord_unknown_key",
+    lambda d: {"input": _records(d, [_example([1.0])]), "input_key": "z"},
+    ValueError,
+    r"`input_key` must name a feature of the records, one of \['x'\] in "
+    r".*; saw 'z'",
+  ),
+  (
+    "tfrecord_not_example",
+    lambda d: {"input": _records(d, [b"\xff\xff\xff"])},
+    ValueError,
+    r"`input` records must be serialized tf\.train\.Example protos",
+  ),
+  (
+    "tfrecord_corrupt",
+    lambda d: {"input": _touch(os.path.join(d, "x.tfrecord"), "x" * 40)},
+    ValueError,
+    r"`input` .* is not a readable TFRecord file",
+  ),
+  (
+    "tfrecord_empty",
+    lambda d: {"input": _records(d, [])},
+    ValueError,
+    r"`input` holds no samples: .* has no records",
+  ),
+  (
+    "unknown_xs",
+    lambda d: {"xs": "input:0"},
+    ValueError,
+    r"`xs` names no tensor of the model: 'input:0'",
+  ),
+  (
+    "unknown_ys",
+    lambda d: {"ys": "yy:0"},
+    ValueError,
+    r"`ys` names no tensor of the model: 'yy:0'\. Closest names: 'y:0'",
+  ),
+  (
+    "ys_independent_of_xs",
+    lambda d: {"ys": "Const:0"},
+    ValueError,
+    r"`ys` must depend on `xs`",
+  ),
+  (
+    "dtype",
+    lambda d: {"dtype": "int32"},
+    TypeError,
+    r"`dtype` must be one of float16, float32, float64 .*; saw 'int32'",
+  ),
+  (
+    "output_not_npy",
+    lambda d: {"output": os.path.join(d, "h.txt")},
+    ValueError,
+    r"`output` must be a \.npy file name; saw .*h\.txt",
+  ),
+  (
+    "output_directory_missing",
+    lambda d: {"output": os.path.join(d, "no", "h.npy")},
+    FileNotFoundError,
+    r"`output` directory does not exist: .*no",
+  ),
+  (
+    "output_is_directory",
+    lambda d: {"output": _mkdir(os.path.join(d, "h.npy"))},
+    ValueError,
+    r"`output` must be a file name; saw the directory",
+  ),
+  (
+    "output_is_input",
+    lambda d: {"output": os.path.join(d, "x.npy")},
+    ValueError,
+    r"`output` must not overwrite `input` .*x\.npy",
+  ),
+  (
+    "gradients_output_is_input",
+    lambda d: {"gradients_output": os.path.join(d, "x.npy")},
+    ValueError,
+    r"`gradients_output` must not overwrite `input`",
+  ),
+  (
+    "same_outputs",
+    lambda d: {"gradients_output": os.path.join(d, "h.npy")},
+    ValueError,
+    r"`gradients_output` must differ from `output`",
+  ),
+  (
+    "batch_size",
+    lambda d: {"batch_size": 0},
+    ValueError,
+    r"`batch_size` must be a positive int; saw 0",
+  ),
+  (
+    "graph_def",
+    lambda d: {"graph_def": "model.pb"},
+    TypeError,
+    r"`graph_def` must be a tf\.compat\.v1\.GraphDef; saw str",
+  ),
+)
+
+
+def _touch(path, text=""):
+  _write(path, text)
+  return path
+
+
+def _mkdir(path):
+  os.mkdir(path)
+  return path
+
+
+def _save(directory, array):
+  path = os.path.join(directory, "x.npy")
+  np.save(path, array)
+  return path
+
+
+def _savez(directory, **arrays):
+  path = os.path.join(directory, "x.npz")
+  np.savez(path, **arrays)
+  return path
+
+
+def _records(directory, records):
+  path = os.path.join(directory, "x.tfrecord")
+  _write_records(path, records)
+  return path
+
+
+class BadInputTest(tf.test.TestCase, parameterized.TestCase):
+  @parameterized.named_parameters(*_BAD_INPUTS)
+  def test_bad_input_fails_before_writing(self, setup, error, regex):
+    directory = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+      tf.constant(1.0, name="Const")
+      tf.identity(testing_utils.tanh_mlp(x, *_WEIGHTS), name="y")
+    kwargs = {
+      "graph_def": graph.as_graph_def(),
+      "xs": "x:0",
+      "ys": "y:0",
+      "input": _save(directory, _samples(4)),
+      "output": os.path.join(directory, "h.npy"),
+    }
+    kwargs.update(setup(directory))
+    before = set(os.listdir(directory))
+    with self.assertRaisesRegex(error, regex):
+      streaming.compute_hessians(**kwargs)
+    self.assertEqual(set(os.listdir(directory)), before)
+
+
+_RSS_CHILD = """
+import os, resource, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+from tf1hess import streaming
+with open(sys.argv[1], "rb") as f:
+  graph_def = tf.compat.v1.GraphDef.FromString(f.read())
+streaming.compute_hessians(
+    graph_def, "x:0", "y:0", sys.argv[2], sys.argv[3],
+    batch_size=int(sys.argv[4]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+class MemoryTest(tf.test.TestCase):
+  def test_peak_memory_does_not_grow_with_n(self):
+    """Peak RSS of a run over N = 400k equals that of a run over 2 batches.
+
+    The large run reads 12.8 MB and writes 102 MB, 50x its batch budget;
+    holding either would show in its peak resident memory.
+    """
+    directory = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    k, batch, large = 8, 4096, 400_000
+    weights = testing_utils.mlp_weights(k, hidden=16, seed=4)
+    graph_path = os.path.join(directory, "model.pb")
+    with open(graph_path, "wb") as f:
+      f.write(
+        mlp_graph_def(feature_shape=(k,), weights=weights).SerializeToString()
+      )
+    x = np.lib.format.open_memmap(
+      os.path.join(directory, "large.npy"), "w+", np.float32, (large, k)
+    )
+    rng = np.random.default_rng(5)
+    for start in range(0, large, 50_000):
+      x[start : start + 50_000] = rng.normal(size=(50_000, k))
+    np.save(os.path.join(directory, "small.npy"), np.array(x[: 2 * batch]))
+    del x
+    procs = {
+      name: subprocess.Popen(
+        [
+          sys.executable,
+          "-c",
+          _RSS_CHILD,
+          graph_path,
+          os.path.join(directory, name + ".npy"),
+          os.path.join(directory, name + "_h.npy"),
+          str(batch),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=_ROOT,
+      )
+      for name in ("small", "large")
+    }
+    peaks = {}
+    for name, proc in procs.items():
+      self.addCleanup(proc.kill)
+      out, err = proc.communicate(timeout=600)
+      self.assertEqual(proc.returncode, 0, err)
+      peaks[name] = int(out.split()[-1])
+    output_bytes = large * k * k * 4
+    self.assertEqual(
+      os.path.getsize(os.path.join(directory, "large_h.npy")),
+      output_bytes + 128,
+    )
+    growth = peaks["large"] - peaks["small"]
+    self.assertLess(
+      growth,
+      output_bytes // 5,
+      f"peak RSS grew by {growth / 2**20:.1f} MiB from N = {2 * batch} to "
+      f"N = {large} (output {output_bytes / 2**20:.0f} MiB): {peaks}",
+    )
+    last = np.load(os.path.join(directory, "large_h.npy"), mmap_mode="r")[-3:]
+    x_last = np.load(os.path.join(directory, "large.npy"), mmap_mode="r")[-3:]
+    self.assertAllClose(
+      last,
+      testing_utils.tanh_mlp_hessians(x_last, *weights),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+
+
+if __name__ == "__main__":
+  tf.test.main()
