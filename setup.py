@@ -16,6 +16,7 @@ setuptools.setup(
   install_requires=[
     "tensorflow-cpu==2.21.0",
     "tf-keras==2.21.0",
+    "keras>=3.10,<4",
     "numpy>=2.0,<3",
     "absl-py>=2.1,<3",
   ],
