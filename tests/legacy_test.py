@@ -16,6 +16,7 @@ import testing_utils
 
 from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-direct-tensorflow-import
 
+import tf1hess
 from tf1hess import legacy
 
 _K, _H = 3, 5
@@ -335,10 +336,21 @@ class WhileLoopTest(tf.test.TestCase, parameterized.TestCase):
   def test_control_flow_v1_loop_error(self):
     with self.assertRaisesRegex(
       ValueError,
-      r"`ys` must not be computed by a control-flow-v1 tf.while_loop loaded "
-      r"from a GraphDef \(while/\S*Enter\S*\): TensorFlow cannot differentiate",
+      r"`ys` is computed through a control-flow-v1 tf.while_loop "
+      r"\(while/\S*Enter\S*; .* loaded from a GraphDef\)",
     ):
       legacy.load("x:0", "y:0", graph=self._write_cube(True))
+
+  def test_control_flow_v1_loop_error_for_gradients_too(self):
+    graph = legacy.import_graph_def(
+      legacy.load_graph_def(graph=self._write_cube(True))
+    )
+    with graph.as_default():
+      x, y = graph.get_tensor_by_name("x:0"), graph.get_tensor_by_name("y:0")
+      with self.assertRaisesRegex(
+        ValueError, r"nor any gradient through one loaded from a GraphDef"
+      ):
+        tf1hess.batch_gradients(y, x)
 
 
 class FindTensorTest(tf.test.TestCase, parameterized.TestCase):

@@ -467,37 +467,6 @@ def _as_graph_tensor(graph, value, arg):
   return value
 
 
-def _ops_between(ys, x):
-  """The ops on a path from `x` to any of `ys` (data inputs, any depth)."""
-  ancestors, stack = set(), [y.op for y in ys]
-  while stack:
-    op = stack.pop()
-    if op not in ancestors:
-      ancestors.add(op)
-      stack.extend(t.op for t in op.inputs)
-  if x.op not in ancestors:
-    return set()
-  between, stack = set(), [c for c in x.consumers() if c in ancestors]
-  while stack:
-    op = stack.pop()
-    if op not in between:
-      between.add(op)
-      stack.extend(
-        c for t in op.outputs for c in t.consumers() if c in ancestors
-      )
-  return between
-
-
-def _imported_v1_loop(between):
-  """A v1 loop op that came from a GraphDef (no while context), or `None`."""
-  for op in sorted(between, key=lambda op: op.name):
-    if op.type in ("Enter", "RefEnter") and (
-      op._get_control_flow_context() is None  # pylint: disable=protected-access
-    ):
-      return op
-  return None
-
-
 def add_hessian_ops(
   graph,
   xs,
@@ -534,7 +503,7 @@ def add_hessian_ops(
     ValueError: when a name is not in the graph (the message lists the
       closest), `xs` has rank < 2, `ys` does not depend on `xs`, an op
       between them has no second derivative in TensorFlow, or a
-      control-flow-v1 loop loaded from a GraphDef lies between them.
+      control-flow-v1 loop lies between them (as in `batch_hessians`).
 
   Example:
     >>> import numpy as np, tensorflow as tf, tf1hess
@@ -560,20 +529,11 @@ def add_hessian_ops(
   _checks.check_batched(x, "xs")
   for y in ys_list:
     _checks.check_float(y, "ys")
-  between = _ops_between(ys_list, x)
+  between = ops.ops_between(ys_list, [x])
   if not between and not any(y.name == x.name for y in ys_list):
     raise ValueError(
       f"`ys` must depend on `xs`; {', '.join(y.name for y in ys_list)} is "
       f"not computed from {x.name}."
-    )
-  loop = _imported_v1_loop(between)
-  if loop is not None:
-    raise ValueError(
-      "`ys` must not be computed by a control-flow-v1 tf.while_loop loaded "
-      f"from a GraphDef ({loop.name}): TensorFlow cannot differentiate it. "
-      "Rebuild the model with control flow v2 "
-      "(tf.compat.v1.enable_control_flow_v2() before building it) and save "
-      "it again."
     )
   target = ys_list if was_sequence else ys_list[0]
   with graph.as_default(), tf.name_scope(name):

@@ -72,24 +72,60 @@ def _prepare(ys, xs, op_name):
   return ys_list, xs_list, was_sequence
 
 
-def _v1_loop_between(ys_list, xs_list):
-  """Whether a control-flow-v1 while loop lies on a path from `xs` to `ys`."""
-  downstream, stack = set(), [x.op for x in xs_list]
+def ops_between(ys_list, xs_list):
+  """The ops on a path from any of `xs` to any of `ys` (`xs`' ops excluded).
+
+  Args:
+    ys_list: a list of `Tensor`s.
+    xs_list: a list of `Tensor`s (or variables) of the same graph.
+
+  Returns:
+    A `set` of `tf.Operation`s; empty when `ys` does not depend on `xs`.
+  """
+  x_ops = {x.op for x in xs_list}
+  downstream, stack = set(), [c for x in xs_list for c in x.consumers()]
   while stack:
     op = stack.pop()
-    if op not in downstream:
+    if op not in downstream and op not in x_ops:
       downstream.add(op)
       stack.extend(c for t in op.outputs for c in t.consumers())
-  seen, stack = set(), [y.op for y in ys_list]
+  between, stack = set(), [y.op for y in ys_list]
   while stack:
     op = stack.pop()
-    if op in seen or op not in downstream:
-      continue
-    seen.add(op)
-    if control_flow_util.IsLoopEnter(op):
-      return True
-    stack.extend(t.op for t in op.inputs)
-  return False
+    if op in downstream and op not in between:
+      between.add(op)
+      stack.extend(t.op for t in op.inputs)
+  return between
+
+
+def _imported(op):
+  """Whether a v1 loop op came from a GraphDef: it has no while context."""
+  return op._get_control_flow_context() is None  # pylint: disable=protected-access
+
+
+def _check_no_v1_loop(ys_list, xs_list, order):
+  """Raises `ValueError` when a control-flow-v1 loop stops differentiation.
+
+  TensorFlow takes no second-order gradients through a v1 loop, and no
+  gradient at all through one imported from a GraphDef (it lost its while
+  context).
+  """
+  loops = sorted(
+    op.name
+    for op in ops_between(ys_list, xs_list)
+    if control_flow_util.IsLoopEnter(op) and (order > 1 or _imported(op))
+  )
+  if loops:
+    raise ValueError(
+      "`ys` is computed through a control-flow-v1 tf.while_loop "
+      f"({loops[0]}; e.g. tf.compat.v1.nn.dynamic_rnn or tf.scan after "
+      "tf.compat.v1.disable_v2_behavior(), or such a model loaded from a "
+      "GraphDef), and TensorFlow cannot take second-order gradients through "
+      "v1 loops, nor any gradient through one loaded from a GraphDef. Call "
+      "tf.compat.v1.enable_control_flow_v2() right after "
+      "disable_v2_behavior(), before building the model (a loaded model: "
+      "build it that way and save it again)."
+    )
 
 
 def _graph_gradient(x, unconnected):
@@ -130,18 +166,10 @@ def _derivatives(
     _checks.check_output_fits(x, 1 if diagonal else order)
   with tf.name_scope(name or default_name):
     ys_list = [tf.convert_to_tensor(y) for y in ys_list]
+    _check_no_v1_loop(ys_list, xs_list, order)
     grads = tf.gradients(ys_list, xs_list, unconnected_gradients=unconnected)
     if order == 1:
       return _checks.restore_structure(grads, was_sequence)
-    if _core.control_flow_v1() and _v1_loop_between(ys_list, xs_list):
-      raise ValueError(
-        "`ys` is computed by a control-flow-v1 tf.while_loop (e.g. "
-        "tf.compat.v1.nn.dynamic_rnn or tf.scan after "
-        "tf.compat.v1.disable_v2_behavior()), and TensorFlow cannot take "
-        "second-order gradients through v1 loops. Call "
-        "tf.compat.v1.enable_control_flow_v2() right after "
-        "disable_v2_behavior(), before building the model."
-      )
     results = []
     for x, g in zip(xs_list, grads):
       results.append(
