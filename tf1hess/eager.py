@@ -67,10 +67,10 @@ class _Tapes:
   def gradient_fn(self, level, unconnected):
     tape = self.tape(level)
 
-    def gradient(target, cotangent):
+    def gradient(target, cotangent, source=None):
       return tape.gradient(
         target,
-        self._x,
+        self._x if source is None else source,
         output_gradients=cotangent,
         unconnected_gradients=unconnected,
       )
@@ -86,9 +86,12 @@ def _derivatives(
   parallel_iterations=None,
   diagonal=False,
   check_independence=False,
+  method="auto",
+  chunk_size=None,
 ):
   """Shared body of the public functions: per-sample derivatives of `order`."""
   unconnected = _checks.check_unconnected(unconnected_gradients)
+  _core.check_method(method, chunk_size)
   x = _as_input(fn, x)
   _checks.check_output_fits(x, 1 if diagonal else order)
   with _Tapes(x, order) as tapes:
@@ -106,6 +109,8 @@ def _derivatives(
       parallel_iterations=parallel_iterations,
       diagonal=diagonal,
       check_independence=check_independence,
+      method=method,
+      chunk_size=chunk_size,
     )
 
 
@@ -115,6 +120,8 @@ def batch_hessians(
   unconnected_gradients="zero",
   check_independence=False,
   parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
 ):
   """Per-sample Hessians of `fn` at the batch `x`.
 
@@ -127,6 +134,10 @@ def batch_hessians(
     check_independence: `bool`, default `False`: check that samples are
       independent (raises `tf.errors.InvalidArgumentError` otherwise).
     parallel_iterations: `int` or `None`, for the row loop.
+    method: `str`, default `"auto"`; `"pfor"` or `"while_loop"`, as in
+      `tf1hess.batch_hessians`.
+    chunk_size: `int` or `None` (default: all rows at once): rows per
+      vectorized backward pass, as in `tf1hess.batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)`, or `None` with
@@ -134,7 +145,8 @@ def batch_hessians(
 
   Raises:
     TypeError: when `fn` is not callable or `x`/`fn(x)` is not floating.
-    ValueError: when `x` has rank < 2 or `unconnected_gradients` is unknown.
+    ValueError: when `x` has rank < 2, `unconnected_gradients` or `method`
+      is unknown, or `chunk_size` is not a positive int.
     tf.errors.InvalidArgumentError: when `check_independence` fails.
 
   Example:
@@ -152,11 +164,18 @@ def batch_hessians(
     unconnected_gradients,
     parallel_iterations,
     check_independence=check_independence,
+    method=method,
+    chunk_size=chunk_size,
   )
 
 
 def batch_hessian_diagonals(
-  fn, x, unconnected_gradients="zero", parallel_iterations=None
+  fn,
+  x,
+  unconnected_gradients="zero",
+  parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
 ):
   """Diagonals of the per-sample Hessians of `fn` at `x`, shape of `x`.
 
@@ -165,6 +184,8 @@ def batch_hessian_diagonals(
     x: as in `batch_hessians`.
     unconnected_gradients: as in `batch_hessians`.
     parallel_iterations: as in `batch_hessians`.
+    method: as in `batch_hessians`.
+    chunk_size: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of the shape of `x`.
@@ -179,7 +200,14 @@ def batch_hessian_diagonals(
     array([[ 6., 12.]], dtype=float32)
   """
   return _derivatives(
-    fn, x, 2, unconnected_gradients, parallel_iterations, diagonal=True
+    fn,
+    x,
+    2,
+    unconnected_gradients,
+    parallel_iterations,
+    diagonal=True,
+    method=method,
+    chunk_size=chunk_size,
   )
 
 
@@ -207,7 +235,13 @@ def batch_gradients(fn, x, unconnected_gradients="zero"):
 
 
 def batch_derivatives(
-  fn, x, order, unconnected_gradients="zero", parallel_iterations=None
+  fn,
+  x,
+  order,
+  unconnected_gradients="zero",
+  parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
 ):
   """Per-sample derivative tensors of `fn` of order `order`.
 
@@ -217,6 +251,8 @@ def batch_derivatives(
     order: `int` >= 1.
     unconnected_gradients: as in `batch_hessians`.
     parallel_iterations: as in `batch_hessians`.
+    method: as in `batch_hessians`.
+    chunk_size: as in `tf1hess.batch_derivatives`.
 
   Returns:
     A `Tensor` of shape `(N,) + (d...) * order`.
@@ -233,7 +269,15 @@ def batch_derivatives(
     -0.07407407407407407
   """
   _checks.check_positive_int(order, "order")
-  return _derivatives(fn, x, order, unconnected_gradients, parallel_iterations)
+  return _derivatives(
+    fn,
+    x,
+    order,
+    unconnected_gradients,
+    parallel_iterations,
+    method=method,
+    chunk_size=chunk_size,
+  )
 
 
 def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):

@@ -230,16 +230,20 @@ def batch_hessians(
       It costs one more backward pass.
     parallel_iterations: `int` or `None`: iterations of the row loop that
       may run in parallel (`tf.while_loop`'s argument; default 10).
-    method: `str`, how the K rows are built; default `"auto"`:
-      `"pfor"` (all rows of a chunk in one vectorized backward pass, with
-      shortcuts through linear layers) when every op vectorizes, else a
-      `tf.while_loop` over rows; decided when the graph is built.
-      `"while_loop"` is the reference design, one backward pass per row.
-      See BENCHMARKS.md for the speed of each.
-    chunk_size: `int` or `None` (default): rows per vectorized backward pass
-      for `"pfor"`/`"auto"`; `None` does all K rows at once (fastest).
-      Lower it to bound the peak memory to about the output plus
-      `chunk_size` rows of intermediate activations.
+    method: `str`, how the K rows of each Hessian are built; default
+      `"auto"`. `"while_loop"` is the reference design: a `tf.while_loop`
+      of one backward pass per row. `"pfor"` vectorizes the rows of a chunk
+      into one backward pass, and skips the matmuls that one-hot rows waste
+      in the first and last dense layers. `"auto"` vectorizes when there are
+      at least 512 rows (a static K), and otherwise loops over rows with the
+      same shortcuts. Where an op cannot be vectorized, the rows fall back
+      to the loop when the graph is built. See BENCHMARKS.md.
+    chunk_size: `int` or `None` (default: all rows at once): rows per
+      vectorized backward pass. Smaller chunks keep the intermediate
+      activations of only `chunk_size` rows alive, at some cost in speed
+      (the output and its assembly still take 1 to 3 times the output's
+      size). Unused when the rows are built by a loop, which holds
+      `parallel_iterations` rows at a time.
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)` for each `x`, in the structure of

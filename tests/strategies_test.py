@@ -1,0 +1,522 @@
+"""Every row strategy gives the numbers of the plain row loop and of references.
+
+The strategies of `method=` (and `chunk_size=`) only change how the rows of
+the per-sample Jacobians are built. Each one is run through the core's matrix
+(N in {0, 1, 7}, dynamic N and K, rank-3 and list `xs`, float32/float64,
+control flow v1 and v2, `tf.function`, eager, a `tf.scan` model, higher
+orders, diagonals) and compared with the plain `tf.while_loop` over rows built
+in the same graph and with references that do not use tf1hess: analytic
+Hessians, the diagonal blocks of `tf.hessians`, and float64 central
+differences.
+"""
+
+from unittest import mock
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import testing_utils
+import tf1hess
+from tf1hess import _core
+
+# name -> (keyword arguments, what is patched): "vectorize" makes "auto"
+# vectorize the few rows of these tests; "fail_pfor" also makes vectorizing
+# fail, so that "auto" falls back to its loop over rows with the linear
+# shortcuts. Plain "auto" loops over the few rows with the shortcuts.
+_STRATEGIES = {
+  "while_loop": ({"method": "while_loop"}, None),
+  "pfor": ({"method": "pfor"}, None),
+  "pfor_chunks_of_2": ({"method": "pfor", "chunk_size": 2}, None),
+  "auto": ({}, None),
+  "auto_vectorized": ({"method": "auto"}, "vectorize"),
+  "auto_without_pfor": ({"method": "auto"}, "fail_pfor"),
+}
+
+_TOL = {tf.float32: 2e-4, tf.float64: 1e-9}
+_WEIGHTS = testing_utils.mlp_weights(5, hidden=3)  # H < K: head shortcut.
+_A = np.random.default_rng(7).normal(size=(4, 4)).round(1)
+
+
+def _quadratic(x):
+  """Per-sample `x^T A x`: Hessian `A + A^T`; `x` is used twice."""
+  return tf.reduce_sum(x * tf.matmul(x, tf.constant(_A, x.dtype)), axis=1)
+
+
+def _mlp(x):
+  return testing_utils.tanh_mlp(x, *_WEIGHTS)
+
+
+def _scan(x):
+  states = tf.scan(
+    lambda c, xt: tf.tanh(0.7 * c + xt),
+    tf.transpose(x),
+    initializer=tf.zeros_like(x[:, 0]),
+  )
+  return states[-1] ** 2
+
+
+class StrategyMixin:
+  """Applies a named strategy and a control flow version for one test."""
+
+  def strategy(self, name):
+    kwargs, patched = _STRATEGIES[name]
+    patches = []
+    if patched:
+      patches += [
+        mock.patch.object(_core, "EAGER_PFOR_MIN_ROWS", 1),
+        mock.patch.object(_core, "PFOR_MIN_ROWS", 1),
+      ]
+    if patched == "fail_pfor":
+      patches.append(
+        mock.patch.object(
+          _core, "_pfor_rows", side_effect=ValueError("no pfor here")
+        )
+      )
+    for patch in patches:
+      patch.start()
+      self.addCleanup(patch.stop)
+    return kwargs
+
+  def control_flow(self, version):
+    if version == 1:
+      tf.compat.v1.disable_control_flow_v2()
+      self.addCleanup(tf.compat.v1.enable_control_flow_v2)
+    else:
+      tf.compat.v1.enable_control_flow_v2()
+
+
+class GraphStrategiesTest(
+  StrategyMixin, tf.test.TestCase, parameterized.TestCase
+):
+  @parameterized.product(
+    strategy=list(_STRATEGIES),
+    n=[0, 1, 7],
+    dtype=[tf.float32, tf.float64],
+    cf=[1, 2],
+  )
+  def test_tanh_mlp(self, strategy, n, dtype, cf):
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    x_val = np.random.default_rng(n).normal(size=(n, 5))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(dtype, [None, 5])
+      y = _mlp(x)
+      h = tf1hess.batch_hessians(y, x, **kwargs)
+      plain = tf1hess.batch_hessians(y, x, method="while_loop")
+      full = tf.hessians(y, x)[0]
+      self.assertEqual(h.shape.as_list(), [None, 5, 5])
+      with tf.compat.v1.Session() as sess:
+        out, plain_val = sess.run([h, plain], {x: x_val})
+        blocks = testing_utils.diagonal_blocks(
+          sess.run(full, {x: x_val}) if n else np.zeros((0, 5, 0, 5))
+        )
+    tol = _TOL[dtype]
+    self.assertEqual(out.shape, (n, 5, 5))
+    self.assertAllClose(out, plain_val, atol=tol)
+    self.assertAllClose(out, blocks, atol=tol)
+    self.assertAllClose(
+      out, testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS), atol=tol
+    )
+
+  @parameterized.product(strategy=list(_STRATEGIES), cf=[1, 2])
+  def test_quadratic_form_with_dynamic_batch_and_features(self, strategy, cf):
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, None])
+      y = _quadratic(x)
+      h = tf1hess.batch_hessians(y, x, **kwargs)
+      plain = tf1hess.batch_hessians(y, x, method="while_loop")
+      self.assertEqual(h.shape.as_list(), [None, None, None])
+      with tf.compat.v1.Session() as sess:
+        for n in (0, 1, 7):
+          x_val = np.random.default_rng(n).normal(size=(n, 4))
+          out, plain_val = sess.run([h, plain], {x: x_val})
+          self.assertAllClose(out, np.broadcast_to(_A + _A.T, (n, 4, 4)))
+          self.assertAllClose(out, plain_val)
+
+  @parameterized.product(strategy=list(_STRATEGIES), n=[1, 7])
+  def test_static_batch(self, strategy, n):
+    kwargs = self.strategy(strategy)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [n, 5])
+      h = tf1hess.batch_hessians(_mlp(x), x, **kwargs)
+      self.assertEqual(h.shape.as_list(), [n, 5, 5])
+      x_val = np.random.default_rng(n).normal(size=(n, 5))
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(h, {x: x_val})
+    self.assertAllClose(out, testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS))
+
+  @parameterized.product(strategy=list(_STRATEGIES), cf=[1, 2])
+  def test_rank3_xs(self, strategy, cf):
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2, 3])
+      w = tf.constant(np.random.default_rng(0).normal(size=(3, 3)))
+      y = tf.reduce_sum(tf.sin(tf.einsum("nab,bc->nac", x, w)) * x, [1, 2])
+      h = tf1hess.batch_hessians(y, x, **kwargs)
+      plain = tf1hess.batch_hessians(y, x, method="while_loop")
+      full = tf.hessians(y, x)[0]
+      x_val = np.random.default_rng(1).normal(size=(4, 2, 3))
+      with tf.compat.v1.Session() as sess:
+        out, plain_val, full_val = sess.run([h, plain, full], {x: x_val})
+    self.assertEqual(out.shape, (4, 2, 3, 2, 3))
+    self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
+    self.assertAllClose(out, plain_val)
+
+  @parameterized.product(strategy=list(_STRATEGIES))
+  def test_list_of_xs(self, strategy):
+    kwargs = self.strategy(strategy)
+    with tf.Graph().as_default():
+      x1 = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      x2 = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      w = tf.constant(np.random.default_rng(2).normal(size=(3, 2)))
+      y = tf.reduce_sum(tf.sin(x1), 1) * tf.reduce_sum(
+        tf.tanh(tf.matmul(x2, w)), 1
+      )
+      hs = tf1hess.batch_hessians(y, [x1, x2], **kwargs)
+      self.assertIsInstance(hs, list)
+      refs = tf.hessians(y, [x1, x2])
+      feed = {
+        x1: np.random.default_rng(0).normal(size=(3, 2)),
+        x2: np.random.default_rng(1).normal(size=(3, 3)),
+      }
+      with tf.compat.v1.Session() as sess:
+        outs, ref_vals = sess.run([hs, refs], feed)
+    for out, ref in zip(outs, ref_vals):
+      self.assertAllClose(out, testing_utils.diagonal_blocks(ref))
+
+  @parameterized.product(strategy=list(_STRATEGIES), cf=[1, 2])
+  def test_diagonals(self, strategy, cf):
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    x_val = np.random.default_rng(3).normal(size=(6, 5))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 5])
+      d = tf1hess.batch_hessian_diagonals(_mlp(x), x, **kwargs)
+      d_quad = tf1hess.batch_hessian_diagonals(
+        _quadratic(x[:, :4]), x, **kwargs
+      )
+      with tf.compat.v1.Session() as sess:
+        out, out_quad = sess.run([d, d_quad], {x: x_val})
+    expected = testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS)
+    self.assertAllClose(out, np.einsum("nii->ni", expected))
+    quad = np.append(2.0 * np.diag(_A), 0.0)
+    self.assertAllClose(out_quad, np.broadcast_to(quad, (6, 5)))
+
+  @parameterized.product(strategy=list(_STRATEGIES), cf=[1, 2])
+  def test_third_order(self, strategy, cf):
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    x_val = np.random.default_rng(4).normal(size=(3, 5))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 5])
+      d3 = tf1hess.batch_derivatives(_mlp(x), x, 3, **kwargs)
+      cube = tf1hess.batch_derivatives(tf.reduce_sum(x**3), x, 3, **kwargs)
+      with tf.compat.v1.Session() as sess:
+        out, out_cube = sess.run([d3, cube], {x: x_val})
+    self.assertEqual(out.shape, (3, 5, 5, 5))
+    reference = testing_utils.central_difference_jacobian(
+      lambda v: testing_utils.tanh_mlp_hessians(v, *_WEIGHTS).reshape(
+        len(v), -1
+      ),
+      x_val,
+    ).reshape(3, 5, 5, 5)
+    self.assertAllClose(out, reference, atol=1e-6)
+    expected_cube = np.zeros((5, 5, 5))
+    expected_cube[np.arange(5), np.arange(5), np.arange(5)] = 6.0
+    self.assertAllClose(out_cube, np.broadcast_to(expected_cube, (3, 5, 5, 5)))
+
+  @parameterized.product(strategy=list(_STRATEGIES))
+  def test_scan_model_under_control_flow_v2(self, strategy):
+    self.control_flow(2)
+    kwargs = self.strategy(strategy)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = _scan(x)
+      h = tf1hess.batch_hessians(y, x, **kwargs)
+      (g,) = tf.gradients(y, x)
+      x_val = np.random.default_rng(0).normal(size=(5, 3))
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(h, {x: x_val})
+        reference = testing_utils.central_difference_jacobian(
+          lambda v: sess.run(g, {x: v}), x_val
+        )
+    self.assertAllClose(out, reference, atol=1e-6)
+
+  @parameterized.product(strategy=list(_STRATEGIES))
+  def test_linear_and_unconnected(self, strategy):
+    kwargs = self.strategy(strategy)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      other = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      w = tf.constant(np.ones((3, 2), np.float32))
+      linear = tf.reduce_sum(tf.matmul(x, w), axis=1)
+      h_linear = tf1hess.batch_hessians(linear, x, **kwargs)
+      h_other = tf1hess.batch_hessians(tf.reduce_sum(other**2), x, **kwargs)
+      self.assertIsNone(
+        tf1hess.batch_hessians(
+          linear, x, unconnected_gradients="none", **kwargs
+        )
+      )
+      with tf.compat.v1.Session() as sess:
+        a, b = sess.run(
+          [h_linear, h_other], {x: np.ones((4, 3)), other: np.ones((4, 3))}
+        )
+    self.assertAllEqual(a, np.zeros((4, 3, 3)))
+    self.assertAllEqual(b, np.zeros((4, 3, 3)))
+
+  @parameterized.product(strategy=list(_STRATEGIES))
+  def test_independence_check_fires(self, strategy):
+    kwargs = self.strategy(strategy)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      h = tf1hess.batch_hessians(
+        tf.reduce_sum(x) ** 2 + _mlp(tf.pad(x, [[0, 0], [0, 2]])),
+        x,
+        check_independence=True,
+        **kwargs,
+      )
+      with tf.compat.v1.Session() as sess:
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError, "are not independent"
+        ):
+          sess.run(h, {x: np.ones((3, 3))})
+
+  @parameterized.parameters(1, 2, 3, 5, 100)
+  def test_chunk_sizes(self, chunk_size):
+    x_val = np.random.default_rng(chunk_size).normal(size=(4, 5))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 5])
+      h = tf1hess.batch_hessians(_mlp(x), x, chunk_size=chunk_size)
+      h_pfor = tf1hess.batch_hessians(
+        _mlp(x), x, method="pfor", chunk_size=chunk_size
+      )
+      with tf.compat.v1.Session() as sess:
+        out, out_pfor = sess.run([h, h_pfor], {x: x_val})
+    expected = testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS)
+    self.assertAllClose(out, expected)
+    self.assertAllClose(out_pfor, expected)
+
+
+class FunctionAndEagerStrategiesTest(
+  StrategyMixin, tf.test.TestCase, parameterized.TestCase
+):
+  @parameterized.product(strategy=list(_STRATEGIES), path=["graph", "eager"])
+  def test_tf_function_with_none_batch(self, strategy, path):
+    kwargs = self.strategy(strategy)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float64)])
+    def hessians(x):
+      if path == "graph":
+        return tf1hess.batch_hessians(_mlp(x), x, **kwargs)
+      return tf1hess.eager.batch_hessians(_mlp, x, **kwargs)
+
+    if strategy == "auto_without_pfor":
+      hessians.get_concrete_function()
+    else:
+      with self.assertNoLogs("absl", "INFO"):  # No strategy falls back.
+        hessians.get_concrete_function()
+    for n in (0, 1, 7):
+      x_val = np.random.default_rng(n).normal(size=(n, 5))
+      self.assertAllClose(
+        hessians(x_val), testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS)
+      )
+
+  @parameterized.product(strategy=list(_STRATEGIES), n=[0, 1, 7])
+  def test_eagerly(self, strategy, n):
+    kwargs = self.strategy(strategy)
+    x_val = np.random.default_rng(n).normal(size=(n, 4))
+    out = tf1hess.eager.batch_hessians(_quadratic, tf.constant(x_val), **kwargs)
+    self.assertAllClose(out, np.broadcast_to(_A + _A.T, (n, 4, 4)))
+    diagonals = tf1hess.eager.batch_hessian_diagonals(
+      _mlp, tf.constant(np.pad(x_val, [[0, 0], [0, 1]])), **kwargs
+    )
+    expected = testing_utils.tanh_mlp_hessians(
+      np.pad(x_val, [[0, 0], [0, 1]]), *_WEIGHTS
+    )
+    self.assertAllClose(diagonals, np.einsum("nii->ni", expected))
+
+  @parameterized.product(strategy=list(_STRATEGIES))
+  def test_eager_scan_model_in_tf_function(self, strategy):
+    kwargs = self.strategy(strategy)
+    hessians = tf.function(
+      lambda x: tf1hess.eager.batch_hessians(_scan, x, **kwargs),
+      input_signature=[tf.TensorSpec([None, 3], tf.float64)],
+    )
+    x_val = np.random.default_rng(1).normal(size=(4, 3))
+    with tf.Graph().as_default():
+      xp = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      (g,) = tf.gradients(_scan(xp), xp)
+      with tf.compat.v1.Session() as sess:
+        reference = testing_utils.central_difference_jacobian(
+          lambda v: sess.run(g, {xp: v}), x_val
+        )
+    self.assertAllClose(hessians(x_val), reference, atol=1e-6)
+
+
+class FallbackTest(StrategyMixin, tf.test.TestCase):
+  """Ops that `pfor` cannot vectorize, and shortcuts that cannot be built."""
+
+  def _model(self, x):
+    # The gradient of CumulativeLogsumexp uses CumulativeLogsumexp, for which
+    # pfor has no converter: the second backward pass cannot be vectorized.
+    return tf.reduce_sum(tf.math.cumulative_logsumexp(x, axis=1) ** 2, 1)
+
+  def _run(self, **kwargs):
+    x_val = np.random.default_rng(0).normal(size=(3, 4))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      y = self._model(x)
+      h = tf1hess.batch_hessians(y, x, **kwargs)
+      full = tf.hessians(y, x)[0]
+      with tf.compat.v1.Session() as sess:
+        out, full_val = sess.run([h, full], {x: x_val})
+    self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
+
+  def test_auto_falls_back_to_the_loop_when_pfor_fails(self):
+    with mock.patch.object(_core, "PFOR_MIN_ROWS", 4):
+      with self.assertLogs("absl", "INFO") as logs:
+        self._run()
+    self.assertRegex(
+      "\n".join(logs.output), "could not be built by pfor.*falling back"
+    )
+
+  def test_auto_does_not_try_pfor_on_few_rows(self):
+    with self.assertNoLogs("absl", "INFO"):
+      self._run()
+
+  def test_explicit_pfor_falls_back_too(self):
+    with self.assertLogs("absl", "INFO") as logs:
+      self._run(method="pfor")
+    self.assertRegex(
+      "\n".join(logs.output), "could not be built by pfor.*falling back"
+    )
+
+  def test_auto_falls_back_to_the_plain_loop_when_shortcuts_fail(self):
+    with mock.patch.object(
+      _core, "_tail_terms", side_effect=RuntimeError("no shortcut")
+    ):
+      with self.assertLogs("absl", "INFO") as logs:
+        self._run()
+    self.assertRegex(
+      "\n".join(logs.output), "linear shortcuts.*no shortcut.*falling back"
+    )
+
+  def test_while_loop_method_builds_no_shortcuts(self):
+    with mock.patch.object(
+      _core, "_tail_terms", side_effect=AssertionError("unused")
+    ):
+      self._run(method="while_loop")
+
+
+class StrategyChoiceTest(StrategyMixin, tf.test.TestCase):
+  """Each method builds the rows it names (checked on the graph's ops)."""
+
+  def _loops(self, k, **kwargs):
+    """The while loops in the graph of the Hessians of a tanh layer."""
+    with tf.Graph().as_default() as graph:
+      # A static batch: no tf.cond around the rows to look into.
+      x = tf.compat.v1.placeholder(tf.float32, [3, k])
+      w = tf.constant(np.ones((k, 3), np.float32))
+      y = tf.reduce_sum(tf.tanh(tf.matmul(x, w)), 1)
+      with self.assertNoLogs("absl", "INFO"):
+        tf1hess.batch_hessians(y, x, **kwargs)
+    return [
+      op
+      for op in graph.get_operations()
+      if op.type in ("While", "StatelessWhile")
+    ]
+
+  def test_while_loop_loops(self):
+    self.assertLen(self._loops(4, method="while_loop"), 1)
+
+  def test_pfor_vectorizes(self):
+    self.assertEmpty(self._loops(4, method="pfor"))
+
+  def test_pfor_chunks_loop_over_chunks(self):
+    self.assertLen(self._loops(4, method="pfor", chunk_size=2), 1)
+
+  def test_auto_loops_over_few_rows(self):
+    self.assertLen(self._loops(4), 1)
+
+  def test_auto_vectorizes_many_rows(self):
+    self.assertEmpty(self._loops(_core.PFOR_MIN_ROWS))
+
+
+class ShortcutsTest(tf.test.TestCase):
+  """The linear shortcuts find the layers they are meant to skip."""
+
+  def test_dense_layers_at_both_ends(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 5])
+      (g,) = tf.gradients(_mlp(x), x)
+      graph = _core._Graph(x)
+      terms = _core._tail_terms(g, graph)
+      self.assertEqual([t.op.type for t, _ in terms], ["TanhGrad"])
+      pre, w, transpose_b = _core._head(x, [t for t, _ in terms], graph)
+      self.assertEqual(pre.op.type, "MatMul")
+      self.assertEqual(w.shape.as_list(), [5, 3])
+      self.assertFalse(transpose_b)
+
+  def test_input_used_twice_has_no_head(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
+      (g,) = tf.gradients(_quadratic(x), x)
+      graph = _core._Graph(x)
+      terms = _core._tail_terms(g, graph)
+      self.assertLen(terms, 2)  # The two uses of x in x * (x A).
+      self.assertIsNone(_core._head(x, [t for t, _ in terms], graph))
+
+  def test_weights_that_depend_on_the_input_are_not_skipped(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      y = tf.matmul(x, tf.transpose(x))  # (N, N): couples samples.
+      graph = _core._Graph(x)
+      self.assertIsNone(_core._head(x, [y], graph))
+      self.assertEqual(_core._tail_terms(y, graph), [(y, ())])
+
+
+class ArgumentErrorsTest(tf.test.TestCase, parameterized.TestCase):
+  @parameterized.named_parameters(
+    ("unknown", "fast"),
+    ("case", "PFOR"),
+    ("not_a_string", 1),
+  )
+  def test_unknown_method(self, method):
+    regex = "`method` must be one of 'auto', 'pfor' or 'while_loop'; saw"
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+      with self.assertRaisesRegex(ValueError, regex):
+        tf1hess.batch_hessians(tf.reduce_sum(x**3), x, method=method)
+      with self.assertRaisesRegex(ValueError, regex):
+        tf1hess.batch_hessian_diagonals(tf.reduce_sum(x**3), x, method=method)
+    with self.assertRaisesRegex(ValueError, regex):
+      tf1hess.eager.batch_hessians(
+        lambda x: tf.reduce_sum(x**3), tf.ones([1, 2]), method=method
+      )
+
+  @parameterized.named_parameters(
+    ("zero", 0),
+    ("negative", -3),
+    ("bool", True),
+    ("float", 2.0),
+  )
+  def test_bad_chunk_size(self, chunk_size):
+    regex = "`chunk_size` must be None or a positive int; saw"
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+      with self.assertRaisesRegex(ValueError, regex):
+        tf1hess.batch_derivatives(
+          tf.reduce_sum(x**3), x, 3, chunk_size=chunk_size
+        )
+    with self.assertRaisesRegex(ValueError, regex):
+      tf1hess.eager.batch_hessian_diagonals(
+        lambda x: tf.reduce_sum(x**3), tf.ones([1, 2]), chunk_size=chunk_size
+      )
+
+
+if __name__ == "__main__":
+  tf.test.main()
