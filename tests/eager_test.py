@@ -115,6 +115,25 @@ class EagerMatchesGraphTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(out.shape, (3,) + (4,) * order)
     self.assertAllClose(out, _graph_path(_mlp, x_val, order))
 
+  @parameterized.product(
+    method=["auto", "pfor", "while_loop"], static_batch=[False, True]
+  )
+  def test_third_order_while_building_a_control_flow_v1_graph(
+    self, method, static_batch
+  ):
+    # A tape cannot differentiate the v1 row loop (or the tf.cond around an
+    # empty batch) of the Hessian level; the third order must still come out.
+    tf.compat.v1.disable_control_flow_v2()
+    self.addCleanup(tf.compat.v1.enable_control_flow_v2)
+    x_val = np.random.default_rng(2).normal(size=(3, 4))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [3 if static_batch else None, 4])
+      d3 = tf1hess.eager.batch_derivatives(_mlp, x, 3, method=method)
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(d3, {x: x_val})
+    tf.compat.v1.enable_control_flow_v2()
+    self.assertAllClose(out, _graph_path(_mlp, x_val, 3))
+
   def test_companions(self):
     rng = np.random.default_rng(0)
     x_val, v_val = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))

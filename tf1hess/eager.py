@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from tf1hess import _checks
 from tf1hess import _core
+from tf1hess import ops
 
 
 def _as_input(fn, x):
@@ -94,6 +95,19 @@ def _derivatives(
   _core.check_method(method, chunk_size)
   x = _as_input(fn, x)
   _checks.check_output_fits(x, 1 if diagonal else order)
+  if order >= 3 and _core.control_flow_v1():
+    # The levels below the last are differentiated again, and they hold v1
+    # control flow (the row loop, a tf.cond on an empty batch) that a tape
+    # cannot differentiate; tf.gradients can.
+    return ops.batch_derivatives(
+      fn(x),
+      x,
+      order,
+      unconnected_gradients=unconnected_gradients,
+      parallel_iterations=parallel_iterations,
+      method=method,
+      chunk_size=chunk_size,
+    )
   with _Tapes(x, order) as tapes:
     ys = fn(x)
     for y in _checks.as_list(ys)[0]:
@@ -244,6 +258,11 @@ def batch_derivatives(
   chunk_size=None,
 ):
   """Per-sample derivative tensors of `fn` of order `order`.
+
+  While a control-flow-v1 graph is being built
+  (`tf.compat.v1.disable_v2_behavior()`), orders >= 3 are taken with
+  `tf.gradients` (`tf1hess.batch_derivatives(fn(x), x, order)`): a tape
+  cannot differentiate the v1 row loop of the levels below the last.
 
   Args:
     fn: as in `batch_hessians`.
