@@ -19,16 +19,11 @@ def _quadratic(x):
   return tf.einsum("ni,ij,nj->n", x, tf.constant(_A, x.dtype), x)
 
 
-def _scan(x):
-  states = tf.scan(
-    lambda c, xt: tf.tanh(0.7 * c + xt),
-    tf.transpose(x),
-    initializer=tf.zeros_like(x[:, 0]),
-  )
-  return states[-1] ** 2
-
-
-_FUNCTIONS = {"mlp": _mlp, "quadratic": _quadratic, "scan": _scan}
+_FUNCTIONS = {
+  "mlp": _mlp,
+  "quadratic": _quadratic,
+  "scan": testing_utils.scan_model,
+}
 
 
 def _graph_path(fn, x_val, order=2):

@@ -27,19 +27,8 @@ def _quadratic(x, a):
   return tf.einsum("ni,ij,nj->n", x, tf.constant(a, x.dtype), x)
 
 
-class ControlFlowMixin:
-  """Runs a test body under control flow v1 or v2 in a fresh graph."""
-
-  def control_flow(self, version):
-    if version == 1:
-      tf.compat.v1.disable_control_flow_v2()
-      self.addCleanup(tf.compat.v1.enable_control_flow_v2)
-    else:
-      tf.compat.v1.enable_control_flow_v2()
-
-
 class BatchHessiansTest(
-  ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
   @parameterized.product(
     n=[0, 1, 7, 64],
@@ -338,7 +327,7 @@ class CompanionsTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class LegacyModelsTest(
-  ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
   """Models built the way TF1 code builds them, against tf.hessians blocks."""
 

@@ -47,16 +47,7 @@ def _mlp(x):
   return testing_utils.tanh_mlp(x, *_WEIGHTS)
 
 
-def _scan(x):
-  states = tf.scan(
-    lambda c, xt: tf.tanh(0.7 * c + xt),
-    tf.transpose(x),
-    initializer=tf.zeros_like(x[:, 0]),
-  )
-  return states[-1] ** 2
-
-
-class StrategyMixin:
+class StrategyMixin(testing_utils.ControlFlowMixin):
   """Applies a named strategy and a control flow version for one test."""
 
   def strategy(self, name):
@@ -77,13 +68,6 @@ class StrategyMixin:
       patch.start()
       self.addCleanup(patch.stop)
     return kwargs
-
-  def control_flow(self, version):
-    if version == 1:
-      tf.compat.v1.disable_control_flow_v2()
-      self.addCleanup(tf.compat.v1.enable_control_flow_v2)
-    else:
-      tf.compat.v1.enable_control_flow_v2()
 
 
 class GraphStrategiesTest(
@@ -235,7 +219,7 @@ class GraphStrategiesTest(
     kwargs = self.strategy(strategy)
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 3])
-      y = _scan(x)
+      y = testing_utils.scan_model(x)
       h = tf1hess.batch_hessians(y, x, **kwargs)
       (g,) = tf.gradients(y, x)
       x_val = np.random.default_rng(0).normal(size=(5, 3))
@@ -343,13 +327,15 @@ class FunctionAndEagerStrategiesTest(
   def test_eager_scan_model_in_tf_function(self, strategy):
     kwargs = self.strategy(strategy)
     hessians = tf.function(
-      lambda x: tf1hess.eager.batch_hessians(_scan, x, **kwargs),
+      lambda x: tf1hess.eager.batch_hessians(
+        testing_utils.scan_model, x, **kwargs
+      ),
       input_signature=[tf.TensorSpec([None, 3], tf.float64)],
     )
     x_val = np.random.default_rng(1).normal(size=(4, 3))
     with tf.Graph().as_default():
       xp = tf.compat.v1.placeholder(tf.float64, [None, 3])
-      (g,) = tf.gradients(_scan(xp), xp)
+      (g,) = tf.gradients(testing_utils.scan_model(xp), xp)
       with tf.compat.v1.Session() as sess:
         reference = testing_utils.central_difference_jacobian(
           lambda v: sess.run(g, {xp: v}), x_val

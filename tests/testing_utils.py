@@ -65,3 +65,24 @@ def central_difference_jacobian(fn, x, eps=1e-5):
     step[:, j] = eps
     columns.append((fn(x + step) - fn(x - step)) / (2 * eps))
   return np.stack(columns, axis=-1).reshape(n, -1, k)
+
+
+def scan_model(x):
+  """A model with a loop: `tf.scan` of a tanh recurrence over the features."""
+  states = tf.scan(
+    lambda c, xt: tf.tanh(0.7 * c + xt),
+    tf.transpose(x),
+    initializer=tf.zeros_like(x[:, 0]),
+  )
+  return states[-1] ** 2
+
+
+class ControlFlowMixin:
+  """Runs a test body under control flow v1 or v2 (restored afterwards)."""
+
+  def control_flow(self, version):
+    if version == 1:
+      tf.compat.v1.disable_control_flow_v2()
+      self.addCleanup(tf.compat.v1.enable_control_flow_v2)
+    else:
+      tf.compat.v1.enable_control_flow_v2()
