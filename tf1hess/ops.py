@@ -405,6 +405,11 @@ def batch_derivatives(
   `K + K^2 + ... + K^(n-1)` backward passes (nested row loops), and its
   output has `N * K^n` elements.
 
+  With `unconnected_gradients='none'`, `None` comes back where TensorFlow
+  reports a level as unconnected. A level built by a loop over rows is
+  differentiated through that loop, and a control-flow-v2 loop reports
+  zeros, not `None`: orders >= 3 of a quadratic are then zeros.
+
   Args:
     ys: as in `batch_hessians`.
     xs: as in `batch_hessians`.
