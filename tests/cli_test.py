@@ -68,6 +68,21 @@ class AtomicOutputTest(tf.test.TestCase):
         raise RuntimeError("interrupted")
     self.assertEqual(os.listdir(directory), [])
 
+  def test_stale_temporaries_of_a_killed_writer_are_removed(self):
+    directory = tempfile.mkdtemp(dir=self.get_temp_dir())
+    path = os.path.join(directory, "out[1].json")
+    # What a writer killed inside `atomic_output` leaves behind: the real
+    # temporary name, made by the same code.
+    manager = _cli.atomic_output(path, suffix=".json")
+    stale = manager.__enter__()
+    others = ["out[1].json", ".out[1].json.x.tmp.npy", ".other.json.x.tmp.json"]
+    for name in others:
+      with open(os.path.join(directory, name), "w", encoding="utf-8"):
+        pass
+    _cli.remove_stale_temporaries(path, suffix=".json")
+    self.assertFalse(os.path.exists(stale))
+    self.assertCountEqual(os.listdir(directory), others)
+
 
 class AtomicDirectoryTest(tf.test.TestCase):
   def test_renames_or_removes_a_directory(self):

@@ -1,6 +1,7 @@
 """Helpers for the absl scripts: shared flags, one-line errors, atomic files."""
 
 import contextlib
+import glob
 import dataclasses
 import os
 import re
@@ -149,6 +150,19 @@ def exit_on_error(prog):
     yield
   except USER_ERRORS as error:
     sys.exit(f"{prog}: error: {error_summary(error)}")
+
+
+def remove_stale_temporaries(path, suffix=""):
+  """Removes what `atomic_output(path, suffix)` left when its process died.
+
+  A process killed (SIGKILL, power loss) while writing cannot clean up; the
+  next run that finishes `path` calls this.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  pattern = "." + glob.escape(os.path.basename(os.path.abspath(path)))
+  for stale in glob.glob(os.path.join(parent, pattern + ".*.tmp" + suffix)):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(stale)
 
 
 @contextlib.contextmanager

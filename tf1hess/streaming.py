@@ -847,6 +847,7 @@ class _Manifest:
   def remove(self):
     with contextlib.suppress(FileNotFoundError):
       os.remove(self.path)
+    _cli.remove_stale_temporaries(self.path, suffix=".json")
 
 
 def _check_output_path(path, arg):
