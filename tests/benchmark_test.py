@@ -94,10 +94,16 @@ class QuickModeTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_goals_compare_with_the_named_methods(self):
     goals = benchmark.goals(self.results)
-    mlp = [g for g in goals if g["case"] == "tanh_mlp 32x4"]
-    targets = sorted(g["target"] for g in mlp)
-    self.assertEqual(targets, [1.2, 1.5])
+    mlp = {g["target"]: g for g in goals if g["case"] == "tanh_mlp 32x4"}
+    self.assertCountEqual(mlp, [1.2, 1.5])
+    self.assertIn("JAX", mlp[1.2]["goal"])
+    jax_timed = "jax_jit_vmap_hessian" in benchmark.default_methods()
     for g in goals:
+      if g["other"] is None:  # JAX not installed: shown as not measured.
+        self.assertFalse(jax_timed)
+        self.assertIsNone(g["speedup"])
+        self.assertIsNone(g["met"])
+        continue
       self.assertAllClose(g["speedup"], g["other"] / g["tf1hess"])
       self.assertEqual(g["met"], g["speedup"] >= g["target"])
 
