@@ -419,7 +419,6 @@ METHODS = {
   "tf1hess_auto": _tf1hess(),
   "tf1hess_pfor": _tf1hess(method="pfor"),
   "tf1hess_while_loop": _tf1hess(method="while_loop"),
-  "tf1hess_xla": _tf1hess(jit_compile=True),
   "tf1hess_eager_function": _tf1hess_eager_function,
   "batch_jacobian_pfor": _tape_batch_jacobian(True),
   "batch_jacobian_while": _tape_batch_jacobian(False),
@@ -433,7 +432,6 @@ LABELS = {
   "tf1hess_auto": "tf1hess (default)",
   "tf1hess_pfor": "tf1hess method='pfor'",
   "tf1hess_while_loop": "tf1hess method='while_loop'",
-  "tf1hess_xla": "tf1hess jit_compile=True",
   "tf1hess_eager_function": "tf1hess.eager in tf.function",
   "batch_jacobian_pfor": "tape.batch_jacobian (pfor)",
   "batch_jacobian_while": "tape.batch_jacobian (use_pfor=False)",
@@ -838,10 +836,7 @@ def markdown(results, notes, command, shared_note):
     "/proc/self/clear_refs) during one run minus the resident set before "
     "it: what the computation itself takes, its output included (a float32 "
     "output is N*K*K*4 bytes). tracemalloc would not see TensorFlow's "
-    "allocations; this counts everything the process touches. With "
-    "`jit_compile=True`, XLA compiles once per batch size, so that run "
-    "also counts the compiler's memory (the timed runs come after a "
-    "compiling warm-up).",
+    "allocations; this counts everything the process touches.",
     "- `tf.hessians` builds the full `(N, K, N, K)` tensor with N*K backward "
     "passes; it only runs where that fits in `--tf_hessians_max_bytes`.",
     "",

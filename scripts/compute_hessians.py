@@ -172,7 +172,6 @@ def main(argv):
         connect_timeout=_CONNECT_TIMEOUT.value,
         max_file_bytes=_MAX_FILE_BYTES.value,
         check_independence=_MODEL.check_independence.value,
-        jit_compile=_MODEL.jit_compile.value,
         progress_interval=_PROGRESS_SECS.value,
       )
   except KeyboardInterrupt:

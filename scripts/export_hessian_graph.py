@@ -51,7 +51,6 @@ def export_model(
   output_graph=None,
   logdir=None,
   check_independence=False,
-  jit_compile=False,
 ):
   """Loads a model, adds its Hessian ops and writes the exports.
 
@@ -67,7 +66,6 @@ def export_model(
     output_graph: as in `tf1hess.export.export_hessian_graph`.
     logdir: as in `tf1hess.export.export_hessian_graph`.
     check_independence: `bool`, as in `tf1hess.batch_hessians`.
-    jit_compile: `bool`, as in `tf1hess.legacy.add_hessian_ops`.
 
   Returns:
     The `tf1hess.legacy.HessianModel` that was exported.
@@ -89,7 +87,6 @@ def export_model(
     checkpoint=checkpoint,
     tag=tag,
     check_independence=check_independence,
-    jit_compile=jit_compile,
   )
   logging.info(
     "Hessians %s and gradients %s of %s with respect to %s %s",
@@ -124,7 +121,6 @@ def main(argv):
       output_graph=_OUTPUT_GRAPH.value,
       logdir=_LOGDIR.value,
       check_independence=_MODEL.check_independence.value,
-      jit_compile=_MODEL.jit_compile.value,
     )
 
 

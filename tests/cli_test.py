@@ -123,7 +123,6 @@ class ModelFlagsTest(tf.test.TestCase):
       tag="serve",
       xs="x:0",
       check_independence=False,
-      jit_compile=False,
     )
     one = _cli.ModelFlags(
       ys=holder(["a:0"]), **{k: holder(v) for k, v in values.items()}

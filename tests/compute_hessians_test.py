@@ -141,24 +141,6 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertCountEqual(os.listdir(self.dir), ["x.npy", "h.npy", "g.npy"])
 
-  def test_jit_compile_flag(self):
-    path, x = self.save_samples(9)
-    self._run_main(
-      graph=self.paths["graph"],
-      xs="x:0",
-      ys=["y:0"],
-      input=path,
-      output=self.path("h.npy"),
-      batch_size=4,  # 4, 4 and a shorter last batch: two compilations.
-      jit_compile=True,
-    )
-    self.assertAllClose(
-      np.load(self.path("h.npy")),
-      testing_utils.tanh_mlp_hessians(x, *_WEIGHTS),
-      atol=1e-5,
-      rtol=1e-4,
-    )
-
   def test_subprocess_csv_to_float64(self):
     x = np.random.default_rng(1).normal(size=(7, _K)).astype(np.float32)
     with open(self.path("x.csv"), "w", encoding="utf-8") as f:

@@ -164,7 +164,6 @@ class ExportScriptTest(tf.test.TestCase, parameterized.TestCase):
       f"--checkpoint={cls.paths['checkpoint']}",
       "--xs=x:0",
       "--ys=y",
-      "--jit_compile",  # The XLA marks must not stop plain TensorFlow.
       *(f"--{k}={v}" for k, v in cls.program_outputs.items()),
     )
     jobs.append(["program", "saved_model", cls.program_outputs["export_dir"]])

@@ -102,16 +102,9 @@ class LoadGraphDefTest(tf.test.TestCase, parameterized.TestCase):
     shutil.rmtree(cls.dir, ignore_errors=True)
     super().tearDownClass()
 
-  def _check_hessians(self, graph_def, weights, jit_compile=False):
+  def _check_hessians(self, graph_def, weights):
     graph = legacy.import_graph_def(graph_def)
-    model_ops = set(graph.get_operations())
-    added = legacy.add_hessian_ops(graph, "x:0", "y:0", jit_compile=jit_compile)
-    marked = [
-      op.name
-      for op in graph.get_operations()
-      if op not in model_ops and "_XlaCompile" in op.node_def.attr
-    ]
-    self.assertEqual(bool(marked), jit_compile)
+    added = legacy.add_hessian_ops(graph, "x:0", "y:0")
     rng = np.random.default_rng(7)
     with tf.compat.v1.Session(graph=graph) as sess:
       for n in (1, 6):
@@ -128,10 +121,6 @@ class LoadGraphDefTest(tf.test.TestCase, parameterized.TestCase):
     graph_def = legacy.load_graph_def(**kwargs(self.paths))
     self.assertIsInstance(graph_def, tf.compat.v1.GraphDef)
     self._check_hessians(graph_def, self.weights)
-
-  def test_jit_compile(self):
-    graph_def = legacy.load_graph_def(graph=self.paths["graph"])
-    self._check_hessians(graph_def, self.weights, jit_compile=True)
 
   @parameterized.named_parameters(
     (name, kwargs) for name, kwargs in _KINDS if "pb" not in name

@@ -31,11 +31,7 @@ _STRATEGIES = {
   "auto": ({}, None),
   "auto_vectorized": ({"method": "auto"}, "vectorize"),
   "auto_without_pfor": ({"method": "auto"}, "fail_pfor"),
-  "auto_xla": ({"jit_compile": True}, None),
-  "pfor_xla": ({"method": "pfor", "jit_compile": True}, None),
 }
-# `jit_compile` marks the ops of TF1 graphs only (tf.function has its own).
-_FUNCTION_STRATEGIES = [s for s in _STRATEGIES if not s.endswith("_xla")]
 
 _TOL = {tf.float32: 2e-4, tf.float64: 1e-9}
 _WEIGHTS = testing_utils.mlp_weights(5, hidden=3)  # H < K: head shortcut.
@@ -292,7 +288,7 @@ class GraphStrategiesTest(
 class FunctionAndEagerStrategiesTest(
   StrategyMixin, tf.test.TestCase, parameterized.TestCase
 ):
-  @parameterized.product(strategy=_FUNCTION_STRATEGIES, path=["graph", "eager"])
+  @parameterized.product(strategy=list(_STRATEGIES), path=["graph", "eager"])
   def test_tf_function_with_none_batch(self, strategy, path):
     kwargs = self.strategy(strategy)
 
@@ -313,7 +309,7 @@ class FunctionAndEagerStrategiesTest(
         hessians(x_val), testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS)
       )
 
-  @parameterized.product(strategy=_FUNCTION_STRATEGIES, n=[0, 1, 7])
+  @parameterized.product(strategy=list(_STRATEGIES), n=[0, 1, 7])
   def test_eagerly(self, strategy, n):
     kwargs = self.strategy(strategy)
     x_val = np.random.default_rng(n).normal(size=(n, 4))
@@ -327,7 +323,7 @@ class FunctionAndEagerStrategiesTest(
     )
     self.assertAllClose(diagonals, np.einsum("nii->ni", expected))
 
-  @parameterized.product(strategy=_FUNCTION_STRATEGIES)
+  @parameterized.product(strategy=list(_STRATEGIES))
   def test_eager_scan_model_in_tf_function(self, strategy):
     kwargs = self.strategy(strategy)
     hessians = tf.function(
@@ -402,9 +398,7 @@ class FallbackTest(StrategyMixin, tf.test.TestCase):
       self._run(method="while_loop")
 
 
-class StrategyChoiceTest(
-  StrategyMixin, tf.test.TestCase, parameterized.TestCase
-):
+class StrategyChoiceTest(StrategyMixin, tf.test.TestCase):
   """Each method builds the rows it names (checked on the graph's ops)."""
 
   def _loops(self, k, **kwargs):
@@ -436,26 +430,6 @@ class StrategyChoiceTest(
 
   def test_auto_vectorizes_many_rows(self):
     self.assertEmpty(self._loops(_core.PFOR_MIN_ROWS))
-
-  @parameterized.parameters(False, True)
-  def test_jit_compile_marks_the_backward_passes_for_xla(self, jit_compile):
-    with tf.Graph().as_default() as graph:
-      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
-      y = tf.reduce_sum(tf.tanh(x) ** 2, 1)
-      model_ops = set(graph.get_operations())
-      tf1hess.batch_hessians(y, x, jit_compile=jit_compile)
-    marked = {}
-    for op in graph.get_operations():
-      try:
-        marked[op] = op.get_attr("_XlaCompile")
-      except ValueError:
-        marked[op] = False
-    added = [op for op in graph.get_operations() if op not in model_ops]
-    self.assertFalse(any(marked[op] for op in model_ops))
-    self.assertEqual(
-      any(marked[op] for op in added if op.type.endswith("While")),
-      jit_compile,
-    )
 
 
 class ShortcutsTest(tf.test.TestCase):
@@ -528,30 +502,6 @@ class ArgumentErrorsTest(tf.test.TestCase, parameterized.TestCase):
       tf1hess.eager.batch_hessian_diagonals(
         lambda x: tf.reduce_sum(x**3), tf.ones([1, 2]), chunk_size=chunk_size
       )
-
-  def test_jit_compile_outside_a_tf1_graph(self):
-    regex = "`jit_compile=True` marks the ops of a TF1 graph for XLA"
-    fn = lambda x: tf.reduce_sum(x**3, 1)  # noqa: E731
-    with self.assertRaisesRegex(ValueError, regex):
-      tf1hess.eager.batch_hessians(fn, tf.ones([1, 2]), jit_compile=True)
-    for path in ("graph", "eager"):
-
-      @tf.function(input_signature=[tf.TensorSpec([None, 2])])
-      def hessians(x, path=path):
-        if path == "graph":
-          return tf1hess.batch_hessians(fn(x), x, jit_compile=True)
-        return tf1hess.eager.batch_hessians(fn, x, jit_compile=True)
-
-      with self.assertRaisesRegex(ValueError, regex):
-        hessians.get_concrete_function()
-
-  def test_jit_compile_not_a_bool(self):
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, 2])
-      with self.assertRaisesRegex(
-        TypeError, "`jit_compile` must be a bool; saw 'yes'"
-      ):
-        tf1hess.batch_hessians(tf.reduce_sum(x**3), x, jit_compile="yes")
 
 
 if __name__ == "__main__":

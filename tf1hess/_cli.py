@@ -59,7 +59,6 @@ class ModelFlags:
   xs: flags.FlagHolder
   ys: flags.FlagHolder
   check_independence: flags.FlagHolder
-  jit_compile: flags.FlagHolder
 
   def model_kwargs(self):
     """The keyword arguments of `tf1hess.legacy.load_graph_def`."""
@@ -84,9 +83,9 @@ def define_model_flags():
   """Defines the model flags once per process and returns their holders.
 
   `--saved_model` | `--graph` | `--meta_graph` with `--checkpoint`, `--tag`,
-  `--xs`, `--ys`, `--check_independence` and `--jit_compile`. Every script
-  that loads a model calls this, so that several scripts can be imported in
-  one process (their tests) without defining a flag twice.
+  `--xs`, `--ys` and `--check_independence`. Every script that loads a model
+  calls this, so that several scripts can be imported in one process (their
+  tests) without defining a flag twice.
 
   Returns:
     A `ModelFlags`.
@@ -131,12 +130,6 @@ def define_model_flags():
           False,
           "Fail at run time when samples are coupled (e.g. batch norm in "
           "training mode).",
-        ),
-        jit_compile=flags.DEFINE_bool(
-          "jit_compile",
-          False,
-          "Compile the Hessians with XLA: often much faster; each new batch "
-          "size costs one compilation.",
         ),
       )
     )

@@ -97,29 +97,13 @@ _NO_GRADIENT = frozenset(
 _MAX_TERMS = 16
 
 
-def check_method(method, chunk_size, jit_compile=False):
-  """Raises unless `method`, `chunk_size` and `jit_compile` are valid.
+def check_method(method, chunk_size):
+  """Raises `ValueError` unless `method` and `chunk_size` are valid.
 
   Args:
     method: one of `METHODS`.
     chunk_size: `None` or a positive `int`.
-    jit_compile: `bool`; `True` only while building a TF1 graph.
-
-  Raises:
-    TypeError: when `jit_compile` is not a bool.
-    ValueError: when `method` is unknown, `chunk_size` is not a positive int,
-      or `jit_compile` is set outside a TF1 graph.
   """
-  if not isinstance(jit_compile, bool):
-    raise TypeError(f"`jit_compile` must be a bool; saw {jit_compile!r}.")
-  if jit_compile and (
-    tf.executing_eagerly() or tf.compat.v1.get_default_graph().building_function
-  ):
-    raise ValueError(
-      "`jit_compile=True` marks the ops of a TF1 graph for XLA; a "
-      "tf.function ignores such marks, and eager code has none. Pass "
-      "jit_compile=True to tf.function instead."
-    )
   if not isinstance(method, str) or method not in METHODS:
     raise ValueError(
       f"`method` must be one of 'auto', 'pfor' or 'while_loop'; saw {method!r}."
@@ -317,17 +301,6 @@ def _head(source, tensors, graph):
   ):
     return None
   return op.outputs[0], op.inputs[1], op.get_attr("transpose_b")
-
-
-def xla_scope(jit_compile):
-  """Marks the ops built in it for XLA compilation when `jit_compile`.
-
-  The first gradient must be built in it too: the rows alone, compiled
-  apart from the backward pass they differentiate, gain nothing.
-  """
-  if not jit_compile:
-    return contextlib.nullcontext()
-  return tf.compat.v1.xla.experimental.jit_scope(compile_ops=True)
 
 
 def _graph_source(source):

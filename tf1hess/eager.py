@@ -89,11 +89,10 @@ def _derivatives(
   check_independence=False,
   method="auto",
   chunk_size=None,
-  jit_compile=False,
 ):
   """Shared body of the public functions: per-sample derivatives of `order`."""
   unconnected = _checks.check_unconnected(unconnected_gradients)
-  _core.check_method(method, chunk_size, jit_compile)
+  _core.check_method(method, chunk_size)
   x = _as_input(fn, x)
   _checks.check_output_fits(x, 1 if diagonal else order)
   if order >= 3 and _core.control_flow_v1():
@@ -108,9 +107,8 @@ def _derivatives(
       parallel_iterations=parallel_iterations,
       method=method,
       chunk_size=chunk_size,
-      jit_compile=jit_compile,
     )
-  with _core.xla_scope(jit_compile), _Tapes(x, order) as tapes:
+  with _Tapes(x, order) as tapes:
     ys = fn(x)
     for y in _checks.as_list(ys)[0]:
       _checks.check_float(tf.convert_to_tensor(y), "fn(x)")
@@ -138,7 +136,6 @@ def batch_hessians(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
-  jit_compile=False,
 ):
   """Per-sample Hessians of `fn` at the batch `x`.
 
@@ -155,9 +152,6 @@ def batch_hessians(
       `tf1hess.batch_hessians`.
     chunk_size: `int` or `None` (default: all rows at once): rows per
       vectorized backward pass, as in `tf1hess.batch_hessians`.
-    jit_compile: `bool`, default `False`: compile with XLA, as in
-      `tf1hess.batch_hessians`; only while building a TF1 graph (eagerly or
-      in a `tf.function`, use `tf.function(..., jit_compile=True)`).
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)`, or `None` with
@@ -166,8 +160,7 @@ def batch_hessians(
   Raises:
     TypeError: when `fn` is not callable or `x`/`fn(x)` is not floating.
     ValueError: when `x` has rank < 2, `unconnected_gradients` or `method`
-      is unknown, `chunk_size` is not a positive int, or `jit_compile` is
-      set outside a TF1 graph.
+      is unknown, or `chunk_size` is not a positive int.
     tf.errors.InvalidArgumentError: when `check_independence` fails.
 
   Example:
@@ -187,7 +180,6 @@ def batch_hessians(
     check_independence=check_independence,
     method=method,
     chunk_size=chunk_size,
-    jit_compile=jit_compile,
   )
 
 
@@ -198,7 +190,6 @@ def batch_hessian_diagonals(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
-  jit_compile=False,
 ):
   """Diagonals of the per-sample Hessians of `fn` at `x`, shape of `x`.
 
@@ -209,7 +200,6 @@ def batch_hessian_diagonals(
     parallel_iterations: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `batch_hessians`.
-    jit_compile: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of the shape of `x`.
@@ -232,7 +222,6 @@ def batch_hessian_diagonals(
     diagonal=True,
     method=method,
     chunk_size=chunk_size,
-    jit_compile=jit_compile,
   )
 
 
@@ -267,7 +256,6 @@ def batch_derivatives(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
-  jit_compile=False,
 ):
   """Per-sample derivative tensors of `fn` of order `order`.
 
@@ -284,7 +272,6 @@ def batch_derivatives(
     parallel_iterations: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `tf1hess.batch_derivatives`.
-    jit_compile: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N,) + (d...) * order`.
@@ -309,7 +296,6 @@ def batch_derivatives(
     parallel_iterations,
     method=method,
     chunk_size=chunk_size,
-    jit_compile=jit_compile,
   )
 
 

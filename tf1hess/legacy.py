@@ -33,7 +33,6 @@ from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-direc
 from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _checks
-from tf1hess import _core
 from tf1hess import ops
 
 # Ops that hold variables: a frozen graph has none of them.
@@ -475,7 +474,6 @@ def add_hessian_ops(
   name="tf1hess",
   check_independence=False,
   parallel_iterations=None,
-  jit_compile=False,
 ):
   """Adds per-sample Hessian and gradient ops of a loaded model to `graph`.
 
@@ -494,9 +492,6 @@ def add_hessian_ops(
     check_independence: `bool`, default `False`: see
       `tf1hess.batch_hessians`.
     parallel_iterations: `int` or `None`: see `tf1hess.batch_hessians`.
-    jit_compile: `bool`, default `False`: compile with XLA; see
-      `tf1hess.batch_hessians`. The marks stay in exported graphs, which
-      plain TensorFlow then also runs with XLA.
 
   Returns:
     A `dict` with "hessians", a `Tensor` `(N, K, K)` (`(N, d..., d...)`),
@@ -548,7 +543,6 @@ def add_hessian_ops(
         x,
         check_independence=check_independence,
         parallel_iterations=parallel_iterations,
-        jit_compile=jit_compile,
       )
     except LookupError as error:  # An op without a (second) gradient.
       raise ValueError(
@@ -556,8 +550,7 @@ def add_hessian_ops(
         + str(error).split(". ")[0]
         + "."
       ) from error
-    with _core.xla_scope(jit_compile):
-      gradients = ops.batch_gradients(target, x)
+    gradients = ops.batch_gradients(target, x)
     return {
       "hessians": tf.identity(hessians, name="hessians"),
       "gradients": tf.identity(gradients, name="gradients"),
@@ -582,7 +575,6 @@ def load(
   tag="serve",
   name="tf1hess",
   check_independence=False,
-  jit_compile=False,
 ):
   """Loads a legacy model and adds its per-sample Hessian and gradient ops.
 
@@ -600,7 +592,6 @@ def load(
     name: `str`, default "tf1hess": the name scope of the added ops.
     check_independence: `bool`, default `False`: see
       `tf1hess.batch_hessians`.
-    jit_compile: `bool`, default `False`: see `add_hessian_ops`.
 
   Returns:
     A `HessianModel(graph, xs, ys, hessians, gradients)`.
@@ -637,7 +628,6 @@ def load(
     ys_list if was_sequence else ys_list[0],
     name=name,
     check_independence=check_independence,
-    jit_compile=jit_compile,
   )
   return HessianModel(
     loaded,

@@ -157,15 +157,14 @@ def _derivatives(
   diagonal=False,
   method="auto",
   chunk_size=None,
-  jit_compile=False,
 ):
   """Shared body of the public ops: per-sample derivatives of `order`."""
   unconnected = _checks.check_unconnected(unconnected_gradients)
-  _core.check_method(method, chunk_size, jit_compile)
+  _core.check_method(method, chunk_size)
   ys_list, xs_list, was_sequence = _prepare(ys, xs, default_name)
   for x in xs_list:
     _checks.check_output_fits(x, 1 if diagonal else order)
-  with tf.name_scope(name or default_name), _core.xla_scope(jit_compile):
+  with tf.name_scope(name or default_name):
     ys_list = [tf.convert_to_tensor(y) for y in ys_list]
     _check_no_v1_loop(ys_list, xs_list, order)
     grads = tf.gradients(ys_list, xs_list, unconnected_gradients=unconnected)
@@ -201,7 +200,6 @@ def batch_hessians(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
-  jit_compile=False,
 ):
   """Per-sample Hessians of `sum(ys)` with respect to each `x` in `xs`.
 
@@ -246,13 +244,6 @@ def batch_hessians(
       (the output and its assembly still take 1 to 3 times the output's
       size). Unused when the rows are built by a loop, which holds
       `parallel_iterations` rows at a time.
-    jit_compile: `bool`, default `False`: compile the backward passes with
-      XLA (their ops are built in
-      `tf.compat.v1.xla.experimental.jit_scope`); TF1 graphs only (in a
-      `tf.function`, pass `jit_compile=True` to `tf.function`). Often much
-      faster (see BENCHMARKS.md), but each new batch size N costs a
-      compilation when first run, and the last bits of the numbers may
-      differ from the uncompiled ones.
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)` for each `x`, in the structure of
@@ -261,12 +252,11 @@ def batch_hessians(
   Raises:
     RuntimeError: when called eagerly outside a `tf.function`, or on a
       finalized graph.
-    TypeError: when `ys` or `xs` is not a floating tensor of the graph, or
-      `jit_compile` is not a bool.
+    TypeError: when `ys` or `xs` is not a floating tensor of the graph.
     ValueError: when an `x` has rank < 2, a tensor is eager or from another
       graph, `unconnected_gradients` or `method` is unknown, `chunk_size`
-      is not a positive int, `jit_compile` is set inside a `tf.function`,
-      or `ys` contains a control flow v1 loop (enable control flow v2).
+      is not a positive int, or `ys` contains a control flow v1 loop (enable
+      control flow v2).
     tf.errors.InvalidArgumentError: at run time, when `check_independence`
       finds samples that are not independent.
 
@@ -296,7 +286,6 @@ def batch_hessians(
     check_independence=check_independence,
     method=method,
     chunk_size=chunk_size,
-    jit_compile=jit_compile,
   )
 
 
@@ -308,7 +297,6 @@ def batch_hessian_diagonals(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
-  jit_compile=False,
 ):
   """Diagonals of the per-sample Hessians, shape of each `x`.
 
@@ -323,7 +311,6 @@ def batch_hessian_diagonals(
     parallel_iterations: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `batch_hessians`.
-    jit_compile: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of the shape of each `x`, in the structure of `xs`.
@@ -351,7 +338,6 @@ def batch_hessian_diagonals(
     diagonal=True,
     method=method,
     chunk_size=chunk_size,
-    jit_compile=jit_compile,
   )
 
 
@@ -396,7 +382,6 @@ def batch_derivatives(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
-  jit_compile=False,
 ):
   """Per-sample derivative tensors of order `order`.
 
@@ -421,7 +406,6 @@ def batch_derivatives(
     chunk_size: as in `batch_hessians`; `None` does the K rows of the
       Hessian level at once and the K^(l-1) rows of level l > 2 by chunks of
       K rows.
-    jit_compile: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N,) + (d1, ..., dm) * order` per `x`, in the
@@ -452,7 +436,6 @@ def batch_derivatives(
     parallel_iterations,
     method=method,
     chunk_size=chunk_size,
-    jit_compile=jit_compile,
   )
 
 

@@ -926,18 +926,13 @@ class _Engine:
     check_independence,
     worker_hosts,
     timeout,
-    jit_compile=False,
   ):
     keys = ["hessians", "gradients"] if gradients else ["hessians"]
     graph = legacy.import_graph_def(graph_def)
     x, y = _model_tensors(graph, xs, ys)
     self.feed_shape = _feed_shape(x, reader)
     added = legacy.add_hessian_ops(
-      graph,
-      x,
-      y,
-      check_independence=check_independence,
-      jit_compile=jit_compile,
+      graph, x, y, check_independence=check_independence
     )
     self.x_dtype = np.dtype(x.dtype.as_numpy_dtype)
     self.hessian_dtype = np.dtype(added["hessians"].dtype.as_numpy_dtype)
@@ -962,7 +957,6 @@ class _Engine:
             y,
             name=scope + "/tf1hess",
             check_independence=check_independence,
-            jit_compile=jit_compile,
           )
         self.replicas.append((x, {k: added[k] for k in keys}))
     timeout_ms = int(timeout * 1000) if timeout else 0
@@ -1106,7 +1100,6 @@ def compute_hessians(
   worker_hosts=None,
   max_file_bytes=DEFAULT_MAX_FILE_BYTES,
   check_independence=False,
-  jit_compile=False,
   timeout=None,
   connect_timeout=60.0,
   progress_interval=10.0,
@@ -1151,9 +1144,6 @@ def compute_hessians(
       split into shards of whole batches; default 2 GiB.
     check_independence: `bool`, default `False`: check at run time that the
       samples do not interact (`tf1hess.batch_hessians`).
-    jit_compile: `bool`, default `False`: compile the Hessians with XLA
-      (`tf1hess.batch_hessians`); with a fixed `batch_size` it compiles
-      once (twice with a shorter last batch), which long runs repay.
     timeout: `float` seconds or `None` (default, no limit): on a cluster,
       the longest a batch may take before the run fails.
     connect_timeout: `float` seconds, default 60: on a cluster, how long to
@@ -1224,7 +1214,6 @@ def compute_hessians(
     check_independence,
     hosts,
     timeout,
-    jit_compile=jit_compile,
   )
   try:
     return _run(
@@ -1254,7 +1243,6 @@ def compute_hessians(
         ),
         "max_file_bytes": max_file_bytes,
         "check_independence": bool(check_independence),
-        "jit_compile": bool(jit_compile),
       },
     )
   finally:
