@@ -32,6 +32,7 @@ worker, one thread per worker. The results go into the same file, equal to
 the single-machine result.
 """
 
+import abc
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -82,7 +83,7 @@ _NUMBER_RE = re.compile(_NUMBER, re.IGNORECASE)
 # ----------------------------------------------------------------- inputs
 
 
-class InputReader:
+class InputReader(abc.ABC):
   """Samples `(N, d...)` of a file, read a batch at a time, never whole.
 
   Use `open_input` to get one. Attributes: `path`, `num_samples` (N),
@@ -96,6 +97,7 @@ class InputReader:
   dtype = np.dtype(np.float32)
   description = ""
 
+  @abc.abstractmethod
   def batches(self, batch_size, first_batch=0, wanted=None):
     """Yields `(index, array)` for batches `first_batch, first_batch+1, ...`.
 
@@ -109,7 +111,6 @@ class InputReader:
       `(int, np.ndarray)`: the batch index and its samples, shape
       `(b,) + feature_shape`, a copy owned by the caller.
     """
-    raise NotImplementedError
 
   def _count(self, batch_size):
     return -(-self.num_samples // batch_size)
@@ -235,8 +236,9 @@ class _DatasetReader(InputReader):
   graph.
   """
 
+  @abc.abstractmethod
   def _dataset(self, batch_size, first_batch):
-    raise NotImplementedError
+    """The `tf.data.Dataset` of batches from `first_batch` on."""
 
   def batches(self, batch_size, first_batch=0, wanted=None):
     for i, batch in enumerate(
