@@ -1,8 +1,8 @@
 """Helpers for the absl scripts: shared flags, one-line errors, atomic files."""
 
 import contextlib
-import glob
 import dataclasses
+import glob
 import os
 import re
 import shutil
@@ -152,15 +152,25 @@ def exit_on_error(prog):
     sys.exit(f"{prog}: error: {error_summary(error)}")
 
 
+def _temporary_name(path, suffix):
+  """`(directory, prefix, suffix)` of `atomic_output`'s temporaries."""
+  path = os.path.abspath(path)
+  return (
+    os.path.dirname(path),
+    "." + os.path.basename(path) + ".",
+    ".tmp" + suffix,
+  )
+
+
 def remove_stale_temporaries(path, suffix=""):
   """Removes what `atomic_output(path, suffix)` left when its process died.
 
   A process killed (SIGKILL, power loss) while writing cannot clean up; the
   next run that finishes `path` calls this.
   """
-  parent = os.path.dirname(os.path.abspath(path))
-  pattern = "." + glob.escape(os.path.basename(os.path.abspath(path)))
-  for stale in glob.glob(os.path.join(parent, pattern + ".*.tmp" + suffix)):
+  parent, prefix, tmp_suffix = _temporary_name(path, suffix)
+  pattern = glob.escape(prefix) + "*" + glob.escape(tmp_suffix)
+  for stale in glob.glob(os.path.join(glob.escape(parent), pattern)):
     with contextlib.suppress(FileNotFoundError):
       os.remove(stale)
 
@@ -183,14 +193,11 @@ def atomic_output(path, suffix="", directory=False):
     The temporary path to write to, with the usual permissions (those of a
     new file or directory under the process' umask).
   """
-  parent = os.path.dirname(os.path.abspath(path))
-  prefix = "." + os.path.basename(os.path.abspath(path)) + "."
+  parent, prefix, tmp_suffix = _temporary_name(path, suffix)
   if directory:
-    tmp = tempfile.mkdtemp(prefix=prefix, suffix=".tmp" + suffix, dir=parent)
+    tmp = tempfile.mkdtemp(prefix=prefix, suffix=tmp_suffix, dir=parent)
   else:
-    fd, tmp = tempfile.mkstemp(
-      prefix=prefix, suffix=".tmp" + suffix, dir=parent
-    )
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=tmp_suffix, dir=parent)
     os.close(fd)
   umask = os.umask(0)
   os.umask(umask)
