@@ -107,21 +107,11 @@ class BatchHessiansTest(
     self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
 
   def test_list_of_xs_returns_list(self):
-    with tf.Graph().as_default():
-      x1 = tf.compat.v1.placeholder(tf.float64, [None, 2])
-      x2 = tf.compat.v1.placeholder(tf.float64, [None, 3])
-      y = tf.reduce_sum(tf.sin(x1), 1) * tf.reduce_sum(x2**2, 1)
-      hs = tf1hess.batch_hessians([y], [x1, x2])
-      self.assertIsInstance(hs, list)
-      refs = tf.hessians(y, [x1, x2])
-      feed = {
-        x1: np.random.default_rng(0).normal(size=(3, 2)),
-        x2: np.random.default_rng(1).normal(size=(3, 3)),
-      }
-      with tf.compat.v1.Session() as sess:
-        outs, ref_vals = sess.run([hs, refs], feed)
-    for out, ref in zip(outs, ref_vals):
-      self.assertAllClose(out, testing_utils.diagonal_blocks(ref))
+    testing_utils.check_list_of_xs(
+      self,
+      lambda x1, x2: tf.reduce_sum(tf.sin(x1), 1) * tf.reduce_sum(x2**2, 1),
+      lambda y, xs: tf1hess.batch_hessians([y], xs),
+    )
 
   def test_list_of_ys_is_summed(self):
     with tf.Graph().as_default():

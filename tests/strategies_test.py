@@ -153,24 +153,16 @@ class GraphStrategiesTest(
   @parameterized.product(strategy=list(_STRATEGIES))
   def test_list_of_xs(self, strategy):
     kwargs = self.strategy(strategy)
-    with tf.Graph().as_default():
-      x1 = tf.compat.v1.placeholder(tf.float64, [None, 2])
-      x2 = tf.compat.v1.placeholder(tf.float64, [None, 3])
-      w = tf.constant(np.random.default_rng(2).normal(size=(3, 2)))
-      y = tf.reduce_sum(tf.sin(x1), 1) * tf.reduce_sum(
-        tf.tanh(tf.matmul(x2, w)), 1
+    w = np.random.default_rng(2).normal(size=(3, 2))
+
+    def model(x1, x2):  # A dense layer on x2: the head shortcut applies.
+      return tf.reduce_sum(tf.sin(x1), 1) * tf.reduce_sum(
+        tf.tanh(tf.matmul(x2, tf.constant(w))), 1
       )
-      hs = tf1hess.batch_hessians(y, [x1, x2], **kwargs)
-      self.assertIsInstance(hs, list)
-      refs = tf.hessians(y, [x1, x2])
-      feed = {
-        x1: np.random.default_rng(0).normal(size=(3, 2)),
-        x2: np.random.default_rng(1).normal(size=(3, 3)),
-      }
-      with tf.compat.v1.Session() as sess:
-        outs, ref_vals = sess.run([hs, refs], feed)
-    for out, ref in zip(outs, ref_vals):
-      self.assertAllClose(out, testing_utils.diagonal_blocks(ref))
+
+    testing_utils.check_list_of_xs(
+      self, model, lambda y, xs: tf1hess.batch_hessians(y, xs, **kwargs)
+    )
 
   @parameterized.product(strategy=list(_STRATEGIES), cf=[1, 2])
   def test_diagonals(self, strategy, cf):

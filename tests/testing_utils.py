@@ -86,3 +86,29 @@ class ControlFlowMixin:
       self.addCleanup(tf.compat.v1.enable_control_flow_v2)
     else:
       tf.compat.v1.enable_control_flow_v2()
+
+
+def check_list_of_xs(test, model, hessians_fn):
+  """Checks `hessians_fn(y, [x1, x2])` against `tf.hessians` blocks.
+
+  Args:
+    test: the `tf.test.TestCase`.
+    model: `(x1, x2) -> y`, per-sample outputs of a `(N, 2)` and a `(N, 3)`
+      float64 input.
+    hessians_fn: `(y, xs) -> list of Hessians`, the op under test.
+  """
+  with tf.Graph().as_default():
+    x1 = tf.compat.v1.placeholder(tf.float64, [None, 2])
+    x2 = tf.compat.v1.placeholder(tf.float64, [None, 3])
+    y = model(x1, x2)
+    hs = hessians_fn(y, [x1, x2])
+    test.assertIsInstance(hs, list)
+    refs = tf.hessians(y, [x1, x2])
+    feed = {
+      x1: np.random.default_rng(0).normal(size=(3, 2)),
+      x2: np.random.default_rng(1).normal(size=(3, 3)),
+    }
+    with tf.compat.v1.Session() as sess:
+      outs, ref_vals = sess.run([hs, refs], feed)
+  for out, ref in zip(outs, ref_vals):
+    test.assertAllClose(out, diagonal_blocks(ref))
