@@ -185,23 +185,7 @@ class BatchHessiansTest(
 
   def test_scan_model_under_control_flow_v2(self):
     self.control_flow(2)
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
-      states = tf.scan(
-        lambda c, xt: tf.tanh(0.7 * c + xt),
-        tf.transpose(x),
-        initializer=tf.zeros_like(x[:, 0]),
-      )
-      y = states[-1] ** 2
-      h = tf1hess.batch_hessians(y, x)
-      (g,) = tf.gradients(y, x)
-      x_val = np.random.default_rng(0).normal(size=(5, 3))
-      with tf.compat.v1.Session() as sess:
-        out = sess.run(h, {x: x_val})
-        reference = testing_utils.central_difference_jacobian(
-          lambda v: sess.run(g, {x: v}), x_val
-        )
-    self.assertAllClose(out, reference, atol=1e-6)
+    testing_utils.check_scan_model_hessians(self, tf1hess.batch_hessians)
 
   def test_loop_outside_the_path_from_xs_is_fine_under_v1(self):
     self.control_flow(1)

@@ -209,18 +209,9 @@ class GraphStrategiesTest(
   def test_scan_model_under_control_flow_v2(self, strategy):
     self.control_flow(2)
     kwargs = self.strategy(strategy)
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
-      y = testing_utils.scan_model(x)
-      h = tf1hess.batch_hessians(y, x, **kwargs)
-      (g,) = tf.gradients(y, x)
-      x_val = np.random.default_rng(0).normal(size=(5, 3))
-      with tf.compat.v1.Session() as sess:
-        out = sess.run(h, {x: x_val})
-        reference = testing_utils.central_difference_jacobian(
-          lambda v: sess.run(g, {x: v}), x_val
-        )
-    self.assertAllClose(out, reference, atol=1e-6)
+    testing_utils.check_scan_model_hessians(
+      self, lambda y, x: tf1hess.batch_hessians(y, x, **kwargs)
+    )
 
   @parameterized.product(strategy=list(_STRATEGIES))
   def test_linear_and_unconnected(self, strategy):

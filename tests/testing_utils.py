@@ -112,3 +112,23 @@ def check_list_of_xs(test, model, hessians_fn):
       outs, ref_vals = sess.run([hs, refs], feed)
   for out, ref in zip(outs, ref_vals):
     test.assertAllClose(out, diagonal_blocks(ref))
+
+
+def check_scan_model_hessians(test, hessians_fn):
+  """Checks `hessians_fn(y, x)` of `scan_model` against differences.
+
+  The reference is the float64 central-difference Jacobian of the
+  `tf.gradients` of the model, in the same graph.
+  """
+  with tf.Graph().as_default():
+    x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+    y = scan_model(x)
+    h = hessians_fn(y, x)
+    (g,) = tf.gradients(y, x)
+    x_val = np.random.default_rng(0).normal(size=(5, 3))
+    with tf.compat.v1.Session() as sess:
+      out = sess.run(h, {x: x_val})
+      reference = central_difference_jacobian(
+        lambda v: sess.run(g, {x: v}), x_val
+      )
+  test.assertAllClose(out, reference, atol=1e-6)
