@@ -120,6 +120,61 @@ class GraphStrategiesTest(
           self.assertAllClose(out, np.broadcast_to(_A + _A.T, (n, 4, 4)))
           self.assertAllClose(out, plain_val)
 
+  @parameterized.product(strategy=list(_STRATEGIES), cf=[1, 2])
+  def test_constant_hessians(self, strategy, cf):
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(5, 3))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 5])
+      labels = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      # Mean squared error of a dense layer: Hessian 2 W W^T / 3.
+      residual = tf.matmul(x, tf.constant(w)) + 0.5 - labels
+      mse = tf.reduce_mean(tf.square(residual), axis=1)
+      h = tf1hess.batch_hessians(mse, x, **kwargs)
+      d = tf1hess.batch_hessian_diagonals(mse, x, **kwargs)
+      feed = {x: rng.normal(size=(7, 5)), labels: rng.normal(size=(7, 3))}
+      with tf.compat.v1.Session() as sess:
+        out, diagonals = sess.run([h, d], feed)
+        empty = sess.run(h, {x: np.zeros((0, 5)), labels: np.zeros((0, 3))})
+    self.assertEqual(empty.shape, (0, 5, 5))
+    expected = np.broadcast_to(2.0 * w @ w.T / 3.0, (7, 5, 5))
+    self.assertAllClose(out, expected)
+    self.assertAllClose(diagonals, np.einsum("nii->ni", expected))
+
+  @parameterized.product(strategy=list(_STRATEGIES), cf=[1, 2])
+  def test_per_sample_scaled_quadratic_form(self, strategy, cf):
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    rng = np.random.default_rng(5)
+    x_val, scale_val = rng.normal(size=(6, 4)), rng.normal(size=(6, 1))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      scale = tf.compat.v1.placeholder(tf.float64, [None, 1])
+      # Linear gradient, but its coefficients differ from sample to sample.
+      h = tf1hess.batch_hessians(
+        tf.reduce_sum(scale * _quadratic(x)[:, None], axis=1), x, **kwargs
+      )
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(h, {x: x_val, scale: scale_val})
+    self.assertAllClose(out, scale_val[:, :, None] * (_A + _A.T))
+
+  @parameterized.product(strategy=list(_STRATEGIES), cf=[1, 2])
+  def test_broadcast_inside_the_model(self, strategy, cf):
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    x_val = np.random.default_rng(6).normal(size=(5, 4))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      # (N, 4) * (N, 1): the gradient sums over the broadcast axis.
+      y = tf.reduce_sum(tf.tanh(x) * tf.sin(x[:, :1]) + x * x[:, 1:2], axis=1)
+      h = tf1hess.batch_hessians(y, x, **kwargs)
+      full = tf.hessians(y, x)[0]
+      with tf.compat.v1.Session() as sess:
+        out, full_val = sess.run([h, full], {x: x_val})
+    self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
+
   @parameterized.product(strategy=list(_STRATEGIES), n=[1, 7])
   def test_static_batch(self, strategy, n):
     kwargs = self.strategy(strategy)
@@ -438,6 +493,49 @@ class ShortcutsTest(tf.test.TestCase):
       terms = _core._tail_terms(g, graph)
       self.assertLen(terms, 2)  # The two uses of x in x * (x A).
       self.assertIsNone(_core._head(x, [t for t, _ in terms], graph))
+
+  def test_fill_values(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      n = tf.shape(x)[0]
+      filled = {
+        "fill": (tf.fill(tf.stack([n, 3]), 2.5), 2.5),
+        "ones_like": (tf.ones_like(x), 1.0),
+        "broadcast_reshape": (
+          tf.broadcast_to(tf.reshape(tf.ones([n]), [-1, 1]), tf.shape(x)),
+          1.0,
+        ),
+        "tiled_and_scaled": (
+          tf.tile(tf.fill([1, 3], 3.0), tf.stack([n, 1])) / 4.0 * 2.0,
+          1.5,
+        ),
+      }
+      values = {k: _core._fill_value(t) for k, (t, _) in filled.items()}
+      self.assertIsNone(_core._fill_value(x))
+      self.assertIsNone(_core._fill_value(tf.random.normal([2, 3])))
+      self.assertIsNone(_core._fill_value(tf.ones([2, 3]) * x))
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(values, {x: np.zeros((2, 3))})
+    for key, (_, expected) in filled.items():
+      self.assertAllClose(got[key], expected, msg=key)
+
+  def test_constant_hessian_ends_every_term_at_the_input(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
+      (g,) = tf.gradients(tf.reduce_mean(_quadratic(x)), x)
+      terms = _core._tail_terms(g, _core._Graph(x))
+      self.assertLen(terms, 2)
+      for t, _ in terms:
+        self.assertIs(t, x)
+
+  def test_sum_over_a_broadcast_axis_is_not_skipped(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
+      y = tf.reduce_sum(x * x[:, :1], axis=1)
+      (g,) = tf.gradients(y, x)
+      terms = _core._tail_terms(g, _core._Graph(x))
+      # The gradient of x[:, :1] sums x over its 4 columns: not the input.
+      self.assertNotEqual([t for t, _ in terms if t is not x], [])
 
   def test_weights_that_depend_on_the_input_are_not_skipped(self):
     with tf.Graph().as_default():

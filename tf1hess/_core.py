@@ -96,6 +96,10 @@ _NO_GRADIENT = frozenset(
 # shortcuts; a longer sum is left whole.
 _MAX_TERMS = 16
 
+# Up to this many rows, the rows of a loop are read one by one into place;
+# beyond it, stacked and transposed (fewer ops in the graph).
+_MAX_READS = 1024
+
 
 def check_method(method, chunk_size):
   """Raises `ValueError` unless `method` and `chunk_size` are valid.
@@ -199,6 +203,9 @@ def _pull_back(t, graph):
     return [(op.inputs[0], ())]
   if op.type == "Reshape":
     u = op.inputs[0]
+    unbroadcast = _unbroadcast_input(u, t, graph)
+    if unbroadcast is not None:
+      return [(unbroadcast, ())]
     u_dims = _static_dims(u)
     # Equal per-sample sizes make the reshape keep the batch dimension.
     if (
@@ -208,7 +215,7 @@ def _pull_back(t, graph):
       or _prod(t_dims) != _prod(u_dims)
     ):
       return None
-    return [(u, (lambda c, d=u_dims: tf.reshape(c, [1] + d),))]
+    return [(u, (lambda c, d=u_dims: tf.reshape(c, [-1] + d),))]
   if op.type == "Neg":
     return [(op.inputs[0], (tf.negative,))]
   if op.type in ("AddN", "Add", "AddV2", "Sub"):
@@ -244,14 +251,86 @@ def _pull_back(t, graph):
     for u, s in ((a, b), (b, a)):
       if graph.depends(s) or not graph.depends(u):
         continue
+      if t_dims is None or not _same_shape(u, t):
+        return None
       shared = s.shape.rank is not None and (
         s.shape.rank < t.shape.rank
         or tf.compat.dimension_value(s.shape[0]) == 1
       )
-      if not shared or t_dims is None or not _same_shape(u, t):
-        return None
-      return [(u, (lambda c, s=s: c * s,))]
+      if not shared:
+        # A tensor of equal entries (the ones that start a backward pass,
+        # broadcast over the batch) scales every sample alike.
+        s = _fill_value(s)
+        if s is None:
+          return None
+      return [(u, (lambda c, s=s: c * tf.cast(s, c.dtype),))]
   return None
+
+
+# Ops whose output holds the entries of their first input, rearranged or
+# repeated: when all entries of the input are equal, so are the output's.
+_SAME_ENTRIES = frozenset(
+  [
+    "Identity",
+    "Snapshot",
+    "Reshape",
+    "BroadcastTo",
+    "Tile",
+    "ExpandDims",
+    "Squeeze",
+  ]
+)
+
+
+def _fill_value(t):
+  """The scalar that every entry of `t` equals, if known from the graph.
+
+  Recognizes `tf.fill` (and `tf.ones`, which makes one), `tf.ones_like`,
+  and reshapes, tilings, broadcasts and scalings by a scalar of them: the
+  cotangents that `tf.gradients` starts from and spreads over a sum or a
+  mean.
+
+  Returns:
+    A scalar `Tensor`, or `None`.
+  """
+  op = t.op
+  if op.type in _SAME_ENTRIES:
+    return _fill_value(op.inputs[0])
+  if op.type == "Fill":
+    return op.inputs[1]
+  if op.type == "OnesLike":
+    return tf.ones([], t.dtype)
+  if op.type in ("Mul", "RealDiv"):
+    # A scaling by a scalar, as in the gradient of a mean.
+    a, b = op.inputs
+    if b.shape.rank == 0:
+      value = _fill_value(a)
+      if value is not None:
+        return value * b if op.type == "Mul" else value / b
+    if op.type == "Mul" and a.shape.rank == 0:
+      value = _fill_value(b)
+      if value is not None:
+        return a * value
+  return None
+
+
+def _unbroadcast_input(u, t, graph):
+  """`v` when `t = reshape(reduce_sum(v, axes), shape)` sums over nothing.
+
+  Gradients of broadcasting ops (`Mul`, `Add`, ...) with unknown batch sizes
+  sum their result over the axes `BroadcastGradientArgs` finds broadcast at
+  run time, and reshape it back to the shape of the op's input. When `v`
+  depends on the input, it has the batch dimension, and when it has the
+  static shape of `t` there is nothing to sum: `t` equals `v`.
+  """
+  if u.op.type != "Sum" or u.op.inputs[1].op.type != "BroadcastGradientArgs":
+    return None
+  v = u.op.inputs[0]
+  if not graph.depends(v) or _static_dims(v) is None:
+    return None
+  if not _same_shape(v, t):
+    return None
+  return v
 
 
 def _same_shape(u, t):
@@ -354,8 +433,10 @@ def stack_rows(
   The linear shortcuts (graph mode, including `tf.function`): cotangents are
   pulled back through the linear ops that end `target` (`_tail_terms`), and
   when `source` enters through one dense layer the rows are taken with
-  respect to its output (`_head`). Both only change which tensors the
-  backward passes start and end at, never the numbers.
+  respect to its output (`_head`). When every cotangent is pulled back to
+  `source` itself, the rows are the same for every sample and need no
+  backward pass (`_shared_rows`). The shortcuts only change which tensors
+  the backward passes start and end at, never the numbers.
 
   Args:
     vjp: callable `(targets, cotangents, source) -> Tensor (N, P)`: the
@@ -478,8 +559,9 @@ def _rows(
     head = _head(source, [t for t, _ in terms], graph)
     if head is not None and not select_column:
       width = tf.compat.dimension_value(head[0].shape[1])
-      # Rows of `pre` only pay off when they are narrower than rows of `x`.
-      if width is None or not isinstance(x_cols, int) or width >= x_cols:
+      # Rows of `pre` pay off unless they are wider than rows of `x`: at
+      # equal widths, one matmul of all rows beats a small one per row.
+      if width is None or not isinstance(x_cols, int) or width > x_cols:
         head = None
     if not terms or (
       head is None and len(terms) == 1 and terms[0][0] is target
@@ -487,6 +569,13 @@ def _rows(
       # Nothing to skip (or nothing connected: the plain rows then give the
       # zeros or the `None` that `unconnected_gradients` asks for).
       terms = head = None
+    elif (
+      all(_same_tensor(t, source) for t, _ in terms)
+      and isinstance(num_cols, int)
+      and 0 < num_cols <= _MAX_READS
+      and isinstance(x_cols, int)
+    ):
+      return _shared_rows(terms, source, num_cols, x_cols, select_column, dtype)
   wrt = None if head is None else head[0]
 
   def row(j):
@@ -526,7 +615,7 @@ def _rows(
         "need a static number of features, or control flow v2: call "
         "tf.compat.v1.enable_control_flow_v2() before building the model."
       )
-    stacked = tf.stack([row(j) for j in range(num_cols)])
+    rows = tf.stack([row(j) for j in range(num_cols)], axis=1)
   elif loop == "pfor":
     stacked = _nonempty(
       target,
@@ -542,6 +631,7 @@ def _rows(
       + ([] if select_column else [tf.shape(wrt)[1] if head else x_cols]),
       dtype,
     )
+    rows = _samples_first(stacked)
   else:
     ta = tf.TensorArray(
       dtype, size=num_cols, element_shape=tf.TensorShape(row_shape)
@@ -552,11 +642,12 @@ def _rows(
       [tf.constant(0), ta],
       parallel_iterations=parallel_iterations or 10,
     )
-    stacked = ta.stack()  # (num_cols, N, ...)
-  if select_column:
-    return tf.transpose(stacked, [1, 0])
-  rows = tf.transpose(stacked, [1, 0, 2])
-  if head is None:
+    if isinstance(num_cols, int) and 0 < num_cols <= _MAX_READS:
+      # One copy into the (N, M, ...) layout, not a stack and a transpose.
+      rows = tf.stack([ta.read(j) for j in range(num_cols)], axis=1)
+    else:
+      rows = _samples_first(ta.stack())
+  if select_column or head is None:
     return rows
   pre, w, transpose_b = head
   h = tf.shape(pre)[1]
@@ -566,6 +657,36 @@ def _rows(
     transpose_b=not transpose_b,
   )
   return tf.reshape(out, tf.stack([n, num_cols, x_cols]))
+
+
+def _shared_rows(terms, source, num_cols, x_cols, select_column, dtype):
+  """The rows when every term is the input itself: the same in every sample.
+
+  Then the linear shortcuts have pulled the one-hot cotangent of each row
+  back to the input, and the row is the sum of those cotangents: no backward
+  pass, and all rows at once from the identity matrix (a quadratic form, a
+  dense layer under a squared error: a Hessian that does not depend on the
+  input). The batch size is taken from `source`: the result waits for no
+  more of the model than the cotangents need.
+  """
+  eye = tf.eye(num_cols, dtype=dtype)
+  rows = []
+  for _, steps in terms:
+    c = eye
+    for step in steps:
+      c = step(c)
+    rows.append(tf.reshape(tf.cast(c, dtype), [num_cols, x_cols]))
+  rows = tf.add_n(rows)  # (num_cols, x_cols)
+  n = tf.shape(source)[0]
+  if select_column:
+    return tf.broadcast_to(tf.linalg.diag_part(rows), tf.stack([n, num_cols]))
+  return tf.broadcast_to(rows, tf.stack([n, num_cols, x_cols]))
+
+
+def _samples_first(stacked):
+  """`(M, N, ...)` rows -> `(N, M, ...)`."""
+  perm = [1, 0] + list(range(2, stacked.shape.rank))
+  return tf.transpose(stacked, perm)
 
 
 def _plain(fn):
