@@ -17,6 +17,8 @@ Peak memory is measured separately, one fresh process per method and case.
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's pooling CPU allocator; see "Speed" in README.md.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import ctypes
 import json
@@ -710,6 +712,7 @@ def machine_notes():
     "python": platform.python_version(),
     "versions": versions,
     "load_average": os.getloadavg(),
+    "bfc_allocator": os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", ""),
   }
 
 
@@ -811,6 +814,16 @@ def markdown(results, notes, command, shared_note):
       if "load_end" in notes
       else "."
     ),
+    "- TensorFlow's CPU allocator: "
+    + (
+      "BFC (`TF_CPU_ALLOCATOR_USE_BFC=true`, which this script sets unless "
+      "told otherwise), which keeps freed memory for the next run"
+      if notes.get("bfc_allocator", "").lower() in ("true", "1")
+      else "the default (`TF_CPU_ALLOCATOR_USE_BFC` unset or false), which "
+      "returns large buffers to the system: every run pays the page faults "
+      "of fresh memory"
+    )
+    + '; see "Speed" in README.md.',
   ]
   if shared_note:
     lines.append(f"- {shared_note}")
