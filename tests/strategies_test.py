@@ -175,6 +175,33 @@ class GraphStrategiesTest(
         out, full_val = sess.run([h, full], {x: x_val})
     self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
 
+  @parameterized.product(
+    strategy=list(_STRATEGIES), cf=[1, 2], model=["activations", "mixed"]
+  )
+  def test_one_dense_layer_then_activations(self, strategy, cf, model):
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    rng = np.random.default_rng(8)
+    w, x_val = rng.normal(size=(3, 6)), rng.normal(size=(5, 3))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      pre = tf.matmul(x, tf.constant(w)) + 0.1
+      if model == "activations":
+        # Elementwise after the dense layer: one matmul gives all rows.
+        act = tf.nn.softplus(pre) * tf.sigmoid(pre) - tf.tanh(pre) ** 2
+      else:
+        # A sum over the units mixes them: rows one by one.
+        act = tf.tanh(pre) * tf.reduce_sum(tf.sin(pre), axis=1, keepdims=True)
+      y = tf.reduce_sum(act * tf.constant(rng.normal(size=6)), axis=1)
+      h = tf1hess.batch_hessians(y, x, **kwargs)
+      d = tf1hess.batch_hessian_diagonals(y, x, **kwargs)
+      full = tf.hessians(y, x)[0]
+      with tf.compat.v1.Session() as sess:
+        out, diagonals, full_val = sess.run([h, d, full], {x: x_val})
+    blocks = testing_utils.diagonal_blocks(full_val)
+    self.assertAllClose(out, blocks)
+    self.assertAllClose(diagonals, np.einsum("nii->ni", blocks))
+
   @parameterized.product(strategy=list(_STRATEGIES), n=[1, 7])
   def test_static_batch(self, strategy, n):
     kwargs = self.strategy(strategy)
@@ -440,12 +467,13 @@ class StrategyChoiceTest(StrategyMixin, tf.test.TestCase):
   """Each method builds the rows it names (checked on the graph's ops)."""
 
   def _loops(self, k, **kwargs):
-    """The while loops in the graph of the Hessians of a tanh layer."""
+    """The while loops in the graph of the Hessians of two tanh layers."""
     with tf.Graph().as_default() as graph:
       # A static batch: no tf.cond around the rows to look into.
       x = tf.compat.v1.placeholder(tf.float32, [3, k])
       w = tf.constant(np.ones((k, 3), np.float32))
-      y = tf.reduce_sum(tf.tanh(tf.matmul(x, w)), 1)
+      v = tf.constant(np.ones((3, 3), np.float32))
+      y = tf.reduce_sum(tf.tanh(tf.matmul(tf.tanh(tf.matmul(x, w)), v)), 1)
       with self.assertNoLogs("absl", "INFO"):
         tf1hess.batch_hessians(y, x, **kwargs)
     return [
@@ -468,6 +496,14 @@ class StrategyChoiceTest(StrategyMixin, tf.test.TestCase):
 
   def test_auto_vectorizes_many_rows(self):
     self.assertEmpty(self._loops(_core.PFOR_MIN_ROWS))
+
+  def test_elementwise_layer_takes_one_matmul(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 5])
+      h = tf1hess.batch_hessians(_mlp(x), x)
+      ops = h.graph.get_operations()
+      self.assertEmpty([op for op in ops if "While" in op.type])
+      self.assertEmpty([op for op in ops if op.type == "TensorListStack"])
 
 
 class ShortcutsTest(tf.test.TestCase):
@@ -527,6 +563,19 @@ class ShortcutsTest(tf.test.TestCase):
       self.assertLen(terms, 2)
       for t, _ in terms:
         self.assertIs(t, x)
+
+  def test_elementwise_layers(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
+      pre = tf.matmul(x, tf.ones([4, 3]))
+      act = tf.nn.softplus(pre) * tf.sigmoid(pre) + tf.tanh(pre) ** 2
+      mixed = tf.tanh(pre) * tf.reduce_sum(pre, axis=1, keepdims=True)
+      deeper = tf.tanh(tf.matmul(tf.tanh(pre), tf.ones([3, 3])))
+      self.assertTrue(_core._elementwise(pre, [act]))
+      self.assertTrue(_core._elementwise(pre, [tf.gradients(act, pre)[0]]))
+      self.assertFalse(_core._elementwise(pre, [mixed]))
+      self.assertFalse(_core._elementwise(pre, [deeper]))
+      self.assertFalse(_core._elementwise(pre, [act[:, :2]]))
 
   def test_sum_over_a_broadcast_axis_is_not_skipped(self):
     with tf.Graph().as_default():

@@ -96,6 +96,21 @@ _NO_GRADIENT = frozenset(
 # shortcuts; a longer sum is left whole.
 _MAX_TERMS = 16
 
+# The largest factor `P` (H x M x K entries) of `_elementwise_rows`.
+_MAX_FACTOR_BYTES = 1 << 28
+
+# Ops whose output entries each depend on the entries at the same place of
+# their inputs (after broadcasting).
+_ELEMENTWISE = frozenset(
+  """Abs AddN Add AddV2 Cast Cos Div DivNoNan Elu EluGrad Equal Exp Expm1
+  Greater GreaterEqual Identity Inv InvGrad Less LessEqual Log Log1p
+  LogicalAnd LogicalNot LogicalOr Maximum Minimum Mul MulNoNan Neg NotEqual
+  Pow RealDiv Reciprocal ReciprocalGrad Relu Relu6 Relu6Grad ReluGrad
+  Rsqrt RsqrtGrad Select SelectV2 Selu SeluGrad Sigmoid SigmoidGrad Sign
+  Sin Snapshot Softplus SoftplusGrad Softsign SoftsignGrad Sqrt SqrtGrad
+  Square SquaredDifference Sub Tanh TanhGrad""".split()
+)
+
 # Up to this many rows, the rows of a loop are read one by one into place;
 # beyond it, stacked and transposed (fewer ops in the graph).
 _MAX_READS = 1024
@@ -179,8 +194,9 @@ def _tail_terms(target, graph):
 
   Returns:
     A list of `(tensor, steps)`: the tensors to differentiate, and for each
-    the functions that map the shared cotangent `(1, M)` of `target` to its
-    shared cotangent `(1, *tensor.shape[1:])`.
+    the functions that map shared cotangents `(R, M)` of `target` (R rows,
+    each the same for every sample) to those of the tensor,
+    `(R, *tensor.shape[1:])`.
   """
   done, todo = [], [(target, ())]
   while todo:
@@ -193,6 +209,13 @@ def _tail_terms(target, graph):
     else:
       todo.extend((u, steps + more) for u, more in pulled)
   return done
+
+
+def _pull(cotangents, steps):
+  """Applies the `steps` of `_tail_terms` to shared `cotangents` `(R, M)`."""
+  for step in steps:
+    cotangents = step(cotangents)
+  return cotangents
 
 
 def _pull_back(t, graph):
@@ -435,7 +458,9 @@ def stack_rows(
   when `source` enters through one dense layer the rows are taken with
   respect to its output (`_head`). When every cotangent is pulled back to
   `source` itself, the rows are the same for every sample and need no
-  backward pass (`_shared_rows`). The shortcuts only change which tensors
+  backward pass (`_shared_rows`); when what lies between that dense layer
+  and the cotangents is elementwise, one backward pass and one matmul give
+  all rows (`_elementwise_rows`). The shortcuts only change which tensors
   the backward passes start and end at, never the numbers.
 
   Args:
@@ -557,6 +582,22 @@ def _rows(
     graph = _Graph(source)
     terms = _tail_terms(target, graph)
     head = _head(source, [t for t, _ in terms], graph)
+    static = (
+      isinstance(num_cols, int)
+      and 0 < num_cols <= _MAX_READS
+      and isinstance(x_cols, int)
+    )
+    if terms and static:
+      if all(_same_tensor(t, source) for t, _ in terms):
+        return _shared_rows(
+          terms, source, num_cols, x_cols, select_column, dtype
+        )
+      if head is not None and _elementwise_rows_fit(
+        head, terms, num_cols, x_cols, dtype
+      ):
+        return _elementwise_rows(
+          vjp, terms, head, num_cols, x_cols, select_column, dtype
+        )
     if head is not None and not select_column:
       width = tf.compat.dimension_value(head[0].shape[1])
       # Rows of `pre` pay off unless they are wider than rows of `x`: at
@@ -569,13 +610,6 @@ def _rows(
       # Nothing to skip (or nothing connected: the plain rows then give the
       # zeros or the `None` that `unconnected_gradients` asks for).
       terms = head = None
-    elif (
-      all(_same_tensor(t, source) for t, _ in terms)
-      and isinstance(num_cols, int)
-      and 0 < num_cols <= _MAX_READS
-      and isinstance(x_cols, int)
-    ):
-      return _shared_rows(terms, source, num_cols, x_cols, select_column, dtype)
   wrt = None if head is None else head[0]
 
   def row(j):
@@ -586,11 +620,9 @@ def _rows(
       shared = tf.one_hot(tf.reshape(j, [1]), num_cols, dtype=dtype)
       tensors, cotangents = [], []
       for t, steps in terms:
-        c = shared
-        for step in steps:
-          c = step(c)
+        c = tf.cast(_pull(shared, steps), t.dtype)
         tensors.append(t)
-        cotangents.append(tf.broadcast_to(tf.cast(c, t.dtype), tf.shape(t)))
+        cotangents.append(tf.broadcast_to(c, tf.shape(t)))
     r = vjp(tensors, cotangents, wrt)
     if select_column:
       if head is None and loop != "pfor":
@@ -670,17 +702,94 @@ def _shared_rows(terms, source, num_cols, x_cols, select_column, dtype):
   more of the model than the cotangents need.
   """
   eye = tf.eye(num_cols, dtype=dtype)
-  rows = []
-  for _, steps in terms:
-    c = eye
-    for step in steps:
-      c = step(c)
-    rows.append(tf.reshape(tf.cast(c, dtype), [num_cols, x_cols]))
-  rows = tf.add_n(rows)  # (num_cols, x_cols)
+  rows = tf.add_n(
+    [
+      tf.reshape(tf.cast(_pull(eye, steps), dtype), [num_cols, x_cols])
+      for _, steps in terms
+    ]
+  )  # (num_cols, x_cols)
   n = tf.shape(source)[0]
   if select_column:
     return tf.broadcast_to(tf.linalg.diag_part(rows), tf.stack([n, num_cols]))
   return tf.broadcast_to(rows, tf.stack([n, num_cols, x_cols]))
+
+
+def _elementwise_rows_fit(head, terms, num_cols, x_cols, dtype):
+  """Whether `_elementwise_rows` applies, within `_MAX_FACTOR_BYTES`."""
+  pre = head[0]
+  width = tf.compat.dimension_value(pre.shape[1])
+  if width is None or pre.shape.rank != 2:
+    return False
+  if width * num_cols * x_cols * dtype.size > _MAX_FACTOR_BYTES:
+    return False
+  return _elementwise(pre, [t for t, _ in terms])
+
+
+def _elementwise(pre, tensors):
+  """Whether every entry of each of `tensors` depends on one entry of `pre`.
+
+  True when every op between `pre` `(N, H)` and `tensors` is elementwise
+  (`_ELEMENTWISE`, or a sum over broadcast axes that finds none, see
+  `_unbroadcast_input`) and none broadcasts a tensor that depends on `pre`:
+  then
+  each of `tensors` has the shape of `pre`, and its Jacobian with respect to
+  `pre` is diagonal in every sample.
+  """
+  graph = _Graph(pre)
+  seen, todo = set(), list(tensors)
+  while todo:
+    t = todo.pop()
+    key = (t.op.name, t.value_index)
+    if _same_tensor(t, pre) or key in seen:
+      continue
+    seen.add(key)
+    if t.op.type == "Reshape":
+      # The sum over broadcast axes in the gradient of a broadcasting op.
+      v = _unbroadcast_input(t.op.inputs[0], t, graph)
+      if v is None or not _same_shape(t, pre):
+        return False
+      todo.append(v)
+      continue
+    if t.op.type not in _ELEMENTWISE or not _same_shape(t, pre):
+      return False
+    for u in t.op.inputs:
+      if graph.depends(u):
+        if not _same_shape(u, t):
+          return False
+        todo.append(u)
+  return True
+
+
+def _elementwise_rows(vjp, terms, head, num_cols, x_cols, select_column, dtype):
+  """All rows from one backward pass per term, when the terms are elementwise.
+
+  When `source` enters through one dense layer `pre = source @ W` and every
+  term `t` is an elementwise function of `pre` (a tanh layer under a linear
+  read-out, ...), the backward pass of row `j` from `t` to `pre` only scales
+  the row's shared cotangent `C[j]` by the diagonal of the Jacobian,
+  `D = vjp(t, ones)` `(N, H)`. Row `j` of sample `n` is then
+  `sum_h D[n, h] C[j, h] W[:, h]`, and all rows of all samples are one
+  matmul: `D (N, H)` by `P (H, M K)`, `P[h, (j, k)] = C[j, h] W[k, h]`.
+  """
+  pre, w, transpose_b = head
+  width = tf.compat.dimension_value(pre.shape[1])
+  w = tf.cast(w, dtype)
+  w = tf.transpose(w) if transpose_b else w  # (K, H)
+  eye = tf.eye(num_cols, dtype=dtype)
+  scales, factors = [], []
+  for t, steps in terms:
+    scales.append(tf.cast(vjp([t], [tf.ones_like(t)], pre), dtype))
+    c = tf.reshape(tf.cast(_pull(eye, steps), dtype), [num_cols, width])
+    if select_column:
+      factors.append(tf.transpose(c * w))  # (H, M): only k = j.
+    else:
+      factors.append(
+        tf.reshape(tf.einsum("jh,kh->hjk", c, w), [width, num_cols * x_cols])
+      )
+  out = tf.matmul(tf.concat(scales, axis=1), tf.concat(factors, axis=0))
+  if select_column:
+    return out
+  return tf.reshape(out, tf.stack([tf.shape(out)[0], num_cols, x_cols]))
 
 
 def _samples_first(stacked):
