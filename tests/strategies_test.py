@@ -23,7 +23,7 @@ from tf1hess import _core
 # name -> (keyword arguments, what is patched): "vectorize" makes "auto"
 # vectorize the few rows of these tests; "fail_pfor" also makes vectorizing
 # fail, so that "auto" falls back to its loop over rows with the linear
-# shortcuts. Plain "auto" loops over the few rows with the shortcuts.
+# shortcuts. Plain "auto" unrolls the few rows, with the shortcuts.
 _STRATEGIES = {
   "while_loop": ({"method": "while_loop"}, None),
   "pfor": ({"method": "pfor"}, None),
@@ -491,8 +491,11 @@ class StrategyChoiceTest(StrategyMixin, tf.test.TestCase):
   def test_pfor_chunks_loop_over_chunks(self):
     self.assertLen(self._loops(4, method="pfor", chunk_size=2), 1)
 
-  def test_auto_loops_over_few_rows(self):
-    self.assertLen(self._loops(4), 1)
+  def test_auto_unrolls_few_rows(self):
+    self.assertEmpty(self._loops(_core.UNROLL_MAX_ROWS))
+
+  def test_auto_loops_over_more_rows(self):
+    self.assertLen(self._loops(_core.UNROLL_MAX_ROWS + 1), 1)
 
   def test_auto_vectorizes_many_rows(self):
     self.assertEmpty(self._loops(_core.PFOR_MIN_ROWS))

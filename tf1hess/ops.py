@@ -235,15 +235,19 @@ def batch_hessians(
       of one backward pass per row. `"pfor"` vectorizes the rows of a chunk
       into one backward pass, and skips the matmuls that one-hot rows waste
       in the first and last dense layers. `"auto"` vectorizes when there are
-      at least 512 rows (a static K), and otherwise loops over rows with the
-      same shortcuts. Where an op cannot be vectorized, the rows fall back
-      to the loop when the graph is built. See BENCHMARKS.md.
+      at least 512 rows (a static K), unrolls up to 16 rows into the graph,
+      and otherwise loops over rows, with the same shortcuts. Where an op
+      cannot be vectorized, the rows fall back to the loop when the graph
+      is built. See BENCHMARKS.md.
     chunk_size: `int` or `None` (default: all rows at once): rows per
       vectorized backward pass. Smaller chunks keep the intermediate
       activations of only `chunk_size` rows alive, at some cost in speed
       (the output and its assembly still take 1 to 3 times the output's
       size). Unused when the rows are built by a loop, which holds
-      `parallel_iterations` rows at a time.
+      `parallel_iterations` rows at a time, and when the shortcuts need no
+      rows one by one (a Hessian shared by all samples; a dense layer
+      followed by elementwise ops: one matmul, with a factor of at most
+      256 MiB).
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)` for each `x`, in the structure of
