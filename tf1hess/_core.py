@@ -223,6 +223,12 @@ def _pull(cotangents, steps):
   return cotangents
 
 
+def _every_row(steps, num_rows, width, dtype):
+  """The shared cotangents `(num_rows, width)` of all rows, after `steps`."""
+  c = _pull(tf.eye(num_rows, dtype=dtype), steps)
+  return tf.reshape(tf.cast(c, dtype), [num_rows, width])
+
+
 def _pull_back(t, graph):
   """One linear op back from `t`: `[(input, steps)]`, or `None` to stop."""
   op = t.op
@@ -585,7 +591,6 @@ def _rows(
   chunk_size,
 ):
   """Builds the rows with one strategy; see `stack_rows`."""
-  n = tf.shape(target)[0]
   dtype = target.dtype
   terms = head = None
   if source is not None:
@@ -621,6 +626,7 @@ def _rows(
       # zeros or the `None` that `unconnected_gradients` asks for).
       terms = head = None
   wrt = None if head is None else head[0]
+  n = tf.shape(target)[0]
 
   def row(j):
     if terms is None:
@@ -711,12 +717,8 @@ def _shared_rows(terms, source, num_cols, x_cols, select_column, dtype):
   input). The batch size is taken from `source`: the result waits for no
   more of the model than the cotangents need.
   """
-  eye = tf.eye(num_cols, dtype=dtype)
   rows = tf.add_n(
-    [
-      tf.reshape(tf.cast(_pull(eye, steps), dtype), [num_cols, x_cols])
-      for _, steps in terms
-    ]
+    [_every_row(steps, num_cols, x_cols, dtype) for _, steps in terms]
   )  # (num_cols, x_cols)
   n = tf.shape(source)[0]
   if select_column:
@@ -785,11 +787,10 @@ def _elementwise_rows(vjp, terms, head, num_cols, x_cols, select_column, dtype):
   width = tf.compat.dimension_value(pre.shape[1])
   w = tf.cast(w, dtype)
   w = tf.transpose(w) if transpose_b else w  # (K, H)
-  eye = tf.eye(num_cols, dtype=dtype)
   scales, factors = [], []
   for t, steps in terms:
     scales.append(tf.cast(vjp([t], [tf.ones_like(t)], pre), dtype))
-    c = tf.reshape(tf.cast(_pull(eye, steps), dtype), [num_cols, width])
+    c = _every_row(steps, num_cols, width, dtype)
     if select_column:
       factors.append(tf.transpose(c * w))  # (H, M): only k = j.
     else:

@@ -397,7 +397,9 @@ def batch_derivatives(
   With `unconnected_gradients='none'`, `None` comes back where TensorFlow
   reports a level as unconnected. A level built by a loop over rows is
   differentiated through that loop, and a control-flow-v2 loop reports
-  zeros, not `None`: orders >= 3 of a quadratic are then zeros.
+  zeros, not `None`: orders >= 3 of a quadratic are then zeros with
+  `method='while_loop'` (or a dynamic K), but `None` by default with a
+  static K, where the constant Hessian is built without a loop.
 
   Args:
     ys: as in `batch_hessians`.
