@@ -98,7 +98,13 @@ class QuickModeTest(tf.test.TestCase, parameterized.TestCase):
     self.assertCountEqual(mlp, [1.2, 1.5])
     self.assertIn("JAX", mlp[1.2]["goal"])
     jax_timed = "jax_jit_vmap_hessian" in benchmark.default_methods()
+    floors = {
+      f"{r['function']} {r['shape']}": r["seconds"]
+      for r in self.results
+      if r["method"] == "tf1_output_floor"
+    }
     for g in goals:
+      self.assertEqual(g["floor"], floors[g["case"]])
       if g["other"] is None:  # JAX not installed: shown as not measured.
         self.assertFalse(jax_timed)
         self.assertIsNone(g["speedup"])
@@ -150,6 +156,19 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
     self.assertRegex(
       benchmark.check(np.full((2, 3, 3), np.nan), reference), "difference"
     )
+
+  @parameterized.parameters(*benchmark.OUTPUT_FLOORS)
+  def test_an_output_floor_is_timed_without_a_check(self, name):
+    if name not in benchmark.default_methods():
+      self.skipTest("jax is not installed")
+    case = benchmark.Case("tanh_mlp", "16x5", hidden=8)
+    (record,) = benchmark.run_case(case, [name], 1, 1)
+    self.assertEqual(record["status"], "ok")
+    self.assertGreater(record["seconds"], 0.0)
+    # Its output has the Hessians' shape, but not their values.
+    runner = benchmark.METHODS[name](case)
+    self.assertAllEqual(runner.value(), np.ones((16, 5, 5)))
+    runner.close()
 
   @flagsaver.flagsaver(tf_hessians_max_bytes=1000)
   def test_tf_hessians_is_skipped_where_it_does_not_fit(self):

@@ -500,6 +500,9 @@ class StrategyChoiceTest(StrategyMixin, tf.test.TestCase):
   def test_auto_vectorizes_many_rows(self):
     self.assertEmpty(self._loops(_core.PFOR_MIN_ROWS))
 
+  def test_auto_loops_below_many_rows(self):
+    self.assertLen(self._loops(_core.PFOR_MIN_ROWS - 1), 1)
+
   def test_elementwise_layer_takes_one_matmul(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 5])

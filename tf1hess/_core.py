@@ -79,11 +79,13 @@ METHODS = ("auto", "pfor", "while_loop")
 
 # "auto" vectorizes the rows from this many rows (a static count) on, and
 # below it loops over rows with the linear shortcuts. In graphs (and
-# `tf.function`s) the loop, `parallel_iterations` rows at a time, was faster
-# than `pfor`'s (K, N, ...) intermediates up to K = 256 on 2 CPU cores (see
+# `tf.function`s) on 2 CPU cores, with either CPU allocator, `pfor` was 10 to
+# 25% faster than the loop at 256 rows (batches of 256 to 2048; even at
+# 4096), and the loop, `parallel_iterations` rows at a time, up to 15% faster
+# at 64 rows and at 128 rows from batches of 4096 on (the softplus net of
 # BENCHMARKS.md). Executing eagerly, `pfor` traces a function on every call,
 # which costs more than a Python loop over a few rows.
-PFOR_MIN_ROWS = 512
+PFOR_MIN_ROWS = 256
 EAGER_PFOR_MIN_ROWS = 64
 
 # Up to this many rows (a static count), "auto" builds one backward pass per
