@@ -7,6 +7,8 @@ Each method's output is checked against tf1hess's default before it is timed;
 the time is the median of `--repeats` runs after `--warmup` runs, the runs of
 all methods of a case taking turns so that a busy machine slows them alike.
 Peak memory is measured separately, one fresh process per method and case.
+Two rows compute no Hessians: the time a TF1 session run and a jitted JAX
+call take to write an output of that size, the floor of each framework.
 
   python scripts/benchmark.py --output_md=BENCHMARKS.md \
       --output_png=benchmarks.png --output_json=benchmarks.json
@@ -417,6 +419,31 @@ def _jax_jit_vmap_hessian(case):
   )
 
 
+def _tf1_output_floor(case):
+  """Not a Hessian: a TF1 graph that only writes an `(N, K, K)` output."""
+  fill = np.ones((case.k, case.k), np.float32)
+  return _graph_method(
+    lambda y, x, case: tf.broadcast_to(
+      fill, tf.concat([tf.shape(x), [case.k]], axis=0)
+    )
+  )(case)
+
+
+def _jax_output_floor(case):
+  """Not a Hessian: a jitted JAX call that only writes an `(N, K, K)` output."""
+  try:
+    import jax  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise SkipMethod("jax is not installed") from error
+  fill = jax.numpy.ones((case.k, case.k), jax.numpy.float32)
+  fn = jax.jit(
+    lambda x: jax.numpy.broadcast_to(fill, (x.shape[0],) + fill.shape)
+  )
+  return FunctionRunner(
+    fn, jax.numpy.asarray(case.x), block=lambda out: out.block_until_ready()
+  )
+
+
 METHODS = {
   "tf1hess_auto": _tf1hess(),
   "tf1hess_pfor": _tf1hess(method="pfor"),
@@ -428,7 +455,14 @@ METHODS = {
   "tf_hessians_diagonal": _tf_hessians_diagonal,
   "forward_accumulator_vmap": _forward_accumulator_vmap,
   "jax_jit_vmap_hessian": _jax_jit_vmap_hessian,
+  "tf1_output_floor": _tf1_output_floor,
+  "jax_output_floor": _jax_output_floor,
 }
+
+# Not Hessian methods, and not checked: the least a TF1 session run (fed the
+# batch like every graph method) and a jitted JAX call take to produce the
+# `(N, K, K)` float32 output, a constant broadcast over the batch.
+OUTPUT_FLOORS = ("tf1_output_floor", "jax_output_floor")
 
 LABELS = {
   "tf1hess_auto": "tf1hess (default)",
@@ -441,6 +475,8 @@ LABELS = {
   "tf_hessians_diagonal": "tf.hessians + diagonal blocks",
   "forward_accumulator_vmap": "ForwardAccumulator + vectorized_map",
   "jax_jit_vmap_hessian": "JAX jit(vmap(hessian))",
+  "tf1_output_floor": "floor: TF1 session writing the output only",
+  "jax_output_floor": "floor: JAX jit writing the output only",
 }
 
 REFERENCE = "tf1hess_auto"
@@ -519,6 +555,8 @@ def run_case(case, methods, repeats, warmup, max_seconds=float("inf")):
       record["note"] = getattr(runner, "note", None)
       if name == REFERENCE:
         reference = np.asarray(value)
+        problem = None
+      elif name in OUTPUT_FLOORS:
         problem = None
       else:
         problem = check(value, reference)
@@ -721,7 +759,8 @@ def goals(results):
 
   Returns:
     A list of dicts: `goal`, `case`, `tf1hess` (s), `other` (s), `speedup`
-    (other / tf1hess), `target`, `met` (`None` when a time is missing).
+    (other / tf1hess), `target`, `met` (`None` when a time is missing),
+    `floor` (s: the TF1 output floor of the case, `None` if not timed).
   """
   by_key = {(r["function"], r["shape"], r["method"]): r for r in results}
   out = []
@@ -729,6 +768,7 @@ def goals(results):
   def add(goal, function, shape, other, target, at_least=True):
     mine = by_key.get((function, shape, REFERENCE), {}).get("seconds")
     theirs = by_key.get((function, shape, other), {}).get("seconds")
+    floor = by_key.get((function, shape, "tf1_output_floor"), {})
     if mine is None and theirs is None:
       return
     speedup = theirs / mine if mine and theirs else None
@@ -741,6 +781,7 @@ def goals(results):
         "speedup": speedup,
         "target": target,
         "met": None if speedup is None else speedup >= target,
+        "floor": floor.get("seconds"),
       }
     )
 
@@ -852,6 +893,12 @@ def markdown(results, notes, command, shared_note):
     "allocations; this counts everything the process touches.",
     "- `tf.hessians` builds the full `(N, K, N, K)` tensor with N*K backward "
     "passes; it only runs where that fits in `--tf_hessians_max_bytes`.",
+    "- The two `floor:` rows compute no Hessians and are not checked: a TF1 "
+    "graph run like the others (the batch fed, one op broadcasting a "
+    "constant `(K, K)` matrix over it) and a jitted JAX call that only "
+    "write an `(N, K, K)` float32 output. No method of that framework can "
+    "take less; where tf1hess's default is near its floor, what is left is "
+    "the cost of a session run and of writing the output.",
     "",
   ]
   goal_rows = goals(results)
@@ -859,10 +906,13 @@ def markdown(results, notes, command, shared_note):
     lines += [
       "## Goals",
       "",
-      "Speed-up = other method's time / tf1hess default's time.",
+      "Speed-up = other method's time / tf1hess default's time. TF1 floor: "
+      "the time a TF1 session takes to write the output and nothing else "
+      "(see above).",
       "",
-      "| goal | case | tf1hess (s) | other (s) | speed-up | met |",
-      "|---|---|---|---|---|---|",
+      "| goal | case | tf1hess (s) | other (s) | speed-up | met "
+      "| TF1 floor (s) |",
+      "|---|---|---|---|---|---|---|",
     ]
     for g in goal_rows:
 
@@ -872,7 +922,8 @@ def markdown(results, notes, command, shared_note):
       met = {True: "yes", False: "**no**", None: "n/a"}[g["met"]]
       lines.append(
         f"| {g['goal']} | {g['case']} | {fmt(g['tf1hess'])} | "
-        f"{fmt(g['other'])} | {fmt(g['speedup'], '.2f')} | {met} |"
+        f"{fmt(g['other'])} | {fmt(g['speedup'], '.2f')} | {met} | "
+        f"{fmt(g['floor'])} |"
       )
     lines.append("")
   shapes = sorted({r["shape"] for r in results}, key=parse_shape)
@@ -970,7 +1021,10 @@ def plot(results, path):
       ]
       if points:
         xs, ys = zip(*sorted(points))
-        style = "-o" if method.startswith("tf1hess") else "--x"
+        if method in OUTPUT_FLOORS:
+          style = ":"
+        else:
+          style = "-o" if method.startswith("tf1hess") else "--x"
         width = 2.5 if method == REFERENCE else 1.2
         ax.plot(xs, ys, style, label=label(method), linewidth=width)
     ax.set_xticks(range(len(shapes)))
@@ -1034,6 +1088,7 @@ def default_methods():
     import jax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     names.remove("jax_jit_vmap_hessian")
+    names.remove("jax_output_floor")
   return names
 
 
