@@ -4,7 +4,8 @@ For each function (a tanh MLP, a quadratic form, a deeper softplus network)
 and shape N x K, every method computes the per-sample Hessians `(N, K, K)` of
 the same function, with the same weights, at the same inputs, in one process.
 Each method's output is checked against tf1hess's default before it is timed;
-the time is the median of `--repeats` runs after `--warmup` runs, the runs of
+the time is the median of `--repeats` runs (`--fast_repeats` for methods
+whose runs take under 20 ms, which vary more) after `--warmup` runs, the runs of
 all methods of a case taking turns so that a busy machine slows them alike.
 Peak memory is measured separately, one fresh process per method and case.
 Two rows compute no Hessians: the time a TF1 session run and a jitted JAX
@@ -67,6 +68,13 @@ _CHUNK_CASES = flags.DEFINE_list(
 _REPEATS = flags.DEFINE_integer(
   "repeats", 5, "Timed runs per method and case.", lower_bound=1
 )
+_FAST_REPEATS = flags.DEFINE_integer(
+  "fast_repeats",
+  51,
+  "Timed runs of a method whose runs take under 20 ms: short runs vary "
+  "more from one to the next.",
+  lower_bound=1,
+)
 _WARMUP = flags.DEFINE_integer(
   "warmup", 1, "Untimed runs before timing.", lower_bound=1
 )
@@ -110,6 +118,7 @@ _ALL_FLAGS = (
   _METHODS,
   _CHUNK_CASES,
   _REPEATS,
+  _FAST_REPEATS,
   _WARMUP,
   _MAX_SECONDS,
   _HIDDEN,
@@ -124,6 +133,7 @@ _ALL_FLAGS = (
 )
 
 _PAUSE = 0.05  # Seconds between timed runs, for the previous one's threads.
+_FAST_RUN = 0.02  # Seconds: methods faster than this get `fast_repeats` runs.
 _RTOL = 1e-3  # Relative to the largest entry of the reference Hessians.
 _PROBE_TAG = "MEMORY_PROBE "
 
@@ -519,14 +529,18 @@ def check(value, reference):
   return None
 
 
-def run_case(case, methods, repeats, warmup, max_seconds=float("inf")):
+def run_case(
+  case, methods, repeats, warmup, max_seconds=float("inf"), fast_repeats=None
+):
   """Checks and times `methods` on `case`; returns one record per method.
 
   Every method's output is compared with tf1hess's default (built first if
   not among `methods`). The methods that pass are timed in turns: `warmup`
-  runs each, then up to `repeats` rounds of one run per method, each round
-  starting with the next method; a method whose runs would exceed
-  `max_seconds` gets fewer rounds (at least one).
+  runs each, then rounds of one run per method, each round starting with
+  the next method, until each method has had `repeats` runs
+  (`fast_repeats`, if given and more, for a method whose first timed run
+  took under `_FAST_RUN` seconds); a method whose runs would exceed
+  `max_seconds` gets fewer than `repeats` (at least one).
 
   Returns:
     A list of dicts: `method`, `status` ('ok', 'wrong', 'failed' or
@@ -590,7 +604,8 @@ def run_case(case, methods, repeats, warmup, max_seconds=float("inf")):
     per_run = (time.perf_counter() - start) / warmup
     budget[name] = max(1, int(min(repeats, max_seconds / max(per_run, 1e-9))))
   names = list(runners)
-  for round_ in range(repeats):
+  round_ = 0
+  while any(round_ < b for b in budget.values()):
     # Each round starts with another method: whichever runs right after
     # another (JAX's and TensorFlow's thread pools spin for a while after a
     # call) is slowed, and no method should always be the one.
@@ -601,6 +616,12 @@ def run_case(case, methods, repeats, warmup, max_seconds=float("inf")):
         start = time.perf_counter()
         runners[name].run()
         times[name].append(time.perf_counter() - start)
+    if round_ == 0 and fast_repeats is not None:
+      # Decided on a timed run: the warm-up's first run may still allocate.
+      for name, t in times.items():
+        if t and t[0] < _FAST_RUN:
+          budget[name] = max(budget[name], fast_repeats)
+    round_ += 1
   for runner in runners.values():
     runner.close()
   base = np.median(times[REFERENCE]) if REFERENCE in times else None
@@ -690,6 +711,7 @@ def run_all(
   repeats,
   warmup,
   max_seconds,
+  fast_repeats=None,
   chunk_cases=None,
   measure=False,
   hidden=64,
@@ -713,7 +735,7 @@ def run_all(
       for c in chunk_cases.get((function, shape), ())
       if f"tf1hess_pfor_chunk{c}" not in methods
     ]
-    records = run_case(case, names, repeats, warmup, max_seconds)
+    records = run_case(case, names, repeats, warmup, max_seconds, fast_repeats)
     for record in records:
       record.update(function=function, shape=shape, n=case.n, k=case.k)
       if measure and record["status"] == "ok":
@@ -877,8 +899,10 @@ def markdown(results, notes, command, shared_note):
     "- Before timing, each method's output is compared with tf1hess's "
     f"default: max |difference| <= {_RTOL:g} x max |entry|. A method that "
     "fails the check is reported as `wrong` and not timed.",
-    "- Time: median of the timed runs after a warm-up run, the methods of a "
-    "case taking turns (each round starting with the next method, after a "
+    "- Time: median of the timed runs (`--repeats`; `--fast_repeats` for a "
+    f"method whose runs take under {_FAST_RUN * 1000:g} ms, which vary "
+    "more) after a warm-up run, the methods of a case taking turns (each "
+    "round starting with the next method, after a "
     f"{_PAUSE:g} s pause before each run). TF1 graphs run the op that "
     "produces the Hessians in a `tf.compat.v1.Session` without fetching "
     "them (no copy to numpy); "
@@ -1131,6 +1155,7 @@ def main(argv):
       shapes,
       methods,
       repeats=2 if quick else _REPEATS.value,
+      fast_repeats=2 if quick else _FAST_REPEATS.value,
       warmup=_WARMUP.value,
       max_seconds=_MAX_SECONDS.value,
       chunk_cases={} if quick else parse_chunk_cases(_CHUNK_CASES.value),

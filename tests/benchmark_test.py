@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 from unittest import mock
 
 from absl import flags
@@ -156,6 +157,26 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
     self.assertRegex(
       benchmark.check(np.full((2, 3, 3), np.nan), reference), "difference"
     )
+
+  def test_fast_methods_get_fast_repeats(self):
+    def slow(case):
+      runner = benchmark.METHODS["tf1hess_while_loop"](case)
+      run = runner.run
+
+      def slowed():
+        time.sleep(2 * benchmark._FAST_RUN)
+        run()
+
+      runner.run = slowed
+      return runner
+
+    case = benchmark.Case("quadratic", "8x4")
+    with mock.patch.dict(benchmark.METHODS, {"slow": slow}):
+      records = benchmark.run_case(
+        case, ["tf1hess_auto", "slow"], 2, 1, fast_repeats=4
+      )
+    runs = {r["method"]: len(r["times"]) for r in records}
+    self.assertEqual(runs, {"tf1hess_auto": 4, "slow": 2})
 
   @parameterized.parameters(*benchmark.OUTPUT_FLOORS)
   def test_an_output_floor_is_timed_without_a_check(self, name):
