@@ -10,6 +10,7 @@ Hessians, the diagonal blocks of `tf.hessians`, and float64 central
 differences.
 """
 
+import os
 from unittest import mock
 
 from absl.testing import parameterized
@@ -57,6 +58,7 @@ class StrategyMixin(testing_utils.ControlFlowMixin):
       patches += [
         mock.patch.object(_core, "EAGER_PFOR_MIN_ROWS", 1),
         mock.patch.object(_core, "PFOR_MIN_ROWS", 1),
+        mock.patch.object(_core, "PFOR_MIN_ROWS_DEFAULT_ALLOCATOR", 1),
       ]
     if patched == "fail_pfor":
       patches.append(
@@ -428,7 +430,10 @@ class FallbackTest(StrategyMixin, tf.test.TestCase):
     self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
 
   def test_auto_falls_back_to_the_loop_when_pfor_fails(self):
-    with mock.patch.object(_core, "PFOR_MIN_ROWS", 4):
+    with (
+      mock.patch.object(_core, "PFOR_MIN_ROWS", 4),
+      mock.patch.object(_core, "PFOR_MIN_ROWS_DEFAULT_ALLOCATOR", 4),
+    ):
       with self.assertLogs("absl", "INFO") as logs:
         self._run()
     self.assertRegex(
@@ -463,7 +468,9 @@ class FallbackTest(StrategyMixin, tf.test.TestCase):
       self._run(method="while_loop")
 
 
-class StrategyChoiceTest(StrategyMixin, tf.test.TestCase):
+class StrategyChoiceTest(
+  StrategyMixin, tf.test.TestCase, parameterized.TestCase
+):
   """Each method builds the rows it names (checked on the graph's ops)."""
 
   def _loops(self, k, **kwargs):
@@ -498,10 +505,26 @@ class StrategyChoiceTest(StrategyMixin, tf.test.TestCase):
     self.assertLen(self._loops(_core.UNROLL_MAX_ROWS + 1), 1)
 
   def test_auto_vectorizes_many_rows(self):
-    self.assertEmpty(self._loops(_core.PFOR_MIN_ROWS))
+    self.assertEmpty(self._loops(_core.pfor_min_rows(eager=False)))
 
   def test_auto_loops_below_many_rows(self):
-    self.assertLen(self._loops(_core.PFOR_MIN_ROWS - 1), 1)
+    self.assertLen(self._loops(_core.pfor_min_rows(eager=False) - 1), 1)
+
+  @parameterized.named_parameters(
+    ("bfc", "true", _core.PFOR_MIN_ROWS),
+    ("bfc_1", "1", _core.PFOR_MIN_ROWS),
+    ("default", "false", _core.PFOR_MIN_ROWS_DEFAULT_ALLOCATOR),
+    ("unset", None, _core.PFOR_MIN_ROWS_DEFAULT_ALLOCATOR),
+  )
+  def test_vectorizing_threshold_follows_the_allocator(self, value, rows):
+    env = {} if value is None else {"TF_CPU_ALLOCATOR_USE_BFC": value}
+    with mock.patch.dict(os.environ, env):
+      if value is None:
+        os.environ.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+      self.assertEqual(_core.pfor_min_rows(eager=False), rows)
+      self.assertEqual(
+        _core.pfor_min_rows(eager=True), _core.EAGER_PFOR_MIN_ROWS
+      )
 
   def test_elementwise_layer_takes_one_matmul(self):
     with tf.Graph().as_default():

@@ -19,6 +19,7 @@ wastes; `"auto"` falls back to the loop when `pfor` cannot vectorize an op.
 """
 
 import contextlib
+import os
 
 from absl import logging
 import tensorflow as tf
@@ -79,13 +80,17 @@ METHODS = ("auto", "pfor", "while_loop")
 
 # "auto" vectorizes the rows from this many rows (a static count) on, and
 # below it loops over rows with the linear shortcuts. In graphs (and
-# `tf.function`s) on 2 CPU cores, with either CPU allocator, `pfor` was 10 to
-# 25% faster than the loop at 256 rows (batches of 256 to 2048; even at
-# 4096), and the loop, `parallel_iterations` rows at a time, up to 15% faster
-# at 64 rows and at 128 rows from batches of 4096 on (the softplus net of
-# BENCHMARKS.md). Executing eagerly, `pfor` traces a function on every call,
+# `tf.function`s) on 2 CPU cores with TensorFlow's BFC CPU allocator
+# (`TF_CPU_ALLOCATOR_USE_BFC=true`), `pfor` was 10 to 25% faster than the
+# loop at 256 rows (batches of 256 to 2048; even at 4096), and the loop,
+# `parallel_iterations` rows at a time, up to 15% faster at 64 rows and at
+# 128 rows from batches of 4096 on (the softplus net of BENCHMARKS.md). The
+# default allocator page-faults on `pfor`'s large (K, N, ...) intermediates
+# at every run: there the loop was faster up to K = 256 (twice as fast at
+# 1024 x 256). Executing eagerly, `pfor` traces a function on every call,
 # which costs more than a Python loop over a few rows.
 PFOR_MIN_ROWS = 256
+PFOR_MIN_ROWS_DEFAULT_ALLOCATOR = 512
 EAGER_PFOR_MIN_ROWS = 64
 
 # Up to this many rows (a static count), "auto" builds one backward pass per
@@ -455,8 +460,9 @@ def stack_rows(
     cannot vectorize an op (`pfor`'s own fallback, a while loop around the
     op, is off: it builds graphs that can fail when run), the rows fall
     back to the loops of `"auto"`.
-  * `"auto"`: from `PFOR_MIN_ROWS` rows on (executing eagerly:
-    `EAGER_PFOR_MIN_ROWS`), `"pfor"` if every op vectorizes; up to
+  * `"auto"`: from `pfor_min_rows()` rows on (256 with TensorFlow's BFC
+    CPU allocator, else 512; executing eagerly, 64), `"pfor"` if every op
+    vectorizes; up to
     `UNROLL_MAX_ROWS` rows in a graph, one backward pass per row unrolled in
     the graph; otherwise a `tf.while_loop` over rows with the linear
     shortcuts, and the plain loop when even the shortcuts cannot be built.
@@ -540,6 +546,17 @@ def stack_rows(
   return build(last)
 
 
+def pfor_min_rows(eager):
+  """The number of rows from which "auto" vectorizes (see PFOR_MIN_ROWS)."""
+  if eager:
+    return EAGER_PFOR_MIN_ROWS
+  # The variable TensorFlow reads when it makes its CPU allocator.
+  bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").strip().lower()
+  if bfc in ("1", "true"):
+    return PFOR_MIN_ROWS
+  return PFOR_MIN_ROWS_DEFAULT_ALLOCATOR
+
+
 def _attempts(method, num_rows, shortcuts, no_loops):
   """The `(loop, shortcuts)` strategies `method` tries, in order.
 
@@ -552,7 +569,7 @@ def _attempts(method, num_rows, shortcuts, no_loops):
     return [("while_loop", False)]
   out = []
   eager = tf.executing_eagerly()
-  threshold = EAGER_PFOR_MIN_ROWS if eager else PFOR_MIN_ROWS
+  threshold = pfor_min_rows(eager)
   static = isinstance(num_rows, int)
   if method == "pfor" or static and num_rows >= threshold:
     out.append(("pfor", shortcuts))
