@@ -1091,8 +1091,15 @@ def write_outputs(results, notes, command, md=None, png=None, js=None):
 
 
 def command_line():
-  """This run's command: the script and the flags not at their defaults."""
+  """This run's command: the script and the flags not at their defaults.
+
+  Prefixed with `TF_CPU_ALLOCATOR_USE_BFC=...` when the allocator is not the
+  BFC one this script turns on.
+  """
   parts = ["python scripts/benchmark.py"]
+  bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "")
+  if bfc.strip().lower() not in ("1", "true"):
+    parts.insert(0, f"TF_CPU_ALLOCATOR_USE_BFC={bfc or 'false'}")
   for holder in _ALL_FLAGS:
     flag = flags.FLAGS[holder.name]
     if flag.value != flag.default:

@@ -252,6 +252,19 @@ class MainTest(tf.test.TestCase):
       sorted(os.listdir(out.full_path)), ["b.json", "b.md", "b.png"]
     )
 
+  def test_command_line_names_a_non_bfc_allocator(self):
+    with flagsaver.flagsaver(repeats=3):
+      with mock.patch.dict(os.environ, {"TF_CPU_ALLOCATOR_USE_BFC": "true"}):
+        self.assertEqual(
+          benchmark.command_line(), "python scripts/benchmark.py --repeats=3"
+        )
+      with mock.patch.dict(os.environ, {"TF_CPU_ALLOCATOR_USE_BFC": "false"}):
+        self.assertEqual(
+          benchmark.command_line(),
+          "TF_CPU_ALLOCATOR_USE_BFC=false python scripts/benchmark.py "
+          "--repeats=3",
+        )
+
   def test_extra_arguments(self):
     with self.assertRaisesRegex(Exception, "Too many command-line arguments"):
       benchmark.main(["benchmark.py", "extra"])
