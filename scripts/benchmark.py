@@ -41,6 +41,7 @@ import tensorflow as tf
 from tensorflow.python.ops.parallel_for import gradients as pfor_gradients  # pylint: disable=g-direct-tensorflow-import
 import tf1hess
 from tf1hess import _cli
+from tf1hess import _core
 
 _DEFAULT_SHAPES = ["16384x16", "4096x64", "1024x256", "256x1024", "256x16"]
 _QUICK_SHAPES = ["32x4", "8x16"]
@@ -418,15 +419,25 @@ def _forward_accumulator_vmap(case):
   return FunctionRunner(fn, tf.constant(case.x))
 
 
-def _jax_jit_vmap_hessian(case):
-  try:
-    import jax  # pylint: disable=import-outside-toplevel
-  except ImportError as error:
-    raise SkipMethod("jax is not installed") from error
-  fn = jax.jit(jax.vmap(jax.hessian(case.jax_fn())))
-  return FunctionRunner(
-    fn, jax.numpy.asarray(case.x), block=lambda out: out.block_until_ready()
-  )
+def _jax_method(make):
+  """A method that calls `jax.jit(make(jax, case))` on the inputs."""
+
+  def build(case):
+    try:
+      import jax  # pylint: disable=import-outside-toplevel
+    except ImportError as error:
+      raise SkipMethod("jax is not installed") from error
+    return FunctionRunner(
+      jax.jit(make(jax, case)),
+      jax.numpy.asarray(case.x),
+      block=lambda out: out.block_until_ready(),
+    )
+
+  return build
+
+
+def _jax_vmap_hessian(jax, case):
+  return jax.vmap(jax.hessian(case.jax_fn()))
 
 
 def _tf1_output_floor(case):
@@ -439,19 +450,10 @@ def _tf1_output_floor(case):
   )(case)
 
 
-def _jax_output_floor(case):
-  """Not a Hessian: a jitted JAX call that only writes an `(N, K, K)` output."""
-  try:
-    import jax  # pylint: disable=import-outside-toplevel
-  except ImportError as error:
-    raise SkipMethod("jax is not installed") from error
+def _jax_output_floor(jax, case):
+  """Not a Hessian: a JAX function that only writes an `(N, K, K)` output."""
   fill = jax.numpy.ones((case.k, case.k), jax.numpy.float32)
-  fn = jax.jit(
-    lambda x: jax.numpy.broadcast_to(fill, (x.shape[0],) + fill.shape)
-  )
-  return FunctionRunner(
-    fn, jax.numpy.asarray(case.x), block=lambda out: out.block_until_ready()
-  )
+  return lambda x: jax.numpy.broadcast_to(fill, (x.shape[0],) + fill.shape)
 
 
 METHODS = {
@@ -464,9 +466,9 @@ METHODS = {
   "parallel_for_batch_jacobian": _parallel_for_batch_jacobian,
   "tf_hessians_diagonal": _tf_hessians_diagonal,
   "forward_accumulator_vmap": _forward_accumulator_vmap,
-  "jax_jit_vmap_hessian": _jax_jit_vmap_hessian,
+  "jax_jit_vmap_hessian": _jax_method(_jax_vmap_hessian),
   "tf1_output_floor": _tf1_output_floor,
-  "jax_output_floor": _jax_output_floor,
+  "jax_output_floor": _jax_method(_jax_output_floor),
 }
 
 # Not Hessian methods, and not checked: the least a TF1 session run (fed the
@@ -881,7 +883,7 @@ def markdown(results, notes, command, shared_note):
     + (
       "BFC (`TF_CPU_ALLOCATOR_USE_BFC=true`, which this script sets unless "
       "told otherwise), which keeps freed memory for the next run"
-      if notes.get("bfc_allocator", "").lower() in ("true", "1")
+      if _core.bfc_allocator(notes.get("bfc_allocator", ""))
       else "the default (`TF_CPU_ALLOCATOR_USE_BFC` unset or false), which "
       "returns large buffers to the system: every run pays the page faults "
       "of fresh memory"
@@ -1098,7 +1100,7 @@ def command_line():
   """
   parts = ["python scripts/benchmark.py"]
   bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "")
-  if bfc.strip().lower() not in ("1", "true"):
+  if not _core.bfc_allocator(bfc):
     parts.insert(0, f"TF_CPU_ALLOCATOR_USE_BFC={bfc or 'false'}")
   for holder in _ALL_FLAGS:
     flag = flags.FLAGS[holder.name]

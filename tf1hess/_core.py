@@ -462,11 +462,10 @@ def stack_rows(
     back to the loops of `"auto"`.
   * `"auto"`: from `pfor_min_rows()` rows on (256 with TensorFlow's BFC
     CPU allocator, else 512; executing eagerly, 64), `"pfor"` if every op
-    vectorizes; up to
-    `UNROLL_MAX_ROWS` rows in a graph, one backward pass per row unrolled in
-    the graph; otherwise a `tf.while_loop` over rows with the linear
-    shortcuts, and the plain loop when even the shortcuts cannot be built.
-    Decided when the graph is built.
+    vectorizes; up to `UNROLL_MAX_ROWS` rows in a graph, one backward pass
+    per row unrolled in the graph; otherwise a `tf.while_loop` over rows
+    with the linear shortcuts, and the plain loop when even the shortcuts
+    cannot be built. Decided when the graph is built.
 
   Under control flow v1, TensorFlow cannot differentiate a while loop inside
   another, so rows that will be differentiated again (`differentiated`, the
@@ -551,10 +550,14 @@ def pfor_min_rows(eager):
   if eager:
     return EAGER_PFOR_MIN_ROWS
   # The variable TensorFlow reads when it makes its CPU allocator.
-  bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").strip().lower()
-  if bfc in ("1", "true"):
+  if bfc_allocator(os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "")):
     return PFOR_MIN_ROWS
   return PFOR_MIN_ROWS_DEFAULT_ALLOCATOR
+
+
+def bfc_allocator(value):
+  """Whether `value` of `TF_CPU_ALLOCATOR_USE_BFC` turns the BFC one on."""
+  return value.strip().lower() in ("1", "true")
 
 
 def _attempts(method, num_rows, shortcuts, no_loops):
@@ -762,9 +765,8 @@ def _elementwise(pre, tensors):
   True when every op between `pre` `(N, H)` and `tensors` is elementwise
   (`_ELEMENTWISE`, or a sum over broadcast axes that finds none, see
   `_unbroadcast_input`) and none broadcasts a tensor that depends on `pre`:
-  then
-  each of `tensors` has the shape of `pre`, and its Jacobian with respect to
-  `pre` is diagonal in every sample.
+  then each of `tensors` has the shape of `pre`, and its Jacobian with
+  respect to `pre` is diagonal in every sample.
   """
   graph = _Graph(pre)
   seen, todo = set(), list(tensors)

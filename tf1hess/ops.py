@@ -237,9 +237,9 @@ def batch_hessians(
       in the first and last dense layers. `"auto"` vectorizes when there are
       at least 256 rows (a static K; 512 without TensorFlow's BFC CPU
       allocator), unrolls up to 16 rows into the graph, and otherwise loops
-      over rows, with the same shortcuts. Where an op
-      cannot be vectorized, the rows fall back to the loop when the graph
-      is built. See BENCHMARKS.md.
+      over rows, with the same shortcuts. Where an op cannot be vectorized,
+      the rows fall back to the loop when the graph is built. See
+      BENCHMARKS.md.
     chunk_size: `int` or `None` (default: all rows at once): rows per
       vectorized backward pass. Smaller chunks keep the intermediate
       activations of only `chunk_size` rows alive, at some cost in speed
