@@ -10,6 +10,7 @@ from absl.testing import parameterized
 import tensorflow as tf
 
 import tf1hess
+from tf1hess import _compat
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +29,12 @@ class ApiTest(tf.test.TestCase, parameterized.TestCase):
       self.assertTrue(hasattr(tf1hess, name), name)
       exec(f"from tf1hess import {name}", {})  # pylint: disable=exec-used
 
+  def test_import_names_no_keras_until_used(self):
+    # `keras` is a lazily loaded attribute; it is the submodule itself.
+    self.assertIs(tf1hess.keras, importlib.import_module("tf1hess.keras"))
+    with self.assertRaisesRegex(AttributeError, r"no attribute 'nothing'"):
+      getattr(tf1hess, "nothing")  # noqa: B009
+
   def test_version_matches_setup(self):
     with open(os.path.join(_ROOT, "setup.py"), encoding="utf-8") as f:
       setup_version = re.search(r'version="([^"]+)"', f.read()).group(1)
@@ -35,6 +42,11 @@ class ApiTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters((name, name) for name in _modules())
   def test_docstring_examples_run(self, module_name):
+    if module_name == "tf1hess._keras3_layer":
+      try:
+        _compat.keras3()
+      except ImportError:
+        self.skipTest("needs Keras 3 (TensorFlow >= 2.16)")
     module = importlib.import_module(module_name)
     result = doctest.testmod(
       module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS

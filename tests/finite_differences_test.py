@@ -106,8 +106,7 @@ class FiniteDifferenceHessiansTest(tf.test.TestCase, parameterized.TestCase):
     )
 
   def test_eager_tensors_and_keras_models(self):
-    import tf_keras
-
+    tf_keras = tf1hess.keras.legacy_keras()
     model = tf_keras.Sequential(
       [
         tf_keras.Input((3,), dtype="float64"),

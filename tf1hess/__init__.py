@@ -1,9 +1,13 @@
 """tf1hess: per-sample Hessians for TensorFlow 1 graph code."""
 
+from tf1hess import _compat
+
+_compat.import_tensorflow()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from tf1hess import cluster
 from tf1hess import eager
 from tf1hess import export
-from tf1hess import keras
 from tf1hess import legacy
 from tf1hess import streaming
 from tf1hess.finite_differences import HessianCheck
@@ -35,3 +39,13 @@ __all__ = [
   "legacy",
   "streaming",
 ]
+
+
+def __getattr__(name):
+  # `tf1hess.keras` loads on first use, so that `import tf1hess` imports no
+  # Keras (which is optional, and of two generations).
+  if name == "keras":
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    return importlib.import_module("tf1hess.keras")
+  raise AttributeError(f"module 'tf1hess' has no attribute {name!r}")
