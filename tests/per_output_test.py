@@ -118,6 +118,16 @@ class OutputHessiansTest(
     self.assertAllClose(out[1][0], ref[:, :, 3:, :3])
     self.assertAllClose(out[1][1], ref[:, :, 3:, 3:])
 
+  def test_list_of_one_input_gives_nested_blocks(self):
+    z_val = _RNG.normal(size=(2, 4))
+    with tf.Graph().as_default():
+      z = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      blocks = tf1hess.batch_output_hessians(_two_layer(z), [z])
+      self.assertLen(blocks, 1)
+      self.assertLen(blocks[0], 1)
+      out = _run(blocks[0][0], {z: z_val})
+    self.assertAllClose(out, _joint_reference(z_val))
+
   def test_mixed_derivative_of_a_polynomial(self):
     # u = x^2 t^3: u_xt = 6 x t^2; a second output x t gives u_xt = 1.
     with tf.Graph().as_default():

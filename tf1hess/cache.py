@@ -183,13 +183,7 @@ class Derivatives:
       ValueError: when it is out of range, or `None` with several outputs.
     """
     c = self._component(component)
-    p = self._problem
-    return self._get(
-      ("gradient", c),
-      lambda: self._joint(
-        tf.gradients(p.output(c), p.xs, unconnected_gradients=_ZERO)
-      ),
-    )
+    return self._get(("gradient", c), lambda: self._problem.gradient(c))
 
   def jacobian(self, i=None, j=None):
     """Entry, row, column or all of the per-sample Jacobian `J[i, j]`.
