@@ -8,7 +8,11 @@ Hessian `(N, d, d)` and Laplacian `(N, 1)` of every method:
 * `dde.grad`: `dde.grad.hessian(y, x, i=i, j=j)` for every entry needed (one
   gradient, then one backward pass per row, as DeepXDE builds them);
 * `tf1hess.dde`: the same calls on the drop-in (entries, row by row);
-* `tf1hess.Derivatives`: `hessian()` and `laplacian()` of the cache.
+* `tf1hess.Derivatives`: `hessian()` and `laplacian()` of the cache, by
+  default (its own rows, up to `ROWS_MAX_FEATURES` features);
+* `Derivatives(method="auto")`: the same through `tf1hess.batch_hessians`
+  and `tf1hess.batch_hessian_diagonals` (the package's row machinery, and
+  whatever engine those ops use).
 
 Every method's result is checked against DeepXDE's before timing. The time
 is the median of `--runs` session runs after one warm-up run, the methods of
@@ -46,7 +50,12 @@ _RUNS = flags.DEFINE_integer(
 )
 
 QUANTITIES = ("hessian", "laplacian")
-METHODS = ("dde.grad", "tf1hess.dde", "tf1hess.Derivatives")
+METHODS = (
+  "dde.grad",
+  "tf1hess.dde",
+  "tf1hess.Derivatives",
+  'Derivatives(method="auto")',
+)
 
 
 def _entries(hessian, y, x, d, quantity):
@@ -92,10 +101,13 @@ def compare(d, batch_size, runs, seed=0):
       fetches[quantity, "tf1hess.dde"] = _entries(
         tf1hess.dde.hessian, y, x, d, quantity
       )
-      cache = tf1hess.Derivatives(y, x)
-      fetches[quantity, "tf1hess.Derivatives"] = (
-        cache.hessian() if quantity == "hessian" else cache.laplacian()
-      )
+      for method, cache in (
+        ("tf1hess.Derivatives", tf1hess.Derivatives(y, x)),
+        ('Derivatives(method="auto")', tf1hess.Derivatives(y, x, "auto")),
+      ):
+        fetches[quantity, method] = (
+          cache.hessian() if quantity == "hessian" else cache.laplacian()
+        )
     init = tf.compat.v1.global_variables_initializer()
   points = np.random.default_rng(seed).uniform(-1, 1, (batch_size, d))
   feed = {x: points.astype(np.float32), net.training: False}
@@ -131,20 +143,17 @@ def compare(d, batch_size, runs, seed=0):
 def format_table(rows):
   """A Markdown table: one line per (d, quantity), ratios to `dde.grad`."""
   lines = [
-    "| d | quantity | dde.grad (ms) | tf1hess.dde (ms) | "
-    "tf1hess.Derivatives (ms) | dde.grad / Derivatives |",
-    "|---|---|---|---|---|---|",
+    "| d | quantity | " + " | ".join(f"{m} (ms)" for m in METHODS) + " | "
+    "dde.grad / Derivatives |",
+    "|---" * (len(METHODS) + 3) + "|",
   ]
   cases = {}
   for row in rows:
     cases.setdefault((row["d"], row["quantity"]), {})[row["method"]] = row["ms"]
   for (d, quantity), ms in cases.items():
     ratio = ms["dde.grad"] / ms["tf1hess.Derivatives"]
-    lines.append(
-      f"| {d} | {quantity} | {ms['dde.grad']:.1f} | "
-      f"{ms['tf1hess.dde']:.1f} | {ms['tf1hess.Derivatives']:.1f} | "
-      f"{ratio:.2f}x |"
-    )
+    times = " | ".join(f"{ms[m]:.1f}" for m in METHODS)
+    lines.append(f"| {d} | {quantity} | {times} | {ratio:.2f}x |")
   return "\n".join(lines)
 
 

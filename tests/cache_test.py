@@ -51,12 +51,14 @@ class ValuesTest(
     feed = {x: _RNG.normal(size=(5, 2)), t: _RNG.normal(size=(5, 1))}
     return x, t, _model(x, t), feed
 
-  @parameterized.product(cf=[1, 2], full_first=[False, True])
-  def test_every_quantity_matches_tf_gradients(self, cf, full_first):
+  @parameterized.product(
+    cf=[1, 2], full_first=[False, True], method=[None, "auto"]
+  )
+  def test_every_quantity_matches_tf_gradients(self, cf, full_first, method):
     self.control_flow(cf)
     with tf.Graph().as_default():
       x, t, y, feed = self._graph()
-      d = tf1hess.Derivatives(y, [x, t])
+      d = tf1hess.Derivatives(y, [x, t], method=method)
       self.assertEqual((d.num_outputs, d.num_features), (2, 3))
       if full_first:
         full = [d.hessian(component=c) for c in range(2)]
@@ -113,12 +115,13 @@ class ValuesTest(
     self.assertAllClose(u_tt, [[72.0]])
     self.assertAllClose(lap, [[2 * 27.0 + 72.0]])
 
-  def test_one_dimensional_ys(self):
+  @parameterized.parameters(None, "auto", "pfor", "while_loop")
+  def test_one_dimensional_ys(self, method):
     w = testing_utils.mlp_weights(3)
     x_val = _RNG.normal(size=(4, 3))
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 3])
-      d = tf1hess.Derivatives(testing_utils.tanh_mlp(x, *w), x)
+      d = tf1hess.Derivatives(testing_utils.tanh_mlp(x, *w), x, method=method)
       with tf.compat.v1.Session() as sess:
         h, g = sess.run([d.hessian(), d.gradient()], {x: x_val})
     self.assertAllClose(h, testing_utils.tanh_mlp_hessians(x_val, *w))
@@ -164,6 +167,34 @@ class BuiltOnceTest(tf.test.TestCase):
       new = tf.compat.v1.get_default_graph().get_operations()[len(before) :]
     self.assertNotEmpty(new)
     self.assertFalse(any("gradients" in op.name for op in new), new)
+
+  def test_laplacian_reuses_the_rows_of_entries(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+      d = tf1hess.Derivatives(tf.reduce_sum(tf.sin(x) * x, 1), x)
+      d.hessian(0, 0)
+      d.hessian(1, 1)
+      before = tf.compat.v1.get_default_graph().get_operations()
+      d.laplacian()
+      d.hessian()
+      new = tf.compat.v1.get_default_graph().get_operations()[len(before) :]
+    self.assertNotEmpty(new)
+    self.assertFalse(any("gradients" in op.name for op in new), new)
+
+  def test_wide_inputs_use_the_ops(self):
+    k = tf1hess.cache.ROWS_MAX_FEATURES + 1
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, k])
+      d = tf1hess.Derivatives(tf.reduce_sum(x**3, 1), x)
+      lap = d.laplacian()
+      h = d.hessian()
+      with tf.compat.v1.Session() as sess:
+        x_val = _RNG.normal(size=(2, k)).astype(np.float32)
+        lap_val, h_val = sess.run([lap, h], {x: x_val})
+      ops = tf.compat.v1.get_default_graph().get_operations()
+    self.assertTrue(any("batch_hessians" in op.name for op in ops))
+    self.assertAllClose(lap_val[:, 0], 6 * x_val.sum(1), rtol=1e-5)
+    self.assertAllClose(h_val, np.stack([np.diag(6 * v) for v in x_val]))
 
   def test_diagonal_serves_diagonal_entries(self):
     with tf.Graph().as_default():

@@ -15,6 +15,16 @@ from tf1hess import per_output
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
+# Up to this many joint features, `method=None` builds the full Hessian, the
+# diagonal and the Laplacian from the cache's own rows, one backward pass per
+# row as `dde.grad` does (and shared with the entries asked for). Measured on
+# DeepXDE's FNN([d] + [64] * 3 + [1], "tanh") at N = 4096 (2 CPU cores,
+# `scripts/pinn_benchmark.py` and the Laplacian alone for d up to 64): these
+# plain rows were as fast as `tf1hess.batch_hessian_diagonals` and up to 1.5
+# times faster than `tf1hess.batch_hessians` (whose loop, from 17 rows on,
+# fell behind unrolled rows at d = 20).
+ROWS_MAX_FEATURES = 64
+
 
 def check_index(value, arg, size, what, allow_none=False):
   """Returns `value` if it indexes `size` items, else raises.
@@ -61,16 +71,24 @@ class Derivatives:
   * `hessian(i, j, component)`: an entry `(N, 1)` from the row `j` of the
     Hessian (one backward pass more, as `dde.grad.hessian`), or from a full
     Hessian or diagonal already built; `hessian(component=c)` is the full
-    `(N, K, K)` (`tf1hess.batch_hessians`, or the joint rows with the cross
-    blocks for several inputs);
-  * `diagonal(component)`: `(N, K)` (`tf1hess.batch_hessian_diagonals`, or
-    the diagonal of a full Hessian already built);
+    `(N, K, K)`, cross blocks between the inputs included;
+  * `diagonal(component)`: `(N, K)`, or the diagonal of a full Hessian
+    already built;
   * `laplacian(component)`: `(N, 1)` (or `(N,)` with `keepdims=False`), the
     trace of the diagonal.
 
-  Ask for the widest quantity first: a full Hessian built first serves every
-  entry, diagonal and Laplacian after it for free, while a diagonal built
-  first does not make the full Hessian any cheaper.
+  With `method=None` (the default) and at most `ROWS_MAX_FEATURES` joint
+  features, the full Hessian and the diagonal are the cache's own rows (one
+  backward pass each, shared with the entries), the fastest way measured for
+  PINN-sized inputs; beyond, and with a `method` given, they are
+  `tf1hess.batch_hessians` and `tf1hess.batch_hessian_diagonals` (the rows
+  of the package's row machinery over the joint input, for several inputs).
+
+  With the cache's own rows, entries, diagonals, Laplacians and the full
+  Hessian share the rows they need, in any order. With a `method`, ask for
+  the widest quantity first: a full Hessian built first serves every entry,
+  diagonal and Laplacian after it for free, while a diagonal built first
+  does not make the full Hessian any cheaper.
 
   `component` picks the output and may be left out when `ys` has one.
 
@@ -79,7 +97,8 @@ class Derivatives:
       the batch.
     xs: a floating `Tensor` of rank >= 2 with static feature dimensions, or
       a list of them.
-    method: as in `tf1hess.batch_hessians`; default `"auto"`.
+    method: `None` (default; see above), or a method of
+      `tf1hess.batch_hessians` for the full Hessians and diagonals.
     chunk_size: as in `tf1hess.batch_hessians`.
     name: `str`, the name scope of the ops built; default "derivatives".
 
@@ -103,7 +122,7 @@ class Derivatives:
     True
   """
 
-  def __init__(self, ys, xs, method="auto", chunk_size=None, name=None):
+  def __init__(self, ys, xs, method=None, chunk_size=None, name=None):
     if tf.executing_eagerly():
       raise RuntimeError(
         "`Derivatives` caches graph ops and needs graph mode (a "
@@ -111,7 +130,7 @@ class Derivatives:
         " or a tf.function); for eager tensors use tf1hess.eager."
         "batch_output_hessians(fn, x) and its siblings."
       )
-    _core.check_method(method, chunk_size)
+    _core.check_method("auto" if method is None else method, chunk_size)
     self._problem = per_output.Problem(ys, xs, "Derivatives")
     self._method = method
     self._chunk_size = chunk_size
@@ -250,8 +269,8 @@ class Derivatives:
 
     Returns:
       `(N, 1)` for an entry; `(N, K)` for a row (`j=None`) or a column
-      (`i=None`); `(N, K, K)` for both `None`, built with
-      `tf1hess.batch_hessians` (one input) or the joint rows (several).
+      (`i=None`); `(N, K, K)` for both `None` (see the class docstring for
+      how it is built).
 
     Raises:
       TypeError: when an index is neither an int nor `None`.
@@ -273,19 +292,28 @@ class Derivatives:
     # Column i of row j, as `dde.grad.hessian` takes it.
     return self._get(("entry", c, i, j), lambda: self._row(c, j)[:, i : i + 1])
 
+  def _own_rows(self):
+    """Whether full Hessians and diagonals come from the cache's rows."""
+    return self._method is None and self.num_features <= ROWS_MAX_FEATURES
+
+  def _ops_method(self):
+    return "auto" if self._method is None else self._method
+
   def _full_hessian(self, c):
     p = self._problem
     k = self.num_features
+    if self._own_rows():
+      return tf.stack([self._row(c, i) for i in range(k)], axis=1)
     if len(p.xs) == 1:
       h = ops.batch_hessians(
         p.output(c),
         p.xs[0],
-        method=self._method,
+        method=self._ops_method(),
         chunk_size=self._chunk_size,
       )
     else:
       h = per_output.joint_hessian_rows(
-        [self.gradient(c)], p.xs, self._method, self._chunk_size
+        [self.gradient(c)], p.xs, self._ops_method(), self._chunk_size
       )
     out = tf.reshape(h, p.shape([k, k]))
     out.set_shape(p.static_shape([k, k]))
@@ -298,8 +326,9 @@ class Derivatives:
       component: `int` output index; may be `None` when M is 1.
 
     Returns:
-      A `Tensor` `(N, K)`: `tf1hess.batch_hessian_diagonals`, or the diagonal
-      of the full Hessian when that is already built.
+      A `Tensor` `(N, K)`: the diagonal of the full Hessian when that is
+      already built, else from the cache's rows or
+      `tf1hess.batch_hessian_diagonals` (see the class docstring).
 
     Raises:
       As `gradient`.
@@ -308,6 +337,13 @@ class Derivatives:
     full = self._hessian(c)
     if full is not None:
       return self._get(("diagonal", c), lambda: tf.linalg.diag_part(full))
+    if self._own_rows():
+      return self._get(
+        ("diagonal", c),
+        lambda: tf.stack(
+          [self._row(c, i)[:, i] for i in range(self.num_features)], axis=1
+        ),
+      )
     p = self._problem
     return self._get(
       ("diagonal", c),
@@ -315,7 +351,7 @@ class Derivatives:
         ops.batch_hessian_diagonals(
           p.output(c),
           p.xs,
-          method=self._method,
+          method=self._ops_method(),
           chunk_size=self._chunk_size,
         )
       ),
