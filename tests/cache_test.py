@@ -134,23 +134,20 @@ class BuiltOnceTest(tf.test.TestCase):
       x = tf.compat.v1.placeholder(tf.float32, [None, 2])
       t = tf.compat.v1.placeholder(tf.float32, [None, 1])
       d = tf1hess.Derivatives(_model(x, t), [x, t])
-      first = [
-        d.gradient(1),
-        d.hessian(0, 2, component=1),
-        d.hessian(component=0),
-        d.diagonal(1),
-        d.laplacian(0),
-        d.jacobian(),
-      ]
+
+      def requests():
+        return [
+          d.gradient(1),
+          d.hessian(0, 2, component=1),
+          d.hessian(component=0),
+          d.diagonal(1),
+          d.laplacian(0),
+          d.jacobian(),
+        ]
+
+      first = requests()
       before = _num_ops()
-      second = [
-        d.gradient(1),
-        d.hessian(0, 2, component=1),
-        d.hessian(component=0),
-        d.diagonal(1),
-        d.laplacian(0),
-        d.jacobian(),
-      ]
+      second = requests()
       self.assertEqual(_num_ops(), before)
     for a, b in zip(first, second):
       self.assertIs(a, b)

@@ -6,7 +6,6 @@ for every other test of a shared process. `dde_test.py` runs this file with
 `sys.executable` and reads the JSON it prints on its last line.
 """
 
-import importlib.util
 import json
 import os
 import sys
@@ -19,18 +18,10 @@ import deepxde as dde
 import numpy as np
 import tensorflow as tf
 
+import testing_utils
 import tf1hess.dde
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STEPS = 30
-
-
-def _example(name):
-  path = os.path.join(_ROOT, "examples", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _plain_poisson(poisson):
@@ -58,7 +49,7 @@ def _dde_poisson(poisson):
 
 def poisson():
   """Loss histories of the Poisson example with each way to differentiate."""
-  module = _example("poisson_deepxde")
+  module = testing_utils.load_example("poisson_deepxde")
   residuals = {
     "dde.grad": _dde_poisson(module),
     "tf.gradients": _plain_poisson(module),

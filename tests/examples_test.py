@@ -5,26 +5,15 @@ The Burgers PINN runs here; the DeepXDE Poisson example runs in
 TensorFlow's global state).
 """
 
-import importlib.util
-import os
-
 import numpy as np
 import tensorflow as tf
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _example(name):
-  path = os.path.join(_ROOT, "examples", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+import testing_utils
 
 
 class BurgersTest(tf.test.TestCase):
   def test_derivatives_and_residual_match_tf_gradients(self):
-    burgers = _example("burgers_tf1")
+    burgers = testing_utils.load_example("burgers_tf1")
     with tf.Graph().as_default():
       model = burgers.build(seed=3)
       x, t, u = model["x"], model["t"], model["u"]
@@ -51,7 +40,7 @@ class BurgersTest(tf.test.TestCase):
     self.assertGreater(np.abs(plain["u_xt"]).max(), 1e-3)
 
   def test_training_lowers_the_loss(self):
-    losses = _example("burgers_tf1").train(steps=20, seed=0)
+    losses = testing_utils.load_example("burgers_tf1").train(steps=20, seed=0)
     self.assertEqual(losses.shape, (20,))
     self.assertLess(losses[-1], losses[0])
 
