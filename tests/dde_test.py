@@ -203,6 +203,18 @@ class WithDeepXDETest(tf.test.TestCase):
       self.assertEqual(theirs, ours)
     self.assertLess(runs["max_abs_diff"], 1e-5)
 
+  def test_benchmark_checks_and_times_every_method(self):
+    rows = self.results["benchmark"]["rows"]
+    self.assertLen(rows, 8)  # 2 quantities x 4 methods
+    for row in rows:
+      self.assertEqual(row["d"], 3)
+      self.assertLess(row["max_abs_diff"], 1e-4, row)
+      self.assertGreater(row["ms"], 0.0)
+      self.assertLessEqual(row["min_ms"], row["ms"])
+    table = self.results["benchmark"]["table"].splitlines()
+    self.assertLen(table, 4)  # header, rule, hessian, laplacian
+    self.assertIn("| 3 | laplacian |", table[-1])
+
   def test_same_exceptions_as_deepxde(self):
     for name, (theirs, ours) in self.results["errors"].items():
       self.assertEqual(theirs, ours, name)

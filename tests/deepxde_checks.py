@@ -174,7 +174,21 @@ def errors():
   return out
 
 
-CHECKS = {"poisson": poisson, "two_outputs": two_outputs, "errors": errors}
+def benchmark():
+  """`scripts/pinn_benchmark.py` on a tiny case: its rows and its table."""
+  sys.path.insert(0, os.path.join(testing_utils.ROOT, "scripts"))
+  import pinn_benchmark  # pylint: disable=g-import-not-at-top
+
+  rows = pinn_benchmark.compare(d=3, batch_size=16, runs=2)
+  return {"rows": rows, "table": pinn_benchmark.format_table(rows)}
+
+
+CHECKS = {
+  "poisson": poisson,
+  "two_outputs": two_outputs,
+  "errors": errors,
+  "benchmark": benchmark,
+}
 
 if __name__ == "__main__":
   names = sys.argv[1:] or list(CHECKS)

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def diagonal_blocks(full):
@@ -141,7 +141,7 @@ def check_scan_model_hessians(test, hessians_fn):
 
 def load_example(name):
   """Imports `examples/<name>.py` (not a package) as a module."""
-  path = os.path.join(_ROOT, "examples", f"{name}.py")
+  path = os.path.join(ROOT, "examples", f"{name}.py")
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
