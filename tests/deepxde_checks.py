@@ -14,7 +14,12 @@ os.environ.setdefault("DDE_BACKEND", "tensorflow.compat.v1")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import deepxde as dde
+try:
+  import deepxde as dde
+except Exception as error:  # pylint: disable=broad-except
+  # E.g. a DeepXDE whose backend needs a package this environment lacks.
+  print(json.dumps({"unavailable": f"{type(error).__name__}: {error}"}))
+  sys.exit(0)
 import numpy as np
 import tensorflow as tf
 
