@@ -47,7 +47,7 @@ def _run(fetches, feed):
 class JacobiansTest(
   tf.test.TestCase, parameterized.TestCase, testing_utils.ControlFlowMixin
 ):
-  @parameterized.product(cf=[1, 2], n=[0, 1, 5])
+  @parameterized.parameters((1, 5), (2, 0), (2, 1), (2, 5))
   def test_matches_gradients_of_each_output(self, cf, n):
     self.control_flow(cf)
     with tf.Graph().as_default():
@@ -90,7 +90,9 @@ class JacobiansTest(
 class OutputHessiansTest(
   tf.test.TestCase, parameterized.TestCase, testing_utils.ControlFlowMixin
 ):
-  @parameterized.product(cf=[1, 2], method=["auto", "pfor", "while_loop"])
+  @parameterized.parameters(
+    (1, "auto"), (2, "auto"), (2, "pfor"), (2, "while_loop")
+  )
   def test_one_input_matches_tf_hessians_per_output(self, cf, method):
     self.control_flow(cf)
     z_val = _RNG.normal(size=(5, 4))
