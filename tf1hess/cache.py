@@ -313,7 +313,7 @@ class Derivatives:
       )
     else:
       h = per_output.joint_hessian_rows(
-        [self.gradient(c)], p.xs, self._ops_method(), self._chunk_size
+        self.gradient(c), p.xs, self._ops_method(), self._chunk_size
       )
     out = tf.reshape(h, p.shape([k, k]))
     out.set_shape(p.static_shape([k, k]))

@@ -129,27 +129,26 @@ def _joint_vjp(xs, n, x_cols):
   return vjp
 
 
-def joint_hessian_rows(targets, xs, method="auto", chunk_size=None):
-  """Rows of the joint Hessians whose gradients are `targets`.
+def joint_hessian_rows(gradient, xs, method="auto", chunk_size=None):
+  """The per-sample Hessian over the joint input, from its gradient.
 
   Args:
-    targets: a list of `Tensor`s `(N, R_i)`: gradients with respect to `xs`
-      (flattened and concatenated per output), or some of their columns.
+    gradient: a `Tensor` `(N, K)`: the gradient of one output with respect
+      to `xs`, flattened and concatenated in the order of `xs`.
     xs: the list of inputs `(N, d...)` with static feature dimensions.
     method: as in `tf1hess.batch_hessians`.
     chunk_size: as in `tf1hess.batch_hessians`.
 
   Returns:
-    A `Tensor` `(N, sum R_i, sum K_a)`: row `r` is the derivative of column
-    `r` of the concatenated `targets` with respect to the joint input.
+    A `Tensor` `(N, K, K)`: row `r` is the derivative of column `r` of
+    `gradient` with respect to the joint input, one backward pass each.
   """
   n = _core.batch_size(xs[0])
   x_cols = [int(x.shape[1:].num_elements()) for x in xs]
-  target = targets[0] if len(targets) == 1 else tf.concat(targets, axis=1)
   return _core.stack_rows(
     _joint_vjp(xs, n, x_cols),
-    target,
-    int(target.shape[1]),
+    gradient,
+    sum(x_cols),
     sum(x_cols),
     method=method,
     chunk_size=chunk_size,
@@ -243,7 +242,7 @@ def _output_hessian(p, m, method, chunk_size):
       p.output(m), p.xs[0], method=method, chunk_size=chunk_size
     )
   else:
-    h = joint_hessian_rows([p.gradient(m)], p.xs, method, chunk_size)
+    h = joint_hessian_rows(p.gradient(m), p.xs, method, chunk_size)
   return tf.reshape(h, p.shape([k, k]))
 
 
