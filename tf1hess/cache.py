@@ -315,9 +315,7 @@ class Derivatives:
       h = per_output.joint_hessian_rows(
         self.gradient(c), p.xs, self._ops_method(), self._chunk_size
       )
-    out = tf.reshape(h, p.shape([k, k]))
-    out.set_shape(p.static_shape([k, k]))
-    return out
+    return p.reshape(h, [k, k])
 
   def diagonal(self, component=None):
     """The diagonal of the Hessian of output `component`, `(N, K)`.

@@ -101,6 +101,12 @@ class Problem:
   def static_shape(self, *dims):
     return tf.TensorShape([self.xs[0].shape[0]] + [d for g in dims for d in g])
 
+  def reshape(self, t, *dims):
+    """`t` reshaped to `(N, dims...)`, with the static shape set."""
+    out = tf.reshape(t, self.shape(*dims))
+    out.set_shape(self.static_shape(*dims))
+    return out
+
 
 def _flat(t, n, k):
   return _core.flatten_samples(t, n, k)
@@ -216,9 +222,7 @@ def batch_jacobians(ys, xs, name=None, method="auto", chunk_size=None):
       )
     results = []
     for a, block in enumerate(_split(rows, p.x_cols, axis=2)):
-      out = tf.reshape(block, p.shape(p.out_dims, p.x_dims[a]))
-      out.set_shape(p.static_shape(p.out_dims, p.x_dims[a]))
-      results.append(out)
+      results.append(p.reshape(block, p.out_dims, p.x_dims[a]))
     return _checks.restore_structure(results, p.was_sequence)
 
 
@@ -296,18 +300,15 @@ def batch_output_hessians(ys, xs, name=None, method="auto", chunk_size=None):
       axis=1,
     )  # (N, M, K, K)
     if not p.was_sequence:
-      out = tf.reshape(rows, p.shape(p.out_dims, p.x_dims[0], p.x_dims[0]))
-      out.set_shape(p.static_shape(p.out_dims, p.x_dims[0], p.x_dims[0]))
-      return out
+      return p.reshape(rows, p.out_dims, p.x_dims[0], p.x_dims[0])
     rows = tf.reshape(rows, p.shape([p.num_outputs, k, k]))
     blocks = []
     for a, row_block in enumerate(_split(rows, p.x_cols, axis=2)):
       blocks.append([])
       for b, block in enumerate(_split(row_block, p.x_cols, axis=3)):
-        dims = (p.out_dims, p.x_dims[a], p.x_dims[b])
-        out = tf.reshape(block, p.shape(*dims))
-        out.set_shape(p.static_shape(*dims))
-        blocks[-1].append(out)
+        blocks[-1].append(
+          p.reshape(block, p.out_dims, p.x_dims[a], p.x_dims[b])
+        )
     return blocks
 
 
@@ -356,9 +357,7 @@ def batch_output_hessian_diagonals(
     results = []
     for a in range(len(p.xs)):
       stacked = tf.stack([_flat(d[a], p.n, p.x_cols[a]) for d in per_output], 1)
-      out = tf.reshape(stacked, p.shape(p.out_dims, p.x_dims[a]))
-      out.set_shape(p.static_shape(p.out_dims, p.x_dims[a]))
-      results.append(out)
+      results.append(p.reshape(stacked, p.out_dims, p.x_dims[a]))
     return _checks.restore_structure(results, p.was_sequence)
 
 
