@@ -3,8 +3,13 @@
 Nothing here calls tf1hess: these are the values tf1hess is compared with.
 """
 
+import importlib.util
+import os
+
 import numpy as np
 import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def diagonal_blocks(full):
@@ -132,3 +137,12 @@ def check_scan_model_hessians(test, hessians_fn):
         lambda v: sess.run(g, {x: v}), x_val
       )
   test.assertAllClose(out, reference, atol=1e-6)
+
+
+def load_example(name):
+  """Imports `examples/<name>.py` (not a package) as a module."""
+  path = os.path.join(ROOT, "examples", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -6,10 +6,12 @@ _compat.import_tensorflow()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from tf1hess import cluster
+from tf1hess import dde
 from tf1hess import eager
 from tf1hess import export
 from tf1hess import legacy
 from tf1hess import streaming
+from tf1hess.cache import Derivatives
 from tf1hess.finite_differences import HessianCheck
 from tf1hess.finite_differences import check_hessians
 from tf1hess.finite_differences import finite_difference_gradients
@@ -19,18 +21,28 @@ from tf1hess.ops import batch_gradients
 from tf1hess.ops import batch_hessian_diagonals
 from tf1hess.ops import batch_hessian_vector_products
 from tf1hess.ops import batch_hessians
+from tf1hess.per_output import batch_jacobians
+from tf1hess.per_output import batch_output_hessian_diagonals
+from tf1hess.per_output import batch_output_hessians
+from tf1hess.per_output import batch_output_laplacians
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "Derivatives",
   "HessianCheck",
   "batch_derivatives",
   "batch_gradients",
   "batch_hessian_diagonals",
   "batch_hessian_vector_products",
   "batch_hessians",
+  "batch_jacobians",
+  "batch_output_hessian_diagonals",
+  "batch_output_hessians",
+  "batch_output_laplacians",
   "check_hessians",
   "cluster",
+  "dde",
   "eager",
   "export",
   "finite_difference_gradients",

@@ -13,6 +13,7 @@ import tensorflow as tf
 from tf1hess import _checks
 from tf1hess import _core
 from tf1hess import ops
+from tf1hess import per_output
 
 
 def _as_input(fn, x):
@@ -296,6 +297,145 @@ def batch_derivatives(
     parallel_iterations,
     method=method,
     chunk_size=chunk_size,
+  )
+
+
+def _per_output(op, fn, x, method, chunk_size):
+  """`op(fn(x), x)` of `tf1hess.per_output`: in a `tf.function` if eager."""
+  _core.check_method(method, chunk_size)
+  x = _as_input(fn, x)
+
+  def build(v):
+    return op(fn(v), v, method=method, chunk_size=chunk_size)
+
+  if not tf.executing_eagerly():
+    return build(x)
+  return tf.function(build, autograph=False)(x)
+
+
+def batch_jacobians(fn, x, method="auto", chunk_size=None):
+  """Per-sample Jacobians of every output of `fn` at `x`, not summed.
+
+  Runs `tf1hess.batch_jacobians(fn(x), x)`: executing eagerly, inside a
+  `tf.function` traced for this call.
+
+  Args:
+    fn: callable mapping a batch `(N, d...)` to per-sample outputs
+      `(N, m...)` with static dimensions after the batch.
+    x: as in `batch_hessians`.
+    method: as in `batch_hessians`.
+    chunk_size: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` `(N, m..., d...)`.
+
+  Raises:
+    As `batch_hessians`, and `ValueError` when `fn(x)` has dynamic
+    dimensions after the batch.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> tf1hess.eager.batch_jacobians(
+    ...     lambda x: tf.stack([x[:, 0] * x[:, 1], x[:, 1] ** 2], 1),
+    ...     tf.constant([[2., 3.]])).numpy()
+    array([[[3., 2.],
+            [0., 6.]]], dtype=float32)
+  """
+  return _per_output(per_output.batch_jacobians, fn, x, method, chunk_size)
+
+
+def batch_output_hessians(fn, x, method="auto", chunk_size=None):
+  """Per-sample Hessians of every output of `fn` at `x`, not summed.
+
+  Runs `tf1hess.batch_output_hessians(fn(x), x)` (in a `tf.function` when
+  executing eagerly).
+
+  Args:
+    fn: as in `batch_jacobians`.
+    x: as in `batch_hessians`.
+    method: as in `batch_hessians`.
+    chunk_size: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` `(N, m..., d..., d...)`.
+
+  Raises:
+    As `batch_jacobians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> h = tf1hess.eager.batch_output_hessians(
+    ...     lambda x: tf.stack([x[:, 0] * x[:, 1], x[:, 1] ** 2], 1),
+    ...     tf.constant([[2., 3.]]))
+    >>> h.shape
+    TensorShape([1, 2, 2, 2])
+    >>> h.numpy()[0, 1]
+    array([[0., 0.],
+           [0., 2.]], dtype=float32)
+  """
+  return _per_output(
+    per_output.batch_output_hessians, fn, x, method, chunk_size
+  )
+
+
+def batch_output_hessian_diagonals(fn, x, method="auto", chunk_size=None):
+  """Diagonals of the per-sample Hessians of every output of `fn` at `x`.
+
+  Runs `tf1hess.batch_output_hessian_diagonals(fn(x), x)` (in a
+  `tf.function` when executing eagerly).
+
+  Args:
+    fn: as in `batch_jacobians`.
+    x: as in `batch_hessians`.
+    method: as in `batch_hessians`.
+    chunk_size: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` `(N, m..., d...)`.
+
+  Raises:
+    As `batch_jacobians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> tf1hess.eager.batch_output_hessian_diagonals(
+    ...     lambda x: tf.stack([x[:, 0] * x[:, 1], x[:, 1] ** 2], 1),
+    ...     tf.constant([[2., 3.]])).numpy()
+    array([[[0., 0.],
+            [0., 2.]]], dtype=float32)
+  """
+  return _per_output(
+    per_output.batch_output_hessian_diagonals, fn, x, method, chunk_size
+  )
+
+
+def batch_output_laplacians(fn, x, method="auto", chunk_size=None):
+  """Per-sample Laplacians of every output of `fn` at `x`, shape of `fn(x)`.
+
+  Runs `tf1hess.batch_output_laplacians(fn(x), x)` (in a `tf.function` when
+  executing eagerly).
+
+  Args:
+    fn: as in `batch_jacobians`.
+    x: as in `batch_hessians`.
+    method: as in `batch_hessians`.
+    chunk_size: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` `(N, m...)`: `(N, 1)` for outputs `(N, 1)`.
+
+  Raises:
+    As `batch_jacobians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> tf1hess.eager.batch_output_laplacians(
+    ...     lambda x: tf.reduce_sum(x ** 3, 1, keepdims=True),
+    ...     tf.constant([[1., 2.]])).numpy()
+    array([[18.]], dtype=float32)
+  """
+  return _per_output(
+    per_output.batch_output_laplacians, fn, x, method, chunk_size
   )
 
 
