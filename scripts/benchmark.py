@@ -20,7 +20,7 @@ call take to write an output of that size, the floor of each framework.
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's pooling CPU allocator; see "Speed" in README.md.
+# TensorFlow's pooling CPU allocator; see docs/speed.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import ctypes
@@ -888,7 +888,7 @@ def markdown(results, notes, command, shared_note):
       "returns large buffers to the system: every run pays the page faults "
       "of fresh memory"
     )
-    + '; see "Speed" in README.md.',
+    + "; see docs/speed.md.",
   ]
   if shared_note:
     lines.append(f"- {shared_note}")

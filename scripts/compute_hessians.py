@@ -20,7 +20,7 @@ With `--worker_hosts` the batches run on a TensorFlow cluster of
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's pooling CPU allocator; see "Speed" in README.md.
+# TensorFlow's pooling CPU allocator; see docs/speed.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import sys

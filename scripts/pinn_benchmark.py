@@ -27,7 +27,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DDE_BACKEND", "tensorflow.compat.v1")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-# TensorFlow's pooling CPU allocator; see "Speed" in README.md.
+# TensorFlow's pooling CPU allocator; see docs/speed.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import time

@@ -11,7 +11,7 @@ each host, with the same `--worker_hosts` list everywhere:
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's pooling CPU allocator; see "Speed" in README.md.
+# TensorFlow's pooling CPU allocator; see docs/speed.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 from absl import app

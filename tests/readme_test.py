@@ -1,9 +1,12 @@
-"""Every ```python block of README.md runs as written, in a fresh process.
+"""Every ```python block of README.md and docs/*.md runs as written.
 
-A block that starts with `# needs Keras 3` is skipped where there is none
-(TensorFlow <= 2.15).
+Each block runs in a fresh process, in a temporary folder (```py blocks are
+fragments, such as signatures, and are not run). A block that
+starts with `# needs Keras 3` is skipped where there is none (TensorFlow <=
+2.15).
 """
 
+import glob
 import os
 import re
 import subprocess
@@ -15,21 +18,39 @@ import tensorflow as tf
 from tf1hess import _compat
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DOCUMENTS = ["README.md"] + sorted(
+  os.path.relpath(path, _ROOT)
+  for path in glob.glob(os.path.join(_ROOT, "docs", "*.md"))
+)
 
 
-def _python_blocks():
-  with open(os.path.join(_ROOT, "README.md"), encoding="utf-8") as f:
+def _python_blocks(document):
+  with open(os.path.join(_ROOT, document), encoding="utf-8") as f:
     text = f.read()
   return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-class ReadmeTest(tf.test.TestCase, parameterized.TestCase):
-  def test_readme_has_examples(self):
-    self.assertGreaterEqual(len(_python_blocks()), 3)
+def _cases():
+  for document in _DOCUMENTS:
+    name = re.sub(r"\W", "_", document[: -len(".md")])
+    for index in range(len(_python_blocks(document))):
+      yield (f"{name}_{index}", document, index)
 
-  @parameterized.parameters(*range(len(_python_blocks())))
-  def test_block_runs(self, index):
-    code = _python_blocks()[index]
+
+class ReadmeTest(tf.test.TestCase, parameterized.TestCase):
+  def test_documents_have_examples(self):
+    self.assertNotEmpty(_python_blocks("README.md"))
+    self.assertGreaterEqual(len(list(_cases())), 10)
+
+  def test_readme_links_every_document(self):
+    with open(os.path.join(_ROOT, "README.md"), encoding="utf-8") as f:
+      readme = f.read()
+    for document in _DOCUMENTS[1:]:
+      self.assertIn(f"]({document})", readme)
+
+  @parameterized.named_parameters(*_cases())
+  def test_block_runs(self, document, index):
+    code = _python_blocks(document)[index]
     if code.startswith("# needs Keras 3"):
       try:
         _compat.keras3()
@@ -46,7 +67,9 @@ class ReadmeTest(tf.test.TestCase, parameterized.TestCase):
       check=False,
     )
     self.assertEqual(
-      result.returncode, 0, f"README block {index}:\n{code}\n{result.stderr}"
+      result.returncode,
+      0,
+      f"{document} block {index}:\n{code}\n{result.stderr}",
     )
 
 
