@@ -23,12 +23,16 @@ _TF_NOISE = re.compile(
   r"Additional GRPC error|File \"|\[\[|Traceback|\(\d+\) )"
 )
 
+# A line that says something: rules such as "=====" do not.
+_WORDS = re.compile(r"\w")
+
 
 def error_summary(error):
   """Returns the line of an error message that says what failed.
 
   Graph-mode run-time errors start with "Graph execution error:" and the
-  Python stack of the failing op; this keeps the first other line.
+  Python stack of the failing op; this keeps the first other line that
+  holds a word (not a rule of "=" signs).
 
   Args:
     error: an exception, e.g. a `tf.errors.OpError`.
@@ -40,10 +44,10 @@ def error_summary(error):
   if isinstance(error, KeyError) and error.args:
     message = str(error.args[0])
   for line in message.splitlines():
-    if line.strip() and not _TF_NOISE.match(line.strip()):
+    if _WORDS.search(line) and not _TF_NOISE.match(line.strip()):
       if not line.startswith((" ", "\t")):
         return line.strip()
-  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  lines = [line.strip() for line in message.splitlines() if _WORDS.search(line)]
   return lines[0] if lines else type(error).__name__
 
 
