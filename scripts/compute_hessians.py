@@ -88,12 +88,7 @@ _WORKER_HOSTS = flags.DEFINE_list(
   "HOST:PORT of the TensorFlow workers (scripts/worker.py) to spread the "
   "batches over, in task order; default: this machine.",
 )
-_OVERWRITE = flags.DEFINE_bool(
-  "overwrite",
-  False,
-  "Replace an existing --output (or --gradients_output); without it an "
-  "existing file is refused.",
-)
+_OVERWRITE = _cli.define_overwrite_flag()
 _WORKER_TIMEOUT = flags.DEFINE_float(
   "worker_timeout",
   cluster.DEFAULT_WORKER_TIMEOUT,

@@ -29,11 +29,18 @@ from tf1hess import legacy
 
 _MODEL = _cli.define_model_flags()
 _EXPORT_DIR = flags.DEFINE_string(
-  "export_dir", None, "SavedModel directory to write (must not exist)."
+  "export_dir",
+  None,
+  "SavedModel directory to write (must not exist, or be empty, unless "
+  "--overwrite).",
 )
 _OUTPUT_GRAPH = flags.DEFINE_string(
-  "output_graph", None, "Frozen GraphDef file to write (.pb, or .pbtxt)."
+  "output_graph",
+  None,
+  "Frozen GraphDef file to write (.pb, or .pbtxt); must not exist unless "
+  "--overwrite.",
 )
+_OVERWRITE = _cli.define_overwrite_flag()
 _LOGDIR = flags.DEFINE_string(
   "logdir", None, "Optional TensorBoard log directory for the graph."
 )
@@ -51,6 +58,7 @@ def export_model(
   output_graph=None,
   logdir=None,
   check_independence=False,
+  overwrite=False,
 ):
   """Loads a model, adds its Hessian ops and writes the exports.
 
@@ -66,6 +74,7 @@ def export_model(
     output_graph: as in `tf1hess.export.export_hessian_graph`.
     logdir: as in `tf1hess.export.export_hessian_graph`.
     check_independence: `bool`, as in `tf1hess.batch_hessians`.
+    overwrite: as in `tf1hess.export.export_hessian_graph`.
 
   Returns:
     The `tf1hess.legacy.HessianModel` that was exported.
@@ -77,7 +86,7 @@ def export_model(
     raise ValueError(
       "Give at least one output: `export_dir`, `output_graph` or `logdir`."
     )
-  export.check_output_paths(export_dir, output_graph, logdir)
+  export.check_output_paths(export_dir, output_graph, logdir, overwrite)
   model = legacy.load(
     xs,
     ys,
@@ -102,6 +111,7 @@ def export_model(
     output_graph=output_graph,
     logdir=logdir,
     tag=tag,
+    overwrite=overwrite,
   )
   for path in (export_dir, output_graph, logdir):
     if path:
@@ -121,6 +131,7 @@ def main(argv):
       output_graph=_OUTPUT_GRAPH.value,
       logdir=_LOGDIR.value,
       check_independence=_MODEL.check_independence.value,
+      overwrite=_OVERWRITE.value,
     )
 
 

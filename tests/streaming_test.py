@@ -249,9 +249,7 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
     streaming.compute_hessians(
       *args, self.path("h.npy"), batch_size=2, overwrite=True
     )
-    self.assertCountEqual(
-      self.files(), ["x.npy", "one.npy", "h.npy", "g.npy"]
-    )
+    self.assertCountEqual(self.files(), ["x.npy", "one.npy", "h.npy", "g.npy"])
     self.assertEqual(
       streaming.output_files(self.path("h.npy")), [self.path("h.npy")]
     )

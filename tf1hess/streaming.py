@@ -652,9 +652,7 @@ def open_input(input, input_key=None):  # pylint: disable=redefined-builtin
       shape, fortran, dtype = _read_npy_header(f, path)
       offset = f.tell()
     _check_samples(shape, fortran, dtype, path)
-    _check_data_size(
-      path, "", shape, dtype, os.path.getsize(path) - offset
-    )
+    _check_data_size(path, "", shape, dtype, os.path.getsize(path) - offset)
     reader = _RawReader(
       path, offset, shape, dtype, ".npy read a batch at a time"
     )
@@ -839,7 +837,9 @@ class _NpyFiles:
       size = os.path.getsize(path)
       if size != self._size(i):
         os.truncate(path, self._size(i))
-        repaired.append(f"the size of {path} ({size} bytes, not {self._size(i)})")
+        repaired.append(
+          f"the size of {path} ({size} bytes, not {self._size(i)})"
+        )
       if path != partial:
         os.replace(path, partial)  # Renamed by a run that did not finish.
     return repaired
@@ -865,6 +865,8 @@ class _NpyFiles:
       while written < len(data):
         written += os.pwrite(fd, data[written:], offset + written)
       os.fsync(fd)
+    except OSError as error:  # Name the file: pwrite and fsync do not.
+      raise OSError(error.errno, error.strerror, path) from None
     finally:
       os.close(fd)
     return zlib.crc32(data)
@@ -1750,8 +1752,7 @@ def _compute_missing(
   def record(index, values):
     start = index * batch_size
     crcs = [
-      f.write(start, values[f.key].astype(out_dtype, copy=False))
-      for f in files
+      f.write(start, values[f.key].astype(out_dtype, copy=False)) for f in files
     ]
     checksums.append(index, crcs)
     new = _Intervals(manifest.done.ranges)
