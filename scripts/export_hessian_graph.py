@@ -16,7 +16,13 @@ runs (tf1hess not needed) for any batch size:
 """
 
 import os
+import signal
+import sys
 
+if __name__ == "__main__":
+  # Ctrl-C while TensorFlow loads ends the program quietly (nothing is
+  # written yet); `main` turns it back into KeyboardInterrupt.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
@@ -122,17 +128,26 @@ def export_model(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  with _cli.exit_on_error("export_hessian_graph"):
-    export_model(
-      _MODEL.xs.value,
-      _MODEL.ys_value(),
-      **_MODEL.model_kwargs(),
-      export_dir=_EXPORT_DIR.value,
-      output_graph=_OUTPUT_GRAPH.value,
-      logdir=_LOGDIR.value,
-      check_independence=_MODEL.check_independence.value,
-      overwrite=_OVERWRITE.value,
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with _cli.exit_on_error("export_hessian_graph"):
+      export_model(
+        _MODEL.xs.value,
+        _MODEL.ys_value(),
+        **_MODEL.model_kwargs(),
+        export_dir=_EXPORT_DIR.value,
+        output_graph=_OUTPUT_GRAPH.value,
+        logdir=_LOGDIR.value,
+        check_independence=_MODEL.check_independence.value,
+        overwrite=_OVERWRITE.value,
+      )
+  except KeyboardInterrupt:
+    print(
+      "export_hessian_graph: interrupted; --export_dir and --output_graph "
+      "were not written.",
+      file=sys.stderr,
     )
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from absl.testing import parameterized
@@ -47,6 +48,17 @@ def _wait_reachable(hosts, proc_by_task, timeout=_TIMEOUT):
     if time.monotonic() > deadline:
       raise TimeoutError(f"workers {hosts} did not start in {timeout} s")
     time.sleep(0.2)
+
+
+def _answer_like_grpc(listening):
+  """Answers every connection with an empty HTTP/2 SETTINGS frame."""
+  while True:
+    try:
+      connection, _ = listening.accept()
+    except OSError:
+      return
+    with connection:
+      connection.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
 
 
 def _clean_stderr(text):
@@ -101,6 +113,9 @@ class ClusterHelpersTest(tf.test.TestCase, parameterized.TestCase):
     with socket.socket() as listening:
       listening.bind(("127.0.0.1", 0))
       listening.listen()
+      threading.Thread(
+        target=_answer_like_grpc, args=(listening,), daemon=True
+      ).start()
       up = f"127.0.0.1:{listening.getsockname()[1]}"
       down = f"127.0.0.1:{_free_port()}"
       cluster.check_reachable([up])

@@ -777,6 +777,11 @@ class ClusterFaultsTest(_FilesTestCase):
     )
     self.assertEqual(self.files(), ["x.npy"])
 
+  def test_ctrl_c_stops_a_worker_quietly(self):
+    self.start_workers(1)
+    self.workers[0].send_signal(signal.SIGINT)
+    self.assertEqual(self.workers[0].wait(_TIMEOUT), -signal.SIGINT)
+
   def test_busy_port_names_the_worker(self):
     with socket.socket() as holder:
       holder.bind(("", 0))
