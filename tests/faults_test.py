@@ -59,22 +59,6 @@ def _samples(n, k=_K, seed=0):
   return np.random.default_rng(seed).normal(size=(n, k)).astype(np.float32)
 
 
-def _clean_stderr(text):
-  """Drops TensorFlow's C++ start-up lines from a program's stderr."""
-  return [
-    line
-    for line in text.splitlines()
-    if line.strip()
-    and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All"))
-  ]
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 class _FilesTestCase(tf.test.TestCase, parameterized.TestCase):
   """A temporary directory, its files, and the reference of an input."""
 
@@ -113,6 +97,18 @@ class _FilesTestCase(tf.test.TestCase, parameterized.TestCase):
     except (FileNotFoundError, ValueError):
       return 0
 
+  def script_args(self, path, output, graph_def=None):
+    """Writes the model beside; the flags that run it over `path`."""
+    with open(self.path("model.pb"), "wb") as f:
+      f.write((graph_def or _graph_def()).SerializeToString())
+    return [
+      f"--graph={self.path('model.pb')}",
+      "--xs=x:0",
+      "--ys=y:0",
+      f"--input={path}",
+      f"--output={output}",
+    ]
+
   def start_script(self, *args):
     proc = subprocess.Popen(
       [sys.executable, _SCRIPT, *args],
@@ -122,6 +118,12 @@ class _FilesTestCase(tf.test.TestCase, parameterized.TestCase):
     )
     self.addCleanup(proc.kill)
     return proc
+
+  def assert_one_line_error(self, code, err, regex):
+    """Exit status 1, no traceback, and a last line that matches `regex`."""
+    self.assertEqual(code, 1, err)
+    self.assertNotIn("Traceback", err)
+    self.assertRegex(testing_utils.clean_stderr(err)[-1], regex)
 
   def wait_progress(self, proc, at_least):
     deadline = time.monotonic() + _TIMEOUT
@@ -189,16 +191,7 @@ class ConcurrentRunsTest(_FilesTestCase):
 
   def test_two_programs_at_once(self):
     path = self.save_input(_samples(300))
-    with open(self.path("model.pb"), "wb") as f:
-      f.write(_graph_def().SerializeToString())
-    args = [
-      f"--graph={self.path('model.pb')}",
-      "--xs=x:0",
-      "--ys=y:0",
-      f"--input={path}",
-      f"--output={self.path('h.npy')}",
-      "--batch_size=1",
-    ]
+    args = self.script_args(path, self.path("h.npy")) + ["--batch_size=1"]
     procs = [self.start_script(*args) for _ in range(2)]
     results = [(p.wait(_TIMEOUT), p.stderr.read()) for p in procs]
     for code, err in results:
@@ -206,7 +199,7 @@ class ConcurrentRunsTest(_FilesTestCase):
       if code:
         self.assertEqual(code, 1, err)
         self.assertRegex(
-          _clean_stderr(err)[-1],
+          testing_utils.clean_stderr(err)[-1],
           r"^compute_hessians: error: `output` (is being written by another "
           r"run|exists: .*h\.npy; pass --overwrite)",
         )
@@ -343,21 +336,13 @@ class DamagedFilesTest(_FilesTestCase):
     np.savez_compressed(path, x=_samples(2000))
     start, size = self._member_data_offset(path)
     self._flip(path, start + size // 2)
-    with open(self.path("model.pb"), "wb") as f:
-      f.write(_graph_def().SerializeToString())
     proc = self.start_script(
-      f"--graph={self.path('model.pb')}",
-      "--xs=x:0",
-      "--ys=y:0",
-      f"--input={path}",
-      f"--output={self.path('h.npy')}",
-      "--batch_size=100",
+      *self.script_args(path, self.path("h.npy")), "--batch_size=100"
     )
     _, err = proc.communicate(timeout=_TIMEOUT)
-    self.assertEqual(proc.returncode, 1, err)
-    self.assertNotIn("Traceback", err)
-    self.assertRegex(
-      _clean_stderr(err)[-1],
+    self.assert_one_line_error(
+      proc.returncode,
+      err,
       r"^compute_hessians: error: `input` member 'x\.npy' of .*x\.npz is "
       r"damaged \(.+\); restore the file or write it again\.$",
     )
@@ -525,21 +510,19 @@ class FullDiskTest(_FilesTestCase):
   def test_output_larger_than_the_disk_is_refused_first(self):
     k = 8
     path = self.save_input(_samples(20_000, k))
-    with open(self.path("model.pb"), "wb") as f:
-      f.write(_graph_def(k, testing_utils.mlp_weights(k)).SerializeToString())
     proc = self.start_script(
-      f"--graph={self.path('model.pb')}",
-      "--xs=x:0",
-      "--ys=y:0",
-      f"--input={path}",
-      f"--output={os.path.join(self.disk, 'h.npy')}",
+      *self.script_args(
+        path,
+        os.path.join(self.disk, "h.npy"),
+        _graph_def(k, testing_utils.mlp_weights(k)),
+      ),
       "--batch_size=5000",
     )
     _, err = proc.communicate(timeout=_TIMEOUT)
-    self.assertEqual(proc.returncode, 1, err)
     self.assertNotIn("Bus error", err)
-    self.assertRegex(
-      _clean_stderr(err)[-1],
+    self.assert_one_line_error(
+      proc.returncode,
+      err,
       r"^compute_hessians: error: `output` needs 4\.9 MiB more in "
       rf"{self.disk} and only 2\.0 MiB are free; free some space or write "
       r"elsewhere\.$",
@@ -629,7 +612,8 @@ class ClusterFaultsTest(_FilesTestCase):
   """Loopback workers (`scripts/worker.py`) killed, stopped or faked."""
 
   def start_workers(self, count):
-    self.hosts = [f"127.0.0.1:{_free_port()}" for _ in range(count)]
+    ports = [testing_utils.free_port() for _ in range(count)]
+    self.hosts = [f"127.0.0.1:{port}" for port in ports]
     self.workers = []
     for i in range(count):
       proc = subprocess.Popen(
@@ -660,14 +644,8 @@ class ClusterFaultsTest(_FilesTestCase):
 
   def client(self, n, *flags):
     path = self.save_input(_samples(n))
-    with open(self.path("model.pb"), "wb") as f:
-      f.write(_graph_def().SerializeToString())
     return path, self.start_script(
-      f"--graph={self.path('model.pb')}",
-      "--xs=x:0",
-      "--ys=y:0",
-      f"--input={path}",
-      f"--output={self.path('h.npy')}",
+      *self.script_args(path, self.path("h.npy")),
       "--batch_size=1",
       "--worker_hosts=" + ",".join(self.hosts),
       *flags,
@@ -693,14 +671,13 @@ class ClusterFaultsTest(_FilesTestCase):
     killed = time.monotonic()
     _, err = proc.communicate(timeout=_TIMEOUT)
     self.assertLess(time.monotonic() - killed, 60)
-    self.assertEqual(proc.returncode, 1, err)
-    self.assertNotIn("Traceback", err)
-    self.assertRegex(
-      _clean_stderr(err)[-1],
+    self.assert_one_line_error(
+      proc.returncode,
+      err,
       rf"^compute_hessians: error: worker task 0 \({self.hosts[0]}\) is "
       r"down \(batch \d+: .*\)\. Finished batches are saved",
     )
-    self.assertNotRegex(_clean_stderr(err)[-1], r"batch \d+: =+\)")
+    self.assertNotRegex(testing_utils.clean_stderr(err)[-1], r"batch \d+: =+\)")
     done = self.progress()
     self.assertBetween(done, 5, 999)
     self.finish_on_this_machine(path, done)
@@ -713,9 +690,9 @@ class ClusterFaultsTest(_FilesTestCase):
     stopped = time.monotonic()
     _, err = proc.communicate(timeout=_TIMEOUT)
     self.assertLess(time.monotonic() - stopped, 60)
-    self.assertEqual(proc.returncode, 1, err)
-    self.assertRegex(
-      _clean_stderr(err)[-1],
+    self.assert_one_line_error(
+      proc.returncode,
+      err,
       rf"^compute_hessians: error: worker task 1 \({self.hosts[1]}\) failed "
       r"\(batch \d+: .+\)\. Finished batches are saved",
     )
@@ -801,7 +778,7 @@ class ClusterFaultsTest(_FilesTestCase):
       )
     self.assertEqual(result.returncode, 1, result.stderr)
     self.assertEqual(
-      _clean_stderr(result.stderr)[-1],
+      testing_utils.clean_stderr(result.stderr)[-1],
       f"worker: error: worker task 0 (127.0.0.1:{port}) cannot listen on "
       f"port {port}: Address already in use (another worker or program "
       "holds it); stop it or give this worker another port in "
@@ -835,10 +812,9 @@ class ProgramSignalsTest(_FilesTestCase):
       timeout=_TIMEOUT,
       check=False,
     )
-    self.assertEqual(result.returncode, 1, result.stderr)
-    self.assertNotIn("Traceback", result.stderr)
-    self.assertRegex(
-      _clean_stderr(result.stderr)[-1],
+    self.assert_one_line_error(
+      result.returncode,
+      result.stderr,
       r"^example: error: `output` must be in an existing directory; "
       r"'.*missing' does not exist\.$",
     )

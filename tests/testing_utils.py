@@ -3,6 +3,8 @@
 Nothing here calls tf1hess: these are the values tf1hess is compared with.
 """
 
+import socket
+
 import numpy as np
 import tensorflow as tf
 
@@ -132,3 +134,20 @@ def check_scan_model_hessians(test, hessians_fn):
         lambda v: sess.run(g, {x: v}), x_val
       )
   test.assertAllClose(out, reference, atol=1e-6)
+
+
+def clean_stderr(text):
+  """The lines of a program's stderr, without TensorFlow's start-up lines."""
+  return [
+    line
+    for line in text.splitlines()
+    if line.strip()
+    and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All"))
+  ]
+
+
+def free_port():
+  """A TCP port of 127.0.0.1 that nothing listens on (at the time)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

@@ -1807,7 +1807,7 @@ def _dispatch(engine, pending, record):
 
   Each batch runs in a daemon thread, at most one per worker, while this
   thread waits with a timeout: it stays responsive to Ctrl-C, looks at the
-  workers every `_WATCH_SECS` (a worker that refuses connections twice in
+  workers every `_WATCH_SECS` (a worker that takes no connection twice in
   a row is lost; a batch past `timeout` marks its worker silent) and gives
   up on batches that cannot return (a session whose master, worker 0, is
   gone waits for it for ever). On a failure no new batch is sent; the
@@ -1893,7 +1893,7 @@ def _watch_workers(engine, running, down_looks, now):
   for i, looks in sorted(down_looks.items()):
     if looks >= _DOWN_LOOKS:
       batch = running.get(i, next(iter(running.values())))[0]
-      return i, batch, _LostWorker(f"it refuses connections: {refused[i]}")
+      return i, batch, _LostWorker(f"no connection: {refused[i]}")
   if engine.timeout:
     for replica, (batch, started) in sorted(running.items()):
       if now - started > engine.timeout + _TIMEOUT_GRACE_SECS:
