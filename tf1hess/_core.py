@@ -1039,7 +1039,8 @@ def independence_check(x, hessian, full_hvp_fn, name):
   alone. For one random `v`, the full product `H_full v` (one backward pass
   through the whole batch) must then equal `H_i v_i` for every sample; a
   coupling across samples (batch norm in training mode, `(sum x)^2`, ...)
-  makes them differ.
+  makes them differ. Samples whose input or Hessian is not finite (NaN,
+  Inf) are left out: a NaN stays in its sample and is no coupling.
 
   Args:
     x: the input, shape `(N, d1, ..., dm)`.
