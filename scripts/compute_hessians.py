@@ -18,7 +18,12 @@ With `--worker_hosts` the batches run on a TensorFlow cluster of
 """
 
 import os
+import signal
 
+if __name__ == "__main__":
+  # Ctrl-C while TensorFlow loads ends the program quietly (nothing is
+  # written yet); `main` turns it back into KeyboardInterrupt.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's pooling CPU allocator; see docs/speed.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
@@ -30,6 +35,7 @@ from absl import flags
 from absl import logging
 
 from tf1hess import _cli
+from tf1hess import cluster
 from tf1hess import legacy
 from tf1hess import streaming
 
@@ -82,11 +88,12 @@ _WORKER_HOSTS = flags.DEFINE_list(
   "HOST:PORT of the TensorFlow workers (scripts/worker.py) to spread the "
   "batches over, in task order; default: this machine.",
 )
+_OVERWRITE = _cli.define_overwrite_flag()
 _WORKER_TIMEOUT = flags.DEFINE_float(
   "worker_timeout",
-  0.0,
+  cluster.DEFAULT_WORKER_TIMEOUT,
   "With --worker_hosts: seconds a batch may take before the run fails "
-  "(0: no limit).",
+  "naming its worker (0: no limit).",
   lower_bound=0.0,
 )
 _CONNECT_TIMEOUT = flags.DEFINE_float(
@@ -156,6 +163,7 @@ def compute(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     with _cli.exit_on_error(PROG):
       summary = compute(
@@ -169,6 +177,7 @@ def main(argv):
         dtype=_DTYPE.value,
         gradients_output=_GRADIENTS_OUTPUT.value,
         resume=_RESUME.value,
+        overwrite=_OVERWRITE.value,
         worker_hosts=_WORKER_HOSTS.value or None,
         timeout=_WORKER_TIMEOUT.value or None,
         connect_timeout=_CONNECT_TIMEOUT.value,

@@ -73,9 +73,32 @@ def build_and_run(batch_size, seed=0):
   }
 
 
+def check_output(path):
+  """Raises when `path` cannot be written: checked before any work.
+
+  Args:
+    path: `str`, the `--output` file.
+
+  Raises:
+    FileNotFoundError: when its directory does not exist.
+    ValueError: when it is a directory.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f"`output` must be in an existing directory; {directory!r} does not "
+      "exist."
+    )
+  if os.path.isdir(path):
+    raise ValueError(f"`output` must be a file path; {path!r} is a directory.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if _OUTPUT.value:
+    with _cli.exit_on_error("example"):
+      check_output(_OUTPUT.value)
   results = build_and_run(_BATCH_SIZE.value, _SEED.value)
   np.set_printoptions(precision=4, suppress=True)
   n = results["x"].shape[0]
@@ -91,8 +114,9 @@ def main(argv):
     f"max |tf1hess - diagonal blocks of tf.hessians (N, 3, N, 3)| = {err:.2e}"
   )
   if _OUTPUT.value:
-    with _cli.atomic_output(_OUTPUT.value, suffix=".npz") as tmp:
-      np.savez(tmp, **results)
+    with _cli.exit_on_error("example"):
+      with _cli.atomic_output(_OUTPUT.value, suffix=".npz") as tmp:
+        np.savez(tmp, **results)
     logging.info("Wrote %s", _OUTPUT.value)
 
 

@@ -16,7 +16,13 @@ runs (tf1hess not needed) for any batch size:
 """
 
 import os
+import signal
+import sys
 
+if __name__ == "__main__":
+  # Ctrl-C while TensorFlow loads ends the program quietly (nothing is
+  # written yet); `main` turns it back into KeyboardInterrupt.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
@@ -29,11 +35,18 @@ from tf1hess import legacy
 
 _MODEL = _cli.define_model_flags()
 _EXPORT_DIR = flags.DEFINE_string(
-  "export_dir", None, "SavedModel directory to write (must not exist)."
+  "export_dir",
+  None,
+  "SavedModel directory to write (must not exist, or be empty, unless "
+  "--overwrite).",
 )
 _OUTPUT_GRAPH = flags.DEFINE_string(
-  "output_graph", None, "Frozen GraphDef file to write (.pb, or .pbtxt)."
+  "output_graph",
+  None,
+  "Frozen GraphDef file to write (.pb, or .pbtxt); must not exist unless "
+  "--overwrite.",
 )
+_OVERWRITE = _cli.define_overwrite_flag()
 _LOGDIR = flags.DEFINE_string(
   "logdir", None, "Optional TensorBoard log directory for the graph."
 )
@@ -51,6 +64,7 @@ def export_model(
   output_graph=None,
   logdir=None,
   check_independence=False,
+  overwrite=False,
 ):
   """Loads a model, adds its Hessian ops and writes the exports.
 
@@ -66,6 +80,7 @@ def export_model(
     output_graph: as in `tf1hess.export.export_hessian_graph`.
     logdir: as in `tf1hess.export.export_hessian_graph`.
     check_independence: `bool`, as in `tf1hess.batch_hessians`.
+    overwrite: as in `tf1hess.export.export_hessian_graph`.
 
   Returns:
     The `tf1hess.legacy.HessianModel` that was exported.
@@ -77,7 +92,7 @@ def export_model(
     raise ValueError(
       "Give at least one output: `export_dir`, `output_graph` or `logdir`."
     )
-  export.check_output_paths(export_dir, output_graph, logdir)
+  export.check_output_paths(export_dir, output_graph, logdir, overwrite)
   model = legacy.load(
     xs,
     ys,
@@ -102,6 +117,7 @@ def export_model(
     output_graph=output_graph,
     logdir=logdir,
     tag=tag,
+    overwrite=overwrite,
   )
   for path in (export_dir, output_graph, logdir):
     if path:
@@ -112,16 +128,26 @@ def export_model(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  with _cli.exit_on_error("export_hessian_graph"):
-    export_model(
-      _MODEL.xs.value,
-      _MODEL.ys_value(),
-      **_MODEL.model_kwargs(),
-      export_dir=_EXPORT_DIR.value,
-      output_graph=_OUTPUT_GRAPH.value,
-      logdir=_LOGDIR.value,
-      check_independence=_MODEL.check_independence.value,
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with _cli.exit_on_error("export_hessian_graph"):
+      export_model(
+        _MODEL.xs.value,
+        _MODEL.ys_value(),
+        **_MODEL.model_kwargs(),
+        export_dir=_EXPORT_DIR.value,
+        output_graph=_OUTPUT_GRAPH.value,
+        logdir=_LOGDIR.value,
+        check_independence=_MODEL.check_independence.value,
+        overwrite=_OVERWRITE.value,
+      )
+  except KeyboardInterrupt:
+    print(
+      "export_hessian_graph: interrupted; --export_dir and --output_graph "
+      "were not written.",
+      file=sys.stderr,
     )
+    sys.exit(130)
 
 
 if __name__ == "__main__":

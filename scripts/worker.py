@@ -9,7 +9,11 @@ each host, with the same `--worker_hosts` list everywhere:
 """
 
 import os
+import signal
 
+if __name__ == "__main__":
+  # A worker holds nothing to save: Ctrl-C ends it quietly, at any time.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's pooling CPU allocator; see docs/speed.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")

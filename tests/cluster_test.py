@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from absl.testing import parameterized
@@ -32,12 +33,6 @@ _WEIGHTS = testing_utils.mlp_weights(_K, hidden=5, seed=8)
 _TIMEOUT = 240
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _wait_reachable(hosts, proc_by_task, timeout=_TIMEOUT):
   deadline = time.monotonic() + timeout
   while cluster.unreachable_workers(hosts, timeout=1.0):
@@ -49,13 +44,15 @@ def _wait_reachable(hosts, proc_by_task, timeout=_TIMEOUT):
     time.sleep(0.2)
 
 
-def _clean_stderr(text):
-  return [
-    line
-    for line in text.splitlines()
-    if line.strip()
-    and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All"))
-  ]
+def _answer_like_grpc(listening):
+  """Answers every connection with an empty HTTP/2 SETTINGS frame."""
+  while True:
+    try:
+      connection, _ = listening.accept()
+    except OSError:
+      return
+    with connection:
+      connection.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
 
 
 class ClusterHelpersTest(tf.test.TestCase, parameterized.TestCase):
@@ -101,8 +98,11 @@ class ClusterHelpersTest(tf.test.TestCase, parameterized.TestCase):
     with socket.socket() as listening:
       listening.bind(("127.0.0.1", 0))
       listening.listen()
+      threading.Thread(
+        target=_answer_like_grpc, args=(listening,), daemon=True
+      ).start()
       up = f"127.0.0.1:{listening.getsockname()[1]}"
-      down = f"127.0.0.1:{_free_port()}"
+      down = f"127.0.0.1:{testing_utils.free_port()}"
       cluster.check_reachable([up])
       with (
         self.assertLogs("absl", "INFO") as logs,
@@ -138,7 +138,7 @@ class ClusterHelpersTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertEqual(result.returncode, 1)
     self.assertEqual(
-      _clean_stderr(result.stderr),
+      testing_utils.clean_stderr(result.stderr),
       [
         "worker: error: `task_index` must be an int in [0, 1) for 1 "
         "`worker_hosts`; saw 3."
@@ -150,7 +150,7 @@ class ClusterRunTest(tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.hosts = [f"127.0.0.1:{_free_port()}" for _ in range(3)]
+    cls.hosts = [f"127.0.0.1:{testing_utils.free_port()}" for _ in range(3)]
     cls.procs = {}
     cls.addClassCleanup(cls._stop_workers)
     for i in range(len(cls.hosts)):
@@ -226,7 +226,7 @@ class ClusterRunTest(tf.test.TestCase):
 
   def test_unreachable_worker_fails_before_writing(self):
     path, _ = self.samples(4)
-    down = f"127.0.0.1:{_free_port()}"
+    down = f"127.0.0.1:{testing_utils.free_port()}"
     with self.assertRaisesRegex(
       tf.errors.UnavailableError, rf"Cannot reach worker task 1 \({down}\)"
     ):
@@ -280,7 +280,7 @@ class ClusterRunTest(tf.test.TestCase):
     self.procs[2].wait(timeout=60)
     _, err = client.communicate(timeout=_TIMEOUT)
     self.assertEqual(client.returncode, 1, err)
-    lines = _clean_stderr(err)
+    lines = testing_utils.clean_stderr(err)
     self.assertNotIn("Traceback", err)
     self.assertRegex(
       lines[-1],

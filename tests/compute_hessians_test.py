@@ -75,16 +75,6 @@ _MODELS = (
 )
 
 
-def _clean_stderr(text):
-  """Drops TensorFlow's C++ start-up lines from a subprocess's stderr."""
-  return [
-    line
-    for line in text.splitlines()
-    if line.strip()
-    and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All"))
-  ]
-
-
 class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
@@ -140,6 +130,36 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
       rtol=1e-4,
     )
     self.assertCountEqual(os.listdir(self.dir), ["x.npy", "h.npy", "g.npy"])
+
+  def test_existing_output_needs_overwrite(self):
+    path, x = self.save_samples(6)
+    with open(self.path("h.npy"), "w", encoding="utf-8") as f:
+      f.write("someone else's")
+    flag_values = {
+      "graph": self.paths["graph"],
+      "xs": "x:0",
+      "ys": ["y:0"],
+      "input": path,
+      "output": self.path("h.npy"),
+    }
+    with self.assertRaises(SystemExit) as raised:
+      self._run_main(**flag_values)
+    self.assertRegex(
+      raised.exception.code,
+      r"^compute_hessians: error: `output` exists: .*h\.npy; pass "
+      r"--overwrite \(overwrite=True\) to replace it, or choose another "
+      r"name\.$",
+    )
+    with open(self.path("h.npy"), encoding="utf-8") as f:
+      self.assertEqual(f.read(), "someone else's")
+    self._run_main(overwrite=True, **flag_values)
+    self.assertAllClose(
+      np.load(self.path("h.npy")),
+      testing_utils.tanh_mlp_hessians(x, *_WEIGHTS),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+    self.assertCountEqual(os.listdir(self.dir), ["x.npy", "h.npy"])
 
   def test_subprocess_csv_to_float64(self):
     x = np.random.default_rng(1).normal(size=(7, _K)).astype(np.float32)
@@ -285,7 +305,7 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertEqual(result.returncode, 1)
     self.assertEqual(
-      _clean_stderr(result.stderr),
+      testing_utils.clean_stderr(result.stderr),
       [
         "compute_hessians: error: `ys` names no tensor of the model: "
         "'y_out:0'. Closest names: 'y:0'."

@@ -199,6 +199,27 @@ class ExportScriptTest(tf.test.TestCase, parameterized.TestCase):
     shutil.rmtree(cls.dir, ignore_errors=True)
     super().tearDownClass()
 
+  def test_overwrite_replaces_the_exports(self):
+    out = tempfile.mkdtemp(dir=self.dir)
+    outputs = {
+      "export_dir": os.path.join(out, "hessians_model"),
+      "output_graph": os.path.join(out, "hessians.pb"),
+    }
+    with flagsaver.flagsaver(
+      xs="x:0", ys=["y:0"], **_model_flags(self.paths, "graph"), **outputs
+    ):
+      script.main(["export_hessian_graph"])
+      before = os.path.getmtime(outputs["output_graph"])
+      with self.assertRaisesRegex(SystemExit, r"`export_dir` must not exist"):
+        script.main(["export_hessian_graph"])
+      with flagsaver.flagsaver(overwrite=True):
+        script.main(["export_hessian_graph"])
+    self.assertGreaterEqual(os.path.getmtime(outputs["output_graph"]), before)
+    self.assertCountEqual(os.listdir(out), ["hessians_model", "hessians.pb"])
+    self.assertCountEqual(
+      os.listdir(outputs["export_dir"]), ["saved_model.pb", "variables"]
+    )
+
   def test_program_succeeds(self):
     self.assertEqual(self.program.returncode, 0, self.program.stderr[-3000:])
     self.assertNotIn("Traceback", self.program.stderr)
@@ -307,6 +328,12 @@ _BAD_INPUTS = (
     {"graph": "{model}/frozen.pb", "xs": "x:0", "ys": "y:0", "full": "1"},
     r"`export_dir` must not exist \(or be an empty directory\)",
   ),
+  (
+    "output_graph_exists",
+    {"graph": "{model}/frozen.pb", "xs": "x:0", "ys": "y:0", "file": "1"},
+    r"`output_graph` must not exist; '.*hessians\.pb' does; pass "
+    r"--overwrite \(overwrite=True\) to replace it\.$",
+  ),
 )
 
 # Run as programs too, one per kind of failure: a missing file, an unknown
@@ -361,7 +388,7 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
     values = {
       k: v.format(model=cls.model_dir)
       for k, v in case.items()
-      if k not in ("outputs", "full")
+      if k not in ("outputs", "full", "file")
     }
     existing = []
     if "outputs" not in case:
@@ -373,12 +400,21 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
       existing = ["hessians_model"]
       with open(os.path.join(values["export_dir"], "keep"), "w") as f:
         f.write("not ours")
+    if "file" in case:
+      existing = ["hessians.pb"]
+      with open(values["output_graph"], "w") as f:
+        f.write("not ours")
     return values, out, existing
 
   def _check_nothing_written(self, out, existing):
     self.assertCountEqual(os.listdir(out), existing)
     if existing:
-      self.assertEqual(os.listdir(os.path.join(out, existing[0])), ["keep"])
+      path = os.path.join(out, existing[0])
+      if os.path.isdir(path):
+        self.assertEqual(os.listdir(path), ["keep"])
+      else:
+        with open(path) as f:
+          self.assertEqual(f.read(), "not ours")
 
   @parameterized.named_parameters(*_BAD_INPUTS)
   def test_in_process(self, case, regex):

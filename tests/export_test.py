@@ -317,6 +317,43 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(os.path.isfile(os.path.join(export_dir, "saved_model.pb")))
     self.assertEqual(os.listdir(self.dir), ["saved_model"])
 
+  def test_existing_outputs_are_replaced_only_with_overwrite(self):
+    model = self._constant_model()
+    export_dir = os.path.join(self.dir, "saved_model")
+    output_graph = os.path.join(self.dir, "hessians.pb")
+    os.mkdir(export_dir)
+    with open(os.path.join(export_dir, "old"), "w") as f:
+      f.write("old")
+    with open(output_graph, "w") as f:
+      f.write("old")
+    for kwargs, regex in (
+      (
+        {"export_dir": export_dir},
+        r"`export_dir` must not exist \(or be an empty directory\); "
+        r"'.*saved_model' does; pass --overwrite \(overwrite=True\)",
+      ),
+      (
+        {"output_graph": output_graph},
+        r"`output_graph` must not exist; '.*hessians\.pb' does; pass "
+        r"--overwrite \(overwrite=True\) to replace it\.",
+      ),
+    ):
+      with self.assertRaisesRegex(FileExistsError, regex):
+        export.export_hessian_graph(model, **kwargs)
+    with open(output_graph) as f:
+      self.assertEqual(f.read(), "old")
+    export.export_hessian_graph(
+      model, export_dir=export_dir, output_graph=output_graph, overwrite=True
+    )
+    self.assertCountEqual(
+      os.listdir(export_dir), ["saved_model.pb", "variables"]
+    )
+    graph_def = tf.compat.v1.GraphDef()
+    with open(output_graph, "rb") as f:
+      graph_def.ParseFromString(f.read())
+    self.assertIn("hessians", [node.name for node in graph_def.node])
+    self.assertCountEqual(os.listdir(self.dir), ["saved_model", "hessians.pb"])
+
   def test_text_graph(self):
     path = os.path.join(self.dir, "hessians.pbtxt")
     export.export_frozen_graph(self._constant_model(), path)

@@ -225,6 +225,7 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
       batch_size=2,
       max_file_bytes=144,
       gradients_output=self.path("g.npy"),
+      overwrite=True,
     )
     names = [f"h-{i:05d}-of-00003.npy" for i in range(3)]
     self.assertEqual(summary.output_files, tuple(map(self.path, names)))
@@ -240,6 +241,18 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
     # 12-byte gradient rows: all 11 fit one file.
     self.assertEqual(summary.gradients_files, (self.path("g.npy"),))
     self.assertEqual(streaming.output_files(self.path("none.npy")), [])
+    # An unsharded run over the shards replaces them all.
+    with self.assertRaisesRegex(
+      FileExistsError, r"`output` exists: .*h-00000-of-00003\.npy; pass "
+    ):
+      streaming.compute_hessians(*args, self.path("h.npy"), batch_size=2)
+    streaming.compute_hessians(
+      *args, self.path("h.npy"), batch_size=2, overwrite=True
+    )
+    self.assertCountEqual(self.files(), ["x.npy", "one.npy", "h.npy", "g.npy"])
+    self.assertEqual(
+      streaming.output_files(self.path("h.npy")), [self.path("h.npy")]
+    )
 
   def _interrupt_after(self, calls):
     """Patches the engine to raise KeyboardInterrupt on run `calls + 1`."""
@@ -343,7 +356,8 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
       with self.assertRaises(KeyboardInterrupt):
         streaming.compute_hessians(*args, batch_size=2)
     self.assertCountEqual(
-      self.files(), ["x.npy", "h.npy", "h.npy.progress.json"]
+      self.files(),
+      ["x.npy", "h.npy", "h.npy.progress.json", "h.npy.checksums"],
     )
     with open(self.path("h.npy"), "rb") as f:
       first = f.read()
@@ -394,7 +408,8 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_locked_output_is_refused(self):
     args = self._interrupted_run(_samples(9))
-    with open(self.path("h.npy.partial"), "rb") as f:
+    before = {name: self._read(name) for name in self.files()}
+    with open(self.path("h.npy.lock"), "wb") as f:
       fcntl.flock(f, fcntl.LOCK_EX)
       for resume in (True, False):
         with self.assertRaisesRegex(
@@ -407,7 +422,14 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
             gradients_output=self.path("g.npy"),
             resume=resume,
           )
-    self.assertIn("h.npy.partial", self.files())
+      self.assertEqual(
+        {name: self._read(name) for name in self.files()},
+        dict(before, **{"h.npy.lock": b""}),
+      )
+
+  def _read(self, name):
+    with open(self.path(name), "rb") as f:
+      return f.read()
 
   def test_lost_partial_file_is_refused(self):
     args = self._interrupted_run(_samples(9))
@@ -602,7 +624,9 @@ _BAD_INPUTS = (
     "npz_truncated",
     lambda d: {"input": _truncated_npz(os.path.join(d, "x.npz"))},
     ValueError,
-    r"`input` member 'x\.npy' of .* ends before its 10 samples",
+    r"`input` member 'x' of .*x\.npz is shorter than its header says: "
+    r"float64 \(10, 3\) needs 240 bytes of data, it holds 120; the file is "
+    r"truncated or damaged\.",
   ),
   (
     "key_for_npy",

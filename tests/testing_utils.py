@@ -5,6 +5,7 @@ Nothing here calls tf1hess: these are the values tf1hess is compared with.
 
 import importlib.util
 import os
+import socket
 
 import numpy as np
 import tensorflow as tf
@@ -146,3 +147,20 @@ def load_example(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def clean_stderr(text):
+  """The lines of a program's stderr, without TensorFlow's start-up lines."""
+  return [
+    line
+    for line in text.splitlines()
+    if line.strip()
+    and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All"))
+  ]
+
+
+def free_port():
+  """A TCP port of 127.0.0.1 that nothing listens on (at the time)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

@@ -85,9 +85,20 @@ def check_output_fits(x, order, arg="order"):
   limit = physical_memory_bytes()
   if nbytes > limit:
     per = f"N = {n}" if static_n is not None else "a single sample"
+    if order <= 2:  # Hessians (or gradients): too many features, not order.
+      what = {1: "gradients", 2: "Hessians"}[order]
+      head = (
+        f"Per-sample {what} of K = {k} features take K^{order} = "
+        f"{k}^{order} elements per sample"
+      )
+      advice = "Use fewer features, or Hessian-vector products."
+    else:
+      head = (
+        f"`{arg}` = {order} asks for K^{order} = {k}^{order} elements per "
+        "sample"
+      )
+      advice = "Use a lower order, fewer features, or Hessian-vector products."
     raise ValueError(
-      f"`{arg}` = {order} asks for K^{order} = {k}^{order} elements per "
-      f"sample: {nbytes / 2**30:.1f} GiB for {per}, more than this "
-      f"machine's {limit / 2**30:.1f} GiB of memory. Use a lower order, "
-      "fewer features, or Hessian-vector products."
+      f"{head}: {nbytes / 2**30:.1f} GiB for {per}, more than this "
+      f"machine's {limit / 2**30:.1f} GiB of memory. {advice}"
     )

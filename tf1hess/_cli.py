@@ -23,12 +23,16 @@ _TF_NOISE = re.compile(
   r"Additional GRPC error|File \"|\[\[|Traceback|\(\d+\) )"
 )
 
+# A line that says something: rules such as "=====" do not.
+_WORDS = re.compile(r"\w")
+
 
 def error_summary(error):
   """Returns the line of an error message that says what failed.
 
   Graph-mode run-time errors start with "Graph execution error:" and the
-  Python stack of the failing op; this keeps the first other line.
+  Python stack of the failing op; this keeps the first other line that
+  holds a word (not a rule of "=" signs).
 
   Args:
     error: an exception, e.g. a `tf.errors.OpError`.
@@ -40,10 +44,10 @@ def error_summary(error):
   if isinstance(error, KeyError) and error.args:
     message = str(error.args[0])
   for line in message.splitlines():
-    if line.strip() and not _TF_NOISE.match(line.strip()):
+    if _WORDS.search(line) and not _TF_NOISE.match(line.strip()):
       if not line.startswith((" ", "\t")):
         return line.strip()
-  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  lines = [line.strip() for line in message.splitlines() if _WORDS.search(line)]
   return lines[0] if lines else type(error).__name__
 
 
@@ -136,6 +140,31 @@ def define_model_flags():
   return _MODEL_FLAGS[0]
 
 
+_OVERWRITE_FLAG = []
+
+
+def define_overwrite_flag():
+  """Defines `--overwrite` once per process and returns its holder.
+
+  The rule of every tf1hess program: an existing output is refused unless
+  `--overwrite` is given. Scripts share the flag so that several of them
+  can be imported in one process (their tests).
+
+  Returns:
+    A `flags.FlagHolder` of `bool`.
+  """
+  if not _OVERWRITE_FLAG:
+    _OVERWRITE_FLAG.append(
+      flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Replace existing outputs; without it an output that exists is "
+        "refused (an unfinished run of the same output is resumed).",
+      )
+    )
+  return _OVERWRITE_FLAG[0]
+
+
 @contextlib.contextmanager
 def exit_on_error(prog):
   """Turns a user error into `prog: error: <message>` and exit status 1.
@@ -175,12 +204,18 @@ def remove_stale_temporaries(path, suffix=""):
       os.remove(stale)
 
 
+def _empty_directory(path):
+  real_dir = os.path.isdir(path) and not os.path.islink(path)
+  return real_dir and not os.listdir(path)
+
+
 @contextlib.contextmanager
 def atomic_output(path, suffix="", directory=False):
   """Yields a temporary path beside `path`; renames it to `path` on success.
 
   On any exception the temporary file (or directory) is removed, so an
-  interrupted or failed run leaves nothing half-written under `path`.
+  interrupted or failed run leaves nothing half-written under `path`. A
+  directory replaces whatever is at `path` (moved aside, then removed).
 
   Args:
     path: `str`, the final output path.
@@ -205,7 +240,17 @@ def atomic_output(path, suffix="", directory=False):
   os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)
   try:
     yield tmp
-    os.replace(tmp, path)
+    if directory and os.path.lexists(path) and not _empty_directory(path):
+      # os.replace cannot replace a non-empty directory: move it aside.
+      aside = tmp[: -len(tmp_suffix)] + ".old" + tmp_suffix
+      os.rename(path, aside)
+      os.replace(tmp, path)
+      if os.path.isdir(aside) and not os.path.islink(aside):
+        shutil.rmtree(aside, ignore_errors=True)
+      else:
+        os.remove(aside)
+    else:
+      os.replace(tmp, path)
   except BaseException:
     if directory:
       shutil.rmtree(tmp, ignore_errors=True)

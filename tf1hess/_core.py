@@ -1039,7 +1039,8 @@ def independence_check(x, hessian, full_hvp_fn, name):
   alone. For one random `v`, the full product `H_full v` (one backward pass
   through the whole batch) must then equal `H_i v_i` for every sample; a
   coupling across samples (batch norm in training mode, `(sum x)^2`, ...)
-  makes them differ.
+  makes them differ. Samples whose input or Hessian is not finite (NaN,
+  Inf) are left out: a NaN stays in its sample and is no coupling.
 
   Args:
     x: the input, shape `(N, d1, ..., dm)`.
@@ -1065,9 +1066,23 @@ def independence_check(x, hessian, full_hvp_fn, name):
   block = tf.einsum(
     "nij,nj->ni", h, tf.cast(flatten_samples(v, n, k), full.dtype)
   )
-  err = tf.reduce_max(tf.abs(full - block))
+  # A sample whose input or Hessian is not finite (NaN, Inf) is left out:
+  # its NaN is its own, not a coupling. A finite sample whose full product
+  # is not finite still fails: a NaN leaked into it from another sample.
+  finite = tf.logical_and(
+    tf.reduce_all(tf.math.is_finite(flatten_samples(x, n, k)), axis=1),
+    tf.reduce_all(tf.math.is_finite(h), axis=[1, 2]),
+  )[:, None]
+  diff = tf.abs(full - block)
+  diff = tf.where(
+    tf.math.is_finite(diff), diff, tf.fill(tf.shape(diff), diff.dtype.max)
+  )
+  zero = tf.zeros_like(diff)
+  err = tf.reduce_max(tf.where(finite, diff, zero))
+  full_abs = tf.where(tf.math.is_finite(full), tf.abs(full), zero)
   scale = tf.maximum(
-    tf.reduce_max(tf.abs(full)) + tf.reduce_max(tf.abs(block)),
+    tf.reduce_max(tf.where(finite, full_abs, zero))
+    + tf.reduce_max(tf.where(finite, tf.abs(block), zero)),
     tf.constant(1e-30, full.dtype),
   )
   tol = tf.constant(_INDEPENDENCE_RTOL[dtype], full.dtype) * scale

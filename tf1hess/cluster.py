@@ -20,6 +20,17 @@ import tensorflow as tf
 
 JOB_NAME = "worker"
 
+#: Seconds a batch may take on a worker before the run fails naming it
+#: (`compute_hessians(timeout=...)`, `--worker_timeout`).
+DEFAULT_WORKER_TIMEOUT = 600.0
+
+# What a client sends first on an HTTP/2 connection (gRPC runs on HTTP/2):
+# the connection preface and an empty SETTINGS frame.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(
+  [0, 0, 0, 4, 0, 0, 0, 0, 0]
+)
+_HTTP2_SETTINGS = 4
+
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:,\[\]]+):(\d{1,5})$")
 
 
@@ -129,24 +140,51 @@ def start_worker(worker_hosts, task_index):
       f"`task_index` must be an int in [0, {len(hosts)}) for "
       f"{len(hosts)} `worker_hosts`; saw {task_index!r}."
     )
-  return tf.distribute.Server(
-    cluster_spec(hosts), job_name=JOB_NAME, task_index=task_index, start=True
-  )
+  try:
+    return tf.distribute.Server(
+      cluster_spec(hosts), job_name=JOB_NAME, task_index=task_index, start=True
+    )
+  except tf.errors.OpError as error:
+    port = int(hosts[task_index].rsplit(":", 1)[1])
+    reason = _port_in_use(port)
+    if reason is None:
+      raise
+    raise tf.errors.UnavailableError(
+      None,
+      None,
+      f"{describe_worker(hosts, task_index)} cannot listen on port {port}: "
+      f"{reason} (another worker or program holds it); stop it or give "
+      "this worker another port in --worker_hosts.",
+    ) from error
 
 
-def unreachable_workers(worker_hosts, timeout=2.0):
+def _port_in_use(port):
+  """Returns why `port` cannot be bound on all interfaces, or `None`."""
+  with socket.socket() as probe:
+    try:
+      probe.bind(("", port))
+    except OSError as error:
+      return error.strerror or str(error)
+  return None
+
+
+def unreachable_workers(worker_hosts, timeout=2.0, protocol=False):
   """Returns `[(task_index, reason)]` for the workers that refuse connections.
 
   Opens (and closes) one TCP connection to each worker, each bounded by
-  `timeout` seconds.
+  `timeout` seconds. With `protocol`, also checks that the worker answers
+  like a gRPC server (the protocol of TensorFlow's workers): it must send
+  the HTTP/2 SETTINGS frame within `timeout`, which another program on
+  that port does not.
 
   Args:
     worker_hosts: as in `parse_worker_hosts`.
     timeout: `float` seconds per connection attempt; default 2.
+    protocol: `bool`, default `False`: also check the answer.
 
   Returns:
-    A `list` of `(int, str)`: task index and the socket error, empty when
-    every worker accepts connections.
+    A `list` of `(int, str)`: task index and the socket error (or why the
+    answer is not a worker's), empty when every worker is fine.
   """
   failures = []
   for i, host in enumerate(parse_worker_hosts(worker_hosts)):
@@ -154,11 +192,37 @@ def unreachable_workers(worker_hosts, timeout=2.0):
     try:
       with socket.create_connection(
         (name.strip("[]"), int(port)), timeout=timeout
-      ):
-        pass
+      ) as connection:
+        if protocol:
+          reason = _not_grpc(connection)
+          if reason:
+            failures.append((i, reason))
     except OSError as error:
       failures.append((i, error.strerror or str(error) or type(error).__name__))
   return failures
+
+
+def _not_grpc(connection):
+  """Why the peer of `connection` is not a gRPC server, or `None`."""
+  try:
+    connection.sendall(_HTTP2_PREFACE)
+    answer = b""
+    while len(answer) < 4:
+      chunk = connection.recv(64)
+      if not chunk:
+        break
+      answer += chunk
+  except TimeoutError:
+    return (
+      "it accepts connections but does not answer like a TensorFlow worker "
+      f"(no gRPC answer in {connection.gettimeout():g} s)"
+    )
+  if len(answer) < 4 or answer[3] != _HTTP2_SETTINGS:
+    return (
+      "it accepts connections but does not answer like a TensorFlow worker "
+      f"(answered {answer[:16]!r} to a gRPC request)"
+    )
+  return None
 
 
 def check_reachable(worker_hosts, wait=0.0, timeout=2.0):
@@ -167,6 +231,8 @@ def check_reachable(worker_hosts, wait=0.0, timeout=2.0):
   Called before a run starts, because a TensorFlow session on a cluster
   with a missing worker waits for it instead of failing, and because
   workers started at the same time as the client may still be starting.
+  A port that accepts connections but does not answer like a TensorFlow
+  worker (gRPC) is refused too.
 
   Args:
     worker_hosts: as in `parse_worker_hosts`.
@@ -175,14 +241,14 @@ def check_reachable(worker_hosts, wait=0.0, timeout=2.0):
 
   Raises:
     tf.errors.UnavailableError: when a worker still does not accept
-      connections after `wait` seconds; the message names each such worker
-      and how to start it.
+      connections (or answer like a worker) after `wait` seconds; the
+      message names each such worker and how to start it.
   """
   hosts = parse_worker_hosts(worker_hosts)
   deadline = time.monotonic() + wait
   logged = False
   while True:
-    failures = unreachable_workers(hosts, timeout)
+    failures = unreachable_workers(hosts, timeout, protocol=True)
     if not failures or time.monotonic() >= deadline:
       break
     if not logged:

@@ -133,36 +133,52 @@ def _check_parent(path, arg):
     )
 
 
-def check_output_paths(export_dir=None, output_graph=None, logdir=None):
+def check_output_paths(
+  export_dir=None, output_graph=None, logdir=None, overwrite=False
+):
   """Raises when an output cannot be written, before any work is done.
+
+  The rule for existing outputs, the same for every tf1hess program: an
+  existing output is refused unless `overwrite` (`--overwrite`) asks to
+  replace it (an empty `export_dir` directory counts as missing; `logdir`
+  is a log directory and only gets a new event file).
 
   Args:
     export_dir: `str` or `None`: must not be a file or a non-empty
-      directory, and its parent must exist.
-    output_graph: `str` or `None`: must not be a directory, and its parent
-      must exist.
+      directory unless `overwrite`, and its parent must exist.
+    output_graph: `str` or `None`: must not be a directory, nor an existing
+      file unless `overwrite`, and its parent must exist.
     logdir: `str` or `None`: must not be a file.
+    overwrite: `bool`, default `False`: replace an existing `export_dir`
+      or `output_graph`.
 
   Raises:
     FileExistsError: when `export_dir` is a file or a non-empty directory,
-      `output_graph` a directory, or `logdir` a file.
+      or `output_graph` a file, and `overwrite` is `False`; when
+      `output_graph` is a directory, or `logdir` a file.
     FileNotFoundError: when the parent of `export_dir` or `output_graph`
       does not exist.
   """
+  replace = "; pass --overwrite (overwrite=True) to replace it."
   if export_dir:
     _check_parent(export_dir, "export_dir")
-    if os.path.isfile(export_dir) or (
-      os.path.isdir(export_dir) and os.listdir(export_dir)
+    if not overwrite and (
+      os.path.isfile(export_dir)
+      or (os.path.isdir(export_dir) and os.listdir(export_dir))
     ):
       raise FileExistsError(
         f"`export_dir` must not exist (or be an empty directory); "
-        f"{export_dir!r} does."
+        f"{export_dir!r} does{replace}"
       )
   if output_graph:
     _check_parent(output_graph, "output_graph")
     if os.path.isdir(output_graph):
       raise FileExistsError(
         f"`output_graph` must be a file path; {output_graph!r} is a directory."
+      )
+    if not overwrite and os.path.lexists(output_graph):
+      raise FileExistsError(
+        f"`output_graph` must not exist; {output_graph!r} does{replace}"
       )
   if logdir and os.path.isfile(logdir):
     raise FileExistsError(
@@ -228,6 +244,7 @@ def export_hessian_graph(
   session=None,
   tag="serve",
   signature_name=SIGNATURE_NAME,
+  overwrite=False,
 ):
   """Exports the model with its Hessians; every output or none.
 
@@ -237,15 +254,18 @@ def export_hessian_graph(
   Args:
     model: a `tf1hess.legacy.HessianModel`.
     export_dir: `str` or `None`: the SavedModel directory to write (must not
-      exist, or be empty).
-    output_graph: `str` or `None`: the frozen GraphDef file to write
-      (replaced if it exists); text format when it ends in ".pbtxt".
+      exist, or be empty, unless `overwrite`).
+    output_graph: `str` or `None`: the frozen GraphDef file to write (must
+      not exist unless `overwrite`); text format when it ends in ".pbtxt".
     logdir: `str` or `None`: a TensorBoard log directory for the exported
       graph.
     session: a `tf.compat.v1.Session` holding `model.graph`'s variables;
       needed only when the graph has variables.
     tag: `str`, default "serve": the SavedModel's MetaGraph tag.
     signature_name: `str`, default "hessians": the SavedModel's signature.
+    overwrite: `bool`, default `False`: replace an existing `export_dir` or
+      `output_graph` (each is swapped in only once every output is
+      written).
 
   Returns:
     The exported `tf.compat.v1.GraphDef`.
@@ -258,7 +278,7 @@ def export_hessian_graph(
     raise ValueError(
       "Give at least one output: `export_dir`, `output_graph` or `logdir`."
     )
-  check_output_paths(export_dir, output_graph, logdir)
+  check_output_paths(export_dir, output_graph, logdir, overwrite)
   graph_def = frozen_graph_def(model, session)
   _, xs, ys_list = _check_model(model, session)
   with contextlib.ExitStack() as stack:
@@ -279,6 +299,7 @@ def export_saved_model(
   session=None,
   tag="serve",
   signature_name=SIGNATURE_NAME,
+  overwrite=False,
 ):
   """Writes a TF1 SavedModel whose signature gives the per-sample Hessians.
 
@@ -288,10 +309,12 @@ def export_saved_model(
 
   Args:
     model: a `tf1hess.legacy.HessianModel`.
-    export_dir: `str`: the directory to write (must not exist, or be empty).
+    export_dir: `str`: the directory to write (must not exist, or be empty,
+      unless `overwrite`).
     session: as in `export_hessian_graph`.
     tag: `str`, default "serve".
     signature_name: `str`, default "hessians".
+    overwrite: `bool`, default `False`: replace an existing `export_dir`.
 
   Returns:
     The exported `tf.compat.v1.GraphDef`.
@@ -322,19 +345,21 @@ def export_saved_model(
     session=session,
     tag=tag,
     signature_name=signature_name,
+    overwrite=overwrite,
   )
 
 
-def export_frozen_graph(model, output_graph, session=None):
+def export_frozen_graph(model, output_graph, session=None, overwrite=False):
   """Writes a frozen GraphDef with "hessians:0" and "gradients:0".
 
   The input and `ys` keep their names; variables are folded into constants.
 
   Args:
     model: a `tf1hess.legacy.HessianModel`.
-    output_graph: `str`: the file to write (replaced if it exists); text
-      format when it ends in ".pbtxt", binary otherwise.
+    output_graph: `str`: the file to write (must not exist unless
+      `overwrite`); text format when it ends in ".pbtxt", binary otherwise.
     session: as in `export_hessian_graph`.
+    overwrite: `bool`, default `False`: replace an existing `output_graph`.
 
   Returns:
     The exported `tf.compat.v1.GraphDef`.
@@ -358,4 +383,6 @@ def export_frozen_graph(model, output_graph, session=None):
     [[[ 6.  0.]
       [ 0. 12.]]]
   """
-  return export_hessian_graph(model, output_graph=output_graph, session=session)
+  return export_hessian_graph(
+    model, output_graph=output_graph, session=session, overwrite=overwrite
+  )

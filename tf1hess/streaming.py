@@ -7,43 +7,59 @@ batch into a `.npy` file at its place. Memory is bounded by the batch size,
 whatever the number of samples:
 
 - inputs are never loaded whole: a `.npy` (and an uncompressed `.npz`
-  member) is memory-mapped one batch at a time; a compressed `.npz` member is
-  decompressed as a stream, batch after batch (zip members cannot be
-  memory-mapped); `.csv` and TFRecord files are read through `tf.data`;
+  member) is read one batch at a time; a compressed `.npz` member is
+  decompressed as a stream, batch after batch (zip members cannot be read
+  at an offset); `.csv` and TFRecord files are read through `tf.data`;
 - the `(N, K, K)` output is a `.npy` file created at its full size and
-  filled batch by batch through a memory map of that batch only; when it
-  would exceed `max_file_bytes`, it is split into shards
-  `NAME-00000-of-00004.npy`, ... of whole batches.
+  filled batch by batch with ordinary file writes (not a memory map, whose
+  failure on a full disk is a SIGBUS); when it would exceed
+  `max_file_bytes`, it is split into shards `NAME-00000-of-00004.npy`, ...
+  of whole batches.
+
+Inputs are checked before any file is written (an `.npy` against the size
+its header promises, an `.npz` member against its CRC-32), and so is the
+free space the output needs.
 
 Runs are resumable. Until a run is complete its data lives in
 `OUTPUT.partial` beside a progress file `OUTPUT.progress.json` that records
-a fingerprint of the run's settings and the completed batches; the progress
-file is replaced atomically after each batch's data is flushed. A run that
-is interrupted (Ctrl-C, killed, a lost worker) and started again with the
-same settings computes only the missing batches; the partial files are
-renamed to their final names only when every batch is done, so a file under
-the final name is always complete, and it is byte for byte the file an
-uninterrupted run writes.
+a fingerprint of the run's settings and the completed batches, and
+`OUTPUT.checksums`, the CRC-32 of every completed batch; after each batch
+its data is flushed, its checksum appended and the progress file replaced
+atomically. A run that is interrupted (Ctrl-C, killed, a lost worker, a
+full disk) and started again with the same settings checks the batches
+recorded as done against their checksums and computes only the missing
+(or damaged) ones; the partial files are renamed to their final names only
+when every batch is done, so a file under the final name is always
+complete, and it is byte for byte the file an uninterrupted run writes.
+The lock `OUTPUT.lock`, taken before any other file is touched, keeps a
+second run off the output. See docs/guarantees.md.
 
 With `worker_hosts`, the batches are spread over the workers of a TensorFlow
 cluster (see `tf1hess.cluster`): one copy of the model per worker under
 `tf.device("/job:worker/task:i")` in one graph, one session on the first
-worker, one thread per worker. The results go into the same file, equal to
-the single-machine result.
+worker, one batch in flight per worker, each in a thread of its own while
+the client watches the workers (a lost or silent worker, the first one
+included, ends the run in a bounded time). The results go into the same
+file, equal to the single-machine result.
 """
 
 import abc
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
+import io
 import json
 import os
+import queue
 import re
+import shutil
+import struct
 import threading
 import time
 import zipfile
+import zlib
 
 from absl import logging
 import numpy as np
@@ -151,11 +167,12 @@ def _check_samples(shape, fortran, dtype, path):
     )
 
 
-class _MemmapReader(InputReader):
-  """A `.npy` array (or stored `.npz` member) mapped one batch at a time.
+class _RawReader(InputReader):
+  """A `.npy` array (or stored `.npz` member) read one batch at a time.
 
-  Each batch maps only its own rows and unmaps them when copied, so the
-  pages of the input never accumulate in the process.
+  Each batch is read with ordinary file reads (not a memory map, whose
+  failures on a file truncated under it would be a SIGBUS), into a buffer
+  the caller owns.
   """
 
   def __init__(self, path, offset, shape, dtype, description):
@@ -168,21 +185,25 @@ class _MemmapReader(InputReader):
     self.description = description
 
   def batches(self, batch_size, first_batch=0, wanted=None):
-    for index in range(first_batch, self._count(batch_size)):
-      if wanted is not None and not wanted(index):
-        continue
-      start = index * batch_size
-      rows = min(batch_size, self.num_samples - start)
-      view = np.memmap(
-        self.path,
-        dtype=self.dtype,
-        mode="r",
-        offset=self._offset + start * self._row_bytes,
-        shape=(rows,) + self.feature_shape,
-      )
-      batch = np.array(view)
-      del view
-      yield index, batch
+    with open(self.path, "rb", buffering=0) as f:
+      for index in range(first_batch, self._count(batch_size)):
+        if wanted is not None and not wanted(index):
+          continue
+        start = index * batch_size
+        rows = min(batch_size, self.num_samples - start)
+        buffer = bytearray(rows * self._row_bytes)
+        f.seek(self._offset + start * self._row_bytes)
+        if f.readinto(buffer) != len(buffer):
+          raise ValueError(
+            f"`input` {self.path} ends before its {self.num_samples} "
+            "samples: it was truncated while being read."
+          )
+        yield (
+          index,
+          np.frombuffer(buffer, self.dtype).reshape(
+            (rows,) + self.feature_shape
+          ),
+        )
 
 
 class _ZipStreamReader(InputReader):
@@ -205,6 +226,10 @@ class _ZipStreamReader(InputReader):
     )
 
   def batches(self, batch_size, first_batch=0, wanted=None):
+    with _zip_errors(self.path, self._member):
+      yield from self._batches(batch_size, first_batch, wanted)
+
+  def _batches(self, batch_size, first_batch, wanted):
     with zipfile.ZipFile(self.path) as archive:
       with archive.open(self._member) as f:
         _read_npy_header(f, self.path)
@@ -490,8 +515,39 @@ class _TFRecordReader(_DatasetReader):
     )
 
 
+# Bytes read at a time when checking the CRC-32 of an `.npz` member.
+_CRC_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def _zip_errors(path, member):
+  """Turns what a damaged zip raises into one `ValueError`."""
+  try:
+    yield
+  except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+    raise ValueError(
+      f"`input` member {member!r} of {path} is damaged ({error}); "
+      "restore the file or write it again."
+    ) from None
+
+
+def _check_data_size(path, what, shape, dtype, available):
+  """Raises when fewer bytes hold the data than its header promises."""
+  needed = int(np.prod(shape)) * dtype.itemsize
+  if available < needed:
+    raise ValueError(
+      f"`input` {what}{path} is shorter than its header says: {dtype} "
+      f"{tuple(shape)} needs {needed} bytes of data, it holds "
+      f"{max(available, 0)}; the file is truncated or damaged."
+    )
+
+
 def _open_npz(path, key):
-  """Returns the reader of member `key` of an `.npz` archive."""
+  """Returns the reader of member `key` of an `.npz` archive.
+
+  Reads the member once to check its CRC-32 (stored or compressed), so
+  that a damaged archive fails before any output is written.
+  """
   try:
     archive = zipfile.ZipFile(path)
   except zipfile.BadZipFile as error:
@@ -515,22 +571,32 @@ def _open_npz(path, key):
         f"saw {key!r}."
       )
     info = archive.getinfo(key + ".npy")
-    with archive.open(info) as f:
+    with _zip_errors(path, info.filename), archive.open(info) as f:
       shape, fortran, dtype = _read_npy_header(f, path)
       header_bytes = f.tell()
-  _check_samples(shape, fortran, dtype, path)
+      _check_samples(shape, fortran, dtype, path)
+      _check_data_size(
+        path,
+        f"member {key!r} of ",
+        shape,
+        dtype,
+        info.file_size - header_bytes,
+      )
+      logging.info("Checking the CRC-32 of %r in %s.", key, path)
+      while f.read(_CRC_CHUNK):  # zipfile checks the CRC at the end.
+        pass
   if info.compress_type != zipfile.ZIP_STORED:
     return _ZipStreamReader(path, info.filename, shape, dtype)
   with open(path, "rb") as f:  # Local file header: where the data starts.
     f.seek(info.header_offset + 26)
     name_length, extra_length = np.frombuffer(f.read(4), "<u2")
   offset = info.header_offset + 30 + int(name_length) + int(extra_length)
-  return _MemmapReader(
+  return _RawReader(
     path,
     offset + header_bytes,
     shape,
     dtype,
-    f"stored .npz member {key!r}, memory-mapped a batch at a time",
+    f"stored .npz member {key!r}, read a batch at a time",
   )
 
 
@@ -597,8 +663,9 @@ def open_input(input, input_key=None):  # pylint: disable=redefined-builtin
       shape, fortran, dtype = _read_npy_header(f, path)
       offset = f.tell()
     _check_samples(shape, fortran, dtype, path)
-    reader = _MemmapReader(
-      path, offset, shape, dtype, ".npy memory-mapped a batch at a time"
+    _check_data_size(path, "", shape, dtype, os.path.getsize(path) - offset)
+    reader = _RawReader(
+      path, offset, shape, dtype, ".npy read a batch at a time"
     )
   elif lower.endswith(_NPZ):
     reader = _open_npz(path, input_key)
@@ -623,6 +690,30 @@ def _shard_paths(output, num_files):
   return [f"{stem}-{i:05d}-of-{num_files:05d}.npy" for i in range(num_files)]
 
 
+def _shard_sets(output):
+  """`{num_files: [names]}` of the shard files of `output` that exist."""
+  stem = output[: -len(".npy")] if output.endswith(".npy") else output
+  directory = os.path.dirname(os.path.abspath(output))
+  base = os.path.basename(stem)
+  pattern = re.compile(re.escape(base) + r"-(\d{5})-of-(\d{5})\.npy$")
+  shards = {}
+  for name in os.listdir(directory):
+    match = pattern.match(name)
+    if match:
+      shards.setdefault(int(match.group(2)), []).append(
+        os.path.join(directory, name)
+      )
+  return shards
+
+
+def _existing_outputs(output):
+  """The files that hold (or held) a result under the name `output`."""
+  found = [output] if os.path.lexists(output) else []
+  for names in _shard_sets(output).values():
+    found.extend(sorted(names))
+  return found
+
+
 def output_files(output):
   """Returns the files of a finished output: `[output]` or its shards.
 
@@ -642,27 +733,39 @@ def output_files(output):
   """
   if os.path.exists(output):
     return [output]
-  stem = output[: -len(".npy")] if output.endswith(".npy") else output
-  directory = os.path.dirname(os.path.abspath(output))
-  base = os.path.basename(stem)
-  pattern = re.compile(re.escape(base) + r"-(\d{5})-of-(\d{5})\.npy$")
-  shards = {}
-  for name in os.listdir(directory):
-    match = pattern.match(name)
-    if match:
-      shards.setdefault(int(match.group(2)), []).append(name)
-  for total, names in sorted(shards.items(), reverse=True):
+  for total, names in sorted(_shard_sets(output).items(), reverse=True):
     if len(names) == total:
-      return [os.path.join(directory, n) for n in sorted(names)]
+      return sorted(names)
   return []
+
+
+def _npy_header(shape, dtype):
+  """The bytes `np.save` writes before the data of an array."""
+  buffer = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+    buffer,
+    {
+      "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+      "fortran_order": False,
+      "shape": tuple(shape),
+    },
+  )
+  return buffer.getvalue()
+
+
+# What a failed write of an output raises when the disk is full.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class _NpyFiles:
   """An `(N,) + row_shape` array written batch by batch into `.npy` files.
 
   The files are created at full size under `FINAL.partial` names (sparse
-  until written) and renamed by `finish`. Each write maps only the rows of
-  its batch, copies them in, flushes them to the file and unmaps them.
+  until written) and renamed by `finish`. Each batch is written with
+  ordinary file writes and flushed to disk (`fsync`): unlike stores into a
+  memory map, a write that finds the disk full fails with an `OSError`
+  that can be reported, instead of a SIGBUS. `write` returns the CRC-32 of
+  the bytes written, which `verify` checks when a run is resumed.
   """
 
   def __init__(self, key, output, num_rows, row_shape, dtype, rows_per_file):
@@ -676,42 +779,81 @@ class _NpyFiles:
     self.finals = _shard_paths(output, num_files)
     self.partials = [f + ".partial" for f in self.finals]
     self._row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
-    self._offsets = None
+    self._headers = [
+      _npy_header((self._rows(i),) + self.row_shape, self.dtype)
+      for i in range(num_files)
+    ]
 
   def _rows(self, i):
     return min(self.rows_per_file, self.num_rows - i * self.rows_per_file)
 
+  def _size(self, i):
+    return len(self._headers[i]) + self._rows(i) * self._row_bytes
+
+  def _path(self, i):
+    """The partial file `i`, or its final name once renamed."""
+    partial = self.partials[i]
+    return self.finals[i] if not os.path.exists(partial) else partial
+
+  def bytes_needed(self):
+    """Bytes the files still take on disk until they are complete."""
+    needed = 0
+    for i, partial in enumerate(self.partials):
+      try:
+        st = os.stat(partial)
+        allocated = st.st_blocks * 512
+      except FileNotFoundError:
+        allocated = 0 if not os.path.exists(self.finals[i]) else self._size(i)
+      needed += max(self._size(i) - allocated, 0)
+    return needed
+
   def create(self):
-    offsets = []
     for i, path in enumerate(self.partials):
-      array = np.lib.format.open_memmap(
-        path,
-        mode="w+",
-        dtype=self.dtype,
-        shape=(self._rows(i),) + self.row_shape,
-      )
-      offsets.append(array.offset)
-      del array
-    self._offsets = offsets
+      with open(path, "wb") as f:
+        f.write(self._headers[i])
+        f.truncate(self._size(i))
 
   def reopen(self):
-    """Checks the partial files of a run being resumed; finds their data."""
-    offsets = []
-    for i, path in enumerate(self.partials):
-      if not os.path.exists(path):
-        offsets.append(None)
-        continue
+    """Checks the partial files of a run being resumed; repairs their frame.
+
+    A header that says another shape or dtype is refused (the file is not
+    this run's); a damaged header is written again, and a file of the
+    wrong size is cut or extended to its size: the batches that this
+    damaged are found by `verify`.
+
+    Returns:
+      A `list` of `str`: what was repaired, for the log.
+    """
+    repaired = []
+    for i, partial in enumerate(self.partials):
+      path = self._path(i)
+      header = self._headers[i]
       with open(path, "rb") as f:
-        shape, _, dtype = _read_npy_header(f, path)
-        offsets.append(f.tell())
-      expected = (self._rows(i),) + self.row_shape
-      if shape != expected or dtype != self.dtype:
-        raise ValueError(
-          f"`output` partial file {path} holds {dtype} {shape}, not the "
-          f"{self.dtype} {expected} of this run; rerun with --noresume "
-          "(resume=False) to start over."
+        head = f.read(len(header))
+      if head != header:
+        try:
+          shape, _, dtype = _read_npy_header(io.BytesIO(head), path)
+        except ValueError:
+          shape, dtype = None, None
+        expected = (self._rows(i),) + self.row_shape
+        if shape is not None and (shape, dtype) != (expected, self.dtype):
+          raise ValueError(
+            f"`output` partial file {path} holds {dtype} {shape}, not the "
+            f"{self.dtype} {expected} of this run; rerun with --noresume "
+            "(resume=False) to start over."
+          )
+        with open(path, "r+b") as f:
+          f.write(header)
+        repaired.append(f"the header of {path}")
+      size = os.path.getsize(path)
+      if size != self._size(i):
+        os.truncate(path, self._size(i))
+        repaired.append(
+          f"the size of {path} ({size} bytes, not {self._size(i)})"
         )
-    self._offsets = offsets
+      if path != partial:
+        os.replace(path, partial)  # Renamed by a run that did not finish.
+    return repaired
 
   def missing(self):
     return [
@@ -720,31 +862,96 @@ class _NpyFiles:
       if not os.path.exists(p) and not os.path.exists(f)
     ]
 
-  def write(self, start, values):
+  def _place(self, start):
     i, row = divmod(start, self.rows_per_file)
-    view = np.memmap(
-      self.partials[i],
-      dtype=self.dtype,
-      mode="r+",
-      offset=self._offsets[i] + row * self._row_bytes,
-      shape=values.shape,
-    )
-    view[...] = values
-    view.flush()
-    del view
+    return self.partials[i], len(self._headers[i]) + row * self._row_bytes
+
+  def write(self, start, values):
+    """Writes rows `start...` and flushes them; returns their CRC-32."""
+    path, offset = self._place(start)
+    data = memoryview(np.ascontiguousarray(values, self.dtype)).cast("B")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+      written = 0
+      while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
+      os.fsync(fd)
+    except OSError as error:  # Name the file: pwrite and fsync do not.
+      raise OSError(error.errno, error.strerror, path) from None
+    finally:
+      os.close(fd)
+    return zlib.crc32(data)
+
+  def verify(self, start, rows, crc):
+    """Whether rows `start...start+rows` read back with CRC-32 `crc`."""
+    path, offset = self._place(start)
+    with open(path, "rb") as f:
+      f.seek(offset)
+      data = f.read(rows * self._row_bytes)
+    return len(data) == rows * self._row_bytes and zlib.crc32(data) == crc
 
   def finish(self):
+    """Renames the partial files; removes other results under this name."""
     for partial, final in zip(self.partials, self.finals):
       if os.path.exists(partial):
         os.replace(partial, final)
-    if len(self.finals) > 1:  # An earlier unsharded result is out of date.
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(self.output)
+    for stale in _existing_outputs(self.output):
+      if stale not in self.finals:  # An earlier result, now out of date.
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(stale)
 
   def remove_partials(self):
     for partial in self.partials:
       with contextlib.suppress(FileNotFoundError):
         os.remove(partial)
+
+
+class _Checksums:
+  """The CRC-32 of every batch written, one fixed-size record per batch.
+
+  The file `OUTPUT.checksums` only grows during a run (one record appended
+  and flushed per batch, whatever the number of batches), and each record
+  carries its own CRC-32, so a record torn by a crash or a full disk is
+  recognized and dropped, with everything after it.
+  """
+
+  def __init__(self, output, num_files):
+    self.path = output + ".checksums"
+    self._record = struct.Struct("<Q" + "I" * (num_files + 1))
+
+  def load(self):
+    """Returns `{batch: (crc, ...)}`; cuts a torn tail off the file."""
+    try:
+      with open(self.path, "rb") as f:
+        data = f.read()
+    except FileNotFoundError:
+      return {}
+    size = self._record.size
+    crcs = {}
+    good = 0
+    while good + size <= len(data):
+      index, *values, check = self._record.unpack_from(data, good)
+      if zlib.crc32(data[good : good + size - 4]) != check:
+        break
+      crcs[index] = tuple(values)
+      good += size
+    if good != len(data):
+      os.truncate(self.path, good)
+    return crcs
+
+  def append(self, index, crcs):
+    body = self._record.pack(index, *crcs, 0)[:-4]
+    with open(self.path, "ab") as f:
+      f.write(body + struct.pack("<I", zlib.crc32(body)))
+      f.flush()
+      os.fsync(f.fileno())
+
+  def bytes_needed(self, num_batches):
+    return num_batches * self._record.size
+
+  def remove(self):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(self.path)
 
 
 class _Intervals:
@@ -831,13 +1038,22 @@ class _Manifest:
       "over."
     )
 
-  def save(self, num_batches):
+  def saved_count(self):
+    """How many batches the progress file on disk records as done."""
+    try:
+      with open(self.path, encoding="utf-8") as f:
+        return sum(b - a for a, b in json.load(f)["completed"])
+    except (OSError, ValueError, KeyError, TypeError):
+      return 0
+
+  def save(self, num_batches, done):
+    """Replaces the progress file with `done`; then makes it `self.done`."""
     state = {
       "format": self.FORMAT,
       "fingerprint": self.fingerprint,
       "settings": self.settings,
       "num_batches": num_batches,
-      "completed": self.done.ranges,
+      "completed": done.ranges,
       "partial_files": self.partial_files,
     }
     with _cli.atomic_output(self.path, suffix=".json") as tmp:
@@ -845,6 +1061,7 @@ class _Manifest:
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
+    self.done = done
 
   def remove(self):
     with contextlib.suppress(FileNotFoundError):
@@ -939,6 +1156,7 @@ class _Engine:
     self.x_dtype = np.dtype(x.dtype.as_numpy_dtype)
     self.hessian_dtype = np.dtype(added["hessians"].dtype.as_numpy_dtype)
     self.hosts = worker_hosts
+    self.timeout = timeout
     config = tf.compat.v1.ConfigProto(allow_soft_placement=True)
     if worker_hosts is None:
       self.replicas = [(x, {k: added[k] for k in keys})]
@@ -1102,9 +1320,10 @@ def compute_hessians(
   worker_hosts=None,
   max_file_bytes=DEFAULT_MAX_FILE_BYTES,
   check_independence=False,
-  timeout=None,
+  timeout=cluster.DEFAULT_WORKER_TIMEOUT,
   connect_timeout=60.0,
   progress_interval=10.0,
+  overwrite=False,
 ):
   """Writes the per-sample Hessians of a frozen graph over a file of samples.
 
@@ -1146,11 +1365,16 @@ def compute_hessians(
       split into shards of whole batches; default 2 GiB.
     check_independence: `bool`, default `False`: check at run time that the
       samples do not interact (`tf1hess.batch_hessians`).
-    timeout: `float` seconds or `None` (default, no limit): on a cluster,
-      the longest a batch may take before the run fails.
+    timeout: `float` seconds, default `cluster.DEFAULT_WORKER_TIMEOUT`
+      (600): on a cluster, the longest a batch may take before the run
+      fails naming its worker; `None` or 0: no limit (a worker that is
+      lost, not hung, still ends the run within seconds).
     connect_timeout: `float` seconds, default 60: on a cluster, how long to
       wait at the start for every worker to accept connections.
     progress_interval: `float` seconds between progress log lines.
+    overwrite: `bool`, default `False`: replace an existing `output` (or
+      `gradients_output`, or their shards) that no unfinished run of this
+      output wrote; `False` refuses it with a `FileExistsError`.
 
   Returns:
     A `RunSummary`.
@@ -1163,10 +1387,16 @@ def compute_hessians(
       names), input samples whose shape does not match `xs`, an empty or
       malformed input, an output name that is not `.npy`, `ys` that does
       not depend on `xs`, malformed `worker_hosts`, or an unfinished run on
-      `output` with other settings.
+      `output` with other settings, or another run writing `output`.
+    FileExistsError: when `output` or `gradients_output` exists and
+      `overwrite` is `False`.
+    OSError: when the outputs cannot fit on their disk (checked before
+      the run starts), or a write fails, e.g. the disk is full (finished
+      batches are kept for the next call).
     tf.errors.UnavailableError: when a worker cannot be reached at the
-      start, or is lost during the run (the message names the worker;
-      finished batches are kept for the next call).
+      start, is not a TensorFlow worker, or is lost, hung or silent during
+      the run (the message names the worker; finished batches are kept for
+      the next call).
     tf.errors.OpError: when the model fails at run time.
 
   Example:
@@ -1204,6 +1434,8 @@ def compute_hessians(
   for arg, path in (("output", output), ("gradients_output", gradients_output)):
     if path and os.path.abspath(path) == os.path.abspath(reader.path):
       raise ValueError(f"`{arg}` must not overwrite `input` {reader.path}.")
+  if not os.path.exists(output + ".progress.json"):  # Again under the lock.
+    _check_overwrite([output, gradients_output], overwrite)
   graph_def = _without_devices(graph_def)
   if hosts is not None:
     cluster.check_reachable(hosts, wait=connect_timeout)
@@ -1226,6 +1458,7 @@ def compute_hessians(
       batch_size,
       out_dtype or engine.hessian_dtype,
       resume,
+      overwrite,
       max_file_bytes,
       progress_interval,
       settings={
@@ -1259,6 +1492,7 @@ def _run(
   batch_size,
   out_dtype,
   resume,
+  overwrite,
   max_file_bytes,
   progress_interval,
   settings,
@@ -1286,78 +1520,83 @@ def _run(
       _rows_per_file(batch_size, k * out_dtype.itemsize, max_file_bytes),
     )
     files.insert(0, grads)  # Renamed first: `output` appears last.
-  manifest = _Manifest(output, settings)
-  manifest.partial_files = [
-    os.path.abspath(p) for f in files for p in f.partials
-  ]
-  state = manifest.load()
-  if state is not None:  # Neither resume nor discard a run still going on.
-    for path in set(state.get("partial_files", [])) | set(hess.partials):
-      with _lock(path):
-        pass
-  if state is not None and not resume:
-    logging.info("Discarding the unfinished run of %s.", output)
-    for path in state.get("partial_files", []):
-      if path.endswith(".partial"):
-        with contextlib.suppress(FileNotFoundError):
-          os.remove(path)
-    manifest.remove()
-    state = None
-  created = state is None
-  if state is not None:
-    manifest.check_same_run(state)
-    manifest.done = _Intervals(state["completed"])
-    for f in files:
-      lost = f.missing()
-      if lost:
-        raise ValueError(
-          f"`output` has a progress file {manifest.path} but its partial "
-          f"file {lost[0][0]} is gone; rerun with --noresume "
-          "(resume=False) to start over."
-        )
-      f.reopen()
-    logging.info(
-      "Resuming %s: %d of %d batches already done.",
-      output,
-      len(manifest.done),
-      num_batches,
-    )
-  else:
-    for f in files:
-      f.create()
-    manifest.save(num_batches)
-  resumed = len(manifest.done)
-  computed = 0
-  try:
-    with _lock(hess.partials[0]):
+  with contextlib.ExitStack() as locks:
+    for f in files:  # Before any other file is created or removed.
+      locks.enter_context(_lock(f.output))
+    manifest = _Manifest(output, settings)
+    checksums = _Checksums(output, len(files))
+    manifest.partial_files = [
+      os.path.abspath(p) for f in files for p in f.partials
+    ]
+    state = manifest.load()
+    if state is not None and not resume:
+      logging.info("Discarding the unfinished run of %s.", output)
+      for path in state.get("partial_files", []):
+        if path.endswith(".partial"):
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+      checksums.remove()
+      manifest.remove()
+      state = None
+    if state is None:
+      _check_overwrite([output, gradients_output], overwrite)
+    created = state is None
+    if state is not None:
+      manifest.check_same_run(state)
+      _resume(files, manifest, checksums, state, batch_size, n)
+      logging.info(
+        "Resuming %s: %d of %d batches already done.",
+        output,
+        len(manifest.done),
+        num_batches,
+      )
+    _check_space(files, checksums, num_batches)
+    if created:
+      checksums.remove()
+      for f in files:
+        f.create()
+      manifest.save(num_batches, manifest.done)
+    resumed = len(manifest.done)
+    try:
       computed = _compute_missing(
         engine,
         reader,
         files,
         manifest,
+        checksums,
         batch_size,
         num_batches,
         out_dtype,
         progress_interval,
       )
-  except KeyboardInterrupt:
-    logging.warning(
-      "Interrupted with %d of %d batches of %s done; run the same command "
-      "again to resume.",
-      len(manifest.done),
-      num_batches,
-      output,
-    )
-    raise
-  except Exception:
-    if created and not len(manifest.done):
-      for f in files:  # Nothing to resume: leave nothing behind.
-        f.remove_partials()
-      manifest.remove()
-    raise
-  for f in files:
-    f.finish()
-  manifest.remove()
+    except KeyboardInterrupt:
+      logging.warning(
+        "Interrupted with %d of %d batches of %s done; run the same command "
+        "again to resume.",
+        manifest.saved_count(),
+        num_batches,
+        output,
+      )
+      raise
+    except Exception as error:
+      saved = manifest.saved_count()
+      if created and not saved:
+        for f in files:  # Nothing to resume: leave nothing behind.
+          f.remove_partials()
+        checksums.remove()
+        manifest.remove()
+      if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        raise OSError(
+          f"`output` cannot be written, {error.strerror.lower()} "
+          f"({error.filename or output}); {saved} of {num_batches} batches "
+          "are saved: free some space and run the same command again to "
+          "resume."
+        ) from None
+      raise
+    for f in files:
+      f.finish()
+    manifest.remove()
+    checksums.remove()
   logging.info("Wrote %s.", ", ".join(hess.finals))
   return RunSummary(
     output_files=tuple(hess.finals),
@@ -1370,24 +1609,125 @@ def _run(
   )
 
 
+def _check_overwrite(outputs, overwrite):
+  """Refuses to replace an existing result unless `overwrite`.
+
+  Args:
+    outputs: `[output, gradients_output]`, the second may be `None`.
+    overwrite: `bool`.
+  """
+  if overwrite:
+    return
+  for arg, path in zip(("output", "gradients_output"), outputs):
+    existing = _existing_outputs(path) if path else []
+    if existing:
+      raise FileExistsError(
+        f"`{arg}` exists: {existing[0]}; pass --overwrite (overwrite=True) "
+        "to replace it, or choose another name."
+      )
+
+
+def _resume(files, manifest, checksums, state, batch_size, n):
+  """Checks the files of an unfinished run; keeps the batches that verify.
+
+  Every batch recorded as done must read back with the CRC-32 recorded
+  when it was written; the others (a truncated or overwritten partial
+  file, a lost checksum) are computed again.
+  """
+  for f in files:
+    lost = f.missing()
+    if lost:
+      raise ValueError(
+        f"`output` has a progress file {manifest.path} but its partial "
+        f"file {lost[0][0]} is gone; rerun with --noresume "
+        "(resume=False) to start over."
+      )
+  for f in files:
+    for repair in f.reopen():
+      logging.warning("Repaired %s of the unfinished run.", repair)
+  crcs = checksums.load()
+  recorded = _Intervals(state["completed"])
+  done = _Intervals()
+  damaged = []
+  for a, b in recorded.ranges:
+    for index in range(a, b):
+      start = index * batch_size
+      rows = min(batch_size, n - start)
+      values = crcs.get(index)
+      if values is not None and all(
+        f.verify(start, rows, crc) for f, crc in zip(files, values)
+      ):
+        done.add(index)
+      else:
+        damaged.append(index)
+  if damaged:
+    logging.warning(
+      "%d finished batches of %s do not match their checksums (first: "
+      "batch %d); computing them again.",
+      len(damaged),
+      manifest.path[: -len(".progress.json")],
+      damaged[0],
+    )
+  manifest.done = done
+
+
+def _check_space(files, checksums, num_batches):
+  """Refuses to start when the outputs cannot fit on their disks."""
+  needed = {}
+  for f in files:
+    directory = os.path.dirname(os.path.abspath(f.output))
+    needed[directory] = needed.get(directory, 0) + f.bytes_needed()
+  directory = os.path.dirname(os.path.abspath(checksums.path))
+  needed[directory] += checksums.bytes_needed(num_batches) + 2**16
+  for directory, nbytes in needed.items():
+    free = shutil.disk_usage(directory).free
+    if nbytes > free:
+      raise OSError(
+        f"`output` needs {_mib(nbytes)} more in {directory} and only "
+        f"{_mib(free)} are free; free some space or write elsewhere."
+      )
+
+
+def _mib(nbytes):
+  return f"{nbytes / 2**20:.1f} MiB"
+
+
 @contextlib.contextmanager
-def _lock(path):
-  """Holds an exclusive lock on `path` (if it exists) during the run."""
-  if fcntl is None or not os.path.exists(path):
+def _lock(output):
+  """Holds the exclusive lock `OUTPUT.lock` during the run, or raises.
+
+  The lock is taken before any other file of the run is created or
+  removed, so a second run on the same output touches nothing of the
+  first. The lock file is removed by the run that holds it; a run that
+  locked a file removed in the meantime tries again with the new one.
+  """
+  if fcntl is None:
     yield
     return
-  with open(path, "rb") as f:
+  path = output + ".lock"
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+      os.close(fd)
       raise ValueError(
         f"`output` is being written by another run ({path} is locked); "
         "wait for it or stop it first."
       ) from None
     try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+      same = os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)
+  try:
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+    os.close(fd)
 
 
 def _compute_missing(
@@ -1395,6 +1735,7 @@ def _compute_missing(
   reader,
   files,
   manifest,
+  checksums,
   batch_size,
   num_batches,
   out_dtype,
@@ -1421,16 +1762,19 @@ def _compute_missing(
 
   def record(index, values):
     start = index * batch_size
-    for f in files:
-      f.write(start, values[f.key].astype(out_dtype, copy=False))
-    done.add(index)
-    manifest.save(num_batches)
-    progress.update(values["hessians"].shape[0], len(done))
+    crcs = [
+      f.write(start, values[f.key].astype(out_dtype, copy=False)) for f in files
+    ]
+    checksums.append(index, crcs)
+    new = _Intervals(manifest.done.ranges)
+    new.add(index)
+    manifest.save(num_batches, new)
+    progress.update(values["hessians"].shape[0], len(new))
 
   pending = reader.batches(
     batch_size, done.first_missing(), lambda i: i not in done
   )
-  if len(engine.replicas) == 1:
+  if engine.hosts is None:
     computed = 0
     for index, batch in pending:
       record(index, engine.run(0, batch))
@@ -1439,59 +1783,126 @@ def _compute_missing(
   return _dispatch(engine, pending, record)
 
 
+# Seconds between two looks at the workers while batches run on a cluster.
+_WATCH_SECS = 1.0
+# Looks in a row that must find a worker refusing connections to call it
+# lost (a single refused connection may be a restart of its listener).
+_DOWN_LOOKS = 2
+# Seconds a batch may run past `timeout` before its worker is called silent
+# (TensorFlow's own deadline normally fires first).
+_TIMEOUT_GRACE_SECS = 10.0
+
+_WORKER_ERRORS = (
+  tf.errors.UnavailableError,
+  tf.errors.DeadlineExceededError,
+  tf.errors.AbortedError,
+  tf.errors.CancelledError,
+  tf.errors.InternalError,
+  tf.errors.UnknownError,
+)
+
+
 def _dispatch(engine, pending, record):
   """Runs batches on every replica at once; records results as they come.
 
-  One thread per replica keeps at most one batch in flight per worker. On a
-  failure no new batch is sent; the batches still running are waited for
-  and recorded, then the failure is raised naming the worker.
+  Each batch runs in a daemon thread, at most one per worker, while this
+  thread waits with a timeout: it stays responsive to Ctrl-C, looks at the
+  workers every `_WATCH_SECS` (a worker that takes no connection twice in
+  a row is lost; a batch past `timeout` marks its worker silent) and gives
+  up on batches that cannot return (a session whose master, worker 0, is
+  gone waits for it for ever). On a failure no new batch is sent; the
+  batches still running are recorded if they finish while the workers are
+  watched, then the failure is raised naming the worker.
   """
+  results = queue.Queue()
   free = list(range(len(engine.replicas)))
-  running = {}
+  running = {}  # replica -> (batch index, start time)
   failure = None
   computed = 0
   exhausted = False
-  with concurrent.futures.ThreadPoolExecutor(len(free)) as pool:
-    while True:
-      while free and not exhausted and failure is None:
-        item = next(pending, None)
-        if item is None:
-          exhausted = True
-          break
-        replica = free.pop(0)
-        future = pool.submit(engine.run, replica, item[1])
-        running[future] = (replica, item[0])
-      if not running:
+  down_looks = {}
+  next_look = time.monotonic() + _WATCH_SECS
+
+  def work(replica, index, batch):
+    try:
+      results.put((replica, index, engine.run(replica, batch), None))
+    except Exception as error:  # pylint: disable=broad-except
+      results.put((replica, index, None, error))
+
+  while True:
+    while free and not exhausted and failure is None:
+      item = next(pending, None)
+      if item is None:
+        exhausted = True
         break
-      finished, _ = concurrent.futures.wait(
-        running, return_when=concurrent.futures.FIRST_COMPLETED
-      )
-      for future in finished:
-        replica, index = running.pop(future)
-        try:
-          values = future.result()
-        except tf.errors.OpError as error:
-          if failure is None:
-            failure = (replica, index, error)
-          continue
+      replica = free.pop(0)
+      running[replica] = (item[0], time.monotonic())
+      threading.Thread(
+        target=work, args=(replica,) + tuple(item), daemon=True
+      ).start()
+    if not running:
+      break
+    try:
+      replica, index, values, error = results.get(timeout=_WATCH_SECS)
+    except queue.Empty:
+      pass
+    else:
+      del running[replica]
+      if error is not None:
+        if failure is None:
+          failure = (replica, index, error)
+      else:
         record(index, values)
         computed += 1
         free.append(replica)
+    now = time.monotonic()
+    if running and now >= next_look:
+      next_look = now + _WATCH_SECS
+      lost = _watch_workers(engine, running, down_looks, now)
+      if lost is not None:
+        if failure is None or not isinstance(failure[2], _LostWorker):
+          failure = lost
+        break  # The batches still running may never return.
   if failure is not None:
     replica, index, error = failure
-    if isinstance(
-      error,
-      (
-        tf.errors.UnavailableError,
-        tf.errors.DeadlineExceededError,
-        tf.errors.AbortedError,
-        tf.errors.CancelledError,
-        tf.errors.InternalError,
-        tf.errors.UnknownError,
-      ),
-    ):
+    if isinstance(error, _LostWorker):
+      raise cluster.worker_failure(
+        engine.hosts, replica, index, error.reason
+      ) from None
+    if isinstance(error, _WORKER_ERRORS):
       raise cluster.worker_failure(
         engine.hosts, replica, index, _cli.error_summary(error)
       ) from error
     raise error
   return computed
+
+
+class _LostWorker(Exception):
+  """A worker found down or silent while batches were running."""
+
+  def __init__(self, reason):
+    super().__init__(reason)
+    self.reason = reason
+
+
+def _watch_workers(engine, running, down_looks, now):
+  """Returns `(replica, batch, _LostWorker)` for a lost worker, or `None`."""
+  refused = dict(cluster.unreachable_workers(engine.hosts, timeout=1.0))
+  for i in range(len(engine.hosts)):
+    down_looks[i] = down_looks.get(i, 0) + 1 if i in refused else 0
+  for i, looks in sorted(down_looks.items()):
+    if looks >= _DOWN_LOOKS:
+      batch = running.get(i, next(iter(running.values())))[0]
+      return i, batch, _LostWorker(f"no connection: {refused[i]}")
+  if engine.timeout:
+    for replica, (batch, started) in sorted(running.items()):
+      if now - started > engine.timeout + _TIMEOUT_GRACE_SECS:
+        return (
+          replica,
+          batch,
+          _LostWorker(
+            f"no answer in {now - started:.0f} s, more than the "
+            f"{engine.timeout:g} s of the worker timeout"
+          ),
+        )
+  return None
