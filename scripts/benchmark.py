@@ -42,6 +42,7 @@ from tensorflow.python.ops.parallel_for import gradients as pfor_gradients  # py
 import tf1hess
 from tf1hess import _cli
 from tf1hess import _core
+from tf1hess import _files
 
 _DEFAULT_SHAPES = ["16384x16", "4096x64", "1024x256", "256x1024", "256x16"]
 _QUICK_SHAPES = ["32x4", "8x16"]
@@ -1077,16 +1078,16 @@ def write_outputs(results, notes, command, md=None, png=None, js=None):
       "stable numbers."
     )
   if md:
-    with _cli.atomic_output(md) as tmp:
+    with _files.atomic_output(md) as tmp:
       with open(tmp, "w", encoding="utf-8") as out:
         out.write(markdown(results, notes, command, shared))
     logging.info("Wrote %s", md)
   if png:
-    with _cli.atomic_output(png, suffix=".png") as tmp:
+    with _files.atomic_output(png, suffix=".png") as tmp:
       plot(results, tmp)
     logging.info("Wrote %s", png)
   if js:
-    with _cli.atomic_output(js) as tmp:
+    with _files.atomic_output(js) as tmp:
       with open(tmp, "w", encoding="utf-8") as out:
         json.dump({"machine": notes, "results": results}, out, indent=1)
     logging.info("Wrote %s", js)

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 import tf1hess
 from tf1hess import _cli
+from tf1hess import _files
 
 _BATCH_SIZE = flags.DEFINE_integer(
   "batch_size", 4, "Number of samples in the random batch.", lower_bound=0
@@ -115,7 +116,7 @@ def main(argv):
   )
   if _OUTPUT.value:
     with _cli.exit_on_error("example"):
-      with _cli.atomic_output(_OUTPUT.value, suffix=".npz") as tmp:
+      with _files.atomic_output(_OUTPUT.value, suffix=".npz") as tmp:
         np.savez(tmp, **results)
     logging.info("Wrote %s", _OUTPUT.value)
 

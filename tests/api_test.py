@@ -1,7 +1,9 @@
 """The public API: every name in `__all__` imports; versions agree."""
 
+import ast
 import doctest
 import importlib
+import importlib.util
 import os
 import pkgutil
 import re
@@ -34,6 +36,22 @@ class ApiTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIs(tf1hess.keras, importlib.import_module("tf1hess.keras"))
     with self.assertRaisesRegex(AttributeError, r"no attribute 'nothing'"):
       getattr(tf1hess, "nothing")  # noqa: B009
+
+  @parameterized.named_parameters((name, name) for name in _modules())
+  def test_library_never_imports_the_cli_module(self, module_name):
+    # `_cli` defines absl flags and exits the process: scripts only.
+    if module_name == "tf1hess._cli":
+      self.skipTest("the module itself")
+    path = importlib.util.find_spec(module_name).origin
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom):
+        imported.update(f"{node.module}.{a.name}" for a in node.names)
+      elif isinstance(node, ast.Import):
+        imported.update(a.name for a in node.names)
+    self.assertNotIn("tf1hess._cli", imported)
 
   def test_version_matches_setup(self):
     with open(os.path.join(_ROOT, "setup.py"), encoding="utf-8") as f:

@@ -7,6 +7,7 @@ import types
 import tensorflow as tf
 
 from tf1hess import _cli
+from tf1hess import _files
 
 
 class ExitOnErrorTest(tf.test.TestCase):
@@ -49,7 +50,7 @@ class ExitOnErrorTest(tf.test.TestCase):
 class AtomicOutputTest(tf.test.TestCase):
   def test_renames_on_success(self):
     path = os.path.join(self.get_temp_dir(), "out.txt")
-    with _cli.atomic_output(path) as tmp:
+    with _files.atomic_output(path) as tmp:
       self.assertNotEqual(tmp, path)
       with open(tmp, "w", encoding="utf-8") as f:
         f.write("done")
@@ -62,7 +63,7 @@ class AtomicOutputTest(tf.test.TestCase):
     directory = tempfile.mkdtemp(dir=self.get_temp_dir())
     path = os.path.join(directory, "out.npy")
     with self.assertRaises(RuntimeError):
-      with _cli.atomic_output(path, suffix=".npy") as tmp:
+      with _files.atomic_output(path, suffix=".npy") as tmp:
         with open(tmp, "wb") as f:
           f.write(b"partial")
         raise RuntimeError("interrupted")
@@ -73,13 +74,13 @@ class AtomicOutputTest(tf.test.TestCase):
     path = os.path.join(directory, "out[1].json")
     # What a writer killed inside `atomic_output` leaves behind: the real
     # temporary name, made by the same code.
-    manager = _cli.atomic_output(path, suffix=".json")
+    manager = _files.atomic_output(path, suffix=".json")
     stale = manager.__enter__()
     others = ["out[1].json", ".out[1].json.x.tmp.npy", ".other.json.x.tmp.json"]
     for name in others:
       with open(os.path.join(directory, name), "w", encoding="utf-8"):
         pass
-    _cli.remove_stale_temporaries(path, suffix=".json")
+    _files.remove_stale_temporaries(path, suffix=".json")
     self.assertFalse(os.path.exists(stale))
     self.assertCountEqual(os.listdir(directory), others)
 
@@ -89,12 +90,12 @@ class AtomicDirectoryTest(tf.test.TestCase):
     parent = tempfile.mkdtemp(dir=self.get_temp_dir())
     path = os.path.join(parent, "model")
     with self.assertRaises(RuntimeError):
-      with _cli.atomic_output(path, directory=True) as tmp:
+      with _files.atomic_output(path, directory=True) as tmp:
         with open(os.path.join(tmp, "f"), "w", encoding="utf-8") as f:
           f.write("partial")
         raise RuntimeError("interrupted")
     self.assertEqual(os.listdir(parent), [])
-    with _cli.atomic_output(path, directory=True) as tmp:
+    with _files.atomic_output(path, directory=True) as tmp:
       with open(os.path.join(tmp, "f"), "w", encoding="utf-8") as f:
         f.write("done")
     self.assertEqual(os.listdir(path), ["f"])

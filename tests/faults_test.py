@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 import testing_utils
-from tf1hess import _cli
+from tf1hess import _tf_errors
 from tf1hess import cluster
 from tf1hess import ops
 from tf1hess import streaming
@@ -829,7 +829,7 @@ class ErrorSummaryTest(tf.test.TestCase):
       "Graph execution error:\n\n=====================\nFrom /job:worker/"
       "replica:0/task:1:\n=====================\nSocket closed\n",
     )
-    self.assertEqual(_cli.error_summary(error), "Socket closed")
+    self.assertEqual(_tf_errors.error_summary(error), "Socket closed")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 import testing_utils
-from tf1hess import _cli
+from tf1hess import _tf_errors
 from tf1hess import streaming
 
 _K = 3
@@ -490,7 +490,7 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
       "recvmsg:Connection reset by peer\nAdditional GRPC error information",
     )
     self.assertEqual(
-      _cli.error_summary(error), "recvmsg:Connection reset by peer"
+      _tf_errors.error_summary(error), "recvmsg:Connection reset by peer"
     )
 
 

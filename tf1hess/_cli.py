@@ -1,54 +1,22 @@
-"""Helpers for the absl scripts: shared flags, one-line errors, atomic files."""
+"""Helpers for the absl scripts: shared flags and one-line errors.
+
+Only scripts import this module (it defines absl flags and exits); the
+library writes files through `_files` and reads TensorFlow's errors through
+`_tf_errors`.
+"""
 
 import contextlib
 import dataclasses
-import glob
-import os
-import re
-import shutil
 import sys
-import tempfile
 
 from absl import flags
 import tensorflow as tf
 
+from tf1hess import _tf_errors
+
 # What a script reports as a one-line error instead of a traceback: bad
 # arguments, missing or unreadable files, and TensorFlow run-time errors.
 USER_ERRORS = (ValueError, TypeError, OSError, KeyError, tf.errors.OpError)
-
-
-# Lines of a TensorFlow run-time error that do not say what went wrong.
-_TF_NOISE = re.compile(
-  r"^(Graph execution error:|Detected at node|Node: |From /job:|"
-  r"Additional GRPC error|File \"|\[\[|Traceback|\(\d+\) )"
-)
-
-# A line that says something: rules such as "=====" do not.
-_WORDS = re.compile(r"\w")
-
-
-def error_summary(error):
-  """Returns the line of an error message that says what failed.
-
-  Graph-mode run-time errors start with "Graph execution error:" and the
-  Python stack of the failing op; this keeps the first other line that
-  holds a word (not a rule of "=" signs).
-
-  Args:
-    error: an exception, e.g. a `tf.errors.OpError`.
-
-  Returns:
-    A one-line `str`.
-  """
-  message = getattr(error, "message", None) or str(error)
-  if isinstance(error, KeyError) and error.args:
-    message = str(error.args[0])
-  for line in message.splitlines():
-    if _WORDS.search(line) and not _TF_NOISE.match(line.strip()):
-      if not line.startswith((" ", "\t")):
-        return line.strip()
-  lines = [line.strip() for line in message.splitlines() if _WORDS.search(line)]
-  return lines[0] if lines else type(error).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,83 +146,4 @@ def exit_on_error(prog):
   try:
     yield
   except USER_ERRORS as error:
-    sys.exit(f"{prog}: error: {error_summary(error)}")
-
-
-def _temporary_name(path, suffix):
-  """`(directory, prefix, suffix)` of `atomic_output`'s temporaries."""
-  path = os.path.abspath(path)
-  return (
-    os.path.dirname(path),
-    "." + os.path.basename(path) + ".",
-    ".tmp" + suffix,
-  )
-
-
-def remove_stale_temporaries(path, suffix=""):
-  """Removes what `atomic_output(path, suffix)` left when its process died.
-
-  A process killed (SIGKILL, power loss) while writing cannot clean up; the
-  next run that finishes `path` calls this.
-  """
-  parent, prefix, tmp_suffix = _temporary_name(path, suffix)
-  pattern = glob.escape(prefix) + "*" + glob.escape(tmp_suffix)
-  for stale in glob.glob(os.path.join(glob.escape(parent), pattern)):
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(stale)
-
-
-def _empty_directory(path):
-  real_dir = os.path.isdir(path) and not os.path.islink(path)
-  return real_dir and not os.listdir(path)
-
-
-@contextlib.contextmanager
-def atomic_output(path, suffix="", directory=False):
-  """Yields a temporary path beside `path`; renames it to `path` on success.
-
-  On any exception the temporary file (or directory) is removed, so an
-  interrupted or failed run leaves nothing half-written under `path`. A
-  directory replaces whatever is at `path` (moved aside, then removed).
-
-  Args:
-    path: `str`, the final output path.
-    suffix: `str`, ending of the temporary name (e.g. ".npy", which
-      `np.save` would otherwise append).
-    directory: `bool`, default `False`: make a temporary directory (for a
-      SavedModel) instead of a file.
-
-  Yields:
-    The temporary path to write to, with the usual permissions (those of a
-    new file or directory under the process' umask).
-  """
-  parent, prefix, tmp_suffix = _temporary_name(path, suffix)
-  if directory:
-    tmp = tempfile.mkdtemp(prefix=prefix, suffix=tmp_suffix, dir=parent)
-  else:
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=tmp_suffix, dir=parent)
-    os.close(fd)
-  umask = os.umask(0)
-  os.umask(umask)
-  # mkstemp's 0600 and mkdtemp's 0700 are not what users expect.
-  os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)
-  try:
-    yield tmp
-    if directory and os.path.lexists(path) and not _empty_directory(path):
-      # os.replace cannot replace a non-empty directory: move it aside.
-      aside = tmp[: -len(tmp_suffix)] + ".old" + tmp_suffix
-      os.rename(path, aside)
-      os.replace(tmp, path)
-      if os.path.isdir(aside) and not os.path.islink(aside):
-        shutil.rmtree(aside, ignore_errors=True)
-      else:
-        os.remove(aside)
-    else:
-      os.replace(tmp, path)
-  except BaseException:
-    if directory:
-      shutil.rmtree(tmp, ignore_errors=True)
-    else:
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    raise
+    sys.exit(f"{prog}: error: {_tf_errors.error_summary(error)}")

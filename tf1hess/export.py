@@ -28,7 +28,7 @@ import tensorflow as tf
 from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _checks
-from tf1hess import _cli
+from tf1hess import _files
 from tf1hess import legacy
 
 HESSIANS = "hessians"
@@ -283,10 +283,12 @@ def export_hessian_graph(
   _, xs, ys_list = _check_model(model, session)
   with contextlib.ExitStack() as stack:
     if export_dir:
-      tmp = stack.enter_context(_cli.atomic_output(export_dir, directory=True))
+      tmp = stack.enter_context(
+        _files.atomic_output(export_dir, directory=True)
+      )
       _write_saved_model(graph_def, tmp, xs, ys_list, tag, signature_name)
     if output_graph:
-      tmp = stack.enter_context(_cli.atomic_output(output_graph))
+      tmp = stack.enter_context(_files.atomic_output(output_graph))
       _write_graph_def(graph_def, tmp, output_graph.endswith(".pbtxt"))
     if logdir:
       write_graph_log(graph_def, logdir)

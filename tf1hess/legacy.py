@@ -33,6 +33,7 @@ from tensorflow.python.saved_model import loader_impl  # pylint: disable=g-direc
 from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _checks
+from tf1hess import _tf_errors
 from tf1hess import ops
 
 # Ops that hold variables: a frozen graph has none of them.
@@ -547,7 +548,7 @@ def add_hessian_ops(
     except LookupError as error:  # An op without a (second) gradient.
       raise ValueError(
         "`ys` must be twice differentiable with respect to `xs`; "
-        + str(error).split(". ")[0]
+        + _tf_errors.first_sentence(error)
         + "."
       ) from error
     gradients = ops.batch_gradients(target, x)

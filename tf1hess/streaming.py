@@ -66,7 +66,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf1hess import _checks
-from tf1hess import _cli
+from tf1hess import _files
+from tf1hess import _tf_errors
 from tf1hess import cluster
 from tf1hess import legacy
 
@@ -412,7 +413,7 @@ class _TFRecordReader(_DatasetReader):
     except tf.errors.DataLossError as error:
       raise ValueError(
         f"`input` {path} is not a readable TFRecord file: "
-        f"{_cli.error_summary(error)}"
+        f"{_tf_errors.error_summary(error)}"
       ) from None
     if first is None:
       raise ValueError(f"`input` holds no samples: {path} has no records.")
@@ -483,9 +484,9 @@ class _TFRecordReader(_DatasetReader):
           )
         count += int(rows)
     except tf.errors.InvalidArgumentError as error:
-      summary = _cli.error_summary(error)
+      summary = _tf_errors.error_summary(error)
       records = f"records {count}..{count + _SCAN_BATCH - 1}"
-      if "Data types don't match" in summary:
+      if _tf_errors.is_dtype_mismatch(summary):
         raise TypeError(
           f"`input` feature {key!r} must hold floating-point values in "
           f"every record; one of {records} of {self.path} does not: "
@@ -497,7 +498,7 @@ class _TFRecordReader(_DatasetReader):
     except tf.errors.DataLossError as error:
       raise ValueError(
         f"`input` {self.path} is not a readable TFRecord file: "
-        f"{_cli.error_summary(error)}"
+        f"{_tf_errors.error_summary(error)}"
       ) from None
     return count
 
@@ -1056,7 +1057,7 @@ class _Manifest:
       "completed": done.ranges,
       "partial_files": self.partial_files,
     }
-    with _cli.atomic_output(self.path, suffix=".json") as tmp:
+    with _files.atomic_output(self.path, suffix=".json") as tmp:
       with open(tmp, "w", encoding="utf-8") as f:
         json.dump(state, f)
         f.flush()
@@ -1066,7 +1067,7 @@ class _Manifest:
   def remove(self):
     with contextlib.suppress(FileNotFoundError):
       os.remove(self.path)
-    _cli.remove_stale_temporaries(self.path, suffix=".json")
+    _files.remove_stale_temporaries(self.path, suffix=".json")
 
 
 def _check_output_path(path, arg):
@@ -1871,7 +1872,7 @@ def _dispatch(engine, pending, record):
       ) from None
     if isinstance(error, _WORKER_ERRORS):
       raise cluster.worker_failure(
-        engine.hosts, replica, index, _cli.error_summary(error)
+        engine.hosts, replica, index, _tf_errors.error_summary(error)
       ) from error
     raise error
   return computed
