@@ -51,8 +51,26 @@ def version(name):
     return None
 names = ["tensorflow", "tensorflow-cpu", "tf-keras", "keras", "numpy",
          "absl-py", "protobuf"]
-json.dump({n: version(n) for n in names}, open(sys.argv[1], "w"), indent=1)
+found = {n: version(n) for n in names}
+found["commit"] = sys.argv[2]
+json.dump(found, open(sys.argv[1], "w"), indent=1)
 """
+
+
+def _commit(session):
+  """The commit the session tests, with "+" when the tree has changes."""
+  head = session.run(
+    "git", "rev-parse", "--short", "HEAD", silent=True, external=True
+  ).strip()
+  changed = session.run(
+    "git",
+    "status",
+    "--porcelain",
+    "--untracked-files=no",
+    silent=True,
+    external=True,
+  ).strip()
+  return head + ("+" if changed else "")
 
 
 @nox.session(python="3.11")
@@ -67,7 +85,7 @@ def tests(session, tensorflow):
   # TensorFlow (and its pins) first: installing tf1hess must not change them.
   session.install(*requirements(tensorflow))
   session.install("-e", ".[test]", *requirements(tensorflow))
-  session.run("python", "-c", _VERSIONS, f"{report}.json")
+  session.run("python", "-c", _VERSIONS, f"{report}.json", _commit(session))
   session.run(
     "python",
     "-m",

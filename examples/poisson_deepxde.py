@@ -11,10 +11,12 @@ takes the arguments of `dde.grad` (`hessian(y, x, i=0, j=0)`, ...) and adds
       --iterations=2000
 """
 
+import importlib.util
 import os
 
 os.environ.setdefault("DDE_BACKEND", "tensorflow.compat.v1")
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+if importlib.util.find_spec("tf_keras"):  # Keras 2 for TF >= 2.16's v1 layers
+  os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app

@@ -22,11 +22,13 @@ on the same weights and inputs, so that a busy machine slows them alike.
   python scripts/pinn_benchmark.py --dims=2,5,10,20 --batch_size=4096
 """
 
+import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DDE_BACKEND", "tensorflow.compat.v1")
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+if importlib.util.find_spec("tf_keras"):  # Keras 2 for TF >= 2.16's v1 layers
+  os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # TensorFlow's pooling CPU allocator; see docs/speed.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 

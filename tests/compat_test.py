@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 from absl.testing import parameterized
 import tensorflow as tf
@@ -120,6 +121,23 @@ class VersionTest(tf.test.TestCase, parameterized.TestCase):
       r"2\.22\.0\. It may work",
     ):
       _compat.check_tensorflow("2.22.0")
+
+  def test_legacy_keras_variable_without_tf_keras(self):
+    # sys.modules[name] = None makes `import name` fail, as if not installed.
+    with (
+      mock.patch.dict(sys.modules, {"tf_keras": None}),
+      mock.patch.dict(os.environ, {"TF_USE_LEGACY_KERAS": "1"}),
+    ):
+      if _compat.parse_version(tf.__version__) < (2, 15):
+        # TensorFlow <= 2.14 ignores the variable: Keras 2 is tf.keras.
+        self.assertIs(_compat.legacy_keras(), tf.keras)
+      else:
+        with self.assertRaisesRegex(
+          ImportError,
+          r"TF_USE_LEGACY_KERAS is set, .* but tf-keras is not installed: "
+          r"`pip install 'tf-keras~=2\.\d+\.0'`",
+        ):
+          _compat.legacy_keras()
 
   def test_keras_generations(self):
     legacy = _compat.legacy_keras()

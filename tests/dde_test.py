@@ -156,7 +156,6 @@ class WithDeepXDETest(tf.test.TestCase):
     env = dict(
       os.environ,
       DDE_BACKEND="tensorflow.compat.v1",
-      TF_USE_LEGACY_KERAS="1",
       TF_CPP_MIN_LOG_LEVEL="2",
       PYTHONPATH=os.pathsep.join([_ROOT, os.environ.get("PYTHONPATH", "")]),
     )

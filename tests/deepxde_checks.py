@@ -7,11 +7,13 @@ for every other test of a shared process. `dde_test.py` runs this file with
 """
 
 import json
+import importlib.util
 import os
 import sys
 
 os.environ.setdefault("DDE_BACKEND", "tensorflow.compat.v1")
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+if importlib.util.find_spec("tf_keras"):  # Keras 2 for TF >= 2.16's v1 layers
+  os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 try:

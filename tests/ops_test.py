@@ -503,7 +503,6 @@ _MODE_SCRIPT = textwrap.dedent(
   """
   import os, sys
   os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  os.environ["TF_USE_LEGACY_KERAS"] = "1"
   import numpy as np
   import tensorflow as tf
   import tf1hess

@@ -56,7 +56,7 @@ class ReadmeTest(tf.test.TestCase, parameterized.TestCase):
         _compat.keras3()
       except ImportError as error:
         self.skipTest(str(error))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_USE_LEGACY_KERAS="1")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")  # as conftest.py set
     result = subprocess.run(
       [sys.executable, "-c", code],
       capture_output=True,

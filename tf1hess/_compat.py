@@ -8,6 +8,7 @@ only `tf1hess.keras` looks for it, through `legacy_keras()` and `keras3()`.
 """
 
 import importlib
+import os
 import sys
 import warnings
 
@@ -80,6 +81,11 @@ def _module_version(cls):
   return getattr(package, "__version__", "0")
 
 
+def _wants_legacy_keras():
+  """Whether TF_USE_LEGACY_KERAS asks TensorFlow (>= 2.15) for tf-keras."""
+  return os.environ.get("TF_USE_LEGACY_KERAS", "") in ("1", "true", "True")
+
+
 def legacy_keras():
   """The Keras 2 module that TF1-style code builds its models with.
 
@@ -91,9 +97,23 @@ def legacy_keras():
     The module (`tf.keras` or `tf_keras`).
 
   Raises:
-    ImportError: when no Keras 2 is installed, saying what to install.
+    ImportError: when no Keras 2 is installed, or TF_USE_LEGACY_KERAS asks
+      for tf-keras where it is not installed, saying what to install.
   """
   tf = import_tensorflow()
+  major, minor = parse_version(tf.__version__)
+  if (major, minor) >= (2, 15) and _wants_legacy_keras():
+    try:
+      return importlib.import_module("tf_keras")
+    except ImportError as error:
+      # TensorFlow itself then fails to import any Keras (2.15: a
+      # RecursionError), and tf.compat.v1.layers with it.
+      raise ImportError(
+        "TF_USE_LEGACY_KERAS is set, which makes TensorFlow "
+        f"{tf.__version__} load Keras from tf-keras, but tf-keras is not "
+        f"installed: `pip install 'tf-keras~={major}.{minor}.0'` (beside "
+        "tensorflow-cpu add `--no-deps`), or unset TF_USE_LEGACY_KERAS."
+      ) from error
   try:
     keras = tf.keras
     if parse_version(_module_version(keras.Model)) < (3, 0):
@@ -103,7 +123,6 @@ def legacy_keras():
   try:
     return importlib.import_module("tf_keras")
   except ImportError as error:
-    major, minor = parse_version(tf.__version__)
     raise ImportError(
       "Graph-mode Keras models need Keras 2, which TensorFlow "
       f"{tf.__version__} does not include: `pip install "
