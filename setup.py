@@ -21,7 +21,7 @@ setuptools.setup(
   ),
   long_description=open("README.md", encoding="utf-8").read(),
   long_description_content_type="text/markdown",
-  packages=["tf1hess"],
+  packages=setuptools.find_packages(include=["tf1hess", "tf1hess.*"]),
   # The syntax floor is checked by ruff's target-version (ruff.toml); TF 2.12
   # to 2.15 run on 3.9 to 3.11. Tested on 3.11.
   python_requires=">=3.9",

@@ -135,7 +135,7 @@ class _FilesTestCase(tf.test.TestCase, parameterized.TestCase):
 
 def _interrupt_after(calls):
   """Patches the engine to raise KeyboardInterrupt on run `calls + 1`."""
-  original = streaming._Engine.run
+  original = streaming.engine.Engine.run
   count = [0]
 
   def run(engine, replica, batch):
@@ -144,7 +144,7 @@ def _interrupt_after(calls):
     count[0] += 1
     return original(engine, replica, batch)
 
-  return mock.patch.object(streaming._Engine, "run", run)
+  return mock.patch.object(streaming.engine.Engine, "run", run)
 
 
 class ConcurrentRunsTest(_FilesTestCase):
@@ -153,7 +153,7 @@ class ConcurrentRunsTest(_FilesTestCase):
     args = (_graph_def(), "x:0", "y:0", path, self.path("h.npy"))
     expected = self.reference(_graph_def(), path, batch_size=2)
     paused, release = threading.Event(), threading.Event()
-    original = streaming._NpyFiles.create
+    original = streaming.writer.NpyFiles.create
     outcome = {}
 
     def create(files):  # The first run stops right after its first file.
@@ -168,7 +168,7 @@ class ConcurrentRunsTest(_FilesTestCase):
       except Exception as error:  # pylint: disable=broad-except
         outcome["error"] = error
 
-    with mock.patch.object(streaming._NpyFiles, "create", create):
+    with mock.patch.object(streaming.writer.NpyFiles, "create", create):
       thread = threading.Thread(target=first, name="first")
       thread.start()
       self.addCleanup(thread.join, _TIMEOUT)
@@ -280,7 +280,7 @@ class DamagedFilesTest(_FilesTestCase):
 
   def test_interrupt_log_counts_the_saved_batches(self):
     path = self.save_input(_samples(9))
-    original = streaming._Manifest.save
+    original = streaming.writer.Manifest.save
     calls = [0]
 
     def save(manifest, num_batches, done):
@@ -290,7 +290,7 @@ class DamagedFilesTest(_FilesTestCase):
       original(manifest, num_batches, done)
 
     with (
-      mock.patch.object(streaming._Manifest, "save", save),
+      mock.patch.object(streaming.writer.Manifest, "save", save),
       self.assertLogs("absl", "WARNING") as logs,
       self.assertRaises(KeyboardInterrupt),
     ):
@@ -548,7 +548,7 @@ class FullDiskTest(_FilesTestCase):
     path = self.save_input(_samples(2000, k))
     args = (_graph_def(k, weights), "x:0", "y:0", path)
     output = os.path.join(self.disk, "h.npy")
-    original = streaming._Manifest.save
+    original = streaming.writer.Manifest.save
     calls = [0]
 
     def save(manifest, num_batches, done):
@@ -558,7 +558,7 @@ class FullDiskTest(_FilesTestCase):
         self._fill_disk()
 
     with (
-      mock.patch.object(streaming._Manifest, "save", save),
+      mock.patch.object(streaming.writer.Manifest, "save", save),
       self.assertRaisesRegex(
         OSError,
         r"^`output` cannot be written, no space left on device \(.*h\.npy"

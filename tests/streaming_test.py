@@ -256,7 +256,7 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
 
   def _interrupt_after(self, calls):
     """Patches the engine to raise KeyboardInterrupt on run `calls + 1`."""
-    original = streaming._Engine.run
+    original = streaming.engine.Engine.run
     count = [0]
 
     def run(engine, replica, batch):
@@ -265,7 +265,7 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
       count[0] += 1
       return original(engine, replica, batch)
 
-    return mock.patch.object(streaming._Engine, "run", run)
+    return mock.patch.object(streaming.engine.Engine, "run", run)
 
   def _interrupted_run(self, x, **kwargs):
     path, _ = write_input(self.dir, x, "npy")
@@ -351,7 +351,7 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
     path, _ = write_input(self.dir, _samples(5), "npy")
     args = (mlp_graph_def(), "x:0", "y:0", path, self.path("h.npy"))
     with mock.patch.object(
-      streaming._Manifest, "remove", side_effect=KeyboardInterrupt
+      streaming.writer.Manifest, "remove", side_effect=KeyboardInterrupt
     ):
       with self.assertRaises(KeyboardInterrupt):
         streaming.compute_hessians(*args, batch_size=2)
@@ -472,7 +472,7 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
       )
 
   def test_intervals(self):
-    done = streaming._Intervals()
+    done = streaming.writer.Intervals()
     for i in (3, 0, 1, 5, 4, 1):
       done.add(i)
     self.assertEqual(done.ranges, [[0, 2], [3, 6]])
@@ -480,7 +480,7 @@ class StreamingTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(done.first_missing(), 2)
     self.assertIn(4, done)
     self.assertNotIn(2, done)
-    self.assertEqual(streaming._Intervals([[2, 4]]).first_missing(), 0)
+    self.assertEqual(streaming.writer.Intervals([[2, 4]]).first_missing(), 0)
 
   def test_error_summary(self):
     error = tf.errors.UnavailableError(
