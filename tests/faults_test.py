@@ -59,19 +59,8 @@ def _samples(n, k=_K, seed=0):
   return np.random.default_rng(seed).normal(size=(n, k)).astype(np.float32)
 
 
-class _FilesTestCase(tf.test.TestCase, parameterized.TestCase):
+class _FilesTestCase(testing_utils.TempDirTestCase, parameterized.TestCase):
   """A temporary directory, its files, and the reference of an input."""
-
-  def setUp(self):
-    super().setUp()
-    self.dir = tempfile.mkdtemp()
-    self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
-
-  def path(self, name):
-    return os.path.join(self.dir, name)
-
-  def files(self):
-    return sorted(os.listdir(self.dir))
 
   def read(self, name):
     with open(self.path(name), "rb") as f:

@@ -98,18 +98,7 @@ def _samples(n, k=_K, seed=0):
   return np.random.default_rng(seed).normal(size=(n, k)).astype(np.float32)
 
 
-class StreamingTest(tf.test.TestCase, parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.dir = tempfile.mkdtemp()
-    self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
-
-  def path(self, name):
-    return os.path.join(self.dir, name)
-
-  def files(self):
-    return sorted(os.listdir(self.dir))
-
+class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
   @parameterized.named_parameters((kind, kind) for kind in _FORMATS)
   def test_formats_match_analytic_hessians(self, kind):
     x = _samples(11)

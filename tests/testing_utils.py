@@ -5,7 +5,9 @@ Nothing here calls tf1hess: these are the values tf1hess is compared with.
 
 import importlib.util
 import os
+import shutil
 import socket
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -164,3 +166,18 @@ def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+class TempDirTestCase(tf.test.TestCase):
+  """A fresh temporary directory per test (`self.dir`), and its files."""
+
+  def setUp(self):
+    super().setUp()
+    self.dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+
+  def path(self, name):
+    return os.path.join(self.dir, name)
+
+  def files(self):
+    return sorted(os.listdir(self.dir))
