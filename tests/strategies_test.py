@@ -631,7 +631,9 @@ class ArgumentErrorsTest(tf.test.TestCase, parameterized.TestCase):
     ("not_a_string", 1),
   )
   def test_unknown_method(self, method):
-    regex = "`method` must be one of 'auto', 'pfor' or 'while_loop'; saw"
+    regex = (
+      "`method` must be one of 'auto', 'forward', 'pfor' or 'while_loop'; saw"
+    )
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float32, [None, 2])
       with self.assertRaisesRegex(ValueError, regex):

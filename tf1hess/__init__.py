@@ -15,6 +15,7 @@ from tf1hess.ops import batch_gradients
 from tf1hess.ops import batch_hessian_diagonals
 from tf1hess.ops import batch_hessian_vector_products
 from tf1hess.ops import batch_hessians
+from tf1hess.ops import batch_laplacians
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
   "batch_hessian_diagonals",
   "batch_hessian_vector_products",
   "batch_hessians",
+  "batch_laplacians",
   "check_hessians",
   "cluster",
   "eager",
