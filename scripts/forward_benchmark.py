@@ -119,6 +119,7 @@ def model_fn(model, w, np_like):
       "c": jnp.asarray,
       "exp": jnp.exp,
     }
+
   def consts():
     # Built at each call: TF constants belong to the graph being built.
     return {key: m["c"](value) for key, value in w.items()}

@@ -487,7 +487,7 @@ def x_val_of(n):
   return np.random.default_rng(n).normal(size=(n, _K))
 
 
-class FallbackTest(tf.test.TestCase):
+class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
   def test_unsupported_op_falls_back_and_says_so(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
@@ -517,6 +517,18 @@ class FallbackTest(tf.test.TestCase):
       y = tf.square(tf.reduce_sum(x)) + tf.reduce_sum(x * tf.reduce_mean(x, 0))
       with self.assertRaisesRegex(ValueError, "mixes samples"):
         tf1hess.batch_hessians(y, x, method="forward")
+
+  def test_loops_are_not_skipped(self):
+    """A `tf.scan` hands its values to the loop in a variant tensor list."""
+    self.control_flow(2)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = testing_utils.scan_model(x)
+      with self.assertRaisesRegex(ValueError, "no forward rule for op type"):
+        tf1hess.batch_hessians(y, x, method="forward")
+    # "auto", sent to the engine, falls back to the rows: right numbers.
+    with mock.patch.object(dispatch, "prefers_forward", return_value=True):
+      testing_utils.check_scan_model_hessians(self, tf1hess.batch_hessians)
 
   def test_forward_refuses_higher_orders(self):
     with tf.Graph().as_default():

@@ -42,11 +42,18 @@ Unsupported = registry.Unsupported
 
 
 def _differentiable(t):
-  return t.dtype.base_dtype.is_floating
+  """Whether a gradient can flow through `t`: not an integer, bool, string.
+
+  Variant and resource tensors count: a `tf.scan` passes its values to its
+  loop in a variant tensor list, and the loop op (which has no rule) must
+  be seen as depending on `x`, not skipped.
+  """
+  dtype = t.dtype.base_dtype
+  return not (dtype.is_integer or dtype.is_bool or dtype == tf.string)
 
 
 def _dependent_tensors(x):
-  """The floating tensors a gradient can flow to from `x`."""
+  """The tensors a gradient can flow to from `x`."""
   out, stack = {_key(x)}, [x]
   while stack:
     t = stack.pop()

@@ -19,6 +19,26 @@ from tf1hess.forward import registry
 MIXED = registry.MIXED
 
 
+def _of_first_input(rule):
+  """A rule `rule(op, j, ctx)` of ops whose first input alone may depend on x.
+
+  `j` is that input's Jacobian; an op whose first input does not depend on
+  x has no Jacobian.
+  """
+
+  def wrapped(op, jacs, ctx):
+    if any(j is not None for j in jacs[1:]):
+      raise registry.Unsupported(
+        f"{op.type} ({op.name}) has an input other than the first that "
+        "depends on x"
+      )
+    if jacs[0] is None:
+      return [None] * len(op.outputs)
+    return rule(op, jacs[0], ctx)
+
+  return wrapped
+
+
 def _reshape_entries(out):
   """A per-sample map to the entries of `out`."""
   return lambda m: tf.reshape(
@@ -65,10 +85,8 @@ def _same_rank_unknown_entries(op):
 
 
 @registry.register("Reshape", linear=True)
-def _reshape(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _reshape(op, j, ctx):
   out = op.outputs[0]
   if _keeps_batch(op):
     return [jacobians.apply_per_sample(j, _reshape_entries(out))]
@@ -87,10 +105,8 @@ def _reshape(op, jacs, ctx):
 
 
 @registry.register("ExpandDims", linear=True)
-def _expand_dims(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _expand_dims(op, j, ctx):
   axis = int(registry.static_value(op.inputs[1], "axis", op))
   rank = registry.static_rank(op.outputs[0], op)
   if axis % rank == 0:
@@ -99,10 +115,8 @@ def _expand_dims(op, jacs, ctx):
 
 
 @registry.register("Squeeze", linear=True)
-def _squeeze(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _squeeze(op, j, ctx):
   u = op.inputs[0]
   rank = registry.static_rank(u, op)
   dims = [d % rank for d in op.get_attr("squeeze_dims")]
@@ -114,10 +128,8 @@ def _squeeze(op, jacs, ctx):
 
 
 @registry.register("Transpose", linear=True)
-def _transpose(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _transpose(op, j, ctx):
   perm = registry.static_value(op.inputs[1], "permutation", op)
   if int(perm[0]) != 0:
     return [MIXED]
@@ -194,10 +206,8 @@ def _axis_zero_is_whole(op):
 
 
 @registry.register("StridedSlice", linear=True)
-def _strided_slice(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _strided_slice(op, j, ctx):
   if not _axis_zero_is_whole(op):
     return [MIXED]
   attrs = {
@@ -219,10 +229,8 @@ def _strided_slice(op, jacs, ctx):
 
 
 @registry.register("Slice", linear=True)
-def _slice(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _slice(op, j, ctx):
   begin = registry.static_value(op.inputs[1], "begin", op)
   size = registry.static_value(op.inputs[2], "size", op)
   if int(begin[0]) != 0 or int(size[0]) != -1:
@@ -232,10 +240,8 @@ def _slice(op, jacs, ctx):
 
 
 @registry.register("Tile", linear=True)
-def _tile(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _tile(op, j, ctx):
   multiples = registry.static_value(op.inputs[1], "multiples", op)
   if int(multiples[0]) != 1:
     return [MIXED]
@@ -243,10 +249,8 @@ def _tile(op, jacs, ctx):
 
 
 @registry.register("BroadcastTo", linear=True)
-def _broadcast_to(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _broadcast_to(op, j, ctx):
   u, out = op.inputs[0], op.outputs[0]
   n_in, n_out = (tf.compat.dimension_value(t.shape[0]) for t in (u, out))
   if u.shape.rank != out.shape.rank or n_in is None or n_in != n_out:
@@ -255,12 +259,8 @@ def _broadcast_to(op, jacs, ctx):
 
 
 @registry.register("Pad", "PadV2", "MirrorPad", linear=True)
-def _pad(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
-  if op.type == "PadV2" and jacs[2] is not None:
-    raise registry.Unsupported(f"PadV2 ({op.name}) pads with a value of x")
+@_of_first_input
+def _pad(op, j, ctx):
   paddings = registry.static_value(op.inputs[1], "paddings", op)
   if np.any(paddings[0] != 0):
     return [MIXED]
@@ -271,10 +271,8 @@ def _pad(op, jacs, ctx):
 
 
 @registry.register("GatherV2", linear=True)
-def _gather(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _gather(op, j, ctx):
   axis = int(registry.static_value(op.inputs[2], "axis", op))
   rank = registry.static_rank(op.inputs[0], op)
   if op.get_attr("batch_dims") != 0 or axis % rank == 0:
@@ -335,10 +333,8 @@ def _reduction_axes(op):
 
 
 @registry.register("Sum", "Mean", linear=True)
-def _sum(op, jacs, ctx):
-  j = jacs[0]
-  if j is None:
-    return [None]
+@_of_first_input
+def _sum(op, j, ctx):
   axes = _reduction_axes(op)
   if 0 in axes or not axes and op.inputs[0].shape.rank == 0:
     return [MIXED]
@@ -354,11 +350,9 @@ def _sum(op, jacs, ctx):
 
 
 @registry.register("Max", "Min")
-def _max(op, jacs, ctx):
+@_of_first_input
+def _max(op, j, ctx):
   """As TensorFlow's gradient: ties share the derivative equally."""
-  j = jacs[0]
-  if j is None:
-    return [None]
   axes = _reduction_axes(op)
   if 0 in axes:
     raise registry.Unsupported(
