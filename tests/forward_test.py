@@ -530,6 +530,14 @@ class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
     with mock.patch.object(dispatch, "prefers_forward", return_value=True):
       testing_utils.check_scan_model_hessians(self, tf1hess.batch_hessians)
 
+  def test_overridden_gradients_are_not_followed(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      with graph.gradient_override_map({"Tanh": "Sigmoid"}):
+        y = tf.tanh(x)
+      with self.assertRaisesRegex(ValueError, "gradient overridden"):
+        tf1hess.batch_laplacians(y, x, method="forward")
+
   def test_forward_refuses_higher_orders(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 2])

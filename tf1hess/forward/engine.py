@@ -114,12 +114,26 @@ def _identity_jacobian(x, k):
   )
 
 
+def _gradient_overridden(op):
+  try:
+    op.get_attr("_gradient_op_type")
+  except ValueError:
+    return False
+  return True
+
+
 def _set_static_shape(jac, t, x):
   """Gives `jac` the static shape that `t` and `x` know (for `fit`)."""
   k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
   lead = [k] if jac.shared else [x.shape[0], k]
-  if t.shape.rank is not None:
-    jac.value.set_shape(tf.TensorShape(lead).concatenate(t.shape[1:]))
+  if t.shape.rank is None:
+    return
+  shape = tf.TensorShape(lead).concatenate(t.shape[1:])
+  if not jac.value.shape.is_compatible_with(shape):
+    raise Unsupported(
+      f"the Jacobian of {t.name} has shape {jac.value.shape}, not {shape}"
+    )
+  jac.value.set_shape(shape)
 
 
 def check_input(x):
@@ -158,6 +172,11 @@ def second_derivatives(ys, x, mode):
     rule = registry.RULES.get(op.type)
     if rule is None:
       raise Unsupported(f"no forward rule for op type {op.type} ({op.name})")
+    if _gradient_overridden(op):
+      raise Unsupported(
+        f"{op.type} ({op.name}) has its gradient overridden "
+        "(gradient_override_map): its rule would not match its gradient"
+      )
     ins = [
       jacs.get(_key(t)) if _key(t) in dependent else None for t in op.inputs
     ]
