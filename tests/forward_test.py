@@ -206,6 +206,27 @@ _RULES = {
       labels=tf.constant([1, 0, 5, 2]), logits=tf.sin(_lin(x))
     ),
   ),
+  # Diagonal Jacobians: x broadcast against weights, kept K times smaller.
+  "Diagonal_ExpandDims_Mean": (
+    "ExpandDims",
+    lambda x: tf.exp(
+      -tf.reduce_mean(
+        tf.square(tf.expand_dims(x, 1) - _W[:3]), axis=[1, 2], keepdims=True
+      )
+    ),
+  ),
+  "Diagonal_Sum_not_over_features": (
+    "Sum",
+    lambda x: tf.tanh(tf.reduce_sum(tf.sin(x[:, None, :] * _W[:2]), axis=1)),
+  ),
+  "Diagonal_Sum_over_features": (
+    "Sum",
+    lambda x: tf.tanh(tf.reduce_sum(tf.sin(x[:, None, :] * _W[:2]), axis=2)),
+  ),
+  "Diagonal_new_last_axis": (
+    "StridedSlice",
+    lambda x: tf.tanh(x[:, :, None] * _W[:1, :3]),
+  ),
   "LogSumExp": (
     "Exp",
     lambda x: tf.reduce_logsumexp(tf.reshape(_lin(x), [-1, 3, 2]), axis=1),

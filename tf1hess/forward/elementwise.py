@@ -83,21 +83,23 @@ _UNARY = {
 }
 
 for _op_type, _derivatives in _UNARY.items():
-  registry.register(_op_type)(_unary_rule(_derivatives))
+  registry.register(_op_type, diagonal=True)(_unary_rule(_derivatives))
 
 
-@registry.register("Identity", "Snapshot", "CheckNumerics", linear=True)
+@registry.register(
+  "Identity", "Snapshot", "CheckNumerics", linear=True, diagonal=True
+)
 def _identity(op, jacs, ctx):
   return [jacs[0]]
 
 
-@registry.register("Neg", linear=True)
+@registry.register("Neg", linear=True, diagonal=True)
 def _neg(op, jacs, ctx):
   j = jacs[0]
-  return [None if j is None else jacobians.Jacobian(-j.value, j.shared)]
+  return [None if j is None else jacobians.negate(j)]
 
 
-@registry.register("Cast", linear=True)
+@registry.register("Cast", linear=True, diagonal=True)
 def _cast(op, jacs, ctx):
   j, out = jacs[0], op.outputs[0]
   if j is None or not out.dtype.is_floating:
@@ -128,22 +130,22 @@ def _linear_sum(op, jacs, signs):
   for j, sign in zip(jacs, signs):
     if j is not None:
       j = jacobians.fit(j, out)
-      term = j if sign > 0 else jacobians.Jacobian(-j.value, j.shared)
+      term = j if sign > 0 else jacobians.negate(j)
       total = jacobians.add(total, term)
   return [jacobians.fit(total, out)]
 
 
-@registry.register("Add", "AddV2", "AddN", linear=True)
+@registry.register("Add", "AddV2", "AddN", linear=True, diagonal=True)
 def _add(op, jacs, ctx):
   return _linear_sum(op, jacs, [1] * len(jacs))
 
 
-@registry.register("Sub", linear=True)
+@registry.register("Sub", linear=True, diagonal=True)
 def _sub(op, jacs, ctx):
   return _linear_sum(op, jacs, [1, -1])
 
 
-@registry.register("BiasAdd", "BiasAddV1", linear=True)
+@registry.register("BiasAdd", "BiasAddV1", linear=True, diagonal=True)
 def _bias_add(op, jacs, ctx):
   if jacs[1] is not None:
     raise registry.Unsupported(
@@ -188,7 +190,7 @@ def _numerator_only(op, jacs):
   return jacs[1] is None
 
 
-@registry.register("Mul", linear=_one_dependent)
+@registry.register("Mul", linear=_one_dependent, diagonal=True)
 def _mul(op, jacs, ctx):
   a, b = op.inputs
   if jacs[0] is None or jacs[1] is None:
@@ -199,7 +201,7 @@ def _mul(op, jacs, ctx):
   )
 
 
-@registry.register("RealDiv", "Div", linear=_numerator_only)
+@registry.register("RealDiv", "Div", linear=_numerator_only, diagonal=True)
 def _div(op, jacs, ctx):
   a, b = op.inputs
   v = op.outputs[0]
@@ -214,7 +216,7 @@ def _div(op, jacs, ctx):
   )
 
 
-@registry.register("SquaredDifference")
+@registry.register("SquaredDifference", diagonal=True)
 def _squared_difference(op, jacs, ctx):
   a, b = op.inputs
   two = tf.constant(2, a.dtype)
@@ -227,7 +229,7 @@ def _squared_difference(op, jacs, ctx):
   )
 
 
-@registry.register("Pow")
+@registry.register("Pow", diagonal=True)
 def _pow(op, jacs, ctx):
   a, b = op.inputs
   v = op.outputs[0]
@@ -249,7 +251,7 @@ def _pow(op, jacs, ctx):
   )
 
 
-@registry.register("Maximum", "Minimum")
+@registry.register("Maximum", "Minimum", diagonal=True)
 def _maximum(op, jacs, ctx):
   a, b = op.inputs
   mask = a >= b if op.type == "Maximum" else a <= b

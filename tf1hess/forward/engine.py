@@ -107,7 +107,13 @@ class _Context:
 
 
 def _identity_jacobian(x, k):
-  """The shared Jacobian of `x` `(N, d...)`: the identity, `(K, d...)`."""
+  """The Jacobian of `x` `(N, d...)`: the identity.
+
+  Diagonal (ones `(1, K)`) for `(N, K)` with a static K, else shared,
+  `(K, d...)`.
+  """
+  if x.shape.rank == 2 and tf.compat.dimension_value(x.shape[1]) is not None:
+    return jacobians.diagonal(tf.ones([1, x.shape[1]], x.dtype))
   eye = tf.eye(k, dtype=x.dtype)
   return jacobians.shared(
     tf.reshape(eye, tf.concat([[k], tf.shape(x)[1:]], axis=0))
@@ -125,7 +131,10 @@ def _gradient_overridden(op):
 def _set_static_shape(jac, t, x):
   """Gives `jac` the static shape that `t` and `x` know (for `fit`)."""
   k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
-  lead = [k] if jac.shared else [x.shape[0], k]
+  if jac.diagonal:
+    lead = [None]  # N or 1
+  else:
+    lead = [k] if jac.shared else [x.shape[0], k]
   if t.shape.rank is None:
     return
   shape = tf.TensorShape(lead).concatenate(t.shape[1:])
@@ -192,6 +201,11 @@ def second_derivatives(ys, x, mode):
         )
       outs = [registry.MIXED] * len(op.outputs)
     else:
+      if not rule.diagonal:
+        ins = [
+          jacobians.materialize(j) if isinstance(j, jacobians.Jacobian) else j
+          for j in ins
+        ]
       outs = rule.fn(op, ins, ctx)
     for t, j in zip(op.outputs, outs):
       if j is not None and _key(t) in dependent:

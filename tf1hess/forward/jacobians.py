@@ -8,7 +8,12 @@ weights is one matmul of `(N * K, units)`. Two structures are kept:
 - shared: the Jacobian is the same in every sample and is stored once as
   `(K, *e)` (`x` itself is the identity; a matmul of a shared Jacobian by
   weights is the weight matrix);
-- dense: `(N, K, *e)`.
+- dense: `(N, K, *e)`;
+- diagonal: the last axis of `e` is the feature axis of `x` itself (`x`,
+  `x[:, None, :] - mu`, elementwise functions of those), and
+  `J_v[n, k, ..., j] = d[n, ..., j] if k == j else 0`: stored as `d`
+  `(N or 1, *e)`, K times smaller than dense. Rules that do not keep it
+  receive it materialized (`materialize`).
 
 A shared Jacobian is a dense one with a batch of 1: TensorFlow's
 broadcasting combines the two without copies. A tensor that does not depend
@@ -29,21 +34,32 @@ MODES = (HESSIAN, DIAGONAL, LAPLACIAN)
 
 
 class Jacobian:
-  """`value` `(K, *e)` when `shared`, else `(N, K, *e)`."""
+  """`value` `(K, *e)` when `shared`, `(N or 1, *e)` when `diagonal`, else
+  `(N, K, *e)`."""
 
-  __slots__ = ("value", "shared")
+  __slots__ = ("value", "shared", "diagonal")
 
-  def __init__(self, value, shared):
+  def __init__(self, value, shared, diagonal=False):
     self.value = value
     self.shared = shared
+    self.diagonal = diagonal
+
+  @property
+  def lead(self):
+    """The number of axes before the entries."""
+    return 1 if self.shared or self.diagonal else 2
 
   @property
   def entry_rank(self):
-    return self.value.shape.rank - (1 if self.shared else 2)
+    return self.value.shape.rank - self.lead
 
   def entry_shape(self):
     """The dynamic shape `*e` of the entries."""
-    return tf.shape(self.value)[1 if self.shared else 2 :]
+    return tf.shape(self.value)[self.lead :]
+
+  def with_value(self, value):
+    """A Jacobian of the same structure holding `value`."""
+    return Jacobian(value, self.shared, self.diagonal)
 
 
 def dense(value):
@@ -54,14 +70,34 @@ def shared(value):
   return Jacobian(value, True)
 
 
+def diagonal(d):
+  return Jacobian(d, False, True)
+
+
+def materialize(jac):
+  """A diagonal `jac` as a shared (a batch of 1) or dense Jacobian."""
+  if not jac.diagonal:
+    return jac
+  d = jac.value
+  k = tf.shape(d)[-1]
+  ones = tf.ones([d.shape.rank - 2], tf.int32)
+  eye = tf.reshape(tf.eye(k, dtype=d.dtype), tf.concat([[k], ones, [k]], 0))
+  value = tf.expand_dims(d, 1) * eye  # (B, K, *e)
+  if tf.compat.dimension_value(d.shape[0]) == 1:
+    return shared(value[0])
+  return dense(value)
+
+
 def apply_per_sample(jac, fn):
   """Applies the per-sample linear map `fn` to every tangent of `jac`.
 
   `fn` maps a batch `(B, *e)` to `(B, *e')` sample by sample (a reshape of
   the entries, a transpose that keeps the batch axis, a slice, a sum over
   entry axes, ...). A shared Jacobian is such a batch with `B = K`; a dense
-  one is reshaped to `B = N * K` and back.
+  one is reshaped to `B = N * K` and back; a diagonal one is materialized
+  first.
   """
+  jac = materialize(jac)
   if jac.shared:
     return shared(fn(jac.value))
   shape = tf.shape(jac.value)
@@ -81,11 +117,26 @@ def scale(jac, s):
   """
   s = tf.cast(s, jac.value.dtype)
   rank = jac.entry_rank
+  if jac.diagonal:
+    # `d` has the batch axis of `v`: `s` broadcasts against it as against v,
+    # unless it would broadcast the feature axis.
+    last = tf.compat.dimension_value(s.shape[-1]) if s.shape.rank else 1
+    if (
+      s.shape.rank is None
+      or s.shape.rank > rank + 1
+      or last not in (1, tf.compat.dimension_value(jac.value.shape[-1]))
+    ):
+      return scale(materialize(jac), s)
+    return jac.with_value(jac.value * s)
   if s.shape.rank is not None and s.shape.rank <= rank:
-    return Jacobian(jac.value * s, jac.shared)
+    return jac.with_value(jac.value * s)
   if s.shape.rank == rank + 1 and tf.compat.dimension_value(s.shape[0]) == 1:
-    return Jacobian(jac.value * s[0], jac.shared)
+    return jac.with_value(jac.value * s[0])
   return dense(tf.expand_dims(s, 1) * jac.value)
+
+
+def negate(jac):
+  return jac.with_value(-jac.value)
 
 
 def add(a, b):
@@ -94,6 +145,9 @@ def add(a, b):
     return b
   if b is None:
     return a
+  if a.diagonal and b.diagonal:
+    return diagonal(a.value + b.value)
+  a, b = materialize(a), materialize(b)
   return Jacobian(a.value + b.value, a.shared and b.shared)
 
 
@@ -101,23 +155,32 @@ def fit(jac, out):
   """Broadcasts `jac` to the entries of `out` `(N, *e)` when they differ."""
   if jac is None:
     return None
-  lead = 1 if jac.shared else 2
+  lead = jac.lead
   have = jac.value.shape[lead:]
   want = out.shape[1:]
   if have.is_fully_defined() and want.is_fully_defined() and have == want:
     return jac
+  if jac.diagonal and not (
+    have.rank
+    and want.rank
+    and tf.compat.dimension_value(have[-1]) is not None
+    and have[-1] == want[-1]
+  ):
+    # Broadcasting the feature axis itself would break the structure.
+    return fit(materialize(jac), out)
   shape = tf.concat([tf.shape(jac.value)[:lead], tf.shape(out)[1:]], axis=0)
-  return Jacobian(tf.broadcast_to(jac.value, shape), jac.shared)
+  return jac.with_value(tf.broadcast_to(jac.value, shape))
 
 
 def cast(jac, dtype):
   if jac.value.dtype == dtype:
     return jac
-  return Jacobian(tf.cast(jac.value, dtype), jac.shared)
+  return jac.with_value(tf.cast(jac.value, dtype))
 
 
 def to_dense(jac, n):
   """`jac` as a dense `(N, K, *e)` value."""
+  jac = materialize(jac)
   if not jac.shared:
     return jac.value
   shape = tf.concat([[n], tf.shape(jac.value)], axis=0)
@@ -163,9 +226,26 @@ def _flat_c(c, jac, n):
   return tf.reshape(tf.broadcast_to(c, shape), tf.stack([n, _size(jac)]))
 
 
+def _contract_diagonals(term, mode, n):
+  """`contract` of two diagonal Jacobians: a diagonal Hessian."""
+  a, b = term.a, term.b
+  prod = tf.cast(term.c, a.value.dtype) * a.value * b.value  # (N or 1, *e)
+  shape = tf.concat([[n], a.entry_shape()], axis=0)
+  prod = tf.broadcast_to(prod, shape)
+  axes = list(range(1, prod.shape.rank - 1))
+  v = tf.reduce_sum(prod, axis=axes) if axes else prod  # (N, K)
+  if term.symmetric:
+    v = 2.0 * v
+  if mode == HESSIAN:
+    return tf.linalg.diag(v)
+  return v if mode == DIAGONAL else tf.reduce_sum(v, axis=1)
+
+
 def contract(term, mode, n, k):
   """The term's Hessian `(N, K, K)`, diagonal `(N, K)` or trace `(N,)`."""
-  a, b = term.a, term.b
+  if term.a.diagonal and term.b.diagonal:
+    return _contract_diagonals(term, mode, n)
+  a, b = materialize(term.a), materialize(term.b)
   c = _flat_c(term.c, a, n)  # (N, M)
   fa, fb = _flat(a), _flat(b)
   m = _size(a)

@@ -39,12 +39,12 @@ class Unfollowed:
     self.reason = reason
 
 
-Rule = collections.namedtuple("Rule", ["fn", "linear"])
+Rule = collections.namedtuple("Rule", ["fn", "linear", "diagonal"])
 
 RULES = {}
 
 
-def register(*op_types, linear=False):
+def register(*op_types, linear=False, diagonal=False):
   """Registers the decorated rule for `op_types`.
 
   Args:
@@ -53,6 +53,8 @@ def register(*op_types, linear=False):
       in its inputs that depend on `x`, with coefficients that do not, so
       that it may follow a tensor that mixes samples (its outputs then mix
       them too).
+    diagonal: `bool`: the rule keeps diagonal Jacobians (see `jacobians`);
+      other rules receive them materialized.
 
   Returns:
     The decorator.
@@ -62,7 +64,7 @@ def register(*op_types, linear=False):
     for op_type in op_types:
       if op_type in RULES:
         raise ValueError(f"A forward rule for {op_type} exists already.")
-      RULES[op_type] = Rule(fn, linear)
+      RULES[op_type] = Rule(fn, linear, diagonal)
     return fn
 
   return decorate

@@ -32,7 +32,7 @@ def _weighted_mean(jac, s):
 
 
 def _minus(a, b):
-  return jacobians.add(a, jacobians.Jacobian(-b.value, b.shared))
+  return jacobians.add(a, jacobians.negate(b))
 
 
 def _check_input(op, jacs, dependent=(0,)):

@@ -104,13 +104,16 @@ def _reshape(op, j, ctx):
     return [jacobians.apply_per_sample(j, _reshape_entries(out))]
 
 
-@registry.register("ExpandDims", linear=True)
+@registry.register("ExpandDims", linear=True, diagonal=True)
 @_of_first_input
 def _expand_dims(op, j, ctx):
   axis = int(registry.static_value(op.inputs[1], "axis", op))
   rank = registry.static_rank(op.outputs[0], op)
   if axis % rank == 0:
     return [MIXED]
+  if j.diagonal and axis % rank != rank - 1:
+    # `d` has the axes of the tensor; the feature axis stays last.
+    return [j.with_value(tf.expand_dims(j.value, axis % rank))]
   return [jacobians.apply_per_sample(j, _reshape_entries(op.outputs[0]))]
 
 
@@ -205,7 +208,26 @@ def _axis_zero_is_whole(op):
   )
 
 
-@registry.register("StridedSlice", linear=True)
+def _inserts_axes_only(op):
+  """Whether a `StridedSlice` only inserts new axes, none of them last."""
+  strides = registry.static_value(op.inputs[3], "strides", op)
+  new_axis = op.get_attr("new_axis_mask")
+  whole = op.get_attr("begin_mask") & op.get_attr("end_mask")
+  if op.get_attr("ellipsis_mask") or op.get_attr("shrink_axis_mask"):
+    return False
+  real = 0
+  for i, stride in enumerate(strides):
+    if new_axis >> i & 1:
+      continue
+    if not whole >> i & 1 or int(stride) != 1:
+      return False
+    real += 1
+  rank = registry.static_rank(op.inputs[0], op)
+  last_is_new = new_axis >> (len(strides) - 1) & 1
+  return real <= rank and not (last_is_new and real == rank)
+
+
+@registry.register("StridedSlice", linear=True, diagonal=True)
 @_of_first_input
 def _strided_slice(op, j, ctx):
   if not _axis_zero_is_whole(op):
@@ -221,6 +243,10 @@ def _strided_slice(op, j, ctx):
     )
   }
   _, begin, end, strides = op.inputs
+  if j.diagonal and _inserts_axes_only(op):
+    return [
+      j.with_value(tf.strided_slice(j.value, begin, end, strides, **attrs))
+    ]
   return [
     jacobians.apply_per_sample(
       j, lambda m: tf.strided_slice(m, begin, end, strides, **attrs)
@@ -332,7 +358,35 @@ def _reduction_axes(op):
   return sorted({int(a) % rank for a in axes}) if rank else []
 
 
-@registry.register("Sum", "Mean", linear=True)
+def _diagonal_sum(op, j, axes, keepdims):
+  """`Sum`/`Mean` of a tensor of diagonal Jacobian `j` over `axes`."""
+  u, out = op.inputs[0], op.outputs[0]
+  rank = u.shape.rank
+  # Broadcast `d` over the entries first: a sum counts every entry.
+  d = tf.broadcast_to(
+    j.value, tf.concat([tf.shape(j.value)[:1], tf.shape(u)[1:]], axis=0)
+  )
+  if op.type == "Mean":
+    count = tf.reduce_prod(tf.gather(tf.shape(u), axes))
+    d = d / tf.cast(count, d.dtype)
+  if rank - 1 not in axes:
+    return jacobians.diagonal(tf.reduce_sum(d, axis=axes, keepdims=keepdims))
+  # The feature axis is summed: entry e' of the output holds d[..., k] for
+  # tangent k, a dense (or, with a batch of 1, shared) Jacobian.
+  rest = [a for a in axes if a != rank - 1]
+  if rest:
+    d = tf.reduce_sum(d, axis=rest, keepdims=True)
+  perm = [0, rank - 1] + list(range(1, rank - 1))
+  value = tf.reshape(
+    tf.transpose(d, perm),
+    tf.concat([tf.shape(d)[:1], tf.shape(d)[-1:], tf.shape(out)[1:]], 0),
+  )
+  if tf.compat.dimension_value(d.shape[0]) == 1:
+    return jacobians.shared(value[0])
+  return jacobians.dense(value)
+
+
+@registry.register("Sum", "Mean", linear=True, diagonal=True)
 @_of_first_input
 def _sum(op, j, ctx):
   axes = _reduction_axes(op)
@@ -342,6 +396,8 @@ def _sum(op, j, ctx):
   reduce = tf.reduce_sum if op.type == "Sum" else tf.reduce_mean
   if not axes:
     return [j]
+  if j.diagonal:
+    return [_diagonal_sum(op, j, axes, keepdims)]
   return [
     jacobians.apply_per_sample(
       j, lambda m: reduce(m, axis=axes, keepdims=keepdims)
