@@ -6,10 +6,10 @@ computes the same per-sample quantity (full Hessians `(N, K, K)` or
 Laplacians `(N,)`) of the same function, with the same float32 weights, at
 the same inputs, in one process. Each output is checked against the rows of
 tf1hess (`method="while_loop"`) before timing; the time is the median of
-`--repeats` runs after one warm-up run, the methods of a case taking turns.
+`--runs` runs after one warm-up run, the methods of a case taking turns.
 
-  python scripts/forward_benchmark.py --output_md=/tmp/forward.md
-  python scripts/forward_benchmark.py --quick  # seconds: tiny shapes
+  python scripts/forward_benchmark.py --table_md=/tmp/forward.md
+  python scripts/forward_benchmark.py --tiny  # seconds: tiny shapes
 """
 
 import os
@@ -42,9 +42,9 @@ _CASES = flags.DEFINE_list(
 _QUANTITIES = flags.DEFINE_list(
   "quantities", ["hessian", "laplacian"], "hessian and/or laplacian."
 )
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs.", lower_bound=1)
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny shapes, 2 runs.")
-_OUTPUT_MD = flags.DEFINE_string("output_md", None, "Markdown table path.")
+_RUNS = flags.DEFINE_integer("runs", 5, "Timed runs.", lower_bound=1)
+_TINY = flags.DEFINE_bool("tiny", False, "Tiny shapes, 2 runs.")
+_TABLE_MD = flags.DEFINE_string("table_md", None, "Markdown table path.")
 
 MODELS = {
   "fnn_3x64": "DeepXDE FNN: 3 tanh layers of 64 units, linear read-out",
@@ -298,8 +298,8 @@ def markdown(results):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  cases = ["fnn_3x64:16x3", "mixture:8x4"] if _QUICK.value else _CASES.value
-  repeats = 2 if _QUICK.value else _REPEATS.value
+  cases = ["fnn_3x64:16x3", "mixture:8x4"] if _TINY.value else _CASES.value
+  repeats = 2 if _TINY.value else _RUNS.value
   results = {}
   for spec in cases:
     model, shape = spec.split(":")
@@ -311,11 +311,11 @@ def main(argv):
       )
   table = markdown(results)
   print(table)
-  if _OUTPUT_MD.value:
-    tmp = _OUTPUT_MD.value + ".tmp"
+  if _TABLE_MD.value:
+    tmp = _TABLE_MD.value + ".tmp"
     with open(tmp, "w") as f:
       f.write(table)
-    os.replace(tmp, _OUTPUT_MD.value)
+    os.replace(tmp, _TABLE_MD.value)
 
 
 if __name__ == "__main__":

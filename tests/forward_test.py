@@ -223,6 +223,14 @@ _RULES = {
     "Sum",
     lambda x: tf.tanh(tf.reduce_sum(tf.sin(x[:, None, :] * _W[:2]), axis=2)),
   ),
+  "Diagonal_ellipsis_new_axis": (
+    "StridedSlice",
+    lambda x: tf.exp(-tf.reduce_sum(tf.square(x[..., None, :] - _W[:3]), 2)),
+  ),
+  "Diagonal_ellipsis_new_last_axis": (
+    "StridedSlice",
+    lambda x: tf.tanh(x[..., None] * _W[:1, :3]),
+  ),
   "Diagonal_new_last_axis": (
     "StridedSlice",
     lambda x: tf.tanh(x[:, :, None] * _W[:1, :3]),
@@ -577,17 +585,50 @@ class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
 
 
 class AutoTest(tf.test.TestCase):
-  def test_auto_takes_the_engine_for_deep_diagonals_only(self):
+  def test_cost_model(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       deep = tf.tanh(_lin(tf.tanh(_lin(x))))
       (g,) = tf.gradients(deep, x)
-      self.assertTrue(dispatch.prefers_forward(x, g, forward.DIAGONAL))
-      self.assertTrue(dispatch.prefers_forward(x, g, forward.LAPLACIAN))
-      self.assertFalse(dispatch.prefers_forward(x, g, forward.HESSIAN))
+      self.assertTrue(dispatch.prefers_forward(x, g, forward.DIAGONAL, 6))
+      self.assertTrue(dispatch.prefers_forward(x, g, forward.LAPLACIAN, 6))
+      # Full Hessians: only when every term is narrower than K.
+      self.assertFalse(dispatch.prefers_forward(x, g, forward.HESSIAN, 6))
+      self.assertTrue(dispatch.prefers_forward(x, g, forward.HESSIAN, 5))
+      self.assertFalse(dispatch.prefers_forward(x, g, forward.HESSIAN, None))
       shallow = tf.reduce_sum(tf.tanh(_lin(x)), 1)
       (g,) = tf.gradients(shallow, x)
-      self.assertFalse(dispatch.prefers_forward(x, g, forward.DIAGONAL))
+      self.assertFalse(dispatch.prefers_forward(x, g, forward.DIAGONAL, 6))
+
+  def test_widest_term(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      _, _, widest = forward.second_derivatives(
+        [_mixture(x)], x, forward.HESSIAN
+      )
+      self.assertEqual(widest, 4)  # The components; the rest is diagonal.
+      _, _, widest = forward.second_derivatives(
+        [_dense_stack(x)], x, forward.HESSIAN
+      )
+      self.assertEqual(widest, 16)
+
+  def test_auto_hessians_of_a_mixture_take_the_engine(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = _mixture(x)
+      choices, choose = [], dispatch.prefers_forward
+
+      def spy(*args):
+        choices.append(choose(*args))
+        return choices[-1]
+
+      with mock.patch.object(dispatch, "prefers_forward", side_effect=spy):
+        h = tf1hess.batch_hessians(y, x)
+      self.assertEqual(choices, [True])
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h_val, rows_val = sess.run([h, rows], {x: x_val_of(5)})
+    self.assertAllClose(h_val, rows_val, atol=1e-10)
 
   def test_auto_diagonals_agree_with_the_rows(self):
     with tf.Graph().as_default():

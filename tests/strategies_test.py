@@ -420,7 +420,19 @@ class FunctionAndEagerStrategiesTest(
     self.assertAllClose(hessians(x_val), reference, atol=1e-6)
 
 
-class FallbackTest(StrategyMixin, tf.test.TestCase):
+class RowsOnlyMixin:
+  """Keeps "auto" on the rows: these tests look at how the rows are built."""
+
+  def setUp(self):
+    super().setUp()
+    patch = mock.patch.object(
+      dispatch, "try_forward", return_value=(None, False)
+    )
+    patch.start()
+    self.addCleanup(patch.stop)
+
+
+class FallbackTest(RowsOnlyMixin, StrategyMixin, tf.test.TestCase):
   """Ops that `pfor` cannot vectorize, and shortcuts that cannot be built."""
 
   def _model(self, x):
@@ -479,7 +491,7 @@ class FallbackTest(StrategyMixin, tf.test.TestCase):
 
 
 class StrategyChoiceTest(
-  StrategyMixin, tf.test.TestCase, parameterized.TestCase
+  RowsOnlyMixin, StrategyMixin, tf.test.TestCase, parameterized.TestCase
 ):
   """Each method builds the rows it names (checked on the graph's ops)."""
 

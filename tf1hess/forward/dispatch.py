@@ -1,10 +1,13 @@
 """Where the public ops choose between the forward engine and the row loop.
 
 `method="forward"` always takes the engine and raises when it cannot follow
-the model; `method="auto"` takes it when `prefers_forward` says so and falls
-back to the row loop, with one warning that names the op, when the engine
-cannot follow the model.
+the model; `method="auto"` builds it, falls back to the row loop with one
+warning that names the op when the engine cannot follow the model, and keeps
+its result when `prefers_forward` says so (the engine's unused ops are never
+run).
 """
+
+import weakref
 
 from absl import logging
 import tensorflow as tf
@@ -14,32 +17,39 @@ from tf1hess.forward import engine
 from tf1hess.forward import jacobians
 
 
-def prefers_forward(x, grad, mode):
-  """The cost model of `method="auto"`: whether to try the forward engine.
+def prefers_forward(x, grad, mode, widest):
+  """The cost model of `method="auto"`: whether to keep the engine's result.
 
-  Measured side by side (docs/forward.md, tanh MLPs of 1 and 3 layers of 64
-  units and a 10-component Gaussian mixture, K = 4 to 256):
+  Measured side by side in one process (docs/forward.md: a DeepXDE-style
+  tanh MLP 3 x 64, a residual MLP with layer normalization, a Gaussian
+  mixture; K = 10 to 256):
 
-  - full Hessians: the engine contracts `J^T diag(c) J` per nonlinear layer,
-    `N K^2 W` per layer of width W, about what the rows' `K` backward passes
-    cost; it was not faster than the rows (0.7x to 1.1x), so the rows keep
-    full Hessians;
-  - diagonals and Laplacians: the engine needs `N K W` per layer for them and
-    was 1.5x to 5x faster than the rows, except on one dense layer followed
-    by elementwise ops, where the rows' shortcut (one matmul) is faster: the
-    rows keep that model.
+  - diagonals and Laplacians: the engine contracts its terms in `N K M`
+    (M entries per sample of a term) and was 1.4x to 95x faster than the
+    rows, except on one dense layer followed by elementwise ops, where the
+    rows' shortcut (one matmul for all rows) is faster: the rows keep that
+    model;
+  - full Hessians: a term costs `N K^2 M` unless both its Jacobians are
+    diagonal. Where every such term is narrower than K (a mixture: M = the
+    10 components) the engine was 2.5x to 12x faster than the rows; where
+    a layer of M >= K units curves (the MLPs, K <= 64 units) it was 0.85x
+    to 1.7x the rows' time: the rows keep those.
 
   Args:
     x: the input `Tensor` `(N, d...)`.
     grad: `d sum(ys) / dx`.
     mode: `jacobians.HESSIAN`, `DIAGONAL` or `LAPLACIAN`.
+    widest: the engine's widest term (`engine.second_derivatives`).
 
   Returns:
     `bool`.
   """
-  if mode == jacobians.HESSIAN:
+  if _rows_take_one_matmul(x, grad):
     return False
-  return not _rows_take_one_matmul(x, grad)
+  if mode != jacobians.HESSIAN:
+    return True
+  k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
+  return k is not None and widest is not None and widest < k
 
 
 def _rows_take_one_matmul(x, grad):
@@ -72,6 +82,18 @@ def shaped(result, x, mode):
   return result
 
 
+# Messages already logged, per graph: one warning per graph and reason, not
+# one per op built on the same model.
+_WARNED = weakref.WeakKeyDictionary()
+
+
+def _warn_once(graph, message):
+  seen = _WARNED.setdefault(graph, set())
+  if message not in seen:
+    seen.add(message)
+    logging.warning("%s", message)
+
+
 def try_forward(ys, x, grad, mode, method, unconnected):
   """`(result, True)` from the engine for `x`, or `(None, False)` for rows.
 
@@ -80,8 +102,8 @@ def try_forward(ys, x, grad, mode, method, unconnected):
     x: the input `Tensor` `(N, d...)`.
     grad: `d sum(ys) / dx` (not `None`).
     mode: `jacobians.HESSIAN`, `DIAGONAL` or `LAPLACIAN`.
-    method: the caller's `method` (`"forward"`, or another to try the engine
-      only when `prefers_forward`).
+    method: the caller's `method`: `"forward"`, `"auto"` (the engine when it
+      can follow the model and `prefers_forward`), or another (the rows).
     unconnected: a `tf.UnconnectedGradients`.
 
   Returns:
@@ -92,23 +114,23 @@ def try_forward(ys, x, grad, mode, method, unconnected):
   Raises:
     ValueError: with `method="forward"`, when the engine cannot follow an op.
   """
-  if method != "forward" and (
-    method != "auto" or not prefers_forward(x, grad, mode)
-  ):
+  if method not in ("forward", "auto"):
     return None, False
   try:
-    result, connected = engine.second_derivatives(ys, x, mode)
+    result, connected, widest = engine.second_derivatives(ys, x, mode)
   except engine.Unsupported as e:
     if method == "forward":
       raise ValueError(
         f"`method`='forward' cannot differentiate `ys` with respect to "
         f"{x.name}: {e}. Use method='auto' to fall back to the row loop."
       ) from None
-    logging.warning(
-      "tf1hess: the forward engine falls back to the row loop for %s: %s.",
-      x.name,
-      e,
+    _warn_once(
+      x.graph,
+      f"tf1hess: the forward engine falls back to the row loop for {x.name}:"
+      f" {e}.",
     )
+    return None, False
+  if method == "auto" and not prefers_forward(x, grad, mode, widest):
     return None, False
   if (
     not connected

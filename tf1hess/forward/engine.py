@@ -164,9 +164,11 @@ def second_derivatives(ys, x, mode):
     mode: `jacobians.HESSIAN`, `DIAGONAL` or `LAPLACIAN`.
 
   Returns:
-    `(result, connected)`: `result` a `Tensor` `(N, K, K)`, `(N, K)` or
-    `(N,)` with `K = prod(d...)`, in `x.dtype`; `connected` whether any op
-    curves (`False`: the result is zeros).
+    `(result, connected, widest)`: `result` a `Tensor` `(N, K, K)`, `(N, K)`
+    or `(N,)` with `K = prod(d...)`, in `x.dtype`; `connected` whether any
+    op curves (`False`: the result is zeros); `widest` the largest number of
+    entries per sample of a curvature term whose Jacobians are not both
+    diagonal (0 if none; `None` when not static), for the cost model.
 
   Raises:
     Unsupported: when an op on the way has no rule, or a rule cannot follow
@@ -218,7 +220,7 @@ def second_derivatives(ys, x, mode):
       jacobians.DIAGONAL: tf.stack([n, k]),
       jacobians.LAPLACIAN: tf.reshape(n, [1]),
     }[mode]
-    return tf.zeros(shape, x.dtype), False
+    return tf.zeros(shape, x.dtype), False, 0
   adjoints = tf.gradients(
     ys,
     [t for t, _ in ctx.pending],
@@ -238,4 +240,16 @@ def second_derivatives(ys, x, mode):
     tf.cast(jacobians.contract(term, mode, n, k), x.dtype)
     for term in grouped.values()
   ]
-  return tf.add_n(parts), True
+  return tf.add_n(parts), True, _widest(grouped.values())
+
+
+def _widest(terms):
+  widest = 0
+  for term in terms:
+    if term.a.diagonal and term.b.diagonal:
+      continue
+    entries = term.a.value.shape[term.a.lead :]
+    if not entries.is_fully_defined():
+      return None
+    widest = max(widest, entries.num_elements())
+  return widest

@@ -209,22 +209,28 @@ def _axis_zero_is_whole(op):
 
 
 def _inserts_axes_only(op):
-  """Whether a `StridedSlice` only inserts new axes, none of them last."""
+  """Whether a `StridedSlice` only inserts new axes, none of them last.
+
+  Every other spec (an ellipsis, or whole slices with stride 1) keeps its
+  axes, so the slice maps a diagonal `d` of the tensor's axes as it maps
+  the tensor.
+  """
   strides = registry.static_value(op.inputs[3], "strides", op)
   new_axis = op.get_attr("new_axis_mask")
+  ellipsis = op.get_attr("ellipsis_mask")
   whole = op.get_attr("begin_mask") & op.get_attr("end_mask")
-  if op.get_attr("ellipsis_mask") or op.get_attr("shrink_axis_mask"):
+  if op.get_attr("shrink_axis_mask"):
     return False
   real = 0
   for i, stride in enumerate(strides):
-    if new_axis >> i & 1:
+    if (ellipsis | new_axis) >> i & 1:
       continue
     if not whole >> i & 1 or int(stride) != 1:
       return False
     real += 1
   rank = registry.static_rank(op.inputs[0], op)
   last_is_new = new_axis >> (len(strides) - 1) & 1
-  return real <= rank and not (last_is_new and real == rank)
+  return real <= rank and not (last_is_new and (ellipsis or real == rank))
 
 
 @registry.register("StridedSlice", linear=True, diagonal=True)
