@@ -6,7 +6,8 @@ computes the same per-sample quantity (full Hessians `(N, K, K)` or
 Laplacians `(N,)`) of the same function, with the same float32 weights, at
 the same inputs, in one process. Each output is checked against the rows of
 tf1hess (`method="while_loop"`) before timing; the time is the median of
-`--runs` runs after one warm-up run, the methods of a case taking turns.
+`--runs` runs after one warm-up run, the methods of a case taking turns
+(in an order that turns from run to run).
 
   python scripts/forward_benchmark.py --table_md=/tmp/forward.md
   python scripts/forward_benchmark.py --tiny  # seconds: tiny shapes
@@ -263,8 +264,11 @@ def run_case(model, n, k, quantity, repeats):
   for run, _ in runners.values():
     run()  # Warm-up: a session builds an executor per fetch.
   times = {name: [] for name in runners}
-  for _ in range(repeats):
-    for name, (run, _) in runners.items():
+  names = list(runners)
+  for i in range(repeats):
+    # The order turns each run: no method always follows JAX's threads.
+    for name in names[i % len(names) :] + names[: i % len(names)]:
+      run = runners[name][0]
       start = time.perf_counter()
       run()
       times[name].append(time.perf_counter() - start)

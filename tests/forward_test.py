@@ -590,27 +590,33 @@ class AutoTest(tf.test.TestCase):
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       deep = tf.tanh(_lin(tf.tanh(_lin(x))))
       (g,) = tf.gradients(deep, x)
-      self.assertTrue(dispatch.prefers_forward(x, g, forward.DIAGONAL, 6))
-      self.assertTrue(dispatch.prefers_forward(x, g, forward.LAPLACIAN, 6))
-      # Full Hessians: only when every term is narrower than K.
-      self.assertFalse(dispatch.prefers_forward(x, g, forward.HESSIAN, 6))
-      self.assertTrue(dispatch.prefers_forward(x, g, forward.HESSIAN, 5))
-      self.assertFalse(dispatch.prefers_forward(x, g, forward.HESSIAN, None))
+
+      def walk(widest, dense_matmuls=0):
+        return forward.engine.Result(None, True, widest, dense_matmuls)
+
+      choose = dispatch.prefers_forward
+      self.assertTrue(choose(x, g, forward.DIAGONAL, walk(6, 1)))
+      self.assertTrue(choose(x, g, forward.LAPLACIAN, walk(6, 1)))
+      # Full Hessians: every term narrower than K, no dense matmul.
+      self.assertFalse(choose(x, g, forward.HESSIAN, walk(6)))
+      self.assertTrue(choose(x, g, forward.HESSIAN, walk(5)))
+      self.assertFalse(choose(x, g, forward.HESSIAN, walk(5, 1)))
+      self.assertFalse(choose(x, g, forward.HESSIAN, walk(None)))
       shallow = tf.reduce_sum(tf.tanh(_lin(x)), 1)
       (g,) = tf.gradients(shallow, x)
-      self.assertFalse(dispatch.prefers_forward(x, g, forward.DIAGONAL, 6))
+      self.assertFalse(choose(x, g, forward.DIAGONAL, walk(6)))
 
   def test_widest_term(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
-      _, _, widest = forward.second_derivatives(
-        [_mixture(x)], x, forward.HESSIAN
-      )
-      self.assertEqual(widest, 4)  # The components; the rest is diagonal.
-      _, _, widest = forward.second_derivatives(
-        [_dense_stack(x)], x, forward.HESSIAN
-      )
-      self.assertEqual(widest, 16)
+      walked = forward.second_derivatives([_mixture(x)], x, forward.HESSIAN)
+      self.assertEqual(
+        walked.widest, 4
+      )  # The components; the rest is diagonal.
+      self.assertEqual(walked.dense_matmuls, 0)
+      walked = forward.second_derivatives([_dense_stack(x)], x, forward.HESSIAN)
+      self.assertEqual(walked.widest, 16)
+      self.assertEqual(walked.dense_matmuls, 3)  # Layers 2, 3 and read-out.
 
   def test_auto_hessians_of_a_mixture_take_the_engine(self):
     with tf.Graph().as_default():

@@ -17,7 +17,7 @@ from tf1hess.forward import engine
 from tf1hess.forward import jacobians
 
 
-def prefers_forward(x, grad, mode, widest):
+def prefers_forward(x, grad, mode, walked):
   """The cost model of `method="auto"`: whether to keep the engine's result.
 
   Measured side by side in one process (docs/forward.md: a DeepXDE-style
@@ -30,16 +30,20 @@ def prefers_forward(x, grad, mode, widest):
     rows' shortcut (one matmul for all rows) is faster: the rows keep that
     model;
   - full Hessians: a term costs `N K^2 M` unless both its Jacobians are
-    diagonal. Where every such term is narrower than K (a mixture: M = the
-    10 components) the engine was 2.5x to 12x faster than the rows; where
-    a layer of M >= K units curves (the MLPs, K <= 64 units) it was 0.85x
-    to 1.7x the rows' time: the rows keep those.
+    diagonal, and a matmul of a dense Jacobian `(N K, W)` costs about what
+    a row costs in that layer. Where no dense Jacobian goes through a
+    matmul and every term is narrower than K (a mixture: M = the 10
+    components) the engine was 2.5x to 12x faster than the rows; on the
+    MLPs (dense Jacobians through layers of 32 or 64 units) 0.85x to 1.7x
+    the rows' time: the rows keep those. (Terms narrower than K alone do
+    not suffice: with K much larger than the widths, `N K^2 M` per layer
+    exceeds the rows' K passes through the first layer.)
 
   Args:
     x: the input `Tensor` `(N, d...)`.
     grad: `d sum(ys) / dx`.
     mode: `jacobians.HESSIAN`, `DIAGONAL` or `LAPLACIAN`.
-    widest: the engine's widest term (`engine.second_derivatives`).
+    walked: the `engine.Result` of the walk.
 
   Returns:
     `bool`.
@@ -49,7 +53,12 @@ def prefers_forward(x, grad, mode, widest):
   if mode != jacobians.HESSIAN:
     return True
   k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
-  return k is not None and widest is not None and widest < k
+  return (
+    k is not None
+    and walked.widest is not None
+    and walked.widest < k
+    and not walked.dense_matmuls
+  )
 
 
 def _rows_take_one_matmul(x, grad):
@@ -117,7 +126,7 @@ def try_forward(ys, x, grad, mode, method, unconnected):
   if method not in ("forward", "auto"):
     return None, False
   try:
-    result, connected, widest = engine.second_derivatives(ys, x, mode)
+    walked = engine.second_derivatives(ys, x, mode)
   except engine.Unsupported as e:
     if method == "forward":
       raise ValueError(
@@ -130,12 +139,12 @@ def try_forward(ys, x, grad, mode, method, unconnected):
       f" {e}.",
     )
     return None, False
-  if method == "auto" and not prefers_forward(x, grad, mode, widest):
+  if method == "auto" and not prefers_forward(x, grad, mode, walked):
     return None, False
   if (
-    not connected
+    not walked.connected
     and unconnected == tf.UnconnectedGradients.NONE
     and not _core._Graph(x).depends(grad)  # pylint: disable=protected-access
   ):
     return None, True
-  return shaped(result, x, mode), True
+  return shaped(walked.value, x, mode), True

@@ -20,6 +20,8 @@ long as only linear ops follow. An op without a rule, or a nonlinear op on a
 mixed tensor, raises `Unsupported`, and the caller falls back to the row loop.
 """
 
+import collections
+
 import tensorflow as tf
 
 from tf1hess.forward import jacobians
@@ -39,6 +41,12 @@ _NO_GRADIENT = frozenset(
 )
 
 Unsupported = registry.Unsupported
+
+# What `second_derivatives` returns: the result, whether any op curves, and
+# what the cost model of `dispatch` reads (see `second_derivatives`).
+Result = collections.namedtuple(
+  "Result", ["value", "connected", "widest", "dense_matmuls"]
+)
 
 
 def _differentiable(t):
@@ -100,6 +108,11 @@ class _Context:
     self.k = k
     self.dtype = dtype
     self.pending = []  # (tensor, adj -> [Term])
+    self.dense_matmuls = 0
+
+  def dense_matmul(self):
+    """Counts a matmul of a dense Jacobian (N K rows), for the cost model."""
+    self.dense_matmuls += 1
 
   def curvature(self, tensor, build):
     """Adds the terms `build(adj)` of `tensor`'s adjoint `adj` (its shape)."""
@@ -164,11 +177,12 @@ def second_derivatives(ys, x, mode):
     mode: `jacobians.HESSIAN`, `DIAGONAL` or `LAPLACIAN`.
 
   Returns:
-    `(result, connected, widest)`: `result` a `Tensor` `(N, K, K)`, `(N, K)`
-    or `(N,)` with `K = prod(d...)`, in `x.dtype`; `connected` whether any
-    op curves (`False`: the result is zeros); `widest` the largest number of
-    entries per sample of a curvature term whose Jacobians are not both
-    diagonal (0 if none; `None` when not static), for the cost model.
+    A `Result`: `value` a `Tensor` `(N, K, K)`, `(N, K)` or `(N,)` with
+    `K = prod(d...)`, in `x.dtype`; `connected` whether any op curves
+    (`False`: the value is zeros); for the cost model, `widest` the largest
+    number of entries per sample of a curvature term whose Jacobians are not
+    both diagonal (0 if none; `None` when not static) and `dense_matmuls`
+    the number of matmuls of dense Jacobians.
 
   Raises:
     Unsupported: when an op on the way has no rule, or a rule cannot follow
@@ -220,7 +234,7 @@ def second_derivatives(ys, x, mode):
       jacobians.DIAGONAL: tf.stack([n, k]),
       jacobians.LAPLACIAN: tf.reshape(n, [1]),
     }[mode]
-    return tf.zeros(shape, x.dtype), False, 0
+    return Result(tf.zeros(shape, x.dtype), False, 0, ctx.dense_matmuls)
   adjoints = tf.gradients(
     ys,
     [t for t, _ in ctx.pending],
@@ -240,7 +254,9 @@ def second_derivatives(ys, x, mode):
     tf.cast(jacobians.contract(term, mode, n, k), x.dtype)
     for term in grouped.values()
   ]
-  return tf.add_n(parts), True, _widest(grouped.values())
+  return Result(
+    tf.add_n(parts), True, _widest(grouped.values()), ctx.dense_matmuls
+  )
 
 
 def _widest(terms):

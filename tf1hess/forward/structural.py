@@ -450,6 +450,8 @@ def _matmul(op, jacs, ctx):
     return [MIXED]  # The batch axis is summed over.
   w = op.inputs[1]
   tb = op.get_attr("transpose_b")
+  if not (ja.shared or ja.diagonal):
+    ctx.dense_matmul()
   return [
     jacobians.apply_per_sample(
       ja, lambda m: tf.matmul(m, tf.cast(w, m.dtype), transpose_b=tb)
@@ -492,6 +494,8 @@ def _batch_matmul(op, jacs, ctx):
         f"{op.type} ({op.name}) broadcasts an input of x of rank "
         f"{t.shape.rank} against rank {out_rank}: samples would mix"
       )
+  if any(j is not None and not j.shared for j in (ja, jb)):
+    ctx.dense_matmul()
   if op.get_attr("adj_x"):
     a = tf.linalg.matrix_transpose(a)
     ja = ja and jacobians.apply_per_sample(ja, tf.linalg.matrix_transpose)
@@ -555,6 +559,7 @@ def _einsum(op, jacs, ctx):
       f"{spec[i]},{spec[1 - i]}->{out}", *_ordered(j.value, other_t, i)
     )
     return [jacobians.shared(value)]
+  ctx.dense_matmul()
   spec = [batch + fresh + mine[1:], other]
   out = batch + fresh + result[1:]
   value = tf.einsum(
