@@ -503,12 +503,17 @@ class ForwardModelsTest(
         tf1hess.batch_laplacians(tf.sin(z), x, unconnected_gradients="none")
       )
       zeros = tf1hess.batch_laplacians(linear, x, method="forward")
+      itself = tf1hess.batch_hessians([x, tf.sin(x)], x, method="forward")
       relu = tf1hess.batch_hessians(
         tf.nn.relu(_lin(x)), x, method="forward", unconnected_gradients="none"
       )
       with tf.compat.v1.Session() as sess:
         feed = {x: x_val_of(3)}
         self.assertAllEqual(sess.run(zeros, feed), np.zeros(3))
+        self.assertAllClose(
+          sess.run(itself, feed),
+          np.stack([np.diag(v) for v in -np.sin(feed[x])]),
+        )
         self.assertAllEqual(sess.run(relu, feed), np.zeros((3, _K, _K)))
 
 

@@ -82,7 +82,9 @@ def _key(t):
 def _ordered_ops(x, ys, dependent):
   """Ops with a dependent input on a path to `ys`, inputs before consumers."""
   order, state = [], {}
-  stack = [(y.op, False) for y in ys if _key(y) in dependent]
+  stack = [
+    (y.op, False) for y in ys if _key(y) in dependent and y.op is not x.op
+  ]
   while stack:
     op, done = stack.pop()
     if done:
