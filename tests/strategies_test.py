@@ -1,7 +1,9 @@
 """Every row strategy gives the numbers of the plain row loop and of references.
 
 The strategies of `method=` (and `chunk_size=`) only change how the rows of
-the per-sample Jacobians are built. Each one is run through the core's matrix
+the per-sample Jacobians are built, or (`auto_forward`) build them with the
+forward engine instead, where it can follow the model. Each one is run
+through the core's matrix
 (N in {0, 1, 7}, dynamic N and K, rank-3 and list `xs`, float32/float64,
 control flow v1 and v2, `tf.function`, eager, a `tf.scan` model, higher
 orders, diagonals) and compared with the plain `tf.while_loop` over rows built
@@ -20,6 +22,7 @@ import tensorflow as tf
 import testing_utils
 import tf1hess
 from tf1hess import _core
+from tf1hess.forward import dispatch
 
 # name -> (keyword arguments, what is patched): "vectorize" makes "auto"
 # vectorize the few rows of these tests; "fail_pfor" also makes vectorizing
@@ -32,6 +35,9 @@ _STRATEGIES = {
   "auto": ({}, None),
   "auto_vectorized": ({"method": "auto"}, "vectorize"),
   "auto_without_pfor": ({"method": "auto"}, "fail_pfor"),
+  # "auto" with the forward engine wherever it can follow the model (the
+  # cost model says yes to every call), the rows elsewhere.
+  "auto_forward": ({"method": "auto"}, "forward"),
 }
 
 _TOL = {tf.float32: 2e-4, tf.float64: 1e-9}
@@ -54,7 +60,11 @@ class StrategyMixin(testing_utils.ControlFlowMixin):
   def strategy(self, name):
     kwargs, patched = _STRATEGIES[name]
     patches = []
-    if patched:
+    if patched == "forward":
+      patches.append(
+        mock.patch.object(dispatch, "prefers_forward", return_value=True)
+      )
+    elif patched:
       patches += [
         mock.patch.object(_core, "EAGER_PFOR_MIN_ROWS", 1),
         mock.patch.object(_core, "PFOR_MIN_ROWS", 1),
@@ -410,7 +420,19 @@ class FunctionAndEagerStrategiesTest(
     self.assertAllClose(hessians(x_val), reference, atol=1e-6)
 
 
-class FallbackTest(StrategyMixin, tf.test.TestCase):
+class RowsOnlyMixin:
+  """Keeps "auto" on the rows: these tests look at how the rows are built."""
+
+  def setUp(self):
+    super().setUp()
+    patch = mock.patch.object(
+      dispatch, "try_forward", return_value=(None, False)
+    )
+    patch.start()
+    self.addCleanup(patch.stop)
+
+
+class FallbackTest(RowsOnlyMixin, StrategyMixin, tf.test.TestCase):
   """Ops that `pfor` cannot vectorize, and shortcuts that cannot be built."""
 
   def _model(self, x):
@@ -469,7 +491,7 @@ class FallbackTest(StrategyMixin, tf.test.TestCase):
 
 
 class StrategyChoiceTest(
-  StrategyMixin, tf.test.TestCase, parameterized.TestCase
+  RowsOnlyMixin, StrategyMixin, tf.test.TestCase, parameterized.TestCase
 ):
   """Each method builds the rows it names (checked on the graph's ops)."""
 
@@ -631,7 +653,9 @@ class ArgumentErrorsTest(tf.test.TestCase, parameterized.TestCase):
     ("not_a_string", 1),
   )
   def test_unknown_method(self, method):
-    regex = "`method` must be one of 'auto', 'pfor' or 'while_loop'; saw"
+    regex = (
+      "`method` must be one of 'auto', 'forward', 'pfor' or 'while_loop'; saw"
+    )
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float32, [None, 2])
       with self.assertRaisesRegex(ValueError, regex):

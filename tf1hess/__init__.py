@@ -21,6 +21,7 @@ from tf1hess.ops import batch_gradients
 from tf1hess.ops import batch_hessian_diagonals
 from tf1hess.ops import batch_hessian_vector_products
 from tf1hess.ops import batch_hessians
+from tf1hess.ops import batch_laplacians
 from tf1hess.per_output import batch_jacobians
 from tf1hess.per_output import batch_output_hessian_diagonals
 from tf1hess.per_output import batch_output_hessians
@@ -37,6 +38,7 @@ __all__ = [
   "batch_hessian_vector_products",
   "batch_hessians",
   "batch_jacobians",
+  "batch_laplacians",
   "batch_output_hessian_diagonals",
   "batch_output_hessians",
   "batch_output_laplacians",

@@ -76,7 +76,7 @@ def control_flow_v1(graph=None):
   return not control_flow_util.EnableControlFlowV2(graph)
 
 
-METHODS = ("auto", "pfor", "while_loop")
+METHODS = ("auto", "forward", "pfor", "while_loop")
 
 # "auto" vectorizes the rows from this many rows (a static count) on, and
 # below it loops over rows with the linear shortcuts. In graphs (and
@@ -137,7 +137,8 @@ def check_method(method, chunk_size):
   """
   if not isinstance(method, str) or method not in METHODS:
     raise ValueError(
-      f"`method` must be one of 'auto', 'pfor' or 'while_loop'; saw {method!r}."
+      "`method` must be one of 'auto', 'forward', 'pfor' or 'while_loop'; "
+      f"saw {method!r}."
     )
   if chunk_size is not None and (
     isinstance(chunk_size, bool)

@@ -80,6 +80,9 @@ class _Tapes:
     return gradient
 
 
+# Graph-building code: AutoGraph (a tf.function around a caller) must not
+# rewrite it.
+@tf.autograph.experimental.do_not_convert
 def _derivatives(
   fn,
   x,
@@ -90,12 +93,25 @@ def _derivatives(
   check_independence=False,
   method="auto",
   chunk_size=None,
+  laplacian=False,
 ):
   """Shared body of the public functions: per-sample derivatives of `order`."""
   unconnected = _checks.check_unconnected(unconnected_gradients)
   _core.check_method(method, chunk_size)
   x = _as_input(fn, x)
-  _checks.check_output_fits(x, 1 if diagonal else order)
+  _checks.check_output_fits(x, 1 if diagonal or laplacian else order)
+  if order == 2 and (method == "forward" or laplacian):
+    return _graph_walk(
+      fn,
+      x,
+      unconnected_gradients,
+      parallel_iterations,
+      diagonal=diagonal,
+      laplacian=laplacian,
+      check_independence=check_independence,
+      method=method,
+      chunk_size=chunk_size,
+    )
   if order >= 3 and _core.control_flow_v1():
     # The levels below the last are differentiated again, and they hold v1
     # control flow (the row loop, a tf.cond on an empty batch) that a tape
@@ -129,6 +145,40 @@ def _derivatives(
     )
 
 
+@tf.autograph.experimental.do_not_convert
+def _graph_walk(fn, x, unconnected_gradients, parallel_iterations, **kwargs):
+  """Second derivatives by the graph ops: the forward engine walks a graph.
+
+  While a graph is being built (a `tf.function`, a TF1 graph) `fn(x)` is
+  built into it; executing eagerly, inside a one-off `tf.function`.
+  """
+  laplacian = kwargs.pop("laplacian")
+  diagonal = kwargs.pop("diagonal")
+  if laplacian:
+    op = ops.batch_laplacians
+    kwargs.pop("check_independence")
+  elif diagonal:
+    op = ops.batch_hessian_diagonals
+    kwargs.pop("check_independence")
+  else:
+    op = ops.batch_hessians
+
+  def build(x):
+    return op(
+      fn(x),
+      x,
+      unconnected_gradients=unconnected_gradients,
+      parallel_iterations=parallel_iterations,
+      **kwargs,
+    )
+
+  if not tf.executing_eagerly():
+    return build(x)
+  if isinstance(x, tf.Variable):
+    x = tf.convert_to_tensor(x)
+  return tf.function(build, autograph=False)(x)
+
+
 def batch_hessians(
   fn,
   x,
@@ -149,8 +199,10 @@ def batch_hessians(
     check_independence: `bool`, default `False`: check that samples are
       independent (raises `tf.errors.InvalidArgumentError` otherwise).
     parallel_iterations: `int` or `None`, for the row loop.
-    method: `str`, default `"auto"`; `"pfor"` or `"while_loop"`, as in
-      `tf1hess.batch_hessians`.
+    method: `str`, default `"auto"`; `"forward"`, `"pfor"` or
+      `"while_loop"`, as in `tf1hess.batch_hessians`. `"forward"` builds the
+      graph ops of the forward engine (in a `tf.function` when called
+      eagerly); `"auto"` keeps the tape here.
     chunk_size: `int` or `None` (default: all rows at once): rows per
       vectorized backward pass, as in `tf1hess.batch_hessians`.
 
@@ -223,6 +275,55 @@ def batch_hessian_diagonals(
     diagonal=True,
     method=method,
     chunk_size=chunk_size,
+  )
+
+
+def batch_laplacians(
+  fn,
+  x,
+  unconnected_gradients="zero",
+  parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
+):
+  """Per-sample Laplacians (Hessian traces) of `fn` at `x`, shape `(N,)`.
+
+  The numbers of `tf1hess.batch_laplacians(fn(x), x)`: built by the graph
+  ops (the forward engine where it can), inside a `tf.function` when called
+  eagerly (traced at each call: wrap the caller in a `tf.function` to trace
+  once).
+
+  Args:
+    fn: as in `batch_hessians`.
+    x: as in `batch_hessians`.
+    unconnected_gradients: as in `batch_hessians`.
+    parallel_iterations: as in `batch_hessians`.
+    method: as in `tf1hess.batch_laplacians`.
+    chunk_size: as in `batch_hessians`.
+
+  Returns:
+    A `Tensor` of shape `(N,)`.
+
+  Raises:
+    ValueError: with `method='forward'`, when the forward engine cannot
+      follow an op of `fn`, and as `batch_hessians`.
+    TypeError: as `batch_hessians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> tf1hess.eager.batch_laplacians(
+    ...     lambda x: tf.reduce_sum(x ** 3, 1), tf.constant([[1., 2.]])).numpy()
+    array([18.], dtype=float32)
+  """
+  return _derivatives(
+    fn,
+    x,
+    2,
+    unconnected_gradients,
+    parallel_iterations,
+    method=method,
+    chunk_size=chunk_size,
+    laplacian=True,
   )
 
 

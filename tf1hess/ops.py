@@ -14,6 +14,8 @@ from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-
 
 from tf1hess import _checks
 from tf1hess import _core
+from tf1hess import forward
+from tf1hess.forward import dispatch
 
 _ZERO = tf.UnconnectedGradients.ZERO
 _NONE = tf.UnconnectedGradients.NONE
@@ -157,13 +159,23 @@ def _derivatives(
   diagonal=False,
   method="auto",
   chunk_size=None,
+  laplacian=False,
 ):
   """Shared body of the public ops: per-sample derivatives of `order`."""
   unconnected = _checks.check_unconnected(unconnected_gradients)
   _core.check_method(method, chunk_size)
+  if method == "forward" and order > 2:
+    raise ValueError(
+      "`method`='forward' computes derivatives of order <= 2; saw order "
+      f"{order}. Use method='auto' for higher orders."
+    )
   ys_list, xs_list, was_sequence = _prepare(ys, xs, default_name)
   for x in xs_list:
-    _checks.check_output_fits(x, 1 if diagonal else order)
+    _checks.check_output_fits(x, 1 if diagonal or laplacian else order)
+  if laplacian:
+    mode = forward.LAPLACIAN
+  else:
+    mode = forward.DIAGONAL if diagonal else forward.HESSIAN
   with tf.name_scope(name or default_name):
     ys_list = [tf.convert_to_tensor(y) for y in ys_list]
     _check_no_v1_loop(ys_list, xs_list, order)
@@ -172,23 +184,42 @@ def _derivatives(
       return _checks.restore_structure(grads, was_sequence)
     results = []
     for x, g in zip(xs_list, grads):
-      results.append(
-        None
-        if g is None
-        else _core.per_sample_derivatives(
+      result, done = (None, True) if g is None else (None, False)
+      if not done and order == 2:
+        result, done = dispatch.try_forward(
+          ys_list, x, g, mode, method, unconnected
+        )
+        if done and result is not None and check_independence:
+          result = _checked(x, g, result, unconnected)
+      if not done:
+        result = _core.per_sample_derivatives(
           x,
           g,
           lambda level, x=x: _graph_gradient(x, unconnected),
           order,
           parallel_iterations=parallel_iterations,
-          diagonal=diagonal,
+          diagonal=diagonal or laplacian,
           check_independence=check_independence,
           input_name=x.name,
           method=method,
           chunk_size=chunk_size,
         )
-      )
+        if laplacian and result is not None:
+          result = tf.reduce_sum(result, axis=list(range(1, x.shape.rank)))
+      results.append(result)
     return _checks.restore_structure(results, was_sequence)
+
+
+def _checked(x, grad, hessian, unconnected):
+  """`hessian` after `_core.independence_check` passes at run time."""
+  gradient = _graph_gradient(x, unconnected)
+  check = _core.independence_check(
+    x, hessian, lambda v: gradient(grad, v), x.name
+  )
+  if check is None:
+    return hessian
+  with tf.control_dependencies([check]):
+    return tf.identity(hessian)
 
 
 def batch_hessians(
@@ -239,7 +270,11 @@ def batch_hessians(
       allocator), unrolls up to 16 rows into the graph, and otherwise loops
       over rows, with the same shortcuts. Where an op cannot be vectorized,
       the rows fall back to the loop when the graph is built. See
-      BENCHMARKS.md.
+      BENCHMARKS.md. `"forward"` takes the forward engine (forward
+      Jacobians op by op, see docs/forward.md), and raises `ValueError`
+      naming an op it has no rule for; `"auto"` takes it for diagonals and
+      Laplacians where its cost model says so, and falls back to the rows,
+      with a warning, where the engine cannot follow the model.
     chunk_size: `int` or `None` (default: all rows at once): rows per
       vectorized backward pass. Smaller chunks keep the intermediate
       activations of only `chunk_size` rows alive, at some cost in speed
@@ -260,8 +295,8 @@ def batch_hessians(
     TypeError: when `ys` or `xs` is not a floating tensor of the graph.
     ValueError: when an `x` has rank < 2, a tensor is eager or from another
       graph, `unconnected_gradients` or `method` is unknown, `chunk_size`
-      is not a positive int, or `ys` contains a control flow v1 loop (enable
-      control flow v2).
+      is not a positive int, `ys` contains a control flow v1 loop (enable
+      control flow v2), or `method='forward'` meets an op without a rule.
     tf.errors.InvalidArgumentError: at run time, when `check_independence`
       finds samples that are not independent.
 
@@ -343,6 +378,65 @@ def batch_hessian_diagonals(
     diagonal=True,
     method=method,
     chunk_size=chunk_size,
+  )
+
+
+def batch_laplacians(
+  ys,
+  xs,
+  name=None,
+  unconnected_gradients="zero",
+  parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
+):
+  """Per-sample Laplacians (Hessian traces) of `sum(ys)`, shape `(N,)`.
+
+  `L[i] = sum_a d^2 sum(ys) / d x[i, a]^2`, the trace of the per-sample
+  Hessian. By default it is the forward Laplacian (Li et al., Nature Machine
+  Intelligence 2024) of the forward engine, which never forms a Hessian; a
+  model the engine cannot follow falls back to the sum of the diagonals of
+  the row loop, with a warning.
+
+  Args:
+    ys: as in `batch_hessians`.
+    xs: as in `batch_hessians`.
+    name: `str`, optional; default "batch_laplacians".
+    unconnected_gradients: as in `batch_hessians`.
+    parallel_iterations: as in `batch_hessians`, for the row loop.
+    method: as in `batch_hessians`; `"auto"` (default) takes the forward
+      engine where it can, `"forward"` requires it, `"pfor"` and
+      `"while_loop"` sum the diagonals of the rows.
+    chunk_size: as in `batch_hessians`, for the row loop.
+
+  Returns:
+    A `Tensor` of shape `(N,)` for each `x`, in the structure of `xs`.
+
+  Raises:
+    ValueError: with `method='forward'`, when the engine cannot follow an
+      op of the model (the message names it), and as `batch_hessians`.
+    RuntimeError, TypeError: as `batch_hessians`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess
+    >>> with tf.Graph().as_default():
+    ...   x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+    ...   lap = tf1hess.batch_laplacians(tf.reduce_sum(x ** 3, axis=1), x)
+    ...   with tf.compat.v1.Session() as sess:
+    ...     print(sess.run(lap, {x: [[1., 2.]]}))
+    [18.]
+  """
+  return _derivatives(
+    ys,
+    xs,
+    name,
+    "batch_laplacians",
+    2,
+    unconnected_gradients,
+    parallel_iterations,
+    method=method,
+    chunk_size=chunk_size,
+    laplacian=True,
   )
 
 

@@ -1,0 +1,681 @@
+"""The forward engine gives the numbers of the row loop and of differences.
+
+Every rule is checked alone (a small model whose curvature passes through the
+op) and in compositions (dense stacks, a residual MLP with layer
+normalization, a Gaussian mixture), in float64 with a dynamic batch, against
+the plain row loop (`method="while_loop"`) built in the same graph and
+against central differences of `tf.gradients`, for the full Hessians, their
+diagonals and their traces. Models the engine cannot follow fall back to the
+rows with a warning, or raise with `method="forward"`.
+"""
+
+from unittest import mock
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import testing_utils
+import tf1hess
+from tf1hess import forward
+from tf1hess.forward import dispatch
+from tf1hess.forward import registry
+
+_K = 6
+_RNG = np.random.default_rng(3)
+_W = _RNG.normal(size=(_K, _K)) / np.sqrt(_K)
+_W2 = _RNG.normal(size=(2, 3, 3)) / 2.0
+
+
+def _lin(x):
+  """A dense layer: every entry depends on every feature."""
+  return tf.matmul(x, tf.constant(_W, x.dtype)) + 0.3
+
+
+def _c(value, like):
+  return tf.constant(value, like.dtype)
+
+
+# name -> (op type that must be in the graph, per-sample model of (N, 6)).
+_RULES = {
+  "Tanh": ("Tanh", lambda x: tf.tanh(_lin(x))),
+  "Sigmoid": ("Sigmoid", lambda x: tf.sigmoid(_lin(x))),
+  "Softplus": ("Softplus", lambda x: tf.nn.softplus(_lin(x))),
+  "Exp": ("Exp", lambda x: tf.exp(0.5 * _lin(x))),
+  "Expm1": ("Expm1", lambda x: tf.math.expm1(0.5 * _lin(x))),
+  "Log": ("Log", lambda x: tf.math.log(_lin(x) ** 2 + 1.0)),
+  "Log1p": ("Log1p", lambda x: tf.math.log1p(tf.square(_lin(x)))),
+  "Sqrt": ("Sqrt", lambda x: tf.sqrt(tf.square(_lin(x)) + 1.0)),
+  "Rsqrt": ("Rsqrt", lambda x: tf.math.rsqrt(tf.square(_lin(x)) + 1.0)),
+  "Reciprocal": (
+    "Reciprocal",
+    lambda x: tf.math.reciprocal(tf.square(_lin(x)) + 1.0),
+  ),
+  "Sin": ("Sin", lambda x: tf.sin(_lin(x))),
+  "Cos": ("Cos", lambda x: tf.cos(_lin(x))),
+  "Square": ("Square", lambda x: tf.square(_lin(x))),
+  "Softsign": ("Softsign", lambda x: tf.nn.softsign(_lin(x))),
+  "Elu": ("Elu", lambda x: tf.nn.elu(_lin(x))),
+  "Selu": ("Selu", lambda x: tf.nn.selu(_lin(x))),
+  # Piecewise linear ops: their Jacobian matters through a later curvature.
+  "Relu": ("Relu", lambda x: tf.square(tf.nn.relu(_lin(x)))),
+  "Relu6": ("Relu6", lambda x: tf.square(tf.nn.relu6(3 * _lin(x)))),
+  "LeakyRelu": (
+    "LeakyRelu",
+    lambda x: tf.square(tf.nn.leaky_relu(_lin(x), alpha=0.2)),
+  ),
+  "Abs": ("Abs", lambda x: tf.square(tf.abs(_lin(x)))),
+  "Maximum": ("Maximum", lambda x: tf.square(tf.maximum(_lin(x), x))),
+  "Minimum": ("Minimum", lambda x: tf.square(tf.minimum(_lin(x), 0.1))),
+  "Mul": ("Mul", lambda x: _lin(x) * tf.sin(x)),
+  # One tensor times itself: the cross terms of both operands count twice.
+  "Mul_same_tensor": ("Mul", lambda x: (lambda t: t * t)(tf.tanh(_lin(x)))),
+  "Mul_input_by_itself": ("Mul", lambda x: tf.reduce_sum(x * x * _lin(x), 1)),
+  "RealDiv": ("RealDiv", lambda x: tf.sin(x) / (tf.square(_lin(x)) + 1.0)),
+  "SquaredDifference": (
+    "SquaredDifference",
+    lambda x: tf.math.squared_difference(_lin(x), tf.sin(x)),
+  ),
+  "Pow_constant": ("Pow", lambda x: tf.pow(tf.square(_lin(x)) + 1.0, 1.5)),
+  "Pow_both": ("Pow", lambda x: tf.pow(tf.square(x) + 1.0, tf.tanh(_lin(x)))),
+  "Sub_Neg": ("Neg", lambda x: tf.tanh(-_lin(x) - tf.sin(x))),
+  "AddN": ("AddN", lambda x: tf.tanh(tf.add_n([_lin(x), x, tf.sin(x)]))),
+  "BiasAdd": (
+    "BiasAdd",
+    lambda x: tf.tanh(tf.nn.bias_add(_lin(x), tf.constant(np.arange(6.0)))),
+  ),
+  "Cast": (
+    "Cast",
+    lambda x: tf.tanh(tf.cast(tf.cast(_lin(x), tf.float32), tf.float64)),
+  ),
+  "Reshape": ("Reshape", lambda x: tf.tanh(tf.reshape(_lin(x), [-1, 2, 3]))),
+  "Transpose": (
+    "Transpose",
+    lambda x: tf.tanh(
+      tf.matmul(tf.transpose(tf.reshape(x, [-1, 2, 3]), [0, 2, 1]), _W2[0, :2])
+    ),
+  ),
+  "ExpandDims_Squeeze": (
+    "Squeeze",
+    lambda x: tf.squeeze(tf.tanh(tf.expand_dims(_lin(x), 1)), axis=1),
+  ),
+  "ConcatV2": (
+    "ConcatV2",
+    lambda x: tf.tanh(_lin(tf.concat([x[:, :3], tf.ones_like(x[:, 3:])], 1))),
+  ),
+  "Pack_Unpack": (
+    "Unpack",
+    lambda x: tf.tanh(tf.stack(tf.unstack(_lin(x), axis=1)[::-1], axis=1)),
+  ),
+  "Slice": ("Slice", lambda x: tf.tanh(tf.slice(_lin(x), [0, 1], [-1, 3]))),
+  "StridedSlice": (
+    "StridedSlice",
+    lambda x: tf.tanh(_lin(x)[:, ::2] * _lin(x)[..., 1:2]),
+  ),
+  "Tile": ("Tile", lambda x: tf.tanh(tf.tile(_lin(x)[:, :2], [1, 3]) * x)),
+  "BroadcastTo": (
+    "BroadcastTo",
+    lambda x: tf.tanh(
+      tf.broadcast_to(tf.reshape(_lin(x), [4, 1, 6]), [4, 2, 6]) * _W2[0, 0, 0]
+    ),
+  ),
+  "Pad": ("Pad", lambda x: tf.tanh(tf.pad(_lin(x), [[0, 0], [1, 2]]) + 0.2)),
+  "PadV2": (
+    "PadV2",
+    lambda x: tf.tanh(tf.pad(_lin(x), [[0, 0], [1, 0]], constant_values=2.0)),
+  ),
+  "MirrorPad": (
+    "MirrorPad",
+    lambda x: tf.tanh(tf.pad(_lin(x), [[0, 0], [2, 1]], mode="REFLECT")),
+  ),
+  "GatherV2": (
+    "GatherV2",
+    lambda x: tf.tanh(tf.gather(_lin(x), [3, 0, 3, 5], axis=1)),
+  ),
+  "Split": ("Split", lambda x: tf.math.multiply(*tf.split(_lin(x), 2, 1))),
+  "SplitV": (
+    "SplitV",
+    lambda x: tf.tanh(tf.split(_lin(x), [2, 4], axis=1)[1]),
+  ),
+  "Sum_Mean": (
+    "Mean",
+    lambda x: tf.tanh(
+      tf.reduce_sum(tf.reshape(_lin(x), [-1, 2, 3]), axis=2)
+      * tf.reduce_mean(tf.sin(x), axis=1, keepdims=True)
+    ),
+  ),
+  "Max_Min": (
+    "Max",
+    lambda x: tf.square(
+      tf.reduce_max(_lin(x), axis=1) - tf.reduce_min(tf.sin(x), axis=1)
+    ),
+  ),
+  "MatMul_transpose_b": (
+    "MatMul",
+    lambda x: tf.tanh(
+      tf.matmul(x, tf.constant(_W.T, x.dtype), transpose_b=True)
+    ),
+  ),
+  "Einsum": (
+    "Einsum",
+    lambda x: tf.tanh(tf.einsum("nd,de->ne", x, tf.constant(_W, x.dtype))),
+  ),
+  "BatchMatMulV2_both": (
+    "BatchMatMulV2",
+    lambda x: tf.tanh(
+      tf.matmul(tf.reshape(x, [-1, 2, 3]), tf.sin(tf.reshape(x, [-1, 3, 2])))
+    ),
+  ),
+  "BatchMatMulV2_adjoint": (
+    "BatchMatMulV2",
+    lambda x: tf.tanh(
+      tf.matmul(
+        tf.reshape(x, [-1, 3, 2]),
+        tf.reshape(_lin(x), [-1, 2, 3]),
+        adjoint_a=True,
+        adjoint_b=True,
+      )
+    ),
+  ),
+  "BatchMatMulV2_weights": (
+    "BatchMatMulV2",
+    lambda x: tf.tanh(
+      tf.matmul(tf.constant(_W2), tf.reshape(x, [-1, 1, 3, 2]))
+    ),
+  ),
+  "Softmax": (
+    "Softmax",
+    lambda x: tf.nn.softmax(tf.reshape(_lin(x), [-1, 2, 3])) * _W2[0, :2],
+  ),
+  "LogSoftmax": (
+    "LogSoftmax",
+    lambda x: tf.nn.log_softmax(_lin(x)) * tf.constant(np.arange(6.0)),
+  ),
+  "SoftmaxCrossEntropyWithLogits": (
+    "SoftmaxCrossEntropyWithLogits",
+    lambda x: tf.nn.softmax_cross_entropy_with_logits(
+      # Rows of probabilities: TensorFlow's gradient of this op assumes
+      # them (its kernel returns softmax - labels).
+      labels=tf.constant(np.abs(_W[:4]) / np.abs(_W[:4]).sum(1, keepdims=True)),
+      logits=_lin(x),
+    ),
+  ),
+  "SparseSoftmaxCrossEntropyWithLogits": (
+    "SparseSoftmaxCrossEntropyWithLogits",
+    lambda x: tf.nn.sparse_softmax_cross_entropy_with_logits(
+      labels=tf.constant([1, 0, 5, 2]), logits=tf.sin(_lin(x))
+    ),
+  ),
+  # Diagonal Jacobians: x broadcast against weights, kept K times smaller.
+  "Diagonal_ExpandDims_Mean": (
+    "ExpandDims",
+    lambda x: tf.exp(
+      -tf.reduce_mean(
+        tf.square(tf.expand_dims(x, 1) - _W[:3]), axis=[1, 2], keepdims=True
+      )
+    ),
+  ),
+  "Diagonal_Sum_not_over_features": (
+    "Sum",
+    lambda x: tf.tanh(tf.reduce_sum(tf.sin(x[:, None, :] * _W[:2]), axis=1)),
+  ),
+  "Diagonal_Sum_over_features": (
+    "Sum",
+    lambda x: tf.tanh(tf.reduce_sum(tf.sin(x[:, None, :] * _W[:2]), axis=2)),
+  ),
+  "Diagonal_ellipsis_new_axis": (
+    "StridedSlice",
+    lambda x: tf.exp(-tf.reduce_sum(tf.square(x[..., None, :] - _W[:3]), 2)),
+  ),
+  "Diagonal_ellipsis_new_last_axis": (
+    "StridedSlice",
+    lambda x: tf.tanh(x[..., None] * _W[:1, :3]),
+  ),
+  "Diagonal_new_last_axis": (
+    "StridedSlice",
+    lambda x: tf.tanh(x[:, :, None] * _W[:1, :3]),
+  ),
+  "LogSumExp": (
+    "Exp",
+    lambda x: tf.reduce_logsumexp(tf.reshape(_lin(x), [-1, 3, 2]), axis=1),
+  ),
+}
+
+
+# Rules whose model loses precision on the way (a float32 cast).
+_TOLERANCE = {"Cast": 1e-6}
+_FD_TOLERANCE = {"Cast": 1e-2}
+# TensorFlow has no second-order gradient of these ops (no gradient of
+# SoftsignGrad): the rows fail, the engine is checked against differences.
+_NO_ROWS = {"Softsign"}
+
+
+def _batch_reference(sess, x, y, x_val):
+  """Central differences of `tf.gradients(y, x)`, `(N, K, K)` in float64."""
+  (g,) = tf.gradients(y, x)
+  return testing_utils.central_difference_jacobian(
+    lambda v: sess.run(g, {x: v}), x_val
+  )
+
+
+class ForwardRulesTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  @parameterized.named_parameters(*[(name, name) for name in _RULES])
+  def test_rule(self, name):
+    op_type, model = _RULES[name]
+    self.assertIn(op_type, registry.RULES)
+    x_val = _RNG.normal(size=(4, _K))
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = model(x)
+      self.assertIn(op_type, {op.type for op in graph.get_operations()})
+      outs = [
+        op(y, x, method="forward")
+        for op in (
+          tf1hess.batch_hessians,
+          tf1hess.batch_hessian_diagonals,
+          tf1hess.batch_laplacians,
+        )
+      ]
+      with tf.compat.v1.Session() as sess:
+        h, d, lap = sess.run(outs, {x: x_val})
+        reference = _batch_reference(sess, x, y, x_val)
+        if name not in _NO_ROWS:
+          rows = tf1hess.batch_hessians(y, x, method="while_loop")
+          tol = _TOLERANCE.get(name, 1e-10)
+          self.assertAllClose(h, sess.run(rows, {x: x_val}), atol=tol, rtol=tol)
+    fd_tol = _FD_TOLERANCE.get(name, 1e-6)
+    self.assertAllClose(h, reference, atol=fd_tol, rtol=fd_tol)
+    self.assertAllClose(d, np.einsum("nii->ni", h), atol=1e-12)
+    self.assertAllClose(lap, np.einsum("nii->n", h), atol=1e-12)
+
+  def test_every_rule_has_a_test(self):
+    tested = {op_type for op_type, _ in _RULES.values()}
+    models = " ".join(_RULES)
+    for op_type in registry.RULES:
+      if op_type in tested or op_type in models:
+        continue
+      with self.subTest(op_type):
+        # Aliases and ops that the models above build implicitly.
+        self.assertIn(
+          op_type,
+          {
+            "Identity",
+            "Snapshot",
+            "CheckNumerics",
+            "Add",
+            "AddV2",
+            "Sub",
+            "Div",
+            "Inv",
+            "BiasAddV1",
+            "Min",
+            "ExpandDims",
+            "Pack",
+            "Sum",
+            "BatchMatMul",
+            "BatchMatMulV3",
+          },
+        )
+
+
+def _dense_stack(x, depth=3, width=16, activation=tf.tanh):
+  h = x
+  for i in range(depth):
+    h = tf.compat.v1.layers.dense(
+      h,
+      width,
+      activation=activation,
+      name=f"dense{i}",
+      kernel_initializer=tf.compat.v1.glorot_normal_initializer(seed=i),
+      bias_initializer=tf.compat.v1.random_normal_initializer(seed=10 + i),
+    )
+  return tf.compat.v1.layers.dense(h, 1, name="out")
+
+
+def _layer_norm(h):
+  """Layer normalization written out (no stop_gradient, unlike moments)."""
+  mean = tf.reduce_mean(h, axis=-1, keepdims=True)
+  var = tf.reduce_mean(tf.square(h - mean), axis=-1, keepdims=True)
+  return (h - mean) * tf.math.rsqrt(var + 1e-3)
+
+
+def _residual(x):
+  h = tf.compat.v1.layers.dense(x, 8, name="in")
+  for i in range(2):
+    h = h + tf.compat.v1.layers.dense(
+      tf.nn.softplus(_layer_norm(h)), 8, name=f"res{i}"
+    )
+  return tf.reduce_sum(tf.tanh(h), axis=1)
+
+
+def _mixture(x):
+  rng = np.random.default_rng(5)
+  k = x.shape[1]
+  mu = tf.constant(rng.normal(size=(4, k)), x.dtype)
+  scale = tf.constant(np.exp(0.2 * rng.normal(size=(4, 1))), x.dtype)
+  d = tf.reduce_sum(tf.square((x[:, None, :] - mu) / scale), axis=2)
+  log_w = tf.constant(np.log([0.1, 0.2, 0.3, 0.4]), x.dtype)
+  return tf.reduce_logsumexp(log_w - 0.5 * d - k * tf.math.log(scale[:, 0]), 1)
+
+
+_MODELS = {
+  "tanh_dense_3x16": _dense_stack,
+  "elu_dense_2x8": lambda x: _dense_stack(x, 2, 8, tf.nn.elu),
+  "residual_layer_norm": _residual,
+  "mixture": _mixture,
+  "sum_over_batch": lambda x: 0.5 * tf.reduce_sum(tf.sin(x) * _lin(x)),
+}
+
+
+class ForwardModelsTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  @parameterized.product(model=list(_MODELS), cf=[1, 2])
+  def test_model(self, model, cf):
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(5, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = _MODELS[model](x)
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      d = tf1hess.batch_hessian_diagonals(y, x, method="forward")
+      lap = tf1hess.batch_laplacians(y, x)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      self.assertEqual(h.shape.as_list(), [None, _K, _K])
+      self.assertEqual(lap.shape.as_list(), [None])
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        out = sess.run([h, d, lap, rows], {x: x_val})
+        reference = _batch_reference(sess, x, y, x_val)
+        empty = sess.run([h, lap], {x: np.zeros((0, _K))})
+    h_val, d_val, lap_val, rows_val = out
+    self.assertAllClose(h_val, rows_val, atol=1e-9, rtol=1e-9)
+    self.assertAllClose(h_val, reference, atol=1e-6, rtol=1e-6)
+    self.assertAllClose(d_val, np.einsum("nii->ni", reference), atol=1e-6)
+    self.assertAllClose(lap_val, np.einsum("nii->n", reference), atol=1e-6)
+    self.assertEqual(empty[0].shape, (0, _K, _K))
+    self.assertEqual(empty[1].shape, (0,))
+
+  def test_float32_tanh_mlp_against_the_analytic_hessian(self):
+    weights = testing_utils.mlp_weights(5, hidden=7)
+    x_val = _RNG.normal(size=(9, 5))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 5])
+      y = testing_utils.tanh_mlp(x, *weights)
+      outs = [
+        tf1hess.batch_hessians(y, x, method="forward"),
+        tf1hess.batch_laplacians(y, x, method="forward"),
+      ]
+      with tf.compat.v1.Session() as sess:
+        h, lap = sess.run(outs, {x: x_val})
+    expected = testing_utils.tanh_mlp_hessians(x_val, *weights)
+    self.assertEqual(h.dtype, np.float32)
+    self.assertAllClose(h, expected, atol=2e-4, rtol=1e-4)
+    self.assertAllClose(lap, np.einsum("nii->n", expected), atol=2e-4)
+
+  def test_rank3_input_and_dynamic_features(self):
+    x_val = _RNG.normal(size=(3, 2, 3))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2, 3])
+      flat = tf.reshape(x, [-1, 6])
+      y = tf.reduce_sum(tf.tanh(_lin(tf.sin(flat))), axis=1) * 1.0
+      y = y + tf.reduce_sum(tf.exp(0.3 * x), axis=[1, 2])
+      outs = [
+        tf1hess.batch_hessians(y, x, method=m)
+        for m in ("forward", "while_loop")
+      ]
+      lap = tf1hess.batch_laplacians(y, x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        h, rows = sess.run(outs, {x: x_val})
+        lap_val = sess.run(lap, {x: x_val})
+    self.assertEqual(h.shape, (3, 2, 3, 2, 3))
+    self.assertAllClose(h, rows, atol=1e-10)
+    self.assertAllClose(
+      lap_val, np.einsum("nii->n", rows.reshape(3, 6, 6)), atol=1e-10
+    )
+
+  def test_dynamic_features(self):
+    x_val = _RNG.normal(size=(3, 4))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, None])
+      y = tf.reduce_sum(tf.tanh(tf.sin(x) * x[:, :1]) ** 2, axis=1)
+      outs = [
+        tf1hess.batch_hessians(y, x, method=m)
+        for m in ("forward", "while_loop")
+      ]
+      self.assertEqual(outs[0].shape.as_list(), [None, None, None])
+      with tf.compat.v1.Session() as sess:
+        h, rows = sess.run(outs, {x: x_val})
+    self.assertAllClose(h, rows, atol=1e-10)
+
+  def test_attention(self):
+    """Single-head self-attention: matmuls of two tensors of x, softmax."""
+    rng = np.random.default_rng(11)
+    wq, wk, wv = (rng.normal(size=(3, 3)) / 2 for _ in range(3))
+    x_val = _RNG.normal(size=(4, 6))
+
+    def model(x):
+      seq = tf.reshape(x, [-1, 2, 3])
+      q, k, v = (tf.einsum("nsd,de->nse", seq, w) for w in (wq, wk, wv))
+      scores = tf.matmul(q, k, transpose_b=True)
+      weights = tf.exp(scores - tf.reduce_logsumexp(scores, -1, keepdims=True))
+      return tf.reduce_sum(tf.tanh(tf.matmul(weights, v)), axis=[1, 2])
+
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 6])
+      y = model(x)
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        reference = _batch_reference(sess, x, y, x_val)
+        h_val = sess.run(h, {x: x_val})
+    self.assertAllClose(h_val, reference, atol=1e-6, rtol=1e-6)
+
+  def test_list_of_xs(self):
+    def model(x1, x2):
+      return tf.reduce_sum(tf.tanh(x1), 1) * tf.reduce_sum(x2**3, 1)
+
+    testing_utils.check_list_of_xs(
+      self,
+      model,
+      lambda y, xs: tf1hess.batch_hessians(y, xs, method="forward"),
+    )
+
+  def test_independence_check_passes(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      h = tf1hess.batch_hessians(
+        tf.tanh(_lin(x)), x, method="forward", check_independence=True
+      )
+      with tf.compat.v1.Session() as sess:
+        self.assertEqual(sess.run(h, {x: x_val_of(4)}).shape, (4, _K, _K))
+
+  def test_linear_and_unconnected(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      z = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      linear = _lin(x)
+      self.assertIsNone(
+        tf1hess.batch_hessians(linear, x, unconnected_gradients="none")
+      )
+      self.assertIsNone(
+        tf1hess.batch_laplacians(tf.sin(z), x, unconnected_gradients="none")
+      )
+      zeros = tf1hess.batch_laplacians(linear, x, method="forward")
+      itself = tf1hess.batch_hessians([x, tf.sin(x)], x, method="forward")
+      relu = tf1hess.batch_hessians(
+        tf.nn.relu(_lin(x)), x, method="forward", unconnected_gradients="none"
+      )
+      with tf.compat.v1.Session() as sess:
+        feed = {x: x_val_of(3)}
+        self.assertAllEqual(sess.run(zeros, feed), np.zeros(3))
+        self.assertAllClose(
+          sess.run(itself, feed),
+          np.stack([np.diag(v) for v in -np.sin(feed[x])]),
+        )
+        self.assertAllEqual(sess.run(relu, feed), np.zeros((3, _K, _K)))
+
+
+def x_val_of(n):
+  return np.random.default_rng(n).normal(size=(n, _K))
+
+
+class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
+  def test_unsupported_op_falls_back_and_says_so(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.math.erf(_lin(x)) * tf.sin(x)
+      with self.assertLogs(level="WARNING") as logs:
+        lap = tf1hess.batch_laplacians(y, x)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        lap_val, rows_val = sess.run([lap, rows], {x: x_val_of(4)})
+    self.assertRegex(
+      "\n".join(logs.output), "falls back to the row loop.*op type Erf"
+    )
+    self.assertAllClose(lap_val, np.einsum("nii->n", rows_val), atol=1e-10)
+
+  def test_forward_raises_on_an_unsupported_op(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      with self.assertRaisesRegex(
+        ValueError,
+        "`method`='forward' cannot .* no forward rule for op type Erf",
+      ):
+        tf1hess.batch_hessians(tf.math.erf(x), x, method="forward")
+
+  def test_samples_mixed_before_a_nonlinear_op(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.square(tf.reduce_sum(x)) + tf.reduce_sum(x * tf.reduce_mean(x, 0))
+      with self.assertRaisesRegex(ValueError, "mixes samples"):
+        tf1hess.batch_hessians(y, x, method="forward")
+
+  def test_loops_are_not_skipped(self):
+    """A `tf.scan` hands its values to the loop in a variant tensor list."""
+    self.control_flow(2)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = testing_utils.scan_model(x)
+      with self.assertRaisesRegex(ValueError, "no forward rule for op type"):
+        tf1hess.batch_hessians(y, x, method="forward")
+    # "auto", sent to the engine, falls back to the rows: right numbers.
+    with mock.patch.object(dispatch, "prefers_forward", return_value=True):
+      testing_utils.check_scan_model_hessians(self, tf1hess.batch_hessians)
+
+  def test_overridden_gradients_are_not_followed(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      with graph.gradient_override_map({"Tanh": "Sigmoid"}):
+        y = tf.tanh(x)
+      with self.assertRaisesRegex(ValueError, "gradient overridden"):
+        tf1hess.batch_laplacians(y, x, method="forward")
+
+  def test_forward_refuses_higher_orders(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      with self.assertRaisesRegex(ValueError, "order <= 2; saw order 3"):
+        tf1hess.batch_derivatives(tf.sin(x), x, 3, method="forward")
+
+  def test_custom_gradients_are_not_followed(self):
+    @tf.custom_gradient
+    def doubled_gradient(v):
+      return tf.sin(v), lambda dy: 2 * dy * tf.cos(v)
+
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      with self.assertRaisesRegex(ValueError, "IdentityN"):
+        tf1hess.batch_hessians(doubled_gradient(x), x, method="forward")
+
+
+class AutoTest(tf.test.TestCase):
+  def test_cost_model(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      deep = tf.tanh(_lin(tf.tanh(_lin(x))))
+      (g,) = tf.gradients(deep, x)
+
+      def walk(widest, dense_matmuls=0):
+        return forward.engine.Result(None, True, widest, dense_matmuls)
+
+      choose = dispatch.prefers_forward
+      self.assertTrue(choose(x, g, forward.DIAGONAL, walk(6, 1)))
+      self.assertTrue(choose(x, g, forward.LAPLACIAN, walk(6, 1)))
+      # Full Hessians: every term narrower than K, no dense matmul.
+      self.assertFalse(choose(x, g, forward.HESSIAN, walk(6)))
+      self.assertTrue(choose(x, g, forward.HESSIAN, walk(5)))
+      self.assertFalse(choose(x, g, forward.HESSIAN, walk(5, 1)))
+      self.assertFalse(choose(x, g, forward.HESSIAN, walk(None)))
+      shallow = tf.reduce_sum(tf.tanh(_lin(x)), 1)
+      (g,) = tf.gradients(shallow, x)
+      self.assertFalse(choose(x, g, forward.DIAGONAL, walk(6)))
+
+  def test_widest_term(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      walked = forward.second_derivatives([_mixture(x)], x, forward.HESSIAN)
+      self.assertEqual(
+        walked.widest, 4
+      )  # The components; the rest is diagonal.
+      self.assertEqual(walked.dense_matmuls, 0)
+      walked = forward.second_derivatives([_dense_stack(x)], x, forward.HESSIAN)
+      self.assertEqual(walked.widest, 16)
+      self.assertEqual(walked.dense_matmuls, 3)  # Layers 2, 3 and read-out.
+
+  def test_auto_hessians_of_a_mixture_take_the_engine(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = _mixture(x)
+      choices, choose = [], dispatch.prefers_forward
+
+      def spy(*args):
+        choices.append(choose(*args))
+        return choices[-1]
+
+      with mock.patch.object(dispatch, "prefers_forward", side_effect=spy):
+        h = tf1hess.batch_hessians(y, x)
+      self.assertEqual(choices, [True])
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h_val, rows_val = sess.run([h, rows], {x: x_val_of(5)})
+    self.assertAllClose(h_val, rows_val, atol=1e-10)
+
+  def test_auto_diagonals_agree_with_the_rows(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = _dense_stack(x)
+      with mock.patch.object(
+        forward.engine, "second_derivatives", wraps=forward.second_derivatives
+      ) as walk:
+        d = tf1hess.batch_hessian_diagonals(y, x)
+      self.assertEqual(walk.call_count, 1)
+      rows = tf1hess.batch_hessian_diagonals(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        d_val, rows_val = sess.run([d, rows], {x: x_val_of(5)})
+    self.assertAllClose(d_val, rows_val, atol=1e-10)
+
+
+class EagerTest(tf.test.TestCase):
+  def test_eager_laplacians_and_forward_hessians(self):
+    x = tf.constant(x_val_of(4))
+
+    def fn(v):
+      return tf.reduce_sum(tf.tanh(_lin(tf.sin(v))), axis=1)
+
+    lap = tf1hess.eager.batch_laplacians(fn, x)
+    h = tf1hess.eager.batch_hessians(fn, x, method="forward")
+    rows = tf1hess.eager.batch_hessians(fn, x, method="while_loop")
+    self.assertAllClose(h, rows, atol=1e-10)
+    self.assertAllClose(lap, np.einsum("nii->n", rows.numpy()), atol=1e-10)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, _K], tf.float64)])
+    def traced(v):
+      return tf1hess.eager.batch_laplacians(fn, v, method="forward")
+
+    self.assertAllClose(traced(x), lap, atol=1e-10)
+
+
+if __name__ == "__main__":
+  tf.test.main()

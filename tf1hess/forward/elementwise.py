@@ -1,0 +1,265 @@
+"""Forward rules of elementwise ops: activations and arithmetic.
+
+An elementwise op `v = f(a, b)` has the Jacobian `f_a J_a + f_b J_b` and the
+curvature `adj f_aa J_a J_a^T + adj f_bb J_b J_b^T + adj f_ab (J_a J_b^T +
+J_b J_a^T)` summed over the entries; a unary op keeps only the first terms.
+The derivatives are written with the op's output `v` where that is cheaper,
+and follow the masks of TensorFlow's own gradients at kinks (`Relu` at 0,
+`Maximum` at ties), so that the engine and the row loop agree there.
+"""
+
+import tensorflow as tf
+
+from tf1hess.forward import jacobians
+from tf1hess.forward import registry
+
+_SELU_SCALE = 1.0507009873554805
+_SELU_ALPHA = 1.6732632423543772
+
+
+def _unary_rule(derivatives):
+  """A rule from `derivatives(u, v, op) -> (f', f'' or None)`."""
+
+  def rule(op, jacs, ctx):
+    (j,) = jacs[:1]
+    if j is None:
+      return [None]
+    u, v = op.inputs[0], op.outputs[0]
+    first, second = derivatives(u, v, op)
+    if second is not None:
+      ctx.curvature(v, lambda adj: [jacobians.Term(adj * second, j)])
+    return [jacobians.scale(j, first)]
+
+  return rule
+
+
+def _zeros_where(mask, value):
+  return tf.where(mask, tf.zeros_like(value), value)
+
+
+_UNARY = {
+  "Tanh": lambda u, v, op: (1 - v * v, -2 * v * (1 - v * v)),
+  "Sigmoid": lambda u, v, op: (v * (1 - v), v * (1 - v) * (1 - 2 * v)),
+  "Softplus": lambda u, v, op: (
+    tf.sigmoid(u),
+    tf.sigmoid(u) * (1 - tf.sigmoid(u)),
+  ),
+  "Exp": lambda u, v, op: (v, v),
+  "Expm1": lambda u, v, op: (v + 1, v + 1),
+  "Log": lambda u, v, op: (1 / u, -1 / (u * u)),
+  "Log1p": lambda u, v, op: (1 / (1 + u), -1 / ((1 + u) * (1 + u))),
+  "Sqrt": lambda u, v, op: (0.5 / v, -0.25 / (v * v * v)),
+  "Rsqrt": lambda u, v, op: (-0.5 * v * v * v, 0.75 * v**5),
+  "Reciprocal": lambda u, v, op: (-v * v, 2 * v * v * v),
+  "Inv": lambda u, v, op: (-v * v, 2 * v * v * v),
+  "Sin": lambda u, v, op: (tf.cos(u), -v),
+  "Cos": lambda u, v, op: (-tf.sin(u), -v),
+  "Square": lambda u, v, op: (2 * u, 2 * tf.ones_like(u)),
+  "Softsign": lambda u, v, op: (
+    1 / tf.square(1 + tf.abs(u)),
+    -2 * tf.sign(u) / (1 + tf.abs(u)) ** 3,
+  ),
+  "Elu": lambda u, v, op: (
+    tf.where(u > 0, tf.ones_like(v), v + 1),
+    _zeros_where(u > 0, v + 1),
+  ),
+  "Selu": lambda u, v, op: (
+    tf.where(
+      u > 0, _SELU_SCALE * tf.ones_like(v), v + _SELU_SCALE * _SELU_ALPHA
+    ),
+    _zeros_where(u > 0, v + _SELU_SCALE * _SELU_ALPHA),
+  ),
+  # Piecewise linear: no curvature (as the row loop finds).
+  "Relu": lambda u, v, op: (tf.cast(u > 0, u.dtype), None),
+  "Relu6": lambda u, v, op: (
+    tf.cast(tf.logical_and(u > 0, u < 6), u.dtype),
+    None,
+  ),
+  "LeakyRelu": lambda u, v, op: (
+    tf.where(u > 0, tf.ones_like(u), op.get_attr("alpha") * tf.ones_like(u)),
+    None,
+  ),
+  "Abs": lambda u, v, op: (tf.sign(u), None),
+}
+
+for _op_type, _derivatives in _UNARY.items():
+  registry.register(_op_type, diagonal=True)(_unary_rule(_derivatives))
+
+
+@registry.register(
+  "Identity", "Snapshot", "CheckNumerics", linear=True, diagonal=True
+)
+def _identity(op, jacs, ctx):
+  return [jacs[0]]
+
+
+@registry.register("Neg", linear=True, diagonal=True)
+def _neg(op, jacs, ctx):
+  j = jacs[0]
+  return [None if j is None else jacobians.negate(j)]
+
+
+@registry.register("Cast", linear=True, diagonal=True)
+def _cast(op, jacs, ctx):
+  j, out = jacs[0], op.outputs[0]
+  if j is None or not out.dtype.is_floating:
+    return [None]
+  return [jacobians.cast(j, out.dtype)]
+
+
+def _check_aligned(op, jacs):
+  """Raises `Unsupported` when a dependent input lacks the output's rank.
+
+  An input of lower rank is broadcast from its first axis on: its batch axis
+  would meet another axis of the output.
+  """
+  out_rank = registry.static_rank(op.outputs[0], op)
+  for t, j in zip(op.inputs, jacs):
+    if j is not None and registry.static_rank(t, op) != out_rank:
+      raise registry.Unsupported(
+        f"{op.type} ({op.name}) broadcasts an input of rank {t.shape.rank} "
+        f"that depends on x against rank {out_rank}: samples would mix"
+      )
+
+
+def _linear_sum(op, jacs, signs):
+  """The Jacobian of `sum_i signs[i] * inputs[i]` (broadcast)."""
+  _check_aligned(op, jacs)
+  out = op.outputs[0]
+  total = None
+  for j, sign in zip(jacs, signs):
+    if j is not None:
+      j = jacobians.fit(j, out)
+      term = j if sign > 0 else jacobians.negate(j)
+      total = jacobians.add(total, term)
+  return [jacobians.fit(total, out)]
+
+
+@registry.register("Add", "AddV2", "AddN", linear=True, diagonal=True)
+def _add(op, jacs, ctx):
+  return _linear_sum(op, jacs, [1] * len(jacs))
+
+
+@registry.register("Sub", linear=True, diagonal=True)
+def _sub(op, jacs, ctx):
+  return _linear_sum(op, jacs, [1, -1])
+
+
+@registry.register("BiasAdd", "BiasAddV1", linear=True, diagonal=True)
+def _bias_add(op, jacs, ctx):
+  if jacs[1] is not None:
+    raise registry.Unsupported(
+      f"BiasAdd ({op.name}) has a bias that depends on x"
+    )
+  return [jacs[0]]
+
+
+def _binary(op, jacs, ctx, first, second):
+  """Rule of `v = f(a, b)` from `first() -> (f_a, f_b)` and `second() ->
+  (f_aa, f_ab, f_bb)` (`second` is `None` for a piecewise linear `f`)."""
+  _check_aligned(op, jacs)
+  out = op.outputs[0]
+  ja, jb = (jacobians.fit(j, out) for j in jacs)
+  fa, fb = first()
+  result = jacobians.add(
+    None if ja is None else jacobians.scale(ja, fa),
+    None if jb is None else jacobians.scale(jb, fb),
+  )
+  if second is not None:
+    faa, fab, fbb = second()
+
+    def build(adj):
+      terms = []
+      if ja is not None and faa is not None:
+        terms.append(jacobians.Term(adj * faa, ja))
+      if jb is not None and fbb is not None:
+        terms.append(jacobians.Term(adj * fbb, jb))
+      if ja is not None and jb is not None and fab is not None:
+        terms.append(jacobians.Term(adj * fab, ja, jb, symmetric=True))
+      return terms
+
+    ctx.curvature(out, build)
+  return [jacobians.fit(result, out)]
+
+
+def _one_dependent(op, jacs):
+  return sum(j is not None for j in jacs) == 1
+
+
+def _numerator_only(op, jacs):
+  return jacs[1] is None
+
+
+@registry.register("Mul", linear=_one_dependent, diagonal=True)
+def _mul(op, jacs, ctx):
+  a, b = op.inputs
+  if jacs[0] is None or jacs[1] is None:
+    # Linear in the one input that depends on x.
+    return _binary(op, jacs, ctx, lambda: (b, a), None)
+  return _binary(
+    op, jacs, ctx, lambda: (b, a), lambda: (None, tf.ones_like(a), None)
+  )
+
+
+@registry.register("RealDiv", "Div", linear=_numerator_only, diagonal=True)
+def _div(op, jacs, ctx):
+  a, b = op.inputs
+  v = op.outputs[0]
+  if not v.dtype.is_floating:
+    raise registry.Unsupported(f"{op.type} ({op.name}) is an integer division")
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (1 / b, -v / b),
+    lambda: (None, -1 / (b * b), 2 * v / (b * b)),
+  )
+
+
+@registry.register("SquaredDifference", diagonal=True)
+def _squared_difference(op, jacs, ctx):
+  a, b = op.inputs
+  two = tf.constant(2, a.dtype)
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (two * (a - b), -two * (a - b)),
+    lambda: (two, -two, two),
+  )
+
+
+@registry.register("Pow", diagonal=True)
+def _pow(op, jacs, ctx):
+  a, b = op.inputs
+  v = op.outputs[0]
+  # As TensorFlow's gradient: log(a) taken as 0 where a <= 0.
+  log_a = tf.where(
+    a > 0, tf.math.log(tf.where(a > 0, a, tf.ones_like(a))), 0 * a
+  )
+  a_pow = b * tf.math.pow(a, b - 1)
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (a_pow, v * log_a),
+    lambda: (
+      b * (b - 1) * tf.math.pow(a, b - 2),
+      tf.math.pow(a, b - 1) * (1 + b * log_a),
+      v * log_a * log_a,
+    ),
+  )
+
+
+@registry.register("Maximum", "Minimum", diagonal=True)
+def _maximum(op, jacs, ctx):
+  a, b = op.inputs
+  mask = a >= b if op.type == "Maximum" else a <= b
+  ones = tf.ones_like(op.outputs[0])
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (tf.where(mask, ones, 0 * ones), tf.where(mask, 0 * ones, ones)),
+    None,
+  )

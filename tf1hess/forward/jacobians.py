@@ -1,0 +1,280 @@
+"""Per-sample Jacobians with structure, and the curvature terms built on them.
+
+A tensor `v` of shape `(N, *e)` that depends on the input `x` `(N, K)` has
+the per-sample Jacobian `J_v[n, k, *e] = d v[n, *e] / d x[n, k]`: the K
+tangents are one extra axis, right after the batch axis, so that a matmul by
+weights is one matmul of `(N * K, units)`. Two structures are kept:
+
+- shared: the Jacobian is the same in every sample and is stored once as
+  `(K, *e)` (`x` itself is the identity; a matmul of a shared Jacobian by
+  weights is the weight matrix);
+- dense: `(N, K, *e)`;
+- diagonal: the last axis of `e` is the feature axis of `x` itself (`x`,
+  `x[:, None, :] - mu`, elementwise functions of those), and
+  `J_v[n, k, ..., j] = d[n, ..., j] if k == j else 0`: stored as `d`
+  `(N or 1, *e)`, K times smaller than dense. Rules that do not keep it
+  receive it materialized (`materialize`).
+
+A shared Jacobian is a dense one with a batch of 1: TensorFlow's
+broadcasting combines the two without copies. A tensor that does not depend
+on `x` has no Jacobian (`None`).
+
+A curvature term `sum_e c[n, e] J_a[n, :, e] J_b[n, :, e]^T` (plus its
+transpose when symmetric) is contracted into the full per-sample Hessian
+`(N, K, K)`, its diagonal `(N, K)` or its trace `(N,)`; shared Jacobians make
+each contraction one matmul with the weights instead of a batched one.
+"""
+
+import tensorflow as tf
+
+HESSIAN = "hessian"
+DIAGONAL = "diagonal"
+LAPLACIAN = "laplacian"
+MODES = (HESSIAN, DIAGONAL, LAPLACIAN)
+
+
+class Jacobian:
+  """`value` `(K, *e)` when `shared`, `(N or 1, *e)` when `diagonal`, else
+  `(N, K, *e)`."""
+
+  __slots__ = ("value", "shared", "diagonal")
+
+  def __init__(self, value, shared, diagonal=False):
+    self.value = value
+    self.shared = shared
+    self.diagonal = diagonal
+
+  @property
+  def lead(self):
+    """The number of axes before the entries."""
+    return 1 if self.shared or self.diagonal else 2
+
+  @property
+  def entry_rank(self):
+    return self.value.shape.rank - self.lead
+
+  def entry_shape(self):
+    """The dynamic shape `*e` of the entries."""
+    return tf.shape(self.value)[self.lead :]
+
+  def with_value(self, value):
+    """A Jacobian of the same structure holding `value`."""
+    return Jacobian(value, self.shared, self.diagonal)
+
+
+def dense(value):
+  return Jacobian(value, False)
+
+
+def shared(value):
+  return Jacobian(value, True)
+
+
+def diagonal(d):
+  return Jacobian(d, False, True)
+
+
+def materialize(jac):
+  """A diagonal `jac` as a shared (a batch of 1) or dense Jacobian."""
+  if not jac.diagonal:
+    return jac
+  d = jac.value
+  k = tf.shape(d)[-1]
+  ones = tf.ones([d.shape.rank - 2], tf.int32)
+  eye = tf.reshape(tf.eye(k, dtype=d.dtype), tf.concat([[k], ones, [k]], 0))
+  value = tf.expand_dims(d, 1) * eye  # (B, K, *e)
+  if tf.compat.dimension_value(d.shape[0]) == 1:
+    return shared(value[0])
+  return dense(value)
+
+
+def apply_per_sample(jac, fn):
+  """Applies the per-sample linear map `fn` to every tangent of `jac`.
+
+  `fn` maps a batch `(B, *e)` to `(B, *e')` sample by sample (a reshape of
+  the entries, a transpose that keeps the batch axis, a slice, a sum over
+  entry axes, ...). A shared Jacobian is such a batch with `B = K`; a dense
+  one is reshaped to `B = N * K` and back; a diagonal one is materialized
+  first.
+  """
+  jac = materialize(jac)
+  if jac.shared:
+    return shared(fn(jac.value))
+  shape = tf.shape(jac.value)
+  merged = tf.reshape(
+    jac.value, tf.concat([[shape[0] * shape[1]], shape[2:]], axis=0)
+  )
+  out = fn(merged)
+  value = tf.reshape(out, tf.concat([shape[:2], tf.shape(out)[1:]], axis=0))
+  return dense(value)
+
+
+def scale(jac, s):
+  """`J` of `s * v` for a `v` of Jacobian `jac` and `s` independent of `x`.
+
+  `s` broadcasts against `v` `(N, *e)`: when it has no batch axis (fewer
+  dimensions than `v`, or a static batch of 1), a shared `jac` stays shared.
+  """
+  s = tf.cast(s, jac.value.dtype)
+  rank = jac.entry_rank
+  if jac.diagonal:
+    # `d` has the batch axis of `v`: `s` broadcasts against it as against v,
+    # unless it would broadcast the feature axis.
+    last = tf.compat.dimension_value(s.shape[-1]) if s.shape.rank else 1
+    if (
+      s.shape.rank is None
+      or s.shape.rank > rank + 1
+      or last not in (1, tf.compat.dimension_value(jac.value.shape[-1]))
+    ):
+      return scale(materialize(jac), s)
+    return jac.with_value(jac.value * s)
+  if s.shape.rank is not None and s.shape.rank <= rank:
+    return jac.with_value(jac.value * s)
+  if s.shape.rank == rank + 1 and tf.compat.dimension_value(s.shape[0]) == 1:
+    return jac.with_value(jac.value * s[0])
+  return dense(tf.expand_dims(s, 1) * jac.value)
+
+
+def negate(jac):
+  return jac.with_value(-jac.value)
+
+
+def add(a, b):
+  """The sum of two Jacobians (or `None`s) of tensors of the same entries."""
+  if a is None:
+    return b
+  if b is None:
+    return a
+  if a.diagonal and b.diagonal:
+    return diagonal(a.value + b.value)
+  a, b = materialize(a), materialize(b)
+  return Jacobian(a.value + b.value, a.shared and b.shared)
+
+
+def fit(jac, out):
+  """Broadcasts `jac` to the entries of `out` `(N, *e)` when they differ."""
+  if jac is None:
+    return None
+  lead = jac.lead
+  have = jac.value.shape[lead:]
+  want = out.shape[1:]
+  if have.is_fully_defined() and want.is_fully_defined() and have == want:
+    return jac
+  if jac.diagonal and not (
+    have.rank
+    and want.rank
+    and tf.compat.dimension_value(have[-1]) is not None
+    and have[-1] == want[-1]
+  ):
+    # Broadcasting the feature axis itself would break the structure.
+    return fit(materialize(jac), out)
+  shape = tf.concat([tf.shape(jac.value)[:lead], tf.shape(out)[1:]], axis=0)
+  return jac.with_value(tf.broadcast_to(jac.value, shape))
+
+
+def cast(jac, dtype):
+  if jac.value.dtype == dtype:
+    return jac
+  return jac.with_value(tf.cast(jac.value, dtype))
+
+
+def to_dense(jac, n):
+  """`jac` as a dense `(N, K, *e)` value."""
+  jac = materialize(jac)
+  if not jac.shared:
+    return jac.value
+  shape = tf.concat([[n], tf.shape(jac.value)], axis=0)
+  return tf.broadcast_to(jac.value, shape)
+
+
+def zeros_like_entries(t, k, dtype):
+  """A shared zero Jacobian for a tensor `t` independent of `x`."""
+  return shared(tf.zeros(tf.concat([[k], tf.shape(t)[1:]], axis=0), dtype))
+
+
+class Term:
+  """`sum_e c[n, e] J_a[n, :, e] J_b[n, :, e]^T` (+ transpose if symmetric).
+
+  `c` broadcasts against the entries `(N, *e)` of `a` and `b` (which have
+  the same entries).
+  """
+
+  __slots__ = ("c", "a", "b", "symmetric")
+
+  def __init__(self, c, a, b=None, symmetric=False):
+    self.c = c
+    self.a = a
+    self.b = a if b is None else b
+    self.symmetric = symmetric
+
+
+def _size(jac):
+  """The number of entries `M = prod(*e)` (no `-1` in reshapes: N may be 0)."""
+  return tf.reduce_prod(jac.entry_shape())
+
+
+def _flat(jac):
+  """`(K, M)` or `(N, K, M)`."""
+  lead = tf.shape(jac.value)[: 1 if jac.shared else 2]
+  return tf.reshape(jac.value, tf.concat([lead, [_size(jac)]], axis=0))
+
+
+def _flat_c(c, jac, n):
+  """`c` broadcast to the entries of `jac` and flattened to `(N, M)`."""
+  c = tf.cast(c, jac.value.dtype)
+  shape = tf.concat([[n], jac.entry_shape()], axis=0)
+  return tf.reshape(tf.broadcast_to(c, shape), tf.stack([n, _size(jac)]))
+
+
+def _contract_diagonals(term, mode, n):
+  """`contract` of two diagonal Jacobians: a diagonal Hessian."""
+  a, b = term.a, term.b
+  prod = tf.cast(term.c, a.value.dtype) * a.value * b.value  # (N or 1, *e)
+  shape = tf.concat([[n], a.entry_shape()], axis=0)
+  prod = tf.broadcast_to(prod, shape)
+  axes = list(range(1, prod.shape.rank - 1))
+  v = tf.reduce_sum(prod, axis=axes) if axes else prod  # (N, K)
+  if term.symmetric:
+    v = 2.0 * v
+  if mode == HESSIAN:
+    return tf.linalg.diag(v)
+  return v if mode == DIAGONAL else tf.reduce_sum(v, axis=1)
+
+
+def contract(term, mode, n, k):
+  """The term's Hessian `(N, K, K)`, diagonal `(N, K)` or trace `(N,)`."""
+  if term.a.diagonal and term.b.diagonal:
+    return _contract_diagonals(term, mode, n)
+  a, b = materialize(term.a), materialize(term.b)
+  c = _flat_c(term.c, a, n)  # (N, M)
+  fa, fb = _flat(a), _flat(b)
+  m = _size(a)
+  if mode == HESSIAN:
+    if b.shared:
+      # (N K, M) @ (M, K): one matmul by the shared factor.
+      left = tf.reshape(tf.expand_dims(c, 1) * fa, tf.stack([n * k, m]))
+      out = tf.reshape(
+        tf.matmul(left, fb, transpose_b=True), tf.stack([n, k, k])
+      )
+    elif a.shared:
+      left = tf.reshape(tf.expand_dims(c, 1) * fb, tf.stack([n * k, m]))
+      out = tf.reshape(
+        tf.matmul(left, fa, transpose_b=True), tf.stack([n, k, k])
+      )
+      out = tf.transpose(out, [0, 2, 1])
+    else:
+      out = tf.matmul(tf.expand_dims(c, 1) * fa, fb, transpose_b=True)
+    return out + tf.transpose(out, [0, 2, 1]) if term.symmetric else out
+  if a.shared and b.shared:
+    prod = fa * fb  # (K, M)
+    if mode == DIAGONAL:
+      out = tf.matmul(c, prod, transpose_b=True)
+    else:
+      out = tf.linalg.matvec(c, tf.reduce_sum(prod, axis=0))
+  else:
+    prod = fa * fb  # (N, K, M), broadcast
+    if mode == DIAGONAL:
+      out = tf.reduce_sum(tf.expand_dims(c, 1) * prod, axis=2)
+    else:
+      out = tf.reduce_sum(c * tf.reduce_sum(prod, axis=1), axis=1)
+  return 2.0 * out if term.symmetric else out

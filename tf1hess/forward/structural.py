@@ -1,0 +1,573 @@
+"""Forward rules of linear ops that move, pick or sum entries, and of matmuls.
+
+Each of these ops maps a batch sample by sample when it leaves the batch
+axis alone; its Jacobian is then the same op applied to the Jacobian with
+the tangents folded into the batch (`jacobians.apply_per_sample`). An op
+that touches the batch axis (a sum over it, a transpose that moves it, ...)
+is linear all the same: its output is `MIXED`, which only linear ops may
+follow.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tensorflow.python.framework import tensor_util  # pylint: disable=g-direct-tensorflow-import
+
+from tf1hess.forward import jacobians
+from tf1hess.forward import registry
+
+MIXED = registry.MIXED
+
+
+def _of_first_input(rule):
+  """A rule `rule(op, j, ctx)` of ops whose first input alone may depend on x.
+
+  `j` is that input's Jacobian; an op whose first input does not depend on
+  x has no Jacobian.
+  """
+
+  def wrapped(op, jacs, ctx):
+    if any(j is not None for j in jacs[1:]):
+      raise registry.Unsupported(
+        f"{op.type} ({op.name}) has an input other than the first that "
+        "depends on x"
+      )
+    if jacs[0] is None:
+      return [None] * len(op.outputs)
+    return rule(op, jacs[0], ctx)
+
+  return wrapped
+
+
+def _reshape_entries(out):
+  """A per-sample map to the entries of `out`."""
+  return lambda m: tf.reshape(
+    m, tf.concat([tf.shape(m)[:1], tf.shape(out)[1:]], axis=0)
+  )
+
+
+def _keeps_batch(op):
+  """Whether a reshape of input `(N, *e)` to `(M, *e')` has `M = N`.
+
+  Known when both `e` and `e'` are static with as many elements: the total
+  size then makes `M = N`.
+  """
+  u, out = op.inputs[0], op.outputs[0]
+  if u.shape.rank is None or out.shape.rank is None:
+    return False
+  if u.shape.rank == 0 or out.shape.rank == 0:
+    return False
+  e_in, e_out = u.shape[1:], out.shape[1:]
+  if not e_out.is_fully_defined() and op.type == "Reshape":
+    # The requested shape may be known in part, e.g. [-1, shape(u)[-1]].
+    e_out = tensor_util.constant_value_as_shape(op.inputs[1])[1:]
+  if not (e_in.is_fully_defined() and e_out.is_fully_defined()):
+    return False
+  n_in, n_out = (tf.compat.dimension_value(t.shape[0]) for t in (u, out))
+  if n_in is not None and n_out is not None and n_in != n_out:
+    return False
+  return e_in.num_elements() == e_out.num_elements() > 0
+
+
+def _same_rank_unknown_entries(op):
+  """A reshape of `(N, *e)`, `e` static, to the same rank, entries unknown.
+
+  As `tf.nn.softmax_cross_entropy_with_logits` makes: `reshape(u, [-1,
+  shape(u)[-1]])`. Whether it keeps the batch is only known at run time.
+  """
+  u, out = op.inputs[0], op.outputs[0]
+  return (
+    u.shape.rank is not None
+    and u.shape.rank >= 2
+    and out.shape.rank == u.shape.rank
+    and u.shape[1:].is_fully_defined()
+  )
+
+
+@registry.register("Reshape", linear=True)
+@_of_first_input
+def _reshape(op, j, ctx):
+  out = op.outputs[0]
+  if _keeps_batch(op):
+    return [jacobians.apply_per_sample(j, _reshape_entries(out))]
+  if not _same_rank_unknown_entries(op):
+    return [MIXED]
+  check = tf.debugging.assert_equal(
+    tf.shape(out)[0],
+    tf.shape(op.inputs[0])[0],
+    message=(
+      f"The forward engine followed {op.name} as a reshape of each sample, "
+      "but it changes the batch size; use method='while_loop'."
+    ),
+  )
+  with tf.control_dependencies([check]):
+    return [jacobians.apply_per_sample(j, _reshape_entries(out))]
+
+
+@registry.register("ExpandDims", linear=True, diagonal=True)
+@_of_first_input
+def _expand_dims(op, j, ctx):
+  axis = int(registry.static_value(op.inputs[1], "axis", op))
+  rank = registry.static_rank(op.outputs[0], op)
+  if axis % rank == 0:
+    return [MIXED]
+  if j.diagonal and axis % rank != rank - 1:
+    # `d` has the axes of the tensor; the feature axis stays last.
+    return [j.with_value(tf.expand_dims(j.value, axis % rank))]
+  return [jacobians.apply_per_sample(j, _reshape_entries(op.outputs[0]))]
+
+
+@registry.register("Squeeze", linear=True)
+@_of_first_input
+def _squeeze(op, j, ctx):
+  u = op.inputs[0]
+  rank = registry.static_rank(u, op)
+  dims = [d % rank for d in op.get_attr("squeeze_dims")]
+  if 0 in dims or (
+    not dims and tf.compat.dimension_value(u.shape[0]) in (None, 1)
+  ):
+    return [MIXED]
+  return [jacobians.apply_per_sample(j, _reshape_entries(op.outputs[0]))]
+
+
+@registry.register("Transpose", linear=True)
+@_of_first_input
+def _transpose(op, j, ctx):
+  perm = registry.static_value(op.inputs[1], "permutation", op)
+  if int(perm[0]) != 0:
+    return [MIXED]
+  return [jacobians.apply_per_sample(j, lambda m: tf.transpose(m, perm))]
+
+
+def _same_structure(jacs, ctx, inputs):
+  """The values of `jacs` (zeros for `None`), all shared or all dense."""
+  filled = [
+    j if j is not None else jacobians.zeros_like_entries(t, ctx.k, ctx.dtype)
+    for j, t in zip(jacs, inputs)
+  ]
+  dtype = next(j for j in jacs if j is not None).value.dtype
+  filled = [jacobians.cast(j, dtype) for j in filled]
+  if all(j.shared for j in filled):
+    return [j.value for j in filled], True
+  return [jacobians.to_dense(j, ctx.n) for j in filled], False
+
+
+def _per_sample_join(jacs, ctx, inputs, fn):
+  """`fn(list of (B, *e_i))` of the Jacobians of `inputs`."""
+  values, shared = _same_structure(jacs, ctx, inputs)
+  if shared:
+    return jacobians.shared(fn(values))
+  shape = tf.shape(values[0])
+  lead = shape[:2]
+  merged = [
+    tf.reshape(v, tf.concat([[shape[0] * shape[1]], tf.shape(v)[2:]], axis=0))
+    for v in values
+  ]
+  out = fn(merged)
+  return jacobians.dense(
+    tf.reshape(out, tf.concat([lead, tf.shape(out)[1:]], axis=0))
+  )
+
+
+@registry.register("ConcatV2", "Pack", linear=True)
+def _concat(op, jacs, ctx):
+  if op.type == "ConcatV2":
+    values, jacs = op.inputs[:-1], jacs[:-1]
+    axis = int(registry.static_value(op.inputs[-1], "axis", op))
+    rank = registry.static_rank(values[0], op)
+    join = tf.concat
+  else:
+    values = op.inputs
+    axis = op.get_attr("axis")
+    rank = registry.static_rank(op.outputs[0], op)
+    join = tf.stack
+  if all(j is None for j in jacs):
+    return [None]
+  if any(j is MIXED for j in jacs) or axis % rank == 0:
+    return [MIXED]
+  return [_per_sample_join(jacs, ctx, values, lambda ms: join(ms, axis))]
+
+
+def _axis_zero_is_whole(op):
+  """Whether a `StridedSlice` takes the whole batch axis as it is."""
+  begin = registry.static_value(op.inputs[1], "begin", op)
+  strides = registry.static_value(op.inputs[3], "strides", op)
+  rank = registry.static_rank(op.inputs[0], op)
+  ellipsis = op.get_attr("ellipsis_mask")
+  new_axis = op.get_attr("new_axis_mask")
+  if ellipsis & 1:
+    specs = len(begin)
+    news = bin(new_axis).count("1")
+    return rank - (specs - 1 - news) >= 1
+  return (
+    op.get_attr("begin_mask") & 1
+    and op.get_attr("end_mask") & 1
+    and not op.get_attr("shrink_axis_mask") & 1
+    and not new_axis & 1
+    and int(strides[0]) == 1
+  )
+
+
+def _inserts_axes_only(op):
+  """Whether a `StridedSlice` only inserts new axes, none of them last.
+
+  Every other spec (an ellipsis, or whole slices with stride 1) keeps its
+  axes, so the slice maps a diagonal `d` of the tensor's axes as it maps
+  the tensor.
+  """
+  strides = registry.static_value(op.inputs[3], "strides", op)
+  new_axis = op.get_attr("new_axis_mask")
+  ellipsis = op.get_attr("ellipsis_mask")
+  whole = op.get_attr("begin_mask") & op.get_attr("end_mask")
+  if op.get_attr("shrink_axis_mask"):
+    return False
+  real = 0
+  for i, stride in enumerate(strides):
+    if (ellipsis | new_axis) >> i & 1:
+      continue
+    if not whole >> i & 1 or int(stride) != 1:
+      return False
+    real += 1
+  rank = registry.static_rank(op.inputs[0], op)
+  last_is_new = new_axis >> (len(strides) - 1) & 1
+  return real <= rank and not (last_is_new and (ellipsis or real == rank))
+
+
+@registry.register("StridedSlice", linear=True, diagonal=True)
+@_of_first_input
+def _strided_slice(op, j, ctx):
+  if not _axis_zero_is_whole(op):
+    return [MIXED]
+  attrs = {
+    name: op.get_attr(name)
+    for name in (
+      "begin_mask",
+      "end_mask",
+      "ellipsis_mask",
+      "new_axis_mask",
+      "shrink_axis_mask",
+    )
+  }
+  _, begin, end, strides = op.inputs
+  if j.diagonal and _inserts_axes_only(op):
+    return [
+      j.with_value(tf.strided_slice(j.value, begin, end, strides, **attrs))
+    ]
+  return [
+    jacobians.apply_per_sample(
+      j, lambda m: tf.strided_slice(m, begin, end, strides, **attrs)
+    )
+  ]
+
+
+@registry.register("Slice", linear=True)
+@_of_first_input
+def _slice(op, j, ctx):
+  begin = registry.static_value(op.inputs[1], "begin", op)
+  size = registry.static_value(op.inputs[2], "size", op)
+  if int(begin[0]) != 0 or int(size[0]) != -1:
+    return [MIXED]
+  _, begin_t, size_t = op.inputs
+  return [jacobians.apply_per_sample(j, lambda m: tf.slice(m, begin_t, size_t))]
+
+
+@registry.register("Tile", linear=True)
+@_of_first_input
+def _tile(op, j, ctx):
+  multiples = registry.static_value(op.inputs[1], "multiples", op)
+  if int(multiples[0]) != 1:
+    return [MIXED]
+  return [jacobians.apply_per_sample(j, lambda m: tf.tile(m, multiples))]
+
+
+@registry.register("BroadcastTo", linear=True)
+@_of_first_input
+def _broadcast_to(op, j, ctx):
+  u, out = op.inputs[0], op.outputs[0]
+  n_in, n_out = (tf.compat.dimension_value(t.shape[0]) for t in (u, out))
+  if u.shape.rank != out.shape.rank or n_in is None or n_in != n_out:
+    return [MIXED]
+  return [jacobians.fit(j, out)]
+
+
+@registry.register("Pad", "PadV2", "MirrorPad", linear=True)
+@_of_first_input
+def _pad(op, j, ctx):
+  paddings = registry.static_value(op.inputs[1], "paddings", op)
+  if np.any(paddings[0] != 0):
+    return [MIXED]
+  mode = op.get_attr("mode").decode() if op.type == "MirrorPad" else "CONSTANT"
+  return [
+    jacobians.apply_per_sample(j, lambda m: tf.pad(m, paddings, mode=mode))
+  ]
+
+
+@registry.register("GatherV2", linear=True)
+@_of_first_input
+def _gather(op, j, ctx):
+  axis = int(registry.static_value(op.inputs[2], "axis", op))
+  rank = registry.static_rank(op.inputs[0], op)
+  if op.get_attr("batch_dims") != 0 or axis % rank == 0:
+    return [MIXED]
+  indices = op.inputs[1]
+  return [
+    jacobians.apply_per_sample(
+      j, lambda m: tf.gather(m, indices, axis=axis % rank)
+    )
+  ]
+
+
+def _split_outputs(op, j, axis, rank, fn):
+  if j is None:
+    return [None] * len(op.outputs)
+  if axis % rank == 0:
+    return [MIXED] * len(op.outputs)
+  parts = []
+  for i in range(len(op.outputs)):
+    parts.append(jacobians.apply_per_sample(j, lambda m, i=i: fn(m)[i]))
+  return parts
+
+
+@registry.register("Split", linear=True)
+def _split(op, jacs, ctx):
+  axis = int(registry.static_value(op.inputs[0], "axis", op))
+  rank = registry.static_rank(op.inputs[1], op)
+  num = len(op.outputs)
+  return _split_outputs(
+    op, jacs[1], axis, rank, lambda m: tf.split(m, num, axis=axis)
+  )
+
+
+@registry.register("SplitV", linear=True)
+def _split_v(op, jacs, ctx):
+  axis = int(registry.static_value(op.inputs[2], "axis", op))
+  rank = registry.static_rank(op.inputs[0], op)
+  sizes = op.inputs[1]
+  return _split_outputs(
+    op, jacs[0], axis, rank, lambda m: tf.split(m, sizes, axis=axis)
+  )
+
+
+@registry.register("Unpack", linear=True)
+def _unpack(op, jacs, ctx):
+  axis = op.get_attr("axis")
+  rank = registry.static_rank(op.inputs[0], op)
+  num = len(op.outputs)
+  return _split_outputs(
+    op, jacs[0], axis, rank, lambda m: tf.unstack(m, num, axis=axis)
+  )
+
+
+def _reduction_axes(op):
+  rank = registry.static_rank(op.inputs[0], op)
+  axes = np.reshape(registry.static_value(op.inputs[1], "axis", op), [-1])
+  return sorted({int(a) % rank for a in axes}) if rank else []
+
+
+def _diagonal_sum(op, j, axes, keepdims):
+  """`Sum`/`Mean` of a tensor of diagonal Jacobian `j` over `axes`."""
+  u, out = op.inputs[0], op.outputs[0]
+  rank = u.shape.rank
+  # Broadcast `d` over the entries first: a sum counts every entry.
+  d = tf.broadcast_to(
+    j.value, tf.concat([tf.shape(j.value)[:1], tf.shape(u)[1:]], axis=0)
+  )
+  if op.type == "Mean":
+    count = tf.reduce_prod(tf.gather(tf.shape(u), axes))
+    d = d / tf.cast(count, d.dtype)
+  if rank - 1 not in axes:
+    return jacobians.diagonal(tf.reduce_sum(d, axis=axes, keepdims=keepdims))
+  # The feature axis is summed: entry e' of the output holds d[..., k] for
+  # tangent k, a dense (or, with a batch of 1, shared) Jacobian.
+  rest = [a for a in axes if a != rank - 1]
+  if rest:
+    d = tf.reduce_sum(d, axis=rest, keepdims=True)
+  perm = [0, rank - 1] + list(range(1, rank - 1))
+  value = tf.reshape(
+    tf.transpose(d, perm),
+    tf.concat([tf.shape(d)[:1], tf.shape(d)[-1:], tf.shape(out)[1:]], 0),
+  )
+  if tf.compat.dimension_value(d.shape[0]) == 1:
+    return jacobians.shared(value[0])
+  return jacobians.dense(value)
+
+
+@registry.register("Sum", "Mean", linear=True, diagonal=True)
+@_of_first_input
+def _sum(op, j, ctx):
+  axes = _reduction_axes(op)
+  if 0 in axes or not axes and op.inputs[0].shape.rank == 0:
+    return [MIXED]
+  keepdims = op.get_attr("keep_dims")
+  reduce = tf.reduce_sum if op.type == "Sum" else tf.reduce_mean
+  if not axes:
+    return [j]
+  if j.diagonal:
+    return [_diagonal_sum(op, j, axes, keepdims)]
+  return [
+    jacobians.apply_per_sample(
+      j, lambda m: reduce(m, axis=axes, keepdims=keepdims)
+    )
+  ]
+
+
+@registry.register("Max", "Min")
+@_of_first_input
+def _max(op, j, ctx):
+  """As TensorFlow's gradient: ties share the derivative equally."""
+  axes = _reduction_axes(op)
+  if 0 in axes:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) takes the extremum over the batch axis"
+    )
+  u = op.inputs[0]
+  picked = tf.reduce_max(u, axes, keepdims=True)
+  if op.type == "Min":
+    picked = tf.reduce_min(u, axes, keepdims=True)
+  mask = tf.cast(tf.equal(u, picked), u.dtype)
+  weights = mask / tf.reduce_sum(mask, axes, keepdims=True)
+  keepdims = op.get_attr("keep_dims")
+  return [
+    jacobians.apply_per_sample(
+      jacobians.scale(j, weights),
+      lambda m: tf.reduce_sum(m, axis=axes, keepdims=keepdims),
+    )
+  ]
+
+
+def _matmul_linear(op, jacs):
+  return sum(j is not None for j in jacs) == 1
+
+
+@registry.register("MatMul", linear=_matmul_linear)
+def _matmul(op, jacs, ctx):
+  ja, jb = jacs
+  if ja is not None and jb is not None:
+    raise registry.Unsupported(
+      f"MatMul ({op.name}) multiplies two tensors of x: samples would mix"
+    )
+  if jb is not None or op.get_attr("transpose_a"):
+    return [MIXED]  # The batch axis is summed over.
+  w = op.inputs[1]
+  tb = op.get_attr("transpose_b")
+  if not (ja.shared or ja.diagonal):
+    ctx.dense_matmul()
+  return [
+    jacobians.apply_per_sample(
+      ja, lambda m: tf.matmul(m, tf.cast(w, m.dtype), transpose_b=tb)
+    )
+  ]
+
+
+def _has_batch(t, out_rank):
+  """Whether `t` (a matmul operand) carries the batch axis of the output."""
+  return t.shape.rank == out_rank and tf.compat.dimension_value(t.shape[0]) != 1
+
+
+def _matmul_by(jac, other, out_rank, jac_on_left):
+  """`J @ other` (or `other @ J`) for `other` independent of x."""
+  if other.shape.rank == out_rank and not _has_batch(other, out_rank):
+    other = other[0]
+  other = tf.cast(other, jac.value.dtype)
+
+  def product(m, o):
+    return tf.matmul(m, o) if jac_on_left else tf.matmul(o, m)
+
+  if not _has_batch(other, out_rank):
+    return jacobians.Jacobian(product(jac.value, other), jac.shared)
+  value = jac.value if not jac.shared else tf.expand_dims(jac.value, 0)
+  return jacobians.dense(product(value, tf.expand_dims(other, 1)))
+
+
+@registry.register(
+  "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", linear=_matmul_linear
+)
+def _batch_matmul(op, jacs, ctx):
+  """Matmuls of the last two axes; the batch axis stays the first one."""
+  a, b = op.inputs
+  out = op.outputs[0]
+  out_rank = registry.static_rank(out, op)
+  ja, jb = jacs
+  for t, j in ((a, ja), (b, jb)):
+    if j is not None and registry.static_rank(t, op) != out_rank:
+      raise registry.Unsupported(
+        f"{op.type} ({op.name}) broadcasts an input of x of rank "
+        f"{t.shape.rank} against rank {out_rank}: samples would mix"
+      )
+  if any(j is not None and not j.shared for j in (ja, jb)):
+    ctx.dense_matmul()
+  if op.get_attr("adj_x"):
+    a = tf.linalg.matrix_transpose(a)
+    ja = ja and jacobians.apply_per_sample(ja, tf.linalg.matrix_transpose)
+  if op.get_attr("adj_y"):
+    b = tf.linalg.matrix_transpose(b)
+    jb = jb and jacobians.apply_per_sample(jb, tf.linalg.matrix_transpose)
+  if jb is None:
+    return [_matmul_by(ja, b, out_rank, jac_on_left=True)]
+  if ja is None:
+    return [_matmul_by(jb, a, out_rank, jac_on_left=False)]
+  result = jacobians.add(
+    _matmul_by(ja, b, out_rank, True), _matmul_by(jb, a, out_rank, False)
+  )
+
+  def build(adj):
+    # sum_{p,r} adj[p, r] (dA_k dB_l)[p, r] = <dA_k, adj dB_l^T>.
+    pulled = tf.matmul(
+      tf.expand_dims(tf.cast(adj, jb.value.dtype), 1),
+      jacobians.to_dense(jb, ctx.n),
+      transpose_b=True,
+    )
+    return [
+      jacobians.Term(
+        tf.ones([], pulled.dtype), ja, jacobians.dense(pulled), symmetric=True
+      )
+    ]
+
+  ctx.curvature(out, build)
+  return [result]
+
+
+def _einsum_linear(op, jacs):
+  return len(jacs) == 2 and sum(j is not None for j in jacs) == 1
+
+
+@registry.register("Einsum", linear=_einsum_linear)
+def _einsum(op, jacs, ctx):
+  """Two-operand einsums linear in the operand of x, its batch axis first."""
+  equation = op.get_attr("equation").decode().replace(" ", "")
+  if len(jacs) != 2 or "." in equation or "->" not in equation:
+    raise registry.Unsupported(
+      f"Einsum ({op.name}) is not a two-operand einsum without ellipsis"
+    )
+  if all(j is not None for j in jacs):
+    raise registry.Unsupported(
+      f"Einsum ({op.name}) multiplies two tensors of x"
+    )
+  operands, result = equation.split("->")
+  subs = operands.split(",")
+  i = 0 if jacs[0] is not None else 1
+  j, mine, other = jacs[i], subs[i], subs[1 - i]
+  batch = mine[:1]
+  if not batch or result[:1] != batch or mine.count(batch) != 1:
+    return [MIXED]
+  fresh = next(c for c in "ZYXWVUTSRQ" if c not in equation)
+  other_t = tf.cast(op.inputs[1 - i], j.value.dtype)
+  if j.shared and batch not in other:
+    spec = [fresh + mine[1:], other]
+    out = fresh + result[1:]
+    value = tf.einsum(
+      f"{spec[i]},{spec[1 - i]}->{out}", *_ordered(j.value, other_t, i)
+    )
+    return [jacobians.shared(value)]
+  ctx.dense_matmul()
+  spec = [batch + fresh + mine[1:], other]
+  out = batch + fresh + result[1:]
+  value = tf.einsum(
+    f"{spec[i]},{spec[1 - i]}->{out}",
+    *_ordered(jacobians.to_dense(j, ctx.n), other_t, i),
+  )
+  return [jacobians.dense(value)]
+
+
+def _ordered(mine, other, i):
+  return (mine, other) if i == 0 else (other, mine)
