@@ -5,6 +5,7 @@ Nothing here calls tf1hess: these are the values tf1hess is compared with.
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -151,13 +152,20 @@ def load_example(name):
   return module
 
 
+# TensorFlow's C++ log lines: absl's format ("E0000 00:00:...", TF >= 2.17)
+# and the older one ("2026-11-30 19:58:17.430792: E external/...", TF 2.12 to
+# 2.16, printed at start-up whatever TF_CPP_MIN_LOG_LEVEL says).
+_TF_LOG_LINE = re.compile(
+  r"^([IWEF]\d{4} |WARNING: All|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] )"
+)
+
+
 def clean_stderr(text):
-  """The lines of a program's stderr, without TensorFlow's start-up lines."""
+  """The lines of a program's stderr, without TensorFlow's C++ log lines."""
   return [
     line
     for line in text.splitlines()
-    if line.strip()
-    and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All"))
+    if line.strip() and not _TF_LOG_LINE.match(line)
   ]
 
 
