@@ -78,9 +78,13 @@ class Derivatives:
     trace of the diagonal.
 
   With `method=None` (the default) and at most `ROWS_MAX_FEATURES` joint
-  features, the full Hessian and the diagonal are the cache's own rows (one
-  backward pass each, shared with the entries), the fastest way measured for
-  PINN-sized inputs; beyond, and with a `method` given, they are
+  features, the full Hessian is the cache's own rows (one backward pass
+  each, shared with the entries), the fastest way measured for PINN-sized
+  inputs; so is the diagonal once an entry of that output has built a row.
+  A diagonal or Laplacian asked before any entry comes from
+  `tf1hess.batch_hessian_diagonals` (`method="auto"`: the forward engine
+  where it applies, without K backward passes). Beyond
+  `ROWS_MAX_FEATURES`, and with a `method` given, they are
   `tf1hess.batch_hessians` and `tf1hess.batch_hessian_diagonals` (the rows
   of the package's row machinery over the joint input, for several inputs).
 
@@ -292,6 +296,10 @@ class Derivatives:
     # Column i of row j, as `dde.grad.hessian` takes it.
     return self._get(("entry", c, i, j), lambda: self._row(c, j)[:, i : i + 1])
 
+  def _has_rows(self, c):
+    """Whether a row of output `c`'s Hessian is built (an entry was asked)."""
+    return any(key[:2] == ("row", c) for key in self._built)
+
   def _own_rows(self):
     """Whether full Hessians and diagonals come from the cache's rows."""
     return self._method is None and self.num_features <= ROWS_MAX_FEATURES
@@ -335,7 +343,7 @@ class Derivatives:
     full = self._hessian(c)
     if full is not None:
       return self._get(("diagonal", c), lambda: tf.linalg.diag_part(full))
-    if self._own_rows():
+    if self._own_rows() and self._has_rows(c):
       return self._get(
         ("diagonal", c),
         lambda: tf.stack(
