@@ -122,20 +122,6 @@ class _FilesTestCase(testing_utils.TempDirTestCase, parameterized.TestCase):
       time.sleep(0.01)
 
 
-def _interrupt_after(calls):
-  """Patches the engine to raise KeyboardInterrupt on run `calls + 1`."""
-  original = streaming.engine.Engine.run
-  count = [0]
-
-  def run(engine, replica, batch):
-    if count[0] == calls:
-      raise KeyboardInterrupt
-    count[0] += 1
-    return original(engine, replica, batch)
-
-  return mock.patch.object(streaming.engine.Engine, "run", run)
-
-
 class ConcurrentRunsTest(_FilesTestCase):
   def test_second_run_touches_nothing_of_the_first(self):
     path = self.save_input(_samples(9))
@@ -207,7 +193,10 @@ class DamagedFilesTest(_FilesTestCase):
     path = self.save_input(_samples(n))
     args = (_graph_def(), "x:0", "y:0", path, self.path("h.npy"))
     kwargs = {"batch_size": 2, "gradients_output": self.path("g.npy")}
-    with _interrupt_after(calls), self.assertRaises(KeyboardInterrupt):
+    with (
+      testing_utils.interrupt_after(streaming.engine.Engine, calls),
+      self.assertRaises(KeyboardInterrupt),
+    ):
       streaming.compute_hessians(*args, **kwargs)
     self.assertEqual(self.progress(), calls)
     return args, kwargs

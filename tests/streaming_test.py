@@ -243,19 +243,6 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       streaming.output_files(self.path("h.npy")), [self.path("h.npy")]
     )
 
-  def _interrupt_after(self, calls):
-    """Patches the engine to raise KeyboardInterrupt on run `calls + 1`."""
-    original = streaming.engine.Engine.run
-    count = [0]
-
-    def run(engine, replica, batch):
-      if count[0] == calls:
-        raise KeyboardInterrupt
-      count[0] += 1
-      return original(engine, replica, batch)
-
-    return mock.patch.object(streaming.engine.Engine, "run", run)
-
   def _interrupted_run(self, x, **kwargs):
     path, _ = write_input(self.dir, x, "npy")
     args = (mlp_graph_def(), "x:0", "y:0", path)
@@ -265,7 +252,10 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       batch_size=2,
       gradients_output=self.path("ref_g.npy"),
     )
-    with self._interrupt_after(2), self.assertRaises(KeyboardInterrupt):
+    with (
+      testing_utils.interrupt_after(streaming.engine.Engine, 2),
+      self.assertRaises(KeyboardInterrupt),
+    ):
       streaming.compute_hessians(
         *args,
         self.path("h.npy"),

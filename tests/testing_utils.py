@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import tempfile
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -189,3 +190,21 @@ class TempDirTestCase(tf.test.TestCase):
 
   def files(self):
     return sorted(os.listdir(self.dir))
+
+
+def interrupt_after(engine_class, calls):
+  """Patches `engine_class.run` to raise KeyboardInterrupt on run `calls + 1`.
+
+  As Ctrl-C would in the middle of a streaming run; pass
+  `tf1hess.streaming.engine.Engine`.
+  """
+  original = engine_class.run
+  count = [0]
+
+  def run(engine, replica, batch):
+    if count[0] == calls:
+      raise KeyboardInterrupt
+    count[0] += 1
+    return original(engine, replica, batch)
+
+  return mock.patch.object(engine_class, "run", run)
