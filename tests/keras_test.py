@@ -125,6 +125,28 @@ class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
       out, testing_utils.tanh_mlp_hessians(x_val, *weights), atol=1e-5
     )
 
+  @parameterized.named_parameters(
+    ("while_loop", "while_loop", None),
+    ("pfor_chunks", "pfor", 2),
+    ("forward", "forward", None),
+  )
+  def test_method_and_chunk_size_reach_the_rows(self, method, chunk_size):
+    x_val = np.random.default_rng(16).normal(size=(6, 3))
+    with tf.Graph().as_default():
+      model = _tanh_mlp(tf_keras, 3, seed=5)
+      h = tfh_keras.model_hessians(model, method=method, chunk_size=chunk_size)
+      d2 = tfh_keras.model_derivatives(
+        model, 2, method=method, chunk_size=chunk_size
+      )
+      sess = tf.compat.v1.keras.backend.get_session()
+      out, out2 = sess.run([h, d2], {model.input: x_val})
+      expected = testing_utils.tanh_mlp_hessians(x_val, *_weights(model))
+    self.assertAllClose(out, expected, atol=1e-5)
+    self.assertAllClose(out2, expected, atol=1e-5)
+    with tf.Graph().as_default():
+      with self.assertRaisesRegex(ValueError, r"`method` must be one of"):
+        tfh_keras.model_hessians(_tanh_mlp(tf_keras, 3), method="rows")
+
   def test_restored_weights(self):
     path = os.path.join(self.get_temp_dir(), "model.ckpt")
     x_val = np.random.default_rng(2).normal(size=(5, 3))

@@ -412,6 +412,30 @@ class AddHessianOpsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(h1, [[[6.0, 0.0], [0.0, -12.0]]])
     self.assertAllClose(h2, h1)
 
+  @parameterized.named_parameters(
+    ("while_loop", "while_loop", None),
+    ("pfor_chunks", "pfor", 1),
+    ("forward", "forward", None),
+  )
+  def test_method_and_chunk_size_reach_the_rows(self, method, chunk_size):
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(3, 5))
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3], name="x")
+      y = tf.reduce_sum(tf.tanh(tf.matmul(x, w)) ** 2, axis=1)
+    added = legacy.add_hessian_ops(
+      graph, x, y, method=method, chunk_size=chunk_size
+    )
+    x_val = rng.normal(size=(4, 3))
+    with tf.compat.v1.Session(graph=graph) as sess:
+      h = sess.run(added["hessians"], {x: x_val})
+    # sum_h tanh(a_h)^2: d2/da2 = 2 (1 - t^2) (1 - 3 t^2), a = x w.
+    t = np.tanh(x_val @ w)
+    expected = np.einsum("nh,ah,bh->nab", 2 * (1 - t**2) * (1 - 3 * t**2), w, w)
+    self.assertAllClose(h, expected, atol=1e-10)
+    with self.assertRaisesRegex(ValueError, r"`method` must be one of"):
+      legacy.add_hessian_ops(graph, x, y, method="rows")
+
   def test_check_independence_catches_coupling(self):
     with tf.Graph().as_default() as graph:
       x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")

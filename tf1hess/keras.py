@@ -102,6 +102,8 @@ def model_derivatives(
   name=None,
   unconnected_gradients="zero",
   parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
 ):
   """Per-sample derivatives of a graph-mode Keras 2 model's outputs.
 
@@ -119,6 +121,10 @@ def model_derivatives(
     unconnected_gradients: 'zero' (default) or 'none', as in
       `tf1hess.batch_hessians`.
     parallel_iterations: `int` or `None`, for the row loop.
+    method: `str`, default "auto": how the rows are built, as in
+      `tf1hess.batch_hessians` (docs/speed.md, docs/forward.md).
+    chunk_size: `int` or `None`, for `method="pfor"`, as in
+      `tf1hess.batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N,) + (d1, ..., dm) * order` for a model with one
@@ -155,6 +161,8 @@ def model_derivatives(
       name=name or "model_derivatives",
       unconnected_gradients=unconnected_gradients,
       parallel_iterations=parallel_iterations,
+      method=method,
+      chunk_size=chunk_size,
     )
   return result[0] if single else result
 
@@ -165,6 +173,8 @@ def model_hessians(
   unconnected_gradients="zero",
   check_independence=False,
   parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
 ):
   """Per-sample Hessians of a graph-mode Keras 2 model's outputs.
 
@@ -183,6 +193,10 @@ def model_hessians(
     check_independence: `bool`, default `False`: add a run-time check that
       samples are independent (fails for batch norm in training mode).
     parallel_iterations: `int` or `None`, for the row loop.
+    method: `str`, default "auto": how the rows are built, as in
+      `tf1hess.batch_hessians` (docs/speed.md, docs/forward.md).
+    chunk_size: `int` or `None`, for `method="pfor"`, as in
+      `tf1hess.batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)` (`(N, K, K)` for inputs `(N, K)`)
@@ -218,5 +232,7 @@ def model_hessians(
       unconnected_gradients=unconnected_gradients,
       check_independence=check_independence,
       parallel_iterations=parallel_iterations,
+      method=method,
+      chunk_size=chunk_size,
     )
   return result[0] if single else result

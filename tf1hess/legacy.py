@@ -475,6 +475,8 @@ def add_hessian_ops(
   name="tf1hess",
   check_independence=False,
   parallel_iterations=None,
+  method="auto",
+  chunk_size=None,
 ):
   """Adds per-sample Hessian and gradient ops of a loaded model to `graph`.
 
@@ -493,6 +495,9 @@ def add_hessian_ops(
     check_independence: `bool`, default `False`: see
       `tf1hess.batch_hessians`.
     parallel_iterations: `int` or `None`: see `tf1hess.batch_hessians`.
+    method: `str`, default "auto": how the rows are built, as in
+      `tf1hess.batch_hessians` (docs/speed.md, docs/forward.md).
+    chunk_size: `int` or `None`: see `tf1hess.batch_hessians`.
 
   Returns:
     A `dict` with "hessians", a `Tensor` `(N, K, K)` (`(N, d..., d...)`),
@@ -544,6 +549,8 @@ def add_hessian_ops(
         x,
         check_independence=check_independence,
         parallel_iterations=parallel_iterations,
+        method=method,
+        chunk_size=chunk_size,
       )
     except LookupError as error:  # An op without a (second) gradient.
       raise ValueError(
