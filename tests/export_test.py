@@ -14,6 +14,7 @@ import tempfile
 from unittest import mock
 
 from absl.testing import parameterized
+from google.protobuf import text_format
 import numpy as np
 import tensorflow as tf
 import testing_utils
@@ -264,6 +265,25 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       if hessians_name:
         added["hessians"] = tf.identity(added["hessians"], hessians_name)
       return legacy.HessianModel(graph, x, y, **added)
+
+  def test_text_graph_parses_back_with_quote_bytes(self):
+    # Bytes 0x22 ('"') in a constant's tensor_content: protobuf 5's str()
+    # of a GraphDef left them unescaped (TensorFlow 2.18 and 2.19).
+    scale = np.frombuffer(b'""""""\xf0?""""""\x00@', np.float64)  # ~1, ~2
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2], name="x")
+      y = tf.identity(tf.reduce_sum(scale * x**3, axis=1), name="y")
+      model = legacy.HessianModel(
+        graph, x, y, **legacy.add_hessian_ops(graph, x, y)
+      )
+    path = os.path.join(self.dir, "m.pbtxt")
+    export.export_frozen_graph(model, path)
+    with open(path, encoding="utf-8") as f:
+      graph_def = text_format.Parse(f.read(), tf.compat.v1.GraphDef())
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+      tf.compat.v1.import_graph_def(graph_def, name="")
+      h = sess.run("hessians:0", {"x:0": [[1.0, 2.0]]})
+    self.assertAllClose(h, [np.diag(6 * scale * [1.0, 2.0])])
 
   def test_graph_without_variables_needs_no_session(self):
     model = self._constant_model()

@@ -23,6 +23,7 @@ Example:
 import contextlib
 import os
 
+from google.protobuf import text_format
 import tensorflow as tf
 
 from tensorflow.python.util import deprecation  # pylint: disable=g-direct-tensorflow-import
@@ -189,7 +190,9 @@ def check_output_paths(
 def _write_graph_def(graph_def, path, as_text):
   with open(path, "wb") as f:
     if as_text:
-      f.write(str(graph_def).encode("utf-8"))
+      # Not str(graph_def): with protobuf 5 (TensorFlow 2.18, 2.19) it leaves
+      # quotes in bytes fields unescaped, and the file does not parse back.
+      f.write(text_format.MessageToString(graph_def).encode("utf-8"))
     else:
       f.write(graph_def.SerializeToString())
 
