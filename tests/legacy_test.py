@@ -10,6 +10,7 @@ import shutil
 import tempfile
 
 from absl.testing import parameterized
+from google.protobuf import text_format
 import numpy as np
 import tensorflow as tf
 import testing_utils
@@ -65,7 +66,10 @@ def _write_artifacts(directory, use_resource=False, seed=0):
         sess, sess.graph.as_graph_def(), ["y"]
       )
   tf.io.write_graph(frozen, directory, "frozen.pb", as_text=False)
-  tf.io.write_graph(frozen, directory, "frozen.pbtxt", as_text=True)
+  # Not tf.io.write_graph(as_text=True): TensorFlow 2.20's passes an argument
+  # that protobuf 7 removed (MessageToString(float_format=...)).
+  with open(os.path.join(directory, "frozen.pbtxt"), "w") as f:
+    f.write(text_format.MessageToString(frozen))
   return paths, weights
 
 
