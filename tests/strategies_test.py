@@ -21,20 +21,24 @@ import tensorflow as tf
 
 import testing_utils
 import tf1hess
-from tf1hess import _core
+from tf1hess import _rows
+from tf1hess import _shortcuts
+from tf1hess import plan as plan_lib
 from tf1hess.forward import dispatch
 
-# name -> (keyword arguments, what is patched): "vectorize" makes "auto"
-# vectorize the few rows of these tests; "fail_pfor" also makes vectorizing
-# fail, so that "auto" falls back to its loop over rows with the linear
-# shortcuts. Plain "auto" unrolls the few rows, with the shortcuts.
+# A plan whose "auto" vectorizes the few rows of these tests.
+_VECTORIZE = tf1hess.Plan(pfor_min_rows=1, eager_pfor_min_rows=1)
+
+# name -> (keyword arguments, what is patched): "fail_pfor" makes
+# vectorizing fail, so that "auto" falls back to its loop over rows with the
+# linear shortcuts. Plain "auto" unrolls the few rows, with the shortcuts.
 _STRATEGIES = {
   "while_loop": ({"method": "while_loop"}, None),
   "pfor": ({"method": "pfor"}, None),
   "pfor_chunks_of_2": ({"method": "pfor", "chunk_size": 2}, None),
   "auto": ({}, None),
-  "auto_vectorized": ({"method": "auto"}, "vectorize"),
-  "auto_without_pfor": ({"method": "auto"}, "fail_pfor"),
+  "auto_vectorized": ({"plan": _VECTORIZE}, None),
+  "auto_without_pfor": ({"plan": _VECTORIZE}, "fail_pfor"),
   # "auto" with the forward engine wherever it can follow the model (the
   # cost model says yes to every call), the rows elsewhere.
   "auto_forward": ({"method": "auto"}, "forward"),
@@ -64,16 +68,10 @@ class StrategyMixin(testing_utils.ControlFlowMixin):
       patches.append(
         mock.patch.object(dispatch, "prefers_forward", return_value=True)
       )
-    elif patched:
-      patches += [
-        mock.patch.object(_core, "EAGER_PFOR_MIN_ROWS", 1),
-        mock.patch.object(_core, "PFOR_MIN_ROWS", 1),
-        mock.patch.object(_core, "PFOR_MIN_ROWS_DEFAULT_ALLOCATOR", 1),
-      ]
     if patched == "fail_pfor":
       patches.append(
         mock.patch.object(
-          _core, "_pfor_rows", side_effect=ValueError("no pfor here")
+          _rows, "_pfor_rows", side_effect=ValueError("no pfor here")
         )
       )
     for patch in patches:
@@ -440,34 +438,32 @@ class FallbackTest(RowsOnlyMixin, StrategyMixin, tf.test.TestCase):
     # pfor has no converter: the second backward pass cannot be vectorized.
     return tf.reduce_sum(tf.math.cumulative_logsumexp(x, axis=1) ** 2, 1)
 
-  def _run(self, **kwargs):
+  def _run(self, twice=False, **kwargs):
     x_val = np.random.default_rng(0).normal(size=(3, 4))
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 4])
       y = self._model(x)
       h = tf1hess.batch_hessians(y, x, **kwargs)
+      if twice:
+        h = (h + tf1hess.batch_hessians(y, x, **kwargs)) / 2
       full = tf.hessians(y, x)[0]
       with tf.compat.v1.Session() as sess:
         out, full_val = sess.run([h, full], {x: x_val})
     self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
 
   def test_auto_falls_back_to_the_loop_when_pfor_fails(self):
-    with (
-      mock.patch.object(_core, "PFOR_MIN_ROWS", 4),
-      mock.patch.object(_core, "PFOR_MIN_ROWS_DEFAULT_ALLOCATOR", 4),
-    ):
-      with self.assertLogs("absl", "INFO") as logs:
-        self._run()
+    with self.assertLogs("absl", "WARNING") as logs:
+      self._run(plan=tf1hess.Plan(pfor_min_rows=4))
     self.assertRegex(
       "\n".join(logs.output), "could not be built by pfor.*falling back"
     )
 
   def test_auto_does_not_try_pfor_on_few_rows(self):
-    with self.assertNoLogs("absl", "INFO"):
+    with self.assertNoLogs("absl", "WARNING"):
       self._run()
 
   def test_explicit_pfor_falls_back_too(self):
-    with self.assertLogs("absl", "INFO") as logs:
+    with self.assertLogs("absl", "WARNING") as logs:
       self._run(method="pfor")
     self.assertRegex(
       "\n".join(logs.output), "could not be built by pfor.*falling back"
@@ -475,17 +471,35 @@ class FallbackTest(RowsOnlyMixin, StrategyMixin, tf.test.TestCase):
 
   def test_auto_falls_back_to_the_plain_loop_when_shortcuts_fail(self):
     with mock.patch.object(
-      _core, "_tail_terms", side_effect=RuntimeError("no shortcut")
+      _shortcuts, "tail_terms", side_effect=TypeError("no shortcut")
     ):
-      with self.assertLogs("absl", "INFO") as logs:
+      with self.assertLogs("absl", "WARNING") as logs:
         self._run()
     self.assertRegex(
-      "\n".join(logs.output), "linear shortcuts.*no shortcut.*falling back"
+      "\n".join(logs.output),
+      "linear shortcuts.*no shortcut.*falling back to while_loop\\.",
     )
+
+  def test_an_unexpected_error_is_not_hidden_by_a_fallback(self):
+    with mock.patch.object(
+      _shortcuts, "tail_terms", side_effect=RuntimeError("a bug")
+    ):
+      with self.assertRaisesRegex(RuntimeError, "a bug"):
+        self._run()
+
+  def test_a_fallback_warns_once_per_graph(self):
+    with mock.patch.object(
+      _shortcuts, "tail_terms", side_effect=TypeError("no shortcut")
+    ):
+      with self.assertLogs("absl", "WARNING") as logs:
+        self._run(twice=True)
+    lines = [line for line in logs.output if "no shortcut" in line]
+    self.assertNotEmpty(lines)  # The second build repeats none of them.
+    self.assertCountEqual(lines, set(lines))
 
   def test_while_loop_method_builds_no_shortcuts(self):
     with mock.patch.object(
-      _core, "_tail_terms", side_effect=AssertionError("unused")
+      _shortcuts, "tail_terms", side_effect=AssertionError("unused")
     ):
       self._run(method="while_loop")
 
@@ -521,31 +535,40 @@ class StrategyChoiceTest(
     self.assertLen(self._loops(4, method="pfor", chunk_size=2), 1)
 
   def test_auto_unrolls_few_rows(self):
-    self.assertEmpty(self._loops(_core.UNROLL_MAX_ROWS))
+    self.assertEmpty(self._loops(plan_lib.UNROLL_MAX_ROWS))
 
   def test_auto_loops_over_more_rows(self):
-    self.assertLen(self._loops(_core.UNROLL_MAX_ROWS + 1), 1)
+    self.assertLen(self._loops(plan_lib.UNROLL_MAX_ROWS + 1), 1)
 
   def test_auto_vectorizes_many_rows(self):
-    self.assertEmpty(self._loops(_core.pfor_min_rows(eager=False)))
+    self.assertEmpty(self._loops(tf1hess.Plan().vectorize_from(eager=False)))
 
   def test_auto_loops_below_many_rows(self):
-    self.assertLen(self._loops(_core.pfor_min_rows(eager=False) - 1), 1)
+    k = tf1hess.Plan().vectorize_from(eager=False) - 1
+    self.assertLen(self._loops(k), 1)
+
+  def test_a_plan_moves_the_thresholds(self):
+    self.assertEmpty(self._loops(5, plan=tf1hess.Plan(pfor_min_rows=5)))
+    self.assertLen(self._loops(3, plan=tf1hess.Plan(unroll_max_rows=2)), 1)
 
   @parameterized.named_parameters(
-    ("bfc", "true", _core.PFOR_MIN_ROWS),
-    ("bfc_1", "1", _core.PFOR_MIN_ROWS),
-    ("default", "false", _core.PFOR_MIN_ROWS_DEFAULT_ALLOCATOR),
-    ("unset", None, _core.PFOR_MIN_ROWS_DEFAULT_ALLOCATOR),
+    ("bfc", "true", plan_lib.PFOR_MIN_ROWS),
+    ("bfc_1", "1", plan_lib.PFOR_MIN_ROWS),
+    ("default", "false", plan_lib.PFOR_MIN_ROWS_DEFAULT_ALLOCATOR),
+    ("unset", None, plan_lib.PFOR_MIN_ROWS_DEFAULT_ALLOCATOR),
   )
   def test_vectorizing_threshold_follows_the_allocator(self, value, rows):
     env = {} if value is None else {"TF_CPU_ALLOCATOR_USE_BFC": value}
     with mock.patch.dict(os.environ, env):
       if value is None:
         os.environ.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
-      self.assertEqual(_core.pfor_min_rows(eager=False), rows)
+      plan = tf1hess.Plan()
+      self.assertEqual(plan.vectorize_from(eager=False), rows)
       self.assertEqual(
-        _core.pfor_min_rows(eager=True), _core.EAGER_PFOR_MIN_ROWS
+        plan.vectorize_from(eager=True), plan_lib.EAGER_PFOR_MIN_ROWS
+      )
+      self.assertEqual(
+        tf1hess.Plan(pfor_min_rows=3).vectorize_from(eager=False), 3
       )
 
   def test_elementwise_layer_takes_one_matmul(self):
@@ -555,95 +578,6 @@ class StrategyChoiceTest(
       ops = h.graph.get_operations()
       self.assertEmpty([op for op in ops if "While" in op.type])
       self.assertEmpty([op for op in ops if op.type == "TensorListStack"])
-
-
-class ShortcutsTest(tf.test.TestCase):
-  """The linear shortcuts find the layers they are meant to skip."""
-
-  def test_dense_layers_at_both_ends(self):
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, 5])
-      (g,) = tf.gradients(_mlp(x), x)
-      graph = _core._Graph(x)
-      terms = _core._tail_terms(g, graph)
-      self.assertEqual([t.op.type for t, _ in terms], ["TanhGrad"])
-      pre, w, transpose_b = _core._head(x, [t for t, _ in terms], graph)
-      self.assertEqual(pre.op.type, "MatMul")
-      self.assertEqual(w.shape.as_list(), [5, 3])
-      self.assertFalse(transpose_b)
-
-  def test_input_used_twice_has_no_head(self):
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
-      (g,) = tf.gradients(_quadratic(x), x)
-      graph = _core._Graph(x)
-      terms = _core._tail_terms(g, graph)
-      self.assertLen(terms, 2)  # The two uses of x in x * (x A).
-      self.assertIsNone(_core._head(x, [t for t, _ in terms], graph))
-
-  def test_fill_values(self):
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
-      n = tf.shape(x)[0]
-      filled = {
-        "fill": (tf.fill(tf.stack([n, 3]), 2.5), 2.5),
-        "ones_like": (tf.ones_like(x), 1.0),
-        "broadcast_reshape": (
-          tf.broadcast_to(tf.reshape(tf.ones([n]), [-1, 1]), tf.shape(x)),
-          1.0,
-        ),
-        "tiled_and_scaled": (
-          tf.tile(tf.fill([1, 3], 3.0), tf.stack([n, 1])) / 4.0 * 2.0,
-          1.5,
-        ),
-      }
-      values = {k: _core._fill_value(t) for k, (t, _) in filled.items()}
-      self.assertIsNone(_core._fill_value(x))
-      self.assertIsNone(_core._fill_value(tf.random.normal([2, 3])))
-      self.assertIsNone(_core._fill_value(tf.ones([2, 3]) * x))
-      with tf.compat.v1.Session() as sess:
-        got = sess.run(values, {x: np.zeros((2, 3))})
-    for key, (_, expected) in filled.items():
-      self.assertAllClose(got[key], expected, msg=key)
-
-  def test_constant_hessian_ends_every_term_at_the_input(self):
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
-      (g,) = tf.gradients(tf.reduce_mean(_quadratic(x)), x)
-      terms = _core._tail_terms(g, _core._Graph(x))
-      self.assertLen(terms, 2)
-      for t, _ in terms:
-        self.assertIs(t, x)
-
-  def test_elementwise_layers(self):
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
-      pre = tf.matmul(x, tf.ones([4, 3]))
-      act = tf.nn.softplus(pre) * tf.sigmoid(pre) + tf.tanh(pre) ** 2
-      mixed = tf.tanh(pre) * tf.reduce_sum(pre, axis=1, keepdims=True)
-      deeper = tf.tanh(tf.matmul(tf.tanh(pre), tf.ones([3, 3])))
-      self.assertTrue(_core._elementwise(pre, [act]))
-      self.assertTrue(_core._elementwise(pre, [tf.gradients(act, pre)[0]]))
-      self.assertFalse(_core._elementwise(pre, [mixed]))
-      self.assertFalse(_core._elementwise(pre, [deeper]))
-      self.assertFalse(_core._elementwise(pre, [act[:, :2]]))
-
-  def test_sum_over_a_broadcast_axis_is_not_skipped(self):
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
-      y = tf.reduce_sum(x * x[:, :1], axis=1)
-      (g,) = tf.gradients(y, x)
-      terms = _core._tail_terms(g, _core._Graph(x))
-      # The gradient of x[:, :1] sums x over its 4 columns: not the input.
-      self.assertNotEqual([t for t, _ in terms if t is not x], [])
-
-  def test_weights_that_depend_on_the_input_are_not_skipped(self):
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
-      y = tf.matmul(x, tf.transpose(x))  # (N, N): couples samples.
-      graph = _core._Graph(x)
-      self.assertIsNone(_core._head(x, [y], graph))
-      self.assertEqual(_core._tail_terms(y, graph), [(y, ())])
 
 
 class ArgumentErrorsTest(tf.test.TestCase, parameterized.TestCase):

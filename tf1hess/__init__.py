@@ -26,12 +26,14 @@ from tf1hess.per_output import batch_jacobians
 from tf1hess.per_output import batch_output_hessian_diagonals
 from tf1hess.per_output import batch_output_hessians
 from tf1hess.per_output import batch_output_laplacians
+from tf1hess.plan import Plan
 
 __version__ = "0.1.0"
 
 __all__ = [
   "Derivatives",
   "HessianCheck",
+  "Plan",
   "batch_derivatives",
   "batch_gradients",
   "batch_hessian_diagonals",

@@ -12,6 +12,7 @@ import tensorflow as tf
 from tf1hess import _core
 from tf1hess import ops
 from tf1hess import per_output
+from tf1hess import plan as plan_lib
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -105,6 +106,8 @@ class Derivatives:
       `tf1hess.batch_hessians` for the full Hessians and diagonals.
     chunk_size: as in `tf1hess.batch_hessians`.
     name: `str`, the name scope of the ops built; default "derivatives".
+    plan: a `tf1hess.Plan` in place of `method` and `chunk_size` (as in
+      `tf1hess.batch_hessians`); given, it is used as a `method`.
 
   Raises:
     RuntimeError: when executing eagerly (the cache lives in a graph; see
@@ -126,7 +129,9 @@ class Derivatives:
     True
   """
 
-  def __init__(self, ys, xs, method=None, chunk_size=None, name=None):
+  def __init__(
+    self, ys, xs, method=None, chunk_size=None, name=None, plan=None
+  ):
     if tf.executing_eagerly():
       raise RuntimeError(
         "`Derivatives` caches graph ops and needs graph mode (a "
@@ -134,10 +139,11 @@ class Derivatives:
         " or a tf.function); for eager tensors use tf1hess.eager."
         "batch_output_hessians(fn, x) and its siblings."
       )
-    _core.check_method("auto" if method is None else method, chunk_size)
+    self._plan = plan_lib.make(
+      plan, "auto" if method is None else method, chunk_size
+    )
     self._problem = per_output.Problem(ys, xs, "Derivatives")
-    self._method = method
-    self._chunk_size = chunk_size
+    self._choose_rows = method is None and plan is None
     self._graph = self._problem.y.graph
     with self._graph.as_default():
       with tf.compat.v1.name_scope(name or "derivatives") as scope:
@@ -302,10 +308,7 @@ class Derivatives:
 
   def _own_rows(self):
     """Whether full Hessians and diagonals come from the cache's rows."""
-    return self._method is None and self.num_features <= ROWS_MAX_FEATURES
-
-  def _ops_method(self):
-    return "auto" if self._method is None else self._method
+    return self._choose_rows and self.num_features <= ROWS_MAX_FEATURES
 
   def _full_hessian(self, c):
     p = self._problem
@@ -313,16 +316,9 @@ class Derivatives:
     if self._own_rows():
       return tf.stack([self._row(c, i) for i in range(k)], axis=1)
     if len(p.xs) == 1:
-      h = ops.batch_hessians(
-        p.output(c),
-        p.xs[0],
-        method=self._ops_method(),
-        chunk_size=self._chunk_size,
-      )
+      h = ops.batch_hessians(p.output(c), p.xs[0], plan=self._plan)
     else:
-      h = per_output.joint_hessian_rows(
-        self.gradient(c), p.xs, self._ops_method(), self._chunk_size
-      )
+      h = per_output.joint_hessian_rows(self.gradient(c), p.xs, self._plan)
     return p.reshape(h, [k, k])
 
   def diagonal(self, component=None):
@@ -354,12 +350,7 @@ class Derivatives:
     return self._get(
       ("diagonal", c),
       lambda: self._joint(
-        ops.batch_hessian_diagonals(
-          p.output(c),
-          p.xs,
-          method=self._ops_method(),
-          chunk_size=self._chunk_size,
-        )
+        ops.batch_hessian_diagonals(p.output(c), p.xs, plan=self._plan)
       ),
     )
 

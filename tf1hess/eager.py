@@ -13,6 +13,7 @@ import tensorflow as tf
 from tf1hess import _checks
 from tf1hess import _core
 from tf1hess import ops
+from tf1hess import plan as plan_lib
 from tf1hess import per_output
 
 
@@ -88,29 +89,25 @@ def _derivatives(
   x,
   order,
   unconnected_gradients="zero",
-  parallel_iterations=None,
+  plan=None,
   diagonal=False,
   check_independence=False,
-  method="auto",
-  chunk_size=None,
   laplacian=False,
 ):
   """Shared body of the public functions: per-sample derivatives of `order`."""
   unconnected = _checks.check_unconnected(unconnected_gradients)
-  _core.check_method(method, chunk_size)
+  plan = plan or plan_lib.Plan()
   x = _as_input(fn, x)
   _checks.check_output_fits(x, 1 if diagonal or laplacian else order)
-  if order == 2 and (method == "forward" or laplacian):
+  if order == 2 and (plan.method == "forward" or laplacian):
     return _graph_walk(
       fn,
       x,
       unconnected_gradients,
-      parallel_iterations,
+      plan,
       diagonal=diagonal,
       laplacian=laplacian,
       check_independence=check_independence,
-      method=method,
-      chunk_size=chunk_size,
     )
   if order >= 3 and _core.control_flow_v1():
     # The levels below the last are differentiated again, and they hold v1
@@ -121,9 +118,7 @@ def _derivatives(
       x,
       order,
       unconnected_gradients=unconnected_gradients,
-      parallel_iterations=parallel_iterations,
-      method=method,
-      chunk_size=chunk_size,
+      plan=plan,
     )
   with _Tapes(x, order) as tapes:
     ys = fn(x)
@@ -137,16 +132,14 @@ def _derivatives(
       grad,
       lambda level: tapes.gradient_fn(level, unconnected),
       order,
-      parallel_iterations=parallel_iterations,
+      plan,
       diagonal=diagonal,
       check_independence=check_independence,
-      method=method,
-      chunk_size=chunk_size,
     )
 
 
 @tf.autograph.experimental.do_not_convert
-def _graph_walk(fn, x, unconnected_gradients, parallel_iterations, **kwargs):
+def _graph_walk(fn, x, unconnected_gradients, plan, **kwargs):
   """Second derivatives by the graph ops: the forward engine walks a graph.
 
   While a graph is being built (a `tf.function`, a TF1 graph) `fn(x)` is
@@ -168,7 +161,7 @@ def _graph_walk(fn, x, unconnected_gradients, parallel_iterations, **kwargs):
       fn(x),
       x,
       unconnected_gradients=unconnected_gradients,
-      parallel_iterations=parallel_iterations,
+      plan=plan,
       **kwargs,
     )
 
@@ -187,6 +180,7 @@ def batch_hessians(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Per-sample Hessians of `fn` at the batch `x`.
 
@@ -205,6 +199,8 @@ def batch_hessians(
       eagerly); `"auto"` keeps the tape here.
     chunk_size: `int` or `None` (default: all rows at once): rows per
       vectorized backward pass, as in `tf1hess.batch_hessians`.
+    plan: a `tf1hess.Plan` in place of `parallel_iterations`, `method` and
+      `chunk_size`, as in `tf1hess.batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)`, or `None` with
@@ -229,10 +225,8 @@ def batch_hessians(
     x,
     2,
     unconnected_gradients,
-    parallel_iterations,
+    plan_lib.make(plan, method, chunk_size, parallel_iterations),
     check_independence=check_independence,
-    method=method,
-    chunk_size=chunk_size,
   )
 
 
@@ -243,6 +237,7 @@ def batch_hessian_diagonals(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Diagonals of the per-sample Hessians of `fn` at `x`, shape of `x`.
 
@@ -253,6 +248,7 @@ def batch_hessian_diagonals(
     parallel_iterations: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `batch_hessians`.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of the shape of `x`.
@@ -271,10 +267,8 @@ def batch_hessian_diagonals(
     x,
     2,
     unconnected_gradients,
-    parallel_iterations,
+    plan_lib.make(plan, method, chunk_size, parallel_iterations),
     diagonal=True,
-    method=method,
-    chunk_size=chunk_size,
   )
 
 
@@ -285,6 +279,7 @@ def batch_laplacians(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Per-sample Laplacians (Hessian traces) of `fn` at `x`, shape `(N,)`.
 
@@ -300,6 +295,7 @@ def batch_laplacians(
     parallel_iterations: as in `batch_hessians`.
     method: as in `tf1hess.batch_laplacians`.
     chunk_size: as in `batch_hessians`.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N,)`.
@@ -320,9 +316,7 @@ def batch_laplacians(
     x,
     2,
     unconnected_gradients,
-    parallel_iterations,
-    method=method,
-    chunk_size=chunk_size,
+    plan_lib.make(plan, method, chunk_size, parallel_iterations),
     laplacian=True,
   )
 
@@ -358,6 +352,7 @@ def batch_derivatives(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Per-sample derivative tensors of `fn` of order `order`.
 
@@ -374,6 +369,7 @@ def batch_derivatives(
     parallel_iterations: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `tf1hess.batch_derivatives`.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N,) + (d...) * order`.
@@ -395,26 +391,24 @@ def batch_derivatives(
     x,
     order,
     unconnected_gradients,
-    parallel_iterations,
-    method=method,
-    chunk_size=chunk_size,
+    plan_lib.make(plan, method, chunk_size, parallel_iterations),
   )
 
 
-def _per_output(op, fn, x, method, chunk_size):
+def _per_output(op, fn, x, method, chunk_size, plan):
   """`op(fn(x), x)` of `tf1hess.per_output`: in a `tf.function` if eager."""
-  _core.check_method(method, chunk_size)
+  plan = plan_lib.make(plan, method, chunk_size)
   x = _as_input(fn, x)
 
   def build(v):
-    return op(fn(v), v, method=method, chunk_size=chunk_size)
+    return op(fn(v), v, plan=plan)
 
   if not tf.executing_eagerly():
     return build(x)
   return tf.function(build, autograph=False)(x)
 
 
-def batch_jacobians(fn, x, method="auto", chunk_size=None):
+def batch_jacobians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Jacobians of every output of `fn` at `x`, not summed.
 
   Runs `tf1hess.batch_jacobians(fn(x), x)`: executing eagerly, inside a
@@ -426,6 +420,7 @@ def batch_jacobians(fn, x, method="auto", chunk_size=None):
     x: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `batch_hessians`.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` `(N, m..., d...)`.
@@ -442,10 +437,12 @@ def batch_jacobians(fn, x, method="auto", chunk_size=None):
     array([[[3., 2.],
             [0., 6.]]], dtype=float32)
   """
-  return _per_output(per_output.batch_jacobians, fn, x, method, chunk_size)
+  return _per_output(
+    per_output.batch_jacobians, fn, x, method, chunk_size, plan
+  )
 
 
-def batch_output_hessians(fn, x, method="auto", chunk_size=None):
+def batch_output_hessians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Hessians of every output of `fn` at `x`, not summed.
 
   Runs `tf1hess.batch_output_hessians(fn(x), x)` (in a `tf.function` when
@@ -456,6 +453,7 @@ def batch_output_hessians(fn, x, method="auto", chunk_size=None):
     x: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `batch_hessians`.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` `(N, m..., d..., d...)`.
@@ -475,11 +473,13 @@ def batch_output_hessians(fn, x, method="auto", chunk_size=None):
            [0., 2.]], dtype=float32)
   """
   return _per_output(
-    per_output.batch_output_hessians, fn, x, method, chunk_size
+    per_output.batch_output_hessians, fn, x, method, chunk_size, plan
   )
 
 
-def batch_output_hessian_diagonals(fn, x, method="auto", chunk_size=None):
+def batch_output_hessian_diagonals(
+  fn, x, method="auto", chunk_size=None, plan=None
+):
   """Diagonals of the per-sample Hessians of every output of `fn` at `x`.
 
   Runs `tf1hess.batch_output_hessian_diagonals(fn(x), x)` (in a
@@ -490,6 +490,7 @@ def batch_output_hessian_diagonals(fn, x, method="auto", chunk_size=None):
     x: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `batch_hessians`.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` `(N, m..., d...)`.
@@ -506,11 +507,11 @@ def batch_output_hessian_diagonals(fn, x, method="auto", chunk_size=None):
             [0., 2.]]], dtype=float32)
   """
   return _per_output(
-    per_output.batch_output_hessian_diagonals, fn, x, method, chunk_size
+    per_output.batch_output_hessian_diagonals, fn, x, method, chunk_size, plan
   )
 
 
-def batch_output_laplacians(fn, x, method="auto", chunk_size=None):
+def batch_output_laplacians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Laplacians of every output of `fn` at `x`, shape of `fn(x)`.
 
   Runs `tf1hess.batch_output_laplacians(fn(x), x)` (in a `tf.function` when
@@ -521,6 +522,7 @@ def batch_output_laplacians(fn, x, method="auto", chunk_size=None):
     x: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `batch_hessians`.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` `(N, m...)`: `(N, 1)` for outputs `(N, 1)`.
@@ -536,7 +538,7 @@ def batch_output_laplacians(fn, x, method="auto", chunk_size=None):
     array([[18.]], dtype=float32)
   """
   return _per_output(
-    per_output.batch_output_laplacians, fn, x, method, chunk_size
+    per_output.batch_output_laplacians, fn, x, method, chunk_size, plan
   )
 
 

@@ -104,6 +104,7 @@ def model_derivatives(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Per-sample derivatives of a graph-mode Keras 2 model's outputs.
 
@@ -125,6 +126,8 @@ def model_derivatives(
       `tf1hess.batch_hessians` (docs/speed.md, docs/forward.md).
     chunk_size: `int` or `None`, for `method="pfor"`, as in
       `tf1hess.batch_hessians`.
+    plan: a `tf1hess.Plan` in place of `parallel_iterations`, `method`
+      and `chunk_size`, as in `tf1hess.batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N,) + (d1, ..., dm) * order` for a model with one
@@ -163,6 +166,7 @@ def model_derivatives(
       parallel_iterations=parallel_iterations,
       method=method,
       chunk_size=chunk_size,
+      plan=plan,
     )
   return result[0] if single else result
 
@@ -175,6 +179,7 @@ def model_hessians(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Per-sample Hessians of a graph-mode Keras 2 model's outputs.
 
@@ -197,6 +202,8 @@ def model_hessians(
       `tf1hess.batch_hessians` (docs/speed.md, docs/forward.md).
     chunk_size: `int` or `None`, for `method="pfor"`, as in
       `tf1hess.batch_hessians`.
+    plan: a `tf1hess.Plan` in place of `parallel_iterations`, `method`
+      and `chunk_size`, as in `tf1hess.batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)` (`(N, K, K)` for inputs `(N, K)`)
@@ -234,5 +241,6 @@ def model_hessians(
       parallel_iterations=parallel_iterations,
       method=method,
       chunk_size=chunk_size,
+      plan=plan,
     )
   return result[0] if single else result

@@ -477,6 +477,7 @@ def add_hessian_ops(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Adds per-sample Hessian and gradient ops of a loaded model to `graph`.
 
@@ -498,6 +499,8 @@ def add_hessian_ops(
     method: `str`, default "auto": how the rows are built, as in
       `tf1hess.batch_hessians` (docs/speed.md, docs/forward.md).
     chunk_size: `int` or `None`: see `tf1hess.batch_hessians`.
+    plan: a `tf1hess.Plan` in place of `parallel_iterations`, `method`
+      and `chunk_size`, as in `tf1hess.batch_hessians`.
 
   Returns:
     A `dict` with "hessians", a `Tensor` `(N, K, K)` (`(N, d..., d...)`),
@@ -551,6 +554,7 @@ def add_hessian_ops(
         parallel_iterations=parallel_iterations,
         method=method,
         chunk_size=chunk_size,
+        plan=plan,
       )
     except LookupError as error:  # An op without a (second) gradient.
       raise ValueError(
@@ -583,6 +587,7 @@ def load(
   tag="serve",
   name="tf1hess",
   check_independence=False,
+  plan=None,
 ):
   """Loads a legacy model and adds its per-sample Hessian and gradient ops.
 
@@ -600,6 +605,8 @@ def load(
     name: `str`, default "tf1hess": the name scope of the added ops.
     check_independence: `bool`, default `False`: see
       `tf1hess.batch_hessians`.
+    plan: a `tf1hess.Plan` or `None` (the default method): how the rows are
+      built, as in `tf1hess.batch_hessians`.
 
   Returns:
     A `HessianModel(graph, xs, ys, hessians, gradients)`.
@@ -636,6 +643,7 @@ def load(
     ys_list if was_sequence else ys_list[0],
     name=name,
     check_independence=check_independence,
+    plan=plan,
   )
   return HessianModel(
     loaded,

@@ -15,6 +15,7 @@ from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-
 from tf1hess import _checks
 from tf1hess import _core
 from tf1hess import forward
+from tf1hess import plan as plan_lib
 from tf1hess.forward import dispatch
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -154,17 +155,14 @@ def _derivatives(
   default_name,
   order,
   unconnected_gradients,
-  parallel_iterations,
+  plan,
   check_independence=False,
   diagonal=False,
-  method="auto",
-  chunk_size=None,
   laplacian=False,
 ):
   """Shared body of the public ops: per-sample derivatives of `order`."""
   unconnected = _checks.check_unconnected(unconnected_gradients)
-  _core.check_method(method, chunk_size)
-  if method == "forward" and order > 2:
+  if plan.method == "forward" and order > 2:
     raise ValueError(
       "`method`='forward' computes derivatives of order <= 2; saw order "
       f"{order}. Use method='auto' for higher orders."
@@ -187,7 +185,7 @@ def _derivatives(
       result, done = (None, True) if g is None else (None, False)
       if not done and order == 2:
         result, done = dispatch.try_forward(
-          ys_list, x, g, mode, method, unconnected
+          ys_list, x, g, mode, plan.method, unconnected
         )
         if done and result is not None and check_independence:
           result = _checked(x, g, result, unconnected)
@@ -197,12 +195,10 @@ def _derivatives(
           g,
           lambda level, x=x: _graph_gradient(x, unconnected),
           order,
-          parallel_iterations=parallel_iterations,
+          plan,
           diagonal=diagonal or laplacian,
           check_independence=check_independence,
           input_name=x.name,
-          method=method,
-          chunk_size=chunk_size,
         )
         if laplacian and result is not None:
           result = tf.reduce_sum(result, axis=list(range(1, x.shape.rank)))
@@ -231,6 +227,7 @@ def batch_hessians(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Per-sample Hessians of `sum(ys)` with respect to each `x` in `xs`.
 
@@ -265,16 +262,17 @@ def batch_hessians(
       `"auto"`. `"while_loop"` is the reference design: a `tf.while_loop`
       of one backward pass per row. `"pfor"` vectorizes the rows of a chunk
       into one backward pass, and skips the matmuls that one-hot rows waste
-      in the first and last dense layers. `"auto"` vectorizes when there are
-      at least 256 rows (a static K; 512 without TensorFlow's BFC CPU
-      allocator), unrolls up to 16 rows into the graph, and otherwise loops
-      over rows, with the same shortcuts. Where an op cannot be vectorized,
-      the rows fall back to the loop when the graph is built. See
-      BENCHMARKS.md. `"forward"` takes the forward engine (forward
-      Jacobians op by op, see docs/forward.md), and raises `ValueError`
-      naming an op it has no rule for; `"auto"` takes it for diagonals and
-      Laplacians where its cost model says so, and falls back to the rows,
-      with a warning, where the engine cannot follow the model.
+      in the first and last dense layers. `"auto"` vectorizes from
+      `Plan.vectorize_from()` rows on (a static K: 256 with TensorFlow's
+      BFC CPU allocator, else 512), unrolls up to `Plan.unroll_max_rows`
+      (16) rows into the graph, and otherwise loops over rows, with the
+      same shortcuts. Where an op cannot be vectorized or a shortcut cannot
+      be built, the rows fall back to the loop when the graph is built,
+      with one WARNING. See docs/speed.md. `"forward"` takes the forward
+      engine (forward Jacobians op by op, see docs/forward.md), and raises
+      `ValueError` naming an op it has no rule for; `"auto"` takes it where
+      its cost model says so, and falls back to the rows, with a warning,
+      where the engine cannot follow the model.
     chunk_size: `int` or `None` (default: all rows at once): rows per
       vectorized backward pass. Smaller chunks keep the intermediate
       activations of only `chunk_size` rows alive, at some cost in speed
@@ -283,7 +281,10 @@ def batch_hessians(
       `parallel_iterations` rows at a time, and when the shortcuts need no
       rows one by one (a Hessian shared by all samples; a dense layer
       followed by elementwise ops: one matmul, with a factor of at most
-      256 MiB).
+      `Plan.max_factor_bytes`, 256 MiB).
+    plan: a `tf1hess.Plan` or `None`: `method`, `chunk_size`,
+      `parallel_iterations` and the thresholds of `"auto"` in one frozen
+      object; when given, those three arguments must keep their defaults.
 
   Returns:
     A `Tensor` of shape `(N, d..., d...)` for each `x`, in the structure of
@@ -292,10 +293,12 @@ def batch_hessians(
   Raises:
     RuntimeError: when called eagerly outside a `tf.function`, or on a
       finalized graph.
-    TypeError: when `ys` or `xs` is not a floating tensor of the graph.
+    TypeError: when `ys` or `xs` is not a floating tensor of the graph, or
+      `plan` is not a `tf1hess.Plan`.
     ValueError: when an `x` has rank < 2, a tensor is eager or from another
       graph, `unconnected_gradients` or `method` is unknown, `chunk_size`
-      is not a positive int, `ys` contains a control flow v1 loop (enable
+      is not a positive int, `plan` comes with `method`, `chunk_size` or
+      `parallel_iterations`, `ys` contains a control flow v1 loop (enable
       control flow v2), or `method='forward'` meets an op without a rule.
     tf.errors.InvalidArgumentError: at run time, when `check_independence`
       finds samples that are not independent.
@@ -322,10 +325,8 @@ def batch_hessians(
     "batch_hessians",
     2,
     unconnected_gradients,
-    parallel_iterations,
+    plan_lib.make(plan, method, chunk_size, parallel_iterations),
     check_independence=check_independence,
-    method=method,
-    chunk_size=chunk_size,
   )
 
 
@@ -337,6 +338,7 @@ def batch_hessian_diagonals(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Diagonals of the per-sample Hessians, shape of each `x`.
 
@@ -351,6 +353,7 @@ def batch_hessian_diagonals(
     parallel_iterations: as in `batch_hessians`.
     method: as in `batch_hessians`.
     chunk_size: as in `batch_hessians`.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of the shape of each `x`, in the structure of `xs`.
@@ -374,10 +377,8 @@ def batch_hessian_diagonals(
     "batch_hessian_diagonals",
     2,
     unconnected_gradients,
-    parallel_iterations,
+    plan_lib.make(plan, method, chunk_size, parallel_iterations),
     diagonal=True,
-    method=method,
-    chunk_size=chunk_size,
   )
 
 
@@ -389,6 +390,7 @@ def batch_laplacians(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Per-sample Laplacians (Hessian traces) of `sum(ys)`, shape `(N,)`.
 
@@ -408,6 +410,7 @@ def batch_laplacians(
       engine where it can, `"forward"` requires it, `"pfor"` and
       `"while_loop"` sum the diagonals of the rows.
     chunk_size: as in `batch_hessians`, for the row loop.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N,)` for each `x`, in the structure of `xs`.
@@ -433,9 +436,7 @@ def batch_laplacians(
     "batch_laplacians",
     2,
     unconnected_gradients,
-    parallel_iterations,
-    method=method,
-    chunk_size=chunk_size,
+    plan_lib.make(plan, method, chunk_size, parallel_iterations),
     laplacian=True,
   )
 
@@ -468,7 +469,7 @@ def batch_gradients(ys, xs, name=None, unconnected_gradients="zero"):
     [[2. 4.]]
   """
   return _derivatives(
-    ys, xs, name, "batch_gradients", 1, unconnected_gradients, None
+    ys, xs, name, "batch_gradients", 1, unconnected_gradients, plan_lib.Plan()
   )
 
 
@@ -481,6 +482,7 @@ def batch_derivatives(
   parallel_iterations=None,
   method="auto",
   chunk_size=None,
+  plan=None,
 ):
   """Per-sample derivative tensors of order `order`.
 
@@ -507,6 +509,7 @@ def batch_derivatives(
     chunk_size: as in `batch_hessians`; `None` does the K rows of the
       Hessian level at once and the K^(l-1) rows of level l > 2 by chunks of
       K rows.
+    plan: as in `batch_hessians`.
 
   Returns:
     A `Tensor` of shape `(N,) + (d1, ..., dm) * order` per `x`, in the
@@ -534,9 +537,7 @@ def batch_derivatives(
     "batch_derivatives",
     order,
     unconnected_gradients,
-    parallel_iterations,
-    method=method,
-    chunk_size=chunk_size,
+    plan_lib.make(plan, method, chunk_size, parallel_iterations),
   )
 
 

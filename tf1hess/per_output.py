@@ -33,6 +33,7 @@ import tensorflow as tf
 from tf1hess import _checks
 from tf1hess import _core
 from tf1hess import ops
+from tf1hess import plan as plan_lib
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -135,15 +136,14 @@ def _joint_vjp(xs, n, x_cols):
   return vjp
 
 
-def joint_hessian_rows(gradient, xs, method="auto", chunk_size=None):
+def joint_hessian_rows(gradient, xs, plan):
   """The per-sample Hessian over the joint input, from its gradient.
 
   Args:
     gradient: a `Tensor` `(N, K)`: the gradient of one output with respect
       to `xs`, flattened and concatenated in the order of `xs`.
     xs: the list of inputs `(N, d...)` with static feature dimensions.
-    method: as in `tf1hess.batch_hessians`.
-    chunk_size: as in `tf1hess.batch_hessians`.
+    plan: the call's `tf1hess.Plan`.
 
   Returns:
     A `Tensor` `(N, K, K)`: row `r` is the derivative of column `r` of
@@ -156,13 +156,14 @@ def joint_hessian_rows(gradient, xs, method="auto", chunk_size=None):
     gradient,
     sum(x_cols),
     sum(x_cols),
-    method=method,
-    chunk_size=chunk_size,
+    plan,
     source=xs[0] if len(xs) == 1 else None,
   )
 
 
-def batch_jacobians(ys, xs, name=None, method="auto", chunk_size=None):
+def batch_jacobians(
+  ys, xs, name=None, method="auto", chunk_size=None, plan=None
+):
   """Per-sample Jacobians of every output of `ys`, per `x` of `xs`.
 
   Unlike `tf.gradients`, the outputs are not summed: for `ys` of shape
@@ -178,6 +179,7 @@ def batch_jacobians(ys, xs, name=None, method="auto", chunk_size=None):
     name: `str`, optional; default "batch_jacobians".
     method: as in `tf1hess.batch_hessians`; default `"auto"`.
     chunk_size: as in `tf1hess.batch_hessians`.
+    plan: as in `tf1hess.batch_hessians`.
 
   Returns:
     A `Tensor` `(N, m..., d...)` per `x`, in the structure of `xs`; zeros
@@ -200,7 +202,7 @@ def batch_jacobians(ys, xs, name=None, method="auto", chunk_size=None):
     [[[3. 2.]
       [0. 6.]]]
   """
-  _core.check_method(method, chunk_size)
+  plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_jacobians"):
     p = Problem(ys, xs, "batch_jacobians")
     if p.num_outputs == 1:
@@ -216,8 +218,7 @@ def batch_jacobians(ys, xs, name=None, method="auto", chunk_size=None):
         y,
         p.num_outputs,
         sum(x_cols),
-        method=method,
-        chunk_size=chunk_size,
+        plan,
         source=p.xs[0] if len(p.xs) == 1 else None,
       )
     results = []
@@ -232,7 +233,7 @@ def _split(t, sizes, axis):
   return tf.split(t, sizes, axis=axis)
 
 
-def _output_hessian(p, m, method, chunk_size):
+def _output_hessian(p, m, plan):
   """The Hessian `(N, K, K)` of output `m` over the joint input of `p`.
 
   Each output takes its own K rows: rows of the gradients of all outputs
@@ -242,15 +243,15 @@ def _output_hessian(p, m, method, chunk_size):
   """
   k = sum(p.x_cols)
   if len(p.xs) == 1:
-    h = ops.batch_hessians(
-      p.output(m), p.xs[0], method=method, chunk_size=chunk_size
-    )
+    h = ops.batch_hessians(p.output(m), p.xs[0], plan=plan)
   else:
-    h = joint_hessian_rows(p.gradient(m), p.xs, method, chunk_size)
+    h = joint_hessian_rows(p.gradient(m), p.xs, plan)
   return tf.reshape(h, p.shape([k, k]))
 
 
-def batch_output_hessians(ys, xs, name=None, method="auto", chunk_size=None):
+def batch_output_hessians(
+  ys, xs, name=None, method="auto", chunk_size=None, plan=None
+):
   """Per-sample Hessians of every output of `ys`, with the cross blocks.
 
   For `ys` of shape `(N, m...)` and one `x` of shape `(N, d...)`: a `Tensor`
@@ -271,6 +272,7 @@ def batch_output_hessians(ys, xs, name=None, method="auto", chunk_size=None):
     name: `str`, optional; default "batch_output_hessians".
     method: as in `tf1hess.batch_hessians`; default `"auto"`.
     chunk_size: as in `tf1hess.batch_hessians`.
+    plan: as in `tf1hess.batch_hessians`.
 
   Returns:
     For a tensor `xs`, a `Tensor` `(N, m..., d..., d...)`; for a list of L
@@ -291,12 +293,12 @@ def batch_output_hessians(ys, xs, name=None, method="auto", chunk_size=None):
     >>> u_xt.reshape(2)  # d2(x^2 t)/dxdt = 2x, d2(x + t^3)/dxdt = 0
     array([6., 0.], dtype=float32)
   """
-  _core.check_method(method, chunk_size)
+  plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_hessians"):
     p = Problem(ys, xs, "batch_output_hessians")
     k = sum(p.x_cols)
     rows = tf.stack(
-      [_output_hessian(p, m, method, chunk_size) for m in range(p.num_outputs)],
+      [_output_hessian(p, m, plan) for m in range(p.num_outputs)],
       axis=1,
     )  # (N, M, K, K)
     if not p.was_sequence:
@@ -313,7 +315,7 @@ def batch_output_hessians(ys, xs, name=None, method="auto", chunk_size=None):
 
 
 def batch_output_hessian_diagonals(
-  ys, xs, name=None, method="auto", chunk_size=None
+  ys, xs, name=None, method="auto", chunk_size=None, plan=None
 ):
   """Diagonals of the per-sample Hessians of every output of `ys`.
 
@@ -327,6 +329,7 @@ def batch_output_hessian_diagonals(
     name: `str`, optional; default "batch_output_hessian_diagonals".
     method: as in `tf1hess.batch_hessians`; default `"auto"`.
     chunk_size: as in `tf1hess.batch_hessians`.
+    plan: as in `tf1hess.batch_hessians`.
 
   Returns:
     A `Tensor` `(N, m..., d...)` per `x`, in the structure of `xs`.
@@ -345,13 +348,11 @@ def batch_output_hessian_diagonals(
     [[[ 6. 12.]
       [ 2.  0.]]]
   """
-  _core.check_method(method, chunk_size)
+  plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_hessian_diagonals"):
     p = Problem(ys, xs, "batch_output_hessian_diagonals")
     per_output = [
-      ops.batch_hessian_diagonals(
-        p.output(m), p.xs, method=method, chunk_size=chunk_size
-      )
+      ops.batch_hessian_diagonals(p.output(m), p.xs, plan=plan)
       for m in range(p.num_outputs)
     ]
     results = []
@@ -361,7 +362,9 @@ def batch_output_hessian_diagonals(
     return _checks.restore_structure(results, p.was_sequence)
 
 
-def batch_output_laplacians(ys, xs, name=None, method="auto", chunk_size=None):
+def batch_output_laplacians(
+  ys, xs, name=None, method="auto", chunk_size=None, plan=None
+):
   """Per-sample Laplacians of every output of `ys` over all of `xs`.
 
   `L[n, o] = sum_i d^2 ys[n, o] / d z[n, i]^2` where `z` is the joint input
@@ -376,6 +379,7 @@ def batch_output_laplacians(ys, xs, name=None, method="auto", chunk_size=None):
     name: `str`, optional; default "batch_output_laplacians".
     method: as in `tf1hess.batch_hessians`; default `"auto"`.
     chunk_size: as in `tf1hess.batch_hessians`.
+    plan: as in `tf1hess.batch_hessians`.
 
   Returns:
     A `Tensor` of the shape of `ys`, `(N, m...)`.
@@ -393,11 +397,10 @@ def batch_output_laplacians(ys, xs, name=None, method="auto", chunk_size=None):
     ...     print(sess.run(lap, {x: [[1., 2.]]}))
     [[18.]]
   """
+  plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_laplacians"):
     p = Problem(ys, xs, "batch_output_laplacians")
-    diagonals = batch_output_hessian_diagonals(
-      p.y, p.xs, method=method, chunk_size=chunk_size
-    )
+    diagonals = batch_output_hessian_diagonals(p.y, p.xs, plan=plan)
     num_out = len(p.out_dims)
     terms = [
       tf.reduce_sum(d, axis=list(range(1 + num_out, d.shape.rank)))

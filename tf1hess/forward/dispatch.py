@@ -12,7 +12,8 @@ import weakref
 from absl import logging
 import tensorflow as tf
 
-from tf1hess import _core
+from tf1hess import _shortcuts
+from tf1hess import plan as plan_lib
 from tf1hess.forward import engine
 from tf1hess.forward import jacobians
 
@@ -63,16 +64,16 @@ def prefers_forward(x, grad, mode, walked):
 
 def _rows_take_one_matmul(x, grad):
   """Whether the rows' shortcut for one dense layer then elementwise ops
-  applies (`_core._elementwise_rows`): all rows from one matmul."""
-  # pylint: disable=protected-access
+  applies (`_shortcuts._elementwise_rows`): all rows from one matmul."""
   k = tf.compat.dimension_value(x.shape[1]) if x.shape.rank == 2 else None
   if k is None or grad.shape.rank != 2:
     return False
-  graph = _core._Graph(x)
-  terms = _core._tail_terms(grad, graph)
-  head = _core._head(x, [t for t, _ in terms], graph)
-  return head is not None and _core._elementwise_rows_fit(
-    head, terms, k, k, grad.dtype
+  plan = plan_lib.Plan()
+  graph = _shortcuts.Graph(x)
+  terms = _shortcuts.tail_terms(grad, graph, plan.max_terms)
+  layer = _shortcuts.head(x, [t for t, _ in terms], graph)
+  return layer is not None and _shortcuts.elementwise_rows_fit(
+    layer, terms, k, k, grad.dtype, plan.max_factor_bytes
   )
 
 
@@ -144,7 +145,7 @@ def try_forward(ys, x, grad, mode, method, unconnected):
   if (
     not walked.connected
     and unconnected == tf.UnconnectedGradients.NONE
-    and not _core._Graph(x).depends(grad)  # pylint: disable=protected-access
+    and not _shortcuts.Graph(x).depends(grad)
   ):
     return None, True
   return shaped(walked.value, x, mode), True
