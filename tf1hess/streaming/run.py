@@ -23,6 +23,7 @@ from tf1hess import _checks
 from tf1hess import _tf_errors
 from tf1hess import cluster
 from tf1hess.streaming.engine import Engine
+from tf1hess.streaming.engine import Strategy
 from tf1hess.streaming.engine import without_devices
 from tf1hess.streaming.readers import open_input
 from tf1hess.streaming.writer import Checksums
@@ -144,6 +145,9 @@ def compute_hessians(
   connect_timeout=60.0,
   progress_interval=10.0,
   overwrite=False,
+  method="auto",
+  chunk_size=None,
+  parallel_iterations=None,
 ):
   """Writes the per-sample Hessians of a frozen graph over a file of samples.
 
@@ -158,7 +162,10 @@ def compute_hessians(
   Every check runs before any output file is created. The run then writes
   `OUTPUT.partial` and the progress file `OUTPUT.progress.json`; calling
   again with the same arguments (`resume=True`) computes only the batches
-  not yet done, and the complete result is renamed to `output`.
+  not yet done, and the complete result is renamed to `output`. `method`,
+  `chunk_size` and `parallel_iterations` choose how the rows are built, not
+  what they are: a call that changes only them resumes too (with a warning:
+  the strategies agree to float rounding, not bit for bit).
 
   Args:
     graph_def: a frozen `tf.compat.v1.GraphDef` (variables folded into
@@ -195,6 +202,13 @@ def compute_hessians(
     overwrite: `bool`, default `False`: replace an existing `output` (or
       `gradients_output`, or their shards) that no unfinished run of this
       output wrote; `False` refuses it with a `FileExistsError`.
+    method: `str`, default "auto": how the rows of each Hessian are built,
+      one of "auto", "forward", "pfor", "while_loop", as in
+      `tf1hess.batch_hessians` (docs/speed.md, docs/forward.md).
+    chunk_size: `int` or `None` (default: all rows at once): rows per
+      vectorized backward pass, as in `tf1hess.batch_hessians`.
+    parallel_iterations: `int` or `None` (default): rows of the row loop
+      that may run in parallel, as in `tf1hess.batch_hessians`.
 
   Returns:
     A `RunSummary`.
@@ -206,8 +220,10 @@ def compute_hessians(
     ValueError: for unknown tensor names (the message lists the closest
       names), input samples whose shape does not match `xs`, an empty or
       malformed input, an output name that is not `.npy`, `ys` that does
-      not depend on `xs`, malformed `worker_hosts`, or an unfinished run on
-      `output` with other settings, or another run writing `output`.
+      not depend on `xs`, malformed `worker_hosts`, an unknown `method`, a
+      `chunk_size` or `parallel_iterations` that is not a positive int, an
+      op `method="forward"` has no rule for, an unfinished run on `output`
+      with other settings, or another run writing `output`.
     FileExistsError: when `output` or `gradients_output` exists and
       `overwrite` is `False`.
     OSError: when the outputs cannot fit on their disk (checked before
@@ -234,6 +250,7 @@ def compute_hessians(
   """
   _checks.check_positive_int(batch_size, "batch_size")
   _checks.check_positive_int(max_file_bytes, "max_file_bytes")
+  strategy = Strategy(method, chunk_size, parallel_iterations)
   out_dtype = _output_dtype(dtype)
   hosts = (
     None if worker_hosts is None else cluster.parse_worker_hosts(worker_hosts)
@@ -266,6 +283,7 @@ def compute_hessians(
     reader,
     gradients_output is not None,
     check_independence,
+    strategy,
     hosts,
     timeout,
   )
@@ -281,6 +299,7 @@ def compute_hessians(
       overwrite,
       max_file_bytes,
       progress_interval,
+      strategy,
       settings={
         "graph_sha256": _graph_digest(graph_def),
         "xs": xs,
@@ -315,9 +334,14 @@ def _run(
   overwrite,
   max_file_bytes,
   progress_interval,
+  strategy,
   settings,
 ):
-  """Creates or resumes the outputs, computes the missing batches, renames."""
+  """Creates or resumes the outputs, computes the missing batches, renames.
+
+  `settings` (a `dict`) must match those of the run being resumed;
+  `strategy` may differ from its.
+  """
   n = reader.num_samples
   k = int(np.prod(reader.feature_shape))
   num_batches = -(-n // batch_size)
@@ -343,7 +367,7 @@ def _run(
   with contextlib.ExitStack() as locks:
     for f in files:  # Before any other file is created or removed.
       locks.enter_context(_lock(f.output))
-    manifest = Manifest(output, settings)
+    manifest = Manifest(output, settings, strategy.as_dict())
     checksums = Checksums(output, len(files))
     manifest.partial_files = [
       os.path.abspath(p) for f in files for p in f.partials
@@ -364,6 +388,16 @@ def _run(
     if state is not None:
       manifest.check_same_run(state)
       _resume(files, manifest, checksums, state, batch_size, n)
+      earlier = manifest.add_strategies(state, Strategy().as_dict())
+      if earlier and manifest.done:
+        logging.warning(
+          "Resuming %s with %s; batches already done were computed with %s. "
+          "The strategies agree to float rounding, not bit for bit: the "
+          "result may differ from an uninterrupted run in the last bits.",
+          output,
+          _describe(manifest.strategies[-1]),
+          " or ".join(map(_describe, earlier)),
+        )
       logging.info(
         "Resuming %s: %d of %d batches already done.",
         output,
@@ -427,6 +461,10 @@ def _run(
     resumed_batches=resumed,
     computed_batches=computed,
   )
+
+
+def _describe(strategy):
+  return ", ".join(f"{k}={v!r}" for k, v in strategy.items())
 
 
 def _check_overwrite(outputs, overwrite):
