@@ -179,22 +179,7 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
   )
   def test_bad_strategy_flag_subprocess_writes_nothing(self, flag, regex):
     path, _ = self.save_samples(4)
-    result = subprocess.run(
-      [
-        sys.executable,
-        _SCRIPT,
-        f"--graph={self.paths['graph']}",
-        "--xs=x:0",
-        "--ys=y:0",
-        f"--input={path}",
-        f"--output={self.path('h.npy')}",
-        flag,
-      ],
-      capture_output=True,
-      text=True,
-      timeout=_TIMEOUT,
-      check=False,
-    )
+    result = self._run_script(path, "--ys=y:0", flag)
     self.assertEqual(result.returncode, 1, result.stderr)
     self.assertRegex(
       testing_utils.clean_stderr(result.stderr)[0],
@@ -238,23 +223,12 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
       f.write("a,b,c\n")
       for row in x:
         f.write(",".join(repr(float(v)) for v in row) + "\n")
-    result = subprocess.run(
-      [
-        sys.executable,
-        _SCRIPT,
-        f"--graph={self.paths['graph']}",
-        "--xs=x:0",
-        "--ys=y:0",
-        f"--input={self.path('x.csv')}",
-        f"--output={self.path('h.npy')}",
-        "--batch_size=3",
-        "--dtype=float64",
-        "--progress_secs=0",
-      ],
-      capture_output=True,
-      text=True,
-      timeout=_TIMEOUT,
-      check=False,
+    result = self._run_script(
+      self.path("x.csv"),
+      "--ys=y:0",
+      "--batch_size=3",
+      "--dtype=float64",
+      "--progress_secs=0",
     )
     self.assertEqual(result.returncode, 0, result.stderr)
     hessians = np.load(self.path("h.npy"))
@@ -383,23 +357,27 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertCountEqual(os.listdir(self.dir), ["coupled.pb", "x.npy"])
 
-  def test_bad_input_subprocess_exit_status(self):
-    path, _ = self.save_samples(4)
-    result = subprocess.run(
+  def _run_script(self, path, *flags_):
+    """Runs the script on the frozen model, `path` and `h.npy`; its result."""
+    return subprocess.run(
       [
         sys.executable,
         _SCRIPT,
         f"--graph={self.paths['graph']}",
         "--xs=x:0",
-        "--ys=y_out:0",
         f"--input={path}",
         f"--output={self.path('h.npy')}",
+        *flags_,
       ],
       capture_output=True,
       text=True,
       timeout=_TIMEOUT,
       check=False,
     )
+
+  def test_bad_input_subprocess_exit_status(self):
+    path, _ = self.save_samples(4)
+    result = self._run_script(path, "--ys=y_out:0")
     self.assertEqual(result.returncode, 1)
     self.assertEqual(
       testing_utils.clean_stderr(result.stderr),
