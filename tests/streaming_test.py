@@ -406,7 +406,7 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       self.assertLen(warnings, 1)
       self.assertIn(f"with method={current['method']!r}", warnings[0])
       self.assertIn(
-        f"computed with method={earlier['method']!r}, chunk_size="
+        f"earlier runs of it used method={earlier['method']!r}, chunk_size="
         f"{earlier['chunk_size']!r}",
         warnings[0],
       )
@@ -611,6 +611,18 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       streaming.compute_hessians(
         mlp_graph_def(), "x:0", "y:0", path, self.path("h.npy")
       )
+
+  def test_manifest_records_the_strategies_that_ran(self):
+    a, b, c = ({"method": m} for m in ("auto", "pfor", "while_loop"))
+    manifest = streaming.writer.Manifest(self.path("h.npy"), {}, a)
+    self.assertEqual(manifest.add_strategies({"strategies": [b, a]}, c), [b])
+    self.assertEqual(manifest.strategies, [b, a])
+    fresh = streaming.writer.Manifest(self.path("h.npy"), {}, b)
+    self.assertEqual(fresh.add_strategies({}, c), [c])
+    self.assertEqual(fresh.strategies, [c, b])
+    fresh.save(3, streaming.writer.Intervals([[0, 1]]))
+    with open(self.path("h.npy.progress.json"), encoding="utf-8") as f:
+      self.assertEqual(json.load(f)["strategies"], [c, b])
 
   def test_intervals(self):
     done = streaming.writer.Intervals()

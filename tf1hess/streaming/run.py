@@ -391,9 +391,9 @@ def _run(
       earlier = manifest.add_strategies(state, Strategy().as_dict())
       if earlier and manifest.done:
         logging.warning(
-          "Resuming %s with %s; batches already done were computed with %s. "
-          "The strategies agree to float rounding, not bit for bit: the "
-          "result may differ from an uninterrupted run in the last bits.",
+          "Resuming %s with %s, though earlier runs of it used %s. The "
+          "strategies agree to float rounding, not bit for bit: the result "
+          "may differ from an uninterrupted run in the last bits.",
           output,
           _describe(manifest.strategies[-1]),
           " or ".join(map(_describe, earlier)),
