@@ -31,8 +31,8 @@ class Strategy:
   touched, and handed to the engine, which builds every replica's Hessian
   ops with it. The strategies agree to float rounding, not bit for bit, so a
   strategy is not one of a run's settings: a run may be resumed with
-  another one (its earlier batches are kept; the progress file records every
-  strategy that wrote batches).
+  another one (its earlier batches are kept; the progress file records the
+  strategy of every run of the output).
 
   Attributes:
     method: `str`, one of "auto" (default), "forward", "pfor", "while_loop".

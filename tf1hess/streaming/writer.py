@@ -332,8 +332,8 @@ class Manifest:
 
   Besides the settings (whose fingerprint a resumed run must match), it
   records the strategies (`tf1hess.batch_hessians`' `method`, `chunk_size`,
-  `parallel_iterations`) that wrote batches, which a resumed run may change:
-  they agree to float rounding, not bit for bit. Progress files written
+  `parallel_iterations`) of the runs that wrote it, which a resumed run may
+  change: they agree to float rounding, not bit for bit. Progress files written
   before the strategy could be chosen have no "strategies"; they resume
   alike.
   """
@@ -386,7 +386,7 @@ class Manifest:
     )
 
   def add_strategies(self, state, legacy):
-    """Records the strategies of the run being resumed; returns them.
+    """Adds the strategies of the run being resumed; returns the others.
 
     Args:
       state: the `dict` that `load` returned.
