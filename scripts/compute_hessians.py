@@ -148,7 +148,7 @@ def compute(
     checkpoint: as in `tf1hess.legacy.load_graph_def`.
     tag: as in `tf1hess.legacy.load_graph_def`.
     **kwargs: the other arguments of `tf1hess.streaming.compute_hessians`
-      (`batch_size`, `dtype`, `resume`, `worker_hosts`, ...).
+      (`batch_size`, `dtype`, `resume`, `worker_hosts`, `method`, ...).
 
   Returns:
     The `tf1hess.streaming.RunSummary`.
