@@ -12,6 +12,11 @@ An interrupted run (Ctrl-C, killed, a lost worker) keeps what it finished in
 With `--worker_hosts` the batches run on a TensorFlow cluster of
 `scripts/worker.py` servers.
 
+`--method` (with `--chunk_size`, `--parallel_iterations`) chooses how the
+rows of each Hessian are built, not what they are: a run may be resumed with
+another method, and its batches already done are kept; the methods agree to
+float rounding, not bit for bit (docs/streaming.md).
+
   python scripts/compute_hessians.py --saved_model=/tmp/model \
     --xs=x:0 --ys=y:0 --input=/tmp/x.npy --output=/tmp/hessians.npy \
     --batch_size=1024
@@ -40,6 +45,7 @@ from tf1hess import legacy
 from tf1hess import streaming
 
 _MODEL = _cli.define_model_flags()
+_STRATEGY = _cli.define_strategy_flags()
 _INPUT = flags.DEFINE_string(
   "input",
   None,
@@ -79,8 +85,9 @@ _DTYPE = flags.DEFINE_enum(
 _RESUME = flags.DEFINE_bool(
   "resume",
   True,
-  "Continue an unfinished run of the same flags on --output; --noresume "
-  "discards it and starts over.",
+  "Continue an unfinished run of the same flags on --output (--method, "
+  "--chunk_size and --parallel_iterations may differ); --noresume discards "
+  "it and starts over.",
 )
 _WORKER_HOSTS = flags.DEFINE_list(
   "worker_hosts",
@@ -141,7 +148,7 @@ def compute(
     checkpoint: as in `tf1hess.legacy.load_graph_def`.
     tag: as in `tf1hess.legacy.load_graph_def`.
     **kwargs: the other arguments of `tf1hess.streaming.compute_hessians`
-      (`batch_size`, `dtype`, `resume`, `worker_hosts`, ...).
+      (`batch_size`, `dtype`, `resume`, `worker_hosts`, `method`, ...).
 
   Returns:
     The `tf1hess.streaming.RunSummary`.
@@ -183,6 +190,7 @@ def main(argv):
         connect_timeout=_CONNECT_TIMEOUT.value,
         max_file_bytes=_MAX_FILE_BYTES.value,
         check_independence=_MODEL.check_independence.value,
+        **_STRATEGY.strategy_kwargs(),
         progress_interval=_PROGRESS_SECS.value,
       )
   except KeyboardInterrupt:

@@ -1,13 +1,12 @@
-"""The scripts' shared helpers: one-line errors, atomic outputs, flags."""
+"""Tests of tf1hess._cli, the scripts' shared helpers: errors and flags."""
 
-import os
-import tempfile
 import types
 
+from absl import flags
+from absl.testing import flagsaver
 import tensorflow as tf
 
 from tf1hess import _cli
-from tf1hess import _files
 
 
 class ExitOnErrorTest(tf.test.TestCase):
@@ -47,67 +46,6 @@ class ExitOnErrorTest(tf.test.TestCase):
         raise ZeroDivisionError()
 
 
-class AtomicOutputTest(tf.test.TestCase):
-  def test_renames_on_success(self):
-    path = os.path.join(self.get_temp_dir(), "out.txt")
-    with _files.atomic_output(path) as tmp:
-      self.assertNotEqual(tmp, path)
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write("done")
-      self.assertFalse(os.path.exists(path))
-    with open(path, encoding="utf-8") as f:
-      self.assertEqual(f.read(), "done")
-    self.assertEqual(os.stat(path).st_mode & 0o777, 0o666 & ~_umask())
-
-  def test_leaves_nothing_on_failure(self):
-    directory = tempfile.mkdtemp(dir=self.get_temp_dir())
-    path = os.path.join(directory, "out.npy")
-    with self.assertRaises(RuntimeError):
-      with _files.atomic_output(path, suffix=".npy") as tmp:
-        with open(tmp, "wb") as f:
-          f.write(b"partial")
-        raise RuntimeError("interrupted")
-    self.assertEqual(os.listdir(directory), [])
-
-  def test_stale_temporaries_of_a_killed_writer_are_removed(self):
-    directory = tempfile.mkdtemp(dir=self.get_temp_dir())
-    path = os.path.join(directory, "out[1].json")
-    # What a writer killed inside `atomic_output` leaves behind: the real
-    # temporary name, made by the same code.
-    manager = _files.atomic_output(path, suffix=".json")
-    stale = manager.__enter__()
-    others = ["out[1].json", ".out[1].json.x.tmp.npy", ".other.json.x.tmp.json"]
-    for name in others:
-      with open(os.path.join(directory, name), "w", encoding="utf-8"):
-        pass
-    _files.remove_stale_temporaries(path, suffix=".json")
-    self.assertFalse(os.path.exists(stale))
-    self.assertCountEqual(os.listdir(directory), others)
-
-
-class AtomicDirectoryTest(tf.test.TestCase):
-  def test_renames_or_removes_a_directory(self):
-    parent = tempfile.mkdtemp(dir=self.get_temp_dir())
-    path = os.path.join(parent, "model")
-    with self.assertRaises(RuntimeError):
-      with _files.atomic_output(path, directory=True) as tmp:
-        with open(os.path.join(tmp, "f"), "w", encoding="utf-8") as f:
-          f.write("partial")
-        raise RuntimeError("interrupted")
-    self.assertEqual(os.listdir(parent), [])
-    with _files.atomic_output(path, directory=True) as tmp:
-      with open(os.path.join(tmp, "f"), "w", encoding="utf-8") as f:
-        f.write("done")
-    self.assertEqual(os.listdir(path), ["f"])
-    self.assertEqual(os.stat(path).st_mode & 0o777, 0o777 & ~_umask())
-
-
-def _umask():
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 class ModelFlagsTest(tf.test.TestCase):
   def test_defined_once(self):
     self.assertIs(_cli.define_model_flags(), _cli.define_model_flags())
@@ -143,6 +81,50 @@ class ModelFlagsTest(tf.test.TestCase):
         "tag": "serve",
       },
     )
+
+
+class StrategyFlagsTest(tf.test.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.holders = _cli.define_strategy_flags()
+    flags.FLAGS.mark_as_parsed()
+
+  def test_defined_once(self):
+    self.assertIs(_cli.define_strategy_flags(), self.holders)
+
+  def test_defaults_are_those_of_batch_hessians(self):
+    self.assertEqual(
+      self.holders.strategy_kwargs(),
+      {"method": "auto", "chunk_size": None, "parallel_iterations": None},
+    )
+
+  def _parse(self, argument):
+    """Parses `--name=value` as the command line would."""
+    name, value = argument[2:].split("=")
+    flags.FLAGS[name].parse(value)
+
+  def test_parsed_values(self):
+    with flagsaver.flagsaver():
+      for argument in (
+        "--method=pfor",
+        "--chunk_size=8",
+        "--parallel_iterations=4",
+      ):
+        self._parse(argument)
+      self.assertEqual(
+        self.holders.strategy_kwargs(),
+        {"method": "pfor", "chunk_size": 8, "parallel_iterations": 4},
+      )
+
+  def test_bad_values_are_refused_when_parsed(self):
+    for argument, regex in (
+      ("--method=rows", r"value should be one of <auto\|forward\|pfor\|"),
+      ("--chunk_size=0", r"0 is not a positive integer"),
+      ("--parallel_iterations=-2", r"-2 is not a positive integer"),
+    ):
+      with flagsaver.flagsaver():
+        with self.assertRaisesRegex(flags.IllegalFlagValueError, regex):
+          self._parse(argument)
 
 
 if __name__ == "__main__":

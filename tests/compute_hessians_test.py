@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -131,6 +132,61 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertCountEqual(os.listdir(self.dir), ["x.npy", "h.npy", "g.npy"])
 
+  @parameterized.named_parameters(
+    ("auto", {}),
+    ("forward", {"method": "forward"}),
+    ("pfor_chunk_2", {"method": "pfor", "chunk_size": 2}),
+    ("while_loop", {"method": "while_loop", "parallel_iterations": 2}),
+  )
+  def test_main_strategies_write_analytic_hessians(self, strategy):
+    path, x = self.save_samples(7)
+    with mock.patch.object(
+      compute_hessians.streaming,
+      "compute_hessians",
+      wraps=compute_hessians.streaming.compute_hessians,
+    ) as run:
+      self._run_main(
+        graph=self.paths["graph"],
+        xs="x:0",
+        ys=["y:0"],
+        input=path,
+        output=self.path("h.npy"),
+        batch_size=3,
+        **strategy,
+      )
+    expected = {
+      "method": "auto",
+      "chunk_size": None,
+      "parallel_iterations": None,
+    }
+    expected.update(strategy)
+    self.assertEqual({k: run.call_args.kwargs[k] for k in expected}, expected)
+    self.assertAllClose(
+      np.load(self.path("h.npy")),
+      testing_utils.tanh_mlp_hessians(x, *_WEIGHTS),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+
+  @parameterized.named_parameters(
+    ("method", "--method=rows", r"value should be one of <auto\|forward\|"),
+    ("chunk_size", "--chunk_size=0", r"0 is not a positive integer"),
+    (
+      "parallel_iterations",
+      "--parallel_iterations=-1",
+      r"-1 is not a positive integer",
+    ),
+  )
+  def test_bad_strategy_flag_subprocess_writes_nothing(self, flag, regex):
+    path, _ = self.save_samples(4)
+    result = self._run_script(path, "--ys=y:0", flag)
+    self.assertEqual(result.returncode, 1, result.stderr)
+    self.assertRegex(
+      testing_utils.clean_stderr(result.stderr)[0],
+      rf"^FATAL Flags parsing error: flag {flag}: {regex}",
+    )
+    self.assertEqual(os.listdir(self.dir), ["x.npy"])
+
   def test_existing_output_needs_overwrite(self):
     path, x = self.save_samples(6)
     with open(self.path("h.npy"), "w", encoding="utf-8") as f:
@@ -167,23 +223,12 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
       f.write("a,b,c\n")
       for row in x:
         f.write(",".join(repr(float(v)) for v in row) + "\n")
-    result = subprocess.run(
-      [
-        sys.executable,
-        _SCRIPT,
-        f"--graph={self.paths['graph']}",
-        "--xs=x:0",
-        "--ys=y:0",
-        f"--input={self.path('x.csv')}",
-        f"--output={self.path('h.npy')}",
-        "--batch_size=3",
-        "--dtype=float64",
-        "--progress_secs=0",
-      ],
-      capture_output=True,
-      text=True,
-      timeout=_TIMEOUT,
-      check=False,
+    result = self._run_script(
+      self.path("x.csv"),
+      "--ys=y:0",
+      "--batch_size=3",
+      "--dtype=float64",
+      "--progress_secs=0",
     )
     self.assertEqual(result.returncode, 0, result.stderr)
     hessians = np.load(self.path("h.npy"))
@@ -220,6 +265,13 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
         "meta_graph": self.paths["meta_graph"],
       },
       "worker_hosts": {"worker_hosts": ["localhost"]},
+      # Flag values that only the command line's parser would refuse: they
+      # reach `compute_hessians`, which refuses them too.
+      "method": {"method": "rows"},
+      "forward_without_rule": {
+        "graph": self._determinant_graph(),
+        "method": "forward",
+      },
     }[case]
     return {**base, **changes}
 
@@ -249,7 +301,26 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     ),
     ("meta_graph_alone", r"`meta_graph` needs `checkpoint`"),
     ("worker_hosts", r"`worker_hosts` entries must be HOST:PORT .*'localhost'"),
+    (
+      "method",
+      r"`method` must be one of 'auto', 'forward', 'pfor' or 'while_loop'; "
+      r"saw 'rows'\.$",
+    ),
+    (
+      "forward_without_rule",
+      r"`method`='forward' cannot differentiate `ys` with respect to x:0: "
+      r"no forward rule for op type",
+    ),
   )
+
+  def _determinant_graph(self):
+    """A frozen `y = det(I + x x^T)`: no forward rule for its op."""
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+      outer = x[:, :, None] * x[:, None, :] + tf.eye(_K)
+      tf.identity(tf.linalg.det(outer), name="y")
+    tf.io.write_graph(graph, self.models_dir, "det.pb", as_text=False)
+    return os.path.join(self.models_dir, "det.pb")
 
   @parameterized.named_parameters((name, name, regex) for name, regex in _BAD)
   def test_bad_input_is_one_line_and_writes_nothing(self, case, regex):
@@ -286,23 +357,27 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     )
     self.assertCountEqual(os.listdir(self.dir), ["coupled.pb", "x.npy"])
 
-  def test_bad_input_subprocess_exit_status(self):
-    path, _ = self.save_samples(4)
-    result = subprocess.run(
+  def _run_script(self, path, *flags_):
+    """Runs the script on the frozen model, `path` and `h.npy`; its result."""
+    return subprocess.run(
       [
         sys.executable,
         _SCRIPT,
         f"--graph={self.paths['graph']}",
         "--xs=x:0",
-        "--ys=y_out:0",
         f"--input={path}",
         f"--output={self.path('h.npy')}",
+        *flags_,
       ],
       capture_output=True,
       text=True,
       timeout=_TIMEOUT,
       check=False,
     )
+
+  def test_bad_input_subprocess_exit_status(self):
+    path, _ = self.save_samples(4)
+    result = self._run_script(path, "--ys=y_out:0")
     self.assertEqual(result.returncode, 1)
     self.assertEqual(
       testing_utils.clean_stderr(result.stderr),

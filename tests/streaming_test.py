@@ -5,7 +5,9 @@ the numpy arrays the input files were written from, and an uninterrupted
 run for the bytes of resumed runs.
 """
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 import testing_utils
-from tf1hess import _tf_errors
+from tf1hess import cluster
+from tf1hess import legacy
 from tf1hess import streaming
 
 _K = 3
@@ -98,6 +101,73 @@ def _samples(n, k=_K, seed=0):
   return np.random.default_rng(seed).normal(size=(n, k)).astype(np.float32)
 
 
+# `compute_hessians`' strategy arguments, as they reach `add_hessian_ops`.
+_DEFAULT_STRATEGY = {
+  "method": "auto",
+  "chunk_size": None,
+  "parallel_iterations": None,
+}
+
+_STRATEGIES = (
+  ("auto", {}),
+  ("auto_chunk_2", {"chunk_size": 2}),
+  ("forward", {"method": "forward"}),
+  ("pfor", {"method": "pfor"}),
+  ("pfor_chunk_2", {"method": "pfor", "chunk_size": 2}),
+  ("while_loop", {"method": "while_loop", "parallel_iterations": 2}),
+)
+
+# The settings of the progress file of the version before strategies could
+# be chosen; a resumed run must still match their fingerprint.
+_SETTINGS_BEFORE_STRATEGIES = (
+  "graph_sha256",
+  "xs",
+  "ys",
+  "input",
+  "input_bytes",
+  "input_mtime_ns",
+  "input_key",
+  "num_samples",
+  "feature_shape",
+  "batch_size",
+  "dtype",
+  "gradients_output",
+  "max_file_bytes",
+  "check_independence",
+)
+
+
+def _assert_analytic(test, x, gradients=True):
+  """`h.npy` (and `g.npy`) of `test.dir` hold the MLP's values at `x`."""
+  test.assertAllClose(
+    np.load(test.path("h.npy")),
+    testing_utils.tanh_mlp_hessians(x, *_WEIGHTS),
+    atol=1e-5,
+    rtol=1e-4,
+  )
+  if gradients:
+    test.assertAllClose(
+      np.load(test.path("g.npy")),
+      testing_utils.tanh_mlp_gradients(x, *_WEIGHTS),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+
+
+@contextlib.contextmanager
+def _strategies_used():
+  """Yields the list of strategies `add_hessian_ops` is called with."""
+  used = []
+  original = legacy.add_hessian_ops
+
+  def spy(*args, **kwargs):
+    used.append({k: kwargs[k] for k in _DEFAULT_STRATEGY})
+    return original(*args, **kwargs)
+
+  with mock.patch.object(legacy, "add_hessian_ops", spy):
+    yield used
+
+
 class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
   @parameterized.named_parameters((kind, kind) for kind in _FORMATS)
   def test_formats_match_analytic_hessians(self, kind):
@@ -116,18 +186,7 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     hessians = np.load(self.path("h.npy"))
     self.assertEqual(hessians.shape, (11, _K, _K))
     self.assertEqual(hessians.dtype, np.float32)
-    self.assertAllClose(
-      hessians,
-      testing_utils.tanh_mlp_hessians(x, *_WEIGHTS),
-      atol=1e-5,
-      rtol=1e-4,
-    )
-    self.assertAllClose(
-      np.load(self.path("g.npy")),
-      testing_utils.tanh_mlp_gradients(x, *_WEIGHTS),
-      atol=1e-5,
-      rtol=1e-4,
-    )
+    _assert_analytic(self, x)
     self.assertEqual(summary.num_batches, 3)
     self.assertEqual(summary.computed_batches, 3)
     self.assertEqual(summary.output_files, (self.path("h.npy"),))
@@ -243,7 +302,31 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       streaming.output_files(self.path("h.npy")), [self.path("h.npy")]
     )
 
-  def _interrupted_run(self, x, **kwargs):
+  @parameterized.named_parameters(*_STRATEGIES)
+  def test_strategies_match_analytic_hessians(self, strategy):
+    x = _samples(7)
+    path, _ = write_input(self.dir, x, "npy")
+    with _strategies_used() as used:
+      streaming.compute_hessians(
+        mlp_graph_def(),
+        "x:0",
+        "y:0",
+        path,
+        self.path("h.npy"),
+        batch_size=3,
+        gradients_output=self.path("g.npy"),
+        **strategy,
+      )
+    self.assertEqual(used, [dict(_DEFAULT_STRATEGY, **strategy)])
+    _assert_analytic(self, x)
+
+  def _interrupted_run(self, x, strategy=None, **kwargs):
+    """Writes `ref.npy` whole and `h.npy` stopped after 2 batches of 2.
+
+    `strategy` (`compute_hessians`' keyword arguments) applies to both runs,
+    `kwargs` to the stopped one only.
+    """
+    strategy = strategy or {}
     path, _ = write_input(self.dir, x, "npy")
     args = (mlp_graph_def(), "x:0", "y:0", path)
     streaming.compute_hessians(
@@ -251,6 +334,7 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       self.path("ref.npy"),
       batch_size=2,
       gradients_output=self.path("ref_g.npy"),
+      **strategy,
     )
     with (
       testing_utils.interrupt_after(streaming.engine.Engine, 2),
@@ -261,6 +345,7 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
         self.path("h.npy"),
         batch_size=2,
         gradients_output=self.path("g.npy"),
+        **strategy,
         **kwargs,
       )
     return args
@@ -269,27 +354,104 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     with open(self.path(a), "rb") as fa, open(self.path(b), "rb") as fb:
       self.assertEqual(fa.read(), fb.read())
 
-  def test_resume_after_interrupt(self):
-    args = self._interrupted_run(_samples(9))
+  @parameterized.named_parameters(
+    ("auto", {}),
+    ("pfor_chunk_2", {"method": "pfor", "chunk_size": 2}),
+    ("while_loop", {"method": "while_loop"}),
+  )
+  def test_resume_after_interrupt(self, strategy):
+    x = _samples(9)
+    args = self._interrupted_run(x, strategy)
     self.assertNotIn("h.npy", self.files())
     self.assertNotIn("g.npy", self.files())
     self.assertIn("h.npy.partial", self.files())
     self.assertIn("g.npy.partial", self.files())
     with open(self.path("h.npy.progress.json"), encoding="utf-8") as f:
       self.assertEqual(json.load(f)["completed"], [[0, 2]])
-    summary = streaming.compute_hessians(
-      *args,
-      self.path("h.npy"),
-      batch_size=2,
-      gradients_output=self.path("g.npy"),
+    self._resume_and_check(
+      args, x, strategy, dict(_DEFAULT_STRATEGY, **strategy)
     )
-    self.assertEqual(summary.resumed_batches, 2)
-    self.assertEqual(summary.computed_batches, 3)
-    self._same_bytes("h.npy", "ref.npy")
     self._same_bytes("g.npy", "ref_g.npy")
     self.assertCountEqual(
       self.files(), ["x.npy", "ref.npy", "ref_g.npy", "h.npy", "g.npy"]
     )
+
+  def _progress_file(self):
+    with open(self.path("h.npy.progress.json"), encoding="utf-8") as f:
+      return json.load(f)
+
+  def _resume_and_check(self, args, x, strategy, earlier):
+    """Resumes `h.npy` with `strategy`; checks the result and the warning.
+
+    The 2 batches done are kept as they were (the bytes of `ref.npy`), the
+    other 3 computed with `strategy`; when it differs from `earlier`, the
+    strategy that computed them, the run warns naming both.
+    """
+    with self.assertLogs("absl", "INFO") as logs:
+      summary = streaming.compute_hessians(
+        *args,
+        self.path("h.npy"),
+        batch_size=2,
+        gradients_output=self.path("g.npy"),
+        **strategy,
+      )
+    self.assertEqual(summary.resumed_batches, 2)
+    self.assertEqual(summary.computed_batches, 3)
+    warnings = [m for m in logs.output if m.startswith("WARNING")]
+    current = dict(_DEFAULT_STRATEGY, **strategy)
+    if current == earlier:
+      self.assertEqual(warnings, [])
+      self._same_bytes("h.npy", "ref.npy")
+    else:
+      self.assertLen(warnings, 1)
+      self.assertIn(f"with method={current['method']!r}", warnings[0])
+      self.assertIn(
+        f"earlier runs of it used method={earlier['method']!r}, chunk_size="
+        f"{earlier['chunk_size']!r}",
+        warnings[0],
+      )
+    hessians = np.load(self.path("h.npy"))
+    self.assertAllEqual(hessians[:4], np.load(self.path("ref.npy"))[:4])
+    _assert_analytic(self, x)
+
+  @parameterized.named_parameters(
+    ("same", {"method": "while_loop"}),
+    ("pfor_chunk_2", {"method": "pfor", "chunk_size": 2}),
+    ("forward", {"method": "forward"}),
+  )
+  def test_resume_with_another_strategy(self, strategy):
+    x = _samples(9)
+    earlier = dict(_DEFAULT_STRATEGY, method="while_loop")
+    args = self._interrupted_run(x, {"method": "while_loop"})
+    self.assertEqual(self._progress_file()["strategies"], [earlier])
+    self._resume_and_check(args, x, strategy, earlier)
+
+  @parameterized.named_parameters(
+    ("same", {}), ("while_loop", {"method": "while_loop"})
+  )
+  def test_progress_file_without_strategies_resumes(self, strategy):
+    """A run stopped by the version before strategies is resumed.
+
+    Its progress file is this version's without "strategies", and its
+    fingerprint the SHA-256 of the settings' sorted JSON; its batches were
+    computed with the defaults, the only strategy of that version.
+    """
+    x = _samples(9)
+    args = self._interrupted_run(x)
+    state = self._progress_file()
+    self.assertCountEqual(state["settings"], _SETTINGS_BEFORE_STRATEGIES)
+    old = {
+      "format": "tf1hess.streaming/1",
+      "fingerprint": hashlib.sha256(
+        json.dumps(state["settings"], sort_keys=True).encode()
+      ).hexdigest(),
+      "settings": state["settings"],
+      "num_batches": 5,
+      "completed": [[0, 2]],
+      "partial_files": [self.path("g.npy.partial"), self.path("h.npy.partial")],
+    }
+    _write(self.path("h.npy.progress.json"), json.dumps(old))
+    self._resume_and_check(args, x, strategy, _DEFAULT_STRATEGY)
 
   def test_noresume_starts_over(self):
     args = self._interrupted_run(_samples(9))
@@ -450,6 +612,18 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
         mlp_graph_def(), "x:0", "y:0", path, self.path("h.npy")
       )
 
+  def test_manifest_records_the_strategies_that_ran(self):
+    a, b, c = ({"method": m} for m in ("auto", "pfor", "while_loop"))
+    manifest = streaming.writer.Manifest(self.path("h.npy"), {}, a)
+    self.assertEqual(manifest.add_strategies({"strategies": [b, a]}, c), [b])
+    self.assertEqual(manifest.strategies, [b, a])
+    fresh = streaming.writer.Manifest(self.path("h.npy"), {}, b)
+    self.assertEqual(fresh.add_strategies({}, c), [c])
+    self.assertEqual(fresh.strategies, [c, b])
+    fresh.save(3, streaming.writer.Intervals([[0, 1]]))
+    with open(self.path("h.npy.progress.json"), encoding="utf-8") as f:
+      self.assertEqual(json.load(f)["strategies"], [c, b])
+
   def test_intervals(self):
     done = streaming.writer.Intervals()
     for i in (3, 0, 1, 5, 4, 1):
@@ -461,16 +635,55 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     self.assertNotIn(2, done)
     self.assertEqual(streaming.writer.Intervals([[2, 4]]).first_missing(), 0)
 
-  def test_error_summary(self):
-    error = tf.errors.UnavailableError(
-      None,
-      None,
-      "Graph execution error:\n\nFrom /job:worker/replica:0/task:1:\n"
-      "recvmsg:Connection reset by peer\nAdditional GRPC error information",
+
+class ClusterStrategyTest(
+  testing_utils.TempDirTestCase, parameterized.TestCase
+):
+  """The strategy reaches the Hessian ops of every worker's replica.
+
+  Two workers of one cluster served in this process, as `scripts/worker.py`
+  serves one (tests/cluster_test.py runs those).
+  """
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.hosts = [f"127.0.0.1:{testing_utils.free_port()}" for _ in range(2)]
+    spec = cluster.cluster_spec(cls.hosts)
+    cls.servers = [
+      tf.distribute.Server(spec, job_name=cluster.JOB_NAME, task_index=i)
+      for i in range(len(cls.hosts))
+    ]
+
+  @parameterized.named_parameters(
+    ("forward", {"method": "forward"}),
+    ("pfor_chunk_2", {"method": "pfor", "chunk_size": 2}),
+    ("while_loop", {"method": "while_loop", "parallel_iterations": 1}),
+  )
+  def test_workers_build_the_strategy(self, strategy):
+    x = _samples(10)
+    path, _ = write_input(self.dir, x, "npy")
+    args = (mlp_graph_def(), "x:0", "y:0", path)
+    with _strategies_used() as used:
+      streaming.compute_hessians(
+        *args,
+        self.path("h.npy"),
+        batch_size=2,
+        worker_hosts=self.hosts,
+        **strategy,
+      )
+    # The model is built once on the client (checked, never run), then once
+    # per worker.
+    self.assertEqual(used, [dict(_DEFAULT_STRATEGY, **strategy)] * 3)
+    streaming.compute_hessians(
+      *args, self.path("ref.npy"), batch_size=2, **strategy
     )
-    self.assertEqual(
-      _tf_errors.error_summary(error), "recvmsg:Connection reset by peer"
-    )
+    with (
+      open(self.path("h.npy"), "rb") as a,
+      open(self.path("ref.npy"), "rb") as b,
+    ):
+      self.assertEqual(a.read(), b.read())
+    _assert_analytic(self, x, gradients=False)
 
 
 def _write(path, data):
@@ -726,6 +939,32 @@ _BAD_INPUTS = (
     r"`gradients_output` must differ from `output`",
   ),
   (
+    "method",
+    lambda d: {"method": "rows"},
+    ValueError,
+    r"`method` must be one of 'auto', 'forward', 'pfor' or 'while_loop'; "
+    r"saw 'rows'\.",
+  ),
+  (
+    "chunk_size",
+    lambda d: {"chunk_size": 0},
+    ValueError,
+    r"`chunk_size` must be None or a positive int; saw 0\.",
+  ),
+  (
+    "parallel_iterations",
+    lambda d: {"parallel_iterations": 2.5},
+    ValueError,
+    r"`parallel_iterations` must be a positive int; saw 2\.5\.",
+  ),
+  (
+    "forward_without_rule",
+    lambda d: {"graph_def": _determinant_graph_def(), "method": "forward"},
+    ValueError,
+    r"`method`='forward' cannot differentiate `ys` with respect to x:0: no "
+    r"forward rule for op type",
+  ),
+  (
     "batch_size",
     lambda d: {"batch_size": 0},
     ValueError,
@@ -738,6 +977,15 @@ _BAD_INPUTS = (
     r"`graph_def` must be a tf\.compat\.v1\.GraphDef; saw str",
   ),
 )
+
+
+def _determinant_graph_def():
+  """`y = det(I + x x^T)`: its op has no rule in the forward engine."""
+  with tf.Graph().as_default() as graph:
+    x = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+    outer = x[:, :, None] * x[:, None, :] + tf.eye(_K)
+    tf.identity(tf.linalg.det(outer), name="y")
+  return graph.as_graph_def()
 
 
 def _touch(path, text=""):

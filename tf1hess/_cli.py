@@ -12,6 +12,7 @@ import sys
 from absl import flags
 import tensorflow as tf
 
+from tf1hess import _core
 from tf1hess import _tf_errors
 
 # What a script reports as a one-line error instead of a traceback: bad
@@ -106,6 +107,71 @@ def define_model_flags():
       )
     )
   return _MODEL_FLAGS[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyFlags:
+  """The flags that choose how the rows of the Hessians are built."""
+
+  method: flags.FlagHolder
+  chunk_size: flags.FlagHolder
+  parallel_iterations: flags.FlagHolder
+
+  def strategy_kwargs(self):
+    """`method`, `chunk_size` and `parallel_iterations` keyword arguments."""
+    return {
+      "method": self.method.value,
+      "chunk_size": self.chunk_size.value,
+      "parallel_iterations": self.parallel_iterations.value,
+    }
+
+
+_STRATEGY_FLAGS = []
+
+
+def define_strategy_flags():
+  """Defines the strategy flags once per process and returns their holders.
+
+  `--method`, `--chunk_size` and `--parallel_iterations`, the options of
+  `tf1hess.batch_hessians` that choose how the rows are built (not what
+  they are). Scripts share them so that several can be imported in one
+  process (their tests).
+
+  Returns:
+    A `StrategyFlags`.
+  """
+  if not _STRATEGY_FLAGS:
+    _STRATEGY_FLAGS.append(
+      StrategyFlags(
+        method=flags.DEFINE_enum(
+          "method",
+          "auto",
+          list(_core.METHODS),
+          "How the rows of each Hessian are built; all give the same "
+          "Hessians to float rounding. while_loop: one backward pass per "
+          "row (the reference, least memory); pfor: the rows of a chunk "
+          "vectorized into one pass (faster for many features, more "
+          "memory); forward: the forward engine (fails naming an op it has "
+          "no rule for); auto: picks by the number of features and the "
+          "graph (docs/speed.md).",
+        ),
+        chunk_size=flags.DEFINE_integer(
+          "chunk_size",
+          None,
+          "Rows per vectorized backward pass (pfor, or auto when it "
+          "vectorizes): smaller uses less memory; default: all rows at once.",
+          lower_bound=1,
+        ),
+        parallel_iterations=flags.DEFINE_integer(
+          "parallel_iterations",
+          None,
+          "Rows of the row loop that may run in parallel (while_loop, or "
+          "auto when it loops); default: 10.",
+          lower_bound=1,
+        ),
+      )
+    )
+  return _STRATEGY_FLAGS[0]
 
 
 _OVERWRITE_FLAG = []

@@ -26,13 +26,18 @@ def remove_stale_temporaries(path, suffix=""):
   """Removes what `atomic_output(path, suffix)` left when its process died.
 
   A process killed (SIGKILL, power loss) while writing cannot clean up; the
-  next run that finishes `path` calls this.
+  next run that finishes `path` calls this. It removes the temporary files,
+  and the temporary directories of `directory=True` (with an old directory
+  moved aside and not yet removed).
   """
   parent, prefix, tmp_suffix = _temporary_name(path, suffix)
   pattern = glob.escape(prefix) + "*" + glob.escape(tmp_suffix)
   for stale in glob.glob(os.path.join(glob.escape(parent), pattern)):
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(stale)
+    if os.path.isdir(stale) and not os.path.islink(stale):
+      shutil.rmtree(stale, ignore_errors=True)
+    else:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(stale)
 
 
 def _empty_directory(path):

@@ -56,8 +56,8 @@ def is_dtype_mismatch(summary):
 def first_sentence(error):
   """The first sentence of an error's message, without its final period.
 
-  `tf.gradients` raises `LookupError("No gradient defined for operation
-  'x' (op type: T). In general ...")` (TensorFlow 2.12 to 2.21); the first
-  sentence names the op.
+  `tf.gradients` raises `LookupError("No gradient defined for
+  operation'x' (op type: T). In general ...")` (TensorFlow 2.12 to 2.21,
+  with no space before the name); the first sentence names the op.
   """
   return str(error).split(". ")[0].rstrip(".")

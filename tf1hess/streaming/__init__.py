@@ -30,7 +30,9 @@ full disk) and started again with the same settings checks the batches
 recorded as done against their checksums and computes only the missing
 (or damaged) ones; the partial files are renamed to their final names only
 when every batch is done, so a file under the final name is always
-complete, and it is byte for byte the file an uninterrupted run writes.
+complete, and it is byte for byte the file an uninterrupted run writes
+with the same strategy (`method`, `chunk_size`, `parallel_iterations`: a
+run may be resumed with another, whose batches agree to float rounding).
 The lock `OUTPUT.lock`, taken before any other file is touched, keeps a
 second run off the output. See docs/guarantees.md.
 

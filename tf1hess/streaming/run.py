@@ -1,8 +1,8 @@
-"""`compute_hessians`: the lock, the resume, the scheduler and progress.
+"""`compute_hessians`: the lock, the resume and progress.
 
 Takes the lock, checks the input and the free space, resumes what an
-earlier run finished, and hands the missing batches to the engine, one in
-flight per worker, while watching the workers.
+earlier run finished, and hands the missing batches to the engine: in turn
+on this machine, or through `scheduler.dispatch` on a cluster.
 """
 
 import contextlib
@@ -10,9 +10,7 @@ import dataclasses
 import datetime
 import hashlib
 import os
-import queue
 import shutil
-import threading
 import time
 
 from absl import logging
@@ -20,11 +18,12 @@ import numpy as np
 import tensorflow as tf
 
 from tf1hess import _checks
-from tf1hess import _tf_errors
 from tf1hess import cluster
 from tf1hess.streaming.engine import Engine
+from tf1hess.streaming.engine import Strategy
 from tf1hess.streaming.engine import without_devices
 from tf1hess.streaming.readers import open_input
+from tf1hess.streaming.scheduler import dispatch
 from tf1hess.streaming.writer import Checksums
 from tf1hess.streaming.writer import Intervals
 from tf1hess.streaming.writer import Manifest
@@ -144,6 +143,9 @@ def compute_hessians(
   connect_timeout=60.0,
   progress_interval=10.0,
   overwrite=False,
+  method="auto",
+  chunk_size=None,
+  parallel_iterations=None,
 ):
   """Writes the per-sample Hessians of a frozen graph over a file of samples.
 
@@ -158,7 +160,10 @@ def compute_hessians(
   Every check runs before any output file is created. The run then writes
   `OUTPUT.partial` and the progress file `OUTPUT.progress.json`; calling
   again with the same arguments (`resume=True`) computes only the batches
-  not yet done, and the complete result is renamed to `output`.
+  not yet done, and the complete result is renamed to `output`. `method`,
+  `chunk_size` and `parallel_iterations` choose how the rows are built, not
+  what they are: a call that changes only them resumes too (with a warning:
+  the strategies agree to float rounding, not bit for bit).
 
   Args:
     graph_def: a frozen `tf.compat.v1.GraphDef` (variables folded into
@@ -195,6 +200,13 @@ def compute_hessians(
     overwrite: `bool`, default `False`: replace an existing `output` (or
       `gradients_output`, or their shards) that no unfinished run of this
       output wrote; `False` refuses it with a `FileExistsError`.
+    method: `str`, default "auto": how the rows of each Hessian are built,
+      one of "auto", "forward", "pfor", "while_loop", as in
+      `tf1hess.batch_hessians` (docs/speed.md, docs/forward.md).
+    chunk_size: `int` or `None` (default: all rows at once): rows per
+      vectorized backward pass, as in `tf1hess.batch_hessians`.
+    parallel_iterations: `int` or `None` (default): rows of the row loop
+      that may run in parallel, as in `tf1hess.batch_hessians`.
 
   Returns:
     A `RunSummary`.
@@ -206,8 +218,10 @@ def compute_hessians(
     ValueError: for unknown tensor names (the message lists the closest
       names), input samples whose shape does not match `xs`, an empty or
       malformed input, an output name that is not `.npy`, `ys` that does
-      not depend on `xs`, malformed `worker_hosts`, or an unfinished run on
-      `output` with other settings, or another run writing `output`.
+      not depend on `xs`, malformed `worker_hosts`, an unknown `method`, a
+      `chunk_size` or `parallel_iterations` that is not a positive int, an
+      op `method="forward"` has no rule for, an unfinished run on `output`
+      with other settings, or another run writing `output`.
     FileExistsError: when `output` or `gradients_output` exists and
       `overwrite` is `False`.
     OSError: when the outputs cannot fit on their disk (checked before
@@ -234,6 +248,7 @@ def compute_hessians(
   """
   _checks.check_positive_int(batch_size, "batch_size")
   _checks.check_positive_int(max_file_bytes, "max_file_bytes")
+  strategy = Strategy(method, chunk_size, parallel_iterations)
   out_dtype = _output_dtype(dtype)
   hosts = (
     None if worker_hosts is None else cluster.parse_worker_hosts(worker_hosts)
@@ -266,6 +281,7 @@ def compute_hessians(
     reader,
     gradients_output is not None,
     check_independence,
+    strategy,
     hosts,
     timeout,
   )
@@ -281,6 +297,7 @@ def compute_hessians(
       overwrite,
       max_file_bytes,
       progress_interval,
+      strategy,
       settings={
         "graph_sha256": _graph_digest(graph_def),
         "xs": xs,
@@ -315,9 +332,14 @@ def _run(
   overwrite,
   max_file_bytes,
   progress_interval,
+  strategy,
   settings,
 ):
-  """Creates or resumes the outputs, computes the missing batches, renames."""
+  """Creates or resumes the outputs, computes the missing batches, renames.
+
+  `settings` (a `dict`) must match those of the run being resumed;
+  `strategy` may differ from its.
+  """
   n = reader.num_samples
   k = int(np.prod(reader.feature_shape))
   num_batches = -(-n // batch_size)
@@ -343,7 +365,7 @@ def _run(
   with contextlib.ExitStack() as locks:
     for f in files:  # Before any other file is created or removed.
       locks.enter_context(_lock(f.output))
-    manifest = Manifest(output, settings)
+    manifest = Manifest(output, settings, strategy.as_dict())
     checksums = Checksums(output, len(files))
     manifest.partial_files = [
       os.path.abspath(p) for f in files for p in f.partials
@@ -364,6 +386,16 @@ def _run(
     if state is not None:
       manifest.check_same_run(state)
       _resume(files, manifest, checksums, state, batch_size, n)
+      earlier = manifest.add_strategies(state, Strategy().as_dict())
+      if earlier and manifest.done:
+        logging.warning(
+          "Resuming %s with %s, though earlier runs of it used %s. The "
+          "strategies agree to float rounding, not bit for bit: the result "
+          "may differ from an uninterrupted run in the last bits.",
+          output,
+          _describe(manifest.strategies[-1]),
+          " or ".join(map(_describe, earlier)),
+        )
       logging.info(
         "Resuming %s: %d of %d batches already done.",
         output,
@@ -427,6 +459,10 @@ def _run(
     resumed_batches=resumed,
     computed_batches=computed,
   )
+
+
+def _describe(strategy):
+  return ", ".join(f"{k}={v!r}" for k, v in strategy.items())
 
 
 def _check_overwrite(outputs, overwrite):
@@ -600,129 +636,4 @@ def _compute_missing(
       record(index, engine.run(0, batch))
       computed += 1
     return computed
-  return _dispatch(engine, pending, record)
-
-
-# Seconds between two looks at the workers while batches run on a cluster.
-_WATCH_SECS = 1.0
-# Looks in a row that must find a worker refusing connections to call it
-# lost (a single refused connection may be a restart of its listener).
-_DOWN_LOOKS = 2
-# Seconds a batch may run past `timeout` before its worker is called silent
-# (TensorFlow's own deadline normally fires first).
-_TIMEOUT_GRACE_SECS = 10.0
-
-_WORKER_ERRORS = (
-  tf.errors.UnavailableError,
-  tf.errors.DeadlineExceededError,
-  tf.errors.AbortedError,
-  tf.errors.CancelledError,
-  tf.errors.InternalError,
-  tf.errors.UnknownError,
-)
-
-
-def _dispatch(engine, pending, record):
-  """Runs batches on every replica at once; records results as they come.
-
-  Each batch runs in a daemon thread, at most one per worker, while this
-  thread waits with a timeout: it stays responsive to Ctrl-C, looks at the
-  workers every `_WATCH_SECS` (a worker that takes no connection twice in
-  a row is lost; a batch past `timeout` marks its worker silent) and gives
-  up on batches that cannot return (a session whose master, worker 0, is
-  gone waits for it for ever). On a failure no new batch is sent; the
-  batches still running are recorded if they finish while the workers are
-  watched, then the failure is raised naming the worker.
-  """
-  results = queue.Queue()
-  free = list(range(len(engine.replicas)))
-  running = {}  # replica -> (batch index, start time)
-  failure = None
-  computed = 0
-  exhausted = False
-  down_looks = {}
-  next_look = time.monotonic() + _WATCH_SECS
-
-  def work(replica, index, batch):
-    try:
-      results.put((replica, index, engine.run(replica, batch), None))
-    except Exception as error:  # pylint: disable=broad-except
-      results.put((replica, index, None, error))
-
-  while True:
-    while free and not exhausted and failure is None:
-      item = next(pending, None)
-      if item is None:
-        exhausted = True
-        break
-      replica = free.pop(0)
-      running[replica] = (item[0], time.monotonic())
-      threading.Thread(
-        target=work, args=(replica,) + tuple(item), daemon=True
-      ).start()
-    if not running:
-      break
-    try:
-      replica, index, values, error = results.get(timeout=_WATCH_SECS)
-    except queue.Empty:
-      pass
-    else:
-      del running[replica]
-      if error is not None:
-        if failure is None:
-          failure = (replica, index, error)
-      else:
-        record(index, values)
-        computed += 1
-        free.append(replica)
-    now = time.monotonic()
-    if running and now >= next_look:
-      next_look = now + _WATCH_SECS
-      lost = _watch_workers(engine, running, down_looks, now)
-      if lost is not None:
-        if failure is None or not isinstance(failure[2], _LostWorker):
-          failure = lost
-        break  # The batches still running may never return.
-  if failure is not None:
-    replica, index, error = failure
-    if isinstance(error, _LostWorker):
-      raise cluster.worker_failure(
-        engine.hosts, replica, index, error.reason
-      ) from None
-    if isinstance(error, _WORKER_ERRORS):
-      raise cluster.worker_failure(
-        engine.hosts, replica, index, _tf_errors.error_summary(error)
-      ) from error
-    raise error
-  return computed
-
-
-class _LostWorker(Exception):
-  """A worker found down or silent while batches were running."""
-
-  def __init__(self, reason):
-    super().__init__(reason)
-    self.reason = reason
-
-
-def _watch_workers(engine, running, down_looks, now):
-  """Returns `(replica, batch, _LostWorker)` for a lost worker, or `None`."""
-  refused = dict(cluster.unreachable_workers(engine.hosts, timeout=1.0))
-  for i in range(len(engine.hosts)):
-    down_looks[i] = down_looks.get(i, 0) + 1 if i in refused else 0
-  for i, looks in sorted(down_looks.items()):
-    if looks >= _DOWN_LOOKS:
-      batch = running.get(i, next(iter(running.values())))[0]
-      return i, batch, _LostWorker(f"no connection: {refused[i]}")
-  if engine.timeout:
-    for replica, (batch, started) in sorted(running.items()):
-      if now - started > engine.timeout + _TIMEOUT_GRACE_SECS:
-        return (
-          replica,
-          batch,
-          _LostWorker(
-            f"no answer in {now - started:.0f} s, more than the "
-            f"{engine.timeout:g} s of the worker timeout"
-          ),
-        )
-  return None
+  return dispatch(engine, pending, record)

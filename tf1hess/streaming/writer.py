@@ -328,11 +328,19 @@ class Intervals:
 
 
 class Manifest:
-  """The progress file of a run: its settings and its completed batches."""
+  """The progress file of a run: its settings and its completed batches.
+
+  Besides the settings (whose fingerprint a resumed run must match), it
+  records the strategies (`tf1hess.batch_hessians`' `method`, `chunk_size`,
+  `parallel_iterations`) of the runs that wrote it, which a resumed run may
+  change: they agree to float rounding, not bit for bit. Progress files written
+  before the strategy could be chosen have no "strategies"; they resume
+  alike.
+  """
 
   FORMAT = "tf1hess.streaming/1"
 
-  def __init__(self, output, settings):
+  def __init__(self, output, settings, strategy):
     self.path = output + ".progress.json"
     self.settings = settings
     self.fingerprint = hashlib.sha256(
@@ -340,6 +348,7 @@ class Manifest:
     ).hexdigest()
     self.done = Intervals()
     self.partial_files = []
+    self.strategies = [strategy]
 
   def load(self):
     """Returns the stored dict, or `None` when there is no progress file."""
@@ -376,6 +385,22 @@ class Manifest:
       "over."
     )
 
+  def add_strategies(self, state, legacy):
+    """Adds the strategies of the run being resumed; returns the others.
+
+    Args:
+      state: the `dict` that `load` returned.
+      legacy: the strategy (a `dict`) of progress files that record none:
+        the only one of the version that wrote them.
+
+    Returns:
+      A `list` of the earlier strategies (`dict`s) other than this run's.
+    """
+    current = self.strategies[-1]
+    earlier = state.get("strategies") or [legacy]
+    self.strategies = [s for s in earlier if s != current] + [current]
+    return self.strategies[:-1]
+
   def saved_count(self):
     """How many batches the progress file on disk records as done."""
     try:
@@ -393,6 +418,7 @@ class Manifest:
       "num_batches": num_batches,
       "completed": done.ranges,
       "partial_files": self.partial_files,
+      "strategies": self.strategies,
     }
     with _files.atomic_output(self.path, suffix=".json") as tmp:
       with open(tmp, "w", encoding="utf-8") as f:
