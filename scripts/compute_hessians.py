@@ -45,7 +45,7 @@ from tf1hess import legacy
 from tf1hess import streaming
 
 _MODEL = _cli.define_model_flags()
-_STRATEGY = _cli.define_strategy_flags()
+_PLAN = _cli.define_plan_flags()
 _INPUT = flags.DEFINE_string(
   "input",
   None,
@@ -190,7 +190,7 @@ def main(argv):
         connect_timeout=_CONNECT_TIMEOUT.value,
         max_file_bytes=_MAX_FILE_BYTES.value,
         check_independence=_MODEL.check_independence.value,
-        **_STRATEGY.strategy_kwargs(),
+        plan=_PLAN.plan(),
         progress_interval=_PROGRESS_SECS.value,
       )
   except KeyboardInterrupt:

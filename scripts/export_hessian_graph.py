@@ -47,6 +47,7 @@ _OUTPUT_GRAPH = flags.DEFINE_string(
   "--overwrite.",
 )
 _OVERWRITE = _cli.define_overwrite_flag()
+_PLAN = _cli.define_plan_flags()
 _LOGDIR = flags.DEFINE_string(
   "logdir", None, "Optional TensorBoard log directory for the graph."
 )
@@ -65,6 +66,7 @@ def export_model(
   logdir=None,
   check_independence=False,
   overwrite=False,
+  plan=None,
 ):
   """Loads a model, adds its Hessian ops and writes the exports.
 
@@ -81,6 +83,8 @@ def export_model(
     logdir: as in `tf1hess.export.export_hessian_graph`.
     check_independence: `bool`, as in `tf1hess.batch_hessians`.
     overwrite: as in `tf1hess.export.export_hessian_graph`.
+    plan: a `tf1hess.Plan` or `None`: how the exported Hessian op builds
+      its rows, as in `tf1hess.batch_hessians`.
 
   Returns:
     The `tf1hess.legacy.HessianModel` that was exported.
@@ -102,6 +106,7 @@ def export_model(
     checkpoint=checkpoint,
     tag=tag,
     check_independence=check_independence,
+    plan=plan,
   )
   logging.info(
     "Hessians %s and gradients %s of %s with respect to %s %s",
@@ -140,6 +145,7 @@ def main(argv):
         logdir=_LOGDIR.value,
         check_independence=_MODEL.check_independence.value,
         overwrite=_OVERWRITE.value,
+        plan=_PLAN.plan(),
       )
   except KeyboardInterrupt:
     print(

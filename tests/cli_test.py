@@ -6,6 +6,7 @@ from absl import flags
 from absl.testing import flagsaver
 import tensorflow as tf
 
+import tf1hess
 from tf1hess import _cli
 
 
@@ -83,20 +84,17 @@ class ModelFlagsTest(tf.test.TestCase):
     )
 
 
-class StrategyFlagsTest(tf.test.TestCase):
+class PlanFlagsTest(tf.test.TestCase):
   def setUp(self):
     super().setUp()
-    self.holders = _cli.define_strategy_flags()
+    self.holders = _cli.define_plan_flags()
     flags.FLAGS.mark_as_parsed()
 
   def test_defined_once(self):
-    self.assertIs(_cli.define_strategy_flags(), self.holders)
+    self.assertIs(_cli.define_plan_flags(), self.holders)
 
   def test_defaults_are_those_of_batch_hessians(self):
-    self.assertEqual(
-      self.holders.strategy_kwargs(),
-      {"method": "auto", "chunk_size": None, "parallel_iterations": None},
-    )
+    self.assertEqual(self.holders.plan(), tf1hess.Plan())
 
   def _parse(self, argument):
     """Parses `--name=value` as the command line would."""
@@ -112,8 +110,8 @@ class StrategyFlagsTest(tf.test.TestCase):
       ):
         self._parse(argument)
       self.assertEqual(
-        self.holders.strategy_kwargs(),
-        {"method": "pfor", "chunk_size": 8, "parallel_iterations": 4},
+        self.holders.plan(),
+        tf1hess.Plan(method="pfor", chunk_size=8, parallel_iterations=4),
       )
 
   def test_bad_values_are_refused_when_parsed(self):

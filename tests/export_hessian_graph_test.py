@@ -146,8 +146,11 @@ class ExportScriptTest(tf.test.TestCase, parameterized.TestCase):
         "output_graph": os.path.join(out, "hessians.pb"),
         "logdir": os.path.join(out, "logs"),
       }
+      # One export builds its rows with the reference loop: --method
+      # reaches the exported graph, and the numbers stay the same.
+      method = "while_loop" if kind == "meta_graph" else "auto"
       with flagsaver.flagsaver(
-        xs="x:0", ys=["y:0"], **_model_flags(cls.paths, kind)
+        xs="x:0", ys=["y:0"], method=method, **_model_flags(cls.paths, kind)
       ):
         with flagsaver.flagsaver(**cls.outputs[kind]):
           script.main(["export_hessian_graph"])
@@ -164,6 +167,8 @@ class ExportScriptTest(tf.test.TestCase, parameterized.TestCase):
       f"--checkpoint={cls.paths['checkpoint']}",
       "--xs=x:0",
       "--ys=y",
+      "--method=pfor",
+      "--chunk_size=2",
       *(f"--{k}={v}" for k, v in cls.program_outputs.items()),
     )
     jobs.append(["program", "saved_model", cls.program_outputs["export_dir"]])
@@ -241,6 +246,19 @@ class ExportScriptTest(tf.test.TestCase, parameterized.TestCase):
       got = self.results[f"{key}/{kind}/{name}"]
       self.assertEqual(got.shape, (len(x), _K, _K))
       self.assertAllClose(got, want, atol=1e-5, rtol=1e-4)
+
+  def test_method_flag_reaches_the_exported_graph(self):
+    def loops(kind):
+      graph_def = tf.compat.v1.GraphDef()
+      with open(self.outputs[kind]["output_graph"], "rb") as f:
+        graph_def.ParseFromString(f.read())
+      nodes = list(graph_def.node) + [
+        node for f in graph_def.library.function for node in f.node_def
+      ]
+      return [node.name for node in nodes if "While" in node.op]
+
+    self.assertNotEmpty(loops("meta_graph"))  # --method=while_loop
+    self.assertEmpty(loops("graph"))  # auto: a few rows, no loop.
 
   def test_graph_log_written(self):
     for kind, outputs in self.outputs.items():

@@ -161,7 +161,7 @@ def _strategies_used():
   original = legacy.add_hessian_ops
 
   def spy(*args, **kwargs):
-    used.append({k: kwargs[k] for k in _DEFAULT_STRATEGY})
+    used.append(kwargs["plan"].record())
     return original(*args, **kwargs)
 
   with mock.patch.object(legacy, "add_hessian_ops", spy):
@@ -955,7 +955,7 @@ _BAD_INPUTS = (
     "parallel_iterations",
     lambda d: {"parallel_iterations": 2.5},
     ValueError,
-    r"`parallel_iterations` must be a positive int; saw 2\.5\.",
+    r"`parallel_iterations` must be None or a positive int; saw 2\.5\.",
   ),
   (
     "forward_without_rule",

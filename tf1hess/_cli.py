@@ -12,7 +12,7 @@ import sys
 from absl import flags
 import tensorflow as tf
 
-from tf1hess import _core
+from tf1hess import plan as plan_lib
 from tf1hess import _tf_errors
 
 # What a script reports as a one-line error instead of a traceback: bad
@@ -110,27 +110,27 @@ def define_model_flags():
 
 
 @dataclasses.dataclass(frozen=True)
-class StrategyFlags:
+class PlanFlags:
   """The flags that choose how the rows of the Hessians are built."""
 
   method: flags.FlagHolder
   chunk_size: flags.FlagHolder
   parallel_iterations: flags.FlagHolder
 
-  def strategy_kwargs(self):
-    """`method`, `chunk_size` and `parallel_iterations` keyword arguments."""
-    return {
-      "method": self.method.value,
-      "chunk_size": self.chunk_size.value,
-      "parallel_iterations": self.parallel_iterations.value,
-    }
+  def plan(self):
+    """The `tf1hess.Plan` the flags give."""
+    return plan_lib.Plan(
+      method=self.method.value,
+      chunk_size=self.chunk_size.value,
+      parallel_iterations=self.parallel_iterations.value,
+    )
 
 
-_STRATEGY_FLAGS = []
+_PLAN_FLAGS = []
 
 
-def define_strategy_flags():
-  """Defines the strategy flags once per process and returns their holders.
+def define_plan_flags():
+  """Defines the plan flags once per process and returns their holders.
 
   `--method`, `--chunk_size` and `--parallel_iterations`, the options of
   `tf1hess.batch_hessians` that choose how the rows are built (not what
@@ -138,15 +138,15 @@ def define_strategy_flags():
   process (their tests).
 
   Returns:
-    A `StrategyFlags`.
+    A `PlanFlags`.
   """
-  if not _STRATEGY_FLAGS:
-    _STRATEGY_FLAGS.append(
-      StrategyFlags(
+  if not _PLAN_FLAGS:
+    _PLAN_FLAGS.append(
+      PlanFlags(
         method=flags.DEFINE_enum(
           "method",
           "auto",
-          list(_core.METHODS),
+          list(plan_lib.METHODS),
           "How the rows of each Hessian are built; all give the same "
           "Hessians to float rounding. while_loop: one backward pass per "
           "row (the reference, least memory); pfor: the rows of a chunk "
@@ -171,7 +171,7 @@ def define_strategy_flags():
         ),
       )
     )
-  return _STRATEGY_FLAGS[0]
+  return _PLAN_FLAGS[0]
 
 
 _OVERWRITE_FLAG = []

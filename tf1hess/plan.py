@@ -156,6 +156,20 @@ class Plan:
       return PFOR_MIN_ROWS
     return PFOR_MIN_ROWS_DEFAULT_ALLOCATOR
 
+  def record(self):
+    """What this plan says, as a `dict` for logs and progress files.
+
+    `method`, `chunk_size` and `parallel_iterations`, and every threshold
+    that differs from its default.
+    """
+    default = Plan()
+    return {
+      field.name: getattr(self, field.name)
+      for field in dataclasses.fields(self)
+      if field.name in ("method", "chunk_size", "parallel_iterations")
+      or getattr(self, field.name) != getattr(default, field.name)
+    }
+
   def replace(self, **changes):
     """A copy of this plan with `changes`."""
     return dataclasses.replace(self, **changes)

@@ -5,56 +5,19 @@ TensorFlow cluster (`tf1hess.cluster`) in one graph.
 """
 
 import contextlib
-import dataclasses
 import threading
-import typing
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from tf1hess import _checks
-from tf1hess import _core
 from tf1hess import cluster
 from tf1hess import legacy
 
 
 # Seconds to wait for a cluster session to close.
 _CLOSE_WAIT_SECS = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class Strategy:
-  """How the rows of the Hessians are built: `tf1hess.batch_hessians`' options.
-
-  Made (and checked) once per `compute_hessians` call, before any file is
-  touched, and handed to the engine, which builds every replica's Hessian
-  ops with it. The strategies agree to float rounding, not bit for bit, so a
-  strategy is not one of a run's settings: a run may be resumed with
-  another one (its earlier batches are kept; the progress file records the
-  strategy of every run of the output).
-
-  Attributes:
-    method: `str`, one of "auto" (default), "forward", "pfor", "while_loop".
-    chunk_size: `int` or `None` (default): rows per vectorized backward pass.
-    parallel_iterations: `int` or `None` (default): rows of the row loop
-      that may run in parallel.
-  """
-
-  method: str = "auto"
-  chunk_size: typing.Optional[int] = None
-  parallel_iterations: typing.Optional[int] = None
-
-  def __post_init__(self):
-    _core.check_method(self.method, self.chunk_size)
-    if self.parallel_iterations is not None:
-      _checks.check_positive_int(
-        self.parallel_iterations, "parallel_iterations"
-      )
-
-  def as_dict(self):
-    """The keyword arguments of `tf1hess.legacy.add_hessian_ops`."""
-    return dataclasses.asdict(self)
 
 
 def without_devices(graph_def):
@@ -106,7 +69,7 @@ class Engine:
   `tf.device("/job:worker/task:i")`, all in one graph and one session on
   the first worker. `run(replica, batch)` may be called from one thread per
   replica at a time. Every replica's Hessians are built with the same
-  `Strategy`.
+  `tf1hess.Plan`.
   """
 
   def __init__(
@@ -117,7 +80,7 @@ class Engine:
     reader,
     gradients,
     check_independence,
-    strategy,
+    plan,
     worker_hosts,
     timeout,
   ):
@@ -130,7 +93,7 @@ class Engine:
       x,
       y,
       check_independence=check_independence,
-      **strategy.as_dict(),
+      plan=plan,
     )
     self.x_dtype = np.dtype(x.dtype.as_numpy_dtype)
     self.hessian_dtype = np.dtype(added["hessians"].dtype.as_numpy_dtype)
@@ -156,7 +119,7 @@ class Engine:
             y,
             name=scope + "/tf1hess",
             check_independence=check_independence,
-            **strategy.as_dict(),
+            plan=plan,
           )
         self.replicas.append((x, {k: added[k] for k in keys}))
     timeout_ms = int(timeout * 1000) if timeout else 0

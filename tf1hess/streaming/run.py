@@ -19,8 +19,8 @@ import tensorflow as tf
 
 from tf1hess import _checks
 from tf1hess import cluster
+from tf1hess import plan as plan_lib
 from tf1hess.streaming.engine import Engine
-from tf1hess.streaming.engine import Strategy
 from tf1hess.streaming.engine import without_devices
 from tf1hess.streaming.readers import open_input
 from tf1hess.streaming.scheduler import dispatch
@@ -146,6 +146,7 @@ def compute_hessians(
   method="auto",
   chunk_size=None,
   parallel_iterations=None,
+  plan=None,
 ):
   """Writes the per-sample Hessians of a frozen graph over a file of samples.
 
@@ -207,6 +208,8 @@ def compute_hessians(
       vectorized backward pass, as in `tf1hess.batch_hessians`.
     parallel_iterations: `int` or `None` (default): rows of the row loop
       that may run in parallel, as in `tf1hess.batch_hessians`.
+    plan: a `tf1hess.Plan` in place of `method`, `chunk_size` and
+      `parallel_iterations`, as in `tf1hess.batch_hessians`.
 
   Returns:
     A `RunSummary`.
@@ -248,7 +251,7 @@ def compute_hessians(
   """
   _checks.check_positive_int(batch_size, "batch_size")
   _checks.check_positive_int(max_file_bytes, "max_file_bytes")
-  strategy = Strategy(method, chunk_size, parallel_iterations)
+  plan = plan_lib.make(plan, method, chunk_size, parallel_iterations)
   out_dtype = _output_dtype(dtype)
   hosts = (
     None if worker_hosts is None else cluster.parse_worker_hosts(worker_hosts)
@@ -281,7 +284,7 @@ def compute_hessians(
     reader,
     gradients_output is not None,
     check_independence,
-    strategy,
+    plan,
     hosts,
     timeout,
   )
@@ -289,15 +292,15 @@ def compute_hessians(
     return _run(
       engine,
       reader,
-      output,
-      gradients_output,
-      batch_size,
-      out_dtype or engine.hessian_dtype,
-      resume,
-      overwrite,
-      max_file_bytes,
-      progress_interval,
-      strategy,
+      output=output,
+      gradients_output=gradients_output,
+      batch_size=batch_size,
+      out_dtype=out_dtype or engine.hessian_dtype,
+      resume=resume,
+      overwrite=overwrite,
+      max_file_bytes=max_file_bytes,
+      progress_interval=progress_interval,
+      plan=plan,
       settings={
         "graph_sha256": _graph_digest(graph_def),
         "xs": xs,
@@ -324,6 +327,7 @@ def compute_hessians(
 def _run(
   engine,
   reader,
+  *,
   output,
   gradients_output,
   batch_size,
@@ -332,13 +336,13 @@ def _run(
   overwrite,
   max_file_bytes,
   progress_interval,
-  strategy,
+  plan,
   settings,
 ):
   """Creates or resumes the outputs, computes the missing batches, renames.
 
-  `settings` (a `dict`) must match those of the run being resumed;
-  `strategy` may differ from its.
+  `settings` (a `dict`) must match those of the run being resumed; `plan`
+  (a `tf1hess.Plan`) may differ from its.
   """
   n = reader.num_samples
   k = int(np.prod(reader.feature_shape))
@@ -365,7 +369,7 @@ def _run(
   with contextlib.ExitStack() as locks:
     for f in files:  # Before any other file is created or removed.
       locks.enter_context(_lock(f.output))
-    manifest = Manifest(output, settings, strategy.as_dict())
+    manifest = Manifest(output, settings, plan.record())
     checksums = Checksums(output, len(files))
     manifest.partial_files = [
       os.path.abspath(p) for f in files for p in f.partials
@@ -386,7 +390,7 @@ def _run(
     if state is not None:
       manifest.check_same_run(state)
       _resume(files, manifest, checksums, state, batch_size, n)
-      earlier = manifest.add_strategies(state, Strategy().as_dict())
+      earlier = manifest.add_strategies(state, plan_lib.Plan().record())
       if earlier and manifest.done:
         logging.warning(
           "Resuming %s with %s, though earlier runs of it used %s. The "
