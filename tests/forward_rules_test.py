@@ -102,6 +102,29 @@ _RULES = {
       )
     ),
   ),
+  # tf.nn.convolution with dilations > 1: SpaceToBatchND, Conv2D,
+  # BatchToSpaceND (SAME padding: paddings and crops on both).
+  "SpaceToBatchND_BatchToSpaceND": (
+    "SpaceToBatchND",
+    lambda x: tf.tanh(
+      tf.nn.convolution(
+        tf.sin(_image(_lin(x), (3, 4, 1))),
+        _filter(_F[:2, :2, :1], x),
+        padding="SAME",
+        dilations=2,
+      )
+    ),
+  ),
+  "SpaceToBatchND_depthwise": (
+    "BatchToSpaceND",
+    lambda x: tf.nn.depthwise_conv2d(
+      _image(_lin(x), (2, 3, 2)),
+      _filter(_FD, x),
+      [1, 1, 1, 1],
+      "VALID",
+      dilations=[1, 2],
+    ),
+  ),
   "AvgPool": (
     "AvgPool",
     lambda x: tf.square(
@@ -258,6 +281,8 @@ NEW_OP_TYPES = {
   "SelectV2",
   "ReverseV2",
   "Prod",
+  "SpaceToBatchND",
+  "BatchToSpaceND",
 }
 
 
@@ -416,6 +441,24 @@ def _conv1d_net(x):
   return tf.compat.v1.layers.dense(h, 1, kernel_initializer=init(seed=5))
 
 
+def _dilated_conv1d_net(x):
+  """Dilated conv1d layers (SpaceToBatchND blocks), dense read-out."""
+  init = tf.compat.v1.glorot_normal_initializer
+  h = tf.reshape(x, [-1, 6, 2])
+  for i, padding in enumerate(["same", "valid"]):
+    h = tf.compat.v1.layers.conv1d(
+      h,
+      3,
+      2,
+      padding=padding,
+      dilation_rate=2,
+      activation=tf.nn.softplus,
+      kernel_initializer=init(seed=20 + i),
+    )
+  h = tf.compat.v1.layers.flatten(h)
+  return tf.compat.v1.layers.dense(h, 1, kernel_initializer=init(seed=22))
+
+
 def _depthwise_net(x):
   h = tf.nn.depthwise_conv2d(
     tf.sin(_image(x)), _filter(_FD, x), [1, 1, 1, 1], "SAME"
@@ -451,6 +494,7 @@ _MODELS = {
   "conv_tanh_maxpool_dense": lambda x: _conv_net(_image(x, (4, 3, 1))),
   "conv1d_gelu_avgpool": _conv1d_net,
   "depthwise_elu_avgpool": _depthwise_net,
+  "dilated_conv1d": _dilated_conv1d_net,
   "gelu_leaky_relu_mlp": _gelu_mlp,
   "where_piecewise": _where_piecewise,
   "reverse_prod": _prod_net,
@@ -477,6 +521,26 @@ class ForwardRuleModelsTest(
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 4, 3, 1])
       _check(self, x, _conv_net(x), x_val, variables=True)
+
+
+class DilatedBlockTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  @parameterized.parameters(1, 2)
+  def test_rows_built_first(self, cf):
+    """The row loop's ops read the block's tensors: built after it, they do
+    not count as readers that would mix samples."""
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.reduce_sum(_dilated_conv1d_net(x), axis=1)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        h_val, rows_val = sess.run([h, rows], {x: x_val})
+    self.assertAllClose(h_val, rows_val, atol=1e-10, rtol=1e-10)
 
 
 def _dilate(f, rate):
@@ -560,6 +624,19 @@ class DeclineTest(tf.test.TestCase, parameterized.TestCase):
       ):
         tf1hess.batch_hessians(y, x, method="forward")
 
+  def test_dilated_convolution_with_a_static_batch(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [3, _K])
+      y = tf.sin(
+        tf.nn.convolution(
+          _image(x), _filter(_F, x), padding="SAME", dilations=2
+        )
+      )
+      with self.assertRaisesRegex(
+        ValueError, "SpaceToBatchND .* has a static batch size"
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+
   @parameterized.named_parameters(
     (
       "depthwise_nchw",
@@ -584,6 +661,13 @@ class DeclineTest(tf.test.TestCase, parameterized.TestCase):
       "max_pool_nchw",
       lambda x: tf.nn.max_pool2d(_image(x), 2, 1, "SAME", data_format="NCHW"),
       "MaxPool .* data format NCHW",
+    ),
+    (
+      "space_to_batch_without_its_batch_to_space",
+      lambda x: tf.tanh(
+        tf.space_to_batch_nd(_image(x), [2, 1], [[0, 0], [0, 1]])
+      ),
+      "Tanh .* nonlinear in a tensor that mixes samples",
     ),
     (
       "prod_over_the_batch",

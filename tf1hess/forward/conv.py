@@ -15,6 +15,13 @@ the first maximal entry of the window in row-major order, as TensorFlow's
 `MaxPoolGrad` and `MaxPoolGradGrad` do on CPU: the engine and the row loop
 agree there. No curvature either.
 
+A dilated convolution that `tf.nn.convolution` (and the `dilation_rate` of
+layers) builds as SpaceToBatchND, a convolution and BatchToSpaceND is
+followed block and all: inside the block, row `b N + n` of the batch is
+block position `b` of sample `n`, and its dense Jacobian has `B N` rows;
+the rules check that only such a block's linear ops lie between the two
+(otherwise SpaceToBatchND mixes samples).
+
 Data formats: `Conv2D` follows NHWC and NCHW (TensorFlow's CPU kernels run
 NCHW in float32); `DepthwiseConv2dNative`, `AvgPool` and `MaxPool` follow
 NHWC only (their CPU kernels refuse NCHW, so the rules could not be tested
@@ -171,3 +178,115 @@ def _max_pool(op, jacs, ctx):
     include_batch_in_index=False,
   )
   return [_gather_entries(j, index)]
+
+
+# What a dilated convolution (`tf.nn.convolution` with dilations > 1, the
+# `dilation_rate` of layers) holds between its SpaceToBatchND and its
+# BatchToSpaceND: ops linear row by row, the image as first input.
+_IN_BLOCK = frozenset(
+  ["Conv2D", "DepthwiseConv2dNative", "ExpandDims", "Squeeze", "Identity"]
+)
+_SHAPE_READS = frozenset(["Shape", "ShapeN", "Size", "Rank"])
+
+
+def _block_shape(op):
+  value = tf.get_static_value(op.inputs[1])
+  return None if value is None else tuple(np.reshape(value, [-1]).tolist())
+
+
+def _block_end(op):
+  """The BatchToSpaceND that closes the block a SpaceToBatchND `op` opens.
+
+  The block is what `tf.nn.convolution` builds: a chain of `_IN_BLOCK` ops,
+  each the one reader of the image before it, from `op` to a
+  BatchToSpaceND of the same block shape. Ops built after that
+  BatchToSpaceND (gradients, row loops) may read the chain's tensors too:
+  they are not on the way from `x` to the model's outputs.
+
+  Returns:
+    The BatchToSpaceND `Operation`, or `None` when `op` opens no such
+    block.
+  """
+  block = _block_shape(op)
+  chain, t = [], op.outputs[0]
+  while block is not None:
+    chain.append(t)
+    steps = [
+      c
+      for c in t.consumers()
+      if c.inputs[0] is t
+      and (c.type in _IN_BLOCK or c.type == "BatchToSpaceND")
+    ]
+    if len(steps) != 1:
+      return None
+    step = steps[0]
+    if step.type != "BatchToSpaceND":
+      t = step.outputs[0]
+      continue
+    if _block_shape(step) != block:
+      return None
+    inside = {u.op for u in chain[1:]} | {step}
+    for u in chain:
+      for c in u.consumers():
+        # pylint: disable-next=protected-access
+        if c not in inside and c.type not in _SHAPE_READS and c._id < step._id:
+          return None
+    return step
+  return None
+
+
+def _regroup(value, fn, rows):
+  """`fn` of the tangents of a dense `value` `(R, K, *e)` folded into the
+  batch (`(R K, *e)`), as `(rows, K, *e')`: row `r K + k` of the folded
+  batch is row `r` of tangent `k`, which SpaceToBatchND and BatchToSpaceND
+  keep (their batch is `b R + r` for block position `b`)."""
+  shape = tf.shape(value)
+  merged = tf.reshape(value, tf.concat([[shape[0] * shape[1]], shape[2:]], 0))
+  out = fn(merged)
+  return tf.reshape(out, tf.concat([[rows, shape[1]], tf.shape(out)[1:]], 0))
+
+
+@registry.register("SpaceToBatchND", linear=True)
+@registry.of_first_input
+def _space_to_batch(op, j, ctx):
+  """The rows of the output are the samples' blocks, row `b N + n` of
+  sample `n`: a dense Jacobian with `B N` rows, followed (checked) only
+  by linear ops up to a BatchToSpaceND that makes samples of them again."""
+  if _block_end(op) is None:
+    return [registry.MIXED]
+  if tf.compat.dimension_value(op.inputs[0].shape[0]) is not None:
+    # The engine gives every Jacobian the static batch size of x.
+    raise registry.Unsupported(
+      f"SpaceToBatchND ({op.name}) has a static batch size: the rows of its"
+      " blocks would not match it"
+    )
+  _, block, paddings = op.inputs
+  return [
+    jacobians.dense(
+      _regroup(
+        jacobians.to_dense(j, ctx.n),
+        lambda m: tf.space_to_batch_nd(m, block, paddings),
+        tf.shape(op.outputs[0])[0],
+      )
+    )
+  ]
+
+
+@registry.register("BatchToSpaceND", linear=True)
+@registry.of_first_input
+def _batch_to_space(op, j, ctx):
+  t = op.inputs[0]
+  while t.op.type in _IN_BLOCK:
+    t = t.op.inputs[0]
+  if t.op.type != "SpaceToBatchND" or _block_end(t.op) is not op:
+    return [registry.MIXED]
+  _, block, crops = op.inputs
+  return [
+    jacobians.dense(
+      _regroup(
+        jacobians.to_dense(j, ctx.n),
+        lambda m: tf.batch_to_space(m, block, crops),
+        tf.shape(op.outputs[0])[0],
+      )
+    )
+  ]
