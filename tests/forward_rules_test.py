@@ -180,39 +180,36 @@ _RULES = {
       tf.atan(2 * _lin(x)[:, :6]) + tf.atanh(0.9 * tf.tanh(_lin(x)[:, 6:]))
     ),
   ),
-  # Piecewise constant: no derivative, but the other factor curves.
-  "Floor_Ceil": (
-    "Floor",
-    lambda x: tf.floor(3 * _lin(x)) * tf.sin(x) + tf.math.ceil(x) * x * x,
-  ),
-  "Sign_Round_Rint": (
+  # Piecewise constant: no derivative, but the other factors curve.
+  "Sign_Floor_Ceil_Round_Rint": (
     "Sign",
     lambda x: (
       (tf.sign(_lin(x)) + tf.round(x) + tf.math.rint(2 * x)) * tf.sin(x)
+      + tf.floor(3 * _lin(x)) * tf.sin(x)
+      + tf.math.ceil(x) * x * x
     ),
   ),
-  "Select_vector_condition": (
+  # tf.compat.v1.where with a vector condition, and with a whole one.
+  "Select": (
     "Select",
-    lambda x: tf.compat.v1.where(
-      x[:, 0] > 0, tf.tanh(_lin(x)), tf.sin(x) * x[:, 1:2]
+    lambda x: (
+      tf.compat.v1.where(x[:, 0] > 0, tf.tanh(_lin(x)), tf.sin(x) * x[:, 1:2])
+      + tf.compat.v1.where(_lin(x) > 0, tf.square(_lin(x)), tf.sin(_lin(x)))
     ),
   ),
-  "Select_same_shape": (
-    "Select",
-    lambda x: tf.compat.v1.where(
-      _lin(x) > 0, tf.square(_lin(x)), tf.sin(_lin(x))
-    ),
-  ),
-  "SelectV2_condition_without_batch": (
-    "SelectV2",
-    lambda x: tf.tanh(
-      tf.where(tf.constant(_W[0] > 0), _lin(x), tf.exp(0.5 * _lin(x)))
-    ),
-  ),
+  # A condition without the batch axis, one broadcast against the entries.
   "SelectV2_broadcast": (
     "SelectV2",
-    lambda x: tf.where(
-      _where_cond(x)[:, None], tf.reshape(tf.tanh(_lin(x)), [-1, 3, 4]), 0.5
+    lambda x: (
+      tf.where(tf.constant(_W[0] > 0), _lin(x), tf.exp(0.5 * _lin(x)))
+      + tf.reshape(
+        tf.where(
+          _where_cond(x)[:, None],
+          tf.reshape(tf.tanh(_lin(x)), [-1, 3, 4]),
+          0.5,
+        ),
+        [-1, _K],
+      )
     ),
   ),
   # Both branches diagonal, or one: the Jacobian stays diagonal.
@@ -227,15 +224,13 @@ _RULES = {
     "ReverseV2",
     lambda x: tf.tanh(tf.reverse(_lin(x), [1])) * tf.sin(x),
   ),
+  # Not over the feature axis of x: diagonal; over it: materialized.
   "ReverseV2_diagonal": (
     "ReverseV2",
     lambda x: tf.tanh(
       tf.reverse(x[:, None, :] * _W[:3], [1]) * tf.constant(_W[3:6])
+      + tf.reverse(x[:, None, :] * _W[:3], [-1, 1]) * _W[4]
     ),
-  ),
-  "ReverseV2_features_of_x": (
-    "ReverseV2",
-    lambda x: tf.tanh(tf.reverse(x[:, None, :] * _W[:3], [-1, 1]) * _W[4]),
   ),
   "Prod": (
     "Prod",
@@ -477,17 +472,14 @@ def _gelu_mlp(x):
   return tf.compat.v1.layers.dense(h, 1, kernel_initializer=init(seed=8))
 
 
-def _where_piecewise(x):
-  """A Huber loss of a dense layer, and a piecewise function of x."""
+def _where_reverse_prod(x):
+  """A Huber loss of a dense layer, a piecewise function of x, a product."""
   r = _lin(x)
   huber = tf.where(tf.abs(r) < 0.7, 0.5 * r * r, 0.7 * tf.abs(r) - 0.245)
   piece = tf.where(x > 0, tf.math.log1p(x * x), tf.math.erf(x))
-  return tf.reduce_sum(huber, 1) + tf.reduce_sum(piece, 1)
-
-
-def _prod_net(x):
   h = tf.reverse(tf.tanh(_lin(x)), [1])
-  return tf.reduce_prod(tf.reshape(h, [-1, 4, 3]) + 1.0, axis=[2])
+  prod = tf.reduce_prod(tf.reshape(h, [-1, 4, 3]) + 1.0, axis=[2])
+  return tf.reduce_sum(huber, 1) + tf.reduce_sum(piece, 1) + prod[:, 1]
 
 
 _MODELS = {
@@ -496,8 +488,7 @@ _MODELS = {
   "depthwise_elu_avgpool": _depthwise_net,
   "dilated_conv1d": _dilated_conv1d_net,
   "gelu_leaky_relu_mlp": _gelu_mlp,
-  "where_piecewise": _where_piecewise,
-  "reverse_prod": _prod_net,
+  "where_reverse_prod": _where_reverse_prod,
 }
 
 

@@ -235,15 +235,24 @@ def _block_end(op):
   return None
 
 
-def _regroup(value, fn, rows):
-  """`fn` of the tangents of a dense `value` `(R, K, *e)` folded into the
-  batch (`(R K, *e)`), as `(rows, K, *e')`: row `r K + k` of the folded
-  batch is row `r` of tangent `k`, which SpaceToBatchND and BatchToSpaceND
-  keep (their batch is `b R + r` for block position `b`)."""
+def _regroup(op, j, fn):
+  """The Jacobian of the output of `op`, `fn` of the tangents of `j`.
+
+  The tangents are folded into the batch as rows `r K + k` (row `r` of
+  tangent `k`), an order that SpaceToBatchND and BatchToSpaceND keep (their
+  batch is `b R + r` for block position `b`); the result has a row per row
+  of the output.
+  """
+  value = j.value
   shape = tf.shape(value)
   merged = tf.reshape(value, tf.concat([[shape[0] * shape[1]], shape[2:]], 0))
   out = fn(merged)
-  return tf.reshape(out, tf.concat([[rows, shape[1]], tf.shape(out)[1:]], 0))
+  rows = tf.shape(op.outputs[0])[0]
+  return [
+    jacobians.dense(
+      tf.reshape(out, tf.concat([[rows, shape[1]], tf.shape(out)[1:]], 0))
+    )
+  ]
 
 
 @registry.register("SpaceToBatchND", linear=True)
@@ -261,15 +270,11 @@ def _space_to_batch(op, j, ctx):
       " blocks would not match it"
     )
   _, block, paddings = op.inputs
-  return [
-    jacobians.dense(
-      _regroup(
-        jacobians.to_dense(j, ctx.n),
-        lambda m: tf.space_to_batch_nd(m, block, paddings),
-        tf.shape(op.outputs[0])[0],
-      )
-    )
-  ]
+  return _regroup(
+    op,
+    jacobians.dense(jacobians.to_dense(j, ctx.n)),
+    lambda m: tf.space_to_batch_nd(m, block, paddings),
+  )
 
 
 @registry.register("BatchToSpaceND", linear=True)
@@ -281,12 +286,4 @@ def _batch_to_space(op, j, ctx):
   if t.op.type != "SpaceToBatchND" or _block_end(t.op) is not op:
     return [registry.MIXED]
   _, block, crops = op.inputs
-  return [
-    jacobians.dense(
-      _regroup(
-        jacobians.to_dense(j, ctx.n),
-        lambda m: tf.batch_to_space(m, block, crops),
-        tf.shape(op.outputs[0])[0],
-      )
-    )
-  ]
+  return _regroup(op, j, lambda m: tf.batch_to_space(m, block, crops))

@@ -24,6 +24,16 @@ from tf1hess.forward import jacobians
 from tf1hess.forward import registry
 
 
+def _axes_within_samples(op, does):
+  """The reduction axes of `op`; raises `Unsupported` for the batch axis."""
+  axes = _reduction_axes(op)
+  if 0 in axes:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) {does} over the batch axis"
+    )
+  return axes
+
+
 def _reduction_axes(op):
   rank = registry.static_rank(op.inputs[0], op)
   axes = np.reshape(registry.static_value(op.inputs[1], "axis", op), [-1])
@@ -81,11 +91,7 @@ def _sum(op, j, ctx):
 @registry.of_first_input
 def _max(op, j, ctx):
   """As TensorFlow's gradient: ties share the derivative equally."""
-  axes = _reduction_axes(op)
-  if 0 in axes:
-    raise registry.Unsupported(
-      f"{op.type} ({op.name}) takes the extremum over the batch axis"
-    )
+  axes = _axes_within_samples(op, "takes the extremum")
   u = op.inputs[0]
   picked = tf.reduce_max(u, axes, keepdims=True)
   if op.type == "Min":
@@ -135,11 +141,7 @@ def _pair_products(u, left, right):
 @registry.register("Prod")
 @registry.of_first_input
 def _prod(op, j, ctx):
-  axes = _reduction_axes(op)
-  if 0 in axes:
-    raise registry.Unsupported(
-      f"Prod ({op.name}) multiplies entries over the batch axis"
-    )
+  axes = _axes_within_samples(op, "multiplies entries")
   if not axes:
     return [j]
   u, out = op.inputs[0], op.outputs[0]
