@@ -1,6 +1,8 @@
 """The forward engine: per-sample second derivatives op by op (see engine)."""
 
+from tf1hess.forward import conv  # noqa: F401 (registers rules)
 from tf1hess.forward import elementwise  # noqa: F401 (registers rules)
+from tf1hess.forward import reductions  # noqa: F401 (registers rules)
 from tf1hess.forward import softmax  # noqa: F401 (registers rules)
 from tf1hess.forward import structural  # noqa: F401 (registers rules)
 from tf1hess.forward.engine import Unsupported

@@ -15,6 +15,7 @@ from tf1hess.forward import registry
 
 _SELU_SCALE = 1.0507009873554805
 _SELU_ALPHA = 1.6732632423543772
+_TWO_OVER_SQRT_PI = 1.1283791670955126
 
 
 def _unary_rule(derivatives):
@@ -37,6 +38,25 @@ def _zeros_where(mask, value):
   return tf.where(mask, tf.zeros_like(value), value)
 
 
+def _gaussian(u, sign):
+  """`f'` and `f''` of `erf` (`sign` 1) or `erfc` (`sign` -1)."""
+  first = sign * _TWO_OVER_SQRT_PI * tf.exp(-u * u)
+  return first, -2 * u * first
+
+
+def _rsqrt_of_quadratic(u, a, b, sign):
+  """`f' = sign / sqrt(q)` and `f''` for `q = a + b u^2`: `asin`, `acos`,
+  `asinh`, `acosh`."""
+  r = tf.math.rsqrt(a + b * u * u)
+  return sign * r, -sign * b * u * r * r * r
+
+
+def _reciprocal_of_quadratic(u, b):
+  """`f' = 1 / q` and `f''` for `q = 1 + b u^2`: `atan`, `atanh`."""
+  r = 1 / (1 + b * u * u)
+  return r, -2 * b * u * r * r
+
+
 _UNARY = {
   "Tanh": lambda u, v, op: (1 - v * v, -2 * v * (1 - v * v)),
   "Sigmoid": lambda u, v, op: (v * (1 - v), v * (1 - v) * (1 - 2 * v)),
@@ -55,6 +75,17 @@ _UNARY = {
   "Sin": lambda u, v, op: (tf.cos(u), -v),
   "Cos": lambda u, v, op: (-tf.sin(u), -v),
   "Square": lambda u, v, op: (2 * u, 2 * tf.ones_like(u)),
+  "Tan": lambda u, v, op: (1 + v * v, 2 * v * (1 + v * v)),
+  "Sinh": lambda u, v, op: (tf.cosh(u), v),
+  "Cosh": lambda u, v, op: (tf.sinh(u), v),
+  "Asin": lambda u, v, op: _rsqrt_of_quadratic(u, 1, -1, 1),
+  "Acos": lambda u, v, op: _rsqrt_of_quadratic(u, 1, -1, -1),
+  "Asinh": lambda u, v, op: _rsqrt_of_quadratic(u, 1, 1, 1),
+  "Acosh": lambda u, v, op: _rsqrt_of_quadratic(u, -1, 1, 1),
+  "Atan": lambda u, v, op: _reciprocal_of_quadratic(u, 1),
+  "Atanh": lambda u, v, op: _reciprocal_of_quadratic(u, -1),
+  "Erf": lambda u, v, op: _gaussian(u, 1),
+  "Erfc": lambda u, v, op: _gaussian(u, -1),
   "Softsign": lambda u, v, op: (
     1 / tf.square(1 + tf.abs(u)),
     -2 * tf.sign(u) / (1 + tf.abs(u)) ** 3,
@@ -91,6 +122,15 @@ for _op_type, _derivatives in _UNARY.items():
 )
 def _identity(op, jacs, ctx):
   return [jacs[0]]
+
+
+@registry.register(
+  "Sign", "Floor", "Ceil", "Round", "Rint", linear=True, diagonal=True
+)
+def _piecewise_constant(op, jacs, ctx):
+  """A zero derivative almost everywhere: as for TensorFlow's gradients,
+  the output does not depend on x."""
+  return [None]
 
 
 @registry.register("Neg", linear=True, diagonal=True)
@@ -263,3 +303,46 @@ def _maximum(op, jacs, ctx):
     lambda: (tf.where(mask, ones, 0 * ones), tf.where(mask, 0 * ones, ones)),
     None,
   )
+
+
+def _condition(op):
+  """The condition of a `Select`/`SelectV2`, broadcasting against the
+  output as the op broadcasts it (a vector condition of `Select`, which
+  picks whole samples, reshaped to `(N, 1, ..., 1)`)."""
+  cond = op.inputs[0]
+  rank = registry.static_rank(op.outputs[0], op)
+  if op.type == "Select" and registry.static_rank(cond, op) == 1 < rank:
+    cond = tf.reshape(cond, tf.concat([tf.shape(cond), [1] * (rank - 1)], 0))
+  return cond
+
+
+def _zero_filled(a, b):
+  """The values of two Jacobians, zeros in place of a `None`."""
+  va, vb = (None if j is None else j.value for j in (a, b))
+  return (
+    tf.zeros_like(vb) if va is None else va,
+    tf.zeros_like(va) if vb is None else vb,
+  )
+
+
+@registry.register("Select", "SelectV2", linear=True, diagonal=True)
+def _select(op, jacs, ctx):
+  """`where(cond, a, b)`, the condition independent of x (it is bool):
+  linear in `a` and `b`, entry by entry."""
+  _check_aligned(op, jacs)
+  out = op.outputs[0]
+  ja, jb = (jacobians.fit(j, out) for j in jacs[1:])
+  if ja is None and jb is None:
+    return [None]
+  cond = _condition(op)
+  if all(j is None or j.diagonal for j in (ja, jb)):
+    # `d` has the axes of `out`: the condition broadcasts against it.
+    return [jacobians.diagonal(tf.where(cond, *_zero_filled(ja, jb)))]
+  ja, jb = (None if j is None else jacobians.materialize(j) for j in (ja, jb))
+  batched = cond.shape.rank == out.shape.rank
+  if batched and tf.compat.dimension_value(cond.shape[0]) == 1:
+    cond, batched = cond[0], False
+  if batched:
+    cond = tf.expand_dims(cond, 1)  # Over the tangents.
+  shared = not batched and all(j is None or j.shared for j in (ja, jb))
+  return [jacobians.Jacobian(tf.where(cond, *_zero_filled(ja, jb)), shared)]

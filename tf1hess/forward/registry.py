@@ -70,6 +70,26 @@ def register(*op_types, linear=False, diagonal=False):
   return decorate
 
 
+def of_first_input(rule):
+  """A rule `rule(op, j, ctx)` of ops whose first input alone may depend on x.
+
+  `j` is that input's Jacobian; an op whose first input does not depend on
+  x has no Jacobian.
+  """
+
+  def wrapped(op, jacs, ctx):
+    if any(j is not None for j in jacs[1:]):
+      raise Unsupported(
+        f"{op.type} ({op.name}) has an input other than the first that "
+        "depends on x"
+      )
+    if jacs[0] is None:
+      return [None] * len(op.outputs)
+    return rule(op, jacs[0], ctx)
+
+  return wrapped
+
+
 def static_value(t, what, op):
   """The constant value of `t`, or raises `Unsupported` naming `what`."""
   value = tf.get_static_value(t)

@@ -19,26 +19,6 @@ from tf1hess.forward import registry
 MIXED = registry.MIXED
 
 
-def _of_first_input(rule):
-  """A rule `rule(op, j, ctx)` of ops whose first input alone may depend on x.
-
-  `j` is that input's Jacobian; an op whose first input does not depend on
-  x has no Jacobian.
-  """
-
-  def wrapped(op, jacs, ctx):
-    if any(j is not None for j in jacs[1:]):
-      raise registry.Unsupported(
-        f"{op.type} ({op.name}) has an input other than the first that "
-        "depends on x"
-      )
-    if jacs[0] is None:
-      return [None] * len(op.outputs)
-    return rule(op, jacs[0], ctx)
-
-  return wrapped
-
-
 def _reshape_entries(out):
   """A per-sample map to the entries of `out`."""
   return lambda m: tf.reshape(
@@ -85,7 +65,7 @@ def _same_rank_unknown_entries(op):
 
 
 @registry.register("Reshape", linear=True)
-@_of_first_input
+@registry.of_first_input
 def _reshape(op, j, ctx):
   out = op.outputs[0]
   if _keeps_batch(op):
@@ -105,7 +85,7 @@ def _reshape(op, j, ctx):
 
 
 @registry.register("ExpandDims", linear=True, diagonal=True)
-@_of_first_input
+@registry.of_first_input
 def _expand_dims(op, j, ctx):
   axis = int(registry.static_value(op.inputs[1], "axis", op))
   rank = registry.static_rank(op.outputs[0], op)
@@ -118,7 +98,7 @@ def _expand_dims(op, j, ctx):
 
 
 @registry.register("Squeeze", linear=True)
-@_of_first_input
+@registry.of_first_input
 def _squeeze(op, j, ctx):
   u = op.inputs[0]
   rank = registry.static_rank(u, op)
@@ -131,7 +111,7 @@ def _squeeze(op, j, ctx):
 
 
 @registry.register("Transpose", linear=True)
-@_of_first_input
+@registry.of_first_input
 def _transpose(op, j, ctx):
   perm = registry.static_value(op.inputs[1], "permutation", op)
   if int(perm[0]) != 0:
@@ -234,7 +214,7 @@ def _inserts_axes_only(op):
 
 
 @registry.register("StridedSlice", linear=True, diagonal=True)
-@_of_first_input
+@registry.of_first_input
 def _strided_slice(op, j, ctx):
   if not _axis_zero_is_whole(op):
     return [MIXED]
@@ -261,7 +241,7 @@ def _strided_slice(op, j, ctx):
 
 
 @registry.register("Slice", linear=True)
-@_of_first_input
+@registry.of_first_input
 def _slice(op, j, ctx):
   begin = registry.static_value(op.inputs[1], "begin", op)
   size = registry.static_value(op.inputs[2], "size", op)
@@ -272,7 +252,7 @@ def _slice(op, j, ctx):
 
 
 @registry.register("Tile", linear=True)
-@_of_first_input
+@registry.of_first_input
 def _tile(op, j, ctx):
   multiples = registry.static_value(op.inputs[1], "multiples", op)
   if int(multiples[0]) != 1:
@@ -280,8 +260,22 @@ def _tile(op, j, ctx):
   return [jacobians.apply_per_sample(j, lambda m: tf.tile(m, multiples))]
 
 
+@registry.register("ReverseV2", linear=True, diagonal=True)
+@registry.of_first_input
+def _reverse(op, j, ctx):
+  rank = registry.static_rank(op.inputs[0], op)
+  axes = np.reshape(registry.static_value(op.inputs[1], "axis", op), [-1])
+  axes = sorted({int(a) % rank for a in axes})
+  if 0 in axes:
+    return [MIXED]
+  if j.diagonal and rank - 1 not in axes:
+    # `d` has the axes of the tensor: reversed as it, along entry axes.
+    return [j.with_value(tf.reverse(j.value, axes))]
+  return [jacobians.apply_per_sample(j, lambda m: tf.reverse(m, axes))]
+
+
 @registry.register("BroadcastTo", linear=True)
-@_of_first_input
+@registry.of_first_input
 def _broadcast_to(op, j, ctx):
   u, out = op.inputs[0], op.outputs[0]
   n_in, n_out = (tf.compat.dimension_value(t.shape[0]) for t in (u, out))
@@ -291,7 +285,7 @@ def _broadcast_to(op, j, ctx):
 
 
 @registry.register("Pad", "PadV2", "MirrorPad", linear=True)
-@_of_first_input
+@registry.of_first_input
 def _pad(op, j, ctx):
   paddings = registry.static_value(op.inputs[1], "paddings", op)
   if np.any(paddings[0] != 0):
@@ -303,7 +297,7 @@ def _pad(op, j, ctx):
 
 
 @registry.register("GatherV2", linear=True)
-@_of_first_input
+@registry.of_first_input
 def _gather(op, j, ctx):
   axis = int(registry.static_value(op.inputs[2], "axis", op))
   rank = registry.static_rank(op.inputs[0], op)
@@ -356,83 +350,6 @@ def _unpack(op, jacs, ctx):
   return _split_outputs(
     op, jacs[0], axis, rank, lambda m: tf.unstack(m, num, axis=axis)
   )
-
-
-def _reduction_axes(op):
-  rank = registry.static_rank(op.inputs[0], op)
-  axes = np.reshape(registry.static_value(op.inputs[1], "axis", op), [-1])
-  return sorted({int(a) % rank for a in axes}) if rank else []
-
-
-def _diagonal_sum(op, j, axes, keepdims):
-  """`Sum`/`Mean` of a tensor of diagonal Jacobian `j` over `axes`."""
-  u, out = op.inputs[0], op.outputs[0]
-  rank = u.shape.rank
-  # Broadcast `d` over the entries first: a sum counts every entry.
-  d = tf.broadcast_to(
-    j.value, tf.concat([tf.shape(j.value)[:1], tf.shape(u)[1:]], axis=0)
-  )
-  if op.type == "Mean":
-    count = tf.reduce_prod(tf.gather(tf.shape(u), axes))
-    d = d / tf.cast(count, d.dtype)
-  if rank - 1 not in axes:
-    return jacobians.diagonal(tf.reduce_sum(d, axis=axes, keepdims=keepdims))
-  # The feature axis is summed: entry e' of the output holds d[..., k] for
-  # tangent k, a dense (or, with a batch of 1, shared) Jacobian.
-  rest = [a for a in axes if a != rank - 1]
-  if rest:
-    d = tf.reduce_sum(d, axis=rest, keepdims=True)
-  perm = [0, rank - 1] + list(range(1, rank - 1))
-  value = tf.reshape(
-    tf.transpose(d, perm),
-    tf.concat([tf.shape(d)[:1], tf.shape(d)[-1:], tf.shape(out)[1:]], 0),
-  )
-  if tf.compat.dimension_value(d.shape[0]) == 1:
-    return jacobians.shared(value[0])
-  return jacobians.dense(value)
-
-
-@registry.register("Sum", "Mean", linear=True, diagonal=True)
-@_of_first_input
-def _sum(op, j, ctx):
-  axes = _reduction_axes(op)
-  if 0 in axes or not axes and op.inputs[0].shape.rank == 0:
-    return [MIXED]
-  keepdims = op.get_attr("keep_dims")
-  reduce = tf.reduce_sum if op.type == "Sum" else tf.reduce_mean
-  if not axes:
-    return [j]
-  if j.diagonal:
-    return [_diagonal_sum(op, j, axes, keepdims)]
-  return [
-    jacobians.apply_per_sample(
-      j, lambda m: reduce(m, axis=axes, keepdims=keepdims)
-    )
-  ]
-
-
-@registry.register("Max", "Min")
-@_of_first_input
-def _max(op, j, ctx):
-  """As TensorFlow's gradient: ties share the derivative equally."""
-  axes = _reduction_axes(op)
-  if 0 in axes:
-    raise registry.Unsupported(
-      f"{op.type} ({op.name}) takes the extremum over the batch axis"
-    )
-  u = op.inputs[0]
-  picked = tf.reduce_max(u, axes, keepdims=True)
-  if op.type == "Min":
-    picked = tf.reduce_min(u, axes, keepdims=True)
-  mask = tf.cast(tf.equal(u, picked), u.dtype)
-  weights = mask / tf.reduce_sum(mask, axes, keepdims=True)
-  keepdims = op.get_attr("keep_dims")
-  return [
-    jacobians.apply_per_sample(
-      jacobians.scale(j, weights),
-      lambda m: tf.reduce_sum(m, axis=axes, keepdims=keepdims),
-    )
-  ]
 
 
 def _matmul_linear(op, jacs):

@@ -1,0 +1,678 @@
+"""The forward rules of convolutions, pooling, `where`, reversals, products
+and elementwise functions give the numbers of the rows and of differences.
+
+Every rule is checked alone (a small model whose curvature passes through
+the op) and in small networks (`tf.compat.v1.layers` convolutions, pooling,
+flatten and dense layers; a 1-D convolution net; a depthwise convolution; a
+gelu MLP; a piecewise function made with `tf.where`), under control flow v1
+and v2, in float64, against the plain row loop (`method="while_loop"`) built
+in the same graph and against central differences of `tf.gradients`, for
+the full Hessians, their diagonals and their traces. Inputs `(N, K)`
+reshaped to images and inputs that are images `(N, H, W, C)` both go
+through. Convolutions that TensorFlow's CPU kernels run in float32 only (the
+NCHW format, dilations) are checked in float32 against the rows and against
+float64 differences of an equivalent NHWC, undilated model.
+"""
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import testing_utils
+import tf1hess
+from tf1hess.forward import registry
+
+_K = 12
+_RNG = np.random.default_rng(7)
+_W = _RNG.normal(size=(_K, _K)) / np.sqrt(_K)
+_F = _RNG.normal(size=(3, 3, 2, 3)) / 3.0  # 3x3 filters, 2 -> 3 channels.
+_F1 = _RNG.normal(size=(3, 2, 3)) / 2.0  # Width 3, 2 -> 3 channels.
+_FD = _RNG.normal(size=(2, 2, 2, 2)) / 2.0  # Depthwise, multiplier 2.
+
+
+def _lin(x):
+  """A dense layer: every entry depends on every feature."""
+  return tf.matmul(x, tf.constant(_W, x.dtype)) + 0.3
+
+
+def _image(t, shape=(2, 3, 2)):
+  """`t` `(N, 12)` as images `(N, H, W, C)`."""
+  return tf.reshape(t, [-1, *shape])
+
+
+def _filter(f, like):
+  return tf.constant(f, like.dtype)
+
+
+def _where_cond(x):
+  return x[:, :1] * x[:, 1:2] > 0
+
+
+# name -> (op type that must be in the graph, per-sample model of (N, 12)).
+# Models start from x itself (a shared Jacobian reaches the op), from a
+# dense layer (shared) or from tanh of it (dense), to take each path.
+_RULES = {
+  "Conv2D_same": (
+    "Conv2D",
+    lambda x: tf.tanh(tf.nn.conv2d(_image(x), _filter(_F, x), 1, "SAME")),
+  ),
+  "Conv2D_valid_strides": (
+    "Conv2D",
+    lambda x: tf.nn.softplus(
+      tf.nn.conv2d(
+        _image(tf.tanh(_lin(x)), (4, 3, 1)),
+        _filter(_F[:, :2, :1], x),
+        [1, 2, 1, 1],
+        "VALID",
+      )
+    ),
+  ),
+  "Conv2D_explicit_padding": (
+    "Conv2D",
+    lambda x: tf.tanh(
+      tf.nn.conv2d(
+        tf.sin(_image(_lin(x))),
+        _filter(_F, x),
+        [1, 1, 2, 1],
+        [[0, 0], [1, 0], [2, 1], [0, 0]],
+      )
+    ),
+  ),
+  "Conv1D": (
+    "Conv2D",
+    lambda x: tf.tanh(
+      tf.nn.conv1d(
+        tf.sin(tf.reshape(_lin(x), [-1, 6, 2])), _filter(_F1, x), 2, "SAME"
+      )
+    ),
+  ),
+  "DepthwiseConv2dNative": (
+    "DepthwiseConv2dNative",
+    lambda x: tf.nn.softplus(
+      tf.nn.depthwise_conv2d(
+        tf.tanh(_image(_lin(x))), _filter(_FD, x), [1, 1, 1, 1], "SAME"
+      )
+    ),
+  ),
+  "DepthwiseConv2dNative_strides": (
+    "DepthwiseConv2dNative",
+    lambda x: tf.tanh(
+      tf.nn.depthwise_conv2d(
+        _image(x, (3, 2, 2)), _filter(_FD, x), [1, 2, 2, 1], "VALID"
+      )
+    ),
+  ),
+  # tf.nn.convolution with dilations > 1: SpaceToBatchND, Conv2D,
+  # BatchToSpaceND (SAME padding: paddings and crops on both).
+  "SpaceToBatchND_BatchToSpaceND": (
+    "SpaceToBatchND",
+    lambda x: tf.tanh(
+      tf.nn.convolution(
+        tf.sin(_image(_lin(x), (3, 4, 1))),
+        _filter(_F[:2, :2, :1], x),
+        padding="SAME",
+        dilations=2,
+      )
+    ),
+  ),
+  "SpaceToBatchND_depthwise": (
+    "BatchToSpaceND",
+    lambda x: tf.nn.depthwise_conv2d(
+      _image(_lin(x), (2, 3, 2)),
+      _filter(_FD, x),
+      [1, 1, 1, 1],
+      "VALID",
+      dilations=[1, 2],
+    ),
+  ),
+  "AvgPool": (
+    "AvgPool",
+    lambda x: tf.square(
+      tf.nn.avg_pool2d(tf.tanh(_image(_lin(x))), [2, 2], [1, 2], "SAME")
+    ),
+  ),
+  "MaxPool_same": (
+    "MaxPool",
+    lambda x: tf.square(
+      tf.nn.max_pool2d(tf.tanh(_image(_lin(x))), 2, [1, 2], "SAME")
+    ),
+  ),
+  "MaxPool_valid_of_x": (
+    "MaxPool",
+    lambda x: tf.sin(
+      tf.nn.max_pool2d(_image(x, (3, 4, 1)), [2, 3], 1, "VALID")
+    ),
+  ),
+  "MaxPool_explicit_padding": (
+    "MaxPool",
+    lambda x: tf.square(
+      tf.nn.max_pool2d(
+        tf.sin(_image(_lin(x))), 2, 2, [[0, 0], [1, 0], [0, 1], [0, 0]]
+      )
+    ),
+  ),
+  # Two functions a model, each of its own half of a dense layer.
+  "Erf_Erfc": (
+    "Erf",
+    lambda x: tf.math.erf(_lin(x)[:, :6]) * tf.math.erfc(_lin(x)[:, 6:]),
+  ),
+  "Tan": ("Tan", lambda x: tf.tan(0.4 * _lin(x))),
+  "Sinh_Cosh": (
+    "Sinh",
+    lambda x: tf.sinh(_lin(x)[:, :6]) + tf.cosh(_lin(x)[:, 6:]),
+  ),
+  "Asin_Acos": (
+    "Asin",
+    lambda x: (
+      tf.asin(0.9 * tf.tanh(_lin(x)[:, :6]))
+      + tf.acos(0.9 * tf.tanh(_lin(x)[:, 6:]))
+    ),
+  ),
+  "Asinh_Acosh": (
+    "Asinh",
+    lambda x: (
+      tf.asinh(2 * _lin(x)[:, :6]) + tf.acosh(1.2 + tf.square(_lin(x)[:, 6:]))
+    ),
+  ),
+  "Atan_Atanh": (
+    "Atan",
+    lambda x: (
+      tf.atan(2 * _lin(x)[:, :6]) + tf.atanh(0.9 * tf.tanh(_lin(x)[:, 6:]))
+    ),
+  ),
+  # Piecewise constant: no derivative, but the other factors curve.
+  "Sign_Floor_Ceil_Round_Rint": (
+    "Sign",
+    lambda x: (
+      (tf.sign(_lin(x)) + tf.round(x) + tf.math.rint(2 * x)) * tf.sin(x)
+      + tf.floor(3 * _lin(x)) * tf.sin(x)
+      + tf.math.ceil(x) * x * x
+    ),
+  ),
+  # tf.compat.v1.where with a vector condition, and with a whole one.
+  "Select": (
+    "Select",
+    lambda x: (
+      tf.compat.v1.where(x[:, 0] > 0, tf.tanh(_lin(x)), tf.sin(x) * x[:, 1:2])
+      + tf.compat.v1.where(_lin(x) > 0, tf.square(_lin(x)), tf.sin(_lin(x)))
+    ),
+  ),
+  # A condition without the batch axis, one broadcast against the entries.
+  "SelectV2_broadcast": (
+    "SelectV2",
+    lambda x: (
+      tf.where(tf.constant(_W[0] > 0), _lin(x), tf.exp(0.5 * _lin(x)))
+      + tf.reshape(
+        tf.where(
+          _where_cond(x)[:, None],
+          tf.reshape(tf.tanh(_lin(x)), [-1, 3, 4]),
+          0.5,
+        ),
+        [-1, _K],
+      )
+    ),
+  ),
+  # Both branches diagonal, or one: the Jacobian stays diagonal.
+  "SelectV2_diagonal": (
+    "SelectV2",
+    lambda x: (
+      tf.where(x > 0, x * x * x, tf.sin(x))
+      + tf.where(x < 0.5, tf.exp(x), tf.zeros_like(x))
+    ),
+  ),
+  "ReverseV2": (
+    "ReverseV2",
+    lambda x: tf.tanh(tf.reverse(_lin(x), [1])) * tf.sin(x),
+  ),
+  # Not over the feature axis of x: diagonal; over it: materialized.
+  "ReverseV2_diagonal": (
+    "ReverseV2",
+    lambda x: tf.tanh(
+      tf.reverse(x[:, None, :] * _W[:3], [1]) * tf.constant(_W[3:6])
+      + tf.reverse(x[:, None, :] * _W[:3], [-1, 1]) * _W[4]
+    ),
+  ),
+  "Prod": (
+    "Prod",
+    lambda x: tf.reduce_prod(tf.reshape(tf.tanh(_lin(x)), [-1, 3, 4]), 2),
+  ),
+  "Prod_keepdims_of_x": (
+    "Prod",
+    lambda x: tf.sin(
+      tf.reduce_prod(
+        tf.reshape(x + 1.0, [-1, 2, 3, 2]), axis=[1, 3], keepdims=True
+      )
+    ),
+  ),
+}
+
+# TensorFlow has no second-order gradient of these (no MaxPoolGradGrad with
+# explicit padding): the rows fail, the engine is checked against differences.
+_NO_ROWS = {"MaxPool_explicit_padding"}
+
+# The op types whose rules this file tests (tests/forward_test.py the rest).
+NEW_OP_TYPES = {
+  "Conv2D",
+  "DepthwiseConv2dNative",
+  "AvgPool",
+  "MaxPool",
+  "Erf",
+  "Erfc",
+  "Tan",
+  "Sinh",
+  "Cosh",
+  "Asin",
+  "Acos",
+  "Asinh",
+  "Acosh",
+  "Atan",
+  "Atanh",
+  "Sign",
+  "Floor",
+  "Ceil",
+  "Round",
+  "Rint",
+  "Select",
+  "SelectV2",
+  "ReverseV2",
+  "Prod",
+  "SpaceToBatchND",
+  "BatchToSpaceND",
+}
+
+
+def _differences(sess, x, y, x_val):
+  """Central differences of `tf.gradients(y, x)`, `(N, K, K)`, float64.
+
+  `x` may be images: the differences are taken over the flat features.
+  """
+  (g,) = tf.gradients(y, x)
+  n = x_val.shape[0]
+  return testing_utils.central_difference_jacobian(
+    lambda v: sess.run(g, {x: v.reshape(x_val.shape)}).reshape(n, -1),
+    x_val.reshape(n, -1),
+  )
+
+
+def _check(test, x, y, x_val, rows=True, variables=False):
+  """Checks the engine's Hessians, diagonals and Laplacians of `y`.
+
+  Against the rows built in the same graph (unless `rows` is False) and
+  float64 central differences of the gradient.
+  """
+  outs = [
+    op(y, x, method="forward")
+    for op in (
+      tf1hess.batch_hessians,
+      tf1hess.batch_hessian_diagonals,
+      tf1hess.batch_laplacians,
+    )
+  ]
+  if rows:
+    outs.append(tf1hess.batch_hessians(y, x, method="while_loop"))
+  with tf.compat.v1.Session() as sess:
+    if variables:
+      sess.run(tf.compat.v1.global_variables_initializer())
+    values = sess.run(outs, {x: x_val})
+    reference = _differences(sess, x, y, x_val)
+  n = x_val.shape[0]
+  h = values[0].reshape(n, -1, reference.shape[-1])
+  d = values[1].reshape(n, -1)
+  test.assertEqual(values[0].shape, (n,) + x_val.shape[1:] * 2)
+  if rows:
+    test.assertAllClose(values[0], values[3], atol=1e-10, rtol=1e-10)
+  test.assertAllClose(h, reference, atol=1e-6, rtol=1e-6)
+  test.assertAllClose(d, np.einsum("nii->ni", h), atol=1e-12)
+  test.assertAllClose(values[2], np.einsum("nii->n", h), atol=1e-12)
+  return h
+
+
+class ForwardRulesTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  @parameterized.named_parameters(*[(name, name) for name in _RULES])
+  def test_rule(self, name):
+    op_type, model = _RULES[name]
+    self.assertIn(op_type, registry.RULES)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      # A sine on top: the op's Jacobian counts as well as its curvature.
+      y = tf.sin(model(x))
+      self.assertIn(op_type, {op.type for op in graph.get_operations()})
+      _check(self, x, y, x_val, rows=name not in _NO_ROWS)
+
+  def test_every_new_rule_has_a_test(self):
+    models = set()
+    for _, model in _RULES.values():
+      with tf.Graph().as_default() as graph:
+        model(tf.compat.v1.placeholder(tf.float64, [None, _K]))
+        models |= {op.type for op in graph.get_operations()}
+    self.assertEmpty(NEW_OP_TYPES - models)
+    self.assertEmpty(NEW_OP_TYPES - set(registry.RULES))
+
+  def test_max_pool_ties_take_the_first_entry_as_the_rows(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      # Windows of 2 entries: (x0, x1) and (x2, x0 + x1).
+      u = tf.stack([x[:, 0], x[:, 1], x[:, 2], x[:, 0] + x[:, 1]], axis=1)
+      pooled = tf.nn.max_pool2d(
+        tf.reshape(u, [-1, 2, 2, 1]), [1, 2], 1, "VALID"
+      )
+      weights = tf.constant([[[[1.0]], [[3.0]]]], tf.float64)
+      y = tf.reduce_sum(tf.square(pooled) * weights, axis=[1, 2, 3])
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        # Ties in both windows: x0 == x1, x2 == x0 + x1.
+        feed = {x: np.array([[0.5, 0.5, 1.0, 7.0]])}
+        h_val, rows_val = sess.run([h, rows], feed)
+    expected = np.zeros((1, 4, 4))
+    expected[0, 0, 0] = 2.0  # First window: x0.
+    expected[0, 2, 2] = 6.0  # Second window: x2.
+    self.assertAllClose(h_val, expected, atol=1e-12)
+    self.assertAllClose(rows_val, expected, atol=1e-12)
+
+  @parameterized.named_parameters(
+    ("no_zero", [0.5, -2.0, 1.5, 3.0]),
+    ("one_zero", [0.5, 0.0, 1.5, 3.0]),
+    ("two_zeros", [0.0, -2.0, 0.0, 3.0]),
+    ("three_zeros", [0.0, 0.0, 1.5, 0.0]),
+    ("tiny", [1e-200, -2.0, 1e-150, 3.0]),
+  )
+  def test_prod_with_zeros_is_exact(self, values):
+    """`d2 prod / dx_i dx_j = prod_{l != i, j} x_l`, zeros or not."""
+    values = np.array([values])
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      y = tf.reduce_prod(x, axis=1)
+      outs = [
+        tf1hess.batch_hessians(y, x, method="forward"),
+        tf1hess.batch_laplacians(y, x, method="forward"),
+      ]
+      with tf.compat.v1.Session() as sess:
+        h, lap = sess.run(outs, {x: values})
+    expected = np.zeros((1, 4, 4))
+    for i in range(4):
+      for j in range(4):
+        if i != j:
+          expected[0, i, j] = np.prod(np.delete(values[0], [i, j]))
+    # Zeros exactly where they are, the rest to the last bits.
+    self.assertAllClose(h, expected, atol=0, rtol=1e-15)
+    self.assertAllEqual(lap, [0.0])
+
+
+def _conv_net(images):
+  """conv2d -> tanh -> max pool -> flatten -> dense -> softplus -> sum."""
+  init = tf.compat.v1.glorot_normal_initializer
+  h = tf.compat.v1.layers.conv2d(
+    images,
+    3,
+    3,
+    padding="same",
+    activation=tf.tanh,
+    kernel_initializer=init(seed=1),
+    bias_initializer=tf.compat.v1.random_normal_initializer(seed=2),
+  )
+  h = tf.compat.v1.layers.max_pooling2d(h, 2, 2)
+  h = tf.compat.v1.layers.flatten(h)
+  h = tf.compat.v1.layers.dense(
+    h, 4, activation=tf.nn.softplus, kernel_initializer=init(seed=3)
+  )
+  return tf.reduce_sum(h, axis=1)
+
+
+def _conv1d_net(x):
+  """conv1d layers with gelu, an average pool, a dense read-out."""
+  init = tf.compat.v1.glorot_normal_initializer
+  h = tf.reshape(x, [-1, 6, 2])
+  h = tf.compat.v1.layers.conv1d(
+    h, 3, 3, padding="same", kernel_initializer=init(seed=4)
+  )
+  h = tf.nn.gelu(h)
+  h = tf.nn.conv1d(h, _filter(_F1.transpose(0, 2, 1), h), 1, "VALID")
+  h = tf.compat.v1.layers.average_pooling1d(tf.nn.leaky_relu(h, 0.1), 2, 2)
+  h = tf.compat.v1.layers.flatten(h)
+  return tf.compat.v1.layers.dense(h, 1, kernel_initializer=init(seed=5))
+
+
+def _dilated_conv1d_net(x):
+  """Dilated conv1d layers (SpaceToBatchND blocks), dense read-out."""
+  init = tf.compat.v1.glorot_normal_initializer
+  h = tf.reshape(x, [-1, 6, 2])
+  for i, padding in enumerate(["same", "valid"]):
+    h = tf.compat.v1.layers.conv1d(
+      h,
+      3,
+      2,
+      padding=padding,
+      dilation_rate=2,
+      activation=tf.nn.softplus,
+      kernel_initializer=init(seed=20 + i),
+    )
+  h = tf.compat.v1.layers.flatten(h)
+  return tf.compat.v1.layers.dense(h, 1, kernel_initializer=init(seed=22))
+
+
+def _depthwise_net(x):
+  h = tf.nn.depthwise_conv2d(
+    tf.sin(_image(x)), _filter(_FD, x), [1, 1, 1, 1], "SAME"
+  )
+  h = tf.nn.avg_pool2d(tf.nn.elu(h), 2, 1, "VALID")
+  return tf.reduce_sum(tf.square(h), axis=[1, 2, 3])
+
+
+def _gelu_mlp(x):
+  init = tf.compat.v1.glorot_normal_initializer
+  h = tf.compat.v1.layers.dense(
+    x, 8, activation=tf.nn.gelu, kernel_initializer=init(seed=6)
+  )
+  h = tf.compat.v1.layers.dense(h, 8, kernel_initializer=init(seed=7))
+  h = tf.nn.leaky_relu(tf.nn.gelu(h, approximate=True), 0.2)
+  return tf.compat.v1.layers.dense(h, 1, kernel_initializer=init(seed=8))
+
+
+def _where_reverse_prod(x):
+  """A Huber loss of a dense layer, a piecewise function of x, a product."""
+  r = _lin(x)
+  huber = tf.where(tf.abs(r) < 0.7, 0.5 * r * r, 0.7 * tf.abs(r) - 0.245)
+  piece = tf.where(x > 0, tf.math.log1p(x * x), tf.math.erf(x))
+  h = tf.reverse(tf.tanh(_lin(x)), [1])
+  prod = tf.reduce_prod(tf.reshape(h, [-1, 4, 3]) + 1.0, axis=[2])
+  return tf.reduce_sum(huber, 1) + tf.reduce_sum(piece, 1) + prod[:, 1]
+
+
+_MODELS = {
+  "conv_tanh_maxpool_dense": lambda x: _conv_net(_image(x, (4, 3, 1))),
+  "conv1d_gelu_avgpool": _conv1d_net,
+  "depthwise_elu_avgpool": _depthwise_net,
+  "dilated_conv1d": _dilated_conv1d_net,
+  "gelu_leaky_relu_mlp": _gelu_mlp,
+  "where_reverse_prod": _where_reverse_prod,
+}
+
+
+class ForwardRuleModelsTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  @parameterized.product(model=list(_MODELS), cf=[1, 2])
+  def test_model(self, model, cf):
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = _MODELS[model](x)
+      _check(self, x, y, x_val, variables=True)
+
+  @parameterized.parameters(1, 2)
+  def test_image_input(self, cf):
+    """x `(N, H, W, C)`: K = H W C, Hessians `(N, H, W, C, H, W, C)`."""
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(2, 4, 3, 1))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4, 3, 1])
+      _check(self, x, _conv_net(x), x_val, variables=True)
+
+
+class DilatedBlockTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  @parameterized.parameters(1, 2)
+  def test_rows_built_first(self, cf):
+    """The row loop's ops read the block's tensors: built after it, they do
+    not count as readers that would mix samples."""
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.reduce_sum(_dilated_conv1d_net(x), axis=1)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        h_val, rows_val = sess.run([h, rows], {x: x_val})
+    self.assertAllClose(h_val, rows_val, atol=1e-10, rtol=1e-10)
+
+
+def _dilate(f, rate):
+  """The filter of an undilated convolution equal to one of rate `rate`."""
+  h, w = f.shape[:2]
+  out = np.zeros(((h - 1) * rate + 1, (w - 1) * rate + 1) + f.shape[2:])
+  out[::rate, ::rate] = f
+  return out
+
+
+class Float32ConvolutionTest(tf.test.TestCase, parameterized.TestCase):
+  """NCHW and dilations: TensorFlow's CPU kernels run them in float32."""
+
+  @parameterized.named_parameters(
+    ("dilations", "NHWC", 2),
+    ("nchw_dilations", "NCHW", 2),
+  )
+  def test_convolution(self, data_format, rate):
+    x_val = _RNG.normal(size=(3, _K))
+
+    def model(x, conv):
+      h = tf.tanh(_image(_lin(x), (3, 4, 1)))
+      h = tf.concat([h, tf.sin(h)], axis=3)  # (N, 3, 4, 2)
+      return tf.nn.softplus(conv(h))
+
+    def conv_under_test(h):
+      f = _filter(_F, h)
+      if data_format == "NHWC":
+        return tf.nn.conv2d(h, f, 1, "SAME", dilations=rate)
+      out = tf.nn.conv2d(
+        tf.transpose(h, [0, 3, 1, 2]),
+        f,
+        1,
+        "SAME",
+        data_format="NCHW",
+        dilations=rate,
+      )
+      return tf.transpose(out, [0, 2, 3, 1])
+
+    def equivalent(h):
+      return tf.nn.conv2d(h, _filter(_dilate(_F, rate), h), 1, "SAME")
+
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
+      y = model(x, conv_under_test)
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      lap = tf1hess.batch_laplacians(y, x, method="forward")
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h_val, lap_val, rows_val = sess.run([h, lap, rows], {x: x_val})
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = model(x, equivalent)
+      with tf.compat.v1.Session() as sess:
+        reference = _differences(sess, x, y, x_val)
+    self.assertAllClose(h_val, rows_val, atol=1e-5, rtol=1e-4)
+    self.assertAllClose(h_val, reference, atol=1e-5, rtol=1e-4)
+    self.assertAllClose(
+      lap_val, np.einsum("nii->n", reference), atol=1e-5, rtol=1e-4
+    )
+
+
+class DeclineTest(tf.test.TestCase, parameterized.TestCase):
+  """What the rules do not follow: `method="forward"` says why."""
+
+  def test_filter_of_x(self):
+    with tf.Graph().as_default():
+      # A batch of 3 static: the filter (3, 3, 2, 2) is a reshape of x.
+      x = tf.compat.v1.placeholder(tf.float64, [3, _K])
+      y = tf.sin(
+        tf.nn.conv2d(_image(x), tf.reshape(x, [3, 3, 2, 2]), 1, "SAME")
+      )
+      with self.assertRaisesRegex(
+        ValueError, "Conv2D .* has a filter that depends on x"
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+      mixed = tf.reshape(tf.tile(x[:1], [1, 3]), [3, 3, 2, 2])
+      y = tf.sin(tf.nn.conv2d(_image(x), mixed, 1, "SAME"))
+      with self.assertRaisesRegex(
+        ValueError, "Conv2D .* nonlinear in a tensor that mixes samples"
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+
+  def test_dilated_convolution_with_a_static_batch(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [3, _K])
+      y = tf.sin(
+        tf.nn.convolution(
+          _image(x), _filter(_F, x), padding="SAME", dilations=2
+        )
+      )
+      with self.assertRaisesRegex(
+        ValueError, "SpaceToBatchND .* has a static batch size"
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+
+  @parameterized.named_parameters(
+    (
+      "depthwise_nchw",
+      lambda x: tf.nn.depthwise_conv2d(
+        _image(x), _filter(_FD, x), [1, 1, 1, 1], "SAME", data_format="NCHW"
+      ),
+      "DepthwiseConv2dNative .* data format NCHW; the forward rule follows "
+      "NHWC only",
+    ),
+    (
+      "depthwise_dilations",
+      lambda x: tf.raw_ops.DepthwiseConv2dNative(
+        input=_image(x),
+        filter=_filter(_FD, x),
+        strides=[1, 1, 1, 1],
+        padding="SAME",
+        dilations=[1, 2, 2, 1],
+      ),
+      "has dilations .* dilations of 1 only",
+    ),
+    (
+      "max_pool_nchw",
+      lambda x: tf.nn.max_pool2d(_image(x), 2, 1, "SAME", data_format="NCHW"),
+      "MaxPool .* data format NCHW",
+    ),
+    (
+      "space_to_batch_without_its_batch_to_space",
+      lambda x: tf.tanh(
+        tf.space_to_batch_nd(_image(x), [2, 1], [[0, 0], [0, 1]])
+      ),
+      "Tanh .* nonlinear in a tensor that mixes samples",
+    ),
+    (
+      "prod_over_the_batch",
+      lambda x: tf.reduce_prod(x, axis=0),
+      "Prod .* multiplies entries over the batch axis",
+    ),
+  )
+  def test_declines(self, model, message):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.sin(model(x))
+      with self.assertRaisesRegex(ValueError, message):
+        tf1hess.batch_hessians(y, x, method="forward")
+
+
+if __name__ == "__main__":
+  tf.test.main()

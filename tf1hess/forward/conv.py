@@ -1,0 +1,289 @@
+"""Forward rules of convolutions and pooling over images `(N, H, W, C)`.
+
+A convolution by weights and an average pool are linear in their input and
+map a batch sample by sample: the Jacobian of the output is the same op
+(same attrs: strides, dilations, padding) applied to the K tangents folded
+into the batch axis (`jacobians.apply_per_sample`), a shared Jacobian `(K,
+H, W, C)` as a batch of K images. They add no curvature.
+
+A max pool is piecewise linear: each output entry is one input entry of its
+window, and its tangent is that entry's tangent. The rule finds the entry
+with `tf.nn.max_pool_with_argmax` and gathers the tangents there: exact, and
+the cost of one pool of the N inputs plus a gather. Ties (a measure-zero
+set, but common after a `relu`, where they carry equal zero tangents) take
+the first maximal entry of the window in row-major order, as TensorFlow's
+`MaxPoolGrad` and `MaxPoolGradGrad` do on CPU: the engine and the row loop
+agree there. No curvature either.
+
+A dilated convolution that `tf.nn.convolution` (and the `dilation_rate` of
+layers) builds as SpaceToBatchND, a convolution and BatchToSpaceND is
+followed block and all: inside the block, row `b N + n` of the batch is
+block position `b` of sample `n`, and its dense Jacobian has `B N` rows;
+the rules check that only such a block's linear ops lie between the two
+(otherwise SpaceToBatchND mixes samples).
+
+Data formats: `Conv2D` follows NHWC and NCHW (TensorFlow's CPU kernels run
+NCHW in float32); `DepthwiseConv2dNative`, `AvgPool` and `MaxPool` follow
+NHWC only (their CPU kernels refuse NCHW, so the rules could not be tested
+there), and `DepthwiseConv2dNative` dilations of 1 only (same reason).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tf1hess.forward import jacobians
+from tf1hess.forward import registry
+
+
+def _attrs(op, *names):
+  """The attrs `names` of `op`, to build the same op on the tangents."""
+  out = {}
+  for name in names:
+    value = op.get_attr(name)
+    out[name] = value.decode() if isinstance(value, bytes) else value
+  return out
+
+
+def _check_format(op, attrs, formats):
+  if attrs["data_format"] not in formats:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has data format {attrs['data_format']}; the "
+      f"forward rule follows {' and '.join(formats)} only"
+    )
+
+
+def _of_weights(op, jacs):
+  """Whether only the first input (the image) depends on x: then linear."""
+  return all(j is None for j in jacs[1:])
+
+
+def _convolution(op, jacs, ctx, build, names, formats):
+  """Rule of a convolution of the image (input 0) by a filter (input 1)."""
+  j, jf = jacs
+  if jf is not None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has a filter that depends on x: the forward "
+      "rule follows convolutions of x by weights only"
+    )
+  if j is None:
+    return [None]
+  attrs = _attrs(op, *names)
+  _check_format(op, attrs, formats)
+  if not j.shared:
+    ctx.dense_matmul()  # A convolution of N K images: costs as a matmul.
+  f = op.inputs[1]
+  return [
+    jacobians.apply_per_sample(
+      j, lambda m: build(input=m, filter=tf.cast(f, m.dtype), **attrs)
+    )
+  ]
+
+
+_CONV_ATTRS = (
+  "strides",
+  "padding",
+  "explicit_paddings",
+  "data_format",
+  "dilations",
+)
+
+
+@registry.register("Conv2D", linear=_of_weights)
+def _conv2d(op, jacs, ctx):
+  return _convolution(
+    op,
+    jacs,
+    ctx,
+    tf.raw_ops.Conv2D,
+    _CONV_ATTRS + ("use_cudnn_on_gpu",),
+    ("NHWC", "NCHW"),
+  )
+
+
+@registry.register("DepthwiseConv2dNative", linear=_of_weights)
+def _depthwise_conv2d(op, jacs, ctx):
+  if any(d != 1 for d in op.get_attr("dilations")):
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has dilations {op.get_attr('dilations')}; the "
+      "forward rule follows dilations of 1 only (TensorFlow's CPU kernel "
+      "runs no other)"
+    )
+  return _convolution(
+    op, jacs, ctx, tf.raw_ops.DepthwiseConv2dNative, _CONV_ATTRS, ("NHWC",)
+  )
+
+
+_POOL_ATTRS = ("ksize", "strides", "padding", "data_format")
+
+
+@registry.register("AvgPool", linear=True)
+def _avg_pool(op, jacs, ctx):
+  j = jacs[0]
+  if j is None:
+    return [None]
+  attrs = _attrs(op, *_POOL_ATTRS)
+  _check_format(op, attrs, ("NHWC",))
+  pool = tf.raw_ops.AvgPool
+  return [jacobians.apply_per_sample(j, lambda m: pool(value=m, **attrs))]
+
+
+def _gather_entries(jac, index):
+  """`J[n, k, index[n, p]]` over the flat entries: a dense Jacobian.
+
+  Args:
+    jac: a shared or dense `Jacobian` of a tensor `(N, *e)`.
+    index: `(N, *e')` int64 flat indices into the entries `*e` of each
+      sample.
+
+  Returns:
+    The dense `Jacobian` `(N, K, *e')` of `v[n, *e'] = u[n, index[n, *e']]`.
+  """
+  n = tf.shape(index)[0]
+  picked = tf.shape(index)[1:]
+  index = tf.reshape(index, tf.stack([n, tf.reduce_prod(picked)]))
+  lead = tf.shape(jac.value)[: 1 if jac.shared else 2]
+  flat = tf.reshape(
+    jac.value,
+    tf.concat([lead, [tf.reduce_prod(jac.entry_shape())]], axis=0),
+  )
+  if jac.shared:
+    value = tf.transpose(tf.gather(flat, index, axis=1), [1, 0, 2])
+  else:
+    value = tf.gather(flat, index, axis=2, batch_dims=1)
+  k = tf.shape(jac.value)[0 if jac.shared else 1]
+  return jacobians.dense(tf.reshape(value, tf.concat([[n, k], picked], axis=0)))
+
+
+@registry.register("MaxPool")
+def _max_pool(op, jacs, ctx):
+  j = jacs[0]
+  if j is None:
+    return [None]
+  attrs = _attrs(op, *_POOL_ATTRS)
+  _check_format(op, attrs, ("NHWC",))
+  u = op.inputs[0]
+  padding = attrs["padding"]
+  if padding == "EXPLICIT":
+    # Pad with -inf (never picked over an entry) and pool without padding;
+    # the tangents of the padding are zeros.
+    pads = np.reshape(op.get_attr("explicit_paddings"), [-1, 2])
+    u = tf.pad(u, pads, constant_values=-np.inf)
+    j = jacobians.apply_per_sample(j, lambda m: tf.pad(m, pads))
+    padding = "VALID"
+  _, index = tf.raw_ops.MaxPoolWithArgmax(
+    input=u,
+    ksize=attrs["ksize"],
+    strides=attrs["strides"],
+    padding=padding,
+    include_batch_in_index=False,
+  )
+  return [_gather_entries(j, index)]
+
+
+# What a dilated convolution (`tf.nn.convolution` with dilations > 1, the
+# `dilation_rate` of layers) holds between its SpaceToBatchND and its
+# BatchToSpaceND: ops linear row by row, the image as first input.
+_IN_BLOCK = frozenset(
+  ["Conv2D", "DepthwiseConv2dNative", "ExpandDims", "Squeeze", "Identity"]
+)
+_SHAPE_READS = frozenset(["Shape", "ShapeN", "Size", "Rank"])
+
+
+def _block_shape(op):
+  value = tf.get_static_value(op.inputs[1])
+  return None if value is None else tuple(np.reshape(value, [-1]).tolist())
+
+
+def _block_end(op):
+  """The BatchToSpaceND that closes the block a SpaceToBatchND `op` opens.
+
+  The block is what `tf.nn.convolution` builds: a chain of `_IN_BLOCK` ops,
+  each the one reader of the image before it, from `op` to a
+  BatchToSpaceND of the same block shape. Ops built after that
+  BatchToSpaceND (gradients, row loops) may read the chain's tensors too:
+  they are not on the way from `x` to the model's outputs.
+
+  Returns:
+    The BatchToSpaceND `Operation`, or `None` when `op` opens no such
+    block.
+  """
+  block = _block_shape(op)
+  chain, t = [], op.outputs[0]
+  while block is not None:
+    chain.append(t)
+    steps = [
+      c
+      for c in t.consumers()
+      if c.inputs[0] is t
+      and (c.type in _IN_BLOCK or c.type == "BatchToSpaceND")
+    ]
+    if len(steps) != 1:
+      return None
+    step = steps[0]
+    if step.type != "BatchToSpaceND":
+      t = step.outputs[0]
+      continue
+    if _block_shape(step) != block:
+      return None
+    inside = {u.op for u in chain[1:]} | {step}
+    for u in chain:
+      for c in u.consumers():
+        # pylint: disable-next=protected-access
+        if c not in inside and c.type not in _SHAPE_READS and c._id < step._id:
+          return None
+    return step
+  return None
+
+
+def _regroup(op, j, fn):
+  """The Jacobian of the output of `op`, `fn` of the tangents of `j`.
+
+  The tangents are folded into the batch as rows `r K + k` (row `r` of
+  tangent `k`), an order that SpaceToBatchND and BatchToSpaceND keep (their
+  batch is `b R + r` for block position `b`); the result has a row per row
+  of the output.
+  """
+  value = j.value
+  shape = tf.shape(value)
+  merged = tf.reshape(value, tf.concat([[shape[0] * shape[1]], shape[2:]], 0))
+  out = fn(merged)
+  rows = tf.shape(op.outputs[0])[0]
+  return [
+    jacobians.dense(
+      tf.reshape(out, tf.concat([[rows, shape[1]], tf.shape(out)[1:]], 0))
+    )
+  ]
+
+
+@registry.register("SpaceToBatchND", linear=True)
+@registry.of_first_input
+def _space_to_batch(op, j, ctx):
+  """The rows of the output are the samples' blocks, row `b N + n` of
+  sample `n`: a dense Jacobian with `B N` rows, followed (checked) only
+  by linear ops up to a BatchToSpaceND that makes samples of them again."""
+  if _block_end(op) is None:
+    return [registry.MIXED]
+  if tf.compat.dimension_value(op.inputs[0].shape[0]) is not None:
+    # The engine gives every Jacobian the static batch size of x.
+    raise registry.Unsupported(
+      f"SpaceToBatchND ({op.name}) has a static batch size: the rows of its"
+      " blocks would not match it"
+    )
+  _, block, paddings = op.inputs
+  return _regroup(
+    op,
+    jacobians.dense(jacobians.to_dense(j, ctx.n)),
+    lambda m: tf.space_to_batch_nd(m, block, paddings),
+  )
+
+
+@registry.register("BatchToSpaceND", linear=True)
+@registry.of_first_input
+def _batch_to_space(op, j, ctx):
+  t = op.inputs[0]
+  while t.op.type in _IN_BLOCK:
+    t = t.op.inputs[0]
+  if t.op.type != "SpaceToBatchND" or _block_end(t.op) is not op:
+    return [registry.MIXED]
+  _, block, crops = op.inputs
+  return _regroup(op, j, lambda m: tf.batch_to_space(m, block, crops))

@@ -1,0 +1,169 @@
+"""Forward rules of reductions over entry axes: sums, extrema, products.
+
+A reduction over the batch axis mixes samples: a sum is linear and marks
+its output `MIXED`; an extremum or a product is not, and the engine
+declines it.
+
+`Prod` is the one that curves: with `v = prod_i u_i` over a group of
+reduced entries, `dv/du_i = prod_{l != i} u_l` and `d2v/du_i du_j =
+prod_{l != i, j} u_l` (`i != j`; 0 on the diagonal). Both come from
+products of the entries themselves, never from divisions by them: the
+exclusive cumulative products from both ends give the first derivatives,
+and `prod_{i < l < j} u_l` (an exclusive cumulative product of each row of
+the matrix `u_l if l > i else 1`) the second ones, so that zeros among the
+entries (one, two or more) are exact, as are entries near zero. The second
+derivatives cost `M^2` per group of `M` reduced entries (and `N K M^2` to
+apply them to the Jacobian): fine for the small groups that products
+reduce in practice.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tf1hess.forward import jacobians
+from tf1hess.forward import registry
+
+
+def _axes_within_samples(op, does):
+  """The reduction axes of `op`; raises `Unsupported` for the batch axis."""
+  axes = _reduction_axes(op)
+  if 0 in axes:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) {does} over the batch axis"
+    )
+  return axes
+
+
+def _reduction_axes(op):
+  rank = registry.static_rank(op.inputs[0], op)
+  axes = np.reshape(registry.static_value(op.inputs[1], "axis", op), [-1])
+  return sorted({int(a) % rank for a in axes}) if rank else []
+
+
+def _diagonal_sum(op, j, axes, keepdims):
+  """`Sum`/`Mean` of a tensor of diagonal Jacobian `j` over `axes`."""
+  u, out = op.inputs[0], op.outputs[0]
+  rank = u.shape.rank
+  # Broadcast `d` over the entries first: a sum counts every entry.
+  d = tf.broadcast_to(
+    j.value, tf.concat([tf.shape(j.value)[:1], tf.shape(u)[1:]], axis=0)
+  )
+  if op.type == "Mean":
+    count = tf.reduce_prod(tf.gather(tf.shape(u), axes))
+    d = d / tf.cast(count, d.dtype)
+  if rank - 1 not in axes:
+    return jacobians.diagonal(tf.reduce_sum(d, axis=axes, keepdims=keepdims))
+  # The feature axis is summed: entry e' of the output holds d[..., k] for
+  # tangent k, a dense (or, with a batch of 1, shared) Jacobian.
+  rest = [a for a in axes if a != rank - 1]
+  if rest:
+    d = tf.reduce_sum(d, axis=rest, keepdims=True)
+  perm = [0, rank - 1] + list(range(1, rank - 1))
+  value = tf.reshape(
+    tf.transpose(d, perm),
+    tf.concat([tf.shape(d)[:1], tf.shape(d)[-1:], tf.shape(out)[1:]], 0),
+  )
+  if tf.compat.dimension_value(d.shape[0]) == 1:
+    return jacobians.shared(value[0])
+  return jacobians.dense(value)
+
+
+@registry.register("Sum", "Mean", linear=True, diagonal=True)
+@registry.of_first_input
+def _sum(op, j, ctx):
+  axes = _reduction_axes(op)
+  if 0 in axes or not axes and op.inputs[0].shape.rank == 0:
+    return [registry.MIXED]
+  keepdims = op.get_attr("keep_dims")
+  reduce = tf.reduce_sum if op.type == "Sum" else tf.reduce_mean
+  if not axes:
+    return [j]
+  if j.diagonal:
+    return [_diagonal_sum(op, j, axes, keepdims)]
+  return [
+    jacobians.apply_per_sample(
+      j, lambda m: reduce(m, axis=axes, keepdims=keepdims)
+    )
+  ]
+
+
+@registry.register("Max", "Min")
+@registry.of_first_input
+def _max(op, j, ctx):
+  """As TensorFlow's gradient: ties share the derivative equally."""
+  axes = _axes_within_samples(op, "takes the extremum")
+  u = op.inputs[0]
+  picked = tf.reduce_max(u, axes, keepdims=True)
+  if op.type == "Min":
+    picked = tf.reduce_min(u, axes, keepdims=True)
+  mask = tf.cast(tf.equal(u, picked), u.dtype)
+  weights = mask / tf.reduce_sum(mask, axes, keepdims=True)
+  keepdims = op.get_attr("keep_dims")
+  return [
+    jacobians.apply_per_sample(
+      jacobians.scale(j, weights),
+      lambda m: tf.reduce_sum(m, axis=axes, keepdims=keepdims),
+    )
+  ]
+
+
+def _grouped(axes, rank):
+  """A per-sample map of `(B, *e)` to `(B, *kept, M)`: the reduced axes,
+  moved last and merged into one of `M` entries."""
+  kept = [a for a in range(1, rank) if a not in axes]
+  perm = [0] + kept + list(axes)
+
+  def group(m):
+    moved = tf.transpose(m, perm)
+    shape = tf.shape(moved)
+    merged = tf.reduce_prod(shape[1 + len(kept) :])
+    return tf.reshape(moved, tf.concat([shape[: 1 + len(kept)], [merged]], 0))
+
+  return group
+
+
+def _pair_products(u, left, right):
+  """`h[..., i, j] = prod_{l != i, j} u[..., l]` (`i != j`), 0 for `i == j`.
+
+  `left`, `right`: the exclusive cumulative products of `u` from the left
+  and from the right (`prod_{l < i}`, `prod_{l > j}`).
+  """
+  m = tf.shape(u)[-1]
+  index = tf.range(m)
+  after = index[None, :] > index[:, None]  # [i, l]: l > i
+  rows = tf.where(after, tf.expand_dims(u, -2), tf.ones_like(u)[..., None, :])
+  between = tf.math.cumprod(rows, axis=-1, exclusive=True)  # i < l < j
+  upper = tf.expand_dims(left, -1) * between * tf.expand_dims(right, -2)
+  upper = tf.where(after, upper, tf.zeros_like(upper))
+  return upper + tf.linalg.matrix_transpose(upper)
+
+
+@registry.register("Prod")
+@registry.of_first_input
+def _prod(op, j, ctx):
+  axes = _axes_within_samples(op, "multiplies entries")
+  if not axes:
+    return [j]
+  u, out = op.inputs[0], op.outputs[0]
+  group = _grouped(axes, u.shape.rank)
+  grouped = group(u)  # (N, *kept, M)
+  jg = jacobians.apply_per_sample(j, group)
+  left = tf.math.cumprod(grouped, axis=-1, exclusive=True)
+  right = tf.math.cumprod(grouped, axis=-1, exclusive=True, reverse=True)
+  first = jacobians.apply_per_sample(
+    jacobians.scale(jg, left * right),
+    lambda m: tf.reshape(
+      tf.reduce_sum(m, axis=-1),
+      tf.concat([tf.shape(m)[:1], tf.shape(out)[1:]], axis=0),
+    ),
+  )
+
+  def build(adj):
+    # sum_{i, j} adj h_ij J_i J_j^T: a term of J and of h J, both grouped.
+    h = _pair_products(grouped, left, right)  # (N, *kept, M, M)
+    pulled = tf.linalg.matvec(tf.expand_dims(h, 1), jg.value)
+    c = tf.expand_dims(tf.reshape(adj, tf.shape(grouped)[:-1]), -1)
+    return [jacobians.Term(c, jg, jacobians.dense(pulled))]
+
+  ctx.curvature(out, build)
+  return [first]
