@@ -41,7 +41,7 @@ import tensorflow as tf
 from tensorflow.python.ops.parallel_for import gradients as pfor_gradients  # pylint: disable=g-direct-tensorflow-import
 import tf1hess
 from tf1hess import _cli
-from tf1hess import _core
+from tf1hess import plan as plan_lib
 from tf1hess import _files
 
 _DEFAULT_SHAPES = ["16384x16", "4096x64", "1024x256", "256x1024", "256x16"]
@@ -884,7 +884,7 @@ def markdown(results, notes, command, shared_note):
     + (
       "BFC (`TF_CPU_ALLOCATOR_USE_BFC=true`, which this script sets unless "
       "told otherwise), which keeps freed memory for the next run"
-      if _core.bfc_allocator(notes.get("bfc_allocator", ""))
+      if plan_lib.bfc_allocator(notes.get("bfc_allocator", ""))
       else "the default (`TF_CPU_ALLOCATOR_USE_BFC` unset or false), which "
       "returns large buffers to the system: every run pays the page faults "
       "of fresh memory"
@@ -1101,7 +1101,7 @@ def command_line():
   """
   parts = ["python scripts/benchmark.py"]
   bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "")
-  if not _core.bfc_allocator(bfc):
+  if not plan_lib.bfc_allocator(bfc):
     parts.insert(0, f"TF_CPU_ALLOCATOR_USE_BFC={bfc or 'false'}")
   for holder in _ALL_FLAGS:
     flag = flags.FLAGS[holder.name]

@@ -10,11 +10,11 @@ entry of a full Hessian, a trace of its diagonal), from then on.
 import tensorflow as tf
 
 from tf1hess import _core
+from tf1hess import _rows
 from tf1hess import ops
 from tf1hess import per_output
 from tf1hess import plan as plan_lib
 
-_ZERO = tf.UnconnectedGradients.ZERO
 
 # Up to this many joint features, `method=None` builds the full Hessian, the
 # diagonal and the Laplacian from the cache's own rows, one backward pass per
@@ -259,12 +259,22 @@ class Derivatives:
       return full[:, i]
     p = self._problem
     g = self.gradient(c)
-    return self._get(
-      ("row", c, i),
-      lambda: self._joint(
-        tf.gradients(g[:, i], p.xs, unconnected_gradients=_ZERO)
-      ),
-    )
+    vjp = per_output.joint_vjp(p.xs, p.n, p.x_cols)
+    row = _rows.one_hot_row(vjp, g, self.num_features, False, False)
+    return self._get(("row", c, i), lambda: row(i))
+
+  def _stacked_rows(self, c, diagonal):
+    """All rows of output `c`'s Hessian (or their diagonal entries), each
+    the cached row: the rows of the row loop, unrolled."""
+    g = self.gradient(c)
+    k = self.num_features
+
+    def row(j):
+      r = self._row(c, j)
+      return _rows.column(r, j, vectorized=False) if diagonal else r
+
+    width = None if diagonal else k
+    return _rows.stack(row, k, width, g.dtype, "unrolled", self._plan, g)
 
   def hessian(self, i=None, j=None, component=None):
     """Entry, row or all of the per-sample Hessian of output `component`.
@@ -314,7 +324,7 @@ class Derivatives:
     p = self._problem
     k = self.num_features
     if self._own_rows():
-      return tf.stack([self._row(c, i) for i in range(k)], axis=1)
+      return self._stacked_rows(c, diagonal=False)
     if len(p.xs) == 1:
       h = ops.batch_hessians(p.output(c), p.xs[0], plan=self._plan)
     else:
@@ -341,10 +351,7 @@ class Derivatives:
       return self._get(("diagonal", c), lambda: tf.linalg.diag_part(full))
     if self._own_rows() and self._has_rows(c):
       return self._get(
-        ("diagonal", c),
-        lambda: tf.stack(
-          [self._row(c, i)[:, i] for i in range(self.num_features)], axis=1
-        ),
+        ("diagonal", c), lambda: self._stacked_rows(c, diagonal=True)
       )
     p = self._problem
     return self._get(

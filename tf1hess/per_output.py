@@ -113,7 +113,7 @@ def _flat(t, n, k):
   return _core.flatten_samples(t, n, k)
 
 
-def _joint_vjp(xs, n, x_cols):
+def joint_vjp(xs, n, x_cols):
   """The vector-Jacobian product of `stack_rows` over the joint input.
 
   With `source=None` it returns the products with respect to every input,
@@ -152,7 +152,7 @@ def joint_hessian_rows(gradient, xs, plan):
   n = _core.batch_size(xs[0])
   x_cols = [int(x.shape[1:].num_elements()) for x in xs]
   return _core.stack_rows(
-    _joint_vjp(xs, n, x_cols),
+    joint_vjp(xs, n, x_cols),
     gradient,
     sum(x_cols),
     sum(x_cols),
@@ -214,7 +214,7 @@ def batch_jacobians(
       y = _flat(p.y, p.n, p.num_outputs)
       n, x_cols = p.n, p.x_cols
       rows = _core.stack_rows(
-        _joint_vjp(p.xs, n, x_cols),
+        joint_vjp(p.xs, n, x_cols),
         y,
         p.num_outputs,
         sum(x_cols),

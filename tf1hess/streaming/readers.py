@@ -450,6 +450,13 @@ class _TFRecordReader(_DatasetReader):
 # Bytes read at a time when checking the CRC-32 of an `.npz` member.
 _CRC_CHUNK = 1 << 20
 
+# A zip member's local file header (PKWARE APPNOTE 4.3.7): 30 fixed bytes,
+# of which the file name length and the extra field length (two little-
+# endian uint16) sit at bytes 26 to 29; the name, the extra field and then
+# the member's data follow.
+_LOCAL_HEADER_BYTES = 30
+_LOCAL_HEADER_LENGTHS_AT = 26
+
 
 @contextlib.contextmanager
 def _zip_errors(path, member):
@@ -520,9 +527,14 @@ def _open_npz(path, key):
   if info.compress_type != zipfile.ZIP_STORED:
     return _ZipStreamReader(path, info.filename, shape, dtype)
   with open(path, "rb") as f:  # Local file header: where the data starts.
-    f.seek(info.header_offset + 26)
+    f.seek(info.header_offset + _LOCAL_HEADER_LENGTHS_AT)
     name_length, extra_length = np.frombuffer(f.read(4), "<u2")
-  offset = info.header_offset + 30 + int(name_length) + int(extra_length)
+  offset = (
+    info.header_offset
+    + _LOCAL_HEADER_BYTES
+    + int(name_length)
+    + int(extra_length)
+  )
   return _RawReader(
     path,
     offset + header_bytes,
