@@ -18,16 +18,17 @@ from tf1hess.forward import jacobians
 from tf1hess.forward import registry
 
 
-# Seconds per unit of `engine.Work` on this machine's 2 CPU cores (see
-# `prefers_forward`), and how much a row of the row loop costs per unit of
-# one forward pass through the model.
-_SECONDS_PER_FLOP = 3e-12
-_SECONDS_PER_ENTRY = 8e-10
-_SECONDS_PER_OP = 2.3e-6
+# Seconds per unit of `engine.Work`, and what a row of the row loop costs
+# per unit of one forward pass through the model: fitted on this machine
+# (2 CPU cores) by `tools/cost_model_measure.py --calibrate`, see
+# `prefers_forward`.
+_SECONDS_PER_FLOP = 4e-12
+_SECONDS_PER_ENTRY = 1e-9
+_SECONDS_PER_OP = 3.6e-6
 _ROW_FLOPS = 2.0
-_ROW_ENTRIES = 0.25
-_ROW_OTHER_ENTRIES = 1.0
-_ROW_OPS = 2.0
+_ROW_ENTRIES = 1.0
+_ROW_OTHER_ENTRIES = 1.2
+_ROW_OPS = 1.0
 # The name scope of the engine's ops in the graph of `ys`.
 SCOPE = "forward"
 # The batch size the costs are compared at when it is not static.
@@ -73,47 +74,74 @@ def _shortcut(x, grad):
   return None
 
 
+def row_parts(ys, x, grad, mode):
+  """What `rows_work` weighs, or `None` when a shape is not static.
+
+  Returns:
+    A dict: `k` rows; per sample, `flops` and `products` / `others` (the
+    entries of matmuls / of other ops) of one forward pass from `x` to
+    `ys`, without the transcendental functions, which the rows evaluate
+    once (`once`, with the output); `ops` on the way; and `shortcut` (see
+    `_shortcut`).
+  """
+  k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
+  if k is None:
+    return None
+  out = {jacobians.HESSIAN: k * k, jacobians.DIAGONAL: k}.get(mode, 1)
+  path = engine.path_ops(x, ys)
+  full = engine.pass_work(path)
+  products = engine.pass_work(path, other_weight=0, transcendental=0)
+  plain = engine.pass_work(path, transcendental=0)
+  if not full.known:
+    return None
+  return {
+    "k": k,
+    "flops": full.flops[1],
+    "products": products.entries[1],
+    "others": plain.entries[1] - products.entries[1],
+    "once": full.entries[1] - plain.entries[1] + out,
+    "ops": len(path),
+    "shortcut": _shortcut(x, grad),
+    "wide": k * k if mode == jacobians.HESSIAN else k,
+  }
+
+
 def rows_work(ys, x, grad, mode):
   """The `engine.Work` of the row loop that `method="auto"` would build.
 
   K rows (one per feature), each a backward pass through the gradient
-  graph: about `_ROW_FLOPS` times the flops of one forward pass from `x` to
-  `ys`, `_ROW_ENTRIES` times the entries of its products (matmuls) and
-  `_ROW_OTHER_ENTRIES` times those of its other ops (whose second-order
-  gradients take several ops each), and `_ROW_OPS` ops per op on the way;
-  or, when a shortcut of `_shortcut` applies, its one pass.
+  graph (`row_parts`): about `_ROW_FLOPS` times the flops of one forward
+  pass from `x` to `ys`, `_ROW_ENTRIES` times the entries of its products
+  (matmuls) and `_ROW_OTHER_ENTRIES` times those of its other ops (whose
+  second-order gradients take several ops each), and `_ROW_OPS` ops per op
+  on the way; the transcendental functions and the output once. When a
+  shortcut of `_shortcut` applies, its one pass instead.
   """
   work = engine.Work()
-  k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
-  if k is None:
+  parts = row_parts(ys, x, grad, mode)
+  if parts is None:
     work.known = False
     return work
-  out = {jacobians.HESSIAN: k * k, jacobians.DIAGONAL: k}.get(mode, 1)
-  shortcut = _shortcut(x, grad)
+  k, shortcut = parts["k"], parts["shortcut"]
+  entries = parts["products"] + parts["others"]
   if shortcut == "shared":
-    work.add(entries=(0, out), ops=5)
-    return work
-  path = engine.path_ops(x, ys)
-  one_pass = engine.pass_work(path)
-  row_pass = engine.pass_work(path, _ROW_OTHER_ENTRIES / _ROW_ENTRIES)
-  if not one_pass.known:
-    work.known = False
-    return work
-  flops, entries = one_pass.flops[1], one_pass.entries[1]
-  if shortcut is not None:
-    # One backward pass, then (N, H) by (H, out).
-    wide = k * k if mode == jacobians.HESSIAN else k
+    work.add(entries=(0, parts["once"]), ops=5)
+  elif shortcut is not None:
+    # One backward pass, then (N, H) by (H, K K) (or (H, K)).
     work.add(
-      flops=(0, flops + 2 * shortcut * wide),
-      entries=(0, entries + out),
-      ops=_ROW_OPS * len(path),
+      flops=(0, parts["flops"] + 2 * shortcut * parts["wide"]),
+      entries=(0, entries + parts["once"]),
+      ops=_ROW_OPS * parts["ops"],
     )
-    return work
-  work.add(
-    flops=(0, k * _ROW_FLOPS * flops),
-    entries=(0, k * _ROW_ENTRIES * row_pass.entries[1] + out),
-    ops=k * _ROW_OPS * len(path),
-  )
+  else:
+    row = (
+      _ROW_ENTRIES * parts["products"] + _ROW_OTHER_ENTRIES * parts["others"]
+    )
+    work.add(
+      flops=(0, k * _ROW_FLOPS * parts["flops"]),
+      entries=(0, k * row + parts["once"]),
+      ops=k * _ROW_OPS * parts["ops"],
+    )
   return work
 
 
@@ -125,6 +153,17 @@ def prefers_forward(ys, x, grad, mode, walked):
   static batch size or, when it is not static, at `ASSUMED_BATCH`. When a
   shape either estimate needs is not static, the engine is kept for
   diagonals and Laplacians and the rows for full Hessians.
+
+  The constants were fitted (least squares of the log errors of both
+  times and of their ratio) to full Hessians of 12 cases of 4 models that
+  are in no benchmark: sigmoid MLPs 2 x 32 and 4 x 128, a Gaussian-kernel
+  log-density of 8 centers, `sum(sin(x) exp(-x^2))`; N = 256 to 4096,
+  K = 8 to 128. The estimated ratio rows / engine was 0.65x to 1.33x the
+  measured one (sigmoid 4 x 128 at 1024 x 32: measured 1.40, estimated
+  1.15; the density at 256 x 128: 7.91 and 6.04), except on two cases of
+  1 to 5 ms whose measured ratio moved from run to run more than that
+  (sigmoid 2 x 32 at 256 x 8: 0.7 to 2.4; the density at 256 x 16: 0.45
+  to 3.8). docs/forward.md validates them on other models.
 
   Args:
     ys: the list of outputs.

@@ -221,21 +221,20 @@ _TRANSCENDENTAL = frozenset(
 _TRANSCENDENTAL_ENTRIES = 4
 
 
-def pass_work(ops, other_weight=1):
+def pass_work(ops, other_weight=1, transcendental=_TRANSCENDENTAL_ENTRIES):
   """The `Work` per sample of one pass (forward or backward) through `ops`.
 
   Flops from `op_flops`; entries: every floating input and output, counted
   by its entries after the first axis (per sample; a weight matrix counts
-  one row), and `_TRANSCENDENTAL_ENTRIES` more per output entry of a
-  transcendental function; the entries of ops other than products weigh
-  `other_weight`.
+  one row), and `transcendental` more per output entry of a transcendental
+  function; the entries of ops other than products weigh `other_weight`.
   """
   work = Work()
   for op in ops:
     flops = op_flops(op)
     work.add(flops=None if flops is None else (0, flops))
     weight = 1 if _inner_length(op) is not None else other_weight
-    extra = _TRANSCENDENTAL_ENTRIES if op.type in _TRANSCENDENTAL else 0
+    extra = transcendental if op.type in _TRANSCENDENTAL else 0
     for t, scale in [(t, 1) for t in op.inputs] + [
       (t, 1 + extra) for t in op.outputs
     ]:
