@@ -80,12 +80,17 @@ def wide_softplus(x, rng, units=512):
   return tf.square(tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1))
 
 
-def deep_tanh(x, rng, depth=6, units=16):
-  """`depth` tanh layers of `units`, linear read-out."""
+def _mlp(x, rng, depth, units, activation):
+  """`depth` layers of `units` with `activation`, linear read-out."""
   h = x
   for i in range(depth):
-    h = tf.tanh(_dense(h, units, rng, f"l{i}"))
+    h = activation(_dense(h, units, rng, f"l{i}"))
   return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+
+
+def deep_tanh(x, rng):
+  """6 tanh layers of 16 units, linear read-out."""
+  return _mlp(x, rng, 6, 16, tf.tanh)
 
 
 def quadratic(x, rng):
@@ -119,22 +124,19 @@ def conv1d(x, rng, channels=8):
   return tf.reduce_sum(_dense(tf.reshape(h, [-1, k * channels]), 1, rng, "o"))
 
 
-def tanh_mlp(x, rng, units=64, depth=3):
-  """DeepXDE-style FNN: `depth` tanh layers of `units`, linear read-out."""
-  return deep_tanh(x, rng, depth, units)
+def tanh_mlp(x, rng):
+  """DeepXDE-style FNN: 3 tanh layers of 64 units, linear read-out."""
+  return _mlp(x, rng, 3, 64, tf.tanh)
 
 
-def sigmoid_mlp(x, rng, units=32, depth=2):
-  """`depth` sigmoid layers of `units`, linear read-out (calibration)."""
-  h = x
-  for i in range(depth):
-    h = tf.sigmoid(_dense(h, units, rng, f"s{i}"))
-  return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+def sigmoid_mlp(x, rng):
+  """2 sigmoid layers of 32 units, linear read-out (calibration)."""
+  return _mlp(x, rng, 2, 32, tf.sigmoid)
 
 
 def wide_sigmoid(x, rng):
   """4 sigmoid layers of 128 units (calibration)."""
-  return sigmoid_mlp(x, rng, units=128, depth=4)
+  return _mlp(x, rng, 4, 128, tf.sigmoid)
 
 
 def rbf(x, rng):
