@@ -189,6 +189,23 @@ class NoDeadOpsTest(tf.test.TestCase):
       tf1hess.batch_hessians(y, x)
       self.assertEqual(_engine_ops(graph), [])
 
+  def test_a_model_not_copied_is_walked_in_its_graph(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 128])
+      y = _mixture(x)
+      failing = mock.patch.object(
+        dispatch, "_copy", side_effect=ValueError("no copy")
+      )
+      with failing:
+        h = tf1hess.batch_hessians(y, x)
+      self.assertNotEqual(_engine_ops(graph), [])
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h_val, rows_val = sess.run(
+          [h, rows], {x: _RNG.normal(size=(2, 128)) * 0.1}
+        )
+      self.assertAllClose(h_val, rows_val, atol=1e-9)
+
   def test_the_copy_keeps_shapes_axes_and_variables(self):
     """A reshape by a computed shape, a slice, a variable, a fed weight."""
     with tf.Graph().as_default() as graph:
