@@ -185,7 +185,7 @@ def _derivatives(
       result, done = (None, True) if g is None else (None, False)
       if not done and order == 2:
         result, done = dispatch.try_forward(
-          ys_list, x, g, mode, plan.method, unconnected
+          ys_list, x, g, mode, plan, unconnected
         )
         if done and result is not None and check_independence:
           result = _checked(x, g, result, unconnected)

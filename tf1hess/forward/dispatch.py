@@ -1,80 +1,190 @@
 """Where the public ops choose between the forward engine and the row loop.
 
 `method="forward"` always takes the engine and raises when it cannot follow
-the model; `method="auto"` builds it, falls back to the row loop with one
-warning that names the op when the engine cannot follow the model, and keeps
-its result when `prefers_forward` says so (the engine's unused ops are never
-run).
+the model; `method="auto"` walks a copy of the model first, falls back to the
+row loop with one warning that names the op when the engine cannot follow
+the model, and builds the engine's ops only when `prefers_forward` estimates
+them cheaper than the rows.
 """
-
-import weakref
 
 from absl import logging
 import tensorflow as tf
 
+from tf1hess import _core
 from tf1hess import _shortcuts
 from tf1hess import plan as plan_lib
 from tf1hess.forward import engine
 from tf1hess.forward import jacobians
+from tf1hess.forward import registry
 
 
-def prefers_forward(x, grad, mode, walked):
-  """The cost model of `method="auto"`: whether to keep the engine's result.
+# Seconds per unit of `engine.Work`, and what a row of the row loop costs
+# per unit of one forward pass through the model: fitted on this machine
+# (2 CPU cores) by `tools/cost_model_measure.py --calibrate`, see
+# `prefers_forward`.
+_SECONDS_PER_FLOP = 4e-12
+_SECONDS_PER_ENTRY = 1e-9
+_SECONDS_PER_OP = 3.6e-6
+_ROW_FLOPS = 2.0
+_ROW_ENTRIES = 1.0
+_ROW_OTHER_ENTRIES = 1.2
+_ROW_OPS = 1.0
+# The name scope of the engine's ops in the graph of `ys`.
+SCOPE = "forward"
+# The batch size the costs are compared at when it is not static.
+ASSUMED_BATCH = 1024
 
-  Measured side by side in one process (docs/forward.md: a DeepXDE-style
-  tanh MLP 3 x 64, a residual MLP with layer normalization, a Gaussian
-  mixture; K = 10 to 256):
 
-  - diagonals and Laplacians: the engine contracts its terms in `N K M`
-    (M entries per sample of a term) and was 1.4x to 95x faster than the
-    rows, except on one dense layer followed by elementwise ops, where the
-    rows' shortcut (one matmul for all rows) is faster: the rows keep that
-    model;
-  - full Hessians: a term costs `N K^2 M` unless both its Jacobians are
-    diagonal, and a matmul of a dense Jacobian `(N K, W)` costs about what
-    a row costs in that layer. Where no dense Jacobian goes through a
-    matmul and every term is narrower than K (a mixture: M = the 10
-    components) the engine was 2.5x to 12x faster than the rows; on the
-    MLPs (dense Jacobians through layers of 32 or 64 units) 0.85x to 1.7x
-    the rows' time: the rows keep those. (Terms narrower than K alone do
-    not suffice: with K much larger than the widths, `N K^2 M` per layer
-    exceeds the rows' K passes through the first layer.)
+def seconds(work, n):
+  """The estimated run time of `work` (an `engine.Work`) at batch size `n`."""
+  at = work.at(n)
+  if at is None:
+    return None
+  flops, entries, ops = at
+  return (
+    flops * _SECONDS_PER_FLOP
+    + entries * _SECONDS_PER_ENTRY
+    + ops * _SECONDS_PER_OP
+  )
+
+
+def _shortcut(x, grad, plan):
+  """The rows' shortcut that needs no backward pass per row, if any.
+
+  `"shared"` when every cotangent reaches `x` through linear ops (the rows
+  are the same in every sample: `_shortcuts._shared_rows`); the width H of
+  the dense layer when all rows come from one matmul by it (one dense
+  layer, then elementwise ops: `_shortcuts._elementwise_rows`); else
+  `None`.
+  """
+  k = tf.compat.dimension_value(x.shape[1]) if x.shape.rank == 2 else None
+  if k is None or grad.shape.rank != 2:
+    return None
+  graph = _shortcuts.Graph(x)
+  terms = _shortcuts.tail_terms(grad, graph, plan.max_terms)
+  if terms and all(
+    t.op is x.op and t.value_index == x.value_index for t, _ in terms
+  ):
+    return "shared"
+  layer = _shortcuts.head(x, [t for t, _ in terms], graph)
+  if layer is not None and _shortcuts.elementwise_rows_fit(
+    layer, terms, k, k, grad.dtype, plan.max_factor_bytes
+  ):
+    return tf.compat.dimension_value(layer[0].shape[1])
+  return None
+
+
+def row_parts(ys, x, grad, mode, plan=None):
+  """What `rows_work` weighs, or `None` when a shape is not static.
+
+  Returns:
+    A dict: `k` rows; per sample, `flops` and `products` / `others` (the
+    entries of matmuls / of other ops) of one forward pass from `x` to
+    `ys`, without the transcendental functions, which the rows evaluate
+    once (`once`, with the output); `ops` on the way; and `shortcut` (see
+    `_shortcut`).
+  """
+  k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
+  if k is None:
+    return None
+  out = {jacobians.HESSIAN: k * k, jacobians.DIAGONAL: k}.get(mode, 1)
+  path = engine.path_ops(x, ys)
+  full = engine.pass_work(path)
+  products = engine.pass_work(path, other_weight=0, transcendental=0)
+  plain = engine.pass_work(path, transcendental=0)
+  if not full.known:
+    return None
+  return {
+    "k": k,
+    "flops": full.flops[1],
+    "products": products.entries[1],
+    "others": plain.entries[1] - products.entries[1],
+    "once": full.entries[1] - plain.entries[1] + out,
+    "ops": len(path),
+    "shortcut": _shortcut(x, grad, plan or plan_lib.Plan()),
+    "wide": k * k if mode == jacobians.HESSIAN else k,
+  }
+
+
+def rows_work(ys, x, grad, mode, plan=None):
+  """The `engine.Work` of the row loop that `method="auto"` would build.
+
+  K rows (one per feature), each a backward pass through the gradient
+  graph (`row_parts`): about `_ROW_FLOPS` times the flops of one forward
+  pass from `x` to `ys`, `_ROW_ENTRIES` times the entries of its products
+  (matmuls) and `_ROW_OTHER_ENTRIES` times those of its other ops (whose
+  second-order gradients take several ops each), and `_ROW_OPS` ops per op
+  on the way; the transcendental functions and the output once. When a
+  shortcut of `_shortcut` applies, its one pass instead.
+  """
+  work = engine.Work()
+  parts = row_parts(ys, x, grad, mode, plan)
+  if parts is None:
+    work.known = False
+    return work
+  k, shortcut = parts["k"], parts["shortcut"]
+  entries = parts["products"] + parts["others"]
+  if shortcut == "shared":
+    work.add(entries=(0, parts["once"]), ops=5)
+  elif shortcut is not None:
+    # One backward pass, then (N, H) by (H, K K) (or (H, K)).
+    work.add(
+      flops=(0, parts["flops"] + 2 * shortcut * parts["wide"]),
+      entries=(0, entries + parts["once"]),
+      ops=_ROW_OPS * parts["ops"],
+    )
+  else:
+    row = (
+      _ROW_ENTRIES * parts["products"] + _ROW_OTHER_ENTRIES * parts["others"]
+    )
+    work.add(
+      flops=(0, k * _ROW_FLOPS * parts["flops"]),
+      entries=(0, k * row + parts["once"]),
+      ops=k * _ROW_OPS * parts["ops"],
+    )
+  return work
+
+
+def prefers_forward(ys, x, grad, mode, walked, plan=None):
+  """The cost model of `method="auto"`: whether to take the engine.
+
+  Compares the estimated run times (`seconds`) of the engine's `Work`
+  (`walked.work`, from the walk) and of the rows' (`rows_work`), at the
+  static batch size or, when it is not static, at `ASSUMED_BATCH`. When a
+  shape either estimate needs is not static, the engine is kept for
+  diagonals and Laplacians and the rows for full Hessians.
+
+  The constants were fitted (least squares of the log errors of both
+  times and of their ratio) to full Hessians of 12 cases of 4 models that
+  are in no benchmark: sigmoid MLPs 2 x 32 and 4 x 128, a Gaussian-kernel
+  log-density of 8 centers, `sum(sin(x) exp(-x^2))`; N = 256 to 4096,
+  K = 8 to 128. The estimated ratio rows / engine was 0.65x to 1.33x the
+  measured one (sigmoid 4 x 128 at 1024 x 32: measured 1.40, estimated
+  1.15; the density at 256 x 128: 7.91 and 6.04), except on two cases of
+  1 to 5 ms whose measured ratio moved from run to run more than that
+  (sigmoid 2 x 32 at 256 x 8: 0.7 to 2.4; the density at 256 x 16: 0.45
+  to 3.8). docs/forward.md validates them on other models.
 
   Args:
+    ys: the list of outputs.
     x: the input `Tensor` `(N, d...)`.
     grad: `d sum(ys) / dx`.
     mode: `jacobians.HESSIAN`, `DIAGONAL` or `LAPLACIAN`.
     walked: the `engine.Result` of the walk.
+    plan: the call's `tf1hess.Plan` (the shortcuts' thresholds); `None`:
+      the default plan.
 
   Returns:
     `bool`.
   """
-  if _rows_take_one_matmul(x, grad):
-    return False
-  if mode != jacobians.HESSIAN:
-    return True
-  k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
-  return (
-    k is not None
-    and walked.widest is not None
-    and walked.widest < k
-    and not walked.dense_matmuls
-  )
-
-
-def _rows_take_one_matmul(x, grad):
-  """Whether the rows' shortcut for one dense layer then elementwise ops
-  applies (`_shortcuts._elementwise_rows`): all rows from one matmul."""
-  k = tf.compat.dimension_value(x.shape[1]) if x.shape.rank == 2 else None
-  if k is None or grad.shape.rank != 2:
-    return False
-  plan = plan_lib.Plan()
-  graph = _shortcuts.Graph(x)
-  terms = _shortcuts.tail_terms(grad, graph, plan.max_terms)
-  layer = _shortcuts.head(x, [t for t, _ in terms], graph)
-  return layer is not None and _shortcuts.elementwise_rows_fit(
-    layer, terms, k, k, grad.dtype, plan.max_factor_bytes
-  )
+  n = tf.compat.dimension_value(x.shape[0]) if x.shape.rank else None
+  n = ASSUMED_BATCH if n is None else n
+  engine_time = seconds(walked.work, n)
+  plan = plan or plan_lib.Plan()
+  rows_time = seconds(rows_work(ys, x, grad, mode, plan), n)
+  if engine_time is None or rows_time is None:
+    return mode != jacobians.HESSIAN and _shortcut(x, grad, plan) is None
+  return engine_time < rows_time
 
 
 def shaped(result, x, mode):
@@ -92,28 +202,143 @@ def shaped(result, x, mode):
   return result
 
 
-# Messages already logged, per graph: one warning per graph and reason, not
-# one per op built on the same model.
-_WARNED = weakref.WeakKeyDictionary()
+def _copy_name(t, names, nodes, taken):
+  """The name in the copy of tensor `t` (see `_copy`), adding its nodes."""
+  key = (t.op.name, t.value_index)
+  if key in names:
+    return names[key]
+  dtype = t.dtype.base_dtype
+  if dtype.is_integer and not any(
+    value.HasField("func") for value in t.op.node_def.attr.values()
+  ):
+    # Shapes, axes, indices: rules read their values, so copy their ops.
+    _copy_node(t.op, names, nodes, taken)
+    return names[key]
+  # Anything else (weights, other inputs, ...) only needs its dtype and
+  # static shape: a placeholder, whatever the value (no large constants).
+  name = f"{t.op.name}/tf1hess_input_{t.value_index}"
+  while name in taken:
+    name += "_"
+  taken.add(name)
+  node = tf.compat.v1.NodeDef(name=name, op="Placeholder")
+  node.attr["dtype"].type = dtype.as_datatype_enum
+  node.attr["shape"].shape.CopyFrom(t.shape.as_proto())
+  nodes.append(node)
+  names[key] = name
+  return name
 
 
-def _warn_once(graph, message):
-  seen = _WARNED.setdefault(graph, set())
-  if message not in seen:
-    seen.add(message)
-    logging.warning("%s", message)
+def _copy_node(op, names, nodes, taken):
+  """Adds the `NodeDef` of `op`, its data inputs renamed, no control inputs."""
+  node = op.node_def
+  node.ClearField("device")
+  if "_class" in node.attr:
+    del node.attr["_class"]  # Colocation with ops that are not copied.
+  taken.add(op.name)
+  for i in range(len(op.outputs)):
+    names.setdefault((op.name, i), f"{op.name}:{i}")
+  inputs = [_copy_name(t, names, nodes, taken) for t in op.inputs]
+  del node.input[:]
+  node.input.extend(inputs)
+  nodes.append(node)
 
 
-def try_forward(ys, x, grad, mode, method, unconnected):
+def _copy(x, ys, path):
+  """The ops of `path` in a new `tf.Graph`: `(graph, x, ys)` there.
+
+  `x` becomes a placeholder; every other floating input of the path a
+  placeholder of its shape; the integer tensors the path reads (shapes,
+  axes) are copied with the ops that compute them. The copies keep their
+  names and static shapes, so that the walk meets the same ops as in the
+  original graph and says the same when it cannot follow one.
+  """
+  names, nodes, taken = {}, [], {op.name for op in path}
+  x_name = f"{x.op.name}/tf1hess_x"
+  while x_name in taken:
+    x_name += "_"
+  taken.add(x_name)
+  node = tf.compat.v1.NodeDef(name=x_name, op="Placeholder")
+  node.attr["dtype"].type = x.dtype.base_dtype.as_datatype_enum
+  node.attr["shape"].shape.CopyFrom(x.shape.as_proto())
+  nodes.append(node)
+  names[(x.op.name, x.value_index)] = x_name
+  for op in path:
+    _copy_node(op, names, nodes, taken)
+  graph_def = tf.compat.v1.GraphDef()
+  graph_def.node.extend(nodes)
+  graph_def.versions.CopyFrom(x.graph.graph_def_versions)
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.graph_util.import_graph_def(graph_def, name="")
+  for op in path:
+    for t in op.outputs:
+      graph.get_tensor_by_name(names[(op.name, t.value_index)]).set_shape(
+        t.shape
+      )
+  wanted = [(y.op.name, y.value_index) for y in ys]
+  ys_copy = [graph.get_tensor_by_name(names[w]) for w in wanted if w in names]
+  return graph, graph.get_tensor_by_name(x_name + ":0"), ys_copy
+
+
+def dry_run(ys, x, mode):
+  """The engine's `Result` for `x`, walked on a copy of the model.
+
+  The copy lives in a throwaway graph, so that the graph of `ys` gets the
+  engine's ops only when they are used (`method="auto"` decides first).
+
+  Returns:
+    The `engine.Result` of the walk on the copy (its `value` a tensor of
+    the throwaway graph), or `None` when the model could not be copied.
+
+  Raises:
+    engine.Unsupported: when the walk cannot follow an op.
+  """
+  engine.check_input(x)
+  path = engine.path_ops(x, ys)
+  for op in path:
+    if op.type not in registry.RULES:
+      raise engine.Unsupported(
+        f"no forward rule for op type {op.type} ({op.name})"
+      )
+  try:
+    graph, x_copy, ys_copy = _copy(x, ys, path)
+  except (ValueError, TypeError, tf.errors.OpError) as e:
+    logging.info("tf1hess: the model could not be copied (%s).", e)
+    return None
+  with graph.as_default():
+    return engine.second_derivatives(ys_copy, x_copy, mode)
+
+
+def _unsupported(x, method, error):
+  """Raises for `method="forward"`; warns once for `"auto"`."""
+  if method == "forward":
+    raise ValueError(
+      f"`method`='forward' cannot differentiate `ys` with respect to "
+      f"{x.name}: {error}. Use method='auto' to fall back to the row loop."
+    ) from None
+  _core.warn_once(
+    x.graph,
+    f"tf1hess: the forward engine falls back to the row loop for {x.name}:"
+    f" {error}.",
+  )
+
+
+def try_forward(ys, x, grad, mode, plan, unconnected):
   """`(result, True)` from the engine for `x`, or `(None, False)` for rows.
+
+  Under `method="auto"` the engine first walks a copy of the model
+  (`dry_run`), and `prefers_forward` compares its estimated cost with the
+  rows'; the engine's ops are added to the graph of `ys` only when it is
+  taken.
 
   Args:
     ys: the list of outputs.
     x: the input `Tensor` `(N, d...)`.
     grad: `d sum(ys) / dx` (not `None`).
     mode: `jacobians.HESSIAN`, `DIAGONAL` or `LAPLACIAN`.
-    method: the caller's `method`: `"forward"`, `"auto"` (the engine when it
-      can follow the model and `prefers_forward`), or another (the rows).
+    plan: the call's `tf1hess.Plan`; its `method`: `"forward"`, `"auto"`
+      (the engine when it can follow the model and `prefers_forward`), or
+      another (the rows).
     unconnected: a `tf.UnconnectedGradients`.
 
   Returns:
@@ -124,28 +349,35 @@ def try_forward(ys, x, grad, mode, method, unconnected):
   Raises:
     ValueError: with `method="forward"`, when the engine cannot follow an op.
   """
+  method = plan.method
   if method not in ("forward", "auto"):
     return None, False
+  walked = None
+  if method == "auto":
+    try:
+      walked = dry_run(ys, x, mode)
+    except engine.Unsupported as e:
+      _unsupported(x, method, e)
+      return None, False
+    if walked is not None and not prefers_forward(
+      ys, x, grad, mode, walked, plan
+    ):
+      return None, False
   try:
-    walked = engine.second_derivatives(ys, x, mode)
+    with tf.name_scope(SCOPE):
+      real = engine.second_derivatives(ys, x, mode)
   except engine.Unsupported as e:
-    if method == "forward":
-      raise ValueError(
-        f"`method`='forward' cannot differentiate `ys` with respect to "
-        f"{x.name}: {e}. Use method='auto' to fall back to the row loop."
-      ) from None
-    _warn_once(
-      x.graph,
-      f"tf1hess: the forward engine falls back to the row loop for {x.name}:"
-      f" {e}.",
-    )
+    _unsupported(x, method, e)
     return None, False
-  if method == "auto" and not prefers_forward(x, grad, mode, walked):
-    return None, False
+  if walked is None and method == "auto":
+    # Not copied: decided on the walk in the graph of `ys` (whose ops stay
+    # unused when the rows are taken).
+    if not prefers_forward(ys, x, grad, mode, real, plan):
+      return None, False
   if (
-    not walked.connected
+    not real.connected
     and unconnected == tf.UnconnectedGradients.NONE
     and not _shortcuts.Graph(x).depends(grad)
   ):
     return None, True
-  return shaped(walked.value, x, mode), True
+  return shaped(real.value, x, mode), True

@@ -22,31 +22,150 @@ mixed tensor, raises `Unsupported`, and the caller falls back to the row loop.
 
 import collections
 
+import numpy as np
 import tensorflow as tf
 
+from tf1hess import _shortcuts
 from tf1hess.forward import jacobians
 from tf1hess.forward import registry
 
-# Ops through which no gradient flows (as in `_core._NO_GRADIENT`).
-_NO_GRADIENT = frozenset(
-  [
-    "Shape",
-    "ShapeN",
-    "Size",
-    "Rank",
-    "StopGradient",
-    "ZerosLike",
-    "OnesLike",
-  ]
-)
+# Ops through which no gradient flows.
+_NO_GRADIENT = _shortcuts.NO_GRADIENT
 
 Unsupported = registry.Unsupported
 
 # What `second_derivatives` returns: the result, whether any op curves, and
-# what the cost model of `dispatch` reads (see `second_derivatives`).
-Result = collections.namedtuple(
-  "Result", ["value", "connected", "widest", "dense_matmuls"]
-)
+# the `Work` it estimates for the cost model of `dispatch`.
+Result = collections.namedtuple("Result", ["value", "connected", "work"])
+
+
+class Work:
+  """Estimated work of a computation on a batch of N, from static shapes.
+
+  `flops` (multiply-adds count 2) and `entries` (tensor entries read or
+  written, the memory traffic) are each `fixed + N * per_sample`, kept as
+  two numbers because N is known only at run time; `ops` counts graph ops
+  run. `known` is `False` when a shape the estimate needs is not static.
+  """
+
+  def __init__(self):
+    self.flops = [0, 0]  # fixed, per sample
+    self.entries = [0, 0]
+    self.ops = 0
+    self.known = True
+
+  def add(self, flops=(0, 0), entries=(0, 0), ops=0):
+    """Adds `(fixed, per_sample)` pairs of flops and entries, and ops."""
+    for total, more in ((self.flops, flops), (self.entries, entries)):
+      if more is None:
+        self.known = False
+      else:
+        total[0] += more[0]
+        total[1] += more[1]
+    self.ops += ops
+
+  def at(self, n):
+    """`(flops, entries, ops)` at batch size `n`, or `None` if not known."""
+    if not self.known:
+      return None
+    return (
+      self.flops[0] + n * self.flops[1],
+      self.entries[0] + n * self.entries[1],
+      self.ops,
+    )
+
+  def __repr__(self):
+    return (
+      f"Work(flops={self.flops}, entries={self.entries}, ops={self.ops}, "
+      f"known={self.known})"
+    )
+
+
+def _static_size(shape):
+  """The number of entries of a static `TensorShape`, else `None`."""
+  if shape.rank is None or not shape.is_fully_defined():
+    return None
+  return shape.num_elements()
+
+
+def op_flops(op):
+  """Flops of `op` per sample (its batch axis first), or `None` if unknown.
+
+  Products and convolutions: 2 per multiply-add; any other op: one per
+  entry of its outputs (a transcendental function costs more, but moves
+  its entries as well, which `entries` counts).
+  """
+  outs = [_static_size(t.shape[1:]) for t in op.outputs if t.shape.rank]
+  if any(size is None for size in outs):
+    return None
+  out = sum(outs)
+  inner = _inner_length(op)
+  return out if inner is None else 2 * out * inner
+
+
+def _inner_length(op):
+  """The length of the sums in each output entry of a product, or `None`."""
+
+  def dim(t, axis):
+    return tf.compat.dimension_value(t.shape[axis]) if t.shape.rank else None
+
+  if op.type == "MatMul":
+    return dim(op.inputs[0], 0 if op.get_attr("transpose_a") else 1)
+  if op.type.startswith("BatchMatMul"):
+    return dim(op.inputs[0], -2 if op.get_attr("adj_x") else -1)
+  if op.type in ("Conv2D", "Conv3D", "DepthwiseConv2dNative"):
+    kernel = op.inputs[1].shape
+    kept = -2 if op.type == "DepthwiseConv2dNative" else -1
+    return _static_size(kernel[:kept]) if kernel.rank else None
+  if op.type == "Einsum":
+    equation = op.get_attr("equation").decode().replace(" ", "")
+    if "->" not in equation or "." in equation:
+      return None
+    operands, result = equation.split("->")
+    sizes = {}
+    for sub, t in zip(operands.split(","), op.inputs):
+      if t.shape.rank != len(sub):
+        return None
+      sizes.update(zip(sub, t.shape.as_list()))
+    summed = [sizes[c] for c in set(sizes) - set(result)]
+    if any(s is None for s in summed):
+      return None
+    return int(np.prod(summed, dtype=np.int64)) if summed else 1
+  return None
+
+
+def _jacobian_entries(jac):
+  """`(fixed, per_sample)` entries of a `jacobians.Jacobian`, or `None`."""
+  if not isinstance(jac, jacobians.Jacobian):
+    return (0, 0)
+  shape = jac.value.shape
+  if jac.diagonal:
+    size = _static_size(shape[1:])
+    batch_of_one = tf.compat.dimension_value(shape[0]) == 1
+    if size is None:
+      return None
+    return (size, 0) if batch_of_one else (0, size)
+  size = _static_size(shape[1:] if not jac.shared else shape)
+  if size is None:
+    return None
+  return (size, 0) if jac.shared else (0, size)
+
+
+def _push(op, ins, outs, work):
+  """Adds the work of pushing the Jacobians `ins` of `op` to `outs`."""
+  flops = op_flops(op)
+  out_size = sum(
+    _static_size(t.shape[1:]) or 0 for t in op.outputs if t.shape.rank
+  )
+  per_entry = flops / out_size if flops and out_size else 1
+  for j in ins:
+    work.add(entries=_jacobian_entries(j))
+  for j in outs:
+    size = _jacobian_entries(j)
+    work.add(
+      flops=None if size is None else [s * per_entry for s in size],
+      entries=size,
+    )
 
 
 def _differentiable(t):
@@ -77,6 +196,43 @@ def _dependent_tensors(x):
 
 def _key(t):
   return (t.op.name, t.value_index)
+
+
+def path_ops(x, ys):
+  """The ops the walk visits: on a path from `x` to `ys`, inputs first."""
+  return _ordered_ops(x, ys, _dependent_tensors(x))
+
+
+# Elementwise functions that cost several plain entries each (measured on
+# (4096, 512): `sin` 8, `exp` 6, `tanh` 2 times the time of `x * x`).
+_TRANSCENDENTAL = frozenset(
+  """Cos Elu Erf Exp Expm1 Log Log1p Pow Rsqrt Selu Sigmoid Sin Softplus
+  Softsign Sqrt Tan Tanh""".split()
+)
+_TRANSCENDENTAL_ENTRIES = 4
+
+
+def pass_work(ops, other_weight=1, transcendental=_TRANSCENDENTAL_ENTRIES):
+  """The `Work` per sample of one pass (forward or backward) through `ops`.
+
+  Flops from `op_flops`; entries: every floating input and output, counted
+  by its entries after the first axis (per sample; a weight matrix counts
+  one row), and `transcendental` more per output entry of a transcendental
+  function; the entries of ops other than products weigh `other_weight`.
+  """
+  work = Work()
+  for op in ops:
+    flops = op_flops(op)
+    work.add(flops=None if flops is None else (0, flops))
+    weight = 1 if _inner_length(op) is not None else other_weight
+    extra = transcendental if op.type in _TRANSCENDENTAL else 0
+    for t, scale in [(t, 1) for t in op.inputs] + [
+      (t, 1 + extra) for t in op.outputs
+    ]:
+      if t.dtype.is_floating and t.shape.rank:
+        size = _static_size(t.shape[1:])
+        work.add(entries=None if size is None else (0, size * scale * weight))
+  return work
 
 
 def _ordered_ops(x, ys, dependent):
@@ -110,11 +266,13 @@ class _Context:
     self.k = k
     self.dtype = dtype
     self.pending = []  # (tensor, adj -> [Term])
-    self.dense_matmuls = 0
 
   def dense_matmul(self):
-    """Counts a matmul of a dense Jacobian (N K rows), for the cost model."""
-    self.dense_matmuls += 1
+    """Marks a matmul of a dense Jacobian (N K rows).
+
+    Nothing to do: the walk's `Work` counts every product from the shapes
+    of its Jacobians (`op_flops`).
+    """
 
   def curvature(self, tensor, build):
     """Adds the terms `build(adj)` of `tensor`'s adjoint `adj` (its shape)."""
@@ -181,21 +339,23 @@ def second_derivatives(ys, x, mode):
   Returns:
     A `Result`: `value` a `Tensor` `(N, K, K)`, `(N, K)` or `(N,)` with
     `K = prod(d...)`, in `x.dtype`; `connected` whether any op curves
-    (`False`: the value is zeros); for the cost model, `widest` the largest
-    number of entries per sample of a curvature term whose Jacobians are not
-    both diagonal (0 if none; `None` when not static) and `dense_matmuls`
-    the number of matmuls of dense Jacobians.
+    (`False`: the value is zeros); `work`, the `Work` the ops built for
+    this result do when run, for the cost model of `dispatch`: the pushes
+    of the Jacobians, the adjoint pass and the contractions.
 
   Raises:
     Unsupported: when an op on the way has no rule, or a rule cannot follow
       it; the message says which op and why.
   """
   check_input(x)
+  ops_before = len(x.graph.get_operations())
   n, k = tf.shape(x)[0], tf.reduce_prod(tf.shape(x)[1:])
   dependent = _dependent_tensors(x)
   ctx = _Context(n, k, x.dtype)
+  work = Work()
   jacs = {_key(x): _identity_jacobian(x, k)}
-  for op in _ordered_ops(x, ys, dependent):
+  path = _ordered_ops(x, ys, dependent)
+  for op in path:
     rule = registry.RULES.get(op.type)
     if rule is None:
       raise Unsupported(f"no forward rule for op type {op.type} ({op.name})")
@@ -225,6 +385,7 @@ def second_derivatives(ys, x, mode):
           for j in ins
         ]
       outs = rule.fn(op, ins, ctx)
+      _push(op, ins, outs, work)
     for t, j in zip(op.outputs, outs):
       if j is not None and _key(t) in dependent:
         if isinstance(j, jacobians.Jacobian):
@@ -236,7 +397,9 @@ def second_derivatives(ys, x, mode):
       jacobians.DIAGONAL: tf.stack([n, k]),
       jacobians.LAPLACIAN: tf.reshape(n, [1]),
     }[mode]
-    return Result(tf.zeros(shape, x.dtype), False, 0, ctx.dense_matmuls)
+    value = tf.zeros(shape, x.dtype)
+    work.ops += len(x.graph.get_operations()) - ops_before
+    return Result(value, False, work)
   adjoints = tf.gradients(
     ys,
     [t for t, _ in ctx.pending],
@@ -256,18 +419,41 @@ def second_derivatives(ys, x, mode):
     tf.cast(jacobians.contract(term, mode, n, k), x.dtype)
     for term in grouped.values()
   ]
-  return Result(
-    tf.add_n(parts), True, _widest(grouped.values()), ctx.dense_matmuls
-  )
+  value = tf.add_n(parts)
+  # The adjoints: one backward pass, about the work of the forward one.
+  backward = pass_work(path)
+  work.add(flops=backward.flops, entries=backward.entries)
+  if not backward.known:
+    work.known = False
+  for term in grouped.values():
+    _contract_work(term, mode, x, work)
+  out = {jacobians.HESSIAN: 2, jacobians.DIAGONAL: 1}.get(mode, 0)
+  size = _static_size(x.shape[1:])
+  # The sum of the parts.
+  work.add(entries=None if size is None else (0, len(parts) * size**out))
+  work.ops += len(x.graph.get_operations()) - ops_before
+  return Result(value, True, work)
 
 
-def _widest(terms):
-  widest = 0
-  for term in terms:
-    if term.a.diagonal and term.b.diagonal:
-      continue
-    entries = term.a.value.shape[term.a.lead :]
-    if not entries.is_fully_defined():
-      return None
-    widest = max(widest, entries.num_elements())
-  return widest
+def _contract_work(term, mode, x, work):
+  """Adds the work of `jacobians.contract(term, mode, ...)`."""
+  k = _static_size(x.shape[1:])
+  m = _static_size(term.a.value.shape[term.a.lead :])
+  if k is None or m is None:
+    work.known = False
+    return
+  out = {jacobians.HESSIAN: k * k, jacobians.DIAGONAL: k}.get(mode, 1)
+  if term.a.diagonal and term.b.diagonal:
+    # Elementwise products of two (N, M) factors, summed to (N, K).
+    work.add(entries=(0, 3 * m + out))
+    return
+  inner = k * m * (k if mode == jacobians.HESSIAN else 1)
+  work.add(flops=(0, 2 * inner))
+  for jac in (term.a, term.b):
+    # Diagonal factors are materialized: K times their entries.
+    size = _jacobian_entries(jac)
+    scale = k if jac.diagonal else 1
+    work.add(
+      entries=None if size is None else (scale * size[0], scale * size[1])
+    )
+  work.add(entries=(0, m + (2 if term.symmetric else 1) * out))

@@ -1,0 +1,271 @@
+"""The cost model of `method="auto"`: its decisions, and that they are free.
+
+Decisions are checked on models whose estimated costs differ several times
+over in each direction (the estimates, not timings: timings are printed by
+tools/cost_model_measure.py); the numbers are checked not to depend on the
+decision (auto, the row loop and the engine agree on the models of that
+tool, which are in no benchmark); and under "auto" the engine's ops are
+added to the graph only when the engine is taken.
+"""
+
+import os
+import sys
+from unittest import mock
+
+from absl import flags
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+import tf1hess
+from tf1hess import forward
+from tf1hess.forward import dispatch
+from tf1hess.forward import engine
+
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools")
+)
+import cost_model_measure  # noqa: E402  pylint: disable=wrong-import-position
+
+flags.FLAGS.mark_as_parsed()
+
+_RNG = np.random.default_rng(5)
+
+
+def _mlp(x, depth, units):
+  h = x
+  for _ in range(depth):
+    w = _RNG.normal(size=(h.shape[1], units)) / np.sqrt(h.shape[1])
+    h = tf.tanh(tf.matmul(h, tf.constant(w, x.dtype)))
+  return tf.reduce_sum(h, axis=1)
+
+
+def _mixture(x, centers=4):
+  mu = tf.constant(_RNG.normal(size=(centers, x.shape[1])), x.dtype)
+  d2 = tf.reduce_sum(tf.square(x[:, None, :] - mu), axis=2)
+  return tf.reduce_logsumexp(-d2, axis=1)
+
+
+def _quadratic(x):
+  a = tf.constant(_RNG.normal(size=(x.shape[1], x.shape[1])), x.dtype)
+  return tf.reduce_sum(x * tf.matmul(x, a), axis=1)
+
+
+def _estimates(model, k, mode, n=None):
+  """`(rows seconds, engine seconds, prefers_forward)` of `model`."""
+  with tf.Graph().as_default():
+    x = tf.compat.v1.placeholder(tf.float64, [n, k])
+    y = model(x)
+    (g,) = tf.gradients(y, x)
+    walked = dispatch.dry_run([y], x, mode)
+    batch = n or dispatch.ASSUMED_BATCH
+    rows = dispatch.seconds(dispatch.rows_work([y], x, g, mode), batch)
+    return (
+      rows,
+      dispatch.seconds(walked.work, batch),
+      dispatch.prefers_forward([y], x, g, mode, walked),
+    )
+
+
+def _engine_ops(graph):
+  return [op for op in graph.get_operations() if "/forward/" in op.name]
+
+
+class DecisionTest(parameterized.TestCase, tf.test.TestCase):
+  @parameterized.named_parameters(
+    # Terms 4 wide, diagonal Jacobians until the sum over features: the
+    # engine's terms cost N K^2 4, the rows K passes over (N, 4, K).
+    ("mixture_k128", _mixture, 128, forward.HESSIAN),
+    # The diagonal: `N K M` per term, against the same K passes.
+    ("mixture_k64_diagonal", _mixture, 64, forward.DIAGONAL),
+  )
+  def test_engine_when_much_cheaper(self, model, k, mode):
+    rows, walk, chosen = _estimates(model, k, mode)
+    self.assertGreater(rows, 2 * walk)
+    self.assertTrue(chosen)
+
+  @parameterized.named_parameters(
+    # K much larger than the widths: every layer's term costs N K^2 4 in
+    # the engine, while a row passes through layers of 4 units.
+    ("deep_narrow", lambda x: _mlp(x, 6, 4), 128, forward.HESSIAN),
+    # The rows need no backward pass: one Hessian for every sample.
+    ("quadratic", _quadratic, 16, forward.HESSIAN),
+    # One dense layer, then elementwise: all rows from one matmul.
+    ("one_layer_diagonal", lambda x: _mlp(x, 1, 16), 8, forward.DIAGONAL),
+  )
+  def test_rows_when_much_cheaper(self, model, k, mode):
+    rows, walk, chosen = _estimates(model, k, mode)
+    self.assertGreater(walk, 3 * rows)
+    self.assertFalse(chosen)
+
+  def test_a_static_batch_is_used(self):
+    # Shared Jacobians cost no N: at a tiny static batch the engine's fixed
+    # work is larger against the rows' than at ASSUMED_BATCH.
+    model = lambda x: _mlp(x, 3, 16)  # noqa: E731
+    small = _estimates(model, 32, forward.HESSIAN, n=2)
+    large = _estimates(model, 32, forward.HESSIAN)
+    self.assertNotAlmostEqual(small[0] / small[1], large[0] / large[1])
+
+  def test_unknown_features_keep_the_old_rule(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, None])
+      y = tf.reduce_sum(tf.sin(x) * x, axis=1)
+      (g,) = tf.gradients(y, x)
+      for mode, engine_taken in (
+        (forward.HESSIAN, False),
+        (forward.DIAGONAL, True),
+        (forward.LAPLACIAN, True),
+      ):
+        walked = dispatch.dry_run([y], x, mode)
+        self.assertIsNone(walked.work.at(1))
+        self.assertEqual(
+          dispatch.prefers_forward([y], x, g, mode, walked), engine_taken
+        )
+
+
+class WorkTest(tf.test.TestCase):
+  def test_matmul_of_a_dense_jacobian(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      w = tf.constant(np.ones((5, 7)), tf.float64)
+      h = tf.tanh(tf.matmul(x, tf.constant(np.ones((3, 5)), tf.float64)))
+      y = tf.matmul(h, w)
+      self.assertEqual(engine.op_flops(y.op), 2 * 5 * 7)
+      walked = engine.second_derivatives([y], x, forward.LAPLACIAN)
+      plain = engine.second_derivatives([h], x, forward.LAPLACIAN)
+      # The second matmul: a dense (N, 3, 5) Jacobian by (5, 7).
+      extra = np.subtract(walked.work.flops, plain.work.flops)
+      self.assertGreaterEqual(extra[1], 2 * 3 * 5 * 7)
+      self.assertEqual(extra[0], 0)
+
+  def test_shared_jacobians_cost_no_batch(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = tf.matmul(x, tf.constant(np.ones((3, 5)), tf.float64))
+      walked = engine.second_derivatives([y], x, forward.HESSIAN)
+      self.assertFalse(walked.connected)
+      # A shared (3, 5) Jacobian, each entry a sum of 3 products.
+      self.assertEqual(walked.work.flops, [2 * 3 * 3 * 5, 0])
+
+  def test_unknown_entries(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      u = tf.compat.v1.placeholder(tf.float64, [None, None])
+      y = tf.reduce_sum(tf.sin(x), 1, keepdims=True) * u
+      walked = engine.second_derivatives([y], x, forward.HESSIAN)
+      self.assertIsNone(walked.work.at(4))
+
+
+class NoDeadOpsTest(tf.test.TestCase):
+  def test_rows_leave_no_engine_ops(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 16])
+      y = _quadratic(x)
+      before = len(graph.get_operations())
+      auto = tf1hess.batch_hessians(y, x)
+      added = len(graph.get_operations()) - before
+      self.assertEqual(_engine_ops(graph), [])
+      # The rows alone add as many ops: nothing else was left behind.
+      before = len(graph.get_operations())
+      with mock.patch.object(
+        dispatch, "try_forward", return_value=(None, False)
+      ):
+        tf1hess.batch_hessians(y, x)
+      self.assertEqual(len(graph.get_operations()) - before, added)
+      with tf.compat.v1.Session() as sess:
+        value = sess.run(auto, {x: np.ones((2, 16))})
+      self.assertEqual(value.shape, (2, 16, 16))
+
+  def test_engine_ops_when_taken(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 128])
+      tf1hess.batch_hessians(_mixture(x), x)
+      self.assertNotEqual(_engine_ops(graph), [])
+
+  def test_unsupported_ops_leave_no_engine_ops(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      y = tf.reduce_sum(tf.math.erf(tf.sin(x) * x), axis=1)
+      tf1hess.batch_hessians(y, x)
+      self.assertEqual(_engine_ops(graph), [])
+
+  def test_a_model_not_copied_is_walked_in_its_graph(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 128])
+      y = _mixture(x)
+      failing = mock.patch.object(
+        dispatch, "_copy", side_effect=ValueError("no copy")
+      )
+      with failing:
+        h = tf1hess.batch_hessians(y, x)
+      self.assertNotEqual(_engine_ops(graph), [])
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h_val, rows_val = sess.run(
+          [h, rows], {x: _RNG.normal(size=(2, 128)) * 0.1}
+        )
+      self.assertAllClose(h_val, rows_val, atol=1e-9)
+
+  def test_the_copy_keeps_shapes_axes_and_variables(self):
+    """A reshape by a computed shape, a slice, a variable, a fed weight."""
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 6])
+      scale = tf.compat.v1.placeholder_with_default(
+        tf.constant(0.5, tf.float64), []
+      )
+      v = tf.compat.v1.get_variable(
+        "v", initializer=tf.constant(_RNG.normal(size=(3, 2)), tf.float64)
+      )
+      h = tf.reshape(tf.sin(x), [-1, tf.shape(x)[1] // 2, 2])
+      h = tf.reduce_sum(tf.tanh(h[:, :, ::-1] * scale) * v, axis=[1, 2])
+      x_val = _RNG.normal(size=(3, 6))
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        values = {}
+        for method in ("auto", "while_loop", "forward"):
+          for mode, op in (
+            ("h", tf1hess.batch_hessians),
+            ("d", tf1hess.batch_hessian_diagonals),
+          ):
+            values[method, mode] = sess.run(op(h, x, method=method), {x: x_val})
+      del graph
+      for (_, mode), value in values.items():
+        self.assertAllClose(value, values["while_loop", mode], atol=1e-10)
+
+
+class SameNumbersTest(parameterized.TestCase, tf.test.TestCase):
+  """auto, the rows and the engine agree, whichever auto takes."""
+
+  @parameterized.named_parameters(
+    (f"{model}_{quantity}", model, quantity)
+    for model in cost_model_measure.MODELS
+    if model != "conv1d"
+    for quantity in ("hessian", "diagonal", "laplacian")
+  )
+  def test_validation_models(self, model, quantity):
+    op = {
+      "hessian": tf1hess.batch_hessians,
+      "diagonal": tf1hess.batch_hessian_diagonals,
+      "laplacian": tf1hess.batch_laplacians,
+    }[quantity]
+    k = 5
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, k])
+      y = cost_model_measure.MODELS[model](x, np.random.default_rng(k))
+      fetches = {m: op(y, x, method=m) for m in ("auto", "while_loop")}
+      fetches["forward"] = op(y, x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        values = sess.run(fetches, {x: _RNG.normal(size=(4, k)) * 0.5})
+    for name, value in values.items():
+      self.assertAllClose(value, values["while_loop"], atol=1e-9, msg=name)
+
+  def test_measure_reports_both_engines(self):
+    out = cost_model_measure.measure("rbf_softplus", 3, 4, "laplacian", 1)
+    self.assertIn(out["picked"], ("forward", "rows"))
+    self.assertGreater(out["rows"], 0)
+    self.assertGreater(out["forward"], 0)
+    self.assertGreater(out["estimates"]["rows"], 0)
+
+
+if __name__ == "__main__":
+  tf.test.main()

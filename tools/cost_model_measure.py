@@ -1,0 +1,376 @@
+r"""Measures the choice of `method="auto"` against both engines' run times.
+
+For each model and shape (`--cost_cases`, `--cost_quantity`), builds in one
+graph the engine's result (`method="forward"`), the rows `method="auto"`
+builds when it does not take the engine, and `method="auto"` itself; checks
+that the three agree; and times each (median of `--cost_runs` session runs
+after a warm-up, the methods taking turns). Prints one row per case:
+shapes, the two engines' times, the estimated times of
+`dispatch.prefers_forward`, what auto picked and whether that was the
+faster (or within 15% of it).
+
+The models (`MODELS`) are in no benchmark and no other test; `ALL`
+validates the cost model, `CALIBRATION` (`--calibrate`) fits its constants.
+The batch axis of the input is `None`, as usual, so the cost model compares
+the engines at `dispatch.ASSUMED_BATCH`; `--static_batch` gives it N.
+
+  python tools/cost_model_measure.py --cost_cases=rbf_softplus:1024x32
+  python tools/cost_model_measure.py --cost_quantity=laplacian
+  python tools/cost_model_measure.py --calibrate
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+import time
+from unittest import mock
+
+from absl import app
+from absl import flags
+import numpy as np
+import tensorflow as tf
+
+import tf1hess
+from tf1hess.forward import dispatch
+
+_CASES = flags.DEFINE_list("cost_cases", ["all"], "model:NxK cases, or all.")
+_QUANTITY = flags.DEFINE_enum(
+  "cost_quantity",
+  "hessian",
+  ["hessian", "diagonal", "laplacian"],
+  "What to time.",
+)
+_RUNS = flags.DEFINE_integer("cost_runs", 5, "Timed runs.", lower_bound=1)
+_CALIBRATE = flags.DEFINE_bool(
+  "calibrate", False, "Time CALIBRATION and fit the constants of dispatch."
+)
+_STATIC_BATCH = flags.DEFINE_bool(
+  "static_batch", False, "Give the input a static batch size."
+)
+
+
+def _rng(name, k):
+  return np.random.default_rng([k, len(name), ord(name[0])])
+
+
+def _dense(h, units, rng, name):
+  """`h @ W + b` with float32 weights of scale 1/sqrt(fan-in)."""
+  fan_in = h.shape[1]
+  w = rng.normal(size=(fan_in, units)) / np.sqrt(fan_in)
+  b = rng.normal(size=(units,)) * 0.1
+  w = tf.constant(w, h.dtype, name=f"{name}_w")
+  return tf.matmul(h, w) + tf.constant(b, h.dtype)
+
+
+def rbf_softplus(x, rng, units=48, centers=32):
+  """A Gaussian-kernel density over `centers`, plus a softplus layer."""
+  k = x.shape[1]
+  mu = tf.constant(rng.normal(size=(centers, k)), x.dtype)
+  d2 = tf.reduce_sum(tf.square(x[:, None, :] - mu), axis=2)
+  density = tf.math.log(tf.reduce_sum(tf.exp(-0.5 * d2 / k), axis=1) + 1e-3)
+  hidden = tf.nn.softplus(_dense(x, units, rng, "sp"))
+  return density + tf.reduce_sum(_dense(hidden, 1, rng, "out"), axis=1)
+
+
+def wide_softplus(x, rng, units=512):
+  """One softplus layer of `units` under a linear read-out, squared."""
+  h = tf.nn.softplus(_dense(x, units, rng, "wide"))
+  return tf.square(tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1))
+
+
+def _mlp(x, rng, depth, units, activation):
+  """`depth` layers of `units` with `activation`, linear read-out."""
+  h = x
+  for i in range(depth):
+    h = activation(_dense(h, units, rng, f"l{i}"))
+  return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+
+
+def deep_tanh(x, rng):
+  """6 tanh layers of 16 units, linear read-out."""
+  return _mlp(x, rng, 6, 16, tf.tanh)
+
+
+def quadratic(x, rng):
+  """`x^T A x`."""
+  k = x.shape[1]
+  a = tf.constant(rng.normal(size=(k, k)), x.dtype)
+  return tf.reduce_sum(x * tf.matmul(x, a), axis=1)
+
+
+def two_branches(x, rng, units=32):
+  """The product of two tanh MLPs (2 x `units` each)."""
+  outs = []
+  for branch in "ab":
+    h = tf.tanh(_dense(x, units, rng, f"{branch}1"))
+    h = tf.tanh(_dense(h, units, rng, f"{branch}2"))
+    outs.append(tf.reduce_sum(_dense(h, 1, rng, f"{branch}o"), axis=1))
+  return outs[0] * outs[1]
+
+
+def one_layer(x, rng, units=32):
+  """One sigmoid layer of `units`, then a squared norm (no shortcut)."""
+  h = tf.sigmoid(_dense(x, units, rng, "l"))
+  return tf.reduce_sum(tf.square(h), axis=1) * tf.reduce_sum(h, axis=1)
+
+
+def conv1d(x, rng, channels=8):
+  """A 1-D convolution of the features seen as a signal, tanh, sum."""
+  k = x.shape[1]
+  kernel = tf.constant(rng.normal(size=(3, 1, channels)) / 3, x.dtype)
+  h = tf.tanh(tf.nn.conv1d(tf.reshape(x, [-1, k, 1]), kernel, 1, "SAME"))
+  return tf.reduce_sum(_dense(tf.reshape(h, [-1, k * channels]), 1, rng, "o"))
+
+
+def tanh_mlp(x, rng):
+  """DeepXDE-style FNN: 3 tanh layers of 64 units, linear read-out."""
+  return _mlp(x, rng, 3, 64, tf.tanh)
+
+
+def sigmoid_mlp(x, rng):
+  """2 sigmoid layers of 32 units, linear read-out (calibration)."""
+  return _mlp(x, rng, 2, 32, tf.sigmoid)
+
+
+def wide_sigmoid(x, rng):
+  """4 sigmoid layers of 128 units (calibration)."""
+  return _mlp(x, rng, 4, 128, tf.sigmoid)
+
+
+def rbf(x, rng):
+  """A Gaussian-kernel log-density over 8 centers (calibration)."""
+  k = x.shape[1]
+  mu = tf.constant(rng.normal(size=(8, k)), x.dtype)
+  d2 = tf.reduce_sum(tf.square(x[:, None, :] - mu), axis=2)
+  return tf.math.log(tf.reduce_sum(tf.exp(-0.5 * d2 / k), axis=1))
+
+
+def elementwise(x, rng):
+  """Elementwise functions of x only: a diagonal Hessian."""
+  del rng
+  return tf.reduce_sum(tf.sin(x) * tf.exp(-x * x), axis=1)
+
+
+MODELS = {
+  "rbf_softplus": rbf_softplus,
+  "wide_softplus": wide_softplus,
+  "deep_tanh": deep_tanh,
+  "quadratic": quadratic,
+  "two_branches": two_branches,
+  "one_layer": one_layer,
+  "conv1d": conv1d,
+  "tanh_mlp": tanh_mlp,
+  "elementwise": elementwise,
+  "sigmoid_mlp": sigmoid_mlp,
+  "wide_sigmoid": wide_sigmoid,
+  "rbf": rbf,
+}
+
+# The cases `--calibrate` fits the constants of `dispatch` to: models that
+# are in no benchmark and not among ALL (which validates them).
+CALIBRATION = [
+  "sigmoid_mlp:256x8",
+  "sigmoid_mlp:2048x8",
+  "sigmoid_mlp:256x32",
+  "sigmoid_mlp:2048x32",
+  "sigmoid_mlp:256x128",
+  "wide_sigmoid:256x16",
+  "wide_sigmoid:1024x32",
+  "rbf:256x16",
+  "rbf:2048x16",
+  "rbf:256x128",
+  "elementwise:256x32",
+  "elementwise:4096x32",
+]
+
+ALL = [
+  "rbf_softplus:1024x32",
+  "rbf_softplus:64x32",
+  "rbf_softplus:4096x32",
+  "wide_softplus:1024x8",
+  "deep_tanh:1024x64",
+  "deep_tanh:4096x64",
+  "quadratic:1024x32",
+  "two_branches:1024x16",
+  "two_branches:64x16",
+  "one_layer:1024x256",
+  "conv1d:256x32",
+  "tanh_mlp:1024x64",
+  "tanh_mlp:4096x16",
+  "elementwise:1024x128",
+]
+
+
+def _op(quantity):
+  return {
+    "hessian": tf1hess.batch_hessians,
+    "diagonal": tf1hess.batch_hessian_diagonals,
+    "laplacian": tf1hess.batch_laplacians,
+  }[quantity]
+
+
+def measure(model, n, k, quantity, runs, static_batch=False):
+  """Times a case; returns a dict of times (s), estimates and the choice."""
+  op = _op(quantity)
+  with tf.Graph().as_default():
+    x = tf.compat.v1.placeholder(
+      tf.float32, [n if static_batch else None, k], name="x"
+    )
+    y = MODELS[model](x, _rng(model, k))
+    choices, estimates, work = [], {}, {}
+    choose = dispatch.prefers_forward
+
+    def spy(ys, x, grad, mode, walked, plan=None):
+      n_cost = dispatch.ASSUMED_BATCH if not static_batch else n
+      estimates["forward"] = dispatch.seconds(walked.work, n_cost)
+      estimates["rows"] = dispatch.seconds(
+        dispatch.rows_work(ys, x, grad, mode), n_cost
+      )
+      work["forward"] = walked.work.at(n)
+      parts = dispatch.row_parts(ys, x, grad, mode)
+      work["rows"] = tuple(
+        n * parts[name] * (1 if name == "once" else parts["k"])
+        for name in ("flops", "products", "others", "once")
+      ) + (parts["k"] * parts["ops"],)
+      choices.append(choose(ys, x, grad, mode, walked))
+      return choices[-1]
+
+    with mock.patch.object(dispatch, "prefers_forward", side_effect=spy):
+      start = time.perf_counter()
+      auto = op(y, x)
+      build = time.perf_counter() - start
+    with mock.patch.object(dispatch, "prefers_forward", return_value=False):
+      rows = op(y, x)
+    fetches = {"rows": rows, "auto": auto}
+    try:
+      fetches["forward"] = op(y, x, method="forward")
+    except ValueError:
+      pass
+    batch = np.random.default_rng(n).normal(size=(n, k)).astype(np.float32)
+    with tf.compat.v1.Session() as sess:
+      values = sess.run(fetches, {x: batch})
+      for name, value in values.items():
+        np.testing.assert_allclose(
+          value, values["rows"], rtol=2e-3, atol=2e-3, err_msg=name
+        )
+      times = {name: [] for name in fetches}
+      names = list(fetches)
+      for run in range(runs + 1):
+        for name in names[run % len(names) :] + names[: run % len(names)]:
+          start = time.perf_counter()
+          sess.run(fetches[name], {x: batch})
+          if run:
+            times[name].append(time.perf_counter() - start)
+  out = {name: float(np.median(t)) for name, t in times.items()}
+  out["picked"] = "forward" if choices and choices[0] else "rows"
+  out["estimates"] = estimates
+  out["work"] = work
+  out["build"] = build
+  return out
+
+
+# Where the fit of `calibrate` starts, and what it is weakly pulled to:
+# seconds per flop, entry and op; the rows' multipliers of flops, entries of
+# products, other entries and ops.
+_PRIOR = np.array([2e-11, 5e-10, 1e-6, 3.0, 1.0, 3.0, 3.0])
+
+
+def fit(features, times):
+  """The constants of `dispatch` that fit `times` best (see `calibrate`).
+
+  Least squares of the log errors of both engines' times and (doubly
+  weighted) of their ratio, with a weak pull (0.3 per e-fold) towards
+  `_PRIOR`: flops and entries grow together on most models, and the pull
+  keeps the split between them physical.
+
+  Args:
+    features: `{"forward": [(flops, entries, ops)], "rows": [(flops,
+      entries of products, other entries, entries once, ops)]}` at the
+      measured N (the rows' with multipliers 1: see `dispatch.row_parts`).
+    times: `{"forward": [seconds], "rows": [seconds]}`.
+
+  Returns:
+    The 7 constants, in the order of `_PRIOR`.
+  """
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+
+  f, r = (np.array(features[e], float) for e in ("forward", "rows"))
+  t_f, t_r = (np.array(times[e]) for e in ("forward", "rows"))
+
+  def residuals(p):
+    c = np.exp(p)
+    p_f = f @ c[:3]
+    p_r = r @ np.array(
+      [c[0] * c[3], c[1] * c[4], c[1] * c[5], c[1], c[2] * c[6]]
+    )
+    return np.concatenate(
+      [
+        np.log(p_f / t_f),
+        np.log(p_r / t_r),
+        2 * np.log(p_r / p_f * t_f / t_r),
+        0.3 * (p - np.log(_PRIOR)),
+      ]
+    )
+
+  return np.exp(optimize.least_squares(residuals, np.log(_PRIOR)).x)
+
+
+def calibrate(quantity, runs):
+  """Times CALIBRATION and prints the constants `fit` finds."""
+  features = {"forward": [], "rows": []}
+  times = {"forward": [], "rows": []}
+  for case in CALIBRATION:
+    model, shape = case.split(":")
+    n, k = (int(v) for v in shape.split("x"))
+    r = measure(model, n, k, quantity, runs)
+    print(case, {e: (r[e], r["work"][e]) for e in features}, flush=True)
+    for engine in features:
+      features[engine].append(r["work"][engine])
+      times[engine].append(r[engine])
+  constants = fit(features, times)
+  print("seconds per flop, entry, op:", constants[:3])
+  print(
+    "rows' multipliers of flops, entries of products, other entries, ops:",
+    constants[3:],
+  )
+  return constants
+
+
+def _ms(seconds):
+  return "—" if seconds is None else f"{1e3 * seconds:.3g}"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  tf.compat.v1.disable_eager_execution()
+  if _CALIBRATE.value:
+    calibrate(_QUANTITY.value, _RUNS.value)
+    return
+  cases = ALL if _CASES.value == ["all"] else _CASES.value
+  print(
+    "| model | N x K | rows ms | forward ms | estimated rows / forward ms |"
+    " auto picks | auto ms | faster or within 15% |"
+  )
+  print("|---|---|---|---|---|---|---|---|")
+  for case in cases:
+    model, shape = case.split(":")
+    n, k = (int(v) for v in shape.split("x"))
+    r = measure(model, n, k, _QUANTITY.value, _RUNS.value, _STATIC_BATCH.value)
+    best = min(r["rows"], r.get("forward", np.inf))
+    picked = r.get(r["picked"], r["rows"])
+    est = r["estimates"]
+    print(
+      f"| {model} | {n}x{k} | {_ms(r['rows'])} | {_ms(r.get('forward'))} |"
+      f" {_ms(est.get('rows'))} / {_ms(est.get('forward'))} |"
+      f" {r['picked']} | {_ms(r['auto'])} |"
+      f" {'yes' if picked <= 1.15 * best else 'NO'}"
+      f" ({picked / best:.2f}x) |",
+      flush=True,
+    )
+
+
+if __name__ == "__main__":
+  app.run(main)
