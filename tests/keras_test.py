@@ -420,12 +420,14 @@ class BatchDerivativesLayerTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.named_parameters(*_GENERATIONS)
   def test_config_round_trip(self, k):
     _require(self, k)
-    layer = _layer_class(k)(_tanh_mlp(k, 3), order=3, name="derivs")
+    plan = tf1hess.Plan(method="while_loop", unroll_max_rows=2)
+    layer = _layer_class(k)(_tanh_mlp(k, 3), order=3, name="derivs", plan=plan)
     config = layer.get_config()
     self.assertEqual(config["order"], 3)
     self.assertEqual(config["name"], "derivs")
     clone = _layer_class(k).from_config(config)
     self.assertEqual(clone.order, 3)
+    self.assertEqual(clone.plan, plan)
     self.assertEqual(clone.name, "derivs")
     self.assertEqual(
       [la.get_config()["units"] for la in clone.layer.layers], [6, 1]

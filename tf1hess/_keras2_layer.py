@@ -48,6 +48,8 @@ class BatchDerivatives(_keras_layer.DerivativesMixin, _keras.layers.Wrapper):
       `tf.keras` on TensorFlow <= 2.15, `tf_keras` on >= 2.16) with one input
       `(N, d...)` and one value per sample as output.
     order: `int` >= 1, default 2: the highest derivative order returned.
+    plan: a `tf1hess.Plan` or `None` (default): how the rows are built, as
+      in `tf1hess.batch_hessians`; saved in the layer's config.
     **kwargs: passed to Keras 2's `layers.Layer` (`name`, ...).
 
   Returns (when called):

@@ -34,6 +34,8 @@ class Keras3BatchDerivatives(
     layer: a Keras 3 layer or model with one input `(N, d...)` and one value
       per sample as output.
     order: `int` >= 1, default 2: the highest derivative order returned.
+    plan: a `tf1hess.Plan` or `None` (default): how the rows are built, as
+      in `tf1hess.batch_hessians`; saved in the layer's config.
     **kwargs: passed to `keras.layers.Layer` (`name`, ...).
 
   Returns (when called):

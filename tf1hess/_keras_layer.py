@@ -9,6 +9,7 @@ import tensorflow as tf
 from tf1hess import _checks
 from tf1hess import eager
 from tf1hess import ops
+from tf1hess import plan as plan_lib
 
 
 class DerivativesMixin:
@@ -21,7 +22,7 @@ class DerivativesMixin:
   # Subclasses also define `_other_layer_types()`: a tuple of the twin
   # generation's installed layer classes (empty when it is not installed).
 
-  def __init__(self, layer, order=2, **kwargs):
+  def __init__(self, layer, order=2, plan=None, **kwargs):
     if not isinstance(layer, self._layer_type):
       other_generation, other_class = self._other_generation, self._other_class
       if isinstance(layer, self._other_layer_types()):
@@ -35,8 +36,12 @@ class DerivativesMixin:
         f"batch to one value per sample; saw {type(layer).__name__}."
       )
     _checks.check_positive_int(order, "order")
+    if isinstance(plan, dict):  # From `get_config`.
+      plan = plan_lib.Plan(**plan)
+    plan = plan_lib.make(plan)
     super().__init__(layer, **kwargs)
     self.order = order
+    self.plan = plan
 
   def _check_scalar_output(self, y):
     per_sample = y.shape[1:]
@@ -83,7 +88,9 @@ class DerivativesMixin:
       # under control flow v1 (after disable_v2_behavior()).
       y = self.layer(inputs)
       self._check_scalar_output(y)
-      derivatives = [ops.batch_derivatives(y, inputs, k) for k in orders]
+      derivatives = [
+        ops.batch_derivatives(y, inputs, k, plan=self.plan) for k in orders
+      ]
       return [y] + derivatives[::-1]
     values = []
 
@@ -93,10 +100,13 @@ class DerivativesMixin:
       values.append(y)
       return y
 
-    derivatives = [eager.batch_derivatives(fn, inputs, k) for k in orders]
+    derivatives = [
+      eager.batch_derivatives(fn, inputs, k, plan=self.plan) for k in orders
+    ]
     return [values[-1]] + derivatives[::-1]
 
   def get_config(self):
     config = super().get_config()
     config["order"] = self.order
+    config["plan"] = self.plan.record()
     return config
