@@ -259,7 +259,15 @@ def run_case(case, names, timing):
     "names": list(names),
     "timing": dataclasses.asdict(timing),
   }
-  return run_child("case", spec)
+  try:
+    return run_child("case", spec)
+  except (RuntimeError, subprocess.TimeoutExpired) as error:
+    # The other cases still run; this one is reported as failed.
+    logging.warning("%s: %s", case.name, error)
+    return [
+      {"method": n, "status": "failed", "error": _failure(error), "note": None}
+      for n in names
+    ]
 
 
 def _status_kb(field):

@@ -167,6 +167,17 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(record["status"], "skipped")
     self.assertRegex(record["error"], "does not compute hessian")
 
+  def test_a_failing_child_fails_its_case_only(self):
+    fail = RuntimeError("benchmarks.child case failed: Killed")
+    with mock.patch.object(harness, "run_child", side_effect=fail):
+      records = harness.run_case(
+        models.Case("fnn_3x64", "4x2"),
+        ["tf1hess_auto", "dde_grad_hessian"],
+        _ONCE,
+      )
+    self.assertEqual([r["status"] for r in records], ["failed", "failed"])
+    self.assertRegex(records[1]["error"], "RuntimeError: .*Killed")
+
   def test_check(self):
     reference = np.ones((2, 3, 3))
     self.assertIsNone(harness.check(reference + 1e-4, reference))
