@@ -113,7 +113,7 @@ GOALS = (
     "DeepXDE FNN: Hessian vs dde.grad.hessian >= 2x",
     _DDE,
     2.0,
-    models=("fnn_3x64",),
+    models=("deepxde_fnn",),
     shapes=_DDE_SHAPES,
   ),
   Goal(
@@ -121,7 +121,7 @@ GOALS = (
     _DDE,
     1.5,
     quantity="laplacian",
-    models=("fnn_3x64",),
+    models=("deepxde_fnn",),
     shapes=_DDE_SHAPES,
   ),
 )

@@ -4,8 +4,9 @@ Each method's output is checked against the reference before it is timed;
 the time is the median of the timed runs after a warm-up, the methods of a
 case taking turns so that a busy machine slows them alike. Peak memory is
 measured in a fresh process per method and case (`benchmarks.child`), and a
-case with a method that needs DeepXDE's compat.v1 backend (which turns off
-TensorFlow 2 behavior for the whole process) runs in a process of its own.
+case with a method or model that needs DeepXDE's compat.v1 backend (which
+turns off TensorFlow 2 behavior for the whole process) runs in a process of
+its own.
 """
 
 import dataclasses
@@ -251,8 +252,9 @@ def print_child_result(value):
 
 
 def run_case(case, names, timing):
-  """`run_case_here`, in a process of its own if a method needs DeepXDE."""
-  if not any(methods_lib.get(n).isolated for n in names):
+  """`run_case_here`, in a process with DeepXDE if the case needs one."""
+  isolated = any(methods_lib.get(n).isolated for n in names)
+  if not (isolated or case.model.deepxde):
     return run_case_here(case, names, timing)
   logging.info("%s: in a process with DeepXDE's compat.v1 backend", case.name)
   spec = _spec(case) | {

@@ -437,7 +437,7 @@ _METHODS = (
     _dde_grad_hessian,
     frameworks=("tf1", "deepxde"),
     requires=("deepxde",),
-    models=("fnn_3x64",),
+    models=("deepxde_fnn",),
   ),
   Method(
     "tf1_output_floor",

@@ -9,7 +9,9 @@ before anything is timed.
 
 `original` models are the three functions of the first benchmark (their
 meaning, weights and inputs are unchanged, so results stay comparable);
-`forward` models are those of the forward engine's benchmark (issue 14).
+`forward` models are those of the forward engine's benchmark (issue 14);
+`deepxde` ones run where DeepXDE's users run them, in a process whose
+TensorFlow 2 behavior DeepXDE's `tensorflow.compat.v1` backend turned off.
 """
 
 import dataclasses
@@ -19,7 +21,7 @@ import zlib
 
 import numpy as np
 
-GROUPS = ("original", "forward")
+GROUPS = ("original", "forward", "deepxde")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Model:
     hessian: `(weights, x (N, K) float64) -> (N, K, K)`, analytic, or
       `None` where there is no closed form.
     k_multiple: K must be a multiple of this.
+    deepxde: every method of its cases runs in a process where DeepXDE's
+      `tensorflow.compat.v1` backend is imported (TF2 behavior off).
   """
 
   name: str
@@ -64,6 +68,7 @@ class Model:
   jax_fn: Callable
   hessian: Optional[Callable] = None
   k_multiple: int = 1
+  deepxde: bool = False
 
 
 MODELS = {}
@@ -305,6 +310,19 @@ register(
     _fnn_weights,
     _fnn_tf,
     _fnn_jax,
+  )
+)
+
+# The same network as DeepXDE's users run it: TF1 behavior (control flow v1,
+# TF1 shapes) in every method of its cases, beside dde.grad.hessian.
+register(
+  dataclasses.replace(
+    MODELS["fnn_3x64"],
+    name="deepxde_fnn",
+    description="fnn_3x64 in a process with DeepXDE's tensorflow.compat.v1 "
+    "backend (TF2 behavior off), as DeepXDE's users run it",
+    group="deepxde",
+    deepxde=True,
   )
 )
 

@@ -171,6 +171,7 @@ def _problems(results):
   lines = []
   for (method, status, text), cases in problems.items():
     status = "" if status == "ok" else f"{status}: "
+    text = text.rstrip(".")
     lines.append(f"- {method}: {status}{text}. Cases: {', '.join(cases)}.")
   return "\n".join(lines)
 

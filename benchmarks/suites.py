@@ -4,7 +4,8 @@
 (`--functions` x `--shapes`), full Hessians, every available method.
 `forward`: the forward engine's models (issue 14) at moderate shapes, full
 Hessians and Laplacians, against the rows, the tapes, JAX, folx and, on
-DeepXDE's FNN at N = 4096, d = 10 and 20, `dde.grad.hessian`.
+DeepXDE's FNN at N = 4096, d = 10 and 20 (in DeepXDE's TF1 setting),
+`dde.grad.hessian`.
 """
 
 import dataclasses
@@ -42,8 +43,8 @@ SUITES = {
     shapes=("16384x16", "4096x64", "1024x256", "256x1024", "256x16"),
   ),
   "forward": Suite(
-    models=tuple(models.names("forward")),
-    cases=("fnn_3x64:4096x10", "fnn_3x64:4096x20")
+    models=tuple(models.names("forward") + models.names("deepxde")),
+    cases=("deepxde_fnn:4096x10", "deepxde_fnn:4096x20")
     + tuple(
       f"{m}:{s}" for m in models.names("forward") for s in _FORWARD_SHAPES
     ),

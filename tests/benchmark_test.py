@@ -62,7 +62,7 @@ class MethodsTest(tf.test.TestCase, parameterized.TestCase):
   )
   def test_every_method_passes_its_check_and_is_timed(self, model, quantity):
     case = models.Case(model, "8x4", quantity)
-    # dde.grad.hessian is timed on fnn_3x64 only (and has its own test).
+    # dde.grad.hessian is timed on deepxde_fnn only (and has its own test).
     names = methods.default_methods(model, quantity)
     records = harness.run_case(case, names, _ONCE)
     self.assertEqual([r["method"] for r in records], names)
@@ -100,7 +100,7 @@ class MethodsTest(tf.test.TestCase, parameterized.TestCase):
   def test_dde_grad_hessian_runs_in_a_process_of_its_own(self):
     if not _HAVE["deepxde"]:
       self.skipTest("deepxde is not installed")
-    case = models.Case("fnn_3x64", "8x3", "laplacian")
+    case = models.Case("deepxde_fnn", "8x3", "laplacian")
     names = ["dde_grad_hessian", "tf1hess_eager_function", "tf1hess_auto"]
     records = {r["method"]: r for r in harness.run_case(case, names, _ONCE)}
     self.assertEqual(records["dde_grad_hessian"]["status"], "ok")
@@ -113,7 +113,9 @@ class MethodsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_dde_grad_hessian_refuses_this_process(self):
     with self.assertRaisesRegex(RuntimeError, "process of its own"):
-      methods.METHODS["dde_grad_hessian"].build(models.Case("fnn_3x64", "4x2"))
+      methods.METHODS["dde_grad_hessian"].build(
+        models.Case("deepxde_fnn", "4x2")
+      )
     self.assertTrue(methods.METHODS["dde_grad_hessian"].isolated)
 
 
@@ -175,8 +177,13 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
         ["tf1hess_auto", "dde_grad_hessian"],
         _ONCE,
       )
+      # A DeepXDE model runs there too, whatever the methods.
+      (record,) = harness.run_case(
+        models.Case("deepxde_fnn", "4x2"), ["tf1hess_auto"], _ONCE
+      )
     self.assertEqual([r["status"] for r in records], ["failed", "failed"])
     self.assertRegex(records[1]["error"], "RuntimeError: .*Killed")
+    self.assertEqual(record["status"], "failed")
 
   def test_check(self):
     reference = np.ones((2, 3, 3))
@@ -348,10 +355,10 @@ class GoalsTest(tf.test.TestCase):
       _record("tanh_mlp", "8x4", "batch_jacobian_pfor", 1.4),
       _record("tanh_mlp", "256x16", "tf1hess_auto", 1.0),
       _record("tanh_mlp", "256x16", "tf_hessians_diagonal", 99.0),
-      _record("fnn_3x64", "4096x10", "tf1hess_auto", 1.0, "laplacian"),
-      _record("fnn_3x64", "4096x10", "dde_grad_hessian", 1.6, "laplacian"),
+      _record("deepxde_fnn", "4096x10", "tf1hess_auto", 1.0, "laplacian"),
+      _record("deepxde_fnn", "4096x10", "dde_grad_hessian", 1.6, "laplacian"),
       _record(
-        "fnn_3x64", "4096x10", "folx_forward_laplacian", 0.9, "laplacian"
+        "deepxde_fnn", "4096x10", "folx_forward_laplacian", 0.9, "laplacian"
       ),
       _record("fnn_3x64", "256x64", "tf1hess_auto", 1.0, "laplacian"),
       _record("fnn_3x64", "256x64", "dde_grad_hessian", 1.0, "laplacian"),
@@ -365,11 +372,11 @@ class GoalsTest(tf.test.TestCase):
         ("vs tf.hessians + diagonal >= 100x", "tanh_mlp 256x16 hessian"),
         (
           "DeepXDE FNN: Laplacian vs dde.grad.hessian >= 1.5x",
-          "fnn_3x64 4096x10 laplacian",
+          "deepxde_fnn 4096x10 laplacian",
         ),
         (
           "Laplacian vs folx forward_laplacian not slower",
-          "fnn_3x64 4096x10 laplacian",
+          "deepxde_fnn 4096x10 laplacian",
         ),
         (
           "Laplacian vs folx forward_laplacian not slower",
