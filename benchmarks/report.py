@@ -80,11 +80,34 @@ def _cases(results):
   return {key: sorted(s, key=models.parse_shape) for key, s in out.items()}
 
 
-def _goals_table(results):
-  groups = {
-    name: models.get(name).group for name in {r["model"] for r in results}
-  }
-  rows = goals_lib.evaluate(results, groups, methods_lib.REFERENCE)
+def _goal_rows(results):
+  names = {r["model"] for r in results}
+  groups = {name: models.get(name).group for name in names}
+  return goals_lib.evaluate(results, groups, methods_lib.REFERENCE)
+
+
+def _goal_summary(rows):
+  """One line per goal: how many of its cases meet it, and the speed-ups."""
+  if not rows:
+    return "No goal applies to the cases of this run."
+  lines = [
+    "| goal | met | speed-ups (other / tf1hess) |",
+    "|---|---|---|",
+  ]
+  for goal in dict.fromkeys(g["goal"] for g in rows):
+    mine = [g for g in rows if g["goal"] == goal]
+    speedups = sorted(g["speedup"] for g in mine if g["speedup"] is not None)
+    met = sum(g["met"] is True for g in mine)
+    spread = "n/a"
+    if speedups:
+      spread = f"{speedups[0]:.2f}"
+      if len(speedups) > 1:
+        spread += f" to {speedups[-1]:.2f}"
+    lines.append(f"| {goal} | {met} of {len(mine)} | {spread} |")
+  return "\n".join(lines)
+
+
+def _goals_table(rows):
   if not rows:
     return "No goal applies to the cases of this run."
   lines = [
@@ -185,6 +208,7 @@ def markdown(results, notes, command, template=TEMPLATE):
   with open(template, encoding="utf-8") as f:
     text = string.Template(f.read())
   names = list(dict.fromkeys(r["model"] for r in results))
+  rows = _goal_rows(results)
   quantities = list(dict.fromkeys(r["quantity"] for r in results))
   shapes = {"hessian": "`(N, K, K)`", "diagonal": "`(N, K)`"}
   return text.substitute(
@@ -204,7 +228,8 @@ def markdown(results, notes, command, template=TEMPLATE):
     rtol=f"{harness.RTOL:g}",
     fast_ms=f"{harness.FAST_RUN * 1e3:g}",
     pause=f"{harness.PAUSE:g}",
-    goals=_goals_table(results),
+    goal_summary=_goal_summary(rows),
+    goals=_goals_table(rows),
     tables=_result_tables(results),
     chunks=_chunk_table(results),
     problems=_problems(results),

@@ -427,6 +427,7 @@ class ReportTest(tf.test.TestCase):
       text,
     )
     self.assertIn("None in this run (`--chunk_cases`).", text)
+    self.assertIn("| vs tape.batch_jacobian >= 1.3x | 1 of 1 | 3.10 |", text)
 
   def test_the_report_comes_from_the_template_file(self):
     template = self.create_tempfile(content="Title\n$command\n$goals\n")
