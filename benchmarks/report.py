@@ -281,7 +281,16 @@ def plot(results, path):
 
 
 def write_outputs(results, notes, command, md=None, png=None, js=None):
-  """Writes the report, the plot and the raw results (each optional)."""
+  """Writes the raw results, the report and the plot (each optional).
+
+  The raw results first: they survive a failure of the report or the plot.
+  """
+  if js:
+    with _files.atomic_output(js) as tmp:
+      with open(tmp, "w", encoding="utf-8") as out:
+        data = {"command": command, "machine": notes, "results": results}
+        json.dump(data, out, indent=1)
+    logging.info("Wrote %s", js)
   if md:
     with _files.atomic_output(md) as tmp:
       with open(tmp, "w", encoding="utf-8") as out:
@@ -291,8 +300,3 @@ def write_outputs(results, notes, command, md=None, png=None, js=None):
     with _files.atomic_output(png, suffix=".png") as tmp:
       plot(results, tmp)
     logging.info("Wrote %s", png)
-  if js:
-    with _files.atomic_output(js) as tmp:
-      with open(tmp, "w", encoding="utf-8") as out:
-        json.dump({"machine": notes, "results": results}, out, indent=1)
-    logging.info("Wrote %s", js)

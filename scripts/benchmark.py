@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 # benchmarks/ is not installed: it is imported from the repository's root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import json
 import re
 
 from absl import app
@@ -115,6 +116,12 @@ _QUICK = flags.DEFINE_bool(
 _OUTPUT_MD = flags.DEFINE_string("output_md", None, "Markdown report.")
 _OUTPUT_PNG = flags.DEFINE_string("output_png", None, "PNG plot.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Raw results.")
+_REPORT_FROM = flags.DEFINE_string(
+  "report_from",
+  None,
+  "Time nothing: write --output_md and --output_png from the raw results "
+  "of an earlier run (its --output_json).",
+)
 
 _ALL_FLAGS = (
   _SUITE,
@@ -137,6 +144,7 @@ _ALL_FLAGS = (
   _OUTPUT_MD,
   _OUTPUT_PNG,
   _OUTPUT_JSON,
+  _REPORT_FROM,
 )
 
 
@@ -200,6 +208,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   with _cli.exit_on_error("benchmark.py"):
+    if _REPORT_FROM.value:
+      with open(_REPORT_FROM.value, encoding="utf-8") as f:
+        data = json.load(f)
+      report.write_outputs(
+        data["results"],
+        data["machine"],
+        data["command"],
+        _OUTPUT_MD.value,
+        _OUTPUT_PNG.value,
+      )
+      return
     suite = suites.get(_SUITE.value)
     quick = _QUICK.value
     settings = models.Settings(

@@ -496,6 +496,14 @@ class MainTest(tf.test.TestCase):
     self.assertEqual(
       sorted(os.listdir(out.full_path)), ["b.json", "b.md", "b.png"]
     )
+    # The same report again from the raw results, timing nothing.
+    again = os.path.join(out.full_path, "again.md")
+    with flagsaver.flagsaver(report_from=js, output_md=again):
+      with mock.patch.object(harness, "run_all") as run_all:
+        benchmark.main(["benchmark.py"])
+    run_all.assert_not_called()
+    with open(again, encoding="utf-8") as f:
+      self.assertEqual(f.read(), report_text)
 
   def test_forward_suite_times_its_methods_where_they_apply(self):
     out = self.create_tempdir()
