@@ -19,8 +19,8 @@ import time
 from absl import logging
 import numpy as np
 
+from benchmarks import cases as cases_lib
 from benchmarks import methods as methods_lib
-from benchmarks import models
 
 PAUSE = 0.05  # Seconds between timed runs, for the previous one's threads.
 FAST_RUN = 0.02  # Seconds: methods faster than this get `fast_repeats` runs.
@@ -149,7 +149,7 @@ def run_case_here(case, names, timing, isolated=False):
   timed in turns (`_time_in_turns`).
 
   Args:
-    case: a `models.Case`.
+    case: a `cases_lib.Case`.
     names: method names.
     timing: a `Timing`.
     isolated: `True` in the process where DeepXDE turned off TF2 behavior
@@ -212,11 +212,11 @@ def _spec(case):
 
 
 def case_from_spec(spec):
-  return models.Case(
+  return cases_lib.Case(
     spec["model"],
     spec["shape"],
     spec["quantity"],
-    models.Settings(**spec["settings"]),
+    cases_lib.Settings(**spec["settings"]),
   )
 
 
@@ -326,7 +326,7 @@ def run_all(
   """`run_case` over cases; returns one flat list of records.
 
   Args:
-    cases: `models.Case`s.
+    cases: `cases_lib.Case`s.
     names: method names, or `None` for each case's default methods.
     where_they_apply: time `names` only on the cases where they would be
       timed by default (their quantities, their models, if available).

@@ -1,6 +1,6 @@
 """The methods the benchmark times, each with its metadata in one place.
 
-A method builds, for a `models.Case`, a runner that computes the case's
+A method builds, for a `cases.Case`, a runner that computes the case's
 quantity (`hessian` `(N, K, K)`, `diagonal` `(N, K)` or `laplacian`
 `(N,)`): `run()` computes it without copying it out, `value()` returns it as
 numpy for the check, `warm_up_small()` runs once without allocating for the

@@ -11,6 +11,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from benchmarks import cases
 from benchmarks import goals as goals_lib
 from benchmarks import harness
 from benchmarks import methods as methods_lib
@@ -77,7 +78,7 @@ def _cases(results):
     shapes = out.setdefault((r["model"], r["quantity"]), [])
     if r["shape"] not in shapes:
       shapes.append(r["shape"])
-  return {key: sorted(s, key=models.parse_shape) for key, s in out.items()}
+  return {key: sorted(s, key=cases.parse_shape) for key, s in out.items()}
 
 
 def _goal_rows(results):
@@ -160,7 +161,7 @@ def _chunk_table(results):
     "|---|---|---|---|---|",
   ]
   for model, shape, quantity in chunked:
-    n, k = models.parse_shape(shape)
+    n, k = cases.parse_shape(shape)
     for r in results:
       if (r["model"], r["shape"], r["quantity"]) != (model, shape, quantity):
         continue
@@ -192,10 +193,10 @@ def _problems(results):
   if not problems:
     return "None."
   lines = []
-  for (method, status, text), cases in problems.items():
+  for (method, status, text), where in problems.items():
     status = "" if status == "ok" else f"{status}: "
     text = text.rstrip(".")
-    lines.append(f"- {method}: {status}{text}. Cases: {', '.join(cases)}.")
+    lines.append(f"- {method}: {status}{text}. Cases: {', '.join(where)}.")
   return "\n".join(lines)
 
 
@@ -243,11 +244,11 @@ def plot(results, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  cases = _cases(results)
+  panels = _cases(results)
   fig, axes = plt.subplots(
-    1, len(cases), figsize=(6 * len(cases), 5), squeeze=False
+    1, len(panels), figsize=(6 * len(panels), 5), squeeze=False
   )
-  for ax, ((model, quantity), shapes) in zip(axes[0], cases.items()):
+  for ax, ((model, quantity), shapes) in zip(axes[0], panels.items()):
     rows = [
       r for r in results if r["model"] == model and r["quantity"] == quantity
     ]

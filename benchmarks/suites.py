@@ -10,6 +10,7 @@ DeepXDE's FNN at N = 4096, d = 10 and 20 (in DeepXDE's TF1 setting),
 
 import dataclasses
 
+from benchmarks import cases
 from benchmarks import models
 
 
@@ -80,5 +81,5 @@ def parse_case(spec):
       f"`cases` entries must be like mixture:256x16; saw {spec!r}."
     )
   models.get(model)
-  models.parse_shape(shape)
+  cases.parse_shape(shape)
   return model, shape

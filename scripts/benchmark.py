@@ -29,6 +29,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from benchmarks import cases as cases_lib
 from benchmarks import goals
 from benchmarks import harness
 from benchmarks import methods
@@ -177,7 +178,7 @@ def selected_cases(suite):
       case for case in map(suites.parse_case, suite.cases) if case[0] in names
     ]
   for shape in shapes:
-    models.parse_shape(shape)
+    cases_lib.parse_shape(shape)
   return [(name, shape) for name in names for shape in shapes]
 
 
@@ -221,12 +222,12 @@ def main(argv):
       return
     suite = suites.get(_SUITE.value)
     quick = _QUICK.value
-    settings = models.Settings(
+    settings = cases_lib.Settings(
       _HIDDEN.value, _DEPTH.value, _SEED.value, _HESSIANS_MAX_BYTES.value
     )
     quantities = _QUANTITIES.value or suite.quantities
     cases = [
-      models.Case(name, shape, quantity, settings)
+      cases_lib.Case(name, shape, quantity, settings)
       for name, shape in selected_cases(suite)
       for quantity in quantities
     ]

@@ -18,6 +18,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.join(_ROOT, "scripts"))
 import benchmark  # noqa: E402  pylint: disable=wrong-import-position
+from benchmarks import cases
 from benchmarks import goals  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks import methods  # noqa: E402
@@ -61,7 +62,7 @@ class MethodsTest(tf.test.TestCase, parameterized.TestCase):
     ("diagonal", "quadratic", "diagonal"),
   )
   def test_every_method_passes_its_check_and_is_timed(self, model, quantity):
-    case = models.Case(model, "8x4", quantity)
+    case = cases.Case(model, "8x4", quantity)
     # dde.grad.hessian is timed on deepxde_fnn only (and has its own test).
     names = methods.default_methods(model, quantity)
     records = harness.run_case(case, names, _ONCE)
@@ -100,7 +101,7 @@ class MethodsTest(tf.test.TestCase, parameterized.TestCase):
   def test_dde_grad_hessian_runs_in_a_process_of_its_own(self):
     if not _HAVE["deepxde"]:
       self.skipTest("deepxde is not installed")
-    case = models.Case("deepxde_fnn", "8x3", "laplacian")
+    case = cases.Case("deepxde_fnn", "8x3", "laplacian")
     names = ["dde_grad_hessian", "tf1hess_eager_function", "tf1hess_auto"]
     records = {r["method"]: r for r in harness.run_case(case, names, _ONCE)}
     self.assertEqual(records["dde_grad_hessian"]["status"], "ok")
@@ -114,7 +115,7 @@ class MethodsTest(tf.test.TestCase, parameterized.TestCase):
   def test_dde_grad_hessian_refuses_this_process(self):
     with self.assertRaisesRegex(RuntimeError, "process of its own"):
       methods.METHODS["dde_grad_hessian"].build(
-        models.Case("deepxde_fnn", "4x2")
+        cases.Case("deepxde_fnn", "4x2")
       )
     self.assertTrue(methods.METHODS["dde_grad_hessian"].isolated)
 
@@ -122,13 +123,13 @@ class MethodsTest(tf.test.TestCase, parameterized.TestCase):
 class ChecksTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.named_parameters(("doubled", 2.0), ("sign", -1.0))
   def test_a_wrong_method_is_caught_and_not_timed(self, factor):
-    record = _run(_scaled(factor), models.Case("tanh_mlp", "16x5"))
+    record = _run(_scaled(factor), cases.Case("tanh_mlp", "16x5"))
     self.assertEqual(record["status"], "wrong")
     self.assertRegex(record["error"], r"max \|difference\|")
     self.assertNotIn("seconds", record)
 
   def test_a_close_method_passes(self):
-    record = _run(_scaled(1.0 + 1e-5), models.Case("tanh_mlp", "16x5"))
+    record = _run(_scaled(1.0 + 1e-5), cases.Case("tanh_mlp", "16x5"))
     self.assertEqual(record["status"], "ok")
     self.assertGreater(record["seconds"], 0.0)
 
@@ -136,7 +137,7 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
     # The default is checked against the analytic Hessian of the model.
     wrong = dataclasses.replace(_scaled(1.01), name=methods.REFERENCE)
     with self.assertRaisesRegex(RuntimeError, "default .* wrong"):
-      _run(wrong, models.Case("quadratic", "4x3"))
+      _run(wrong, cases.Case("quadratic", "4x3"))
 
   def test_a_method_of_the_wrong_shape_is_caught(self):
     def build(case):
@@ -146,7 +147,7 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
       return runner
 
     record = _run(
-      methods.Method("under_test", "x", build), models.Case("tanh_mlp", "4x3")
+      methods.Method("under_test", "x", build), cases.Case("tanh_mlp", "4x3")
     )
     self.assertEqual(record["status"], "wrong")
     self.assertRegex(record["error"], "shape")
@@ -157,14 +158,14 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
       raise RuntimeError("this method cannot be built")
 
     record = _run(
-      methods.Method("under_test", "x", build), models.Case("tanh_mlp", "4x3")
+      methods.Method("under_test", "x", build), cases.Case("tanh_mlp", "4x3")
     )
     self.assertEqual(record["status"], "failed")
     self.assertRegex(record["error"], "cannot be built")
 
   def test_a_method_of_another_quantity_is_skipped(self):
     record = _run(
-      methods.METHODS["folx_forward_laplacian"], models.Case("mixture", "4x3")
+      methods.METHODS["folx_forward_laplacian"], cases.Case("mixture", "4x3")
     )
     self.assertEqual(record["status"], "skipped")
     self.assertRegex(record["error"], "does not compute hessian")
@@ -173,13 +174,13 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
     fail = RuntimeError("benchmarks.child case failed: Killed")
     with mock.patch.object(harness, "run_child", side_effect=fail):
       records = harness.run_case(
-        models.Case("fnn_3x64", "4x2"),
+        cases.Case("fnn_3x64", "4x2"),
         ["tf1hess_auto", "dde_grad_hessian"],
         _ONCE,
       )
       # A DeepXDE model runs there too, whatever the methods.
       (record,) = harness.run_case(
-        models.Case("deepxde_fnn", "4x2"), ["tf1hess_auto"], _ONCE
+        cases.Case("deepxde_fnn", "4x2"), ["tf1hess_auto"], _ONCE
       )
     self.assertEqual([r["status"] for r in records], ["failed", "failed"])
     self.assertRegex(records[1]["error"], "RuntimeError: .*Killed")
@@ -208,7 +209,7 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
     slow = methods.Method("slow", "slow", build)
     with mock.patch.dict(methods.METHODS, {"slow": slow}):
       records = harness.run_case(
-        models.Case("quadratic", "8x4"),
+        cases.Case("quadratic", "8x4"),
         ["tf1hess_auto", "slow"],
         harness.Timing(repeats=2, fast_repeats=4),
       )
@@ -216,10 +217,10 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(runs, {"tf1hess_auto": 4, "slow": 2})
 
   def test_tf_hessians_is_skipped_where_it_does_not_fit(self):
-    settings = models.Settings(tf_hessians_max_bytes=1000)
+    settings = cases.Settings(tf_hessians_max_bytes=1000)
     record = _run(
       methods.METHODS["tf_hessians_diagonal"],
-      models.Case("quadratic", "16x4", settings=settings),
+      cases.Case("quadratic", "16x4", settings=settings),
     )
     self.assertEqual(record["status"], "skipped")
     self.assertRegex(record["error"], "tf_hessians_max_bytes")
@@ -229,7 +230,7 @@ class ChecksTest(tf.test.TestCase, parameterized.TestCase):
     if not methods.METHODS[name].available():
       self.skipTest("jax is not installed")
     for quantity, shape in (("hessian", (16, 5, 5)), ("laplacian", (16,))):
-      case = models.Case("tanh_mlp", "16x5", quantity)
+      case = cases.Case("tanh_mlp", "16x5", quantity)
       record = _run(methods.METHODS[name], case)
       self.assertEqual(record["status"], "ok")
       self.assertGreater(record["seconds"], 0.0)
@@ -245,7 +246,7 @@ class ModelsTest(tf.test.TestCase, parameterized.TestCase):
       self.skipTest("jax is not installed")
     import jax  # pylint: disable=import-outside-toplevel
 
-    case = models.Case(name, "3x8", settings=models.Settings(hidden=6))
+    case = cases.Case(name, "3x8", settings=cases.Settings(hidden=6))
     y = case.tf_fn(tf.constant(case.x))
     # The TF graph's Hessians by tape.batch_jacobian, not by tf1hess.
     runner = methods.METHODS["batch_jacobian_pfor"].build(case)
@@ -264,7 +265,7 @@ class ModelsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_original_models_keep_their_weights(self):
     # The weights of the first benchmark, from the same seeds.
-    case = models.Case("quadratic", "4x3")
+    case = cases.Case("quadratic", "4x3")
     import zlib  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng([0, 3, zlib.crc32(b"quadratic")])
@@ -277,15 +278,15 @@ class ModelsTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(
       ValueError, r"`functions` must name entries of \[.*'tanh_mlp'.*'cubic'"
     ):
-      models.Case("cubic", "4x3")
+      cases.Case("cubic", "4x3")
     with self.assertRaisesRegex(
       ValueError, r"`methods` must name entries of .*'tf1hess_fast'"
     ):
       methods.get("tf1hess_fast")
     with self.assertRaisesRegex(ValueError, "`quantities` must name .*trace"):
-      models.Case("quadratic", "4x3", "trace")
+      cases.Case("quadratic", "4x3", "trace")
     with self.assertRaisesRegex(ValueError, "K divisible by 4; saw '4x6'"):
-      models.Case("attention", "4x6")
+      cases.Case("attention", "4x6")
     with self.assertRaisesRegex(ValueError, "`suite` must name entries"):
       suites.get("everything")
     self.assertEqual(
@@ -392,7 +393,7 @@ class GoalsTest(tf.test.TestCase):
   def test_every_goal_compares_with_a_registered_method(self):
     for goal in goals.GOALS:
       methods.get(goal.other)
-      self.assertIn(goal.quantity, models.QUANTITIES)
+      self.assertIn(goal.quantity, cases.QUANTITIES)
 
 
 class ReportTest(tf.test.TestCase):
@@ -448,7 +449,7 @@ class ReportTest(tf.test.TestCase):
 class MemoryTest(tf.test.TestCase):
   def test_peak_memory_counts_the_output(self):
     # The quadratic form's Hessians at 1000 x 128: 1000 * 128^2 * 4 bytes.
-    case = models.Case("quadratic", "1000x128")
+    case = cases.Case("quadratic", "1000x128")
     peak = harness.measure_memory(case, "tf1hess_while_loop")
     output_mib = 1000 * 128 * 128 * 4 / 2**20
     self.assertGreaterEqual(peak, output_mib)
