@@ -1,29 +1,16 @@
 r"""Times `tf1hess.Derivatives` and `tf1hess.dde` against DeepXDE's `dde.grad`.
 
-For each input dimension d, one graph holds DeepXDE's
-`FNN([d] + [64] * 3 + [1], "tanh", "Glorot normal")` (backend
-`tensorflow.compat.v1`) and, built on its output, the per-sample full
-Hessian `(N, d, d)` and Laplacian `(N, 1)` of every method:
-
-* `dde.grad`: `dde.grad.hessian(y, x, i=i, j=j)` for every entry needed (one
-  gradient, then one backward pass per row, as DeepXDE builds them);
-* `tf1hess.dde`: the same calls on the drop-in (entries, row by row);
-* `tf1hess.Derivatives`: `hessian()` and `laplacian()` of the cache, by
-  default (its own rows, up to `ROWS_MAX_FEATURES` features);
-* `Derivatives(method="auto")`: the same through `tf1hess.batch_hessians`
-  and `tf1hess.batch_hessian_diagonals` (the package's row machinery, and
-  whatever engine those ops use).
-
-Every method's result is checked against DeepXDE's before timing. The time
-is the median of `--runs` session runs after one warm-up run, the methods of
-a case taking turns run by run (interleaved), in one process and one session
-on the same weights and inputs, so that a busy machine slows them alike.
+On DeepXDE's own `FNN([d] + [64] * 3 + [1], "tanh")` (backend
+`tensorflow.compat.v1`), the full Hessian and the Laplacian by each of them,
+in one session, checked against `dde.grad` and timed in turns; the work is
+`benchmarks/pinn.py`.
 
   python scripts/pinn_benchmark.py --dims=2,5,10,20 --batch_size=4096
 """
 
 import importlib.util
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DDE_BACKEND", "tensorflow.compat.v1")
@@ -31,17 +18,15 @@ if importlib.util.find_spec("tf_keras"):  # Keras 2 for TF >= 2.16's v1 layers
   os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # TensorFlow's pooling CPU allocator; see docs/speed.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-
-import time
+# benchmarks/ is not installed: it is imported from the repository's root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
-import tensorflow as tf
 
-import tf1hess
-import tf1hess.dde
+from benchmarks.pinn import compare  # noqa: F401  (tests/deepxde_checks.py)
+from benchmarks.pinn import format_table  # noqa: F401
 
 _DIMS = flags.DEFINE_list("dims", ["2", "5", "10", "20"], "Input dimensions.")
 _BATCH_SIZE = flags.DEFINE_integer(
@@ -50,122 +35,6 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _RUNS = flags.DEFINE_integer(
   "runs", 21, "Timed runs per method and case.", lower_bound=1
 )
-
-QUANTITIES = ("hessian", "laplacian")
-METHODS = (
-  "dde.grad",
-  "tf1hess.dde",
-  "tf1hess.Derivatives",
-  'Derivatives(method="auto")',
-)
-
-
-def _entries(hessian, y, x, d, quantity):
-  """The full Hessian `(N, d, d)` or Laplacian `(N, 1)` from entries."""
-  if quantity == "laplacian":
-    return sum(hessian(y, x, i=k, j=k) for k in range(d))
-  rows = [
-    tf.concat([hessian(y, x, i=i, j=j) for j in range(d)], 1) for i in range(d)
-  ]
-  return tf.stack(rows, 1)
-
-
-def compare(d, batch_size, runs, seed=0):
-  """Times every method on one input dimension `d`.
-
-  Args:
-    d: `int`, the input dimension of the network.
-    batch_size: `int`, points per run.
-    runs: `int`, timed runs per method and quantity.
-    seed: `int`, seed of the weights and points.
-
-  Returns:
-    A list of dicts `{"d", "quantity", "method", "ms", "min_ms",
-    "max_abs_diff"}`, one per quantity and method: the median and the
-    fastest run time.
-  """
-  # DeepXDE's tensorflow.compat.v1 backend disables TF2 behavior when
-  # imported: only here, not when this module is imported.
-  import deepxde as dde  # pylint: disable=g-import-not-at-top
-
-  graph = tf.Graph()
-  with graph.as_default():
-    tf.compat.v1.set_random_seed(seed)
-    net = dde.nn.FNN([d] + [64] * 3 + [1], "tanh", "Glorot normal")
-    net.build()
-    x, y = net.inputs, net.outputs
-    fetches = {}
-    for quantity in QUANTITIES:
-      dde.grad.clear()
-      tf1hess.dde.clear()
-      fetches[quantity, "dde.grad"] = _entries(
-        dde.grad.hessian, y, x, d, quantity
-      )
-      fetches[quantity, "tf1hess.dde"] = _entries(
-        tf1hess.dde.hessian, y, x, d, quantity
-      )
-      for method, cache in (
-        ("tf1hess.Derivatives", tf1hess.Derivatives(y, x)),
-        ('Derivatives(method="auto")', tf1hess.Derivatives(y, x, "auto")),
-      ):
-        fetches[quantity, method] = (
-          cache.hessian() if quantity == "hessian" else cache.laplacian()
-        )
-    init = tf.compat.v1.global_variables_initializer()
-  points = np.random.default_rng(seed).uniform(-1, 1, (batch_size, d))
-  feed = {x: points.astype(np.float32), net.training: False}
-  rows = []
-  with tf.compat.v1.Session(graph=graph) as sess:
-    sess.run(init)
-    for quantity in QUANTITIES:
-      reference = sess.run(fetches[quantity, "dde.grad"], feed)
-      times = {}
-      diffs = {}
-      for method in METHODS:
-        out = sess.run(fetches[quantity, method], feed)  # warm-up
-        diffs[method] = float(np.max(np.abs(out - reference)))
-        times[method] = []
-      for _ in range(runs):
-        for method in METHODS:
-          start = time.perf_counter()
-          sess.run(fetches[quantity, method], feed)
-          times[method].append(time.perf_counter() - start)
-      for method in METHODS:
-        rows.append(
-          {
-            "d": d,
-            "quantity": quantity,
-            "method": method,
-            "ms": 1e3 * float(np.median(times[method])),
-            "min_ms": 1e3 * float(np.min(times[method])),
-            "max_abs_diff": diffs[method],
-          }
-        )
-  return rows
-
-
-def format_table(rows):
-  """A Markdown table: one line per (d, quantity), ratios to `dde.grad`.
-
-  Times are "median (fastest)" in ms; the ratio is `dde.grad`'s time over
-  `tf1hess.Derivatives`' for the medians and (in parentheses) the fastest
-  runs, which a busy machine disturbs less.
-  """
-  lines = [
-    "| d | quantity | " + " | ".join(f"{m} (ms)" for m in METHODS) + " | "
-    "dde.grad / Derivatives |",
-    "|---" * (len(METHODS) + 3) + "|",
-  ]
-  cases = {}
-  for row in rows:
-    case = cases.setdefault((row["d"], row["quantity"]), {})
-    case[row["method"]] = (row["ms"], row["min_ms"])
-  for (d, quantity), ms in cases.items():
-    ours, theirs = ms["tf1hess.Derivatives"], ms["dde.grad"]
-    ratio = f"{theirs[0] / ours[0]:.2f}x ({theirs[1] / ours[1]:.2f}x)"
-    times = " | ".join(f"{ms[m][0]:.1f} ({ms[m][1]:.1f})" for m in METHODS)
-    lines.append(f"| {d} | {quantity} | {times} | {ratio} |")
-  return "\n".join(lines)
 
 
 def main(argv):
