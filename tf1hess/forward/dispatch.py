@@ -148,11 +148,21 @@ def rows_work(ys, x, grad, mode, plan=None):
 def prefers_forward(ys, x, grad, mode, walked, plan=None):
   """The cost model of `method="auto"`: whether to take the engine.
 
-  Compares the estimated run times (`seconds`) of the engine's `Work`
-  (`walked.work`, from the walk) and of the rows' (`rows_work`), at the
-  static batch size or, when it is not static, at `ASSUMED_BATCH`. When a
-  shape either estimate needs is not static, the engine is kept for
-  diagonals and Laplacians and the rows for full Hessians.
+  Diagonals and Laplacians take the engine unless the rows need no pass
+  per row (`_shortcut`: a Hessian shared by all samples, or one dense
+  layer then elementwise ops): the engine contracts its terms in `N K M`
+  where the rows make K backward passes, and it was the faster (or within
+  5%) on every model measured without such a shortcut: the 9 of
+  `tools/cost_model_measure.py` and the 6 of the benchmark, among them a
+  residual MLP with layer normalization and attention, where the time
+  estimate below wrongly preferred the rows (engine 0.41x to 0.53x the
+  rows' time).
+
+  Full Hessians compare the estimated run times (`seconds`) of the
+  engine's `Work` (`walked.work`, from the walk) and of the rows'
+  (`rows_work`), at the static batch size or, when it is not static, at
+  `ASSUMED_BATCH`; when a shape either estimate needs is not static, the
+  rows.
 
   The constants were fitted (least squares of the log errors of both
   times and of their ratio) to full Hessians of 12 cases of 4 models that
@@ -177,13 +187,15 @@ def prefers_forward(ys, x, grad, mode, walked, plan=None):
   Returns:
     `bool`.
   """
+  plan = plan or plan_lib.Plan()
+  if mode != jacobians.HESSIAN:
+    return _shortcut(x, grad, plan) is None
   n = tf.compat.dimension_value(x.shape[0]) if x.shape.rank else None
   n = ASSUMED_BATCH if n is None else n
   engine_time = seconds(walked.work, n)
-  plan = plan or plan_lib.Plan()
   rows_time = seconds(rows_work(ys, x, grad, mode, plan), n)
   if engine_time is None or rows_time is None:
-    return mode != jacobians.HESSIAN and _shortcut(x, grad, plan) is None
+    return False
   return engine_time < rows_time
 
 
