@@ -27,10 +27,6 @@ from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-
 
 from tf1hess import _rows
 from tf1hess import _shortcuts
-from tf1hess import plan as plan_lib
-
-METHODS = plan_lib.METHODS
-check_method = plan_lib.check_method
 
 
 def num_columns(x):

@@ -317,6 +317,39 @@ def head(source, tensors, graph):
   return op.outputs[0], op.inputs[1], op.get_attr("transpose_b")
 
 
+def whole(target, source, num_cols, x_cols, plan, graph=None):
+  """Which shortcut builds all rows of `target` without a pass per row.
+
+  Args:
+    target, source, num_cols, x_cols, plan: as in `rows`.
+    graph: a `Graph` around `source`, or `None` for a new one.
+
+  Returns:
+    `(kind, terms, layer)`: `kind` is `"shared"` (every cotangent reaches
+    `source` through linear ops: the rows are the same in every sample,
+    `_shared_rows`), `"elementwise"` (one dense layer `layer`, then
+    elementwise ops: all rows from one matmul, `_elementwise_rows`) or
+    `None`; `terms` are `tail_terms(target)` and `layer` is
+    `head(source, terms)`, which `rows` goes on with.
+  """
+  graph = graph or Graph(source)
+  terms = tail_terms(target, graph, plan.max_terms)
+  layer = head(source, [t for t, _ in terms], graph)
+  static = (
+    isinstance(num_cols, int)
+    and 0 < num_cols <= plan.shortcut_max_rows
+    and isinstance(x_cols, int)
+  )
+  if terms and static:
+    if all(_same_tensor(t, source) for t, _ in terms):
+      return "shared", terms, layer
+    if layer is not None and elementwise_rows_fit(
+      layer, terms, num_cols, x_cols, target.dtype, plan.max_factor_bytes
+    ):
+      return "elementwise", terms, layer
+  return None, terms, layer
+
+
 def rows(
   vjp, target, num_cols, x_cols, source, plan, select_column, loop, chunk_size
 ):
@@ -338,22 +371,13 @@ def rows(
   """
   dtype = target.dtype
   graph = Graph(source)
-  terms = tail_terms(target, graph, plan.max_terms)
-  layer = head(source, [t for t, _ in terms], graph)
-  static = (
-    isinstance(num_cols, int)
-    and 0 < num_cols <= plan.shortcut_max_rows
-    and isinstance(x_cols, int)
-  )
-  if terms and static:
-    if all(_same_tensor(t, source) for t, _ in terms):
-      return _shared_rows(terms, source, num_cols, x_cols, select_column, dtype)
-    if layer is not None and elementwise_rows_fit(
-      layer, terms, num_cols, x_cols, dtype, plan.max_factor_bytes
-    ):
-      return _elementwise_rows(
-        vjp, terms, layer, num_cols, x_cols, select_column, dtype
-      )
+  kind, terms, layer = whole(target, source, num_cols, x_cols, plan, graph)
+  if kind == "shared":
+    return _shared_rows(terms, source, num_cols, x_cols, select_column, dtype)
+  if kind == "elementwise":
+    return _elementwise_rows(
+      vjp, terms, layer, num_cols, x_cols, select_column, dtype
+    )
   if layer is not None and not select_column:
     width = tf.compat.dimension_value(layer[0].shape[1])
     # Rows of `pre` pay off unless they are wider than rows of `x`: at

@@ -51,27 +51,17 @@ def seconds(work, n):
 def _shortcut(x, grad, plan):
   """The rows' shortcut that needs no backward pass per row, if any.
 
-  `"shared"` when every cotangent reaches `x` through linear ops (the rows
-  are the same in every sample: `_shortcuts._shared_rows`); the width H of
+  `"shared"` when the rows are the same in every sample; the width H of
   the dense layer when all rows come from one matmul by it (one dense
-  layer, then elementwise ops: `_shortcuts._elementwise_rows`); else
-  `None`.
+  layer, then elementwise ops); else `None` (see `_shortcuts.whole`).
   """
   k = tf.compat.dimension_value(x.shape[1]) if x.shape.rank == 2 else None
   if k is None or grad.shape.rank != 2:
     return None
-  graph = _shortcuts.Graph(x)
-  terms = _shortcuts.tail_terms(grad, graph, plan.max_terms)
-  if terms and all(
-    t.op is x.op and t.value_index == x.value_index for t, _ in terms
-  ):
-    return "shared"
-  layer = _shortcuts.head(x, [t for t, _ in terms], graph)
-  if layer is not None and _shortcuts.elementwise_rows_fit(
-    layer, terms, k, k, grad.dtype, plan.max_factor_bytes
-  ):
+  kind, _, layer = _shortcuts.whole(grad, x, k, k, plan)
+  if kind == "elementwise":
     return tf.compat.dimension_value(layer[0].shape[1])
-  return None
+  return kind
 
 
 def row_parts(ys, x, grad, mode, plan=None):
