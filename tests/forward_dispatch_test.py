@@ -156,6 +156,78 @@ class WorkTest(tf.test.TestCase):
       self.assertIsNone(walked.work.at(4))
 
 
+# A constructor for every function of `engine._TRANSCENDENTAL` that the rows
+# can differentiate twice (Softsign has no second derivative in TF).
+_FUNCTIONS = {
+  "Asinh": tf.asinh,
+  "Atan": tf.atan,
+  "Cos": tf.cos,
+  "Cosh": tf.cosh,
+  "Elu": tf.nn.elu,
+  "Erf": tf.math.erf,
+  "Erfc": tf.math.erfc,
+  "Exp": tf.exp,
+  "Expm1": tf.math.expm1,
+  "Log": tf.math.log,
+  "Log1p": tf.math.log1p,
+  "Pow": lambda x: tf.pow(x, 1.5),
+  "Rsqrt": tf.math.rsqrt,
+  "Selu": tf.nn.selu,
+  "Sigmoid": tf.sigmoid,
+  "Sin": tf.sin,
+  "Sinh": tf.sinh,
+  "Softplus": tf.nn.softplus,
+  "Sqrt": tf.sqrt,
+  "Tan": tf.tan,
+  "Tanh": tf.tanh,
+}
+
+
+class RowEvaluatesTest(parameterized.TestCase, tf.test.TestCase):
+  """`dispatch.ROW_EVALUATES` against TensorFlow's gradient graphs."""
+
+  @parameterized.named_parameters((name, name) for name in _FUNCTIONS)
+  def test_functions_a_row_evaluates(self, op_type):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = _FUNCTIONS[op_type](x)
+      self.assertEqual(y.op.type, op_type)
+      (g,) = tf.gradients(tf.reduce_sum(y), x)
+      before = set(graph.get_operations())
+      tf.gradients(g * tf.ones_like(g), x)
+      evaluated = sorted(
+        op.type
+        for op in graph.get_operations()
+        if op not in before and op.type in engine._TRANSCENDENTAL
+      )
+    self.assertEqual(evaluated, sorted(dispatch.ROW_EVALUATES.get(op_type, ())))
+
+  def test_functions_are_known(self):
+    self.assertLessEqual(set(_FUNCTIONS), engine._TRANSCENDENTAL)
+    for functions in dispatch.ROW_EVALUATES.values():
+      self.assertLessEqual(set(functions), engine._TRANSCENDENTAL)
+
+  def test_the_rows_count_them_once_per_row(self):
+    units = 7
+    again = {}
+    for name, fn in (("tanh", tf.tanh), ("sin", tf.sin), ("pow", tf.sqrt)):
+      with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+        h = tf.matmul(x, tf.constant(_RNG.normal(size=(4, units))))
+        if name == "pow":
+          h = tf.pow(tf.square(h) + 1.0, 1.5)
+        y = tf.reduce_sum(fn(h), axis=1)
+        (g,) = tf.gradients(y, x)
+        again[name] = dispatch.row_parts([y], x, g, forward.HESSIAN)["again"]
+    self.assertEqual(again["tanh"], 0)
+    # The sine's own entries and its extra cost, once per row.
+    self.assertEqual(again["sin"], units * (1 + engine.extra_entries("Sin")))
+    self.assertEqual(
+      again["pow"],
+      units * (2 + engine.extra_entries("Pow") + engine.extra_entries("Log")),
+    )
+
+
 class NoDeadOpsTest(tf.test.TestCase):
   def test_rows_leave_no_engine_ops(self):
     with tf.Graph().as_default() as graph:

@@ -129,6 +129,17 @@ def tanh_mlp(x, rng):
   return _mlp(x, rng, 3, 64, tf.tanh)
 
 
+def fourier(x, rng, features=64, units=48):
+  """Random Fourier features, a swish and a tanh-approximate gelu layer."""
+  k = x.shape[1]
+  w = tf.constant(0.7 * rng.normal(size=(k, features)), x.dtype)
+  z = tf.matmul(x, w)
+  h = _dense(tf.concat([tf.sin(z), tf.cos(z)], axis=1), units, rng, "f1")
+  h = tf.nn.gelu(_dense(h * tf.sigmoid(h), units, rng, "f2"), approximate=True)
+  out = tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+  return out + 0.1 * tf.reduce_sum(x * x, axis=1)
+
+
 def sigmoid_mlp(x, rng):
   """2 sigmoid layers of 32 units, linear read-out (calibration)."""
   return _mlp(x, rng, 2, 32, tf.sigmoid)
@@ -137,6 +148,28 @@ def sigmoid_mlp(x, rng):
 def wide_sigmoid(x, rng):
   """4 sigmoid layers of 128 units (calibration)."""
   return _mlp(x, rng, 4, 128, tf.sigmoid)
+
+
+def swish_mlp(x, rng):
+  """3 swish layers of 64 units, linear read-out (calibration)."""
+  return _mlp(x, rng, 3, 64, lambda z: z * tf.sigmoid(z))
+
+
+def rms_mlp(x, rng, units=64):
+  """A dense layer, RMS normalization, softplus, a tanh layer (calibration)."""
+  h = _dense(x, units, rng, "l0")
+  h = h * tf.math.rsqrt(tf.reduce_mean(h * h, axis=1, keepdims=True) + 1e-3)
+  h = tf.tanh(_dense(tf.nn.softplus(h), units, rng, "l1"))
+  return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+
+
+def glu(x, rng, units=96):
+  """A gated layer `tanh(x W) sigmoid(x V)`, then an elu layer (calibration)."""
+  h = tf.tanh(_dense(x, units, rng, "a")) * tf.sigmoid(
+    _dense(x, units, rng, "b")
+  )
+  h = tf.nn.elu(_dense(h, 32, rng, "c"))
+  return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
 
 
 def rbf(x, rng):
@@ -163,9 +196,13 @@ MODELS = {
   "conv1d": conv1d,
   "tanh_mlp": tanh_mlp,
   "elementwise": elementwise,
+  "fourier": fourier,
   "sigmoid_mlp": sigmoid_mlp,
   "wide_sigmoid": wide_sigmoid,
   "rbf": rbf,
+  "swish_mlp": swish_mlp,
+  "rms_mlp": rms_mlp,
+  "glu": glu,
 }
 
 # The cases `--calibrate` fits the constants of `dispatch` to: models that
@@ -183,6 +220,12 @@ CALIBRATION = [
   "rbf:256x128",
   "elementwise:256x32",
   "elementwise:4096x32",
+  "swish_mlp:1024x16",
+  "swish_mlp:1024x48",
+  "rms_mlp:1024x32",
+  "rms_mlp:256x64",
+  "glu:2048x16",
+  "glu:512x48",
 ]
 
 ALL = [
@@ -200,6 +243,8 @@ ALL = [
   "tanh_mlp:1024x64",
   "tanh_mlp:4096x16",
   "elementwise:1024x128",
+  "fourier:2048x24",
+  "fourier:512x24",
 ]
 
 
@@ -232,7 +277,7 @@ def measure(model, n, k, quantity, runs, static_batch=False):
       parts = dispatch.row_parts(ys, x, grad, mode)
       work["rows"] = tuple(
         n * parts[name] * (1 if name == "once" else parts["k"])
-        for name in ("flops", "products", "others", "once")
+        for name in ("flops", "products", "others", "once", "again")
       ) + (parts["k"] * parts["ops"],)
       choices.append(choose(ys, x, grad, mode, walked))
       return choices[-1]
@@ -287,8 +332,9 @@ def fit(features, times):
 
   Args:
     features: `{"forward": [(flops, entries, ops)], "rows": [(flops,
-      entries of products, other entries, entries once, ops)]}` at the
-      measured N (the rows' with multipliers 1: see `dispatch.row_parts`).
+      entries of products, other entries, entries once, entries again,
+      ops)]}` at the measured N (the rows' with multipliers 1: see
+      `dispatch.row_parts`).
     times: `{"forward": [seconds], "rows": [seconds]}`.
 
   Returns:
@@ -303,7 +349,7 @@ def fit(features, times):
     c = np.exp(p)
     p_f = f @ c[:3]
     p_r = r @ np.array(
-      [c[0] * c[3], c[1] * c[4], c[1] * c[5], c[1], c[2] * c[6]]
+      [c[0] * c[3], c[1] * c[4], c[1] * c[5], c[1], c[1], c[2] * c[6]]
     )
     return np.concatenate(
       [

@@ -22,13 +22,32 @@ from tf1hess.forward import registry
 # per unit of one forward pass through the model: fitted on this machine
 # (2 CPU cores) by `tools/cost_model_measure.py --calibrate`, see
 # `prefers_forward`.
-_SECONDS_PER_FLOP = 4e-12
-_SECONDS_PER_ENTRY = 1e-9
-_SECONDS_PER_OP = 3.6e-6
-_ROW_FLOPS = 2.0
-_ROW_ENTRIES = 1.0
-_ROW_OTHER_ENTRIES = 1.2
-_ROW_OPS = 1.0
+_SECONDS_PER_FLOP = 2.8e-12
+_SECONDS_PER_ENTRY = 2.8e-10
+_SECONDS_PER_OP = 1.3e-6
+_ROW_FLOPS = 2.5
+_ROW_ENTRIES = 0.33
+_ROW_OTHER_ENTRIES = 1.05
+_ROW_OPS = 3.4
+# Full Hessians take the rows only when their estimated time is under this
+# fraction of the engine's: a wrong pick costs more one way than the other
+# (see `prefers_forward`).
+_ROWS_MARGIN = 0.9
+# The functions that the backward pass of the gradient of an op evaluates
+# again, per row, on the op's input (in TensorFlow's gradient functions:
+# `cos(x)` in the gradient of `Sin` is differentiated by `-sin(x)`, ...).
+# Other ops' second derivatives read their outputs (`Tanh`, `Exp`, ...) or
+# are products and sums. tests/forward_dispatch_test.py checks this table
+# against TensorFlow's gradients.
+ROW_EVALUATES = {
+  "Sin": ("Sin",),
+  "Cos": ("Cos",),
+  "Tan": ("Sin",),
+  "Sinh": ("Sinh",),
+  "Cosh": ("Cosh",),
+  "Asinh": ("Cosh", "Sinh"),
+  "Pow": ("Pow", "Log"),
+}
 # The name scope of the engine's ops in the graph of `ys`.
 SCOPE = "forward"
 # The batch size the costs are compared at when it is not static.
@@ -71,8 +90,9 @@ def row_parts(ys, x, grad, mode, plan=None):
     A dict: `k` rows; per sample, `flops` and `products` / `others` (the
     entries of matmuls / of other ops) of one forward pass from `x` to
     `ys`, without the transcendental functions, which the rows evaluate
-    once (`once`, with the output); `ops` on the way; and `shortcut` (see
-    `_shortcut`).
+    once (`once`, with the output), but `again` (the entries of those that
+    each row evaluates again, see `ROW_EVALUATES`); `ops` on the way; and
+    `shortcut` (see `_shortcut`).
   """
   k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
   if k is None:
@@ -84,12 +104,19 @@ def row_parts(ys, x, grad, mode, plan=None):
   plain = engine.pass_work(path, transcendental=0)
   if not full.known:
     return None
+  again = 0
+  for op in path:
+    for fn in ROW_EVALUATES.get(op.type, ()):
+      again += op.outputs[0].shape[1:].num_elements() * (
+        1 + engine.extra_entries(fn)
+      )
   return {
     "k": k,
     "flops": full.flops[1],
     "products": products.entries[1],
     "others": plain.entries[1] - products.entries[1],
     "once": full.entries[1] - plain.entries[1] + out,
+    "again": again,
     "ops": len(path),
     "shortcut": _shortcut(x, grad, plan or plan_lib.Plan()),
     "wide": k * k if mode == jacobians.HESSIAN else k,
@@ -104,7 +131,8 @@ def rows_work(ys, x, grad, mode, plan=None):
   pass from `x` to `ys`, `_ROW_ENTRIES` times the entries of its products
   (matmuls) and `_ROW_OTHER_ENTRIES` times those of its other ops (whose
   second-order gradients take several ops each), and `_ROW_OPS` ops per op
-  on the way; the transcendental functions and the output once. When a
+  on the way; the transcendental functions and the output once, but those
+  that every row evaluates again (`ROW_EVALUATES`) K times. When a
   shortcut of `_shortcut` applies, its one pass instead.
   """
   work = engine.Work()
@@ -125,7 +153,9 @@ def rows_work(ys, x, grad, mode, plan=None):
     )
   else:
     row = (
-      _ROW_ENTRIES * parts["products"] + _ROW_OTHER_ENTRIES * parts["others"]
+      _ROW_ENTRIES * parts["products"]
+      + _ROW_OTHER_ENTRIES * parts["others"]
+      + parts["again"]
     )
     work.add(
       flops=(0, k * _ROW_FLOPS * parts["flops"]),
@@ -144,26 +174,30 @@ def prefers_forward(ys, x, grad, mode, walked, plan=None):
   where the rows make K backward passes, and it was the faster (or within
   5%) on every model measured without such a shortcut: the 9 of
   `tools/cost_model_measure.py` and the 6 of the benchmark, among them a
-  residual MLP with layer normalization and attention, where the time
-  estimate below wrongly preferred the rows (engine 0.41x to 0.53x the
-  rows' time).
+  residual MLP with layer normalization and attention (engine 0.41x to
+  0.53x the rows' time).
 
   Full Hessians compare the estimated run times (`seconds`) of the
   engine's `Work` (`walked.work`, from the walk) and of the rows'
   (`rows_work`), at the static batch size or, when it is not static, at
   `ASSUMED_BATCH`; when a shape either estimate needs is not static, the
-  rows.
+  rows. The rows are taken when their estimate is under `_ROWS_MARGIN`
+  (0.9) times the engine's: over the 43 cases of 21 models measured with
+  `tools/cost_model_measure.py` (docs/forward.md), the rows, where faster,
+  were so by up to 2.5x (3.5x for a quadratic form, whose rows need no
+  pass per row), and the engine by up to 24x, so a near tie goes to the
+  engine.
 
   The constants were fitted (least squares of the log errors of both
-  times and of their ratio) to full Hessians of 12 cases of 4 models that
-  are in no benchmark: sigmoid MLPs 2 x 32 and 4 x 128, a Gaussian-kernel
-  log-density of 8 centers, `sum(sin(x) exp(-x^2))`; N = 256 to 4096,
-  K = 8 to 128. The estimated ratio rows / engine was 0.65x to 1.33x the
-  measured one (sigmoid 4 x 128 at 1024 x 32: measured 1.40, estimated
-  1.15; the density at 256 x 128: 7.91 and 6.04), except on two cases of
-  1 to 5 ms whose measured ratio moved from run to run more than that
-  (sigmoid 2 x 32 at 256 x 8: 0.7 to 2.4; the density at 256 x 16: 0.45
-  to 3.8). docs/forward.md validates them on other models.
+  times and of their ratio) to full Hessians of 18 cases of 7 models that
+  are in no benchmark (`CALIBRATION` in that tool): sigmoid MLPs 2 x 32
+  and 4 x 128, a Gaussian-kernel log-density of 8 centers, `sum(sin(x)
+  exp(-x^2))`, a swish MLP 3 x 64, a layer with RMS normalization, a gated
+  (GLU) layer; N = 256 to 4096, K = 8 to 128. The estimated ratio rows /
+  engine was 0.78x to 1.9x the measured one (glu at 512 x 48: measured
+  0.69, estimated 1.28; the sigmoid MLP at 2048 x 32: 1.27 and 1.00).
+  docs/forward.md validates them on other models, and on models written
+  after the fit.
 
   Args:
     ys: the list of outputs.
@@ -186,7 +220,7 @@ def prefers_forward(ys, x, grad, mode, walked, plan=None):
   rows_time = seconds(rows_work(ys, x, grad, mode, plan), n)
   if engine_time is None or rows_time is None:
     return False
-  return engine_time < rows_time
+  return rows_time >= _ROWS_MARGIN * engine_time
 
 
 def shaped(result, x, mode):

@@ -204,12 +204,27 @@ def path_ops(x, ys):
 
 
 # Elementwise functions that cost several plain entries each (measured on
-# (4096, 512): `sin` 8, `exp` 6, `tanh` 2 times the time of `x * x`).
+# (4096, 512): `sin` 8, `exp` 6, `tanh` 2 times the time of `x * x`), and
+# those that cost more (`Pow` with an exponent known only at run time, as
+# in TensorFlow's gradient of `Pow`: 6 to 25 times).
 _TRANSCENDENTAL = frozenset(
-  """Cos Elu Erf Exp Expm1 Log Log1p Pow Rsqrt Selu Sigmoid Sin Softplus
-  Softsign Sqrt Tan Tanh""".split()
+  """Asinh Atan Cos Cosh Elu Erf Erfc Exp Expm1 Log Log1p Pow Rsqrt Selu
+  Sigmoid Sin Sinh Softplus Softsign Sqrt Tan Tanh""".split()
 )
 _TRANSCENDENTAL_ENTRIES = 4
+_EXTRA_ENTRIES = {"Pow": 20}
+
+
+def extra_entries(op_type, transcendental=_TRANSCENDENTAL_ENTRIES):
+  """The entries more that a function of `op_type` costs per output entry.
+
+  `transcendental` for the functions of `_TRANSCENDENTAL` (their own
+  number for those of `_EXTRA_ENTRIES`, unless `transcendental` is 0),
+  0 for any other op.
+  """
+  if not transcendental or op_type not in _TRANSCENDENTAL:
+    return 0
+  return _EXTRA_ENTRIES.get(op_type, transcendental)
 
 
 def pass_work(ops, other_weight=1, transcendental=_TRANSCENDENTAL_ENTRIES):
@@ -217,15 +232,16 @@ def pass_work(ops, other_weight=1, transcendental=_TRANSCENDENTAL_ENTRIES):
 
   Flops from `op_flops`; entries: every floating input and output, counted
   by its entries after the first axis (per sample; a weight matrix counts
-  one row), and `transcendental` more per output entry of a transcendental
-  function; the entries of ops other than products weigh `other_weight`.
+  one row), and `extra_entries` more per output entry of a transcendental
+  function (`transcendental` for most; 0: none); the entries of ops other
+  than products weigh `other_weight`.
   """
   work = Work()
   for op in ops:
     flops = op_flops(op)
     work.add(flops=None if flops is None else (0, flops))
     weight = 1 if _inner_length(op) is not None else other_weight
-    extra = transcendental if op.type in _TRANSCENDENTAL else 0
+    extra = extra_entries(op.type, transcendental)
     for t, scale in [(t, 1) for t in op.inputs] + [
       (t, 1 + extra) for t in op.outputs
     ]:
