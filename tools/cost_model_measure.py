@@ -10,12 +10,14 @@ shapes, the two engines' times, the estimated times of
 faster (or within 15% of it).
 
 The models (`MODELS`) are in no benchmark and no other test; `ALL`
-validates the cost model, `CALIBRATION` (`--calibrate`) fits its constants.
+validates the cost model (its last models were written after the fit and
+run once to check it), `CALIBRATION` (`--calibrate`) fits its constants.
 The batch axis of the input is `None`, as usual, so the cost model compares
 the engines at `dispatch.ASSUMED_BATCH`; `--static_batch` gives it N.
 
   python tools/cost_model_measure.py --cost_cases=rbf_softplus:1024x32
   python tools/cost_model_measure.py --cost_quantity=laplacian
+  python tools/cost_model_measure.py --measure_ops
   python tools/cost_model_measure.py --calibrate
 """
 
@@ -48,6 +50,9 @@ _CALIBRATE = flags.DEFINE_bool(
 )
 _STATIC_BATCH = flags.DEFINE_bool(
   "static_batch", False, "Give the input a static batch size."
+)
+_MEASURE_OPS = flags.DEFINE_bool(
+  "measure_ops", False, "Measure what an op costs (the constants of ops)."
 )
 
 
@@ -140,6 +145,79 @@ def fourier(x, rng, features=64, units=48):
   return out + 0.1 * tf.reduce_sum(x * x, axis=1)
 
 
+def siren(x, rng, depth=3, units=64):
+  """Sine activations `sin(3 (h W + b))`, `depth` layers (written after)."""
+  h = x
+  for i in range(depth):
+    h = tf.sin(3.0 * _dense(h, units, rng, f"s{i}"))
+  return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+
+
+def mish(x, rng, units=80):
+  """2 mish layers `z tanh(softplus(z))` (written after the fit)."""
+  h = x
+  for i in range(2):
+    z = _dense(h, units, rng, f"m{i}")
+    h = z * tf.tanh(tf.nn.softplus(z))
+  return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+
+
+def power(x, rng, units=40):
+  """`(|z| + 1)^1.5 - sqrt(z^2 + 1)` of a dense layer, a tanh layer."""
+  z = _dense(x, units, rng, "p")
+  h = tf.pow(tf.abs(z) + 1.0, 1.5) - tf.sqrt(tf.square(z) + 1.0)
+  h = tf.tanh(_dense(h, units, rng, "q"))
+  return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+
+
+def layer_norm_elu(x, rng, units=96):
+  """A dense layer, layer normalization, elu, a softplus layer."""
+  h = _dense(x, units, rng, "a")
+  mean = tf.reduce_mean(h, axis=1, keepdims=True)
+  var = tf.reduce_mean(tf.square(h - mean), axis=1, keepdims=True)
+  h = tf.nn.elu((h - mean) * tf.math.rsqrt(var + 1e-5))
+  h = tf.nn.softplus(_dense(h, units, rng, "b"))
+  return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+
+
+def inverse_quadratic(x, rng, centers=64, units=32):
+  """`sum_c 1 / (1 + |x - c|^2)` plus a tanh layer (written after)."""
+  c = tf.constant(rng.normal(size=(centers, x.shape[1])), x.dtype)
+  d2 = tf.reduce_sum(tf.square(x[:, None, :] - c), axis=2)
+  kernel = tf.reduce_sum(tf.math.reciprocal(1.0 + d2), axis=1)
+  return kernel + tf.reduce_sum(tf.tanh(_dense(x, units, rng, "t")), axis=1)
+
+
+def image_conv(x, rng, channels=6):
+  """The K features as a square image: a 3 x 3 convolution, softplus, a
+  2 x 2 average pool, a linear read-out (written after the fit)."""
+  side = int(round(x.shape[1] ** 0.5))
+  kernel = tf.constant(rng.normal(size=(3, 3, 1, channels)) / 3, x.dtype)
+  h = tf.nn.softplus(
+    tf.nn.conv2d(tf.reshape(x, [-1, side, side, 1]), kernel, 1, "SAME")
+  )
+  h = tf.nn.avg_pool2d(h, 2, 2, "VALID")
+  return tf.reduce_sum(
+    _dense(tf.reshape(h, [-1, (side // 2) ** 2 * channels]), 1, rng, "o"),
+    axis=1,
+  )
+
+
+def gated_softmax(x, rng, experts=8):
+  """Softmax gates over `experts` tanh read-outs of a tanh layer (after)."""
+  gate = tf.nn.softmax(_dense(x, experts, rng, "g"), axis=1)
+  values = tf.tanh(_dense(tf.tanh(_dense(x, 32, rng, "h")), experts, rng, "v"))
+  return tf.reduce_sum(gate * values, axis=1)
+
+
+def shifted_pairs(x, rng):
+  """`sum_i sin(x_i) cos(x_i+1) + log(1 + |x|^2)` (written after the fit)."""
+  del rng
+  return tf.reduce_sum(
+    tf.sin(x[:, :-1]) * tf.cos(x[:, 1:]), axis=1
+  ) + tf.math.log(1.0 + tf.reduce_sum(x * x, axis=1))
+
+
 def sigmoid_mlp(x, rng):
   """2 sigmoid layers of 32 units, linear read-out (calibration)."""
   return _mlp(x, rng, 2, 32, tf.sigmoid)
@@ -197,6 +275,14 @@ MODELS = {
   "tanh_mlp": tanh_mlp,
   "elementwise": elementwise,
   "fourier": fourier,
+  "siren": siren,
+  "mish": mish,
+  "power": power,
+  "layer_norm_elu": layer_norm_elu,
+  "inverse_quadratic": inverse_quadratic,
+  "image_conv": image_conv,
+  "gated_softmax": gated_softmax,
+  "shifted_pairs": shifted_pairs,
   "sigmoid_mlp": sigmoid_mlp,
   "wide_sigmoid": wide_sigmoid,
   "rbf": rbf,
@@ -245,6 +331,22 @@ ALL = [
   "elementwise:1024x128",
   "fourier:2048x24",
   "fourier:512x24",
+  # Written after the fit of CALIBRATION, and run once to check it.
+  "siren:1024x16",
+  "siren:2048x3",
+  "mish:1024x32",
+  "mish:4096x8",
+  "power:1024x24",
+  "layer_norm_elu:1024x32",
+  "layer_norm_elu:256x64",
+  "inverse_quadratic:1024x32",
+  "inverse_quadratic:512x100",
+  "image_conv:512x36",
+  "image_conv:128x64",
+  "gated_softmax:1024x32",
+  "gated_softmax:2048x8",
+  "shifted_pairs:1024x64",
+  "shifted_pairs:4096x16",
 ]
 
 
@@ -317,9 +419,9 @@ def measure(model, n, k, quantity, runs, static_batch=False):
 
 
 # Where the fit of `calibrate` starts, and what it is weakly pulled to:
-# seconds per flop, entry and op; the rows' multipliers of flops, entries of
-# products, other entries and ops.
-_PRIOR = np.array([2e-11, 5e-10, 1e-6, 3.0, 1.0, 3.0, 3.0])
+# seconds per flop and entry; the rows' multipliers of flops, entries of
+# products and other entries.
+_PRIOR = np.array([2e-11, 5e-10, 1.0, 1.0, 1.0])
 
 
 def fit(features, times):
@@ -328,7 +430,10 @@ def fit(features, times):
   Least squares of the log errors of both engines' times and (doubly
   weighted) of their ratio, with a weak pull (0.3 per e-fold) towards
   `_PRIOR`: flops and entries grow together on most models, and the pull
-  keeps the split between them physical.
+  keeps the split between them physical. The costs of ops are not fitted
+  but measured (`measure_ops`; `dispatch._SECONDS_PER_OP` and
+  `dispatch._ROW_OPS`): op counts grow with entries on most models, so a
+  fit cannot tell them apart, and they decide the small models.
 
   Args:
     features: `{"forward": [(flops, entries, ops)], "rows": [(flops,
@@ -338,18 +443,20 @@ def fit(features, times):
     times: `{"forward": [seconds], "rows": [seconds]}`.
 
   Returns:
-    The 7 constants, in the order of `_PRIOR`.
+    The 5 constants, in the order of `_PRIOR`.
   """
   from scipy import optimize  # pylint: disable=g-import-not-at-top
 
   f, r = (np.array(features[e], float) for e in ("forward", "rows"))
   t_f, t_r = (np.array(times[e]) for e in ("forward", "rows"))
+  op = dispatch._SECONDS_PER_OP  # pylint: disable=protected-access
+  row_op = op * dispatch._ROW_OPS  # pylint: disable=protected-access
 
   def residuals(p):
     c = np.exp(p)
-    p_f = f @ c[:3]
+    p_f = f @ np.array([c[0], c[1], op])
     p_r = r @ np.array(
-      [c[0] * c[3], c[1] * c[4], c[1] * c[5], c[1], c[1], c[2] * c[6]]
+      [c[0] * c[2], c[1] * c[3], c[1] * c[4], c[1], c[1], row_op]
     )
     return np.concatenate(
       [
@@ -361,6 +468,72 @@ def fit(features, times):
     )
 
   return np.exp(optimize.least_squares(residuals, np.log(_PRIOR)).x)
+
+
+def _seconds_per_op(n, loop, runs=9):
+  """Seconds per tiny op `(n, 8)`: straight-line, or in a `tf.while_loop`."""
+  with tf.Graph().as_default():
+    x = tf.compat.v1.placeholder(tf.float32, [None, 8])
+
+    def chain(h, length):
+      for i in range(length):
+        h = h * 1.0001 if i % 2 else h + 0.5
+      return h
+
+    if loop:
+      rows, length = 64, 40
+      out = tf.while_loop(
+        lambda i, acc: i < rows,
+        lambda i, acc: (i + 1, acc + chain(x, length)),
+        [tf.constant(0), tf.zeros_like(x)],
+      )[1]
+      count = rows * (length + 1)
+    else:
+      count = 400
+      out = chain(x, count)
+    feed = {x: np.ones((n, 8), np.float32)}
+    with tf.compat.v1.Session() as sess:
+      sess.run(out.op, feed)
+      times = []
+      for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(out.op, feed)
+        times.append(time.perf_counter() - start)
+  return float(np.median(times)) / count
+
+
+def row_ops_per_gradient_op(model, k=16):
+  """Ops of a row's backward pass per op of the gradient graph it reads."""
+  from tf1hess.forward import engine  # pylint: disable=g-import-not-at-top
+
+  with tf.Graph().as_default() as graph:
+    x = tf.compat.v1.placeholder(tf.float32, [None, k])
+    y = MODELS[model](x, _rng(model, k))
+    (g,) = tf.gradients(y, x)
+    before = len(graph.get_operations())
+    tf.gradients(g * tf.ones_like(g), x)
+    return (len(graph.get_operations()) - before) / len(engine.path_ops(x, [g]))
+
+
+def measure_ops():
+  """Prints the costs of ops that `dispatch` takes as measured, not fitted.
+
+  `_SECONDS_PER_OP`: a tiny op in a straight-line graph. `_ROW_OPS`: the
+  ops of a row per op of the gradient graph (the median over `MODELS`),
+  each at the cost of a tiny op in a `tf.while_loop` (whose iterations
+  overlap), in units of `_SECONDS_PER_OP`.
+  """
+  straight = np.median([_seconds_per_op(n, False) for n in (1, 256)])
+  looped = np.median([_seconds_per_op(n, True) for n in (1, 256)])
+  ratios = {model: row_ops_per_gradient_op(model) for model in MODELS}
+  ratio = float(np.median(list(ratios.values())))
+  print(
+    "row ops per op of the gradient graph:",
+    {m: round(v, 2) for m, v in ratios.items()},
+  )
+  print(f"seconds per op: straight-line {straight:.3g}, in a loop {looped:.3g}")
+  print(f"_SECONDS_PER_OP = {straight:.2g}")
+  print(f"_ROW_OPS = {ratio * looped / straight:.2g}")
 
 
 def calibrate(quantity, runs):
@@ -376,10 +549,10 @@ def calibrate(quantity, runs):
       features[engine].append(r["work"][engine])
       times[engine].append(r[engine])
   constants = fit(features, times)
-  print("seconds per flop, entry, op:", constants[:3])
+  print("seconds per flop, entry:", constants[:2])
   print(
-    "rows' multipliers of flops, entries of products, other entries, ops:",
-    constants[3:],
+    "rows' multipliers of flops, entries of products, other entries:",
+    constants[2:],
   )
   return constants
 
@@ -392,6 +565,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   tf.compat.v1.disable_eager_execution()
+  if _MEASURE_OPS.value:
+    measure_ops()
+    return
   if _CALIBRATE.value:
     calibrate(_QUANTITY.value, _RUNS.value)
     return

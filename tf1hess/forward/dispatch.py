@@ -19,16 +19,16 @@ from tf1hess.forward import registry
 
 
 # Seconds per unit of `engine.Work`, and what a row of the row loop costs
-# per unit of one forward pass through the model: fitted on this machine
-# (2 CPU cores) by `tools/cost_model_measure.py --calibrate`, see
-# `prefers_forward`.
-_SECONDS_PER_FLOP = 2.8e-12
-_SECONDS_PER_ENTRY = 2.8e-10
+# per unit of the gradient graph it differentiates: on this machine (2 CPU
+# cores), the ops' measured by `tools/cost_model_measure.py --measure_ops`,
+# the others fitted by its `--calibrate`; see `prefers_forward`.
+_SECONDS_PER_FLOP = 3.4e-12
+_SECONDS_PER_ENTRY = 2.6e-10
 _SECONDS_PER_OP = 1.3e-6
-_ROW_FLOPS = 2.5
-_ROW_ENTRIES = 0.33
-_ROW_OTHER_ENTRIES = 1.05
-_ROW_OPS = 3.4
+_ROW_FLOPS = 0.71
+_ROW_ENTRIES = 0.66
+_ROW_OTHER_ENTRIES = 0.29
+_ROW_OPS = 2.5
 # Full Hessians take the rows only when their estimated time is under this
 # fraction of the engine's: a wrong pick costs more one way than the other
 # (see `prefers_forward`).
@@ -86,12 +86,15 @@ def _shortcut(x, grad, plan):
 def row_parts(ys, x, grad, mode, plan=None):
   """What `rows_work` weighs, or `None` when a shape is not static.
 
+  A row is a backward pass through the gradient graph, the ops from `x` to
+  `grad`: per sample, their `flops` and `products` / `others` (the entries
+  of matmuls / of other ops; `engine.pass_work` with `guess`), without the
+  transcendental functions; those the model evaluates once, with the
+  output (`once`), but `again` the entries of those that each row
+  evaluates again (see `ROW_EVALUATES`).
+
   Returns:
-    A dict: `k` rows; per sample, `flops` and `products` / `others` (the
-    entries of matmuls / of other ops) of one forward pass from `x` to
-    `ys`, without the transcendental functions, which the rows evaluate
-    once (`once`, with the output), but `again` (the entries of those that
-    each row evaluates again, see `ROW_EVALUATES`); `ops` on the way; and
+    A dict of those, with `k` rows, the `ops` of the gradient graph, and
     `shortcut` (see `_shortcut`).
   """
   k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
@@ -100,10 +103,14 @@ def row_parts(ys, x, grad, mode, plan=None):
   out = {jacobians.HESSIAN: k * k, jacobians.DIAGONAL: k}.get(mode, 1)
   path = engine.path_ops(x, ys)
   full = engine.pass_work(path)
-  products = engine.pass_work(path, other_weight=0, transcendental=0)
   plain = engine.pass_work(path, transcendental=0)
   if not full.known:
     return None
+  backward = engine.path_ops(x, [grad])
+  products = engine.pass_work(
+    backward, other_weight=0, transcendental=0, guess=True
+  )
+  everything = engine.pass_work(backward, transcendental=0, guess=True)
   again = 0
   for op in path:
     for fn in ROW_EVALUATES.get(op.type, ()):
@@ -112,12 +119,12 @@ def row_parts(ys, x, grad, mode, plan=None):
       )
   return {
     "k": k,
-    "flops": full.flops[1],
+    "flops": everything.flops[1],
     "products": products.entries[1],
-    "others": plain.entries[1] - products.entries[1],
+    "others": everything.entries[1] - products.entries[1],
     "once": full.entries[1] - plain.entries[1] + out,
     "again": again,
-    "ops": len(path),
+    "ops": len(backward),
     "shortcut": _shortcut(x, grad, plan or plan_lib.Plan()),
     "wide": k * k if mode == jacobians.HESSIAN else k,
   }
@@ -127,12 +134,11 @@ def rows_work(ys, x, grad, mode, plan=None):
   """The `engine.Work` of the row loop that `method="auto"` would build.
 
   K rows (one per feature), each a backward pass through the gradient
-  graph (`row_parts`): about `_ROW_FLOPS` times the flops of one forward
-  pass from `x` to `ys`, `_ROW_ENTRIES` times the entries of its products
-  (matmuls) and `_ROW_OTHER_ENTRIES` times those of its other ops (whose
-  second-order gradients take several ops each), and `_ROW_OPS` ops per op
-  on the way; the transcendental functions and the output once, but those
-  that every row evaluates again (`ROW_EVALUATES`) K times. When a
+  graph (`row_parts`): about `_ROW_FLOPS` times its flops, `_ROW_ENTRIES`
+  times the entries of its products (matmuls) and `_ROW_OTHER_ENTRIES`
+  times those of its other ops, and `_ROW_OPS` ops per op; the
+  transcendental functions and the output once, but those that every row
+  evaluates again (`ROW_EVALUATES`) K times. When a
   shortcut of `_shortcut` applies, its one pass instead.
   """
   work = engine.Work()
@@ -182,22 +188,22 @@ def prefers_forward(ys, x, grad, mode, walked, plan=None):
   (`rows_work`), at the static batch size or, when it is not static, at
   `ASSUMED_BATCH`; when a shape either estimate needs is not static, the
   rows. The rows are taken when their estimate is under `_ROWS_MARGIN`
-  (0.9) times the engine's: over the 43 cases of 21 models measured with
+  (0.9) times the engine's: over the 49 cases of 24 models measured with
   `tools/cost_model_measure.py` (docs/forward.md), the rows, where faster,
-  were so by up to 2.5x (3.5x for a quadratic form, whose rows need no
-  pass per row), and the engine by up to 24x, so a near tie goes to the
+  were so by up to 2.6x (3.4x for a quadratic form, whose rows need no
+  pass per row), and the engine by up to 22x, so a near tie goes to the
   engine.
 
-  The constants were fitted (least squares of the log errors of both
-  times and of their ratio) to full Hessians of 18 cases of 7 models that
-  are in no benchmark (`CALIBRATION` in that tool): sigmoid MLPs 2 x 32
-  and 4 x 128, a Gaussian-kernel log-density of 8 centers, `sum(sin(x)
-  exp(-x^2))`, a swish MLP 3 x 64, a layer with RMS normalization, a gated
-  (GLU) layer; N = 256 to 4096, K = 8 to 128. The estimated ratio rows /
-  engine was 0.78x to 1.9x the measured one (glu at 512 x 48: measured
-  0.69, estimated 1.28; the sigmoid MLP at 2048 x 32: 1.27 and 1.00).
-  docs/forward.md validates them on other models, and on models written
-  after the fit.
+  The costs of ops were measured (`--measure_ops` of that tool); the other
+  constants were fitted (least squares of the log errors of both times
+  and of their ratio) to full Hessians of 18 cases of 7 models that are
+  in no benchmark (`CALIBRATION` there): sigmoid MLPs 2 x 32 and 4 x 128,
+  a Gaussian-kernel log-density of 8 centers, `sum(sin(x) exp(-x^2))`, a
+  swish MLP 3 x 64, a layer with RMS normalization, a gated (GLU) layer;
+  N = 256 to 4096, K = 8 to 128. The estimated ratio rows / engine was
+  0.66x to 2.0x the measured one (glu at 512 x 48: measured 0.65,
+  estimated 1.32). docs/forward.md validates them on 17 other models, 8
+  of them written after the fit.
 
   Args:
     ys: the list of outputs.

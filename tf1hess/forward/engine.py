@@ -88,19 +88,49 @@ def _static_size(shape):
   return shape.num_elements()
 
 
+# Ops whose outputs are views of their inputs: TensorFlow copies nothing.
+VIEWS = frozenset(
+  """EnsureShape ExpandDims Identity IdentityN PreventGradient Reshape
+  Snapshot Squeeze StopGradient""".split()
+)
+
+
 def op_flops(op):
   """Flops of `op` per sample (its batch axis first), or `None` if unknown.
 
-  Products and convolutions: 2 per multiply-add; any other op: one per
-  entry of its outputs (a transcendental function costs more, but moves
-  its entries as well, which `entries` counts).
+  Products: 2 per multiply-add; convolutions (`_CONVOLUTIONS`)
+  `_CONV_FLOP_WEIGHT` times that; views (`VIEWS`): none; any other op: one
+  per entry of its outputs (a transcendental function costs more, but
+  moves its entries as well, which `entries` counts).
   """
+  if op.type in VIEWS:
+    return 0
   outs = [_static_size(t.shape[1:]) for t in op.outputs if t.shape.rank]
   if any(size is None for size in outs):
     return None
   out = sum(outs)
   inner = _inner_length(op)
-  return out if inner is None else 2 * out * inner
+  if inner is None:
+    return out
+  weight = _CONV_FLOP_WEIGHT if op.type in _CONVOLUTIONS else 1
+  return 2 * out * inner * weight
+
+
+_CONV_BACKPROP_INPUT = frozenset(
+  """Conv2DBackpropInput Conv3DBackpropInputV2
+  DepthwiseConv2dNativeBackpropInput""".split()
+)
+_CONVOLUTIONS = _CONV_BACKPROP_INPUT | {
+  "Conv2D",
+  "Conv3D",
+  "DepthwiseConv2dNative",
+}
+# Convolutions ran at 19 to 57 GFlop/s on this machine (a width-3 kernel,
+# 8 channels, batches of 256 to 4096; matmuls of the same flops 87 to 150),
+# where the cost model (`dispatch._SECONDS_PER_FLOP`, fitted on models of
+# matmuls and elementwise ops, whose entries carry most of their time)
+# prices a flop at 2.6e-12 s: a convolution's flops count 10 times.
+_CONV_FLOP_WEIGHT = 10
 
 
 def _inner_length(op):
@@ -117,6 +147,15 @@ def _inner_length(op):
     kernel = op.inputs[1].shape
     kept = -2 if op.type == "DepthwiseConv2dNative" else -1
     return _static_size(kernel[:kept]) if kernel.rank else None
+  if op.type in _CONV_BACKPROP_INPUT:
+    # Each entry of the input's gradient sums over the kernel's window and
+    # its output channels (or multiplier): all of the kernel but the input
+    # channels (stride 1; larger strides sum over fewer).
+    kernel = op.inputs[1].shape
+    if kernel.rank is None or not kernel.is_fully_defined():
+      return None
+    dims = kernel.as_list()
+    return int(np.prod(dims[:-2] + dims[-1:], dtype=np.int64))
   if op.type == "Einsum":
     equation = op.get_attr("equation").decode().replace(" ", "")
     if "->" not in equation or "." in equation:
@@ -151,8 +190,19 @@ def _jacobian_entries(jac):
   return (size, 0) if jac.shared else (0, size)
 
 
+def _materialize(jac, work):
+  """`jacobians.materialize(jac)`, adding the work of writing it."""
+  if not isinstance(jac, jacobians.Jacobian) or not jac.diagonal:
+    return jac
+  jac = jacobians.materialize(jac)
+  work.add(entries=_jacobian_entries(jac))
+  return jac
+
+
 def _push(op, ins, outs, work):
   """Adds the work of pushing the Jacobians `ins` of `op` to `outs`."""
+  if op.type in VIEWS:
+    return
   flops = op_flops(op)
   out_size = sum(
     _static_size(t.shape[1:]) or 0 for t in op.outputs if t.shape.rank
@@ -227,27 +277,43 @@ def extra_entries(op_type, transcendental=_TRANSCENDENTAL_ENTRIES):
   return _EXTRA_ENTRIES.get(op_type, transcendental)
 
 
-def pass_work(ops, other_weight=1, transcendental=_TRANSCENDENTAL_ENTRIES):
+def pass_work(
+  ops, other_weight=1, transcendental=_TRANSCENDENTAL_ENTRIES, guess=False
+):
   """The `Work` per sample of one pass (forward or backward) through `ops`.
 
   Flops from `op_flops`; entries: every floating input and output, counted
   by its entries after the first axis (per sample; a weight matrix counts
   one row), and `extra_entries` more per output entry of a transcendental
   function (`transcendental` for most; 0: none); the entries of ops other
-  than products weigh `other_weight`.
+  than products weigh `other_weight`; views (`VIEWS`) cost nothing. With
+  `guess`, a tensor whose size is
+  not static counts as the largest static one of its op (TensorFlow's
+  gradients of broadcasts sum over axes known only at run time), and
+  unknown flops as none; otherwise the `Work` is then not `known`.
   """
   work = Work()
   for op in ops:
+    if op.type in VIEWS:
+      continue
     flops = op_flops(op)
+    if flops is None and guess:
+      flops = 0
     work.add(flops=None if flops is None else (0, flops))
     weight = 1 if _inner_length(op) is not None else other_weight
     extra = extra_entries(op.type, transcendental)
-    for t, scale in [(t, 1) for t in op.inputs] + [
-      (t, 1 + extra) for t in op.outputs
-    ]:
-      if t.dtype.is_floating and t.shape.rank:
-        size = _static_size(t.shape[1:])
-        work.add(entries=None if size is None else (0, size * scale * weight))
+    tensors = [
+      (t, scale)
+      for t, scale in [(t, 1) for t in op.inputs]
+      + [(t, 1 + extra) for t in op.outputs]
+      if t.dtype.is_floating and t.shape.rank
+    ]
+    sizes = [_static_size(t.shape[1:]) for t, _ in tensors]
+    if guess:
+      largest = max([size for size in sizes if size is not None], default=0)
+      sizes = [largest if size is None else size for size in sizes]
+    for size, (_, scale) in zip(sizes, tensors):
+      work.add(entries=None if size is None else (0, size * scale * weight))
   return work
 
 
@@ -396,10 +462,7 @@ def second_derivatives(ys, x, mode):
       outs = [registry.MIXED] * len(op.outputs)
     else:
       if not rule.diagonal:
-        ins = [
-          jacobians.materialize(j) if isinstance(j, jacobians.Jacobian) else j
-          for j in ins
-        ]
+        ins = [_materialize(j, work) for j in ins]
       outs = rule.fn(op, ins, ctx)
       _push(op, ins, outs, work)
     for t, j in zip(op.outputs, outs):
