@@ -277,6 +277,17 @@ class RowEvaluatesTest(parameterized.TestCase, tf.test.TestCase):
       units * (2 + engine.extra_entries("Pow") + engine.extra_entries("Log")),
     )
 
+  def test_a_function_of_unknown_rank(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      shape = tf.compat.v1.placeholder_with_default([-1, 2, 2], [None])
+      h = tf.sin(tf.reshape(x, shape))
+      self.assertIsNone(h.shape.rank)
+      y = tf.reduce_sum(tf.reshape(h, [-1, 4]), axis=1)
+      (g,) = tf.gradients(y, x)
+      parts = dispatch.row_parts([y], x, g, forward.HESSIAN)
+      self.assertEqual(parts["again"], 0)
+
 
 class NoDeadOpsTest(tf.test.TestCase):
   def test_rows_leave_no_engine_ops(self):

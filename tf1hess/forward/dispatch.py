@@ -113,9 +113,11 @@ def row_parts(ys, x, grad, mode, plan=None):
   everything = engine.pass_work(backward, transcendental=0, guess=True)
   again = 0
   for op in path:
-    for fn in ROW_EVALUATES.get(op.type, ()):
-      again += op.outputs[0].shape[1:].num_elements() * (
-        1 + engine.extra_entries(fn)
+    functions = ROW_EVALUATES.get(op.type, ())
+    shape = op.outputs[0].shape
+    if functions and shape.rank and shape[1:].is_fully_defined():
+      again += shape[1:].num_elements() * sum(
+        1 + engine.extra_entries(fn) for fn in functions
       )
   return {
     "k": k,

@@ -287,10 +287,10 @@ def pass_work(
   one row), and `extra_entries` more per output entry of a transcendental
   function (`transcendental` for most; 0: none); the entries of ops other
   than products weigh `other_weight`; views (`VIEWS`) cost nothing. With
-  `guess`, a tensor whose size is
-  not static counts as the largest static one of its op (TensorFlow's
-  gradients of broadcasts sum over axes known only at run time), and
-  unknown flops as none; otherwise the `Work` is then not `known`.
+  `guess`, a tensor whose size is not static counts as the largest static
+  one of its op (TensorFlow's gradients of broadcasts sum over axes known
+  only at run time), and unknown flops as none; without, the `Work` is
+  then not `known`.
   """
   work = Work()
   for op in ops:
