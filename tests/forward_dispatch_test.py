@@ -289,6 +289,48 @@ class RowEvaluatesTest(parameterized.TestCase, tf.test.TestCase):
       self.assertEqual(parts["again"], 0)
 
 
+class RowsCannotDifferentiateTest(parameterized.TestCase, tf.test.TestCase):
+  """TensorFlow has no gradient of `SoftsignGrad`: only the engine works."""
+
+  @parameterized.named_parameters(
+    ("hessian", tf1hess.batch_hessians, 4),
+    ("hessian_wide", tf1hess.batch_hessians, 40),
+    ("diagonal", tf1hess.batch_hessian_diagonals, 4),
+    ("laplacian", tf1hess.batch_laplacians, 4),
+  )
+  def test_auto_takes_the_engine(self, op, k):
+    x_val = _RNG.normal(size=(3, k))
+    step = 1e-5
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, k])
+      h = x
+      for units in (16, 8):
+        w = _RNG.normal(size=(h.shape[1], units)) / np.sqrt(h.shape[1])
+        h = tf.nn.softsign(tf.matmul(h, tf.constant(w)))
+      y = tf.reduce_sum(h, axis=1)
+      (g,) = tf.gradients(y, x)
+      self.assertFalse(dispatch.rows_can_differentiate(x, g))
+      auto = op(y, x)
+      with self.assertRaises(LookupError):
+        op(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        value = sess.run(auto, {x: x_val})
+        # Central differences of the gradient, column by column.
+        columns = []
+        for a in range(k):
+          shift = np.zeros_like(x_val)
+          shift[:, a] = step
+          up, down = (sess.run(g, {x: x_val + s}) for s in (shift, -shift))
+          columns.append((up - down) / (2 * step))
+    hessians = np.stack(columns, axis=2)
+    expected = {
+      tf1hess.batch_hessians: hessians,
+      tf1hess.batch_hessian_diagonals: np.diagonal(hessians, axis1=1, axis2=2),
+      tf1hess.batch_laplacians: np.trace(hessians, axis1=1, axis2=2),
+    }[op]
+    self.assertAllClose(value, expected, atol=1e-7)
+
+
 class NoDeadOpsTest(tf.test.TestCase):
   def test_rows_leave_no_engine_ops(self):
     with tf.Graph().as_default() as graph:

@@ -9,6 +9,7 @@ them cheaper than the rows.
 
 from absl import logging
 import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _core
 from tf1hess import _shortcuts
@@ -173,8 +174,25 @@ def rows_work(ys, x, grad, mode, plan=None):
   return work
 
 
+def rows_can_differentiate(x, grad):
+  """Whether TensorFlow has a gradient for every op from `x` to `grad`.
+
+  The rows differentiate the gradient graph; some gradients have none
+  (`SoftsignGrad`, the gradient of `tf.nn.softsign`), and then only the
+  engine can build the second derivatives.
+  """
+  for op in engine.path_ops(x, [grad]):
+    try:
+      tf_ops.get_gradient_function(op)
+    except LookupError:
+      return False
+  return True
+
+
 def prefers_forward(ys, x, grad, mode, walked, plan=None):
   """The cost model of `method="auto"`: whether to take the engine.
+
+  The engine whenever the rows cannot be built (`rows_can_differentiate`).
 
   Diagonals and Laplacians take the engine unless the rows need no pass
   per row (`_shortcut`: a Hessian shared by all samples, or one dense
@@ -220,6 +238,8 @@ def prefers_forward(ys, x, grad, mode, walked, plan=None):
     `bool`.
   """
   plan = plan or plan_lib.Plan()
+  if not rows_can_differentiate(x, grad):
+    return True
   if mode != jacobians.HESSIAN:
     return _shortcut(x, grad, plan) is None
   n = tf.compat.dimension_value(x.shape[0]) if x.shape.rank else None
