@@ -331,6 +331,40 @@ class RowsCannotDifferentiateTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(value, expected, atol=1e-7)
 
 
+class EagerInFunctionTest(tf.test.TestCase):
+  """Inside a `tf.function`, `tf1hess.eager` takes the graph ops' choice."""
+
+  def test_softsign_takes_the_engine(self):
+    w = _RNG.normal(size=(4, 8)) / 2
+
+    def fn(x):
+      return tf.reduce_sum(tf.nn.softsign(tf.matmul(x, w)), axis=1)
+
+    x_val = _RNG.normal(size=(3, 4))
+    spec = [tf.TensorSpec([None, 4], tf.float64)]
+    hessians = tf.function(
+      lambda x: tf1hess.eager.batch_hessians(fn, x), input_signature=spec
+    )
+    value = hessians(tf.constant(x_val)).numpy()
+    # Analytic: softsign'' (z) = -2 sign(z) / (1 + |z|)^3.
+    z = x_val @ w
+    curvature = -2 * np.sign(z) / (1 + np.abs(z)) ** 3
+    expected = np.einsum("nu,au,bu->nab", curvature, w, w)
+    self.assertAllClose(value, expected, atol=1e-10)
+
+  def test_the_engine_where_it_pays(self):
+    spec = [tf.TensorSpec([None, 128], tf.float64)]
+    graph = (
+      tf.function(
+        lambda x: tf1hess.eager.batch_hessians(_mixture, x),
+        input_signature=spec,
+      )
+      .get_concrete_function()
+      .graph
+    )
+    self.assertNotEqual(_engine_ops(graph), [])
+
+
 class NoDeadOpsTest(tf.test.TestCase):
   def test_rows_leave_no_engine_ops(self):
     with tf.Graph().as_default() as graph:

@@ -99,7 +99,13 @@ def _derivatives(
   plan = plan or plan_lib.Plan()
   x = _as_input(fn, x)
   _checks.check_output_fits(x, 1 if diagonal or laplacian else order)
-  if order == 2 and (plan.method == "forward" or laplacian):
+  # The forward engine walks a graph: always for `"forward"` and the
+  # Laplacian; for `"auto"` where a graph is being built (a `tf.function`),
+  # whose cost model then picks the engine or the rows.
+  walk = plan.method == "forward" or laplacian
+  if plan.method == "auto" and not tf.executing_eagerly():
+    walk = True
+  if order == 2 and walk:
     return _graph_walk(
       fn,
       x,
@@ -165,10 +171,10 @@ def _graph_walk(fn, x, unconnected_gradients, plan, **kwargs):
       **kwargs,
     )
 
-  if not tf.executing_eagerly():
-    return build(x)
   if isinstance(x, tf.Variable):
     x = tf.convert_to_tensor(x)
+  if not tf.executing_eagerly():
+    return build(x)
   return tf.function(build, autograph=False)(x)
 
 
@@ -196,7 +202,9 @@ def batch_hessians(
     method: `str`, default `"auto"`; `"forward"`, `"pfor"` or
       `"while_loop"`, as in `tf1hess.batch_hessians`. `"forward"` builds the
       graph ops of the forward engine (in a `tf.function` when called
-      eagerly); `"auto"` keeps the tape here.
+      eagerly); `"auto"` builds the graph ops inside a `tf.function` (their
+      cost model picks the engine or the rows) and keeps the tape when
+      executing eagerly.
     chunk_size: `int` or `None` (default: all rows at once): rows per
       vectorized backward pass, as in `tf1hess.batch_hessians`.
     plan: a `tf1hess.Plan` in place of `parallel_iterations`, `method` and
