@@ -5,6 +5,7 @@ at two batch sizes; the Hessians are compared with the analytic Hessian of
 the tanh MLP y = w2^T tanh(W1^T x + b1).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import testing_utils
 
 from tf1hess import export
 from tf1hess import legacy
+from tf1hess.forward import dispatch
 
 _K, _H = 3, 4
 _BATCH_SIZES = (1, 5)
@@ -89,8 +91,14 @@ def _mlp(weights, use_resource):
   return x, tf.identity(tf.linalg.matvec(tf.tanh(x @ w1 + b1), w2), name="y")
 
 
-def _export_mlp(directory, weights, use_resource=False, control_flow_v1=False):
-  """Exports the MLP with variables from a live session, in every format."""
+def _export_mlp(
+  directory, weights, use_resource=False, control_flow_v1=False, switch=False
+):
+  """Exports the MLP with variables from a live session, in every format.
+
+  With `switch`, the Hessians are chosen at run time by a `tf.cond` on the
+  batch size: the forward engine's for 1 sample, the row loop's for 5.
+  """
   paths = {
     "saved_model": os.path.join(directory, "saved_model"),
     "pb": os.path.join(directory, "hessians.pb"),
@@ -101,7 +109,13 @@ def _export_mlp(directory, weights, use_resource=False, control_flow_v1=False):
   if control_flow_v1:
     tf.compat.v1.disable_control_flow_v2()
   try:
-    with tf.Graph().as_default() as graph:
+    choice = dispatch.Choice(True, 3)
+    with (
+      tf.Graph().as_default() as graph,
+      mock.patch.object(dispatch, "choose", return_value=choice)
+      if switch
+      else contextlib.nullcontext(),
+    ):
       x, y = _mlp(weights, use_resource)
       model = legacy.HessianModel(
         graph, x, y, **legacy.add_hessian_ops(graph, x, y)
@@ -124,9 +138,11 @@ def _export_mlp(directory, weights, use_resource=False, control_flow_v1=False):
 
 
 _VARIANTS = (
-  ("ref_variables", False, False),
-  ("resource_variables", True, False),
-  ("control_flow_v1", False, True),
+  ("ref_variables", False, False, False),
+  ("resource_variables", True, False, False),
+  ("control_flow_v1", False, True, False),
+  ("by_batch_size", True, False, True),
+  ("by_batch_size_control_flow_v1", False, True, True),
 )
 
 
@@ -138,10 +154,14 @@ class ReloadTest(tf.test.TestCase, parameterized.TestCase):
     super().setUpClass()
     cls.dir = tempfile.mkdtemp()
     cls.weights, cls.paths, jobs = {}, {}, []
-    for seed, (name, use_resource, v1) in enumerate(_VARIANTS):
+    for seed, (name, use_resource, v1, switch) in enumerate(_VARIANTS):
       cls.weights[name] = testing_utils.mlp_weights(_K, _H, seed, np.float32)
       _, cls.paths[name] = _export_mlp(
-        os.path.join(cls.dir, name), cls.weights[name], use_resource, v1
+        os.path.join(cls.dir, name),
+        cls.weights[name],
+        use_resource,
+        v1,
+        switch,
       )
       for kind in ("saved_model", "pb", "pbtxt"):
         jobs.append([name, kind, cls.paths[name][kind]])
@@ -182,7 +202,7 @@ class ReloadTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(
     (f"{name}_{kind}", name, kind)
-    for name, _, _ in _VARIANTS
+    for name, *_ in _VARIANTS
     for kind in ("saved_model", "saved_model_v2", "pb", "pbtxt")
   )
   def test_reloaded_matches_analytic(self, name, kind):
@@ -194,7 +214,7 @@ class ReloadTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(got.shape, value.shape)
         self.assertAllClose(got, value, atol=1e-5, rtol=1e-4)
 
-  @parameterized.named_parameters((name, name) for name, _, _ in _VARIANTS)
+  @parameterized.named_parameters((name, name) for name, *_ in _VARIANTS)
   def test_saved_model_signature(self, name):
     saved_model = os.path.join(self.paths[name]["saved_model"])
     with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
@@ -208,7 +228,7 @@ class ReloadTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(shape.as_list(), [None, _K, _K])
     self.assertEqual(meta.meta_info_def.tags, ["serve"])
 
-  @parameterized.named_parameters((name, name) for name, _, _ in _VARIANTS)
+  @parameterized.named_parameters((name, name) for name, *_ in _VARIANTS)
   def test_frozen_graph_has_no_variables(self, name):
     graph_def = tf.compat.v1.GraphDef()
     with open(self.paths[name]["pb"], "rb") as f:
@@ -218,8 +238,10 @@ class ReloadTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEmpty(ops & {"Assign", "AssignVariableOp", "ReadVariableOp"})
     names = {node.name for node in graph_def.node}
     self.assertContainsSubset({"x", "y", "hessians", "gradients"}, names)
+    switched = any("by_batch_size" in node for node in names)
+    self.assertEqual(switched, name.startswith("by_batch_size"))
 
-  @parameterized.named_parameters((name, name) for name, _, _ in _VARIANTS)
+  @parameterized.named_parameters((name, name) for name, *_ in _VARIANTS)
   def test_graph_log(self, name):
     logdir = self.paths[name]["logdir"]
     (events,) = os.listdir(logdir)
@@ -235,7 +257,7 @@ class ReloadTest(tf.test.TestCase, parameterized.TestCase):
     self.assertContainsSubset({"x", "hessians", "gradients"}, graphs[0])
 
   def test_no_temporary_files_left(self):
-    for name, _, _ in _VARIANTS:
+    for name, *_ in _VARIANTS:
       leftovers = [
         f for f in os.listdir(os.path.join(self.dir, name)) if ".tmp" in f
       ]

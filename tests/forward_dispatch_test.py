@@ -16,6 +16,7 @@ from absl import flags
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
+import testing_utils
 
 import tf1hess
 from tf1hess import finite_differences
@@ -436,6 +437,149 @@ class NoDeadOpsTest(tf.test.TestCase):
       del graph
       for (_, mode), value in values.items():
         self.assertAllClose(value, values["while_loop", mode], atol=1e-10)
+
+
+class ByBatchSizeTest(
+  parameterized.TestCase, tf.test.TestCase, testing_utils.ControlFlowMixin
+):
+  """Where the choice depends on N, a `tf.cond` on N makes it at run time."""
+
+  def _choice(self, n, k=64):
+    # Three tanh layers of 64: the rows' K passes cost a fixed time the
+    # engine does not, the engine more per sample (its Jacobians (N, K, 64)).
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [n, k])
+      y = _mlp(x, 3, 64)
+      (g,) = tf.gradients(y, x)
+      walked = dispatch.dry_run([y], x, forward.HESSIAN)
+      return dispatch.choose([y], x, g, forward.HESSIAN, walked)
+
+  def test_the_switch_is_where_the_static_choice_changes(self):
+    choice = self._choice(None)
+    low, high = dispatch.SWITCH_RANGE
+    self.assertBetween(choice.switch, low + 1, high)
+    self.assertTrue(choice.engine)
+    # The static estimates differ by a few ops (shapes that fold).
+    self.assertEqual(self._choice(choice.switch // 2), dispatch.Choice(True))
+    self.assertEqual(self._choice(choice.switch * 2), dispatch.Choice(False))
+    self.assertTrue(choice.at(choice.switch - 1))
+    self.assertFalse(choice.at(choice.switch))
+
+  def test_no_switch_where_one_side_wins_throughout(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 128])
+      y = _mixture(x)
+      (g,) = tf.gradients(y, x)
+      walked = dispatch.dry_run([y], x, forward.HESSIAN)
+      choice = dispatch.choose([y], x, g, forward.HESSIAN, walked)
+    self.assertEqual(choice, dispatch.Choice(True))
+
+  def test_auto_builds_both_and_agrees_with_the_rows(self):
+    self.assertIsNotNone(self._choice(None).switch)
+    x_val = _RNG.normal(size=(3, 64))
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 64])
+      y = _mlp(x, 3, 64)
+      auto = tf1hess.batch_hessians(y, x)
+      names = [op.name for op in graph.get_operations()]
+      self.assertTrue(any("/by_batch_size" in name for name in names))
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        auto_val, rows_val = sess.run([auto, rows], {x: x_val})
+    self.assertAllClose(auto_val, rows_val, atol=1e-10)
+
+  def test_inside_a_tf_function(self):
+    weights = [_RNG.normal(size=(64, 64)) / 8 for _ in range(3)]
+
+    def fn(x):
+      h = x
+      for w in weights:
+        h = tf.tanh(tf.matmul(h, w))
+      return tf.reduce_sum(h, axis=1)
+
+    spec = [tf.TensorSpec([None, 64], tf.float64)]
+    auto, rows = (
+      tf.function(
+        lambda x, method=method: tf1hess.eager.batch_hessians(
+          fn, x, method=method
+        ),
+        input_signature=spec,
+      )
+      for method in ("auto", "while_loop")
+    )
+    graph = auto.get_concrete_function().graph
+    names = [op.name for op in graph.get_operations()]
+    self.assertTrue(any("/by_batch_size" in name for name in names))
+    x_val = tf.constant(_RNG.normal(size=(3, 64)))
+    self.assertAllClose(auto(x_val), rows(x_val), atol=1e-10)
+
+  def _switched(self, y, x, engine_below, fn=tf1hess.batch_hessians):
+    choice = dispatch.Choice(engine_below, 4)
+    with mock.patch.object(dispatch, "choose", return_value=choice):
+      return fn(y, x)
+
+  @parameterized.parameters(1, 2)
+  def test_the_engine_runs_below_the_switch(self, version):
+    self.control_flow(version)
+    weights = testing_utils.mlp_weights(3, 6, seed=2)
+    x_val = _RNG.normal(size=(6, 3))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = testing_utils.tanh_mlp(x, *weights)
+      # The engine's result doubled, to see which side ran.
+      with mock.patch.object(
+        dispatch, "shaped", side_effect=lambda r, x, m: 2 * r
+      ):
+        below = self._switched(y, x, True)
+        above = self._switched(y, x, False)
+      with tf.compat.v1.Session() as sess:
+        for n, factor in ((3, 1), (4, 2)):
+          want = testing_utils.tanh_mlp_hessians(x_val[:n], *weights)
+          below_val, above_val = sess.run([below, above], {x: x_val[:n]})
+          self.assertAllClose(below_val, (3 - factor) * want, atol=1e-10)
+          self.assertAllClose(above_val, factor * want, atol=1e-10)
+
+  @parameterized.parameters(1, 2)
+  def test_derivatives_with_respect_to_weights(self, version):
+    # A loss on the Hessians, differentiated for training: through the
+    # cond as through either engine alone.
+    self.control_flow(version)
+    x_val = _RNG.normal(size=(6, 3))
+    with tf.Graph().as_default():
+      w1, b1, w2 = (tf.constant(w) for w in testing_utils.mlp_weights(3, 6))
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = tf.reduce_sum(tf.tanh(tf.matmul(x, w1) + b1) * w2, axis=1)
+      switched = self._switched(y, x, True)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      grads = [
+        tf.gradients(tf.reduce_sum(tf.square(h)), [w1, b1, w2])
+        for h in (switched, rows)
+      ]
+      with tf.compat.v1.Session() as sess:
+        for n in (3, 6):
+          got, want = sess.run(grads, {x: x_val[:n]})
+          for g, w in zip(got, want):
+            self.assertAllClose(g, w, atol=1e-10)
+
+  @parameterized.named_parameters(
+    ("diagonal", tf1hess.batch_hessian_diagonals, 1),
+    ("laplacian", tf1hess.batch_laplacians, 0),
+  )
+  def test_diagonals_and_laplacians(self, op, axes):
+    weights = testing_utils.mlp_weights(3, 6, seed=4)
+    x_val = _RNG.normal(size=(6, 3))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = testing_utils.tanh_mlp(x, *weights)
+      switched = self._switched(y, x, True, op)
+      with tf.compat.v1.Session() as sess:
+        for n in (3, 6):
+          h = testing_utils.tanh_mlp_hessians(x_val[:n], *weights)
+          want = np.diagonal(h, axis1=1, axis2=2)
+          if not axes:
+            want = want.sum(axis=1)
+          got = sess.run(switched, {x: x_val[:n]})
+          self.assertAllClose(got, want, atol=1e-10)
 
 
 class SameNumbersTest(parameterized.TestCase, tf.test.TestCase):

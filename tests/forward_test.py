@@ -563,7 +563,8 @@ class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
       with self.assertRaisesRegex(ValueError, "no forward rule for op type"):
         tf1hess.batch_hessians(y, x, method="forward")
     # "auto", sent to the engine, falls back to the rows: right numbers.
-    with mock.patch.object(dispatch, "prefers_forward", return_value=True):
+    engine = dispatch.Choice(True)
+    with mock.patch.object(dispatch, "choose", return_value=engine):
       testing_utils.check_scan_model_hessians(self, tf1hess.batch_hessians)
 
   def test_overridden_gradients_are_not_followed(self):
@@ -598,15 +599,15 @@ class AutoTest(tf.test.TestCase):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, k])
       y = _mixture(x)
-      choices, choose = [], dispatch.prefers_forward
+      choices, choose = [], dispatch.choose
 
       def spy(*args):
         choices.append(choose(*args))
         return choices[-1]
 
-      with mock.patch.object(dispatch, "prefers_forward", side_effect=spy):
+      with mock.patch.object(dispatch, "choose", side_effect=spy):
         h = tf1hess.batch_hessians(y, x)
-      self.assertEqual(choices, [True])
+      self.assertEqual(choices, [dispatch.Choice(True)])
       rows = tf1hess.batch_hessians(y, x, method="while_loop")
       x_val = np.random.default_rng(0).normal(size=(5, k)) * 0.2
       with tf.compat.v1.Session() as sess:

@@ -66,7 +66,9 @@ class StrategyMixin(testing_utils.ControlFlowMixin):
     patches = []
     if patched == "forward":
       patches.append(
-        mock.patch.object(dispatch, "prefers_forward", return_value=True)
+        mock.patch.object(
+          dispatch, "choose", return_value=dispatch.Choice(True)
+        )
       )
     if patched == "fail_pfor":
       patches.append(

@@ -182,26 +182,31 @@ def _derivatives(
       return _checks.restore_structure(grads, was_sequence)
     results = []
     for x, g in zip(xs_list, grads):
-      result, done = (None, True) if g is None else (None, False)
-      if not done and order == 2:
-        result, done = dispatch.try_forward(
-          ys_list, x, g, mode, plan, unconnected
-        )
-        if done and result is not None and check_independence:
-          result = _checked(x, g, result, unconnected)
-      if not done:
+
+      def rows(check=False, x=x, g=g):
         result = _core.per_sample_derivatives(
           x,
           g,
-          lambda level, x=x: _graph_gradient(x, unconnected),
+          lambda level: _graph_gradient(x, unconnected),
           order,
           plan,
           diagonal=diagonal or laplacian,
-          check_independence=check_independence,
+          check_independence=check,
           input_name=x.name,
         )
         if laplacian and result is not None:
           result = tf.reduce_sum(result, axis=list(range(1, x.shape.rank)))
+        return result
+
+      result, done = (None, True) if g is None else (None, False)
+      if not done and order == 2:
+        result, done = dispatch.try_forward(
+          ys_list, x, g, mode, plan, unconnected, rows
+        )
+        if done and result is not None and check_independence:
+          result = _checked(x, g, result, unconnected)
+      if not done:
+        result = rows(check_independence)
       results.append(result)
     return _checks.restore_structure(results, was_sequence)
 

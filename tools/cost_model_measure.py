@@ -5,15 +5,16 @@ graph the engine's result (`method="forward"`), the rows `method="auto"`
 builds when it does not take the engine, and `method="auto"` itself; checks
 that the three agree; and times each (median of `--cost_runs` session runs
 after a warm-up, the methods taking turns). Prints one row per case:
-shapes, the two engines' times, the estimated times of
-`dispatch.prefers_forward`, what auto picked and whether that was the
-faster (or within 15% of it).
+shapes, the two engines' times, their estimated times at N (those
+`dispatch.choose` compares), what auto picked for N and whether that was
+the faster (or within 15% of it).
 
 The models (`MODELS`) are in no benchmark and no other test; `ALL`
 validates the cost model (its last models were written after the fit and
 run once to check it), `CALIBRATION` (`--calibrate`) fits its constants.
-The batch axis of the input is `None`, as usual, so the cost model compares
-the engines at `dispatch.ASSUMED_BATCH`; `--static_batch` gives it N.
+The batch axis of the input is `None`, as usual: auto builds both engines
+and a `tf.cond` on N where its choice depends on N; `--static_batch` gives
+it N, and it builds one.
 
   python tools/cost_model_measure.py --cost_cases=rbf_softplus:1024x32
   python tools/cost_model_measure.py --cost_quantity=laplacian
@@ -367,13 +368,12 @@ def measure(model, n, k, quantity, runs, static_batch=False):
     )
     y = MODELS[model](x, _rng(model, k))
     choices, estimates, work = [], {}, {}
-    choose = dispatch.prefers_forward
+    choose = dispatch.choose
 
     def spy(ys, x, grad, mode, walked, plan=None):
-      n_cost = dispatch.ASSUMED_BATCH if not static_batch else n
-      estimates["forward"] = dispatch.seconds(walked.work, n_cost)
+      estimates["forward"] = dispatch.seconds(walked.work, n)
       estimates["rows"] = dispatch.seconds(
-        dispatch.rows_work(ys, x, grad, mode), n_cost
+        dispatch.rows_work(ys, x, grad, mode), n
       )
       work["forward"] = walked.work.at(n)
       parts = dispatch.row_parts(ys, x, grad, mode)
@@ -384,11 +384,12 @@ def measure(model, n, k, quantity, runs, static_batch=False):
       choices.append(choose(ys, x, grad, mode, walked))
       return choices[-1]
 
-    with mock.patch.object(dispatch, "prefers_forward", side_effect=spy):
+    with mock.patch.object(dispatch, "choose", side_effect=spy):
       start = time.perf_counter()
       auto = op(y, x)
       build = time.perf_counter() - start
-    with mock.patch.object(dispatch, "prefers_forward", return_value=False):
+    rows_only = dispatch.Choice(False)
+    with mock.patch.object(dispatch, "choose", return_value=rows_only):
       rows = op(y, x)
     fetches = {"rows": rows, "auto": auto}
     try:
@@ -411,7 +412,7 @@ def measure(model, n, k, quantity, runs, static_batch=False):
           if run:
             times[name].append(time.perf_counter() - start)
   out = {name: float(np.median(t)) for name, t in times.items()}
-  out["picked"] = "forward" if choices and choices[0] else "rows"
+  out["picked"] = "forward" if choices and choices[0].at(n) else "rows"
   out["estimates"] = estimates
   out["work"] = work
   out["build"] = build

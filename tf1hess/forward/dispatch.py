@@ -3,9 +3,14 @@
 `method="forward"` always takes the engine and raises when it cannot follow
 the model; `method="auto"` walks a copy of the model first, falls back to the
 row loop with one warning that names the op when the engine cannot follow
-the model, and builds the engine's ops only when `prefers_forward` estimates
-them cheaper than the rows.
+the model, and builds the engine's ops only when `choose` estimates them
+cheaper than the rows, for the static batch size, or for some batch sizes
+when it is not static: then both are built, and a `tf.cond` on the batch
+size runs one of them.
 """
+
+import dataclasses
+from typing import Optional
 
 from absl import logging
 import tensorflow as tf
@@ -22,7 +27,7 @@ from tf1hess.forward import registry
 # Seconds per unit of `engine.Work`, and what a row of the row loop costs
 # per unit of the gradient graph it differentiates: on this machine (2 CPU
 # cores), the ops' measured by `tools/cost_model_measure.py --measure_ops`,
-# the others fitted by its `--calibrate`; see `prefers_forward`.
+# the others fitted by its `--calibrate`; see `choose`.
 _SECONDS_PER_FLOP = 3.4e-12
 _SECONDS_PER_ENTRY = 2.6e-10
 _SECONDS_PER_OP = 1.3e-6
@@ -32,7 +37,7 @@ _ROW_OTHER_ENTRIES = 0.29
 _ROW_OPS = 2.5
 # Full Hessians take the rows only when their estimated time is under this
 # fraction of the engine's: a wrong pick costs more one way than the other
-# (see `prefers_forward`).
+# (see `choose`).
 _ROWS_MARGIN = 0.9
 # The functions that the backward pass of the gradient of an op evaluates
 # again, per row, on the op's input (in TensorFlow's gradient functions:
@@ -51,8 +56,12 @@ ROW_EVALUATES = {
 }
 # The name scope of the engine's ops in the graph of `ys`.
 SCOPE = "forward"
-# The batch size the costs are compared at when it is not static.
+# The batch size the costs are compared at when it is not static and no
+# choice at run time can be built (see `try_forward`).
 ASSUMED_BATCH = 1024
+# The batch sizes a choice at run time tells apart: under the first, both
+# take little time; above the second, the choice made there.
+SWITCH_RANGE = (16, 1 << 20)
 
 
 def seconds(work, n):
@@ -189,8 +198,27 @@ def rows_can_differentiate(x, grad):
   return True
 
 
-def prefers_forward(ys, x, grad, mode, walked, plan=None):
-  """The cost model of `method="auto"`: whether to take the engine.
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """What `method="auto"` builds for a batch of N samples.
+
+  Attributes:
+    engine: whether the engine is taken for N under `switch`, or for every
+      N when `switch` is `None`.
+    switch: `None`, or the batch size from which the other is taken: both
+      are built, and a `tf.cond` on N runs one of them.
+  """
+
+  engine: bool
+  switch: Optional[int] = None
+
+  def at(self, n):
+    """Whether the engine is taken for a batch of `n`."""
+    return self.engine != (self.switch is not None and n >= self.switch)
+
+
+def choose(ys, x, grad, mode, walked, plan=None):
+  """The cost model of `method="auto"`: the engine, the rows, or either by N.
 
   The engine whenever the rows cannot be built (`rows_can_differentiate`).
 
@@ -205,14 +233,21 @@ def prefers_forward(ys, x, grad, mode, walked, plan=None):
 
   Full Hessians compare the estimated run times (`seconds`) of the
   engine's `Work` (`walked.work`, from the walk) and of the rows'
-  (`rows_work`), at the static batch size or, when it is not static, at
-  `ASSUMED_BATCH`; when a shape either estimate needs is not static, the
+  (`rows_work`); when a shape either estimate needs is not static, the
   rows. The rows are taken when their estimate is under `_ROWS_MARGIN`
   (0.9) times the engine's: over the 49 cases of 24 models measured with
   `tools/cost_model_measure.py` (docs/forward.md), the rows, where faster,
   were so by up to 2.6x (3.4x for a quadratic form, whose rows need no
   pass per row), and the engine by up to 22x, so a near tie goes to the
   engine.
+
+  Both estimates are a fixed time plus a time per sample, and the rows'
+  fixed time (their K passes through the ops of the gradient graph) is
+  the larger one: the engine tends to win at small N, the rows at large
+  N. At a static batch size the choice is made for it. When N is known
+  only at run time, the choice is made at both ends of `SWITCH_RANGE`;
+  where they differ, the batch size at which the estimates cross is the
+  `switch` of the result.
 
   The costs of ops were measured (`--measure_ops` of that tool); the other
   constants were fitted (least squares of the log errors of both times
@@ -235,20 +270,42 @@ def prefers_forward(ys, x, grad, mode, walked, plan=None):
       the default plan.
 
   Returns:
-    `bool`.
+    A `Choice`.
   """
   plan = plan or plan_lib.Plan()
   if not rows_can_differentiate(x, grad):
-    return True
+    return Choice(True)
   if mode != jacobians.HESSIAN:
-    return _shortcut(x, grad, plan) is None
+    return Choice(_shortcut(x, grad, plan) is None)
+  rows = rows_work(ys, x, grad, mode, plan)
+  if seconds(walked.work, 1) is None or seconds(rows, 1) is None:
+    return Choice(False)
+
+  def engine_at(n):
+    return seconds(rows, n) >= _ROWS_MARGIN * seconds(walked.work, n)
+
   n = tf.compat.dimension_value(x.shape[0]) if x.shape.rank else None
-  n = ASSUMED_BATCH if n is None else n
-  engine_time = seconds(walked.work, n)
-  rows_time = seconds(rows_work(ys, x, grad, mode, plan), n)
-  if engine_time is None or rows_time is None:
-    return False
-  return rows_time >= _ROWS_MARGIN * engine_time
+  if n is not None:
+    return Choice(engine_at(n))
+  low, high = SWITCH_RANGE
+  below = engine_at(low)
+  if engine_at(high) == below:
+    return Choice(below)
+  # Both estimates are linear in N: they cross once.
+  while high - low > 1:
+    middle = (low + high) // 2
+    if engine_at(middle) == below:
+      low = middle
+    else:
+      high = middle
+  return Choice(below, high)
+
+
+def prefers_forward(ys, x, grad, mode, walked, plan=None):
+  """Whether `choose` takes the engine at the static N, or `ASSUMED_BATCH`."""
+  n = tf.compat.dimension_value(x.shape[0]) if x.shape.rank else None
+  choice = choose(ys, x, grad, mode, walked, plan)
+  return choice.at(ASSUMED_BATCH if n is None else n)
 
 
 def shaped(result, x, mode):
@@ -387,13 +444,27 @@ def _unsupported(x, method, error):
   )
 
 
-def try_forward(ys, x, grad, mode, plan, unconnected):
+def _by_batch_size(ys, x, mode, choice, rows):
+  """A `tf.cond` on N between the engine and `rows()` (see `Choice`)."""
+
+  def walk():
+    with tf.name_scope(SCOPE):
+      return shaped(engine.second_derivatives(ys, x, mode).value, x, mode)
+
+  below, above = (walk, rows) if choice.engine else (rows, walk)
+  return tf.cond(
+    tf.shape(x)[0] < choice.switch, below, above, name="by_batch_size"
+  )
+
+
+def try_forward(ys, x, grad, mode, plan, unconnected, rows):
   """`(result, True)` from the engine for `x`, or `(None, False)` for rows.
 
   Under `method="auto"` the engine first walks a copy of the model
-  (`dry_run`), and `prefers_forward` compares its estimated cost with the
-  rows'; the engine's ops are added to the graph of `ys` only when it is
-  taken.
+  (`dry_run`), and `choose` compares its estimated cost with the rows';
+  the engine's ops are added to the graph of `ys` only when it is taken,
+  for some batch sizes (`Choice.switch`: then `rows()` too, and a
+  `tf.cond` on N runs one of them) or for all.
 
   Args:
     ys: the list of outputs.
@@ -401,9 +472,11 @@ def try_forward(ys, x, grad, mode, plan, unconnected):
     grad: `d sum(ys) / dx` (not `None`).
     mode: `jacobians.HESSIAN`, `DIAGONAL` or `LAPLACIAN`.
     plan: the call's `tf1hess.Plan`; its `method`: `"forward"`, `"auto"`
-      (the engine when it can follow the model and `prefers_forward`), or
+      (the engine when it can follow the model and `choose` takes it), or
       another (the rows).
     unconnected: a `tf.UnconnectedGradients`.
+    rows: a callable that builds the row loop's result, a `Tensor` shaped
+      like this function's.
 
   Returns:
     `(result, True)` with `result` shaped like the row loop's (`None` when
@@ -423,10 +496,16 @@ def try_forward(ys, x, grad, mode, plan, unconnected):
     except engine.Unsupported as e:
       _unsupported(x, method, e)
       return None, False
-    if walked is not None and not prefers_forward(
-      ys, x, grad, mode, walked, plan
-    ):
-      return None, False
+    if walked is not None:
+      choice = choose(ys, x, grad, mode, walked, plan)
+      if choice.switch is not None and walked.connected:
+        try:
+          return _by_batch_size(ys, x, mode, choice, rows), True
+        except engine.Unsupported as e:
+          _unsupported(x, method, e)
+          return None, False
+      if not choice.engine:
+        return None, False
   try:
     with tf.name_scope(SCOPE):
       real = engine.second_derivatives(ys, x, mode)
@@ -435,7 +514,7 @@ def try_forward(ys, x, grad, mode, plan, unconnected):
     return None, False
   if walked is None and method == "auto":
     # Not copied: decided on the walk in the graph of `ys` (whose ops stay
-    # unused when the rows are taken).
+    # unused when the rows are taken), at one batch size.
     if not prefers_forward(ys, x, grad, mode, real, plan):
       return None, False
   if (
