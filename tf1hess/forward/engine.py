@@ -494,10 +494,24 @@ def second_derivatives(ys, x, mode):
           old.c + tf.cast(term.c, old.c.dtype), old.a, old.b, old.symmetric
         )
       grouped[key] = term
-  parts = [
-    tf.cast(jacobians.contract(term, mode, n, k), x.dtype)
-    for term in grouped.values()
-  ]
+
+  def deferred(term):
+    # A symmetric term's Hessian `X + X^T`: its `X` is summed with the
+    # others', then transposed once.
+    return (
+      mode == jacobians.HESSIAN
+      and term.symmetric
+      and not (term.a.diagonal and term.b.diagonal)
+    )
+
+  parts, halves = [], []
+  for term in grouped.values():
+    half = deferred(term)
+    value = tf.cast(jacobians.contract(term, mode, n, k, half), x.dtype)
+    (halves if half else parts).append(value)
+  if halves:
+    half = tf.add_n(halves)
+    parts.append(half + tf.transpose(half, [0, 2, 1]))
   value = tf.add_n(parts)
   # The adjoints: one backward pass, about the work of the forward one.
   backward = pass_work(path)
@@ -508,8 +522,9 @@ def second_derivatives(ys, x, mode):
     _contract_work(term, mode, x, work)
   out = {jacobians.HESSIAN: 2, jacobians.DIAGONAL: 1}.get(mode, 0)
   size = _static_size(x.shape[1:])
-  # The sum of the parts.
-  work.add(entries=None if size is None else (0, len(parts) * size**out))
+  # The sum of the parts, and of the halves with their transpose.
+  sums = len(parts) + (len(halves) + 1 if halves else 0)
+  work.add(entries=None if size is None else (0, sums * size**out))
   work.ops += len(x.graph.get_operations()) - ops_before
   return Result(value, True, work)
 
@@ -535,4 +550,4 @@ def _contract_work(term, mode, x, work):
     work.add(
       entries=None if size is None else (scale * size[0], scale * size[1])
     )
-  work.add(entries=(0, m + (2 if term.symmetric else 1) * out))
+  work.add(entries=(0, m + out))

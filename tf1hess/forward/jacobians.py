@@ -241,8 +241,13 @@ def _contract_diagonals(term, mode, n):
   return v if mode == DIAGONAL else tf.reduce_sum(v, axis=1)
 
 
-def contract(term, mode, n, k):
-  """The term's Hessian `(N, K, K)`, diagonal `(N, K)` or trace `(N,)`."""
+def contract(term, mode, n, k, half=False):
+  """The term's Hessian `(N, K, K)`, diagonal `(N, K)` or trace `(N,)`.
+
+  With `half`, a symmetric term's full Hessian is one of its two halves,
+  `X` or `X^T` (the term is `X + X^T`): the caller adds the transpose once
+  for the sum of such halves.
+  """
   if term.a.diagonal and term.b.diagonal:
     return _contract_diagonals(term, mode, n)
   a, b = materialize(term.a), materialize(term.b)
@@ -261,10 +266,14 @@ def contract(term, mode, n, k):
       out = tf.reshape(
         tf.matmul(left, fa, transpose_b=True), tf.stack([n, k, k])
       )
+      if half and term.symmetric:
+        return out
       out = tf.transpose(out, [0, 2, 1])
     else:
       out = tf.matmul(tf.expand_dims(c, 1) * fa, fb, transpose_b=True)
-    return out + tf.transpose(out, [0, 2, 1]) if term.symmetric else out
+    if half or not term.symmetric:
+      return out
+    return out + tf.transpose(out, [0, 2, 1])
   if a.shared and b.shared:
     prod = fa * fb  # (K, M)
     if mode == DIAGONAL:
