@@ -167,6 +167,16 @@ _RULES = {
       tf.matmul(tf.reshape(x, [-1, 2, 3]), tf.sin(tf.reshape(x, [-1, 3, 2])))
     ),
   ),
+  # Output matrices of 12 x 12: N K small matmuls (see structural.py).
+  "BatchMatMulV2_large": (
+    "BatchMatMulV2",
+    lambda x: tf.tanh(
+      tf.matmul(
+        tf.reshape(tf.tile(_lin(x), [1, 2]), [-1, 12, 1]),
+        tf.sin(tf.reshape(tf.tile(x, [1, 2]), [-1, 1, 12])),
+      )
+    ),
+  ),
   "BatchMatMulV2_adjoint": (
     "BatchMatMulV2",
     lambda x: tf.tanh(

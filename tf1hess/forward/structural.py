@@ -381,6 +381,36 @@ def _has_batch(t, out_rank):
   return t.shape.rank == out_rank and tf.compat.dimension_value(t.shape[0]) != 1
 
 
+# `other @ J` for per-sample matrices `other` is one matmul per sample (the
+# K tangents side by side) when its output matrices have at most this many
+# entries, else N K small ones. On this machine, for N = 128 to 4096 and K
+# = 10 to 64: 1.3x to 3x faster at 2 x 2 to 8 x 8, the same at 12 x 12,
+# 2.3x slower at 16 x 16 (two transposes of the Jacobian).
+_MERGED_RIGHT_ENTRIES = 128
+
+
+def _tangents_as_rows(value, other, jac_on_left):
+  """`J @ other` or `other @ J`, `other` `(N, q, r)` or `(N, p, q)`.
+
+  `value` `(B, K, p, q)` or `(B, K, q, r)` with B = N, or 1 when shared.
+  The K tangents become rows (or columns) of one matmul per sample.
+  """
+  shape = tf.shape(value)
+  b, k = shape[0], shape[1]
+  n = tf.shape(other)[0]
+  if jac_on_left:
+    p, r = shape[2], tf.shape(other)[2]
+    merged = tf.reshape(value, tf.stack([b, k * p, shape[3]]))
+    out = tf.matmul(merged, other)  # (N, K p, r)
+    return tf.reshape(out, tf.stack([n, k, p, r]))
+  p, r = tf.shape(other)[1], shape[3]
+  merged = tf.reshape(
+    tf.transpose(value, [0, 2, 1, 3]), tf.stack([b, shape[2], k * r])
+  )
+  out = tf.reshape(tf.matmul(other, merged), tf.stack([n, p, k, r]))
+  return tf.transpose(out, [0, 2, 1, 3])
+
+
 def _matmul_by(jac, other, out_rank, jac_on_left):
   """`J @ other` (or `other @ J`) for `other` independent of x."""
   if other.shape.rank == out_rank and not _has_batch(other, out_rank):
@@ -393,6 +423,12 @@ def _matmul_by(jac, other, out_rank, jac_on_left):
   if not _has_batch(other, out_rank):
     return jacobians.Jacobian(product(jac.value, other), jac.shared)
   value = jac.value if not jac.shared else tf.expand_dims(jac.value, 0)
+  if out_rank == 3:
+    if jac_on_left:
+      return jacobians.dense(_tangents_as_rows(value, other, True))
+    out = other.shape[1:2].concatenate(value.shape[3:4])
+    if out.is_fully_defined() and out.num_elements() <= _MERGED_RIGHT_ENTRIES:
+      return jacobians.dense(_tangents_as_rows(value, other, False))
   return jacobians.dense(product(value, tf.expand_dims(other, 1)))
 
 
@@ -428,12 +464,21 @@ def _batch_matmul(op, jacs, ctx):
   )
 
   def build(adj):
-    # sum_{p,r} adj[p, r] (dA_k dB_l)[p, r] = <dA_k, adj dB_l^T>.
-    pulled = tf.matmul(
-      tf.expand_dims(tf.cast(adj, jb.value.dtype), 1),
-      jacobians.to_dense(jb, ctx.n),
-      transpose_b=True,
-    )
+    # sum_{p,r} adj[p, r] (dA_k dB_l)[p, r] = <dA_k, adj dB_l^T>, with
+    # (adj dB^T)^T = dB adj^T: the tangents of dB as rows of one matmul
+    # per sample (1.1x to 3x faster than N K small ones, measured as above).
+    adj = tf.cast(adj, jb.value.dtype)
+    if out_rank == 3:
+      value = jb.value if not jb.shared else tf.expand_dims(jb.value, 0)
+      pulled = tf.linalg.matrix_transpose(
+        _tangents_as_rows(value, tf.linalg.matrix_transpose(adj), True)
+      )
+    else:
+      pulled = tf.matmul(
+        tf.expand_dims(adj, 1),
+        jacobians.to_dense(jb, ctx.n),
+        transpose_b=True,
+      )
     return [
       jacobians.Term(
         tf.ones([], pulled.dtype), ja, jacobians.dense(pulled), symmetric=True
