@@ -277,7 +277,9 @@ def batch_hessians(
       engine (forward Jacobians op by op, see docs/forward.md), and raises
       `ValueError` naming an op it has no rule for; `"auto"` takes it where
       its cost model says so, and falls back to the rows, with a warning,
-      where the engine cannot follow the model.
+      where the engine cannot follow the model. When the batch size is not
+      static and the cost model's choice depends on it, `"auto"` builds
+      both, and a `tf.cond` on N runs one.
     chunk_size: `int` or `None` (default: all rows at once): rows per
       vectorized backward pass. Smaller chunks keep the intermediate
       activations of only `chunk_size` rows alive, at some cost in speed
