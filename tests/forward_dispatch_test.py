@@ -348,6 +348,24 @@ class EagerInFunctionTest(tf.test.TestCase):
     expected = np.einsum("nu,au,bu->nab", curvature, w, w)
     self.assertAllClose(value, expected, atol=1e-10)
 
+  def test_softsign_executing_eagerly_takes_the_engine(self):
+    # The tapes raise TensorFlow's LookupError; auto takes the engine.
+    w = _RNG.normal(size=(4, 8)) / 2
+
+    def fn(x):
+      return tf.reduce_sum(tf.nn.softsign(tf.matmul(x, w)), axis=1)
+
+    x_val = _RNG.normal(size=(3, 4))
+    with self.assertRaises(LookupError):
+      tf1hess.eager.batch_hessians(fn, tf.constant(x_val), method="while_loop")
+    with self.assertLogs(level="WARNING") as logs:
+      value = tf1hess.eager.batch_hessians(fn, tf.constant(x_val)).numpy()
+    self.assertIn("taking the engine", "\n".join(logs.output))
+    z = x_val @ w
+    curvature = -2 * np.sign(z) / (1 + np.abs(z)) ** 3
+    expected = np.einsum("nu,au,bu->nab", curvature, w, w)
+    self.assertAllClose(value, expected, atol=1e-10)
+
   def test_the_engine_where_it_pays(self):
     spec = [tf.TensorSpec([None, 128], tf.float64)]
     graph = (

@@ -126,20 +126,38 @@ def _derivatives(
       unconnected_gradients=unconnected_gradients,
       plan=plan,
     )
-  with _Tapes(x, order) as tapes:
-    ys = fn(x)
-    for y in _checks.as_list(ys)[0]:
-      _checks.check_float(tf.convert_to_tensor(y), "fn(x)")
-    grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
-    if grad is None or order == 1:
-      return grad
-    return _core.per_sample_derivatives(
+  try:
+    with _Tapes(x, order) as tapes:
+      ys = fn(x)
+      for y in _checks.as_list(ys)[0]:
+        _checks.check_float(tf.convert_to_tensor(y), "fn(x)")
+      grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
+      if grad is None or order == 1:
+        return grad
+      return _core.per_sample_derivatives(
+        x,
+        grad,
+        lambda level: tapes.gradient_fn(level, unconnected),
+        order,
+        plan,
+        diagonal=diagonal,
+        check_independence=check_independence,
+      )
+  except LookupError as e:
+    # TensorFlow has no gradient of an op of the first derivative (the
+    # gradient of `tf.nn.softsign` has none): the forward engine needs none.
+    if order != 2 or plan.method != "auto":
+      raise
+    _core.warn_once(
+      None, f"tf1hess: the rows cannot be built ({e}); taking the engine."
+    )
+    return _graph_walk(
+      fn,
       x,
-      grad,
-      lambda level: tapes.gradient_fn(level, unconnected),
-      order,
+      unconnected_gradients,
       plan,
       diagonal=diagonal,
+      laplacian=laplacian,
       check_independence=check_independence,
     )
 
