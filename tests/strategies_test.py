@@ -42,6 +42,12 @@ _STRATEGIES = {
   # "auto" with the forward engine wherever it can follow the model (the
   # cost model says yes to every call), the rows elsewhere.
   "auto_forward": ({"method": "auto"}, "forward"),
+  # "auto" with both, and a tf.cond on N (as when the cost model's choice
+  # depends on a batch size known only at run time): N < 2 on one side,
+  # N >= 2 on the other.
+  "auto_switch_engine_below": ({"method": "auto"}, "switch_engine_below"),
+  "auto_switch_rows_below": ({"method": "auto"}, "switch_rows_below"),
+  "auto_switch_vectorized": ({"plan": _VECTORIZE}, "switch_engine_below"),
 }
 
 _TOL = {tf.float32: 2e-4, tf.float64: 1e-9}
@@ -64,11 +70,14 @@ class StrategyMixin(testing_utils.ControlFlowMixin):
   def strategy(self, name):
     kwargs, patched = _STRATEGIES[name]
     patches = []
-    if patched == "forward":
+    choices = {
+      "forward": dispatch.Choice(True),
+      "switch_engine_below": dispatch.Choice(True, 2),
+      "switch_rows_below": dispatch.Choice(False, 2),
+    }
+    if patched in choices:
       patches.append(
-        mock.patch.object(
-          dispatch, "choose", return_value=dispatch.Choice(True)
-        )
+        mock.patch.object(dispatch, "choose", return_value=choices[patched])
       )
     if patched == "fail_pfor":
       patches.append(

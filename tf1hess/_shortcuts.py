@@ -19,6 +19,7 @@ does not match simply takes the plain rows.
 """
 
 import tensorflow as tf
+from tensorflow.python.framework import func_graph  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _rows
 
@@ -50,9 +51,27 @@ class Graph:
   def __init__(self, source):
     self.source = source
     self._memo = {}
+    self._captures = {}
+
+  def captured(self, op):
+    """The outer tensor that `op` captures, when it is a placeholder of a
+    function graph (a `tf.cond` branch, a loop body) standing for one."""
+    graph = op.graph
+    if op.type != "Placeholder" or not isinstance(graph, func_graph.FuncGraph):
+      return None
+    if graph not in self._captures:
+      self._captures[graph] = {
+        internal.op: external for external, internal in graph.captures
+      }
+    return self._captures[graph].get(op)
 
   def ancestors(self, tensors):
-    """Ops that a gradient from `tensors` can reach, `tensors`' ops included."""
+    """Ops that a gradient from `tensors` can reach, `tensors`' ops included.
+
+    The walk goes on from a function graph's captures (a `tf.cond` branch
+    that builds rows of tensors of the graph around it) to what they
+    capture.
+    """
     seen, stack = set(), [t.op for t in tensors]
     while stack:
       op = stack.pop()
@@ -61,6 +80,9 @@ class Graph:
       seen.add(op)
       if op.type not in NO_GRADIENT:
         stack.extend(t.op for t in op.inputs)
+      outer = self.captured(op)
+      if outer is not None:
+        stack.append(outer.op)
     return seen
 
   def depends(self, t):
@@ -134,6 +156,11 @@ def _pull_back(t, graph):
   """One linear op back from `t`: `[(input, steps)]`, or `None` to stop."""
   op = t.op
   t_dims = _static_dims(t)
+  outer = graph.captured(op)
+  if outer is not None:
+    # Rows built in a function graph (a `tf.cond` branch) of tensors of the
+    # graph around it: differentiated there, not at the placeholder.
+    return [(outer, ())]
   if op.type in ("Identity", "Snapshot"):
     return [(op.inputs[0], ())]
   if op.type == "Reshape":
