@@ -531,6 +531,33 @@ class ByBatchSizeTest(
     x_val = tf.constant(_RNG.normal(size=(3, 64)))
     self.assertAllClose(auto(x_val), rows(x_val), atol=1e-10)
 
+  def test_graph_ops_inside_an_autograph_tf_function(self):
+    # Weights captured from eager execution, AutoGraph on (the default).
+    weights = [tf.constant(_RNG.normal(size=(64, 64)) / 8) for _ in range(3)]
+
+    def fn(x):
+      h = x
+      for w in weights:
+        h = tf.tanh(tf.matmul(h, w))
+      return tf.reduce_sum(h, axis=1)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float64)])
+    def hessians(x):
+      return tf1hess.batch_hessians(fn(x), x)
+
+    graph = hessians.get_concrete_function().graph
+    names = [op.name for op in graph.get_operations()]
+    self.assertTrue(any("/by_batch_size" in name for name in names))
+    x_val = tf.constant(_RNG.normal(size=(3, 64)))
+    with tf.GradientTape() as outer:
+      outer.watch(x_val)
+      with tf.GradientTape() as inner:
+        inner.watch(x_val)
+        y = fn(x_val)
+      g = inner.gradient(y, x_val)
+    expected = outer.batch_jacobian(g, x_val)
+    self.assertAllClose(hessians(x_val), expected, atol=1e-10)
+
   def _switched(self, y, x, engine_below, fn=tf1hess.batch_hessians):
     choice = dispatch.Choice(engine_below, 4)
     with mock.patch.object(dispatch, "choose", return_value=choice):

@@ -20,6 +20,7 @@ does not match simply takes the plain rows.
 
 import tensorflow as tf
 from tensorflow.python.framework import func_graph  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _rows
 
@@ -60,8 +61,12 @@ class Graph:
     if op.type != "Placeholder" or not isinstance(graph, func_graph.FuncGraph):
       return None
     if graph not in self._captures:
+      # Graph tensors only: a `tf.function` also captures eager tensors
+      # (constants, variables' values), which no gradient passes through.
       self._captures[graph] = {
-        internal.op: external for external, internal in graph.captures
+        internal.op: external
+        for external, internal in graph.captures
+        if not isinstance(external, tf_ops.EagerTensor)
       }
     return self._captures[graph].get(op)
 

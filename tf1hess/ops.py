@@ -148,6 +148,10 @@ def _graph_gradient(x, unconnected):
   return gradient
 
 
+# Graph-building code: AutoGraph (a `tf.function` around a caller) must not
+# rewrite it: it would only slow the tracing down (9 s against 0.5 s for a
+# Hessian of a 3-layer MLP) and trip over the walks of the graph.
+@tf.autograph.experimental.do_not_convert
 def _derivatives(
   ys,
   xs,
