@@ -20,6 +20,7 @@ import testing_utils
 import tf1hess
 from tf1hess import forward
 from tf1hess.forward import dispatch
+from tf1hess.forward import jacobians
 from tf1hess.forward import registry
 
 _K = 6
@@ -72,6 +73,14 @@ _RULES = {
   # One tensor times itself: the cross terms of both operands count twice.
   "Mul_same_tensor": ("Mul", lambda x: (lambda t: t * t)(tf.tanh(_lin(x)))),
   "Mul_input_by_itself": ("Mul", lambda x: tf.reduce_sum(x * x * _lin(x), 1)),
+  # tf.nn.silu: a custom gradient (IdentityN) that is its exact gradient.
+  "IdentityN_silu": ("IdentityN", lambda x: tf.nn.silu(_lin(x))),
+  "IdentityN": (
+    "IdentityN",
+    lambda x: tf.tanh(tf.identity_n([_lin(x), x])[0] * x),
+  ),
+  # Two dense layers of x: cross terms of two different shared Jacobians.
+  "Mul_two_layers": ("Mul", lambda x: _lin(x) * tf.matmul(x, _c(_W.T, x))),
   "RealDiv": ("RealDiv", lambda x: tf.sin(x) / (tf.square(_lin(x)) + 1.0)),
   "SquaredDifference": (
     "SquaredDifference",
@@ -427,6 +436,33 @@ class ForwardModelsTest(
     self.assertAllClose(h, expected, atol=2e-4, rtol=1e-4)
     self.assertAllClose(lap, np.einsum("nii->n", expected), atol=2e-4)
 
+  @parameterized.parameters(None, 9, 3)
+  def test_dense_layer_against_the_analytic_hessian(self, batch):
+    """`c @ P` for the products `P` of two shared factors, when N >= K."""
+    w = _RNG.normal(size=(_K, 5))
+    x_val = _RNG.normal(size=(batch or 7, _K))
+    taken, choose = [], jacobians.outer_of_shared
+
+    def spy(*args):
+      taken.append(choose(*args))
+      return taken[-1]
+
+    with mock.patch.object(jacobians, "outer_of_shared", spy):
+      with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float64, [batch, _K])
+        y = tf.tanh(tf.matmul(x, w) + 0.2)
+        outs = [
+          tf1hess.batch_hessians(y, x, method="forward"),
+          tf1hess.batch_hessian_diagonals(y, x, method="forward"),
+        ]
+        with tf.compat.v1.Session() as sess:
+          h, d = sess.run(outs, {x: x_val})
+    t = np.tanh(x_val @ w + 0.2)
+    expected = np.einsum("km,nm,lm->nkl", w, -2 * t * (1 - t * t), w)
+    self.assertAllClose(h, expected, atol=1e-10)
+    self.assertAllClose(d, np.einsum("nkk->nk", expected), atol=1e-10)
+    self.assertEqual(any(taken), batch != 3)
+
   def test_rank3_input_and_dynamic_features(self):
     x_val = _RNG.normal(size=(3, 2, 3))
     with tf.Graph().as_default():
@@ -623,6 +659,29 @@ class AutoTest(tf.test.TestCase):
       with tf.compat.v1.Session() as sess:
         h_val, rows_val = sess.run([h, rows], {x: x_val})
     self.assertAllClose(h_val, rows_val, atol=1e-10)
+
+  def test_auto_follows_silu_without_a_warning(self):
+    """tf.nn.silu's custom gradient: the walk, on the model and on its copy
+    for the cost model, backpropagates through its forward ops."""
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.nn.silu(_lin(tf.nn.silu(_lin(x), beta=0.7)))
+      with mock.patch.object(
+        dispatch, "choose", return_value=dispatch.Choice(True)
+      ):
+        with mock.patch.object(dispatch._core, "warn_once") as warn:
+          outs = [
+            op(y, x)
+            for op in (tf1hess.batch_hessians, tf1hess.batch_laplacians)
+          ]
+      warn.assert_not_called()
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h, lap, rows_val = sess.run(outs + [rows], {x: x_val_of(5)})
+        reference = _batch_reference(sess, x, y, x_val_of(5))
+    self.assertAllClose(h, rows_val, atol=1e-10)
+    self.assertAllClose(h, reference, atol=1e-6)
+    self.assertAllClose(lap, np.einsum("nii->n", rows_val), atol=1e-10)
 
   def test_auto_diagonals_agree_with_the_rows(self):
     with tf.Graph().as_default():

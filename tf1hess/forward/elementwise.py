@@ -118,10 +118,15 @@ for _op_type, _derivatives in _UNARY.items():
 
 
 @registry.register(
-  "Identity", "Snapshot", "CheckNumerics", linear=True, diagonal=True
+  "Identity",
+  "IdentityN",
+  "Snapshot",
+  "CheckNumerics",
+  linear=True,
+  diagonal=True,
 )
 def _identity(op, jacs, ctx):
-  return [jacs[0]]
+  return list(jacs)
 
 
 @registry.register(

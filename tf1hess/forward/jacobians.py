@@ -241,12 +241,36 @@ def _contract_diagonals(term, mode, n):
   return v if mode == DIAGONAL else tf.reduce_sum(v, axis=1)
 
 
-def contract(term, mode, n, k, half=False):
+# The most entries `K * K * M` of the products of two shared Jacobians that
+# `contract` writes to multiply them by `c` at once (1 MiB in float32).
+_MAX_OUTER_ENTRIES = 1 << 18
+
+
+def outer_of_shared(term, mode, batch=None):
+  """Whether `contract` multiplies `c` by the products of shared factors.
+
+  The Hessian of a term of two shared Jacobians `(K, M)` (a matmul of `x`
+  by weights) is `c @ P` with `P[m, k, l] = J_a[k, m] J_b[l, m]`: one matmul
+  `(N, M) x (M, K K)`, instead of writing `c J_a` `(N, K, M)` and reading it
+  back. Taken when `K K M` is at most `_MAX_OUTER_ENTRIES` and the static
+  batch `batch` (if known) is at least K, so that `P` is the smaller.
+  """
+  if mode != HESSIAN or not (term.a.shared and term.b.shared):
+    return False
+  shape = term.a.value.shape
+  k = tf.compat.dimension_value(shape[0])
+  m = shape[1:].num_elements()
+  if k is None or m is None:
+    return False
+  return k * k * m <= _MAX_OUTER_ENTRIES and (batch is None or k <= batch)
+
+
+def contract(term, mode, n, k, half=False, batch=None):
   """The term's Hessian `(N, K, K)`, diagonal `(N, K)` or trace `(N,)`.
 
   With `half`, a symmetric term's full Hessian is one of its two halves,
   `X` or `X^T` (the term is `X + X^T`): the caller adds the transpose once
-  for the sum of such halves.
+  for the sum of such halves. `batch` is the static N, or `None`.
   """
   if term.a.diagonal and term.b.diagonal:
     return _contract_diagonals(term, mode, n)
@@ -254,6 +278,15 @@ def contract(term, mode, n, k, half=False):
   c = _flat_c(term.c, a, n)  # (N, M)
   fa, fb = _flat(a), _flat(b)
   m = _size(a)
+  if outer_of_shared(Term(c, a, b), mode, batch):
+    # (N, M) @ (M, K K); a symmetric term's half is the whole when a is b.
+    prods = tf.reshape(
+      tf.expand_dims(fa, 1) * tf.expand_dims(fb, 0), tf.stack([k * k, m])
+    )
+    out = tf.reshape(tf.matmul(c, prods, transpose_b=True), tf.stack([n, k, k]))
+    if half or not term.symmetric:
+      return out
+    return out + tf.transpose(out, [0, 2, 1])
   if mode == HESSIAN:
     if b.shared:
       # (N K, M) @ (M, K): one matmul by the shared factor.
