@@ -199,6 +199,20 @@ class WorkTest(tf.test.TestCase):
       # A shared (3, 5) Jacobian, each entry a sum of 3 products.
       self.assertEqual(walked.work.flops, [2 * 3 * 3 * 5, 0])
 
+  def test_inputs_of_unknown_size_count_as_the_output(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      u = tf.compat.v1.placeholder(tf.float64, [None, None])
+      v = tf.reshape(u, tf.shape(x))
+      v.set_shape([None, None])
+      y = tf.math.squared_difference(tf.sin(x), v)
+      y.set_shape([None, 3])
+      self.assertEqual(y.op.type, "SquaredDifference")
+      work = engine.pass_work([y.op])
+      self.assertTrue(work.known)
+      # Both inputs and the output, 3 entries each.
+      self.assertEqual(work.entries, [0, 9])
+
   def test_unknown_entries(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 3])
@@ -206,6 +220,64 @@ class WorkTest(tf.test.TestCase):
       y = tf.reduce_sum(tf.sin(x), 1, keepdims=True) * u
       walked = engine.second_derivatives([y], x, forward.HESSIAN)
       self.assertIsNone(walked.work.at(4))
+
+
+def _classifier(x, bias=None):
+  """Softmax cross-entropy of a 32-64-10 classifier: TensorFlow reshapes
+  the logits `(None, 10)` to `(None, None)` when N is not static."""
+  w1 = tf.constant(_RNG.normal(size=(x.shape[1], 64)) / 6.0, x.dtype)
+  w2 = tf.constant(_RNG.normal(size=(64, 10)) / 8.0, x.dtype)
+  h = tf.nn.elu(tf.matmul(x if bias is None else x + bias, w1))
+  labels = tf.one_hot(tf.zeros(tf.shape(x)[:1], tf.int32) + 3, 10)
+  return tf.nn.softmax_cross_entropy_with_logits(
+    labels=tf.cast(labels, x.dtype), logits=tf.matmul(h, w2)
+  )
+
+
+class StaticBatchCopyTest(tf.test.TestCase):
+  """Estimates from a copy with a static N where shapes are lost without."""
+
+  def test_softmax_cross_entropy_is_estimated_and_takes_the_engine(self):
+    x_val = _RNG.normal(size=(6, 32))
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 32])
+      y = _classifier(x)
+      (g,) = tf.gradients(y, x)
+      mode = forward.HESSIAN
+      self.assertFalse(dispatch.rows_work([y], x, g, mode).known)
+      rows = dispatch._rows_work_with_static_batch([y], x, mode, None)
+      walked = dispatch.dry_run([y], x, mode)
+      self.assertTrue(rows.known)
+      self.assertTrue(walked.work.known)
+      self.assertTrue(dispatch.choose([y], x, g, mode, walked).at(256))
+      h = tf1hess.batch_hessians(y, x)
+      self.assertNotEmpty(_engine_ops(graph))
+      reference = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h_val, reference_val = sess.run([h, reference], {x: x_val})
+    self.assertAllClose(h_val, reference_val, atol=1e-10)
+
+  def test_another_static_batch_gives_no_copy(self):
+    # A constant of 6 rows against x: no copy with N = ASSUMED_BATCH (the
+    # shapes are static without: N is 6 from the constant on).
+    x_val = _RNG.normal(size=(6, 32))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 32])
+      y = _classifier(x, bias=tf.constant(x_val * 0.1))
+      (g,) = tf.gradients(y, x)
+      path = engine.path_ops(x, [y])
+      self.assertIsNone(dispatch._static_batch_copy(x, [y], path))
+      walked = dispatch.dry_run([y], x, forward.HESSIAN)
+      self.assertTrue(walked.work.known)
+      self.assertTrue(dispatch.rows_work([y], x, g, forward.HESSIAN).known)
+      outs = [
+        tf1hess.batch_hessians(y, x, method=m)
+        for m in ("auto", "forward", "while_loop")
+      ]
+      with tf.compat.v1.Session() as sess:
+        auto, engine_val, rows_val = sess.run(outs, {x: x_val})
+    self.assertAllClose(auto, rows_val, atol=1e-10)
+    self.assertAllClose(engine_val, rows_val, atol=1e-10)
 
 
 # A constructor for every function of `engine._TRANSCENDENTAL` that the rows

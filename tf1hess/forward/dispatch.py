@@ -234,7 +234,8 @@ def choose(ys, x, grad, mode, walked, plan=None):
   Full Hessians compare the estimated run times (`seconds`) of the
   engine's `Work` (`walked.work`, from the walk) and of the rows'
   (`rows_work`); when a shape either estimate needs is not static, the
-  rows. The rows are taken when their estimate is under `_ROWS_MARGIN`
+  rows. Where N not being static lost other dimensions, the estimates are
+  made on a copy of the model with a static N (`_static_batch_copy`). The rows are taken when their estimate is under `_ROWS_MARGIN`
   (0.9) times the engine's: over the 49 cases of 24 models measured with
   `tools/cost_model_measure.py` (docs/forward.md), the rows, where faster,
   were so by up to 2.6x (3.4x for a quadratic form, whose rows need no
@@ -278,6 +279,8 @@ def choose(ys, x, grad, mode, walked, plan=None):
   if mode != jacobians.HESSIAN:
     return Choice(_shortcut(x, grad, plan) is None)
   rows = rows_work(ys, x, grad, mode, plan)
+  if seconds(rows, 1) is None:
+    rows = _rows_work_with_static_batch(ys, x, mode, plan)
   if seconds(walked.work, 1) is None or seconds(rows, 1) is None:
     return Choice(False)
 
@@ -364,14 +367,15 @@ def _copy_node(op, names, nodes, taken):
   nodes.append(node)
 
 
-def _copy(x, ys, path):
+def _copy(x, ys, path, batch=None):
   """The ops of `path` in a new `tf.Graph`: `(graph, x, ys)` there.
 
-  `x` becomes a placeholder; every other floating input of the path a
-  placeholder of its shape; the integer tensors the path reads (shapes,
-  axes) are copied with the ops that compute them. The copies keep their
-  names and static shapes, so that the walk meets the same ops as in the
-  original graph and says the same when it cannot follow one.
+  `x` becomes a placeholder (of static batch size `batch` if given);
+  every other floating input of the path a placeholder of its shape; the
+  integer tensors the path reads (shapes, axes) are copied with the ops
+  that compute them. The copies keep their names and static shapes, so
+  that the walk meets the same ops as in the original graph and says the
+  same when it cannot follow one.
   """
   names, nodes, taken = {}, [], {op.name for op in path}
   x_name = f"{x.op.name}/tf1hess_x"
@@ -380,7 +384,10 @@ def _copy(x, ys, path):
   taken.add(x_name)
   node = tf.compat.v1.NodeDef(name=x_name, op="Placeholder")
   node.attr["dtype"].type = x.dtype.base_dtype.as_datatype_enum
-  node.attr["shape"].shape.CopyFrom(x.shape.as_proto())
+  shape = x.shape
+  if batch is not None:
+    shape = tf.TensorShape([batch]).concatenate(shape[1:])
+  node.attr["shape"].shape.CopyFrom(shape.as_proto())
   nodes.append(node)
   names[(x.op.name, x.value_index)] = x_name
   for op in path:
@@ -427,7 +434,53 @@ def dry_run(ys, x, mode):
     logging.info("tf1hess: the model could not be copied (%s).", e)
     return None
   with graph.as_default():
-    return engine.second_derivatives(ys_copy, x_copy, mode)
+    walked = engine.second_derivatives(ys_copy, x_copy, mode)
+  if walked.work.known:
+    return walked
+  static = _static_batch_copy(x, ys, path)
+  if static is None:
+    return walked
+  graph, x_copy, ys_copy = static
+  with graph.as_default():
+    again = engine.second_derivatives(ys_copy, x_copy, mode)
+  return again if again.work.known else walked
+
+
+def _static_batch_copy(x, ys, path):
+  """`_copy` with the batch size `ASSUMED_BATCH`, or `None`.
+
+  When N is not static, TensorFlow's shape inference can lose other
+  dimensions too (`tf.nn.softmax_cross_entropy_with_logits` reshapes the
+  logits `(None, C)` to `(None, None)`), which the estimates need; with a
+  static N it keeps them. `None` when N is static already, the features
+  are not, or the copy fails (another input with a static batch size).
+  """
+  if x.shape.rank is None or x.shape[:1].is_fully_defined():
+    return None
+  if not x.shape[1:].is_fully_defined():
+    return None
+  try:
+    return _copy(x, ys, path, batch=ASSUMED_BATCH)
+  except (ValueError, TypeError, tf.errors.OpError) as e:
+    logging.info("tf1hess: no copy with a static batch size (%s).", e)
+    return None
+
+
+def _rows_work_with_static_batch(ys, x, mode, plan):
+  """`rows_work` on a `_static_batch_copy` of the model, or unknown work."""
+  static = _static_batch_copy(x, ys, engine.path_ops(x, ys))
+  if static is None:
+    work = engine.Work()
+    work.known = False
+    return work
+  graph, x_copy, ys_copy = static
+  with graph.as_default():
+    grad = tf.gradients(ys_copy, x_copy)[0]
+    if grad is None:
+      work = engine.Work()
+      work.known = False
+      return work
+    return rows_work(ys_copy, x_copy, grad, mode, plan)
 
 
 def _unsupported(x, method, error):

@@ -292,7 +292,9 @@ def pass_work(
   `guess`, a tensor whose size is not static counts as the largest static
   one of its op (TensorFlow's gradients of broadcasts sum over axes known
   only at run time), and unknown flops as none; without, the `Work` is
-  then not `known`.
+  then not `known`, unless only inputs are not static: those count as the
+  largest output (the labels of a softmax cross-entropy, reshaped by
+  TensorFlow to `(None, None)`, are the size of its logits).
   """
   work = Work()
   for op in ops:
@@ -311,9 +313,12 @@ def pass_work(
       if t.dtype.is_floating and t.shape.rank
     ]
     sizes = [_static_size(t.shape[1:]) for t, _ in tensors]
+    outputs = sizes[len(sizes) - sum(t.op is op for t, _ in tensors) :]
     if guess:
       largest = max([size for size in sizes if size is not None], default=0)
       sizes = [largest if size is None else size for size in sizes]
+    elif outputs and None not in outputs:
+      sizes = [max(outputs) if size is None else size for size in sizes]
     for size, (_, scale) in zip(sizes, tensors):
       work.add(entries=None if size is None else (0, size * scale * weight))
   return work
