@@ -252,6 +252,9 @@ _RULES = {
 # explicit padding): the rows fail, the engine is checked against differences.
 _NO_ROWS = {"MaxPool_explicit_padding"}
 
+# Op types tested in float32 here (their CPU kernels have no float64).
+FLOAT32_OP_TYPES = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
+
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
   "Conv2D",
@@ -598,6 +601,80 @@ class Float32ConvolutionTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(
       lap_val, np.einsum("nii->n", reference), atol=1e-5, rtol=1e-4
     )
+
+
+class Float32BatchNormTest(tf.test.TestCase, parameterized.TestCase):
+  """FusedBatchNorm: TensorFlow's CPU kernels run it in float32."""
+
+  @parameterized.parameters(
+    ("NHWC", "FusedBatchNormV3"),
+    ("NCHW", "FusedBatchNormV3"),
+    ("NHWC", "FusedBatchNormV2"),
+    ("NHWC", "FusedBatchNorm"),
+  )
+  def test_inference(self, data_format, op_type):
+    x_val = _RNG.normal(size=(3, _K))
+    scale, offset = _RNG.normal(size=(2, 2)) + 1.0
+    mean, variance = _RNG.normal(size=2), _RNG.uniform(0.5, 2.0, size=2)
+
+    def model(x, norm):
+      h = tf.tanh(_image(_lin(x), (3, 4, 1)))
+      h = tf.concat([h, tf.sin(h)], axis=3)  # (N, 3, 4, 2)
+      return tf.nn.softplus(tf.nn.conv2d(norm(h), _filter(_F, h), 1, "SAME"))
+
+    def under_test(h):
+      def c(v):
+        return tf.constant(v, tf.float32)
+
+      if data_format == "NCHW":
+        h = tf.transpose(h, [0, 3, 1, 2])
+      out = getattr(tf.raw_ops, op_type)(
+        x=h,
+        scale=c(scale),
+        offset=c(offset),
+        mean=c(mean),
+        variance=c(variance),
+        epsilon=1e-3,
+        data_format=data_format,
+        is_training=False,
+      )[0]
+      return out if data_format == "NHWC" else tf.transpose(out, [0, 2, 3, 1])
+
+    def equivalent(h):
+      return (h - mean) * scale / np.sqrt(variance + 1e-3) + offset
+
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
+      y = model(x, under_test)
+      outs = [
+        tf1hess.batch_hessians(y, x, method="forward"),
+        tf1hess.batch_laplacians(y, x, method="forward"),
+        tf1hess.batch_hessians(y, x, method="while_loop"),
+      ]
+      with tf.compat.v1.Session() as sess:
+        h_val, lap_val, rows_val = sess.run(outs, {x: x_val})
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = model(x, equivalent)
+      with tf.compat.v1.Session() as sess:
+        reference = _differences(sess, x, y, x_val)
+    self.assertAllClose(h_val, rows_val, atol=1e-5, rtol=1e-4)
+    self.assertAllClose(h_val, reference, atol=1e-5, rtol=1e-4)
+    self.assertAllClose(
+      lap_val, np.einsum("nii->n", reference), atol=1e-5, rtol=1e-4
+    )
+
+  def test_training_declines(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
+      ones = tf.ones([1])
+      out, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        _image(x, (3, 4, 1)), ones, ones * 0.0, is_training=True
+      )
+      with self.assertRaisesRegex(
+        ValueError, "FusedBatchNorm.* statistics of the batch"
+      ):
+        tf1hess.batch_hessians(tf.sin(out), x, method="forward")
 
 
 class DeclineTest(tf.test.TestCase, parameterized.TestCase):

@@ -313,6 +313,7 @@ class ForwardRulesTest(
   def test_every_rule_has_a_test(self):
     tested = {op_type for op_type, _ in _RULES.values()}
     tested |= forward_rules_test.NEW_OP_TYPES  # Tested there.
+    tested |= forward_rules_test.FLOAT32_OP_TYPES
     models = " ".join(_RULES)
     for op_type in registry.RULES:
       if op_type in tested or op_type in models:

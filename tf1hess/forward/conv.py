@@ -22,6 +22,9 @@ block position `b` of sample `n`, and its dense Jacobian has `B N` rows;
 the rules check that only such a block's linear ops lie between the two
 (otherwise SpaceToBatchND mixes samples).
 
+Batch normalization for inference (`FusedBatchNorm*` with `is_training`
+false) scales each channel by weights: linear too, in any data format.
+
 Data formats: `Conv2D` follows NHWC and NCHW (TensorFlow's CPU kernels run
 NCHW in float32); `DepthwiseConv2dNative`, `AvgPool` and `MaxPool` follow
 NHWC only (their CPU kernels refuse NCHW, so the rules could not be tested
@@ -111,6 +114,47 @@ def _depthwise_conv2d(op, jacs, ctx):
   return _convolution(
     op, jacs, ctx, tf.raw_ops.DepthwiseConv2dNative, _CONV_ATTRS, ("NHWC",)
   )
+
+
+def _normalizes_per_sample(op, jacs):
+  """Batch normalization for inference is linear in its input."""
+  return _of_weights(op, jacs) and not op.get_attr("is_training")
+
+
+@registry.register(
+  "FusedBatchNorm",
+  "FusedBatchNormV2",
+  "FusedBatchNormV3",
+  linear=_normalizes_per_sample,
+)
+def _fused_batch_norm(op, jacs, ctx):
+  """`(v - mean) scale / sqrt(variance + epsilon) + offset` per channel.
+
+  With `is_training=False` (inference: Keras `BatchNormalization` and
+  `tf.compat.v1.layers.batch_normalization` outside training) the
+  statistics are inputs, and the output is `v` scaled per channel; in
+  training they are the batch's, and samples mix.
+  """
+  if op.get_attr("is_training"):
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) normalizes with the statistics of the batch "
+      "(is_training): samples mix"
+    )
+  if any(j is not None for j in jacs[1:]):
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has a scale, offset, mean or variance that "
+      "depends on x"
+    )
+  outs = [None] * len(op.outputs)
+  if jacs[0] is None:
+    return outs
+  scale, _, _, variance = op.inputs[1:5]
+  factor = scale * tf.math.rsqrt(variance + op.get_attr("epsilon"))
+  if op.get_attr("data_format").decode().startswith("NC"):
+    rank = registry.static_rank(op.inputs[0], op)
+    factor = tf.reshape(factor, [-1] + [1] * (rank - 2))
+  outs[0] = jacobians.scale(jacs[0], factor)
+  return outs
 
 
 _POOL_ATTRS = ("ksize", "strides", "padding", "data_format")

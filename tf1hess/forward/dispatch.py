@@ -235,8 +235,9 @@ def choose(ys, x, grad, mode, walked, plan=None):
   engine's `Work` (`walked.work`, from the walk) and of the rows'
   (`rows_work`); when a shape either estimate needs is not static, the
   rows. Where N not being static lost other dimensions, the estimates are
-  made on a copy of the model with a static N (`_static_batch_copy`). The rows are taken when their estimate is under `_ROWS_MARGIN`
-  (0.9) times the engine's: over the 49 cases of 24 models measured with
+  made on a copy of the model with a static N (`_static_batch_copy`).
+  The rows are taken when their estimate is under `_ROWS_MARGIN` (0.9)
+  times the engine's: over the 49 cases of 24 models measured with
   `tools/cost_model_measure.py` (docs/forward.md), the rows, where faster,
   were so by up to 2.6x (3.4x for a quadratic form, whose rows need no
   pass per row), and the engine by up to 22x, so a near tie goes to the
