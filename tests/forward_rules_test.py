@@ -551,6 +551,35 @@ def _dilate(f, rate):
   return out
 
 
+def _check_float32(test, model, equivalent):
+  """Checks the engine on the float32 `model` of `(N, K)` inputs.
+
+  Against the rows built in the same graph and float64 central differences
+  of `equivalent`, the same function made of ops that run in float64.
+  """
+  x_val = _RNG.normal(size=(3, _K))
+  with tf.Graph().as_default():
+    x = tf.compat.v1.placeholder(tf.float32, [None, _K])
+    y = model(x)
+    outs = [
+      tf1hess.batch_hessians(y, x, method="forward"),
+      tf1hess.batch_laplacians(y, x, method="forward"),
+      tf1hess.batch_hessians(y, x, method="while_loop"),
+    ]
+    with tf.compat.v1.Session() as sess:
+      h_val, lap_val, rows_val = sess.run(outs, {x: x_val})
+  with tf.Graph().as_default():
+    x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+    y = equivalent(x)
+    with tf.compat.v1.Session() as sess:
+      reference = _differences(sess, x, y, x_val)
+  test.assertAllClose(h_val, rows_val, atol=1e-5, rtol=1e-4)
+  test.assertAllClose(h_val, reference, atol=1e-5, rtol=1e-4)
+  test.assertAllClose(
+    lap_val, np.einsum("nii->n", reference), atol=1e-5, rtol=1e-4
+  )
+
+
 class Float32ConvolutionTest(tf.test.TestCase, parameterized.TestCase):
   """NCHW and dilations: TensorFlow's CPU kernels run them in float32."""
 
@@ -559,7 +588,6 @@ class Float32ConvolutionTest(tf.test.TestCase, parameterized.TestCase):
     ("nchw_dilations", "NCHW", 2),
   )
   def test_convolution(self, data_format, rate):
-    x_val = _RNG.normal(size=(3, _K))
 
     def model(x, conv):
       h = tf.tanh(_image(_lin(x), (3, 4, 1)))
@@ -583,23 +611,8 @@ class Float32ConvolutionTest(tf.test.TestCase, parameterized.TestCase):
     def equivalent(h):
       return tf.nn.conv2d(h, _filter(_dilate(_F, rate), h), 1, "SAME")
 
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
-      y = model(x, conv_under_test)
-      h = tf1hess.batch_hessians(y, x, method="forward")
-      lap = tf1hess.batch_laplacians(y, x, method="forward")
-      rows = tf1hess.batch_hessians(y, x, method="while_loop")
-      with tf.compat.v1.Session() as sess:
-        h_val, lap_val, rows_val = sess.run([h, lap, rows], {x: x_val})
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
-      y = model(x, equivalent)
-      with tf.compat.v1.Session() as sess:
-        reference = _differences(sess, x, y, x_val)
-    self.assertAllClose(h_val, rows_val, atol=1e-5, rtol=1e-4)
-    self.assertAllClose(h_val, reference, atol=1e-5, rtol=1e-4)
-    self.assertAllClose(
-      lap_val, np.einsum("nii->n", reference), atol=1e-5, rtol=1e-4
+    _check_float32(
+      self, lambda x: model(x, conv_under_test), lambda x: model(x, equivalent)
     )
 
 
@@ -613,7 +626,6 @@ class Float32BatchNormTest(tf.test.TestCase, parameterized.TestCase):
     ("NHWC", "FusedBatchNorm"),
   )
   def test_inference(self, data_format, op_type):
-    x_val = _RNG.normal(size=(3, _K))
     scale, offset = _RNG.normal(size=(2, 2)) + 1.0
     mean, variance = _RNG.normal(size=2), _RNG.uniform(0.5, 2.0, size=2)
 
@@ -643,25 +655,8 @@ class Float32BatchNormTest(tf.test.TestCase, parameterized.TestCase):
     def equivalent(h):
       return (h - mean) * scale / np.sqrt(variance + 1e-3) + offset
 
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
-      y = model(x, under_test)
-      outs = [
-        tf1hess.batch_hessians(y, x, method="forward"),
-        tf1hess.batch_laplacians(y, x, method="forward"),
-        tf1hess.batch_hessians(y, x, method="while_loop"),
-      ]
-      with tf.compat.v1.Session() as sess:
-        h_val, lap_val, rows_val = sess.run(outs, {x: x_val})
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
-      y = model(x, equivalent)
-      with tf.compat.v1.Session() as sess:
-        reference = _differences(sess, x, y, x_val)
-    self.assertAllClose(h_val, rows_val, atol=1e-5, rtol=1e-4)
-    self.assertAllClose(h_val, reference, atol=1e-5, rtol=1e-4)
-    self.assertAllClose(
-      lap_val, np.einsum("nii->n", reference), atol=1e-5, rtol=1e-4
+    _check_float32(
+      self, lambda x: model(x, under_test), lambda x: model(x, equivalent)
     )
 
   def test_training_declines(self):
