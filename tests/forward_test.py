@@ -82,6 +82,17 @@ _RULES = {
   # Two dense layers of x: cross terms of two different shared Jacobians.
   "Mul_two_layers": ("Mul", lambda x: _lin(x) * tf.matmul(x, _c(_W.T, x))),
   "RealDiv": ("RealDiv", lambda x: tf.sin(x) / (tf.square(_lin(x)) + 1.0)),
+  # A zero in the denominator: that entry is 0.
+  "DivNoNan": (
+    "DivNoNan",
+    lambda x: tf.tanh(
+      tf.math.divide_no_nan(_lin(x), _c([2.0, 0.0, -1.0, 3.0, 0.5, 1.0], x))
+    ),
+  ),
+  "OnesLike_ZerosLike": (
+    "OnesLike",
+    lambda x: tf.tanh(_lin(x)) * (tf.ones_like(_lin(x)) + tf.zeros_like(x)),
+  ),
   "SquaredDifference": (
     "SquaredDifference",
     lambda x: tf.math.squared_difference(_lin(x), tf.sin(x)),

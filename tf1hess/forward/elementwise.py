@@ -130,10 +130,18 @@ def _identity(op, jacs, ctx):
 
 
 @registry.register(
-  "Sign", "Floor", "Ceil", "Round", "Rint", linear=True, diagonal=True
+  "Sign",
+  "Floor",
+  "Ceil",
+  "Round",
+  "Rint",
+  "OnesLike",
+  "ZerosLike",
+  linear=True,
+  diagonal=True,
 )
 def _piecewise_constant(op, jacs, ctx):
-  """A zero derivative almost everywhere: as for TensorFlow's gradients,
+  """A zero derivative (almost) everywhere: as for TensorFlow's gradients,
   the output does not depend on x."""
   return [None]
 
@@ -259,6 +267,18 @@ def _div(op, jacs, ctx):
     lambda: (1 / b, -v / b),
     lambda: (None, -1 / (b * b), 2 * v / (b * b)),
   )
+
+
+@registry.register("DivNoNan", linear=_numerator_only, diagonal=True)
+def _div_no_nan(op, jacs, ctx):
+  """`a / b`, 0 where `b` is 0 (the mean of `tf.compat.v1.losses`)."""
+  a, b = op.inputs
+  if jacs[1] is not None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has a denominator that depends on x"
+    )
+  inverse = tf.math.divide_no_nan(tf.ones_like(b), b)
+  return _binary(op, jacs, ctx, lambda: (inverse, None), None)
 
 
 @registry.register("SquaredDifference", diagonal=True)
