@@ -91,7 +91,11 @@ _RULES = {
   ),
   "OnesLike_ZerosLike": (
     "OnesLike",
-    lambda x: tf.tanh(_lin(x)) * (tf.ones_like(_lin(x)) + tf.zeros_like(x)),
+    # tf.ones_like builds Fill before TensorFlow 2.13: the op itself.
+    lambda x: (
+      tf.tanh(_lin(x))
+      * (tf.raw_ops.OnesLike(x=_lin(x)) + tf.raw_ops.ZerosLike(x=x))
+    ),
   ),
   "SquaredDifference": (
     "SquaredDifference",
