@@ -20,6 +20,7 @@ import testing_utils
 import tf1hess
 from tf1hess import forward
 from tf1hess.forward import dispatch
+from tf1hess.forward import engine
 from tf1hess.forward import jacobians
 from tf1hess.forward import registry
 
@@ -677,8 +678,8 @@ class AutoTest(tf.test.TestCase):
     self.assertAllClose(h_val, rows_val, atol=1e-10)
 
   def test_auto_follows_silu_without_a_warning(self):
-    """tf.nn.silu's custom gradient: the walk, on the model and on its copy
-    for the cost model, backpropagates through its forward ops."""
+    """tf.nn.silu's custom gradient: the walk differentiates it as one
+    function, on the model and on its copy for the cost model."""
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       y = tf.nn.silu(_lin(tf.nn.silu(_lin(x), beta=0.7)))
@@ -691,6 +692,9 @@ class AutoTest(tf.test.TestCase):
             for op in (tf1hess.batch_hessians, tf1hess.batch_laplacians)
           ]
       warn.assert_not_called()
+      # One elementwise function: the ops computing it are not walked.
+      walked = {op.type for op in engine.path_ops(x, [y])}
+      self.assertNotIn("Sigmoid", walked)
       rows = tf1hess.batch_hessians(y, x, method="while_loop")
       with tf.compat.v1.Session() as sess:
         h, lap, rows_val = sess.run(outs + [rows], {x: x_val_of(5)})
@@ -698,6 +702,24 @@ class AutoTest(tf.test.TestCase):
     self.assertAllClose(h, rows_val, atol=1e-10)
     self.assertAllClose(h, reference, atol=1e-6)
     self.assertAllClose(lap, np.einsum("nii->n", rows_val), atol=1e-10)
+
+  def test_the_copies_gradient_of_silu_is_tensorflows(self):
+    u_val = _RNG.normal(size=(4, 3))
+    with tf.Graph().as_default() as graph:
+      u = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      beta = tf.compat.v1.placeholder(tf.float64, [])
+      weights = tf.constant(_W[:3, :3])
+      v = tf.nn.silu(u, beta=beta)
+      with graph.gradient_override_map({"IdentityN": registry.COPY_GRADIENT}):
+        w = tf.identity_n([u * tf.sigmoid(beta * u), u, beta])[0]
+      grads = [
+        tf.gradients(tf.reduce_sum(tf.matmul(t, weights)), [u, beta])
+        for t in (v, w)
+      ]
+      with tf.compat.v1.Session() as sess:
+        (gu, gb), (cu, cb) = sess.run(grads, {u: u_val, beta: 0.7})
+    self.assertAllClose(cu, gu, atol=1e-12)
+    self.assertAllClose(cb, gb, atol=1e-12)
 
   def test_auto_diagonals_agree_with_the_rows(self):
     with tf.Graph().as_default():

@@ -362,7 +362,15 @@ def _copy_node(op, names, nodes, taken):
   taken.add(op.name)
   for i in range(len(op.outputs)):
     names.setdefault((op.name, i), f"{op.name}:{i}")
-  inputs = [_copy_name(t, names, nodes, taken) for t in op.inputs]
+  inputs = [
+    _copy_name(t, names, nodes, taken) for t in registry.followed_inputs(op)
+  ]
+  if registry.exact_custom_gradient(op):
+    # Its gradient function reads tensors of the model, not of the copy.
+    node.attr["_gradient_op_type"].s = registry.COPY_GRADIENT.encode()
+    # The value it wraps (not walked) is computed from `u`, of its shape:
+    # `u` in its place keeps that shape (a static N in a static copy).
+    inputs = inputs[:1] + inputs
   del node.input[:]
   node.input.extend(inputs)
   nodes.append(node)

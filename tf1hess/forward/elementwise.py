@@ -118,15 +118,47 @@ for _op_type, _derivatives in _UNARY.items():
 
 
 @registry.register(
-  "Identity",
-  "IdentityN",
-  "Snapshot",
-  "CheckNumerics",
-  linear=True,
-  diagonal=True,
+  "Identity", "Snapshot", "CheckNumerics", linear=True, diagonal=True
 )
 def _identity(op, jacs, ctx):
+  return [jacs[0]]
+
+
+def _plain_identity_n(op, jacs):
+  return not registry.exact_custom_gradient(op)
+
+
+@registry.register("IdentityN", linear=_plain_identity_n, diagonal=True)
+def _identity_n(op, jacs, ctx):
+  if registry.exact_custom_gradient(op):
+    return _silu(op, jacs, ctx)
   return list(jacs)
+
+
+def _silu(op, jacs, ctx):
+  """The `IdentityN` of `tf.nn.silu`'s custom gradient.
+
+  Its inputs are `(u sigmoid(beta u), u, beta)` and its outputs the same
+  values; the walk follows `u` and `beta` only (`registry.followed_inputs`),
+  and the first output is differentiated here as a function of `u`, one
+  elementwise function instead of the ops that compute it.
+  """
+  _, u, beta = op.inputs
+  _, j, beta_jac = jacs
+  if beta_jac is not None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) of tf.nn.silu has a beta that depends on x"
+    )
+  if j is None:
+    return [None, None, None]
+  bu = beta * u
+  s = tf.sigmoid(bu)
+  ds = s * (1 - s)
+  first = s + bu * ds
+  second = beta * ds * (2 + bu * (1 - 2 * s))
+  v = op.outputs[0]
+  ctx.curvature(v, lambda adj: [jacobians.Term(adj * second, j)])
+  return [jacobians.scale(j, first), j, None]
 
 
 @registry.register(

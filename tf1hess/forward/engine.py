@@ -21,11 +21,9 @@ mixed tensor, raises `Unsupported`, and the caller falls back to the row loop.
 """
 
 import collections
-import contextlib
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _shortcuts
 from tf1hess.forward import jacobians
@@ -341,7 +339,7 @@ def _ordered_ops(x, ys, dependent):
       continue
     state[op] = 1
     stack.append((op, True))
-    for t in op.inputs:
+    for t in registry.followed_inputs(op):
       if _key(t) in dependent and t.op is not x.op:
         stack.append((t.op, False))
   return order
@@ -382,73 +380,12 @@ def _identity_jacobian(x, k):
   )
 
 
-# Custom gradients that are the exact gradients of the forward ops they
-# wrap, which the walk follows instead: (module, function) of the gradient
-# function. `tf.nn.silu` has one only to recompute its sigmoid when
-# backpropagating.
-_EXACT_CUSTOM_GRADIENTS = frozenset(
-  [("tensorflow.python.ops.nn_impl", "swish")]
-)
-
-
 def _gradient_overridden(op):
-  """Whether `op` has a gradient of its own that its forward ops may not
-  match (`tf.custom_gradient`, `gradient_override_map`)."""
-  return _gradient_op_type(op) is not None and not exact_custom_gradient(op)
-
-
-def _gradient_op_type(op):
-  try:
-    return op.get_attr("_gradient_op_type").decode()
-  except ValueError:
-    return None
-
-
-def exact_custom_gradient(op):
-  """Whether `op` is the `IdentityN` of a custom gradient that is the exact
-  gradient of the forward ops it wraps (`_EXACT_CUSTOM_GRADIENTS`)."""
-  name = _gradient_op_type(op)
-  if op.type != "IdentityN" or name is None:
-    return False
-  try:
-    grad_fn = tf_ops._gradient_registry.lookup(name)  # pylint: disable=protected-access
-  except LookupError:
-    return False
-  return _defined_in(grad_fn, _EXACT_CUSTOM_GRADIENTS)
-
-
-@contextlib.contextmanager
-def _through_forward_ops(path):
-  """Lets `tf.gradients` backpropagate through the forward ops of the exact
-  custom gradients on `path`, as the walk does, instead of skipping them."""
-  ops = [op for op in path if exact_custom_gradient(op)]
-  plain = tf_ops._gradient_registry.lookup("IdentityN")  # pylint: disable=protected-access
-  saved = [op._gradient_function for op in ops]  # pylint: disable=protected-access
-  try:
-    for op in ops:
-      op._gradient_function = plain  # pylint: disable=protected-access
-    yield
-  finally:
-    for op, fn in zip(ops, saved):
-      op._gradient_function = fn  # pylint: disable=protected-access
-
-
-def _defined_in(fn, places, depth=3):
-  """Whether `fn`, or a function it closes over (`depth` levels down), is
-  defined in a function of `places`, a set of (module, function name)."""
-  qualname = getattr(fn, "__qualname__", "")
-  if (getattr(fn, "__module__", None), qualname.split(".")[0]) in places:
-    return True
-  if depth == 0:
-    return False
-  for cell in getattr(fn, "__closure__", None) or ():
-    try:
-      value = cell.cell_contents
-    except ValueError:  # An empty cell.
-      continue
-    if callable(value) and _defined_in(value, places, depth - 1):
-      return True
-  return False
+  """Whether `op` has a gradient of its own that its rule may not match
+  (`tf.custom_gradient`, `gradient_override_map`)."""
+  return registry.gradient_overridden(op) and not (
+    registry.exact_custom_gradient(op)
+  )
 
 
 def _set_static_shape(jac, t, x):
@@ -547,12 +484,11 @@ def second_derivatives(ys, x, mode):
     value = tf.zeros(shape, x.dtype)
     work.ops += len(x.graph.get_operations()) - ops_before
     return Result(value, False, work)
-  with _through_forward_ops(path):
-    adjoints = tf.gradients(
-      ys,
-      [t for t, _ in ctx.pending],
-      unconnected_gradients=tf.UnconnectedGradients.ZERO,
-    )
+  adjoints = tf.gradients(
+    ys,
+    [t for t, _ in ctx.pending],
+    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+  )
   grouped = {}
   for (_, build), adj in zip(ctx.pending, adjoints):
     for term in build(adj):

@@ -12,6 +12,7 @@ samples apart, and raises `Unsupported` when it cannot follow the op.
 import collections
 
 import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
 
 
 class Unsupported(ValueError):
@@ -105,3 +106,89 @@ def static_rank(t, op):
   if rank is None:
     raise Unsupported(f"{op.type} ({op.name}) has an input of unknown rank")
   return rank
+
+
+# Custom gradients that are the exact gradients of the functions they wrap:
+# (module, function) where the gradient function is defined. `tf.nn.silu`
+# has one only to recompute its sigmoid when backpropagating; its rule
+# differentiates `u sigmoid(beta u)` itself.
+_EXACT_CUSTOM_GRADIENTS = frozenset(
+  [
+    ("tensorflow.python.ops.nn_impl", "swish"),
+    ("tf1hess.forward.registry", "_silu_gradient"),
+  ]
+)
+# The gradient of such an `IdentityN` in copies of the model, where the
+# custom gradient's function (which reads tensors of the model) cannot run.
+COPY_GRADIENT = "Tf1hessSilu"
+
+
+@tf_ops.RegisterGradient(COPY_GRADIENT)
+def _silu_gradient(op, *grads):
+  """The gradient of `tf.nn.silu`'s `IdentityN` (`u sigmoid(beta u)`, `u`,
+  `beta` of inputs that value, `u`, `beta`), as TensorFlow's own."""
+  _, u, beta = op.inputs
+  s = tf.sigmoid(beta * u)
+  ds = s * (1 - s)
+  grad_u, grad_beta = (
+    grads[0] * (s + beta * u * ds),
+    tf.reduce_sum(grads[0] * u * u * ds),
+  )
+  if grads[1] is not None:
+    grad_u += grads[1]
+  if grads[2] is not None:
+    grad_beta += grads[2]
+  return [None, grad_u, grad_beta]
+
+
+def _gradient_op_type(op):
+  try:
+    return op.get_attr("_gradient_op_type").decode()
+  except ValueError:
+    return None
+
+
+def gradient_overridden(op):
+  """Whether `op` has a gradient of its own (`tf.custom_gradient`,
+  `gradient_override_map`)."""
+  return _gradient_op_type(op) is not None
+
+
+def exact_custom_gradient(op):
+  """Whether `op` is the `IdentityN` of a custom gradient that is the exact
+  gradient of the function it wraps (`_EXACT_CUSTOM_GRADIENTS`)."""
+  name = _gradient_op_type(op)
+  if op.type != "IdentityN" or name is None:
+    return False
+  try:
+    grad_fn = tf_ops._gradient_registry.lookup(name)  # pylint: disable=protected-access
+  except LookupError:
+    return False
+  return _defined_in(grad_fn, _EXACT_CUSTOM_GRADIENTS)
+
+
+def followed_inputs(op):
+  """The inputs of `op` the walk follows: all but the wrapped result of an
+  exact custom gradient (`tf.nn.silu`: `u` and `beta`, whose rule
+  differentiates the function; the ops computing it are not walked)."""
+  if exact_custom_gradient(op):
+    return op.inputs[1:]
+  return op.inputs
+
+
+def _defined_in(fn, places, depth=3):
+  """Whether `fn`, or a function it closes over (`depth` levels down), is
+  defined in a function of `places`, a set of (module, function name)."""
+  qualname = getattr(fn, "__qualname__", "")
+  if (getattr(fn, "__module__", None), qualname.split(".")[0]) in places:
+    return True
+  if depth == 0:
+    return False
+  for cell in getattr(fn, "__closure__", None) or ():
+    try:
+      value = cell.cell_contents
+    except ValueError:  # An empty cell.
+      continue
+    if callable(value) and _defined_in(value, places, depth - 1):
+      return True
+  return False
