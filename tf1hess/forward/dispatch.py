@@ -477,18 +477,16 @@ def _static_batch_copy(x, ys, path):
 
 def _rows_work_with_static_batch(ys, x, mode, plan):
   """`rows_work` on a `_static_batch_copy` of the model, or unknown work."""
+  unknown = engine.Work()
+  unknown.known = False
   static = _static_batch_copy(x, ys, engine.path_ops(x, ys))
   if static is None:
-    work = engine.Work()
-    work.known = False
-    return work
+    return unknown
   graph, x_copy, ys_copy = static
   with graph.as_default():
     grad = tf.gradients(ys_copy, x_copy)[0]
     if grad is None:
-      work = engine.Work()
-      work.known = False
-      return work
+      return unknown
     return rows_work(ys_copy, x_copy, grad, mode, plan)
 
 

@@ -311,7 +311,7 @@ def pass_work(
       if t.dtype.is_floating and t.shape.rank
     ]
     sizes = [_static_size(t.shape[1:]) for t, _ in tensors]
-    outputs = sizes[len(sizes) - sum(t.op is op for t, _ in tensors) :]
+    outputs = [size for size, (t, _) in zip(sizes, tensors) if t.op is op]
     if guess:
       largest = max([size for size in sizes if size is not None], default=0)
       sizes = [largest if size is None else size for size in sizes]
