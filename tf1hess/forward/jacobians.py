@@ -278,17 +278,16 @@ def contract(term, mode, n, k, half=False, batch=None):
   c = _flat_c(term.c, a, n)  # (N, M)
   fa, fb = _flat(a), _flat(b)
   m = _size(a)
-  if outer_of_shared(Term(c, a, b), mode, batch):
-    # (N, M) @ (M, K K); a symmetric term's half is the whole when a is b.
-    prods = tf.reshape(
-      tf.expand_dims(fa, 1) * tf.expand_dims(fb, 0), tf.stack([k * k, m])
-    )
-    out = tf.reshape(tf.matmul(c, prods, transpose_b=True), tf.stack([n, k, k]))
-    if half or not term.symmetric:
-      return out
-    return out + tf.transpose(out, [0, 2, 1])
   if mode == HESSIAN:
-    if b.shared:
+    if outer_of_shared(Term(c, a, b), mode, batch):
+      # (N, M) @ (M, K K): one matmul by the products of the factors.
+      prods = tf.reshape(
+        tf.expand_dims(fa, 1) * tf.expand_dims(fb, 0), tf.stack([k * k, m])
+      )
+      out = tf.reshape(
+        tf.matmul(c, prods, transpose_b=True), tf.stack([n, k, k])
+      )
+    elif b.shared:
       # (N K, M) @ (M, K): one matmul by the shared factor.
       left = tf.reshape(tf.expand_dims(c, 1) * fa, tf.stack([n * k, m]))
       out = tf.reshape(
