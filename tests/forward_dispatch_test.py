@@ -43,6 +43,30 @@ def _mlp(x, depth, units):
   return tf.reduce_sum(h, axis=1)
 
 
+# The features of a model whose choice depends on N (see `ByBatchSizeTest`).
+_SWITCH_K = 128
+
+
+def _switching_weights():
+  """Weights of three tanh layers of 32 on `_SWITCH_K` features."""
+  sizes = [_SWITCH_K, 32, 32, 32]
+  return [
+    _RNG.normal(size=(m, n)) / np.sqrt(m) for m, n in zip(sizes, sizes[1:])
+  ]
+
+
+def _switching_mlp(weights):
+  """The model of `weights` as a function of `x`."""
+
+  def fn(x):
+    h = x
+    for w in weights:
+      h = tf.tanh(tf.matmul(h, w))
+    return tf.reduce_sum(h, axis=1)
+
+  return fn
+
+
 def _mixture(x, centers=4):
   mu = tf.constant(_RNG.normal(size=(centers, x.shape[1])), x.dtype)
   d2 = tf.reduce_sum(tf.square(x[:, None, :] - mu), axis=2)
@@ -534,12 +558,13 @@ class ByBatchSizeTest(
 ):
   """Where the choice depends on N, a `tf.cond` on N makes it at run time."""
 
-  def _choice(self, n, k=64):
-    # Three tanh layers of 64: the rows' K passes cost a fixed time the
-    # engine does not, the engine more per sample (its Jacobians (N, K, 64)).
+  def _choice(self, n):
+    # Three tanh layers of 32 on 128 features: the rows' K passes cost a
+    # fixed time the engine does not, the engine more per sample (its
+    # Jacobians (N, K, 32)).
     with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [n, k])
-      y = _mlp(x, 3, 64)
+      x = tf.compat.v1.placeholder(tf.float64, [n, _SWITCH_K])
+      y = _mlp(x, 3, 32)
       (g,) = tf.gradients(y, x)
       walked = dispatch.dry_run([y], x, forward.HESSIAN)
       return dispatch.choose([y], x, g, forward.HESSIAN, walked)
@@ -566,10 +591,10 @@ class ByBatchSizeTest(
 
   def test_auto_builds_both_and_agrees_with_the_rows(self):
     self.assertIsNotNone(self._choice(None).switch)
-    x_val = _RNG.normal(size=(3, 64))
+    x_val = _RNG.normal(size=(3, _SWITCH_K))
     with tf.Graph().as_default() as graph:
-      x = tf.compat.v1.placeholder(tf.float64, [None, 64])
-      y = _mlp(x, 3, 64)
+      x = tf.compat.v1.placeholder(tf.float64, [None, _SWITCH_K])
+      y = _mlp(x, 3, 32)
       auto = tf1hess.batch_hessians(y, x)
       names = [op.name for op in graph.get_operations()]
       self.assertTrue(any("/by_batch_size" in name for name in names))
@@ -579,15 +604,8 @@ class ByBatchSizeTest(
     self.assertAllClose(auto_val, rows_val, atol=1e-10)
 
   def test_inside_a_tf_function(self):
-    weights = [_RNG.normal(size=(64, 64)) / 8 for _ in range(3)]
-
-    def fn(x):
-      h = x
-      for w in weights:
-        h = tf.tanh(tf.matmul(h, w))
-      return tf.reduce_sum(h, axis=1)
-
-    spec = [tf.TensorSpec([None, 64], tf.float64)]
+    fn = _switching_mlp(_switching_weights())
+    spec = [tf.TensorSpec([None, _SWITCH_K], tf.float64)]
     auto, rows = (
       tf.function(
         lambda x, method=method: tf1hess.eager.batch_hessians(
@@ -600,27 +618,22 @@ class ByBatchSizeTest(
     graph = auto.get_concrete_function().graph
     names = [op.name for op in graph.get_operations()]
     self.assertTrue(any("/by_batch_size" in name for name in names))
-    x_val = tf.constant(_RNG.normal(size=(3, 64)))
+    x_val = tf.constant(_RNG.normal(size=(3, _SWITCH_K)))
     self.assertAllClose(auto(x_val), rows(x_val), atol=1e-10)
 
   def test_graph_ops_inside_an_autograph_tf_function(self):
     # Weights captured from eager execution, AutoGraph on (the default).
-    weights = [tf.constant(_RNG.normal(size=(64, 64)) / 8) for _ in range(3)]
+    fn = _switching_mlp([tf.constant(w) for w in _switching_weights()])
+    spec = [tf.TensorSpec([None, _SWITCH_K], tf.float64)]
 
-    def fn(x):
-      h = x
-      for w in weights:
-        h = tf.tanh(tf.matmul(h, w))
-      return tf.reduce_sum(h, axis=1)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float64)])
+    @tf.function(input_signature=spec)
     def hessians(x):
       return tf1hess.batch_hessians(fn(x), x)
 
     graph = hessians.get_concrete_function().graph
     names = [op.name for op in graph.get_operations()]
     self.assertTrue(any("/by_batch_size" in name for name in names))
-    x_val = tf.constant(_RNG.normal(size=(3, 64)))
+    x_val = tf.constant(_RNG.normal(size=(3, _SWITCH_K)))
     with tf.GradientTape() as outer:
       outer.watch(x_val)
       with tf.GradientTape() as inner:

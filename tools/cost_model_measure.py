@@ -313,6 +313,11 @@ CALIBRATION = [
   "rms_mlp:256x64",
   "glu:2048x16",
   "glu:512x48",
+  # Few features and many samples, as in physics-informed networks.
+  "swish_mlp:8192x2",
+  "wide_sigmoid:4096x3",
+  "rms_mlp:4096x4",
+  "glu:8192x2",
 ]
 
 ALL = [
@@ -425,6 +430,19 @@ def measure(model, n, k, quantity, runs, static_batch=False):
 _PRIOR = np.array([2e-11, 5e-10, 1.0, 1.0, 1.0])
 
 
+def predict(features, constants):
+  """The estimated times of both engines (see `fit`) with `constants`."""
+  f, r = (np.array(features[e], float) for e in ("forward", "rows"))
+  c = constants
+  op = dispatch._SECONDS_PER_OP  # pylint: disable=protected-access
+  row_op = op * dispatch._ROW_OPS  # pylint: disable=protected-access
+  p_f = f @ np.array([c[0], c[1], op])
+  p_r = r @ np.array(
+    [c[0] * c[2], c[1] * c[3], c[1] * c[4], c[1], c[1], row_op]
+  )
+  return p_f, p_r
+
+
 def fit(features, times):
   """The constants of `dispatch` that fit `times` best (see `calibrate`).
 
@@ -448,17 +466,10 @@ def fit(features, times):
   """
   from scipy import optimize  # pylint: disable=g-import-not-at-top
 
-  f, r = (np.array(features[e], float) for e in ("forward", "rows"))
   t_f, t_r = (np.array(times[e]) for e in ("forward", "rows"))
-  op = dispatch._SECONDS_PER_OP  # pylint: disable=protected-access
-  row_op = op * dispatch._ROW_OPS  # pylint: disable=protected-access
 
   def residuals(p):
-    c = np.exp(p)
-    p_f = f @ np.array([c[0], c[1], op])
-    p_r = r @ np.array(
-      [c[0] * c[2], c[1] * c[3], c[1] * c[4], c[1], c[1], row_op]
-    )
+    p_f, p_r = predict(features, np.exp(p))
     return np.concatenate(
       [
         np.log(p_f / t_f),
@@ -555,6 +566,25 @@ def calibrate(quantity, runs):
     "rows' multipliers of flops, entries of products, other entries:",
     constants[2:],
   )
+  # pylint: disable=protected-access
+  current = np.array(
+    [
+      dispatch._SECONDS_PER_FLOP,
+      dispatch._SECONDS_PER_ENTRY,
+      dispatch._ROW_FLOPS,
+      dispatch._ROW_ENTRIES,
+      dispatch._ROW_OTHER_ENTRIES,
+    ]
+  )
+  # pylint: enable=protected-access
+  for name, c in (("fitted", constants), ("in dispatch", current)):
+    p_f, p_r = predict(features, c)
+    ratios = (p_r / p_f) / (np.array(times["rows"]) / times["forward"])
+    print(
+      f"estimated / measured ratio rows / forward, {name} constants:"
+      f" {ratios.min():.2f}x ({CALIBRATION[ratios.argmin()]}) to"
+      f" {ratios.max():.2f}x ({CALIBRATION[ratios.argmax()]})"
+    )
   return constants
 
 

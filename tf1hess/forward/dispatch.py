@@ -28,12 +28,12 @@ from tf1hess.forward import registry
 # per unit of the gradient graph it differentiates: on this machine (2 CPU
 # cores), the ops' measured by `tools/cost_model_measure.py --measure_ops`,
 # the others fitted by its `--calibrate`; see `choose`.
-_SECONDS_PER_FLOP = 3.4e-12
-_SECONDS_PER_ENTRY = 2.6e-10
+_SECONDS_PER_FLOP = 2.6e-12
+_SECONDS_PER_ENTRY = 2.5e-10
 _SECONDS_PER_OP = 1.3e-6
-_ROW_FLOPS = 0.71
-_ROW_ENTRIES = 0.66
-_ROW_OTHER_ENTRIES = 0.29
+_ROW_FLOPS = 1.2
+_ROW_ENTRIES = 0.73
+_ROW_OTHER_ENTRIES = 0.30
 _ROW_OPS = 2.5
 # Full Hessians take the rows only when their estimated time is under this
 # fraction of the engine's: a wrong pick costs more one way than the other
@@ -253,14 +253,14 @@ def choose(ys, x, grad, mode, walked, plan=None):
 
   The costs of ops were measured (`--measure_ops` of that tool); the other
   constants were fitted (least squares of the log errors of both times
-  and of their ratio) to full Hessians of 18 cases of 7 models that are
-  in no benchmark (`CALIBRATION` there): sigmoid MLPs 2 x 32 and 4 x 128,
-  a Gaussian-kernel log-density of 8 centers, `sum(sin(x) exp(-x^2))`, a
-  swish MLP 3 x 64, a layer with RMS normalization, a gated (GLU) layer;
-  N = 256 to 4096, K = 8 to 128. The estimated ratio rows / engine was
-  0.66x to 2.0x the measured one (glu at 512 x 48: measured 0.65,
-  estimated 1.32). docs/forward.md validates them on 17 other models, 8
-  of them written after the fit.
+  and of their ratio; the medians of three fits) to full Hessians of 22
+  cases of 7 models that are in no benchmark (`CALIBRATION` there):
+  sigmoid MLPs 2 x 32 and 4 x 128, a Gaussian-kernel log-density of 8
+  centers, `sum(sin(x) exp(-x^2))`, a swish MLP 3 x 64, a layer with RMS
+  normalization, a gated (GLU) layer; N = 256 to 8192, K = 2 to 128. The
+  estimated ratio rows / engine is 0.62x to 1.71x the measured one
+  (1.71x: glu at 512 x 48, where the rows are the faster).
+  docs/forward.md validates them on 17 other models, none in the fit.
 
   Args:
     ys: the list of outputs.
