@@ -234,6 +234,18 @@ _RULES = {
       + tf.reverse(x[:, None, :] * _W[:3], [-1, 1]) * _W[4]
     ),
   ),
+  # Along the features, exclusive and reversed, and along an inner axis.
+  "Cumsum": (
+    "Cumsum",
+    lambda x: (
+      tf.sin(tf.cumsum(_lin(x), axis=1))
+      + tf.tanh(tf.cumsum(x * _lin(x), axis=-1, exclusive=True, reverse=True))
+      + tf.reshape(
+        tf.square(tf.cumsum(tf.reshape(tf.sin(_lin(x)), [-1, 3, 4]), axis=1)),
+        [-1, _K],
+      )
+    ),
+  ),
   "Prod": (
     "Prod",
     lambda x: tf.reduce_prod(tf.reshape(tf.tanh(_lin(x)), [-1, 3, 4]), 2),
@@ -280,6 +292,7 @@ NEW_OP_TYPES = {
   "Select",
   "SelectV2",
   "ReverseV2",
+  "Cumsum",
   "Prod",
   "SpaceToBatchND",
   "BatchToSpaceND",

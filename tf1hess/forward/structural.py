@@ -274,6 +274,21 @@ def _reverse(op, j, ctx):
   return [jacobians.apply_per_sample(j, lambda m: tf.reverse(m, axes))]
 
 
+@registry.register("Cumsum", linear=True)
+@registry.of_first_input
+def _cumsum(op, j, ctx):
+  rank = registry.static_rank(op.inputs[0], op)
+  axis = int(registry.static_value(op.inputs[1], "axis", op)) % rank
+  if axis == 0:
+    return [MIXED]
+  exclusive, reverse = op.get_attr("exclusive"), op.get_attr("reverse")
+  return [
+    jacobians.apply_per_sample(
+      j, lambda m: tf.cumsum(m, axis, exclusive=exclusive, reverse=reverse)
+    )
+  ]
+
+
 @registry.register("BroadcastTo", linear=True)
 @registry.of_first_input
 def _broadcast_to(op, j, ctx):
