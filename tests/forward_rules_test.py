@@ -246,6 +246,46 @@ _RULES = {
       )
     ),
   ),
+  # Over an axis other than the last: TensorFlow transposes by a
+  # permutation it computes from the rank (`registry.fold`).
+  "Softmax_middle_axis": (
+    "Softmax",
+    lambda x: (
+      tf.reshape(
+        tf.nn.softmax(tf.reshape(_lin(x), [-1, 3, 4]), axis=1), [-1, _K]
+      )
+      * x
+      + tf.reshape(
+        tf.nn.log_softmax(tf.reshape(x * x, [-1, 2, 3, 2]), axis=-3), [-1, _K]
+      )
+    ),
+  ),
+  # Reshapes that give each sample 4 rows of 3 (`registry.Regrouped`): a
+  # tensordot (its shapes known only at run time), then functions row by
+  # row and a reshape back.
+  "Tensordot_rows": (
+    "MatMul",
+    lambda x: (
+      tf.reshape(
+        tf.tanh(
+          tf.tensordot(
+            tf.reshape(tf.sin(x), [-1, 4, 3]), tf.constant(_W[:3], x.dtype), 1
+          )
+        ),
+        [-1, 4 * _K],
+      )[:, :_K]
+      * x
+    ),
+  ),
+  "Reshape_rows_softmax": (
+    "Softmax",
+    lambda x: tf.reshape(
+      tf.nn.softmax(tf.reshape(_lin(x), [-1, 3]))
+      * tf.square(tf.reshape(x, [-1, 3]))
+      + tf.reduce_logsumexp(tf.reshape(x, [-1, 3]), 1, keepdims=True),
+      [-1, _K],
+    ),
+  ),
   "Prod": (
     "Prod",
     lambda x: tf.reduce_prod(tf.reshape(tf.tanh(_lin(x)), [-1, 3, 4]), 2),
@@ -494,6 +534,19 @@ def _gelu_mlp(x):
   return tf.compat.v1.layers.dense(h, 1, kernel_initializer=init(seed=8))
 
 
+def _rank3_dense(x):
+  """Dense layers on `(N, 4, 3)`: `tf.tensordot` of each layer's kernel."""
+  init = tf.compat.v1.glorot_normal_initializer
+  h = tf.reshape(x, [-1, 4, 3])
+  h = tf.compat.v1.layers.dense(
+    h, 6, activation=tf.nn.elu, kernel_initializer=init(seed=9)
+  )
+  h = tf.compat.v1.layers.dense(
+    h, 2, activation=tf.tanh, kernel_initializer=init(seed=10)
+  )
+  return tf.reshape(h, [-1, 8]) + tf.reduce_sum(tf.square(x), 1, keepdims=True)
+
+
 def _where_reverse_prod(x):
   """A Huber loss of a dense layer, a piecewise function of x, a product."""
   r = _lin(x)
@@ -511,7 +564,30 @@ _MODELS = {
   "dilated_conv1d": _dilated_conv1d_net,
   "gelu_leaky_relu_mlp": _gelu_mlp,
   "where_reverse_prod": _where_reverse_prod,
+  "rank3_dense": _rank3_dense,
 }
+
+
+class FoldTest(tf.test.TestCase):
+  """`registry.fold`: the integer arithmetic of static shapes."""
+
+  def test_folds_arithmetic_on_static_ranks(self):
+    with tf.Graph().as_default():
+      u = tf.compat.v1.placeholder(tf.float64, [None, 3, 4])
+      last = tf.rank(u) - 1
+      perm = tf.concat([tf.range(0, last - 1), [last, last - 1]], 0)
+      self.assertIsNone(tf.get_static_value(perm))
+      self.assertAllEqual(registry.fold(perm), [0, 2, 1])
+      self.assertEqual(registry.fold(tf.math.floormod(-1, tf.rank(u))), 2)
+      self.assertAllEqual(registry.fold(tf.stack([last, 2 * last])), [2, 4])
+
+  def test_leaves_what_is_known_only_at_run_time(self):
+    with tf.Graph().as_default():
+      u = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      self.assertIsNone(registry.fold(tf.shape(u)[0] - 1))
+      self.assertIsNone(registry.fold(tf.reduce_sum(u)))
+      with self.assertRaisesRegex(registry.Unsupported, "known only at run"):
+        registry.static_value(tf.shape(u)[0] + 1, "size", u.op)
 
 
 class ForwardRuleModelsTest(
@@ -524,6 +600,16 @@ class ForwardRuleModelsTest(
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       y = _MODELS[model](x)
+      _check(self, x, y, x_val, variables=True)
+
+  @parameterized.parameters(1, 2)
+  def test_rows_of_parts_with_a_static_batch(self, cf):
+    # Static shapes: tensordot reshapes by constants, (3, 4, 3) to (12, 3).
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [3, _K])
+      y = _rank3_dense(x)
       _check(self, x, y, x_val, variables=True)
 
   @parameterized.parameters(1, 2)
@@ -755,6 +841,23 @@ class DeclineTest(tf.test.TestCase, parameterized.TestCase):
       "prod_over_the_batch",
       lambda x: tf.reduce_prod(x, axis=0),
       "Prod .* multiplies entries over the batch axis",
+    ),
+    (
+      "rows_of_parts_into_a_convolution",
+      lambda x: tf.nn.conv2d(
+        tf.reshape(tf.tanh(x), [-1, 2, 3, 1]),
+        _filter(_F[..., :1, :], x),
+        1,
+        "SAME",
+      ),
+      "Conv2D .* rows are parts of samples .* only ops that work row by row",
+    ),
+    (
+      "rows_of_parts_with_samples",
+      # Shapes that TensorFlow checks only at run time: 2 N rows and N.
+      lambda x: tf.reshape(tf.reshape(tf.sin(x), [-1, 6]) * x[:, :1], [-1, _K]),
+      "combines tensors whose rows are samples with tensors whose rows are "
+      "parts of samples",
     ),
   )
   def test_declines(self, model, message):

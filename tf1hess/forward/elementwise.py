@@ -403,3 +403,37 @@ def _select(op, jacs, ctx):
     cond = tf.expand_dims(cond, 1)  # Over the tangents.
   shared = not batched and all(j is None or j.shared for j in (ja, jb))
   return [jacobians.Jacobian(tf.where(cond, *_zero_filled(ja, jb)), shared)]
+
+
+registry.rowwise(
+  *_UNARY,
+  "Identity",
+  "Snapshot",
+  "CheckNumerics",
+  "IdentityN",
+  "Sign",
+  "Floor",
+  "Ceil",
+  "Round",
+  "Rint",
+  "OnesLike",
+  "ZerosLike",
+  "Neg",
+  "Cast",
+  "Add",
+  "AddV2",
+  "AddN",
+  "Sub",
+  "BiasAdd",
+  "BiasAddV1",
+  "Mul",
+  "RealDiv",
+  "Div",
+  "DivNoNan",
+  "SquaredDifference",
+  "Pow",
+  "Maximum",
+  "Minimum",
+  "Select",
+  "SelectV2",
+)

@@ -199,8 +199,12 @@ def _materialize(jac, work):
   return jac
 
 
-def _push(op, ins, outs, work):
-  """Adds the work of pushing the Jacobians `ins` of `op` to `outs`."""
+def _push(op, ins, outs, work, group=1):
+  """Adds the work of pushing the Jacobians `ins` of `op` to `outs`.
+
+  On tensors of `group` rows per sample, each sample's work is `group`
+  times a row's.
+  """
   if op.type in VIEWS:
     return
   flops = op_flops(op)
@@ -208,14 +212,25 @@ def _push(op, ins, outs, work):
     _static_size(t.shape[1:]) or 0 for t in op.outputs if t.shape.rank
   )
   per_entry = flops / out_size if flops and out_size else 1
+  mine = Work()
   for j in ins:
-    work.add(entries=_jacobian_entries(j))
+    mine.add(entries=_jacobian_entries(j))
   for j in outs:
-    size = _jacobian_entries(j)
-    work.add(
+    size, rows = _jacobian_entries(j), 1
+    if isinstance(j, registry.Regrouped):
+      size, rows = _jacobian_entries(j.jacobian), j.group / group
+    if size is not None:
+      size = (size[0], rows * size[1])
+    mine.add(
       flops=None if size is None else [s * per_entry for s in size],
       entries=size,
     )
+  if not mine.known:
+    work.known = False
+  work.add(
+    flops=(mine.flops[0], group * mine.flops[1]),
+    entries=(mine.entries[0], group * mine.entries[1]),
+  )
 
 
 def _differentiable(t):
@@ -346,10 +361,17 @@ def _ordered_ops(x, ys, dependent):
 
 
 class _Context:
-  """What a rule sees: the batch size, `K`, and where to put curvature."""
+  """What a rule sees: the batch size, `K`, and where to put curvature.
+
+  `n` is the number of rows of the tensors the rule reads: the batch size
+  `samples`, times `group` where a reshape gave each sample `group` rows
+  (`registry.Regrouped`).
+  """
 
   def __init__(self, n, k, dtype):
     self.n = n
+    self.samples = n
+    self.group = 1
     self.k = k
     self.dtype = dtype
     self.pending = []  # (tensor, adj -> [Term])
@@ -364,6 +386,57 @@ class _Context:
   def curvature(self, tensor, build):
     """Adds the terms `build(adj)` of `tensor`'s adjoint `adj` (its shape)."""
     self.pending.append((tensor, build))
+
+
+class _GroupedContext:
+  """The `_Context` of an op on tensors of `group` rows per sample.
+
+  Its curvature terms are made terms per sample (`jacobians.ungroup_term`).
+  """
+
+  def __init__(self, ctx, group, ungrouped):
+    self._ctx = ctx
+    self.n = ctx.samples * group
+    self.samples = ctx.samples
+    self.group = group
+    self.k = ctx.k
+    self.dtype = ctx.dtype
+    self._ungrouped = ungrouped
+
+  def dense_matmul(self):
+    self._ctx.dense_matmul()
+
+  def curvature(self, tensor, build):
+    def per_sample(adj):
+      return [
+        jacobians.ungroup_term(t, self.group, self.samples, self._ungrouped)
+        for t in build(adj)
+      ]
+
+    self._ctx.curvature(tensor, per_sample)
+
+
+def _group_of(op, ins, groups):
+  """The rows per sample of the dependent inputs of `op` (1: samples)."""
+  found = {
+    groups.get(_key(t), 1)
+    for t, j in zip(op.inputs, ins)
+    if isinstance(j, jacobians.Jacobian)
+  }
+  if len(found) > 1:
+    raise Unsupported(
+      f"{op.type} ({op.name}) combines tensors whose rows are samples with"
+      " tensors whose rows are parts of samples (after a reshape that merges"
+      " the batch with other axes)"
+    )
+  group = found.pop() if found else 1
+  if group > 1 and op.type not in registry.ROWWISE:
+    raise Unsupported(
+      f"{op.type} ({op.name}) reads a tensor whose rows are parts of samples"
+      " (a reshape merged the batch with other axes, as tf.tensordot does);"
+      " only ops that work row by row may follow it"
+    )
+  return group
 
 
 def _identity_jacobian(x, k):
@@ -388,13 +461,13 @@ def _gradient_overridden(op):
   )
 
 
-def _set_static_shape(jac, t, x):
+def _set_static_shape(jac, t, x, group=1):
   """Gives `jac` the static shape that `t` and `x` know (for `fit`)."""
   k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
   if jac.diagonal:
     lead = [None]  # N or 1
   else:
-    lead = [k] if jac.shared else [x.shape[0], k]
+    lead = [k] if jac.shared else [x.shape[0] if group == 1 else None, k]
   if t.shape.rank is None:
     return
   shape = tf.TensorShape(lead).concatenate(t.shape[1:])
@@ -441,6 +514,9 @@ def second_derivatives(ys, x, mode):
   ctx = _Context(n, k, x.dtype)
   work = Work()
   jacs = {_key(x): _identity_jacobian(x, k)}
+  # Rows per sample of the tensors where a reshape changed them, and the
+  # Jacobians made per sample again for their terms (`_GroupedContext`).
+  groups, ungrouped = {}, {}
   path = _ordered_ops(x, ys, dependent)
   for op in path:
     rule = registry.RULES.get(op.type)
@@ -465,15 +541,23 @@ def second_derivatives(ys, x, mode):
           " (a sum or reshape over the batch axis before it)"
         )
       outs = [registry.MIXED] * len(op.outputs)
+      group = 1
     else:
+      group = _group_of(op, ins, groups)
       if not rule.diagonal:
         ins = [_materialize(j, work) for j in ins]
-      outs = rule.fn(op, ins, ctx)
-      _push(op, ins, outs, work)
+      rule_ctx = ctx if group == 1 else _GroupedContext(ctx, group, ungrouped)
+      outs = rule.fn(op, ins, rule_ctx)
+      _push(op, ins, outs, work, group)
     for t, j in zip(op.outputs, outs):
+      out_group = group
+      if isinstance(j, registry.Regrouped):
+        j, out_group = j.jacobian, j.group
       if j is not None and _key(t) in dependent:
         if isinstance(j, jacobians.Jacobian):
-          _set_static_shape(j, t, x)
+          _set_static_shape(j, t, x, out_group)
+        if out_group > 1:
+          groups[_key(t)] = out_group
         jacs[_key(t)] = j
   if not ctx.pending:
     shape = {

@@ -109,6 +109,51 @@ def apply_per_sample(jac, fn):
   return dense(value)
 
 
+def group(jac, rows, n, entry_shape):
+  """`jac` of `(N, *e)` for its reshape to `(N G, *e')`, G = `rows`.
+
+  Row `n G + g` of the output is part `g` of sample `n` (the entries of
+  `e` in order, `prod(e')` at a time); its Jacobian is dense, `(N G, K,
+  *e')`, whatever the structure of `jac`.
+  """
+  jac = materialize(jac)
+  part = tf.reduce_prod(entry_shape)
+  if jac.shared:
+    k = tf.shape(jac.value)[0]
+    value = tf.transpose(
+      tf.reshape(jac.value, tf.stack([k, rows, part])), [1, 0, 2]
+    )
+    value = tf.broadcast_to(value, tf.stack([n, rows, k, part]))
+  else:
+    k = tf.shape(jac.value)[1]
+    value = tf.transpose(
+      tf.reshape(jac.value, tf.stack([n, k, rows, part])), [0, 2, 1, 3]
+    )
+  shape = tf.concat([tf.stack([n * rows, k]), entry_shape], axis=0)
+  return dense(tf.reshape(value, shape))
+
+
+def ungroup(jac, rows, n):
+  """The Jacobian `(N, K, G M)` of a tensor of G rows per sample.
+
+  The inverse of `group`: `jac` is `(N G, K, *e)` (or shared), the entries
+  of each sample's G rows are flattened in order.
+  """
+  jac = materialize(jac)
+  part = _size(jac)
+  if jac.shared:
+    k = tf.shape(jac.value)[0]
+    value = tf.broadcast_to(
+      tf.reshape(jac.value, tf.stack([k, 1, part])), tf.stack([k, rows, part])
+    )
+    return shared(tf.reshape(value, tf.stack([k, rows * part])))
+  k = tf.shape(jac.value)[1]
+  value = tf.transpose(
+    tf.reshape(jac.value, tf.stack([n, rows, k, part])), [0, 2, 1, 3]
+  )
+  return dense(tf.reshape(value, tf.stack([n, k, rows * part])))
+
+
 def scale(jac, s):
   """`J` of `s * v` for a `v` of Jacobian `jac` and `s` independent of `x`.
 
@@ -206,6 +251,25 @@ class Term:
     self.a = a
     self.b = a if b is None else b
     self.symmetric = symmetric
+
+
+def ungroup_term(term, rows, n, ungrouped):
+  """`term` of tensors of `rows` rows per sample, as a term per sample.
+
+  `ungrouped` caches the Jacobians `ungroup` made, by identity, so that
+  terms on the same Jacobian still share it.
+  """
+
+  def convert(jac):
+    if id(jac) not in ungrouped:
+      ungrouped[id(jac)] = (jac, ungroup(jac, rows, n))
+    return ungrouped[id(jac)][1]
+
+  a = materialize(term.a)
+  shape = tf.concat([tf.reshape(n * rows, [1]), a.entry_shape()], axis=0)
+  c = tf.broadcast_to(tf.cast(term.c, a.value.dtype), shape)
+  c = tf.reshape(c, tf.stack([n, rows * _size(a)]))
+  return Term(c, convert(term.a), convert(term.b), term.symmetric)
 
 
 def _size(jac):

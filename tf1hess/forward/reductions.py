@@ -167,3 +167,6 @@ def _prod(op, j, ctx):
 
   ctx.curvature(out, build)
   return [first]
+
+
+registry.rowwise("Sum", "Mean", "Max", "Min", "Prod")

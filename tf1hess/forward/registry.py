@@ -11,6 +11,7 @@ samples apart, and raises `Unsupported` when it cannot follow the op.
 
 import collections
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
 
@@ -43,6 +44,33 @@ class Unfollowed:
 Rule = collections.namedtuple("Rule", ["fn", "linear", "diagonal"])
 
 RULES = {}
+
+# Op types whose rules follow tensors whose rows are parts of samples (see
+# `Regrouped`): they treat the first axis as rows, whatever those are.
+ROWWISE = set()
+
+
+def rowwise(*op_types):
+  """Declares that the rules of `op_types` work row by row (`ROWWISE`)."""
+  unknown = set(op_types) - set(RULES)
+  if unknown:
+    raise ValueError(f"No forward rules for {sorted(unknown)}.")
+  ROWWISE.update(op_types)
+
+
+class Regrouped:
+  """What a rule returns for an output whose rows group differently.
+
+  A reshape `(N, *e) -> (N G, *e')` (as `tf.tensordot` and Keras `Dense`
+  on rank-3 inputs build) gives each sample G rows: `jacobian` is
+  `(N G, K, *e')`, row `n G + g` holding part `g` of sample `n`, and
+  `group` is G. Only `ROWWISE` ops may follow such a tensor; the walk
+  regroups their curvature by sample. A reshape back gives `group` 1.
+  """
+
+  def __init__(self, jacobian, group):
+    self.jacobian = jacobian
+    self.group = group
 
 
 def register(*op_types, linear=False, diagonal=False):
@@ -91,9 +119,99 @@ def of_first_input(rule):
   return wrapped
 
 
+# Integer ops that `fold` evaluates where `tf.get_static_value` does not.
+_FOLDED = {
+  "Add": np.add,
+  "AddV2": np.add,
+  "Sub": np.subtract,
+  "Mul": np.multiply,
+  "FloorDiv": np.floor_divide,
+  "FloorMod": np.mod,
+  "Maximum": np.maximum,
+  "Minimum": np.minimum,
+  "Neg": np.negative,
+  "Identity": lambda v: v,
+}
+# How many ops deep `fold` looks.
+_FOLD_DEPTH = 8
+
+
+def fold(t, depth=_FOLD_DEPTH):
+  """The value of an integer tensor computed from constants, or `None`.
+
+  `tf.get_static_value`, with the arithmetic it leaves out: TensorFlow's
+  wrappers build axes and permutations at run time from static ranks
+  (`tf.nn.softmax` over an axis other than the last transposes by a
+  permutation made of `range` and `rank(logits) - 1`).
+  """
+  value = tf.get_static_value(t)
+  if value is not None or depth == 0 or not t.dtype.is_integer:
+    return value
+  op = t.op
+  if op.type not in _FOLDED and op.type not in ("Range", "Pack", "ConcatV2"):
+    return None
+  values = [fold(u, depth - 1) for u in op.inputs]
+  if any(v is None for v in values):
+    return None
+  if op.type == "Range":
+    value = np.arange(*values)
+  elif op.type == "Pack":
+    value = np.stack(values, axis=op.get_attr("axis"))
+  elif op.type == "ConcatV2":
+    value = np.concatenate(values[:-1], axis=int(values[-1]))
+  else:
+    value = _FOLDED[op.type](*values)
+  return np.asarray(value, dtype=t.dtype.as_numpy_dtype)
+
+
+def partial_shape(t, depth=_FOLD_DEPTH):
+  """The entries of a shape vector `t`, each an `int` or `None`, or `None`.
+
+  What `fold` gives, and what it leaves unknown entry by entry: the
+  products of static dimensions that `tf.tensordot` reshapes by
+  (`prod(gather(shape(a), axes))`) beside those of the batch size.
+  """
+  value = fold(t)
+  if value is not None:
+    return np.reshape(value, [-1]).tolist() if t.shape.rank == 1 else None
+  if depth == 0 or t.shape.rank != 1 or not t.dtype.is_integer:
+    return None
+  op = t.op
+  if op.type == "Shape":
+    return op.inputs[0].shape.as_list() if op.inputs[0].shape.rank else None
+  if op.type == "Pack" and op.get_attr("axis") == 0:
+    return [_partial_scalar(u, depth - 1) for u in op.inputs]
+  if op.type == "ConcatV2" and fold(op.inputs[-1]) == 0:
+    parts = [partial_shape(u, depth - 1) for u in op.inputs[:-1]]
+    return None if any(p is None for p in parts) else sum(parts, [])
+  if op.type == "GatherV2" and fold(op.inputs[2]) == 0:
+    entries, indices = (
+      partial_shape(op.inputs[0], depth - 1),
+      fold(op.inputs[1]),
+    )
+    if entries is None or indices is None or np.ndim(indices) != 1:
+      return None
+    return [entries[int(i)] for i in indices]
+  return None
+
+
+def _partial_scalar(t, depth):
+  """A scalar of `partial_shape`: an `int`, or `None`."""
+  value = fold(t)
+  if value is not None:
+    return int(value) if np.ndim(value) == 0 else None
+  op = t.op
+  axes = fold(op.inputs[1]) if op.type == "Prod" else None
+  if depth > 0 and axes is not None and np.array_equal(np.ravel(axes), [0]):
+    entries = partial_shape(op.inputs[0], depth - 1)
+    if entries is not None and None not in entries:
+      return int(np.prod(entries, dtype=np.int64))
+  return None
+
+
 def static_value(t, what, op):
   """The constant value of `t`, or raises `Unsupported` naming `what`."""
-  value = tf.get_static_value(t)
+  value = fold(t)
   if value is None:
     raise Unsupported(
       f"{op.type} ({op.name}) has a {what} known only at run time"

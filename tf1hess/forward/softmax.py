@@ -121,3 +121,11 @@ def _sparse_softmax_cross_entropy(op, jacs, ctx):
   depth = tf.shape(u)[-1]
   labels = tf.one_hot(op.inputs[1], depth, dtype=u.dtype)
   return _cross_entropy(op, jacs, ctx, labels, tf.ones([], u.dtype))
+
+
+registry.rowwise(
+  "Softmax",
+  "LogSoftmax",
+  "SoftmaxCrossEntropyWithLogits",
+  "SparseSoftmaxCrossEntropyWithLogits",
+)

@@ -64,12 +64,71 @@ def _same_rank_unknown_entries(op):
   )
 
 
+def _entry_shape(op):
+  """The static entries `e'` of a reshape's output `(M, *e')`, or `None`."""
+  out = op.outputs[0]
+  if out.shape.rank is None or out.shape.rank == 0:
+    return None
+  if out.shape[1:].is_fully_defined():
+    return out.shape[1:].as_list()
+  entries = registry.partial_shape(op.inputs[1])
+  if entries is None or len(entries) != out.shape.rank:
+    return None
+  entries = entries[1:]
+  return None if None in entries or -1 in entries else entries
+
+
+def _rows_per_sample(op, group):
+  """G when a reshape of `(N g, *e)` is `(N G, *e')`, `g` = `group`, or `None`.
+
+  Row-major order keeps each sample's entries together: when `prod(e)` is
+  a multiple of `prod(e')` (or the reverse), every output row is a part
+  of one sample's entries (or holds whole rows of one sample).
+  """
+  u = op.inputs[0]
+  if u.shape.rank is None or u.shape.rank == 0:
+    return None
+  e_in, e_out = u.shape[1:], _entry_shape(op)
+  if not e_in.is_fully_defined() or e_out is None:
+    return None
+  total = group * e_in.num_elements()
+  part = int(np.prod(e_out, dtype=np.int64))
+  if total == 0 or part == 0 or total % part:
+    return None
+  rows = total // part
+  n_in, n_out = (
+    tf.compat.dimension_value(t.shape[0]) for t in (u, op.outputs[0])
+  )
+  if n_in is not None and n_out is not None and n_in * rows != n_out * group:
+    return None
+  return rows
+
+
 @registry.register("Reshape", linear=True)
 @registry.of_first_input
 def _reshape(op, j, ctx):
   out = op.outputs[0]
-  if _keeps_batch(op):
+  if ctx.group == 1 and _keeps_batch(op):
     return [jacobians.apply_per_sample(j, _reshape_entries(out))]
+  rows = _rows_per_sample(op, ctx.group)
+  if rows == ctx.group:
+    # Row by row, as many rows per sample.
+    return [jacobians.apply_per_sample(j, _reshape_entries(out))]
+  if rows is not None and ctx.group == 1:
+    entries = tf.shape(out)[1:]
+    merged = jacobians.group(j, rows, ctx.samples, entries)
+    return [registry.Regrouped(merged, rows)]
+  if rows == 1:
+    # Back to a row per sample: `(N, K, G M)`, reshaped to the entries.
+    per_sample = jacobians.ungroup(j, ctx.group, ctx.samples)
+    lead = tf.shape(per_sample.value)[: per_sample.lead]
+    shape = tf.concat([lead, tf.shape(out)[1:]], axis=0)
+    value = tf.reshape(per_sample.value, shape)
+    return [registry.Regrouped(per_sample.with_value(value), 1)]
+  if ctx.group != 1:
+    raise registry.Unsupported(
+      f"Reshape ({op.name}) regroups the rows of parts of samples"
+    )
   if not _same_rank_unknown_entries(op):
     return [MIXED]
   check = tf.debugging.assert_equal(
@@ -548,3 +607,22 @@ def _einsum(op, jacs, ctx):
 
 def _ordered(mine, other, i):
   return (mine, other) if i == 0 else (other, mine)
+
+
+registry.rowwise(
+  "Reshape",
+  "ExpandDims",
+  "Squeeze",
+  "Transpose",
+  "ConcatV2",
+  "Pack",
+  "StridedSlice",
+  "Slice",
+  "Tile",
+  "ReverseV2",
+  "Cumsum",
+  "Pad",
+  "PadV2",
+  "MirrorPad",
+  "MatMul",
+)
