@@ -691,6 +691,37 @@ class ByBatchSizeTest(
           for g, w in zip(got, want):
             self.assertAllClose(g, w, atol=1e-10)
 
+  @parameterized.parameters(1, 2)
+  def test_fused_batch_norm_rows_stay_out_of_a_v1_cond(self, version):
+    # TensorFlow's second derivative of FusedBatchNorm differentiates with
+    # a tape: built in a v1 cond branch on gradients from outside it, the
+    # rows came out wrong. Under v1 auto takes the engine for every N.
+    self.control_flow(version)
+    x_val = _RNG.normal(size=(6, 4)).astype(np.float32)
+    w = _RNG.normal(size=(4, 5)).astype(np.float32)
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
+      h = tf.tanh(tf.matmul(x, w))
+      ones = tf.ones(tf.shape(x)[:1])
+      out, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        tf.reshape(h, [1, -1, 5, 1]),
+        ones,
+        ones * 0.0,
+        epsilon=0.01,
+        data_format="NCHW",
+      )
+      y = tf.reduce_sum(tf.sin(tf.reshape(out, [-1, 5])), axis=1)
+      switched = self._switched(y, x, False)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      names = [op.name for op in graph.get_operations()]
+      self.assertEqual(
+        any("/by_batch_size" in name for name in names), version == 2
+      )
+      with tf.compat.v1.Session() as sess:
+        for n in (3, 6):
+          got, want = sess.run([switched, rows], {x: x_val[:n]})
+          self.assertAllClose(got, want, atol=1e-5, rtol=1e-4)
+
   @parameterized.named_parameters(
     ("diagonal", tf1hess.batch_hessian_diagonals, 1),
     ("laplacian", tf1hess.batch_laplacians, 0),

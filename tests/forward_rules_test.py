@@ -22,6 +22,7 @@ import tensorflow as tf
 
 import testing_utils
 import tf1hess
+from tf1hess import _compat
 from tf1hess.forward import registry
 
 _K = 12
@@ -666,6 +667,7 @@ def _check_float32(test, model, equivalent):
       tf1hess.batch_hessians(y, x, method="while_loop"),
     ]
     with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
       h_val, lap_val, rows_val = sess.run(outs, {x: x_val})
   with tf.Graph().as_default():
     x = tf.compat.v1.placeholder(tf.float64, [None, _K])
@@ -769,6 +771,94 @@ class Float32BatchNormTest(tf.test.TestCase, parameterized.TestCase):
         ValueError, "FusedBatchNorm.* statistics of the batch"
       ):
         tf1hess.batch_hessians(tf.sin(out), x, method="forward")
+
+
+class Float32LayerNormTest(tf.test.TestCase, parameterized.TestCase):
+  """Layer normalization as Keras 2 runs it in float32.
+
+  A fused batch normalization in training mode of the features reshaped to
+  `(1, rows, M, 1)`, the rows as channels (no float64 CPU kernel).
+  """
+
+  _GAMMA = _RNG.normal(size=(3, 4)) + 1.0
+  _BETA = _RNG.normal(size=(3, 4))
+
+  def _model(self, normalize):
+    def model(x):
+      h = tf.reshape(tf.tanh(_lin(x)) + x, [-1, 3, 4])
+      h = normalize(h)
+      return tf.reshape(tf.nn.softplus(h) * tf.sin(h), [-1, _K])
+
+    return model
+
+  def _by_hand(self, axes, gamma, beta):
+    def normalize(h):
+      c = h - tf.reduce_mean(h, axes, keepdims=True)
+      v = tf.reduce_mean(tf.square(c), axes, keepdims=True)
+      return c * tf.math.rsqrt(v + 0.01) * gamma + beta
+
+    return normalize
+
+  @parameterized.named_parameters(("last_axis", [2]), ("two_axes", [1, 2]))
+  def test_fused_as_keras_builds_it(self, axes):
+    gamma, beta = (
+      v[0] if axes == [2] else v for v in (self._GAMMA, self._BETA)
+    )
+
+    def fused(h):
+      # tf_keras/src/layers/normalization/layer_normalization.py, fused.
+      shape = tf.shape(h)
+      pre = tf.reduce_prod(shape[: axes[0]])
+      inner = tf.reduce_prod(shape[axes[0] :])
+      squeezed = tf.reshape(h, tf.stack([1, pre, inner, 1]))
+      out, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        squeezed,
+        tf.ones(tf.reshape(pre, [1])),
+        tf.zeros(tf.reshape(pre, [1])),
+        epsilon=0.01,
+        data_format="NCHW",
+      )
+      return tf.reshape(out, shape) * gamma.astype(np.float32) + beta.astype(
+        np.float32
+      )
+
+    _check_float32(
+      self, self._model(fused), self._model(self._by_hand(axes, gamma, beta))
+    )
+
+  def test_keras_layer(self):
+    try:
+      keras = _compat.legacy_keras()
+    except ImportError as error:
+      self.skipTest(str(error))
+    gamma, beta = self._GAMMA[0], self._BETA[0]
+    constant = keras.initializers.Constant
+
+    def layer(h):
+      norm = keras.layers.LayerNormalization(
+        epsilon=0.01,
+        gamma_initializer=constant(gamma),
+        beta_initializer=constant(beta),
+      )
+      out = norm(h)
+      self.assertIn(
+        "FusedBatchNormV3", {op.type for op in h.graph.get_operations()}
+      )
+      return out
+
+    _check_float32(
+      self, self._model(layer), self._model(self._by_hand([2], gamma, beta))
+    )
+
+  def test_batch_statistics_are_not_followed(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
+      ones = tf.ones(tf.shape(x)[:1])
+      _, mean, _ = tf.compat.v1.nn.fused_batch_norm(
+        tf.reshape(x, [1, -1, _K, 1]), ones, ones * 0.0, data_format="NCHW"
+      )
+      with self.assertRaisesRegex(ValueError, "reads the batch statistics"):
+        tf1hess.batch_hessians(tf.sin(mean), x, method="forward")
 
 
 class DeclineTest(tf.test.TestCase, parameterized.TestCase):

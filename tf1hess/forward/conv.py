@@ -135,15 +135,17 @@ def _fused_batch_norm(op, jacs, ctx):
   statistics are inputs, and the output is `v` scaled per channel; in
   training they are the batch's, and samples mix.
   """
-  if op.get_attr("is_training"):
-    raise registry.Unsupported(
-      f"{op.type} ({op.name}) normalizes with the statistics of the batch "
-      "(is_training): samples mix"
-    )
   if any(j is not None for j in jacs[1:]):
     raise registry.Unsupported(
       f"{op.type} ({op.name}) has a scale, offset, mean or variance that "
       "depends on x"
+    )
+  if op.get_attr("is_training"):
+    if ctx.lead_one and op.get_attr("data_format").decode() == "NCHW":
+      return _normalize_rows(op, jacs[0], ctx)
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) normalizes with the statistics of the batch "
+      "(is_training): samples mix"
     )
   outs = [None] * len(op.outputs)
   if jacs[0] is None:
@@ -155,6 +157,50 @@ def _fused_batch_norm(op, jacs, ctx):
     factor = tf.reshape(factor, [-1] + [1] * (rank - 2))
   outs[0] = jacobians.scale(jacs[0], factor)
   return outs
+
+
+def _normalize_rows(op, j, ctx):
+  """Layer normalization: each channel of `(1, rows, H, W)` over its entries.
+
+  Keras `LayerNormalization` in float32 reshapes the samples' rows to the
+  channels of a batch of one and normalizes them in training mode (see
+  `structural._for_layer_norm`): `y = scale (u - mean) s + offset` per row,
+  `s = (v + epsilon)^(-1/2)`, `v` the mean of `(u - mean)^2` over the
+  row's M entries. Its curvature is that of the product `c s`, of `s(v)`
+  and of `v(c)`, `c = u - mean` being linear in `u`.
+  """
+  u, y = op.inputs[0][0], op.outputs[0]  # u: (rows, H, W)
+  gamma = tf.reshape(tf.cast(op.inputs[1], u.dtype), [-1, 1, 1])
+  epsilon = op.get_attr("epsilon")
+  axes = [1, 2]
+  size = tf.cast(tf.reduce_prod(tf.shape(u)[1:]), u.dtype)
+  c = u - tf.reduce_mean(u, axes, keepdims=True)
+  v = tf.reduce_mean(tf.square(c), axes, keepdims=True)
+  s = tf.math.rsqrt(v + epsilon)
+  ds = -0.5 * s * s * s  # s'(v)
+  d2s = 0.75 * tf.pow(s, 5)  # s''(v)
+  value = j.value  # (rows, K, H, W)
+  jc = value - tf.reduce_mean(value, [2, 3], keepdims=True)
+  jv = 2.0 * tf.reduce_mean(tf.expand_dims(c, 1) * jc, [2, 3], keepdims=True)
+  js = tf.expand_dims(ds, 1) * jv  # (rows, K, 1, 1)
+  jy = tf.expand_dims(gamma, 1) * (
+    tf.expand_dims(s, 1) * jc + tf.expand_dims(c, 1) * js
+  )
+  jc, jv = jacobians.dense(jc), jacobians.dense(jv)
+  js_wide = jacobians.dense(tf.broadcast_to(js, tf.shape(jc.value)))
+
+  def terms(adj):
+    a = adj[0] * gamma  # The adjoint of (u - mean) s.
+    adj_s = tf.reduce_sum(a * c, axes, keepdims=True)
+    return [
+      jacobians.Term(a, jc, js_wide, symmetric=True),
+      jacobians.Term(adj_s * d2s, jv),
+      jacobians.Term(adj_s * ds * 2.0 / size, jc),
+    ]
+
+  ctx.curvature(y, terms)
+  statistics = registry.Unfollowed(f"the batch statistics of {op.name}")
+  return [jacobians.dense(jy)] + [statistics] * (len(op.outputs) - 1)
 
 
 _POOL_ATTRS = ("ksize", "strides", "padding", "data_format")

@@ -504,6 +504,24 @@ def _unsupported(x, method, error):
   )
 
 
+# Gradients whose own gradient differentiates with a `tf.GradientTape`
+# (TensorFlow's second derivative of the fused batch normalization). Under
+# control flow v1 such a tape inside a `tf.cond` raises, or, in the rows'
+# loop inside one, comes out wrong (Keras `LayerNormalization` in float32).
+_TAPE_GRADIENTS = frozenset(
+  ["FusedBatchNormGrad", "FusedBatchNormGradV2", "FusedBatchNormGradV3"]
+)
+
+
+def _rows_fit_in_cond(x, grad):
+  """Whether the rows of `grad` may be built in a branch of a `tf.cond`."""
+  if tf.compat.v1.control_flow_v2_enabled():
+    return True
+  return not any(
+    op.type in _TAPE_GRADIENTS for op in engine.path_ops(x, [grad])
+  )
+
+
 def _by_batch_size(ys, x, mode, choice, rows):
   """A `tf.cond` on N between the engine and `rows()` (see `Choice`)."""
 
@@ -558,6 +576,8 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
       return None, False
     if walked is not None:
       choice = choose(ys, x, grad, mode, walked, plan)
+      if choice.switch is not None and not _rows_fit_in_cond(x, grad):
+        choice = Choice(True)
       if choice.switch is not None and walked.connected:
         try:
           return _by_batch_size(ys, x, mode, choice, rows), True

@@ -368,12 +368,14 @@ class _Context:
   (`registry.Regrouped`).
   """
 
-  def __init__(self, n, k, dtype):
+  def __init__(self, n, k, dtype, path=()):
     self.n = n
     self.samples = n
     self.group = 1
+    self.lead_one = False
     self.k = k
     self.dtype = dtype
+    self.path = frozenset(path)  # The ops the walk follows.
     self.pending = []  # (tensor, adj -> [Term])
 
   def dense_matmul(self):
@@ -394,11 +396,13 @@ class _GroupedContext:
   Its curvature terms are made terms per sample (`jacobians.ungroup_term`).
   """
 
-  def __init__(self, ctx, group, ungrouped):
+  def __init__(self, ctx, group, lead_one, ungrouped):
     self._ctx = ctx
     self.n = ctx.samples * group
     self.samples = ctx.samples
     self.group = group
+    self.lead_one = lead_one
+    self.path = ctx.path
     self.k = ctx.k
     self.dtype = ctx.dtype
     self._ungrouped = ungrouped
@@ -417,9 +421,10 @@ class _GroupedContext:
 
 
 def _group_of(op, ins, groups):
-  """The rows per sample of the dependent inputs of `op` (1: samples)."""
+  """The rows per sample of the dependent inputs of `op` (1: samples), and
+  whether those rows are behind an axis of 1 (see `registry.Regrouped`)."""
   found = {
-    groups.get(_key(t), 1)
+    groups.get(_key(t), (1, False))
     for t, j in zip(op.inputs, ins)
     if isinstance(j, jacobians.Jacobian)
   }
@@ -429,14 +434,19 @@ def _group_of(op, ins, groups):
       " tensors whose rows are parts of samples (after a reshape that merges"
       " the batch with other axes)"
     )
-  group = found.pop() if found else 1
-  if group > 1 and op.type not in registry.ROWWISE:
+  group, lead_one = found.pop() if found else (1, False)
+  if lead_one and op.type not in registry.LEAD_ONE:
+    raise Unsupported(
+      f"{op.type} ({op.name}) reads a tensor whose batch axis is its second"
+      " (a reshape to (1, N, ...))"
+    )
+  if group > 1 and not lead_one and op.type not in registry.ROWWISE:
     raise Unsupported(
       f"{op.type} ({op.name}) reads a tensor whose rows are parts of samples"
       " (a reshape merged the batch with other axes, as tf.tensordot does);"
       " only ops that work row by row may follow it"
     )
-  return group
+  return group, lead_one
 
 
 def _identity_jacobian(x, k):
@@ -461,16 +471,17 @@ def _gradient_overridden(op):
   )
 
 
-def _set_static_shape(jac, t, x, group=1):
+def _set_static_shape(jac, t, x, group=1, lead_one=False):
   """Gives `jac` the static shape that `t` and `x` know (for `fit`)."""
   k = x.shape[1:].num_elements() if x.shape[1:].is_fully_defined() else None
   if jac.diagonal:
     lead = [None]  # N or 1
   else:
-    lead = [k] if jac.shared else [x.shape[0] if group == 1 else None, k]
+    rows = x.shape[0] if group == 1 and not lead_one else None
+    lead = [k] if jac.shared else [rows, k]
   if t.shape.rank is None:
     return
-  shape = tf.TensorShape(lead).concatenate(t.shape[1:])
+  shape = tf.TensorShape(lead).concatenate(t.shape[2 if lead_one else 1 :])
   if not jac.value.shape.is_compatible_with(shape):
     raise Unsupported(
       f"the Jacobian of {t.name} has shape {jac.value.shape}, not {shape}"
@@ -511,13 +522,13 @@ def second_derivatives(ys, x, mode):
   ops_before = len(x.graph.get_operations())
   n, k = tf.shape(x)[0], tf.reduce_prod(tf.shape(x)[1:])
   dependent = _dependent_tensors(x)
-  ctx = _Context(n, k, x.dtype)
   work = Work()
   jacs = {_key(x): _identity_jacobian(x, k)}
   # Rows per sample of the tensors where a reshape changed them, and the
   # Jacobians made per sample again for their terms (`_GroupedContext`).
   groups, ungrouped = {}, {}
   path = _ordered_ops(x, ys, dependent)
+  ctx = _Context(n, k, x.dtype, path)
   for op in path:
     rule = registry.RULES.get(op.type)
     if rule is None:
@@ -541,23 +552,25 @@ def second_derivatives(ys, x, mode):
           " (a sum or reshape over the batch axis before it)"
         )
       outs = [registry.MIXED] * len(op.outputs)
-      group = 1
+      group, lead_one = 1, False
     else:
-      group = _group_of(op, ins, groups)
+      group, lead_one = _group_of(op, ins, groups)
       if not rule.diagonal:
         ins = [_materialize(j, work) for j in ins]
-      rule_ctx = ctx if group == 1 else _GroupedContext(ctx, group, ungrouped)
+      rule_ctx = ctx
+      if group > 1 or lead_one:
+        rule_ctx = _GroupedContext(ctx, group, lead_one, ungrouped)
       outs = rule.fn(op, ins, rule_ctx)
       _push(op, ins, outs, work, group)
     for t, j in zip(op.outputs, outs):
-      out_group = group
+      out = (group, lead_one)
       if isinstance(j, registry.Regrouped):
-        j, out_group = j.jacobian, j.group
+        j, out = j.jacobian, (j.group, j.lead_one)
       if j is not None and _key(t) in dependent:
         if isinstance(j, jacobians.Jacobian):
-          _set_static_shape(j, t, x, out_group)
-        if out_group > 1:
-          groups[_key(t)] = out_group
+          _set_static_shape(j, t, x, *out)
+        if out != (1, False):
+          groups[_key(t)] = out
         jacs[_key(t)] = j
   if not ctx.pending:
     shape = {

@@ -66,11 +66,23 @@ class Regrouped:
   `(N G, K, *e')`, row `n G + g` holding part `g` of sample `n`, and
   `group` is G. Only `ROWWISE` ops may follow such a tensor; the walk
   regroups their curvature by sample. A reshape back gives `group` 1.
+
+  With `lead_one`, the tensor is `(1, N G, *e')`: the rows are its second
+  axis, behind an axis of 1 (Keras `LayerNormalization` reshapes to `(1,
+  N G, M, 1)` for a fused batch normalization whose channels are the
+  rows); only `LEAD_ONE` ops may follow it.
   """
 
-  def __init__(self, jacobian, group):
+  def __init__(self, jacobian, group, lead_one=False):
     self.jacobian = jacobian
     self.group = group
+    self.lead_one = lead_one
+
+
+# Op types whose rules follow tensors `(1, N G, *e')` (see `Regrouped`).
+LEAD_ONE = frozenset(
+  ["Reshape", "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"]
+)
 
 
 def register(*op_types, linear=False, diagonal=False):
@@ -184,6 +196,8 @@ def partial_shape(t, depth=_FOLD_DEPTH):
   if op.type == "ConcatV2" and fold(op.inputs[-1]) == 0:
     parts = [partial_shape(u, depth - 1) for u in op.inputs[:-1]]
     return None if any(p is None for p in parts) else sum(parts, [])
+  if op.type == "StridedSlice":
+    return _partial_slice(op, depth)
   if op.type == "GatherV2" and fold(op.inputs[2]) == 0:
     entries, indices = (
       partial_shape(op.inputs[0], depth - 1),
@@ -193,6 +207,22 @@ def partial_shape(t, depth=_FOLD_DEPTH):
       return None
     return [entries[int(i)] for i in indices]
   return None
+
+
+def _partial_slice(op, depth):
+  """`partial_shape` of a plain slice `v[b:e:s]` of a shape vector `v`."""
+  masks = [op.get_attr(m) for m in ("ellipsis_mask", "new_axis_mask")]
+  if any(masks) or op.get_attr("shrink_axis_mask"):
+    return None
+  entries = partial_shape(op.inputs[0], depth - 1)
+  begin, end, strides = (fold(u) for u in op.inputs[1:4])
+  if entries is None or any(
+    v is None or np.size(v) != 1 for v in (begin, end, strides)
+  ):
+    return None
+  begin = None if op.get_attr("begin_mask") & 1 else int(np.ravel(begin)[0])
+  end = None if op.get_attr("end_mask") & 1 else int(np.ravel(end)[0])
+  return entries[begin : end : int(np.ravel(strides)[0])]
 
 
 def _partial_scalar(t, depth):

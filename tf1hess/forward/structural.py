@@ -64,31 +64,39 @@ def _same_rank_unknown_entries(op):
   )
 
 
-def _entry_shape(op):
-  """The static entries `e'` of a reshape's output `(M, *e')`, or `None`."""
-  out = op.outputs[0]
-  if out.shape.rank is None or out.shape.rank == 0:
+def _entry_shape(op, lead_one=False):
+  """The static entries `e'` of a reshape's output `(M, *e')`, or `None`.
+
+  With `lead_one`, of an output `(1, M, *e')`.
+  """
+  out, skip = op.outputs[0], 2 if lead_one else 1
+  if out.shape.rank is None or out.shape.rank < skip:
     return None
-  if out.shape[1:].is_fully_defined():
-    return out.shape[1:].as_list()
+  if out.shape[skip:].is_fully_defined():
+    return out.shape[skip:].as_list()
   entries = registry.partial_shape(op.inputs[1])
   if entries is None or len(entries) != out.shape.rank:
     return None
-  entries = entries[1:]
+  entries = entries[skip:]
   return None if None in entries or -1 in entries else entries
 
 
-def _rows_per_sample(op, group):
+def _rows_per_sample(op, group, lead_in=False, lead_out=False, e_in=None):
   """G when a reshape of `(N g, *e)` is `(N G, *e')`, `g` = `group`, or `None`.
 
   Row-major order keeps each sample's entries together: when `prod(e)` is
   a multiple of `prod(e')` (or the reverse), every output row is a part
-  of one sample's entries (or holds whole rows of one sample).
+  of one sample's entries (or holds whole rows of one sample). `lead_in`
+  and `lead_out`: the input or the output is `(1, rows, *e)`. `e_in`: the
+  static entries of the input's rows, where its shape lost them.
   """
   u = op.inputs[0]
-  if u.shape.rank is None or u.shape.rank == 0:
+  skip = 2 if lead_in else 1
+  if u.shape.rank is None or u.shape.rank < skip:
     return None
-  e_in, e_out = u.shape[1:], _entry_shape(op)
+  if e_in is None:
+    e_in = u.shape[skip:]
+  e_out = _entry_shape(op, lead_out)
   if not e_in.is_fully_defined() or e_out is None:
     return None
   total = group * e_in.num_elements()
@@ -99,15 +107,63 @@ def _rows_per_sample(op, group):
   n_in, n_out = (
     tf.compat.dimension_value(t.shape[0]) for t in (u, op.outputs[0])
   )
+  if lead_in or lead_out:
+    return rows
   if n_in is not None and n_out is not None and n_in * rows != n_out * group:
     return None
   return rows
+
+
+def _for_layer_norm(op, ctx):
+  """Whether a reshape's output is `(1, M, ...)` read by batch normalizations.
+
+  Keras `LayerNormalization` (float32) reshapes `(N, *e)` to `(1, N G, M,
+  1)` and normalizes each row over its M entries with a fused batch
+  normalization in training mode, its channels (axis 1) being the rows.
+  """
+  out = op.outputs[0]
+  if out.shape.rank is None or out.shape.rank < 3:
+    return False
+  if tf.compat.dimension_value(out.shape[0]) != 1:
+    return False
+  readers = [c for c in out.consumers() if c in ctx.path]
+  return bool(readers) and all(
+    c.type in registry.LEAD_ONE and c.type != "Reshape" for c in readers
+  )
+
+
+def _one_row_per_sample(j, ctx, out):
+  """The Jacobian of a reshape of rows back to one row per sample, `out`."""
+  # `(N, K, G M)`, reshaped to the entries.
+  per_sample = jacobians.ungroup(j, ctx.group, ctx.samples)
+  lead = tf.shape(per_sample.value)[: per_sample.lead]
+  shape = tf.concat([lead, tf.shape(out)[1:]], axis=0)
+  value = tf.reshape(per_sample.value, shape)
+  return registry.Regrouped(per_sample.with_value(value), 1)
 
 
 @registry.register("Reshape", linear=True)
 @registry.of_first_input
 def _reshape(op, j, ctx):
   out = op.outputs[0]
+  if ctx.lead_one:
+    # The shapes of the normalization lost the entries; its Jacobian has them.
+    e_in = j.value.shape[j.lead :]
+    if _rows_per_sample(op, ctx.group, lead_in=True, e_in=e_in) != 1:
+      raise registry.Unsupported(
+        f"Reshape ({op.name}) reshapes a tensor whose batch axis is its "
+        "second to other than a row per sample"
+      )
+    return [_one_row_per_sample(j, ctx, out)]
+  if ctx.group == 1 and _for_layer_norm(op, ctx):
+    rows = _rows_per_sample(op, 1, lead_out=True)
+    if rows is None:
+      raise registry.Unsupported(
+        f"Reshape ({op.name}) to (1, ...) has entries known only at run time"
+      )
+    merged = jacobians.group(j, rows, ctx.samples, tf.shape(out)[2:])
+    merged.value.set_shape([None, None] + _entry_shape(op, lead_one=True))
+    return [registry.Regrouped(merged, rows, lead_one=True)]
   if ctx.group == 1 and _keeps_batch(op):
     return [jacobians.apply_per_sample(j, _reshape_entries(out))]
   rows = _rows_per_sample(op, ctx.group)
@@ -119,12 +175,7 @@ def _reshape(op, j, ctx):
     merged = jacobians.group(j, rows, ctx.samples, entries)
     return [registry.Regrouped(merged, rows)]
   if rows == 1:
-    # Back to a row per sample: `(N, K, G M)`, reshaped to the entries.
-    per_sample = jacobians.ungroup(j, ctx.group, ctx.samples)
-    lead = tf.shape(per_sample.value)[: per_sample.lead]
-    shape = tf.concat([lead, tf.shape(out)[1:]], axis=0)
-    value = tf.reshape(per_sample.value, shape)
-    return [registry.Regrouped(per_sample.with_value(value), 1)]
+    return [_one_row_per_sample(j, ctx, out)]
   if ctx.group != 1:
     raise registry.Unsupported(
       f"Reshape ({op.name}) regroups the rows of parts of samples"
