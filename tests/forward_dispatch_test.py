@@ -423,6 +423,33 @@ class RowsCannotDifferentiateTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(value, expected, atol=1e-7)
 
 
+class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
+  """TensorFlow's second derivative of some max pools is wrong."""
+
+  @parameterized.named_parameters(
+    ("same_stride_1", 2, 1, "SAME"),
+    ("one_by_one", 1, 1, "VALID"),
+  )
+  def test_auto_takes_the_engine(self, size, stride, padding):
+    x_val = _RNG.normal(size=(3, 12))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      h = tf.sin(1.3 * tf.reshape(x, [-1, 3, 4, 1]))
+      pooled = tf.nn.max_pool2d(h, size, stride, padding)
+      y = tf.reduce_sum(tf.square(pooled) * tf.cos(pooled), axis=[1, 2, 3])
+      (g,) = tf.gradients(y, x)
+      self.assertFalse(dispatch.rows_are_exact(x, g))
+      # Rows would be chosen on cost alone.
+      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
+        auto = tf1hess.batch_hessians(y, x)
+      with tf.compat.v1.Session() as sess:
+        value = sess.run(auto, {x: x_val})
+        hessians = finite_differences.finite_difference_hessians(
+          lambda batch: sess.run(y, {x: batch}), x_val
+        )
+    self.assertAllClose(value, hessians, atol=1e-6)
+
+
 class EagerInFunctionTest(tf.test.TestCase):
   """Inside a `tf.function`, `tf1hess.eager` takes the graph ops' choice."""
 

@@ -198,6 +198,22 @@ def rows_can_differentiate(x, grad):
   return True
 
 
+# Gradients whose TensorFlow gradient (the rows' second derivative) is
+# wrong in some configurations: `MaxPoolGradGrad` of a max pool with
+# stride 1 and SAME padding, or of a 1 x 1 pool, differs from float64
+# differences by as much as the Hessian itself. The engine's max pool rule
+# is exact there.
+_INEXACT_SECOND_DERIVATIVES = frozenset(["MaxPoolGrad", "MaxPoolGradV2"])
+
+
+def rows_are_exact(x, grad):
+  """Whether TensorFlow's gradients of the ops from `x` to `grad` are exact
+  (see `_INEXACT_SECOND_DERIVATIVES`)."""
+  return not any(
+    op.type in _INEXACT_SECOND_DERIVATIVES for op in engine.path_ops(x, [grad])
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class Choice:
   """What `method="auto"` builds for a batch of N samples.
@@ -220,7 +236,9 @@ class Choice:
 def choose(ys, x, grad, mode, walked, plan=None):
   """The cost model of `method="auto"`: the engine, the rows, or either by N.
 
-  The engine whenever the rows cannot be built (`rows_can_differentiate`).
+  The engine whenever the rows cannot be built (`rows_can_differentiate`)
+  or would inherit a wrong second derivative of TensorFlow's
+  (`rows_are_exact`: max pooling).
 
   Diagonals and Laplacians take the engine unless the rows need no pass
   per row (`_shortcut`: a Hessian shared by all samples, or one dense
@@ -275,7 +293,7 @@ def choose(ys, x, grad, mode, walked, plan=None):
     A `Choice`.
   """
   plan = plan or plan_lib.Plan()
-  if not rows_can_differentiate(x, grad):
+  if not rows_can_differentiate(x, grad) or not rows_are_exact(x, grad):
     return Choice(True)
   if mode != jacobians.HESSIAN:
     return Choice(_shortcut(x, grad, plan) is None)
