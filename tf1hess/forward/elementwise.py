@@ -161,7 +161,8 @@ def _silu(op, jacs, ctx):
   return [jacobians.scale(j, first), j, None]
 
 
-@registry.register(
+# Ops whose outputs are constant almost everywhere.
+_PIECEWISE_CONSTANT = (
   "Sign",
   "Floor",
   "Ceil",
@@ -169,9 +170,10 @@ def _silu(op, jacs, ctx):
   "Rint",
   "OnesLike",
   "ZerosLike",
-  linear=True,
-  diagonal=True,
 )
+
+
+@registry.register(*_PIECEWISE_CONSTANT, linear=True, diagonal=True)
 def _piecewise_constant(op, jacs, ctx):
   """A zero derivative (almost) everywhere: as for TensorFlow's gradients,
   the output does not depend on x."""
@@ -407,17 +409,11 @@ def _select(op, jacs, ctx):
 
 registry.rowwise(
   *_UNARY,
+  *_PIECEWISE_CONSTANT,
   "Identity",
   "Snapshot",
   "CheckNumerics",
   "IdentityN",
-  "Sign",
-  "Floor",
-  "Ceil",
-  "Round",
-  "Rint",
-  "OnesLike",
-  "ZerosLike",
   "Neg",
   "Cast",
   "Add",
