@@ -449,6 +449,15 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
         )
     self.assertAllClose(value, hessians, atol=1e-6)
 
+  def test_rows_warn(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      pooled = tf.nn.max_pool2d(tf.reshape(x, [-1, 3, 4, 1]), 1, 1, "VALID")
+      y = tf.reduce_sum(tf.sin(pooled), axis=[1, 2, 3])
+      with self.assertLogs(level="WARNING") as logs:
+        tf1hess.batch_hessians(y, x, method="while_loop")
+    self.assertIn("MaxPoolGradGrad, which is wrong", "".join(logs.output))
+
 
 class EagerInFunctionTest(tf.test.TestCase):
   """Inside a `tf.function`, `tf1hess.eager` takes the graph ops' choice."""

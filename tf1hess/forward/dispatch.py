@@ -556,6 +556,24 @@ def _by_batch_size(ys, x, mode, choice, rows):
 def try_forward(ys, x, grad, mode, plan, unconnected, rows):
   """`(result, True)` from the engine for `x`, or `(None, False)` for rows.
 
+  Warns once when the rows will inherit a wrong second derivative of
+  TensorFlow's (`rows_are_exact`). See `_try_forward` for the rest.
+  """
+  result = _try_forward(ys, x, grad, mode, plan, unconnected, rows)
+  if not result[1] and not rows_are_exact(x, grad):
+    _core.warn_once(
+      x.graph,
+      f"tf1hess: the rows for {x.name} differentiate a max pool's gradient"
+      " with TensorFlow's MaxPoolGradGrad, which is wrong for 1 x 1 pools"
+      " and pools of stride 1 with SAME padding; method='forward' is exact"
+      " there.",
+    )
+  return result
+
+
+def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
+  """`(result, True)` from the engine for `x`, or `(None, False)` for rows.
+
   Under `method="auto"` the engine first walks a copy of the model
   (`dry_run`), and `choose` compares its estimated cost with the rows';
   the engine's ops are added to the graph of `ys` only when it is taken,
