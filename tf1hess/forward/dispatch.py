@@ -206,12 +206,15 @@ def rows_can_differentiate(x, grad):
 _INEXACT_SECOND_DERIVATIVES = frozenset(["MaxPoolGrad", "MaxPoolGradV2"])
 
 
+def _gradient_graph_has(x, grad, op_types):
+  """Whether an op of `op_types` is among the ops from `x` to `grad`."""
+  return any(op.type in op_types for op in engine.path_ops(x, [grad]))
+
+
 def rows_are_exact(x, grad):
   """Whether TensorFlow's gradients of the ops from `x` to `grad` are exact
   (see `_INEXACT_SECOND_DERIVATIVES`)."""
-  return not any(
-    op.type in _INEXACT_SECOND_DERIVATIVES for op in engine.path_ops(x, [grad])
-  )
+  return not _gradient_graph_has(x, grad, _INEXACT_SECOND_DERIVATIVES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,10 +536,8 @@ _TAPE_GRADIENTS = frozenset(
 
 def _rows_fit_in_cond(x, grad):
   """Whether the rows of `grad` may be built in a branch of a `tf.cond`."""
-  if tf.compat.v1.control_flow_v2_enabled():
-    return True
-  return not any(
-    op.type in _TAPE_GRADIENTS for op in engine.path_ops(x, [grad])
+  return tf.compat.v1.control_flow_v2_enabled() or not _gradient_graph_has(
+    x, grad, _TAPE_GRADIENTS
   )
 
 

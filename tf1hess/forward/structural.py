@@ -104,11 +104,11 @@ def _rows_per_sample(op, group, lead_in=False, lead_out=False, e_in=None):
   if total == 0 or part == 0 or total % part:
     return None
   rows = total // part
+  if lead_in or lead_out:
+    return rows
   n_in, n_out = (
     tf.compat.dimension_value(t.shape[0]) for t in (u, op.outputs[0])
   )
-  if lead_in or lead_out:
-    return rows
   if n_in is not None and n_out is not None and n_in * rows != n_out * group:
     return None
   return rows
