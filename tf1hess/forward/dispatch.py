@@ -19,6 +19,7 @@ from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direc
 from tf1hess import _core
 from tf1hess import _shortcuts
 from tf1hess import plan as plan_lib
+from tf1hess.forward import chunks
 from tf1hess.forward import engine
 from tf1hess.forward import jacobians
 from tf1hess.forward import registry
@@ -541,12 +542,21 @@ def _rows_fit_in_cond(x, grad):
   )
 
 
-def _by_batch_size(ys, x, mode, choice, rows):
+def _walk(ys, x, mode, walked):
+  """The engine's `Result` for `x` in the graph of `ys`: in chunks of the
+  batch where `chunks.plan` makes them from the copy's walk `walked`."""
+  with tf.name_scope(SCOPE):
+    planned = chunks.plan(x, ys, walked)
+    if planned is None:
+      return engine.second_derivatives(ys, x, mode)
+    return planned.second_derivatives(mode)
+
+
+def _by_batch_size(ys, x, mode, choice, rows, walked):
   """A `tf.cond` on N between the engine and `rows()` (see `Choice`)."""
 
   def walk():
-    with tf.name_scope(SCOPE):
-      return shaped(engine.second_derivatives(ys, x, mode).value, x, mode)
+    return shaped(_walk(ys, x, mode, walked).value, x, mode)
 
   below, above = (walk, rows) if choice.engine else (rows, walk)
   return tf.cond(
@@ -617,15 +627,19 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
         choice = Choice(True)
       if choice.switch is not None and walked.connected:
         try:
-          return _by_batch_size(ys, x, mode, choice, rows), True
+          return _by_batch_size(ys, x, mode, choice, rows, walked), True
         except engine.Unsupported as e:
           _unsupported(x, method, e)
           return None, False
       if not choice.engine:
         return None, False
+  elif chunks.may_chunk(x):
+    try:
+      walked = dry_run(ys, x, mode)
+    except engine.Unsupported:
+      pass  # The walk below raises it.
   try:
-    with tf.name_scope(SCOPE):
-      real = engine.second_derivatives(ys, x, mode)
+    real = _walk(ys, x, mode, walked)
   except engine.Unsupported as e:
     _unsupported(x, method, e)
     return None, False

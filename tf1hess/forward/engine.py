@@ -34,9 +34,12 @@ _NO_GRADIENT = _shortcuts.NO_GRADIENT
 
 Unsupported = registry.Unsupported
 
-# What `second_derivatives` returns: the result, whether any op curves, and
-# the `Work` it estimates for the cost model of `dispatch`.
-Result = collections.namedtuple("Result", ["value", "connected", "work"])
+# What `second_derivatives` returns: the result, whether any op curves, the
+# `Work` it estimates for the cost model of `dispatch`, and whether a tensor
+# of the walk mixes samples (a sum over the batch axis: `registry.MIXED`).
+Result = collections.namedtuple(
+  "Result", ["value", "connected", "work", "mixes_samples"]
+)
 
 
 class Work:
@@ -529,6 +532,7 @@ def second_derivatives(ys, x, mode):
   groups, ungrouped = {}, {}
   path = _ordered_ops(x, ys, dependent)
   ctx = _Context(n, k, x.dtype, path)
+  mixed = False
   for op in path:
     rule = registry.RULES.get(op.type)
     if rule is None:
@@ -562,6 +566,7 @@ def second_derivatives(ys, x, mode):
         rule_ctx = _GroupedContext(ctx, group, lead_one, ungrouped)
       outs = rule.fn(op, ins, rule_ctx)
       _push(op, ins, outs, work, group)
+    mixed = mixed or any(j is registry.MIXED for j in outs)
     for t, j in zip(op.outputs, outs):
       out = (group, lead_one)
       if isinstance(j, registry.Regrouped):
@@ -580,7 +585,7 @@ def second_derivatives(ys, x, mode):
     }[mode]
     value = tf.zeros(shape, x.dtype)
     work.ops += len(x.graph.get_operations()) - ops_before
-    return Result(value, False, work)
+    return Result(value, False, work, mixed)
   adjoints = tf.gradients(
     ys,
     [t for t, _ in ctx.pending],
@@ -630,7 +635,7 @@ def second_derivatives(ys, x, mode):
   sums = len(parts) + (len(halves) + 1 if halves else 0)
   work.add(entries=None if size is None else (0, sums * size**out))
   work.ops += len(x.graph.get_operations()) - ops_before
-  return Result(value, True, work)
+  return Result(value, True, work, mixed)
 
 
 def _contract_work(term, mode, x, batch, work):

@@ -1,0 +1,251 @@
+"""The forward engine walked on chunks of the batch (`forward/chunks.py`).
+
+Chunks are forced small here (a few samples) so that batches of a dozen
+samples make several chunks and a last, shorter one. Every result is
+compared with the row loop (`method="while_loop"`) on the same graph, and
+the models where a chunk cannot be walked alone are checked to walk the
+whole batch (and to agree with the rows all the same).
+"""
+
+from unittest import mock
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import testing_utils
+
+import tf1hess
+from tf1hess.forward import chunks
+
+_K = 4
+_RNG = np.random.default_rng(11)
+
+
+def _weights(m, n):
+  return tf.constant(_RNG.normal(size=(m, n)) / np.sqrt(m))
+
+
+def _mlp(x, activation=tf.tanh):
+  h = x
+  for m, n in [(_K, 6), (6, 6)]:
+    h = activation(tf.matmul(h, _weights(m, n)) + 0.1)
+  return tf.matmul(h, _weights(6, 1))
+
+
+def _dense_layers(x):
+  h = x
+  for i in range(2):
+    h = tf.compat.v1.layers.dense(
+      h,
+      5,
+      activation=tf.nn.softplus,
+      name=f"chunked_dense{i}",
+      kernel_initializer=tf.compat.v1.glorot_normal_initializer(seed=i),
+    )
+  return tf.compat.v1.layers.dense(h, 1, name="chunked_out")
+
+
+def _reshaped(x):
+  # Reshapes by the run-time batch size, as `tf.shape(h)[0]`.
+  h = tf.tanh(tf.matmul(x, _weights(_K, 6)))
+  h = tf.reshape(h, tf.stack([tf.shape(h)[0], 2, 3]))
+  return tf.reduce_sum(tf.nn.softmax(h, axis=1) ** 2, axis=[1, 2])
+
+
+def _masked(x):
+  # A comparison of the input's values, a mask made like the input, and
+  # labels made from the batch size.
+  h = tf.matmul(x, _weights(_K, 3))
+  h = tf.where(h > 0.0, h, 0.1 * h**3)
+  ce = tf.nn.sigmoid_cross_entropy_with_logits(
+    labels=0.3 * tf.ones_like(h), logits=h
+  )
+  labels = tf.zeros(tf.shape(x)[:1], tf.int32)
+  sparse = tf.nn.sparse_softmax_cross_entropy_with_logits(
+    labels=labels, logits=tf.sin(h)
+  )
+  held = tf.reduce_sum(tf.stop_gradient(h) * h**2, axis=1)
+  return tf.reduce_sum(ce, axis=1) + sparse + held
+
+
+_CHUNKED = {
+  "tanh_mlp": _mlp,
+  "silu_mlp": lambda x: _mlp(x, tf.nn.silu),
+  "layers_dense": _dense_layers,
+  "reshaped": _reshaped,
+  "masked": _masked,
+  # `tf.tensordot` sets static shapes that its ops do not infer.
+  "tensordot": lambda x: tf.reduce_sum(
+    tf.reshape(
+      tf.tanh(
+        tf.tensordot(tf.reshape(tf.sin(x), [-1, 2, 2]), _weights(2, 3), 1)
+      ),
+      [-1, 6],
+    )[:, :_K]
+    * x,
+    axis=1,
+  ),
+  "rank3": lambda x: tf.reduce_sum(
+    tf.sin(tf.reshape(x, [-1, 2, 2])) ** 3, axis=[1, 2]
+  ),
+}
+
+
+def _mean_over_batch(x):
+  return tf.reduce_mean(tf.tanh(_mlp(x)))
+
+
+def _count_divided(x):
+  h = tf.tanh(_mlp(x))
+  return h / tf.cast(tf.shape(x)[0], x.dtype)
+
+
+_WHOLE = {
+  # A sum over the batch axis: its mean's divisor counts the samples.
+  "mean_over_batch": _mean_over_batch,
+  # The batch size as a number.
+  "count_divided": _count_divided,
+  # Ops of the input's values that are not walked (after `stop_gradient`)
+  # and not elementwise.
+  "held_slice": lambda x: tf.stop_gradient(x)[:, 0] * tf.sin(x[:, 1]) ** 2,
+  # Random numbers: a chunk would draw others.
+  "dropout": lambda x: tf.compat.v1.nn.dropout(tf.tanh(_mlp(x)), rate=0.5),
+}
+
+
+def _chunked(graph):
+  return any("/chunks" in op.name for op in graph.get_operations())
+
+
+class ChunksTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  def setUp(self):
+    super().setUp()
+    patches = [
+      mock.patch.object(chunks, "CHUNK_BYTES", 1),
+      mock.patch.object(chunks, "MIN_CHUNK", 4),
+    ]
+    for patch in patches:
+      patch.start()
+      self.addCleanup(patch.stop)
+
+  def _run(self, model, cf, method, batch=None, ns=(11, 4, 0)):
+    """The engine's and the rows' Hessians, diagonals and Laplacians."""
+    self.control_flow(cf)
+    shape = [_K] if model != "rank3" else [2, 2]
+    fn = {**_CHUNKED, **_WHOLE}[model]
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [batch] + shape)
+      y = fn(x)
+      ops = [
+        tf1hess.batch_hessians(y, x, method=method),
+        tf1hess.batch_hessian_diagonals(y, x, method=method),
+        tf1hess.batch_laplacians(y, x, method=method),
+        tf1hess.batch_hessians(y, x, method="while_loop"),
+      ]
+      results = []
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        for n in ns if batch is None else [batch]:
+          feed = {x: _RNG.normal(size=[n] + shape)}
+          results.append(sess.run(ops, feed))
+    for h, d, lap, rows in results:
+      k = int(np.prod(shape))
+      rows = rows.reshape(-1, k, k)
+      self.assertAllClose(h.reshape(-1, k, k), rows, atol=1e-10)
+      self.assertAllClose(d.reshape(-1, k), np.einsum("nii->ni", rows))
+      self.assertAllClose(lap, np.einsum("nii->n", rows), atol=1e-10)
+    return graph
+
+  @parameterized.product(
+    model=list(_CHUNKED), cf=[1, 2], method=["forward", "auto"]
+  )
+  def test_chunks_agree_with_the_rows(self, model, cf, method):
+    graph = self._run(model, cf, method)
+    if method == "forward":
+      self.assertTrue(_chunked(graph))
+
+  @parameterized.product(model=list(_WHOLE), cf=[1, 2])
+  def test_samples_that_a_chunk_would_change_walk_whole(self, model, cf):
+    graph = self._run(model, cf, "forward")
+    self.assertFalse(_chunked(graph))
+
+  def test_static_batch(self):
+    self.assertTrue(_chunked(self._run("tanh_mlp", 2, "forward", batch=9)))
+    # Fewer than two chunks: one walk.
+    self.assertFalse(_chunked(self._run("tanh_mlp", 2, "forward", batch=7)))
+
+  def test_another_input_with_the_batch_axis_walks_whole(self):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      t = tf.compat.v1.placeholder(tf.float64, [None, 1])
+      y = _mlp(x * tf.exp(t))
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        feed = {x: _RNG.normal(size=(9, _K)), t: _RNG.normal(size=(9, 1))}
+        self.assertAllClose(*sess.run([h, rows], feed))
+    self.assertFalse(_chunked(graph))
+
+  def test_no_chunks_where_a_gpu_is_visible(self):
+    gpu = tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")
+    with mock.patch.object(
+      tf.config, "list_physical_devices", return_value=[gpu]
+    ):
+      graph = self._run("tanh_mlp", 2, "forward")
+    self.assertFalse(_chunked(graph))
+
+  def test_float32_mlp_against_the_analytic_hessian(self):
+    weights = testing_utils.mlp_weights(_K, hidden=7)
+    x_val = _RNG.normal(size=(10, _K)).astype(np.float32)
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
+      y = testing_utils.tanh_mlp(x, *weights)
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(h, {x: x_val})
+    self.assertTrue(_chunked(graph))
+    expected = testing_utils.tanh_mlp_hessians(x_val, *weights)
+    self.assertAllClose(out, expected, atol=1e-5, rtol=1e-4)
+
+  def test_eager_forward_in_chunks(self):
+    x = tf.constant(_RNG.normal(size=(10, _K)))
+    w1, w2 = _RNG.normal(size=(_K, 6)), _RNG.normal(size=(6, 1))
+
+    def fn(v):
+      return tf.reduce_sum(tf.tanh(tf.matmul(tf.tanh(v @ w1), w2)), axis=1)
+
+    planned = []
+
+    def plan(*args):
+      planned.append(chunks_plan(*args))
+      return planned[-1]
+
+    chunks_plan = chunks.plan
+    with mock.patch.object(chunks, "plan", plan):
+      h = tf1hess.eager.batch_hessians(fn, x, method="forward")
+    self.assertIsNotNone(planned[-1])
+    with tf.GradientTape() as outer:
+      outer.watch(x)
+      with tf.GradientTape() as inner:
+        inner.watch(x)
+        y = fn(x)
+      g = inner.gradient(y, x)
+    expected = outer.batch_jacobian(g, x)
+    self.assertAllClose(h, expected, atol=1e-10)
+
+  def test_chunk_size(self):
+    with mock.patch.object(chunks, "CHUNK_BYTES", 2**16):
+      with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8])
+        y = tf.tanh(tf.matmul(x, tf.ones([8, 32])))
+        size = chunks._chunk_size(x, [y])  # pylint: disable=protected-access
+    # The largest Jacobian, (size, 8, 32) floats, near CHUNK_BYTES.
+    self.assertBetween(
+      size * 8 * 32 * 4, 2**16 / np.sqrt(2), 2**16 * np.sqrt(2)
+    )
+
+
+if __name__ == "__main__":
+  tf.test.main()
