@@ -176,6 +176,12 @@ class ChunksTest(
     # Fewer than two chunks: one walk.
     self.assertFalse(_chunked(self._run("tanh_mlp", 2, "forward", batch=7)))
 
+  def test_tf1_shapes(self):
+    # `disable_v2_behavior` makes dimensions `Dimension` objects.
+    tf.compat.v1.disable_v2_tensorshape()
+    self.addCleanup(tf.compat.v1.enable_v2_tensorshape)
+    self.assertTrue(_chunked(self._run("tanh_mlp", 1, "forward")))
+
   def test_another_input_with_the_batch_axis_walks_whole(self):
     with tf.Graph().as_default() as graph:
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
@@ -234,6 +240,20 @@ class ChunksTest(
       g = inner.gradient(y, x)
     expected = outer.batch_jacobian(g, x)
     self.assertAllClose(h, expected, atol=1e-10)
+
+  def test_small_jacobians_walk_whole(self):
+    # At the default sizes: 16 features through 64 units make 4 KiB per
+    # sample (chunks of 512); 2 through 8, 64 bytes (a chunk would be more
+    # than MAX_CHUNK samples).
+    with mock.patch.object(chunks, "CHUNK_BYTES", 2**21):
+      with mock.patch.object(chunks, "MIN_CHUNK", 128):
+        for k, units, made in [(16, 64, True), (2, 8, False)]:
+          with tf.Graph().as_default() as graph:
+            x = tf.compat.v1.placeholder(tf.float32, [None, k])
+            w = tf.constant(_RNG.normal(size=(k, units)), tf.float32)
+            y = tf.reduce_sum(tf.tanh(tf.matmul(x, w)), axis=1)
+            tf1hess.batch_hessians(y, x, method="forward")
+          self.assertEqual(_chunked(graph), made)
 
   def test_chunk_size(self):
     with mock.patch.object(chunks, "CHUNK_BYTES", 2**16):
