@@ -16,6 +16,7 @@ import testing_utils
 
 import tf1hess
 from tf1hess.forward import chunks
+from tf1hess.forward import dispatch
 
 _K = 4
 _RNG = np.random.default_rng(11)
@@ -175,6 +176,20 @@ class ChunksTest(
     self.assertTrue(_chunked(self._run("tanh_mlp", 2, "forward", batch=9)))
     # Fewer than two chunks: one walk.
     self.assertFalse(_chunked(self._run("tanh_mlp", 2, "forward", batch=7)))
+
+  @parameterized.parameters(1, 2)
+  def test_no_cond_for_rows_of_small_batches_only(self, cf):
+    # Rows under 8 samples and the engine in chunks above: the engine for
+    # every N, with no cond (chunks ran slower inside one). The engine
+    # under 8 and the rows above: the cond stays.
+    for engine_first, cond in [(False, False), (True, True)]:
+      choice = dispatch.Choice(engine_first, 8)
+      with mock.patch.object(dispatch, "choose", return_value=choice):
+        graph = self._run("tanh_mlp", cf, "auto")
+      ops = graph.get_operations()
+      self.assertEqual(any("by_batch_size" in op.name for op in ops), cond)
+      if not cond:  # (Under v2, a cond's ops are in its branch functions.)
+        self.assertTrue(_chunked(graph))
 
   def test_tf1_shapes(self):
     # `disable_v2_behavior` makes dimensions `Dimension` objects.
