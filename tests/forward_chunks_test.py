@@ -247,14 +247,7 @@ class ChunksTest(
     with mock.patch.object(chunks, "plan", plan):
       h = tf1hess.eager.batch_hessians(fn, x, method="forward")
     self.assertIsNotNone(planned[-1])
-    with tf.GradientTape() as outer:
-      outer.watch(x)
-      with tf.GradientTape() as inner:
-        inner.watch(x)
-        y = fn(x)
-      g = inner.gradient(y, x)
-    expected = outer.batch_jacobian(g, x)
-    self.assertAllClose(h, expected, atol=1e-10)
+    self.assertAllClose(h, testing_utils.tape_hessians(fn, x), atol=1e-10)
 
   def test_small_jacobians_walk_whole(self):
     # At the default sizes: 16 features through 64 units make 4 KiB per

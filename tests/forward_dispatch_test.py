@@ -670,13 +670,7 @@ class ByBatchSizeTest(
     names = [op.name for op in graph.get_operations()]
     self.assertTrue(any("/by_batch_size" in name for name in names))
     x_val = tf.constant(_RNG.normal(size=(3, _SWITCH_K)))
-    with tf.GradientTape() as outer:
-      outer.watch(x_val)
-      with tf.GradientTape() as inner:
-        inner.watch(x_val)
-        y = fn(x_val)
-      g = inner.gradient(y, x_val)
-    expected = outer.batch_jacobian(g, x_val)
+    expected = testing_utils.tape_hessians(fn, x_val)
     self.assertAllClose(hessians(x_val), expected, atol=1e-10)
 
   def _switched(self, y, x, engine_below, fn=tf1hess.batch_hessians):

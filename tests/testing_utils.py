@@ -62,6 +62,17 @@ def tanh_mlp_gradients(x, w1, b1, w2):
   return ((1.0 - t**2) * w2) @ w1.T
 
 
+def tape_hessians(fn, x):
+  """Per-sample Hessians of `fn` at the eager `x` by nested tapes."""
+  with tf.GradientTape() as outer:
+    outer.watch(x)
+    with tf.GradientTape() as inner:
+      inner.watch(x)
+      y = fn(x)
+    g = inner.gradient(y, x)
+  return outer.batch_jacobian(g, x)
+
+
 def central_difference_jacobian(fn, x, eps=1e-5):
   """Per-sample Jacobian of `fn: (N, K) -> (N, M)` by float64 differences.
 
