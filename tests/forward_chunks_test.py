@@ -17,6 +17,7 @@ import testing_utils
 import tf1hess
 from tf1hess.forward import chunks
 from tf1hess.forward import dispatch
+from tf1hess.forward import engine
 
 _K = 4
 _RNG = np.random.default_rng(11)
@@ -268,7 +269,8 @@ class ChunksTest(
       with tf.Graph().as_default():
         x = tf.compat.v1.placeholder(tf.float32, [None, 8])
         y = tf.tanh(tf.matmul(x, tf.ones([8, 32])))
-        size = chunks._chunk_size(x, [y])  # pylint: disable=protected-access
+        path = engine.path_ops(x, [y])
+        size = chunks._chunk_size(x, path)  # pylint: disable=protected-access
     # The largest Jacobian, (size, 8, 32) floats, near CHUNK_BYTES.
     self.assertBetween(
       size * 8 * 32 * 4, 2**16 / np.sqrt(2), 2**16 * np.sqrt(2)

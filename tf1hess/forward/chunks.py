@@ -156,10 +156,10 @@ def plan(x, ys, walked):
   """
   if walked is None or not walked.connected or walked.mixes_samples:
     return None
-  size = _chunk_size(x, ys)
+  path = engine.path_ops(x, ys)
+  size = _chunk_size(x, path)
   if size is None or size > MAX_CHUNK or not may_chunk(x, size):
     return None
-  path = engine.path_ops(x, ys)
   try:
     copied = _copied_ops(x, path)
   except _Shared as e:
@@ -183,13 +183,14 @@ class _Shared(Exception):
   """Why the samples of a chunk may see other values than in the batch."""
 
 
-def _chunk_size(x, ys):
-  """Samples per chunk from `CHUNK_BYTES`, or `None` if sizes are unknown."""
+def _chunk_size(x, path):
+  """Samples per chunk from `CHUNK_BYTES` for the walk of the ops `path`,
+  or `None` if sizes are unknown."""
   k = x.shape[1:].num_elements()
   if not k:
     return None
   entries = 0
-  for op in engine.path_ops(x, ys):
+  for op in path:
     for t in op.outputs:
       if t.shape.rank:
         entries = max(entries, t.shape[1:].num_elements() or 0)

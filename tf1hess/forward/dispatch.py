@@ -9,6 +9,7 @@ when it is not static: then both are built, and a `tf.cond` on the batch
 size runs one of them.
 """
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -542,19 +543,19 @@ def _rows_fit_in_cond(x, grad):
   )
 
 
-def _walk(ys, x, mode, walked):
-  """The engine's `Result` for `x` in the graph of `ys`: in chunks of the
-  batch where `chunks.plan` makes them from the copy's walk `walked`."""
+def _walk(ys, x, mode, planned):
+  """The engine's `Result` for `x` in the graph of `ys`: in the chunks of
+  the batch `planned` (`chunks.plan`), or whole where it is `None`."""
   with tf.name_scope(SCOPE):
-    planned = chunks.plan(x, ys, walked)
     if planned is None:
       return engine.second_derivatives(ys, x, mode)
     return planned.second_derivatives(mode)
 
 
-def _chunks_past_a_small_switch(choice, x, ys, walked):
+def _chunks_past_a_small_switch(choice, planned):
   """Whether `choice` takes the rows only for batches of fewer samples than
-  a chunk holds (`chunks.MAX_CHUNK`), and the engine in chunks above.
+  a chunk holds (`chunks.MAX_CHUNK`), and the engine in the chunks
+  `planned` above.
 
   The engine is then better taken for every N: in a `tf.cond` the chunks'
   loop ran slower (DeepXDE's 3 x 64 tanh MLP at 4096 x 10: 11.8 ms against
@@ -566,15 +567,15 @@ def _chunks_past_a_small_switch(choice, x, ys, walked):
     choice.switch is not None
     and not choice.engine
     and choice.switch <= chunks.MAX_CHUNK
-    and chunks.plan(x, ys, walked) is not None
+    and planned is not None
   )
 
 
-def _by_batch_size(ys, x, mode, choice, rows, walked):
+def _by_batch_size(ys, x, mode, choice, rows, planned):
   """A `tf.cond` on N between the engine and `rows()` (see `Choice`)."""
 
   def walk():
-    return shaped(_walk(ys, x, mode, walked).value, x, mode)
+    return shaped(_walk(ys, x, mode, planned).value, x, mode)
 
   below, above = (walk, rows) if choice.engine else (rows, walk)
   return tf.cond(
@@ -632,7 +633,7 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
   method = plan.method
   if method not in ("forward", "auto"):
     return None, False
-  walked = None
+  walked = planned = None
   if method == "auto":
     try:
       walked = dry_run(ys, x, mode)
@@ -643,23 +644,25 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
       choice = choose(ys, x, grad, mode, walked, plan)
       if choice.switch is not None and not _rows_fit_in_cond(x, grad):
         choice = Choice(True)
-      if _chunks_past_a_small_switch(choice, x, ys, walked):
+      if choice.engine or choice.switch is not None:
+        planned = chunks.plan(x, ys, walked)
+      if _chunks_past_a_small_switch(choice, planned):
         choice = Choice(True)
       if choice.switch is not None and walked.connected:
         try:
-          return _by_batch_size(ys, x, mode, choice, rows, walked), True
+          return _by_batch_size(ys, x, mode, choice, rows, planned), True
         except engine.Unsupported as e:
           _unsupported(x, method, e)
           return None, False
       if not choice.engine:
         return None, False
   elif chunks.may_chunk(x):
-    try:
-      walked = dry_run(ys, x, mode)
-    except engine.Unsupported:
-      pass  # The walk below raises it.
+    # A walk of a copy, to plan chunks from; where it cannot follow the
+    # model, the walk below raises.
+    with contextlib.suppress(engine.Unsupported):
+      planned = chunks.plan(x, ys, dry_run(ys, x, mode))
   try:
-    real = _walk(ys, x, mode, walked)
+    real = _walk(ys, x, mode, planned)
   except engine.Unsupported as e:
     _unsupported(x, method, e)
     return None, False
