@@ -248,7 +248,7 @@ def _copied_ops(x, path):
 # their results), or neither (`None`: inputs a chunk reads whole).
 _VALUES, _SHAPES = "values", "shapes"
 # Ops whose outputs depend only on the shapes of their inputs.
-_SHAPE_READERS = frozenset("Shape ShapeN Size Rank ZerosLike OnesLike".split())
+_SHAPE_READERS = registry.SHAPE_READS | {"ZerosLike", "OnesLike"}
 # Ops that are not walked (no gradient flows through them) but that a chunk
 # computes on its own samples as the batch does: elementwise.
 _SAMPLEWISE = frozenset(

@@ -276,7 +276,6 @@ def _max_pool(op, jacs, ctx):
 _IN_BLOCK = frozenset(
   ["Conv2D", "DepthwiseConv2dNative", "ExpandDims", "Squeeze", "Identity"]
 )
-_SHAPE_READS = frozenset(["Shape", "ShapeN", "Size", "Rank"])
 
 
 def _block_shape(op):
@@ -319,7 +318,11 @@ def _block_end(op):
     for u in chain:
       for c in u.consumers():
         # pylint: disable-next=protected-access
-        if c not in inside and c.type not in _SHAPE_READS and c._id < step._id:
+        if (
+          c not in inside
+          and c.type not in registry.SHAPE_READS
+          and c._id < step._id
+        ):
           return None
     return step
   return None

@@ -266,6 +266,8 @@ _EXACT_CUSTOM_GRADIENTS = frozenset(
     ("tf1hess.forward.registry", "_silu_gradient"),
   ]
 )
+# Ops whose integer outputs read only the shapes of their inputs.
+SHAPE_READS = frozenset(["Shape", "ShapeN", "Size", "Rank"])
 # The gradient of such an `IdentityN` in copies of the model, where the
 # custom gradient's function (which reads tensors of the model) cannot run.
 COPY_GRADIENT = "Tf1hessSilu"
