@@ -614,6 +614,28 @@ class ForwardRuleModelsTest(
       _check(self, x, y, x_val, variables=True)
 
   @parameterized.parameters(1, 2)
+  def test_keras_multi_head_attention(self, cf):
+    """Self-attention over 4 tokens of 3 features: einsums of two of x."""
+    try:
+      keras = _compat.legacy_keras()
+    except ImportError as error:
+      self.skipTest(str(error))
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      tokens = tf.reshape(x, [-1, 4, 3])
+      attention = keras.layers.MultiHeadAttention(2, 3, dtype="float64")
+      y = tf.reduce_sum(tf.tanh(attention(tokens, tokens)), axis=[1, 2])
+      products = [
+        op
+        for op in graph.get_operations()
+        if op.type == "Einsum" and len(op.inputs) == 2
+      ]
+      self.assertNotEmpty(products)
+      _check(self, x, y, x_val, variables=True)
+
+  @parameterized.parameters(1, 2)
   def test_image_input(self, cf):
     """x `(N, H, W, C)`: K = H W C, Hessians `(N, H, W, C, H, W, C)`."""
     self.control_flow(cf)

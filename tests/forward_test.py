@@ -90,6 +90,15 @@ _RULES = {
       tf.math.divide_no_nan(_lin(x), _c([2.0, 0.0, -1.0, 3.0, 0.5, 1.0], x))
     ),
   ),
+  # A denominator that depends on x and is 0 in two entries: 0 there too.
+  "DivNoNan_denominator": (
+    "DivNoNan",
+    lambda x: tf.tanh(
+      tf.math.divide_no_nan(
+        tf.sin(x), _lin(x) * _c([1.0, 0.0, 1.0, 1.0, 0.0, 1.0], x)
+      )
+    ),
+  ),
   "OnesLike_ZerosLike": (
     "OnesLike",
     # tf.ones_like builds Fill before TensorFlow 2.13: the op itself.
@@ -145,6 +154,16 @@ _RULES = {
       tf.broadcast_to(tf.reshape(_lin(x), [4, 1, 6]), [4, 2, 6]) * _W2[0, 0, 0]
     ),
   ),
+  # The batch size known at run time only.
+  "BroadcastTo_dynamic_batch": (
+    "BroadcastTo",
+    lambda x: tf.tanh(
+      tf.broadcast_to(
+        tf.expand_dims(_lin(x), 1), tf.stack([tf.shape(x)[0], 2, _K])
+      )
+      * _c([[1.0], [-0.5]], x)
+    ),
+  ),
   "Pad": ("Pad", lambda x: tf.tanh(tf.pad(_lin(x), [[0, 0], [1, 2]]) + 0.2)),
   "PadV2": (
     "PadV2",
@@ -185,6 +204,25 @@ _RULES = {
   "Einsum": (
     "Einsum",
     lambda x: tf.tanh(tf.einsum("nd,de->ne", x, tf.constant(_W, x.dtype))),
+  ),
+  # Two operands of x: a product of matrices, and attention's scores as
+  # Keras' MultiHeadAttention writes them (`key . query` per head, with
+  # the batch axis first), here of one tensor and itself.
+  "Einsum_two_of_x": (
+    "Einsum",
+    lambda x: tf.tanh(
+      tf.einsum(
+        "nij,nkj->nik",
+        tf.reshape(_lin(x), [-1, 2, 3]),
+        tf.sin(tf.reshape(x, [-1, 2, 3])),
+      )
+    ),
+  ),
+  "Einsum_attention_scores": (
+    "Einsum",
+    lambda x: (
+      lambda q: tf.nn.softmax(tf.einsum("aecd,abcd->acbe", q, q + 0.5 * q * q))
+    )(tf.reshape(_lin(x), [-1, 3, 1, 2])),
   ),
   "BatchMatMulV2_both": (
     "BatchMatMulV2",
@@ -325,6 +363,33 @@ class ForwardRulesTest(
     self.assertAllClose(h, reference, atol=fd_tol, rtol=fd_tol)
     self.assertAllClose(d, np.einsum("nii->ni", h), atol=1e-12)
     self.assertAllClose(lap, np.einsum("nii->n", h), atol=1e-12)
+
+  def test_broadcast_of_one_sample_to_a_batch_raises(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      other = tf.compat.v1.placeholder(tf.float64, [None])
+      copies = tf.broadcast_to(_lin(x), tf.stack([tf.shape(other)[0], _K]))
+      h = tf1hess.batch_hessians(tf.tanh(copies), x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        feed = {x: _RNG.normal(size=(1, _K)), other: np.zeros(3)}
+        # The check of the rule, or an op that the mismatch stops first.
+        with self.assertRaises(tf.errors.InvalidArgumentError):
+          sess.run(h, feed)
+        # Where the batch is kept, the same graph runs.
+        feed = {x: _RNG.normal(size=(3, _K)), other: np.zeros(3)}
+        self.assertEqual(sess.run(h, feed).shape, (3, _K, _K))
+
+  @parameterized.named_parameters(
+    ("repeated_index", "nii,nij->nj"),
+    ("index_of_one_operand_only", "nij,njk->nk"),
+  )
+  def test_einsum_of_two_tensors_it_cannot_follow_raises(self, equation):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 9])
+      u = tf.reshape(x, [-1, 3, 3])
+      y = tf.reduce_sum(tf.tanh(tf.einsum(equation, u, tf.sin(u))), axis=1)
+      with self.assertRaisesRegex(ValueError, "Einsum .* two tensors of x"):
+        tf1hess.batch_hessians(y, x, method="forward")
 
   def test_every_rule_has_a_test(self):
     tested = {op_type for op_type, _ in _RULES.values()}

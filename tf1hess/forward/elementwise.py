@@ -305,14 +305,22 @@ def _div(op, jacs, ctx):
 
 @registry.register("DivNoNan", linear=_numerator_only, diagonal=True)
 def _div_no_nan(op, jacs, ctx):
-  """`a / b`, 0 where `b` is 0 (the mean of `tf.compat.v1.losses`)."""
-  a, b = op.inputs
-  if jacs[1] is not None:
-    raise registry.Unsupported(
-      f"{op.type} ({op.name}) has a denominator that depends on x"
-    )
+  """`a / b`, 0 where `b` is 0 (the mean of `tf.compat.v1.losses`).
+
+  The derivatives of `a / b`, and 0 where `b` is 0, as TensorFlow's
+  gradient of the op has them.
+  """
+  b, v = op.inputs[1], op.outputs[0]
   inverse = tf.math.divide_no_nan(tf.ones_like(b), b)
-  return _binary(op, jacs, ctx, lambda: (inverse, None), None)
+  if jacs[1] is None:
+    return _binary(op, jacs, ctx, lambda: (inverse, None), None)
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (inverse, -v * inverse),
+    lambda: (None, -inverse * inverse, 2 * v * inverse * inverse),
+  )
 
 
 @registry.register("SquaredDifference", diagonal=True)

@@ -402,11 +402,29 @@ def _cumsum(op, j, ctx):
 @registry.register("BroadcastTo", linear=True)
 @registry.of_first_input
 def _broadcast_to(op, j, ctx):
+  """A broadcast of the entries of each sample, or of the batch (mixed).
+
+  When the batch size is not static, `broadcast_to(u, [shape(u)[0], ...])`
+  keeps the batch at run time, unless it holds one sample that it copies:
+  a run-time check says so instead of a wrong result.
+  """
   u, out = op.inputs[0], op.outputs[0]
   n_in, n_out = (tf.compat.dimension_value(t.shape[0]) for t in (u, out))
-  if u.shape.rank != out.shape.rank or n_in is None or n_in != n_out:
+  if u.shape.rank != out.shape.rank or n_in != n_out:
     return [MIXED]
-  return [jacobians.fit(j, out)]
+  if n_in is not None:
+    return [jacobians.fit(j, out)]
+  check = tf.debugging.assert_equal(
+    tf.shape(out)[0],
+    tf.shape(u)[0],
+    message=(
+      f"The forward engine followed {op.name} as a broadcast of each "
+      "sample, but it changes the batch size; use method='while_loop'."
+    ),
+  )
+  fitted = jacobians.fit(j, out)
+  with tf.control_dependencies([check]):
+    return [fitted.with_value(tf.identity(fitted.value))]
 
 
 @registry.register("Pad", "PadV2", "MirrorPad", linear=True)
@@ -620,24 +638,66 @@ def _einsum_linear(op, jacs):
 
 @registry.register("Einsum", linear=_einsum_linear)
 def _einsum(op, jacs, ctx):
-  """Two-operand einsums linear in the operand of x, its batch axis first."""
+  """Two-operand einsums whose operands of x have the batch axis first.
+
+  Linear in one operand of x; in two (attention's `q k^T` written as an
+  einsum), bilinear: the Jacobians of both products, and the cross terms
+  `<J_a, adj-pulled J_b>` as `BatchMatMul`'s.
+  """
   equation = op.get_attr("equation").decode().replace(" ", "")
   if len(jacs) != 2 or "." in equation or "->" not in equation:
     raise registry.Unsupported(
       f"Einsum ({op.name}) is not a two-operand einsum without ellipsis"
     )
-  if all(j is not None for j in jacs):
-    raise registry.Unsupported(
-      f"Einsum ({op.name}) multiplies two tensors of x"
-    )
   operands, result = equation.split("->")
   subs = operands.split(",")
-  i = 0 if jacs[0] is not None else 1
-  j, mine, other = jacs[i], subs[i], subs[1 - i]
-  batch = mine[:1]
-  if not batch or result[:1] != batch or mine.count(batch) != 1:
-    return [MIXED]
+  batch = result[:1]
+  for sub, j in zip(subs, jacs):
+    if j is not None and (not batch or sub[:1] != batch):
+      return [MIXED]
+    if j is not None and sub.count(batch) != 1:
+      return [MIXED]
   fresh = next(c for c in "ZYXWVUTSRQ" if c not in equation)
+  outs = [
+    _einsum_by(op, j, i, subs, result, fresh, ctx)
+    for i, j in enumerate(jacs)
+    if j is not None
+  ]
+  if len(outs) == 1:
+    return outs
+  ja, jb = jacs
+  a_sub, b_sub = subs
+  if any(len(set(sub)) != len(sub) for sub in (a_sub, b_sub, result)) or (
+    set(a_sub) - set(b_sub) - set(result)
+  ):
+    raise registry.Unsupported(
+      f"Einsum ({op.name}) multiplies two tensors of x with a repeated "
+      "index or an index summed in one of them only"
+    )
+
+  def build(adj):
+    # The Hessian of <adj, einsum(a, b)> pairs a tangent of a with one of
+    # b: <J_a[k], einsum^T(adj, J_b[l])>, the second factor shaped like a.
+    adj = tf.cast(adj, jb.value.dtype)
+    pulled = tf.einsum(
+      f"{result},{batch}{fresh}{b_sub[1:]}->{batch}{fresh}{a_sub[1:]}",
+      adj,
+      jacobians.to_dense(jb, ctx.n),
+    )
+    return [
+      jacobians.Term(
+        tf.ones([], pulled.dtype), ja, jacobians.dense(pulled), symmetric=True
+      )
+    ]
+
+  ctx.curvature(op.outputs[0], build)
+  return [jacobians.add(*outs)]
+
+
+def _einsum_by(op, j, i, subs, result, fresh, ctx):
+  """The Jacobian of einsum `op` along operand `i` (`j`), the other fixed."""
+  batch = result[:1]
+  mine, other = subs[i], subs[1 - i]
   other_t = tf.cast(op.inputs[1 - i], j.value.dtype)
   if j.shared and batch not in other:
     spec = [fresh + mine[1:], other]
@@ -645,7 +705,7 @@ def _einsum(op, jacs, ctx):
     value = tf.einsum(
       f"{spec[i]},{spec[1 - i]}->{out}", *_ordered(j.value, other_t, i)
     )
-    return [jacobians.shared(value)]
+    return jacobians.shared(value)
   ctx.dense_matmul()
   spec = [batch + fresh + mine[1:], other]
   out = batch + fresh + result[1:]
@@ -653,7 +713,7 @@ def _einsum(op, jacs, ctx):
     f"{spec[i]},{spec[1 - i]}->{out}",
     *_ordered(jacobians.to_dense(j, ctx.n), other_t, i),
   )
-  return [jacobians.dense(value)]
+  return jacobians.dense(value)
 
 
 def _ordered(mine, other, i):
