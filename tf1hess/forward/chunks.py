@@ -69,30 +69,9 @@ class Chunks:
 
   def copy(self, x_chunk):
     """The copies of `ys` where `x` is `x_chunk`, in the current graph."""
-    graph = tf.compat.v1.get_default_graph()
     mapped = {_key(self._x): x_chunk}
     for op in self._ops:
-      inputs = [mapped.get(_key(t), t) for t in op.inputs]
-      attrs = {
-        name: value
-        for name, value in op.node_def.attr.items()
-        if name not in ("_class",)
-      }
-      if registry.exact_custom_gradient(op):
-        # Its gradient function reads the model's tensors: the copy has
-        # TensorFlow's own gradient of `u sigmoid(beta u)` instead.
-        attrs["_gradient_op_type"] = tf.compat.v1.AttrValue(
-          s=registry.COPY_GRADIENT.encode()
-        )
-        _, u, beta = inputs
-        inputs[0] = u * tf.sigmoid(beta * u)
-      new = graph.create_op(
-        op.type,
-        inputs,
-        [t.dtype for t in op.outputs],
-        name=op.name.split("/")[-1],
-        attrs=attrs,
-      )
+      new = registry.copy_op(op, [mapped.get(_key(t), t) for t in op.inputs])
       for old, t in zip(op.outputs, new.outputs):
         # The static shapes that Python code set on the model's tensors
         # (`tf.tensordot` does), but for the batch size.

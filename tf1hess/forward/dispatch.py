@@ -21,6 +21,7 @@ from tf1hess import _core
 from tf1hess import _shortcuts
 from tf1hess import plan as plan_lib
 from tf1hess.forward import chunks
+from tf1hess.forward import conds
 from tf1hess.forward import engine
 from tf1hess.forward import jacobians
 from tf1hess.forward import registry
@@ -633,6 +634,11 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
   method = plan.method
   if method not in ("forward", "auto"):
     return None, False
+  path = engine.path_ops(x, ys)
+  if conds.on_path(path):
+    return _try_forward_with_conds(
+      ys, x, grad, mode, plan, unconnected, path, rows
+    )
   walked = planned = None
   if method == "auto":
     try:
@@ -678,3 +684,89 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
   ):
     return None, True
   return shaped(real.value, x, mode), True
+
+
+def _choose_on_copy(ys, x, mode, walked, plan):
+  """`choose` on a copy of the model in a throwaway graph: whether it takes
+  the engine at the static N, or `ASSUMED_BATCH`."""
+  graph, x_copy, ys_copy = _copy(x, ys, engine.path_ops(x, ys))
+  with graph.as_default():
+    (grad,) = tf.gradients(ys_copy, x_copy)
+    if grad is None:
+      return True
+    n = tf.compat.dimension_value(x.shape[0]) if x.shape.rank else None
+    choice = choose(ys_copy, x_copy, grad, mode, walked, plan)
+  return choice.at(ASSUMED_BATCH if n is None else n)
+
+
+def _try_forward_with_conds(ys, x, grad, mode, plan, unconnected, path, rows):
+  """`_try_forward` for a model with conds on one predicate (`conds`).
+
+  The model's two copies (one per branch, in the graph of `ys`) are each
+  walked in their branch of a `tf.cond` on the predicate, so that a run
+  walks the branch that the model takes. A branch the engine cannot follow
+  (Keras' batch normalization in training: samples mix) gets the rows, as
+  the model's gradient takes that branch too. Under `method="auto"` the
+  cost model decides once, on the copy of the `False` branch (Keras'
+  inference) if the engine follows it, at the static N or
+  `ASSUMED_BATCH`.
+  """
+  method = plan.method
+  try:
+    resolved = conds.Resolved(x, ys, path)
+    copies = {branch: resolved.copy(branch) for branch in (False, True)}
+  except engine.Unsupported as e:
+    _unsupported(x, method, e)
+    return None, False
+  walks, errors = {}, {}
+  for branch, (ys_copy, random) in copies.items():
+    try:
+      if random:
+        raise engine.Unsupported(
+          f"{random} is random or stateful, and a copy would draw again"
+        )
+      walks[branch] = dry_run(ys_copy, x, mode)
+    except engine.Unsupported as e:
+      errors[branch] = e
+  if errors and (
+    method == "forward" or not walks or not _rows_fit_in_cond(x, grad)
+  ):
+    _unsupported(x, method, next(iter(errors.values())))
+    return None, False
+  decided = next(iter(walks))
+  if method == "auto" and (
+    walks[decided] is None
+    or not _choose_on_copy(copies[decided][0], x, mode, walks[decided], plan)
+  ):
+    return None, False
+  if (
+    not errors
+    and not any(w is None or w.connected for w in walks.values())
+    and unconnected == tf.UnconnectedGradients.NONE
+    and not _shortcuts.Graph(x).depends(grad)
+  ):
+    return None, True
+  for branch, error in errors.items():
+    _core.warn_once(
+      x.graph,
+      f"tf1hess: the forward engine falls back to the row loop for {x.name}"
+      f" where {resolved.predicate.name} is {branch}: {error}.",
+    )
+
+  def branch_fn(branch):
+    if branch in errors:
+      return rows
+    ys_copy = copies[branch][0]
+    return lambda: shaped(_walk(ys_copy, x, mode, None).value, x, mode)
+
+  try:
+    value = tf.cond(
+      resolved.predicate,
+      branch_fn(True),
+      branch_fn(False),
+      name="by_predicate",
+    )
+  except engine.Unsupported as e:
+    _unsupported(x, method, e)
+    return None, False
+  return value, True

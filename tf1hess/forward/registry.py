@@ -317,6 +317,33 @@ def exact_custom_gradient(op):
   return _defined_in(grad_fn, _EXACT_CUSTOM_GRADIENTS)
 
 
+def copy_op(op, inputs):
+  """A copy of `op` in the current graph that reads `inputs` (no control
+  inputs), for walks of copies of the model (`chunks`, `conds`).
+
+  An exact custom gradient (`tf.nn.silu`'s `IdentityN`) gets TensorFlow's
+  own gradient of `u sigmoid(beta u)` instead of its gradient function,
+  which reads the model's tensors, and that value from the copy's `u`.
+  """
+  inputs = list(inputs)
+  attrs = {
+    name: value for name, value in op.node_def.attr.items() if name != "_class"
+  }
+  if exact_custom_gradient(op):
+    attrs["_gradient_op_type"] = tf.compat.v1.AttrValue(
+      s=COPY_GRADIENT.encode()
+    )
+    _, u, beta = inputs
+    inputs[0] = u * tf.sigmoid(beta * u)
+  return tf.compat.v1.get_default_graph().create_op(
+    op.type,
+    inputs,
+    [t.dtype for t in op.outputs],
+    name=op.name.split("/")[-1],
+    attrs=attrs,
+  )
+
+
 def followed_inputs(op):
   """The inputs of `op` the walk follows: all but the wrapped result of an
   exact custom gradient (`tf.nn.silu`: `u` and `beta`, whose rule

@@ -1,0 +1,227 @@
+"""The forward engine on models with `tf.cond`s (`forward/conds.py`).
+
+Conds on one predicate that does not depend on x (Keras' learning phase,
+a `training` placeholder) are walked one branch at a time, each in its
+branch of a `tf.cond` on the predicate. Every result is compared, for both
+values of the predicate and under control flow v1 (`Switch`/`Merge`) and v2
+(`If`), with the row loop (`method="while_loop"`) on the same graph, which
+differentiates the model's own conds.
+"""
+
+from unittest import mock
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import testing_utils
+
+import tf1hess
+from tf1hess import _compat
+from tf1hess.forward import dispatch
+
+_K = 4
+_RNG = np.random.default_rng(5)
+_OPS = {
+  "hessian": tf1hess.batch_hessians,
+  "diagonal": tf1hess.batch_hessian_diagonals,
+  "laplacian": tf1hess.batch_laplacians,
+}
+
+
+def _weights(m, n):
+  return tf.constant(_RNG.normal(size=(m, n)) / np.sqrt(m))
+
+
+def _two_conds(x, training):
+  """Two conds on `training`, the second reading the first."""
+  h = tf.tanh(tf.matmul(x, _weights(_K, 6)) + 0.2)
+  h = tf.cond(training, lambda: tf.tanh(h) * 2.0 + h * h, lambda: tf.sin(h))
+  h = tf.cond(training, lambda: tf.nn.softplus(h), lambda: tf.identity(h))
+  return tf.matmul(h, _weights(6, 1))
+
+
+def _nested_conds(x, training):
+  """A cond inside a branch of another, on the same predicate."""
+  h = tf.matmul(x, _weights(_K, 5))
+
+  def outer_true():
+    inner = tf.cond(training, lambda: tf.exp(-h * h), lambda: h)
+    return tf.sigmoid(inner) * h
+
+  h = tf.cond(training, outer_true, lambda: tf.square(tf.tanh(h)))
+  return tf.reduce_sum(h * tf.sin(x[:, :1]), axis=1)
+
+
+def _cond_of_a_product(x, training):
+  """A branch that multiplies two tensors of x, one read from outside."""
+  u = tf.matmul(x, _weights(_K, 3))
+  v = tf.tanh(u)
+  h = tf.cond(training, lambda: u * v, lambda: v / (1.0 + u * u))
+  return tf.reduce_sum(h, axis=1)
+
+
+_MODELS = {
+  "two_conds": _two_conds,
+  "nested_conds": _nested_conds,
+  "cond_of_a_product": _cond_of_a_product,
+}
+
+
+def _by_predicate(graph):
+  return [op for op in graph.get_operations() if "by_predicate" in op.name]
+
+
+class CondsTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  def _check(self, x, feeds, method="forward", variables=False):
+    """The ops of `method` against the rows, on each feed."""
+    graph = x.graph
+    y = graph.get_tensor_by_name("y:0")
+    outs = {name: op(y, x, method=method) for name, op in _OPS.items()}
+    self.assertNotEmpty(_by_predicate(graph))
+    rows = tf1hess.batch_hessians(y, x, method="while_loop")
+    with tf.compat.v1.Session() as sess:
+      if variables:
+        sess.run(tf.compat.v1.global_variables_initializer())
+      for feed in feeds:
+        values, h = sess.run([outs, rows], feed)
+        self.assertAllClose(values["hessian"], h, atol=1e-10, rtol=1e-10)
+        self.assertAllClose(values["diagonal"], np.einsum("nii->ni", h))
+        self.assertAllClose(values["laplacian"], np.einsum("nii->n", h))
+
+  @parameterized.product(model=list(_MODELS), cf=[1, 2])
+  def test_model_both_branches(self, model, cf):
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      training = tf.compat.v1.placeholder_with_default(False, [])
+      tf.identity(_MODELS[model](x, training), name="y")
+      x_val = _RNG.normal(size=(5, _K))
+      self._check(x, [{x: x_val}, {x: x_val, training: True}])
+
+  @parameterized.parameters(1, 2)
+  def test_auto_walks_the_branches_where_the_engine_is_chosen(self, cf):
+    self.control_flow(cf)
+    for engine in (True, False):
+      with tf.Graph().as_default() as graph:
+        x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+        training = tf.compat.v1.placeholder_with_default(False, [])
+        tf.identity(_two_conds(x, training), name="y")
+        x_val = _RNG.normal(size=(5, _K))
+        choice = dispatch.Choice(engine)
+        with mock.patch.object(dispatch, "choose", return_value=choice):
+          if engine:
+            self._check(x, [{x: x_val}, {x: x_val, training: True}], "auto")
+          else:
+            tf1hess.batch_hessians(graph.get_tensor_by_name("y:0"), x)
+            self.assertEmpty(_by_predicate(graph))
+
+  @parameterized.parameters(1, 2)
+  def test_keras_dropout(self, cf):
+    try:
+      keras = _compat.legacy_keras()
+    except ImportError as error:
+      self.skipTest(str(error))
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      h = keras.layers.Dense(6, "tanh", dtype="float64")(x)
+      h = keras.layers.Dropout(0.3, dtype="float64")(h)
+      out = keras.layers.Dense(1, "softplus", dtype="float64")(h)
+      tf.identity(out, name="y")
+      self.assertTrue(
+        any(
+          op.type in ("If", "StatelessIf", "Merge")
+          for op in x.graph.get_operations()
+        )
+      )
+      phase = keras.backend.learning_phase()
+      x_val = _RNG.normal(size=(5, _K))
+      self._check_dropout(x, [{x: x_val}, {x: x_val, phase: True}])
+
+  @parameterized.parameters(1, 2)
+  def test_layers_dropout_with_a_training_placeholder(self, cf):
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      training = tf.compat.v1.placeholder(tf.bool, [])
+      h = tf.compat.v1.layers.dense(x, 6, tf.tanh, name="d0")
+      h = tf.compat.v1.layers.dropout(h, 0.5, training=training)
+      tf.identity(tf.compat.v1.layers.dense(h, 1, tf.sin, name="d1"), "y")
+      x_val = _RNG.normal(size=(5, _K))
+      self._check_dropout(
+        x, [{x: x_val, training: False}, {x: x_val, training: True}]
+      )
+
+  def _check_dropout(self, x, feeds):
+    """Inference walked, training on the rows (the model's own mask)."""
+    y = x.graph.get_tensor_by_name("y:0")
+    with self.assertRaisesRegex(ValueError, "random or stateful"):
+      tf1hess.batch_hessians(y, x, method="forward")
+    choice = dispatch.Choice(True)
+    with (
+      self.assertLogs(level="WARNING") as logs,
+      mock.patch.object(dispatch, "choose", return_value=choice),
+    ):
+      self._check(x, feeds, "auto", variables=True)
+    self.assertRegex("\n".join(logs.output), "is True: .* random or stateful")
+
+  @parameterized.parameters(1, 2)
+  def test_batch_norm_in_training_takes_the_rows_in_its_branch(self, cf):
+    try:
+      keras = _compat.legacy_keras()
+    except ImportError as error:
+      self.skipTest(str(error))
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      h = keras.layers.Dense(6, "tanh", dtype="float64")(x)
+      h = keras.layers.BatchNormalization(dtype="float64")(h)
+      tf.identity(tf.reduce_sum(tf.sin(h), axis=1), name="y")
+      phase = keras.backend.learning_phase()
+      x_val = _RNG.normal(size=(5, _K))
+      choice = dispatch.Choice(True)
+      with (
+        self.assertLogs(level="WARNING") as logs,
+        mock.patch.object(dispatch, "choose", return_value=choice),
+      ):
+        self._check(
+          x, [{x: x_val}, {x: x_val, phase: True}], "auto", variables=True
+        )
+    self.assertRegex(
+      "\n".join(logs.output), "falls back to the row loop .* is True"
+    )
+
+  @parameterized.parameters(1, 2)
+  def test_conds_on_two_predicates_fall_back(self, cf):
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      a, b = (tf.compat.v1.placeholder_with_default(False, []) for _ in "ab")
+      h = tf.cond(a, lambda: tf.tanh(x), lambda: tf.sin(x))
+      y = tf.reduce_sum(tf.cond(b, lambda: h * h, lambda: tf.exp(h)), axis=1)
+      with self.assertRaisesRegex(ValueError, "2 different predicates"):
+        tf1hess.batch_hessians(y, x, method="forward")
+      with self.assertLogs(level="WARNING") as logs:
+        auto = tf1hess.batch_hessians(y, x)
+      self.assertRegex("\n".join(logs.output), "2 different predicates")
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        feed = {x: _RNG.normal(size=(3, _K)), b: True}
+        self.assertAllClose(*sess.run([auto, rows], feed))
+
+  @parameterized.parameters(1, 2)
+  def test_predicate_of_x_falls_back(self, cf):
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      positive = tf.reduce_sum(x) > 0.0  # Of every sample: mixes them.
+      y = tf.reduce_sum(tf.cond(positive, lambda: x**3, lambda: x**2), 1)
+      with self.assertRaisesRegex(ValueError, "which depends on x"):
+        tf1hess.batch_hessians(y, x, method="forward")
+
+
+if __name__ == "__main__":
+  tf.compat.v1.disable_eager_execution()
+  tf.test.main()

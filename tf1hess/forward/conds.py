@@ -1,0 +1,239 @@
+"""Models with `tf.cond`s on one predicate: walked one branch at a time.
+
+Keras' `Dropout` and `BatchNormalization`, called without `training=`, and
+`tf.compat.v1.layers.dropout(training=placeholder)` build a `tf.cond` on
+the learning phase: `If` ops under control flow v2, `Switch` and `Merge`
+ops under v1. The walk cannot follow control flow, but where every cond
+between `x` and `ys` tests the same predicate, which does not depend on
+`x`, the model is one of two models without conds. `Resolved.copy(branch)`
+builds that model: the ops from the conds to `ys`, copied with every cond
+replaced by the ops of the branch that `branch` takes (a `If`'s function
+inlined, or a `Switch`'s output that the branch reads); the ops before the
+conds are not copied. `dispatch` walks both copies, each in a branch of a
+`tf.cond` on the same predicate, so that a run walks the branch the model
+took.
+"""
+
+from tensorflow.python.ops import cond_v2  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.ops import control_flow_ops  # pylint: disable=g-direct-tensorflow-import
+
+import tensorflow as tf
+
+from tf1hess import _shortcuts
+from tf1hess.forward import registry
+
+# The ops of conds: under control flow v2, and under v1.
+_IF = frozenset(["If", "StatelessIf"])
+_SWITCH = frozenset(["Switch", "RefSwitch"])
+_MERGE = frozenset(["Merge", "RefMerge"])
+CONDS = _IF | _SWITCH | _MERGE
+# Stateful ops that a copy may repeat: they read, and draw nothing.
+_READS = frozenset(["ReadVariableOp", "Assert", "PrintV2", "Print"])
+# The outputs of a `Switch` that a branch does not read.
+_DEAD = object()
+
+
+def on_path(path):
+  """Whether an op of `path` (the walk's ops) is part of a cond."""
+  return any(op.type in CONDS for op in path)
+
+
+def _key(t):
+  return (id(t.graph), t.op.name, t.value_index)
+
+
+def _in_loop(op):
+  """Whether `op` is in a v1 `tf.while_loop` (directly or in a cond in it)."""
+  context = op._control_flow_context  # pylint: disable=protected-access
+  while context is not None:
+    if isinstance(context, control_flow_ops.WhileContext):
+      return True
+    context = context.outer_context
+  return False
+
+
+def _source(predicate):
+  """`predicate` through its `Identity`s and `Switch`es (a v1 cond tests an
+  identity of its own, of a `Switch` of the outer cond's when nested)."""
+  while predicate.op.type in ("Identity", "Switch", "RefSwitch"):
+    predicate = predicate.op.inputs[0]
+  return predicate
+
+
+class Resolved:
+  """The model between `x` and `ys` with its conds resolved (see module).
+
+  Attributes:
+    predicate: the boolean scalar `Tensor` that every cond tests.
+  """
+
+  def __init__(self, x, ys, path):
+    """Finds the conds' predicate; raises `registry.Unsupported` where the
+    conds of `path` do not test one predicate independent of `x`."""
+    self._x, self._ys = x, ys
+    predicates = {}
+    for op in path:
+      if op.type in _IF:
+        predicate = _source(op.inputs[0])
+        predicates[_key(predicate)] = predicate
+      elif op.type in CONDS:
+        # A cond's `Switch` is in its context, its `Merge` after it.
+        context = op._control_flow_context  # pylint: disable=protected-access
+        if _in_loop(op):
+          raise registry.Unsupported(
+            f"{op.type} ({op.name}) is part of a loop, not of a cond"
+          )
+        if op.type in _SWITCH:
+          predicate = _source(context.pred)
+          predicates[_key(predicate)] = predicate
+    if len(predicates) != 1:
+      raise registry.Unsupported(
+        f"the conds test {len(predicates)} different predicates"
+      )
+    (self.predicate,) = predicates.values()
+    if _shortcuts.Graph(x).depends(self.predicate):
+      raise registry.Unsupported(
+        f"a cond tests {self.predicate.name}, which depends on x"
+      )
+    self._order = _ancestors_in_order(ys)
+
+  def copy(self, branch):
+    """The copies of `ys` with every cond taking `branch` (a `bool`), in the
+    current graph.
+
+    Returns:
+      `(ys, random)`: the copies, and the name of a random or stateful op
+      that was copied (dropout's mask in training), or `None`. Such a copy
+      draws again: its Hessians would not be those of the model's own
+      outputs in the same run.
+
+    Raises:
+      registry.Unsupported: see `__init__`.
+    """
+    copier = _Copier(self._x, self.predicate, branch)
+    for op in self._order:
+      copier.visit(op)
+    return [copier.value(y) for y in self._ys], copier.random
+
+
+def _ancestors_in_order(ys):
+  """The ops that `ys` depend on, each after the ops of its inputs.
+
+  Not the graph's order: a v1 cond adds the `Switch` of an op's input after
+  the op.
+  """
+  order, done, started = [], set(), set()
+  stack = [(y.op, False) for y in ys]
+  while stack:
+    op, expanded = stack.pop()
+    if op in done or (op in started and not expanded):
+      continue  # Done, or a loop's edge back to an op started.
+    if expanded:
+      done.add(op)
+      order.append(op)
+      continue
+    started.add(op)
+    stack.append((op, True))
+    stack.extend((t.op, False) for t in op.inputs if t.op not in started)
+  return order
+
+
+class _Copier:
+  """Copies ops that read a copy, or that a cond holds, taking one branch."""
+
+  def __init__(self, x, predicate, branch):
+    self._x = x
+    self._predicate = _key(predicate)
+    self._branch = branch
+    self._mapped = {}
+    self.random = None
+
+  def value(self, t):
+    """The copy of `t`, `t` itself where it was not copied, or `_DEAD`."""
+    return self._mapped.get(_key(t), t)
+
+  def _check_predicate(self, op, predicate):
+    predicate = _source(predicate)
+    if _key(predicate) != self._predicate:
+      raise registry.Unsupported(
+        f"{op.type} ({op.name}) tests {predicate.name}, another predicate"
+      )
+
+  def visit(self, op):
+    """Maps the outputs of `op` (of the graph of `x` or of a branch's)."""
+    if op is self._x.op:
+      return
+    if op.type in _IF:
+      self._check_predicate(op, self.value(op.inputs[0]))
+      self._inline(op)
+      return
+    inputs = [self.value(t) for t in op.inputs]
+    context = op._control_flow_context  # pylint: disable=protected-access
+    if op.type in _SWITCH:
+      self._check_predicate(op, context.pred)
+      outs = [_DEAD, _DEAD]
+      outs[int(self._branch)] = inputs[0]
+      self._map(op, outs)
+    elif op.type in _MERGE:
+      live = [i for i, t in enumerate(inputs) if t is not _DEAD]
+      if len(live) > 1:
+        raise registry.Unsupported(
+          f"{op.name} merges {len(live)} live inputs of a cond"
+        )
+      if not live:  # A cond in the branch not taken.
+        self._map(op, [_DEAD, _DEAD])
+        return
+      index = tf.constant(live[0], op.outputs[1].dtype)
+      self._map(op, [inputs[live[0]], index])
+    elif any(t is _DEAD for t in inputs):
+      self._map(op, [_DEAD] * len(op.outputs))
+    else:
+      changed = any(new is not old for new, old in zip(inputs, op.inputs))
+      if changed or context is not None:
+        if _in_loop(op):
+          if not changed:
+            return  # A loop that the copies read as it is.
+          raise registry.Unsupported(f"{op.name} is part of a loop")
+        self._copy(op, inputs)
+
+  def _inline(self, op):
+    """Maps the outputs of the `If` `op` to a copy of the branch's ops."""
+    graphs = cond_v2.get_func_graphs(op)
+    graph = graphs[0] if self._branch else graphs[1]
+    for inner, outer in zip(graph.inputs, op.inputs[1:]):
+      self._mapped[_key(inner)] = self.value(outer)
+    # Not the intermediates that gradients of the cond read (variants).
+    used = [t for t in graph.outputs if t.dtype != tf.variant]
+    inputs = {_key(t) for t in graph.inputs}
+    for inner_op in _ancestors_in_order(used) if used else []:
+      if _key(inner_op.outputs[0]) not in inputs:
+        self._visit_inner(inner_op)
+    self._map(
+      op,
+      [
+        _DEAD if t.dtype == tf.variant else self.value(t) for t in graph.outputs
+      ],
+    )
+
+  def _visit_inner(self, op):
+    """`visit` for an op of a branch's function: always copied."""
+    if op.type in _IF:
+      self.visit(op)
+      return
+    inputs = [self.value(t) for t in op.inputs]
+    if any(t is _DEAD for t in inputs):
+      self._map(op, [_DEAD] * len(op.outputs))
+      return
+    self._copy(op, inputs)
+
+  def _copy(self, op, inputs):
+    if op.op_def.is_stateful and op.type not in _READS:
+      self.random = self.random or op.name
+    self._map(op, registry.copy_op(op, inputs).outputs)
+
+  def _map(self, op, outs):
+    for old, new in zip(op.outputs, outs):
+      if new is not _DEAD and isinstance(new, tf.Tensor):
+        if new.shape.rank is None or not new.shape.is_fully_defined():
+          new.set_shape(new.shape.merge_with(old.shape))
+      self._mapped[_key(old)] = new
