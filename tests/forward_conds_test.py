@@ -60,10 +60,33 @@ def _cond_of_a_product(x, training):
   return tf.reduce_sum(h, axis=1)
 
 
+def _constant_branch(x, training):
+  """A branch of constants only (under v1 they live by a control input)."""
+  h = tf.tanh(tf.matmul(x, _weights(_K, 3)))
+  extra = tf.cond(
+    training,
+    lambda: tf.reduce_sum(tf.sin(h) * h, axis=1),
+    lambda: tf.constant(0.5, tf.float64),
+  )
+  return tf.reduce_sum(h * h, axis=1) + extra
+
+
+def _weights_by_another_cond(x, training):
+  """Weights chosen by a cond on another predicate, which x does not reach."""
+  scale = tf.compat.v1.placeholder_with_default(True, [])
+  w = _weights(6, 1)
+  w = tf.cond(scale, lambda: 2.0 * w, lambda: w)
+  h = tf.tanh(tf.matmul(x, _weights(_K, 6)))
+  h = tf.cond(training, lambda: tf.nn.softplus(h), lambda: h * h)
+  return tf.matmul(tf.sin(h), w)
+
+
 _MODELS = {
   "two_conds": _two_conds,
   "nested_conds": _nested_conds,
   "cond_of_a_product": _cond_of_a_product,
+  "constant_branch": _constant_branch,
+  "weights_by_another_cond": _weights_by_another_cond,
 }
 
 

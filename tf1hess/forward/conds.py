@@ -152,29 +152,44 @@ class _Copier:
     """The copy of `t`, `t` itself where it was not copied, or `_DEAD`."""
     return self._mapped.get(_key(t), t)
 
-  def _check_predicate(self, op, predicate):
-    predicate = _source(predicate)
-    if _key(predicate) != self._predicate:
-      raise registry.Unsupported(
-        f"{op.type} ({op.name}) tests {predicate.name}, another predicate"
-      )
+  def _ours(self, predicate):
+    return _key(_source(predicate)) == self._predicate
+
+  def _side(self, op):
+    """Where `op` sits in the v1 conds: "taken" or "other" (a branch of a
+    cond on the predicate), "foreign" (only in conds on others), or
+    `None` (in no cond)."""
+    side = None
+    context = op._control_flow_context  # pylint: disable=protected-access
+    while context is not None:
+      if isinstance(context, control_flow_ops.CondContext):
+        if not self._ours(context.pred):
+          side = side or "foreign"
+        elif context.branch != int(self._branch):
+          return "other"
+        else:
+          side = "taken"
+      context = context.outer_context
+    return side
 
   def visit(self, op):
     """Maps the outputs of `op` (of the graph of `x` or of a branch's)."""
     if op is self._x.op:
       return
-    if op.type in _IF:
-      self._check_predicate(op, self.value(op.inputs[0]))
-      self._inline(op)
-      return
     inputs = [self.value(t) for t in op.inputs]
-    context = op._control_flow_context  # pylint: disable=protected-access
-    if op.type in _SWITCH:
-      self._check_predicate(op, context.pred)
+    changed = any(new is not old for new, old in zip(inputs, op.inputs))
+    dead = any(t is _DEAD for t in inputs)
+    side = self._side(op)
+    if side == "other":
+      # The branch not taken (a constant there lives by a control input).
+      self._map(op, [_DEAD] * len(op.outputs))
+    elif op.type in _IF and self._ours(inputs[0]):
+      self._inline(op)
+    elif op.type in _SWITCH and side == "taken":
       outs = [_DEAD, _DEAD]
       outs[int(self._branch)] = inputs[0]
       self._map(op, outs)
-    elif op.type in _MERGE:
+    elif op.type in _MERGE and (changed or dead):
       live = [i for i, t in enumerate(inputs) if t is not _DEAD]
       if len(live) > 1:
         raise registry.Unsupported(
@@ -185,16 +200,15 @@ class _Copier:
         return
       index = tf.constant(live[0], op.outputs[1].dtype)
       self._map(op, [inputs[live[0]], index])
-    elif any(t is _DEAD for t in inputs):
+    elif dead:
       self._map(op, [_DEAD] * len(op.outputs))
-    else:
-      changed = any(new is not old for new, old in zip(inputs, op.inputs))
-      if changed or context is not None:
-        if _in_loop(op):
-          if not changed:
-            return  # A loop that the copies read as it is.
-          raise registry.Unsupported(f"{op.name} is part of a loop")
-        self._copy(op, inputs)
+    elif changed and (side == "foreign" or _in_loop(op) or op.type in CONDS):
+      raise registry.Unsupported(
+        f"{op.type} ({op.name}) reads the model past a cond, but is part of"
+        " a loop or of a cond on another predicate"
+      )
+    elif changed or side == "taken":
+      self._copy(op, inputs)
 
   def _inline(self, op):
     """Maps the outputs of the `If` `op` to a copy of the branch's ops."""
@@ -217,12 +231,13 @@ class _Copier:
 
   def _visit_inner(self, op):
     """`visit` for an op of a branch's function: always copied."""
-    if op.type in _IF:
-      self.visit(op)
-      return
     inputs = [self.value(t) for t in op.inputs]
-    if any(t is _DEAD for t in inputs):
-      self._map(op, [_DEAD] * len(op.outputs))
+    if op.type in _IF:
+      if not self._ours(inputs[0]):
+        raise registry.Unsupported(
+          f"{op.name} is a cond on another predicate inside a cond"
+        )
+      self._inline(op)
       return
     self._copy(op, inputs)
 
