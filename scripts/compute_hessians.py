@@ -170,7 +170,7 @@ def compute(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  signal.signal(signal.SIGINT, signal.default_int_handler)
+  _cli.interrupt_with_keyboard_interrupt()
   try:
     with _cli.exit_on_error(PROG):
       summary = compute(

@@ -1,5 +1,9 @@
 """Tests of tf1hess._cli, the scripts' shared helpers: errors and flags."""
 
+import gc
+import signal
+import sys
+import time
 import types
 
 from absl import flags
@@ -123,6 +127,50 @@ class PlanFlagsTest(tf.test.TestCase):
       with flagsaver.flagsaver():
         with self.assertRaisesRegex(flags.IllegalFlagValueError, regex):
           self._parse(argument)
+
+
+class InterruptTest(tf.test.TestCase):
+  def setUp(self):
+    super().setUp()
+    handler, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    self.addCleanup(signal.signal, signal.SIGINT, handler)
+    self.addCleanup(setattr, sys, "unraisablehook", hook)
+
+  def _interrupted_in_a_gc_callback(self):
+    """Ctrl-C while a garbage-collector callback runs (as JAX's)."""
+    fired = []
+
+    def callback(phase, info):
+      del info
+      if phase == "start" and not fired:
+        fired.append(True)
+        signal.raise_signal(signal.SIGINT)  # Raised inside the callback.
+
+    gc.callbacks.append(callback)
+    self.addCleanup(gc.callbacks.remove, callback)
+    gc.collect()
+    return fired
+
+  def test_an_interrupt_a_callback_swallows_is_sent_again(self):
+    _cli.interrupt_with_keyboard_interrupt()
+    with self.assertRaises(KeyboardInterrupt):
+      self.assertTrue(self._interrupted_in_a_gc_callback())
+      for _ in range(500):  # Sent again from a thread, within 10 ms.
+        time.sleep(0.01)
+
+  def test_python_alone_loses_it(self):
+    # The reason for the hook: without it, the run would go on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = lambda unraisable: None
+    self.assertTrue(self._interrupted_in_a_gc_callback())
+
+  def test_other_unraisable_exceptions_are_printed_as_before(self):
+    _cli.interrupt_with_keyboard_interrupt()
+    seen = []
+    sys.__unraisablehook__, original = seen.append, sys.__unraisablehook__
+    self.addCleanup(setattr, sys, "__unraisablehook__", original)
+    sys.unraisablehook(types.SimpleNamespace(exc_type=ValueError))
+    self.assertLen(seen, 1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ library writes files through `_files` and reads TensorFlow's errors through
 
 import contextlib
 import dataclasses
+import os
+import signal
 import sys
+import threading
 
 from absl import flags
 import tensorflow as tf
@@ -213,3 +216,26 @@ def exit_on_error(prog):
     yield
   except USER_ERRORS as error:
     sys.exit(f"{prog}: error: {_tf_errors.error_summary(error)}")
+
+
+def _interrupt_again(unraisable):
+  """`sys.unraisablehook`: a Ctrl-C that a callback swallowed is sent again,
+  from another thread, so that it lands once the callback has returned (a
+  signal raised here would be handled, and dropped, in the hook)."""
+  if issubclass(unraisable.exc_type, KeyboardInterrupt):
+    threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+  else:
+    sys.__unraisablehook__(unraisable)
+
+
+def interrupt_with_keyboard_interrupt():
+  """Ctrl-C raises `KeyboardInterrupt` in the script, and is not lost.
+
+  Python's handler raises it wherever the program is, and an exception
+  raised inside a garbage-collector callback (JAX, which TensorFlow may
+  import, registers one) is printed and dropped: the run went on to the
+  end. Such a dropped interrupt is sent again, to land after the callback
+  (and again, should it meet another).
+  """
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  sys.unraisablehook = _interrupt_again
