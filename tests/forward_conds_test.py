@@ -16,7 +16,6 @@ import tensorflow as tf
 import testing_utils
 
 import tf1hess
-from tf1hess import _compat
 from tf1hess.forward import dispatch
 
 _K = 4
@@ -142,10 +141,7 @@ class CondsTest(
 
   @parameterized.parameters(1, 2)
   def test_keras_dropout(self, cf):
-    try:
-      keras = _compat.legacy_keras()
-    except ImportError as error:
-      self.skipTest(str(error))
+    keras = testing_utils.legacy_keras(self)
     self.control_flow(cf)
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
@@ -192,10 +188,7 @@ class CondsTest(
 
   @parameterized.parameters(1, 2)
   def test_batch_norm_in_training_takes_the_rows_in_its_branch(self, cf):
-    try:
-      keras = _compat.legacy_keras()
-    except ImportError as error:
-      self.skipTest(str(error))
+    keras = testing_utils.legacy_keras(self)
     self.control_flow(cf)
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])

@@ -22,7 +22,6 @@ import tensorflow as tf
 
 import testing_utils
 import tf1hess
-from tf1hess import _compat
 from tf1hess.forward import registry
 
 _K = 12
@@ -616,10 +615,7 @@ class ForwardRuleModelsTest(
   @parameterized.parameters(1, 2)
   def test_keras_multi_head_attention(self, cf):
     """Self-attention over 4 tokens of 3 features: einsums of two of x."""
-    try:
-      keras = _compat.legacy_keras()
-    except ImportError as error:
-      self.skipTest(str(error))
+    keras = testing_utils.legacy_keras(self)
     self.control_flow(cf)
     x_val = _RNG.normal(size=(3, _K))
     with tf.Graph().as_default() as graph:
@@ -849,10 +845,7 @@ class Float32LayerNormTest(tf.test.TestCase, parameterized.TestCase):
     )
 
   def test_keras_layer(self):
-    try:
-      keras = _compat.legacy_keras()
-    except ImportError as error:
-      self.skipTest(str(error))
+    keras = testing_utils.legacy_keras(self)
     gamma, beta = self._GAMMA[0], self._BETA[0]
     constant = keras.initializers.Constant
 

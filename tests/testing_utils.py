@@ -1,6 +1,7 @@
 """Independent references for the tests: analytic Hessians and friends.
 
-Nothing here calls tf1hess: these are the values tf1hess is compared with.
+Nothing here computes with tf1hess: these are the values tf1hess is compared
+with (`tf1hess._compat` only finds the Keras 2 that tests build models with).
 """
 
 import importlib.util
@@ -13,6 +14,8 @@ from unittest import mock
 
 import numpy as np
 import tensorflow as tf
+
+from tf1hess import _compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,3 +222,12 @@ def interrupt_after(engine_class, calls):
     return original(engine, replica, batch)
 
   return mock.patch.object(engine_class, "run", run)
+
+
+def legacy_keras(test):
+  """Keras 2 (`tf.keras` or `tf_keras`, as `tf1hess` finds it), or skips
+  `test` saying what is missing."""
+  try:
+    return _compat.legacy_keras()
+  except ImportError as error:
+    test.skipTest(str(error))
