@@ -621,8 +621,20 @@ class ForwardRuleModelsTest(
     with tf.Graph().as_default() as graph:
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       tokens = tf.reshape(x, [-1, 4, 3])
+      # Its inner layers take Keras' float type (float32 in TensorFlow
+      # 2.12's Keras, whatever `dtype` says).
+      floatx = keras.backend.floatx()
+      keras.backend.set_floatx("float64")
+      self.addCleanup(keras.backend.set_floatx, floatx)
       attention = keras.layers.MultiHeadAttention(2, 3, dtype="float64")
       y = tf.reduce_sum(tf.tanh(attention(tokens, tokens)), axis=[1, 2])
+      self.assertEmpty(
+        [
+          op.name
+          for op in graph.get_operations()
+          if any(t.dtype == tf.float32 for t in op.outputs)
+        ]
+      )
       products = [
         op
         for op in graph.get_operations()
