@@ -89,6 +89,26 @@ _MODELS = {
 }
 
 
+@tf.custom_gradient
+def _own_square(u):
+  """`u * u` with a custom gradient (the exact one), which the engine does
+  not follow."""
+  return u * u, lambda dy: 2.0 * u * dy
+
+
+def _custom_gradient_in_a_branch(x, cond, custom):
+  """`custom` (`tf.nn.silu` or `_own_square`) of a tensor from outside the
+  branch: its gradient function reads that tensor.
+
+  `cond(true_fn, false_fn)` is a `tf.cond` on `training`, or calls one of
+  them (a model without the cond).
+  """
+  u = tf.tanh(tf.matmul(x, _weights(_K, 5)) + 0.1)
+  fn = {"silu": tf.nn.silu, "own": _own_square}[custom]
+  h = cond(lambda: fn(u) + tf.sin(u), lambda: tf.sin(u) * u)
+  return tf.reduce_sum(h, axis=1)
+
+
 def _by_predicate(graph):
   return [op for op in graph.get_operations() if "by_predicate" in op.name]
 
@@ -208,6 +228,46 @@ class CondsTest(
     self.assertRegex(
       "\n".join(logs.output), "falls back to the row loop .* is True"
     )
+
+  @parameterized.parameters((1, "silu"), (2, "silu"), (1, "own"))
+  def test_custom_gradient_in_a_branch(self, cf, custom):
+    # TensorFlow's second derivatives through such a branch fail (v1: when
+    # the cond takes the other branch; v2: the row loop does not build).
+    # Auto takes the engine, even where the cost model prefers the rows;
+    # under v1, the rows in the branch of a custom gradient it cannot
+    # follow. (Under v2 no rows of that one build and run.)
+    self.control_flow(cf)
+    rng = np.random.default_rng(11)
+    x_val = rng.normal(size=(4, _K))
+    expected = {}
+    for taken in (True, False):
+      with tf.Graph().as_default():
+        _RNG.bit_generator.state = np.random.default_rng(3).bit_generator.state
+        x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+        y = _custom_gradient_in_a_branch(
+          x, lambda a, b, t=taken: a() if t else b(), custom
+        )
+        rows = tf1hess.batch_hessians(y, x, method="while_loop")
+        with tf.compat.v1.Session() as sess:
+          expected[taken] = sess.run(rows, {x: x_val})
+    with tf.Graph().as_default():
+      _RNG.bit_generator.state = np.random.default_rng(3).bit_generator.state
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      training = tf.compat.v1.placeholder_with_default(False, [])
+      y = _custom_gradient_in_a_branch(
+        x, lambda a, b: tf.cond(training, a, b), custom
+      )
+      rows_preferred = dispatch.Choice(False)
+      with mock.patch.object(dispatch, "choose", return_value=rows_preferred):
+        auto = tf1hess.batch_hessians(y, x)
+      with tf.compat.v1.Session() as sess:
+        for taken in (True, False):
+          self.assertAllClose(
+            sess.run(auto, {x: x_val, training: taken}),
+            expected[taken],
+            atol=1e-10,
+            rtol=1e-10,
+          )
 
   @parameterized.parameters(1, 2)
   def test_conds_on_two_predicates_fall_back(self, cf):

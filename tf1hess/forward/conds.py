@@ -38,6 +38,40 @@ def on_path(path):
   return any(op.type in CONDS for op in path)
 
 
+def custom_gradient_in_branch(path):
+  """The name of an op with a gradient of its own (`tf.custom_gradient`:
+  `tf.nn.silu`) in a branch of a cond of `path`, or `None`.
+
+  TensorFlow's second derivatives through such an op fail where its
+  gradient function reads a tensor from outside the branch, as
+  `tf.nn.silu`'s does when applied to the branch's input: under control
+  flow v1 the rows' result is dead when the cond takes the other branch
+  ("Retval[0] does not have value" at run time); under v2 the row loop
+  fails to build (an `AssertionError` in the gradient of `If`).
+  """
+  stack = [(op, False) for op in path]
+  while stack:
+    op, in_function = stack.pop()
+    if op.type in _IF:
+      for graph in cond_v2.get_func_graphs(op):
+        stack.extend((inner, True) for inner in graph.get_operations())
+    elif registry.gradient_overridden(op) and (
+      in_function or _in_v1_branch(op)
+    ):
+      return op.name
+  return None
+
+
+def _in_v1_branch(op):
+  """Whether `op` is in a branch of a control flow v1 cond."""
+  context = op._control_flow_context  # pylint: disable=protected-access
+  while context is not None:
+    if isinstance(context, control_flow_ops.CondContext):
+      return True
+    context = context.outer_context
+  return False
+
+
 def _key(t):
   return (id(t.graph), t.op.name, t.value_index)
 

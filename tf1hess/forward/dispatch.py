@@ -537,11 +537,16 @@ _TAPE_GRADIENTS = frozenset(
 )
 
 
-def _rows_fit_in_cond(x, grad):
-  """Whether the rows of `grad` may be built in a branch of a `tf.cond`."""
-  return tf.compat.v1.control_flow_v2_enabled() or not _gradient_graph_has(
-    x, grad, _TAPE_GRADIENTS
-  )
+def _rows_fit_in_cond(x, grad, fragile=None):
+  """Whether the rows of `grad` may be built in a branch of a `tf.cond`.
+
+  Under control flow v2 they may, unless the model has a custom gradient
+  `fragile` in a cond's branch (`conds.custom_gradient_in_branch`): the
+  gradient of that cond then fails to build in a branch of another.
+  """
+  if tf.compat.v1.control_flow_v2_enabled():
+    return fragile is None
+  return not _gradient_graph_has(x, grad, _TAPE_GRADIENTS)
 
 
 def _walk(ys, x, mode, planned):
@@ -709,7 +714,12 @@ def _try_forward_with_conds(ys, x, grad, mode, plan, unconnected, path, rows):
   the model's gradient takes that branch too. Under `method="auto"` the
   cost model decides once, on the copy of the `False` branch (Keras'
   inference) if the engine follows it, at the static N or
-  `ASSUMED_BATCH`.
+  `ASSUMED_BATCH`. Where a branch holds a custom gradient
+  (`conds.custom_gradient_in_branch`), whose second derivatives
+  TensorFlow may fail to build or run, the engine is taken without a
+  cost: under control flow v1, the rows of the whole model fail when the
+  cond takes the other branch, and rows in a branch of the `tf.cond`
+  run. Under v2 rows in a branch fail to build (`_rows_fit_in_cond`).
   """
   method = plan.method
   try:
@@ -728,15 +738,20 @@ def _try_forward_with_conds(ys, x, grad, mode, plan, unconnected, path, rows):
       walks[branch] = dry_run(ys_copy, x, mode)
     except engine.Unsupported as e:
       errors[branch] = e
+  fragile = conds.custom_gradient_in_branch(path)
   if errors and (
-    method == "forward" or not walks or not _rows_fit_in_cond(x, grad)
+    method == "forward" or not walks or not _rows_fit_in_cond(x, grad, fragile)
   ):
     _unsupported(x, method, next(iter(errors.values())))
     return None, False
   decided = next(iter(walks))
-  if method == "auto" and (
-    walks[decided] is None
-    or not _choose_on_copy(copies[decided][0], x, mode, walks[decided], plan)
+  if (
+    method == "auto"
+    and fragile is None
+    and (
+      walks[decided] is None
+      or not _choose_on_copy(copies[decided][0], x, mode, walks[decided], plan)
+    )
   ):
     return None, False
   if (
