@@ -14,6 +14,7 @@ NCHW format, dilations) are checked in float32 against the rows and against
 float64 differences of an equivalent NHWC, undilated model.
 """
 
+from unittest import mock
 import zlib
 
 from absl.testing import parameterized
@@ -22,6 +23,7 @@ import tensorflow as tf
 
 import testing_utils
 import tf1hess
+from tf1hess.forward import dispatch
 from tf1hess.forward import registry
 
 _K = 12
@@ -412,6 +414,29 @@ class ForwardRulesTest(
         models |= {op.type for op in graph.get_operations()}
     self.assertEmpty(NEW_OP_TYPES - models)
     self.assertEmpty(NEW_OP_TYPES - set(registry.RULES))
+
+  @parameterized.parameters(3, None)
+  def test_dilated_convolution_by_auto(self, batch):
+    # A static batch: the block's rows are B N, not x's N. A batch known at
+    # run time only: auto estimates on a copy with a static batch.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [batch, 2, 3, 2])
+      y = tf.reduce_sum(
+        tf.sin(
+          tf.nn.convolution(x, _filter(_F, x), padding="SAME", dilations=2)
+        ),
+        axis=[1, 2, 3],
+      )
+      self.assertIn(
+        "SpaceToBatchND", {op.type for op in x.graph.get_operations()}
+      )
+      with mock.patch.object(
+        dispatch, "choose", wraps=dispatch.choose
+      ) as choose:
+        x_val = np.random.default_rng(2).normal(size=(3, 2, 3, 2))
+        _check(self, x, y, x_val)
+        tf1hess.batch_laplacians(y, x)
+      choose.assert_called_once()  # Auto's cost model, not a fallback.
 
   def test_max_pool_ties_take_the_first_entry_as_the_rows(self):
     with tf.Graph().as_default():
@@ -906,19 +931,6 @@ class DeclineTest(tf.test.TestCase, parameterized.TestCase):
       y = tf.sin(tf.nn.conv2d(_image(x), mixed, 1, "SAME"))
       with self.assertRaisesRegex(
         ValueError, "Conv2D .* nonlinear in a tensor that mixes samples"
-      ):
-        tf1hess.batch_hessians(y, x, method="forward")
-
-  def test_dilated_convolution_with_a_static_batch(self):
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [3, _K])
-      y = tf.sin(
-        tf.nn.convolution(
-          _image(x), _filter(_F, x), padding="SAME", dilations=2
-        )
-      )
-      with self.assertRaisesRegex(
-        ValueError, "SpaceToBatchND .* has a static batch size"
       ):
         tf1hess.batch_hessians(y, x, method="forward")
 

@@ -356,12 +356,6 @@ def _space_to_batch(op, j, ctx):
   by linear ops up to a BatchToSpaceND that makes samples of them again."""
   if _block_end(op) is None:
     return [registry.MIXED]
-  if tf.compat.dimension_value(op.inputs[0].shape[0]) is not None:
-    # The engine gives every Jacobian the static batch size of x.
-    raise registry.Unsupported(
-      f"SpaceToBatchND ({op.name}) has a static batch size: the rows of its"
-      " blocks would not match it"
-    )
   _, block, paddings = op.inputs
   return _regroup(
     op,
