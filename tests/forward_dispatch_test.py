@@ -458,6 +458,23 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
         tf1hess.batch_hessians(y, x, method="while_loop")
     self.assertIn("MaxPoolGradGrad, which is wrong", "".join(logs.output))
 
+  def test_rows_warn_of_a_bilinear_resize(self):
+    # TensorFlow declares ResizeBilinearGrad not differentiable: the rows
+    # miss the curvature through the resize (tests/forward_rules_test.py
+    # checks the engine there).
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 12])
+      h = tf.tanh(tf.reshape(x, [-1, 2, 3, 2]))
+      y = tf.reduce_sum(tf.sin(tf.image.resize(h, [3, 5])), axis=[1, 2, 3])
+      (g,) = tf.gradients(y, x)
+      self.assertFalse(dispatch.rows_are_exact(x, g))
+      with self.assertLogs(level="WARNING") as logs:
+        tf1hess.batch_hessians(y, x, method="while_loop")
+    self.assertIn(
+      "bilinear resize's gradient, which TensorFlow declares not",
+      "".join(logs.output),
+    )
+
 
 class EagerInFunctionTest(tf.test.TestCase):
   """Inside a `tf.function`, `tf1hess.eager` takes the graph ops' choice."""

@@ -129,6 +129,29 @@ _RULES = {
       dilations=[1, 2],
     ),
   ),
+  # tf.nn.conv2d_transpose: 2 -> 3 channels, stride 2, the output's batch
+  # read from the image's shape.
+  "Conv2DBackpropInput": (
+    "Conv2DBackpropInput",
+    lambda x: tf.tanh(
+      (
+        lambda h: tf.nn.conv2d_transpose(
+          h,
+          _filter(np.transpose(_F, [0, 1, 3, 2]), x),
+          tf.stack([tf.shape(h)[0], 4, 6, 3]),
+          2,
+          "SAME",
+        )
+      )(tf.sin(_image(_lin(x))))
+    ),
+  ),
+  # Keras UpSampling2D's default; TensorFlow has no second derivative.
+  "ResizeNearestNeighbor": (
+    "ResizeNearestNeighbor",
+    lambda x: tf.square(
+      tf.image.resize(tf.tanh(_image(_lin(x))), [3, 5], "nearest")
+    ),
+  ),
   "AvgPool": (
     "AvgPool",
     lambda x: tf.square(
@@ -304,14 +327,22 @@ _RULES = {
 
 # TensorFlow has no second-order gradient of these (no MaxPoolGradGrad with
 # explicit padding): the rows fail, the engine is checked against differences.
-_NO_ROWS = {"MaxPool_explicit_padding"}
+_NO_ROWS = {"MaxPool_explicit_padding", "ResizeNearestNeighbor"}
 
 # Op types tested in float32 here (their CPU kernels have no float64).
-FLOAT32_OP_TYPES = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
+FLOAT32_OP_TYPES = {
+  "FusedBatchNorm",
+  "FusedBatchNormV2",
+  "FusedBatchNormV3",
+  "ResizeBilinear",
+  "ResizeBicubic",
+}
 
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
   "Conv2D",
+  "Conv2DBackpropInput",
+  "ResizeNearestNeighbor",
   "DepthwiseConv2dNative",
   "AvgPool",
   "MaxPool",
@@ -669,6 +700,34 @@ class ForwardRuleModelsTest(
       _check(self, x, y, x_val, variables=True)
 
   @parameterized.parameters(1, 2)
+  def test_keras_decoder(self, cf):
+    """Conv2DTranspose and UpSampling2D (nearest: TensorFlow has no second
+    derivative of it, so the rows cannot be built and auto takes the
+    engine)."""
+    keras = testing_utils.legacy_keras(self)
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      tf.compat.v1.set_random_seed(7)  # The same weights in each session.
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      image = tf.reshape(tf.tanh(_lin(x)), [-1, 2, 3, 2])
+      h = keras.layers.Conv2DTranspose(
+        3, 3, strides=2, padding="same", activation="tanh", dtype="float64"
+      )(image)
+      h = keras.layers.UpSampling2D(dtype="float64")(h)
+      h = keras.layers.Conv2D(2, 3, activation="softplus", dtype="float64")(h)
+      y = tf.reduce_sum(tf.sin(h), axis=[1, 2, 3])
+      types = {op.type for op in x.graph.get_operations()}
+      self.assertContainsSubset(
+        ["Conv2DBackpropInput", "ResizeNearestNeighbor"], types
+      )
+      auto = tf1hess.batch_hessians(y, x)
+      h_val = _check(self, x, y, x_val, rows=False, variables=True)
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        self.assertAllClose(sess.run(auto, {x: x_val}), h_val, atol=1e-12)
+
+  @parameterized.parameters(1, 2)
   def test_image_input(self, cf):
     """x `(N, H, W, C)`: K = H W C, Hessians `(N, H, W, C, H, W, C)`."""
     self.control_flow(cf)
@@ -706,11 +765,12 @@ def _dilate(f, rate):
   return out
 
 
-def _check_float32(test, model, equivalent):
+def _check_float32(test, model, equivalent, rows=True):
   """Checks the engine on the float32 `model` of `(N, K)` inputs.
 
-  Against the rows built in the same graph and float64 central differences
-  of `equivalent`, the same function made of ops that run in float64.
+  Against the rows built in the same graph (unless `rows` is False: then
+  against auto's choice) and float64 central differences of `equivalent`,
+  the same function made of ops that run in float64.
   """
   x_val = _RNG.normal(size=(3, _K))
   with tf.Graph().as_default():
@@ -719,7 +779,7 @@ def _check_float32(test, model, equivalent):
     outs = [
       tf1hess.batch_hessians(y, x, method="forward"),
       tf1hess.batch_laplacians(y, x, method="forward"),
-      tf1hess.batch_hessians(y, x, method="while_loop"),
+      tf1hess.batch_hessians(y, x, method="while_loop" if rows else "auto"),
     ]
     with tf.compat.v1.Session() as sess:
       sess.run(tf.compat.v1.global_variables_initializer())
@@ -769,6 +829,46 @@ class Float32ConvolutionTest(tf.test.TestCase, parameterized.TestCase):
 
     _check_float32(
       self, lambda x: model(x, conv_under_test), lambda x: model(x, equivalent)
+    )
+
+
+class Float32ResizeTest(tf.test.TestCase, parameterized.TestCase):
+  """Resizes whose CPU kernels return float32 whatever their input."""
+
+  # TensorFlow has no second derivative of ResizeBicubic, and takes
+  # ResizeBilinear's as 0: the rows are not a reference, auto takes the
+  # engine.
+  @parameterized.parameters(
+    ("bilinear", "ResizeBilinear"),
+    ("bicubic", "ResizeBicubic"),
+  )
+  def test_resize(self, method, op_type):
+    size = [3, 5]
+    # The resize as a matrix (output pixels, input pixels), from the op
+    # itself on the images of single pixels: a float64 equivalent.
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+      pixels = np.eye(6, dtype=np.float32).reshape(6, 2, 3, 1)
+      resized = tf.image.resize(pixels, size, method)
+      self.assertIn(op_type, {op.type for op in resized.graph.get_operations()})
+      matrix = sess.run(resized).reshape(6, -1).T
+
+    def model(x, resize):
+      h = tf.tanh(_image(_lin(x)))  # (N, 2, 3, 2)
+      return tf.reduce_sum(
+        tf.sin(tf.cast(resize(h), h.dtype)) * tf.cast(h[:, :1, :1], h.dtype),
+        axis=[1, 2, 3],
+      )
+
+    def by_matrix(h):
+      flat = tf.reshape(tf.transpose(h, [0, 3, 1, 2]), [-1, 2, 6])
+      out = tf.einsum("nci,oi->nco", flat, tf.constant(matrix, h.dtype))
+      return tf.transpose(tf.reshape(out, [-1, 2, *size]), [0, 2, 3, 1])
+
+    _check_float32(
+      self,
+      lambda x: model(x, lambda h: tf.image.resize(h, size, method)),
+      lambda x: model(x, by_matrix),
+      rows=False,
     )
 
 

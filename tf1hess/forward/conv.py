@@ -22,6 +22,10 @@ block position `b` of sample `n`, and its dense Jacobian has `B N` rows;
 the rules check that only such a block's linear ops lie between the two
 (otherwise SpaceToBatchND mixes samples).
 
+A transposed convolution (`Conv2DBackpropInput`, `tf.nn.conv2d_transpose`)
+of an image by weights, and resizes (`tf.image.resize`, Keras
+`UpSampling2D`), are linear too: the same op on the tangents.
+
 Batch normalization for inference (`FusedBatchNorm*` with `is_training`
 false) scales each channel by weights: linear too, in any data format.
 
@@ -58,6 +62,11 @@ def _check_format(op, attrs, formats):
 def _of_weights(op, jacs):
   """Whether only the first input (the image) depends on x: then linear."""
   return all(j is None for j in jacs[1:])
+
+
+def _of_filter_sizes(op, jacs):
+  """A transposed convolution of the image (input 2) alone is linear."""
+  return jacs[0] is None and jacs[1] is None
 
 
 def _convolution(op, jacs, ctx, build, names, formats):
@@ -114,6 +123,56 @@ def _depthwise_conv2d(op, jacs, ctx):
   return _convolution(
     op, jacs, ctx, tf.raw_ops.DepthwiseConv2dNative, _CONV_ATTRS, ("NHWC",)
   )
+
+
+@registry.register("Conv2DBackpropInput", linear=_of_filter_sizes)
+def _conv2d_transpose(op, jacs, ctx):
+  """`tf.nn.conv2d_transpose`: linear in its image (input 2) by a filter."""
+  _, jf, j = jacs
+  if jf is not None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has a filter that depends on x: the forward "
+      "rule follows transposed convolutions of x by weights only"
+    )
+  if j is None:
+    return [None]
+  attrs = _attrs(op, *_CONV_ATTRS, "use_cudnn_on_gpu")
+  _check_format(op, attrs, ("NHWC", "NCHW"))
+  if not j.shared:
+    ctx.dense_matmul()
+  sizes, f, _ = op.inputs
+
+  def build(m):
+    # The output's batch is the tangents': K, or N K.
+    batch = tf.cast(tf.shape(m)[:1], sizes.dtype)
+    return tf.raw_ops.Conv2DBackpropInput(
+      input_sizes=tf.concat([batch, sizes[1:]], axis=0),
+      filter=tf.cast(f, m.dtype),
+      out_backprop=m,
+      **attrs,
+    )
+
+  return [jacobians.apply_per_sample(j, build)]
+
+
+# Resizes of images (`tf.image.resize`, Keras `UpSampling2D`): linear, each
+# output pixel a fixed combination of the sample's input pixels. TensorFlow
+# has no second derivative of the nearest and bicubic ones, and takes the
+# bilinear one's as 0 (`dispatch._INEXACT_SECOND_DERIVATIVES`).
+_RESIZES = ("ResizeNearestNeighbor", "ResizeBilinear", "ResizeBicubic")
+
+
+@registry.register(*_RESIZES, linear=True)
+@registry.of_first_input
+def _resize(op, j, ctx):
+  attrs = _attrs(op, "align_corners", "half_pixel_centers")
+  resize = getattr(tf.raw_ops, op.type)
+  size = op.inputs[1]
+  return [
+    jacobians.apply_per_sample(
+      j, lambda m: resize(images=m, size=size, **attrs)
+    )
+  ]
 
 
 def _normalizes_per_sample(op, jacs):

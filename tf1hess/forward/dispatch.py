@@ -202,11 +202,26 @@ def rows_can_differentiate(x, grad):
 
 
 # Gradients whose TensorFlow gradient (the rows' second derivative) is
-# wrong in some configurations: `MaxPoolGradGrad` of a max pool with
-# stride 1 and SAME padding, or of a 1 x 1 pool, differs from float64
-# differences by as much as the Hessian itself. The engine's max pool rule
-# is exact there.
-_INEXACT_SECOND_DERIVATIVES = frozenset(["MaxPoolGrad", "MaxPoolGradV2"])
+# wrong, with what the rows' warning says of it:
+# - `MaxPoolGradGrad` of a max pool with stride 1 and SAME padding, or of
+#   a 1 x 1 pool, differs from float64 differences by as much as the
+#   Hessian itself;
+# - TensorFlow declares `ResizeBilinearGrad` not differentiable: the rows
+#   take the second derivative through a bilinear resize as 0 (off by half
+#   the Hessian on a tanh layer, resize and sine).
+# The engine's rules of max pools and resizes are exact there.
+_MAX_POOL_GRAD = (
+  "a max pool's gradient with TensorFlow's MaxPoolGradGrad, which is wrong"
+  " for 1 x 1 pools and pools of stride 1 with SAME padding"
+)
+_INEXACT_SECOND_DERIVATIVES = {
+  "MaxPoolGrad": _MAX_POOL_GRAD,
+  "MaxPoolGradV2": _MAX_POOL_GRAD,
+  "ResizeBilinearGrad": (
+    "a bilinear resize's gradient, which TensorFlow declares not"
+    " differentiable: they miss the curvature through the resize"
+  ),
+}
 
 
 def _gradient_graph_has(x, grad, op_types):
@@ -214,10 +229,16 @@ def _gradient_graph_has(x, grad, op_types):
   return any(op.type in op_types for op in engine.path_ops(x, [grad]))
 
 
+def _inexact_gradients(x, grad):
+  """The op types of `_INEXACT_SECOND_DERIVATIVES` from `x` to `grad`."""
+  path = engine.path_ops(x, [grad])
+  return sorted({op.type for op in path} & set(_INEXACT_SECOND_DERIVATIVES))
+
+
 def rows_are_exact(x, grad):
   """Whether TensorFlow's gradients of the ops from `x` to `grad` are exact
   (see `_INEXACT_SECOND_DERIVATIVES`)."""
-  return not _gradient_graph_has(x, grad, _INEXACT_SECOND_DERIVATIVES)
+  return not _inexact_gradients(x, grad)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -596,14 +617,16 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
   TensorFlow's (`rows_are_exact`). See `_try_forward` for the rest.
   """
   result = _try_forward(ys, x, grad, mode, plan, unconnected, rows)
-  if not result[1] and not rows_are_exact(x, grad):
-    _core.warn_once(
-      x.graph,
-      f"tf1hess: the rows for {x.name} differentiate a max pool's gradient"
-      " with TensorFlow's MaxPoolGradGrad, which is wrong for 1 x 1 pools"
-      " and pools of stride 1 with SAME padding; method='forward' is exact"
-      " there.",
-    )
+  if not result[1]:
+    reasons = {
+      _INEXACT_SECOND_DERIVATIVES[t] for t in _inexact_gradients(x, grad)
+    }
+    for reason in sorted(reasons):
+      _core.warn_once(
+        x.graph,
+        f"tf1hess: the rows for {x.name} differentiate {reason};"
+        " method='forward' is exact there.",
+      )
   return result
 
 
