@@ -74,7 +74,7 @@ _UNARY = {
   "Inv": lambda u, v, op: (-v * v, 2 * v * v * v),
   "Sin": lambda u, v, op: (tf.cos(u), -v),
   "Cos": lambda u, v, op: (-tf.sin(u), -v),
-  "Square": lambda u, v, op: (2 * u, 2 * tf.ones_like(u)),
+  "Square": lambda u, v, op: (2 * u, tf.constant(2, u.dtype)),
   "Tan": lambda u, v, op: (1 + v * v, 2 * v * (1 + v * v)),
   "Sinh": lambda u, v, op: (tf.cosh(u), v),
   "Cosh": lambda u, v, op: (tf.sinh(u), v),
@@ -283,8 +283,18 @@ def _mul(op, jacs, ctx):
   if jacs[0] is None or jacs[1] is None:
     # Linear in the one input that depends on x.
     return _binary(op, jacs, ctx, lambda: (b, a), None)
+  if a is b:
+    # `a * a`: a square, one Jacobian and one term instead of two.
+    two = tf.constant(2, a.dtype)
+    return _binary(
+      op,
+      [jacs[0], None],
+      ctx,
+      lambda: (two * a, None),
+      lambda: (two, None, None),
+    )
   return _binary(
-    op, jacs, ctx, lambda: (b, a), lambda: (None, tf.ones_like(a), None)
+    op, jacs, ctx, lambda: (b, a), lambda: (None, tf.constant(1, a.dtype), None)
   )
 
 

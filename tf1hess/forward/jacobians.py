@@ -293,7 +293,8 @@ def _flat_c(c, jac, n):
 def _contract_diagonals(term, mode, n):
   """`contract` of two diagonal Jacobians: a diagonal Hessian."""
   a, b = term.a, term.b
-  prod = tf.cast(term.c, a.value.dtype) * a.value * b.value  # (N or 1, *e)
+  # The factors first: where they are shared by all samples, `(1, *e)`.
+  prod = tf.cast(term.c, a.value.dtype) * (a.value * b.value)  # (N or 1, *e)
   shape = tf.concat([[n], a.entry_shape()], axis=0)
   prod = tf.broadcast_to(prod, shape)
   axes = list(range(1, prod.shape.rank - 1))
