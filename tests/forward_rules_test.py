@@ -145,6 +145,24 @@ _RULES = {
       )(tf.sin(_image(_lin(x))))
     ),
   ),
+  # Losses and log-densities (tf.math.xlogy and kin, 0 where a is 0).
+  "Xlogy": (
+    "Xlogy",
+    lambda x: tf.math.xlogy(_lin(x), tf.square(tf.sin(x)) + 0.5),
+  ),
+  "Xlogy_zeros": (
+    "Xlogy",
+    lambda x: tf.math.xlogy(tf.nn.relu(x), tf.square(_lin(x)) + 0.5),
+  ),
+  "Xlog1py": (
+    "Xlog1py",
+    lambda x: tf.math.xlog1py(tf.sin(x), tf.square(_lin(x))),
+  ),
+  "Xdivy": (
+    "Xdivy",
+    lambda x: tf.math.xdivy(_lin(x), tf.square(tf.sin(x)) + 0.5),
+  ),
+  "Atan2": ("Atan2", lambda x: tf.math.atan2(tf.sin(x), _lin(x) + 2.0)),
   # Keras UpSampling2D's default; TensorFlow has no second derivative.
   "ResizeNearestNeighbor": (
     "ResizeNearestNeighbor",
@@ -340,6 +358,10 @@ FLOAT32_OP_TYPES = {
 
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
+  "Xlogy",
+  "Xlog1py",
+  "Xdivy",
+  "Atan2",
   "Conv2D",
   "Conv2DBackpropInput",
   "ResizeNearestNeighbor",

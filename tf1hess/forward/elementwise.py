@@ -333,6 +333,76 @@ def _div_no_nan(op, jacs, ctx):
   )
 
 
+def _nonzero(a):
+  """1 where `a` is not 0, else 0 (TensorFlow's gradients of `xlogy` and
+  its kin treat `a == 0` as a constant 0 output)."""
+  return tf.cast(tf.not_equal(a, 0), a.dtype)
+
+
+@registry.register("Xlogy", linear=_numerator_only, diagonal=True)
+def _xlogy(op, jacs, ctx):
+  """`a log(b)`, 0 where `a` is 0, with TensorFlow's gradients there."""
+  a, b = op.inputs
+  nonzero = _nonzero(a)
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (tf.math.xlogy(nonzero, b), tf.math.xdivy(a, b)),
+    lambda: (None, tf.math.xdivy(nonzero, b), -tf.math.xdivy(a, b * b)),
+  )
+
+
+@registry.register("Xlog1py", linear=_numerator_only, diagonal=True)
+def _xlog1py(op, jacs, ctx):
+  """`a log(1 + b)`, 0 where `a` is 0."""
+  a, b = op.inputs
+  nonzero, c = _nonzero(a), 1 + b
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (tf.math.xlog1py(nonzero, b), tf.math.xdivy(a, c)),
+    lambda: (None, tf.math.xdivy(nonzero, c), -tf.math.xdivy(a, c * c)),
+  )
+
+
+@registry.register("Xdivy", linear=_numerator_only, diagonal=True)
+def _xdivy(op, jacs, ctx):
+  """`a / b`, 0 where `a` is 0."""
+  a, b = op.inputs
+  nonzero = _nonzero(a)
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (tf.math.xdivy(nonzero, b), -tf.math.xdivy(a, b * b)),
+    lambda: (
+      None,
+      -tf.math.xdivy(nonzero, b * b),
+      2 * tf.math.xdivy(a, b * b * b),
+    ),
+  )
+
+
+@registry.register("Atan2", diagonal=True)
+def _atan2(op, jacs, ctx):
+  """`atan2(a, b)`, the angle of `(b, a)`."""
+  a, b = op.inputs
+  r = a * a + b * b
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (b / r, -a / r),
+    lambda: (
+      -2 * a * b / (r * r),
+      (a * a - b * b) / (r * r),
+      2 * a * b / (r * r),
+    ),
+  )
+
+
 @registry.register("SquaredDifference", diagonal=True)
 def _squared_difference(op, jacs, ctx):
   a, b = op.inputs
