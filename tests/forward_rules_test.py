@@ -759,6 +759,82 @@ class ForwardRuleModelsTest(
       _check(self, x, _conv_net(x), x_val, variables=True)
 
 
+def _time_major(x):
+  """`(N, 3, 4)` unstacked time-major, a step each, stacked back."""
+  steps = tf.unstack(tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2]))
+  h = tf.zeros_like(steps[0][:, :2])
+  outputs = []
+  for step in steps:
+    h = tf.tanh(tf.matmul(step, _filter(_W[:4, :2], x)) + h * h)
+    outputs.append(h)
+  return tf.transpose(tf.stack(outputs), [1, 0, 2])  # (N, 3, 2)
+
+
+def _reversed_time_major(x):
+  """A reverse along time of the time-major tensor, then batch first."""
+  moved = tf.transpose(tf.sin(tf.reshape(x, [-1, 3, 4])), [2, 0, 1])
+  return tf.tanh(tf.transpose(tf.reverse(moved, [0, 2]), [1, 0, 2]))
+
+
+def _unstacked_to_moved(x):
+  """Steps of an unstack that keep the batch axis last, then transposed."""
+  moved = tf.transpose(tf.tanh(tf.reshape(x, [-1, 3, 4])), [1, 2, 0])
+  return tf.stack([tf.sin(tf.transpose(s)) for s in tf.unstack(moved)], 1)
+
+
+class MovedBatchAxisTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  """Transposes that move the batch axis, and back (`registry.Moved`)."""
+
+  @parameterized.product(
+    model=[_time_major, _reversed_time_major, _unstacked_to_moved], cf=[1, 2]
+  )
+  def test_model(self, model, cf):
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      out = model(x)
+      y = tf.reduce_sum(tf.sin(out) * tf.cos(out), axis=[1, 2])
+      _check(self, x, y, x_val)
+
+  @parameterized.product(
+    layer=["SimpleRNN", "GRU", "LSTM", "Bidirectional"], cf=[1, 2]
+  )
+  def test_keras_recurrent_layer_unrolled(self, layer, cf):
+    # unroll=True: Keras goes time-major and unstacks the steps.
+    keras = testing_utils.legacy_keras(self)
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      floatx = keras.backend.floatx()
+      keras.backend.set_floatx("float64")
+      self.addCleanup(keras.backend.set_floatx, floatx)
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      if layer == "Bidirectional":
+        rnn = keras.layers.Bidirectional(
+          keras.layers.GRU(3, unroll=True, return_sequences=True)
+        )
+      else:
+        rnn = getattr(keras.layers, layer)(
+          3, unroll=True, return_sequences=True
+        )
+      out = rnn(tf.reshape(x, [-1, 3, 4]))
+      y = tf.reduce_sum(tf.sin(out), axis=[1, 2])
+      _check(self, x, y, x_val, variables=True)
+
+  def test_nonlinear_op_on_a_moved_tensor_raises(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
+      y = tf.reduce_sum(tf.transpose(tf.sin(moved), [1, 0, 2]), axis=[1, 2])
+      with self.assertRaisesRegex(
+        ValueError, "a transpose that moves the batch axis before it"
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+
+
 class DilatedBlockTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):

@@ -124,6 +124,9 @@ def _identity(op, jacs, ctx):
   return [jacs[0]]
 
 
+registry.moves("Identity", "Snapshot")
+
+
 def _plain_identity_n(op, jacs):
   return not registry.exact_custom_gradient(op)
 

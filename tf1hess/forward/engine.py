@@ -178,6 +178,8 @@ def _inner_length(op):
 
 def _jacobian_entries(jac):
   """`(fixed, per_sample)` entries of a `jacobians.Jacobian`, or `None`."""
+  if isinstance(jac, registry.Moved):
+    jac = jac.jacobian
   if not isinstance(jac, jacobians.Jacobian):
     return (0, 0)
   shape = jac.value.shape
@@ -553,12 +555,22 @@ def second_derivatives(ys, x, mode):
     for j in ins:
       if isinstance(j, registry.Unfollowed):
         raise Unsupported(f"{op.type} ({op.name}) reads {j.reason}")
+    moved = any(isinstance(j, registry.Moved) for j in ins)
+    if moved and op.type not in registry.MOVES:
+      ins = [
+        registry.MIXED if isinstance(j, registry.Moved) else j for j in ins
+      ]
     if any(j is registry.MIXED for j in ins):
       linear = rule.linear(op, ins) if callable(rule.linear) else rule.linear
       if not linear:
+        before = (
+          "a transpose that moves the batch axis"
+          if moved
+          else "a sum or reshape over the batch axis"
+        )
         raise Unsupported(
           f"{op.type} ({op.name}) is nonlinear in a tensor that mixes samples"
-          " (a sum or reshape over the batch axis before it)"
+          f" ({before} before it)"
         )
       outs = [registry.MIXED] * len(op.outputs)
       group, lead_one = 1, False

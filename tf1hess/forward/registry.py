@@ -41,6 +41,34 @@ class Unfollowed:
     self.reason = reason
 
 
+class Moved:
+  """The Jacobian marker of a tensor whose batch axis is not its first.
+
+  The tensor is `tf.transpose(b, perm)` of a tensor `b` whose batch axis is
+  first and whose Jacobian is `jacobian` (Keras' recurrent layers with
+  `unroll=True` go time-major, `(T, N, F)`, and unstack the time steps).
+  Only `MOVES` ops read it: a transpose, an unstack, a reverse that bring
+  the batch axis first again or keep the tensor `Moved`. Other ops take it
+  as mixing samples (`MIXED`).
+  """
+
+  def __init__(self, jacobian, perm):
+    self.jacobian = jacobian
+    self.perm = [int(p) for p in perm]
+
+
+# Op types whose rules read `Moved` Jacobians.
+MOVES = set()
+
+
+def moves(*op_types):
+  """Declares that the rules of `op_types` read `Moved` (see `MOVES`)."""
+  unknown = set(op_types) - set(RULES)
+  if unknown:
+    raise ValueError(f"No forward rules for {sorted(unknown)}.")
+  MOVES.update(op_types)
+
+
 Rule = collections.namedtuple("Rule", ["fn", "linear", "diagonal"])
 
 RULES = {}

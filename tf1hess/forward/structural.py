@@ -3,9 +3,11 @@
 Each of these ops maps a batch sample by sample when it leaves the batch
 axis alone; its Jacobian is then the same op applied to the Jacobian with
 the tangents folded into the batch (`jacobians.apply_per_sample`). An op
-that touches the batch axis (a sum over it, a transpose that moves it, ...)
-is linear all the same: its output is `MIXED`, which only linear ops may
-follow.
+that touches the batch axis (a sum over it, a concat along it, ...) is
+linear all the same: its output is `MIXED`, which only linear ops may
+follow. A transpose that moves the batch axis, or a stack along axis 0,
+keeps samples apart: its output is `registry.Moved`, which transposes,
+unstacks and reverses follow.
 """
 
 import numpy as np
@@ -220,13 +222,43 @@ def _squeeze(op, j, ctx):
   return [jacobians.apply_per_sample(j, _reshape_entries(op.outputs[0]))]
 
 
+def _transposed(jac, perm, fn=None):
+  """The Jacobian of `tf.transpose(fn(b), perm)`, for `b` of Jacobian `jac`
+  (batch first; `fn` per sample, or `None`): a Jacobian when `perm` keeps
+  the batch axis first, else `registry.Moved`."""
+  if perm[0] != 0:
+    return registry.Moved(
+      jac if fn is None else jacobians.apply_per_sample(jac, fn), perm
+    )
+
+  def both(m):
+    m = m if fn is None else fn(m)
+    if perm == list(range(len(perm))):
+      return m
+    return tf.transpose(m, perm)
+
+  return jacobians.apply_per_sample(jac, both)
+
+
+def _unmoved(j):
+  """`(Jacobian of b, perm)` of `j`, the Jacobian of `transpose(b, perm)`."""
+  if isinstance(j, registry.Moved):
+    return j.jacobian, j.perm
+  return j, None
+
+
 @registry.register("Transpose", linear=True)
 @registry.of_first_input
 def _transpose(op, j, ctx):
-  perm = registry.static_value(op.inputs[1], "permutation", op)
-  if int(perm[0]) != 0:
-    return [MIXED]
-  return [jacobians.apply_per_sample(j, lambda m: tf.transpose(m, perm))]
+  """A transpose that moves the batch axis gives a `registry.Moved`, which
+  a transpose (or unstack) that brings it back first follows."""
+  perm = [
+    int(p) for p in registry.static_value(op.inputs[1], "permutation", op)
+  ]
+  j, moved = _unmoved(j)
+  if moved is not None:
+    perm = [moved[p] for p in perm]
+  return [_transposed(j, perm)]
 
 
 def _same_structure(jacs, ctx, inputs):
@@ -273,8 +305,14 @@ def _concat(op, jacs, ctx):
     join = tf.stack
   if all(j is None for j in jacs):
     return [None]
-  if any(j is MIXED for j in jacs) or axis % rank == 0:
+  if any(j is MIXED or isinstance(j, registry.Moved) for j in jacs):
     return [MIXED]
+  if axis % rank == 0:
+    if op.type == "ConcatV2":
+      return [MIXED]
+    # tf.stack(..., 0): the samples' stack along axis 1, transposed.
+    stacked = _per_sample_join(jacs, ctx, values, lambda ms: tf.stack(ms, 1))
+    return [registry.Moved(stacked, [1, 0, *range(2, rank)])]
   return [_per_sample_join(jacs, ctx, values, lambda ms: join(ms, axis))]
 
 
@@ -376,6 +414,12 @@ def _reverse(op, j, ctx):
   rank = registry.static_rank(op.inputs[0], op)
   axes = np.reshape(registry.static_value(op.inputs[1], "axis", op), [-1])
   axes = sorted({int(a) % rank for a in axes})
+  j, moved = _unmoved(j)
+  if moved is not None:
+    axes = sorted(moved[a] for a in axes)
+    if 0 in axes:
+      return [MIXED]
+    return [_transposed(j, moved, lambda m: tf.reverse(m, axes))]
   if 0 in axes:
     return [MIXED]
   if j.diagonal and rank - 1 not in axes:
@@ -490,9 +534,23 @@ def _unpack(op, jacs, ctx):
   axis = op.get_attr("axis")
   rank = registry.static_rank(op.inputs[0], op)
   num = len(op.outputs)
+  j, moved = _unmoved(jacs[0])
+  if moved is not None:
+    # Along an axis of b that is not its batch: each step keeps the batch.
+    source = moved[axis % rank]
+    if source == 0:
+      return [MIXED] * num
+    rest = [p - (p > source) for i, p in enumerate(moved) if i != axis % rank]
+    return [
+      _transposed(j, rest, lambda m, i=i: tf.gather(m, i, axis=source))
+      for i in range(num)
+    ]
   return _split_outputs(
-    op, jacs[0], axis, rank, lambda m: tf.unstack(m, num, axis=axis)
+    op, j, axis, rank, lambda m: tf.unstack(m, num, axis=axis)
   )
+
+
+registry.moves("Transpose", "Unpack", "Pack", "ConcatV2", "ReverseV2")
 
 
 def _matmul_linear(op, jacs):
