@@ -320,6 +320,21 @@ _RULES = {
       * x
     ),
   ),
+  # TF1 flattens: the batch size read from a shape, the entries -1.
+  "Reshape_flatten_by_shape": (
+    "Reshape",
+    lambda x: (
+      lambda h: tf.tanh(tf.reshape(h, [tf.shape(h)[0], -1]) @ _filter(_W, x))
+    )(tf.sin(tf.reshape(_lin(x), [-1, 3, 4]))),
+  ),
+  "Reshape_flatten_by_concat": (
+    "Reshape",
+    lambda x: (
+      lambda h: tf.tanh(
+        tf.reshape(h, tf.concat([tf.shape(x)[:1], [-1]], 0)) @ _filter(_W, x)
+      )
+    )(tf.sin(tf.reshape(_lin(x), [-1, 2, 3, 2]))),
+  ),
   "Reshape_rows_softmax": (
     "Softmax",
     lambda x: tf.reshape(
@@ -467,6 +482,24 @@ class ForwardRulesTest(
         models |= {op.type for op in graph.get_operations()}
     self.assertEmpty(NEW_OP_TYPES - models)
     self.assertEmpty(NEW_OP_TYPES - set(registry.RULES))
+
+  def test_flatten_by_another_batch_size_raises(self):
+    # A first axis read from another tensor's shape, which differs at run
+    # time: the reshape mixes samples, and the engine's check stops it.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      other = tf.compat.v1.placeholder(tf.float64, [None])
+      images = tf.sin(tf.reshape(x, [-1, 3, 4]))
+      h = tf.reshape(images, [tf.shape(other)[0], -1])
+      y = tf.reduce_sum(tf.tanh(h), axis=1)
+      hessians = tf1hess.batch_hessians(y, x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError, "changes the batch size"
+        ):
+          sess.run(hessians, {x: _RNG.normal(size=(2, _K)), other: [0] * 4})
+        feed = {x: _RNG.normal(size=(2, _K)), other: [0] * 2}
+        self.assertEqual(sess.run(hessians, feed).shape, (2, _K, _K))
 
   @parameterized.parameters(3, None)
   def test_dilated_convolution_by_auto(self, batch):

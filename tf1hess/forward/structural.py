@@ -66,6 +66,32 @@ def _same_rank_unknown_entries(op):
   )
 
 
+def _starts_with_a_batch_size(op):
+  """Whether a reshape of `(N, *e)`, `e` static, asks for a first axis of
+  `tf.shape(t)[0]`: TF1 code flattens with `tf.reshape(h, [tf.shape(h)[0],
+  -1])` (or `tf.concat([tf.shape(h)[:1], [-1]], 0)`), whose entries static
+  shapes do not know when N is not static."""
+  u, shape = op.inputs
+  if u.shape.rank is None or u.shape.rank < 2:
+    return False
+  if not u.shape[1:].is_fully_defined():
+    return False
+  if shape.op.type not in ("Pack", "ConcatV2"):
+    return False
+  first = shape.op.inputs[0]
+  if first.op.type != "StridedSlice" or first.op.inputs[0].op.type != "Shape":
+    return False
+  begin, end, strides = (tf.get_static_value(t) for t in first.op.inputs[1:])
+  if begin is None or end is None or strides is None:
+    return False
+  shrink = first.op.get_attr("shrink_axis_mask") & 1
+  return (
+    list(np.reshape(begin, [-1]))[:1] == [0]
+    and list(np.reshape(strides, [-1]))[:1] == [1]
+    and (shrink or list(np.reshape(end, [-1]))[:1] == [1])
+  )
+
+
 def _entry_shape(op, lead_one=False):
   """The static entries `e'` of a reshape's output `(M, *e')`, or `None`.
 
@@ -182,7 +208,7 @@ def _reshape(op, j, ctx):
     raise registry.Unsupported(
       f"Reshape ({op.name}) regroups the rows of parts of samples"
     )
-  if not _same_rank_unknown_entries(op):
+  if not (_same_rank_unknown_entries(op) or _starts_with_a_batch_size(op)):
     return [MIXED]
   check = tf.debugging.assert_equal(
     tf.shape(out)[0],
