@@ -857,6 +857,33 @@ class MovedBatchAxisTest(
       y = tf.reduce_sum(tf.sin(out), axis=[1, 2])
       _check(self, x, y, x_val, variables=True)
 
+  @parameterized.named_parameters(
+    # tf.einsum of three operands contracts the weights with one first,
+    # "ij,ni->jn": its batch index is second.
+    (
+      "bilinear_form",
+      lambda x, w, v: tf.einsum("ni,ij,nj->n", tf.sin(x), w, tf.tanh(x)),
+    ),
+    ("quadratic_form", lambda x, w, v: tf.einsum("ni,ij,nj->n", x, w, x)),
+    (
+      "three_way",
+      lambda x, w, v: tf.reduce_sum(
+        tf.sin(tf.einsum("ni,ijk,nk->nj", x, v, tf.sin(x[:, :2]))), axis=1
+      ),
+    ),
+    (
+      "moved_operand",
+      lambda x, w, v: tf.einsum("in,ni->n", tf.transpose(tf.sin(x)), x * x),
+    ),
+  )
+  def test_einsum(self, model):
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      w = _filter(_W, x)
+      v = _filter(_RNG.normal(size=(_K, 3, 2)), x)
+      _check(self, x, model(x, w, v), x_val)
+
   def test_nonlinear_op_on_a_moved_tensor_raises(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])

@@ -582,6 +582,11 @@ def second_derivatives(ys, x, mode):
       if group > 1 or lead_one:
         rule_ctx = _GroupedContext(ctx, group, lead_one, ungrouped)
       outs = rule.fn(op, ins, rule_ctx)
+      if group > 1 or lead_one:
+        # A moved batch axis of rows that are parts of samples: not followed.
+        outs = [
+          registry.MIXED if isinstance(j, registry.Moved) else j for j in outs
+        ]
       _push(op, ins, outs, work, group)
     mixed = mixed or any(j is registry.MIXED for j in outs)
     for t, j in zip(op.outputs, outs):

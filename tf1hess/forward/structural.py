@@ -256,6 +256,8 @@ def _transposed(jac, perm, fn=None):
     return registry.Moved(
       jac if fn is None else jacobians.apply_per_sample(jac, fn), perm
     )
+  if fn is None and perm == list(range(len(perm))):
+    return jac
 
   def both(m):
     m = m if fn is None else fn(m)
@@ -576,9 +578,6 @@ def _unpack(op, jacs, ctx):
   )
 
 
-registry.moves("Transpose", "Unpack", "Pack", "ConcatV2", "ReverseV2")
-
-
 def _matmul_linear(op, jacs):
   return sum(j is not None for j in jacs) == 1
 
@@ -722,11 +721,14 @@ def _einsum_linear(op, jacs):
 
 @registry.register("Einsum", linear=_einsum_linear)
 def _einsum(op, jacs, ctx):
-  """Two-operand einsums whose operands of x have the batch axis first.
+  """Two-operand einsums whose operands of x keep samples apart.
 
   Linear in one operand of x; in two (attention's `q k^T` written as an
   einsum), bilinear: the Jacobians of both products, and the cross terms
-  `<J_a, adj-pulled J_b>` as `BatchMatMul`'s.
+  `<J_a, adj-pulled J_b>` as `BatchMatMul`'s. An operand whose batch axis a
+  transpose moved (`registry.Moved`) is read as its batch-first tensor,
+  its subscripts permuted; a result whose batch index is not first is
+  `Moved` (`tf.einsum` of three operands contracts `ij,ni->jn` first).
   """
   equation = op.get_attr("equation").decode().replace(" ", "")
   if len(jacs) != 2 or "." in equation or "->" not in equation:
@@ -735,20 +737,30 @@ def _einsum(op, jacs, ctx):
     )
   operands, result = equation.split("->")
   subs = operands.split(",")
-  batch = result[:1]
-  for sub, j in zip(subs, jacs):
-    if j is not None and (not batch or sub[:1] != batch):
-      return [MIXED]
-    if j is not None and sub.count(batch) != 1:
-      return [MIXED]
+  jacs = list(jacs)
+  for i, j in enumerate(jacs):
+    if isinstance(j, registry.Moved):
+      # The letters of the batch-first tensor: axis p of it is axis
+      # perm.index(p) of the operand.
+      jacs[i] = j.jacobian
+      subs[i] = "".join(subs[i][j.perm.index(p)] for p in range(len(j.perm)))
+  batches = {sub[:1] for sub, j in zip(subs, jacs) if j is not None}
+  (batch,) = batches if len(batches) == 1 else ("",)
+  if not batch or batch not in result:
+    return [MIXED]
+  if any(j is not None and sub.count(batch) != 1 for sub, j in zip(subs, jacs)):
+    return [MIXED]
+  # The result with the batch index first, and the transpose back.
+  first = batch + result.replace(batch, "")
+  perm = [first.index(c) for c in result]
   fresh = next(c for c in "ZYXWVUTSRQ" if c not in equation)
   outs = [
-    _einsum_by(op, j, i, subs, result, fresh, ctx)
+    _einsum_by(op, j, i, subs, first, fresh, ctx)
     for i, j in enumerate(jacs)
     if j is not None
   ]
   if len(outs) == 1:
-    return outs
+    return [_transposed(outs[0], perm)]
   ja, jb = jacs
   a_sub, b_sub = subs
   if any(len(set(sub)) != len(sub) for sub in (a_sub, b_sub, result)) or (
@@ -775,13 +787,15 @@ def _einsum(op, jacs, ctx):
     ]
 
   ctx.curvature(op.outputs[0], build)
-  return [jacobians.add(*outs)]
+  return [_transposed(jacobians.add(*outs), perm)]
 
 
 def _einsum_by(op, j, i, subs, result, fresh, ctx):
-  """The Jacobian of einsum `op` along operand `i` (`j`), the other fixed."""
+  """The Jacobian of einsum `op` along operand `i` (`j`, of subscripts
+  `subs[i]`), the other fixed, for the subscripts `result` (batch first)."""
   batch = result[:1]
-  mine, other = subs[i], subs[1 - i]
+  mine, other = subs[i], op.get_attr("equation").decode().replace(" ", "")
+  other = other.split("->")[0].split(",")[1 - i]
   other_t = tf.cast(op.inputs[1 - i], j.value.dtype)
   if j.shared and batch not in other:
     spec = [fresh + mine[1:], other]
@@ -821,3 +835,4 @@ registry.rowwise(
   "MirrorPad",
   "MatMul",
 )
+registry.moves("Transpose", "Unpack", "Pack", "ConcatV2", "ReverseV2", "Einsum")
