@@ -367,7 +367,9 @@ def copy_op(op, inputs):
     op.type,
     inputs,
     [t.dtype for t in op.outputs],
-    name=op.name.split("/")[-1],
+    # The model's name under the current scope: messages that name a copy
+    # name the model's op too.
+    name=op.name,
     attrs=attrs,
   )
 
