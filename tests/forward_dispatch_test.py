@@ -423,6 +423,27 @@ class RowsCannotDifferentiateTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(value, expected, atol=1e-7)
 
 
+class NeitherTest(tf.test.TestCase):
+  """Neither the rows nor the engine can build the second derivatives."""
+
+  def test_local_response_normalization_raises_naming_the_op(self):
+    # TensorFlow has no gradient of LRNGrad; the engine no rule for LRN.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 12])
+      images = tf.reshape(tf.tanh(x), [-1, 1, 3, 4])
+      normalized = tf.nn.local_response_normalization(images, 1)
+      y = tf.reduce_sum(tf.sin(normalized), axis=[1, 2, 3])
+      with self.assertLogs(level="WARNING"):
+        with self.assertRaisesRegex(
+          LookupError,
+          r"no gradient of LRNGrad \(.*\), which the row loop "
+          "differentiates, and the forward engine cannot follow",
+        ):
+          tf1hess.batch_hessians(y, x)
+      with self.assertRaisesRegex(LookupError, "method='auto' takes"):
+        tf1hess.batch_laplacians(y, x, method="while_loop")
+
+
 class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
   """TensorFlow's second derivative of some max pools is wrong."""
 

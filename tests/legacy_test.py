@@ -506,8 +506,9 @@ class AddHessianOpsTest(tf.test.TestCase, parameterized.TestCase):
       y = tf.reduce_sum(images, [1, 2, 3])
     with self.assertRaisesRegex(
       ValueError,
-      r"`ys` must be twice differentiable with respect to `xs`; No gradient "
-      r"defined for operation.*\(op type: LRNGrad\)\.",
+      r"`ys` must be twice differentiable with respect to `xs`; no second "
+      r"derivatives of `ys` with respect to x:0: TensorFlow has no gradient "
+      r"of LRNGrad \(.*\)",
     ):
       legacy.add_hessian_ops(graph, x, y)
 

@@ -186,6 +186,17 @@ def rows_work(ys, x, grad, mode, plan=None):
   return work
 
 
+def _without_gradient(x, grad):
+  """An op from `x` to `grad` that TensorFlow has no gradient for, or
+  `None`."""
+  for op in engine.path_ops(x, [grad]):
+    try:
+      tf_ops.get_gradient_function(op)
+    except LookupError:
+      return op
+  return None
+
+
 def rows_can_differentiate(x, grad):
   """Whether TensorFlow has a gradient for every op from `x` to `grad`.
 
@@ -193,12 +204,7 @@ def rows_can_differentiate(x, grad):
   (`SoftsignGrad`, the gradient of `tf.nn.softsign`), and then only the
   engine can build the second derivatives.
   """
-  for op in engine.path_ops(x, [grad]):
-    try:
-      tf_ops.get_gradient_function(op)
-    except LookupError:
-      return False
-  return True
+  return _without_gradient(x, grad) is None
 
 
 # Gradients whose TensorFlow gradient (the rows' second derivative) is
@@ -615,8 +621,26 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
 
   Warns once when the rows will inherit a wrong second derivative of
   TensorFlow's (`rows_are_exact`). See `_try_forward` for the rest.
+
+  Raises:
+    LookupError: when the rows are to be built but TensorFlow has no
+      gradient of an op of the gradient graph (`LRNGrad`: neither can
+      build the second derivatives), naming it.
   """
   result = _try_forward(ys, x, grad, mode, plan, unconnected, rows)
+  missing = None if result[1] else _without_gradient(x, grad)
+  if missing is not None:
+    engine_too = (
+      ", and the forward engine cannot follow the model (see the warning)"
+      if plan.method == "auto"
+      else "; method='auto' takes the forward engine where it can follow"
+      " the model"
+    )
+    raise LookupError(
+      f"no second derivatives of `ys` with respect to {x.name}:"
+      f" TensorFlow has no gradient of {missing.type} ({missing.name}), which"
+      f" the row loop differentiates{engine_too}."
+    )
   if not result[1]:
     reasons = {
       _INEXACT_SECOND_DERIVATIVES[t] for t in _inexact_gradients(x, grad)
