@@ -163,6 +163,11 @@ _RULES = {
     lambda x: tf.math.xdivy(_lin(x), tf.square(tf.sin(x)) + 0.5),
   ),
   "Atan2": ("Atan2", lambda x: tf.math.atan2(tf.sin(x), _lin(x) + 2.0)),
+  "TopKV2": (
+    "TopKV2",
+    lambda x: tf.math.top_k(tf.sin(tf.reshape(_lin(x), [-1, 3, 4])), 2)[0],
+  ),
+  "TopKV2_sort": ("TopKV2", lambda x: tf.sort(tf.tanh(_lin(x))) * x),
   # Keras UpSampling2D's default; TensorFlow has no second derivative.
   "ResizeNearestNeighbor": (
     "ResizeNearestNeighbor",
@@ -373,6 +378,7 @@ FLOAT32_OP_TYPES = {
 
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
+  "TopKV2",
   "Xlogy",
   "Xlog1py",
   "Xdivy",

@@ -526,6 +526,26 @@ def _gather(op, j, ctx):
   ]
 
 
+@registry.register("TopKV2")
+@registry.of_first_input
+def _top_k(op, j, ctx):
+  """`tf.math.top_k` (and `tf.sort`, built on it): piecewise linear, each
+  value one entry of its sample's last axis, whose tangent it takes (ties,
+  a measure-zero set, take the entry `indices` names)."""
+  rank = registry.static_rank(op.inputs[0], op)
+  if rank < 2:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) picks among the samples (rank 1)"
+    )
+  value = jacobians.to_dense(j, ctx.n)  # (N, K, ..., L)
+  indices = tf.expand_dims(op.outputs[1], 1)  # (N, 1, ..., k)
+  shape = tf.concat([tf.shape(value)[:-1], tf.shape(indices)[-1:]], axis=0)
+  picked = tf.gather(
+    value, tf.broadcast_to(indices, shape), axis=-1, batch_dims=rank
+  )
+  return [jacobians.dense(picked), None]
+
+
 def _split_outputs(op, j, axis, rank, fn):
   if j is None:
     return [None] * len(op.outputs)
