@@ -821,13 +821,26 @@ def _unstacked_to_moved(x):
   return tf.stack([tf.sin(tf.transpose(s)) for s in tf.unstack(moved)], 1)
 
 
+def _functions_of_time_major(x):
+  """Elementwise functions of time-major tensors, then batch first."""
+  moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
+  h = tf.square(tf.tanh(moved))  # (3, N, 4)
+  return tf.transpose(tf.exp(tf.sin(tf.reverse(h, [0]))), [1, 2, 0])
+
+
 class MovedBatchAxisTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
   """Transposes that move the batch axis, and back (`registry.Moved`)."""
 
   @parameterized.product(
-    model=[_time_major, _reversed_time_major, _unstacked_to_moved], cf=[1, 2]
+    model=[
+      _time_major,
+      _reversed_time_major,
+      _unstacked_to_moved,
+      _functions_of_time_major,
+    ],
+    cf=[1, 2],
   )
   def test_model(self, model, cf):
     self.control_flow(cf)
@@ -894,7 +907,7 @@ class MovedBatchAxisTest(
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
-      y = tf.reduce_sum(tf.transpose(tf.sin(moved), [1, 0, 2]), axis=[1, 2])
+      y = tf.reduce_sum(tf.transpose(moved * moved, [1, 0, 2]), axis=[1, 2])
       with self.assertRaisesRegex(
         ValueError, "a transpose that moves the batch axis before it"
       ):

@@ -8,6 +8,7 @@ and follow the masks of TensorFlow's own gradients at kinks (`Relu` at 0,
 `Maximum` at ties), so that the engine and the row loop agree there.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tf1hess.forward import jacobians
@@ -19,17 +20,33 @@ _TWO_OVER_SQRT_PI = 1.1283791670955126
 
 
 def _unary_rule(derivatives):
-  """A rule from `derivatives(u, v, op) -> (f', f'' or None)`."""
+  """A rule from `derivatives(u, v, op) -> (f', f'' or None)`.
+
+  On a tensor whose batch axis a transpose moved (`registry.Moved`), the
+  function of the batch-first tensor, its derivatives transposed back.
+  """
 
   def rule(op, jacs, ctx):
     (j,) = jacs[:1]
     if j is None:
       return [None]
+    perm = None
+    if isinstance(j, registry.Moved):
+      j, perm = j.jacobian, j.perm
+
+    def batch_first(t):
+      if perm is None or not t.shape.rank:
+        return t
+      return tf.transpose(t, np.argsort(perm))
+
     u, v = op.inputs[0], op.outputs[0]
     first, second = derivatives(u, v, op)
     if second is not None:
-      ctx.curvature(v, lambda adj: [jacobians.Term(adj * second, j)])
-    return [jacobians.scale(j, first)]
+      ctx.curvature(
+        v, lambda adj: [jacobians.Term(batch_first(adj * second), j)]
+      )
+    out = jacobians.scale(j, batch_first(first))
+    return [out if perm is None else registry.Moved(out, perm)]
 
   return rule
 
@@ -115,6 +132,7 @@ _UNARY = {
 
 for _op_type, _derivatives in _UNARY.items():
   registry.register(_op_type, diagonal=True)(_unary_rule(_derivatives))
+registry.moves(*_UNARY)
 
 
 @registry.register(
