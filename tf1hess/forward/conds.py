@@ -64,12 +64,7 @@ def custom_gradient_in_branch(path):
 
 def _in_v1_branch(op):
   """Whether `op` is in a branch of a control flow v1 cond."""
-  context = op._control_flow_context  # pylint: disable=protected-access
-  while context is not None:
-    if isinstance(context, control_flow_ops.CondContext):
-      return True
-    context = context.outer_context
-  return False
+  return _in_context(op, control_flow_ops.CondContext)
 
 
 def _key(t):
@@ -78,9 +73,15 @@ def _key(t):
 
 def _in_loop(op):
   """Whether `op` is in a v1 `tf.while_loop` (directly or in a cond in it)."""
+  return _in_context(op, control_flow_ops.WhileContext)
+
+
+def _in_context(op, kind):
+  """Whether `op` is in a v1 control flow context of type `kind`, directly
+  or through the contexts it is nested in."""
   context = op._control_flow_context  # pylint: disable=protected-access
   while context is not None:
-    if isinstance(context, control_flow_ops.WhileContext):
+    if isinstance(context, kind):
       return True
     context = context.outer_context
   return False

@@ -360,32 +360,30 @@ def _nonzero(a):
   return tf.cast(tf.not_equal(a, 0), a.dtype)
 
 
-@registry.register("Xlogy", linear=_numerator_only, diagonal=True)
-def _xlogy(op, jacs, ctx):
-  """`a log(b)`, 0 where `a` is 0, with TensorFlow's gradients there."""
+def _x_times_log(op, jacs, ctx, log, shift):
+  """`a log(b + shift)` by `log(a, b)`, 0 where `a` is 0, with TensorFlow's
+  gradients there."""
   a, b = op.inputs
-  nonzero = _nonzero(a)
+  nonzero, c = _nonzero(a), b + shift
   return _binary(
     op,
     jacs,
     ctx,
-    lambda: (tf.math.xlogy(nonzero, b), tf.math.xdivy(a, b)),
-    lambda: (None, tf.math.xdivy(nonzero, b), -tf.math.xdivy(a, b * b)),
+    lambda: (log(nonzero, b), tf.math.xdivy(a, c)),
+    lambda: (None, tf.math.xdivy(nonzero, c), -tf.math.xdivy(a, c * c)),
   )
+
+
+@registry.register("Xlogy", linear=_numerator_only, diagonal=True)
+def _xlogy(op, jacs, ctx):
+  """`a log(b)`."""
+  return _x_times_log(op, jacs, ctx, tf.math.xlogy, 0)
 
 
 @registry.register("Xlog1py", linear=_numerator_only, diagonal=True)
 def _xlog1py(op, jacs, ctx):
-  """`a log(1 + b)`, 0 where `a` is 0."""
-  a, b = op.inputs
-  nonzero, c = _nonzero(a), 1 + b
-  return _binary(
-    op,
-    jacs,
-    ctx,
-    lambda: (tf.math.xlog1py(nonzero, b), tf.math.xdivy(a, c)),
-    lambda: (None, tf.math.xdivy(nonzero, c), -tf.math.xdivy(a, c * c)),
-  )
+  """`a log(1 + b)`."""
+  return _x_times_log(op, jacs, ctx, tf.math.xlog1py, 1)
 
 
 @registry.register("Xdivy", linear=_numerator_only, diagonal=True)

@@ -63,10 +63,15 @@ MOVES = set()
 
 def moves(*op_types):
   """Declares that the rules of `op_types` read `Moved` (see `MOVES`)."""
+  _declare(MOVES, op_types)
+
+
+def _declare(kind, op_types):
+  """Adds `op_types`, each with a rule, to the set `kind`."""
   unknown = set(op_types) - set(RULES)
   if unknown:
     raise ValueError(f"No forward rules for {sorted(unknown)}.")
-  MOVES.update(op_types)
+  kind.update(op_types)
 
 
 Rule = collections.namedtuple("Rule", ["fn", "linear", "diagonal"])
@@ -80,10 +85,7 @@ ROWWISE = set()
 
 def rowwise(*op_types):
   """Declares that the rules of `op_types` work row by row (`ROWWISE`)."""
-  unknown = set(op_types) - set(RULES)
-  if unknown:
-    raise ValueError(f"No forward rules for {sorted(unknown)}.")
-  ROWWISE.update(op_types)
+  _declare(ROWWISE, op_types)
 
 
 class Regrouped:
