@@ -486,7 +486,7 @@ def _set_static_shape(jac, t, x, group=1, lead_one=False):
     if group == 1 and not lead_one:
       # The rows of `t`: x's samples, or B x theirs in a block of
       # SpaceToBatchND.
-      rows = x.shape[0] if t.shape.rank is None else t.shape[0]
+      rows = t.shape[0] if t.shape.rank else x.shape[0]
       rows = tf.compat.dimension_value(rows) or x.shape[0]
     lead = [k] if jac.shared else [rows, k]
   if t.shape.rank is None:
