@@ -214,7 +214,8 @@ def rows_can_differentiate(x, grad):
 #   Hessian itself;
 # - TensorFlow declares `ResizeBilinearGrad` not differentiable: the rows
 #   take the second derivative through a bilinear resize as 0 (off by half
-#   the Hessian on a tanh layer, resize and sine).
+#   the Hessian on a tanh layer, resize and sine); older TensorFlow (2.12)
+#   has no gradient of it at all, and the rows raise (`try_forward`).
 # The engine's rules of max pools and resizes are exact there.
 _MAX_POOL_GRAD = (
   "a max pool's gradient with TensorFlow's MaxPoolGradGrad, which is wrong"
