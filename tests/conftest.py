@@ -2,6 +2,10 @@
 
 import importlib.util
 import os
+import zlib
+
+import numpy as np
+import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Legacy graph-mode Keras (tf_keras) behind tf.compat.v1.layers and
@@ -10,3 +14,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # no tf-keras cannot import Keras at all; <= 2.15 has Keras 2 as tf.keras.
 if importlib.util.find_spec("tf_keras"):
   os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _inputs_of_each_tests_own(request):
+  """Reseeds a test module's `_RNG` from the test's name.
+
+  pytest-xdist hands the tests to its workers in no fixed order: a shared
+  generator would give a test other inputs from one run to the next (and
+  finite differences of a max pool or a ReLU can straddle a kink on some).
+  """
+  rng = getattr(request.module, "_RNG", None)
+  if isinstance(rng, np.random.Generator):
+    seed = zlib.crc32(request.node.nodeid.encode())
+    rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state

@@ -160,8 +160,8 @@ class ChunksTest(
       self.assertAllClose(lap, np.einsum("nii->n", rows), atol=1e-10)
     return graph
 
-  @parameterized.product(
-    model=list(_CHUNKED), cf=[1, 2], method=["forward", "auto"]
+  @parameterized.parameters(
+    testing_utils.in_turn(model=list(_CHUNKED), method=["forward", "auto"])
   )
   def test_chunks_agree_with_the_rows(self, model, cf, method):
     graph = self._run(model, cf, method)

@@ -710,7 +710,7 @@ class FoldTest(tf.test.TestCase):
 class ForwardRuleModelsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
-  @parameterized.product(model=list(_MODELS), cf=[1, 2])
+  @parameterized.parameters(testing_utils.in_turn(model=list(_MODELS)))
   def test_model(self, model, cf):
     self.control_flow(cf)
     x_val = _RNG.normal(size=(3, _K))
@@ -833,14 +833,15 @@ class MovedBatchAxisTest(
 ):
   """Transposes that move the batch axis, and back (`registry.Moved`)."""
 
-  @parameterized.product(
-    model=[
-      _time_major,
-      _reversed_time_major,
-      _unstacked_to_moved,
-      _functions_of_time_major,
-    ],
-    cf=[1, 2],
+  @parameterized.parameters(
+    testing_utils.in_turn(
+      model=[
+        _time_major,
+        _reversed_time_major,
+        _unstacked_to_moved,
+        _functions_of_time_major,
+      ]
+    )
   )
   def test_model(self, model, cf):
     self.control_flow(cf)
@@ -851,8 +852,8 @@ class MovedBatchAxisTest(
       y = tf.reduce_sum(tf.sin(out) * tf.cos(out), axis=[1, 2])
       _check(self, x, y, x_val)
 
-  @parameterized.product(
-    layer=["SimpleRNN", "GRU", "LSTM", "Bidirectional"], cf=[1, 2]
+  @parameterized.parameters(
+    testing_utils.in_turn(layer=["SimpleRNN", "GRU", "LSTM", "Bidirectional"])
   )
   def test_keras_recurrent_layer_unrolled(self, layer, cf):
     # unroll=True: Keras goes time-major and unstacks the steps.

@@ -481,7 +481,7 @@ _MODELS = {
 class ForwardModelsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
-  @parameterized.product(model=list(_MODELS), cf=[1, 2])
+  @parameterized.parameters(testing_utils.in_turn(model=list(_MODELS)))
   def test_model(self, model, cf):
     self.control_flow(cf)
     x_val = _RNG.normal(size=(5, _K))

@@ -5,6 +5,7 @@ with (`tf1hess._compat` only finds the Keras 2 that tests build models with).
 """
 
 import importlib.util
+import itertools
 import os
 import re
 import shutil
@@ -110,6 +111,32 @@ class ControlFlowMixin:
       self.addCleanup(tf.compat.v1.enable_control_flow_v2)
     else:
       tf.compat.v1.enable_control_flow_v2()
+
+
+def in_turn(first=1, **axes):
+  """The cases of `parameterized.product(**axes)`, each with a `cf` in turn.
+
+  Control flow v1 and v2 alternate like the squares of a checkerboard whose
+  rows are the values of the last axis: every case runs once, and each value
+  of every axis runs under both versions where it has two or more cases.
+  Tests whose subject does not depend on the version (models without
+  control flow, the rows aside) run each case once instead of twice.
+
+  Args:
+    first: the version of the first case, 1 or 2.
+    **axes: name -> list of values, as for `parameterized.product`.
+
+  Returns:
+    A list of keyword dicts for `parameterized.parameters`.
+  """
+  names, columns = list(axes), list(axes.values())
+  width = len(columns[-1])
+  cases = []
+  for i, values in enumerate(itertools.product(*columns)):
+    case = dict(zip(names, values))
+    case["cf"] = 1 + (first - 1 + i % width + i // width) % 2
+    cases.append(case)
+  return cases
 
 
 def check_list_of_xs(test, model, hessians_fn):
