@@ -163,6 +163,13 @@ _RULES = {
     lambda x: tf.math.xdivy(_lin(x), tf.square(tf.sin(x)) + 0.5),
   ),
   "Atan2": ("Atan2", lambda x: tf.math.atan2(tf.sin(x), _lin(x) + 2.0)),
+  # A periodic input (`%`): the rule's first derivatives, then curvature
+  # from the functions around it.
+  "FloorMod": ("FloorMod", lambda x: tf.tanh(x) * (tf.square(x) % 1.5)),
+  "FloorMod_period": (
+    "FloorMod",
+    lambda x: tf.math.floormod(tf.sin(x) + 2.0, tf.exp(_lin(x)) + 0.5) * x,
+  ),
   "TopKV2": (
     "TopKV2",
     lambda x: tf.math.top_k(tf.sin(tf.reshape(_lin(x), [-1, 3, 4])), 2)[0],
@@ -383,6 +390,7 @@ NEW_OP_TYPES = {
   "Xlog1py",
   "Xdivy",
   "Atan2",
+  "FloorMod",
   "Conv2D",
   "Conv2DBackpropInput",
   "ResizeNearestNeighbor",

@@ -471,6 +471,20 @@ def _maximum(op, jacs, ctx):
   )
 
 
+@registry.register("FloorMod", diagonal=True)
+def _floor_mod(op, jacs, ctx):
+  """`a mod b` (`a % b`, periodic inputs): `a - floor(a / b) b`, linear
+  between its jumps, with TensorFlow's gradients there."""
+  a, b = op.inputs
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (tf.ones_like(op.outputs[0]), -tf.math.floordiv(a, b)),
+    None,
+  )
+
+
 def _condition(op):
   """The condition of a `Select`/`SelectV2`, broadcasting against the
   output as the op broadcasts it (a vector condition of `Select`, which
@@ -537,6 +551,7 @@ registry.rowwise(
   "Pow",
   "Maximum",
   "Minimum",
+  "FloorMod",
   "Select",
   "SelectV2",
 )
