@@ -836,6 +836,25 @@ def _functions_of_time_major(x):
   return tf.transpose(tf.exp(tf.sin(tf.reverse(h, [0]))), [1, 2, 0])
 
 
+def _indexed_time_major(x):
+  """Steps read as `x_tm[t]` of the time-major tensor, a slice of it kept
+  time-major and transposed back."""
+  moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
+  h = tf.zeros_like(moved[0, :, :2])
+  for t in range(3):
+    h = tf.tanh(tf.matmul(moved[t], _filter(_W[:4, :2], x)) + h * h)
+  late = tf.transpose(tf.sin(moved[1:, :, ::2]), [1, 0, 2])  # (N, 2, 2)
+  return h[:, None, :] * late
+
+
+def _sliced_batch_last(x):
+  """Slices of a tensor whose batch axis a transpose put last."""
+  moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [2, 1, 0])  # (4, 3, N)
+  first = tf.transpose(tf.tanh(moved[1]))  # (N, 3)
+  rest = tf.transpose(moved[2:, -2:], [2, 0, 1])  # (N, 2, 2)
+  return tf.sin(rest) * first[:, :2, None]
+
+
 class MovedBatchAxisTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
@@ -848,6 +867,8 @@ class MovedBatchAxisTest(
         _reversed_time_major,
         _unstacked_to_moved,
         _functions_of_time_major,
+        _indexed_time_major,
+        _sliced_batch_last,
       ]
     )
   )
@@ -923,6 +944,28 @@ class MovedBatchAxisTest(
         ValueError, "a transpose that moves the batch axis before it"
       ):
         tf1hess.batch_hessians(y, x, method="forward")
+
+  @parameterized.named_parameters(
+    ("one_sample", lambda moved: moved[:, 0]),
+    ("samples_reversed", lambda moved: moved[:, ::-1]),
+    ("new_axis", lambda moved: moved[None, 1]),
+  )
+  def test_slice_along_a_moved_batch_axis_mixes_samples(self, sliced):
+    # A slice that takes part of the batch axis, or new axes: not followed,
+    # and auto takes the rows.
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
+      h = tf.reshape(tf.tanh(sliced(moved)), [-1])
+      y = x[:, 0] * tf.reduce_sum(tf.sin(h))
+      with self.assertRaisesRegex(ValueError, "nonlinear in a tensor"):
+        tf1hess.batch_hessians(y, x, method="forward")
+      auto = tf1hess.batch_hessians(y, x)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        auto_val, rows_val = sess.run([auto, rows], {x: x_val})
+    self.assertAllClose(auto_val, rows_val, atol=1e-12)
 
 
 class DilatedBlockTest(

@@ -389,9 +389,64 @@ def _inserts_axes_only(op):
   return real <= rank and not (last_is_new and (ellipsis or real == rank))
 
 
+def _moved_slice(op, j):
+  """A `StridedSlice` of `transpose(b, perm)` as a slice of `b`, transposed.
+
+  Time-major code reads its steps as `x_tm[t]`: a slice whose specs skip
+  the batch axis (or take it whole) is the same slice of `b` along the
+  axes `perm` sends them to. Slices with an ellipsis or new axes are taken
+  as mixing samples.
+  """
+  b_jac, perm = j.jacobian, j.perm
+  rank = len(perm)
+  begin, end, strides = (
+    [int(v) for v in registry.static_value(t, name, op)]
+    for t, name in zip(op.inputs[1:], ("begin", "end", "strides"))
+  )
+  masks = {
+    name: op.get_attr(name)
+    for name in ("begin_mask", "end_mask", "shrink_axis_mask")
+  }
+  if op.get_attr("ellipsis_mask") or op.get_attr("new_axis_mask"):
+    return MIXED
+  specs = len(begin)
+  batch = perm.index(0)
+  whole = masks["begin_mask"] & masks["end_mask"]
+  if batch < specs and (
+    not whole >> batch & 1
+    or strides[batch] != 1
+    or masks["shrink_axis_mask"] >> batch & 1
+  ):
+    return MIXED
+  # The specs of the same slice of b, axis perm[i] taking spec i.
+  b_begin, b_end, b_strides = [0] * rank, [0] * rank, [1] * rank
+  b_masks = {name: 0 for name in masks}
+  for i in range(rank):
+    a = perm[i]
+    if i >= specs:
+      b_masks["begin_mask"] |= 1 << a
+      b_masks["end_mask"] |= 1 << a
+      continue
+    b_begin[a], b_end[a], b_strides[a] = begin[i], end[i], strides[i]
+    for name, mask in masks.items():
+      b_masks[name] |= (mask >> i & 1) << a
+  shrunk = {perm[i] for i in range(specs) if masks["shrink_axis_mask"] >> i & 1}
+  kept = [a for a in range(rank) if a not in shrunk]
+  # The axes of the result: those of the slice of b, in the order of the
+  # kept axes of `transpose(b, perm)`.
+  out_perm = [kept.index(perm[i]) for i in range(rank) if perm[i] in kept]
+
+  def slice_b(m):
+    return tf.strided_slice(m, b_begin, b_end, b_strides, **b_masks)
+
+  return _transposed(b_jac, out_perm, slice_b)
+
+
 @registry.register("StridedSlice", linear=True, diagonal=True)
 @registry.of_first_input
 def _strided_slice(op, j, ctx):
+  if isinstance(j, registry.Moved):
+    return [_moved_slice(op, j)]
   if not _axis_zero_is_whole(op):
     return [MIXED]
   attrs = {
@@ -855,4 +910,12 @@ registry.rowwise(
   "MirrorPad",
   "MatMul",
 )
-registry.moves("Transpose", "Unpack", "Pack", "ConcatV2", "ReverseV2", "Einsum")
+registry.moves(
+  "Transpose",
+  "Unpack",
+  "Pack",
+  "ConcatV2",
+  "ReverseV2",
+  "Einsum",
+  "StridedSlice",
+)
