@@ -566,7 +566,7 @@ def second_derivatives(ys, x, mode):
         before = (
           "a transpose that moves the batch axis"
           if moved
-          else "a sum or reshape over the batch axis"
+          else "a sum, reshape or slice over the batch axis"
         )
         raise Unsupported(
           f"{op.type} ({op.name}) is nonlinear in a tensor that mixes samples"
