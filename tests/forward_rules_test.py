@@ -855,6 +855,16 @@ def _sliced_batch_last(x):
   return tf.sin(rest) * first[:, :2, None]
 
 
+def _gathered_time_major(x):
+  """Steps of the time-major tensor picked by `tf.gather`."""
+  moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 2, 0])  # (3, 4, N)
+  step = tf.transpose(tf.gather(moved, 1))  # (N, 4)
+  steps = tf.gather(tf.sin(moved), [2, 0], axis=0)  # (2, 4, N)
+  pairs = tf.gather(moved, [[3, 1], [0, 0]], axis=1)  # (3, 2, 2, N)
+  late = tf.transpose(steps, [2, 0, 1]) * step[:, None, :]  # (N, 2, 4)
+  return tf.tanh(late[:, :, :2]) + tf.transpose(pairs[1], [2, 0, 1])
+
+
 class MovedBatchAxisTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
@@ -869,6 +879,7 @@ class MovedBatchAxisTest(
         _functions_of_time_major,
         _indexed_time_major,
         _sliced_batch_last,
+        _gathered_time_major,
       ]
     )
   )
@@ -949,6 +960,7 @@ class MovedBatchAxisTest(
     ("one_sample", lambda moved: moved[:, 0]),
     ("samples_reversed", lambda moved: moved[:, ::-1]),
     ("new_axis", lambda moved: moved[None, 1]),
+    ("gathered_samples", lambda moved: tf.gather(moved, [1, 0], axis=1)),
   )
   def test_slice_along_a_moved_batch_axis_mixes_samples(self, sliced):
     # A slice that takes part of the batch axis, or new axes: not followed,

@@ -47,10 +47,10 @@ class Moved:
   The tensor is `tf.transpose(b, perm)` of a tensor `b` whose batch axis is
   first and whose Jacobian is `jacobian` (Keras' recurrent layers with
   `unroll=True` go time-major, `(T, N, F)`, and unstack the time steps).
-  Only `MOVES` ops read it: a transpose, an unstack, a reverse, a slice
-  that takes the batch axis whole (time-major code's `x_tm[t]`), which
-  bring the batch axis first again or keep the tensor `Moved`. Other ops
-  take it as mixing samples (`MIXED`).
+  Only `MOVES` ops read it: a transpose, an unstack, a reverse, a slice or
+  gather that takes the batch axis whole (time-major code's `x_tm[t]`),
+  which bring the batch axis first again or keep the tensor `Moved`. Other
+  ops take it as mixing samples (`MIXED`).
   """
 
   def __init__(self, jacobian, perm):

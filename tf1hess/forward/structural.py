@@ -566,14 +566,38 @@ def _pad(op, j, ctx):
   ]
 
 
+def _moved_gather(op, j, axis, indices):
+  """A gather along axis `axis` of `transpose(b, perm)`, which is not the
+  batch axis (`tf.gather(x_tm, t)` of time-major code): the same gather of
+  `b` along axis `perm[axis]`, transposed."""
+  b_jac, perm = j.jacobian, j.perm
+  a = perm[axis]
+  if a == 0:
+    return MIXED
+  index_rank = registry.static_rank(indices, op)
+  # Where each axis of the result is in the gather of b: the index axes
+  # replace axis a.
+  out_perm = []
+  for i, p in enumerate(perm):
+    if i == axis:
+      out_perm.extend(range(a, a + index_rank))
+    else:
+      out_perm.append(p if p < a else p - 1 + index_rank)
+  return _transposed(b_jac, out_perm, lambda m: tf.gather(m, indices, axis=a))
+
+
 @registry.register("GatherV2", linear=True)
 @registry.of_first_input
 def _gather(op, j, ctx):
   axis = int(registry.static_value(op.inputs[2], "axis", op))
   rank = registry.static_rank(op.inputs[0], op)
-  if op.get_attr("batch_dims") != 0 or axis % rank == 0:
-    return [MIXED]
   indices = op.inputs[1]
+  if op.get_attr("batch_dims") != 0:
+    return [MIXED]
+  if isinstance(j, registry.Moved):
+    return [_moved_gather(op, j, axis % rank, indices)]
+  if axis % rank == 0:
+    return [MIXED]
   return [
     jacobians.apply_per_sample(
       j, lambda m: tf.gather(m, indices, axis=axis % rank)
@@ -918,4 +942,5 @@ registry.moves(
   "ReverseV2",
   "Einsum",
   "StridedSlice",
+  "GatherV2",
 )
