@@ -253,7 +253,8 @@ class ChunksTest(
   def test_small_jacobians_walk_whole(self):
     # At the default sizes: 16 features through 64 units make 4 KiB per
     # sample (chunks of 512); 2 through 8, 64 bytes (a chunk would be more
-    # than MAX_CHUNK samples).
+    # than MAX_CHUNK samples). Where no chunk can be made, no walk of a copy
+    # plans them (`dispatch.dry_run`).
     with mock.patch.object(chunks, "CHUNK_BYTES", 2**21):
       with mock.patch.object(chunks, "MIN_CHUNK", 128):
         for k, units, made in [(16, 64, True), (2, 8, False)]:
@@ -261,8 +262,12 @@ class ChunksTest(
             x = tf.compat.v1.placeholder(tf.float32, [None, k])
             w = tf.constant(_RNG.normal(size=(k, units)), tf.float32)
             y = tf.reduce_sum(tf.tanh(tf.matmul(x, w)), axis=1)
-            tf1hess.batch_hessians(y, x, method="forward")
+            with mock.patch.object(
+              dispatch, "dry_run", wraps=dispatch.dry_run
+            ) as dry_run:
+              tf1hess.batch_hessians(y, x, method="forward")
           self.assertEqual(_chunked(graph), made)
+          self.assertEqual(dry_run.call_count, int(made))
 
   def test_chunk_size(self):
     with mock.patch.object(chunks, "CHUNK_BYTES", 2**16):

@@ -809,6 +809,37 @@ class AutoTest(tf.test.TestCase):
     self.assertAllClose(d_val, rows_val, atol=1e-10)
 
 
+class ShapesTest(tf.test.TestCase):
+  """`jacobians.dims` and `concat`: static sizes as Python ints, the others
+  read at run time."""
+
+  def test_static_and_dynamic_sizes(self):
+    with tf.Graph().as_default():
+      t = tf.compat.v1.placeholder(tf.float32, [None, 3, 4])
+      unknown = tf.compat.v1.placeholder(tf.float32, None)
+      self.assertEqual(jacobians.dims(t, 1), [3, 4])
+      self.assertEqual(jacobians.concat([2], jacobians.dims(t, -1)), [2, 4])
+      lead = jacobians.dims(t, 0, 2)
+      self.assertIsInstance(lead[0], tf.Tensor)
+      self.assertEqual(lead[1], 3)
+      mixed = tf.reshape(t, jacobians.concat([lead[0] * 3], [4]))
+      shapes = [
+        jacobians.concat([2], jacobians.dims(unknown, 1)),
+        jacobians.concat([], jacobians.dims(unknown, -1)),
+        tf.shape(mixed),
+      ]
+      with tf.compat.v1.Session() as sess:
+        feed = {t: np.zeros([0, 3, 4]), unknown: np.zeros([5, 6, 7])}
+        self.assertEqual(
+          [list(v) for v in sess.run(shapes, feed)],
+          [
+            [2, 6, 7],
+            [7],
+            [0, 4],
+          ],
+        )
+
+
 class EagerTest(tf.test.TestCase):
   def test_eager_laplacians_and_forward_hessians(self):
     x = tf.constant(x_val_of(4))

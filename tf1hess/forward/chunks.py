@@ -137,8 +137,8 @@ def plan(x, ys, walked):
   if walked is None or not walked.connected or walked.mixes_samples:
     return None
   path = engine.path_ops(x, ys)
-  size = _chunk_size(x, path)
-  if size is None or size > MAX_CHUNK or not may_chunk(x, size):
+  size = _size(x, path)
+  if size is None:
     return None
   try:
     copied = _copied_ops(x, path)
@@ -148,15 +148,24 @@ def plan(x, ys, walked):
   return Chunks(x, ys, path, copied, size)
 
 
-def may_chunk(x, size=None):
-  """Whether chunks of `size` (default `MIN_CHUNK`) samples could be made
-  for `x`: no GPU is visible, and the batch size is not static or at least
-  two chunks."""
-  size = size or MIN_CHUNK
+def may_chunk(x, ys):
+  """Whether `plan` may make chunks for `x`, from the static shapes alone:
+  when not, a walk to plan them from is not needed."""
+  return _size(x, engine.path_ops(x, ys)) is not None
+
+
+def _size(x, path):
+  """The samples per chunk for the walk of the ops `path` (`_chunk_size`),
+  or `None` when the sizes are not static, a chunk would hold more than
+  `MAX_CHUNK`, a GPU is visible, or the static batch size is under two
+  chunks."""
+  size = _chunk_size(x, path) if x.shape.rank else None
+  if size is None or size > MAX_CHUNK:
+    return None
   batch = tf.compat.dimension_value(x.shape[0]) if x.shape.rank else None
-  if x.shape.rank == 0 or (batch is not None and batch < 2 * size):
-    return False
-  return not tf.config.list_physical_devices("GPU")
+  if batch is not None and batch < 2 * size:
+    return None
+  return None if tf.config.list_physical_devices("GPU") else size
 
 
 class _Shared(Exception):

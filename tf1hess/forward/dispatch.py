@@ -715,7 +715,7 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
           return None, False
       if not choice.engine:
         return None, False
-  elif chunks.may_chunk(x):
+  elif chunks.may_chunk(x, ys):
     # A walk of a copy, to plan chunks from; where it cannot follow the
     # model, the walk below raises.
     with contextlib.suppress(engine.Unsupported):

@@ -464,7 +464,7 @@ def _identity_jacobian(x, k):
     return jacobians.diagonal(tf.ones([1, x.shape[1]], x.dtype))
   eye = tf.eye(k, dtype=x.dtype)
   return jacobians.shared(
-    tf.reshape(eye, tf.concat([[k], tf.shape(x)[1:]], axis=0))
+    tf.reshape(eye, jacobians.concat([k], jacobians.dims(x, 1)))
   )
 
 
@@ -530,7 +530,10 @@ def second_derivatives(ys, x, mode):
   """
   check_input(x)
   ops_before = len(x.graph.get_operations())
-  n, k = tf.shape(x)[0], tf.reduce_prod(tf.shape(x)[1:])
+  n = tf.shape(x)[0]
+  k = x.shape[1:].num_elements()  # Static where it can be: fewer shape ops.
+  if k is None:
+    k = tf.reduce_prod(tf.shape(x)[1:])
   dependent = _dependent_tensors(x)
   work = Work()
   jacs = {_key(x): _identity_jacobian(x, k)}

@@ -25,6 +25,7 @@ transpose when symmetric) is contracted into the full per-sample Hessian
 each contraction one matmul with the weights instead of a batched one.
 """
 
+import numpy as np
 import tensorflow as tf
 
 HESSIAN = "hessian"
@@ -54,12 +55,34 @@ class Jacobian:
     return self.value.shape.rank - self.lead
 
   def entry_shape(self):
-    """The dynamic shape `*e` of the entries."""
-    return tf.shape(self.value)[self.lead :]
+    """The shape `*e` of the entries (see `dims`)."""
+    return dims(self.value, self.lead)
 
   def with_value(self, value):
     """A Jacobian of the same structure holding `value`."""
     return Jacobian(value, self.shared, self.diagonal)
+
+
+def dims(t, start=0, stop=None):
+  """`t`'s shape from axis `start` to `stop`, as a list: Python ints where
+  they are static (no shape ops to build and run), scalar tensors of one
+  `tf.shape(t)` elsewhere; a 1-D tensor when the rank is not static."""
+  if t.shape.rank is None:
+    return tf.shape(t)[start:stop]
+  static = t.shape.as_list()
+  axes = range(len(static))[start:stop]
+  if all(static[i] is not None for i in axes):
+    return [static[i] for i in axes]
+  dynamic = tf.unstack(tf.shape(t), num=len(static))
+  return [dynamic[i] if static[i] is None else static[i] for i in axes]
+
+
+def concat(*parts):
+  """The shape made of `parts` (lists, as `dims` gives, or 1-D tensors): a
+  list when they all are, else one tensor."""
+  if all(isinstance(p, list) for p in parts):
+    return [d for p in parts for d in p]
+  return tf.concat([tf.convert_to_tensor(p, tf.int32) for p in parts], 0)
 
 
 def dense(value):
@@ -79,9 +102,9 @@ def materialize(jac):
   if not jac.diagonal:
     return jac
   d = jac.value
-  k = tf.shape(d)[-1]
-  ones = tf.ones([d.shape.rank - 2], tf.int32)
-  eye = tf.reshape(tf.eye(k, dtype=d.dtype), tf.concat([[k], ones, [k]], 0))
+  k = dims(d, -1)[0]
+  ones = [1] * (d.shape.rank - 2)
+  eye = tf.reshape(tf.eye(k, dtype=d.dtype), [k, *ones, k])
   value = tf.expand_dims(d, 1) * eye  # (B, K, *e)
   if tf.compat.dimension_value(d.shape[0]) == 1:
     return shared(value[0])
@@ -100,13 +123,10 @@ def apply_per_sample(jac, fn):
   jac = materialize(jac)
   if jac.shared:
     return shared(fn(jac.value))
-  shape = tf.shape(jac.value)
-  merged = tf.reshape(
-    jac.value, tf.concat([[shape[0] * shape[1]], shape[2:]], axis=0)
-  )
+  shape = dims(jac.value)
+  merged = tf.reshape(jac.value, concat([shape[0] * shape[1]], shape[2:]))
   out = fn(merged)
-  value = tf.reshape(out, tf.concat([shape[:2], tf.shape(out)[1:]], axis=0))
-  return dense(value)
+  return dense(tf.reshape(out, concat(shape[:2], dims(out, 1))))
 
 
 def group(jac, rows, n, entry_shape):
@@ -119,13 +139,13 @@ def group(jac, rows, n, entry_shape):
   jac = materialize(jac)
   part = tf.reduce_prod(entry_shape)
   if jac.shared:
-    k = tf.shape(jac.value)[0]
+    k = dims(jac.value, 0, 1)[0]
     value = tf.transpose(
       tf.reshape(jac.value, tf.stack([k, rows, part])), [1, 0, 2]
     )
     value = tf.broadcast_to(value, tf.stack([n, rows, k, part]))
   else:
-    k = tf.shape(jac.value)[1]
+    k = dims(jac.value, 1, 2)[0]
     value = tf.transpose(
       tf.reshape(jac.value, tf.stack([n, k, rows, part])), [0, 2, 1, 3]
     )
@@ -142,12 +162,12 @@ def ungroup(jac, rows, n):
   jac = materialize(jac)
   part = _size(jac)
   if jac.shared:
-    k = tf.shape(jac.value)[0]
+    k = dims(jac.value, 0, 1)[0]
     value = tf.broadcast_to(
       tf.reshape(jac.value, tf.stack([k, 1, part])), tf.stack([k, rows, part])
     )
     return shared(tf.reshape(value, tf.stack([k, rows * part])))
-  k = tf.shape(jac.value)[1]
+  k = dims(jac.value, 1, 2)[0]
   value = tf.transpose(
     tf.reshape(jac.value, tf.stack([n, rows, k, part])), [0, 2, 1, 3]
   )
@@ -213,7 +233,7 @@ def fit(jac, out):
   ):
     # Broadcasting the feature axis itself would break the structure.
     return fit(materialize(jac), out)
-  shape = tf.concat([tf.shape(jac.value)[:lead], tf.shape(out)[1:]], axis=0)
+  shape = concat(dims(jac.value, 0, lead), dims(out, 1))
   return jac.with_value(tf.broadcast_to(jac.value, shape))
 
 
@@ -228,13 +248,13 @@ def to_dense(jac, n):
   jac = materialize(jac)
   if not jac.shared:
     return jac.value
-  shape = tf.concat([[n], tf.shape(jac.value)], axis=0)
+  shape = concat([n], dims(jac.value))
   return tf.broadcast_to(jac.value, shape)
 
 
 def zeros_like_entries(t, k, dtype):
   """A shared zero Jacobian for a tensor `t` independent of `x`."""
-  return shared(tf.zeros(tf.concat([[k], tf.shape(t)[1:]], axis=0), dtype))
+  return shared(tf.zeros(concat([k], dims(t, 1)), dtype))
 
 
 class Term:
@@ -266,7 +286,7 @@ def ungroup_term(term, rows, n, ungrouped):
     return ungrouped[id(jac)][1]
 
   a = materialize(term.a)
-  shape = tf.concat([tf.reshape(n * rows, [1]), a.entry_shape()], axis=0)
+  shape = concat([n * rows], a.entry_shape())
   c = tf.broadcast_to(tf.cast(term.c, a.value.dtype), shape)
   c = tf.reshape(c, tf.stack([n, rows * _size(a)]))
   return Term(c, convert(term.a), convert(term.b), term.symmetric)
@@ -274,20 +294,25 @@ def ungroup_term(term, rows, n, ungrouped):
 
 def _size(jac):
   """The number of entries `M = prod(*e)` (no `-1` in reshapes: N may be 0)."""
-  return tf.reduce_prod(jac.entry_shape())
+  entries = jac.entry_shape()
+  if isinstance(entries, list) and not any(
+    isinstance(d, tf.Tensor) for d in entries
+  ):
+    return int(np.prod(entries, dtype=np.int64))
+  return tf.reduce_prod(entries)
 
 
 def _flat(jac):
   """`(K, M)` or `(N, K, M)`."""
-  lead = tf.shape(jac.value)[: 1 if jac.shared else 2]
-  return tf.reshape(jac.value, tf.concat([lead, [_size(jac)]], axis=0))
+  lead = dims(jac.value, 0, 1 if jac.shared else 2)
+  return tf.reshape(jac.value, concat(lead, [_size(jac)]))
 
 
 def _flat_c(c, jac, n):
   """`c` broadcast to the entries of `jac` and flattened to `(N, M)`."""
   c = tf.cast(c, jac.value.dtype)
-  shape = tf.concat([[n], jac.entry_shape()], axis=0)
-  return tf.reshape(tf.broadcast_to(c, shape), tf.stack([n, _size(jac)]))
+  shape = concat([n], jac.entry_shape())
+  return tf.reshape(tf.broadcast_to(c, shape), [n, _size(jac)])
 
 
 def _contract_diagonals(term, mode, n):
@@ -295,7 +320,7 @@ def _contract_diagonals(term, mode, n):
   a, b = term.a, term.b
   # The factors first: where they are shared by all samples, `(1, *e)`.
   prod = tf.cast(term.c, a.value.dtype) * (a.value * b.value)  # (N or 1, *e)
-  shape = tf.concat([[n], a.entry_shape()], axis=0)
+  shape = concat([n], a.entry_shape())
   prod = tf.broadcast_to(prod, shape)
   axes = list(range(1, prod.shape.rank - 1))
   v = tf.reduce_sum(prod, axis=axes) if axes else prod  # (N, K)

@@ -46,7 +46,8 @@ def _diagonal_sum(op, j, axes, keepdims):
   rank = u.shape.rank
   # Broadcast `d` over the entries first: a sum counts every entry.
   d = tf.broadcast_to(
-    j.value, tf.concat([tf.shape(j.value)[:1], tf.shape(u)[1:]], axis=0)
+    j.value,
+    jacobians.concat(jacobians.dims(j.value, 0, 1), jacobians.dims(u, 1)),
   )
   if op.type == "Mean":
     count = tf.reduce_prod(tf.gather(tf.shape(u), axes))
@@ -61,7 +62,9 @@ def _diagonal_sum(op, j, axes, keepdims):
   perm = [0, rank - 1] + list(range(1, rank - 1))
   value = tf.reshape(
     tf.transpose(d, perm),
-    tf.concat([tf.shape(d)[:1], tf.shape(d)[-1:], tf.shape(out)[1:]], 0),
+    jacobians.concat(
+      jacobians.dims(d, 0, 1), jacobians.dims(d, -1), jacobians.dims(out, 1)
+    ),
   )
   if tf.compat.dimension_value(d.shape[0]) == 1:
     return jacobians.shared(value[0])
