@@ -840,6 +840,65 @@ class ShapesTest(tf.test.TestCase):
         )
 
 
+class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
+  """`jacobians.summed_over_broadcasts` against the terms' definition,
+  `sum_e c[n, e] J_a[n, :, e] J_b[n, :, e]^T` (+ its transpose), in numpy."""
+
+  @parameterized.product(
+    layout=["b_broadcast", "a_broadcast", "same"],
+    other_shared=[False, True],
+    symmetric=[False, True],
+  )
+  def test_contractions_agree_with_the_definition(
+    self, layout, other_shared, symmetric
+  ):
+    n, k, shape = 3, 4, [2, 5]
+    c_val = _RNG.normal(size=[n] + shape)
+    small_val = _RNG.normal(size=[n, k, 2, 1])
+    other_val = _RNG.normal(size=([k] if other_shared else [n, k]) + shape)
+    with tf.Graph().as_default():
+      out = tf.zeros([n] + shape, tf.float64)
+      broad = jacobians.fit(jacobians.dense(tf.constant(small_val)), out)
+      other = jacobians.Jacobian(tf.constant(other_val), other_shared)
+      a, b = {
+        "b_broadcast": (other, broad),
+        "a_broadcast": (broad, other),
+        "same": (broad, broad),
+      }[layout]
+      term = jacobians.Term(tf.constant(c_val), a, b, symmetric)
+      summed = jacobians.summed_over_broadcasts(term, n)
+      self.assertIsNot(summed, term)
+      self.assertEqual(summed.a.value.shape[2:], [2, 1])
+      modes = jacobians.MODES
+      values = [jacobians.contract(summed, mode, n, k) for mode in modes]
+      with tf.compat.v1.Session() as sess:
+        got = dict(zip(modes, sess.run(values)))
+    full = np.broadcast_to(small_val, [n, k] + shape)
+    if other_shared:
+      other_val = np.broadcast_to(other_val, [n, k] + shape)
+    a_val, b_val = {
+      "b_broadcast": (other_val, full),
+      "a_broadcast": (full, other_val),
+      "same": (full, full),
+    }[layout]
+    want = np.einsum("nxy,nkxy,nlxy->nkl", c_val, a_val, b_val)
+    if symmetric:
+      want = want + np.transpose(want, [0, 2, 1])
+    self.assertAllClose(got[jacobians.HESSIAN], want, atol=1e-12)
+    diagonal = np.einsum("nkk->nk", want)
+    self.assertAllClose(got[jacobians.DIAGONAL], diagonal, atol=1e-12)
+    self.assertAllClose(got[jacobians.LAPLACIAN], diagonal.sum(1), atol=1e-12)
+
+  def test_other_terms_stay(self):
+    with tf.Graph().as_default():
+      a = jacobians.dense(tf.ones([3, 4, 2]))
+      out = tf.zeros([3, 2])
+      same_shape = jacobians.fit(jacobians.dense(tf.ones([3, 4, 2])), out)
+      for b in (a, same_shape, jacobians.dense(tf.ones([3, 4, 2]))):
+        term = jacobians.Term(tf.ones([3, 2]), a, b)
+        self.assertIs(jacobians.summed_over_broadcasts(term, 3), term)
+
+
 class EagerTest(tf.test.TestCase):
   def test_eager_laplacians_and_forward_hessians(self):
     x = tf.constant(x_val_of(4))

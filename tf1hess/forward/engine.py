@@ -637,8 +637,9 @@ def second_derivatives(ys, x, mode):
     )
 
   batch = tf.compat.dimension_value(x.shape[0])
+  terms = [_summed_over_broadcasts(t, n, x, work) for t in grouped.values()]
   parts, halves = [], []
-  for term in grouped.values():
+  for term in terms:
     half = deferred(term)
     value = jacobians.contract(term, mode, n, k, half, batch)
     value = tf.cast(value, x.dtype)
@@ -652,7 +653,7 @@ def second_derivatives(ys, x, mode):
   work.add(flops=backward.flops, entries=backward.entries)
   if not backward.known:
     work.known = False
-  for term in grouped.values():
+  for term in terms:
     _contract_work(term, mode, x, batch, work)
   out = {jacobians.HESSIAN: 2, jacobians.DIAGONAL: 1}.get(mode, 0)
   size = _static_size(x.shape[1:])
@@ -661,6 +662,17 @@ def second_derivatives(ys, x, mode):
   work.add(entries=None if size is None else (0, sums * size**out))
   work.ops += len(x.graph.get_operations()) - ops_before
   return Result(value, True, work, mixed)
+
+
+def _summed_over_broadcasts(term, n, x, work):
+  """`jacobians.summed_over_broadcasts(term, n)`, adding its work: `c`
+  times the other factor, `(N, K, *e)`, summed."""
+  summed = jacobians.summed_over_broadcasts(term, n)
+  if summed is not term and term.a is not term.b:
+    k = _static_size(x.shape[1:])
+    m = _static_size(term.a.value.shape[term.a.lead :])
+    work.add(entries=None if None in (k, m) else (0, 3 * k * m))
+  return summed
 
 
 def _contract_work(term, mode, x, batch, work):

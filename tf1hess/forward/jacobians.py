@@ -36,14 +36,19 @@ MODES = (HESSIAN, DIAGONAL, LAPLACIAN)
 
 class Jacobian:
   """`value` `(K, *e)` when `shared`, `(N or 1, *e)` when `diagonal`, else
-  `(N, K, *e)`."""
+  `(N, K, *e)`.
 
-  __slots__ = ("value", "shared", "diagonal")
+  `source`: where `fit` broadcast a Jacobian over entry axes to make this
+  one, that Jacobian (for `summed_over_broadcasts`), else `None`.
+  """
+
+  __slots__ = ("value", "shared", "diagonal", "source")
 
   def __init__(self, value, shared, diagonal=False):
     self.value = value
     self.shared = shared
     self.diagonal = diagonal
+    self.source = None
 
   @property
   def lead(self):
@@ -234,7 +239,9 @@ def fit(jac, out):
     # Broadcasting the feature axis itself would break the structure.
     return fit(materialize(jac), out)
   shape = concat(dims(jac.value, 0, lead), dims(out, 1))
-  return jac.with_value(tf.broadcast_to(jac.value, shape))
+  fitted = jac.with_value(tf.broadcast_to(jac.value, shape))
+  fitted.source = jac
+  return fitted
 
 
 def cast(jac, dtype):
@@ -290,6 +297,74 @@ def ungroup_term(term, rows, n, ungrouped):
   c = tf.broadcast_to(tf.cast(term.c, a.value.dtype), shape)
   c = tf.reshape(c, tf.stack([n, rows * _size(a)]))
   return Term(c, convert(term.a), convert(term.b), term.symmetric)
+
+
+def _broadcast_axes(jac):
+  """The entry axes along which `fit` broadcast `jac.source` to make `jac`
+  (static sizes 1 there), or `None`."""
+  src = jac.source
+  if src is None or jac.diagonal or src.diagonal:
+    return None
+  have, want = src.value.shape[src.lead :], jac.value.shape[jac.lead :]
+  if have.rank != want.rank or not (
+    have.is_fully_defined() and want.is_fully_defined()
+  ):
+    return None
+  axes = []
+  for i, (h, w) in enumerate(zip(have.as_list(), want.as_list())):
+    if h != w:
+      if h != 1:
+        return None
+      axes.append(i)
+  return axes or None
+
+
+def summed_over_broadcasts(term, n):
+  """`term` with a factor that `fit` broadcast over entry axes replaced by
+  the Jacobian it broadcast.
+
+  A tensor of one entry per sample (a norm, a mean, a sum of exponentials)
+  times a tensor of M: the cross term `sum_e c[e] J_a[:, e] J_b[:, e]^T`
+  with `J_b` the same along `e` is `(sum_e c[e] J_a[:, e]) J_b^T`, an outer
+  product, where the contraction would be K times the work. `c` times the
+  other factor is summed over the broadcast axes first; for a square of
+  the broadcast factor, `c` alone.
+
+  Args:
+    term: a `Term`.
+    n: the batch size.
+
+  Returns:
+    The `Term`, or `term` itself where neither factor is such a broadcast.
+  """
+  a, b = term.a, term.b
+  if a is b:
+    axes = _broadcast_axes(a)
+    if axes is None:
+      return term
+    c = tf.broadcast_to(
+      tf.cast(term.c, a.value.dtype), concat([n], a.entry_shape())
+    )
+    c = tf.reduce_sum(c, axis=[1 + i for i in axes], keepdims=True)
+    return Term(c, a.source, symmetric=term.symmetric)
+  for broad, other in ((b, a), (a, b)):
+    axes = _broadcast_axes(broad)
+    if axes is None:
+      continue
+    other = materialize(other)
+    c = tf.broadcast_to(
+      tf.cast(term.c, other.value.dtype), concat([n], other.entry_shape())
+    )
+    weighted = tf.reduce_sum(
+      tf.expand_dims(c, 1) * other.value,
+      axis=[2 + i for i in axes],
+      keepdims=True,
+    )  # (N, K, *e'): dense, whatever `other` was.
+    one = tf.constant(1, other.value.dtype)
+    if broad is b:
+      return Term(one, dense(weighted), b.source, term.symmetric)
+    return Term(one, a.source, dense(weighted), term.symmetric)
+  return term
 
 
 def _size(jac):
