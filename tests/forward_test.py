@@ -847,18 +847,20 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.product(
     layout=["b_broadcast", "a_broadcast", "same"],
     other_shared=[False, True],
+    broadcast_shared=[False, True],
     symmetric=[False, True],
   )
   def test_contractions_agree_with_the_definition(
-    self, layout, other_shared, symmetric
+    self, layout, other_shared, broadcast_shared, symmetric
   ):
     n, k, shape = 3, 4, [2, 5]
     c_val = _RNG.normal(size=[n] + shape)
-    small_val = _RNG.normal(size=[n, k, 2, 1])
+    small_val = _RNG.normal(size=([k] if broadcast_shared else [n, k]) + [2, 1])
     other_val = _RNG.normal(size=([k] if other_shared else [n, k]) + shape)
     with tf.Graph().as_default():
       out = tf.zeros([n] + shape, tf.float64)
-      broad = jacobians.fit(jacobians.dense(tf.constant(small_val)), out)
+      small = jacobians.Jacobian(tf.constant(small_val), broadcast_shared)
+      broad = jacobians.fit(small, out)
       other = jacobians.Jacobian(tf.constant(other_val), other_shared)
       a, b = {
         "b_broadcast": (other, broad),
@@ -868,12 +870,13 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
       term = jacobians.Term(tf.constant(c_val), a, b, symmetric)
       summed = jacobians.summed_over_broadcasts(term, n)
       self.assertIsNot(summed, term)
-      self.assertEqual(summed.a.value.shape[2:], [2, 1])
+      self.assertEqual(summed.a.value.shape[-2:], [2, 1])
+      self.assertEqual(summed.b.value.shape[-2:], [2, 1])
       modes = jacobians.MODES
       values = [jacobians.contract(summed, mode, n, k) for mode in modes]
       with tf.compat.v1.Session() as sess:
         got = dict(zip(modes, sess.run(values)))
-    full = np.broadcast_to(small_val, [n, k] + shape)
+    full = np.broadcast_to(small_val, [n, k] + shape)  # (K, ...) too
     if other_shared:
       other_val = np.broadcast_to(other_val, [n, k] + shape)
     a_val, b_val = {
