@@ -293,9 +293,7 @@ def ungroup_term(term, rows, n, ungrouped):
     return ungrouped[id(jac)][1]
 
   a = materialize(term.a)
-  shape = concat([n * rows], a.entry_shape())
-  c = tf.broadcast_to(tf.cast(term.c, a.value.dtype), shape)
-  c = tf.reshape(c, tf.stack([n, rows * _size(a)]))
+  c = tf.reshape(_full_c(term.c, a, n * rows), tf.stack([n, rows * _size(a)]))
   return Term(c, convert(term.a), convert(term.b), term.symmetric)
 
 
@@ -342,21 +340,17 @@ def summed_over_broadcasts(term, n):
     axes = _broadcast_axes(a)
     if axes is None:
       return term
-    c = tf.broadcast_to(
-      tf.cast(term.c, a.value.dtype), concat([n], a.entry_shape())
+    c = tf.reduce_sum(
+      _full_c(term.c, a, n), axis=[1 + i for i in axes], keepdims=True
     )
-    c = tf.reduce_sum(c, axis=[1 + i for i in axes], keepdims=True)
     return Term(c, a.source, symmetric=term.symmetric)
   for broad, other in ((b, a), (a, b)):
     axes = _broadcast_axes(broad)
     if axes is None:
       continue
     other = materialize(other)
-    c = tf.broadcast_to(
-      tf.cast(term.c, other.value.dtype), concat([n], other.entry_shape())
-    )
     weighted = tf.reduce_sum(
-      tf.expand_dims(c, 1) * other.value,
+      tf.expand_dims(_full_c(term.c, other, n), 1) * other.value,
       axis=[2 + i for i in axes],
       keepdims=True,
     )  # (N, K, *e'): dense, whatever `other` was.
@@ -383,11 +377,15 @@ def _flat(jac):
   return tf.reshape(jac.value, concat(lead, [_size(jac)]))
 
 
+def _full_c(c, jac, n):
+  """`c` in the dtype of `jac`, broadcast to its entries: `(N, *e)`."""
+  c = tf.cast(c, jac.value.dtype)
+  return tf.broadcast_to(c, concat([n], jac.entry_shape()))
+
+
 def _flat_c(c, jac, n):
   """`c` broadcast to the entries of `jac` and flattened to `(N, M)`."""
-  c = tf.cast(c, jac.value.dtype)
-  shape = concat([n], jac.entry_shape())
-  return tf.reshape(tf.broadcast_to(c, shape), [n, _size(jac)])
+  return tf.reshape(_full_c(c, jac, n), [n, _size(jac)])
 
 
 def _contract_diagonals(term, mode, n):

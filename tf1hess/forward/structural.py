@@ -397,7 +397,7 @@ def _moved_slice(op, j):
   axes `perm` sends them to. Slices with an ellipsis or new axes are taken
   as mixing samples.
   """
-  b_jac, perm = j.jacobian, j.perm
+  b_jac, perm = _unmoved(j)
   rank = len(perm)
   begin, end, strides = (
     [int(v) for v in registry.static_value(t, name, op)]
@@ -570,7 +570,7 @@ def _moved_gather(op, j, axis, indices):
   """A gather along axis `axis` of `transpose(b, perm)`, which is not the
   batch axis (`tf.gather(x_tm, t)` of time-major code): the same gather of
   `b` along axis `perm[axis]`, transposed."""
-  b_jac, perm = j.jacobian, j.perm
+  b_jac, perm = _unmoved(j)
   a = perm[axis]
   if a == 0:
     return MIXED
