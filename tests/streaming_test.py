@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -375,6 +376,34 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     self.assertCountEqual(
       self.files(), ["x.npy", "ref.npy", "ref_g.npy", "h.npy", "g.npy"]
     )
+
+  def test_ctrl_c_during_a_session_run_stops_after_it(self):
+    # TensorFlow hashes the fed tensors in C++ (`flatten_dict_items`); a
+    # KeyboardInterrupt raised there crashed the process. Ctrl-C in a run is
+    # raised once the run returns, and the batches before it are kept.
+    path, _ = write_input(self.dir, _samples(9), "npy")
+    original = tf.compat.v1.Session.run
+    runs = []
+
+    def run(session, fetches, feed_dict=None, **kwargs):
+      if feed_dict and len(runs) == 2:
+        signal.raise_signal(signal.SIGINT)
+      values = original(session, fetches, feed_dict, **kwargs)
+      runs.append(feed_dict is not None)
+      return values
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    self.addCleanup(signal.signal, signal.SIGINT, previous)
+    with (
+      mock.patch.object(tf.compat.v1.Session, "run", run),
+      self.assertRaises(KeyboardInterrupt),
+    ):
+      streaming.compute_hessians(
+        mlp_graph_def(), "x:0", "y:0", path, self.path("h.npy"), batch_size=2
+      )
+    self.assertEqual(runs, [True, True, True])
+    self.assertEqual(self._progress_file()["completed"], [[0, 2]])
+    self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
 
   def _progress_file(self):
     with open(self.path("h.npy.progress.json"), encoding="utf-8") as f:

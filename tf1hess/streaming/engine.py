@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf1hess import _checks
+from tf1hess import _signals
 from tf1hess import cluster
 from tf1hess import legacy
 
@@ -133,7 +134,8 @@ class Engine:
     """Returns `{'hessians': (b, K, K), 'gradients': (b, K)}` for a batch."""
     x, fetches = self.replicas[replica]
     feed = batch.reshape((-1,) + self.feed_shape).astype(self.x_dtype)
-    values = self._session.run(fetches, {x: feed}, options=self._options)
+    with _signals.interrupts_held():
+      values = self._session.run(fetches, {x: feed}, options=self._options)
     k = int(np.prod(self.feed_shape))
     n = batch.shape[0]
     out = {"hessians": values["hessians"].reshape(n, k, k)}

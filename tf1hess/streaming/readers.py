@@ -15,6 +15,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from tf1hess import _signals
 from tf1hess import _tf_errors
 
 
@@ -216,9 +217,11 @@ def _run_dataset(make_dataset):
   with tf.compat.v1.Session(graph=graph) as session:
     while True:
       try:
-        yield session.run(element)
+        with _signals.interrupts_held():
+          element_value = session.run(element)
       except tf.errors.OutOfRangeError:
         return
+      yield element_value
 
 
 # Lines per step of the validation pass over a CSV or TFRecord file.
