@@ -846,39 +846,49 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.product(
     layout=["b_broadcast", "a_broadcast", "same"],
-    other_shared=[False, True],
+    other=["dense", "shared", "diagonal", "diagonal_shared"],
     broadcast_shared=[False, True],
+    every_entry=[False, True],
     symmetric=[False, True],
   )
   def test_contractions_agree_with_the_definition(
-    self, layout, other_shared, broadcast_shared, symmetric
+    self, layout, other, broadcast_shared, every_entry, symmetric
   ):
-    n, k, shape = 3, 4, [2, 5]
+    # Entries (2, K): a diagonal factor's last entry axis is the tangent's.
+    n, k = 3, 4
+    shape, small = [2, k], [1, 1] if every_entry else [2, 1]
     c_val = _RNG.normal(size=[n] + shape)
-    small_val = _RNG.normal(size=([k] if broadcast_shared else [n, k]) + [2, 1])
-    other_val = _RNG.normal(size=([k] if other_shared else [n, k]) + shape)
+    small_val = _RNG.normal(size=([k] if broadcast_shared else [n, k]) + small)
+    lead = {"dense": [n, k], "shared": [k], "diagonal": [n]}
+    other_val = _RNG.normal(size=lead.get(other, [1]) + shape)
     with tf.Graph().as_default():
       out = tf.zeros([n] + shape, tf.float64)
-      small = jacobians.Jacobian(tf.constant(small_val), broadcast_shared)
-      broad = jacobians.fit(small, out)
-      other = jacobians.Jacobian(tf.constant(other_val), other_shared)
+      small_jac = jacobians.Jacobian(tf.constant(small_val), broadcast_shared)
+      broad = jacobians.fit(small_jac, out)
+      other_jac = jacobians.Jacobian(
+        tf.constant(other_val), other == "shared", other.startswith("diag")
+      )
       a, b = {
-        "b_broadcast": (other, broad),
-        "a_broadcast": (broad, other),
+        "b_broadcast": (other_jac, broad),
+        "a_broadcast": (broad, other_jac),
         "same": (broad, broad),
       }[layout]
       term = jacobians.Term(tf.constant(c_val), a, b, symmetric)
       summed = jacobians.summed_over_broadcasts(term, n)
       self.assertIsNot(summed, term)
-      self.assertEqual(summed.a.value.shape[-2:], [2, 1])
-      self.assertEqual(summed.b.value.shape[-2:], [2, 1])
+      self.assertEqual(summed.a.value.shape[-2:], small)
+      self.assertEqual(summed.b.value.shape[-2:], small)
       modes = jacobians.MODES
       values = [jacobians.contract(summed, mode, n, k) for mode in modes]
       with tf.compat.v1.Session() as sess:
         got = dict(zip(modes, sess.run(values)))
     full = np.broadcast_to(small_val, [n, k] + shape)  # (K, ...) too
-    if other_shared:
+    if other == "shared":
       other_val = np.broadcast_to(other_val, [n, k] + shape)
+    elif other.startswith("diag"):  # J[n, k, i, j] = d[n, i, j] if j == k.
+      other_val = np.einsum(
+        "nij,kj->nkij", np.broadcast_to(other_val, [n] + shape), np.eye(k)
+      )
     a_val, b_val = {
       "b_broadcast": (other_val, full),
       "a_broadcast": (full, other_val),
@@ -900,6 +910,76 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
       for b in (a, same_shape, jacobians.dense(tf.ones([3, 4, 2]))):
         term = jacobians.Term(tf.ones([3, 2]), a, b)
         self.assertIs(jacobians.summed_over_broadcasts(term, 3), term)
+
+
+class SummedAdjointsTest(tf.test.TestCase, parameterized.TestCase):
+  """The adjoint of a sum taken before its broadcast, and the contraction of
+  diagonal factors by such a `c` as a matmul, against numpy."""
+
+  @parameterized.parameters("Sum", "Mean")
+  def test_adjoint_before_a_sum(self, reduction):
+    v_val = _RNG.normal(size=(3, 2, 4, 5))
+    reduce = {"Sum": tf.reduce_sum, "Mean": tf.reduce_mean}[reduction]
+    with tf.Graph().as_default():
+      v = tf.compat.v1.placeholder(tf.float64, [None, 2, 4, 5])
+      square = v * v
+      w = tf.constant(_RNG.normal(size=(2,)))
+      y = tf.reduce_sum(reduce(square, [-1, 2]) * w)
+      path = engine.path_ops(v, [y])
+      summed = engine._summed_by(square, path)
+      self.assertEqual(summed[0].type, reduction)
+      self.assertEqual(summed[1], [2, 3])
+      adj = engine._adjoint_before(
+        summed, square, tf.gradients(y, summed[0].outputs[0])[0]
+      )
+      self.assertEqual(adj.shape.as_list(), [None, 2, 1, 1])
+      want = tf.gradients(y, square)[0]
+      tf.shape(square)  # A use off the path to y.
+      self.assertEqual(engine._summed_by(square, path), summed)
+      self.assertIsNone(engine._summed_by(square, []))
+      self.assertIsNone(engine._summed_by(v, path))  # Used by a product.
+      over_batch = tf.reduce_sum(tf.sin(v), 0)
+      self.assertIsNone(
+        engine._summed_by(
+          over_batch.op.inputs[0], engine.path_ops(v, [over_batch])
+        )
+      )
+      with tf.compat.v1.Session() as sess:
+        adj_val, want_val = sess.run([adj, want], {v: v_val})
+    self.assertAllClose(np.broadcast_to(adj_val, want_val.shape), want_val)
+
+  @parameterized.product(
+    c_shape=["n_e_1", "1_e_1", "n_1_1", "n_e_k"], symmetric=[False, True]
+  )
+  def test_diagonal_terms_by_a_summed_adjoint(self, c_shape, symmetric):
+    n, k, e = 3, 4, 2
+    shape = {
+      "n_e_1": [n, e, 1],
+      "1_e_1": [1, e, 1],
+      "n_1_1": [n, 1, 1],
+      "n_e_k": [n, e, k],
+    }[c_shape]
+    c_val = _RNG.normal(size=shape)
+    a_val, b_val = _RNG.normal(size=(2, 1, e, k))
+    with tf.Graph().as_default() as graph:
+      a = jacobians.diagonal(tf.constant(a_val))
+      b = jacobians.diagonal(tf.constant(b_val))
+      term = jacobians.Term(tf.constant(c_val), a, b, symmetric)
+      modes = jacobians.MODES
+      values = [jacobians.contract(term, mode, n, k) for mode in modes]
+      matmuls = [op for op in graph.get_operations() if op.type == "MatMul"]
+      with tf.compat.v1.Session() as sess:
+        got = dict(zip(modes, sess.run(values)))
+    self.assertEqual(bool(matmuls), c_shape != "n_e_k")
+    # J_a[n, k, i, j] = a[i, j] if j == k.
+    c_full = np.broadcast_to(c_val, [n, e, k])
+    diagonal = np.einsum("nij,ij->nj", c_full, a_val[0] * b_val[0])
+    if symmetric:
+      diagonal = 2 * diagonal
+    want = np.einsum("nk,kl->nkl", diagonal, np.eye(k))
+    self.assertAllClose(got[jacobians.HESSIAN], want, atol=1e-12)
+    self.assertAllClose(got[jacobians.DIAGONAL], diagonal, atol=1e-12)
+    self.assertAllClose(got[jacobians.LAPLACIAN], diagonal.sum(1), atol=1e-12)
 
 
 class EagerTest(tf.test.TestCase):

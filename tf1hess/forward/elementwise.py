@@ -43,7 +43,9 @@ def _unary_rule(derivatives):
     first, second = derivatives(u, v, op)
     if second is not None:
       ctx.curvature(
-        v, lambda adj: [jacobians.Term(batch_first(adj * second), j)]
+        v,
+        lambda adj: [jacobians.Term(batch_first(adj * second), j)],
+        elementwise=True,
       )
     out = jacobians.scale(j, batch_first(first))
     return [out if perm is None else registry.Moved(out, perm)]
@@ -178,7 +180,9 @@ def _silu(op, jacs, ctx):
   first = s + bu * ds
   second = beta * ds * (2 + bu * (1 - 2 * s))
   v = op.outputs[0]
-  ctx.curvature(v, lambda adj: [jacobians.Term(adj * second, j)])
+  ctx.curvature(
+    v, lambda adj: [jacobians.Term(adj * second, j)], elementwise=True
+  )
   return [jacobians.scale(j, first), j, None]
 
 
@@ -286,7 +290,7 @@ def _binary(op, jacs, ctx, first, second):
         terms.append(jacobians.Term(adj * fab, ja, jb, symmetric=True))
       return terms
 
-    ctx.curvature(out, build)
+    ctx.curvature(out, build, elementwise=True)
   return [jacobians.fit(result, out)]
 
 

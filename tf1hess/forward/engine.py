@@ -390,9 +390,13 @@ class _Context:
     of its Jacobians (`op_flops`).
     """
 
-  def curvature(self, tensor, build):
-    """Adds the terms `build(adj)` of `tensor`'s adjoint `adj` (its shape)."""
-    self.pending.append((tensor, build))
+  def curvature(self, tensor, build, elementwise=False):
+    """Adds the terms `build(adj)` of `tensor`'s adjoint `adj` (its shape).
+
+    With `elementwise`, `build` only multiplies `adj` elementwise
+    (broadcasting), and may get it before a broadcast (`_unbroadcast`).
+    """
+    self.pending.append((tensor, build, elementwise))
 
 
 class _GroupedContext:
@@ -415,14 +419,14 @@ class _GroupedContext:
   def dense_matmul(self):
     self._ctx.dense_matmul()
 
-  def curvature(self, tensor, build):
+  def curvature(self, tensor, build, elementwise=False):
     def per_sample(adj):
       return [
         jacobians.ungroup_term(t, self.group, self.samples, self._ungrouped)
         for t in build(adj)
       ]
 
-    self._ctx.curvature(tensor, per_sample)
+    self._ctx.curvature(tensor, per_sample, elementwise)
 
 
 def _group_of(op, ins, groups):
@@ -611,13 +615,21 @@ def second_derivatives(ys, x, mode):
     value = tf.zeros(shape, x.dtype)
     work.ops += len(x.graph.get_operations()) - ops_before
     return Result(value, False, work, mixed)
+  # An elementwise op's adjoint is taken after the sum or mean that is its
+  # output's only use: one entry per summed group, not broadcast.
+  sums = [_summed_by(t, ctx.path) if e else None for t, _, e in ctx.pending]
   adjoints = tf.gradients(
     ys,
-    [t for t, _ in ctx.pending],
+    [
+      t if summed is None else summed[0].outputs[0]
+      for (t, _, _), summed in zip(ctx.pending, sums)
+    ],
     unconnected_gradients=tf.UnconnectedGradients.ZERO,
   )
   grouped = {}
-  for (_, build), adj in zip(ctx.pending, adjoints):
+  for (t, build, _), adj, summed in zip(ctx.pending, adjoints, sums):
+    if summed is not None:
+      adj = _adjoint_before(summed, t, adj)
     for term in build(adj):
       key = (id(term.a), id(term.b), term.symmetric)
       if key in grouped:
@@ -662,6 +674,43 @@ def second_derivatives(ys, x, mode):
   work.add(entries=None if size is None else (0, sums * size**out))
   work.ops += len(x.graph.get_operations()) - ops_before
   return Result(value, True, work, mixed)
+
+
+def _summed_by(tensor, path):
+  """`(op, axes)`: the `Sum` or `Mean` over constant axes within samples
+  that is the only use of `tensor` among the ops `path` (on the way to
+  `ys`: other uses add nothing to its adjoint), or `None`."""
+  consumers = [op for op in tensor.consumers() if op in path]
+  rank = tensor.shape.rank
+  if len(consumers) != 1 or rank is None:
+    return None
+  op = consumers[0]
+  if op.type not in ("Sum", "Mean") or op.inputs[0] is not tensor:
+    return None
+  axes = tf.get_static_value(op.inputs[1])
+  if axes is None:
+    return None
+  axes = sorted({int(a) % rank for a in np.reshape(axes, [-1])})
+  if not axes or 0 in axes:
+    return None
+  return op, axes
+
+
+def _adjoint_before(summed, tensor, adj):
+  """The adjoint of `tensor` from `adj`, that of the sum or mean `summed`
+  (`_summed_by`) of it: `adj` with the summed axes kept as 1, which a
+  term's `c` of it broadcasts as the sum's gradient would, and which lets
+  `jacobians.contract` sum the factors over them before multiplying."""
+  op, axes = summed
+  shape = jacobians.dims(tensor)
+  kept = [1 if i in axes else d for i, d in enumerate(shape)]
+  adj = tf.reshape(adj, jacobians.concat(kept))
+  if op.type == "Mean":
+    count = 1
+    for i in axes:
+      count *= shape[i]
+    adj = adj / tf.cast(count, adj.dtype)
+  return adj
 
 
 def _summed_over_broadcasts(term, n, x, work):

@@ -348,17 +348,39 @@ def summed_over_broadcasts(term, n):
     axes = _broadcast_axes(broad)
     if axes is None:
       continue
-    other = materialize(other)
-    weighted = tf.reduce_sum(
-      tf.expand_dims(_full_c(term.c, other, n), 1) * other.value,
-      axis=[2 + i for i in axes],
-      keepdims=True,
-    )  # (N, K, *e'): dense, whatever `other` was.
+    weighted = _weighted_sum(term.c, other, axes, n)
     one = tf.constant(1, other.value.dtype)
     if broad is b:
       return Term(one, dense(weighted), b.source, term.symmetric)
     return Term(one, a.source, dense(weighted), term.symmetric)
   return term
+
+
+def _weighted_sum(c, jac, axes, n):
+  """`sum_e c[n, e] J[n, :, e]` over the entry axes `axes`, kept as 1:
+  `(N, K, *e')`, dense whatever `jac` is.
+
+  Summed over every entry, a shared `jac` `(K, M)` takes one matmul
+  `(N, M) x (M, K)`, and a diagonal one (`J[k, ..., j] = d[..., j]` where
+  `j = k`) the sum of `c d` over the entries before the last: neither
+  writes the `(N, K, *e)` products.
+  """
+  every = len(axes) == jac.entry_rank
+  ones = [1] * jac.entry_rank
+  if every and jac.shared:
+    summed = tf.matmul(_flat_c(c, jac, n), _flat(jac), transpose_b=True)
+  elif every and jac.diagonal:
+    prod = tf.cast(c, jac.value.dtype) * jac.value
+    prod = tf.broadcast_to(prod, concat([n], jac.entry_shape()))
+    summed = tf.reduce_sum(prod, axis=list(range(1, jac.entry_rank)))
+  else:
+    jac = materialize(jac)
+    return tf.reduce_sum(
+      tf.expand_dims(_full_c(c, jac, n), 1) * jac.value,
+      axis=[2 + i for i in axes],
+      keepdims=True,
+    )
+  return tf.reshape(summed, concat([n], dims(summed, 1, 2), ones))
 
 
 def _size(jac):
@@ -392,16 +414,44 @@ def _contract_diagonals(term, mode, n):
   """`contract` of two diagonal Jacobians: a diagonal Hessian."""
   a, b = term.a, term.b
   # The factors first: where they are shared by all samples, `(1, *e)`.
-  prod = tf.cast(term.c, a.value.dtype) * (a.value * b.value)  # (N or 1, *e)
-  shape = concat([n], a.entry_shape())
-  prod = tf.broadcast_to(prod, shape)
-  axes = list(range(1, prod.shape.rank - 1))
-  v = tf.reduce_sum(prod, axis=axes) if axes else prod  # (N, K)
+  ab = a.value * b.value  # (N or 1, *e)
+  c = tf.cast(term.c, ab.dtype)
+  v = _summed_by_matmul(c, ab, n)
+  if v is None:
+    prod = tf.broadcast_to(c * ab, concat([n], a.entry_shape()))
+    axes = list(range(1, prod.shape.rank - 1))
+    v = tf.reduce_sum(prod, axis=axes) if axes else prod  # (N, K)
   if term.symmetric:
     v = 2.0 * v
   if mode == HESSIAN:
     return tf.linalg.diag(v)
   return v if mode == DIAGONAL else tf.reduce_sum(v, axis=1)
+
+
+def _summed_by_matmul(c, ab, n):
+  """`sum_e c[n, e, 0] ab[0, e, k]`, `(N, K)`, as one matmul `(N, E) x
+  (E, K)`, where `ab` `(1, *e, K)` is shared by all samples and `c`
+  `(N or 1, *e, 1)` the same for every k (the adjoint of a sum over the
+  feature axis: a distance, a quadratic form); else `None`."""
+  rank = ab.shape.rank
+  if (
+    rank is None
+    or rank < 3
+    or c.shape.rank != rank
+    or tf.compat.dimension_value(ab.shape[0]) != 1
+    or tf.compat.dimension_value(c.shape[-1]) != 1
+    or not ab.shape[1:].is_fully_defined()
+  ):
+    return None
+  inner = ab.shape[1:-1].as_list()
+  if any(
+    tf.compat.dimension_value(d) not in (1, i)
+    for d, i in zip(c.shape[1:], inner)
+  ):
+    return None
+  size = int(np.prod(inner, dtype=np.int64))
+  c = tf.reshape(tf.broadcast_to(c[..., 0], concat([n], inner)), [n, size])
+  return tf.matmul(c, tf.reshape(ab, [size, ab.shape[-1]]))
 
 
 # The most entries `K * K * M` of the products of two shared Jacobians that
