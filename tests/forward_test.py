@@ -912,7 +912,9 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIs(jacobians.summed_over_broadcasts(term, 3), term)
 
 
-class SummedAdjointsTest(tf.test.TestCase, parameterized.TestCase):
+class SummedAdjointsTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
   """The adjoint of a sum taken before its broadcast, and the contraction of
   diagonal factors by such a `c` as a matmul, against numpy."""
 
@@ -926,7 +928,7 @@ class SummedAdjointsTest(tf.test.TestCase, parameterized.TestCase):
       w = tf.constant(_RNG.normal(size=(2,)))
       y = tf.reduce_sum(reduce(square, [-1, 2]) * w)
       path = engine.path_ops(v, [y])
-      summed = engine._summed_by(square, path)
+      summed = engine._summed_by(square, path, [y])
       self.assertEqual(summed[0].type, reduction)
       self.assertEqual(summed[1], [2, 3])
       adj = engine._adjoint_before(
@@ -935,18 +937,42 @@ class SummedAdjointsTest(tf.test.TestCase, parameterized.TestCase):
       self.assertEqual(adj.shape.as_list(), [None, 2, 1, 1])
       want = tf.gradients(y, square)[0]
       tf.shape(square)  # A use off the path to y.
-      self.assertEqual(engine._summed_by(square, path), summed)
-      self.assertIsNone(engine._summed_by(square, []))
-      self.assertIsNone(engine._summed_by(v, path))  # Used by a product.
+      self.assertEqual(engine._summed_by(square, path, [y]), summed)
+      self.assertIsNone(engine._summed_by(square, [], [y]))
+      self.assertIsNone(engine._summed_by(v, path, [y]))  # Used by a product.
       over_batch = tf.reduce_sum(tf.sin(v), 0)
       self.assertIsNone(
         engine._summed_by(
-          over_batch.op.inputs[0], engine.path_ops(v, [over_batch])
+          over_batch.op.inputs[0], engine.path_ops(v, [over_batch]), [y]
         )
+      )
+      # A tensor that is one of `ys` has an adjoint of its own.
+      self.assertIsNone(
+        engine._summed_by(square, engine.path_ops(v, [y, square]), [y, square])
       )
       with tf.compat.v1.Session() as sess:
         adj_val, want_val = sess.run([adj, want], {v: v_val})
     self.assertAllClose(np.broadcast_to(adj_val, want_val.shape), want_val)
+
+  @parameterized.parameters(
+    testing_utils.in_turn(order=["sum_first", "sum_last"])
+  )
+  def test_a_summed_tensor_that_is_also_an_output(self, order, cf):
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      u = tf.sin(x) * tf.sin(x)
+      s = tf.reduce_mean(u, -1)
+      ys = [s, u] if order == "sum_first" else [u, s]
+      got = [
+        f(ys, x, method="forward")
+        for f in (tf1hess.batch_hessians, tf1hess.batch_laplacians)
+      ]
+      rows = tf1hess.batch_hessians(ys, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h, lap, want = sess.run(got + [rows], {x: x_val_of(4)})
+    self.assertAllClose(h, want, atol=1e-10)
+    self.assertAllClose(lap, np.einsum("nii->n", want), atol=1e-10)
 
   @parameterized.product(
     c_shape=["n_e_1", "1_e_1", "n_1_1", "n_e_k"], symmetric=[False, True]

@@ -617,7 +617,7 @@ def second_derivatives(ys, x, mode):
     return Result(value, False, work, mixed)
   # An elementwise op's adjoint is taken after the sum or mean that is its
   # output's only use: one entry per summed group, not broadcast.
-  sums = [_summed_by(t, ctx.path) if e else None for t, _, e in ctx.pending]
+  sums = [_summed_by(t, ctx.path, ys) if e else None for t, _, e in ctx.pending]
   adjoints = tf.gradients(
     ys,
     [
@@ -676,13 +676,14 @@ def second_derivatives(ys, x, mode):
   return Result(value, True, work, mixed)
 
 
-def _summed_by(tensor, path):
+def _summed_by(tensor, path, ys):
   """`(op, axes)`: the `Sum` or `Mean` over constant axes within samples
   that is the only use of `tensor` among the ops `path` (on the way to
-  `ys`: other uses add nothing to its adjoint), or `None`."""
+  `ys`: other uses add nothing to its adjoint), `tensor` not being one of
+  `ys` itself; or `None`."""
   consumers = [op for op in tensor.consumers() if op in path]
   rank = tensor.shape.rank
-  if len(consumers) != 1 or rank is None:
+  if len(consumers) != 1 or rank is None or any(tensor is y for y in ys):
     return None
   op = consumers[0]
   if op.type not in ("Sum", "Mean") or op.inputs[0] is not tensor:
