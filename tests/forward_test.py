@@ -902,6 +902,26 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(got[jacobians.DIAGONAL], diagonal, atol=1e-12)
     self.assertAllClose(got[jacobians.LAPLACIAN], diagonal.sum(1), atol=1e-12)
 
+  @parameterized.parameters(False, True)
+  def test_scaling_a_broadcast_factor_writes_no_broadcast(self, shared):
+    n, k = 3, 4
+    small_val = _RNG.normal(size=([k] if shared else [n, k]) + [2, 1])
+    s_val = _RNG.normal(size=(n, 2, 5))
+    with tf.Graph().as_default():
+      broad = jacobians.fit(
+        jacobians.Jacobian(tf.constant(small_val), shared),
+        tf.zeros([n, 2, 5], tf.float64),
+      )
+      scaled = jacobians.scale(broad, tf.constant(s_val))
+      self.assertNotIn(
+        "BroadcastTo", [t.op.type for t in scaled.value.op.inputs]
+      )
+      self.assertFalse(scaled.shared)
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(scaled.value)
+    full = np.broadcast_to(small_val, [n, k, 2, 5])
+    self.assertAllClose(got, s_val[:, None] * full, atol=1e-12)
+
   def test_other_terms_stay(self):
     with tf.Graph().as_default():
       a = jacobians.dense(tf.ones([3, 4, 2]))

@@ -202,7 +202,22 @@ def scale(jac, s):
     return jac.with_value(jac.value * s)
   if s.shape.rank == rank + 1 and tf.compat.dimension_value(s.shape[0]) == 1:
     return jac.with_value(jac.value * s[0])
-  return dense(tf.expand_dims(s, 1) * jac.value)
+  return dense(tf.expand_dims(s, 1) * _unbroadcast(jac, s))
+
+
+def _unbroadcast(jac, s):
+  """The value of `jac`, or of the Jacobian that `fit` broadcast to make
+  it when `s` `(N, *e)` has every entry: the product with `s` broadcasts
+  it the same, without writing the broadcast first."""
+  src, entries = jac.source, jac.value.shape[jac.lead :]
+  if (
+    src is None
+    or src.diagonal
+    or not entries.is_fully_defined()
+    or s.shape[1:] != entries
+  ):
+    return jac.value
+  return src.value
 
 
 def negate(jac):
