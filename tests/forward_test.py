@@ -932,6 +932,89 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIs(jacobians.summed_over_broadcasts(term, 3), term)
 
 
+class MergedTermsTest(tf.test.TestCase):
+  """`jacobians.merged_by_factor` against the terms it replaces."""
+
+  def _hessian(self, terms, n, k):
+    return tf.add_n(
+      [jacobians.contract(t, jacobians.HESSIAN, n, k) for t in terms]
+    )
+
+  def test_terms_sharing_a_factor_become_one(self):
+    n, k, e = 3, 4, [2, 5]
+
+    def dense():
+      return jacobians.dense(tf.constant(_RNG.normal(size=[n, k] + e)))
+
+    def c():
+      return tf.constant(_RNG.normal(size=[n] + e))
+
+    f, g, o1, o2, o3 = (dense() for _ in range(5))
+    shared = jacobians.shared(tf.constant(_RNG.normal(size=[k] + e)))
+    terms = [
+      jacobians.Term(c(), f, o1, symmetric=True),
+      jacobians.Term(c(), o2, f, symmetric=True),
+      jacobians.Term(c(), f),  # F^T c F
+      jacobians.Term(c(), f, f, symmetric=True),
+      jacobians.Term(c(), g, o3, symmetric=True),  # Shares nothing.
+      jacobians.Term(c(), g, shared, symmetric=True),  # A shared factor.
+      jacobians.Term(c(), o3, o1),  # Not symmetric: stays.
+    ]
+    merged = jacobians.merged_by_factor(terms, n)
+    self.assertLen(merged, 4)
+    for t in terms[4:]:
+      self.assertTrue(any(t is u for u in merged))
+    self.assertIs(merged[-1].a, f)
+    got, want = self.evaluate(
+      [self._hessian(merged, n, k), self._hessian(terms, n, k)]
+    )
+    self.assertAllClose(got, want, atol=1e-12)
+
+  def test_gated_model_against_the_rows(self):
+    # `a * swish(b)`: the terms of `b`, `b * sigmoid(b)` and `a * swish`
+    # share factors; K = 9 is above `engine._MERGE_MIN_K`.
+    k = 9
+    w_h = _RNG.normal(size=(k, 7)) / 3
+    w_a, w_b = (_RNG.normal(size=(7, 6)) / 3 for _ in range(2))
+    x_val = _RNG.normal(size=(5, k))
+    calls = []
+    real = jacobians.merged_by_factor
+
+    def merged_by_factor(terms, n):
+      merged = real(terms, n)
+      calls.append(len(terms) - len(merged))
+      return merged
+
+    with (
+      tf.Graph().as_default(),
+      mock.patch.object(jacobians, "merged_by_factor", merged_by_factor),
+    ):
+      x = tf.compat.v1.placeholder(tf.float64, [None, k])
+      hidden = tf.tanh(tf.matmul(x, w_h))
+      a, b = tf.matmul(hidden, w_a), tf.matmul(hidden, w_b)
+      y = tf.reduce_sum(tf.tanh(a * (b * tf.sigmoid(b))), 1)
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        got, want = sess.run([h, rows], {x: x_val})
+    self.assertGreater(max(calls), 0)
+    self.assertAllClose(got, want, atol=1e-10)
+
+  def test_terms_sharing_nothing_stay(self):
+    n, k = 2, 3
+    a, b, d = (
+      jacobians.dense(tf.constant(_RNG.normal(size=[n, k, 4])))
+      for _ in range(3)
+    )
+    terms = [
+      jacobians.Term(tf.ones([n, 4], tf.float64), a, b, symmetric=True),
+      jacobians.Term(tf.ones([n, 4], tf.float64), d),
+    ]
+    merged = jacobians.merged_by_factor(terms, n)
+    self.assertLen(merged, 2)
+    self.assertTrue(all(t is u for t, u in zip(terms, merged)))
+
+
 class SummedAdjointsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):

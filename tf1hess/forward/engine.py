@@ -650,6 +650,8 @@ def second_derivatives(ys, x, mode):
 
   batch = tf.compat.dimension_value(x.shape[0])
   terms = [_summed_over_broadcasts(t, n, x, work) for t in grouped.values()]
+  if mode == jacobians.HESSIAN:
+    terms = _merged_by_factor(terms, n, x, work)
   parts, halves = [], []
   for term in terms:
     half = deferred(term)
@@ -712,6 +714,27 @@ def _adjoint_before(summed, tensor, adj):
       count *= shape[i]
     adj = adj / tf.cast(count, adj.dtype)
   return adj
+
+
+# The least static K for which terms are merged by a shared factor: below,
+# a batched matmul `(K, M) x (M, K)` per sample costs about the elementwise
+# passes that merging adds.
+_MERGE_MIN_K = 8
+
+
+def _merged_by_factor(terms, n, x, work):
+  """`jacobians.merged_by_factor(terms, n)` for a static K of at least
+  `_MERGE_MIN_K`, adding its work: `c` times a factor, summed, `(N, K, M)`
+  for each term merged."""
+  k = _static_size(x.shape[1:])
+  if k is None or k < _MERGE_MIN_K:
+    return terms
+  merged = jacobians.merged_by_factor(terms, n)
+  for term in terms:
+    if all(term is not t for t in merged):
+      m = _static_size(term.a.value.shape[term.a.lead :])
+      work.add(entries=None if m is None else (0, 3 * k * m))
+  return merged
 
 
 def _summed_over_broadcasts(term, n, x, work):

@@ -25,6 +25,8 @@ transpose when symmetric) is contracted into the full per-sample Hessian
 each contraction one matmul with the weights instead of a batched one.
 """
 
+import collections
+
 import numpy as np
 import tensorflow as tf
 
@@ -398,6 +400,60 @@ def _weighted_sum(c, jac, axes, n):
   return tf.reshape(summed, concat([n], dims(summed, 1, 2), ones))
 
 
+def _merge_factors(term):
+  """The dense factors of `term` by which `merged_by_factor` may merge it."""
+  a, b = term.a, term.b
+  if (
+    a.shared
+    or a.diagonal
+    or b.shared
+    or b.diagonal
+    or (a is not b and not term.symmetric)
+    or not a.value.shape[2:].is_fully_defined()
+    or a.value.shape[2:] != b.value.shape[2:]
+  ):
+    return []
+  return [a] if a is b else [a, b]
+
+
+def merged_by_factor(terms, n):
+  """Full-Hessian terms of dense factors that share one, `F`, as one term.
+
+  A symmetric term `(c O)^T F + F^T (c O)` and a term `F^T c F` (that is,
+  `(c/2 F)^T F` plus its transpose) of the same `F` add up to `S^T F + F^T
+  S` with `S` the sum of the `c O` (and `c/2 F`): one batched matmul
+  `(K, M) x (M, K)` per sample for them all instead of one each (the two
+  branches of a gate `a * swish(b)`; `u * u` beside `u * v`). The factor
+  shared by the most terms goes first.
+
+  Args:
+    terms: a list of `Term`s.
+    n: the batch size.
+
+  Returns:
+    The list of `Term`s: those not merged, then one per merged group.
+  """
+  merged, rest = [], list(terms)
+  while True:
+    counts = collections.Counter(id(f) for t in rest for f in _merge_factors(t))
+    if not counts or max(counts.values()) < 2:
+      return rest + merged
+    top = max(counts, key=counts.get)
+    group = [t for t in rest if top in map(id, _merge_factors(t))]
+    rest = [t for t in rest if all(t is not g for g in group)]
+    f = next(j for j in _merge_factors(group[0]) if id(j) == top)
+    total = None
+    for t in group:
+      other = t.b if t.a is f else t.a
+      c = _full_c(t.c, f, n)
+      if not t.symmetric:
+        c = c / 2
+      part = tf.expand_dims(c, 1) * other.value
+      total = part if total is None else total + part
+    one = tf.constant(1, f.value.dtype)
+    merged.append(Term(one, f, dense(total), symmetric=True))
+
+
 def _size(jac):
   """The number of entries `M = prod(*e)` (no `-1` in reshapes: N may be 0)."""
   entries = jac.entry_shape()
@@ -493,6 +549,12 @@ def outer_of_shared(term, mode, batch=None):
   return k * k * m <= _MAX_OUTER_ENTRIES and (batch is None or k <= batch)
 
 
+def _is_one(c):
+  """Whether `c` is the scalar 1, known when the graph is built."""
+  value = tf.get_static_value(c) if isinstance(c, tf.Tensor) else c
+  return value is not None and np.ndim(value) == 0 and value == 1
+
+
 def contract(term, mode, n, k, half=False, batch=None):
   """The term's Hessian `(N, K, K)`, diagonal `(N, K)` or trace `(N,)`.
 
@@ -506,6 +568,13 @@ def contract(term, mode, n, k, half=False, batch=None):
   c = _flat_c(term.c, a, n)  # (N, M)
   fa, fb = _flat(a), _flat(b)
   m = _size(a)
+
+  def times_c(f):
+    # `c` of a merged or summed term is 1: no product to write.
+    if _is_one(term.c):
+      return f
+    return tf.expand_dims(c, 1) * f
+
   if mode == HESSIAN:
     if outer_of_shared(Term(c, a, b), mode, batch):
       # (N, M) @ (M, K K): one matmul by the products of the factors.
@@ -517,12 +586,12 @@ def contract(term, mode, n, k, half=False, batch=None):
       )
     elif b.shared:
       # (N K, M) @ (M, K): one matmul by the shared factor.
-      left = tf.reshape(tf.expand_dims(c, 1) * fa, tf.stack([n * k, m]))
+      left = tf.reshape(times_c(fa), tf.stack([n * k, m]))
       out = tf.reshape(
         tf.matmul(left, fb, transpose_b=True), tf.stack([n, k, k])
       )
     elif a.shared:
-      left = tf.reshape(tf.expand_dims(c, 1) * fb, tf.stack([n * k, m]))
+      left = tf.reshape(times_c(fb), tf.stack([n * k, m]))
       out = tf.reshape(
         tf.matmul(left, fa, transpose_b=True), tf.stack([n, k, k])
       )
@@ -530,7 +599,7 @@ def contract(term, mode, n, k, half=False, batch=None):
         return out
       out = tf.transpose(out, [0, 2, 1])
     else:
-      out = tf.matmul(tf.expand_dims(c, 1) * fa, fb, transpose_b=True)
+      out = tf.matmul(times_c(fa), fb, transpose_b=True)
     if half or not term.symmetric:
       return out
     return out + tf.transpose(out, [0, 2, 1])
