@@ -394,7 +394,8 @@ class _Context:
     """Adds the terms `build(adj)` of `tensor`'s adjoint `adj` (its shape).
 
     With `elementwise`, `build` only multiplies `adj` elementwise
-    (broadcasting), and may get it before a broadcast (`_unbroadcast`).
+    (broadcasting), and may get it with axes of 1 where `tensor` is summed
+    (`_summed_by`).
     """
     self.pending.append((tensor, build, elementwise))
 

@@ -5,8 +5,10 @@ per output of `op`, in the spirit of `@ops.RegisterGradient`: `jacs` holds
 the Jacobian of each input (`None` when it does not depend on the input of
 the walk), and the rule adds the op's curvature with `ctx.curvature(out,
 build)`, where `build(adj)` returns `jacobians.Term`s once the adjoint `adj`
-of `out` is known. A rule returns `MIXED` for an output that no longer keeps
-samples apart, and raises `Unsupported` when it cannot follow the op.
+of `out` is known (`elementwise=True` when `build` only multiplies `adj`
+elementwise: it may then get `adj` with axes of 1 where `out` is summed).
+A rule returns `MIXED` for an output that no longer keeps samples apart,
+and raises `Unsupported` when it cannot follow the op.
 """
 
 import collections
