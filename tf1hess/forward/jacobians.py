@@ -387,9 +387,7 @@ def _weighted_sum(c, jac, axes, n):
   if every and jac.shared:
     summed = tf.matmul(_flat_c(c, jac, n), _flat(jac), transpose_b=True)
   elif every and jac.diagonal:
-    prod = tf.cast(c, jac.value.dtype) * jac.value
-    prod = tf.broadcast_to(prod, concat([n], jac.entry_shape()))
-    summed = tf.reduce_sum(prod, axis=list(range(1, jac.entry_rank)))
+    summed = _tangent_sums(c, jac.value, n, jac.entry_shape())
   else:
     jac = materialize(jac)
     return tf.reduce_sum(
@@ -485,18 +483,25 @@ def _contract_diagonals(term, mode, n):
   """`contract` of two diagonal Jacobians: a diagonal Hessian."""
   a, b = term.a, term.b
   # The factors first: where they are shared by all samples, `(1, *e)`.
-  ab = a.value * b.value  # (N or 1, *e)
-  c = tf.cast(term.c, ab.dtype)
-  v = _summed_by_matmul(c, ab, n)
-  if v is None:
-    prod = tf.broadcast_to(c * ab, concat([n], a.entry_shape()))
-    axes = list(range(1, prod.shape.rank - 1))
-    v = tf.reduce_sum(prod, axis=axes) if axes else prod  # (N, K)
+  v = _tangent_sums(term.c, a.value * b.value, n, a.entry_shape())
   if term.symmetric:
     v = 2.0 * v
   if mode == HESSIAN:
     return tf.linalg.diag(v)
   return v if mode == DIAGONAL else tf.reduce_sum(v, axis=1)
+
+
+def _tangent_sums(c, d, n, entries):
+  """`sum_e c[n, e, k] d[n, e, k]` over the entries `*e` before the last,
+  the tangent's: `(N, K)`, from `d` `(N or 1, *entries)` (diagonal values)
+  and `c` broadcasting against it."""
+  c = tf.cast(c, d.dtype)
+  v = _summed_by_matmul(c, d, n)
+  if v is None:
+    prod = tf.broadcast_to(c * d, concat([n], entries))
+    axes = list(range(1, prod.shape.rank - 1))
+    v = tf.reduce_sum(prod, axis=axes) if axes else prod
+  return v
 
 
 def _summed_by_matmul(c, ab, n):
