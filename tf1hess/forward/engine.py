@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from tf1hess import _shortcuts
 from tf1hess.forward import jacobians
+from tf1hess.forward import reductions
 from tf1hess.forward import registry
 
 # Ops through which no gradient flows.
@@ -685,16 +686,15 @@ def _summed_by(tensor, path, ys):
   `ys`: other uses add nothing to its adjoint), `tensor` not being one of
   `ys` itself; or `None`."""
   consumers = [op for op in tensor.consumers() if op in path]
-  rank = tensor.shape.rank
-  if len(consumers) != 1 or rank is None or any(tensor is y for y in ys):
+  if len(consumers) != 1 or any(tensor is y for y in ys):
     return None
   op = consumers[0]
   if op.type not in ("Sum", "Mean") or op.inputs[0] is not tensor:
     return None
-  axes = tf.get_static_value(op.inputs[1])
-  if axes is None:
+  try:
+    axes = reductions.reduction_axes(op)
+  except registry.Unsupported:  # Axes known only at run time.
     return None
-  axes = sorted({int(a) % rank for a in np.reshape(axes, [-1])})
   if not axes or 0 in axes:
     return None
   return op, axes

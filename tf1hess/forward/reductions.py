@@ -26,7 +26,7 @@ from tf1hess.forward import registry
 
 def _axes_within_samples(op, does):
   """The reduction axes of `op`; raises `Unsupported` for the batch axis."""
-  axes = _reduction_axes(op)
+  axes = reduction_axes(op)
   if 0 in axes:
     raise registry.Unsupported(
       f"{op.type} ({op.name}) {does} over the batch axis"
@@ -34,7 +34,8 @@ def _axes_within_samples(op, does):
   return axes
 
 
-def _reduction_axes(op):
+def reduction_axes(op):
+  """The axes, sorted and non-negative, that the reduction `op` reduces."""
   rank = registry.static_rank(op.inputs[0], op)
   axes = np.reshape(registry.static_value(op.inputs[1], "axis", op), [-1])
   return sorted({int(a) % rank for a in axes}) if rank else []
@@ -74,7 +75,7 @@ def _diagonal_sum(op, j, axes, keepdims):
 @registry.register("Sum", "Mean", linear=True, diagonal=True)
 @registry.of_first_input
 def _sum(op, j, ctx):
-  axes = _reduction_axes(op)
+  axes = reduction_axes(op)
   if 0 in axes or not axes and op.inputs[0].shape.rank == 0:
     return [registry.MIXED]
   keepdims = op.get_attr("keep_dims")
