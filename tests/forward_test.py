@@ -932,6 +932,206 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIs(jacobians.summed_over_broadcasts(term, 3), term)
 
 
+class SummedPartsTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  """`jacobians.summed_parts` against the sum of the Jacobian written whole
+  by numpy, and models whose Jacobians it sums against the rows."""
+
+  @parameterized.product(
+    base=["dense", "shared"],
+    ones=[(0,), (1,), (2,), (0, 2)],
+    factor=["batch", "no_batch", "none"],
+    then=["scale", "negate", "add_dense", "add_parts"],
+  )
+  def test_sums_agree_with_the_written_jacobian(self, base, ones, factor, then):
+    n, k, e = 2, 3, [3, 4, 5]
+    small = [1 if i in ones else d for i, d in enumerate(e)]
+    lead = [k] if base == "shared" else [n, k]
+    base_val = _RNG.normal(size=lead + small)
+    s_val = _RNG.normal(size={"batch": [n] + e, "no_batch": e[1:]}.get(factor))
+    other_val = _RNG.normal(size=[n, k] + e)
+    more_val = _RNG.normal(size=[n, k, 1, 4, 1])
+    t_val = _RNG.normal(size=[n] + e)
+    with tf.Graph().as_default():
+      out = tf.zeros([n] + e, tf.float64)
+      jac = jacobians.fit(
+        jacobians.Jacobian(tf.constant(base_val), base == "shared"), out
+      )
+      if factor != "none":
+        jac = jacobians.scale(jac, tf.constant(s_val))
+      if then == "negate":
+        jac = jacobians.negate(jac)
+      elif then == "add_dense":
+        jac = jacobians.add(jac, jacobians.dense(tf.constant(other_val)))
+      elif then == "add_parts":
+        more = jacobians.fit(jacobians.dense(tf.constant(more_val)), out)
+        more = jacobians.scale(more, tf.constant(t_val))
+        jac = jacobians.add(jacobians.negate(more), jac)
+      self.assertIsNotNone(jac.parts)
+      if jac.shared:  # Summed without N already: left to the Sum rule.
+        self.assertIsNone(jacobians.summed_parts(jac, [1], False, n, k))
+        return
+      sums = {}
+      for axes in ([1], [2], [3], [1, 3], [1, 2, 3]):
+        for keepdims in (False, True):
+          summed = jacobians.summed_parts(jac, axes, keepdims, n, k)
+          self.assertFalse(summed.shared or summed.diagonal)
+          sums[tuple(axes), keepdims] = summed.value
+          if then != "add_dense":  # Only that part is (N, K, *e) itself.
+            self.assertNoProductWritten(summed.value, n * k * np.prod(e))
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(sums)
+    want = np.broadcast_to(base_val, [n, k] + e)
+    if factor != "none":
+      want = want * np.broadcast_to(s_val, [n] + e)[:, None]
+    if then == "negate":
+      want = -want
+    elif then == "add_dense":
+      want = want + other_val
+    elif then == "add_parts":
+      want = want - more_val * t_val[:, None]
+    for (axes, keepdims), value in got.items():
+      expected = np.sum(
+        want, axis=tuple(a + 1 for a in axes), keepdims=keepdims
+      )
+      self.assertAllClose(value, expected, atol=1e-12, msg=f"{axes}")
+
+  def assertNoProductWritten(self, t, size):  # pylint: disable=invalid-name
+    seen, stack = set(), [t.op]
+    while stack:
+      op = stack.pop()
+      if op in seen:
+        continue
+      seen.add(op)
+      for o in op.outputs:
+        self.assertLess(o.shape.num_elements() or 0, size, msg=op.name)
+      stack.extend(i.op for i in op.inputs)
+
+  def test_jacobians_without_parts_are_not_summed(self):
+    with tf.Graph().as_default():
+      dense = jacobians.dense(tf.ones([2, 3, 4]))
+      self.assertIsNone(jacobians.summed_parts(dense, [1], False, 2, 3))
+      shared = jacobians.fit(
+        jacobians.shared(tf.ones([3, 1])), tf.zeros([2, 4])
+      )
+      self.assertIsNone(jacobians.summed_parts(shared, [1], False, 2, 3))
+      scaled = jacobians.scale(
+        jacobians.fit(jacobians.dense(tf.ones([2, 3, 1])), tf.zeros([2, 4])),
+        tf.ones([2, 4]),
+      )
+      self.assertIsNone(jacobians.cast(scaled, tf.float64).parts)
+
+  @parameterized.parameters(
+    testing_utils.in_turn(
+      model=["distances", "centres_minus", "broadcast_matmul", "pairwise"]
+    )
+  )
+  def test_models_against_the_rows(self, model, cf):
+    self.control_flow(cf)
+    rng = np.random.default_rng(7)
+    x_val = rng.normal(size=(4, _K))
+    calls, real = [], jacobians.summed_parts
+
+    def summed_parts(*args):
+      calls.append(real(*args))
+      return calls[-1]
+
+    with (
+      tf.Graph().as_default(),
+      mock.patch.object(jacobians, "summed_parts", summed_parts),
+    ):
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      h = tf.nn.softplus(_lin(x))
+      cen = tf.constant(rng.normal(size=(3, _K)))
+      width = tf.constant(0.5 + rng.random(size=(3, _K)))
+      if model == "distances":
+        d = tf.reduce_sum(tf.square(h[:, None, :] - cen) / width, -1)
+        y = tf.reduce_sum(
+          tf.exp(-d) * tf.constant([0.5, -1.0, 2.0], x.dtype), 1
+        )
+      elif model == "centres_minus":
+        d = tf.reduce_mean((cen - h[:, None, :]) ** 2, [1, 2], keepdims=True)
+        y = tf.sin(d)
+      elif model == "broadcast_matmul":
+        w = tf.constant(rng.normal(size=(_K, 4)))
+        y = tf.tanh(tf.reduce_sum(h[:, :, None] * w, 1))
+      else:
+        q = tf.reshape(_lin(x), [-1, 2, 3])
+        kk = tf.reshape(tf.tanh(_lin(tf.sin(x))), [-1, 2, 3])
+        y = tf.tanh(tf.reduce_sum(q[:, :, None, :] * kk[:, None, :, :], -1))
+      h, d, lap = (
+        f(y, x, method="forward")
+        for f in (
+          tf1hess.batch_hessians,
+          tf1hess.batch_hessian_diagonals,
+          tf1hess.batch_laplacians,
+        )
+      )
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h_val, d_val, lap_val, want = sess.run([h, d, lap, rows], {x: x_val})
+        reference = _batch_reference(sess, x, y, x_val)
+    self.assertTrue(any(c is not None for c in calls))
+    self.assertAllClose(h_val, want, atol=1e-10)
+    self.assertAllClose(h_val, reference, atol=1e-6)
+    self.assertAllClose(d_val, np.einsum("nii->ni", want), atol=1e-10)
+    self.assertAllClose(lap_val, np.einsum("nii->n", want), atol=1e-10)
+
+
+class PulledBackTest(tf.test.TestCase, parameterized.TestCase):
+  """`jacobians.pulled_back` against the contraction of the term it
+  replaces, for scaled, negated and twice scaled factors."""
+
+  @parameterized.product(
+    base=["dense", "shared", "diagonal"],
+    layout=["same", "pair", "one_scaled"],
+    symmetric=[False, True],
+  )
+  def test_terms_keep_their_contractions(self, base, layout, symmetric):
+    n, k, e = 3, 4, [2, 4]
+    lead = {"dense": [n, k], "shared": [k], "diagonal": [n]}[base]
+
+    def factor():
+      return jacobians.Jacobian(
+        tf.constant(_RNG.normal(size=lead + e)),
+        base == "shared",
+        base == "diagonal",
+      )
+
+    def s():
+      return tf.constant(_RNG.normal(size=[n] + e))
+
+    with tf.Graph().as_default():
+      u, w = factor(), factor()
+      a = jacobians.negate(jacobians.scale(jacobians.scale(u, s()), s()))
+      b = {
+        "same": a,
+        "pair": jacobians.scale(w, s()),
+        "one_scaled": w,
+      }[layout]
+      term = jacobians.Term(
+        tf.constant(_RNG.normal(size=[n] + e)), a, b, symmetric
+      )
+      pulled = jacobians.pulled_back(term)
+      self.assertIs(pulled.a, u)
+      self.assertIs(pulled.b, u if layout == "same" else w)
+      modes = jacobians.MODES
+      got = [jacobians.contract(pulled, m, n, k) for m in modes]
+      want = [jacobians.contract(term, m, n, k) for m in modes]
+      got, want = self.evaluate([got, want])
+    for g, w in zip(got, want):
+      self.assertAllClose(g, w, atol=1e-12)
+
+  def test_unscaled_terms_stay(self):
+    with tf.Graph().as_default():
+      a = jacobians.dense(tf.ones([2, 3, 4]))
+      term = jacobians.Term(
+        tf.ones([2, 4]), a, jacobians.shared(tf.ones([3, 4]))
+      )
+      self.assertIs(jacobians.pulled_back(term), term)
+
+
 class MergedTermsTest(tf.test.TestCase):
   """`jacobians.merged_by_factor` against the terms it replaces."""
 

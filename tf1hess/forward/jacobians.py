@@ -42,15 +42,31 @@ class Jacobian:
 
   `source`: where `fit` broadcast a Jacobian over entry axes to make this
   one, that Jacobian (for `summed_over_broadcasts`), else `None`.
+
+  `parts`: `None`, or the same value as a sum of products that have not been
+  written: a list of `(base, factor)`, `base` a Jacobian (not diagonal)
+  whose entry axes are of size 1 where it broadcasts, `factor` a tensor
+  independent of `x` that broadcasts against the entries `(N, *e)`, or
+  `None` for 1. `value` is `sum base.value * factor` (the factor given a
+  tangent axis). A sum over entry axes reads them (`summed_parts`): the
+  square of a tensor broadcast against weights, scaled, then summed (a
+  distance to centres) is then one batched matmul, not a `(N, K, *e)`
+  product written and read back. A rule that reads `value` gets the
+  product; where nothing reads it, TensorFlow does not run it.
+
+  `scaled`: where `scale` made this Jacobian, `(jac, s)`: it is `jac`'s
+  times `s` entry by entry (for `pulled_back`), else `None`.
   """
 
-  __slots__ = ("value", "shared", "diagonal", "source")
+  __slots__ = ("value", "shared", "diagonal", "source", "parts", "scaled")
 
   def __init__(self, value, shared, diagonal=False):
     self.value = value
     self.shared = shared
     self.diagonal = diagonal
     self.source = None
+    self.parts = None
+    self.scaled = None
 
   @property
   def lead(self):
@@ -188,6 +204,15 @@ def scale(jac, s):
   dimensions than `v`, or a static batch of 1), a shared `jac` stays shared.
   """
   s = tf.cast(s, jac.value.dtype)
+  out = _scaled(jac, s)
+  if jac.parts is not None and not out.diagonal:
+    out.parts = [(b, s if f is None else f * s) for b, f in jac.parts]
+  out.scaled = (jac, s)
+  return out
+
+
+def _scaled(jac, s):
+  """The value of `scale(jac, s)`, `s` cast to the dtype of `jac`."""
   rank = jac.entry_rank
   if jac.diagonal:
     # `d` has the batch axis of `v`: `s` broadcasts against it as against v,
@@ -198,7 +223,7 @@ def scale(jac, s):
       or s.shape.rank > rank + 1
       or last not in (1, tf.compat.dimension_value(jac.value.shape[-1]))
     ):
-      return scale(materialize(jac), s)
+      return _scaled(materialize(jac), s)
     return jac.with_value(jac.value * s)
   if s.shape.rank is not None and s.shape.rank <= rank:
     return jac.with_value(jac.value * s)
@@ -223,7 +248,15 @@ def _unbroadcast(jac, s):
 
 
 def negate(jac):
-  return jac.with_value(-jac.value)
+  out = jac.with_value(-jac.value)
+  if jac.parts is not None:
+    out.parts = [(b, -1.0 if f is None else -f) for b, f in jac.parts]
+  out.scaled = (jac, tf.constant(-1, jac.value.dtype))
+  return out
+
+
+# The most parts (`Jacobian.parts`) a sum of Jacobians keeps.
+_MAX_PARTS = 8
 
 
 def add(a, b):
@@ -235,7 +268,11 @@ def add(a, b):
   if a.diagonal and b.diagonal:
     return diagonal(a.value + b.value)
   a, b = materialize(a), materialize(b)
-  return Jacobian(a.value + b.value, a.shared and b.shared)
+  out = Jacobian(a.value + b.value, a.shared and b.shared)
+  if a.parts is not None or b.parts is not None:
+    parts = (a.parts or [(a, None)]) + (b.parts or [(b, None)])
+    out.parts = parts if len(parts) <= _MAX_PARTS else None
+  return out
 
 
 def fit(jac, out):
@@ -258,7 +295,86 @@ def fit(jac, out):
   shape = concat(dims(jac.value, 0, lead), dims(out, 1))
   fitted = jac.with_value(tf.broadcast_to(jac.value, shape))
   fitted.source = jac
+  if not jac.diagonal and have.rank == want.rank:
+    fitted.parts = jac.parts or [(jac, None)]
   return fitted
+
+
+def summed_parts(jac, axes, keepdims, n, k):
+  """`J` of `reduce_sum(v, axes, keepdims)` from the parts of `jac`, the
+  dense Jacobian of `v` `(N, *e)`: one `tf.einsum` of each base by its
+  factor (a batched matmul where the sum runs over axes of both), without
+  writing their product. `None` where `jac` has no parts, is not dense, or
+  an entry shape is not static.
+
+  `axes`: the summed entry axes of `v` (from 1), sorted; `n`, `k`: the
+  batch size and K (not read from `jac.value`: then TensorFlow would run
+  the product to read its shape).
+  """
+  entries = jac.value.shape[jac.lead :]
+  if (
+    jac.parts is None
+    or jac.shared
+    or jac.diagonal
+    or not entries.is_fully_defined()
+    or entries.rank > len(_LETTERS)
+  ):
+    return None
+  full = entries.as_list()
+  summed = [a - 1 for a in axes]
+  kept = [i for i in range(len(full)) if i not in summed]
+  big = [i for i in range(len(full)) if full[i] != 1]
+
+  def subscripts(axes):
+    return "".join(_LETTERS[i] for i in axes)
+
+  total = None
+  for base, factor in jac.parts:
+    have = base.value.shape[base.lead :]
+    if have.rank != len(full) or not have.is_fully_defined():
+      return None
+    # The base's axes of more than one entry; it broadcasts along the others.
+    own = [i for i, h in enumerate(have.as_list()) if h != 1]
+    if any(have[i] != full[i] for i in own):
+      return None
+    lead = "k" if base.shared else "nk"
+    value = tf.reshape(
+      base.value, concat(dims(base.value, 0, base.lead), [full[i] for i in own])
+    )
+    if factor is None and all(i in own for i in summed if i in big):
+      out = [i for i in kept if i in own]
+      part = tf.einsum(
+        f"{lead}{subscripts(own)}->{lead}{subscripts(out)}", value
+      )
+    else:
+      out = [i for i in kept if i in big]
+      factor = tf.cast(1 if factor is None else factor, value.dtype)
+      factor = tf.reshape(
+        tf.broadcast_to(factor, concat([n], full)),
+        concat([n], [full[i] for i in big]),
+      )
+      lead, equation = "nk", f"{lead}{subscripts(own)},n{subscripts(big)}"
+      part = tf.einsum(f"{equation}->nk{subscripts(out)}", value, factor)
+    # The kept axes, of 1 where this part broadcasts along them.
+    part = tf.reshape(
+      part,
+      concat(
+        dims(part, 0, len(lead)), [full[i] if i in out else 1 for i in kept]
+      ),
+    )
+    total = part if total is None else total + part
+  total = tf.broadcast_to(total, concat([n, k], [full[i] for i in kept]))
+  if keepdims:
+    total = tf.reshape(
+      total,
+      concat([n, k], [1 if i in summed else full[i] for i in range(len(full))]),
+    )
+  return dense(total)
+
+
+# Subscripts of entry axes in `summed_parts` (`n` and `k` are the batch's
+# and the tangent's).
+_LETTERS = "abcdefghijlmopqrstuvwxyz"
 
 
 def cast(jac, dtype):
@@ -295,6 +411,30 @@ class Term:
     self.a = a
     self.b = a if b is None else b
     self.symmetric = symmetric
+
+
+def pulled_back(term):
+  """`term` on the Jacobians that `scale` multiplied to make its factors.
+
+  With `J_a = J_u s` and `J_b = J_w t` entry by entry, `sum_e c J_a J_b^T
+  = sum_e (c s t) J_u J_w^T`: the term of a function of a function
+  (`log1p(square(u))`) is then on the same factors as the inner one's, and
+  both contract as one; a factor shared by all samples before the scale
+  contracts as a matmul by weights. The factors are never larger for it.
+  """
+  c, a, b = term.c, term.a, term.b
+  same = a is b
+  while a.scaled is not None:
+    a, s = a.scaled
+    c = tf.cast(c, s.dtype) * (s * s if same else s)
+  if same:
+    b = a
+  while b.scaled is not None:
+    b, s = b.scaled
+    c = tf.cast(c, s.dtype) * s
+  if a is term.a and b is term.b:
+    return term
+  return Term(c, a, b, term.symmetric)
 
 
 def ungroup_term(term, rows, n, ungrouped):

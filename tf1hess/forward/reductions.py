@@ -84,6 +84,12 @@ def _sum(op, j, ctx):
     return [j]
   if j.diagonal:
     return [_diagonal_sum(op, j, axes, keepdims)]
+  summed = jacobians.summed_parts(j, axes, keepdims, ctx.n, ctx.k)
+  if summed is not None:
+    if op.type == "Mean":
+      count = np.prod([op.inputs[0].shape[a] for a in axes], dtype=np.int64)
+      summed = jacobians.scale(summed, 1 / count)
+    return [summed]
   return [
     jacobians.apply_per_sample(
       j, lambda m: reduce(m, axis=axes, keepdims=keepdims)
