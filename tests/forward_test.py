@@ -1113,9 +1113,46 @@ class PulledBackTest(tf.test.TestCase, parameterized.TestCase):
       term = jacobians.Term(
         tf.constant(_RNG.normal(size=[n] + e)), a, b, symmetric
       )
-      pulled = jacobians.pulled_back(term)
+      pulled = jacobians.pulled_back(term, n)
       self.assertIs(pulled.a, u)
       self.assertIs(pulled.b, u if layout == "same" else w)
+      modes = jacobians.MODES
+      got = [jacobians.contract(pulled, m, n, k) for m in modes]
+      want = [jacobians.contract(term, m, n, k) for m in modes]
+      got, want = self.evaluate([got, want])
+    for g, w in zip(got, want):
+      self.assertAllClose(g, w, atol=1e-12)
+
+  @parameterized.product(
+    base=["dense", "shared"], layout=["same", "pair"], symmetric=[False, True]
+  )
+  def test_views_and_broadcasts(self, base, layout, symmetric):
+    # `sin(reshape(u)[:, None] - mu)`: the terms of views of a broadcast.
+    n, k = 3, 4
+    lead = [k] if base == "shared" else [n, k]
+    with tf.Graph().as_default():
+      u = tf.zeros([n, 6], tf.float64)
+      v = tf.reshape(u, [-1, 2, 3])[:, None] - tf.constant(
+        _RNG.normal(size=(5, 2, 3))
+      )
+      ctx = engine._Context(n, k, tf.float64)
+      ju = jacobians.Jacobian(
+        tf.constant(_RNG.normal(size=lead + [6])), base == "shared"
+      )
+      jw = jacobians.dense(tf.constant(_RNG.normal(size=[n, k, 6])))
+      reshape, expand = v.op.inputs[0].op.inputs[0].op, v.op.inputs[0].op
+      views = []
+      for j in (ju, jw):
+        (r,) = registry.RULES["Reshape"].fn(reshape, [j, None], ctx)
+        (e,) = registry.RULES["StridedSlice"].fn(expand, [r] + [None] * 3, ctx)
+        views.append(jacobians.fit(e, v))
+      a, b = views if layout == "pair" else views[:1] * 2
+      term = jacobians.Term(
+        tf.constant(_RNG.normal(size=(n, 5, 2, 3))), a, b, symmetric
+      )
+      pulled = jacobians.pulled_back(term, n)
+      self.assertIs(pulled.a, ju)
+      self.assertIs(pulled.b, jw if layout == "pair" else ju)
       modes = jacobians.MODES
       got = [jacobians.contract(pulled, m, n, k) for m in modes]
       want = [jacobians.contract(term, m, n, k) for m in modes]
@@ -1129,7 +1166,7 @@ class PulledBackTest(tf.test.TestCase, parameterized.TestCase):
       term = jacobians.Term(
         tf.ones([2, 4]), a, jacobians.shared(tf.ones([3, 4]))
       )
-      self.assertIs(jacobians.pulled_back(term), term)
+      self.assertIs(jacobians.pulled_back(term, 2), term)
 
 
 class MergedTermsTest(tf.test.TestCase):

@@ -633,7 +633,7 @@ def second_derivatives(ys, x, mode):
     if summed is not None:
       adj = _adjoint_before(summed, t, adj)
     for term in build(adj):
-      term = jacobians.pulled_back(term)
+      term = jacobians.pulled_back(term, n)
       key = (id(term.a), id(term.b), term.symmetric)
       if key in grouped:
         old = grouped[key]

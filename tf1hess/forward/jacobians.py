@@ -55,10 +55,20 @@ class Jacobian:
   product; where nothing reads it, TensorFlow does not run it.
 
   `scaled`: where `scale` made this Jacobian, `(jac, s)`: it is `jac`'s
-  times `s` entry by entry (for `pulled_back`), else `None`.
+  times `s` entry by entry (for `pulled_back`), else `None`. `viewed`:
+  where a reshape made it, the Jacobian reshaped (the same entries in the
+  same order), else `None`.
   """
 
-  __slots__ = ("value", "shared", "diagonal", "source", "parts", "scaled")
+  __slots__ = (
+    "value",
+    "shared",
+    "diagonal",
+    "source",
+    "parts",
+    "scaled",
+    "viewed",
+  )
 
   def __init__(self, value, shared, diagonal=False):
     self.value = value
@@ -67,6 +77,7 @@ class Jacobian:
     self.source = None
     self.parts = None
     self.scaled = None
+    self.viewed = None
 
   @property
   def lead(self):
@@ -413,28 +424,74 @@ class Term:
     self.symmetric = symmetric
 
 
-def pulled_back(term):
-  """`term` on the Jacobians that `scale` multiplied to make its factors.
+def pulled_back(term, n):
+  """`term` on the Jacobians that its factors were made from, entry by
+  entry: by `scale`, by `fit` broadcasting, by a reshape.
 
   With `J_a = J_u s` and `J_b = J_w t` entry by entry, `sum_e c J_a J_b^T
-  = sum_e (c s t) J_u J_w^T`: the term of a function of a function
-  (`log1p(square(u))`) is then on the same factors as the inner one's, and
-  both contract as one; a factor shared by all samples before the scale
-  contracts as a matmul by weights. The factors are never larger for it.
+  = sum_e (c s t) J_u J_w^T`; a square of a broadcast factor sums `c` over
+  the broadcast axes; a reshape of both factors (or of the one) reshapes
+  `c`. The term of a function of a function (`log1p(square(u))`) is then
+  on the same factors as the inner one's, and both contract as one; a
+  factor shared by all samples before an elementwise scale contracts as a
+  matmul by weights. The factors are never larger for it.
+
+  Args:
+    term: a `Term`.
+    n: the batch size.
+
+  Returns:
+    The `Term`, or `term` itself when its factors were made otherwise.
   """
   c, a, b = term.c, term.a, term.b
-  same = a is b
-  while a.scaled is not None:
-    a, s = a.scaled
-    c = tf.cast(c, s.dtype) * (s * s if same else s)
-  if same:
-    b = a
-  while b.scaled is not None:
-    b, s = b.scaled
-    c = tf.cast(c, s.dtype) * s
+  while True:
+    step = _pulled_back_once(c, a, b, n)
+    if step is None:
+      break
+    c, a, b = step
   if a is term.a and b is term.b:
     return term
   return Term(c, a, b, term.symmetric)
+
+
+def _pulled_back_once(c, a, b, n):
+  """`(c, a, b)` one step back (see `pulled_back`), or `None`."""
+
+  def times(s):
+    return tf.cast(c, s.dtype) * s
+
+  if a is b and a.scaled is not None:
+    u, s = a.scaled
+    return times(s * s), u, u
+  if a is not b and a.scaled is not None:
+    u, s = a.scaled
+    return times(s), u, b
+  if a is not b and b.scaled is not None:
+    w, s = b.scaled
+    return times(s), a, w
+  axes = _broadcast_axes(a)
+  if axes is not None and (a is b or _broadcast_axes(b) == axes):
+    # Both factors are the same along the broadcast axes.
+    summed = tf.reduce_sum(
+      _full_c(c, a, n), axis=[1 + i for i in axes], keepdims=True
+    )
+    return summed, a.source, b.source
+  if a is b and a.viewed is not None:
+    return _viewed_c(c, a, n), a.viewed, a.viewed
+  u, w = a.viewed, b.viewed
+  if u is None or w is None:
+    return None
+  have, other = u.value.shape[u.lead :], w.value.shape[w.lead :]
+  if not (have.is_fully_defined() and have == other):
+    return None
+  return _viewed_c(c, a, n), u, w
+
+
+def _viewed_c(c, jac, n):
+  """`c` of a term on `jac`, for the Jacobian `jac.viewed` it reshapes."""
+  if not isinstance(c, tf.Tensor) or c.shape.rank == 0:
+    return c
+  return tf.reshape(_full_c(c, jac, n), concat([n], jac.viewed.entry_shape()))
 
 
 def ungroup_term(term, rows, n, ungrouped):

@@ -28,6 +28,20 @@ def _reshape_entries(out):
   )
 
 
+def _view(j, out, ctx):
+  """`out`, the Jacobian of a reshape of each sample of the tensor of `j`
+  (the same entries in the same order), marked as such for
+  `jacobians.pulled_back` where both are per sample."""
+  if (
+    ctx.group == 1
+    and not ctx.lead_one
+    and isinstance(j, jacobians.Jacobian)
+    and isinstance(out, jacobians.Jacobian)
+  ):
+    out.viewed = j
+  return out
+
+
 def _keeps_batch(op):
   """Whether a reshape of input `(N, *e)` to `(M, *e')` has `M = N`.
 
@@ -193,7 +207,7 @@ def _reshape(op, j, ctx):
     merged.value.set_shape([None, None] + _entry_shape(op, lead_one=True))
     return [registry.Regrouped(merged, rows, lead_one=True)]
   if ctx.group == 1 and _keeps_batch(op):
-    return [jacobians.apply_per_sample(j, _reshape_entries(out))]
+    return [_view(j, jacobians.apply_per_sample(j, _reshape_entries(out)), ctx)]
   rows = _rows_per_sample(op, ctx.group)
   if rows == ctx.group:
     # Row by row, as many rows per sample.
@@ -219,7 +233,7 @@ def _reshape(op, j, ctx):
     ),
   )
   with tf.control_dependencies([check]):
-    return [jacobians.apply_per_sample(j, _reshape_entries(out))]
+    return [_view(j, jacobians.apply_per_sample(j, _reshape_entries(out)), ctx)]
 
 
 @registry.register("ExpandDims", linear=True, diagonal=True)
@@ -231,8 +245,10 @@ def _expand_dims(op, j, ctx):
     return [MIXED]
   if j.diagonal and axis % rank != rank - 1:
     # `d` has the axes of the tensor; the feature axis stays last.
-    return [j.with_value(tf.expand_dims(j.value, axis % rank))]
-  return [jacobians.apply_per_sample(j, _reshape_entries(op.outputs[0]))]
+    out = j.with_value(tf.expand_dims(j.value, axis % rank))
+  else:
+    out = jacobians.apply_per_sample(j, _reshape_entries(op.outputs[0]))
+  return [_view(j, out, ctx)]
 
 
 @registry.register("Squeeze", linear=True)
@@ -245,7 +261,8 @@ def _squeeze(op, j, ctx):
     not dims and tf.compat.dimension_value(u.shape[0]) in (None, 1)
   ):
     return [MIXED]
-  return [jacobians.apply_per_sample(j, _reshape_entries(op.outputs[0]))]
+  out = jacobians.apply_per_sample(j, _reshape_entries(op.outputs[0]))
+  return [_view(j, out, ctx)]
 
 
 def _transposed(jac, perm, fn=None):
@@ -461,14 +478,28 @@ def _strided_slice(op, j, ctx):
   }
   _, begin, end, strides = op.inputs
   if j.diagonal and _inserts_axes_only(op):
-    return [
-      j.with_value(tf.strided_slice(j.value, begin, end, strides, **attrs))
-    ]
-  return [
-    jacobians.apply_per_sample(
+    out = j.with_value(tf.strided_slice(j.value, begin, end, strides, **attrs))
+  else:
+    out = jacobians.apply_per_sample(
       j, lambda m: tf.strided_slice(m, begin, end, strides, **attrs)
     )
-  ]
+  if _keeps_every_entry(op):
+    out = _view(j, out, ctx)
+  return [out]
+
+
+def _keeps_every_entry(op):
+  """Whether a `StridedSlice` keeps every entry of a sample, in order: its
+  strides are 1 and the entries as many (axes of 1 inserted or removed)."""
+  u, v = op.inputs[0], op.outputs[0]
+  strides = tf.get_static_value(op.inputs[3])
+  return (
+    strides is not None
+    and all(int(s) == 1 for s in np.reshape(strides, [-1]))
+    and u.shape[1:].is_fully_defined()
+    and v.shape[1:].is_fully_defined()
+    and u.shape[1:].num_elements() == v.shape[1:].num_elements()
+  )
 
 
 @registry.register("Slice", linear=True)
