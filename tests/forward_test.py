@@ -978,7 +978,12 @@ class SummedPartsTest(
           summed = jacobians.summed_parts(jac, axes, keepdims, n, k)
           self.assertFalse(summed.shared or summed.diagonal)
           sums[tuple(axes), keepdims] = summed.value
-          if then != "add_dense":  # Only that part is (N, K, *e) itself.
+          # Where every part's own axes are summed, a matmul each: no
+          # product (N, K, *e) is written.
+          own = {i + 1 for i in range(3) if i not in ones}
+          if then == "add_parts":
+            own.add(2)
+          if then != "add_dense" and own <= set(axes):
             self.assertNoProductWritten(summed.value, n * k * np.prod(e))
       with tf.compat.v1.Session() as sess:
         got = sess.run(sums)

@@ -313,10 +313,11 @@ def fit(jac, out):
 
 def summed_parts(jac, axes, keepdims, n, k):
   """`J` of `reduce_sum(v, axes, keepdims)` from the parts of `jac`, the
-  dense Jacobian of `v` `(N, *e)`: one `tf.einsum` of each base by its
-  factor (a batched matmul where the sum runs over axes of both), without
-  writing their product. `None` where `jac` has no parts, is not dense, or
-  an entry shape is not static.
+  dense Jacobian of `v` `(N, *e)`: a base whose own axes (those it does
+  not broadcast along) are all summed is one batched matmul by its factor
+  (`tf.einsum`), without writing their product; a base alone is summed
+  alone; only the other parts write their product. `None` where `jac` has
+  no parts, is not dense, or an entry shape is not static.
 
   `axes`: the summed entry axes of `v` (from 1), sorted; `n`, `k`: the
   batch size and K (not read from `jac.value`: then TensorFlow would run
@@ -353,19 +354,28 @@ def summed_parts(jac, axes, keepdims, n, k):
       base.value, concat(dims(base.value, 0, base.lead), [full[i] for i in own])
     )
     if factor is None and all(i in own for i in summed if i in big):
+      # A sum of the base alone (an einsum of one operand is slower).
       out = [i for i in kept if i in own]
-      part = tf.einsum(
-        f"{lead}{subscripts(own)}->{lead}{subscripts(out)}", value
+      part = tf.reduce_sum(
+        value, [len(lead) + own.index(i) for i in summed if i in own]
       )
     else:
       out = [i for i in kept if i in big]
       factor = tf.cast(1 if factor is None else factor, value.dtype)
-      factor = tf.reshape(
-        tf.broadcast_to(factor, concat([n], full)),
-        concat([n], [full[i] for i in big]),
-      )
-      lead, equation = "nk", f"{lead}{subscripts(own)},n{subscripts(big)}"
-      part = tf.einsum(f"{equation}->nk{subscripts(out)}", value, factor)
+      factor = tf.broadcast_to(factor, concat([n], full))
+      if all(i in summed for i in own):
+        # A batched matmul `(N, K, own) x (N, own, rest)`.
+        factor = tf.reshape(factor, concat([n], [full[i] for i in big]))
+        equation = f"{lead}{subscripts(own)},n{subscripts(big)}"
+        part = tf.einsum(f"{equation}->nk{subscripts(out)}", value, factor)
+      else:
+        # The base keeps axes of its own, which an einsum would make batch
+        # axes beside the tangents' (3-4 times slower, measured): the
+        # product, written, then summed.
+        part = tf.reduce_sum(
+          base.value * tf.expand_dims(factor, 1), [2 + i for i in summed]
+        )
+      lead = "nk"
     # The kept axes, of 1 where this part broadcasts along them.
     part = tf.reshape(
       part,
