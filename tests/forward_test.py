@@ -507,6 +507,38 @@ class ForwardModelsTest(
     self.assertEqual(empty[0].shape, (0, _K, _K))
     self.assertEqual(empty[1].shape, (0,))
 
+  @parameterized.parameters(
+    testing_utils.in_turn(model=["halved", "scaled_distances"])
+  )
+  def test_linear_models_with_divisions_are_zeros(self, model, cf):
+    # A division may curve, but not by a constant: no term at all.
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      if model == "halved":
+        y = tf.reduce_sum(x / 2.0, 1)
+      else:
+        centres = tf.constant(_RNG.normal(size=(3, _K)))
+        y = (
+          tf.reduce_sum((x[:, None, :] - centres) / 1.5, [1, 2]) + _lin(x)[:, 0]
+        )
+      outs = [
+        f(y, x, method=method)
+        for method in ("forward", "auto")
+        for f in (
+          tf1hess.batch_hessians,
+          tf1hess.batch_hessian_diagonals,
+          tf1hess.batch_laplacians,
+        )
+      ]
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(outs + [rows], {x: x_val_of(3)})
+    for value, shape in zip(
+      got, [(3, _K, _K), (3, _K), (3,)] * 2 + [(3, _K, _K)]
+    ):
+      self.assertAllEqual(value, np.zeros(shape))
+
   def test_float32_tanh_mlp_against_the_analytic_hessian(self):
     weights = testing_utils.mlp_weights(5, hidden=7)
     x_val = _RNG.normal(size=(9, 5))

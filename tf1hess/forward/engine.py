@@ -608,7 +608,8 @@ def second_derivatives(ys, x, mode):
         if out != (1, False):
           groups[_key(t)] = out
         jacs[_key(t)] = j
-  if not ctx.pending:
+
+  def zeros():
     shape = {
       jacobians.HESSIAN: tf.stack([n, k, k]),
       jacobians.DIAGONAL: tf.stack([n, k]),
@@ -617,6 +618,9 @@ def second_derivatives(ys, x, mode):
     value = tf.zeros(shape, x.dtype)
     work.ops += len(x.graph.get_operations()) - ops_before
     return Result(value, False, work, mixed)
+
+  if not ctx.pending:
+    return zeros()
   # An elementwise op's adjoint is taken after the sum or mean that is its
   # output's only use: one entry per summed group, not broadcast.
   sums = [_summed_by(t, ctx.path, ys) if e else None for t, _, e in ctx.pending]
@@ -651,6 +655,9 @@ def second_derivatives(ys, x, mode):
       and not (term.a.diagonal and term.b.diagonal)
     )
 
+  if not grouped:
+    # Ops that may curve did not here (`x / 2`: a division by a constant).
+    return zeros()
   batch = tf.compat.dimension_value(x.shape[0])
   terms = [_summed_over_broadcasts(t, n, x, work) for t in grouped.values()]
   if mode == jacobians.HESSIAN:
