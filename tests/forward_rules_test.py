@@ -289,6 +289,20 @@ _RULES = {
       + tf.reverse(x[:, None, :] * _W[:3], [-1, 1]) * _W[4]
     ),
   ),
+  # Along the features, along two inner axes at once, and backwards.
+  "Roll": (
+    "Roll",
+    lambda x: (
+      tf.tanh(tf.roll(_lin(x), 2, 1)) * tf.sin(x)
+      + tf.reshape(
+        tf.square(
+          tf.roll(tf.reshape(tf.sin(_lin(x)), [-1, 2, 3]), [1, -1], [1, -1])
+        ),
+        [-1, _K],
+      )
+      + tf.roll(x * x, -1, -1)
+    ),
+  ),
   # Along the features, exclusive and reversed, and along an inner axis.
   "Cumsum": (
     "Cumsum",
@@ -416,6 +430,7 @@ NEW_OP_TYPES = {
   "Select",
   "SelectV2",
   "ReverseV2",
+  "Roll",
   "Cumsum",
   "Prod",
   "SpaceToBatchND",
@@ -496,6 +511,19 @@ class ForwardRulesTest(
         models |= {op.type for op in graph.get_operations()}
     self.assertEmpty(NEW_OP_TYPES - models)
     self.assertEmpty(NEW_OP_TYPES - set(registry.RULES))
+
+  def test_roll_over_the_batch_mixes_samples(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      rolled = tf.roll(tf.sin(x), 1, 0)
+      linear = tf.reduce_sum(rolled, 1)  # Linear after the roll: followed.
+      h = tf1hess.batch_hessians(linear, x, method="forward")
+      rows = tf1hess.batch_hessians(linear, x, method="while_loop")
+      with self.assertRaisesRegex(ValueError, "mixes samples"):
+        tf1hess.batch_hessians(tf.tanh(rolled), x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        got, want = sess.run([h, rows], {x: _RNG.normal(size=(3, _K))})
+    self.assertAllClose(got, want, atol=1e-12)
 
   def test_flatten_by_another_batch_size_raises(self):
     # A first axis read from another tensor's shape, which differs at run

@@ -542,6 +542,20 @@ def _reverse(op, j, ctx):
   return [jacobians.apply_per_sample(j, lambda m: tf.reverse(m, axes))]
 
 
+@registry.register("Roll", linear=True)
+@registry.of_first_input
+def _roll(op, j, ctx):
+  """`tf.roll` along entry axes (periodic shifts, as stencils on periodic
+  grids use); along the batch axis it mixes samples."""
+  rank = registry.static_rank(op.inputs[0], op)
+  shift = np.reshape(registry.static_value(op.inputs[1], "shift", op), [-1])
+  axes = np.reshape(registry.static_value(op.inputs[2], "axis", op), [-1])
+  axes = [int(a) % rank for a in axes]
+  if 0 in axes:
+    return [MIXED]
+  return [jacobians.apply_per_sample(j, lambda m: tf.roll(m, shift, axes))]
+
+
 @registry.register("Cumsum", linear=True)
 @registry.of_first_input
 def _cumsum(op, j, ctx):
@@ -959,6 +973,7 @@ registry.rowwise(
   "Slice",
   "Tile",
   "ReverseV2",
+  "Roll",
   "Cumsum",
   "Pad",
   "PadV2",
