@@ -21,6 +21,7 @@ import testing_utils
 import tf1hess
 from tf1hess import finite_differences
 from tf1hess import forward
+from tf1hess.forward import chunks as forward_chunks
 from tf1hess.forward import dispatch
 from tf1hess.forward import engine
 from tf1hess.forward import registry
@@ -745,6 +746,70 @@ class ByBatchSizeTest(
           below_val, above_val = sess.run([below, above], {x: x_val[:n]})
           self.assertAllClose(below_val, (3 - factor) * want, atol=1e-10)
           self.assertAllClose(above_val, factor * want, atol=1e-10)
+
+  @parameterized.parameters(1, 2)
+  def test_the_engine_in_chunks_runs_none_of_the_rows_passes(self, version):
+    # What a branch reads from outside the cond runs whichever branch is
+    # taken: where the engine walks chunks, the rows differentiate a copy
+    # of the model made in their branch, so that taking the engine runs no
+    # forward or backward pass of the model over the whole batch.
+    self.control_flow(version)
+    x_val = _RNG.normal(size=(40, 3))
+    with (
+      tf.Graph().as_default(),
+      mock.patch.object(forward_chunks, "MIN_CHUNK", 8),
+      mock.patch.object(forward_chunks, "CHUNK_BYTES", 2**9),
+    ):
+      w1, b1, w2 = (tf.constant(w) for w in testing_utils.mlp_weights(3, 6))
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      with tf.name_scope("model"):
+        y = tf.reduce_sum(tf.tanh(tf.matmul(x, w1) + b1) * w2, axis=1)
+      with mock.patch.object(
+        dispatch, "choose", return_value=dispatch.Choice(True, 30)
+      ):
+        switched = tf1hess.batch_hessians(y, x)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      # A loss on the Hessians, differentiated for training, through the
+      # cond and through the rows alone.
+      grads = [
+        tf.gradients(tf.reduce_sum(tf.square(h)), [w1, b1, w2])
+        for h in (switched, rows)
+      ]
+      options = tf.compat.v1.RunOptions(
+        trace_level=tf.compat.v1.RunOptions.FULL_TRACE
+      )
+      with tf.compat.v1.Session() as sess:
+        for n in (10, 40):  # The engine, then the rows.
+          metadata = tf.compat.v1.RunMetadata()
+          got, want = sess.run(
+            [switched, rows],
+            {x: x_val[:n]},
+            options=options,
+            run_metadata=metadata,
+          )
+          self.assertAllClose(got, want, atol=1e-10)
+          got, want = sess.run(grads, {x: x_val[:n]})
+          for g, w in zip(got, want):
+            self.assertAllClose(g, w, atol=1e-10)
+          metadata_switched = tf.compat.v1.RunMetadata()
+          sess.run(
+            switched,
+            {x: x_val[:n]},
+            options=options,
+            run_metadata=metadata_switched,
+          )
+          ran = {
+            node.node_name
+            for device in metadata_switched.step_stats.dev_stats
+            for node in device.node_stats
+          }
+          self.assertEqual("model/Tanh" in ran, False)
+          outside = [
+            name
+            for name in ran
+            if "/gradients/" in name and "/by_batch_size/" not in name
+          ]
+          self.assertEmpty(outside)
 
   @parameterized.parameters(1, 2)
   def test_derivatives_with_respect_to_weights(self, version):

@@ -187,7 +187,13 @@ def _derivatives(
     results = []
     for x, g in zip(xs_list, grads):
 
-      def rows(check=False, x=x, g=g):
+      def rows(check=False, x=x, g=g, model=None):
+        if model is not None:
+          # In a branch of `dispatch`'s `tf.cond` on N: the rows of this
+          # copy of the model `(ys, x)`, so that a run that takes the other
+          # branch makes none of their forward or backward pass.
+          copied_ys, x = model
+          (g,) = tf.gradients(copied_ys, [x], unconnected_gradients=unconnected)
         result = _core.per_sample_derivatives(
           x,
           g,

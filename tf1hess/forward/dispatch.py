@@ -611,7 +611,21 @@ def _by_batch_size(ys, x, mode, choice, rows, planned):
   def walk():
     return shaped(_walk(ys, x, mode, planned).value, x, mode)
 
-  below, above = (walk, rows) if choice.engine else (rows, walk)
+  def own_rows():
+    # What a branch reads from outside the cond is computed by every run,
+    # whichever branch it takes. Where the engine walks chunks (each on a
+    # copy of the model), the rows differentiate a copy of the model made
+    # in their branch: no forward or backward pass of the model outside.
+    # Otherwise the engine reads the model's tensors anyway; the rows'
+    # gradient stays the one made outside (a gradient made in a branch of
+    # a control flow v2 cond, of tensors outside it, then differentiated
+    # again, missed terms: a per-sample scaled quadratic form was wrong).
+    if planned is None:
+      return rows()
+    x_copy = tf.identity(x)
+    return rows(model=(planned.copy(x_copy), x_copy))
+
+  below, above = (walk, own_rows) if choice.engine else (own_rows, walk)
   return tf.cond(
     tf.shape(x)[0] < choice.switch, below, above, name="by_batch_size"
   )
@@ -674,7 +688,8 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
       another (the rows).
     unconnected: a `tf.UnconnectedGradients`.
     rows: a callable that builds the row loop's result, a `Tensor` shaped
-      like this function's.
+      like this function's; `rows(model=(ys_copy, x_copy))` builds it on a
+      copy of the model (in a branch of a `tf.cond`).
 
   Returns:
     `(result, True)` with `result` shaped like the row loop's (`None` when
