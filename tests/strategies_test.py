@@ -188,6 +188,36 @@ class GraphStrategiesTest(
     self.assertAllClose(out, scale_val[:, :, None] * (_A + _A.T))
 
   @parameterized.parameters(
+    testing_utils.in_turn(
+      strategy=list(_STRATEGIES),
+      made_by=["identity", "add", "reshape"],
+      model=["square", "quadratic_form"],
+    )
+  )
+  def test_input_made_by_a_linear_op(self, strategy, made_by, model, cf):
+    # `x = tf.identity(inputs)`: the shortcuts stop at `x`, not at what
+    # made it (the quadratic form came out zero by the pfor rows).
+    self.control_flow(cf)
+    kwargs = self.strategy(strategy)
+    rng = np.random.default_rng(8)
+    inputs_val = rng.normal(size=(5, 4))
+    with tf.Graph().as_default():
+      inputs = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      x = {
+        "identity": lambda: tf.identity(inputs),
+        "add": lambda: inputs + 0.5,
+        "reshape": lambda: tf.reshape(inputs, [-1, 4]),
+      }[made_by]()
+      if model == "square":
+        y, want = tf.reduce_sum(x * x, axis=1), 2 * np.eye(4)
+      else:
+        y, want = _quadratic(x), _A + _A.T
+      h = tf1hess.batch_hessians(y, x, **kwargs)
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(h, {inputs: inputs_val})
+    self.assertAllClose(out, np.broadcast_to(want, out.shape))
+
+  @parameterized.parameters(
     testing_utils.in_turn(2, strategy=list(_STRATEGIES))
   )
   def test_broadcast_inside_the_model(self, strategy, cf):

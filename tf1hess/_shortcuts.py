@@ -136,7 +136,9 @@ def tail_terms(target, graph, max_terms):
     if len(done) + len(todo) > max_terms:
       return [(target, ())]
     t, steps = todo.pop()
-    pulled = _pull_back(t, graph)
+    # The input itself may be made by a linear op (`tf.identity(x)`, `x +
+    # c`): its cotangent is not pulled back past it.
+    pulled = None if _same_tensor(t, graph.source) else _pull_back(t, graph)
     if pulled is None:
       done.append((t, steps))
     else:
