@@ -10,11 +10,13 @@ float64. The tool runs more seeds by hand (see its docstring).
 
 import os
 import sys
+from unittest import mock
 
 from absl.testing import parameterized
 import tensorflow as tf
 
 import testing_utils
+from tf1hess.forward import chunks as forward_chunks
 
 sys.path.insert(
   0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools")
@@ -38,6 +40,23 @@ class ForwardFuzzTest(
     self.control_flow(cf)
     seed, k, lists = case
     lines, results, _ = forward_fuzz.check_seed(seed, _MODES, k, 5, lists)
+    self._assert_agree(lines, results)
+
+  @parameterized.parameters(testing_utils.in_turn(seed=[300, 301, 302, 303]))
+  def test_auto_switching_on_n_agrees_with_the_rows(self, seed, cf):
+    # A tf.cond on N that runs the engine (even seeds) or the rows (odd),
+    # the engine in chunks of 8 samples, the rows on a copy of the model.
+    self.control_flow(cf)
+    with (
+      mock.patch.object(forward_chunks, "MIN_CHUNK", 8),
+      mock.patch.object(forward_chunks, "CHUNK_BYTES", 2**10),
+    ):
+      lines, results, _ = forward_fuzz.check_seed(
+        seed, _MODES, 6, 24, False, switch=True
+      )
+    self._assert_agree(lines, results)
+
+  def _assert_agree(self, lines, results):
     failed = [
       (mode, detail) for mode, status, detail in results if status == "failed"
     ]

@@ -21,10 +21,12 @@ end, and exits with 1 when anything failed.
   ... --control_flow=1   # control flow v1
   ... --lists            # ys: [output, an intermediate tensor]
   ... --chunks           # 600 rows, walked by the engine in chunks of 8
+  ... --switch           # auto's tf.cond on N: engine (even seeds) or rows
 """
 
 import sys
 import traceback
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -33,6 +35,7 @@ import tensorflow as tf
 
 import tf1hess
 from tf1hess.forward import chunks as forward_chunks
+from tf1hess.forward import dispatch
 
 _SEEDS = flags.DEFINE_string("seeds", "0:50", "Range of seeds, lo:hi.")
 _MODES = flags.DEFINE_list("modes", "hessian,diagonal,laplacian", "To check.")
@@ -43,6 +46,12 @@ _K = flags.DEFINE_integer("k", 6, "Input features.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch", 5, "Rows of the batch.", lower_bound=1)
 _CHUNKS = flags.DEFINE_bool("chunks", False, "600 rows, in chunks of 8.")
 _LISTS = flags.DEFINE_bool("lists", False, "ys: [y, an intermediate tensor].")
+_SWITCH = flags.DEFINE_bool(
+  "switch",
+  False,
+  "method='auto' with its choice forced to a tf.cond on N between the"
+  " engine and the rows, the engine taken on even seeds, the rows on odd.",
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print every model.")
 
 _MAX_ENTRIES = 96  # Entries per sample of a model's tensor.
@@ -370,12 +379,20 @@ def _error(e):
   )
 
 
-def _check(sess, feed, ys, x, mode, h):
-  """`(status, detail, chunked)` of the forward `mode` against the rows' `h`."""
+def _check(sess, feed, ys, x, mode, h, switch=None):
+  """`(status, detail, chunked)` of the forward `mode` against the rows' `h`.
+
+  `switch`: `None`, or the `dispatch.Choice` that `method="auto"` is made
+  to take.
+  """
   graph, (fn, from_rows) = x.graph, _MODES_CHECKED[mode]
   before = len(graph.get_operations())
   try:
-    forward = fn(ys, x, method="forward")
+    if switch is None:
+      forward = fn(ys, x, method="forward")
+    else:
+      with mock.patch.object(dispatch, "choose", return_value=switch):
+        forward = fn(ys, x, method="auto")
   except ValueError as e:
     if str(e).startswith(_DECLINED):
       return "declined", str(e).splitlines()[0], False
@@ -397,10 +414,13 @@ def _check(sess, feed, ys, x, mode, h):
   return "agree", "", chunked
 
 
-def check_seed(seed, modes, k, batch, lists):
+def check_seed(seed, modes, k, batch, lists, switch=False):
   """Checks the model of `seed`: its description, `[(mode, status, detail)]`
   (status "agree", "declined" or "failed") and the count of forward walks
-  in chunks."""
+  in chunks. With `switch`, `method="auto"` made to build a `tf.cond` on N
+  that runs the engine on even seeds and the rows on odd ones."""
+  # The engine from N = `batch` on (even seeds), or under it (odd seeds).
+  choice = dispatch.Choice(seed % 2 == 1, batch) if switch else None
   x_rng, model_rng = np.random.default_rng(seed).spawn(2)
   x_value = x_rng.normal(size=[batch, k])
   with tf.Graph().as_default() as graph:
@@ -416,7 +436,7 @@ def check_seed(seed, modes, k, batch, lists):
         return model.lines, [(m, "failed", detail) for m in modes], 0
       results, chunked = [], 0
       for mode in modes:
-        status, detail, walked = _check(sess, feed, ys, x, mode, h)
+        status, detail, walked = _check(sess, feed, ys, x, mode, h, choice)
         results.append((mode, status, detail))
         chunked += walked
   return model.lines, results, chunked
@@ -427,6 +447,7 @@ def _command(seed):
   args = [f"--seeds={seed}:{seed + 1}", f"--control_flow={_CONTROL_FLOW.value}"]
   args += [f"--k={_K.value}", f"--batch={_BATCH.value}"]
   args += ["--chunks"] * _CHUNKS.value + ["--lists"] * _LISTS.value
+  args += ["--switch"] * _SWITCH.value
   return "tools/forward_fuzz.py " + " ".join(args)
 
 
@@ -448,7 +469,7 @@ def main(argv):
   chunked = 0
   for seed in range(lo, hi):
     lines, results, walks = check_seed(
-      seed, modes, _K.value, batch, _LISTS.value
+      seed, modes, _K.value, batch, _LISTS.value, _SWITCH.value
     )
     chunked += walks
     model = "\n".join("    " + line for line in lines)
