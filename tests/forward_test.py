@@ -1153,12 +1153,7 @@ class PulledBackTest(tf.test.TestCase, parameterized.TestCase):
       pulled = jacobians.pulled_back(term, n)
       self.assertIs(pulled.a, u)
       self.assertIs(pulled.b, u if layout == "same" else w)
-      modes = jacobians.MODES
-      got = [jacobians.contract(pulled, m, n, k) for m in modes]
-      want = [jacobians.contract(term, m, n, k) for m in modes]
-      got, want = self.evaluate([got, want])
-    for g, w in zip(got, want):
-      self.assertAllClose(g, w, atol=1e-12)
+      self.assertSameContractions(pulled, term, n, k)
 
   @parameterized.product(
     base=["dense", "shared"], layout=["same", "pair"], symmetric=[False, True]
@@ -1190,10 +1185,13 @@ class PulledBackTest(tf.test.TestCase, parameterized.TestCase):
       pulled = jacobians.pulled_back(term, n)
       self.assertIs(pulled.a, ju)
       self.assertIs(pulled.b, jw if layout == "pair" else ju)
-      modes = jacobians.MODES
-      got = [jacobians.contract(pulled, m, n, k) for m in modes]
-      want = [jacobians.contract(term, m, n, k) for m in modes]
-      got, want = self.evaluate([got, want])
+      self.assertSameContractions(pulled, term, n, k)
+
+  def assertSameContractions(self, pulled, term, n, k):  # pylint: disable=invalid-name
+    modes = jacobians.MODES
+    got = [jacobians.contract(pulled, m, n, k) for m in modes]
+    want = [jacobians.contract(term, m, n, k) for m in modes]
+    got, want = self.evaluate([got, want])
     for g, w in zip(got, want):
       self.assertAllClose(g, w, atol=1e-12)
 
