@@ -421,7 +421,8 @@ def check_seed(seed, modes, k, batch, lists, switch=False):
   that runs the engine on even seeds and the rows on odd ones."""
   # The engine from N = `batch` on (even seeds), or under it (odd seeds).
   choice = dispatch.Choice(seed % 2 == 1, batch) if switch else None
-  x_rng, model_rng = np.random.default_rng(seed).spawn(2)
+  # Two streams of one seed (`Generator.spawn` needs numpy 1.25).
+  x_rng, model_rng = (np.random.default_rng([seed, i]) for i in range(2))
   x_value = x_rng.normal(size=[batch, k])
   with tf.Graph().as_default() as graph:
     x = tf.compat.v1.placeholder(tf.float64, [None, k], name="x")
