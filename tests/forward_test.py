@@ -873,8 +873,9 @@ class ShapesTest(tf.test.TestCase):
 
 
 class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
-  """`jacobians.summed_over_broadcasts` against the terms' definition,
-  `sum_e c[n, e] J_a[n, :, e] J_b[n, :, e]^T` (+ its transpose), in numpy."""
+  """`jacobians.summed_over_broadcasts` after `pulled_back`, as the engine
+  calls them, against the terms' definition, `sum_e c[n, e] J_a[n, :, e]
+  J_b[n, :, e]^T` (+ its transpose), in numpy."""
 
   @parameterized.product(
     layout=["b_broadcast", "a_broadcast", "same"],
@@ -906,8 +907,11 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
         "same": (broad, broad),
       }[layout]
       term = jacobians.Term(tf.constant(c_val), a, b, symmetric)
-      summed = jacobians.summed_over_broadcasts(term, n)
+      pulled = jacobians.pulled_back(term, n)
+      summed = jacobians.summed_over_broadcasts(pulled, n)
       self.assertIsNot(summed, term)
+      # A square of the broadcast factor is pulled back, the others not.
+      self.assertEqual(pulled is term, layout != "same")
       self.assertEqual(summed.a.value.shape[-2:], small)
       self.assertEqual(summed.b.value.shape[-2:], small)
       modes = jacobians.MODES

@@ -549,25 +549,18 @@ def summed_over_broadcasts(term, n):
   times a tensor of M: the cross term `sum_e c[e] J_a[:, e] J_b[:, e]^T`
   with `J_b` the same along `e` is `(sum_e c[e] J_a[:, e]) J_b^T`, an outer
   product, where the contraction would be K times the work. `c` times the
-  other factor is summed over the broadcast axes first; for a square of
-  the broadcast factor, `c` alone.
+  other factor is summed over the broadcast axes first. (A square of the
+  broadcast factor, or two factors broadcast along the same axes, are
+  `pulled_back` first: `c` alone is summed.)
 
   Args:
-    term: a `Term`.
+    term: a `Term`, as `pulled_back` leaves it.
     n: the batch size.
 
   Returns:
     The `Term`, or `term` itself where neither factor is such a broadcast.
   """
   a, b = term.a, term.b
-  if a is b:
-    axes = _broadcast_axes(a)
-    if axes is None:
-      return term
-    c = tf.reduce_sum(
-      _full_c(term.c, a, n), axis=[1 + i for i in axes], keepdims=True
-    )
-    return Term(c, a.source, symmetric=term.symmetric)
   for broad, other in ((b, a), (a, b)):
     axes = _broadcast_axes(broad)
     if axes is None:

@@ -41,6 +41,15 @@ def reduction_axes(op):
   return sorted({int(a) % rank for a in axes}) if rank else []
 
 
+def _count(u, axes):
+  """The entries of `u` that a `Mean` over `axes` averages: an `int` where
+  the sizes are static, else a scalar tensor."""
+  sizes = [tf.compat.dimension_value(u.shape[a]) for a in axes]
+  if None not in sizes:
+    return int(np.prod(sizes, dtype=np.int64))
+  return tf.reduce_prod(tf.gather(tf.shape(u), axes))
+
+
 def _diagonal_sum(op, j, axes, keepdims):
   """`Sum`/`Mean` of a tensor of diagonal Jacobian `j` over `axes`."""
   u, out = op.inputs[0], op.outputs[0]
@@ -51,8 +60,7 @@ def _diagonal_sum(op, j, axes, keepdims):
     jacobians.concat(jacobians.dims(j.value, 0, 1), jacobians.dims(u, 1)),
   )
   if op.type == "Mean":
-    count = tf.reduce_prod(tf.gather(tf.shape(u), axes))
-    d = d / tf.cast(count, d.dtype)
+    d = d / tf.cast(_count(u, axes), d.dtype)
   if rank - 1 not in axes:
     return jacobians.diagonal(tf.reduce_sum(d, axis=axes, keepdims=keepdims))
   # The feature axis is summed: entry e' of the output holds d[..., k] for
@@ -87,8 +95,7 @@ def _sum(op, j, ctx):
   summed = jacobians.summed_parts(j, axes, keepdims, ctx.n, ctx.k)
   if summed is not None:
     if op.type == "Mean":
-      count = np.prod([op.inputs[0].shape[a] for a in axes], dtype=np.int64)
-      summed = jacobians.scale(summed, 1 / count)
+      summed = jacobians.scale(summed, 1 / _count(op.inputs[0], axes))
     return [summed]
   return [
     jacobians.apply_per_sample(

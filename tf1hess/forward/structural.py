@@ -43,7 +43,8 @@ def _view(j, out, ctx):
 
 
 def _keeps_batch(op):
-  """Whether a reshape of input `(N, *e)` to `(M, *e')` has `M = N`.
+  """Whether a reshape (or a slice) of input `(N, *e)` to `(M, *e')` has
+  `M = N`.
 
   Known when both `e` and `e'` are static with as many elements: the total
   size then makes `M = N`.
@@ -491,14 +492,11 @@ def _strided_slice(op, j, ctx):
 def _keeps_every_entry(op):
   """Whether a `StridedSlice` keeps every entry of a sample, in order: its
   strides are 1 and the entries as many (axes of 1 inserted or removed)."""
-  u, v = op.inputs[0], op.outputs[0]
   strides = tf.get_static_value(op.inputs[3])
   return (
     strides is not None
     and all(int(s) == 1 for s in np.reshape(strides, [-1]))
-    and u.shape[1:].is_fully_defined()
-    and v.shape[1:].is_fully_defined()
-    and u.shape[1:].num_elements() == v.shape[1:].num_elements()
+    and _keeps_batch(op)
   )
 
 
