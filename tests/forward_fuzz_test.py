@@ -5,7 +5,9 @@ model of 3-7 ops (dense layers, elementwise functions, products, distances
 to centres, matmuls written as broadcasts, pairwise products, reductions,
 softmax, reshapes, slices, gathers, tiles, layer normalization) and checks
 the engine's Hessians, diagonals and Laplacians against the row loop's in
-float64. The tool runs more seeds by hand (see its docstring).
+float64, and the rows' other builds (pfor, auto's unrolled, looped and
+vectorized rows) against the plain loop. The tool runs more seeds by hand
+(see its docstring).
 """
 
 import os
@@ -56,12 +58,23 @@ class ForwardFuzzTest(
       )
     self._assert_agree(lines, results)
 
-  def _assert_agree(self, lines, results):
+  @parameterized.parameters(testing_utils.in_turn(seed=[400, 401, 402]))
+  def test_other_row_builds_agree_with_the_loop(self, seed, cf):
+    # pfor (whole and in chunks), and auto's unrolled, looped and
+    # vectorized rows with the linear shortcuts, against the plain loop.
+    self.control_flow(cf)
+    rows = sorted(forward_fuzz._ROW_BUILDS)  # pylint: disable=protected-access
+    lines, results, _ = forward_fuzz.check_seed(
+      seed, _MODES, 6, 5, seed == 402, rows=rows
+    )
+    self._assert_agree(lines, results, len(rows))
+
+  def _assert_agree(self, lines, results, builds=1):
     failed = [
       (mode, detail) for mode, status, detail in results if status == "failed"
     ]
     self.assertEmpty(failed, msg="\n".join(lines))
-    self.assertLen(results, len(_MODES))
+    self.assertLen(results, len(_MODES) * builds)
 
 
 if __name__ == "__main__":

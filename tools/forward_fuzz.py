@@ -22,6 +22,13 @@ end, and exits with 1 when anything failed.
   ... --lists            # ys: [output, an intermediate tensor]
   ... --chunks           # 600 rows, walked by the engine in chunks of 8
   ... --switch           # auto's tf.cond on N: engine (even seeds) or rows
+  ... --rows=pfor,vectorized  # the rows' other builds instead of the engine
+
+`--rows` checks the row builds other than the reference loop against it
+instead of the engine: `pfor` (`method="pfor"`), `pfor_chunks` (in chunks
+of 2 rows), and `method="auto"` made to take the rows: `unrolled` (K <= 16
+rows in the graph), `loop` (a loop with the linear shortcuts) and
+`vectorized` (vectorized rows with the shortcuts).
 """
 
 import sys
@@ -51,6 +58,12 @@ _SWITCH = flags.DEFINE_bool(
   False,
   "method='auto' with its choice forced to a tf.cond on N between the"
   " engine and the rows, the engine taken on even seeds, the rows on odd.",
+)
+_ROWS = flags.DEFINE_list(
+  "rows",
+  [],
+  "Row builds to check against the loop instead of the engine: pfor,"
+  " pfor_chunks, unrolled, loop, vectorized.",
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print every model.")
 
@@ -379,20 +392,38 @@ def _error(e):
   )
 
 
-def _check(sess, feed, ys, x, mode, h, switch=None):
-  """`(status, detail, chunked)` of the forward `mode` against the rows' `h`.
+# The row builds of `--rows`: a `Plan`, and the choice `method="auto"` is
+# made to take (`None`: the plan's method decides).
+_ROW_BUILDS = {
+  "pfor": (tf1hess.Plan(method="pfor"), None),
+  "pfor_chunks": (tf1hess.Plan(method="pfor", chunk_size=2), None),
+  "unrolled": (tf1hess.Plan(), dispatch.Choice(False)),
+  "loop": (
+    tf1hess.Plan(unroll_max_rows=1, pfor_min_rows=2**20),
+    dispatch.Choice(False),
+  ),
+  "vectorized": (
+    tf1hess.Plan(unroll_max_rows=1, pfor_min_rows=1),
+    dispatch.Choice(False),
+  ),
+}
 
-  `switch`: `None`, or the `dispatch.Choice` that `method="auto"` is made
-  to take.
-  """
+
+def _build(fn, ys, x, plan, choice):
+  """`fn(ys, x, plan=plan)`, with `method="auto"` made to take `choice`."""
+  if choice is None:
+    return fn(ys, x, plan=plan)
+  with mock.patch.object(dispatch, "choose", return_value=choice):
+    return fn(ys, x, plan=plan)
+
+
+def _check(sess, feed, ys, x, mode, h, plan, choice=None):
+  """`(status, detail, chunked)` of `mode` built with `plan` (and `auto`
+  made to take `choice`, when not `None`) against the loop's `h`."""
   graph, (fn, from_rows) = x.graph, _MODES_CHECKED[mode]
   before = len(graph.get_operations())
   try:
-    if switch is None:
-      forward = fn(ys, x, method="forward")
-    else:
-      with mock.patch.object(dispatch, "choose", return_value=switch):
-        forward = fn(ys, x, method="auto")
+    forward = _build(fn, ys, x, plan, choice)
   except ValueError as e:
     if str(e).startswith(_DECLINED):
       return "declined", str(e).splitlines()[0], False
@@ -414,13 +445,19 @@ def _check(sess, feed, ys, x, mode, h, switch=None):
   return "agree", "", chunked
 
 
-def check_seed(seed, modes, k, batch, lists, switch=False):
+def check_seed(seed, modes, k, batch, lists, switch=False, rows=()):
   """Checks the model of `seed`: its description, `[(mode, status, detail)]`
   (status "agree", "declined" or "failed") and the count of forward walks
   in chunks. With `switch`, `method="auto"` made to build a `tf.cond` on N
-  that runs the engine on even seeds and the rows on odd ones."""
-  # The engine from N = `batch` on (even seeds), or under it (odd seeds).
-  choice = dispatch.Choice(seed % 2 == 1, batch) if switch else None
+  that runs the engine on even seeds and the rows on odd ones. With `rows`
+  (names of `_ROW_BUILDS`), those builds instead of the engine, each mode
+  named `mode/build`."""
+  if rows:
+    builds = {f"/{name}": _ROW_BUILDS[name] for name in rows}
+  elif switch:  # The engine from N = `batch` on (even seeds), or under it.
+    builds = {"": (tf1hess.Plan(), dispatch.Choice(seed % 2 == 1, batch))}
+  else:
+    builds = {"": (tf1hess.Plan(method="forward"), None)}
   # Two streams of one seed (`Generator.spawn` needs numpy 1.25).
   x_rng, model_rng = (np.random.default_rng([seed, i]) for i in range(2))
   x_value = x_rng.normal(size=[batch, k])
@@ -437,9 +474,12 @@ def check_seed(seed, modes, k, batch, lists, switch=False):
         return model.lines, [(m, "failed", detail) for m in modes], 0
       results, chunked = [], 0
       for mode in modes:
-        status, detail, walked = _check(sess, feed, ys, x, mode, h, choice)
-        results.append((mode, status, detail))
-        chunked += walked
+        for name, (plan, choice) in builds.items():
+          status, detail, walked = _check(
+            sess, feed, ys, x, mode, h, plan, choice
+          )
+          results.append((mode + name, status, detail))
+          chunked += walked
   return model.lines, results, chunked
 
 
@@ -449,6 +489,7 @@ def _command(seed):
   args += [f"--k={_K.value}", f"--batch={_BATCH.value}"]
   args += ["--chunks"] * _CHUNKS.value + ["--lists"] * _LISTS.value
   args += ["--switch"] * _SWITCH.value
+  args += [f"--rows={','.join(_ROWS.value)}"] * bool(_ROWS.value)
   return "tools/forward_fuzz.py " + " ".join(args)
 
 
@@ -461,6 +502,8 @@ def main(argv):
   modes = _MODES.value
   if set(modes) - set(_MODES_CHECKED):
     raise app.UsageError(f"--modes: not in {sorted(_MODES_CHECKED)}")
+  if set(_ROWS.value) - set(_ROW_BUILDS):
+    raise app.UsageError(f"--rows: not in {sorted(_ROW_BUILDS)}")
   batch = _BATCH.value
   if _CHUNKS.value:  # Chunks of 8 samples (`chunks._chunk_size`).
     batch = _CHUNK_ROWS
@@ -470,7 +513,7 @@ def main(argv):
   chunked = 0
   for seed in range(lo, hi):
     lines, results, walks = check_seed(
-      seed, modes, _K.value, batch, _LISTS.value, _SWITCH.value
+      seed, modes, _K.value, batch, _LISTS.value, _SWITCH.value, _ROWS.value
     )
     chunked += walks
     model = "\n".join("    " + line for line in lines)
