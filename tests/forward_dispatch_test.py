@@ -446,7 +446,8 @@ class NeitherTest(tf.test.TestCase):
 
 
 class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
-  """TensorFlow's second derivative of some max pools is wrong."""
+  """TensorFlow's second derivative of some max pools (and of resizes and
+  norms) is wrong."""
 
   @parameterized.named_parameters(
     ("same_stride_1", 2, 1, "SAME"),
@@ -505,6 +506,31 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
           LookupError, "gradient of ResizeBilinearGrad"
         ):
           tf1hess.batch_hessians(y, x, method="while_loop")
+
+  def test_a_norm_with_a_zero_adjoint(self):
+    # TensorFlow's gradient of EuclideanNorm divides by the adjoint: where
+    # a ReLU after the norm is off, the rows' second derivative is NaN.
+    x_val = np.random.default_rng(12).normal(size=(4, 6))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 6])
+      norms = tf.math.reduce_euclidean_norm(
+        tf.reshape(tf.sin(x), [-1, 2, 3]), axis=2
+      )
+      y = tf.reduce_sum(tf.nn.relu(norms - 0.7 * x[:, :2] - 0.2), axis=1)
+      (g,) = tf.gradients(y, x)
+      self.assertFalse(dispatch.rows_are_exact(x, g))
+      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
+        auto = tf1hess.batch_hessians(y, x)
+      with self.assertLogs(level="WARNING") as logs:
+        rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        got, from_rows = sess.run([auto, rows], {x: x_val})
+        hessians = finite_differences.finite_difference_hessians(
+          lambda batch: sess.run(y, {x: batch}), x_val
+        )
+    self.assertIn("Euclidean norm's gradient", "".join(logs.output))
+    self.assertTrue(np.isnan(from_rows).any())  # The inputs turn a ReLU off.
+    self.assertAllClose(got, hessians, atol=1e-6)
 
 
 class EagerInFunctionTest(tf.test.TestCase):

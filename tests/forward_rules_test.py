@@ -382,11 +382,123 @@ _RULES = {
       )
     ),
   ),
+  # Over the features, over two axes kept, and of a tensor of one entry.
+  "EuclideanNorm": (
+    "EuclideanNorm",
+    lambda x: (
+      tf.math.reduce_euclidean_norm(_lin(x), axis=1, keepdims=True) * x
+      + tf.reshape(
+        tf.math.reduce_euclidean_norm(
+          tf.reshape(tf.sin(x), [-1, 2, 3, 2]), axis=[1, 3], keepdims=True
+        ),
+        [-1, 3],
+      )[:, :1]
+      + tf.math.reduce_euclidean_norm(x[:, :1] - 3.0, axis=1)[:, None]
+    ),
+  ),
+  # The main diagonal (a trace), and a band of two diagonals padded by 5.
+  "MatrixDiagPartV3": (
+    "MatrixDiagPartV3",
+    lambda x: (
+      lambda m: (
+        tf.concat(
+          [
+            tf.linalg.trace(tf.matmul(m, m))[:, None],
+            tf.reshape(
+              tf.linalg.diag_part(tf.sin(m), k=(-1, 0), padding_value=5.0),
+              [-1, 6],
+            ),
+            x[:, :5],
+          ],
+          1,
+        )
+        * x
+      )
+    )(tf.reshape(_lin(x)[:, :9], [-1, 3, 3])),
+  ),
+  # A diagonal matrix of each sample, and one placed off the diagonal.
+  "MatrixDiagV3": (
+    "MatrixDiagV3",
+    lambda x: (
+      tf.concat(
+        [
+          tf.reshape(
+            tf.matmul(
+              tf.linalg.diag(tf.sin(x[:, :3])),
+              tf.linalg.diag(
+                tf.tanh(_lin(x)[:, :2]), k=1, num_rows=3, num_cols=3
+              ),
+            ),
+            [-1, 9],
+          ),
+          x[:, :3],
+        ],
+        1,
+      )
+      * x
+    ),
+  ),
+  # The ops of older graphs (GraphDefs written before TF 2.3).
+  "MatrixDiagPart_older": (
+    "MatrixDiagPart",
+    lambda x: (
+      lambda m: (
+        tf.concat(
+          [
+            tf.raw_ops.MatrixDiagPart(input=tf.sin(m)),
+            tf.reshape(
+              tf.raw_ops.MatrixDiagPartV2(
+                input=m, k=[-1, 0], padding_value=tf.constant(2.0, x.dtype)
+              ),
+              [-1, 6],
+            ),
+            x[:, :3],
+          ],
+          1,
+        )
+        * x
+      )
+    )(tf.reshape(_lin(x)[:, :9], [-1, 3, 3])),
+  ),
+  "MatrixDiag_older": (
+    "MatrixDiag",
+    lambda x: (
+      tf.reshape(
+        tf.matmul(
+          tf.raw_ops.MatrixDiag(diagonal=tf.sin(x[:, :4])),
+          tf.raw_ops.MatrixDiagV2(
+            diagonal=tf.tanh(_lin(x)[:, :3]),
+            k=-1,
+            num_rows=4,
+            num_cols=4,
+            padding_value=tf.constant(0.5, x.dtype),
+          ),
+        ),
+        [-1, 16],
+      )[:, :_K]
+      * x
+    ),
+  ),
+  # The lower triangle and a band, as a Cholesky-like parametrization does.
+  "MatrixBandPart": (
+    "MatrixBandPart",
+    lambda x: (
+      lambda m: tf.reshape(
+        tf.matmul(tf.linalg.band_part(m, -1, 0), tf.linalg.band_part(m, 1, 1)),
+        [-1, 16],
+      )[:, :_K]
+    )(tf.reshape(tf.concat([_lin(x), tf.sin(x)[:, :4]], 1), [-1, 4, 4])),
+  ),
 }
 
 # TensorFlow has no second-order gradient of these (no MaxPoolGradGrad with
 # explicit padding): the rows fail, the engine is checked against differences.
-_NO_ROWS = {"MaxPool_explicit_padding", "ResizeNearestNeighbor"}
+# Nor a second derivative of EuclideanNorm where its adjoint is 0 (NaN).
+_NO_ROWS = {
+  "MaxPool_explicit_padding",
+  "ResizeNearestNeighbor",
+  "EuclideanNorm",
+}
 
 # Op types tested in float32 here (their CPU kernels have no float64).
 FLOAT32_OP_TYPES = {
@@ -435,6 +547,14 @@ NEW_OP_TYPES = {
   "Prod",
   "SpaceToBatchND",
   "BatchToSpaceND",
+  "EuclideanNorm",
+  "MatrixDiagPartV3",
+  "MatrixDiagV3",
+  "MatrixBandPart",
+  "MatrixDiagPart",
+  "MatrixDiagPartV2",
+  "MatrixDiag",
+  "MatrixDiagV2",
 }
 
 
@@ -524,6 +644,19 @@ class ForwardRulesTest(
       with tf.compat.v1.Session() as sess:
         got, want = sess.run([h, rows], {x: _RNG.normal(size=(3, _K))})
     self.assertAllClose(got, want, atol=1e-12)
+
+  def test_matrices_across_the_batch_are_declined(self):
+    # A rank-2 input: the batch axis is an axis of the matrices.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      h = tf.tanh(x @ tf.constant(_W[:4, :4]))
+      for y in (
+        tf.linalg.diag_part(h),
+        tf.linalg.band_part(h, 0, 1)[:, 0],
+        tf.reduce_sum(tf.linalg.diag(h[:, 0]), 1),
+      ):
+        with self.assertRaisesRegex(ValueError, "as an axis of its matrices"):
+          tf1hess.batch_hessians(tf.sin(y), x, method="forward")
 
   def test_flatten_by_another_batch_size_raises(self):
     # A first axis read from another tensor's shape, which differs at run

@@ -1,4 +1,5 @@
-"""Every ```python block of README.md and docs/*.md runs as written.
+"""Every ```python block of README.md and docs/*.md runs as written, and
+docs/forward.md lists the op types that have a forward rule.
 
 Each block runs in a fresh process, in a temporary folder (```py blocks are
 fragments, such as signatures, and are not run). A block that
@@ -16,6 +17,7 @@ from absl.testing import parameterized
 import tensorflow as tf
 
 from tf1hess import _compat
+from tf1hess.forward import registry
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DOCUMENTS = ["README.md"] + sorted(
@@ -47,6 +49,11 @@ class ReadmeTest(tf.test.TestCase, parameterized.TestCase):
       readme = f.read()
     for document in _DOCUMENTS[1:]:
       self.assertIn(f"]({document})", readme)
+
+  def test_forward_doc_lists_every_rule(self):
+    with open(os.path.join(_ROOT, "docs", "forward.md"), encoding="utf-8") as f:
+      listed = re.search(r"Op types with a rule: `([^`]*)`", f.read())
+    self.assertEqual(sorted(listed.group(1).split()), sorted(registry.RULES))
 
   @parameterized.named_parameters(*_cases())
   def test_block_runs(self, document, index):

@@ -2,6 +2,7 @@
 
 from tf1hess.forward import conv  # noqa: F401 (registers rules)
 from tf1hess.forward import elementwise  # noqa: F401 (registers rules)
+from tf1hess.forward import linalg  # noqa: F401 (registers rules)
 from tf1hess.forward import reductions  # noqa: F401 (registers rules)
 from tf1hess.forward import softmax  # noqa: F401 (registers rules)
 from tf1hess.forward import structural  # noqa: F401 (registers rules)

@@ -215,8 +215,12 @@ def rows_can_differentiate(x, grad):
 # - TensorFlow declares `ResizeBilinearGrad` not differentiable: the rows
 #   take the second derivative through a bilinear resize as 0 (off by half
 #   the Hessian on a tanh layer, resize and sine); older TensorFlow (2.12)
-#   has no gradient of it at all, and the rows raise (`try_forward`).
-# The engine's rules of max pools and resizes are exact there.
+#   has no gradient of it at all, and the rows raise (`try_forward`);
+# - TensorFlow's gradient of `EuclideanNorm` (`tf.math.reduce_euclidean_
+#   norm`) is `u / (norm / adjoint)`: its derivative is not a number
+#   wherever the adjoint is 0 (an entry of the norm that is not used, a
+#   ReLU that is off after it).
+# The engine's rules of max pools, resizes and norms are exact there.
 _MAX_POOL_GRAD = (
   "a max pool's gradient with TensorFlow's MaxPoolGradGrad, which is wrong"
   " for 1 x 1 pools and pools of stride 1 with SAME padding"
@@ -227,6 +231,10 @@ _INEXACT_SECOND_DERIVATIVES = {
   "ResizeBilinearGrad": (
     "a bilinear resize's gradient, which TensorFlow declares not"
     " differentiable: they miss the curvature through the resize"
+  ),
+  "EuclideanNorm": (
+    "a Euclidean norm's gradient, which TensorFlow computes as u / (norm /"
+    " adjoint): its derivative is NaN wherever the adjoint is 0"
   ),
 }
 
@@ -272,7 +280,7 @@ def choose(ys, x, grad, mode, walked, plan=None):
 
   The engine whenever the rows cannot be built (`rows_can_differentiate`)
   or would inherit a wrong second derivative of TensorFlow's
-  (`rows_are_exact`: max pooling).
+  (`rows_are_exact`: max pooling, bilinear resizes, Euclidean norms).
 
   Diagonals and Laplacians take the engine unless the rows need no pass
   per row (`_shortcut`: a Hessian shared by all samples, or one dense

@@ -1,4 +1,5 @@
-"""Forward rules of reductions over entry axes: sums, extrema, products.
+"""Forward rules of reductions over entry axes: sums, extrema, products,
+Euclidean norms.
 
 A reduction over the batch axis mixes samples: a sum is linear and marks
 its output `MIXED`; an extremum or a product is not, and the engine
@@ -186,4 +187,37 @@ def _prod(op, j, ctx):
   return [first]
 
 
-registry.rowwise("Sum", "Mean", "Max", "Min", "Prod")
+def _with_axes_kept(t, u, axes, keepdims):
+  """`t`, a reduction of `u` over `axes`, with those axes kept as 1."""
+  if keepdims:
+    return t
+  shape = tf.tensor_scatter_nd_update(
+    tf.shape(u), [[a] for a in axes], tf.ones([len(axes)], tf.int32)
+  )
+  return tf.reshape(t, shape)
+
+
+@registry.register("EuclideanNorm")
+@registry.of_first_input
+def _euclidean_norm(op, j, ctx):
+  """`v = sqrt(sum u^2)`: `dv = <u, du> / v` and `d2v = (sum du^2 - dv^2)
+  / v`, a term of `J_u` and one of `J_v` (infinite where `v = 0`, where
+  TensorFlow's gradient is not a number either)."""
+  axes = _axes_within_samples(op, "takes the norm")
+  u, out = op.inputs[0], op.outputs[0]
+  keepdims = op.get_attr("keep_dims")
+  kept = _with_axes_kept(out, u, axes, keepdims)
+  first = jacobians.apply_per_sample(
+    jacobians.scale(j, u / kept),
+    lambda m: tf.reduce_sum(m, axis=axes, keepdims=keepdims),
+  )
+
+  def build(adj):
+    c = _with_axes_kept(adj, u, axes, keepdims) / kept
+    return [jacobians.Term(c, j), jacobians.Term(-adj / out, first)]
+
+  ctx.curvature(out, build)
+  return [first]
+
+
+registry.rowwise("Sum", "Mean", "Max", "Min", "Prod", "EuclideanNorm")
