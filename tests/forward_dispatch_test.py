@@ -238,6 +238,40 @@ class WorkTest(tf.test.TestCase):
       # Both inputs and the output, 3 entries each.
       self.assertEqual(work.entries, [0, 9])
 
+  def test_products_not_written_are_not_counted(self):
+    # Squared distances of features to 16 centres: the (N, 4, 16, 8)
+    # Jacobians of the broadcast difference and of its square stay
+    # unwritten products (`Jacobian.parts`) that the sum reads; a matmul
+    # of the differences reads the first one whole.
+    k, centres, m = 4, 16, 8
+    whole = k * centres * m
+
+    def entries(inner_fn, drop):
+      with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float64, [None, k])
+        h = tf.tanh(tf.matmul(x, tf.constant(_RNG.normal(size=(k, m)))))
+        d = h[:, None, :] - tf.constant(_RNG.normal(size=(centres, m)))
+        y = tf.reduce_sum(tf.exp(-tf.reduce_sum(inner_fn(d), -1)), -1)
+        with mock.patch.object(
+          engine.Work, "drop_unrun", drop or (lambda work, ran: None)
+        ):
+          return engine.second_derivatives([y], x, forward.HESSIAN).work
+
+    def square(d):
+      return tf.square(d)
+
+    def matmul(d):
+      return tf.square(tf.matmul(d, tf.constant(_RNG.normal(size=(m, 2)))))
+
+    drop = engine.Work.drop_unrun
+    counted = entries(square, drop)
+    self.assertEqual(counted.maybe_unrun, [])
+    # Each value written once and read once; the parts read instead.
+    everything = entries(square, None).entries[1]
+    self.assertLessEqual(counted.entries[1], everything - 3 * whole)
+    read = entries(matmul, drop)
+    self.assertEqual(read.entries, entries(matmul, None).entries)
+
   def test_unknown_entries(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 3])

@@ -57,6 +57,10 @@ class Work:
     self.entries = [0, 0]
     self.ops = 0
     self.known = True
+    # Entries counted for tensors that may not run, and those read instead
+    # when they do not: `(tensor, (fixed, per_sample), (fixed,
+    # per_sample))` (`drop_unrun`).
+    self.maybe_unrun = []
 
   def add(self, flops=(0, 0), entries=(0, 0), ops=0):
     """Adds `(fixed, per_sample)` pairs of flops and entries, and ops."""
@@ -67,6 +71,14 @@ class Work:
         total[0] += more[0]
         total[1] += more[1]
     self.ops += ops
+
+  def drop_unrun(self, ran):
+    """Counts the entries read instead for the tensors of `maybe_unrun`
+    whose ops are not in `ran`."""
+    for t, (fixed, per_sample), instead in self.maybe_unrun:
+      if t.op not in ran:
+        self.add(entries=(instead[0] - fixed, instead[1] - per_sample))
+    self.maybe_unrun = []
 
   def at(self, n):
     """`(flops, entries, ops)` at batch size `n`, or `None` if not known."""
@@ -221,22 +233,76 @@ def _push(op, ins, outs, work, group=1):
   mine = Work()
   for j in ins:
     mine.add(entries=_jacobian_entries(j))
+    _unwritten(j, _jacobian_entries(j), group, mine)
   for j in outs:
     size, rows = _jacobian_entries(j), 1
     if isinstance(j, registry.Regrouped):
-      size, rows = _jacobian_entries(j.jacobian), j.group / group
+      j, size, rows = j.jacobian, _jacobian_entries(j.jacobian), j.group / group
     if size is not None:
       size = (size[0], rows * size[1])
     mine.add(
       flops=None if size is None else [s * per_entry for s in size],
       entries=size,
     )
+    _unwritten(j, size, group, mine)
   if not mine.known:
     work.known = False
   work.add(
     flops=(mine.flops[0], group * mine.flops[1]),
     entries=(mine.entries[0], group * mine.entries[1]),
   )
+  work.maybe_unrun.extend(mine.maybe_unrun)
+
+
+def _unwritten(jac, size, group, work):
+  """Adds the `size` of `jac`'s value to `work.maybe_unrun` where `jac` has
+  unwritten `parts`: only a rule that reads the value writes it, and a sum
+  of the parts reads their bases and factors instead (about as many
+  flops)."""
+  if not (isinstance(jac, jacobians.Jacobian) and jac.parts and size):
+    return
+  instead = Work()
+  for base, factor in jac.parts:
+    instead.add(entries=_jacobian_entries(base))
+    if isinstance(factor, tf.Tensor):  # Else 1, or a number.
+      instead.add(entries=_factor_entries(factor, jac.entry_rank))
+  if instead.known:
+    work.maybe_unrun.append(
+      (
+        jac.value,
+        (size[0], group * size[1]),
+        (instead.entries[0], group * instead.entries[1]),
+      )
+    )
+
+
+def _factor_entries(factor, entry_rank):
+  """`(fixed, per_sample)` entries of a `factor` that broadcasts against
+  `(N, *e)` (`entry_rank` axes `e`), or `None`: per sample when it has the
+  batch axis, not of size 1."""
+  shape = factor.shape
+  if shape.rank is None:
+    return None
+  batched = (
+    shape.rank == entry_rank + 1 and tf.compat.dimension_value(shape[0]) != 1
+  )
+  count = _static_size(shape[1:] if batched else shape)
+  if count is None:
+    return None
+  return (0, count) if batched else (count, 0)
+
+
+def _ran_ops(value, new_ops):
+  """The ops of `new_ops` that running `value` runs."""
+  ran, stack = set(), [value.op]
+  while stack:
+    op = stack.pop()
+    if op in ran or op not in new_ops:
+      continue
+    ran.add(op)
+    stack.extend(t.op for t in op.inputs)
+    stack.extend(op.control_inputs)
+  return ran
 
 
 def _differentiable(t):
@@ -684,7 +750,10 @@ def second_derivatives(ys, x, mode):
   # The sum of the parts, and of the halves with their transpose.
   sums = len(parts) + (len(halves) + 1 if halves else 0)
   work.add(entries=None if size is None else (0, sums * size**out))
-  work.ops += len(x.graph.get_operations()) - ops_before
+  # Not the values of Jacobians that only their parts were read of.
+  new_ops = x.graph.get_operations()[ops_before:]
+  work.drop_unrun(_ran_ops(value, set(new_ops)))
+  work.ops += len(new_ops)
   return Result(value, True, work, mixed)
 
 
