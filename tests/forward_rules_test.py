@@ -382,6 +382,16 @@ _RULES = {
       )
     ),
   ),
+  # A mean of unwritten products (`Jacobian.parts`): distances to centres
+  # over 7 features, so that 1 / 7 needs float64's digits.
+  "Mean_of_products": (
+    "Mean",
+    lambda x: tf.reduce_mean(
+      tf.square(tf.tanh(_lin(x))[:, None, :7] - tf.constant(_W[:3, :7]))
+      / (1.0 + tf.abs(tf.constant(_W[3:6, :7]))),
+      axis=-1,
+    ),
+  ),
   # Over the features, over two axes kept, and of a tensor of one entry.
   "EuclideanNorm": (
     "EuclideanNorm",

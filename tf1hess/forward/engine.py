@@ -708,7 +708,10 @@ def second_derivatives(ys, x, mode):
       if key in grouped:
         old = grouped[key]
         term = jacobians.Term(
-          old.c + tf.cast(term.c, old.c.dtype), old.a, old.b, old.symmetric
+          old.c + jacobians.in_dtype(term.c, old.c.dtype),
+          old.a,
+          old.b,
+          old.symmetric,
         )
       grouped[key] = term
 

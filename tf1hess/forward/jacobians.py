@@ -36,6 +36,15 @@ LAPLACIAN = "laplacian"
 MODES = (HESSIAN, DIAGONAL, LAPLACIAN)
 
 
+def in_dtype(value, dtype):
+  """`value` (a tensor, or a Python or numpy number) in `dtype`.
+
+  `tf.cast` of a Python float makes a float32 constant first: `1 / 3`
+  would lose its digits beyond float32's in a float64 model.
+  """
+  return tf.cast(tf.convert_to_tensor(value, dtype_hint=dtype), dtype)
+
+
 class Jacobian:
   """`value` `(K, *e)` when `shared`, `(N or 1, *e)` when `diagonal`, else
   `(N, K, *e)`.
@@ -214,7 +223,7 @@ def scale(jac, s):
   `s` broadcasts against `v` `(N, *e)`: when it has no batch axis (fewer
   dimensions than `v`, or a static batch of 1), a shared `jac` stays shared.
   """
-  s = tf.cast(s, jac.value.dtype)
+  s = in_dtype(s, jac.value.dtype)
   out = _scaled(jac, s)
   if jac.parts is not None and not out.diagonal:
     out.parts = [(b, s if f is None else f * s) for b, f in jac.parts]
@@ -361,7 +370,7 @@ def summed_parts(jac, axes, keepdims, n, k):
       )
     else:
       out = [i for i in kept if i in big]
-      factor = tf.cast(1 if factor is None else factor, value.dtype)
+      factor = in_dtype(1 if factor is None else factor, value.dtype)
       factor = tf.broadcast_to(factor, concat([n], full))
       if all(i in summed for i in own):
         # A batched matmul `(N, K, own) x (N, own, rest)`.
@@ -468,7 +477,7 @@ def _pulled_back_once(c, a, b, n):
   """`(c, a, b)` one step back (see `pulled_back`), or `None`."""
 
   def times(s):
-    return tf.cast(c, s.dtype) * s
+    return in_dtype(c, s.dtype) * s
 
   if a is b and a.scaled is not None:
     u, s = a.scaled
@@ -670,7 +679,7 @@ def _flat(jac):
 
 def _full_c(c, jac, n):
   """`c` in the dtype of `jac`, broadcast to its entries: `(N, *e)`."""
-  c = tf.cast(c, jac.value.dtype)
+  c = in_dtype(c, jac.value.dtype)
   return tf.broadcast_to(c, concat([n], jac.entry_shape()))
 
 
@@ -695,7 +704,7 @@ def _tangent_sums(c, d, n, entries):
   """`sum_e c[n, e, k] d[n, e, k]` over the entries `*e` before the last,
   the tangent's: `(N, K)`, from `d` `(N or 1, *entries)` (diagonal values)
   and `c` broadcasting against it."""
-  c = tf.cast(c, d.dtype)
+  c = in_dtype(c, d.dtype)
   v = _summed_by_matmul(c, d, n)
   if v is None:
     prod = tf.broadcast_to(c * d, concat([n], entries))
