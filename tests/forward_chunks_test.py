@@ -18,6 +18,7 @@ import tf1hess
 from tf1hess.forward import chunks
 from tf1hess.forward import dispatch
 from tf1hess.forward import engine
+from tf1hess.forward import jacobians
 
 _K = 4
 _RNG = np.random.default_rng(11)
@@ -280,6 +281,25 @@ class ChunksTest(
     self.assertBetween(
       size * 8 * 32 * 4, 2**16 / np.sqrt(2), 2**16 * np.sqrt(2)
     )
+
+  def test_chunks_are_sized_by_the_jacobians_written(self):
+    # Distances of 32 features to 8 centres: the (N, 8, 8, 32) Jacobians of
+    # the differences stay unwritten products; the largest written one is
+    # the features' (N, 8, 32), which sets the size.
+    k, centres, m = 8, 8, 32
+    with mock.patch.object(chunks, "CHUNK_BYTES", 2**20):
+      with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, k])
+        h = tf.tanh(tf.matmul(x, tf.ones([k, m])))
+        d = h[:, None, :] - tf.ones([centres, m])
+        y = tf.reduce_sum(tf.exp(-tf.reduce_sum(tf.square(d), -1)), -1)
+        walked = dispatch.dry_run([y], x, jacobians.HESSIAN)
+        self.assertEqual(walked.work.largest, k * m)
+        planned = chunks.plan(x, [y], walked)
+        path = engine.path_ops(x, [y])
+        static = chunks._chunk_size(x, path)  # pylint: disable=protected-access
+    self.assertEqual(planned.size, 2**20 // (k * m * 4))
+    self.assertEqual(static, 2**20 // (k * centres * m * 4))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ class Work:
     # when they do not: `(tensor, (fixed, per_sample), (fixed,
     # per_sample))` (`drop_unrun`).
     self.maybe_unrun = []
+    # The Jacobians' values with their entries per sample, and the most of
+    # those that run (`drop_unrun`): what a chunk of samples holds at once.
+    self.jacobians = []
+    self.largest = None
 
   def add(self, flops=(0, 0), entries=(0, 0), ops=0):
     """Adds `(fixed, per_sample)` pairs of flops and entries, and ops."""
@@ -74,11 +78,15 @@ class Work:
 
   def drop_unrun(self, ran):
     """Counts the entries read instead for the tensors of `maybe_unrun`
-    whose ops are not in `ran`."""
+    whose ops are not in `ran`, and sets `largest` from those of
+    `jacobians` that are."""
     for t, (fixed, per_sample), instead in self.maybe_unrun:
       if t.op not in ran:
         self.add(entries=(instead[0] - fixed, instead[1] - per_sample))
     self.maybe_unrun = []
+    sizes = [size for t, size in self.jacobians if t.op in ran]
+    self.largest = max(sizes, default=0)
+    self.jacobians = []
 
   def at(self, n):
     """`(flops, entries, ops)` at batch size `n`, or `None` if not known."""
@@ -245,6 +253,8 @@ def _push(op, ins, outs, work, group=1):
       entries=size,
     )
     _unwritten(j, size, group, mine)
+    if isinstance(j, jacobians.Jacobian) and size is not None:
+      mine.jacobians.append((j.value, group * size[1]))
   if not mine.known:
     work.known = False
   work.add(
@@ -252,6 +262,7 @@ def _push(op, ins, outs, work, group=1):
     entries=(mine.entries[0], group * mine.entries[1]),
   )
   work.maybe_unrun.extend(mine.maybe_unrun)
+  work.jacobians.extend(mine.jacobians)
 
 
 def _unwritten(jac, size, group, work):
