@@ -5,7 +5,8 @@ float64 placeholder, in a fresh graph: dense layers, elementwise functions,
 binary ops of the model's tensors and of constants that broadcast, distances
 to centres `x[:, None, :] - C`, matmuls written as broadcasts, pairwise
 products, reductions, softmax, reshapes, transposes, concats, slices,
-gathers, tiles and layer normalization. It then compares
+gathers, tiles, layer normalization, and diagonals, traces and bands of
+matrices. It then compares
 `batch_hessians`, `batch_hessian_diagonals` and `batch_laplacians` with
 `method="forward"` against the diagonals and traces of
 `batch_hessians(..., method="while_loop")`, to `atol = 1e-8 * max(1, max|H|)`.
@@ -113,7 +114,7 @@ _REDUCE = ["reduce_sum", "reduce_mean", "reduce_max", "reduce_logsumexp"]
 # The ops of `_Model` and how often `build` draws them.
 _WEIGHTS = """dense 3 unary 5 binary 2 with_const 2 centres 3 broadcast_matmul 1
   pairwise 2 outer_const 1 reduce 2 softmax 1 reshape 1 transpose 1 concat 1
-  expand_or_squeeze 1 slice 1 gather 1 tile 1 layer_norm 1""".split()
+  expand_or_squeeze 1 slice 1 gather 1 tile 1 layer_norm 1 matrix 1""".split()
 
 
 def _entry(t):
@@ -320,6 +321,31 @@ class _Model:
     multiples = [1] * (len(_entry(t)) + 1)
     multiples[self._int(1, len(multiples) - 1)] = self._int(2, 3)
     return tf.tile(t, multiples), f"tile({name}, {multiples})"
+
+  def matrix(self):
+    """A diagonal, trace or band of each sample's matrices, or a diagonal
+    matrix of a vector."""
+    name, t = self._pick(lambda e: len(e) >= 1)
+    e = _entry(t)
+    if len(e) >= 2 and e[-1] == e[-2]:
+      m, text = t, name
+    else:
+      size = int(np.prod(e))
+      a = int(round(np.sqrt(size)))
+      if a * a != size or a < 2:
+        if len(e) == 1 and e[0] <= 9:
+          return tf.linalg.diag(t), f"diag({name})"
+        return None
+      m, text = tf.reshape(t, [-1, a, a]), f"{name}{(a, a)}"
+    how = self._int(0, 2)
+    if how == 0:
+      return tf.linalg.diag_part(m), f"diag_part({text})"
+    if how == 1:
+      return tf.linalg.trace(m)[..., None], f"trace({text})[..., None]"
+    lower, upper = self._int(-1, 1), self._int(-1, 1)  # -1: all of them.
+    return tf.linalg.band_part(m, lower, upper), (
+      f"band_part({text}, {lower}, {upper})"
+    )
 
   def layer_norm(self):
     name, t = self._pick(lambda e: len(e) == 1 and e[0] >= 2)
