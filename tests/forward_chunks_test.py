@@ -71,6 +71,12 @@ def _masked(x):
   return tf.reduce_sum(ce, axis=1) + sparse + held
 
 
+def _added_to_itself(x):
+  squares = tf.reduce_sum(x * x, axis=1, keepdims=True)
+  h = tf.matmul(squares, _weights(1, 3)) + tf.constant([0.1, 0.2, 0.3], x.dtype)
+  return tf.reduce_sum(tf.tanh(h + h), axis=1)
+
+
 _CHUNKED = {
   "tanh_mlp": _mlp,
   "silu_mlp": lambda x: _mlp(x, tf.nn.silu),
@@ -91,6 +97,7 @@ _CHUNKED = {
   "rank3": lambda x: tf.reduce_sum(
     tf.sin(tf.reshape(x, [-1, 2, 2])) ** 3, axis=[1, 2]
   ),
+  "added_to_itself": _added_to_itself,
 }
 
 
@@ -168,6 +175,13 @@ class ChunksTest(
     graph = self._run(model, cf, method)
     if method == "forward":
       self.assertTrue(_chunked(graph))
+
+  @parameterized.parameters(1, 2)
+  def test_a_tensor_added_to_itself(self, cf):
+    # `h + h` after a layer of one feature: under control flow v2,
+    # TensorFlow 2.21 lost the chunks' loop ("Retval[0] does not have
+    # value") where the copy kept the sum.
+    self.assertTrue(_chunked(self._run("added_to_itself", cf, "forward")))
 
   @parameterized.product(model=list(_WHOLE), cf=[1, 2])
   def test_samples_that_a_chunk_would_change_walk_whole(self, model, cf):

@@ -71,8 +71,9 @@ class Chunks:
     """The copies of `ys` where `x` is `x_chunk`, in the current graph."""
     mapped = {_key(self._x): x_chunk}
     for op in self._ops:
-      new = registry.copy_op(op, [mapped.get(_key(t), t) for t in op.inputs])
-      for old, t in zip(op.outputs, new.outputs):
+      inputs = [mapped.get(_key(t), t) for t in op.inputs]
+      outputs = registry.copied_outputs(op, inputs)
+      for old, t in zip(op.outputs, outputs):
         # The static shapes that Python code set on the model's tensors
         # (`tf.tensordot` does), but for the batch size.
         shape = old.shape

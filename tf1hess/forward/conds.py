@@ -279,7 +279,7 @@ class _Copier:
   def _copy(self, op, inputs):
     if op.op_def.is_stateful and op.type not in _READS:
       self.random = self.random or op.name
-    self._map(op, registry.copy_op(op, inputs).outputs)
+    self._map(op, registry.copied_outputs(op, inputs))
 
   def _map(self, op, outs):
     for old, new in zip(op.outputs, outs):

@@ -350,15 +350,22 @@ def exact_custom_gradient(op):
   return _defined_in(grad_fn, _EXACT_CUSTOM_GRADIENTS)
 
 
-def copy_op(op, inputs):
-  """A copy of `op` in the current graph that reads `inputs` (no control
-  inputs), for walks of copies of the model (`chunks`, `conds`).
+def copied_outputs(op, inputs):
+  """The outputs of a copy of `op` in the current graph that reads `inputs`
+  (no control inputs), for walks of copies of the model (`chunks`,
+  `conds`), which are made in loop bodies and cond branches.
 
   An exact custom gradient (`tf.nn.silu`'s `IdentityN`) gets TensorFlow's
   own gradient of `u sigmoid(beta u)` instead of its gradient function,
-  which reads the model's tensors, and that value from the copy's `u`.
+  which reads the model's tensors, and that value from the copy's `u`. A
+  tensor added to itself, `u + u`, becomes `2 u`, the same number: in a
+  control flow v2 loop body whose gradients are taken, TensorFlow 2.21's
+  graph optimizers left the loop without a value ("Retval[0] does not
+  have value", tensorflow/tensorflow#22504).
   """
   inputs = list(inputs)
+  if op.type in ("Add", "AddV2") and op.inputs[0] is op.inputs[1]:
+    return [inputs[0] * tf.constant(2, inputs[0].dtype)]
   attrs = {
     name: value for name, value in op.node_def.attr.items() if name != "_class"
   }
@@ -368,14 +375,18 @@ def copy_op(op, inputs):
     )
     _, u, beta = inputs
     inputs[0] = u * tf.sigmoid(beta * u)
-  return tf.compat.v1.get_default_graph().create_op(
-    op.type,
-    inputs,
-    [t.dtype for t in op.outputs],
-    # The model's name under the current scope: messages that name a copy
-    # name the model's op too.
-    name=op.name,
-    attrs=attrs,
+  return (
+    tf.compat.v1.get_default_graph()
+    .create_op(
+      op.type,
+      inputs,
+      [t.dtype for t in op.outputs],
+      # The model's name under the current scope: messages that name a copy
+      # name the model's op too.
+      name=op.name,
+      attrs=attrs,
+    )
+    .outputs
   )
 
 
