@@ -797,14 +797,9 @@ def _adjoint_before(summed, tensor, adj):
   term's `c` of it broadcasts as the sum's gradient would, and which lets
   `jacobians.contract` sum the factors over them before multiplying."""
   op, axes = summed
-  shape = jacobians.dims(tensor)
-  kept = [1 if i in axes else d for i, d in enumerate(shape)]
-  adj = tf.reshape(adj, jacobians.concat(kept))
+  adj = reductions.with_axes_kept(adj, tensor, axes)
   if op.type == "Mean":
-    count = 1
-    for i in axes:
-      count *= shape[i]
-    adj = adj / tf.cast(count, adj.dtype)
+    adj = adj / tf.cast(reductions.count(tensor, axes), adj.dtype)
   return adj
 
 

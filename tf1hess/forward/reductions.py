@@ -42,7 +42,7 @@ def reduction_axes(op):
   return sorted({int(a) % rank for a in axes}) if rank else []
 
 
-def _count(u, axes):
+def count(u, axes):
   """The entries of `u` that a `Mean` over `axes` averages: an `int` where
   the sizes are static, else a scalar tensor."""
   sizes = [tf.compat.dimension_value(u.shape[a]) for a in axes]
@@ -61,7 +61,7 @@ def _diagonal_sum(op, j, axes, keepdims):
     jacobians.concat(jacobians.dims(j.value, 0, 1), jacobians.dims(u, 1)),
   )
   if op.type == "Mean":
-    d = d / tf.cast(_count(u, axes), d.dtype)
+    d = d / tf.cast(count(u, axes), d.dtype)
   if rank - 1 not in axes:
     return jacobians.diagonal(tf.reduce_sum(d, axis=axes, keepdims=keepdims))
   # The feature axis is summed: entry e' of the output holds d[..., k] for
@@ -96,7 +96,7 @@ def _sum(op, j, ctx):
   summed = jacobians.summed_parts(j, axes, keepdims, ctx.n, ctx.k)
   if summed is not None:
     if op.type == "Mean":
-      summed = jacobians.scale(summed, 1 / _count(op.inputs[0], axes))
+      summed = jacobians.scale(summed, 1 / count(op.inputs[0], axes))
     return [summed]
   return [
     jacobians.apply_per_sample(
@@ -187,14 +187,10 @@ def _prod(op, j, ctx):
   return [first]
 
 
-def _with_axes_kept(t, u, axes, keepdims):
+def with_axes_kept(t, u, axes):
   """`t`, a reduction of `u` over `axes`, with those axes kept as 1."""
-  if keepdims:
-    return t
-  shape = tf.tensor_scatter_nd_update(
-    tf.shape(u), [[a] for a in axes], tf.ones([len(axes)], tf.int32)
-  )
-  return tf.reshape(t, shape)
+  kept = [1 if i in axes else d for i, d in enumerate(jacobians.dims(u))]
+  return tf.reshape(t, jacobians.concat(kept))
 
 
 @registry.register("EuclideanNorm")
@@ -206,14 +202,14 @@ def _euclidean_norm(op, j, ctx):
   axes = _axes_within_samples(op, "takes the norm")
   u, out = op.inputs[0], op.outputs[0]
   keepdims = op.get_attr("keep_dims")
-  kept = _with_axes_kept(out, u, axes, keepdims)
+  kept = with_axes_kept(out, u, axes)
   first = jacobians.apply_per_sample(
     jacobians.scale(j, u / kept),
     lambda m: tf.reduce_sum(m, axis=axes, keepdims=keepdims),
   )
 
   def build(adj):
-    c = _with_axes_kept(adj, u, axes, keepdims) / kept
+    c = with_axes_kept(adj, u, axes) / kept
     return [jacobians.Term(c, j), jacobians.Term(-adj / out, first)]
 
   ctx.curvature(out, build)
