@@ -240,8 +240,9 @@ def _push(op, ins, outs, work, group=1):
   per_entry = flops / out_size if flops and out_size else 1
   mine = Work()
   for j in ins:
-    mine.add(entries=_jacobian_entries(j))
-    _unwritten(j, _jacobian_entries(j), group, mine)
+    size = _jacobian_entries(j)
+    mine.add(entries=size)
+    _unwritten(j, size, group, mine)
   for j in outs:
     size, rows = _jacobian_entries(j), 1
     if isinstance(j, registry.Regrouped):

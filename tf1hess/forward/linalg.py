@@ -33,8 +33,20 @@ def _diagonals(op):
   return 1 if k.size == 1 or k[0] == k[-1] else 2
 
 
-def _zero(m):
-  return tf.zeros([], m.dtype)
+def _on_tangents(op, j):
+  """`j` through the op itself (its `tf.raw_ops` twin, with the same
+  inputs and `align`), its first input the tangents, a padding value 0."""
+  names = [arg.name for arg in op.op_def.input_arg]
+  attrs = {"align": op.get_attr("align")} if "align" in op.node_def.attr else {}
+  fn = getattr(tf.raw_ops, op.type)
+
+  def apply(m):
+    args = dict(zip(names[1:], op.inputs[1:]), **{names[0]: m})
+    if "padding_value" in args:
+      args["padding_value"] = tf.zeros([], m.dtype)
+    return fn(**args, **attrs)
+
+  return [jacobians.apply_per_sample(j, apply)]
 
 
 @registry.register(
@@ -43,69 +55,21 @@ def _zero(m):
 @registry.of_first_input
 def _diag_part(op, j, ctx):
   _check_batched(op, op.inputs[0], 2)
-  if op.type == "MatrixDiagPart":
-    return [
-      jacobians.apply_per_sample(
-        j, lambda m: tf.raw_ops.MatrixDiagPart(input=m)
-      )
-    ]
-  k = op.inputs[1]
-  if op.type == "MatrixDiagPartV2":
-    return [
-      jacobians.apply_per_sample(
-        j,
-        lambda m: tf.raw_ops.MatrixDiagPartV2(
-          input=m, k=k, padding_value=_zero(m)
-        ),
-      )
-    ]
-  align = op.get_attr("align")
-  return [
-    jacobians.apply_per_sample(
-      j,
-      lambda m: tf.raw_ops.MatrixDiagPartV3(
-        input=m, k=k, padding_value=_zero(m), align=align
-      ),
-    )
-  ]
+  return _on_tangents(op, j)
 
 
 @registry.register("MatrixDiag", "MatrixDiagV2", "MatrixDiagV3", linear=True)
 @registry.of_first_input
 def _diag(op, j, ctx):
   _check_batched(op, op.inputs[0], _diagonals(op))
-  if op.type == "MatrixDiag":
-    return [
-      jacobians.apply_per_sample(j, lambda m: tf.raw_ops.MatrixDiag(diagonal=m))
-    ]
-  _, k, rows, cols, _ = op.inputs
-  attrs = {"align": op.get_attr("align")} if op.type == "MatrixDiagV3" else {}
-  fn = getattr(tf.raw_ops, op.type)
-  return [
-    jacobians.apply_per_sample(
-      j,
-      lambda m: fn(
-        diagonal=m,
-        k=k,
-        num_rows=rows,
-        num_cols=cols,
-        padding_value=_zero(m),
-        **attrs,
-      ),
-    )
-  ]
+  return _on_tangents(op, j)
 
 
 @registry.register("MatrixBandPart", linear=True)
 @registry.of_first_input
 def _band_part(op, j, ctx):
   _check_batched(op, op.inputs[0], 2)
-  _, lower, upper = op.inputs
-  return [
-    jacobians.apply_per_sample(
-      j, lambda m: tf.linalg.band_part(m, lower, upper)
-    )
-  ]
+  return _on_tangents(op, j)
 
 
 registry.rowwise(
