@@ -566,6 +566,42 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     self.assertTrue(np.isnan(from_rows).any())  # The inputs turn a ReLU off.
     self.assertAllClose(got, hessians, atol=1e-6)
 
+  def test_segment_sums_take_the_engine(self):
+    # TensorFlow's second derivatives through a segment sum raise TypeError
+    # (the gradient of its gradient is IndexedSlices): auto takes the engine
+    # for segments of the features, time-major, whatever the costs.
+    x_val = np.random.default_rng(13).normal(size=(3, 8))
+
+    def model(x):
+      summed = tf.math.unsorted_segment_sum(
+        tf.transpose(x), [0, 0, 1, 1, 2, 2, 3, 3], 4
+      )
+      return tf.reduce_sum(tf.tanh(summed), axis=0)
+
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 8])
+      y = model(x)
+      (g,) = tf.gradients(y, x)
+      self.assertFalse(dispatch.rows_can_differentiate(x, g))
+      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
+        auto = tf1hess.batch_hessians(y, x)
+      with self.assertRaisesRegex(TypeError, "segment sum"):
+        tf1hess.batch_hessians(y, x, method="while_loop")
+      # Over the batch axis, samples mix: neither can build it.
+      mixed = tf.tanh(tf.math.unsorted_segment_sum(x, [0, 0, 1], 2))
+      with self.assertRaisesRegex(TypeError, "IndexedSlices"):
+        tf1hess.batch_hessians(mixed, x)
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(auto, {x: x_val})
+        hessians = finite_differences.finite_difference_hessians(
+          lambda batch: sess.run(y, {x: batch}), x_val
+        )
+    self.assertAllClose(got, hessians, atol=1e-6)
+    with self.assertLogs(level="WARNING") as logs:
+      eager = tf1hess.eager.batch_hessians(model, tf.constant(x_val))
+    self.assertIn("taking the engine", "\n".join(logs.output))
+    self.assertAllClose(eager, hessians, atol=1e-6)
+
 
 class EagerInFunctionTest(tf.test.TestCase):
   """Inside a `tf.function`, `tf1hess.eager` takes the graph ops' choice."""

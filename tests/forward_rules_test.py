@@ -32,6 +32,7 @@ _W = _RNG.normal(size=(_K, _K)) / np.sqrt(_K)
 _F = _RNG.normal(size=(3, 3, 2, 3)) / 3.0  # 3x3 filters, 2 -> 3 channels.
 _F1 = _RNG.normal(size=(3, 2, 3)) / 2.0  # Width 3, 2 -> 3 channels.
 _FD = _RNG.normal(size=(2, 2, 2, 2)) / 2.0  # Depthwise, multiplier 2.
+_F3 = _RNG.normal(size=(2, 2, 2, 1, 2)) / 2.0  # 2x2x2 filters, 1 -> 2.
 
 
 def _lin(x):
@@ -143,6 +144,121 @@ _RULES = {
           "SAME",
         )
       )(tf.sin(_image(_lin(x))))
+    ),
+  ),
+  # Volumes (N, D, H, W, C): 1 -> 2 channels, then 2 -> 1 transposed.
+  "Conv3D": (
+    "Conv3D",
+    lambda x: tf.tanh(
+      tf.nn.conv3d(
+        tf.sin(_image(_lin(x), (2, 3, 2, 1))),
+        _filter(_F3, x),
+        [1, 1, 1, 1, 1],
+        "SAME",
+      )
+    ),
+  ),
+  "Conv3D_of_x_strides": (
+    "Conv3D",
+    lambda x: (
+      tf.nn.conv3d(
+        _image(x, (3, 2, 2, 1)), _filter(_F3, x), [1, 2, 1, 1, 1], "VALID"
+      )
+      * tf.sin(x[:, :1, None, None, None])
+    ),
+  ),
+  "Conv3DBackpropInputV2": (
+    "Conv3DBackpropInputV2",
+    lambda x: tf.tanh(
+      (
+        lambda h: tf.nn.conv3d_transpose(
+          h,
+          _filter(_F3[..., :1], x),
+          tf.stack([tf.shape(h)[0], 4, 6, 4, 1]),
+          2,
+          "SAME",
+        )
+      )(tf.sin(_image(_lin(x), (2, 3, 2, 1))))
+    ),
+  ),
+  # Gathers by index tuples whose first entry is the row's own sample
+  # (`tf.gather_nd(h, tf.stack([tf.range(N), labels], 1))`, batch_dims=1),
+  # of dense and shared Jacobians, and of whole samples.
+  "GatherNd_own_rows": (
+    "GatherNd",
+    lambda x: tf.gather_nd(
+      tf.tanh(tf.reshape(_lin(x), [-1, 3, 4])),
+      tf.stack([tf.range(tf.shape(x)[0]), tf.fill(tf.shape(x)[:1], 1)], 1),
+    ),
+  ),
+  "GatherNd_batch_dims": (
+    "GatherNd",
+    lambda x: tf.gather_nd(
+      tf.sin(tf.reshape(_lin(x), [-1, 3, 4])),
+      tf.tile([[[2], [0]]], tf.stack([tf.shape(x)[0], 1, 1])),
+      batch_dims=1,
+    ),
+  ),
+  "GatherNd_entries_of_x": (
+    "GatherNd",
+    lambda x: (
+      tf.tanh(
+        tf.gather_nd(
+          tf.reshape(x, [-1, 3, 4]),
+          tf.stack(
+            [
+              tf.tile(tf.range(tf.shape(x)[0])[:, None], [1, 2]),
+              tf.fill(tf.stack([tf.shape(x)[0], 2]), 2),
+              tf.tile([[3, 1]], tf.stack([tf.shape(x)[0], 1])),
+            ],
+            axis=2,
+          ),
+        )
+      )
+      * tf.sin(x[:, :2])
+    ),
+  ),
+  "GatherNd_whole_samples": (
+    "GatherNd",
+    lambda x: tf.tanh(
+      tf.gather_nd(_lin(x), tf.range(tf.shape(x)[0])[:, None]) * x
+    ),
+  ),
+  # Time-major (the batch axis last): index tuples and segments over the
+  # other axes.
+  "GatherNd_time_major": (
+    "GatherNd",
+    lambda x: (
+      tf.transpose(
+        tf.gather_nd(
+          tf.transpose(tf.sin(tf.reshape(_lin(x), [-1, 3, 4])), [2, 1, 0]),
+          [[0, 1], [3, 2], [1, 1]],
+        )
+      )
+      * tf.tanh(x[:, :3])
+    ),
+  ),
+  "SegmentSum_time_major": (
+    "SegmentSum",
+    lambda x: tf.square(
+      tf.transpose(
+        tf.math.segment_sum(
+          tf.transpose(tf.tanh(_lin(x))), [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+        )
+      )
+    ),
+  ),
+  "UnsortedSegmentSum_time_major": (
+    "UnsortedSegmentSum",
+    lambda x: (
+      tf.transpose(
+        tf.math.unsorted_segment_sum(
+          tf.transpose(tf.reshape(x * _lin(x), [-1, 3, 4]), [1, 2, 0]),
+          [[4, 0, 1, 0], [2, 2, 4, 1], [0, 3, 3, 3]],
+          5,
+        )
+      )
+      * tf.sin(x[:, 3:8])
     ),
   ),
   # Losses and log-densities (tf.math.xlogy and kin, 0 where a is 0).
@@ -502,9 +618,13 @@ _RULES = {
 }
 
 # TensorFlow has no second-order gradient of these (no MaxPoolGradGrad with
-# explicit padding): the rows fail, the engine is checked against differences.
-# Nor a second derivative of EuclideanNorm where its adjoint is 0 (NaN).
+# explicit padding; the gradient of a segment sum's gradient is IndexedSlices,
+# which TanhGrad's gradient cannot multiply): the rows fail, the engine is
+# checked against differences. Nor a second derivative of EuclideanNorm where
+# its adjoint is 0 (NaN).
 _NO_ROWS = {
+  "SegmentSum_time_major",
+  "UnsortedSegmentSum_time_major",
   "MaxPool_explicit_padding",
   "ResizeNearestNeighbor",
   "EuclideanNorm",
@@ -512,6 +632,7 @@ _NO_ROWS = {
 
 # Op types tested in float32 here (their CPU kernels have no float64).
 FLOAT32_OP_TYPES = {
+  "AvgPool3D",
   "FusedBatchNorm",
   "FusedBatchNormV2",
   "FusedBatchNormV3",
@@ -529,6 +650,11 @@ NEW_OP_TYPES = {
   "FloorMod",
   "Conv2D",
   "Conv2DBackpropInput",
+  "Conv3D",
+  "Conv3DBackpropInputV2",
+  "GatherNd",
+  "SegmentSum",
+  "UnsortedSegmentSum",
   "ResizeNearestNeighbor",
   "DepthwiseConv2dNative",
   "AvgPool",
@@ -653,6 +779,32 @@ class ForwardRulesTest(
         tf1hess.batch_hessians(tf.tanh(rolled), x, method="forward")
       with tf.compat.v1.Session() as sess:
         got, want = sess.run([h, rows], {x: _RNG.normal(size=(3, _K))})
+    self.assertAllClose(got, want, atol=1e-12)
+
+  def test_gather_nd_of_other_samples(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      h = tf.tanh(_lin(x))
+      n = tf.shape(x)[0]
+      # Indices known at run time only: a check stops a gather that reads
+      # other samples.
+      rows = tf.stack([tf.range(n)[::-1], tf.fill([n], 1)], 1)
+      y = tf.sin(tf.gather_nd(h, rows))
+      hessians = tf1hess.batch_hessians(y, x, method="forward")
+      # Constant indices that read other samples mix them.
+      mixed = tf.gather_nd(h, [[1, 0], [0, 2], [2, 5]])
+      with self.assertRaisesRegex(ValueError, "mixes samples"):
+        tf1hess.batch_hessians(tf.sin(mixed), x, method="forward")
+      auto = tf1hess.batch_hessians(tf.sin(mixed), x)
+      reference = tf1hess.batch_hessians(tf.sin(mixed), x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        x_val = _RNG.normal(size=(3, _K))
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError, r"indices\[n, \.\.\., 0\] are not n"
+        ):
+          sess.run(hessians, {x: x_val})
+        self.assertEqual(sess.run(hessians, {x: x_val[:1]}).shape, (1, _K, _K))
+        got, want = sess.run([auto, reference], {x: x_val})
     self.assertAllClose(got, want, atol=1e-12)
 
   def test_matrices_across_the_batch_are_declined(self):
@@ -1243,6 +1395,25 @@ class Float32ConvolutionTest(tf.test.TestCase, parameterized.TestCase):
 
     _check_float32(
       self, lambda x: model(x, conv_under_test), lambda x: model(x, equivalent)
+    )
+
+
+class Float32PoolTest(tf.test.TestCase):
+  """AvgPool3D: TensorFlow's CPU kernel runs it in float32 only."""
+
+  def test_avg_pool3d(self):
+    def model(x, pool):
+      h = tf.tanh(_image(_lin(x), (2, 3, 2, 1)))
+      return tf.reduce_sum(tf.square(pool(h)) * h[:, :1, :1, :1], [1, 2, 3, 4])
+
+    def by_convolution(h):
+      ones = tf.ones([1, 2, 2, 1, 1], h.dtype) / 4.0
+      return tf.nn.conv3d(h, ones, [1, 1, 1, 1, 1], "VALID")
+
+    _check_float32(
+      self,
+      lambda x: model(x, lambda h: tf.nn.avg_pool3d(h, [1, 2, 2], 1, "VALID")),
+      lambda x: model(x, by_convolution),
     )
 
 

@@ -61,3 +61,15 @@ def first_sentence(error):
   with no space before the name); the first sentence names the op.
   """
   return str(error).split(". ")[0].rstrip(".")
+
+
+def is_sparse_gradient_error(error):
+  """Whether a `TypeError` of `tf.gradients` is a gradient function's
+  arithmetic on `IndexedSlices`.
+
+  The gradient of a segment sum gathers the adjoint; the gradient of that
+  gather is `IndexedSlices`, and the gradients of `TanhGrad`, `SigmoidGrad`
+  and others multiply it with Python's `*`: "unsupported operand type(s)
+  for *: 'IndexedSlices' and 'float'" (TensorFlow 2.12 to 2.21).
+  """
+  return isinstance(error, TypeError) and "'IndexedSlices'" in str(error)

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from tf1hess import _checks
 from tf1hess import _core
+from tf1hess import _tf_errors
 from tf1hess import ops
 from tf1hess import plan as plan_lib
 from tf1hess import per_output
@@ -143,9 +144,13 @@ def _derivatives(
         diagonal=diagonal,
         check_independence=check_independence,
       )
-  except LookupError as e:
+  except (LookupError, TypeError) as e:
     # TensorFlow has no gradient of an op of the first derivative (the
-    # gradient of `tf.nn.softsign` has none): the forward engine needs none.
+    # gradient of `tf.nn.softsign` has none), or one that cannot take the
+    # gradient of a segment sum's gradient (`IndexedSlices`): the forward
+    # engine needs neither.
+    if isinstance(e, TypeError) and not _tf_errors.is_sparse_gradient_error(e):
+      raise
     if order != 2 or plan.method != "auto":
       raise
     _core.warn_once(

@@ -14,6 +14,7 @@ from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-
 
 from tf1hess import _checks
 from tf1hess import _core
+from tf1hess import _tf_errors
 from tf1hess import forward
 from tf1hess import plan as plan_lib
 from tf1hess.forward import dispatch
@@ -138,12 +139,25 @@ def _graph_gradient(x, unconnected):
   """
 
   def gradient(target, cotangent, source=None):
-    return tf.gradients(
-      target,
-      x if source is None else source,
-      grad_ys=cotangent,
-      unconnected_gradients=unconnected,
-    )[0]
+    try:
+      return tf.gradients(
+        target,
+        x if source is None else source,
+        grad_ys=cotangent,
+        unconnected_gradients=unconnected,
+      )[0]
+    except TypeError as e:
+      if not _tf_errors.is_sparse_gradient_error(e):
+        raise
+      raise TypeError(
+        f"TensorFlow cannot differentiate the gradient of `ys` with respect "
+        f"to {x.name} again ({e}): the gradient of a segment sum "
+        "(tf.math.segment_sum, unsorted_segment_sum) gathers, and the "
+        "gradient of that gather is IndexedSlices, which the gradient "
+        "functions after it cannot take (tf.hessians and GradientTape fail "
+        "alike). method='forward' follows segment sums over axes other "
+        "than the batch axis; one over the batch axis mixes samples."
+      ) from e
 
   return gradient
 

@@ -1,4 +1,5 @@
-"""Forward rules of convolutions and pooling over images `(N, H, W, C)`.
+"""Forward rules of convolutions and pooling over images `(N, H, W, C)`
+and volumes `(N, D, H, W, C)`.
 
 A convolution by weights and an average pool are linear in their input and
 map a batch sample by sample: the Jacobian of the output is the same op
@@ -22,17 +23,20 @@ block position `b` of sample `n`, and its dense Jacobian has `B N` rows;
 the rules check that only such a block's linear ops lie between the two
 (otherwise SpaceToBatchND mixes samples).
 
-A transposed convolution (`Conv2DBackpropInput`, `tf.nn.conv2d_transpose`)
-of an image by weights, and resizes (`tf.image.resize`, Keras
-`UpSampling2D`), are linear too: the same op on the tangents.
+A transposed convolution (`Conv2DBackpropInput`, `tf.nn.conv2d_transpose`;
+`Conv3DBackpropInputV2`, `tf.nn.conv3d_transpose`) of an image by weights,
+and resizes (`tf.image.resize`, Keras `UpSampling2D`), are linear too: the
+same op on the tangents.
 
 Batch normalization for inference (`FusedBatchNorm*` with `is_training`
 false) scales each channel by weights: linear too, in any data format.
 
 Data formats: `Conv2D` follows NHWC and NCHW (TensorFlow's CPU kernels run
-NCHW in float32); `DepthwiseConv2dNative`, `AvgPool` and `MaxPool` follow
-NHWC only (their CPU kernels refuse NCHW, so the rules could not be tested
-there), and `DepthwiseConv2dNative` dilations of 1 only (same reason).
+NCHW in float32); `Conv3D`, `AvgPool3D`, `DepthwiseConv2dNative`, `AvgPool`
+and `MaxPool` follow NHWC (NDHWC) only (their CPU kernels refuse the other
+format, so the rules could not be tested there), and
+`DepthwiseConv2dNative` dilations of 1 only (same reason). There is no rule
+for `MaxPool3D` (TensorFlow has no argmax of it to find the entries).
 """
 
 import numpy as np
@@ -69,9 +73,26 @@ def _of_filter_sizes(op, jacs):
   return jacs[0] is None and jacs[1] is None
 
 
-def _convolution(op, jacs, ctx, build, names, formats):
-  """Rule of a convolution of the image (input 0) by a filter (input 1)."""
-  j, jf = jacs
+# The data formats each convolution's rule follows: those TensorFlow's CPU
+# kernels run.
+_FORMATS = {
+  "Conv2D": ("NHWC", "NCHW"),
+  "Conv2DBackpropInput": ("NHWC", "NCHW"),
+  "DepthwiseConv2dNative": ("NHWC",),
+  "Conv3D": ("NDHWC",),
+  "Conv3DBackpropInputV2": ("NDHWC",),
+}
+
+
+def _convolution(op, jacs, ctx, image):
+  """Rule of a convolution of input `image` by a filter (input 1).
+
+  The tangents go through the op itself (its `tf.raw_ops` twin, with its
+  attrs: strides, padding, dilations, ...). A transposed convolution
+  (`image` 2) has the sizes of its output as input 0: their batch is the
+  tangents', K or N K.
+  """
+  j, jf = jacs[image], jacs[1]
   if jf is not None:
     raise registry.Unsupported(
       f"{op.type} ({op.name}) has a filter that depends on x: the forward "
@@ -79,37 +100,29 @@ def _convolution(op, jacs, ctx, build, names, formats):
     )
   if j is None:
     return [None]
-  attrs = _attrs(op, *names)
-  _check_format(op, attrs, formats)
+  attrs = _attrs(op, *[a.name for a in op.op_def.attr if a.type != "type"])
+  _check_format(op, attrs, _FORMATS[op.type])
   if not j.shared:
     ctx.dense_matmul()  # A convolution of N K images: costs as a matmul.
-  f = op.inputs[1]
-  return [
-    jacobians.apply_per_sample(
-      j, lambda m: build(input=m, filter=tf.cast(f, m.dtype), **attrs)
-    )
-  ]
+  names = [arg.name for arg in op.op_def.input_arg]
+  build = getattr(tf.raw_ops, op.type)
+
+  def on_tangents(m):
+    args = dict(zip(names, op.inputs))
+    args[names[1]] = tf.cast(op.inputs[1], m.dtype)
+    args[names[image]] = m
+    if image == 2:
+      sizes = op.inputs[0]
+      batch = tf.cast(tf.shape(m)[:1], sizes.dtype)
+      args[names[0]] = tf.concat([batch, sizes[1:]], axis=0)
+    return build(**args, **attrs)
+
+  return [jacobians.apply_per_sample(j, on_tangents)]
 
 
-_CONV_ATTRS = (
-  "strides",
-  "padding",
-  "explicit_paddings",
-  "data_format",
-  "dilations",
-)
-
-
-@registry.register("Conv2D", linear=_of_weights)
-def _conv2d(op, jacs, ctx):
-  return _convolution(
-    op,
-    jacs,
-    ctx,
-    tf.raw_ops.Conv2D,
-    _CONV_ATTRS + ("use_cudnn_on_gpu",),
-    ("NHWC", "NCHW"),
-  )
+@registry.register("Conv2D", "Conv3D", linear=_of_weights)
+def _conv(op, jacs, ctx):
+  return _convolution(op, jacs, ctx, image=0)
 
 
 @registry.register("DepthwiseConv2dNative", linear=_of_weights)
@@ -120,39 +133,16 @@ def _depthwise_conv2d(op, jacs, ctx):
       "forward rule follows dilations of 1 only (TensorFlow's CPU kernel "
       "runs no other)"
     )
-  return _convolution(
-    op, jacs, ctx, tf.raw_ops.DepthwiseConv2dNative, _CONV_ATTRS, ("NHWC",)
-  )
+  return _convolution(op, jacs, ctx, image=0)
 
 
-@registry.register("Conv2DBackpropInput", linear=_of_filter_sizes)
-def _conv2d_transpose(op, jacs, ctx):
-  """`tf.nn.conv2d_transpose`: linear in its image (input 2) by a filter."""
-  _, jf, j = jacs
-  if jf is not None:
-    raise registry.Unsupported(
-      f"{op.type} ({op.name}) has a filter that depends on x: the forward "
-      "rule follows transposed convolutions of x by weights only"
-    )
-  if j is None:
-    return [None]
-  attrs = _attrs(op, *_CONV_ATTRS, "use_cudnn_on_gpu")
-  _check_format(op, attrs, ("NHWC", "NCHW"))
-  if not j.shared:
-    ctx.dense_matmul()
-  sizes, f, _ = op.inputs
-
-  def build(m):
-    # The output's batch is the tangents': K, or N K.
-    batch = tf.cast(tf.shape(m)[:1], sizes.dtype)
-    return tf.raw_ops.Conv2DBackpropInput(
-      input_sizes=tf.concat([batch, sizes[1:]], axis=0),
-      filter=tf.cast(f, m.dtype),
-      out_backprop=m,
-      **attrs,
-    )
-
-  return [jacobians.apply_per_sample(j, build)]
+@registry.register(
+  "Conv2DBackpropInput", "Conv3DBackpropInputV2", linear=_of_filter_sizes
+)
+def _conv_transpose(op, jacs, ctx):
+  """`tf.nn.conv2d_transpose`, `tf.nn.conv3d_transpose`: linear in their
+  image (input 2) by a filter."""
+  return _convolution(op, jacs, ctx, image=2)
 
 
 # Resizes of images (`tf.image.resize`, Keras `UpSampling2D`): linear, each
@@ -265,15 +255,16 @@ def _normalize_rows(op, j, ctx):
 _POOL_ATTRS = ("ksize", "strides", "padding", "data_format")
 
 
-@registry.register("AvgPool", linear=True)
+@registry.register("AvgPool", "AvgPool3D", linear=True)
 def _avg_pool(op, jacs, ctx):
   j = jacs[0]
   if j is None:
     return [None]
   attrs = _attrs(op, *_POOL_ATTRS)
-  _check_format(op, attrs, ("NHWC",))
-  pool = tf.raw_ops.AvgPool
-  return [jacobians.apply_per_sample(j, lambda m: pool(value=m, **attrs))]
+  _check_format(op, attrs, ("NHWC", "NDHWC"))
+  pool = getattr(tf.raw_ops, op.type)
+  name = op.op_def.input_arg[0].name  # `value`, or `input` for AvgPool3D.
+  return [jacobians.apply_per_sample(j, lambda m: pool(**{name: m}, **attrs))]
 
 
 def _gather_entries(jac, index):
@@ -333,7 +324,14 @@ def _max_pool(op, jacs, ctx):
 # `dilation_rate` of layers) holds between its SpaceToBatchND and its
 # BatchToSpaceND: ops linear row by row, the image as first input.
 _IN_BLOCK = frozenset(
-  ["Conv2D", "DepthwiseConv2dNative", "ExpandDims", "Squeeze", "Identity"]
+  [
+    "Conv2D",
+    "Conv3D",
+    "DepthwiseConv2dNative",
+    "ExpandDims",
+    "Squeeze",
+    "Identity",
+  ]
 )
 
 

@@ -197,14 +197,26 @@ def _without_gradient(x, grad):
   return None
 
 
+# Ops whose gradient's gradient is IndexedSlices (their gradient gathers
+# the adjoint by segment), which the gradients of TanhGrad, SigmoidGrad and
+# others cannot take: TensorFlow's second derivatives through them raise
+# TypeError (tf.hessians and GradientTape too), whenever such a gradient
+# lies on the way back.
+_SPARSE_SECOND_DERIVATIVES = frozenset(["SegmentSum", "UnsortedSegmentSum"])
+
+
 def rows_can_differentiate(x, grad):
   """Whether TensorFlow has a gradient for every op from `x` to `grad`.
 
   The rows differentiate the gradient graph; some gradients have none
   (`SoftsignGrad`, the gradient of `tf.nn.softsign`), and then only the
-  engine can build the second derivatives.
+  engine can build the second derivatives. Through a segment sum they may
+  fail (`_SPARSE_SECOND_DERIVATIVES`): the engine is taken where it can
+  follow the model.
   """
-  return _without_gradient(x, grad) is None
+  return _without_gradient(x, grad) is None and not _gradient_graph_has(
+    x, grad, _SPARSE_SECOND_DERIVATIVES
+  )
 
 
 # Gradients whose TensorFlow gradient (the rows' second derivative) is

@@ -648,6 +648,119 @@ def _gather(op, j, ctx):
   ]
 
 
+def _on_leading_axes(j, consumed, produced, fn):
+  """The Jacobian of `fn(t)` for `t` of Jacobian `j`, a `registry.Moved`.
+
+  `fn` replaces the first `consumed` axes of `t` by `produced` axes and
+  keeps the others in order (a gather by index tuples, a segment sum). If
+  the batch axis is among those consumed, samples mix: `MIXED`.
+  """
+  b_jac, perm = _unmoved(j)
+  batch = perm.index(0)
+  if batch < consumed:
+    return MIXED
+  # Where the batch axis is in `fn`'s output, brought first, and back.
+  at = produced + batch - consumed
+  rank = produced + len(perm) - consumed
+  front = [at] + [i for i in range(rank) if i != at]
+  return _transposed(
+    b_jac,
+    [front.index(i) for i in range(rank)],
+    lambda m: tf.transpose(fn(tf.transpose(m, perm)), front),
+  )
+
+
+def _picks_own_sample(op, indices):
+  """A run-time check that `indices[n, ..., 0]` is `n` for each of the N
+  samples: each row of the gather reads its own sample."""
+  first = indices[..., 0]
+  n = tf.shape(op.inputs[0], out_type=first.dtype)[0]
+  rows = tf.shape(first, out_type=first.dtype)[0]
+  own = tf.reshape(
+    tf.range(rows), tf.concat([[-1], tf.ones_like(tf.shape(first)[1:])], 0)
+  )
+  ok = tf.logical_and(tf.equal(rows, n), tf.reduce_all(tf.equal(first, own)))
+  return tf.debugging.Assert(
+    ok,
+    [
+      f"The forward engine followed {op.name} ({op.type}) as a gather of "
+      "each sample's own entries, but its indices[n, ..., 0] are not n for "
+      "the N samples; use method='while_loop'."
+    ],
+  )
+
+
+@registry.register("GatherNd", linear=True)
+@registry.of_first_input
+def _gather_nd(op, j, ctx):
+  """`tf.gather_nd`: the rows of `indices` name entries of the input.
+
+  Batch first, each row `n` must read sample `n` (`indices[n, ..., 0] =
+  n`, as `tf.gather_nd(logits, tf.stack([tf.range(N), labels], 1))` and
+  `batch_dims=1` build): checked at run time, where a gather that reads
+  other samples raises `InvalidArgumentError`, not a wrong Hessian. The
+  tangents, moved last, are gathered by the same indices. Time-major (a
+  `registry.Moved` input) the index tuples must not reach the batch axis.
+  """
+  indices = op.inputs[1]
+  depth = tf.compat.dimension_value(indices.shape[-1])
+  index_rank = registry.static_rank(indices, op)
+  if depth is None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has index tuples of a length unknown from "
+      "static shapes"
+    )
+  if isinstance(j, registry.Moved):
+    return [
+      _on_leading_axes(
+        j, depth, index_rank - 1, lambda t: tf.gather_nd(t, indices)
+      )
+    ]
+  if index_rank < 2 or depth == 0:
+    return [MIXED]
+  static = tf.get_static_value(indices)
+  if static is not None:
+    own = np.arange(static.shape[0]).reshape([-1] + [1] * (index_rank - 2))
+    if not np.all(static[..., 0] == own):
+      return [MIXED]
+  check = _picks_own_sample(op, indices)
+  jac = jacobians.materialize(j)
+  value = jac.value
+  rank = value.shape.rank
+  to_end = list(range(rank))
+  if jac.shared:
+    # `(K, *e)`: each row takes entries `indices[..., 1:]` of it.
+    value = tf.transpose(value, to_end[1:] + [0])
+    picked = tf.gather_nd(value, indices[..., 1:])
+  else:
+    value = tf.transpose(value, [0] + to_end[2:] + [1])
+    picked = tf.gather_nd(value, indices)
+  out_rank = picked.shape.rank
+  with tf.control_dependencies([check]):
+    picked = tf.transpose(
+      picked, [0, out_rank - 1] + list(range(1, out_rank - 1))
+    )
+  return [jacobians.dense(picked)]
+
+
+@registry.register("SegmentSum", "UnsortedSegmentSum", linear=True)
+@registry.of_first_input
+def _segment_sum(op, j, ctx):
+  """`tf.math.segment_sum` and `unsorted_segment_sum` sum the entries of
+  the first axes of `data` (as many as `segment_ids` has) into segments:
+  over the batch axis, batch first; over others, time-major (`Moved`)."""
+  if not isinstance(j, registry.Moved):
+    return [MIXED]
+  ids = op.inputs[1]
+  sum_segments = getattr(tf.raw_ops, op.type)
+  names = [arg.name for arg in op.op_def.input_arg]
+
+  def fn(t):
+    return sum_segments(**dict(zip(names, [t, *op.inputs[1:]])))
+
+  return [_on_leading_axes(j, registry.static_rank(ids, op), 1, fn)]
+
+
 @registry.register("TopKV2")
 @registry.of_first_input
 def _top_k(op, j, ctx):
@@ -987,4 +1100,7 @@ registry.moves(
   "Einsum",
   "StridedSlice",
   "GatherV2",
+  "GatherNd",
+  "SegmentSum",
+  "UnsortedSegmentSum",
 )
