@@ -224,6 +224,31 @@ _RULES = {
       tf.gather_nd(_lin(x), tf.range(tf.shape(x)[0])[:, None]) * x
     ),
   ),
+  # tf.gather with batch_dims: each sample's own indices, of a dense
+  # Jacobian and of x's shared one.
+  "GatherV2_batch_dims": (
+    "GatherV2",
+    lambda x: tf.gather(
+      tf.sin(tf.reshape(_lin(x), [-1, 3, 4])),
+      tf.tile([[2, 0, 2]], tf.stack([tf.shape(x)[0], 1])),
+      axis=1,
+      batch_dims=1,
+    ),
+  ),
+  "GatherV2_batch_dims_of_x": (
+    "GatherV2",
+    lambda x: (
+      tf.tanh(
+        tf.gather(
+          tf.reshape(x, [-1, 3, 4]),
+          tf.tile([[[1, 3], [0, 0], [2, 1]]], tf.stack([tf.shape(x)[0], 1, 1])),
+          axis=2,
+          batch_dims=-1,
+        )
+      )
+      * tf.sin(x[:, :3, None])
+    ),
+  ),
   # Time-major (the batch axis last): index tuples and segments over the
   # other axes.
   "GatherNd_time_major": (

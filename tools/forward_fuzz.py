@@ -5,8 +5,9 @@ float64 placeholder, in a fresh graph: dense layers, elementwise functions,
 binary ops of the model's tensors and of constants that broadcast, distances
 to centres `x[:, None, :] - C`, matmuls written as broadcasts, pairwise
 products, reductions, softmax, reshapes, transposes, concats, slices,
-gathers, tiles, layer normalization, and diagonals, traces and bands of
-matrices. It then compares
+gathers (also by each sample's own indices, `batch_dims=1` and
+`tf.gather_nd`), tiles, layer normalization, and diagonals, traces and
+bands of matrices. It then compares
 `batch_hessians`, `batch_hessian_diagonals` and `batch_laplacians` with
 `method="forward"` against the diagonals and traces of
 `batch_hessians(..., method="while_loop")`, to `atol = 1e-8 * max(1, max|H|)`.
@@ -310,8 +311,29 @@ class _Model:
     return t[..., :-1], f"{name}[..., :-1]"
 
   def gather(self):
+    """A gather of constant indices along the last axis, of each sample's
+    own indices (`batch_dims=1`), or of index tuples of each sample's own
+    entries (`tf.gather_nd` with `indices[n, ..., 0] = n`)."""
     name, t = self._pick(lambda e: len(e) >= 1)
     e = _entry(t)
+    n = tf.shape(t)[0]
+    how = self._int(0, 2)
+    if how == 1:
+      idx = self.rng.integers(0, e[0], size=self._int(1, e[0] + 2))
+      per_sample = tf.tile(tf.constant(idx[None], tf.int32), tf.stack([n, 1]))
+      out = tf.gather(t, per_sample, axis=1, batch_dims=1)
+      return out, f"gather({name}, {idx.tolist()} per sample, batch_dims=1)"
+    if how == 2:
+      depth, m = self._int(0, len(e)), self._int(1, 3)
+      tuples = np.stack(
+        [self.rng.integers(0, e[a], size=m) for a in range(depth)]
+        + [np.zeros(m, np.int64)],
+        axis=1,
+      )[:, :depth]
+      own = tf.tile(tf.range(n)[:, None, None], [1, m, 1])
+      rest = tf.tile(tf.constant(tuples[None], tf.int32), tf.stack([n, 1, 1]))
+      out = tf.gather_nd(t, tf.concat([own, rest], axis=2))
+      return out, f"gather_nd({name}, own rows, {tuples.tolist()})"
     idx = self.rng.integers(0, e[-1], size=self._int(1, e[-1] + 2))
     out = tf.gather(t, idx, axis=len(e))
     return out, f"gather({name}, {idx.tolist()}, axis={len(e)})"

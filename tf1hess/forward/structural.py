@@ -629,14 +629,38 @@ def _moved_gather(op, j, axis, indices):
   return _transposed(b_jac, out_perm, lambda m: tf.gather(m, indices, axis=a))
 
 
+def _batch_gather(j, indices, axis, batch_dims, ctx):
+  """`tf.gather(u, indices, axis, batch_dims)` with `batch_dims >= 1`: the
+  indices of each sample pick among its entries (`indices` has the batch
+  axis first, as TensorFlow checks). The tangents are gathered by them."""
+  value = jacobians.to_dense(j, ctx.n)  # (N, K, *e)
+  index = tf.expand_dims(indices, 1)
+  shape = tf.concat(
+    [tf.shape(index)[:1], tf.shape(value)[1:2], tf.shape(index)[2:]], axis=0
+  )
+  return jacobians.dense(
+    tf.gather(
+      value,
+      tf.broadcast_to(index, shape),
+      axis=axis + 1,
+      batch_dims=batch_dims + 1,
+    )
+  )
+
+
 @registry.register("GatherV2", linear=True)
 @registry.of_first_input
 def _gather(op, j, ctx):
   axis = int(registry.static_value(op.inputs[2], "axis", op))
   rank = registry.static_rank(op.inputs[0], op)
   indices = op.inputs[1]
-  if op.get_attr("batch_dims") != 0:
-    return [MIXED]
+  batch_dims = op.get_attr("batch_dims")
+  if batch_dims < 0:
+    batch_dims += registry.static_rank(indices, op)
+  if batch_dims != 0:
+    if isinstance(j, registry.Moved):
+      return [MIXED]
+    return [_batch_gather(j, indices, axis % rank, batch_dims, ctx)]
   if isinstance(j, registry.Moved):
     return [_moved_gather(op, j, axis % rank, indices)]
   if axis % rank == 0:
