@@ -444,6 +444,31 @@ _RULES = {
       + tf.roll(x * x, -1, -1)
     ),
   ),
+  # Along the features, and exclusive and reversed along inner axes, of a
+  # dense Jacobian and of x's shared one.
+  "Cumprod": (
+    "Cumprod",
+    lambda x: (
+      tf.math.cumprod(tf.sin(_lin(x)) + 0.5, axis=1)
+      + tf.reshape(
+        tf.math.cumprod(
+          tf.reshape(x * _lin(x), [-1, 3, 4]),
+          axis=1,
+          exclusive=True,
+          reverse=True,
+        ),
+        [-1, _K],
+      )
+    ),
+  ),
+  "Cumprod_of_x": (
+    "Cumprod",
+    lambda x: tf.reshape(
+      tf.math.cumprod(tf.reshape(x, [-1, 3, 4]), axis=-1, reverse=True)
+      + tf.math.cumprod(tf.reshape(x, [-1, 3, 4]), axis=2, exclusive=True),
+      [-1, _K],
+    ),
+  ),
   # Along the features, exclusive and reversed, and along an inner axis.
   "Cumsum": (
     "Cumsum",
@@ -705,6 +730,7 @@ NEW_OP_TYPES = {
   "ReverseV2",
   "Roll",
   "Cumsum",
+  "Cumprod",
   "Prod",
   "SpaceToBatchND",
   "BatchToSpaceND",
@@ -804,6 +830,46 @@ class ForwardRulesTest(
         tf1hess.batch_hessians(tf.tanh(rolled), x, method="forward")
       with tf.compat.v1.Session() as sess:
         got, want = sess.run([h, rows], {x: _RNG.normal(size=(3, _K))})
+    self.assertAllClose(got, want, atol=1e-12)
+
+  @parameterized.product(exclusive=[False, True], reverse=[False, True])
+  def test_cumprod_of_zeros(self, exclusive, reverse):
+    # Entries that are 0: the rule multiplies and never divides. Reference:
+    # the same products as reduce_prod of slices, whose TensorFlow
+    # gradient is exact at zeros.
+    def prefixes(u):
+      out = []
+      for i in range(4):
+        if reverse:
+          lo, hi = i + 1 if exclusive else i, 4
+        else:
+          lo, hi = 0, i if exclusive else i + 1
+        out.append(tf.reduce_prod(u[:, :, lo:hi], axis=2))
+      return tf.stack(out, axis=2)
+
+    def model(x, cumprod):
+      mask = tf.constant([1.0, 0.0, 1.0, 1.0] * 3, x.dtype)
+      u = tf.reshape(tf.sin(_lin(x)) * mask, [-1, 3, 4])
+      return tf.reduce_sum(
+        tf.tanh(tf.reshape(cumprod(u), [-1, _K])) * tf.cos(x), axis=1
+      )
+
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      cumprod = model(
+        x,
+        lambda u: tf.math.cumprod(
+          u, axis=2, exclusive=exclusive, reverse=reverse
+        ),
+      )
+      by_slices = model(x, prefixes)
+      got = tf1hess.batch_hessians(cumprod, x, method="forward")
+      want = tf1hess.batch_hessians(by_slices, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        got, want = sess.run([got, want], {x: x_val})
+        hessians = _differences(sess, x, by_slices, x_val)
+    self.assertAllClose(want, hessians, atol=1e-6)
     self.assertAllClose(got, want, atol=1e-12)
 
   def test_gather_nd_of_other_samples(self):

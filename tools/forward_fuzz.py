@@ -6,8 +6,8 @@ binary ops of the model's tensors and of constants that broadcast, distances
 to centres `x[:, None, :] - C`, matmuls written as broadcasts, pairwise
 products, reductions, softmax, reshapes, transposes, concats, slices,
 gathers (also by each sample's own indices, `batch_dims=1` and
-`tf.gather_nd`), tiles, layer normalization, and diagonals, traces and
-bands of matrices. It then compares
+`tf.gather_nd`), tiles, cumulative sums and products, layer
+normalization, and diagonals, traces and bands of matrices. It then compares
 `batch_hessians`, `batch_hessian_diagonals` and `batch_laplacians` with
 `method="forward"` against the diagonals and traces of
 `batch_hessians(..., method="while_loop")`, to `atol = 1e-8 * max(1, max|H|)`.
@@ -115,7 +115,8 @@ _REDUCE = ["reduce_sum", "reduce_mean", "reduce_max", "reduce_logsumexp"]
 # The ops of `_Model` and how often `build` draws them.
 _WEIGHTS = """dense 3 unary 5 binary 2 with_const 2 centres 3 broadcast_matmul 1
   pairwise 2 outer_const 1 reduce 2 softmax 1 reshape 1 transpose 1 concat 1
-  expand_or_squeeze 1 slice 1 gather 1 tile 1 layer_norm 1 matrix 1""".split()
+  expand_or_squeeze 1 slice 1 gather 1 tile 1 layer_norm 1 matrix 1
+  cumulative 1""".split()
 
 
 def _entry(t):
@@ -261,6 +262,19 @@ class _Model:
     fn, keep = str(self.rng.choice(_REDUCE)), bool(self.rng.integers(2))
     out = getattr(tf, fn)(t, axis=axis, keepdims=keep)
     return out, f"{fn}({name}, axis={axis}, keepdims={keep})"
+
+  def cumulative(self):
+    """A cumulative sum or product along an entry axis, maybe exclusive or
+    reversed."""
+    name, t = self._pick(lambda e: len(e) >= 1)
+    axis = self._int(1, len(_entry(t)))
+    fn = str(self.rng.choice(["cumsum", "cumprod"]))
+    exclusive, reverse = (bool(b) for b in self.rng.integers(2, size=2))
+    out = getattr(tf.math, fn)(t, axis, exclusive=exclusive, reverse=reverse)
+    return (
+      out,
+      f"{fn}({name}, {axis}, exclusive={exclusive}, reverse={reverse})",
+    )
 
   def softmax(self):
     name, t = self._pick(lambda e: len(e) >= 1 and e[-1] >= 2)

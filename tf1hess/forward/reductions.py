@@ -1,5 +1,5 @@
 """Forward rules of reductions over entry axes: sums, extrema, products,
-Euclidean norms.
+Euclidean norms; and of cumulative products.
 
 A reduction over the batch axis mixes samples: a sum is linear and marks
 its output `MIXED`; an extremum or a product is not, and the engine
@@ -185,6 +185,83 @@ def _prod(op, j, ctx):
 
   ctx.curvature(out, build)
   return [first]
+
+
+def _products_between(u):
+  """`q[..., a, c] = prod_{a <= l < c} u[..., l]` for `a, c` in `0..M`
+  (1 where `c <= a`): `(..., M + 1, M + 1)`, made by multiplying only."""
+  m = tf.shape(u)[-1]
+  from_a = tf.range(m)[None, :] >= tf.range(m + 1)[:, None]  # [a, l]
+  rows = tf.where(from_a, tf.expand_dims(u, -2), tf.ones_like(u)[..., None, :])
+  products = tf.math.cumprod(rows, axis=-1)  # prod_{a <= l <= c}
+  ones = tf.ones_like(products[..., :1])
+  return tf.concat([ones, products], axis=-1)
+
+
+@registry.register("Cumprod")
+@registry.of_first_input
+def _cumprod(op, j, ctx):
+  """`tf.math.cumprod` along an entry axis: `v_i = prod_{l < c_i} u_l`,
+  with `c_i = i + 1` (`i` when exclusive; a reversed one is the same of
+  the reversed entries).
+
+  `dv_i / du_j = q[0, j] q[j + 1, c_i]` for `j < c_i`, and `d2 v_i / du_j
+  du_k = q[0, j] q[j + 1, k] q[k + 1, c_i]` for `j < k < c_i`, with `q` the
+  products between (`_products_between`): summed against the adjoint, the
+  second derivatives are `q[0, j] q[j + 1, k] r_k` with `r_k = sum_i
+  adj_i q[k + 1, c_i]`. No division: the rule is exact where entries are
+  0. (TensorFlow's gradient of `Cumprod` divides by the entries with
+  `div_no_nan`: at an entry that is 0 it is 0, and so are the adjoints
+  that the engine takes from it, as the rows' and `tf.gradients`' first
+  derivatives.)
+  """
+  u, out = op.inputs[0], op.outputs[0]
+  rank = registry.static_rank(u, op)
+  axis = int(registry.static_value(op.inputs[1], "axis", op)) % rank
+  if axis == 0:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) multiplies entries over the batch axis"
+    )
+  exclusive, reverse = op.get_attr("exclusive"), op.get_attr("reverse")
+  kept = [a for a in range(1, rank) if a != axis]
+  perm = [0] + kept + [axis]
+  back = [perm.index(a) for a in range(rank)]
+
+  def group(m):  # `(B, *kept, M)`, reversed entries for a reversed one.
+    m = tf.transpose(m, perm)
+    return tf.reverse(m, [-1]) if reverse else m
+
+  def ungroup(m):
+    return tf.transpose(tf.reverse(m, [-1]) if reverse else m, back)
+
+  grouped = group(u)
+  jg = jacobians.apply_per_sample(j, group)
+  q = _products_between(grouped)
+  index = tf.range(tf.shape(grouped)[-1])
+  before = q[..., 0, :-1]  # q[0, j]
+  # [j, i]: q[j + 1, c_i], where j < c_i.
+  within = index[:, None] < index[None, :] + (0 if exclusive else 1)
+  ends = q[..., 1:, :-1] if exclusive else q[..., 1:, 1:]
+  ends = tf.where(within, ends, tf.zeros_like(ends))
+  first = tf.expand_dims(before, -1) * ends  # [j, i]: dv_i / du_j
+  value = tf.linalg.matvec(
+    tf.expand_dims(tf.linalg.matrix_transpose(first), 1), jg.value
+  )
+  result = jacobians.apply_per_sample(jacobians.dense(value), ungroup)
+
+  def build(adj):
+    r = tf.linalg.matvec(ends, group(adj))  # r_k
+    upper = tf.expand_dims(before, -1) * q[..., 1:, :-1] * r[..., None, :]
+    upper = tf.where(
+      index[:, None] < index[None, :], upper, tf.zeros_like(upper)
+    )
+    h = upper + tf.linalg.matrix_transpose(upper)
+    pulled = tf.linalg.matvec(tf.expand_dims(h, 1), jg.value)
+    ones = tf.ones_like(r[..., :1])
+    return [jacobians.Term(ones, jg, jacobians.dense(pulled))]
+
+  ctx.curvature(out, build)
+  return [result]
 
 
 def with_axes_kept(t, u, axes):
