@@ -156,6 +156,21 @@ def _pair_products(u, left, right):
   return upper + tf.linalg.matrix_transpose(upper)
 
 
+def _times(jac, matrices):
+  """`out[n, k, ..., i] = sum_j J[n, k, ..., j] matrices[n, ..., j, i]`.
+
+  The tangents of `jac` (shared or dense, entries `(*kept, M)`) times each
+  sample's matrices `(N, *kept, M, M)`: one matmul per sample (and kept
+  index), where `tf.linalg.matvec` of the broadcast makes one per tangent.
+  Returns a dense `Jacobian`.
+  """
+  kept = "abcdefgh"[: matrices.shape.rank - 3]
+  lead = "k" if jac.shared else "nk"
+  return jacobians.dense(
+    tf.einsum(f"{lead}{kept}j,n{kept}ji->nk{kept}i", jac.value, matrices)
+  )
+
+
 @registry.register("Prod")
 @registry.of_first_input
 def _prod(op, j, ctx):
@@ -179,9 +194,8 @@ def _prod(op, j, ctx):
   def build(adj):
     # sum_{i, j} adj h_ij J_i J_j^T: a term of J and of h J, both grouped.
     h = _pair_products(grouped, left, right)  # (N, *kept, M, M)
-    pulled = tf.linalg.matvec(tf.expand_dims(h, 1), jg.value)
     c = tf.expand_dims(tf.reshape(adj, tf.shape(grouped)[:-1]), -1)
-    return [jacobians.Term(c, jg, jacobians.dense(pulled))]
+    return [jacobians.Term(c, jg, _times(jg, h))]
 
   ctx.curvature(out, build)
   return [first]
@@ -244,10 +258,7 @@ def _cumprod(op, j, ctx):
   ends = q[..., 1:, :-1] if exclusive else q[..., 1:, 1:]
   ends = tf.where(within, ends, tf.zeros_like(ends))
   first = tf.expand_dims(before, -1) * ends  # [j, i]: dv_i / du_j
-  value = tf.linalg.matvec(
-    tf.expand_dims(tf.linalg.matrix_transpose(first), 1), jg.value
-  )
-  result = jacobians.apply_per_sample(jacobians.dense(value), ungroup)
+  result = jacobians.apply_per_sample(_times(jg, first), ungroup)
 
   def build(adj):
     r = tf.linalg.matvec(ends, group(adj))  # r_k
@@ -256,9 +267,8 @@ def _cumprod(op, j, ctx):
       index[:, None] < index[None, :], upper, tf.zeros_like(upper)
     )
     h = upper + tf.linalg.matrix_transpose(upper)
-    pulled = tf.linalg.matvec(tf.expand_dims(h, 1), jg.value)
     ones = tf.ones_like(r[..., :1])
-    return [jacobians.Term(ones, jg, jacobians.dense(pulled))]
+    return [jacobians.Term(ones, jg, _times(jg, h))]
 
   ctx.curvature(out, build)
   return [result]
