@@ -796,13 +796,8 @@ def _top_k(op, j, ctx):
     raise registry.Unsupported(
       f"{op.type} ({op.name}) picks among the samples (rank 1)"
     )
-  value = jacobians.to_dense(j, ctx.n)  # (N, K, ..., L)
-  indices = tf.expand_dims(op.outputs[1], 1)  # (N, 1, ..., k)
-  shape = tf.concat([tf.shape(value)[:-1], tf.shape(indices)[-1:]], axis=0)
-  picked = tf.gather(
-    value, tf.broadcast_to(indices, shape), axis=-1, batch_dims=rank
-  )
-  return [jacobians.dense(picked), None]
+  # The indices of each sample's entries along its last axis.
+  return [_batch_gather(j, op.outputs[1], rank - 1, rank - 1, ctx), None]
 
 
 def _split_outputs(op, j, axis, rank, fn):
