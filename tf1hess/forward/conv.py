@@ -100,22 +100,18 @@ def _convolution(op, jacs, ctx, image):
     )
   if j is None:
     return [None]
-  attrs = _attrs(op, *[a.name for a in op.op_def.attr if a.type != "type"])
-  _check_format(op, attrs, _FORMATS[op.type])
+  _check_format(op, _attrs(op, "data_format"), _FORMATS[op.type])
   if not j.shared:
     ctx.dense_matmul()  # A convolution of N K images: costs as a matmul.
   names = [arg.name for arg in op.op_def.input_arg]
-  build = getattr(tf.raw_ops, op.type)
 
   def on_tangents(m):
-    args = dict(zip(names, op.inputs))
-    args[names[1]] = tf.cast(op.inputs[1], m.dtype)
-    args[names[image]] = m
+    args = {names[1]: tf.cast(op.inputs[1], m.dtype), names[image]: m}
     if image == 2:
       sizes = op.inputs[0]
       batch = tf.cast(tf.shape(m)[:1], sizes.dtype)
       args[names[0]] = tf.concat([batch, sizes[1:]], axis=0)
-    return build(**args, **attrs)
+    return registry.twin(op, **args)
 
   return [jacobians.apply_per_sample(j, on_tangents)]
 
@@ -155,14 +151,7 @@ _RESIZES = ("ResizeNearestNeighbor", "ResizeBilinear", "ResizeBicubic")
 @registry.register(*_RESIZES, linear=True)
 @registry.of_first_input
 def _resize(op, j, ctx):
-  attrs = _attrs(op, "align_corners", "half_pixel_centers")
-  resize = getattr(tf.raw_ops, op.type)
-  size = op.inputs[1]
-  return [
-    jacobians.apply_per_sample(
-      j, lambda m: resize(images=m, size=size, **attrs)
-    )
-  ]
+  return [jacobians.apply_per_sample(j, lambda m: registry.twin(op, images=m))]
 
 
 def _normalizes_per_sample(op, jacs):
@@ -260,11 +249,11 @@ def _avg_pool(op, jacs, ctx):
   j = jacs[0]
   if j is None:
     return [None]
-  attrs = _attrs(op, *_POOL_ATTRS)
-  _check_format(op, attrs, ("NHWC", "NDHWC"))
-  pool = getattr(tf.raw_ops, op.type)
+  _check_format(op, _attrs(op, "data_format"), ("NHWC", "NDHWC"))
   name = op.op_def.input_arg[0].name  # `value`, or `input` for AvgPool3D.
-  return [jacobians.apply_per_sample(j, lambda m: pool(**{name: m}, **attrs))]
+  return [
+    jacobians.apply_per_sample(j, lambda m: registry.twin(op, **{name: m}))
+  ]
 
 
 def _gather_entries(jac, index):

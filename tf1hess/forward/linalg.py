@@ -34,17 +34,14 @@ def _diagonals(op):
 
 
 def _on_tangents(op, j):
-  """`j` through the op itself (its `tf.raw_ops` twin, with the same
-  inputs and `align`), its first input the tangents, a padding value 0."""
-  names = [arg.name for arg in op.op_def.input_arg]
-  attrs = {"align": op.get_attr("align")} if "align" in op.node_def.attr else {}
-  fn = getattr(tf.raw_ops, op.type)
+  """`j` through the op itself (`registry.twin`), its first input the
+  tangents, a padding value 0."""
+  first = op.op_def.input_arg[0].name
+  padding = "padding_value" in [arg.name for arg in op.op_def.input_arg]
 
   def apply(m):
-    args = dict(zip(names[1:], op.inputs[1:]), **{names[0]: m})
-    if "padding_value" in args:
-      args["padding_value"] = tf.zeros([], m.dtype)
-    return fn(**args, **attrs)
+    zeros = {"padding_value": tf.zeros([], m.dtype)} if padding else {}
+    return registry.twin(op, **{first: m}, **zeros)
 
   return [jacobians.apply_per_sample(j, apply)]
 

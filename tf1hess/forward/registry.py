@@ -350,6 +350,21 @@ def exact_custom_gradient(op):
   return _defined_in(grad_fn, _EXACT_CUSTOM_GRADIENTS)
 
 
+def twin(op, **inputs):
+  """`op` built again by its `tf.raw_ops` twin, reading `inputs` (by the
+  names of its op def, such as the tangents for `input`) where given and
+  its own inputs elsewhere, with its own attrs (but the types, which the
+  twin infers from what it reads: tangents may have another dtype)."""
+  names = [arg.name for arg in op.op_def.input_arg]
+  args = dict(zip(names, op.inputs))
+  args.update(inputs)
+  attrs = {a.name: op.get_attr(a.name) for a in op.op_def.attr}
+  types = {a.name for a in op.op_def.attr if a.type in ("type", "list(type)")}
+  for name in types:
+    attrs.pop(name)
+  return getattr(tf.raw_ops, op.type)(**args, **attrs)
+
+
 def copied_outputs(op, inputs):
   """The outputs of a copy of `op` in the current graph that reads `inputs`
   (no control inputs), for walks of copies of the model (`chunks`,

@@ -775,14 +775,8 @@ def _segment_sum(op, j, ctx):
   over the batch axis, batch first; over others, time-major (`Moved`)."""
   if not isinstance(j, registry.Moved):
     return [MIXED]
-  ids = op.inputs[1]
-  sum_segments = getattr(tf.raw_ops, op.type)
-  names = [arg.name for arg in op.op_def.input_arg]
-
-  def fn(t):
-    return sum_segments(**dict(zip(names, [t, *op.inputs[1:]])))
-
-  return [_on_leading_axes(j, registry.static_rank(ids, op), 1, fn)]
+  axes = registry.static_rank(op.inputs[1], op)  # Of the segment ids.
+  return [_on_leading_axes(j, axes, 1, lambda t: registry.twin(op, data=t))]
 
 
 @registry.register("TopKV2")
