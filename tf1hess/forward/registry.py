@@ -358,10 +358,11 @@ def twin(op, **inputs):
   names = [arg.name for arg in op.op_def.input_arg]
   args = dict(zip(names, op.inputs))
   args.update(inputs)
-  attrs = {a.name: op.get_attr(a.name) for a in op.op_def.attr}
-  types = {a.name for a in op.op_def.attr if a.type in ("type", "list(type)")}
-  for name in types:
-    attrs.pop(name)
+  attrs = {
+    a.name: op.get_attr(a.name)
+    for a in op.op_def.attr
+    if a.type not in ("type", "list(type)")
+  }
   return getattr(tf.raw_ops, op.type)(**args, **attrs)
 
 
