@@ -720,15 +720,14 @@ class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
       with self.assertRaisesRegex(ValueError, "mixes samples"):
         tf1hess.batch_hessians(y, x, method="forward")
 
-  def test_loops_are_not_skipped(self):
-    """A `tf.scan` hands its values to the loop in a variant tensor list."""
+  def test_loops_are_unrolled(self):
+    """A `tf.scan` hands its values to the loop in a variant tensor list;
+    the walk follows the loop unrolled (`forward_loops_test`)."""
     self.control_flow(2)
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
-      y = testing_utils.scan_model(x)
-      with self.assertRaisesRegex(ValueError, "no forward rule for op type"):
-        tf1hess.batch_hessians(y, x, method="forward")
-    # "auto", sent to the engine, falls back to the rows: right numbers.
+    testing_utils.check_scan_model_hessians(
+      self, lambda y, x: tf1hess.batch_hessians(y, x, method="forward")
+    )
+    # "auto", sent to the engine, too.
     engine = dispatch.Choice(True)
     with mock.patch.object(dispatch, "choose", return_value=engine):
       testing_utils.check_scan_model_hessians(self, tf1hess.batch_hessians)

@@ -50,11 +50,6 @@ _STRATEGIES = {
   "auto_switch_vectorized": ({"plan": _VECTORIZE}, "switch_engine_below"),
 }
 
-# A tf.scan model is a While loop, which the engine does not follow: the
-# strategies that switch on N between the engine and the rows add nothing
-# there to "auto_forward".
-_LOOP_STRATEGIES = [s for s in _STRATEGIES if not s.startswith("auto_switch")]
-
 _TOL = {tf.float32: 2e-4, tf.float64: 1e-9}
 _WEIGHTS = testing_utils.mlp_weights(5, hidden=3)  # H < K: head shortcut.
 _A = np.random.default_rng(7).normal(size=(4, 4)).round(1)
@@ -350,7 +345,7 @@ class GraphStrategiesTest(
     expected_cube[np.arange(5), np.arange(5), np.arange(5)] = 6.0
     self.assertAllClose(out_cube, np.broadcast_to(expected_cube, (3, 5, 5, 5)))
 
-  @parameterized.parameters(*_LOOP_STRATEGIES)
+  @parameterized.parameters(*_STRATEGIES)
   def test_scan_model_under_control_flow_v2(self, strategy):
     self.control_flow(2)
     kwargs = self.strategy(strategy)
@@ -451,7 +446,7 @@ class FunctionAndEagerStrategiesTest(
     )
     self.assertAllClose(diagonals, np.einsum("nii->ni", expected))
 
-  @parameterized.parameters(*_LOOP_STRATEGIES)
+  @parameterized.parameters(*_STRATEGIES)
   def test_eager_scan_model_in_tf_function(self, strategy):
     kwargs = self.strategy(strategy)
     hessians = tf.function(

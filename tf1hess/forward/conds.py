@@ -28,7 +28,7 @@ _SWITCH = frozenset(["Switch", "RefSwitch"])
 _MERGE = frozenset(["Merge", "RefMerge"])
 CONDS = _IF | _SWITCH | _MERGE
 # Stateful ops that a copy may repeat: they read, and draw nothing.
-_READS = frozenset(["ReadVariableOp", "Assert", "PrintV2", "Print"])
+READS = frozenset(["ReadVariableOp", "Assert", "PrintV2", "Print"])
 # The outputs of a `Switch` that a branch does not read.
 _DEAD = object()
 
@@ -67,7 +67,7 @@ def _in_v1_branch(op):
   return _in_context(op, control_flow_ops.CondContext)
 
 
-def _key(t):
+def key(t):
   return (id(t.graph), t.op.name, t.value_index)
 
 
@@ -110,7 +110,7 @@ class Resolved:
     for op in path:
       if op.type in _IF:
         predicate = _source(op.inputs[0])
-        predicates[_key(predicate)] = predicate
+        predicates[key(predicate)] = predicate
       elif op.type in CONDS:
         # A cond's `Switch` is in its context, its `Merge` after it.
         context = op._control_flow_context  # pylint: disable=protected-access
@@ -120,7 +120,7 @@ class Resolved:
           )
         if op.type in _SWITCH:
           predicate = _source(context.pred)
-          predicates[_key(predicate)] = predicate
+          predicates[key(predicate)] = predicate
     if len(predicates) != 1:
       raise registry.Unsupported(
         f"the conds test {len(predicates)} different predicates"
@@ -130,7 +130,7 @@ class Resolved:
       raise registry.Unsupported(
         f"a cond tests {self.predicate.name}, which depends on x"
       )
-    self._order = _ancestors_in_order(ys)
+    self._order = ancestors_in_order(ys)
 
   def copy(self, branch):
     """The copies of `ys` with every cond taking `branch` (a `bool`), in the
@@ -151,7 +151,7 @@ class Resolved:
     return [copier.value(y) for y in self._ys], copier.random
 
 
-def _ancestors_in_order(ys):
+def ancestors_in_order(ys):
   """The ops that `ys` depend on, each after the ops of its inputs.
 
   Not the graph's order: a v1 cond adds the `Switch` of an op's input after
@@ -178,17 +178,17 @@ class _Copier:
 
   def __init__(self, x, predicate, branch):
     self._x = x
-    self._predicate = _key(predicate)
+    self._predicate = key(predicate)
     self._branch = branch
     self._mapped = {}
     self.random = None
 
   def value(self, t):
     """The copy of `t`, `t` itself where it was not copied, or `_DEAD`."""
-    return self._mapped.get(_key(t), t)
+    return self._mapped.get(key(t), t)
 
   def _ours(self, predicate):
-    return _key(_source(predicate)) == self._predicate
+    return key(_source(predicate)) == self._predicate
 
   def _side(self, op):
     """Where `op` sits in the v1 conds: "taken" or "other" (a branch of a
@@ -250,12 +250,12 @@ class _Copier:
     graphs = cond_v2.get_func_graphs(op)
     graph = graphs[0] if self._branch else graphs[1]
     for inner, outer in zip(graph.inputs, op.inputs[1:]):
-      self._mapped[_key(inner)] = self.value(outer)
+      self._mapped[key(inner)] = self.value(outer)
     # Not the intermediates that gradients of the cond read (variants).
     used = [t for t in graph.outputs if t.dtype != tf.variant]
-    inputs = {_key(t) for t in graph.inputs}
-    for inner_op in _ancestors_in_order(used) if used else []:
-      if _key(inner_op.outputs[0]) not in inputs:
+    inputs = {key(t) for t in graph.inputs}
+    for inner_op in ancestors_in_order(used) if used else []:
+      if key(inner_op.outputs[0]) not in inputs:
         self._visit_inner(inner_op)
     self._map(
       op,
@@ -277,7 +277,7 @@ class _Copier:
     self._copy(op, inputs)
 
   def _copy(self, op, inputs):
-    if op.op_def.is_stateful and op.type not in _READS:
+    if op.op_def.is_stateful and op.type not in READS:
       self.random = self.random or op.name
     self._map(op, registry.copied_outputs(op, inputs))
 
@@ -286,4 +286,4 @@ class _Copier:
       if new is not _DEAD and isinstance(new, tf.Tensor):
         if new.shape.rank is None or not new.shape.is_fully_defined():
           new.set_shape(new.shape.merge_with(old.shape))
-      self._mapped[_key(old)] = new
+      self._mapped[key(old)] = new

@@ -24,6 +24,7 @@ from tf1hess.forward import chunks
 from tf1hess.forward import conds
 from tf1hess.forward import engine
 from tf1hess.forward import jacobians
+from tf1hess.forward import loops
 from tf1hess.forward import registry
 
 
@@ -723,6 +724,15 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
   if method not in ("forward", "auto"):
     return None, False
   path = engine.path_ops(x, ys)
+  if loops.on_path(path):
+    # The walk follows the model with its loops unrolled; the rows
+    # differentiate the model.
+    try:
+      ys = loops.unrolled(x, ys, path)
+    except engine.Unsupported as e:
+      _unsupported(x, method, e)
+      return None, False
+    path = engine.path_ops(x, ys)
   if conds.on_path(path):
     return _try_forward_with_conds(
       ys, x, grad, mode, plan, unconnected, path, rows

@@ -1,0 +1,278 @@
+"""The forward engine on models with loops (`forward/loops.py`).
+
+Control flow v2 loops of a length known when the graph is built
+(`dynamic_rnn` over a sequence of static length, `tf.scan`, `tf.map_fn`,
+`tf.while_loop` with a constant bound) are walked unrolled. Every result is
+compared with the row loop (`method="while_loop"`) on the same graph, which
+differentiates the model's own loops; that the engine's result is computed
+without any loop is checked too.
+"""
+
+from unittest import mock
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import testing_utils
+
+import tf1hess
+from tf1hess.forward import dispatch
+from tf1hess.forward import loops
+
+_T, _D = 4, 3  # Time steps and features of each step: K = 12.
+_K = _T * _D
+_RNG = np.random.default_rng(17)
+_OPS = {
+  "hessian": tf1hess.batch_hessians,
+  "diagonal": tf1hess.batch_hessian_diagonals,
+  "laplacian": tf1hess.batch_laplacians,
+}
+
+
+def _weights(m, n, scale=1.0):
+  return tf.constant(scale * _RNG.normal(size=(m, n)) / np.sqrt(m))
+
+
+def _sequence(x):
+  """`x` `(N, T D)` as a batch-major sequence `(N, T, D)`."""
+  return tf.reshape(x, [-1, _T, _D])
+
+
+def _time_major(x):
+  return tf.transpose(_sequence(x), [1, 0, 2])
+
+
+def _lstm(x):
+  """`dynamic_rnn` of an LSTM cell: the last output and the cell state."""
+  cell = tf.compat.v1.nn.rnn_cell.LSTMCell(5, dtype=tf.float64)
+  outputs, state = tf.compat.v1.nn.dynamic_rnn(
+    cell, _sequence(x), dtype=tf.float64
+  )
+  head = tf.compat.v1.layers.dense(outputs[:, -1], 1, tf.nn.softplus)
+  return head[:, 0] + tf.reduce_sum(tf.square(state.c), axis=1)
+
+
+def _gru_time_major_from_a_state(x):
+  """A time-major `dynamic_rnn` of a GRU cell from a state of `x`."""
+  cell = tf.compat.v1.nn.rnn_cell.GRUCell(4, dtype=tf.float64)
+  start = tf.tanh(tf.matmul(x, _weights(_K, 4)))
+  outputs, _ = tf.compat.v1.nn.dynamic_rnn(
+    cell, _time_major(x), initial_state=start, time_major=True
+  )
+  return tf.reduce_sum(tf.sin(tf.transpose(outputs, [1, 0, 2])), [1, 2])
+
+
+def _stacked_cells(x):
+  """Two layers of `BasicRNNCell`s (a state of nested tuples)."""
+  cell = tf.compat.v1.nn.rnn_cell.MultiRNNCell(
+    [tf.compat.v1.nn.rnn_cell.BasicRNNCell(4, dtype=tf.float64) for _ in "ab"]
+  )
+  outputs, _ = tf.compat.v1.nn.dynamic_rnn(cell, _sequence(x), dtype=tf.float64)
+  return tf.reduce_sum(outputs * outputs, [1, 2])
+
+
+def _scan_of_two_states(x):
+  """`tf.scan` with a pair of states, one a product of the other."""
+  w = _weights(_D, _D)
+
+  def step(carry, u):
+    h, c = carry
+    h = tf.tanh(tf.matmul(h, w) + u)
+    return h, c * tf.sigmoid(h) + u
+
+  start = tf.zeros_like(_time_major(x)[0])
+  hs, cs = tf.scan(step, _time_major(x), initializer=(start, start))
+  return tf.reduce_sum(tf.exp(-(hs[-1] ** 2)) + cs[-1] * hs[-2], axis=1)
+
+
+def _while_of_constant_length(x):
+  """`tf.while_loop` of 3 steps of a map that reads `x` in its body."""
+  w = _weights(_K, _K, 0.5)
+
+  def body(i, h):
+    return i + 1, tf.tanh(tf.matmul(h, w)) * x + 0.1 * h
+
+  _, h = tf.while_loop(lambda i, h: i < 3, body, [tf.constant(0), x])
+  return tf.reduce_sum(h * h, axis=1)
+
+
+def _map_over_time(x):
+  """`tf.map_fn` over the time steps, then batch-major again."""
+  w = _weights(_D, 2)
+  steps = tf.map_fn(
+    lambda u: tf.nn.softplus(tf.matmul(u, w)) * u[:, :1], _time_major(x)
+  )
+  return tf.reduce_sum(tf.cos(tf.transpose(steps, [1, 0, 2])), [1, 2])
+
+
+def _loop_in_a_loop(x):
+  """A `tf.scan` whose step runs a `tf.while_loop` of 2 steps."""
+
+  def step(h, u):
+    _, out = tf.while_loop(
+      lambda i, v: i < 2, lambda i, v: (i + 1, tf.sin(v) * u + v), [0, h]
+    )
+    return out
+
+  hs = tf.scan(step, _time_major(x), initializer=tf.ones_like(x[:, :_D]))
+  return tf.reduce_sum(tf.tanh(hs[-1]), axis=1)
+
+
+_MODELS = {
+  "lstm": _lstm,
+  "gru_time_major_from_a_state": _gru_time_major_from_a_state,
+  "stacked_cells": _stacked_cells,
+  "scan_of_two_states": _scan_of_two_states,
+  "while_of_constant_length": _while_of_constant_length,
+  "map_over_time": _map_over_time,
+  "loop_in_a_loop": _loop_in_a_loop,
+}
+# The models of `tf.compat.v1.nn.rnn_cell` (Keras 2 on TensorFlow >= 2.16).
+_CELLS = frozenset(["lstm", "gru_time_major_from_a_state", "stacked_cells"])
+
+
+def _loops_before(t):
+  """The loops that `t` is computed from."""
+  ops, seen, stack = [], set(), [t.op]
+  while stack:
+    op = stack.pop()
+    if op in seen:
+      continue
+    seen.add(op)
+    if op.type in loops.WHILE:
+      ops.append(op)
+    stack.extend(s.op for s in op.inputs)
+  return ops
+
+
+class LoopsTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  def setUp(self):
+    super().setUp()
+    self.control_flow(2)
+
+  def _model(self, name):
+    if name in _CELLS:
+      testing_utils.legacy_keras(self)
+    x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+    return x, _MODELS[name](x)
+
+  def _check(self, x, y, method="forward"):
+    """The ops of `method` against the rows, on two batch sizes."""
+    outs = {name: op(y, x, method=method) for name, op in _OPS.items()}
+    rows = tf1hess.batch_hessians(y, x, method="while_loop")
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      for n in (5, 1):
+        feed = {x: _RNG.normal(size=(n, _K))}
+        values, h = sess.run([outs, rows], feed)
+        self.assertAllClose(values["hessian"], h, atol=1e-10, rtol=1e-10)
+        self.assertAllClose(values["diagonal"], np.einsum("nii->ni", h))
+        self.assertAllClose(values["laplacian"], np.einsum("nii->n", h))
+    return outs
+
+  @parameterized.parameters(*_MODELS)
+  def test_model(self, model):
+    with tf.Graph().as_default():
+      x, y = self._model(model)
+      self.assertNotEmpty(_loops_before(y))
+      outs = self._check(x, y)
+      for out in outs.values():
+        self.assertEmpty(_loops_before(out))
+
+  @parameterized.parameters("SimpleRNN", "GRU", "LSTM")
+  def test_keras_recurrent_layer(self, layer):
+    keras = testing_utils.legacy_keras(self)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      h = getattr(keras.layers, layer)(5, dtype="float64")(_sequence(x))
+      y = keras.layers.Dense(1, "softplus", dtype="float64")(h)
+      self.assertNotEmpty(_loops_before(y))
+      outs = self._check(x, y)
+      self.assertEmpty(_loops_before(outs["hessian"]))
+
+  @parameterized.parameters("lstm", "scan_of_two_states")
+  def test_auto_where_the_engine_is_chosen(self, model):
+    with tf.Graph().as_default():
+      x, y = self._model(model)
+      choice = dispatch.Choice(True)
+      with (
+        self.assertNoLogs(level="WARNING"),
+        mock.patch.object(dispatch, "choose", return_value=choice),
+      ):
+        outs = self._check(x, y, method="auto")
+      self.assertEmpty(_loops_before(outs["hessian"]))
+
+  def _check_falls_back(self, x, y, reason, feed):
+    with self.assertRaisesRegex(ValueError, reason):
+      tf1hess.batch_hessians(y, x, method="forward")
+    choice = dispatch.Choice(True)
+    with (
+      self.assertLogs(level="WARNING") as logs,
+      mock.patch.object(dispatch, "choose", return_value=choice),
+    ):
+      auto = tf1hess.batch_hessians(y, x)
+    self.assertRegex("\n".join(logs.output), "falls back to the row loop")
+    rows = tf1hess.batch_hessians(y, x, method="while_loop")
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      self.assertAllClose(*sess.run([auto, rows], feed))
+
+  def test_loop_of_a_length_known_at_run_time_falls_back(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      steps = tf.compat.v1.placeholder_with_default(3, [])
+      _, h = tf.while_loop(
+        lambda i, h: i < steps, lambda i, h: (i + 1, tf.sin(h) * x), [0, x]
+      )
+      y = tf.reduce_sum(h, axis=1)
+      self._check_falls_back(
+        x,
+        y,
+        "the condition of .* is not known when the graph is built",
+        {x: _RNG.normal(size=(3, _K)), steps: 2},
+      )
+
+  def test_sequence_lengths_known_at_run_time_fall_back(self):
+    testing_utils.legacy_keras(self)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      lengths = tf.compat.v1.placeholder(tf.int32, [None])
+      cell = tf.compat.v1.nn.rnn_cell.GRUCell(3, dtype=tf.float64)
+      _, state = tf.compat.v1.nn.dynamic_rnn(
+        cell, _sequence(x), sequence_length=lengths, dtype=tf.float64
+      )
+      y = tf.reduce_sum(tf.tanh(state), axis=1)
+      feed = {x: _RNG.normal(size=(3, _K)), lengths: [4, 2, 3]}
+      self._check_falls_back(x, y, "not known when the graph is built", feed)
+
+  def test_random_op_in_a_loop_falls_back(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      hs = tf.scan(
+        lambda h, u: tf.tanh(h + tf.nn.dropout(u, rate=0.5, seed=1)),
+        _time_major(x),
+        initializer=tf.zeros_like(x[:, :_D]),
+      )
+      y = tf.reduce_sum(tf.square(hs[-1]), axis=1)
+      with self.assertRaisesRegex(ValueError, "random or stateful"):
+        tf1hess.batch_hessians(y, x, method="forward")
+
+  def test_a_long_loop_is_not_unrolled(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      _, h = tf.while_loop(
+        lambda i, h: i < 100, lambda i, h: (i + 1, tf.sin(h) + x), [0, x]
+      )
+      y = tf.reduce_sum(h * h, axis=1)
+      with (
+        mock.patch.object(loops, "MAX_UNROLLED_OPS", 50),
+        self.assertRaisesRegex(ValueError, "more than 50 ops"),
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+
+
+if __name__ == "__main__":
+  tf.compat.v1.disable_eager_execution()
+  tf.test.main()

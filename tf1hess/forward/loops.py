@@ -1,0 +1,301 @@
+"""Models with loops of a length known when the graph is built: unrolled.
+
+`tf.compat.v1.nn.dynamic_rnn`, `tf.scan`, `tf.map_fn` and `tf.while_loop`
+build a `While` op under control flow v2: a function for its condition,
+one for its body, and `TensorList`s for their `TensorArray`s. The walk
+cannot follow a loop, but where the number of iterations is known when the
+graph is built (a sequence of static length), the model is a model
+without loops. `unrolled(x, ys, path)` builds it: the ops from the loops to
+`ys`, copied with every loop replaced by its body's ops, once for each
+iteration, and every `TensorList` by the Python list of its tensors; the
+ops before the loops are not copied.
+
+The number of iterations is found by evaluating the condition on the
+copies of the loop's values (`tensor_util.try_evaluate_constant`, which
+knows the static dimensions of shapes): a condition that depends on `x` or
+on a value known only at run time (the largest `sequence_length` given to
+`dynamic_rnn`) is not unrolled. Control flow v1 loops (`Enter`, `Exit`,
+`NextIteration` ops) are not unrolled.
+"""
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework import tensor_util  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.ops import while_v2  # pylint: disable=g-direct-tensorflow-import
+
+from tf1hess.forward import conds
+from tf1hess.forward import registry
+
+WHILE = frozenset(["While", "StatelessWhile"])
+# The most ops an unrolled copy may hold: the graph grows by the body's ops
+# for each iteration, and building a graph takes time.
+MAX_UNROLLED_OPS = 20000
+
+
+def on_path(path):
+  """Whether an op of `path` (the walk's ops) is a loop."""
+  return any(op.type in WHILE for op in path)
+
+
+def unrolled(x, ys, path):
+  """The copies of `ys` with the loops of `path` (the walk's ops from `x` to
+  `ys`) unrolled (see module), in the current graph.
+
+  Raises:
+    registry.Unsupported: where a loop's number of iterations is not known
+      when the graph is built, a loop holds a random or stateful op (a
+      copy would draw again), or an op reads a `TensorList` in a way that
+      is not unrolled.
+  """
+  unroller = _Unroller(x, [op for op in path if op.type in WHILE])
+  for op in unroller.order(ys):
+    unroller.visit(op, inner=False)
+  copies = [unroller.value(y) for y in ys]
+  if any(isinstance(t, _List) for t in copies):
+    raise registry.Unsupported("an output of the model is a TensorList")
+  return copies
+
+
+# The outputs of a loop that no op of the model reads (the accumulators of
+# its gradient): not unrolled.
+_UNUSED = object()
+
+
+class _List:
+  """A `TensorList` unrolled: its tensors, `None` where none was set."""
+
+  def __init__(self, items):
+    self.items = list(items)
+
+  def item(self, index, op):
+    if not 0 <= index < len(self.items) or self.items[index] is None:
+      raise registry.Unsupported(
+        f"{op.name} reads item {index} of a TensorList of"
+        f" {len(self.items)} that holds no tensor there"
+      )
+    return self.items[index]
+
+  def replaced(self, index, value, op):
+    if not 0 <= index < len(self.items):
+      raise registry.Unsupported(
+        f"{op.name} sets item {index} of a TensorList of {len(self.items)}"
+      )
+    items = list(self.items)
+    items[index] = value
+    return _List(items)
+
+
+def _static(t, op, what):
+  """The value of `t` (a `Tensor` or a Python number) known when the graph
+  is built, as a NumPy value; raises `registry.Unsupported` naming `op`."""
+  if isinstance(t, _List):
+    raise registry.Unsupported(f"{op.name} reads a TensorList as {what}")
+  value = tensor_util.try_evaluate_constant(t)
+  if value is None:
+    raise registry.Unsupported(
+      f"{what} of {op.type} ({op.name}) is not known when the graph is built"
+    )
+  return value
+
+
+def _index(t, op):
+  return int(_static(t, op, "the index"))
+
+
+def _from_tensor(op, inputs):
+  tensor = inputs[0]
+  n = tf.compat.dimension_value(tensor.shape[0]) if tensor.shape.rank else None
+  if n is None:
+    raise registry.Unsupported(
+      f"{op.name} makes a TensorList of a tensor of unknown length"
+      f" {tensor.shape}"
+    )
+  return [_List(tf.unstack(tensor, num=n))]
+
+
+def _stack(op, inputs):
+  items = inputs[0].items
+  if not items or any(t is None for t in items):
+    raise registry.Unsupported(f"{op.name} stacks a TensorList with no tensor")
+  return [tf.stack(items)]
+
+
+def _pop_back(op, inputs):
+  items = inputs[0].items
+  if not items or items[-1] is None:
+    raise registry.Unsupported(f"{op.name} pops from an empty TensorList")
+  return [_List(items[:-1]), items[-1]]
+
+
+# The `TensorList` ops that an unrolled loop follows: each maps the op and
+# its inputs (`_List`s for lists) to its outputs.
+_LIST_OPS = {
+  "EmptyTensorList": lambda op, inputs: [_List([])],
+  "TensorListReserve": lambda op, inputs: [
+    _List([None] * _index(inputs[1], op))
+  ],
+  "TensorListFromTensor": _from_tensor,
+  "TensorListGetItem": lambda op, inputs: [
+    inputs[0].item(_index(inputs[1], op), op)
+  ],
+  "TensorListSetItem": lambda op, inputs: [
+    inputs[0].replaced(_index(inputs[1], op), inputs[2], op)
+  ],
+  "TensorListPushBack": lambda op, inputs: [
+    _List(inputs[0].items + [inputs[1]])
+  ],
+  "TensorListPopBack": _pop_back,
+  "TensorListStack": _stack,
+  "TensorListLength": lambda op, inputs: [
+    tf.constant(len(inputs[0].items), tf.int32)
+  ],
+}
+
+
+def _function_graphs(op):
+  """The condition's and the body's `FuncGraph`s of the `While` `op`."""
+  return (
+    while_v2._get_graph(op, "cond", "_cond_graph"),  # pylint: disable=protected-access
+    while_v2._get_graph(op, "body", "_body_graph"),  # pylint: disable=protected-access
+  )
+
+
+def _read_inputs(graph, outputs):
+  """The indices of the inputs of `graph` that `outputs` (tensors of it)
+  are computed from."""
+  index = {conds.key(t): i for i, t in enumerate(graph.inputs)}
+  read = set()
+  for op in conds.ancestors_in_order(outputs):
+    for t in op.outputs:
+      if conds.key(t) in index:
+        read.add(index[conds.key(t)])
+  for t in outputs:
+    if conds.key(t) in index:
+      read.add(index[conds.key(t)])
+  return read
+
+
+def _carried(cond, body, wanted):
+  """The indices of the loop's values that the outputs `wanted` and the
+  condition are computed from, over any number of iterations."""
+  needed = set(wanted) | _read_inputs(cond, cond.outputs[:1])
+  while True:
+    more = _read_inputs(body, [body.outputs[i] for i in needed]) - needed
+    if not more:
+      return sorted(needed)
+    needed |= more
+
+
+class _Unroller:
+  """Copies the ops that read a copy, unrolling loops."""
+
+  def __init__(self, x, loops):
+    self._x = x
+    self._loops = set(loops)
+    self._mapped = {}
+    self._copied = 0
+    self._read = set()  # The keys of the tensors that the ops copied read.
+
+  def order(self, outputs):
+    """The ops that `outputs` are computed from, inputs first (notes what
+    they read: a loop unrolls only the values that are read)."""
+    ops = conds.ancestors_in_order(outputs)
+    self._read.update(conds.key(t) for op in ops for t in op.inputs)
+    self._read.update(conds.key(t) for t in outputs)
+    return ops
+
+  def value(self, t):
+    """The copy of `t`, or `t` itself where it was not copied."""
+    return self._mapped.get(conds.key(t), t)
+
+  def visit(self, op, inner):
+    """Maps the outputs of `op`: of the graph of `x` (`inner=False`: copied
+    only where it reads a copy) or of a loop's function (always copied)."""
+    if op is self._x.op:
+      return
+    inputs = [self.value(t) for t in op.inputs]
+    changed = any(new is not old for new, old in zip(inputs, op.inputs))
+    lists = any(isinstance(t, _List) for t in inputs)
+    if any(t is _UNUSED for t in inputs):
+      raise registry.Unsupported(f"{op.name} reads an output of a loop")
+    if op.type in WHILE and (inner or op in self._loops):
+      self._map(op, self._unroll(op, inputs))
+    elif op.type in _LIST_OPS and (inner or changed or lists):
+      self._map(op, _LIST_OPS[op.type](op, inputs))
+    elif lists and op.type in ("Identity", "IdentityN"):
+      self._map(op, inputs)
+    elif lists:
+      raise registry.Unsupported(
+        f"{op.type} ({op.name}) reads a TensorList of an unrolled loop"
+      )
+    elif inner or changed:
+      self._copy(op, inputs)
+
+  def _copy(self, op, inputs):
+    if op.op_def.is_stateful and op.type not in conds.READS:
+      raise registry.Unsupported(
+        f"{op.type} ({op.name}) is random or stateful, and a copy would draw"
+        " again"
+      )
+    self._copied += 1
+    if self._copied > MAX_UNROLLED_OPS:
+      raise registry.Unsupported(
+        f"unrolling the loops takes more than {MAX_UNROLLED_OPS} ops"
+      )
+    outputs = registry.copied_outputs(op, inputs)
+    # Counters and indices: constants where they are known, so that the
+    # next iteration's ones are not computed from all the ones before.
+    for i, t in enumerate(outputs):
+      if t.dtype.is_integer or t.dtype == tf.bool:
+        value = tensor_util.try_evaluate_constant(t)
+        if value is not None:
+          outputs[i] = tf.constant(value, t.dtype)
+    self._map(op, outputs)
+
+  def _run(self, graph, values, outputs):
+    """The copies of `outputs` of the function `graph` on `values` (its
+    inputs' copies)."""
+    for inner, value in zip(graph.inputs, values):
+      self._mapped[conds.key(inner)] = value
+    inputs = {conds.key(t) for t in graph.inputs}
+    for op in self.order(outputs):
+      if not op.outputs or conds.key(op.outputs[0]) not in inputs:
+        self.visit(op, inner=True)
+    return [self.value(t) for t in outputs]
+
+  def _unroll(self, op, inputs):
+    """The outputs of the `While` `op` on `inputs`: its body's copies."""
+    cond, body = _function_graphs(op)
+    read = {t.value_index for t in op.outputs if conds.key(t) in self._read}
+    needed = _carried(cond, body, read)
+    values = [
+      self._as_list(t) if i in needed else t for i, t in enumerate(inputs)
+    ]
+    iterations = 0
+    while True:
+      (go,) = self._run(cond, values, cond.outputs[:1])
+      if not np.all(_static(go, op, "the condition")):
+        break
+      iterations += 1
+      with tf.name_scope(f"{op.name}_{iterations}"):
+        nexts = self._run(body, values, [body.outputs[i] for i in needed])
+      for i, t in zip(needed, nexts):
+        values[i] = t
+    return [values[i] if i in needed else _UNUSED for i in range(len(values))]
+
+  def _as_list(self, t):
+    """`t`, a `_List` where it is a `TensorList` of the graph of `x`."""
+    if isinstance(t, _List) or t.dtype != tf.variant:
+      return t
+    if t.op.type not in _LIST_OPS:
+      raise registry.Unsupported(
+        f"a loop reads {t.name}, a {t.op.type} that is not unrolled"
+      )
+    inputs = [self._as_list(self.value(s)) for s in t.op.inputs]
+    return _LIST_OPS[t.op.type](t.op, inputs)[t.value_index]
+
+  def _map(self, op, outs):
+    for old, new in zip(op.outputs, outs):
+      if isinstance(new, tf.Tensor) and not new.shape.is_fully_defined():
+        new.set_shape(new.shape.merge_with(old.shape))
+      self._mapped[conds.key(old)] = new
