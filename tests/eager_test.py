@@ -61,8 +61,6 @@ class EagerMatchesGraphTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.product(name=list(_FUNCTIONS), cf=[1, 2])
   def test_while_building_a_graph(self, name, cf):
     if cf == 1:
-      if name == "scan":
-        self.skipTest("tf.scan under control flow v1 has no second order.")
       tf.compat.v1.disable_control_flow_v2()
       self.addCleanup(tf.compat.v1.enable_control_flow_v2)
     fn = _FUNCTIONS[name]

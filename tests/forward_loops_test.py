@@ -1,11 +1,14 @@
 """The forward engine on models with loops (`forward/loops.py`).
 
-Control flow v2 loops of a length known when the graph is built
-(`dynamic_rnn` over a sequence of static length, `tf.scan`, `tf.map_fn`,
-`tf.while_loop` with a constant bound) are walked unrolled. Every result is
-compared with the row loop (`method="while_loop"`) on the same graph, which
-differentiates the model's own loops; that the engine's result is computed
-without any loop is checked too.
+Loops of a length known when the graph is built (`dynamic_rnn` over a
+sequence of static length, `tf.scan`, `tf.map_fn`, `tf.while_loop` with a
+constant bound) are walked unrolled, under control flow v2 (`While` ops)
+and v1 (`Enter`/`Exit` frames). Under v2 every result is compared with the
+row loop (`method="while_loop"`) on the same graph, which differentiates
+the model's own loops; under v1, where TensorFlow takes no second
+derivatives through loops, with float64 central differences of the
+model's `tf.gradients`. That the engine's result is computed without any
+loop is checked too.
 """
 
 from unittest import mock
@@ -132,14 +135,14 @@ _CELLS = frozenset(["lstm", "gru_time_major_from_a_state", "stacked_cells"])
 
 
 def _loops_before(t):
-  """The loops that `t` is computed from."""
+  """The loops (v2 `While`s, v1 `Exit`s) that `t` is computed from."""
   ops, seen, stack = [], set(), [t.op]
   while stack:
     op = stack.pop()
     if op in seen:
       continue
     seen.add(op)
-    if op.type in loops.WHILE:
+    if op.type in loops.WHILE or op.type in loops.EXIT:
       ops.append(op)
     stack.extend(s.op for s in op.inputs)
   return ops
@@ -152,6 +155,17 @@ class LoopsTest(
     super().setUp()
     self.control_flow(2)
 
+  def _expected(self, sess, x, y, feed):
+    """The Hessians of `y`: the rows' under control flow v2, differences
+    of the gradient under v1."""
+    if tf.compat.v1.control_flow_v2_enabled():
+      return sess.run(tf1hess.batch_hessians(y, x, method="while_loop"), feed)
+    (grad,) = tf.gradients(y, x)
+    jacobian = testing_utils.central_difference_jacobian(
+      lambda v: sess.run(grad, {x: v}), feed[x]
+    )
+    return jacobian
+
   def _model(self, name):
     if name in _CELLS:
       testing_utils.legacy_keras(self)
@@ -159,21 +173,28 @@ class LoopsTest(
     return x, _MODELS[name](x)
 
   def _check(self, x, y, method="forward"):
-    """The ops of `method` against the rows, on two batch sizes."""
+    """The ops of `method` against `_expected`, on two batch sizes."""
     outs = {name: op(y, x, method=method) for name, op in _OPS.items()}
-    rows = tf1hess.batch_hessians(y, x, method="while_loop")
+    tol = 1e-10 if tf.compat.v1.control_flow_v2_enabled() else 1e-6
     with tf.compat.v1.Session() as sess:
       sess.run(tf.compat.v1.global_variables_initializer())
       for n in (5, 1):
         feed = {x: _RNG.normal(size=(n, _K))}
-        values, h = sess.run([outs, rows], feed)
-        self.assertAllClose(values["hessian"], h, atol=1e-10, rtol=1e-10)
-        self.assertAllClose(values["diagonal"], np.einsum("nii->ni", h))
-        self.assertAllClose(values["laplacian"], np.einsum("nii->n", h))
+        values, h = sess.run(outs, feed), self._expected(sess, x, y, feed)
+        self.assertAllClose(values["hessian"], h, atol=tol, rtol=tol)
+        self.assertAllClose(
+          values["diagonal"], np.einsum("nii->ni", h), atol=tol
+        )
+        self.assertAllClose(
+          values["laplacian"], np.einsum("nii->n", h), atol=tol
+        )
     return outs
 
-  @parameterized.parameters(*_MODELS)
-  def test_model(self, model):
+  @parameterized.product(model=list(_MODELS), cf=[1, 2])
+  def test_model(self, model, cf):
+    if cf == 1 and model == "loop_in_a_loop":
+      self.skipTest("test_loop_in_a_v1_loop_raises")
+    self.control_flow(cf)
     with tf.Graph().as_default():
       x, y = self._model(model)
       self.assertNotEmpty(_loops_before(y))
@@ -181,6 +202,9 @@ class LoopsTest(
       for out in outs.values():
         self.assertEmpty(_loops_before(out))
 
+  # (Under `disable_control_flow_v2()` alone, Keras' own recurrent loop
+  # fails to run: "Could not write to TensorArray index 0 because it has
+  # already been written to".)
   @parameterized.parameters("SimpleRNN", "GRU", "LSTM")
   def test_keras_recurrent_layer(self, layer):
     keras = testing_utils.legacy_keras(self)
@@ -258,6 +282,31 @@ class LoopsTest(
       y = tf.reduce_sum(tf.square(hs[-1]), axis=1)
       with self.assertRaisesRegex(ValueError, "random or stateful"):
         tf1hess.batch_hessians(y, x, method="forward")
+
+  def test_loop_in_a_v1_loop_raises(self):
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x, y = self._model("loop_in_a_loop")
+      for method in ("auto", "forward"):
+        with self.assertRaisesRegex(
+          ValueError,
+          "control-flow-v1 tf.while_loop .* cannot follow it: .* is in a loop"
+          " in a control flow v1 loop.*enable_control_flow_v2",
+        ):
+          tf1hess.batch_hessians(y, x, method=method)
+
+  def test_v1_loop_of_a_length_known_at_run_time_raises(self):
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      steps = tf.compat.v1.placeholder_with_default(3, [])
+      _, h = tf.while_loop(
+        lambda i, h: i < steps, lambda i, h: (i + 1, tf.sin(h) * x), [0, x]
+      )
+      with self.assertRaisesRegex(
+        ValueError, "cannot follow it: the condition of .* is not known"
+      ):
+        tf1hess.batch_hessian_diagonals(tf.reduce_sum(h, axis=1), x)
 
   def test_a_long_loop_is_not_unrolled(self):
     with tf.Graph().as_default():

@@ -18,6 +18,7 @@ from tf1hess import _tf_errors
 from tf1hess import forward
 from tf1hess import plan as plan_lib
 from tf1hess.forward import dispatch
+from tf1hess.forward import loops as loops_lib
 
 _ZERO = tf.UnconnectedGradients.ZERO
 _NONE = tf.UnconnectedGradients.NONE
@@ -107,29 +108,29 @@ def _imported(op):
   return op._get_control_flow_context() is None  # pylint: disable=protected-access
 
 
-def _check_no_v1_loop(ys_list, xs_list, order):
-  """Raises `ValueError` when a control-flow-v1 loop stops differentiation.
+def _v1_loops(ys_list, xs_list, order, walked):
+  """The names of the control-flow-v1 loops' `Enter` ops that stop the
+  row loop's differentiation; raises `ValueError` where nothing can
+  differentiate through them.
 
   TensorFlow takes no second-order gradients through a v1 loop, and no
   gradient at all through one imported from a GraphDef (it lost its while
-  context).
+  context). The forward engine can take second derivatives through a loop
+  that is not imported, unrolled: with `walked` (order 2, and the engine's
+  result taken where it can follow the model) those loops are returned
+  for `dispatch.try_forward` to take the engine alone.
   """
   loops = sorted(
-    op.name
-    for op in ops_between(ys_list, xs_list)
-    if control_flow_util.IsLoopEnter(op) and (order > 1 or _imported(op))
+    (
+      op
+      for op in ops_between(ys_list, xs_list)
+      if control_flow_util.IsLoopEnter(op) and (order > 1 or _imported(op))
+    ),
+    key=lambda op: op.name,
   )
-  if loops:
-    raise ValueError(
-      "`ys` is computed through a control-flow-v1 tf.while_loop "
-      f"({loops[0]}; e.g. tf.compat.v1.nn.dynamic_rnn or tf.scan after "
-      "tf.compat.v1.disable_v2_behavior(), or such a model loaded from a "
-      "GraphDef), and TensorFlow cannot take second-order gradients through "
-      "v1 loops, nor any gradient through one loaded from a GraphDef. Call "
-      "tf.compat.v1.enable_control_flow_v2() right after "
-      "disable_v2_behavior(), before building the model (a loaded model: "
-      "build it that way and save it again)."
-    )
+  if loops and (not walked or any(_imported(op) for op in loops)):
+    raise ValueError(loops_lib.v1_error(loops[0].name))
+  return [op.name for op in loops]
 
 
 def _graph_gradient(x, unconnected):
@@ -194,7 +195,12 @@ def _derivatives(
     mode = forward.DIAGONAL if diagonal else forward.HESSIAN
   with tf.name_scope(name or default_name):
     ys_list = [tf.convert_to_tensor(y) for y in ys_list]
-    _check_no_v1_loop(ys_list, xs_list, order)
+    walked = (
+      order == 2
+      and plan.method in ("auto", "forward")
+      and not check_independence
+    )
+    v1_loops = _v1_loops(ys_list, xs_list, order, walked)
     grads = tf.gradients(ys_list, xs_list, unconnected_gradients=unconnected)
     if order == 1:
       return _checks.restore_structure(grads, was_sequence)
@@ -225,7 +231,7 @@ def _derivatives(
       result, done = (None, True) if g is None else (None, False)
       if not done and order == 2:
         result, done = dispatch.try_forward(
-          ys_list, x, g, mode, plan, unconnected, rows
+          ys_list, x, g, mode, plan, unconnected, None if v1_loops else rows
         )
         if done and result is not None and check_independence:
           result = _checked(x, g, result, unconnected)

@@ -151,14 +151,15 @@ class Resolved:
     return [copier.value(y) for y in self._ys], copier.random
 
 
-def ancestors_in_order(ys):
-  """The ops that `ys` depend on, each after the ops of its inputs.
+def ancestors_in_order(ys, stop=frozenset()):
+  """The ops that `ys` depend on, each after the ops of its inputs, but for
+  the ops of `stop` and what only they depend on.
 
   Not the graph's order: a v1 cond adds the `Switch` of an op's input after
   the op.
   """
   order, done, started = [], set(), set()
-  stack = [(y.op, False) for y in ys]
+  stack = [(y.op, False) for y in ys if y.op not in stop]
   while stack:
     op, expanded = stack.pop()
     if op in done or (op in started and not expanded):
@@ -169,7 +170,11 @@ def ancestors_in_order(ys):
       continue
     started.add(op)
     stack.append((op, True))
-    stack.extend((t.op, False) for t in op.inputs if t.op not in started)
+    stack.extend(
+      (t.op, False)
+      for t in op.inputs
+      if t.op not in started and t.op not in stop
+    )
   return order
 
 

@@ -563,12 +563,21 @@ def _rows_work_with_static_batch(ys, x, mode, plan):
     return rows_work(ys_copy, x_copy, grad, mode, plan)
 
 
+class _Declined(ValueError):
+  """The engine cannot follow the model under `method="forward"`."""
+
+  def __init__(self, message, reason):
+    super().__init__(message)
+    self.reason = reason
+
+
 def _unsupported(x, method, error):
   """Raises for `method="forward"`; warns once for `"auto"`."""
   if method == "forward":
-    raise ValueError(
+    raise _Declined(
       f"`method`='forward' cannot differentiate `ys` with respect to "
-      f"{x.name}: {error}. Use method='auto' to fall back to the row loop."
+      f"{x.name}: {error}. Use method='auto' to fall back to the row loop.",
+      error,
     ) from None
   _core.warn_once(
     x.graph,
@@ -656,13 +665,26 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
   """`(result, True)` from the engine for `x`, or `(None, False)` for rows.
 
   Warns once when the rows will inherit a wrong second derivative of
-  TensorFlow's (`rows_are_exact`). See `_try_forward` for the rest.
+  TensorFlow's (`rows_are_exact`). With `rows=None` (`ys` computed through
+  a control flow v1 loop, which TensorFlow does not differentiate twice)
+  the engine is taken whatever the method, and a model it cannot follow
+  raises `ValueError` saying so. See `_try_forward` for the rest.
 
   Raises:
     LookupError: when the rows are to be built but TensorFlow has no
       gradient of an op of the gradient graph (`LRNGrad`: neither can
       build the second derivatives), naming it.
   """
+  if rows is None:
+    # Through a control flow v1 loop: no rows, the engine alone.
+    try:
+      return _try_forward(
+        ys, x, grad, mode, plan.replace(method="forward"), unconnected, rows
+      )
+    except _Declined as e:
+      exits = [op for op in engine.path_ops(x, ys) if op.type in loops.EXIT]
+      loop = exits[-1].name if exits else "a loop"
+      raise ValueError(loops.v1_error(loop, e.reason)) from None
   result = _try_forward(ys, x, grad, mode, plan, unconnected, rows)
   missing = None if result[1] else _without_gradient(x, grad)
   if missing is not None:

@@ -21,20 +21,68 @@ on a value known only at run time (the largest `sequence_length` given to
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import tensor_util  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.ops import control_flow_ops  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.ops import while_v2  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess.forward import conds
 from tf1hess.forward import registry
 
 WHILE = frozenset(["While", "StatelessWhile"])
+# The ops by which a control flow v1 loop hands out its values.
+EXIT = frozenset(["Exit", "RefExit"])
+_ENTER = frozenset(["Enter", "RefEnter"])
+_MERGE = frozenset(["Merge", "RefMerge"])
+_SWITCH = frozenset(["Switch", "RefSwitch"])
 # The most ops an unrolled copy may hold: the graph grows by the body's ops
 # for each iteration, and building a graph takes time.
 MAX_UNROLLED_OPS = 20000
 
 
 def on_path(path):
-  """Whether an op of `path` (the walk's ops) is a loop."""
-  return any(op.type in WHILE for op in path)
+  """Whether an op of `path` (the walk's ops) is a loop's."""
+  return any(op.type in WHILE or op.type in EXIT for op in path)
+
+
+def v1_on_path(path):
+  """Whether an op of `path` hands out the values of a control flow v1
+  loop, through which TensorFlow takes no second derivatives."""
+  return any(op.type in EXIT for op in path)
+
+
+def v1_error(loop, reason=None):
+  """The message of the `ValueError` for `ys` computed through the control
+  flow v1 loop whose op is named `loop`, which the engine cannot follow for
+  `reason` (or which is not for the engine)."""
+  engine = (
+    f" The forward engine, which differentiates such a loop unrolled where"
+    f" its length is known when the graph is built, cannot follow it: {reason}."
+    if reason
+    else ""
+  )
+  return (
+    "`ys` is computed through a control-flow-v1 tf.while_loop "
+    f"({loop}; e.g. tf.compat.v1.nn.dynamic_rnn or tf.scan after "
+    "tf.compat.v1.disable_v2_behavior(), or such a model loaded from a "
+    "GraphDef), and TensorFlow cannot take second-order gradients through "
+    "v1 loops, nor any gradient through one loaded from a GraphDef."
+    f"{engine} Call tf.compat.v1.enable_control_flow_v2() right after "
+    "disable_v2_behavior(), before building the model (a loaded model: "
+    "build it that way and save it again)."
+  )
+
+
+def _while_context(op):
+  """The innermost control flow v1 loop that `op` is in, or `None`."""
+  return _loop_of(op._control_flow_context)  # pylint: disable=protected-access
+
+
+def _loop_of(context):
+  """The innermost `WhileContext` of `context` and those it is in."""
+  while context is not None and not isinstance(
+    context, control_flow_ops.WhileContext
+  ):
+    context = context.outer_context
+  return context
 
 
 def unrolled(x, ys, path):
@@ -47,7 +95,11 @@ def unrolled(x, ys, path):
       copy would draw again), or an op reads a `TensorList` in a way that
       is not unrolled.
   """
-  unroller = _Unroller(x, [op for op in path if op.type in WHILE])
+  unroller = _Unroller(
+    x,
+    [op for op in path if op.type in WHILE]
+    + [_while_context(op.inputs[0].op) for op in path if op.type in EXIT],
+  )
   for op in unroller.order(ys):
     unroller.visit(op, inner=False)
   copies = [unroller.value(y) for y in ys]
@@ -127,6 +179,28 @@ def _pop_back(op, inputs):
   return [_List(items[:-1]), items[-1]]
 
 
+def _scatter(op, inputs):
+  """`TensorArrayScatterV3` (`TensorArray.unstack`): the items of `value`
+  set at `indices`."""
+  _, indices, value, flow = inputs
+  indices = [int(i) for i in _static(indices, op, "the indices")]
+  items = list(flow.items)
+  for i, item in zip(indices, tf.unstack(value, num=len(indices))):
+    if not 0 <= i < len(items):
+      raise registry.Unsupported(
+        f"{op.name} sets item {i} of a TensorArray of {len(items)}"
+      )
+    items[i] = item
+  return [_List(items)]
+
+
+def _gather(op, inputs):
+  """`TensorArrayGatherV3` (`TensorArray.stack`): the items at `indices`."""
+  _, indices, flow = inputs
+  indices = [int(i) for i in _static(indices, op, "the indices")]
+  return _stack(op, [_List([flow.item(i, op) for i in indices])])
+
+
 # The `TensorList` ops that an unrolled loop follows: each maps the op and
 # its inputs (`_List`s for lists) to its outputs.
 _LIST_OPS = {
@@ -148,6 +222,23 @@ _LIST_OPS = {
   "TensorListStack": _stack,
   "TensorListLength": lambda op, inputs: [
     tf.constant(len(inputs[0].items), tf.int32)
+  ],
+  # Control flow v1's `TensorArray`s: a list is the array's flow (the
+  # handle, read by every op of the array, is not followed).
+  "TensorArrayV3": lambda op, inputs: [
+    op.outputs[0],
+    _List([None] * _index(inputs[0], op)),
+  ],
+  "TensorArrayScatterV3": _scatter,
+  "TensorArrayReadV3": lambda op, inputs: [
+    inputs[2].item(_index(inputs[1], op), op)
+  ],
+  "TensorArrayWriteV3": lambda op, inputs: [
+    inputs[3].replaced(_index(inputs[1], op), inputs[2], op)
+  ],
+  "TensorArrayGatherV3": _gather,
+  "TensorArraySizeV3": lambda op, inputs: [
+    tf.constant(len(inputs[1].items), tf.int32)
   ],
 }
 
@@ -186,6 +277,14 @@ def _carried(cond, body, wanted):
     needed |= more
 
 
+def _consumer(t, types):
+  """The op of one of `types` that reads `t`."""
+  ops = [op for op in t.consumers() if op.type in types]
+  if not ops:
+    raise registry.Unsupported(f"no {sorted(types)[0]} reads {t.name}")
+  return ops[0].outputs[0]
+
+
 class _Unroller:
   """Copies the ops that read a copy, unrolling loops."""
 
@@ -196,10 +295,11 @@ class _Unroller:
     self._copied = 0
     self._read = set()  # The keys of the tensors that the ops copied read.
 
-  def order(self, outputs):
-    """The ops that `outputs` are computed from, inputs first (notes what
-    they read: a loop unrolls only the values that are read)."""
-    ops = conds.ancestors_in_order(outputs)
+  def order(self, outputs, stop=frozenset()):
+    """The ops that `outputs` are computed from, inputs first, but for
+    those of `stop` (notes what they read: a loop unrolls only the values
+    that are read)."""
+    ops = conds.ancestors_in_order(outputs, stop)
     self._read.update(conds.key(t) for op in ops for t in op.inputs)
     self._read.update(conds.key(t) for t in outputs)
     return ops
@@ -213,6 +313,17 @@ class _Unroller:
     only where it reads a copy) or of a loop's function (always copied)."""
     if op is self._x.op:
       return
+    if not inner and op.type in EXIT:
+      context = _while_context(op.inputs[0].op)
+      if (
+        context in self._loops
+        and _loop_of(context.outer_context) is None  # Not a loop in a loop.
+        and conds.key(op.outputs[0]) not in self._mapped
+      ):
+        self._unroll_v1(context)
+      return
+    if not inner and _while_context(op) is not None:
+      return  # An op of a v1 loop: copied where the loop is unrolled.
     inputs = [self.value(t) for t in op.inputs]
     changed = any(new is not old for new, old in zip(inputs, op.inputs))
     lists = any(isinstance(t, _List) for t in inputs)
@@ -284,15 +395,83 @@ class _Unroller:
     return [values[i] if i in needed else _UNUSED for i in range(len(values))]
 
   def _as_list(self, t):
-    """`t`, a `_List` where it is a `TensorList` of the graph of `x`."""
-    if isinstance(t, _List) or t.dtype != tf.variant:
+    """`t`, a `_List` where it is a list of the graph of `x` (a
+    `TensorList`, or the flow of a v1 `TensorArray`)."""
+    if isinstance(t, _List):
       return t
-    if t.op.type not in _LIST_OPS:
+    if t.op.type in _LIST_OPS:
+      inputs = [self._as_list(self.value(s)) for s in t.op.inputs]
+      return _LIST_OPS[t.op.type](t.op, inputs)[t.value_index]
+    if t.op.type == "Identity":
+      source = self._as_list(self.value(t.op.inputs[0]))
+      return source if isinstance(source, _List) else t
+    if t.dtype == tf.variant:
       raise registry.Unsupported(
         f"a loop reads {t.name}, a {t.op.type} that is not unrolled"
       )
-    inputs = [self._as_list(self.value(s)) for s in t.op.inputs]
-    return _LIST_OPS[t.op.type](t.op, inputs)[t.value_index]
+    return t
+
+  def _unroll_v1(self, context):
+    """Maps the exits of the control flow v1 loop `context` (a
+    `WhileContext`) to its body's copies."""
+    merges, nexts = [], []
+    for enter in context.loop_enters:
+      merge = _consumer(enter, _MERGE)
+      merges.append(merge.op)
+      nexts.append(merge.op.inputs[1].op.inputs[0])  # NextIteration's.
+    graph = context.pivot.graph
+    constants = [
+      op
+      for op in graph.get_operations()
+      if op.type in _ENTER
+      and op.get_attr("is_constant")
+      and op.get_attr("frame_name") == context.name.encode()
+    ]
+    for op in constants:
+      self._mapped[conds.key(op.outputs[0])] = self._as_list(
+        self.value(op.inputs[0])
+      )
+    values = [
+      self._as_list(self.value(e.op.inputs[0])) for e in context.loop_enters
+    ]
+    pivot = context.pivot.op
+    stop = frozenset(merges + constants)
+    scope = pivot.name.rsplit("/", 1)[0]
+    iterations = 0
+    while True:
+      for merge, value in zip(merges, values):
+        self._mapped[conds.key(merge.outputs[0])] = value
+      self._walk_v1(context, pivot.inputs[:1], stop)
+      go = _static(self.value(pivot.inputs[0]), pivot, "the condition")
+      if not np.all(go):
+        break
+      iterations += 1
+      with tf.name_scope(f"{scope}_{iterations}"):
+        self._walk_v1(context, nexts, stop | {pivot})
+      values = [self.value(t) for t in nexts]
+    for exit_, value in zip(context.loop_exits, values):
+      self._mapped[conds.key(exit_)] = value
+
+  def _walk_v1(self, context, outputs, stop):
+    """Copies the ops of the v1 loop `context` that `outputs` are computed
+    from in an iteration whose values are mapped (`stop`: the loop's
+    `Merge`s and `Enter`s)."""
+    pivot = conds.key(context.pivot)
+    for op in self.order(outputs, stop):
+      if _while_context(op) is not context:
+        raise registry.Unsupported(
+          f"{op.type} ({op.name}) is in a loop in a control flow v1 loop"
+        )
+      if op.type in _SWITCH and conds.key(op.inputs[1]) == pivot:
+        self._map(op, [_UNUSED, self.value(op.inputs[0])])
+      elif op.type == "LoopCond":
+        self._map(op, [self.value(op.inputs[0])])
+      elif op.type in conds.CONDS:
+        raise registry.Unsupported(
+          f"{op.type} ({op.name}) is part of a cond in a control flow v1 loop"
+        )
+      else:
+        self.visit(op, inner=True)
 
   def _map(self, op, outs):
     for old, new in zip(op.outputs, outs):
