@@ -142,12 +142,74 @@ def _static(t, op, what):
   is built, as a NumPy value; raises `registry.Unsupported` naming `op`."""
   if isinstance(t, _List):
     raise registry.Unsupported(f"{op.name} reads a TensorList as {what}")
-  value = tensor_util.try_evaluate_constant(t)
+  value = _known(t)
   if value is None:
     raise registry.Unsupported(
       f"{what} of {op.type} ({op.name}) is not known when the graph is built"
     )
   return value
+
+
+# Functions of integers and booleans that `_known` evaluates.
+_NUMPY = {
+  "Add": np.add,
+  "AddV2": np.add,
+  "Sub": np.subtract,
+  "Mul": np.multiply,
+  "FloorDiv": np.floor_divide,
+  "Maximum": np.maximum,
+  "Minimum": np.minimum,
+  "Less": np.less,
+  "LessEqual": np.less_equal,
+  "Greater": np.greater,
+  "GreaterEqual": np.greater_equal,
+  "Equal": np.equal,
+  "NotEqual": np.not_equal,
+  "LogicalAnd": np.logical_and,
+  "LogicalOr": np.logical_or,
+  "LogicalNot": np.logical_not,
+  "Identity": lambda v: v,
+}
+
+
+def _known(t):
+  """The value of the integer or boolean `t` known when the graph is built,
+  or `None`: TensorFlow's constant evaluation, or (where that does not
+  know static dimensions of shapes, TensorFlow < 2.13) the dimensions a
+  slice of a shape takes, through `_NUMPY`'s functions."""
+  value = tensor_util.try_evaluate_constant(t)
+  if value is not None or not (t.dtype.is_integer or t.dtype == tf.bool):
+    return value
+  op = t.op
+  if op.type == "StridedSlice" and op.inputs[0].op.type == "Shape":
+    return _dimension(op)
+  if op.type in _NUMPY:
+    values = [_known(s) for s in op.inputs]
+    if all(v is not None for v in values):
+      return np.asarray(_NUMPY[op.type](*values))
+  return None
+
+
+def _dimension(op):
+  """The static dimension that the `StridedSlice` `op` takes from a
+  shape (`tf.shape(u)[i]`), or `None`."""
+  shape = op.inputs[0].op.inputs[0].shape
+  begin = tensor_util.constant_value(op.inputs[1])
+  if (
+    shape.rank is None
+    or begin is None
+    or begin.shape != (1,)
+    or op.get_attr("shrink_axis_mask") != 1
+    or op.get_attr("begin_mask") & 1
+  ):
+    return None
+  index = int(begin[0])
+  if not -shape.rank <= index < shape.rank:
+    return None
+  dim = tf.compat.dimension_value(shape[index])
+  return (
+    None if dim is None else np.asarray(dim, op.outputs[0].dtype.as_numpy_dtype)
+  )
 
 
 def _index(t, op):
@@ -358,7 +420,7 @@ class _Unroller:
     # next iteration's ones are not computed from all the ones before.
     for i, t in enumerate(outputs):
       if t.dtype.is_integer or t.dtype == tf.bool:
-        value = tensor_util.try_evaluate_constant(t)
+        value = _known(t)
         if value is not None:
           outputs[i] = tf.constant(value, t.dtype)
     self._map(op, outputs)
