@@ -152,13 +152,7 @@ def _static(t, op, what):
 
 # Functions of integers and booleans that `_known` evaluates.
 _NUMPY = {
-  "Add": np.add,
-  "AddV2": np.add,
-  "Sub": np.subtract,
-  "Mul": np.multiply,
-  "FloorDiv": np.floor_divide,
-  "Maximum": np.maximum,
-  "Minimum": np.minimum,
+  **registry.FOLDED,
   "Less": np.less,
   "LessEqual": np.less_equal,
   "Greater": np.greater,
@@ -168,7 +162,6 @@ _NUMPY = {
   "LogicalAnd": np.logical_and,
   "LogicalOr": np.logical_or,
   "LogicalNot": np.logical_not,
-  "Identity": lambda v: v,
 }
 
 

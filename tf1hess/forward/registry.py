@@ -165,7 +165,7 @@ def of_first_input(rule):
 
 
 # Integer ops that `fold` evaluates where `tf.get_static_value` does not.
-_FOLDED = {
+FOLDED = {
   "Add": np.add,
   "AddV2": np.add,
   "Sub": np.subtract,
@@ -193,7 +193,7 @@ def fold(t, depth=_FOLD_DEPTH):
   if value is not None or depth == 0 or not t.dtype.is_integer:
     return value
   op = t.op
-  if op.type not in _FOLDED and op.type not in ("Range", "Pack", "ConcatV2"):
+  if op.type not in FOLDED and op.type not in ("Range", "Pack", "ConcatV2"):
     return None
   values = [fold(u, depth - 1) for u in op.inputs]
   if any(v is None for v in values):
@@ -205,7 +205,7 @@ def fold(t, depth=_FOLD_DEPTH):
   elif op.type == "ConcatV2":
     value = np.concatenate(values[:-1], axis=int(values[-1]))
   else:
-    value = _FOLDED[op.type](*values)
+    value = FOLDED[op.type](*values)
   return np.asarray(value, dtype=t.dtype.as_numpy_dtype)
 
 
