@@ -108,6 +108,17 @@ def _map_over_time(x):
   return tf.reduce_sum(tf.cos(tf.transpose(steps, [1, 0, 2])), [1, 2])
 
 
+def _loss_over_time(x):
+  """A loss of a `tf.scan`'s time-major states against the inputs."""
+  states = tf.scan(
+    lambda h, u: tf.sin(h) + tf.tanh(u) * h,
+    _time_major(x),
+    initializer=tf.ones_like(x[:, :_D]),
+  )  # (T, N, D)
+  errors = tf.math.squared_difference(states, _time_major(x))
+  return tf.reduce_sum(errors * tf.nn.softplus(states), axis=[0, 2])
+
+
 def _loop_in_a_loop(x):
   """A `tf.scan` whose step runs a `tf.while_loop` of 2 steps."""
 
@@ -128,6 +139,7 @@ _MODELS = {
   "scan_of_two_states": _scan_of_two_states,
   "while_of_constant_length": _while_of_constant_length,
   "map_over_time": _map_over_time,
+  "loss_over_time": _loss_over_time,
   "loop_in_a_loop": _loop_in_a_loop,
 }
 # The models of `tf.compat.v1.nn.rnn_cell` (Keras 2 on TensorFlow >= 2.16).

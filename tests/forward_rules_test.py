@@ -1250,6 +1250,17 @@ def _functions_of_time_major(x):
   return tf.transpose(tf.exp(tf.sin(tf.reverse(h, [0]))), [1, 2, 0])
 
 
+def _products_of_time_major(x):
+  """Functions of two time-major tensors (and of constants that broadcast
+  against them), then batch first."""
+  moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])  # (3, N, 4)
+  scale = tf.constant(_RNG.normal(size=4), x.dtype)
+  h = tf.tanh(moved) * moved * scale + 0.5
+  h = tf.math.squared_difference(h, tf.reverse(moved, [0])) / (1.0 + h * h)
+  h = tf.maximum(h, moved) - tf.pow(tf.sigmoid(moved), h)
+  return tf.transpose(tf.where(moved > 0.0, h, tf.sin(h)), [1, 2, 0])
+
+
 def _indexed_time_major(x):
   """Steps read as `x_tm[t]` of the time-major tensor, a slice of it kept
   time-major and transposed back."""
@@ -1291,6 +1302,7 @@ class MovedBatchAxisTest(
         _reversed_time_major,
         _unstacked_to_moved,
         _functions_of_time_major,
+        _products_of_time_major,
         _indexed_time_major,
         _sliced_batch_last,
         _gathered_time_major,
@@ -1364,7 +1376,8 @@ class MovedBatchAxisTest(
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
-      y = tf.reduce_sum(tf.transpose(moved * moved, [1, 0, 2]), axis=[1, 2])
+      # A time-major tensor times a batch-first one: not moved alike.
+      y = tf.reduce_sum(tf.transpose(moved * x[:, :4], [1, 0, 2]), axis=[1, 2])
       with self.assertRaisesRegex(
         ValueError, "a transpose that moves the batch axis before it"
       ):

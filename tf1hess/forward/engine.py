@@ -479,6 +479,95 @@ class _Context:
     self.pending.append((tensor, build, elementwise))
 
 
+# Elementwise ops of several inputs that broadcast as NumPy does: their
+# rules follow tensors whose batch axis moved through an `_unmoved_twin`.
+# (Those of one input follow `registry.Moved` themselves: `MOVES`.)
+_BROADCASTING = frozenset(
+  """Add AddV2 AddN Atan2 Div DivNoNan FloorMod Maximum Minimum Mul Pow
+  RealDiv SelectV2 SquaredDifference Sub Xdivy Xlog1py Xlogy""".split()
+)
+
+
+def _unmoved_twin(op, ins):
+  """`(twin, jacobians, _MovedTwin)` for the elementwise `op` whose inputs
+  of `x` are all `registry.Moved` by one permutation, or `None`.
+
+  The twin is `op` on its inputs transposed back (the batch axis first),
+  each of rank lower than the output given leading axes of 1 first, so
+  that it broadcasts as `op` does: its rule follows the moved Jacobians,
+  and its outputs' Jacobians are moved again.
+  """
+  if op.type not in _BROADCASTING:
+    return None
+  moved = [j for j in ins if j is not None]
+  if not all(isinstance(j, registry.Moved) for j in moved):
+    return None
+  perm = moved[0].perm
+  if any(j.perm != perm for j in moved) or any(
+    t.shape.rank is None for t in op.inputs
+  ):
+    return None
+  rank = len(perm)
+  inverse = [int(p) for p in np.argsort(perm)]
+  inputs = []
+  for t in op.inputs:
+    if t.shape.rank > rank:
+      return None
+    if t.shape.rank < rank:
+      t = tf.reshape(
+        t, tf.concat([tf.ones([rank - t.shape.rank], tf.int32), tf.shape(t)], 0)
+      )
+    inputs.append(tf.transpose(t, inverse))
+  outputs = registry.copied_outputs(op, inputs)
+  twin = _MovedTwin(perm, inverse, dict(zip(map(_key, outputs), op.outputs)))
+  for t, copy, j in zip(op.inputs, inputs, ins):
+    if j is not None:
+      twin.originals[_key(copy)] = t
+  jacs = [None if j is None else j.jacobian for j in ins]
+  return outputs[0].op, jacs, twin
+
+
+class _MovedTwin:
+  """The `_Context` of an `_unmoved_twin`, made by calling it with the
+  walk's: its curvature terms read the adjoints of the model's tensors
+  that the twin's stand for, transposed back."""
+
+  def __init__(self, perm, inverse, originals):
+    self.perm = perm
+    self._inverse = inverse
+    self.originals = originals
+    self._ctx = None
+
+  def __call__(self, ctx):
+    self._ctx = ctx
+    self.n, self.samples, self.k, self.dtype = (
+      ctx.n,
+      ctx.samples,
+      ctx.k,
+      ctx.dtype,
+    )
+    self.group, self.lead_one, self.path = 1, False, ctx.path
+    return self
+
+  def moved(self, jacobian):
+    """The Jacobian of a twin's output as that of the model's."""
+    if jacobian is registry.MIXED:
+      return jacobian
+    return registry.Moved(jacobian, self.perm)
+
+  def dense_matmul(self):
+    self._ctx.dense_matmul()
+
+  def curvature(self, tensor, build, elementwise=False):
+    del elementwise  # The adjoint is that of the whole tensor.
+    original = self.originals.get(_key(tensor))
+    if original is None:
+      raise Unsupported(f"no adjoint of {tensor.name} of a transposed twin")
+    self._ctx.curvature(
+      original, lambda adj: build(tf.transpose(adj, self._inverse))
+    )
+
+
 class _GroupedContext:
   """The `_Context` of an op on tensors of `group` rows per sample.
 
@@ -643,11 +732,20 @@ def second_derivatives(ys, x, mode):
       if isinstance(j, registry.Unfollowed):
         raise Unsupported(f"{op.type} ({op.name}) reads {j.reason}")
     moved = any(isinstance(j, registry.Moved) for j in ins)
+    twin = None
     if moved and op.type not in registry.MOVES:
-      ins = [
-        registry.MIXED if isinstance(j, registry.Moved) else j for j in ins
-      ]
-    if any(j is registry.MIXED for j in ins):
+      twin = _unmoved_twin(op, ins)
+      if twin is None:
+        ins = [
+          registry.MIXED if isinstance(j, registry.Moved) else j for j in ins
+        ]
+    if twin is not None:
+      twin_op, ins, moved_ctx = twin
+      outs = rule.fn(twin_op, ins, moved_ctx(ctx))
+      _push(twin_op, ins, outs, work)
+      outs = [None if j is None else moved_ctx.moved(j) for j in outs]
+      group, lead_one = 1, False
+    elif any(j is registry.MIXED for j in ins):
       linear = rule.linear(op, ins) if callable(rule.linear) else rule.linear
       if not linear:
         before = (
