@@ -173,10 +173,9 @@ class LoopsTest(
     if tf.compat.v1.control_flow_v2_enabled():
       return sess.run(tf1hess.batch_hessians(y, x, method="while_loop"), feed)
     (grad,) = tf.gradients(y, x)
-    jacobian = testing_utils.central_difference_jacobian(
-      lambda v: sess.run(grad, {x: v}), feed[x]
+    return testing_utils.central_difference_jacobian(
+      lambda v: sess.run(grad, {**feed, x: v}), feed[x]
     )
-    return jacobian
 
   def _model(self, name):
     if name in _CELLS:
@@ -270,18 +269,62 @@ class LoopsTest(
         {x: _RNG.normal(size=(3, _K)), steps: 2},
       )
 
-  def test_sequence_lengths_known_at_run_time_fall_back(self):
+  def _check_feeds(self, x, y, feeds):
+    """`batch_hessians` of `method="forward"` against `_expected`."""
+    h = tf1hess.batch_hessians(y, x, method="forward")
+    self.assertEmpty(_loops_before(h))
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      for feed in feeds:
+        self.assertAllClose(
+          sess.run(h, feed), self._expected(sess, x, y, feed), atol=1e-6
+        )
+
+  @parameterized.parameters(1, 2)
+  def test_sequence_lengths_known_at_run_time(self, cf):
+    # The loop makes at most T iterations, each of which keeps the state
+    # where the run-time condition (t < max(lengths)) has been false.
     testing_utils.legacy_keras(self)
+    self.control_flow(cf)
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       lengths = tf.compat.v1.placeholder(tf.int32, [None])
       cell = tf.compat.v1.nn.rnn_cell.GRUCell(3, dtype=tf.float64)
-      _, state = tf.compat.v1.nn.dynamic_rnn(
+      outputs, state = tf.compat.v1.nn.dynamic_rnn(
         cell, _sequence(x), sequence_length=lengths, dtype=tf.float64
       )
-      y = tf.reduce_sum(tf.tanh(state), axis=1)
-      feed = {x: _RNG.normal(size=(3, _K)), lengths: [4, 2, 3]}
-      self._check_falls_back(x, y, "not known when the graph is built", feed)
+      y = tf.reduce_sum(tf.tanh(state) * state, axis=1)
+      feeds = [
+        {x: _RNG.normal(size=(3, _K)), lengths: v}
+        for v in ([4, 2, 3], [1, 2, 2], [4, 4, 4])
+      ]
+      self._check_feeds(x, y, feeds)
+      # The outputs have as many steps as the longest sequence: not
+      # unrolled.
+      y = tf.reduce_sum(tf.square(outputs), axis=[1, 2])
+      if cf == 2:
+        self._check_falls_back(x, y, "known only at run time", feeds[0])
+      else:
+        with self.assertRaisesRegex(
+          ValueError, "cannot follow it: .* known only at run time"
+        ):
+          tf1hess.batch_hessians(y, x)
+
+  @parameterized.parameters(1, 2)
+  def test_loop_of_a_length_known_at_run_time_up_to_a_bound(self, cf):
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      steps = tf.compat.v1.placeholder(tf.int32, [])
+      _, h = tf.while_loop(
+        lambda i, h: i < steps,
+        lambda i, h: (i + 1, tf.sin(h) * x),
+        (0, x),
+        maximum_iterations=3,
+      )
+      y = tf.reduce_sum(h * h, axis=1)
+      x_val = _RNG.normal(size=(2, _K))
+      self._check_feeds(x, y, [{x: x_val, steps: s} for s in (0, 2, 3, 5)])
 
   def test_random_op_in_a_loop_falls_back(self):
     with tf.Graph().as_default():

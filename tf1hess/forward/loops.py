@@ -332,6 +332,33 @@ def _carried(cond, body, wanted):
     needed |= more
 
 
+def _kept(alive, new, old, read, op):
+  """`new` where the loop is `alive` (a boolean scalar known at run time),
+  else `old`; see `_Unroller._iterate`."""
+  if new is old:
+    return old
+  if isinstance(new, _List) or isinstance(old, _List):
+    if not read:
+      return new
+    if (
+      not isinstance(new, _List)
+      or not isinstance(old, _List)
+      or len(new.items) != len(old.items)
+      or any(a is None and b is not None for a, b in zip(old.items, new.items))
+    ):
+      raise registry.Unsupported(
+        f"{op.name}, whose number of iterations is known only at run time,"
+        " adds to a TensorArray or TensorList that the model reads after it"
+      )
+    return _List(
+      a if a is b else _kept(alive, b, a, True, op)
+      for a, b in zip(old.items, new.items)
+    )
+  if not read and (new.dtype.is_integer or new.dtype == tf.bool):
+    return new
+  return tf.raw_ops.SelectV2(condition=alive, t=new, e=old)
+
+
 def _consumer(t, types):
   """The op of one of `types` that reads `t`."""
   ops = [op for op in t.consumers() if op.type in types]
@@ -437,17 +464,62 @@ class _Unroller:
     values = [
       self._as_list(t) if i in needed else t for i, t in enumerate(inputs)
     ]
-    iterations = 0
-    while True:
-      (go,) = self._run(cond, values, cond.outputs[:1])
-      if not np.all(_static(go, op, "the condition")):
-        break
-      iterations += 1
-      with tf.name_scope(f"{op.name}_{iterations}"):
+
+    def step(values, iteration):
+      with tf.name_scope(f"{op.name}_{iteration}"):
         nexts = self._run(body, values, [body.outputs[i] for i in needed])
+      values = list(values)
       for i, t in zip(needed, nexts):
         values[i] = t
+      return values
+
+    bound = _known(self.value(op.inputs[1]))  # while_v2's; -1: none.
+    values = self._iterate(
+      op,
+      values,
+      lambda values: self._run(cond, values, cond.outputs[:1])[0],
+      step,
+      None if bound is None or bound < 0 else int(bound),
+      read,
+    )
     return [values[i] if i in needed else _UNUSED for i in range(len(values))]
+
+  def _iterate(self, op, values, condition, step, bound, read):
+    """The values of the loop `op` from `values` after its iterations.
+
+    `condition(values)` and `step(values, iteration)` copy the condition
+    and the body. Where the condition is not known when the graph is built
+    (`dynamic_rnn`'s `sequence_length` fed at run time) but the loop makes
+    at most `bound` iterations, it makes `bound`, each of which keeps the
+    values it got where the condition has been false at run time (a loop
+    stops at its first false condition): the values the model reads after
+    the loop (indices `read`) and every floating one. Counters and indices
+    it does not read go on, so that what they index stays known.
+    """
+    alive, iterations = None, 0
+    while True:
+      go = condition(values)
+      known = None if isinstance(go, _List) else _known(go)
+      if known is not None and not np.all(known):
+        break
+      if known is None:
+        if bound is None:
+          raise registry.Unsupported(
+            f"the condition of {op.type} ({op.name}) is not known when the"
+            " graph is built, nor the most iterations it makes"
+          )
+        if iterations >= bound:
+          break
+        alive = go if alive is None else tf.logical_and(alive, go)
+      iterations += 1
+      nexts = step(values, iterations)
+      if alive is not None:
+        nexts = [
+          _kept(alive, new, old, i in read, op)
+          for i, (new, old) in enumerate(zip(nexts, values))
+        ]
+      values = nexts
+    return values
 
   def _as_list(self, t):
     """`t`, a `_List` where it is a list of the graph of `x` (a
@@ -492,18 +564,32 @@ class _Unroller:
     pivot = context.pivot.op
     stop = frozenset(merges + constants)
     scope = pivot.name.rsplit("/", 1)[0]
-    iterations = 0
-    while True:
+
+    def condition(values):
       for merge, value in zip(merges, values):
         self._mapped[conds.key(merge.outputs[0])] = value
       self._walk_v1(context, pivot.inputs[:1], stop)
-      go = _static(self.value(pivot.inputs[0]), pivot, "the condition")
-      if not np.all(go):
-        break
-      iterations += 1
-      with tf.name_scope(f"{scope}_{iterations}"):
+      return self.value(pivot.inputs[0])
+
+    def step(values, iteration):
+      del values  # Mapped by `condition`.
+      with tf.name_scope(f"{scope}_{iteration}"):
         self._walk_v1(context, nexts, stop | {pivot})
-      values = [self.value(t) for t in nexts]
+      return [self.value(t) for t in nexts]
+
+    bound = context.maximum_iterations
+    bound = None if bound is None else _known(self.value(bound))
+    read = {
+      i for i, t in enumerate(context.loop_exits) if conds.key(t) in self._read
+    }
+    values = self._iterate(
+      pivot,
+      values,
+      condition,
+      step,
+      None if bound is None else int(bound),
+      read,
+    )
     for exit_, value in zip(context.loop_exits, values):
       self._mapped[conds.key(exit_)] = value
 
