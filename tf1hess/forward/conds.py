@@ -24,9 +24,9 @@ from tf1hess.forward import registry
 
 # The ops of conds: under control flow v2, and under v1.
 _IF = frozenset(["If", "StatelessIf"])
-_SWITCH = frozenset(["Switch", "RefSwitch"])
-_MERGE = frozenset(["Merge", "RefMerge"])
-CONDS = _IF | _SWITCH | _MERGE
+SWITCH = frozenset(["Switch", "RefSwitch"])
+MERGE = frozenset(["Merge", "RefMerge"])
+CONDS = _IF | SWITCH | MERGE
 # Stateful ops that a copy may repeat: they read, and draw nothing.
 READS = frozenset(["ReadVariableOp", "Assert", "PrintV2", "Print"])
 # The outputs of a `Switch` that a branch does not read.
@@ -118,7 +118,7 @@ class Resolved:
           raise registry.Unsupported(
             f"{op.type} ({op.name}) is part of a loop, not of a cond"
           )
-        if op.type in _SWITCH:
+        if op.type in SWITCH:
           predicate = _source(context.pred)
           predicates[key(predicate)] = predicate
     if len(predicates) != 1:
@@ -225,11 +225,11 @@ class _Copier:
       self._map(op, [_DEAD] * len(op.outputs))
     elif op.type in _IF and self._ours(inputs[0]):
       self._inline(op)
-    elif op.type in _SWITCH and side == "taken":
+    elif op.type in SWITCH and side == "taken":
       outs = [_DEAD, _DEAD]
       outs[int(self._branch)] = inputs[0]
       self._map(op, outs)
-    elif op.type in _MERGE and (changed or dead):
+    elif op.type in MERGE and (changed or dead):
       live = [i for i, t in enumerate(inputs) if t is not _DEAD]
       if len(live) > 1:
         raise registry.Unsupported(

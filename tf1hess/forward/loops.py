@@ -31,8 +31,6 @@ WHILE = frozenset(["While", "StatelessWhile"])
 # The ops by which a control flow v1 loop hands out its values.
 EXIT = frozenset(["Exit", "RefExit"])
 _ENTER = frozenset(["Enter", "RefEnter"])
-_MERGE = frozenset(["Merge", "RefMerge"])
-_SWITCH = frozenset(["Switch", "RefSwitch"])
 # The most ops an unrolled copy may hold: the graph grows by the body's ops
 # for each iteration, and the walk of the copy builds ops for each of them
 # (`dynamic_rnn` of an LSTM cell of 16 units copies about 42 ops a step:
@@ -45,12 +43,6 @@ MAX_UNROLLED_OPS = 1000
 def on_path(path):
   """Whether an op of `path` (the walk's ops) is a loop's."""
   return any(op.type in WHILE or op.type in EXIT for op in path)
-
-
-def v1_on_path(path):
-  """Whether an op of `path` hands out the values of a control flow v1
-  loop, through which TensorFlow takes no second derivatives."""
-  return any(op.type in EXIT for op in path)
 
 
 def v1_error(loop, reason=None):
@@ -556,7 +548,7 @@ class _Unroller:
     `WhileContext`) to its body's copies."""
     merges, nexts = [], []
     for enter in context.loop_enters:
-      merge = _consumer(enter, _MERGE)
+      merge = _consumer(enter, conds.MERGE)
       merges.append(merge.op)
       nexts.append(merge.op.inputs[1].op.inputs[0])  # NextIteration's.
     graph = context.pivot.graph
@@ -616,7 +608,7 @@ class _Unroller:
         raise registry.Unsupported(
           f"{op.type} ({op.name}) is in a loop in a control flow v1 loop"
         )
-      if op.type in _SWITCH and conds.key(op.inputs[1]) == pivot:
+      if op.type in conds.SWITCH and conds.key(op.inputs[1]) == pivot:
         self._map(op, [_UNUSED, self.value(op.inputs[0])])
       elif op.type == "LoopCond":
         self._map(op, [self.value(op.inputs[0])])
