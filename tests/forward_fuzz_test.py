@@ -3,7 +3,8 @@
 Runs a fixed set of seeds of `tools/forward_fuzz.py`: each builds a random
 model of 3-7 ops (dense layers, elementwise functions, products, distances
 to centres, matmuls written as broadcasts, pairwise products, reductions,
-softmax, reshapes, slices, gathers, tiles, layer normalization) and checks
+softmax, reshapes, slices, gathers, tiles, layer normalization; loops in
+some) and checks
 the engine's Hessians, diagonals and Laplacians against the row loop's in
 float64, and the rows' other builds (pfor, auto's unrolled, looped and
 vectorized rows) against the plain loop. The tool runs more seeds by hand
@@ -42,6 +43,18 @@ class ForwardFuzzTest(
     self.control_flow(cf)
     seed, k, lists = case
     lines, results, _ = forward_fuzz.check_seed(seed, _MODES, k, 5, lists)
+    self._assert_agree(lines, results)
+
+  @parameterized.parameters(
+    testing_utils.in_turn(seed=[502, 505, 509, 510, 516, 518])
+  )
+  def test_seed_with_loops_agrees_with_the_rows(self, seed, cf):
+    # Models that draw scans, folds, maps and while loops too; the rows'
+    # reference is built under control flow v2 in a graph of its own.
+    self.control_flow(cf)
+    lines, results, _ = forward_fuzz.check_seed(
+      seed, _MODES, 6, 5, False, loops=True
+    )
     self._assert_agree(lines, results)
 
   @parameterized.parameters(testing_utils.in_turn(seed=[300, 301, 302, 303]))

@@ -132,6 +132,24 @@ def _loop_in_a_loop(x):
   return tf.reduce_sum(tf.tanh(hs[-1]), axis=1)
 
 
+def _folds_in_turn(x):
+  """A `tf.foldl` over the features of another's final state: under v1,
+  the `TensorArray` of its elements, of a static size, is made from no
+  copy, and copies are written to it."""
+  first = tf.foldl(
+    lambda h, u: tf.tanh(h + u),
+    _time_major(x),
+    initializer=tf.zeros_like(x[:, :_D]),
+  )
+  features = tf.transpose(first[:, :, None], [1, 0, 2])  # (D, N, 1)
+  second = tf.foldl(
+    lambda h, u: h * tf.sigmoid(u) + u,
+    features,
+    initializer=tf.ones_like(x[:, :1]),
+  )
+  return tf.reduce_sum(tf.sin(second), axis=1)
+
+
 _MODELS = {
   "lstm": _lstm,
   "gru_time_major_from_a_state": _gru_time_major_from_a_state,
@@ -141,6 +159,7 @@ _MODELS = {
   "map_over_time": _map_over_time,
   "loss_over_time": _loss_over_time,
   "loop_in_a_loop": _loop_in_a_loop,
+  "folds_in_turn": _folds_in_turn,
 }
 # The models of `tf.compat.v1.nn.rnn_cell` (Keras 2 on TensorFlow >= 2.16).
 _CELLS = frozenset(["lstm", "gru_time_major_from_a_state", "stacked_cells"])
@@ -167,13 +186,16 @@ class LoopsTest(
     super().setUp()
     self.control_flow(2)
 
-  def _expected(self, sess, x, y, feed):
-    """The Hessians of `y`: the rows' under control flow v2, differences
-    of the gradient under v1."""
+  def _expected(self, x, y):
+    """`(sess, feed) ->` the Hessians of `y`: the rows' under control flow
+    v2, differences of the gradient under v1. Built before a session runs
+    the loop: TensorFlow's gradient of a v2 loop adds outputs to its op,
+    which a session that has run it does not see."""
     if tf.compat.v1.control_flow_v2_enabled():
-      return sess.run(tf1hess.batch_hessians(y, x, method="while_loop"), feed)
+      h = tf1hess.batch_hessians(y, x, method="while_loop")
+      return lambda sess, feed: sess.run(h, feed)
     (grad,) = tf.gradients(y, x)
-    return testing_utils.central_difference_jacobian(
+    return lambda sess, feed: testing_utils.central_difference_jacobian(
       lambda v: sess.run(grad, {**feed, x: v}), feed[x]
     )
 
@@ -186,12 +208,13 @@ class LoopsTest(
   def _check(self, x, y, method="forward"):
     """The ops of `method` against `_expected`, on two batch sizes."""
     outs = {name: op(y, x, method=method) for name, op in _OPS.items()}
+    expected = self._expected(x, y)
     tol = 1e-10 if tf.compat.v1.control_flow_v2_enabled() else 1e-6
     with tf.compat.v1.Session() as sess:
       sess.run(tf.compat.v1.global_variables_initializer())
       for n in (5, 1):
         feed = {x: _RNG.normal(size=(n, _K))}
-        values, h = sess.run(outs, feed), self._expected(sess, x, y, feed)
+        values, h = sess.run(outs, feed), expected(sess, feed)
         self.assertAllClose(values["hessian"], h, atol=tol, rtol=tol)
         self.assertAllClose(
           values["diagonal"], np.einsum("nii->ni", h), atol=tol
@@ -273,12 +296,11 @@ class LoopsTest(
     """`batch_hessians` of `method="forward"` against `_expected`."""
     h = tf1hess.batch_hessians(y, x, method="forward")
     self.assertEmpty(_loops_before(h))
+    expected = self._expected(x, y)
     with tf.compat.v1.Session() as sess:
       sess.run(tf.compat.v1.global_variables_initializer())
       for feed in feeds:
-        self.assertAllClose(
-          sess.run(h, feed), self._expected(sess, x, y, feed), atol=1e-6
-        )
+        self.assertAllClose(sess.run(h, feed), expected(sess, feed), atol=1e-6)
 
   @parameterized.parameters(1, 2)
   def test_sequence_lengths_known_at_run_time(self, cf):
@@ -299,16 +321,11 @@ class LoopsTest(
         for v in ([4, 2, 3], [1, 2, 2], [4, 4, 4])
       ]
       self._check_feeds(x, y, feeds)
-      # The outputs have as many steps as the longest sequence: not
-      # unrolled.
-      y = tf.reduce_sum(tf.square(outputs), axis=[1, 2])
-      if cf == 2:
-        self._check_falls_back(x, y, "known only at run time", feeds[0])
-      else:
-        with self.assertRaisesRegex(
-          ValueError, "cannot follow it: .* known only at run time"
-        ):
-          tf1hess.batch_hessians(y, x)
+      # The outputs: written by the iterations that run, zeros after them
+      # (a TensorArray's items that no iteration wrote).
+      weights = tf.range(1.0, 5.0, dtype=tf.float64)[:, None]
+      y = tf.reduce_sum(tf.square(outputs) * weights, axis=[1, 2])
+      self._check_feeds(x, y, feeds)
 
   @parameterized.parameters(1, 2)
   def test_loop_of_a_length_known_at_run_time_up_to_a_bound(self, cf):
@@ -325,6 +342,25 @@ class LoopsTest(
       y = tf.reduce_sum(h * h, axis=1)
       x_val = _RNG.normal(size=(2, _K))
       self._check_feeds(x, y, [{x: x_val, steps: s} for s in (0, 2, 3, 5)])
+
+  def test_list_growing_in_a_loop_of_a_run_time_length_falls_back(self):
+    # Its length is known only at run time.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      steps = tf.compat.v1.placeholder(tf.int32, [])
+      _, _, grown = tf.while_loop(
+        lambda i, h, ta: i < steps,
+        lambda i, h, ta: (i + 1, tf.sin(h) * x, ta.write(i, h)),
+        (0, x, tf.TensorArray(tf.float64, size=0, dynamic_size=True)),
+        maximum_iterations=3,
+      )
+      y = tf.reduce_sum(grown.stack() ** 2, axis=[0, 2])
+      self._check_falls_back(
+        x,
+        y,
+        "sets item 0 of a TensorList of 0",
+        {x: _RNG.normal(size=(3, _K)), steps: 2},
+      )
 
   def test_random_op_in_a_loop_falls_back(self):
     with tf.Graph().as_default():
@@ -375,6 +411,88 @@ class LoopsTest(
         self.assertRaisesRegex(ValueError, "more than 50 ops"),
       ):
         tf1hess.batch_hessians(y, x, method="forward")
+
+  @parameterized.parameters(1, 2)
+  def test_ops_built_after_a_session_ran_the_loop(self, cf):
+    # TensorFlow's gradient of a v2 loop adds outputs to the loop's op,
+    # which a session that has run it does not see ("Connecting to invalid
+    # output"); under v1 it has no second derivative of a loop. The ops
+    # differentiate the model with its loops unrolled: the rows too.
+    # The reference: the rows of the same model in a graph of its own.
+    x_val, v_val = (_RNG.normal(size=(3, _K)) for _ in "xv")
+    with tf.Graph().as_default():
+      x, y = _model_of_seed(3)
+      ops = (
+        tf1hess.batch_hessians(y, x, method="while_loop"),
+        tf1hess.batch_gradients(y, x),
+      )
+      with tf.compat.v1.Session() as sess:
+        h, g = sess.run(ops, {x: x_val})
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x, y = _model_of_seed(3)
+      with tf.compat.v1.Session() as sess:
+        sess.run(y, {x: x_val})
+        rows = dispatch.Choice(False)
+        with mock.patch.object(dispatch, "choose", return_value=rows):
+          outs = {name: op(y, x) for name, op in _OPS.items()}
+        outs["forward"] = tf1hess.batch_hessians(y, x, method="forward")
+        outs["gradient"] = tf1hess.batch_gradients(y, x)
+        outs["hv"] = tf1hess.batch_hessian_vector_products(y, x, v_val)
+        got = sess.run(outs, {x: x_val})
+    tol = 1e-10
+    self.assertAllClose(got["hessian"], h, atol=tol, rtol=tol)
+    self.assertAllClose(got["forward"], h, atol=tol, rtol=tol)
+    self.assertAllClose(got["diagonal"], np.einsum("nii->ni", h), atol=tol)
+    self.assertAllClose(got["laplacian"], np.einsum("nii->n", h), atol=tol)
+    self.assertAllClose(got["gradient"], g, atol=tol)
+    self.assertAllClose(got["hv"], np.einsum("nij,nj->ni", h, v_val), atol=tol)
+    # The method that differentiates the model's own loops still does.
+    with tf.Graph().as_default():
+      x, y = _model_of_seed(3)
+      if cf == 1:
+        with self.assertRaisesRegex(ValueError, "control-flow-v1"):
+          tf1hess.batch_hessians(y, x, method="while_loop")
+      else:
+        h = tf1hess.batch_hessians(y, x, method="while_loop")
+        self.assertNotEmpty(_loops_before(h))
+
+  def test_third_derivatives_through_a_v1_loop(self):
+    # Of the model unrolled; against the rows of the model's own loops
+    # under control flow v2, in a graph of their own.
+    x_val = _RNG.normal(size=(2, 6))
+    with tf.Graph().as_default():
+      x, y = _model_of_seed(4, steps=3, features=2)
+      d3 = tf1hess.batch_derivatives(y, x, 3, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        want = sess.run(d3, {x: x_val})
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x, y = _model_of_seed(4, steps=3, features=2)
+      d3 = tf1hess.batch_derivatives(y, x, 3)
+      with tf.compat.v1.Session() as sess:
+        self.assertAllClose(sess.run(d3, {x: x_val}), want, atol=1e-10)
+
+
+def _model_of_seed(seed, steps=_T, features=_D):
+  """`(x, y)`: a `tf.scan` and a `tf.while_loop` of weights drawn from
+  `seed` (the same model in every graph), `x` `steps` steps of
+  `features` each."""
+  rng = np.random.default_rng(seed)
+  w, u = (tf.constant(rng.normal(size=(features,) * 2) / 2) for _ in "wu")
+  x = tf.compat.v1.placeholder(tf.float64, [None, steps * features])
+  sequence = tf.transpose(tf.reshape(x, [-1, steps, features]), [1, 0, 2])
+  hs = tf.scan(
+    lambda h, v: tf.tanh(tf.matmul(h, w) + v),
+    sequence,
+    initializer=tf.zeros_like(x[:, :features]),
+  )
+  _, c = tf.while_loop(
+    lambda i, c: i < 2,
+    lambda i, c: (i + 1, tf.sin(tf.matmul(c, u)) * hs[-1]),
+    [0, hs[-2]],
+  )
+  return x, tf.reduce_sum(tf.nn.softplus(c) + hs[-1] * hs[-3], axis=1)
 
 
 if __name__ == "__main__":

@@ -108,29 +108,52 @@ def _imported(op):
   return op._get_control_flow_context() is None  # pylint: disable=protected-access
 
 
-def _v1_loops(ys_list, xs_list, order, walked):
-  """The names of the control-flow-v1 loops' `Enter` ops that stop the
-  row loop's differentiation; raises `ValueError` where nothing can
-  differentiate through them.
+def _v1_loops(models, xs_list, order, walked):
+  """Whether control-flow-v1 loops stop the row loop's differentiation of
+  `models` (the outputs for each of `xs`); raises `ValueError` where
+  nothing can differentiate through them.
 
   TensorFlow takes no second-order gradients through a v1 loop, and no
   gradient at all through one imported from a GraphDef (it lost its while
   context). The forward engine can take second derivatives through a loop
-  that is not imported, unrolled: with `walked` (order 2, and the engine's
-  result taken where it can follow the model) those loops are returned
-  for `dispatch.try_forward` to take the engine alone.
+  that is not imported, unrolled: `models` are unrolled already where the
+  method lets them be (`dispatch.without_loops`); a loop left in them
+  could not be, and with `walked` (order 2, and the engine's result taken
+  where it can follow the model) `True` is returned for
+  `dispatch.try_forward` to take the engine alone, which says why.
   """
   loops = sorted(
     (
       op
-      for op in ops_between(ys_list, xs_list)
+      for ys_list, x in zip(models, xs_list)
+      for op in ops_between(ys_list, [x])
       if control_flow_util.IsLoopEnter(op) and (order > 1 or _imported(op))
     ),
     key=lambda op: op.name,
   )
   if loops and (not walked or any(_imported(op) for op in loops)):
     raise ValueError(loops_lib.v1_error(loops[0].name))
-  return [op.name for op in loops]
+  return bool(loops)
+
+
+def _models(ys_list, xs_list, unroll=True):
+  """For each of `xs`, the outputs to differentiate: with `unroll`, the
+  model's loops unrolled where they can be (`dispatch.without_loops`: the
+  rows then differentiate a model without loops too); otherwise, and for
+  an `x` with no loop before `ys`, `ys_list` itself."""
+  if not unroll:
+    return [ys_list] * len(xs_list)
+  return [dispatch.without_loops(ys_list, x) for x in xs_list]
+
+
+def _gradients(models, xs_list, unconnected):
+  """The gradient of each of `models` with respect to its `x`."""
+  if all(model is models[0] for model in models):
+    return tf.gradients(models[0], xs_list, unconnected_gradients=unconnected)
+  return [
+    tf.gradients(model, x, unconnected_gradients=unconnected)[0]
+    for model, x in zip(models, xs_list)
+  ]
 
 
 def _graph_gradient(x, unconnected):
@@ -200,12 +223,13 @@ def _derivatives(
       and plan.method in ("auto", "forward")
       and not check_independence
     )
-    v1_loops = _v1_loops(ys_list, xs_list, order, walked)
-    grads = tf.gradients(ys_list, xs_list, unconnected_gradients=unconnected)
+    models = _models(ys_list, xs_list, plan.method in ("auto", "forward"))
+    v1_loops = _v1_loops(models, xs_list, order, walked)
+    grads = _gradients(models, xs_list, unconnected)
     if order == 1:
       return _checks.restore_structure(grads, was_sequence)
     results = []
-    for x, g in zip(xs_list, grads):
+    for x, g, ys_list in zip(xs_list, grads, models):
 
       def rows(check=False, x=x, g=g, model=None):
         if model is not None:
@@ -635,7 +659,9 @@ def batch_hessian_vector_products(
         raise ValueError(
           f"`vs` must have the shape of `xs` ({x.shape}); saw {v.shape}."
         )
-    grads = tf.gradients(ys_list, xs_list, unconnected_gradients=unconnected)
+    models = _models(ys_list, xs_list)
+    _v1_loops(models, xs_list, 2, walked=False)
+    grads = _gradients(models, xs_list, unconnected)
     results = []
     for x, g, v in zip(xs_list, grads, vs_list):
       if g is None:

@@ -24,6 +24,7 @@ end, and exits with 1 when anything failed.
   ... --lists            # ys: [output, an intermediate tensor]
   ... --chunks           # 600 rows, walked by the engine in chunks of 8
   ... --switch           # auto's tf.cond on N: engine (even seeds) or rows
+  ... --loops            # loops too (the reference: the rows under v2)
   ... --rows=pfor,vectorized  # the rows' other builds instead of the engine
 
 `--rows` checks the row builds other than the reference loop against it
@@ -33,6 +34,7 @@ rows in the graph), `loop` (a loop with the linear shortcuts) and
 `vectorized` (vectorized rows with the shortcuts).
 """
 
+import contextlib
 import sys
 import traceback
 from unittest import mock
@@ -66,6 +68,9 @@ _ROWS = flags.DEFINE_list(
   [],
   "Row builds to check against the loop instead of the engine: pfor,"
   " pfor_chunks, unrolled, loop, vectorized.",
+)
+_LOOPS = flags.DEFINE_bool(
+  "loops", False, "Draw loops too: scan, foldl, map_fn, while_loop."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print every model.")
 
@@ -117,6 +122,7 @@ _WEIGHTS = """dense 3 unary 5 binary 2 with_const 2 centres 3 broadcast_matmul 1
   pairwise 2 outer_const 1 reduce 2 softmax 1 reshape 1 transpose 1 concat 1
   expand_or_squeeze 1 slice 1 gather 1 tile 1 layer_norm 1 matrix 1
   cumulative 1""".split()
+_LOOP_WEIGHTS = ["recurrent", "12"]  # With `--loops`.
 
 
 def _entry(t):
@@ -383,6 +389,72 @@ class _Model:
       f"band_part({text}, {lower}, {upper})"
     )
 
+  def recurrent(self):
+    """A loop over a time axis of a pool tensor, time-major `(T, N, F)`:
+    `tf.scan`, `tf.foldl`, `tf.map_fn` or a `tf.while_loop` (reading by
+    `tf.gather` or from a `TensorArray`, writing to one or carrying the
+    state), of a cell `act(h W + x_t U + b)` or `h * sigmoid(x_t U) + x_t U`;
+    the final state, or every step's stacked back to batch-first."""
+    name, t = self._flat()
+    m = t.shape[1]
+    steps = [s for s in (2, 3, 4) if m % s == 0 and m // s >= 1]
+    if not steps:
+      return None
+    big = int(self.rng.choice(steps))
+    f, d = m // big, self._int(2, 5)
+    seq = tf.transpose(tf.reshape(t, [-1, big, f]), [1, 0, 2])
+    w = self._const([d, d], 0.5 / np.sqrt(d))
+    u = self._const([f, d], 1 / np.sqrt(f))
+    b = self._const([d], 0.1)
+    act_name = str(self.rng.choice(["tanh", "sigmoid", "softplus", "sin"]))
+    act = getattr(tf.nn, act_name, None) or getattr(tf, act_name)
+    gated = self.rng.random() < 0.3
+
+    def cell(h, x_t):
+      if gated:
+        xu = tf.matmul(x_t, u)
+        return h * tf.sigmoid(xu) + xu
+      return act(tf.matmul(h, w) + tf.matmul(x_t, u) + b)
+
+    cell_text = (
+      "h * sigmoid(x_t U) + x_t U"
+      if gated
+      else (f"{act_name}(h W + x_t U + b)")
+    )
+    h0 = tf.zeros(tf.stack([tf.shape(t)[0], d]), tf.float64)
+    how = str(self.rng.choice(["scan", "foldl", "map_fn", "while", "array"]))
+    stacked = None
+    if how == "scan":
+      stacked = tf.scan(cell, seq, initializer=h0)
+    elif how == "foldl":
+      final = tf.foldl(cell, seq, initializer=h0)
+    elif how == "map_fn":  # Each step alone: the cell of a zero state.
+      stacked = tf.map_fn(lambda x_t: cell(0.5 * tf.matmul(x_t, u), x_t), seq)
+      cell_text = f"map_fn({cell_text}, h = 0.5 x_t U)"
+    elif how == "while":  # Reads each step by `tf.gather` of the counter.
+      _, final = tf.while_loop(
+        lambda i, h: i < big,
+        lambda i, h: (i + 1, cell(h, tf.gather(seq, i))),
+        [tf.constant(0), h0],
+      )
+    else:  # Reads and writes `TensorArray`s.
+      inputs = tf.TensorArray(tf.float64, size=big).unstack(seq)
+      outputs = tf.TensorArray(tf.float64, size=big)
+
+      def body(i, h, out):
+        h = cell(h, inputs.read(i))
+        return i + 1, h, out.write(i, h)
+
+      _, final, out = tf.while_loop(
+        lambda i, h, out: i < big, body, [tf.constant(0), h0, outputs]
+      )
+      if self.rng.random() < 0.5:
+        stacked = out.stack()
+    text = f"{how}({cell_text}, {name}{(big, f)} over {big} steps)"
+    if stacked is None or self.rng.random() < 0.3:
+      return (final if stacked is None else stacked[-1]), f"final {text}"
+    return tf.transpose(stacked, [1, 0, 2]), f"stacked {text}"
+
   def layer_norm(self):
     name, t = self._pick(lambda e: len(e) == 1 and e[0] >= 2)
     mean = tf.reduce_mean(t, axis=1, keepdims=True)
@@ -399,9 +471,10 @@ class _Model:
     value = self._sess.run(out, self._feed)
     return np.all(np.isfinite(value)) and np.max(np.abs(value)) <= _MAX_VALUE
 
-  def build(self, steps, lists):
-    """Adds `steps` ops to the pool; returns `ys`."""
-    ops, weights = _WEIGHTS[::2], np.array(_WEIGHTS[1::2], np.float64)
+  def build(self, steps, lists, loops=False):
+    """Adds `steps` ops to the pool (loops too with `loops`); returns `ys`."""
+    table = _WEIGHTS + _LOOP_WEIGHTS * loops
+    ops, weights = table[::2], np.array(table[1::2], np.float64)
     for _ in range(50 * steps):
       if len(self.pool) > steps:
         break
@@ -507,39 +580,84 @@ def _check(sess, feed, ys, x, mode, h, plan, choice=None):
   return "agree", "", chunked
 
 
-def check_seed(seed, modes, k, batch, lists, switch=False, rows=()):
+def _reference(seed, k, batch, lists, loops):
+  """The row loop's Hessians of the model of `seed`, built in a graph of its
+  own under control flow v2 (under v1, TensorFlow has no second derivative
+  of a loop) and run by a session of their own (one that ran a v2 loop, as
+  growing the model does, cannot run a gradient through it built later).
+  Raises what the rows raise."""
+  v1 = not tf.compat.v1.control_flow_v2_enabled()
+  tf.compat.v1.enable_control_flow_v2()
+  try:
+    with tf.Graph().as_default() as graph:
+      with tf.compat.v1.Session(graph=graph) as sess:
+        model, ys, x, feed = _grow(seed, k, batch, lists, loops, sess)
+      h = tf1hess.batch_hessians(ys, x, method="while_loop")
+      with tf.compat.v1.Session(graph=graph) as sess:
+        return model.lines, sess.run(h, feed)
+  finally:
+    if v1:
+      tf.compat.v1.disable_control_flow_v2()
+
+
+def _grow(seed, k, batch, lists, loops, sess):
+  """`(model, ys, x, feed)`: the model of `seed` in `sess`'s graph."""
+  # Two streams of one seed (`Generator.spawn` needs numpy 1.25).
+  x_rng, model_rng = (np.random.default_rng([seed, i]) for i in range(2))
+  x = tf.compat.v1.placeholder(tf.float64, [None, k], name="x")
+  feed = {x: x_rng.normal(size=[batch, k])}
+  model = _Model(model_rng, x, sess, feed)
+  ys = model.build(int(model_rng.integers(3, 8)), lists, loops)
+  return model, ys, x, feed
+
+
+def check_seed(
+  seed, modes, k, batch, lists, switch=False, rows=(), loops=False
+):
   """Checks the model of `seed`: its description, `[(mode, status, detail)]`
   (status "agree", "declined" or "failed") and the count of forward walks
   in chunks. With `switch`, `method="auto"` made to build a `tf.cond` on N
   that runs the engine on even seeds and the rows on odd ones. With `rows`
   (names of `_ROW_BUILDS`), those builds instead of the engine, each mode
-  named `mode/build`."""
+  named `mode/build`. With `loops`, the model draws loops too, and the
+  reference is the rows' of a copy built under v2 (`_reference`)."""
   if rows:
     builds = {f"/{name}": _ROW_BUILDS[name] for name in rows}
   elif switch:  # The engine from N = `batch` on (even seeds), or under it.
     builds = {"": (tf1hess.Plan(), dispatch.Choice(seed % 2 == 1, batch))}
   else:
     builds = {"": (tf1hess.Plan(method="forward"), None)}
-  # Two streams of one seed (`Generator.spawn` needs numpy 1.25).
-  x_rng, model_rng = (np.random.default_rng([seed, i]) for i in range(2))
-  x_value = x_rng.normal(size=[batch, k])
   with tf.Graph().as_default() as graph:
-    x = tf.compat.v1.placeholder(tf.float64, [None, k], name="x")
     with tf.compat.v1.Session(graph=graph) as sess:
-      feed = {x: x_value}
-      model = _Model(model_rng, x, sess, feed)
-      ys = model.build(int(model_rng.integers(3, 8)), lists)
+      model, ys, x, feed = _grow(seed, k, batch, lists, loops, sess)
+      with_loops = any(
+        op.type in ("Exit", "While", "StatelessWhile")
+        for op in graph.get_operations()
+      )
       try:
-        h = sess.run(tf1hess.batch_hessians(ys, x, method="while_loop"), feed)
+        if with_loops:
+          lines, h = _reference(seed, k, batch, lists, loops)
+          assert lines == model.lines, "the v2 reference grew another model"
+        else:
+          h = tf1hess.batch_hessians(ys, x, method="while_loop")
+          h = sess.run(h, feed)
       except Exception as e:  # pylint: disable=broad-except
         detail = "the rows' reference: " + _error(e)
         return model.lines, [(m, "failed", detail) for m in modes], 0
       results, chunked = [], 0
       for mode in modes:
         for name, (plan, choice) in builds.items():
-          status, detail, walked = _check(
-            sess, feed, ys, x, mode, h, plan, choice
-          )
+          # A build that differentiates the model's own v2 loops (pfor) in
+          # a session that ran them cannot run there, nor can any later
+          # build: with loops, each runs in a session of its own.
+          with (
+            tf.compat.v1.Session(graph=graph)
+            if with_loops
+            else contextlib.nullcontext(sess)
+          ) as run:
+            status, detail, walked = _check(
+              run, feed, ys, x, mode, h, plan, choice
+            )
           results.append((mode + name, status, detail))
           chunked += walked
   return model.lines, results, chunked
@@ -550,7 +668,7 @@ def _command(seed):
   args = [f"--seeds={seed}:{seed + 1}", f"--control_flow={_CONTROL_FLOW.value}"]
   args += [f"--k={_K.value}", f"--batch={_BATCH.value}"]
   args += ["--chunks"] * _CHUNKS.value + ["--lists"] * _LISTS.value
-  args += ["--switch"] * _SWITCH.value
+  args += ["--switch"] * _SWITCH.value + ["--loops"] * _LOOPS.value
   args += [f"--rows={','.join(_ROWS.value)}"] * bool(_ROWS.value)
   return "tools/forward_fuzz.py " + " ".join(args)
 
@@ -575,7 +693,14 @@ def main(argv):
   chunked = 0
   for seed in range(lo, hi):
     lines, results, walks = check_seed(
-      seed, modes, _K.value, batch, _LISTS.value, _SWITCH.value, _ROWS.value
+      seed,
+      modes,
+      _K.value,
+      batch,
+      _LISTS.value,
+      _SWITCH.value,
+      _ROWS.value,
+      _LOOPS.value,
     )
     chunked += walks
     model = "\n".join("    " + line for line in lines)

@@ -661,6 +661,27 @@ def _by_batch_size(ys, x, mode, choice, rows, planned):
   )
 
 
+def without_loops(ys, x):
+  """`ys`, or their copies with the loops between `x` and them unrolled.
+
+  The copies (`loops.unrolled`) are the same function of `x` without the
+  loops' ops, so that every build differentiates them, the rows too:
+  TensorFlow's gradient of a control flow v2 loop adds outputs to the loop's
+  op, which a `tf.compat.v1.Session` that has already run the op does not
+  see (its run then fails with "Connecting to invalid output"), and it has
+  no second derivative of a control flow v1 loop. Where a loop cannot be
+  unrolled (`MAX_UNROLLED_OPS`, a length known only at run time without a
+  bound, ...) `ys` is returned unchanged; `_try_forward` says why.
+  """
+  path = engine.path_ops(x, ys)
+  if not loops.on_path(path):
+    return ys
+  try:
+    return loops.unrolled(x, ys, path)
+  except engine.Unsupported:
+    return ys
+
+
 def try_forward(ys, x, grad, mode, plan, unconnected, rows):
   """`(result, True)` from the engine for `x`, or `(None, False)` for rows.
 

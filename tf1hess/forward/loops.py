@@ -91,11 +91,13 @@ def unrolled(x, ys, path):
       copy would draw again), or an op reads a `TensorList` in a way that
       is not unrolled.
   """
-  unroller = _Unroller(
-    x,
-    [op for op in path if op.type in WHILE]
-    + [_while_context(op.inputs[0].op) for op in path if op.type in EXIT],
-  )
+  contexts = [_while_context(op.inputs[0].op) for op in path if op.type in EXIT]
+  if None in contexts:
+    raise registry.Unsupported(
+      "a control flow v1 loop was loaded from a GraphDef, which keeps no"
+      " while context"
+    )
+  unroller = _Unroller(x, [op for op in path if op.type in WHILE] + contexts)
   for op in unroller.order(ys):
     unroller.visit(op, inner=False)
   copies = [unroller.value(y) for y in ys]
@@ -107,6 +109,10 @@ def unrolled(x, ys, path):
 # The outputs of a loop that no op of the model reads (the accumulators of
 # its gradient): not unrolled.
 _UNUSED = object()
+
+
+def _is_variant(t):
+  return not isinstance(t, _List) and t.dtype == tf.variant
 
 
 class _List:
@@ -340,14 +346,18 @@ def _kept(alive, new, old, read, op):
       not isinstance(new, _List)
       or not isinstance(old, _List)
       or len(new.items) != len(old.items)
-      or any(a is None and b is not None for a, b in zip(old.items, new.items))
     ):
       raise registry.Unsupported(
         f"{op.name}, whose number of iterations is known only at run time,"
         " adds to a TensorArray or TensorList that the model reads after it"
       )
+    # An item that no iteration wrote reads as zeros (a `TensorList`'s, and
+    # a `TensorArray`'s of a known element shape: `dynamic_rnn`'s outputs
+    # after the longest sequence).
     return _List(
-      a if a is b else _kept(alive, b, a, True, op)
+      a
+      if a is b
+      else _kept(alive, b, tf.zeros_like(b) if a is None else a, True, op)
       for a, b in zip(old.items, new.items)
     )
   if not read and (new.dtype.is_integer or new.dtype == tf.bool):
@@ -410,7 +420,7 @@ class _Unroller:
     if op.type in WHILE and (inner or op in self._loops):
       self._map(op, self._unroll(op, inputs))
     elif op.type in _LIST_OPS and (inner or changed or lists):
-      self._map(op, _LIST_OPS[op.type](op, inputs))
+      self._map(op, _LIST_OPS[op.type](op, self._lists(op, inputs)))
     elif lists and op.type in ("Identity", "IdentityN"):
       self._map(op, inputs)
     elif lists:
@@ -525,6 +535,16 @@ class _Unroller:
         ]
       values = nexts
     return values
+
+  def _lists(self, op, inputs):
+    """`inputs` of the list op `op` with its lists as `_List`s: a list made
+    from no copy (a `TensorArray` of a constant size that a copy is
+    written to) was not mapped."""
+    flow = len(inputs) - 1 if op.type.startswith("TensorArray") else None
+    return [
+      self._as_list(t) if i == flow or _is_variant(t) else t
+      for i, t in enumerate(inputs)
+    ]
 
   def _as_list(self, t):
     """`t`, a `_List` where it is a list of the graph of `x` (a
