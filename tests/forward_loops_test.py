@@ -358,7 +358,8 @@ class LoopsTest(
       self._check_falls_back(
         x,
         y,
-        "sets item 0 of a TensorList of 0",
+        # (TensorFlow 2.12 resizes the list in a cond.)
+        "sets item 0 of a TensorList of 0|StatelessIf .* reads a TensorList",
         {x: _RNG.normal(size=(3, _K)), steps: 2},
       )
 
