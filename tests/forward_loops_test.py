@@ -132,6 +132,23 @@ def _loop_in_a_loop(x):
   return tf.reduce_sum(tf.tanh(hs[-1]), axis=1)
 
 
+def _bidirectional(x):
+  """`bidirectional_dynamic_rnn` over sequences of run-time lengths (1 to
+  T): each direction's loop unrolled to T, the backward one reading its
+  inputs reversed by `tf.reverse_sequence`."""
+  lengths = tf.range(tf.shape(x)[0]) % _T + 1
+  (forward, backward), (_, last) = tf.compat.v1.nn.bidirectional_dynamic_rnn(
+    tf.compat.v1.nn.rnn_cell.LSTMCell(3, dtype=tf.float64),
+    tf.compat.v1.nn.rnn_cell.GRUCell(2, dtype=tf.float64),
+    _sequence(x),
+    sequence_length=lengths,
+    dtype=tf.float64,
+  )
+  return tf.reduce_sum(tf.tanh(forward), [1, 2]) + tf.reduce_sum(
+    backward[:, 0] * last, axis=1
+  )
+
+
 def _folds_in_turn(x):
   """A `tf.foldl` over the features of another's final state: under v1,
   the `TensorArray` of its elements, of a static size, is made from no
@@ -160,9 +177,12 @@ _MODELS = {
   "loss_over_time": _loss_over_time,
   "loop_in_a_loop": _loop_in_a_loop,
   "folds_in_turn": _folds_in_turn,
+  "bidirectional": _bidirectional,
 }
 # The models of `tf.compat.v1.nn.rnn_cell` (Keras 2 on TensorFlow >= 2.16).
-_CELLS = frozenset(["lstm", "gru_time_major_from_a_state", "stacked_cells"])
+_CELLS = frozenset(
+  ["lstm", "gru_time_major_from_a_state", "stacked_cells", "bidirectional"]
+)
 
 
 def _loops_before(t):

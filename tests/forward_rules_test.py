@@ -430,6 +430,25 @@ _RULES = {
       + tf.reverse(x[:, None, :] * _W[:3], [-1, 1]) * _W[4]
     ),
   ),
+  # Each sample's first `lengths[n]` steps reversed, of a dense Jacobian
+  # and of x's.
+  "ReverseSequence": (
+    "ReverseSequence",
+    lambda x: (
+      lambda lengths: (
+        tf.tanh(
+          tf.reshape(
+            tf.reverse_sequence(
+              tf.reshape(_lin(x), [-1, 4, 3]), lengths, seq_axis=1
+            ),
+            [-1, _K],
+          )
+        )
+        * tf.sin(x)
+        + tf.square(tf.reverse_sequence(x, lengths, seq_axis=1))
+      )
+    )(tf.range(tf.shape(x)[0]) % 4 + 1),
+  ),
   # Along the features, along two inner axes at once, and backwards.
   "Roll": (
     "Roll",
@@ -728,6 +747,7 @@ NEW_OP_TYPES = {
   "Select",
   "SelectV2",
   "ReverseV2",
+  "ReverseSequence",
   "Roll",
   "Cumsum",
   "Cumprod",
@@ -831,6 +851,27 @@ class ForwardRulesTest(
       with tf.compat.v1.Session() as sess:
         got, want = sess.run([h, rows], {x: _RNG.normal(size=(3, _K))})
     self.assertAllClose(got, want, atol=1e-12)
+
+  def test_reverse_sequence_of_a_time_major_tensor_falls_back(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      steps = tf.transpose(tf.reshape(tf.sin(x), [-1, 4, 3]), [1, 0, 2])
+      lengths = tf.range(tf.shape(x)[0]) % 4 + 1
+      y = tf.reduce_sum(
+        tf.tanh(tf.reverse_sequence(steps, lengths, 0, batch_axis=1)), [0, 2]
+      )
+      with self.assertRaisesRegex(ValueError, "mixes samples"):
+        tf1hess.batch_hessians(y, x, method="forward")
+      # Batch first, along another axis than the batch's: declined.
+      y = tf.reduce_sum(
+        tf.reverse_sequence(
+          tf.reshape(tf.sin(x), [-1, 4, 3]), [3, 2, 1], 1, batch_axis=2
+        )
+        ** 2,
+        [1, 2],
+      )
+      with self.assertRaisesRegex(ValueError, "not the batch axis"):
+        tf1hess.batch_hessians(y, x, method="forward")
 
   @parameterized.product(exclusive=[False, True], reverse=[False, True])
   def test_cumprod_of_zeros(self, exclusive, reverse):

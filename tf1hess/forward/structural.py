@@ -540,6 +540,31 @@ def _reverse(op, j, ctx):
   return [jacobians.apply_per_sample(j, lambda m: tf.reverse(m, axes))]
 
 
+@registry.register("ReverseSequence", linear=True)
+@registry.of_first_input
+def _reverse_sequence(op, j, ctx):
+  """`tf.reverse_sequence`: each sample's first `seq_lengths[n]` entries
+  along `seq_axis` reversed (`bidirectional_dynamic_rnn` with a
+  `sequence_length`). Batch first, the tangents of each sample are
+  reversed as it is."""
+  rank = registry.static_rank(op.inputs[0], op)
+  seq_axis = op.get_attr("seq_dim") % rank
+  batch_axis = op.get_attr("batch_dim") % rank
+  if batch_axis != 0:  # (A time-major input reads as mixing samples.)
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) reverses the sequences along axis"
+      f" {batch_axis}, not the batch axis"
+    )
+  value = jacobians.to_dense(j, ctx.n)  # (N, K, *e)
+  return [
+    jacobians.dense(
+      tf.reverse_sequence(
+        value, op.inputs[1], seq_axis=seq_axis + 1, batch_axis=0
+      )
+    )
+  ]
+
+
 @registry.register("Roll", linear=True)
 @registry.of_first_input
 def _roll(op, j, ctx):
