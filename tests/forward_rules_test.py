@@ -354,6 +354,22 @@ _RULES = {
     "Erf",
     lambda x: tf.math.erf(_lin(x)[:, :6]) * tf.math.erfc(_lin(x)[:, 6:]),
   ),
+  # Away from the poles of the gamma function, inside the domains of the
+  # inverses of Gaussian integrals.
+  "Lgamma_Digamma": (
+    "Lgamma",
+    lambda x: (
+      tf.math.lgamma(0.5 + tf.nn.softplus(_lin(x)[:, :6]))
+      * tf.math.digamma(1 + tf.exp(0.5 * _lin(x)[:, 6:]))
+    ),
+  ),
+  "Erfinv_Ndtri": (
+    "Erfinv",
+    lambda x: (
+      tf.math.erfinv(0.9 * tf.tanh(_lin(x)[:, :6]))
+      + tf.math.ndtri(tf.sigmoid(_lin(x)[:, 6:]))
+    ),
+  ),
   "Tan": ("Tan", lambda x: tf.tan(0.4 * _lin(x))),
   "Sinh_Cosh": (
     "Sinh",
@@ -699,6 +715,18 @@ _NO_ROWS = {
   "EuclideanNorm",
 }
 
+# Losses that `tf.nn.l2_loss` sums over the batch (not per sample).
+_L2_LOSSES = {
+  "dense": lambda x: tf.nn.l2_loss(tf.tanh(_lin(x)) - 0.5),
+  "of_x_plus": lambda x: 2 * tf.nn.l2_loss(x) + tf.reduce_sum(tf.sin(x)),
+  # Axes in another order: every entry is summed all the same.
+  "transposed": lambda x: tf.nn.l2_loss(tf.transpose(tf.sin(_lin(x)))),
+  # Rows that are parts of samples.
+  "tensordot": lambda x: tf.nn.l2_loss(
+    tf.tanh(tf.tensordot(_image(x, (4, 3)), tf.constant(_W[:3], x.dtype), 1))
+  ),
+}
+
 # Op types tested in float32 here (their CPU kernels have no float64).
 FLOAT32_OP_TYPES = {
   "AvgPool3D",
@@ -730,6 +758,11 @@ NEW_OP_TYPES = {
   "MaxPool",
   "Erf",
   "Erfc",
+  "Lgamma",
+  "Digamma",
+  "Erfinv",
+  "Ndtri",
+  "L2Loss",
   "Tan",
   "Sinh",
   "Cosh",
@@ -832,12 +865,29 @@ class ForwardRulesTest(
 
   def test_every_new_rule_has_a_test(self):
     models = set()
-    for _, model in _RULES.values():
+    for model in [m for _, m in _RULES.values()] + list(_L2_LOSSES.values()):
       with tf.Graph().as_default() as graph:
         model(tf.compat.v1.placeholder(tf.float64, [None, _K]))
         models |= {op.type for op in graph.get_operations()}
     self.assertEmpty(NEW_OP_TYPES - models)
     self.assertEmpty(NEW_OP_TYPES - set(registry.RULES))
+
+  @parameterized.named_parameters(*_L2_LOSSES.items())
+  def test_l2_loss_sums_over_the_batch(self, model):
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = model(x)
+      self.assertIn("L2Loss", {op.type for op in graph.get_operations()})
+      self.assertEqual(y.shape.rank, 0)
+      _check(self, x, y, x_val)
+
+  def test_a_function_of_an_l2_loss_falls_back(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.sqrt(tf.nn.l2_loss(tf.sin(x)))
+      with self.assertRaisesRegex(ValueError, "Sqrt .* mixes samples"):
+        tf1hess.batch_hessians(y, x, method="forward")
 
   def test_roll_over_the_batch_mixes_samples(self):
     with tf.Graph().as_default():

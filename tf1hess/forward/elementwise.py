@@ -17,6 +17,8 @@ from tf1hess.forward import registry
 _SELU_SCALE = 1.0507009873554805
 _SELU_ALPHA = 1.6732632423543772
 _TWO_OVER_SQRT_PI = 1.1283791670955126
+_SQRT_PI_OVER_TWO = 0.886226925452758
+_SQRT_TWO_PI = 2.5066282746310002
 
 
 def _unary_rule(derivatives):
@@ -63,6 +65,20 @@ def _gaussian(u, sign):
   return first, -2 * u * first
 
 
+def _polygammas(u, order):
+  """`f'` and `f''` of the polygamma function of `order` (-1: `lgamma`)."""
+  return tuple(
+    tf.math.polygamma(tf.constant(order + i, u.dtype), u) for i in (1, 2)
+  )
+
+
+def _inverse_of_gaussian(scaled_v, first):
+  """`f'` and `f''` of `erfinv` or `ndtri`, the inverses of integrals of
+  Gaussians: `f'' = a v f'^2`, where `scaled_v` is `a v` (`a` 2 for
+  `erfinv`, 1 for `ndtri`) and `first` is `f'`."""
+  return first, scaled_v * first * first
+
+
 def _rsqrt_of_quadratic(u, a, b, sign):
   """`f' = sign / sqrt(q)` and `f''` for `q = a + b u^2`: `asin`, `acos`,
   `asinh`, `acosh`."""
@@ -105,6 +121,14 @@ _UNARY = {
   "Atanh": lambda u, v, op: _reciprocal_of_quadratic(u, -1),
   "Erf": lambda u, v, op: _gaussian(u, 1),
   "Erfc": lambda u, v, op: _gaussian(u, -1),
+  "Erfinv": lambda u, v, op: _inverse_of_gaussian(
+    2 * v, _SQRT_PI_OVER_TWO * tf.exp(v * v)
+  ),
+  "Ndtri": lambda u, v, op: _inverse_of_gaussian(
+    v, _SQRT_TWO_PI * tf.exp(0.5 * v * v)
+  ),
+  "Lgamma": lambda u, v, op: _polygammas(u, -1),
+  "Digamma": lambda u, v, op: _polygammas(u, 0),
   "Softsign": lambda u, v, op: (
     1 / tf.square(1 + tf.abs(u)),
     -2 * tf.sign(u) / (1 + tf.abs(u)) ** 3,

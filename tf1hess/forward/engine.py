@@ -357,8 +357,9 @@ def path_ops(x, ys):
 # those that cost more (`Pow` with an exponent known only at run time, as
 # in TensorFlow's gradient of `Pow`: 6 to 25 times).
 _TRANSCENDENTAL = frozenset(
-  """Asinh Atan Cos Cosh Elu Erf Erfc Exp Expm1 Log Log1p Pow Rsqrt Selu
-  Sigmoid Sin Sinh Softplus Softsign Sqrt Tan Tanh""".split()
+  """Asinh Atan Cos Cosh Digamma Elu Erf Erfc Erfinv Exp Expm1 Lgamma Log
+  Log1p Ndtri Pow Rsqrt Selu Sigmoid Sin Sinh Softplus Softsign Sqrt Tan
+  Tanh""".split()
 )
 _TRANSCENDENTAL_ENTRIES = 4
 _EXTRA_ENTRIES = {"Pow": 20}

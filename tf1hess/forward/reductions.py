@@ -1,5 +1,5 @@
 """Forward rules of reductions over entry axes: sums, extrema, products,
-Euclidean norms; and of cumulative products.
+Euclidean norms; of `tf.nn.l2_loss`; and of cumulative products.
 
 A reduction over the batch axis mixes samples: a sum is linear and marks
 its output `MIXED`; an extremum or a product is not, and the engine
@@ -303,4 +303,24 @@ def _euclidean_norm(op, j, ctx):
   return [first]
 
 
-registry.rowwise("Sum", "Mean", "Max", "Min", "Prod", "EuclideanNorm")
+@registry.register("L2Loss")
+@registry.of_first_input
+def _l2_loss(op, j, ctx):
+  """`tf.nn.l2_loss`: `v = sum(u^2) / 2` over every entry, samples too.
+
+  Its output mixes samples (`MIXED`: only linear ops may follow it, as a
+  loss summed over the batch); its curvature is `adj J_u^T J_u` per
+  sample, whatever the order of the axes of `u` (`registry.Moved`).
+  """
+  u = op.inputs[0]
+  if isinstance(j, registry.Moved):
+    u = tf.transpose(u, np.argsort(j.perm))
+    j = j.jacobian
+  ctx.curvature(
+    op.outputs[0], lambda adj: [jacobians.Term(adj * tf.ones_like(u), j)]
+  )
+  return [registry.MIXED]
+
+
+registry.rowwise("Sum", "Mean", "Max", "Min", "Prod", "EuclideanNorm", "L2Loss")
+registry.moves("L2Loss")
