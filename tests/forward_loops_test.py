@@ -478,6 +478,69 @@ class LoopsTest(
         h = tf1hess.batch_hessians(y, x, method="while_loop")
         self.assertNotEmpty(_loops_before(h))
 
+  @parameterized.parameters(1, 2)
+  def test_per_output_ops_built_after_a_session_ran_the_loop(self, cf):
+    # As above, for the ops that keep outputs apart, over two inputs (the
+    # joint rows); the reference: the rows of the model's own loops in a
+    # graph of their own.
+    feed_val = [_RNG.normal(size=(3, n)) for n in (3, 1)]
+
+    def ops(y, xs, **method):
+      d = tf1hess.Derivatives(y, xs, **method)
+      return {
+        "jacobian": tf1hess.batch_jacobians(y, xs, **method),
+        "hessian": tf1hess.batch_output_hessians(y, xs, **method),
+        "cached": d.hessian(component=1),
+        "entry": d.hessian(3, 2, component=0),
+      }
+
+    with tf.Graph().as_default():
+      x, t, y = _two_inputs_of_seed(5)
+      want = ops(y, [x, t], method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        want = sess.run(want, dict(zip([x, t], feed_val)))
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x, t, y = _two_inputs_of_seed(5)
+      feed = dict(zip([x, t], feed_val))
+      with tf.compat.v1.Session() as sess:
+        sess.run(y, feed)
+        got = sess.run(ops(y, [x, t]), feed)
+    tf.nest.map_structure(
+      lambda a, b: self.assertAllClose(a, b, atol=1e-10, rtol=1e-10),
+      got,
+      want,
+    )
+    with tf.Graph().as_default():
+      x, t, y = _two_inputs_of_seed(5)
+      if cf == 1:
+        with self.assertRaisesRegex(ValueError, "control-flow-v1"):
+          tf1hess.batch_output_hessians(y, [x, t], method="while_loop")
+
+  @parameterized.parameters(
+    tf1hess.Plan(unroll_max_rows=1),  # Auto would take the rows' loop.
+    tf1hess.Plan(method="while_loop"),
+    tf1hess.Plan(method="pfor"),
+  )
+  def test_jacobians_through_a_v1_loop_left_in_the_model(self, rows):
+    # A loop too long to unroll stays: TensorFlow builds no gradient of a
+    # v1 loop in the rows' loop, and pfor's fails when run, so the rows
+    # are unrolled in Python. Against tf.gradients of each output.
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x, t, y = _two_inputs_of_seed(6)
+      want = [
+        tf.stack([tf.gradients(y[:, i], v)[0] for i in range(2)], 1)
+        for v in (x, t)
+      ]
+      with mock.patch.object(loops, "MAX_UNROLLED_OPS", 10):
+        got = tf1hess.batch_jacobians(y, [x, t], plan=rows)
+      self.assertNotEmpty(_loops_before(got[0]))
+      feed = {x: _RNG.normal(size=(3, 3)), t: _RNG.normal(size=(3, 1))}
+      with tf.compat.v1.Session() as sess:
+        got, want = sess.run([got, want], feed)
+    self.assertAllClose(got, want, atol=1e-12)
+
   def test_third_derivatives_through_a_v1_loop(self):
     # Of the model unrolled; against the rows of the model's own loops
     # under control flow v2, in a graph of their own.
@@ -499,12 +562,17 @@ def _model_of_seed(seed, steps=_T, features=_D):
   """`(x, y)`: a `tf.scan` and a `tf.while_loop` of weights drawn from
   `seed` (the same model in every graph), `x` `steps` steps of
   `features` each."""
+  x = tf.compat.v1.placeholder(tf.float64, [None, steps * features])
+  return x, _loops_of_seed(seed, x, steps, features)
+
+
+def _loops_of_seed(seed, x, steps, features, shift=0.0):
+  """The model of `_model_of_seed` on `x`, each step shifted by `shift`."""
   rng = np.random.default_rng(seed)
   w, u = (tf.constant(rng.normal(size=(features,) * 2) / 2) for _ in "wu")
-  x = tf.compat.v1.placeholder(tf.float64, [None, steps * features])
   sequence = tf.transpose(tf.reshape(x, [-1, steps, features]), [1, 0, 2])
   hs = tf.scan(
-    lambda h, v: tf.tanh(tf.matmul(h, w) + v),
+    lambda h, v: tf.tanh(tf.matmul(h, w) + v + shift),
     sequence,
     initializer=tf.zeros_like(x[:, :features]),
   )
@@ -513,7 +581,16 @@ def _model_of_seed(seed, steps=_T, features=_D):
     lambda i, c: (i + 1, tf.sin(tf.matmul(c, u)) * hs[-1]),
     [0, hs[-2]],
   )
-  return x, tf.reduce_sum(tf.nn.softplus(c) + hs[-1] * hs[-3], axis=1)
+  return tf.reduce_sum(tf.nn.softplus(c) + hs[-1] * hs[-3], axis=1)
+
+
+def _two_inputs_of_seed(seed):
+  """`(x, t, y)`: the model of `_model_of_seed` (3 steps of 1) with each
+  step shifted by `t` `(N, 1)`, two outputs `y` `(N, 2)`."""
+  x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+  t = tf.compat.v1.placeholder(tf.float64, [None, 1])
+  y = _loops_of_seed(seed, x, 3, 1, shift=t)
+  return x, t, tf.stack([y, y * tf.squeeze(tf.sin(t), 1)], axis=1)
 
 
 if __name__ == "__main__":

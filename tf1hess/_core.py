@@ -118,6 +118,7 @@ def stack_rows(
   source=None,
   differentiated=False,
   chunk_size=None,
+  through_v1_loop=False,
 ):
   """Per-sample Jacobian of `target`, one vector-Jacobian product per column.
 
@@ -163,6 +164,10 @@ def stack_rows(
     differentiated: `bool`: whether the result will be differentiated again.
     chunk_size: `int`, scalar `Tensor` or `None`: rows per vectorized
       backward pass in place of `plan.chunk_size` (`None`: the plan's).
+    through_v1_loop: `bool`: `vjp` differentiates a control flow v1 loop
+      (static `num_cols`). TensorFlow builds no gradient of such a loop in
+      another loop (the rows' `tf.while_loop`), and `pfor`'s fails when
+      run: the rows are unrolled in Python, whatever `plan.method`.
 
   Returns:
     A `Tensor` of shape `(N, num_cols, x_cols)`, or `(N, num_cols)` when
@@ -174,7 +179,9 @@ def stack_rows(
     chunk_size = None
   elif chunk_size is None:
     chunk_size = plan.chunk_size
-  attempts = _attempts(plan, num_cols, source is not None, no_loops)
+  attempts = _attempts(
+    plan, num_cols, source is not None, no_loops, through_v1_loop
+  )
 
   def build(attempt):
     if attempt.shortcuts:
@@ -217,13 +224,15 @@ def stack_rows(
   return build(attempts[-1])
 
 
-def _attempts(plan, num_rows, shortcuts, no_loops):
+def _attempts(plan, num_rows, shortcuts, no_loops, through_v1_loop):
   """The strategies (`Attempt`s) `plan` tries, in order.
 
   The errors of the last one propagate; the others fall back to the next
   when building them raises one of `FALLBACK_ERRORS` (e.g. `pfor` meets an
   op it cannot vectorize).
   """
+  if through_v1_loop:
+    return [Attempt("unrolled", shortcuts)]
   if no_loops:
     return [Attempt("pfor", shortcuts), Attempt("unrolled", shortcuts)]
   if plan.method == "while_loop":

@@ -142,7 +142,7 @@ class Derivatives:
     self._plan = plan_lib.make(
       plan, "auto" if method is None else method, chunk_size
     )
-    self._problem = per_output.Problem(ys, xs, "Derivatives")
+    self._problem = per_output.Problem(ys, xs, "Derivatives", self._plan)
     self._choose_rows = method is None and plan is None
     self._graph = self._problem.y.graph
     with self._graph.as_default():
@@ -258,6 +258,7 @@ class Derivatives:
     if full is not None:
       return full[:, i]
     p = self._problem
+    p.check_loops(2)
     g = self.gradient(c)
     vjp = per_output.joint_vjp(p.xs, p.n, p.x_cols)
     row = _rows.one_hot_row(vjp, g, self.num_features, False, False)
@@ -328,6 +329,7 @@ class Derivatives:
     if len(p.xs) == 1:
       h = ops.batch_hessians(p.output(c), p.xs[0], plan=self._plan)
     else:
+      p.check_loops(2)
       h = per_output.joint_hessian_rows(self.gradient(c), p.xs, self._plan)
     return p.reshape(h, [k, k])
 

@@ -29,11 +29,13 @@ pass is shared; each output takes its own K rows (see `_output_hessian`).
 """
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _checks
 from tf1hess import _core
 from tf1hess import ops
 from tf1hess import plan as plan_lib
+from tf1hess.forward import dispatch
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -52,7 +54,7 @@ class Problem:
     x_cols: per input, the `int` number of features.
   """
 
-  def __init__(self, ys, xs, op_name):
+  def __init__(self, ys, xs, op_name, plan):
     ys_list, self.xs, self.was_sequence = ops._prepare(ys, xs, op_name)  # pylint: disable=protected-access
     if len(ys_list) != 1:
       raise ValueError(
@@ -78,13 +80,41 @@ class Problem:
     self.x_dims = [x.shape[1:].as_list() for x in self.xs]
     self.x_cols = [int(x.shape[1:].num_elements()) for x in self.xs]
     self.n = _core.batch_size(self.xs[0])
+    self._unroll = plan.method in ("auto", "forward")
+    self._model = None
+    self._checked = set()
+
+  @property
+  def model(self):
+    """`y`, or for methods auto and forward its copy with the loops between
+    `xs` and it unrolled where they can be, as `tf1hess.ops` differentiates
+    it (a session that ran the model's loop cannot run TensorFlow's
+    gradients of it; control flow v1 loops have no second derivatives)."""
+    if self._model is None:
+      self._model = self.y
+      if self._unroll:
+        with self.y.graph.as_default():
+          (self._model,) = dispatch.without_loops([self.y], self.xs)
+    return self._model
+
+  def check_loops(self, order):
+    """Raises `ValueError` where a control flow v1 loop that is left in
+    `model` stops derivatives of `order` (`tf1hess.ops`); once per order."""
+    if order not in self._checked:
+      ops._v1_loops([[self.model]] * len(self.xs), self.xs, order, False)  # pylint: disable=protected-access
+      self._checked.add(order)
+
+  def through_v1_loop(self):
+    """Whether a control flow v1 loop is left between `xs` and `model`."""
+    between = ops.ops_between([self.model], self.xs)
+    return any(control_flow_util.IsLoopEnter(op) for op in between)
 
   def output(self, m):
     """Output `m` of every sample, `(N,)`."""
-    if self.y.shape.rank == 1:
-      return self.y
-    n = _core.batch_size(self.y)
-    return _core.flatten_samples(self.y, n, self.num_outputs)[:, m]
+    if self.model.shape.rank == 1:
+      return self.model
+    n = _core.batch_size(self.model)
+    return _core.flatten_samples(self.model, n, self.num_outputs)[:, m]
 
   def gradient(self, m):
     """The gradient of output `m` over the joint input, `(N, K)`."""
@@ -204,14 +234,15 @@ def batch_jacobians(
   """
   plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_jacobians"):
-    p = Problem(ys, xs, "batch_jacobians")
+    p = Problem(ys, xs, "batch_jacobians", plan)
+    p.check_loops(1)
     if p.num_outputs == 1:
-      grads = tf.gradients(p.y, p.xs, unconnected_gradients=_ZERO)
+      grads = tf.gradients(p.model, p.xs, unconnected_gradients=_ZERO)
       rows = tf.concat(
         [_flat(g, p.n, k) for g, k in zip(grads, p.x_cols)], axis=1
       )[:, None, :]
     else:
-      y = _flat(p.y, p.n, p.num_outputs)
+      y = _flat(p.model, p.n, p.num_outputs)
       n, x_cols = p.n, p.x_cols
       rows = _core.stack_rows(
         joint_vjp(p.xs, n, x_cols),
@@ -220,6 +251,7 @@ def batch_jacobians(
         sum(x_cols),
         plan,
         source=p.xs[0] if len(p.xs) == 1 else None,
+        through_v1_loop=p.through_v1_loop(),
       )
     results = []
     for a, block in enumerate(_split(rows, p.x_cols, axis=2)):
@@ -245,6 +277,7 @@ def _output_hessian(p, m, plan):
   if len(p.xs) == 1:
     h = ops.batch_hessians(p.output(m), p.xs[0], plan=plan)
   else:
+    p.check_loops(2)
     h = joint_hessian_rows(p.gradient(m), p.xs, plan)
   return tf.reshape(h, p.shape([k, k]))
 
@@ -295,7 +328,7 @@ def batch_output_hessians(
   """
   plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_hessians"):
-    p = Problem(ys, xs, "batch_output_hessians")
+    p = Problem(ys, xs, "batch_output_hessians", plan)
     k = sum(p.x_cols)
     rows = tf.stack(
       [_output_hessian(p, m, plan) for m in range(p.num_outputs)],
@@ -350,7 +383,7 @@ def batch_output_hessian_diagonals(
   """
   plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_hessian_diagonals"):
-    p = Problem(ys, xs, "batch_output_hessian_diagonals")
+    p = Problem(ys, xs, "batch_output_hessian_diagonals", plan)
     per_output = [
       ops.batch_hessian_diagonals(p.output(m), p.xs, plan=plan)
       for m in range(p.num_outputs)
@@ -399,7 +432,7 @@ def batch_output_laplacians(
   """
   plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_laplacians"):
-    p = Problem(ys, xs, "batch_output_laplacians")
+    p = Problem(ys, xs, "batch_output_laplacians", plan)
     diagonals = batch_output_hessian_diagonals(p.y, p.xs, plan=plan)
     num_out = len(p.out_dims)
     terms = [

@@ -661,8 +661,9 @@ def _by_batch_size(ys, x, mode, choice, rows, planned):
   )
 
 
-def without_loops(ys, x):
-  """`ys`, or their copies with the loops between `x` and them unrolled.
+def without_loops(ys, xs):
+  """`ys`, or their copies with the loops between `xs` (a `Tensor` or a
+  list) and them unrolled.
 
   The copies (`loops.unrolled`) are the same function of `x` without the
   loops' ops, so that every build differentiates them, the rows too:
@@ -673,11 +674,12 @@ def without_loops(ys, x):
   unrolled (`MAX_UNROLLED_OPS`, a length known only at run time without a
   bound, ...) `ys` is returned unchanged; `_try_forward` says why.
   """
-  path = engine.path_ops(x, ys)
+  xs = list(xs) if isinstance(xs, (list, tuple)) else [xs]
+  path = [op for x in xs for op in engine.path_ops(x, ys)]
   if not loops.on_path(path):
     return ys
   try:
-    return loops.unrolled(x, ys, path)
+    return loops.unrolled(xs, ys, path)
   except engine.Unsupported:
     return ys
 

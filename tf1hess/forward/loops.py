@@ -5,7 +5,7 @@ build a `While` op under control flow v2: a function for its condition,
 one for its body, and `TensorList`s for their `TensorArray`s. The walk
 cannot follow a loop, but where the number of iterations is known when the
 graph is built (a sequence of static length), the model is a model
-without loops. `unrolled(x, ys, path)` builds it: the ops from the loops to
+without loops. `unrolled(xs, ys, path)` builds it: the ops from the loops to
 `ys`, copied with every loop replaced by its body's ops, once for each
 iteration, and every `TensorList` by the Python list of its tensors; the
 ops before the loops are not copied.
@@ -14,8 +14,11 @@ The number of iterations is found by evaluating the condition on the
 copies of the loop's values (`tensor_util.try_evaluate_constant`, which
 knows the static dimensions of shapes): a condition that depends on `x` or
 on a value known only at run time (the largest `sequence_length` given to
-`dynamic_rnn`) is not unrolled. Control flow v1 loops (`Enter`, `Exit`,
-`NextIteration` ops) are not unrolled.
+`dynamic_rnn`) is not unrolled, unless the loop has a static bound
+(`maximum_iterations`): it is then unrolled to the bound. Control flow v1
+loops (`Enter`, `Merge`, `Switch`, `NextIteration`, `Exit` frames, with
+`TensorArray`s) are unrolled the same way, from their while context; one
+imported from a GraphDef has none and is not.
 """
 
 import numpy as np
@@ -81,9 +84,9 @@ def _loop_of(context):
   return context
 
 
-def unrolled(x, ys, path):
-  """The copies of `ys` with the loops of `path` (the walk's ops from `x` to
-  `ys`) unrolled (see module), in the current graph.
+def unrolled(xs, ys, path):
+  """The copies of `ys` with the loops of `path` (the walk's ops from `xs`,
+  a `Tensor` or a list, to `ys`) unrolled (see module), in the current graph.
 
   Raises:
     registry.Unsupported: where a loop's number of iterations is not known
@@ -97,7 +100,8 @@ def unrolled(x, ys, path):
       "a control flow v1 loop was loaded from a GraphDef, which keeps no"
       " while context"
     )
-  unroller = _Unroller(x, [op for op in path if op.type in WHILE] + contexts)
+  xs = xs if isinstance(xs, (list, tuple)) else [xs]
+  unroller = _Unroller(xs, [op for op in path if op.type in WHILE] + contexts)
   for op in unroller.order(ys):
     unroller.visit(op, inner=False)
   copies = [unroller.value(y) for y in ys]
@@ -376,8 +380,8 @@ def _consumer(t, types):
 class _Unroller:
   """Copies the ops that read a copy, unrolling loops."""
 
-  def __init__(self, x, loops):
-    self._x = x
+  def __init__(self, xs, loops):
+    self._inputs = {x.op for x in xs}
     self._loops = set(loops)
     self._mapped = {}
     self._copied = 0
@@ -399,7 +403,7 @@ class _Unroller:
   def visit(self, op, inner):
     """Maps the outputs of `op`: of the graph of `x` (`inner=False`: copied
     only where it reads a copy) or of a loop's function (always copied)."""
-    if op is self._x.op:
+    if op in self._inputs:
       return
     if not inner and op.type in EXIT:
       context = _while_context(op.inputs[0].op)
