@@ -479,6 +479,32 @@ class NeitherTest(tf.test.TestCase):
         tf1hess.batch_laplacians(y, x, method="while_loop")
 
 
+def _layer_norm(h, axes, keepdims=True):
+  """`(h - mean) / sqrt(variance + 1e-3)` of `tf.nn.moments` over `axes`."""
+  mean, variance = tf.nn.moments(h, axes, keepdims=keepdims)
+  if not keepdims:
+    mean, variance = mean[:, None], variance[:, None]
+  return (h - mean) * tf.math.rsqrt(variance + 1e-3)
+
+
+# Models that normalize with `tf.nn.moments`: `(None, 12)` -> `(None,)`.
+_MOMENTS = {
+  "layer_norm": lambda x: tf.reduce_sum(
+    tf.sin(_layer_norm(tf.tanh(x), [1])), 1
+  ),
+  "not_kept_dims": lambda x: tf.reduce_sum(
+    tf.cos(_layer_norm(x * x, [1], keepdims=False)), 1
+  ),
+  # Instance normalization of an image, over its two spatial axes.
+  "instance_norm": lambda x: tf.reduce_sum(
+    tf.tanh(_layer_norm(tf.reshape(tf.sin(x), [-1, 2, 3, 2]), [1, 2])),
+    [1, 2, 3],
+  ),
+  # The variance alone, as a feature.
+  "variance": lambda x: tf.sqrt(tf.nn.moments(tf.sin(x), [1])[1] + 0.1),
+}
+
+
 class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
   """TensorFlow's second derivative of some max pools (and of resizes and
   norms) is wrong."""
@@ -497,7 +523,7 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
       pooled = tf.nn.max_pool2d(h, size, stride, padding)
       y = tf.reduce_sum(tf.square(pooled) * tf.cos(pooled), axis=[1, 2, 3])
       (g,) = tf.gradients(y, x)
-      self.assertFalse(dispatch.rows_are_exact(x, g))
+      self.assertFalse(dispatch.rows_are_exact([y], x, g))
       # Rows would be chosen on cost alone.
       with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
         auto = tf1hess.batch_hessians(y, x)
@@ -527,7 +553,7 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
       h = tf.tanh(tf.reshape(x, [-1, 2, 3, 2]))
       y = tf.reduce_sum(tf.sin(tf.image.resize(h, [3, 5])), axis=[1, 2, 3])
       (g,) = tf.gradients(y, x)
-      self.assertFalse(dispatch.rows_are_exact(x, g))
+      self.assertFalse(dispatch.rows_are_exact([y], x, g))
       if dispatch.rows_can_differentiate(x, g):
         with self.assertLogs(level="WARNING") as logs:
           tf1hess.batch_hessians(y, x, method="while_loop")
@@ -552,7 +578,7 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
       )
       y = tf.reduce_sum(tf.nn.relu(norms - 0.7 * x[:, :2] - 0.2), axis=1)
       (g,) = tf.gradients(y, x)
-      self.assertFalse(dispatch.rows_are_exact(x, g))
+      self.assertFalse(dispatch.rows_are_exact([y], x, g))
       with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
         auto = tf1hess.batch_hessians(y, x)
       with self.assertLogs(level="WARNING") as logs:
@@ -565,6 +591,78 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     self.assertIn("Euclidean norm's gradient", "".join(logs.output))
     self.assertTrue(np.isnan(from_rows).any())  # The inputs turn a ReLU off.
     self.assertAllClose(got, hessians, atol=1e-6)
+
+  @parameterized.named_parameters(*_MOMENTS.items())
+  def test_moments_take_the_engine(self, model):
+    # tf.nn.moments stops the gradient of the mean in the variance: exact
+    # to first order, but TensorFlow's second derivatives miss the
+    # curvature through the mean.
+    x_val = np.random.default_rng(13).normal(size=(3, 12))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      y = model(x)
+      (g,) = tf.gradients(y, x)
+      self.assertFalse(dispatch.rows_are_exact([y], x, g))
+      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
+        auto = tf1hess.batch_hessians(y, x)
+      outs = {
+        "auto": auto,
+        "forward": tf1hess.batch_hessians(y, x, method="forward"),
+        "laplacian": tf1hess.batch_laplacians(y, x),
+      }
+      with self.assertLogs(level="WARNING") as logs:
+        outs["rows"] = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(outs, {x: x_val})
+        hessians = finite_differences.finite_difference_hessians(
+          lambda batch: sess.run(y, {x: batch}), x_val
+        )
+    self.assertIn("tf.nn.moments", "".join(logs.output))
+    tol = dict(atol=1e-5, rtol=1e-5)  # Differences of differences.
+    self.assertAllClose(got["auto"], hessians, **tol)
+    self.assertAllClose(got["forward"], hessians, **tol)
+    self.assertAllClose(got["laplacian"], np.einsum("nii->n", hessians), **tol)
+    # What TensorFlow's second derivatives miss is not small.
+    self.assertGreater(np.abs(got["rows"] - hessians).max(), 1e-2)
+
+  def test_keras_layer_normalization_in_float64(self):
+    # Keras 2 normalizes with tf.nn.moments outside float32 (no fused
+    # kernel): the engine's Hessians are those of the function.
+    keras = testing_utils.legacy_keras(self)
+    x_val = np.random.default_rng(15).normal(size=(2, 12))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      norm = keras.layers.LayerNormalization(dtype="float64")
+      h = norm(tf.reshape(tf.tanh(x), [-1, 3, 4]))
+      y = tf.reduce_sum(tf.sin(h), [1, 2])
+      types = {op.type for op in y.graph.get_operations()}
+      self.assertIn("StopGradient", types)
+      auto = tf1hess.batch_hessians(y, x)
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        got = sess.run(auto, {x: x_val})
+        hessians = finite_differences.finite_difference_hessians(
+          lambda batch: sess.run(y, {x: batch}), x_val
+        )
+    self.assertAllClose(got, hessians, atol=1e-5, rtol=1e-5)
+
+  def test_a_stop_gradient_read_otherwise_stays_a_stop(self):
+    # The same variance, with the stopped mean also read as a constant:
+    # the walk does not follow the stop, and agrees with the rows.
+    x_val = np.random.default_rng(14).normal(size=(3, 12))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      h = tf.sin(x)
+      stopped = tf.stop_gradient(tf.reduce_mean(h, 1, keepdims=True))
+      variance = tf.reduce_mean(tf.math.squared_difference(h, stopped), 1)
+      y = variance + tf.reduce_sum(tf.square(h * stopped), 1)
+      (g,) = tf.gradients(y, x)
+      self.assertTrue(dispatch.rows_are_exact([y], x, g))
+      forward = tf1hess.batch_hessians(y, x, method="forward")
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        got, want = sess.run([forward, rows], {x: x_val})
+    self.assertAllClose(got, want, atol=1e-10)
 
   def test_segment_sums_take_the_engine(self):
     # TensorFlow's second derivatives through a segment sum raise TypeError

@@ -425,6 +425,9 @@ class ForwardRulesTest(
             "Sum",
             "BatchMatMul",
             "BatchMatMulV3",
+            # tf.nn.moments' stop: forward_dispatch_test (RowsInexactTest),
+            # against differences (the rows are off there).
+            "StopGradient",
           },
         )
 

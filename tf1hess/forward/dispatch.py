@@ -233,7 +233,13 @@ def rows_can_differentiate(x, grad):
 #   norm`) is `u / (norm / adjoint)`: its derivative is not a number
 #   wherever the adjoint is 0 (an entry of the norm that is not used, a
 #   ReLU that is off after it).
-# The engine's rules of max pools, resizes and norms are exact there.
+# - `tf.nn.moments` stops the gradient of the mean in the variance, which
+#   changes no first derivative but drops the curvature through the mean
+#   (`reductions.stops_a_variance_mean`; the walk meets such a
+#   `StopGradient` only there): layer normalization built on it is off by
+#   as much as the Hessian.
+# The engine's rules of max pools, resizes, norms and moments are exact
+# there.
 _MAX_POOL_GRAD = (
   "a max pool's gradient with TensorFlow's MaxPoolGradGrad, which is wrong"
   " for 1 x 1 pools and pools of stride 1 with SAME padding"
@@ -249,6 +255,10 @@ _INEXACT_SECOND_DERIVATIVES = {
     "a Euclidean norm's gradient, which TensorFlow computes as u / (norm /"
     " adjoint): its derivative is NaN wherever the adjoint is 0"
   ),
+  "StopGradient": (
+    "the variance of tf.nn.moments with the gradient of its mean stopped,"
+    " exact to first order only: they miss the curvature through the mean"
+  ),
 }
 
 
@@ -257,16 +267,20 @@ def _gradient_graph_has(x, grad, op_types):
   return any(op.type in op_types for op in engine.path_ops(x, [grad]))
 
 
-def _inexact_gradients(x, grad):
-  """The op types of `_INEXACT_SECOND_DERIVATIVES` from `x` to `grad`."""
+def _inexact_gradients(ys, x, grad):
+  """The op types of `_INEXACT_SECOND_DERIVATIVES` from `x` to `grad`, and
+  `StopGradient` where `tf.nn.moments` stops one from `x` to `ys`."""
   path = engine.path_ops(x, [grad])
-  return sorted({op.type for op in path} & set(_INEXACT_SECOND_DERIVATIVES))
+  types = {op.type for op in path} & set(_INEXACT_SECOND_DERIVATIVES)
+  if engine.stopped_means(x, ys):
+    types.add("StopGradient")
+  return sorted(types)
 
 
-def rows_are_exact(x, grad):
+def rows_are_exact(ys, x, grad):
   """Whether TensorFlow's gradients of the ops from `x` to `grad` are exact
   (see `_INEXACT_SECOND_DERIVATIVES`)."""
-  return not _inexact_gradients(x, grad)
+  return not _inexact_gradients(ys, x, grad)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +307,8 @@ def choose(ys, x, grad, mode, walked, plan=None):
 
   The engine whenever the rows cannot be built (`rows_can_differentiate`)
   or would inherit a wrong second derivative of TensorFlow's
-  (`rows_are_exact`: max pooling, bilinear resizes, Euclidean norms).
+  (`rows_are_exact`: max pooling, bilinear resizes, Euclidean norms,
+  `tf.nn.moments`).
 
   Diagonals and Laplacians take the engine unless the rows need no pass
   per row (`_shortcut`: a Hessian shared by all samples, or one dense
@@ -348,7 +363,7 @@ def choose(ys, x, grad, mode, walked, plan=None):
     A `Choice`.
   """
   plan = plan or plan_lib.Plan()
-  if not rows_can_differentiate(x, grad) or not rows_are_exact(x, grad):
+  if not rows_can_differentiate(x, grad) or not rows_are_exact(ys, x, grad):
     return Choice(True)
   if mode != jacobians.HESSIAN:
     return Choice(_shortcut(x, grad, plan) is None)
@@ -724,7 +739,7 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
     )
   if not result[1]:
     reasons = {
-      _INEXACT_SECOND_DERIVATIVES[t] for t in _inexact_gradients(x, grad)
+      _INEXACT_SECOND_DERIVATIVES[t] for t in _inexact_gradients(ys, x, grad)
     }
     for reason in sorted(reasons):
       _core.warn_once(

@@ -328,13 +328,18 @@ def _differentiable(t):
   return not (dtype.is_integer or dtype.is_bool or dtype == tf.string)
 
 
-def _dependent_tensors(x):
-  """The tensors a gradient can flow to from `x`."""
+def _dependent_tensors(x, stops=frozenset()):
+  """The tensors a gradient can flow to from `x`, and the outputs of the
+  `StopGradient`s of `tf.nn.moments` but for `stops`
+  (`reductions.stops_a_variance_mean`: there the stop changes no first
+  derivative, and drops curvature)."""
   out, stack = {_key(x)}, [x]
   while stack:
     t = stack.pop()
     for op in t.consumers():
-      if op.type in _NO_GRADIENT:
+      if op.type in _NO_GRADIENT and (
+        op in stops or not reductions.stops_a_variance_mean(op)
+      ):
         continue
       for o in op.outputs:
         if _differentiable(o) and _key(o) not in out:
@@ -347,9 +352,43 @@ def _key(t):
   return (t.op.name, t.value_index)
 
 
+def _path(x, ys):
+  """`(path_ops(x, ys), the dependent tensors)`.
+
+  A `StopGradient` of `tf.nn.moments` is followed only where every op of
+  the path that reads it is a variance about the mean it stops
+  (`reductions.variance_of`): not where the model reads it otherwise, nor
+  on a path to TensorFlow's gradient of the variance.
+  """
+  stops = set()
+  while True:
+    dependent = _dependent_tensors(x, stops)
+    path = _ordered_ops(x, ys, dependent)
+    within = set(path)
+    wrong = {
+      op
+      for op in path
+      if op.type == "StopGradient"
+      and any(
+        use in within and not reductions.variance_of(use, op)
+        for use in op.outputs[0].consumers()
+      )
+    }
+    if not wrong:
+      return path, dependent
+    stops |= wrong
+
+
 def path_ops(x, ys):
   """The ops the walk visits: on a path from `x` to `ys`, inputs first."""
-  return _ordered_ops(x, ys, _dependent_tensors(x))
+  return _path(x, ys)[0]
+
+
+def stopped_means(x, ys):
+  """The `StopGradient`s of `tf.nn.moments` that the walk follows from `x`
+  to `ys`, where TensorFlow's second derivatives miss the curvature
+  through the mean (`reductions.stops_a_variance_mean`)."""
+  return [op for op in path_ops(x, ys) if op.type == "StopGradient"]
 
 
 # Elementwise functions that cost several plain entries each (measured on
@@ -708,13 +747,12 @@ def second_derivatives(ys, x, mode):
   k = x.shape[1:].num_elements()  # Static where it can be: fewer shape ops.
   if k is None:
     k = tf.reduce_prod(tf.shape(x)[1:])
-  dependent = _dependent_tensors(x)
+  path, dependent = _path(x, ys)
   work = Work()
   jacs = {_key(x): _identity_jacobian(x, k)}
   # Rows per sample of the tensors where a reshape changed them, and the
   # Jacobians made per sample again for their terms (`_GroupedContext`).
   groups, ungrouped = {}, {}
-  path = _ordered_ops(x, ys, dependent)
   ctx = _Context(n, k, x.dtype, path)
   mixed = False
   for op in path:

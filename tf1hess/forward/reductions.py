@@ -1,5 +1,6 @@
 """Forward rules of reductions over entry axes: sums, extrema, products,
-Euclidean norms; of `tf.nn.l2_loss`; and of cumulative products.
+Euclidean norms; of `tf.nn.l2_loss`; of cumulative products; and of the
+mean that `tf.nn.moments` stops the gradient of.
 
 A reduction over the batch axis mixes samples: a sum is linear and marks
 its output `MIXED`; an extremum or a product is not, and the engine
@@ -322,5 +323,77 @@ def _l2_loss(op, j, ctx):
   return [registry.MIXED]
 
 
-registry.rowwise("Sum", "Mean", "Max", "Min", "Prod", "EuclideanNorm", "L2Loss")
-registry.moves("L2Loss")
+# Ops that read only the shape of their input (TensorFlow's gradients of
+# reductions read their inputs so).
+_SHAPE_READERS = frozenset(["Shape", "ShapeN", "Size", "Rank"])
+
+
+def _same_reduction(op, axes):
+  """Whether `op` is a `Mean` or `Sum` of its input over exactly `axes`."""
+  if op.type not in ("Mean", "Sum"):
+    return False
+  try:
+    return reduction_axes(op) == axes
+  except registry.Unsupported:
+    return False
+
+
+def _stopped_mean(op):
+  """`(u, axes)` of the `Mean` with `keep_dims` that `op`, a
+  `StopGradient`, stops; `None` for any other op."""
+  mean = op.inputs[0].op if op.type == "StopGradient" else None
+  if mean is None or mean.type != "Mean" or not mean.get_attr("keep_dims"):
+    return None
+  try:
+    return mean.inputs[0], reduction_axes(mean)
+  except registry.Unsupported:
+    return None
+
+
+def variance_of(use, stop):
+  """Whether `use` is a variance about the mean that `stop` stops: a
+  `SquaredDifference` of the mean's input and `stop`, whose output is read
+  only by means or sums over the axes of the mean (and by shapes)."""
+  stopped = _stopped_mean(stop)
+  if stopped is None or use.type != "SquaredDifference":
+    return False
+  u, axes = stopped
+  if {t.ref() for t in use.inputs} != {u.ref(), stop.outputs[0].ref()}:
+    return False
+  readers = [
+    r for r in use.outputs[0].consumers() if r.type not in _SHAPE_READERS
+  ]
+  return bool(readers) and all(_same_reduction(r, axes) for r in readers)
+
+
+def stops_a_variance_mean(op):
+  """Whether `op` is the `StopGradient` of `tf.nn.moments`.
+
+  `tf.nn.moments` (and Keras 2's `LayerNormalization` outside float32,
+  built on it) computes the variance as `mean((u - stop_gradient(m))^2)`
+  over the axes of `m = mean(u)`. The gradient of the variance with
+  respect to `m` is `-2 mean(u - m) = 0`, so the stop changes no first
+  derivative, but it drops the curvature through `m`: TensorFlow's second
+  derivatives of the variance are off by `-2 / M^2` for each pair of the M
+  entries reduced (those of a layer normalization, by as much as the
+  Hessian itself). The walk follows such a `StopGradient` as the identity
+  where the model reads it only in such variances (`variance_of`; the
+  walk checks the ops of its path), so that the engine's second
+  derivatives are those of the function the model computes; the rows are
+  TensorFlow's (`dispatch.rows_are_exact`).
+  """
+  return any(variance_of(use, op) for use in op.outputs[0].consumers())
+
+
+@registry.register("StopGradient", linear=True, diagonal=True)
+def _moments_stop(op, jacs, ctx):
+  """The identity: the walk follows a `StopGradient` only where it stops
+  the mean of `tf.nn.moments` (`stops_a_variance_mean`)."""
+  del op, ctx  # Unused.
+  return [jacs[0]]
+
+
+registry.rowwise(
+  "Sum", "Mean", "Max", "Min", "Prod", "EuclideanNorm", "L2Loss", "StopGradient"
+)
+registry.moves("L2Loss", "StopGradient")
