@@ -603,15 +603,13 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
       y = model(x)
       (g,) = tf.gradients(y, x)
       self.assertFalse(dispatch.rows_are_exact([y], x, g))
-      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
-        auto = tf1hess.batch_hessians(y, x)
-      outs = {
-        "auto": auto,
-        "forward": tf1hess.batch_hessians(y, x, method="forward"),
-        "laplacian": tf1hess.batch_laplacians(y, x),
-      }
+      # The rows first: their gradients and loop read the variance too.
       with self.assertLogs(level="WARNING") as logs:
-        outs["rows"] = tf1hess.batch_hessians(y, x, method="while_loop")
+        outs = {"rows": tf1hess.batch_hessians(y, x, method="while_loop")}
+      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
+        outs["auto"] = tf1hess.batch_hessians(y, x)
+      outs["forward"] = tf1hess.batch_hessians(y, x, method="forward")
+      outs["laplacian"] = tf1hess.batch_laplacians(y, x)
       with tf.compat.v1.Session() as sess:
         got = sess.run(outs, {x: x_val})
         hessians = finite_differences.finite_difference_hessians(
@@ -645,6 +643,49 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
           lambda batch: sess.run(y, {x: batch}), x_val
         )
     self.assertAllClose(got, hessians, atol=1e-5, rtol=1e-5)
+
+  def test_per_output_ops_and_derivatives_of_moments(self):
+    # Two outputs of a layer normalization: the per-output ops and the
+    # cache of PINN code, against differences of each output; over two
+    # inputs the joint rows are TensorFlow's, and say so.
+    x_val = np.random.default_rng(16).normal(size=(2, 12))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      h = _layer_norm(tf.tanh(x), [1])
+      y = tf.stack([tf.reduce_sum(tf.sin(h), 1), h[:, 0] * h[:, 1]], 1)
+      d = tf1hess.Derivatives(y, x)
+      outs = {
+        "hessians": tf1hess.batch_output_hessians(y, x),
+        "laplacians": tf1hess.batch_output_laplacians(y, x),
+        "entry": d.hessian(3, 5, component=1),
+        "full": d.hessian(component=0),
+        "laplacian": d.laplacian(1),
+      }
+      t = tf.compat.v1.placeholder(tf.float64, [None, 1])
+      with self.assertLogs(level="WARNING") as logs:
+        tf1hess.batch_output_hessians(_layer_norm(x * t, [1])[:, :2], [x, t])
+      self.assertIn("the rows over several inputs", "".join(logs.output))
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(outs, {x: x_val})
+        hessians = np.stack(
+          [
+            finite_differences.finite_difference_hessians(
+              lambda batch, c=c: sess.run(y[:, c], {x: batch}), x_val
+            )
+            for c in range(2)
+          ],
+          1,
+        )
+    tol = dict(atol=1e-5, rtol=1e-5)
+    self.assertAllClose(got["hessians"], hessians, **tol)
+    self.assertAllClose(
+      got["laplacians"], np.einsum("ncii->nc", hessians), **tol
+    )
+    self.assertAllClose(got["entry"][:, 0], hessians[:, 1, 3, 5], **tol)
+    self.assertAllClose(got["full"], hessians[:, 0], **tol)
+    self.assertAllClose(
+      got["laplacian"][:, 0], np.einsum("nii->n", hessians[:, 1]), **tol
+    )
 
   def test_a_stop_gradient_read_otherwise_stays_a_stop(self):
     # The same variance, with the stopped mean also read as a constant:

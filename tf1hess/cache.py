@@ -253,10 +253,15 @@ class Derivatives:
     return None
 
   def _row(self, c, i):
-    """Row `i` of the Hessian of output `c`, `(N, K)`: one backward pass."""
+    """Row `i` of the Hessian of output `c`, `(N, K)`: one backward pass,
+    or of the full Hessian where TensorFlow's rows would miss curvature of
+    one input (`tf.nn.moments`: the forward engine's is exact)."""
     full = self._hessian(c)
+    if full is None and self._rows_miss_moments() and len(self.xs) == 1:
+      full = self.hessian(component=c)
     if full is not None:
       return full[:, i]
+    self._rows_miss_moments(warn=True)
     p = self._problem
     p.check_loops(2)
     g = self.gradient(c)
@@ -317,9 +322,19 @@ class Derivatives:
     """Whether a row of output `c`'s Hessian is built (an entry was asked)."""
     return any(key[:2] == ("row", c) for key in self._built)
 
+  def _rows_miss_moments(self, warn=False):
+    """Whether TensorFlow's rows miss curvature through `tf.nn.moments`
+    (`per_output.Problem.rows_miss_moments`)."""
+    with self._graph.as_default():
+      return self._problem.rows_miss_moments(warn)
+
   def _own_rows(self):
     """Whether full Hessians and diagonals come from the cache's rows."""
-    return self._choose_rows and self.num_features <= ROWS_MAX_FEATURES
+    return (
+      self._choose_rows
+      and self.num_features <= ROWS_MAX_FEATURES
+      and not self._rows_miss_moments()
+    )
 
   def _full_hessian(self, c):
     p = self._problem
@@ -330,6 +345,7 @@ class Derivatives:
       h = ops.batch_hessians(p.output(c), p.xs[0], plan=self._plan)
     else:
       p.check_loops(2)
+      self._rows_miss_moments(warn=True)
       h = per_output.joint_hessian_rows(self.gradient(c), p.xs, self._plan)
     return p.reshape(h, [k, k])
 

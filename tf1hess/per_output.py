@@ -104,6 +104,17 @@ class Problem:
       ops._v1_loops([[self.model]] * len(self.xs), self.xs, order, False)  # pylint: disable=protected-access
       self._checked.add(order)
 
+  def rows_miss_moments(self, warn=False):
+    """Whether TensorFlow's rows miss curvature through `tf.nn.moments`
+    (`dispatch.rows_miss_moments`); with `warn`, warns once if so that the
+    rows over the joint input are built."""
+    if "moments" not in self._checked:
+      self._checked.add("moments")
+      self._moments = dispatch.rows_miss_moments([self.model], self.xs)
+    if warn and self._moments:
+      dispatch.warn_of_moments(self.y.graph, "the rows over several inputs")
+    return self._moments
+
   def through_v1_loop(self):
     """Whether a control flow v1 loop is left between `xs` and `model`."""
     between = ops.ops_between([self.model], self.xs)
@@ -278,6 +289,7 @@ def _output_hessian(p, m, plan):
     h = ops.batch_hessians(p.output(m), p.xs[0], plan=plan)
   else:
     p.check_loops(2)
+    p.rows_miss_moments(warn=True)
     h = joint_hessian_rows(p.gradient(m), p.xs, plan)
   return tf.reshape(h, p.shape([k, k]))
 

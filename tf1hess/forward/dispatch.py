@@ -277,6 +277,24 @@ def _inexact_gradients(ys, x, grad):
   return sorted(types)
 
 
+def rows_miss_moments(ys, xs):
+  """Whether TensorFlow's second derivatives of `ys` miss curvature through
+  a mean that `tf.nn.moments` stops between one of `xs` and `ys`
+  (`engine.stopped_means`)."""
+  return any(engine.stopped_means(x, ys) for x in xs)
+
+
+def warn_of_moments(graph, what):
+  """Warns once that `what`, TensorFlow's rows, miss curvature through
+  `tf.nn.moments` (`rows_miss_moments`)."""
+  _core.warn_once(
+    graph,
+    f"tf1hess: {what} differentiate"
+    f" {_INEXACT_SECOND_DERIVATIVES['StopGradient']}; the Hessians of one"
+    " input with method='auto' or 'forward' are exact there.",
+  )
+
+
 def rows_are_exact(ys, x, grad):
   """Whether TensorFlow's gradients of the ops from `x` to `grad` are exact
   (see `_INEXACT_SECOND_DERIVATIVES`)."""

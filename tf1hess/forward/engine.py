@@ -370,7 +370,7 @@ def _path(x, ys):
       for op in path
       if op.type == "StopGradient"
       and any(
-        use in within and not reductions.variance_of(use, op)
+        use in within and not reductions.variance_of(use, op, within)
         for use in op.outputs[0].consumers()
       )
     }

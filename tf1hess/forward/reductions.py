@@ -323,11 +323,6 @@ def _l2_loss(op, j, ctx):
   return [registry.MIXED]
 
 
-# Ops that read only the shape of their input (TensorFlow's gradients of
-# reductions read their inputs so).
-_SHAPE_READERS = frozenset(["Shape", "ShapeN", "Size", "Rank"])
-
-
 def _same_reduction(op, axes):
   """Whether `op` is a `Mean` or `Sum` of its input over exactly `axes`."""
   if op.type not in ("Mean", "Sum"):
@@ -350,24 +345,23 @@ def _stopped_mean(op):
     return None
 
 
-def variance_of(use, stop):
+def variance_of(use, stop, path):
   """Whether `use` is a variance about the mean that `stop` stops: a
-  `SquaredDifference` of the mean's input and `stop`, whose output is read
-  only by means or sums over the axes of the mean (and by shapes)."""
+  `SquaredDifference` of the mean's input and `stop`, whose output the ops
+  of `path` (the walk's) read only in means or sums over the axes of the
+  mean."""
   stopped = _stopped_mean(stop)
   if stopped is None or use.type != "SquaredDifference":
     return False
   u, axes = stopped
   if {t.ref() for t in use.inputs} != {u.ref(), stop.outputs[0].ref()}:
     return False
-  readers = [
-    r for r in use.outputs[0].consumers() if r.type not in _SHAPE_READERS
-  ]
-  return bool(readers) and all(_same_reduction(r, axes) for r in readers)
+  readers = [r for r in use.outputs[0].consumers() if r in path]
+  return all(_same_reduction(r, axes) for r in readers)
 
 
 def stops_a_variance_mean(op):
-  """Whether `op` is the `StopGradient` of `tf.nn.moments`.
+  """Whether `op` may be the `StopGradient` of `tf.nn.moments`.
 
   `tf.nn.moments` (and Keras 2's `LayerNormalization` outside float32,
   built on it) computes the variance as `mean((u - stop_gradient(m))^2)`
@@ -376,13 +370,13 @@ def stops_a_variance_mean(op):
   derivative, but it drops the curvature through `m`: TensorFlow's second
   derivatives of the variance are off by `-2 / M^2` for each pair of the M
   entries reduced (those of a layer normalization, by as much as the
-  Hessian itself). The walk follows such a `StopGradient` as the identity
-  where the model reads it only in such variances (`variance_of`; the
-  walk checks the ops of its path), so that the engine's second
-  derivatives are those of the function the model computes; the rows are
-  TensorFlow's (`dispatch.rows_are_exact`).
+  Hessian itself). The walk follows a stop of a `Mean` with `keep_dims`
+  as the identity where the ops of its path read it only in such
+  variances (`variance_of`, checked by the walk), so that the engine's
+  second derivatives are those of the function the model computes; the
+  rows are TensorFlow's (`dispatch.rows_are_exact`).
   """
-  return any(variance_of(use, op) for use in op.outputs[0].consumers())
+  return _stopped_mean(op) is not None
 
 
 @registry.register("StopGradient", linear=True, diagonal=True)
