@@ -82,7 +82,8 @@ class Problem:
     self.n = _core.batch_size(self.xs[0])
     self._unroll = plan.method in ("auto", "forward")
     self._model = None
-    self._checked = set()
+    self._checked = set()  # The orders `check_loops` passed.
+    self._moments = None
 
   @property
   def model(self):
@@ -108,8 +109,7 @@ class Problem:
     """Whether TensorFlow's rows miss curvature through `tf.nn.moments`
     (`dispatch.rows_miss_moments`); with `warn`, warns once if so that the
     rows over the joint input are built."""
-    if "moments" not in self._checked:
-      self._checked.add("moments")
+    if self._moments is None:
       self._moments = dispatch.rows_miss_moments([self.model], self.xs)
     if warn and self._moments:
       dispatch.warn_of_moments(self.y.graph, "the rows over several inputs")
