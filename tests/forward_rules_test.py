@@ -1381,6 +1381,35 @@ def _gathered_time_major(x):
   return tf.tanh(late[:, :, :2]) + tf.transpose(pairs[1], [2, 0, 1])
 
 
+def _batch_first_against_time_major(x):
+  """Time-major and batch-last tensors with batch-first ones that
+  broadcast against them: `h` `(N, 4)`, `h[None]` and `tf.expand_dims(h,
+  0)` against `(3, N, 4)`, and `(N,)` against `(4, 3, N)`."""
+  seq = tf.reshape(x, [-1, 3, 4])
+  moved = tf.transpose(seq, [1, 0, 2])  # (3, N, 4)
+  h = tf.tanh(x[:, 2:6])  # (N, 4)
+  s = tf.sin(moved) * h + tf.math.squared_difference(moved, h[None])
+  s = s / (1.0 + tf.expand_dims(h * h, 0)) - tf.pow(tf.sigmoid(h), moved)
+  last = tf.transpose(seq, [2, 1, 0]) * tf.sin(x[:, 0])  # (4, 3, N)
+  return tf.transpose(s, [1, 0, 2]) + tf.transpose(tf.tanh(last), [2, 1, 0])
+
+
+def _reduced_time_major(x):
+  """Reductions and squeezes of time-major tensors over axes other than
+  the batch's: batch first again where time is reduced away, still moved
+  where it is kept."""
+  moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])  # (3, N, 4)
+  h = tf.tanh(moved)
+  pooled = tf.reduce_mean(h * moved, 0) + tf.reduce_sum(tf.sin(moved), 0)
+  pooled += tf.math.reduce_euclidean_norm(moved, 0)  # (N, 4)
+  peak = tf.squeeze(tf.reduce_max(h, 0, keepdims=True), 0)
+  peak -= tf.reduce_min(tf.square(moved), -3)  # (N, 4)
+  per_step = tf.reduce_prod(tf.sin(moved), 2) + tf.norm(moved, axis=2)
+  per_step = tf.transpose(per_step)  # (N, 3)
+  pooled = pooled[:, :3] + pooled[:, 3:]  # Every norm read: no NaN rows.
+  return tf.stack([pooled * per_step, peak[:, 1:]], 2)  # (N, 3, 2)
+
+
 class MovedBatchAxisTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
@@ -1397,6 +1426,8 @@ class MovedBatchAxisTest(
         _indexed_time_major,
         _sliced_batch_last,
         _gathered_time_major,
+        _batch_first_against_time_major,
+        _reduced_time_major,
       ]
     )
   )
@@ -1466,9 +1497,10 @@ class MovedBatchAxisTest(
   def test_nonlinear_op_on_a_moved_tensor_raises(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
-      moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
-      # A time-major tensor times a batch-first one: not moved alike.
-      y = tf.reduce_sum(tf.transpose(moved * x[:, :4], [1, 0, 2]), axis=[1, 2])
+      moved = tf.transpose(x[:, :4])  # (4, N)
+      # Times a batch-first (N, 4): each batch axis meets the other's
+      # entries (it runs for N = 4, mixing samples).
+      y = tf.reduce_sum(tf.transpose(moved * x[:, :4]), axis=1)
       with self.assertRaisesRegex(
         ValueError, "a transpose that moves the batch axis before it"
       ):

@@ -528,43 +528,125 @@ _BROADCASTING = frozenset(
 )
 
 
-def _unmoved_twin(op, ins):
+def _unmoved_twin(op, ins, groups):
   """`(twin, jacobians, _MovedTwin)` for the elementwise `op` whose inputs
-  of `x` are all `registry.Moved` by one permutation, or `None`.
+  of `x` are `registry.Moved` by one permutation, or `None`.
 
   The twin is `op` on its inputs transposed back (the batch axis first),
   each of rank lower than the output given leading axes of 1 first, so
   that it broadcasts as `op` does: its rule follows the moved Jacobians,
-  and its outputs' Jacobians are moved again.
+  and its outputs' Jacobians are moved again. An input of `x` whose batch
+  axis is first (`h` `(N, D)` against states `(T, N, D)`) takes part where
+  broadcasting puts its batch axis on the moved one: the twin reads it
+  with the axes of 1 and the permutation of the others inserted per
+  sample (`_batch_first_twin`).
   """
+  if op.type in _REDUCTIONS:
+    return _unmoved_reduction(op, ins)
   if op.type not in _BROADCASTING:
     return None
-  moved = [j for j in ins if j is not None]
-  if not all(isinstance(j, registry.Moved) for j in moved):
-    return None
+  moved = [j for j in ins if isinstance(j, registry.Moved)]
   perm = moved[0].perm
   if any(j.perm != perm for j in moved) or any(
-    t.shape.rank is None for t in op.inputs
+    t.shape.rank is None or t.shape.rank > len(perm) for t in op.inputs
   ):
     return None
   rank = len(perm)
   inverse = [int(p) for p in np.argsort(perm)]
-  inputs = []
-  for t in op.inputs:
-    if t.shape.rank > rank:
-      return None
-    if t.shape.rank < rank:
-      t = tf.reshape(
-        t, tf.concat([tf.ones([rank - t.shape.rank], tf.int32), tf.shape(t)], 0)
-      )
-    inputs.append(tf.transpose(t, inverse))
+  inputs, jacs = [], []
+  for t, j in zip(op.inputs, ins):
+    if j is None or isinstance(j, registry.Moved):
+      if t.shape.rank < rank:
+        t = tf.reshape(
+          t,
+          tf.concat([tf.ones([rank - t.shape.rank], tf.int32), tf.shape(t)], 0),
+        )
+      inputs.append(tf.transpose(t, inverse))
+      jacs.append(None if j is None else j.jacobian)
+      continue
+    if (
+      not isinstance(j, jacobians.Jacobian)
+      or _key(t) in groups
+      or rank - t.shape.rank != inverse[0]
+    ):
+      return None  # Its batch axis meets another axis of the moved ones.
+    fn = _batch_first_twin(rank - t.shape.rank, inverse)
+    inputs.append(fn(t))
+    jacs.append(jacobians.apply_per_sample(j, fn))
   outputs = registry.copied_outputs(op, inputs)
   twin = _MovedTwin(perm, inverse, dict(zip(map(_key, outputs), op.outputs)))
   for t, copy, j in zip(op.inputs, inputs, ins):
-    if j is not None:
+    if isinstance(j, registry.Moved):
       twin.originals[_key(copy)] = t
-  jacs = [None if j is None else j.jacobian for j in ins]
   return outputs[0].op, jacs, twin
+
+
+# Reductions over axes given by their second input, and squeezes: their
+# rules follow a `registry.Moved` tensor reduced over axes other than its
+# batch axis (a sum or mean over the time axis of time-major states)
+# through an `_unmoved_reduction`.
+_REDUCTIONS = frozenset("EuclideanNorm Max Mean Min Prod Squeeze Sum".split())
+
+
+def _unmoved_reduction(op, ins):
+  """`(twin, jacobians, _MovedTwin)` for the reduction or squeeze `op` of
+  a tensor `registry.Moved` over axes other than its batch axis, or `None`.
+
+  The twin reduces the tensor transposed back (the batch axis first) over
+  the same axes; the model's output is the twin's output transposed by
+  what is left of the permutation, batch first again where the axes
+  before the batch axis are reduced away (`tf.reduce_sum(x_tm, 0)`).
+  """
+  j = ins[0]
+  if not isinstance(j, registry.Moved) or any(i is not None for i in ins[1:]):
+    return None
+  if op.type == "Squeeze":
+    axes = op.get_attr("squeeze_dims") or None
+  else:
+    axes = tf.get_static_value(op.inputs[1])
+  if axes is None:
+    return None
+  perm, rank = j.perm, len(j.perm)
+  axes = sorted({int(a) % rank for a in np.reshape(axes, [-1])})
+  if perm.index(0) in axes:
+    return None  # Over the batch axis: it mixes samples.
+  inverse = [int(p) for p in np.argsort(perm)]
+  twin_axes = [perm[a] for a in axes]
+  copy = tf.transpose(op.inputs[0], inverse)
+  if op.type == "Squeeze":
+    outputs, keep = [tf.squeeze(copy, twin_axes)], False
+  else:
+    twin_axes = tf.constant(twin_axes, op.inputs[1].dtype)
+    outputs = registry.copied_outputs(op, [copy, twin_axes])
+    keep = op.get_attr("keep_dims")
+  left = perm
+  if not keep:
+    kept = [perm[a] for a in range(rank) if a not in axes]
+    left = [sorted(kept).index(a) for a in kept]
+  twin = _MovedTwin(
+    left,
+    [int(p) for p in np.argsort(left)],
+    dict(zip(map(_key, outputs), op.outputs)),
+  )
+  return outputs[0].op, [j.jacobian] + [None] * (len(ins) - 1), twin
+
+
+def _batch_first_twin(lead, inverse):
+  """The per-sample map that gives a tensor `(B, *e)` the axes of a twin
+  transposed by `inverse`, where broadcasting gives it `lead` leading axes
+  of 1 and puts its batch axis at `lead`."""
+  # Axis `a` of the broadcast tensor `(1,) * lead + (B, *e)` is this axis
+  # of `(B,) + (1,) * lead + e`.
+  axis = [a + 1 if a < lead else (0 if a == lead else a) for a in inverse]
+
+  def fn(v):
+    shape = tf.shape(v)
+    v = tf.reshape(
+      v, tf.concat([shape[:1], tf.ones([lead], tf.int32), shape[1:]], 0)
+    )
+    return tf.transpose(v, axis)
+
+  return fn
 
 
 class _MovedTwin:
@@ -593,7 +675,13 @@ class _MovedTwin:
     """The Jacobian of a twin's output as that of the model's."""
     if jacobian is registry.MIXED:
       return jacobian
-    return registry.Moved(jacobian, self.perm)
+    if self.perm[0] != 0:
+      return registry.Moved(jacobian, self.perm)
+    if self.perm == sorted(self.perm):
+      return jacobian
+    return jacobians.apply_per_sample(
+      jacobian, lambda m: tf.transpose(m, self.perm)
+    )
 
   def dense_matmul(self):
     self._ctx.dense_matmul()
@@ -773,13 +861,15 @@ def second_derivatives(ys, x, mode):
     moved = any(isinstance(j, registry.Moved) for j in ins)
     twin = None
     if moved and op.type not in registry.MOVES:
-      twin = _unmoved_twin(op, ins)
+      twin = _unmoved_twin(op, ins, groups)
       if twin is None:
         ins = [
           registry.MIXED if isinstance(j, registry.Moved) else j for j in ins
         ]
     if twin is not None:
       twin_op, ins, moved_ctx = twin
+      if not rule.diagonal:
+        ins = [_materialize(j, work) for j in ins]
       outs = rule.fn(twin_op, ins, moved_ctx(ctx))
       _push(twin_op, ins, outs, work)
       outs = [None if j is None else moved_ctx.moved(j) for j in outs]

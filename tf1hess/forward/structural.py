@@ -243,7 +243,7 @@ def _expand_dims(op, j, ctx):
   axis = int(registry.static_value(op.inputs[1], "axis", op))
   rank = registry.static_rank(op.outputs[0], op)
   if axis % rank == 0:
-    return [MIXED]
+    return [_before_the_batch(op, j, 1)]
   if j.diagonal and axis % rank != rank - 1:
     # `d` has the axes of the tensor; the feature axis stays last.
     out = j.with_value(tf.expand_dims(j.value, axis % rank))
@@ -382,6 +382,28 @@ def _axis_zero_is_whole(op):
   )
 
 
+def _only_new_axes(op):
+  """`(real specs, their number)` of a `StridedSlice` whose specs other
+  than new axes are an ellipsis or whole slices with stride 1, or `None`.
+  """
+  strides = registry.static_value(op.inputs[3], "strides", op)
+  new_axis = op.get_attr("new_axis_mask")
+  ellipsis = op.get_attr("ellipsis_mask")
+  whole = op.get_attr("begin_mask") & op.get_attr("end_mask")
+  if op.get_attr("shrink_axis_mask"):
+    return None
+  real = 0
+  for i, stride in enumerate(strides):
+    if (ellipsis | new_axis) >> i & 1:
+      continue
+    if not whole >> i & 1 or int(stride) != 1:
+      return None
+    real += 1
+  if real > registry.static_rank(op.inputs[0], op):
+    return None
+  return real, len(strides)
+
+
 def _inserts_axes_only(op):
   """Whether a `StridedSlice` only inserts new axes, none of them last.
 
@@ -389,22 +411,50 @@ def _inserts_axes_only(op):
   axes, so the slice maps a diagonal `d` of the tensor's axes as it maps
   the tensor.
   """
-  strides = registry.static_value(op.inputs[3], "strides", op)
+  specs = _only_new_axes(op)
+  if specs is None:
+    return False
+  real, count = specs
+  rank = registry.static_rank(op.inputs[0], op)
+  last_is_new = op.get_attr("new_axis_mask") >> (count - 1) & 1
+  ellipsis = op.get_attr("ellipsis_mask")
+  return not (last_is_new and (ellipsis or real == rank))
+
+
+def _leading_new_axes(op):
+  """How many axes of 1 a `StridedSlice` that only inserts axes puts
+  before the batch axis (`h[None]`: 1), or `None`."""
+  if _only_new_axes(op) is None:
+    return None
   new_axis = op.get_attr("new_axis_mask")
   ellipsis = op.get_attr("ellipsis_mask")
-  whole = op.get_attr("begin_mask") & op.get_attr("end_mask")
-  if op.get_attr("shrink_axis_mask"):
-    return False
-  real = 0
-  for i, stride in enumerate(strides):
-    if (ellipsis | new_axis) >> i & 1:
-      continue
-    if not whole >> i & 1 or int(stride) != 1:
-      return False
-    real += 1
-  rank = registry.static_rank(op.inputs[0], op)
-  last_is_new = new_axis >> (len(strides) - 1) & 1
-  return real <= rank and not (last_is_new and (ellipsis or real == rank))
+  leading = 0
+  while new_axis >> leading & 1 and not ellipsis >> leading & 1:
+    leading += 1
+  return leading or None
+
+
+def _before_the_batch(op, j, leading):
+  """The `registry.Moved` Jacobian of the output of `op`, its input with
+  `leading` axes of 1 inserted before the batch axis and others after it
+  (`tf.expand_dims(h, 0)`, `h[None, :, None]`): the transpose of the
+  batch-first tensor with the same entries that brings the batch axis to
+  `leading`, as broadcasting against time-major tensors reads it."""
+  out = op.outputs[0]
+  rank = registry.static_rank(out, op)
+  shape = tf.shape(out)
+
+  def batch_first(m):
+    return tf.reshape(
+      m,
+      tf.concat(
+        [tf.shape(m)[:1], tf.ones([leading], tf.int32), shape[leading + 1 :]],
+        0,
+      ),
+    )
+
+  perm = list(range(1, leading + 1)) + [0] + list(range(leading + 1, rank))
+  return registry.Moved(jacobians.apply_per_sample(j, batch_first), perm)
 
 
 def _moved_slice(op, j):
@@ -466,7 +516,8 @@ def _strided_slice(op, j, ctx):
   if isinstance(j, registry.Moved):
     return [_moved_slice(op, j)]
   if not _axis_zero_is_whole(op):
-    return [MIXED]
+    leading = _leading_new_axes(op)
+    return [MIXED if leading is None else _before_the_batch(op, j, leading)]
   attrs = {
     name: op.get_attr(name)
     for name in (
