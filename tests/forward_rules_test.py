@@ -1410,6 +1410,22 @@ def _reduced_time_major(x):
   return tf.stack([pooled * per_step, peak[:, 1:]], 2)  # (N, 3, 2)
 
 
+def _attention_over_time_major(x):
+  """Time-major states by weights (`states_tm @ W`), scored against a
+  batch-first query with a softmax over time, sliced with an ellipsis and
+  new axes, and pooled."""
+  moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])  # (3, N, 4)
+  states = tf.tanh(moved @ _filter(_W[:4, :3], x))  # (3, N, 3)
+  query = tf.sin(x[:, 1:4])  # (N, 3)
+  score = tf.nn.softmax(tf.reduce_sum(states * query, -1), axis=0)  # (3, N)
+  gate = tf.sigmoid(states[..., :1]) * score[..., None]  # (3, N, 1)
+  pooled = tf.reduce_sum(states * gate, 0)  # (N, 3)
+  return (
+    tf.transpose(tf.square(states[None, 1:, :, ::2]), [2, 1, 0, 3])[:, :, 0]
+    * pooled[:, None, :2]
+  )
+
+
 class MovedBatchAxisTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
@@ -1428,6 +1444,7 @@ class MovedBatchAxisTest(
         _gathered_time_major,
         _batch_first_against_time_major,
         _reduced_time_major,
+        _attention_over_time_major,
       ]
     )
   )
@@ -1509,7 +1526,7 @@ class MovedBatchAxisTest(
   @parameterized.named_parameters(
     ("one_sample", lambda moved: moved[:, 0]),
     ("samples_reversed", lambda moved: moved[:, ::-1]),
-    ("new_axis", lambda moved: moved[None, 1]),
+    ("new_axis", lambda moved: moved[None, :, 1:]),
     ("gathered_samples", lambda moved: tf.gather(moved, [1, 0], axis=1)),
   )
   def test_slice_along_a_moved_batch_axis_mixes_samples(self, sliced):

@@ -543,6 +543,8 @@ def _unmoved_twin(op, ins, groups):
   """
   if op.type in _REDUCTIONS:
     return _unmoved_reduction(op, ins)
+  if op.type in _BATCH_MATMULS:
+    return _unmoved_matmul(op, ins)
   if op.type not in _BROADCASTING:
     return None
   moved = [j for j in ins if isinstance(j, registry.Moved)]
@@ -629,6 +631,30 @@ def _unmoved_reduction(op, ins):
     dict(zip(map(_key, outputs), op.outputs)),
   )
   return outputs[0].op, [j.jacobian] + [None] * (len(ins) - 1), twin
+
+
+_BATCH_MATMULS = frozenset(["BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"])
+
+
+def _unmoved_matmul(op, ins):
+  """`(twin, jacobians, _MovedTwin)` for a matmul of a `registry.Moved`
+  tensor by a matrix that does not depend on `x` (`states_tm @ W`), or
+  `None`: where the moved tensor's last axis, the one contracted, is its
+  own, the twin multiplies the tensor transposed back by the matrix."""
+  j = ins[0]
+  if (
+    not isinstance(j, registry.Moved)
+    or ins[1] is not None
+    or op.get_attr("adj_x")
+    or op.inputs[1].shape.rank != 2
+    or j.perm[-1] != len(j.perm) - 1
+  ):
+    return None
+  inverse = [int(p) for p in np.argsort(j.perm)]
+  copy = tf.transpose(op.inputs[0], inverse)
+  outputs = registry.copied_outputs(op, [copy, op.inputs[1]])
+  twin = _MovedTwin(j.perm, inverse, dict(zip(map(_key, outputs), op.outputs)))
+  return outputs[0].op, [j.jacobian, None], twin
 
 
 def _batch_first_twin(lead, inverse):

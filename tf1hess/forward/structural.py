@@ -462,52 +462,89 @@ def _moved_slice(op, j):
 
   Time-major code reads its steps as `x_tm[t]`: a slice whose specs skip
   the batch axis (or take it whole) is the same slice of `b` along the
-  axes `perm` sends them to. Slices with an ellipsis or new axes are taken
-  as mixing samples.
+  axes `perm` sends them to. An ellipsis stands for whole slices of the
+  axes it covers; new axes (`x_tm[..., None]`) are axes of 1 put last on
+  the slice of `b` and moved to their place by the transpose.
   """
   b_jac, perm = _unmoved(j)
   rank = len(perm)
+  specs = _specs_per_axis(op, rank)
+  if specs is None:
+    return MIXED
+  batch = perm.index(0)
+  # The specs of the same slice of b, axis perm[i] taking that of axis i.
+  b_begin, b_end, b_strides = [0] * rank, [0] * rank, [1] * rank
+  b_masks = {"begin_mask": 0, "end_mask": 0, "shrink_axis_mask": 0}
+  shrunk, out_axes, i = set(), [], 0
+  for spec in specs:
+    if spec is None:
+      out_axes.append(None)
+      continue
+    begin, end, stride, begin_all, end_all, shrink = spec
+    if i == batch and not (begin_all and end_all and stride == 1):
+      return MIXED
+    a = perm[i]
+    b_begin[a], b_end[a], b_strides[a] = begin, end, stride
+    for name, bit in zip(b_masks, (begin_all, end_all, shrink)):
+      b_masks[name] |= bit << a
+    if shrink:
+      shrunk.add(a)
+    else:
+      out_axes.append(i)
+    i += 1
+  kept = [a for a in range(rank) if a not in shrunk]
+  new = out_axes.count(None)
+  # The axes of the result: those of the slice of b, then its new axes, in
+  # the order of the axes of the model's slice.
+  out_perm, seen = [], 0
+  for axis in out_axes:
+    if axis is None:
+      out_perm.append(len(kept) + seen)
+      seen += 1
+    else:
+      out_perm.append(kept.index(perm[axis]))
+
+  def slice_b(m):
+    m = tf.strided_slice(m, b_begin, b_end, b_strides, **b_masks)
+    if new:
+      m = tf.reshape(m, tf.concat([tf.shape(m), tf.ones([new], tf.int32)], 0))
+    return m
+
+  return _transposed(b_jac, out_perm, slice_b)
+
+
+def _specs_per_axis(op, rank):
+  """The specs of a `StridedSlice` of a tensor of `rank` axes, one per
+  output or input axis in order: `None` for a new axis, else `(begin, end,
+  stride, begin_mask bit, end_mask bit, shrink bit)`, an ellipsis and the
+  axes after the last spec made whole slices; `None` where they do not fit.
+  """
   begin, end, strides = (
     [int(v) for v in registry.static_value(t, name, op)]
     for t, name in zip(op.inputs[1:], ("begin", "end", "strides"))
   )
-  masks = {
-    name: op.get_attr(name)
-    for name in ("begin_mask", "end_mask", "shrink_axis_mask")
-  }
-  if op.get_attr("ellipsis_mask") or op.get_attr("new_axis_mask"):
-    return MIXED
-  specs = len(begin)
-  batch = perm.index(0)
-  whole = masks["begin_mask"] & masks["end_mask"]
-  if batch < specs and (
-    not whole >> batch & 1
-    or strides[batch] != 1
-    or masks["shrink_axis_mask"] >> batch & 1
-  ):
-    return MIXED
-  # The specs of the same slice of b, axis perm[i] taking spec i.
-  b_begin, b_end, b_strides = [0] * rank, [0] * rank, [1] * rank
-  b_masks = {name: 0 for name in masks}
-  for i in range(rank):
-    a = perm[i]
-    if i >= specs:
-      b_masks["begin_mask"] |= 1 << a
-      b_masks["end_mask"] |= 1 << a
-      continue
-    b_begin[a], b_end[a], b_strides[a] = begin[i], end[i], strides[i]
-    for name, mask in masks.items():
-      b_masks[name] |= (mask >> i & 1) << a
-  shrunk = {perm[i] for i in range(specs) if masks["shrink_axis_mask"] >> i & 1}
-  kept = [a for a in range(rank) if a not in shrunk]
-  # The axes of the result: those of the slice of b, in the order of the
-  # kept axes of `transpose(b, perm)`.
-  out_perm = [kept.index(perm[i]) for i in range(rank) if perm[i] in kept]
-
-  def slice_b(m):
-    return tf.strided_slice(m, b_begin, b_end, b_strides, **b_masks)
-
-  return _transposed(b_jac, out_perm, slice_b)
+  ellipsis, new_axis = (
+    op.get_attr("ellipsis_mask"),
+    op.get_attr("new_axis_mask"),
+  )
+  masks = [
+    op.get_attr(name) for name in ("begin_mask", "end_mask", "shrink_axis_mask")
+  ]
+  whole = (0, 0, 1, 1, 1, 0)
+  real = sum(1 for i in range(len(begin)) if not (ellipsis | new_axis) >> i & 1)
+  if real > rank:
+    return None
+  specs = []
+  for i in range(len(begin)):
+    if ellipsis >> i & 1:
+      specs += [whole] * (rank - real)
+      real = rank
+    elif new_axis >> i & 1:
+      specs.append(None)
+    else:
+      bits = tuple(mask >> i & 1 for mask in masks)
+      specs.append((begin[i], end[i], strides[i], *bits))
+  return specs + [whole] * (rank - real)
 
 
 @registry.register("StridedSlice", linear=True, diagonal=True)
