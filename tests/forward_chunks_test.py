@@ -19,6 +19,7 @@ from tf1hess.forward import chunks
 from tf1hess.forward import dispatch
 from tf1hess.forward import engine
 from tf1hess.forward import jacobians
+from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
 
 _K = 4
 _RNG = np.random.default_rng(11)
@@ -183,6 +184,56 @@ class ChunksTest(
     graph = self._run(model, cf, method)
     if method == "forward":
       self.assertTrue(_chunked(graph))
+
+  @parameterized.product(model=["tanh_mlp", "layers_dense"], cf=[1, 2])
+  def test_products_of_weights_are_built_outside_the_loop(self, model, cf):
+    # x's Jacobian, the first layer's weights, their products for the
+    # second layer (`_folded_matmul`) and for the first layer's curvature:
+    # computed once per run, before the chunks' loop.
+    hoisted = []
+    built = jacobians.Hoisting.built
+
+    def record(hoisting, value):
+      hoisted.append(value)
+      return built(hoisting, value)
+
+    with mock.patch.object(jacobians.Hoisting, "built", record):
+      graph = self._run(model, cf, "forward")
+    self.assertTrue(_chunked(graph))
+    self.assertGreaterEqual(len(hoisted), 4)
+    for t in hoisted:
+      self.assertIs(t.graph, graph)
+      self.assertFalse(control_flow_util.IsInWhileLoop(t.op), t.name)
+
+  @parameterized.parameters(1, 2)
+  def test_derivatives_with_respect_to_weights(self, cf):
+    # A loss on the Hessians and Laplacians, differentiated for training:
+    # through the chunks' loop and the products of weights outside it as
+    # through the rows.
+    self.control_flow(cf)
+    with tf.Graph().as_default() as graph:
+      weights = [_weights(_K, 6), _weights(6, 5), _weights(5, 1)]
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      h = x
+      for w in weights[:2]:
+        h = tf.tanh(tf.matmul(h, w) + 0.1)
+      y = tf.matmul(h, weights[2])
+      losses = []
+      for method in ("forward", "while_loop"):
+        hess = tf1hess.batch_hessians(y, x, method=method)
+        lap = tf1hess.batch_laplacians(y, x, method=method)
+        if method == "while_loop":
+          lap = tf.linalg.trace(hess)
+        losses.append(
+          tf.reduce_sum(tf.square(hess)) + tf.reduce_sum(tf.sin(lap))
+        )
+      grads = [tf.gradients(loss, weights) for loss in losses]
+      self.assertTrue(_chunked(graph))
+      with tf.compat.v1.Session() as sess:
+        for n in (11, 4):
+          got, want = sess.run(grads, {x: _RNG.normal(size=(n, _K))})
+          for g, w in zip(got, want):
+            self.assertAllClose(g, w, atol=1e-10)
 
   @parameterized.parameters(1, 2)
   def test_a_tensor_added_to_itself(self, cf):

@@ -25,6 +25,7 @@ import testing_utils
 import tf1hess
 from tf1hess.forward import dispatch
 from tf1hess.forward import registry
+from tf1hess.forward import structural
 
 _K = 12
 _RNG = np.random.default_rng(7)
@@ -570,6 +571,25 @@ _RULES = {
       + tf.reduce_logsumexp(tf.reshape(x, [-1, 3]), 1, keepdims=True),
       [-1, _K],
     ),
+  ),
+  # A matmul by weights of a function of a dense layer (folded into one
+  # matmul of the function's derivative), with the weights transposed, and
+  # of a function of x itself (a diagonal Jacobian: not folded).
+  "MatMul_of_tanh_of_dense": (
+    "MatMul",
+    lambda x: tf.matmul(tf.tanh(_lin(x)), _filter(_W[:, :5], x)),
+  ),
+  "MatMul_transposed_of_sigmoid_of_dense": (
+    "MatMul",
+    lambda x: tf.square(
+      tf.matmul(
+        tf.sigmoid(_lin(x)[:, :7]), _filter(_W[:5, :7], x), transpose_b=True
+      )
+    ),
+  ),
+  "MatMul_of_tanh_of_x": (
+    "MatMul",
+    lambda x: tf.matmul(tf.tanh(x), _filter(_W, x)),
   ),
   "Prod": (
     "Prod",
@@ -1218,6 +1238,46 @@ class FoldTest(tf.test.TestCase):
       self.assertIsNone(registry.fold(tf.reduce_sum(u)))
       with self.assertRaisesRegex(registry.Unsupported, "known only at run"):
         registry.static_value(tf.shape(u)[0] + 1, "size", u.op)
+
+
+class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
+  """A matmul by weights of a function of a dense layer, as one matmul."""
+
+  def _hessians(self, dtype, folds):
+    x_val = np.random.default_rng(3).normal(size=(5, _K))
+    results = []
+
+    def fold(*args):
+      results.append(original(*args))
+      return results[-1]
+
+    original = structural._folded_matmul
+    folded = mock.patch.object(structural, "_folded_matmul", fold)
+    with tf.Graph().as_default(), folded:
+      x = tf.compat.v1.placeholder(dtype, [None, _K])
+      y = tf.reduce_sum(
+        tf.tanh(tf.matmul(tf.tanh(_lin(x)), _filter(_W[:, :4], x))), 1
+      )
+      outs = [
+        tf1hess.batch_hessians(y, x, method="forward"),
+        tf1hess.batch_laplacians(y, x, method="forward"),
+        tf1hess.batch_hessians(y, x, method="while_loop"),
+      ]
+      self.assertEqual(any(r is not None for r in results), folds)
+      with tf.compat.v1.Session() as sess:
+        return sess.run(outs, {x: x_val.astype(dtype.as_numpy_dtype)})
+
+  @parameterized.parameters(tf.float32, tf.float64)
+  def test_folds_and_agrees_with_the_rows(self, dtype):
+    h, lap, rows = self._hessians(dtype, folds=True)
+    tol = 1e-5 if dtype == tf.float32 else 1e-12
+    self.assertAllClose(h, rows, atol=tol, rtol=tol)
+    self.assertAllClose(lap, np.einsum("nii->n", rows), atol=tol, rtol=tol)
+
+  def test_weights_too_large_to_fold(self):
+    with mock.patch.object(structural, "_MAX_FOLDED_ENTRIES", _K * _K * 4 - 1):
+      h, _, rows = self._hessians(tf.float64, folds=False)
+    self.assertAllClose(h, rows, atol=1e-12, rtol=1e-12)
 
 
 class ForwardRuleModelsTest(

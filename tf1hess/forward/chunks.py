@@ -95,12 +95,14 @@ class Chunks:
     n = tf.shape(x)[0]
     count = (n + self.size - 1) // self.size
     walks = []
+    hoisting = jacobians.Hoisting()
 
     def body(i, values):
       start = i * self.size
       x_chunk = tf.identity(x[start : start + self.size])
       ys_chunk = self.copy(x_chunk)
-      walked = engine.second_derivatives(ys_chunk, x_chunk, mode)
+      with hoisting:
+        walked = engine.second_derivatives(ys_chunk, x_chunk, mode)
       walks.append(walked)
       return i + 1, values.write(i, walked.value)
 

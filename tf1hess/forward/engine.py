@@ -788,7 +788,9 @@ def _identity_jacobian(x, k):
   `(K, d...)`.
   """
   if x.shape.rank == 2 and tf.compat.dimension_value(x.shape[1]) is not None:
-    return jacobians.diagonal(tf.ones([1, x.shape[1]], x.dtype))
+    return jacobians.diagonal(
+      jacobians.invariant(lambda: tf.ones([1, x.shape[1]], x.dtype))
+    )
   eye = tf.eye(k, dtype=x.dtype)
   return jacobians.shared(
     tf.reshape(eye, jacobians.concat([k], jacobians.dims(x, 1)))

@@ -26,6 +26,7 @@ each contraction one matmul with the weights instead of a batched one.
 """
 
 import collections
+import contextlib
 
 import numpy as np
 import tensorflow as tf
@@ -34,6 +35,87 @@ HESSIAN = "hessian"
 DIAGONAL = "diagonal"
 LAPLACIAN = "laplacian"
 MODES = (HESSIAN, DIAGONAL, LAPLACIAN)
+
+
+class Hoisting:
+  """Builds what does not depend on the samples outside a loop over chunks.
+
+  Made where the loop is built (the graph and control flow context of its
+  enclosing code); within `with hoisting:`, `invariant` builds a value of
+  tensors from outside the loop (the model's weights) outside it as well:
+  a shared Jacobian and the products of weights made from it (a matmul of
+  x by weights, `_folded_matmul`'s and `contract`'s products of factors)
+  are then computed once per run, not once per chunk.
+  """
+
+  _active = []
+
+  def __init__(self):
+    self._graph = tf.compat.v1.get_default_graph()
+    # pylint: disable=protected-access
+    self._context = self._graph._get_control_flow_context()
+    self._outside = set(self._graph.get_operations())
+
+  def __enter__(self):
+    Hoisting._active.append(self)
+    return self
+
+  def __exit__(self, *unused_exc):
+    Hoisting._active.pop()
+
+  def outside(self, t):
+    """`t` as a tensor from outside the loop, or `None` where it is not one.
+
+    A tensor that a loop body captured is the one it captured: under
+    control flow v2 (a function), a placeholder of the body's graph; under
+    v1, the loop's `Enter` of a constant.
+    """
+    if not isinstance(t, tf.Tensor):
+      return t  # A Python number.
+    if not hasattr(t, "op"):
+      return None
+    if t.graph is self._graph:
+      if t.op in self._outside:
+        return t
+      if t.op.type in ("Enter", "RefEnter") and t.op.get_attr("is_constant"):
+        return self.outside(t.op.inputs[0])
+      return None
+    for external, internal in getattr(t.graph, "captures", ()):
+      if internal is t:
+        return self.outside(external)
+    return None
+
+  @contextlib.contextmanager
+  def building(self):
+    """Ops built within are outside the loop."""
+    graph = self._graph
+    # pylint: disable=protected-access
+    context = graph._get_control_flow_context()
+    with graph.as_default(), graph.control_dependencies(None):
+      graph._set_control_flow_context(self._context)
+      try:
+        yield
+      finally:
+        graph._set_control_flow_context(context)
+
+  def built(self, value):
+    """Marks the tensors of `value` as outside the loop."""
+    for t in tf.nest.flatten(value):
+      self._outside.add(t.op)
+    return value
+
+
+def invariant(fn, *tensors):
+  """`fn(*tensors)`, built outside the loop over chunks (`Hoisting`) where
+  there is one and `tensors`, all that `fn` reads, are from outside it."""
+  hoisting = Hoisting._active[-1] if Hoisting._active else None  # pylint: disable=protected-access
+  if hoisting is None:
+    return fn(*tensors)
+  outside = [hoisting.outside(t) for t in tensors]
+  if any(t is None for t in outside):
+    return fn(*tensors)
+  with hoisting.building():
+    return hoisting.built(fn(*outside))
 
 
 def in_dtype(value, dtype):
@@ -144,14 +226,16 @@ def materialize(jac):
   """A diagonal `jac` as a shared (a batch of 1) or dense Jacobian."""
   if not jac.diagonal:
     return jac
-  d = jac.value
-  k = dims(d, -1)[0]
-  ones = [1] * (d.shape.rank - 2)
-  eye = tf.reshape(tf.eye(k, dtype=d.dtype), [k, *ones, k])
-  value = tf.expand_dims(d, 1) * eye  # (B, K, *e)
-  if tf.compat.dimension_value(d.shape[0]) == 1:
-    return shared(value[0])
-  return dense(value)
+
+  def build(d):
+    k = dims(d, -1)[0]
+    ones = [1] * (d.shape.rank - 2)
+    eye = tf.reshape(tf.eye(k, dtype=d.dtype), [k, *ones, k])
+    return tf.expand_dims(d, 1) * eye  # (B, K, *e)
+
+  if tf.compat.dimension_value(jac.value.shape[0]) == 1:
+    return shared(invariant(lambda d: build(d)[0], jac.value))
+  return dense(build(jac.value))
 
 
 def apply_per_sample(jac, fn):
@@ -792,9 +876,13 @@ def contract(term, mode, n, k, half=False, batch=None):
   if mode == HESSIAN:
     if outer_of_shared(Term(c, a, b), mode, batch):
       # (N, M) @ (M, K K): one matmul by the products of the factors.
-      prods = tf.reshape(
-        tf.expand_dims(fa, 1) * tf.expand_dims(fb, 0), tf.stack([k * k, m])
-      )
+      def products(ua, ub, k, m):
+        ua, ub = (tf.reshape(u, tf.stack([k, 1, m])) for u in (ua, ub))
+        return tf.reshape(
+          ua * tf.transpose(ub, [1, 0, 2]), tf.stack([k * k, m])
+        )
+
+      prods = invariant(products, a.value, b.value, k, m)
       out = tf.reshape(
         tf.matmul(c, prods, transpose_b=True), tf.stack([n, k, k])
       )

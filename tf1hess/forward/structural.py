@@ -976,11 +976,64 @@ def _matmul(op, jacs, ctx):
   tb = op.get_attr("transpose_b")
   if not (ja.shared or ja.diagonal):
     ctx.dense_matmul()
+  ja = jacobians.materialize(ja)
+  if ja.shared:
+    # Weights by weights: the same for every chunk of the batch.
+    return [
+      jacobians.shared(
+        jacobians.invariant(
+          lambda u, w: tf.matmul(u, tf.cast(w, u.dtype), transpose_b=tb),
+          ja.value,
+          w,
+        )
+      )
+    ]
+  folded = _folded_matmul(ja, w, tb)
+  if folded is not None:
+    return [folded]
   return [
     jacobians.apply_per_sample(
       ja, lambda m: tf.matmul(m, tf.cast(w, m.dtype), transpose_b=tb)
     )
   ]
+
+
+# The most entries of the matrix `u * W` that `_folded_matmul` writes (16
+# MiB in float32): it is `K` times the size of the weights.
+_MAX_FOLDED_ENTRIES = 1 << 22
+
+
+def _folded_matmul(jac, w, transpose_b):
+  """`J @ W` for `J = s * u` (`jac.scaled`), `u` `(K, H)` shared by all
+  samples and `s` `(N, H)`: as `s @ M`, `M[h, (k, m)] = u[k, h] W[h, m]`.
+
+  The Jacobian of an elementwise function of a matmul of x by weights (the
+  first hidden layer of an MLP) is such a product: `J` `(N, K, H)` is then
+  never written, and `M`, the size of `K` weight matrices, does not depend
+  on the samples. The same multiplications as `J @ W`. `None` where `jac`
+  is not such a product, or `M` would be larger than
+  `_MAX_FOLDED_ENTRIES`.
+  """
+  if jac.scaled is None or jac.shared or jac.diagonal:
+    return None
+  u, s = jac.scaled
+  if not u.shared or u.diagonal or u.value.shape.rank != 2:
+    return None
+  if s.shape.rank != 2 or w.shape.rank != 2:
+    return None
+  k, h = u.value.shape.as_list()
+  rows, m = w.shape.as_list()[:: -1 if transpose_b else 1]
+  if None in (k, h, m) or s.shape.as_list()[1] != h or rows != h:
+    return None
+  if k * h * m > _MAX_FOLDED_ENTRIES:
+    return None
+
+  def products(u, w):
+    w = tf.cast(tf.transpose(w) if transpose_b else w, u.dtype)
+    return tf.reshape(tf.transpose(u)[:, :, None] * w[:, None, :], [h, k * m])
+
+  out = tf.matmul(s, jacobians.invariant(products, u.value, w))
+  return jacobians.dense(tf.reshape(out, tf.stack([tf.shape(s)[0], k, m])))
 
 
 def _has_batch(t, out_rank):
