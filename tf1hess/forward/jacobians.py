@@ -877,10 +877,9 @@ def contract(term, mode, n, k, half=False, batch=None):
     if outer_of_shared(Term(c, a, b), mode, batch):
       # (N, M) @ (M, K K): one matmul by the products of the factors.
       def products(ua, ub, k, m):
-        ua, ub = (tf.reshape(u, tf.stack([k, 1, m])) for u in (ua, ub))
-        return tf.reshape(
-          ua * tf.transpose(ub, [1, 0, 2]), tf.stack([k * k, m])
-        )
+        ua = tf.reshape(ua, tf.stack([k, 1, m]))
+        ub = tf.reshape(ub, tf.stack([1, k, m]))
+        return tf.reshape(ua * ub, tf.stack([k * k, m]))
 
       prods = invariant(products, a.value, b.value, k, m)
       out = tf.reshape(
