@@ -1207,7 +1207,16 @@ def _where_reverse_prod(x):
   return tf.reduce_sum(huber, 1) + tf.reduce_sum(piece, 1) + prod[:, 1]
 
 
+def _chained_activations(x):
+  """Chains and sums of elementwise functions of one dense layer: one
+  scale of its Jacobian, folded into the next matmul."""
+  z = _lin(x)
+  h = 0.5 * tf.sin(tf.tanh(z)) - z * tf.sigmoid(z) + z
+  return tf.reduce_sum(tf.tanh(tf.matmul(h, _filter(_W[:, :4], x))), 1)
+
+
 _MODELS = {
+  "chained_activations": _chained_activations,
   "conv_tanh_maxpool_dense": lambda x: _conv_net(_image(x, (4, 3, 1))),
   "conv1d_gelu_avgpool": _conv1d_net,
   "depthwise_elu_avgpool": _depthwise_net,
@@ -1243,7 +1252,7 @@ class FoldTest(tf.test.TestCase):
 class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
   """A matmul by weights of a function of a dense layer, as one matmul."""
 
-  def _hessians(self, dtype, folds):
+  def _hessians(self, dtype, folds, activation=tf.tanh):
     x_val = np.random.default_rng(3).normal(size=(5, _K))
     results = []
 
@@ -1256,7 +1265,7 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
     with tf.Graph().as_default(), folded:
       x = tf.compat.v1.placeholder(dtype, [None, _K])
       y = tf.reduce_sum(
-        tf.tanh(tf.matmul(tf.tanh(_lin(x)), _filter(_W[:, :4], x))), 1
+        tf.tanh(tf.matmul(activation(_lin(x)), _filter(_W[:, :4], x))), 1
       )
       outs = [
         tf1hess.batch_hessians(y, x, method="forward"),
@@ -1273,6 +1282,22 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
     tol = 1e-5 if dtype == tf.float32 else 1e-12
     self.assertAllClose(h, rows, atol=tol, rtol=tol)
     self.assertAllClose(lap, np.einsum("nii->n", rows), atol=tol, rtol=tol)
+
+  @parameterized.named_parameters(
+    ("function_of_a_function", lambda z: tf.sin(tf.tanh(z))),
+    ("scaled_and_shifted", lambda z: 0.5 * tf.tanh(z) + 1.0),
+    ("negated", lambda z: -tf.nn.softplus(z)),
+    ("product_rule", lambda z: z * tf.sigmoid(z)),
+    ("mish", lambda z: z * tf.tanh(tf.nn.softplus(z))),
+    ("gelu", tf.nn.gelu),
+    ("difference", lambda z: tf.tanh(z) - z),
+  )
+  def test_folds_chains_and_sums_of_functions(self, activation):
+    for dtype in (tf.float32, tf.float64):
+      h, lap, rows = self._hessians(dtype, folds=True, activation=activation)
+      tol = 1e-5 if dtype == tf.float32 else 1e-12
+      self.assertAllClose(h, rows, atol=tol, rtol=tol)
+      self.assertAllClose(lap, np.einsum("nii->n", rows), atol=tol, rtol=tol)
 
   def test_weights_too_large_to_fold(self):
     with mock.patch.object(structural, "_MAX_FOLDED_ENTRIES", _K * _K * 4 - 1):

@@ -1128,7 +1128,7 @@ class PulledBackTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.product(
     base=["dense", "shared", "diagonal"],
-    layout=["same", "pair", "one_scaled"],
+    layout=["same", "pair", "one_scaled", "summed"],
     symmetric=[False, True],
   )
   def test_terms_keep_their_contractions(self, base, layout, symmetric):
@@ -1152,6 +1152,11 @@ class PulledBackTest(tf.test.TestCase, parameterized.TestCase):
         "same": a,
         "pair": jacobians.scale(w, s()),
         "one_scaled": w,
+        # The product rule's two terms of `w * f(w)`, and `w` itself.
+        "summed": jacobians.add(
+          jacobians.add(jacobians.scale(w, s()), w),
+          jacobians.negate(jacobians.scale(jacobians.scale(w, s()), s())),
+        ),
       }[layout]
       term = jacobians.Term(
         tf.constant(_RNG.normal(size=[n] + e)), a, b, symmetric
@@ -1208,6 +1213,60 @@ class PulledBackTest(tf.test.TestCase, parameterized.TestCase):
         tf.ones([2, 4]), a, jacobians.shared(tf.ones([3, 4]))
       )
       self.assertIs(jacobians.pulled_back(term, 2), term)
+
+
+class ScaleChainTest(tf.test.TestCase, parameterized.TestCase):
+  """`jacobians.scale_chain`: a Jacobian as its root times one factor."""
+
+  def _root_and_factors(self, base):
+    n, k, h = 3, 4, 5
+    lead = {"dense": [n, k], "shared": [k]}[base]
+    root = jacobians.Jacobian(
+      tf.constant(_RNG.normal(size=lead + [h])), base == "shared"
+    )
+    factors = [tf.constant(_RNG.normal(size=(n, h))) for _ in range(3)]
+    return root, factors
+
+  def assertIsScaleOf(self, jac, root):  # pylint: disable=invalid-name
+    """`jac`'s value is `root`'s times the factor of its chain."""
+    chain_root, factor = jacobians.scale_chain(jac)
+    self.assertIs(chain_root, root)
+    value = jacobians.to_dense(jac, 3)
+    factor = tf.broadcast_to(factor, [3, 5])  # A number for `z + z`.
+    scaled = jacobians.to_dense(root, 3) * tf.expand_dims(factor, 1)
+    value, scaled = self.evaluate([value, scaled])
+    self.assertAllClose(value, scaled, atol=1e-12)
+
+  @parameterized.parameters("dense", "shared")
+  def test_chains_of_scales(self, base):
+    # `-c * sin(tanh(z))`: three scales and a negation of `J_z`.
+    with tf.Graph().as_default():
+      root, (s, t, u) = self._root_and_factors(base)
+      jac = jacobians.scale(jacobians.scale(root, s), t)
+      jac = jacobians.negate(jacobians.scale(jac, u))
+      self.assertIsScaleOf(jac, root)
+      self.assertIsNone(jacobians.scale_chain(root))
+
+  @parameterized.parameters("dense", "shared")
+  def test_sums_of_scales_of_one_jacobian(self, base):
+    # `z * sigmoid(z) + z`: `(sigmoid + z sigmoid') J_z + J_z`.
+    with tf.Graph().as_default():
+      root, (s, t, u) = self._root_and_factors(base)
+      product = jacobians.add(
+        jacobians.scale(root, s),
+        jacobians.scale(jacobians.scale(root, t), u),
+      )
+      self.assertIsScaleOf(product, root)
+      self.assertIsScaleOf(jacobians.add(product, root), root)
+      self.assertIsScaleOf(jacobians.add(root, root), root)
+
+  def test_sums_of_scales_of_two_jacobians_are_not_scales(self):
+    with tf.Graph().as_default():
+      root, (s, t, _) = self._root_and_factors("dense")
+      other = jacobians.dense(root.value + 1.0)
+      total = jacobians.add(jacobians.scale(root, s), jacobians.scale(other, t))
+      self.assertIsNone(jacobians.scale_chain(total))
+      self.assertIsNone(jacobians.scale_chain(jacobians.add(root, other)))
 
 
 class MergedTermsTest(tf.test.TestCase):

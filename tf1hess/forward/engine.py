@@ -65,6 +65,10 @@ class Work:
     # those that run (`drop_unrun`): what a chunk of samples holds at once.
     self.jacobians = []
     self.largest = None
+    # The pushes whose Jacobians' values may not run: a folded matmul
+    # reads only their scales (`jacobians.scale_chain`), no term reads
+    # those past the last curvature. `(values, work)` (`drop_unrun`).
+    self.pushes = []
 
   def add(self, flops=(0, 0), entries=(0, 0), ops=0):
     """Adds `(fixed, per_sample)` pairs of flops and entries, and ops."""
@@ -76,10 +80,20 @@ class Work:
         total[1] += more[1]
     self.ops += ops
 
-  def drop_unrun(self, ran):
-    """Counts the entries read instead for the tensors of `maybe_unrun`
-    whose ops are not in `ran`, and sets `largest` from those of
-    `jacobians` that are."""
+  def drop_unrun(self, ran, new_ops):
+    """Takes off the work of the `pushes` whose values' ops are in
+    `new_ops` but not in `ran`, counts the entries read instead for the
+    tensors of `maybe_unrun` whose ops are not in `ran`, and sets `largest`
+    from those of `jacobians` that are."""
+    dropped = []
+    for values, push in self.pushes:
+      if all(t.op in new_ops and t.op not in ran for t in values):
+        self.add(
+          flops=[-f for f in push.flops], entries=[-e for e in push.entries]
+        )
+        dropped.extend(id(item) for item in push.maybe_unrun)
+    self.pushes = []
+    self.maybe_unrun = [i for i in self.maybe_unrun if id(i) not in dropped]
     for t, (fixed, per_sample), instead in self.maybe_unrun:
       if t.op not in ran:
         self.add(entries=(instead[0] - fixed, instead[1] - per_sample))
@@ -264,6 +278,18 @@ def _push(op, ins, outs, work, group=1):
   )
   work.maybe_unrun.extend(mine.maybe_unrun)
   work.jacobians.extend(mine.jacobians)
+  values = [
+    j.value
+    for j in outs
+    if isinstance(j, jacobians.Jacobian) and j.parts is None
+  ]
+  if values and len(values) == len(outs) and mine.known:
+    # A rule may read the scales of these instead (a matmul by weights
+    # of `sin(tanh(x W))`), or nothing may read them: then their values do
+    # not run.
+    mine.flops[1] *= group
+    mine.entries[1] *= group
+    work.pushes.append((values, mine))
 
 
 def _unwritten(jac, size, group, work):
@@ -1020,9 +1046,10 @@ def second_derivatives(ys, x, mode):
   # The sum of the parts, and of the halves with their transpose.
   sums = len(parts) + (len(halves) + 1 if halves else 0)
   work.add(entries=None if size is None else (0, sums * size**out))
-  # Not the values of Jacobians that only their parts were read of.
+  # Not the values of Jacobians that only their parts or scales were read
+  # of, or that nothing reads.
   new_ops = x.graph.get_operations()[ops_before:]
-  work.drop_unrun(_ran_ops(value, set(new_ops)))
+  work.drop_unrun(_ran_ops(value, set(new_ops)), set(new_ops))
   work.ops += len(new_ops)
   return Result(value, True, work, mixed)
 

@@ -27,6 +27,7 @@ each contraction one matmul with the weights instead of a batched one.
 
 import collections
 import contextlib
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -146,7 +147,9 @@ class Jacobian:
   product; where nothing reads it, TensorFlow does not run it.
 
   `scaled`: where `scale` made this Jacobian, `(jac, s)`: it is `jac`'s
-  times `s` entry by entry (for `pulled_back`), else `None`. `viewed`:
+  times `s` entry by entry (for `pulled_back` and `scale_chain`); where
+  `add` summed two scales of one Jacobian, that one and the sum of their
+  factors; else `None`. `viewed`:
   where a reshape made it, the Jacobian reshaped (the same entries in the
   same order), else `None`.
   """
@@ -369,14 +372,55 @@ def add(a, b):
     return b
   if b is None:
     return a
+  scaled = _summed_scales(a, b)
   if a.diagonal and b.diagonal:
-    return diagonal(a.value + b.value)
-  a, b = materialize(a), materialize(b)
-  out = Jacobian(a.value + b.value, a.shared and b.shared)
-  if a.parts is not None or b.parts is not None:
-    parts = (a.parts or [(a, None)]) + (b.parts or [(b, None)])
-    out.parts = parts if len(parts) <= _MAX_PARTS else None
+    out = diagonal(a.value + b.value)
+  else:
+    a, b = materialize(a), materialize(b)
+    out = Jacobian(a.value + b.value, a.shared and b.shared)
+    if a.parts is not None or b.parts is not None:
+      parts = (a.parts or [(a, None)]) + (b.parts or [(b, None)])
+      out.parts = parts if len(parts) <= _MAX_PARTS else None
+  out.scaled = scaled
   return out
+
+
+def scale_chain(jac):
+  """`(root, s)`: `jac` is `root` times `s` entry by entry, `root` the
+  Jacobian that the `scale`s (and sums of them) which made `jac` started
+  from, or `None` where no `scale` made `jac`.
+
+  A function of a function of a dense layer (`sin(tanh(x W))`, `0.5 *
+  tanh(x W)`) is then the layer's weights, shared by all samples, times one
+  `(N, H)` factor: `s` is the product of the chain's factors (ops that
+  nothing runs unless a rule reads `s`).
+  """
+  root, factors = _chain(jac)
+  if not factors:
+    return None
+  return root, functools.reduce(lambda s, t: s * t, factors)
+
+
+def _chain(jac):
+  """`jac`'s root (see `scale_chain`) and the factors of its scales."""
+  factors = []
+  while jac.scaled is not None:
+    jac, s = jac.scaled
+    factors.append(s)
+  return jac, factors
+
+
+def _summed_scales(a, b):
+  """`Jacobian.scaled` of `a + b` where both are scales of one Jacobian
+  (`scale_chain`; a Jacobian itself is its own scale by 1): the product
+  rule's two terms of `z * sigmoid(z)` (`(sigmoid(z) + z sigmoid'(z)) J_z`)
+  are then one scale of `J_z`. Else `None`."""
+  if _chain(a)[0] is not _chain(b)[0]:
+    return None
+  one = tf.constant(1, a.value.dtype)
+  root, s_a = scale_chain(a) or (a, one)
+  _, s_b = scale_chain(b) or (b, one)
+  return root, s_a + s_b
 
 
 def fit(jac, out):

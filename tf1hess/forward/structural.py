@@ -1004,19 +1004,21 @@ _MAX_FOLDED_ENTRIES = 1 << 22
 
 
 def _folded_matmul(jac, w, transpose_b):
-  """`J @ W` for `J = s * u` (`jac.scaled`), `u` `(K, H)` shared by all
-  samples and `s` `(N, H)`: as `s @ M`, `M[h, (k, m)] = u[k, h] W[h, m]`.
+  """`J @ W` for `J = s * u` (`jacobians.scale_chain`), `u` `(K, H)`
+  shared by all samples and `s` `(N, H)`: as `s @ M`, `M[h, (k, m)] = u[k,
+  h] W[h, m]`.
 
-  The Jacobian of an elementwise function of a matmul of x by weights (the
-  first hidden layer of an MLP) is such a product: `J` `(N, K, H)` is then
-  never written, and `M`, the size of `K` weight matrices, does not depend
-  on the samples. The same multiplications as `J @ W`. `None` where `jac`
-  is not such a product, or `M` would be larger than
-  `_MAX_FOLDED_ENTRIES`.
+  The Jacobian of an elementwise function (or of a chain or a sum of them)
+  of a matmul of x by weights (the first hidden layer of an MLP) is such a
+  product: `J` `(N, K, H)` is then never written, and `M`, the size of `K`
+  weight matrices, does not depend on the samples. The same
+  multiplications as `J @ W`. `None` where `jac` is not such a product, or
+  `M` would be larger than `_MAX_FOLDED_ENTRIES`.
   """
-  if jac.scaled is None or jac.shared or jac.diagonal:
+  chain = jacobians.scale_chain(jac)
+  if chain is None or jac.shared or jac.diagonal:
     return None
-  u, s = jac.scaled
+  u, s = chain
   if not u.shared or u.diagonal or u.value.shape.rank != 2:
     return None
   if s.shape.rank != 2 or w.shape.rank != 2:
