@@ -1215,8 +1215,17 @@ def _chained_activations(x):
   return tf.reduce_sum(tf.tanh(tf.matmul(h, _filter(_W[:, :4], x))), 1)
 
 
+def _fourier_features(x):
+  """`[sin(z), cos(z), x^2]` of a dense layer z, a tanh layer on them."""
+  z = _lin(x)
+  h = tf.concat([tf.sin(z), tf.cos(z), tf.square(x)], 1)
+  w = np.random.default_rng(13).normal(size=(3 * _K, 4)) / 6.0
+  return tf.reduce_sum(tf.tanh(tf.matmul(h, _filter(w, x))), 1)
+
+
 _MODELS = {
   "chained_activations": _chained_activations,
+  "fourier_features": _fourier_features,
   "conv_tanh_maxpool_dense": lambda x: _conv_net(_image(x, (4, 3, 1))),
   "conv1d_gelu_avgpool": _conv1d_net,
   "depthwise_elu_avgpool": _depthwise_net,
@@ -1252,7 +1261,8 @@ class FoldTest(tf.test.TestCase):
 class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
   """A matmul by weights of a function of a dense layer, as one matmul."""
 
-  def _hessians(self, dtype, folds, activation=tf.tanh):
+  def _hessians(self, dtype, folds, activation=tf.tanh, layer=None):
+    """`layer(x)` (else `activation` of a dense layer) by weights, tanh."""
     x_val = np.random.default_rng(3).normal(size=(5, _K))
     results = []
 
@@ -1264,9 +1274,10 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
     folded = mock.patch.object(structural, "_folded_matmul", fold)
     with tf.Graph().as_default(), folded:
       x = tf.compat.v1.placeholder(dtype, [None, _K])
-      y = tf.reduce_sum(
-        tf.tanh(tf.matmul(activation(_lin(x)), _filter(_W[:, :4], x))), 1
-      )
+      h = activation(_lin(x)) if layer is None else layer(x)
+      m = h.shape[1]
+      w = np.random.default_rng(11).normal(size=(m, 4)) / np.sqrt(m)
+      y = tf.reduce_sum(tf.tanh(tf.matmul(h, _filter(w, x))), 1)
       outs = [
         tf1hess.batch_hessians(y, x, method="forward"),
         tf1hess.batch_laplacians(y, x, method="forward"),
@@ -1298,6 +1309,36 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
       tol = 1e-5 if dtype == tf.float32 else 1e-12
       self.assertAllClose(h, rows, atol=tol, rtol=tol)
       self.assertAllClose(lap, np.einsum("nii->n", rows), atol=tol, rtol=tol)
+
+  @parameterized.named_parameters(
+    (
+      "fourier_features",
+      lambda x: tf.concat([tf.sin(_lin(x)), tf.cos(_lin(x))], 1),
+    ),
+    (
+      "feature_map_of_x",
+      lambda x: tf.concat([x, tf.sin(x), tf.cos(2.0 * x)], -1),
+    ),
+    ("layer_and_x", lambda x: tf.concat([tf.tanh(_lin(x)), x], 1)),
+  )
+  def test_folds_concatenated_scales(self, layer):
+    for dtype in (tf.float32, tf.float64):
+      h, lap, rows = self._hessians(dtype, folds=True, layer=layer)
+      tol = 1e-5 if dtype == tf.float32 else 1e-12
+      self.assertAllClose(h, rows, atol=tol, rtol=tol)
+      self.assertAllClose(lap, np.einsum("nii->n", rows), atol=tol, rtol=tol)
+
+  @parameterized.named_parameters(
+    # A feature that does not depend on x, and one of a dense Jacobian.
+    ("constant", lambda x: tf.concat([tf.sin(x), tf.ones_like(x)], 1)),
+    (
+      "dense",
+      lambda x: tf.concat([tf.sin(x), tf.sin(x) * tf.tanh(_lin(x))], 1),
+    ),
+  )
+  def test_concatenations_that_do_not_fold(self, layer):
+    h, _, rows = self._hessians(tf.float64, folds=False, layer=layer)
+    self.assertAllClose(h, rows, atol=1e-12, rtol=1e-12)
 
   def test_weights_too_large_to_fold(self):
     with mock.patch.object(structural, "_MAX_FOLDED_ENTRIES", _K * _K * 4 - 1):

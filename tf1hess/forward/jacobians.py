@@ -237,8 +237,11 @@ def materialize(jac):
     return tf.expand_dims(d, 1) * eye  # (B, K, *e)
 
   if tf.compat.dimension_value(jac.value.shape[0]) == 1:
-    return shared(invariant(lambda d: build(d)[0], jac.value))
-  return dense(build(jac.value))
+    out = shared(invariant(lambda d: build(d)[0], jac.value))
+  else:
+    out = dense(build(jac.value))
+  out.scaled = jac.scaled  # The same entries.
+  return out
 
 
 def apply_per_sample(jac, fn):

@@ -359,7 +359,46 @@ def _concat(op, jacs, ctx):
     # tf.stack(..., 0): the samples' stack along axis 1, transposed.
     stacked = _per_sample_join(jacs, ctx, values, lambda ms: tf.stack(ms, 1))
     return [registry.Moved(stacked, [1, 0, *range(2, rank)])]
-  return [_per_sample_join(jacs, ctx, values, lambda ms: join(ms, axis))]
+  out = _per_sample_join(jacs, ctx, values, lambda ms: join(ms, axis))
+  if op.type == "ConcatV2" and not out.shared:
+    out.scaled = _joined_scales(jacs, values, axis)
+  return [out]
+
+
+def _joined_scales(jacs, values, axis):
+  """`Jacobian.scaled` of the concatenation of `values` along `axis` where
+  each Jacobian of `jacs` is a scale of one shared by all samples
+  (`jacobians.scale_chain`; the identity of x counts as shared): the
+  concatenation of those, times the concatenation of the factors.
+
+  Fourier features `[sin(x B), cos(x B)]` and feature maps `[x, sin(x),
+  cos(x)]` are then `s * u` for the next layer's matmul
+  (`_folded_matmul`) and for the terms pulled back (`pulled_back`).
+  `None` where an input does not depend on x, a Jacobian is not such a
+  scale, or none is scaled.
+  """
+  roots, factors = [], []
+  for j in jacs:
+    if j is None:
+      return None
+    root, s = jacobians.scale_chain(j) or (j, None)
+    if root.diagonal and tf.compat.dimension_value(root.value.shape[0]) == 1:
+      root = jacobians.materialize(root)
+    if not root.shared or root.diagonal:
+      return None
+    roots.append(root.value)
+    factors.append(s)
+  dtype = roots[0].dtype
+  if all(s is None for s in factors) or any(r.dtype != dtype for r in roots):
+    return None
+  factors = [
+    tf.broadcast_to(
+      jacobians.in_dtype(1 if s is None else s, dtype), tf.shape(v)
+    )
+    for s, v in zip(factors, values)
+  ]
+  root = jacobians.invariant(lambda *rs: tf.concat(rs, axis), *roots)
+  return jacobians.shared(root), tf.concat(factors, axis)
 
 
 def _axis_zero_is_whole(op):
