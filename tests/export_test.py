@@ -5,7 +5,6 @@ at two batch sizes; the Hessians are compared with the analytic Hessian of
 the tanh MLP y = w2^T tanh(W1^T x + b1).
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -109,12 +108,11 @@ def _export_mlp(
   if control_flow_v1:
     tf.compat.v1.disable_control_flow_v2()
   try:
-    choice = dispatch.Choice(True, 3)
+    # The rows for every N, or a switch; not the cost model's choice.
+    choice = dispatch.Choice(True, 3) if switch else dispatch.Choice(False)
     with (
       tf.Graph().as_default() as graph,
-      mock.patch.object(dispatch, "choose", return_value=choice)
-      if switch
-      else contextlib.nullcontext(),
+      mock.patch.object(dispatch, "choose", return_value=choice),
     ):
       x, y = _mlp(weights, use_resource)
       model = legacy.HessianModel(

@@ -666,6 +666,37 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     # What TensorFlow's second derivatives miss is not small.
     self.assertGreater(np.abs(got["rows"] - hessians).max(), 1e-2)
 
+  @parameterized.named_parameters(*_MOMENTS.items())
+  def test_hessian_vector_products_of_moments(self, model):
+    # TensorFlow's backward pass through the gradient would miss the
+    # curvature through the mean: the products come from the engine's
+    # Hessians there.
+    rng = np.random.default_rng(14)
+    x_val, v_val = rng.normal(size=(3, 12)), rng.normal(size=(3, 12))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      v = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      y = model(x)
+      hv = tf1hess.batch_hessian_vector_products(y, x, v)
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(hv, {x: x_val, v: v_val})
+        hessians = finite_differences.finite_difference_hessians(
+          lambda batch: sess.run(y, {x: batch}), x_val
+        )
+    want = np.einsum("nij,nj->ni", hessians, v_val)
+    self.assertAllClose(got, want, atol=1e-5, rtol=1e-5)
+
+  def test_hessian_vector_products_of_moments_the_engine_cannot_follow(self):
+    # tf.math.igamma has no forward rule: TensorFlow's products, and a
+    # warning that they miss the curvature through the mean.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      h = _layer_norm(tf.tanh(x), [1])
+      y = tf.reduce_sum(tf.math.igamma(2.0 + tf.zeros_like(h), h * h), 1)
+      with self.assertLogs(level="WARNING") as logs:
+        tf1hess.batch_hessian_vector_products(y, x, tf.ones_like(x))
+    self.assertIn("Hessian-vector products", "".join(logs.output))
+
   def test_keras_layer_normalization_in_float64(self):
     # Keras 2 normalizes with tf.nn.moments outside float32 (no fused
     # kernel): the engine's Hessians are those of the function.
@@ -1025,18 +1056,21 @@ class ByBatchSizeTest(
           self.assertAllClose(below_val, (3 - factor) * want, atol=1e-10)
           self.assertAllClose(above_val, factor * want, atol=1e-10)
 
-  @parameterized.parameters(1, 2)
-  def test_the_engine_in_chunks_runs_none_of_the_rows_passes(self, version):
+  @parameterized.product(version=[1, 2], chunked=[True, False])
+  def test_the_engine_runs_none_of_the_rows_passes(self, version, chunked):
     # What a branch reads from outside the cond runs whichever branch is
-    # taken: where the engine walks chunks, the rows differentiate a copy
-    # of the model made in their branch, so that taking the engine runs no
-    # forward or backward pass of the model over the whole batch.
+    # taken: the rows differentiate a copy of the model made in their
+    # branch, so that either branch runs no backward pass of the model
+    # over the whole batch outside, and where the engine walks chunks (each
+    # on a copy of the model), no forward pass either.
     self.control_flow(version)
     x_val = _RNG.normal(size=(40, 3))
     with (
       tf.Graph().as_default(),
       mock.patch.object(forward_chunks, "MIN_CHUNK", 8),
-      mock.patch.object(forward_chunks, "CHUNK_BYTES", 2**9),
+      mock.patch.object(
+        forward_chunks, "CHUNK_BYTES", 2**9 if chunked else 2**30
+      ),
     ):
       w1, b1, w2 = (tf.constant(w) for w in testing_utils.mlp_weights(3, 6))
       x = tf.compat.v1.placeholder(tf.float64, [None, 3])
@@ -1081,7 +1115,8 @@ class ByBatchSizeTest(
             for device in metadata_switched.step_stats.dev_stats
             for node in device.node_stats
           }
-          self.assertEqual("model/Tanh" in ran, False)
+          # The engine's branch reads the model's tensors when whole.
+          self.assertEqual("model/Tanh" in ran, not chunked)
           outside = [
             name
             for name in ran

@@ -608,7 +608,10 @@ def batch_hessian_vector_products(
   """Per-sample Hessian-vector products `H_i v_i`, shape of each `x`.
 
   One extra backward pass through the gradient, no loop over features:
-  `tf.gradients(grad, x, grad_ys=v)`.
+  `tf.gradients(grad, x, grad_ys=v)`. Where TensorFlow's second derivatives
+  miss curvature (the mean that `tf.nn.moments` stops in its variance, as
+  layer normalization uses it), `H v` of the forward engine's Hessian
+  instead (docs/forward.md).
 
   Args:
     ys: as in `batch_hessians`.
@@ -663,10 +666,37 @@ def batch_hessian_vector_products(
     _v1_loops(models, xs_list, 2, walked=False)
     grads = _gradients(models, xs_list, unconnected)
     results = []
-    for x, g, v in zip(xs_list, grads, vs_list):
+    for x, g, v, model in zip(xs_list, grads, vs_list, models):
       if g is None:
         results.append(None)
         continue
-      (hv,) = tf.gradients(g, x, grad_ys=v, unconnected_gradients=unconnected)
+      hv = _through_moments(model, x, v)
+      if hv is None:
+        (hv,) = tf.gradients(g, x, grad_ys=v, unconnected_gradients=unconnected)
       results.append(hv)
     return _checks.restore_structure(results, was_sequence)
+
+
+def _through_moments(model, x, v):
+  """`H v` from the engine's Hessian of `model` where TensorFlow's second
+  derivatives miss curvature through `tf.nn.moments`
+  (`dispatch.rows_miss_moments`: a layer normalization built on it), else
+  `None`; warns once where the engine cannot follow the model either.
+
+  Exact, at the cost of the full Hessian (K^2 entries per sample) where
+  the backward pass would be wrong.
+  """
+  if not dispatch.rows_miss_moments(model, [x]):
+    return None
+  try:
+    h = batch_hessians(model, x, method="forward")
+  except ValueError:
+    dispatch.warn_of_moments(x.graph, "Hessian-vector products")
+    return None
+  shape = tf.shape(x)
+  k = tf.reduce_prod(shape[1:])
+  hv = tf.linalg.matvec(
+    tf.reshape(h, tf.stack([shape[0], k, k])),
+    tf.reshape(v, tf.stack([shape[0], k])),
+  )
+  return tf.reshape(hv, shape)

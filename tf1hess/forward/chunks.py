@@ -151,6 +151,20 @@ def plan(x, ys, walked):
   return Chunks(x, ys, path, copied, size)
 
 
+def copier(x, ys, walked):
+  """A `Chunks` of the whole batch (`size` `None`) for its `copy` of the
+  model's ops, or `None` where `plan` could not walk the model in chunks
+  for the model's sake (whatever the sizes)."""
+  if walked is None or not walked.connected or walked.mixes_samples:
+    return None
+  path = engine.path_ops(x, ys)
+  try:
+    copied = _copied_ops(x, path)
+  except _Shared:
+    return None
+  return Chunks(x, ys, path, copied, None)
+
+
 def may_chunk(x, ys):
   """Whether `plan` may make chunks for `x`, from the static shapes alone:
   when not, a walk to plan them from is not needed."""

@@ -668,25 +668,28 @@ def _chunks_past_a_small_switch(choice, planned):
   )
 
 
-def _by_batch_size(ys, x, mode, choice, rows, planned):
+def _by_batch_size(ys, x, mode, choice, rows, planned, walked):
   """A `tf.cond` on N between the engine and `rows()` (see `Choice`)."""
+  # What a branch reads from outside the cond is computed by every run,
+  # whichever branch it takes. Where the model can be copied (`chunks.
+  # copier`; always where the engine walks chunks, each on a copy), the
+  # rows differentiate a copy of the model made in their branch: no
+  # backward pass of the model outside, which the engine's branch would
+  # pay for (about a fifth of the engine's time on a 3 x 64 MLP at 8192 x
+  # 2). Otherwise the rows' gradient stays the one made outside (a
+  # gradient made in a branch of a control flow v2 cond, of tensors
+  # outside it, then differentiated again, missed terms: a per-sample
+  # scaled quadratic form was wrong).
+  copies = planned or chunks.copier(x, ys, walked)
 
   def walk():
     return shaped(_walk(ys, x, mode, planned).value, x, mode)
 
   def own_rows():
-    # What a branch reads from outside the cond is computed by every run,
-    # whichever branch it takes. Where the engine walks chunks (each on a
-    # copy of the model), the rows differentiate a copy of the model made
-    # in their branch: no forward or backward pass of the model outside.
-    # Otherwise the engine reads the model's tensors anyway; the rows'
-    # gradient stays the one made outside (a gradient made in a branch of
-    # a control flow v2 cond, of tensors outside it, then differentiated
-    # again, missed terms: a per-sample scaled quadratic form was wrong).
-    if planned is None:
+    if copies is None:
       return rows()
     x_copy = tf.identity(x)
-    return rows(model=(planned.copy(x_copy), x_copy))
+    return rows(model=(copies.copy(x_copy), x_copy))
 
   below, above = (walk, own_rows) if choice.engine else (own_rows, walk)
   return tf.cond(
@@ -832,7 +835,10 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
         choice = Choice(True)
       if choice.switch is not None and walked.connected:
         try:
-          return _by_batch_size(ys, x, mode, choice, rows, planned), True
+          return (
+            _by_batch_size(ys, x, mode, choice, rows, planned, walked),
+            True,
+          )
         except engine.Unsupported as e:
           _unsupported(x, method, e)
           return None, False
