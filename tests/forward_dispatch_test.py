@@ -685,6 +685,11 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
         )
     want = np.einsum("nij,nj->ni", hessians, v_val)
     self.assertAllClose(got, want, atol=1e-5, rtol=1e-5)
+    # The same in a tf.function; executing eagerly, the tapes' products.
+    products = tf.function(
+      lambda x, v: tf1hess.eager.batch_hessian_vector_products(model, x, v)
+    )
+    self.assertAllClose(products(x_val, v_val), want, atol=1e-5, rtol=1e-5)
 
   def test_hessian_vector_products_of_moments_the_engine_cannot_follow(self):
     # tf.math.igamma has no forward rule: TensorFlow's products, and a

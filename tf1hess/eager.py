@@ -576,6 +576,9 @@ def batch_output_laplacians(fn, x, method="auto", chunk_size=None, plan=None):
 def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
   """Per-sample Hessian-vector products of `fn` at `x` with `v`.
 
+  Executing eagerly, by two nested tapes; inside a `tf.function`, by
+  `tf1hess.batch_hessian_vector_products` in its graph.
+
   Args:
     fn: as in `batch_hessians`.
     x: as in `batch_hessians`.
@@ -602,6 +605,14 @@ def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
   if not v.shape.is_compatible_with(x.shape):
     raise ValueError(
       f"`v` must have the shape of `x` ({x.shape}); saw {v.shape}."
+    )
+  if not tf.executing_eagerly():
+    # Built into a graph (a `tf.function`): the graph op's products, exact
+    # through `tf.nn.moments` too (`ops.batch_hessian_vector_products`).
+    if isinstance(x, tf.Variable):
+      x = tf.convert_to_tensor(x)
+    return ops.batch_hessian_vector_products(
+      fn(x), x, v, unconnected_gradients=unconnected_gradients
     )
   with _Tapes(x, 2) as tapes:
     ys = fn(x)
