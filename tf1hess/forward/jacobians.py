@@ -376,6 +376,11 @@ def add(a, b):
   if b is None:
     return a
   scaled = _summed_scales(a, b)
+  if scaled is not None and a.parts is None and b.parts is None:
+    # One product of the common Jacobian, not two and their sum.
+    out = _scaled(*scaled)
+    out.scaled = scaled
+    return out
   if a.diagonal and b.diagonal:
     out = diagonal(a.value + b.value)
   else:
