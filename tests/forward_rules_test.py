@@ -1287,12 +1287,17 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
       with tf.compat.v1.Session() as sess:
         return sess.run(outs, {x: x_val.astype(dtype.as_numpy_dtype)})
 
+  def assertFoldsAndAgrees(self, dtypes=(tf.float32, tf.float64), **model):  # pylint: disable=invalid-name
+    """The fold is taken, and agrees with the rows (Laplacians too)."""
+    for dtype in dtypes:
+      h, lap, rows = self._hessians(dtype, folds=True, **model)
+      tol = 1e-5 if dtype == tf.float32 else 1e-12
+      self.assertAllClose(h, rows, atol=tol, rtol=tol)
+      self.assertAllClose(lap, np.einsum("nii->n", rows), atol=tol, rtol=tol)
+
   @parameterized.parameters(tf.float32, tf.float64)
   def test_folds_and_agrees_with_the_rows(self, dtype):
-    h, lap, rows = self._hessians(dtype, folds=True)
-    tol = 1e-5 if dtype == tf.float32 else 1e-12
-    self.assertAllClose(h, rows, atol=tol, rtol=tol)
-    self.assertAllClose(lap, np.einsum("nii->n", rows), atol=tol, rtol=tol)
+    self.assertFoldsAndAgrees([dtype])
 
   @parameterized.named_parameters(
     ("function_of_a_function", lambda z: tf.sin(tf.tanh(z))),
@@ -1304,11 +1309,7 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
     ("difference", lambda z: tf.tanh(z) - z),
   )
   def test_folds_chains_and_sums_of_functions(self, activation):
-    for dtype in (tf.float32, tf.float64):
-      h, lap, rows = self._hessians(dtype, folds=True, activation=activation)
-      tol = 1e-5 if dtype == tf.float32 else 1e-12
-      self.assertAllClose(h, rows, atol=tol, rtol=tol)
-      self.assertAllClose(lap, np.einsum("nii->n", rows), atol=tol, rtol=tol)
+    self.assertFoldsAndAgrees(activation=activation)
 
   @parameterized.named_parameters(
     (
@@ -1322,11 +1323,7 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
     ("layer_and_x", lambda x: tf.concat([tf.tanh(_lin(x)), x], 1)),
   )
   def test_folds_concatenated_scales(self, layer):
-    for dtype in (tf.float32, tf.float64):
-      h, lap, rows = self._hessians(dtype, folds=True, layer=layer)
-      tol = 1e-5 if dtype == tf.float32 else 1e-12
-      self.assertAllClose(h, rows, atol=tol, rtol=tol)
-      self.assertAllClose(lap, np.einsum("nii->n", rows), atol=tol, rtol=tol)
+    self.assertFoldsAndAgrees(layer=layer)
 
   @parameterized.named_parameters(
     # A feature that does not depend on x, and one of a dense Jacobian.
