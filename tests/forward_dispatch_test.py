@@ -691,6 +691,39 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     )
     self.assertAllClose(products(x_val, v_val), want, atol=1e-5, rtol=1e-5)
 
+  @parameterized.named_parameters(*_MOMENTS.items())
+  def test_eager_derivatives_of_moments(self, model):
+    # Executing eagerly: the tapes would miss the curvature through the
+    # mean too; a trace of the function finds the moments.
+    rng = np.random.default_rng(17)
+    x_val, v_val = rng.normal(size=(3, 12)), rng.normal(size=(3, 12))
+    x = tf.constant(x_val)
+    got = {
+      "hessians": tf1hess.eager.batch_hessians(model, x),
+      "diagonals": tf1hess.eager.batch_hessian_diagonals(model, x),
+      "products": tf1hess.eager.batch_hessian_vector_products(
+        model, x, tf.constant(v_val)
+      ),
+    }
+    hessians = finite_differences.finite_difference_hessians(
+      lambda batch: model(tf.constant(batch)).numpy(), x_val
+    )
+    tol = dict(atol=1e-5, rtol=1e-5)
+    self.assertAllClose(got["hessians"], hessians, **tol)
+    self.assertAllClose(
+      got["diagonals"], np.diagonal(hessians, axis1=1, axis2=2), **tol
+    )
+    want = np.einsum("nij,nj->ni", hessians, v_val)
+    self.assertAllClose(got["products"], want, **tol)
+
+  def test_eager_functions_without_moments_keep_the_tapes(self):
+    fn = lambda x: tf.reduce_sum(tf.sin(x) * x, 1)  # noqa: E731
+    x = tf.constant(np.ones((2, 3)))
+    with mock.patch.object(tf1hess.eager, "_graph_walk") as walk:
+      tf1hess.eager.batch_hessians(fn, x)
+    walk.assert_not_called()
+    self.assertFalse(tf1hess.eager._misses_moments(fn, x))  # pylint: disable=protected-access
+
   def test_hessian_vector_products_of_moments_the_engine_cannot_follow(self):
     # tf.math.igamma has no forward rule: TensorFlow's products, and a
     # warning that they miss the curvature through the mean.

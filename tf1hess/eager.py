@@ -7,6 +7,8 @@ The twin of `tf1hess.ops` for code that holds a function instead of a graph:
 graph, and uses the same row loop as the graph ops.
 """
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
 
@@ -16,6 +18,7 @@ from tf1hess import _tf_errors
 from tf1hess import ops
 from tf1hess import plan as plan_lib
 from tf1hess import per_output
+from tf1hess.forward import dispatch as forward_dispatch
 
 
 def _as_input(fn, x):
@@ -132,6 +135,18 @@ def _derivatives(
       ys = fn(x)
       for y in _checks.as_list(ys)[0]:
         _checks.check_float(tf.convert_to_tensor(y), "fn(x)")
+      if order == 2 and plan.method == "auto" and _misses_moments(fn, x):
+        # The tapes' second derivatives would miss the curvature through
+        # the mean of tf.nn.moments; the engine's are exact.
+        return _graph_walk(
+          fn,
+          x,
+          unconnected_gradients,
+          plan,
+          diagonal=diagonal,
+          laplacian=laplacian,
+          check_independence=check_independence,
+        )
       grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
       if grad is None or order == 1:
         return grad
@@ -165,6 +180,35 @@ def _derivatives(
       laplacian=laplacian,
       check_independence=check_independence,
     )
+
+
+# Per function (weakly held): its input signatures and whether TensorFlow's
+# second derivatives of it miss curvature through `tf.nn.moments`.
+_MOMENTS = weakref.WeakKeyDictionary()
+
+
+def _misses_moments(fn, x):
+  """Whether TensorFlow's second derivatives of `fn` at inputs like `x` miss
+  the curvature through the mean that `tf.nn.moments` stops
+  (`dispatch.rows_miss_moments`), executing eagerly: from a trace of `fn`
+  (once per function and signature, after `fn` has run, so that its
+  variables exist). `False` where `fn` cannot be traced."""
+  if not tf.executing_eagerly():
+    return False
+  spec = tf.TensorSpec([None, *x.shape[1:]], x.dtype)
+  try:
+    seen = _MOMENTS.setdefault(fn, {})
+  except TypeError:  # Not weakly referenceable: traced every call.
+    seen = {}
+  if spec not in seen:
+    try:
+      traced = tf.function(fn, autograph=False).get_concrete_function(spec)
+      seen[spec] = forward_dispatch.rows_miss_moments(
+        traced.outputs, traced.inputs[:1]
+      )
+    except Exception:  # pylint: disable=broad-except
+      seen[spec] = False
+  return seen[spec]
 
 
 @tf.autograph.experimental.do_not_convert
@@ -576,8 +620,9 @@ def batch_output_laplacians(fn, x, method="auto", chunk_size=None, plan=None):
 def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
   """Per-sample Hessian-vector products of `fn` at `x` with `v`.
 
-  Executing eagerly, by two nested tapes; inside a `tf.function`, by
-  `tf1hess.batch_hessian_vector_products` in its graph.
+  Executing eagerly, by two nested tapes (but where their second
+  derivatives miss curvature through `tf.nn.moments`); inside a
+  `tf.function`, by `tf1hess.batch_hessian_vector_products` in its graph.
 
   Args:
     fn: as in `batch_hessians`.
@@ -616,6 +661,11 @@ def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
     )
   with _Tapes(x, 2) as tapes:
     ys = fn(x)
+    if _misses_moments(fn, x):
+      # Exact where the tapes' products would not be (see above).
+      return tf.function(batch_hessian_vector_products, autograph=False)(
+        fn, tf.convert_to_tensor(x), v, unconnected_gradients
+      )
     grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
     if grad is None:
       return None
