@@ -109,7 +109,8 @@ def _derivatives(
   walk = plan.method == "forward" or laplacian
   if plan.method == "auto" and not tf.executing_eagerly():
     walk = True
-  if order == 2 and walk:
+
+  def walked():
     return _graph_walk(
       fn,
       x,
@@ -119,6 +120,9 @@ def _derivatives(
       laplacian=laplacian,
       check_independence=check_independence,
     )
+
+  if order == 2 and walk:
+    return walked()
   if order >= 3 and _core.control_flow_v1():
     # The levels below the last are differentiated again, and they hold v1
     # control flow (the row loop, a tf.cond on an empty batch) that a tape
@@ -138,15 +142,7 @@ def _derivatives(
       if order == 2 and plan.method == "auto" and _misses_moments(fn, x):
         # The tapes' second derivatives would miss the curvature through
         # the mean of tf.nn.moments; the engine's are exact.
-        return _graph_walk(
-          fn,
-          x,
-          unconnected_gradients,
-          plan,
-          diagonal=diagonal,
-          laplacian=laplacian,
-          check_independence=check_independence,
-        )
+        return walked()
       grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
       if grad is None or order == 1:
         return grad
@@ -171,15 +167,7 @@ def _derivatives(
     _core.warn_once(
       None, f"tf1hess: the rows cannot be built ({e}); taking the engine."
     )
-    return _graph_walk(
-      fn,
-      x,
-      unconnected_gradients,
-      plan,
-      diagonal=diagonal,
-      laplacian=laplacian,
-      check_independence=check_independence,
-    )
+    return walked()
 
 
 # Per function (weakly held): its input signatures and whether TensorFlow's
