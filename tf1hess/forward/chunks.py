@@ -137,32 +137,37 @@ def plan(x, ys, walked):
     walked apart (see the module's docstring; the reason is logged at
     INFO).
   """
-  if walked is None or not walked.connected or walked.mixes_samples:
+  if not _apart(walked):
     return None
   path = engine.path_ops(x, ys)
   size = _size(x, path, walked.work.largest)
-  if size is None:
-    return None
-  try:
-    copied = _copied_ops(x, path)
-  except _Shared as e:
-    logging.info("tf1hess: the engine walks %s whole: %s.", x.name, e)
-    return None
-  return Chunks(x, ys, path, copied, size)
+  return None if size is None else _copies(x, ys, path, size)
 
 
 def copier(x, ys, walked):
   """A `Chunks` of the whole batch (`size` `None`) for its `copy` of the
   model's ops, or `None` where `plan` could not walk the model in chunks
   for the model's sake (whatever the sizes)."""
-  if walked is None or not walked.connected or walked.mixes_samples:
-    return None
-  path = engine.path_ops(x, ys)
+  return (
+    _copies(x, ys, engine.path_ops(x, ys), None) if _apart(walked) else None
+  )
+
+
+def _apart(walked):
+  """Whether the walk `walked` keeps the samples apart (see `plan`)."""
+  return walked is not None and walked.connected and not walked.mixes_samples
+
+
+def _copies(x, ys, path, size):
+  """`Chunks(x, ys, path, ..., size)`, or `None` where a chunk cannot be
+  walked alone (`_copied_ops`; logged at INFO where chunks are planned)."""
   try:
     copied = _copied_ops(x, path)
-  except _Shared:
+  except _Shared as e:
+    if size is not None:
+      logging.info("tf1hess: the engine walks %s whole: %s.", x.name, e)
     return None
-  return Chunks(x, ys, path, copied, None)
+  return Chunks(x, ys, path, copied, size)
 
 
 def may_chunk(x, ys):

@@ -85,13 +85,13 @@ class Work:
     `new_ops` but not in `ran`, counts the entries read instead for the
     tensors of `maybe_unrun` whose ops are not in `ran`, and sets `largest`
     from those of `jacobians` that are."""
-    dropped = []
+    dropped = set()
     for values, push in self.pushes:
       if all(t.op in new_ops and t.op not in ran for t in values):
         self.add(
           flops=[-f for f in push.flops], entries=[-e for e in push.entries]
         )
-        dropped.extend(id(item) for item in push.maybe_unrun)
+        dropped.update(id(item) for item in push.maybe_unrun)
     self.pushes = []
     self.maybe_unrun = [i for i in self.maybe_unrun if id(i) not in dropped]
     for t, (fixed, per_sample), instead in self.maybe_unrun:
@@ -272,10 +272,9 @@ def _push(op, ins, outs, work, group=1):
       mine.jacobians.append((j.value, group * size[1]))
   if not mine.known:
     work.known = False
-  work.add(
-    flops=(mine.flops[0], group * mine.flops[1]),
-    entries=(mine.entries[0], group * mine.entries[1]),
-  )
+  mine.flops[1] *= group
+  mine.entries[1] *= group
+  work.add(flops=mine.flops, entries=mine.entries)
   work.maybe_unrun.extend(mine.maybe_unrun)
   work.jacobians.extend(mine.jacobians)
   values = [
@@ -287,8 +286,6 @@ def _push(op, ins, outs, work, group=1):
     # A rule may read the scales of these instead (a matmul by weights
     # of `sin(tanh(x W))`), or nothing may read them: then their values do
     # not run.
-    mine.flops[1] *= group
-    mine.entries[1] *= group
     work.pushes.append((values, mine))
 
 
@@ -1049,7 +1046,8 @@ def second_derivatives(ys, x, mode):
   # Not the values of Jacobians that only their parts or scales were read
   # of, or that nothing reads.
   new_ops = x.graph.get_operations()[ops_before:]
-  work.drop_unrun(_ran_ops(value, set(new_ops)), set(new_ops))
+  built = set(new_ops)
+  work.drop_unrun(_ran_ops(value, built), built)
   work.ops += len(new_ops)
   return Result(value, True, work, mixed)
 

@@ -406,7 +406,7 @@ def scale_chain(jac):
   root, factors = _chain(jac)
   if not factors:
     return None
-  return root, functools.reduce(lambda s, t: s * t, factors)
+  return root, _product(factors)
 
 
 def _chain(jac):
@@ -418,16 +418,20 @@ def _chain(jac):
   return jac, factors
 
 
+def _product(factors):
+  return functools.reduce(lambda s, t: s * t, factors)
+
+
 def _summed_scales(a, b):
   """`Jacobian.scaled` of `a + b` where both are scales of one Jacobian
   (`scale_chain`; a Jacobian itself is its own scale by 1): the product
   rule's two terms of `z * sigmoid(z)` (`(sigmoid(z) + z sigmoid'(z)) J_z`)
   are then one scale of `J_z`. Else `None`."""
-  if _chain(a)[0] is not _chain(b)[0]:
+  (root, of_a), (other, of_b) = _chain(a), _chain(b)
+  if root is not other:
     return None
   one = tf.constant(1, a.value.dtype)
-  root, s_a = scale_chain(a) or (a, one)
-  _, s_b = scale_chain(b) or (b, one)
+  s_a, s_b = (_product(f) if f else one for f in (of_a, of_b))
   return root, s_a + s_b
 
 
