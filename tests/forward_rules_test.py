@@ -30,6 +30,7 @@ from tf1hess.forward import structural
 _K = 12
 _RNG = np.random.default_rng(7)
 _W = _RNG.normal(size=(_K, _K)) / np.sqrt(_K)
+_W2 = np.random.default_rng(17).normal(size=(_K, _K)) / np.sqrt(_K)
 _F = _RNG.normal(size=(3, 3, 2, 3)) / 3.0  # 3x3 filters, 2 -> 3 channels.
 _F1 = _RNG.normal(size=(3, 2, 3)) / 2.0  # Width 3, 2 -> 3 channels.
 _FD = _RNG.normal(size=(2, 2, 2, 2)) / 2.0  # Depthwise, multiplier 2.
@@ -39,6 +40,11 @@ _F3 = _RNG.normal(size=(2, 2, 2, 1, 2)) / 2.0  # 2x2x2 filters, 1 -> 2.
 def _lin(x):
   """A dense layer: every entry depends on every feature."""
   return tf.matmul(x, tf.constant(_W, x.dtype)) + 0.3
+
+
+def _lin2(x):
+  """Another dense layer, of other weights."""
+  return tf.matmul(x, tf.constant(_W2, x.dtype)) - 0.2
 
 
 def _image(t, shape=(2, 3, 2)):
@@ -1215,6 +1221,14 @@ def _chained_activations(x):
   return tf.reduce_sum(tf.tanh(tf.matmul(h, _filter(_W[:, :4], x))), 1)
 
 
+def _gated_units(x):
+  """A SwiGLU unit and a GLU unit beside a dense layer, summed: scales of
+  three different weight matrices, folded into the next matmul."""
+  a, b = _lin(x), _lin2(x)
+  h = tf.nn.silu(a) * b + a * tf.sigmoid(b) + tf.matmul(x, _filter(_W.T, x))
+  return tf.reduce_sum(tf.tanh(tf.matmul(h, _filter(_W[:, :4], x))), 1)
+
+
 def _fourier_features(x):
   """`[sin(z), cos(z), x^2]` of a dense layer z, a tanh layer on them."""
   z = _lin(x)
@@ -1226,6 +1240,7 @@ def _fourier_features(x):
 _MODELS = {
   "chained_activations": _chained_activations,
   "fourier_features": _fourier_features,
+  "gated_units": _gated_units,
   "conv_tanh_maxpool_dense": lambda x: _conv_net(_image(x, (4, 3, 1))),
   "conv1d_gelu_avgpool": _conv1d_net,
   "depthwise_elu_avgpool": _depthwise_net,
@@ -1324,6 +1339,33 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
   )
   def test_folds_concatenated_scales(self, layer):
     self.assertFoldsAndAgrees(layer=layer)
+
+  @parameterized.named_parameters(
+    ("glu", lambda x: _lin(x) * tf.sigmoid(_lin2(x))),
+    ("swiglu", lambda x: tf.nn.silu(_lin(x)) * _lin2(x)),
+    ("gated_tanh", lambda x: tf.tanh(tf.tanh(_lin(x)) * tf.sin(_lin2(x)))),
+    ("residual", lambda x: _lin2(x) + tf.tanh(_lin(x))),
+    ("with_itself", lambda x: _lin(x) * tf.sigmoid(_lin2(x)) + _lin(x)),
+  )
+  def test_folds_sums_of_scales_of_several_layers(self, layer):
+    self.assertFoldsAndAgrees(layer=layer)
+
+  def test_sums_of_too_many_scales_do_not_fold(self):
+    def layer(x):  # Scales of six layers' weights.
+      gates = [tf.sin(_lin(x) * (i + 1.0)) * _lin2(x) for i in range(2)]
+      dense = [tf.tanh(tf.matmul(x, _filter(_W * i, x))) for i in (2.0, 3.0)]
+      return tf.add_n(gates + dense)
+
+    h, _, rows = self._hessians(tf.float64, folds=False, layer=layer)
+    self.assertAllClose(h, rows, atol=1e-12, rtol=1e-12)
+
+  def test_sums_through_too_many_units_do_not_fold(self):
+    # The next matmul has 4 units.
+    with mock.patch.object(structural, "_FOLD_UNITS", 3):
+      h, _, rows = self._hessians(
+        tf.float64, folds=False, layer=lambda x: _lin(x) * tf.sigmoid(_lin2(x))
+      )
+    self.assertAllClose(h, rows, atol=1e-12, rtol=1e-12)
 
   @parameterized.named_parameters(
     # A feature that does not depend on x, and one of a dense Jacobian.

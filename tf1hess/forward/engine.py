@@ -1012,6 +1012,7 @@ def second_derivatives(ys, x, mode):
       mode == jacobians.HESSIAN
       and term.symmetric
       and not (term.a.diagonal and term.b.diagonal)
+      and not jacobians.symmetric_outer(term, mode, batch)
     )
 
   if not grouped:

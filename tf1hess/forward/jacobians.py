@@ -149,7 +149,9 @@ class Jacobian:
   `scaled`: where `scale` made this Jacobian, `(jac, s)`: it is `jac`'s
   times `s` entry by entry (for `pulled_back` and `scale_chain`); where
   `add` summed two scales of one Jacobian, that one and the sum of their
-  factors; else `None`. `viewed`:
+  factors; else `None`. `summands`: where `add` summed scales of
+  different Jacobians shared by all samples, the list of `(root, s)` it is
+  the sum of, `s` `None` for 1 (`shared_scales`); else `None`. `viewed`:
   where a reshape made it, the Jacobian reshaped (the same entries in the
   same order), else `None`.
   """
@@ -161,6 +163,7 @@ class Jacobian:
     "source",
     "parts",
     "scaled",
+    "summands",
     "viewed",
   )
 
@@ -171,6 +174,7 @@ class Jacobian:
     self.source = None
     self.parts = None
     self.scaled = None
+    self.summands = None
     self.viewed = None
 
   @property
@@ -390,7 +394,52 @@ def add(a, b):
       parts = (a.parts or [(a, None)]) + (b.parts or [(b, None)])
       out.parts = parts if len(parts) <= _MAX_PARTS else None
   out.scaled = scaled
+  if scaled is None and not out.shared:
+    out.summands = _summands(a, b)
   return out
+
+
+# The most Jacobians shared by all samples a sum keeps as `summands`.
+_MAX_SUMMANDS = 4
+
+
+def shared_scales(jac):
+  """`[(root, s), ...]`: `jac` is the sum of `s * root` over the list, each
+  `root` shared by all samples (not diagonal) and each `s` a factor `(N,
+  *e)` or `None` for 1; or `None` where it is not such a sum.
+
+  A gated unit `(x A) * sigmoid(x B)` (GLU, SwiGLU) is `sigmoid(x B) A^T +
+  (x A) sigmoid'(x B) B^T`: two scaled weight matrices, which the next
+  layer's matmul folds (`structural._folded_matmul`) without writing the
+  `(N, K, H)` Jacobian of the unit.
+  """
+  if jac.shared and not jac.diagonal:
+    return [(jac, None)]
+  root, factors = _chain(jac)
+  s = _product(factors) if factors else None
+  if root.shared and not root.diagonal:
+    return [(root, s)]
+  if root.summands is None:
+    return None
+  if s is None:
+    return root.summands
+  return [(u, s if f is None else f * s) for u, f in root.summands]
+
+
+def _summands(a, b):
+  """`Jacobian.summands` of `a + b`, or `None`."""
+  terms = {}  # By the root's identity: `(root, s)`.
+  for jac in (a, b):
+    scales = None if jac.parts is not None else shared_scales(jac)
+    if scales is None:
+      return None
+    for u, s in scales:
+      if id(u) in terms:
+        one = tf.constant(1, u.value.dtype)
+        t = terms[id(u)][1]
+        s = (one if t is None else t) + (one if s is None else s)
+      terms[id(u)] = (u, s)
+  return list(terms.values()) if len(terms) <= _MAX_SUMMANDS else None
 
 
 def scale_chain(jac):
@@ -903,6 +952,14 @@ def outer_of_shared(term, mode, batch=None):
   return k * k * m <= _MAX_OUTER_ENTRIES and (batch is None or k <= batch)
 
 
+def symmetric_outer(term, mode, batch=None):
+  """Whether `contract` gives a symmetric term's whole Hessian `X + X^T`
+  as one matmul (even when asked for half of it): its factors are shared
+  by all samples and `outer_of_shared`, so the products of the factors are
+  summed with their transposes once, outside the samples."""
+  return term.a.shared and term.b.shared and outer_of_shared(term, mode, batch)
+
+
 def _is_one(c):
   """Whether `c` is the scalar 1, known when the graph is built."""
   value = tf.get_static_value(c) if isinstance(c, tf.Tensor) else c
@@ -931,16 +988,24 @@ def contract(term, mode, n, k, half=False, batch=None):
 
   if mode == HESSIAN:
     if outer_of_shared(Term(c, a, b), mode, batch):
-      # (N, M) @ (M, K K): one matmul by the products of the factors.
+      # (N, M) @ (M, K K): one matmul by the products of the factors, and
+      # of their transposes in a symmetric term (`symmetric_outer`).
+      both = term.symmetric and symmetric_outer(term, mode, batch)
+
       def products(ua, ub, k, m):
         ua = tf.reshape(ua, tf.stack([k, 1, m]))
         ub = tf.reshape(ub, tf.stack([1, k, m]))
-        return tf.reshape(ua * ub, tf.stack([k * k, m]))
+        prods = ua * ub
+        if both:
+          prods += tf.transpose(prods, [1, 0, 2])
+        return tf.reshape(prods, tf.stack([k * k, m]))
 
       prods = invariant(products, a.value, b.value, k, m)
       out = tf.reshape(
         tf.matmul(c, prods, transpose_b=True), tf.stack([n, k, k])
       )
+      if both:
+        return out
     elif b.shared:
       # (N K, M) @ (M, K): one matmul by the shared factor.
       left = tf.reshape(times_c(fa), tf.stack([n * k, m]))
