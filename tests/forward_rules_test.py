@@ -24,6 +24,7 @@ import tensorflow as tf
 import testing_utils
 import tf1hess
 from tf1hess.forward import dispatch
+from tf1hess.forward import jacobians
 from tf1hess.forward import registry
 from tf1hess.forward import structural
 
@@ -1229,6 +1230,14 @@ def _gated_units(x):
   return tf.reduce_sum(tf.tanh(tf.matmul(h, _filter(_W[:, :4], x))), 1)
 
 
+def _modified_mlp_layer(x):
+  """A layer of the modified MLP of physics-informed networks: `z` of a
+  hidden layer gates two encoders of x, `u` and `v`."""
+  u, v = tf.tanh(_lin(x)), tf.sin(_lin2(x))
+  z = tf.tanh(_lin(tf.tanh(_lin(x))))
+  return (1.0 - z) * u + z * v
+
+
 def _fourier_features(x):
   """`[sin(z), cos(z), x^2]` of a dense layer z, a tanh layer on them."""
   z = _lin(x)
@@ -1241,6 +1250,9 @@ _MODELS = {
   "chained_activations": _chained_activations,
   "fourier_features": _fourier_features,
   "gated_units": _gated_units,
+  "modified_mlp": lambda x: tf.reduce_sum(
+    tf.tanh(tf.matmul(_modified_mlp_layer(x), _filter(_W[:, :4], x))), 1
+  ),
   "conv_tanh_maxpool_dense": lambda x: _conv_net(_image(x, (4, 3, 1))),
   "conv1d_gelu_avgpool": _conv1d_net,
   "depthwise_elu_avgpool": _depthwise_net,
@@ -1276,8 +1288,9 @@ class FoldTest(tf.test.TestCase):
 class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
   """A matmul by weights of a function of a dense layer, as one matmul."""
 
-  def _hessians(self, dtype, folds, activation=tf.tanh, layer=None):
-    """`layer(x)` (else `activation` of a dense layer) by weights, tanh."""
+  def _hessians(self, dtype, folds, activation=tf.tanh, layer=None, also=None):
+    """`layer(x)` (else `activation` of a dense layer) by weights, tanh;
+    plus `also` of the layer, when given."""
     x_val = np.random.default_rng(3).normal(size=(5, _K))
     results = []
 
@@ -1293,6 +1306,8 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
       m = h.shape[1]
       w = np.random.default_rng(11).normal(size=(m, 4)) / np.sqrt(m)
       y = tf.reduce_sum(tf.tanh(tf.matmul(h, _filter(w, x))), 1)
+      if also is not None:
+        y += tf.reduce_sum(also(h), 1)
       outs = [
         tf1hess.batch_hessians(y, x, method="forward"),
         tf1hess.batch_laplacians(y, x, method="forward"),
@@ -1346,17 +1361,31 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
     ("gated_tanh", lambda x: tf.tanh(tf.tanh(_lin(x)) * tf.sin(_lin2(x)))),
     ("residual", lambda x: _lin2(x) + tf.tanh(_lin(x))),
     ("with_itself", lambda x: _lin(x) * tf.sigmoid(_lin2(x)) + _lin(x)),
+    ("modified_mlp", _modified_mlp_layer),
+    ("dense_and_shared", lambda x: tf.tanh(_lin(tf.tanh(_lin(x)))) * _lin2(x)),
   )
   def test_folds_sums_of_scales_of_several_layers(self, layer):
     self.assertFoldsAndAgrees(layer=layer)
 
-  def test_sums_of_too_many_scales_do_not_fold(self):
-    def layer(x):  # Scales of six layers' weights.
+  def test_sums_of_more_scales_than_kept(self):
+    def layer(x):  # Scales of six layers' weights, summed in turn.
       gates = [tf.sin(_lin(x) * (i + 1.0)) * _lin2(x) for i in range(2)]
       dense = [tf.tanh(tf.matmul(x, _filter(_W * i, x))) for i in (2.0, 3.0)]
       return tf.add_n(gates + dense)
 
-    h, _, rows = self._hessians(tf.float64, folds=False, layer=layer)
+    with mock.patch.object(jacobians, "_MAX_SUMMANDS", 4):
+      # The first five sum to a dense Jacobian: the last one folds.
+      h, _, rows = self._hessians(tf.float64, folds=True, layer=layer)
+    self.assertAllClose(h, rows, atol=1e-12, rtol=1e-12)
+
+  def test_sums_read_elsewhere_do_not_fold(self):
+    # A residual layer: the sum's Jacobian is written for its square.
+    h, _, rows = self._hessians(
+      tf.float64,
+      folds=False,
+      layer=lambda x: _lin2(x) + tf.tanh(_lin(x)),
+      also=tf.square,
+    )
     self.assertAllClose(h, rows, atol=1e-12, rtol=1e-12)
 
   def test_sums_through_too_many_units_do_not_fold(self):

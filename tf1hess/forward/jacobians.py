@@ -150,8 +150,8 @@ class Jacobian:
   times `s` entry by entry (for `pulled_back` and `scale_chain`); where
   `add` summed two scales of one Jacobian, that one and the sum of their
   factors; else `None`. `summands`: where `add` summed scales of
-  different Jacobians shared by all samples, the list of `(root, s)` it is
-  the sum of, `s` `None` for 1 (`shared_scales`); else `None`. `viewed`:
+  different Jacobians, the list of `(root, s)` it is the sum of, `s` `None`
+  for 1 (`linear_terms`); else `None`. `viewed`:
   where a reshape made it, the Jacobian reshaped (the same entries in the
   same order), else `None`.
   """
@@ -318,11 +318,27 @@ def scale(jac, s):
   dimensions than `v`, or a static batch of 1), a shared `jac` stays shared.
   """
   s = in_dtype(s, jac.value.dtype)
-  out = _scaled(jac, s)
+  out = _scaled(*_from_root(jac, s))
   if jac.parts is not None and not out.diagonal:
     out.parts = [(b, s if f is None else f * s) for b, f in jac.parts]
   out.scaled = (jac, s)
   return out
+
+
+def _from_root(jac, s):
+  """`(root, t)` with `scale(jac, s)` the same entries as `t * root`: where
+  `jac` is a dense chain of scales (`scale_chain`), its root (neither
+  diagonal nor with `parts`) and the product of the chain's factors with
+  `s` (`(N, *e)` at most, where the chain's Jacobians are K times larger):
+  one pass over the tangents for the chain's last link instead of one per
+  link, e.g. `-J_z` not written before `u * (1 - z)` scales it. Else
+  `(jac, s)`."""
+  if jac.shared or jac.diagonal or jac.parts is not None or not jac.scaled:
+    return jac, s
+  root, factors = _chain(jac)
+  if root.diagonal or root.parts is not None:
+    return jac, s
+  return root, _product([*factors, s])
 
 
 def _scaled(jac, s):
@@ -385,61 +401,92 @@ def add(a, b):
     out = _scaled(*scaled)
     out.scaled = scaled
     return out
+  summands = None
   if a.diagonal and b.diagonal:
     out = diagonal(a.value + b.value)
   else:
     a, b = materialize(a), materialize(b)
-    out = Jacobian(a.value + b.value, a.shared and b.shared)
+    value = a.value + b.value
+    if scaled is None and not (a.shared and b.shared):
+      summands, merged = _summands(a, b)
+      if merged:
+        # A Jacobian in both (`J_z` of `(1 - z) * u + z * v`): one
+        # product of it by the sum of its factors.
+        rebuilt = summed_terms(summands)
+        if rebuilt.shape.rank == value.shape.rank:
+          value = rebuilt
+    out = Jacobian(value, a.shared and b.shared)
     if a.parts is not None or b.parts is not None:
       parts = (a.parts or [(a, None)]) + (b.parts or [(b, None)])
       out.parts = parts if len(parts) <= _MAX_PARTS else None
   out.scaled = scaled
-  if scaled is None and not out.shared:
-    out.summands = _summands(a, b)
+  out.summands = summands
   return out
 
 
-# The most Jacobians shared by all samples a sum keeps as `summands`.
+# The most Jacobians a sum keeps as `summands`.
 _MAX_SUMMANDS = 4
 
 
-def shared_scales(jac):
+def linear_terms(jac):
   """`[(root, s), ...]`: `jac` is the sum of `s * root` over the list, each
-  `root` shared by all samples (not diagonal) and each `s` a factor `(N,
-  *e)` or `None` for 1; or `None` where it is not such a sum.
+  `root` a Jacobian that no `scale` or sum made (dense, or shared by all
+  samples; not diagonal, without `parts`), each `s` a factor that
+  broadcasts against the entries or `None` for 1; or `None` where `jac` is
+  not such a sum.
 
   A gated unit `(x A) * sigmoid(x B)` (GLU, SwiGLU) is `sigmoid(x B) A^T +
   (x A) sigmoid'(x B) B^T`: two scaled weight matrices, which the next
   layer's matmul folds (`structural._folded_matmul`) without writing the
-  `(N, K, H)` Jacobian of the unit.
+  `(N, K, H)` Jacobian of the unit; in a layer of the modified MLP of
+  physics-informed networks, `(1 - z) * u + z * v`, a dense `J_z` beside
+  them.
   """
-  if jac.shared and not jac.diagonal:
+  if jac.summands is not None:
+    return jac.summands
+  if jac.diagonal or jac.parts is not None:
+    return None
+  if jac.shared:
     return [(jac, None)]
   root, factors = _chain(jac)
-  s = _product(factors) if factors else None
-  if root.shared and not root.diagonal:
-    return [(root, s)]
-  if root.summands is None:
+  if root.diagonal or root.parts is not None:
     return None
+  s = _product(factors) if factors else None
+  if root.summands is None:
+    return [(root, s)]
   if s is None:
     return root.summands
   return [(u, s if f is None else f * s) for u, f in root.summands]
 
 
 def _summands(a, b):
-  """`Jacobian.summands` of `a + b`, or `None`."""
+  """`(summands, merged)`: `Jacobian.summands` of `a + b` (or `None`), and
+  whether a root is in both."""
   terms = {}  # By the root's identity: `(root, s)`.
+  merged = False
   for jac in (a, b):
-    scales = None if jac.parts is not None else shared_scales(jac)
-    if scales is None:
-      return None
-    for u, s in scales:
+    lin = linear_terms(jac)
+    if lin is None:
+      return None, False
+    for u, s in lin:
       if id(u) in terms:
+        merged = True
         one = tf.constant(1, u.value.dtype)
         t = terms[id(u)][1]
         s = (one if t is None else t) + (one if s is None else s)
       terms[id(u)] = (u, s)
-  return list(terms.values()) if len(terms) <= _MAX_SUMMANDS else None
+  if len(terms) > _MAX_SUMMANDS:
+    return None, False
+  return list(terms.values()), merged
+
+
+def summed_terms(terms):
+  """The value of the sum of `s * root` over `terms` (`linear_terms`);
+  shared ones broadcast against the dense ones."""
+  values = [
+    root.value if s is None else _scaled(root, s).value for root, s in terms
+  ]
+  return functools.reduce(lambda a, b: a + b, values)
 
 
 def scale_chain(jac):

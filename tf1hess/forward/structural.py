@@ -1027,7 +1027,10 @@ def _matmul(op, jacs, ctx):
         )
       )
     ]
-  folded = _folded_matmul(ja, w, tb)
+  alone = not any(
+    c is not op and c in ctx.path for c in op.inputs[0].consumers()
+  )
+  folded = _folded_matmul(ja, w, tb, alone)
   if folded is not None:
     return [folded]
   return [
@@ -1049,7 +1052,7 @@ _MAX_FOLDED_ENTRIES = 1 << 22
 _FOLD_UNITS = 128
 
 
-def _folded_matmul(jac, w, transpose_b):
+def _folded_matmul(jac, w, transpose_b, alone=True):
   """`J @ W` for `J = s * u` (`jacobians.scale_chain`), `u` `(K, H)`
   shared by all samples and `s` `(N, H)`: as `s @ M`, `M[h, (k, m)] = u[k,
   h] W[h, m]`.
@@ -1059,14 +1062,22 @@ def _folded_matmul(jac, w, transpose_b):
   product: `J` `(N, K, H)` is then never written, and `M`, the size of `K`
   weight matrices, does not depend on the samples. The same
   multiplications as `J @ W`. A sum of such products of R different `u`
-  (`jacobians.shared_scales`: a gated unit) is one matmul `[s_1 ... s_R]
+  (`jacobians.linear_terms`: a gated unit) is one matmul `[s_1 ... s_R]
   @ [M_1; ...; M_R]`: R times the multiplications of `J @ W`, where
-  writing `J` takes 2 R - 1 passes over `(N, K, H)` (see `_FOLD_UNITS`).
-  `None` where `jac` is not such a sum, or the `M`s would be larger than
-  `_MAX_FOLDED_ENTRIES`.
+  writing `J` takes R products and R - 1 sums over `(N, K, H)` (see
+  `_FOLD_UNITS`); dense terms beside them (the modified MLP's `(1 - z) *
+  u + z * v`) are written, summed and multiplied as they are, and the two
+  results added. A sum is folded only where the matmul is `alone` in
+  reading it (else its value is written all the same: a residual layer's
+  `h + tanh(h W)`). `None` where `jac` has no such terms, or the `M`s would
+  be larger than `_MAX_FOLDED_ENTRIES`.
   """
-  scales = None if jac.shared or jac.diagonal else jacobians.shared_scales(jac)
-  if scales is None or w.shape.rank != 2:
+  terms = None if jac.shared or jac.diagonal else jacobians.linear_terms(jac)
+  if terms is None or w.shape.rank != 2:
+    return None
+  scales = [(u, s) for u, s in terms if u.shared]
+  rest = [(u, s) for u, s in terms if not u.shared]
+  if not scales:
     return None
   rows, m = w.shape.as_list()[:: -1 if transpose_b else 1]
   first = scales[0][0].value
@@ -1076,7 +1087,7 @@ def _folded_matmul(jac, w, transpose_b):
   factors = [s for _, s in scales if s is not None]
   if rows != h or len(scales) * k * h * m > _MAX_FOLDED_ENTRIES:
     return None
-  if len(scales) > 1 and m > _FOLD_UNITS:
+  if len(terms) > 1 and (m > _FOLD_UNITS or not alone):
     return None
   for u, _ in scales:
     if u.value.shape.as_list() != [k, h] or u.value.dtype != first.dtype:
@@ -1095,8 +1106,14 @@ def _folded_matmul(jac, w, transpose_b):
     ones = tf.ones_like(factors[0]) if len(factors) < len(scales) else None
     s = tf.concat([ones if f is None else f for _, f in scales], 1)
   prods = jacobians.invariant(products, w, *(u.value for u, _ in scales))
-  out = tf.matmul(s, prods)
-  return jacobians.dense(tf.reshape(out, tf.stack([tf.shape(s)[0], k, m])))
+  out = tf.reshape(tf.matmul(s, prods), tf.stack([tf.shape(s)[0], k, m]))
+  if rest:
+    dense = jacobians.dense(jacobians.summed_terms(rest))
+    out += jacobians.apply_per_sample(
+      dense,
+      lambda t: tf.matmul(t, tf.cast(w, t.dtype), transpose_b=transpose_b),
+    ).value
+  return jacobians.dense(out)
 
 
 def _per_sample_row(s, h):
