@@ -471,9 +471,7 @@ def _summands(a, b):
     for u, s in lin:
       if id(u) in terms:
         merged = True
-        one = tf.constant(1, u.value.dtype)
-        t = terms[id(u)][1]
-        s = (one if t is None else t) + (one if s is None else s)
+        s = _summed_factors(terms[id(u)][1], s, u.value.dtype)
       terms[id(u)] = (u, s)
   if len(terms) > _MAX_SUMMANDS:
     return None, False
@@ -526,9 +524,14 @@ def _summed_scales(a, b):
   (root, of_a), (other, of_b) = _chain(a), _chain(b)
   if root is not other:
     return None
-  one = tf.constant(1, a.value.dtype)
-  s_a, s_b = (_product(f) if f else one for f in (of_a, of_b))
-  return root, s_a + s_b
+  s_a, s_b = (_product(f) if f else None for f in (of_a, of_b))
+  return root, _summed_factors(s_a, s_b, a.value.dtype)
+
+
+def _summed_factors(s, t, dtype):
+  """`s + t` for factors that may be `None` (1)."""
+  one = tf.constant(1, dtype)
+  return (one if s is None else s) + (one if t is None else t)
 
 
 def fit(jac, out):

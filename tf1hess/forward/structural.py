@@ -1033,11 +1033,14 @@ def _matmul(op, jacs, ctx):
   folded = _folded_matmul(ja, w, tb, alone)
   if folded is not None:
     return [folded]
-  return [
-    jacobians.apply_per_sample(
-      ja, lambda m: tf.matmul(m, tf.cast(w, m.dtype), transpose_b=tb)
-    )
-  ]
+  return [_by_weights(ja, w, tb)]
+
+
+def _by_weights(jac, w, transpose_b):
+  """`J @ W`, one matmul of the K tangents of every sample."""
+  return jacobians.apply_per_sample(
+    jac, lambda m: tf.matmul(m, tf.cast(w, m.dtype), transpose_b=transpose_b)
+  )
 
 
 # The most entries of the matrix `u * W` that `_folded_matmul` writes (16
@@ -1109,10 +1112,7 @@ def _folded_matmul(jac, w, transpose_b, alone=True):
   out = tf.reshape(tf.matmul(s, prods), tf.stack([tf.shape(s)[0], k, m]))
   if rest:
     dense = jacobians.dense(jacobians.summed_terms(rest))
-    out += jacobians.apply_per_sample(
-      dense,
-      lambda t: tf.matmul(t, tf.cast(w, t.dtype), transpose_b=transpose_b),
-    ).value
+    out += _by_weights(dense, w, transpose_b).value
   return jacobians.dense(out)
 
 
