@@ -1374,8 +1374,9 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
       return tf.add_n(gates + dense)
 
     with mock.patch.object(jacobians, "_MAX_SUMMANDS", 4):
-      # The first five sum to a dense Jacobian: the last one folds.
-      h, _, rows = self._hessians(tf.float64, folds=True, layer=layer)
+      # The first five sum to a dense Jacobian: the last one, a single
+      # shared term beside it, is not folded (`_folded_matmul`).
+      h, _, rows = self._hessians(tf.float64, folds=False, layer=layer)
     self.assertAllClose(h, rows, atol=1e-12, rtol=1e-12)
 
   def test_sums_read_elsewhere_do_not_fold(self):
