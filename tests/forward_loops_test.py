@@ -65,6 +65,18 @@ def _gru_time_major_from_a_state(x):
   return tf.reduce_sum(tf.sin(tf.transpose(outputs, [1, 0, 2])), [1, 2])
 
 
+def _projected_time_major(x):
+  """A dense layer over the rows `(T N, D)` of the time-major steps,
+  reshaped back to `(T, N, H)` for a time-major `dynamic_rnn` of an LSTM."""
+  rows = tf.reshape(_time_major(x), [-1, _D])
+  projected = tf.compat.v1.layers.dense(rows, 5, tf.nn.elu)
+  cell = tf.compat.v1.nn.rnn_cell.LSTMCell(3, dtype=tf.float64)
+  outputs, _ = tf.compat.v1.nn.dynamic_rnn(
+    cell, tf.reshape(projected, [_T, -1, 5]), dtype=tf.float64, time_major=True
+  )
+  return tf.reduce_sum(tf.sin(outputs[-1]), axis=1)
+
+
 def _stacked_cells(x):
   """Two layers of `BasicRNNCell`s (a state of nested tuples)."""
   cell = tf.compat.v1.nn.rnn_cell.MultiRNNCell(
@@ -170,6 +182,7 @@ def _folds_in_turn(x):
 _MODELS = {
   "lstm": _lstm,
   "gru_time_major_from_a_state": _gru_time_major_from_a_state,
+  "projected_time_major": _projected_time_major,
   "stacked_cells": _stacked_cells,
   "scan_of_two_states": _scan_of_two_states,
   "while_of_constant_length": _while_of_constant_length,
@@ -181,7 +194,13 @@ _MODELS = {
 }
 # The models of `tf.compat.v1.nn.rnn_cell` (Keras 2 on TensorFlow >= 2.16).
 _CELLS = frozenset(
-  ["lstm", "gru_time_major_from_a_state", "stacked_cells", "bidirectional"]
+  [
+    "lstm",
+    "gru_time_major_from_a_state",
+    "projected_time_major",
+    "stacked_cells",
+    "bidirectional",
+  ]
 )
 
 

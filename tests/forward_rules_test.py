@@ -1621,6 +1621,53 @@ def _attention_over_time_major(x):
   )
 
 
+def _split_time_major_rows(x):
+  """TF1 recurrent code's input: time-major, merged to rows `(T N, F)`,
+  split into steps `(N, F)` (`tf.split(..., T, 0)`), a cell run over them."""
+  moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])  # (3, N, 4)
+  steps = tf.split(tf.reshape(moved, [-1, 4]), 3, 0)
+  h = tf.zeros_like(steps[0][:, :2])
+  outputs = []
+  for step in steps:
+    h = tf.tanh(tf.matmul(step, _filter(_W[:4, :2], x)) + h * h)
+    outputs.append(h)
+  return tf.stack(outputs, 1)  # (N, 3, 2)
+
+
+def _dense_over_time_major_rows(x):
+  """A layer over the rows `(T N, F)` of a time-major tensor, reshaped back
+  to `(T, N, H)`, against the time-major tensor, then batch first."""
+  moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])  # (3, N, 4)
+  rows = tf.reshape(tf.sin(moved), [-1, 4])  # (3 N, 4)
+  h = tf.tanh(tf.matmul(rows, _filter(_W[:4, :2], x)) + 0.1)
+  h = tf.reshape(h * tf.reduce_sum(rows, 1, keepdims=True), [3, -1, 2])
+  return tf.transpose(h * moved[:, :, 1:3], [1, 0, 2])  # (N, 3, 2)
+
+
+def _halves_of_time_major_rows(x):
+  """Rows `(T N, F)` split into halves of T / 2 steps each, a layer over
+  each, reshaped back and concatenated along time."""
+  moved = tf.transpose(tf.reshape(x, [-1, 4, 3]), [1, 0, 2])  # (4, N, 3)
+  halves = tf.split(tf.reshape(moved, [-1, 3]), 2, 0)  # (2 N, 3) each
+  parts = [
+    tf.reshape(tf.sigmoid(h @ _filter(_W[:3, :2], x)) * h[:, :2], [2, -1, 2])
+    for h in halves
+  ]
+  start = tf.ones(tf.stack([1, tf.shape(x)[0], 2]), x.dtype)
+  return tf.transpose(tf.concat([start, *parts], 0), [1, 0, 2])  # (N, 5, 2)
+
+
+def _time_major_rows_of_other_axes(x):
+  """A batch axis second after a transpose of other axes, and entries of
+  rank 2 merged into rows of rank 1."""
+  moved = tf.transpose(tf.reshape(x, [-1, 4, 3]), [2, 0, 1])  # (3, N, 4)
+  rows = tf.reshape(tf.tanh(moved), [-1, 4])
+  moved4 = tf.transpose(tf.reshape(x, [-1, 3, 2, 2]), [1, 0, 2, 3])
+  rows4 = tf.reshape(moved4, [-1, 4])  # (3 N, 4)
+  h = tf.reshape(tf.exp(0.3 * rows) * tf.cos(rows4), [3, -1, 4])
+  return tf.transpose(h, [1, 2, 0])  # (N, 4, 3)
+
+
 class MovedBatchAxisTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
@@ -1640,6 +1687,10 @@ class MovedBatchAxisTest(
         _batch_first_against_time_major,
         _reduced_time_major,
         _attention_over_time_major,
+        _split_time_major_rows,
+        _dense_over_time_major_rows,
+        _halves_of_time_major_rows,
+        _time_major_rows_of_other_axes,
       ]
     )
   )
@@ -1678,6 +1729,55 @@ class MovedBatchAxisTest(
       out = rnn(tf.reshape(x, [-1, 3, 4]))
       y = tf.reduce_sum(tf.sin(out), axis=[1, 2])
       _check(self, x, y, x_val, rows=False, variables=True)
+
+  @parameterized.parameters(
+    testing_utils.in_turn(cell=["BasicLSTMCell", "GRUCell"])
+  )
+  def test_static_rnn_over_split_time_major_rows(self, cell, cf):
+    # The input of TF1 recurrent networks as tutorials wrote it: steps
+    # transposed time-major, merged to rows and split (`tf.split(..., T, 0)`).
+    testing_utils.legacy_keras(self)
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      steps = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
+      steps = tf.split(tf.reshape(steps, [-1, 4]), 3, 0)
+      rnn_cell = getattr(tf.compat.v1.nn.rnn_cell, cell)(3, dtype=tf.float64)
+      outputs, _ = tf.compat.v1.nn.static_rnn(rnn_cell, steps, dtype=tf.float64)
+      y = tf.compat.v1.layers.dense(outputs[-1], 1, tf.nn.softplus)[:, 0]
+      _check(self, x, y, x_val, variables=True)
+
+  @parameterized.named_parameters(
+    ("to_samples", lambda rows: tf.reshape(rows, [-1, 12])),
+    ("to_steps_of_other_entries", lambda rows: tf.reshape(rows, [3, -1, 2])),
+  )
+  def test_time_major_rows_reshaped_otherwise_raise(self, reshape):
+    # Rows `t N + n` reshaped to other than `(T, N, ...)`: rows of several
+    # samples, not followed.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      steps = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
+      y = tf.reduce_sum(tf.sin(reshape(tf.reshape(steps, [-1, 4]))), -1)
+      with self.assertRaisesRegex(
+        ValueError, "the rows of a time-major tensor to other than"
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+
+  def test_other_reshapes_of_moved_tensors_mix_samples(self):
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      steps = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
+      flat = tf.reshape(steps, [3, -1])  # (3, N 4): each row mixes samples
+      y = tf.reduce_sum(tf.tanh(flat)) * x[:, 1]
+      with self.assertRaisesRegex(ValueError, "nonlinear in a tensor"):
+        tf1hess.batch_hessians(y, x, method="forward")
+      auto = tf1hess.batch_hessians(y, x)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        auto_val, rows_val = sess.run([auto, rows], {x: x_val})
+    self.assertAllClose(auto_val, rows_val, atol=1e-12)
 
   @parameterized.named_parameters(
     # tf.einsum of three operands contracts the weights with one first,

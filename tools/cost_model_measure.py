@@ -265,6 +265,22 @@ def elementwise(x, rng):
   return tf.reduce_sum(tf.sin(x) * tf.exp(-x * x), axis=1)
 
 
+def lstm(x, rng, units=16, features=2):
+  """An LSTM cell of `units` over `K / features` steps, fed as TF1 code did
+  (time-major, merged to rows, split into steps), linear read-out."""
+  k = x.shape[1]
+  steps = tf.transpose(tf.reshape(x, [-1, k // features, features]), [1, 0, 2])
+  steps = tf.split(tf.reshape(steps, [-1, features]), k // features, 0)
+  h = tf.zeros_like(steps[0][:, :1]) * tf.zeros([1, units], x.dtype)
+  c = h
+  for t, step in enumerate(steps):
+    z = _dense(tf.concat([step, h], 1), 4 * units, rng, f"cell{t}")
+    i, j, f, o = tf.split(z, 4, 1)
+    c = c * tf.sigmoid(f + 1.0) + tf.sigmoid(i) * tf.tanh(j)
+    h = tf.tanh(c) * tf.sigmoid(o)
+  return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
+
+
 MODELS = {
   "rbf_softplus": rbf_softplus,
   "wide_softplus": wide_softplus,
@@ -290,6 +306,7 @@ MODELS = {
   "swish_mlp": swish_mlp,
   "rms_mlp": rms_mlp,
   "glu": glu,
+  "lstm": lstm,
 }
 
 # The cases `--calibrate` fits the constants of `dispatch` to: models that

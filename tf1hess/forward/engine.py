@@ -520,6 +520,7 @@ class _Context:
     self.samples = n
     self.group = 1
     self.lead_one = False
+    self.time_major = False
     self.k = k
     self.dtype = dtype
     self.path = frozenset(path)  # The ops the walk follows.
@@ -717,7 +718,8 @@ class _MovedTwin:
       ctx.k,
       ctx.dtype,
     )
-    self.group, self.lead_one, self.path = 1, False, ctx.path
+    self.group, self.lead_one, self.time_major = 1, False, False
+    self.path = ctx.path
     return self
 
   def moved(self, jacobian):
@@ -749,14 +751,14 @@ class _GroupedContext:
   """The `_Context` of an op on tensors of `group` rows per sample.
 
   Its curvature terms are made terms per sample (`jacobians.ungroup_term`).
+  `rows` is `registry.Regrouped.rows`.
   """
 
-  def __init__(self, ctx, group, lead_one, ungrouped):
+  def __init__(self, ctx, rows, ungrouped):
     self._ctx = ctx
-    self.n = ctx.samples * group
+    self.group, self.lead_one, self.time_major = rows
+    self.n = ctx.samples * self.group
     self.samples = ctx.samples
-    self.group = group
-    self.lead_one = lead_one
     self.path = ctx.path
     self.k = ctx.k
     self.dtype = ctx.dtype
@@ -768,18 +770,24 @@ class _GroupedContext:
   def curvature(self, tensor, build, elementwise=False):
     def per_sample(adj):
       return [
-        jacobians.ungroup_term(t, self.group, self.samples, self._ungrouped)
+        jacobians.ungroup_term(
+          t, self.group, self.samples, self._ungrouped, self.time_major
+        )
         for t in build(adj)
       ]
 
     self._ctx.curvature(tensor, per_sample, elementwise)
 
 
+# The rows of tensors whose rows are samples (see `registry.Regrouped.rows`).
+_SAMPLES = (1, False, False)
+
+
 def _group_of(op, ins, groups):
-  """The rows per sample of the dependent inputs of `op` (1: samples), and
-  whether those rows are behind an axis of 1 (see `registry.Regrouped`)."""
+  """How the rows of the dependent inputs of `op` group (`_SAMPLES`, or
+  `registry.Regrouped.rows`)."""
   found = {
-    groups.get(_key(t), (1, False))
+    groups.get(_key(t), _SAMPLES)
     for t, j in zip(op.inputs, ins)
     if isinstance(j, jacobians.Jacobian)
   }
@@ -789,7 +797,8 @@ def _group_of(op, ins, groups):
       " tensors whose rows are parts of samples (after a reshape that merges"
       " the batch with other axes)"
     )
-  group, lead_one = found.pop() if found else (1, False)
+  rows = found.pop() if found else _SAMPLES
+  group, lead_one, _ = rows
   if lead_one and op.type not in registry.LEAD_ONE:
     raise Unsupported(
       f"{op.type} ({op.name}) reads a tensor whose batch axis is its second"
@@ -801,7 +810,7 @@ def _group_of(op, ins, groups):
       " (a reshape merged the batch with other axes, as tf.tensordot does);"
       " only ops that work row by row may follow it"
     )
-  return group, lead_one
+  return rows
 
 
 def _identity_jacobian(x, k):
@@ -924,7 +933,7 @@ def second_derivatives(ys, x, mode):
       outs = rule.fn(twin_op, ins, moved_ctx(ctx))
       _push(twin_op, ins, outs, work)
       outs = [None if j is None else moved_ctx.moved(j) for j in outs]
-      group, lead_one = 1, False
+      rows = _SAMPLES
     elif any(j is registry.MIXED for j in ins):
       linear = rule.linear(op, ins) if callable(rule.linear) else rule.linear
       if not linear:
@@ -938,30 +947,30 @@ def second_derivatives(ys, x, mode):
           f" ({before} before it)"
         )
       outs = [registry.MIXED] * len(op.outputs)
-      group, lead_one = 1, False
+      rows = _SAMPLES
     else:
-      group, lead_one = _group_of(op, ins, groups)
+      rows = _group_of(op, ins, groups)
       if not rule.diagonal:
         ins = [_materialize(j, work) for j in ins]
       rule_ctx = ctx
-      if group > 1 or lead_one:
-        rule_ctx = _GroupedContext(ctx, group, lead_one, ungrouped)
+      if rows != _SAMPLES:
+        rule_ctx = _GroupedContext(ctx, rows, ungrouped)
       outs = rule.fn(op, ins, rule_ctx)
-      if group > 1 or lead_one:
+      if rows != _SAMPLES:
         # A moved batch axis of rows that are parts of samples: not followed.
         outs = [
           registry.MIXED if isinstance(j, registry.Moved) else j for j in outs
         ]
-      _push(op, ins, outs, work, group)
+      _push(op, ins, outs, work, rows[0])
     mixed = mixed or any(j is registry.MIXED for j in outs)
     for t, j in zip(op.outputs, outs):
-      out = (group, lead_one)
+      out = rows
       if isinstance(j, registry.Regrouped):
-        j, out = j.jacobian, (j.group, j.lead_one)
+        j, out = j.jacobian, j.rows
       if j is not None and _key(t) in dependent:
         if isinstance(j, jacobians.Jacobian):
-          _set_static_shape(j, t, x, *out)
-        if out != (1, False):
+          _set_static_shape(j, t, x, *out[:2])
+        if out != _SAMPLES:
           groups[_key(t)] = out
         jacs[_key(t)] = j
 

@@ -290,11 +290,12 @@ def group(jac, rows, n, entry_shape):
   return dense(tf.reshape(value, shape))
 
 
-def ungroup(jac, rows, n):
+def ungroup(jac, rows, n, time_major=False):
   """The Jacobian `(N, K, G M)` of a tensor of G rows per sample.
 
   The inverse of `group`: `jac` is `(N G, K, *e)` (or shared), the entries
-  of each sample's G rows are flattened in order.
+  of each sample's G rows are flattened in order. With `time_major`, row
+  `g N + n` is part `g` of sample `n` (see `registry.Regrouped`).
   """
   jac = materialize(jac)
   part = _size(jac)
@@ -305,9 +306,14 @@ def ungroup(jac, rows, n):
     )
     return shared(tf.reshape(value, tf.stack([k, rows * part])))
   k = dims(jac.value, 1, 2)[0]
-  value = tf.transpose(
-    tf.reshape(jac.value, tf.stack([n, rows, k, part])), [0, 2, 1, 3]
-  )
+  if time_major:
+    value = tf.transpose(
+      tf.reshape(jac.value, tf.stack([rows, n, k, part])), [1, 2, 0, 3]
+    )
+  else:
+    value = tf.transpose(
+      tf.reshape(jac.value, tf.stack([n, rows, k, part])), [0, 2, 1, 3]
+    )
   return dense(tf.reshape(value, tf.stack([n, k, rows * part])))
 
 
@@ -752,20 +758,24 @@ def _viewed_c(c, jac, n):
   return tf.reshape(_full_c(c, jac, n), concat([n], jac.viewed.entry_shape()))
 
 
-def ungroup_term(term, rows, n, ungrouped):
+def ungroup_term(term, rows, n, ungrouped, time_major=False):
   """`term` of tensors of `rows` rows per sample, as a term per sample.
 
   `ungrouped` caches the Jacobians `ungroup` made, by identity, so that
-  terms on the same Jacobian still share it.
+  terms on the same Jacobian still share it. `time_major`: see `ungroup`.
   """
 
   def convert(jac):
     if id(jac) not in ungrouped:
-      ungrouped[id(jac)] = (jac, ungroup(jac, rows, n))
+      ungrouped[id(jac)] = (jac, ungroup(jac, rows, n, time_major))
     return ungrouped[id(jac)][1]
 
   a = materialize(term.a)
-  c = tf.reshape(_full_c(term.c, a, n * rows), tf.stack([n, rows * _size(a)]))
+  size = _size(a)
+  c = _full_c(term.c, a, n * rows)
+  if time_major:
+    c = tf.transpose(tf.reshape(c, tf.stack([rows, n, size])), [1, 0, 2])
+  c = tf.reshape(c, tf.stack([n, rows * size]))
   return Term(c, convert(term.a), convert(term.b), term.symmetric)
 
 

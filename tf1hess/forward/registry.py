@@ -104,12 +104,25 @@ class Regrouped:
   axis, behind an axis of 1 (Keras `LayerNormalization` reshapes to `(1,
   N G, M, 1)` for a fused batch normalization whose channels are the
   rows); only `LEAD_ONE` ops may follow it.
+
+  With `time_major`, row `g N + n` holds part `g` of sample `n`: the
+  reshape of a time-major tensor `(T, N, *e)` to `(T N, *e)` (TF1 recurrent
+  code's `tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, F])` before
+  `tf.split(..., T, 0)` or a dense layer). `jacobian` is `(T N, K, *e')`,
+  its rows in the same order. A reshape back to `(T, N, *e')` gives a
+  `Moved` `jacobian` of `group` 1.
   """
 
-  def __init__(self, jacobian, group, lead_one=False):
+  def __init__(self, jacobian, group, lead_one=False, time_major=False):
     self.jacobian = jacobian
     self.group = group
     self.lead_one = lead_one
+    self.time_major = time_major
+
+  @property
+  def rows(self):
+    """How the rows group: `(group, lead_one, time_major)`."""
+    return (self.group, self.lead_one, self.time_major)
 
 
 # Op types whose rules follow tensors `(1, N G, *e')` (see `Regrouped`).

@@ -185,10 +185,76 @@ def _one_row_per_sample(j, ctx, out):
   return registry.Regrouped(per_sample.with_value(value), 1)
 
 
+def _static_entries(shape):
+  """The number of entries of a static `TensorShape`, or `None`."""
+  return shape.num_elements() if shape.is_fully_defined() else None
+
+
+def _time_major_rows(op, j, ctx):
+  """The Jacobian of a reshape of a time-major tensor `(T, N, *e)` (a
+  `registry.Moved` with the batch axis second) to rows `(T N, *e')`: rows
+  `t N + n` (`registry.Regrouped` with `time_major`), or `MIXED` for other
+  reshapes of moved tensors."""
+  u = op.inputs[0]
+  e_out = _entry_shape(op)
+  if (
+    u.shape.rank is None
+    or u.shape.rank < 2
+    or j.perm[1] != 0
+    or tf.compat.dimension_value(u.shape[0]) is None
+    or e_out is None
+    or _static_entries(u.shape[2:]) != int(np.prod(e_out, dtype=np.int64))
+  ):
+    return MIXED
+  steps = tf.compat.dimension_value(u.shape[0])
+  # Each sample's entries in the moved tensor's order, `(T, *e)`.
+  order = [0, j.perm[0], *j.perm[2:]]
+  value = jacobians.to_dense(
+    jacobians.apply_per_sample(j.jacobian, lambda m: tf.transpose(m, order)),
+    ctx.n,
+  )
+  rank = value.shape.rank
+  value = tf.transpose(value, [2, 0, 1, *range(3, rank)])  # (T, N, K, *e)
+  shape = jacobians.concat([steps * ctx.n], jacobians.dims(value, 2, 3), e_out)
+  return registry.Regrouped(
+    jacobians.dense(tf.reshape(value, shape)), steps, time_major=True
+  )
+
+
+def _time_major_back(op, j, ctx):
+  """The Jacobian of a reshape of rows `t N + n` (see `_time_major_rows`)
+  to a time-major tensor `(T, N, *e')`: a `registry.Moved` of samples."""
+  u, out = op.inputs[0], op.outputs[0]
+  if (
+    out.shape.rank is None
+    or out.shape.rank < 2
+    or tf.compat.dimension_value(out.shape[0]) != ctx.group
+    or _static_entries(u.shape[1:]) is None
+    or _static_entries(out.shape[2:]) != _static_entries(u.shape[1:])
+  ):
+    raise registry.Unsupported(
+      f"Reshape ({op.name}) reshapes the rows of a time-major tensor to "
+      "other than (T, N, ...)"
+    )
+  value = jacobians.to_dense(j, ctx.n)  # (T N, K, *e)
+  shape = jacobians.concat(
+    [ctx.group, ctx.samples],
+    jacobians.dims(value, 1, 2),
+    out.shape[2:].as_list(),
+  )
+  value = tf.reshape(value, shape)
+  rank = value.shape.rank
+  value = tf.transpose(value, [1, 2, 0, *range(3, rank)])  # (N, K, T, *e')
+  moved = registry.Moved(jacobians.dense(value), [1, 0, *range(2, rank - 1)])
+  return registry.Regrouped(moved, 1)
+
+
 @registry.register("Reshape", linear=True)
 @registry.of_first_input
 def _reshape(op, j, ctx):
   out = op.outputs[0]
+  if isinstance(j, registry.Moved):
+    return [_time_major_rows(op, j, ctx)]
   if ctx.lead_one:
     # The shapes of the normalization lost the entries; its Jacobian has them.
     e_in = j.value.shape[j.lead :]
@@ -213,6 +279,8 @@ def _reshape(op, j, ctx):
   if rows == ctx.group:
     # Row by row, as many rows per sample.
     return [jacobians.apply_per_sample(j, _reshape_entries(out))]
+  if ctx.time_major:
+    return [_time_major_back(op, j, ctx)]
   if rows is not None and ctx.group == 1:
     entries = tf.shape(out)[1:]
     merged = jacobians.group(j, rows, ctx.samples, entries)
@@ -351,6 +419,8 @@ def _concat(op, jacs, ctx):
     join = tf.stack
   if all(j is None for j in jacs):
     return [None]
+  if op.type == "ConcatV2" and any(isinstance(j, registry.Moved) for j in jacs):
+    return [_moved_concat(jacs, values, axis % rank, ctx)]
   if any(j is MIXED or isinstance(j, registry.Moved) for j in jacs):
     return [MIXED]
   if axis % rank == 0:
@@ -363,6 +433,30 @@ def _concat(op, jacs, ctx):
   if op.type == "ConcatV2" and not out.shared:
     out.scaled = _joined_scales(jacs, values, axis)
   return [out]
+
+
+def _moved_concat(jacs, values, axis, ctx):
+  """The Jacobian of a concatenation of tensors moved by one permutation
+  (`registry.Moved`; or not depending on x) along an axis other than their
+  batch axis (time-major steps joined along time): moved too, the
+  concatenation of theirs along the axis it was; else `MIXED`."""
+  moved = [j for j in jacs if j is not None]
+  if not all(isinstance(j, registry.Moved) for j in moved):
+    return MIXED
+  perm = moved[0].perm
+  if any(j.perm != perm for j in moved) or perm[axis] == 0:
+    return MIXED
+  inverse = [int(p) for p in np.argsort(perm)]
+  joined = _per_sample_join(
+    [None if j is None else j.jacobian for j in jacs],
+    ctx,
+    [
+      t if j is not None else tf.transpose(t, inverse)
+      for t, j in zip(values, jacs)
+    ],
+    lambda ms: tf.concat(ms, perm[axis]),
+  )
+  return registry.Moved(joined, perm)
 
 
 def _joined_scales(jacs, values, axis):
@@ -957,11 +1051,32 @@ def _split_outputs(op, j, axis, rank, fn):
   return parts
 
 
+def _time_major_steps(j, num, ctx):
+  """The Jacobians of `tf.split(v, num, 0)` of a tensor `v` of rows `t N +
+  n` (see `_time_major_rows`), `num` dividing its T: each part has T / num
+  steps of every sample (one step: a tensor of samples)."""
+  steps = ctx.group // num
+  parts = [j] * num if j.shared else tf.split(j.value, num, axis=0)
+  return [
+    registry.Regrouped(
+      part if j.shared else jacobians.dense(part), steps, time_major=steps > 1
+    )
+    for part in parts
+  ]
+
+
 @registry.register("Split", linear=True)
 def _split(op, jacs, ctx):
   axis = int(registry.static_value(op.inputs[0], "axis", op))
   rank = registry.static_rank(op.inputs[1], op)
   num = len(op.outputs)
+  if (
+    jacs[1] is not None
+    and axis % rank == 0
+    and ctx.time_major
+    and ctx.group % num == 0
+  ):
+    return _time_major_steps(jacs[1], num, ctx)
   return _split_outputs(
     op, jacs[1], axis, rank, lambda m: tf.split(m, num, axis=axis)
   )
@@ -1347,6 +1462,7 @@ def _ordered(mine, other, i):
 
 registry.rowwise(
   "Reshape",
+  "Split",
   "ExpandDims",
   "Squeeze",
   "Transpose",
@@ -1364,6 +1480,7 @@ registry.rowwise(
   "MatMul",
 )
 registry.moves(
+  "Reshape",
   "Transpose",
   "Unpack",
   "Pack",
