@@ -35,6 +35,15 @@ _W2 = np.random.default_rng(17).normal(size=(_K, _K)) / np.sqrt(_K)
 _F = _RNG.normal(size=(3, 3, 2, 3)) / 3.0  # 3x3 filters, 2 -> 3 channels.
 _F1 = _RNG.normal(size=(3, 2, 3)) / 2.0  # Width 3, 2 -> 3 channels.
 _FD = _RNG.normal(size=(2, 2, 2, 2)) / 2.0  # Depthwise, multiplier 2.
+# Well-conditioned matrices to solve by: lower triangular 3 x 3 and K x K,
+# square 3 x 3 and K x K.
+_SOLVE_RNG = np.random.default_rng(23)
+_TRI3, _TRI, _SQ3, _SQ = (
+  np.tril(_SOLVE_RNG.normal(size=(d, d))) / d + 2.0 * np.eye(d)
+  if lower
+  else _SOLVE_RNG.normal(size=(d, d)) / d + 2.0 * np.eye(d)
+  for d, lower in ((3, True), (_K, True), (3, False), (_K, False))
+)
 _F3 = _RNG.normal(size=(2, 2, 2, 1, 2)) / 2.0  # 2x2x2 filters, 1 -> 2.
 
 
@@ -634,6 +643,54 @@ _RULES = {
       + tf.math.reduce_euclidean_norm(x[:, :1] - 3.0, axis=1)[:, None]
     ),
   ),
+  # Right-hand sides (N, 3, 4) by a lower and an upper (adjoint) triangle,
+  # and the columns of tf.transpose(x) (a Mahalanobis distance's).
+  "MatrixTriangularSolve": (
+    "MatrixTriangularSolve",
+    lambda x: tf.concat(
+      [
+        tf.reshape(
+          tf.linalg.triangular_solve(
+            _filter(_TRI3, x), tf.reshape(tf.sin(_lin(x)), [-1, 3, 4])
+          ),
+          [-1, _K],
+        ),
+        tf.reshape(
+          tf.linalg.triangular_solve(
+            _filter(_TRI3.T, x),
+            tf.reshape(x * x, [-1, 3, 4]),
+            lower=False,
+            adjoint=True,
+          ),
+          [-1, _K],
+        ),
+        tf.transpose(
+          tf.linalg.triangular_solve(_filter(_TRI, x), tf.transpose(x))
+        ),
+      ],
+      1,
+    ),
+  ),
+  # A matrix per sample (constant) against a Jacobian shared by all samples
+  # and a dense one, and the adjoint against columns of samples.
+  "MatrixSolve": (
+    "MatrixSolve",
+    lambda x: (
+      lambda a: tf.concat(
+        [
+          tf.reshape(tf.linalg.solve(a, tf.reshape(x, [-1, 3, 4])), [-1, _K]),
+          tf.reshape(
+            tf.linalg.solve(a, tf.reshape(tf.tanh(_lin(x)), [-1, 3, 4])),
+            [-1, _K],
+          ),
+          tf.transpose(
+            tf.linalg.solve(_filter(_SQ, x), tf.transpose(x * x), adjoint=True)
+          ),
+        ],
+        1,
+      )
+    )(tf.broadcast_to(_filter(_SQ3, x), tf.stack([tf.shape(x)[0], 3, 3]))),
+  ),
   # The main diagonal (a trace), and a band of two diagonals padded by 5.
   "MatrixDiagPartV3": (
     "MatrixDiagPartV3",
@@ -766,6 +823,8 @@ FLOAT32_OP_TYPES = {
 
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
+  "MatrixTriangularSolve",
+  "MatrixSolve",
   "TopKV2",
   "Xlogy",
   "Xlog1py",
@@ -2139,6 +2198,24 @@ class Float32LayerNormTest(tf.test.TestCase, parameterized.TestCase):
 
 class DeclineTest(tf.test.TestCase, parameterized.TestCase):
   """What the rules do not follow: `method="forward"` says why."""
+
+  @parameterized.parameters(tf.linalg.triangular_solve, tf.linalg.solve)
+  def test_solve_by_a_matrix_of_x(self, solve):
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      a = tf.linalg.band_part(tf.reshape(tf.sin(x[:, :9]), [-1, 3, 3]), -1, 0)
+      a += 3.0 * tf.eye(3, dtype=x.dtype)
+      y = tf.reduce_sum(solve(a, tf.reshape(x[:, :6], [-1, 3, 2])), [1, 2])
+      with self.assertRaisesRegex(
+        ValueError, "solves by a matrix that depends on x"
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+      auto = tf1hess.batch_hessians(y, x)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        auto_val, rows_val = sess.run([auto, rows], {x: x_val})
+    self.assertAllClose(auto_val, rows_val, atol=1e-12)
 
   def test_filter_of_x(self):
     with tf.Graph().as_default():

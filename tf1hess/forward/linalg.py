@@ -7,8 +7,13 @@ through the op with the same diagonals and bands, the constant
 (`padding_value`) made 0. The matrices must be entries of one sample: an
 input of rank 2 would make the batch axis an axis of the matrices, which
 mixes samples.
+
+`tf.linalg.triangular_solve` and `tf.linalg.solve` by a matrix that does
+not depend on x are linear in their right-hand side: its tangents are
+solved alike, as more columns of it.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tf1hess.forward import jacobians
@@ -67,6 +72,67 @@ def _diag(op, j, ctx):
 def _band_part(op, j, ctx):
   _check_batched(op, op.inputs[0], 2)
   return _on_tangents(op, j)
+
+
+def _solved(op, m):
+  """The op's solve of `m` as its right-hand side, by its own matrix (in
+  the dtype of `m`)."""
+  return registry.twin(op, matrix=tf.cast(op.inputs[0], m.dtype), rhs=m)
+
+
+def _solves_by_a_constant(op, jacs):
+  return jacs[0] is None
+
+
+@registry.register(
+  "MatrixTriangularSolve", "MatrixSolve", linear=_solves_by_a_constant
+)
+def _solve(op, jacs, ctx):
+  """`A^-1 B` (of a triangular `A`, or of its adjoint) for `A` that does
+  not depend on x: the tangents of `B` `(N, *b, M, P)` are solved as more
+  columns, `(N, *b, M, P K)`, so that `A` broadcasts against them as
+  against `B` (a matrix per sample too). A right-hand side whose batch
+  axis is its columns, `tf.transpose(x)` `(M, N)` (a Mahalanobis distance
+  by a Cholesky factor), is `registry.Moved`: each sample's tangents are
+  such columns."""
+  if jacs[0] is not None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) solves by a matrix that depends on x"
+    )
+  j = jacs[1]
+  if j is None:
+    return [None]
+  rhs = op.inputs[1]
+  if isinstance(j, registry.Moved):
+    if j.perm != [1, 0] or registry.static_rank(op.inputs[0], op) != 2:
+      return [registry.MIXED]
+    return [
+      registry.Moved(
+        jacobians.apply_per_sample(
+          j.jacobian, lambda m: tf.transpose(_solved(op, tf.transpose(m)))
+        ),
+        j.perm,
+      )
+    ]
+  _check_batched(op, rhs, 2)
+  per_sample = registry.static_rank(op.inputs[0], op) == rhs.shape.rank
+  if per_sample:
+    j = jacobians.dense(jacobians.to_dense(j, ctx.n))
+  value = j.value
+  tangents = 0 if j.shared else 1
+  rank = value.shape.rank
+  perm = [a for a in range(rank) if a != tangents] + [tangents]
+  moved = tf.transpose(value, perm)  # (..., M, P, K)
+  shape = jacobians.dims(moved)
+  columns = tf.reshape(
+    moved, jacobians.concat(shape[:-2], [shape[-2] * shape[-1]])
+  )
+  solved = tf.reshape(_solved(op, columns), jacobians.concat(shape))
+  value = tf.transpose(solved, [int(p) for p in np.argsort(perm)])
+  return [j.with_value(value)]
+
+
+registry.moves("MatrixTriangularSolve", "MatrixSolve")
 
 
 registry.rowwise(
