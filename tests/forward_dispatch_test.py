@@ -205,6 +205,26 @@ class WorkTest(tf.test.TestCase):
       self.assertEqual(parts["ops"], len(backward))
       self.assertGreater(parts["ops"], len(engine.path_ops(x, [y])))
 
+  def test_time_major_tensors_count_their_entries_per_sample(self):
+    # (T, N, F) holds T F entries of each sample, at any static N; where
+    # the batch is not given (a weight matrix), the entries after the first
+    # axis.
+    self.assertEqual(engine.sample_size(tf.TensorShape([3, 8, 4]), 8), 12)
+    self.assertEqual(engine.sample_size(tf.TensorShape([3, 8, 4]), None), 32)
+    self.assertEqual(engine.sample_size(tf.TensorShape([8, 4]), 8), 4)
+    parts = []
+    for n in (8, 16):
+      with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float64, [n, 12])
+        steps = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
+        h = tf.tanh(steps) * tf.matmul(
+          steps, tf.constant(_RNG.normal(size=(4, 4)))
+        )
+        y = tf.reduce_sum(tf.sin(tf.transpose(h, [1, 0, 2])), [1, 2])
+        (g,) = tf.gradients(y, x)
+        parts.append(dispatch.row_parts([y], x, g, forward.HESSIAN))
+    self.assertEqual(parts[0], parts[1])
+
   def test_unknown_sizes_are_guessed(self):
     # As TensorFlow's gradients of broadcasts (in some versions) sum over
     # axes known only at run time.

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 import tf1hess
 from tf1hess.forward import dispatch
+from tf1hess.forward import engine
 
 _CASES = flags.DEFINE_list("cost_cases", ["all"], "model:NxK cases, or all.")
 _QUANTITY = flags.DEFINE_enum(
@@ -269,6 +270,7 @@ def lstm(x, rng, units=16, features=2):
   """An LSTM cell of `units` over `K / features` steps, fed as TF1 code did
   (time-major, merged to rows, split into steps), linear read-out."""
   k = x.shape[1]
+  features = features if k % features == 0 else 1
   steps = tf.transpose(tf.reshape(x, [-1, k // features, features]), [1, 0, 2])
   steps = tf.split(tf.reshape(steps, [-1, features]), k // features, 0)
   h = tf.zeros_like(steps[0][:, :1]) * tf.zeros([1, units], x.dtype)
@@ -394,11 +396,20 @@ def measure(model, n, k, quantity, runs, static_batch=False):
 
     def spy(ys, x, grad, mode, walked, plan=None):
       estimates["forward"] = dispatch.seconds(walked.work, n)
-      estimates["rows"] = dispatch.seconds(
-        dispatch.rows_work(ys, x, grad, mode), n
-      )
+      rows = dispatch.rows_work(ys, x, grad, mode)
+      if dispatch.seconds(rows, 1) is None:
+        rows = dispatch._rows_work_with_static_batch(ys, x, mode, plan)  # pylint: disable=protected-access
+      estimates["rows"] = dispatch.seconds(rows, n)
       work["forward"] = walked.work.at(n)
       parts = dispatch.row_parts(ys, x, grad, mode)
+      if parts is None:
+        # Shapes lost where N is not static: as `dispatch` does, a copy.
+        graph, x_copy, ys_copy = dispatch._static_batch_copy(  # pylint: disable=protected-access
+          x, ys, engine.path_ops(x, ys)
+        )
+        with graph.as_default():
+          grad_copy = tf.gradients(ys_copy, x_copy)[0]
+          parts = dispatch.row_parts(ys_copy, x_copy, grad_copy, mode)
       work["rows"] = tuple(
         n * parts[name] * (1 if name == "once" else parts["k"])
         for name in ("flops", "products", "others", "once", "again")
@@ -574,9 +585,9 @@ def calibrate(quantity, runs):
     n, k = (int(v) for v in shape.split("x"))
     r = measure(model, n, k, quantity, runs)
     print(case, {e: (r[e], r["work"][e]) for e in features}, flush=True)
-    for engine in features:
-      features[engine].append(r["work"][engine])
-      times[engine].append(r[engine])
+    for method in features:
+      features[method].append(r["work"][method])
+      times[method].append(r[method])
   constants = fit(features, times)
   print("seconds per flop, entry:", constants[:2])
   print(

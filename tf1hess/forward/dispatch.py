@@ -116,15 +116,18 @@ def row_parts(ys, x, grad, mode, plan=None):
     return None
   out = {jacobians.HESSIAN: k * k, jacobians.DIAGONAL: k}.get(mode, 1)
   path = engine.path_ops(x, ys)
-  full = engine.pass_work(path)
-  plain = engine.pass_work(path, transcendental=0)
+  batch = tf.compat.dimension_value(x.shape[0])
+  full = engine.pass_work(path, batch=batch)
+  plain = engine.pass_work(path, transcendental=0, batch=batch)
   if not full.known:
     return None
   backward = engine.path_ops(x, [grad])
   products = engine.pass_work(
-    backward, other_weight=0, transcendental=0, guess=True
+    backward, other_weight=0, transcendental=0, guess=True, batch=batch
   )
-  everything = engine.pass_work(backward, transcendental=0, guess=True)
+  everything = engine.pass_work(
+    backward, transcendental=0, guess=True, batch=batch
+  )
   again = 0
   for op in path:
     functions = ROW_EVALUATES.get(op.type, ())

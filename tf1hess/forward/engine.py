@@ -126,6 +126,28 @@ def _static_size(shape):
   return shape.num_elements()
 
 
+def sample_size(shape, batch=None):
+  """The entries per sample of a tensor of static `shape`, or `None`.
+
+  Those after its first axis, the batch axis of most tensors (a weight
+  matrix counts one row); but where the batch size `batch` is static and
+  the first axis is not it while exactly one other axis is (a time-major
+  `(T, N, F)`), all but that axis. `batch` is `None` for tensors that do
+  not depend on x (a weight matrix whose columns are as many as the
+  samples). (Where N is not static, the estimates of `dispatch` are made on
+  a copy of the model where it is.)
+  """
+  if shape.rank is None:
+    return None
+  dims = shape.as_list()
+  if batch is not None and dims and dims[0] not in (None, batch):
+    inner = [i for i, d in enumerate(dims) if d == batch]
+    others = [d for i, d in enumerate(dims) if i not in inner]
+    if len(inner) == 1 and None not in others:
+      return int(np.prod(others, dtype=np.int64))
+  return _static_size(shape[1:])
+
+
 # Ops whose outputs are views of their inputs: TensorFlow copies nothing.
 VIEWS = frozenset(
   """EnsureShape ExpandDims Identity IdentityN PreventGradient Reshape
@@ -133,8 +155,9 @@ VIEWS = frozenset(
 )
 
 
-def op_flops(op):
-  """Flops of `op` per sample (its batch axis first), or `None` if unknown.
+def op_flops(op, batch=None):
+  """Flops of `op` per sample, or `None` if unknown (`batch`: see
+  `sample_size`).
 
   Products: 2 per multiply-add; convolutions (`_CONVOLUTIONS`)
   `_CONV_FLOP_WEIGHT` times that; views (`VIEWS`): none; any other op: one
@@ -143,7 +166,7 @@ def op_flops(op):
   """
   if op.type in VIEWS:
     return 0
-  outs = [_static_size(t.shape[1:]) for t in op.outputs if t.shape.rank]
+  outs = [sample_size(t.shape, batch) for t in op.outputs if t.shape.rank]
   if any(size is None for size in outs):
     return None
   out = sum(outs)
@@ -440,15 +463,20 @@ def extra_entries(op_type, transcendental=_TRANSCENDENTAL_ENTRIES):
 
 
 def pass_work(
-  ops, other_weight=1, transcendental=_TRANSCENDENTAL_ENTRIES, guess=False
+  ops,
+  other_weight=1,
+  transcendental=_TRANSCENDENTAL_ENTRIES,
+  guess=False,
+  batch=None,
 ):
   """The `Work` per sample of one pass (forward or backward) through `ops`.
 
   Flops from `op_flops`; entries: every floating input and output, counted
-  by its entries after the first axis (per sample; a weight matrix counts
-  one row), and `extra_entries` more per output entry of a transcendental
-  function (`transcendental` for most; 0: none); the entries of ops other
-  than products weigh `other_weight`; views (`VIEWS`) cost nothing. With
+  by its entries per sample (`sample_size` with the static N `batch`: after
+  the first axis, a weight matrix one row), and `extra_entries` more per
+  output entry of a transcendental function (`transcendental` for most; 0:
+  none); the entries of ops other than products weigh `other_weight`;
+  views (`VIEWS`) cost nothing. With
   `guess`, a tensor whose size is not static counts as the largest static
   one of its op (TensorFlow's gradients of broadcasts sum over axes known
   only at run time), and unknown flops as none; without, the `Work` is
@@ -457,10 +485,11 @@ def pass_work(
   TensorFlow to `(None, None)`, are the size of its logits).
   """
   work = Work()
+  walked = set(ops)  # Their outputs carry the batch; weights do not.
   for op in ops:
     if op.type in VIEWS:
       continue
-    flops = op_flops(op)
+    flops = op_flops(op, batch)
     if flops is None and guess:
       flops = 0
     work.add(flops=None if flops is None else (0, flops))
@@ -472,7 +501,10 @@ def pass_work(
       + [(t, 1 + extra) for t in op.outputs]
       if t.dtype.is_floating and t.shape.rank
     ]
-    sizes = [_static_size(t.shape[1:]) for t, _ in tensors]
+    sizes = [
+      sample_size(t.shape, batch if t.op in walked else None)
+      for t, _ in tensors
+    ]
     outputs = [size for size, (t, _) in zip(sizes, tensors) if t.op is op]
     if guess:
       largest = max([size for size in sizes if size is not None], default=0)
@@ -1042,7 +1074,7 @@ def second_derivatives(ys, x, mode):
     parts.append(half + tf.transpose(half, [0, 2, 1]))
   value = tf.add_n(parts)
   # The adjoints: one backward pass, about the work of the forward one.
-  backward = pass_work(path)
+  backward = pass_work(path, batch=tf.compat.dimension_value(x.shape[0]))
   work.add(flops=backward.flops, entries=backward.entries)
   if not backward.known:
     work.known = False
