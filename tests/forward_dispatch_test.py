@@ -525,18 +525,21 @@ class RowsCannotDifferentiateTest(parameterized.TestCase, tf.test.TestCase):
 class NeitherTest(tf.test.TestCase):
   """Neither the rows nor the engine can build the second derivatives."""
 
-  def test_local_response_normalization_raises_naming_the_op(self):
-    # TensorFlow has no gradient of LRNGrad; the engine no rule for LRN.
+  def test_dilation_raises_naming_the_op(self):
+    # TensorFlow has no gradient of Dilation2DBackpropInput; the engine no
+    # rule for Dilation2D (a morphological dilation).
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float32, [None, 12])
-      images = tf.reshape(tf.tanh(x), [-1, 1, 3, 4])
-      normalized = tf.nn.local_response_normalization(images, 1)
-      y = tf.reduce_sum(tf.sin(normalized), axis=[1, 2, 3])
+      images = tf.reshape(tf.tanh(x), [-1, 2, 3, 2])
+      dilated = tf.nn.dilation2d(
+        images, tf.ones([2, 2, 2]), [1, 1, 1, 1], "SAME", "NHWC", [1, 1, 1, 1]
+      )
+      y = tf.reduce_sum(tf.sin(dilated), axis=[1, 2, 3])
       with self.assertLogs(level="WARNING"):
         with self.assertRaisesRegex(
           LookupError,
-          r"no gradient of LRNGrad \(.*\), which the row loop "
-          "differentiates, and the forward engine cannot follow",
+          r"no gradient of Dilation2DBackpropInput \(.*\), which the row "
+          "loop differentiates, and the forward engine cannot follow",
         ):
           tf1hess.batch_hessians(y, x)
       with self.assertRaisesRegex(LookupError, "method='auto' takes"):

@@ -813,6 +813,7 @@ _L2_LOSSES = {
 
 # Op types tested in float32 here (their CPU kernels have no float64).
 FLOAT32_OP_TYPES = {
+  "LRN",
   "AvgPool3D",
   "FusedBatchNorm",
   "FusedBatchNormV2",
@@ -1958,6 +1959,50 @@ def _check_float32(test, model, equivalent, rows=True):
   test.assertAllClose(
     lap_val, np.einsum("nii->n", reference), atol=1e-5, rtol=1e-4
   )
+
+
+def _lrn_by_windows(u, radius, bias, alpha, beta):
+  """TensorFlow's `LRN` of `u` `(N, H, W, C)`, a window at a time."""
+  channels = u.shape[-1]
+  sums = [
+    tf.reduce_sum(tf.square(u[..., max(0, c - radius) : c + radius + 1]), -1)
+    for c in range(channels)
+  ]
+  return u / tf.pow(bias + alpha * tf.stack(sums, -1), beta)
+
+
+class Float32LocalResponseNormalizationTest(
+  tf.test.TestCase, parameterized.TestCase
+):
+  """`tf.nn.local_response_normalization` runs in float32 only, and
+  TensorFlow has no gradient of its gradient: no rows."""
+
+  @parameterized.parameters((2, 1.0, 0.3, 0.75), (1, 2.0, 1e-1, 0.5))
+  def test_lrn(self, radius, bias, alpha, beta):
+    def model(x, lrn):
+      images = tf.reshape(tf.sin(_lin(x)), [-1, 1, 2, 6])
+      out = lrn(images * 2.0, radius, bias, alpha, beta)
+      return tf.reduce_sum(
+        tf.tanh(out) * tf.reshape(x, [-1, 1, 2, 6]), [1, 2, 3]
+      )
+
+    _check_float32(
+      self,
+      lambda x: model(x, tf.nn.local_response_normalization),
+      lambda x: model(x, _lrn_by_windows),
+      rows=False,
+    )
+
+  def test_auto_takes_the_engine_where_the_rows_cannot(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
+      y = tf.reduce_sum(
+        tf.nn.local_response_normalization(tf.reshape(x, [-1, 2, 1, 6])) ** 2,
+        [1, 2, 3],
+      )
+      with self.assertRaisesRegex(LookupError, "no gradient of LRNGrad"):
+        tf1hess.batch_hessians(y, x, method="while_loop")
+      self.assertEqual(tf1hess.batch_laplacians(y, x).shape.as_list(), [None])
 
 
 class Float32ConvolutionTest(tf.test.TestCase, parameterized.TestCase):

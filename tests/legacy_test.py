@@ -496,19 +496,24 @@ class AddHessianOpsTest(tf.test.TestCase, parameterized.TestCase):
       legacy.add_hessian_ops(self._graph(x_dtype=tf.int32), "x:0", "y:0")
 
   def test_no_second_derivative_error(self):
-    # TensorFlow has no gradient of LRNGrad, and the forward engine no rule
-    # of LRN.
+    # TensorFlow has no gradient of Dilation2DBackpropInput, and the forward
+    # engine no rule of Dilation2D.
     with tf.Graph().as_default() as graph:
       x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="x")
-      images = tf.nn.local_response_normalization(
-        tf.reshape(tf.tanh(x), [-1, 1, 2, 2]), 1
+      images = tf.nn.dilation2d(
+        tf.reshape(tf.tanh(x), [-1, 1, 2, 2]),
+        tf.ones([1, 1, 2]),
+        [1, 1, 1, 1],
+        "SAME",
+        "NHWC",
+        [1, 1, 1, 1],
       )
       y = tf.reduce_sum(images, [1, 2, 3])
     with self.assertRaisesRegex(
       ValueError,
       r"`ys` must be twice differentiable with respect to `xs`; no second "
       r"derivatives of `ys` with respect to x:0: TensorFlow has no gradient "
-      r"of LRNGrad \(.*\)",
+      r"of Dilation2DBackpropInput \(.*\)",
     ):
       legacy.add_hessian_ops(graph, x, y)
 

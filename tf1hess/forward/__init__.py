@@ -1,5 +1,6 @@
 """The forward engine: per-sample second derivatives op by op (see engine)."""
 
+from tf1hess.forward import composite  # noqa: F401 (registers rules)
 from tf1hess.forward import conv  # noqa: F401 (registers rules)
 from tf1hess.forward import elementwise  # noqa: F401 (registers rules)
 from tf1hess.forward import linalg  # noqa: F401 (registers rules)

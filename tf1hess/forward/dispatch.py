@@ -734,8 +734,8 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
 
   Raises:
     LookupError: when the rows are to be built but TensorFlow has no
-      gradient of an op of the gradient graph (`LRNGrad`: neither can
-      build the second derivatives), naming it.
+      gradient of an op of the gradient graph (`Dilation2DBackpropInput`:
+      neither can build the second derivatives), naming it.
   """
   if rows is None:
     # Through a control flow v1 loop: no rows, the engine alone.

@@ -1,0 +1,122 @@
+"""Forward rules of ops that are compositions of ops with rules.
+
+TensorFlow runs `tf.nn.local_response_normalization` (`LRN`, in TF1 image
+models after a convolution or a pool) as one kernel, and has no gradient of
+its gradient, so neither the rows nor `tape.batch_jacobian` differentiate
+it twice. It is a composition of ops that have rules: the rule builds that
+composition beside the op, from the op's inputs, and walks it with their
+rules (`walk`). A curvature term of a tensor of the composition reads that
+tensor's adjoint, pulled back from the op's through the composition
+(`tf.gradients` with the op's adjoint as `grad_ys`); the op's outputs keep
+the model's values, the composition's Jacobians stand for theirs.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tf1hess.forward import jacobians
+from tf1hess.forward import registry
+
+
+class _Within:
+  """The `_Context` of the ops of a composition standing for `op`."""
+
+  def __init__(self, ctx, op, outputs, ops):
+    self._ctx = ctx
+    self._op = op
+    self._outputs = outputs
+    self.n, self.samples, self.k, self.dtype = (
+      ctx.n,
+      ctx.samples,
+      ctx.k,
+      ctx.dtype,
+    )
+    self.group, self.lead_one, self.time_major = 1, False, False
+    self.path = ctx.path | frozenset(ops)
+
+  def dense_matmul(self):
+    self._ctx.dense_matmul()
+
+  def curvature(self, tensor, build, elementwise=False):
+    del elementwise  # The adjoint is pulled back whole.
+
+    def pulled_back(adj):
+      (inner,) = tf.gradients(
+        self._outputs,
+        tensor,
+        grad_ys=[adj],
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+      )
+      return build(inner)
+
+    self._ctx.curvature(self._op.outputs[0], pulled_back)
+
+
+def walk(op, jacs, ctx, compose):
+  """The Jacobians of `op`'s first output, `compose(*op.inputs)`.
+
+  Raises:
+    registry.Unsupported: where an op of the composition has no rule, or
+      gives what the walk of the model would have to regroup.
+  """
+  if ctx.group != 1 or ctx.lead_one:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) reads a tensor whose rows are not samples"
+    )
+  if any(isinstance(j, registry.Moved) for j in jacs):
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) reads a tensor whose batch axis is moved"
+    )
+  graph = op.graph
+  before = len(graph.get_operations())
+  with tf.name_scope(f"{op.name.split('/')[-1]}_composed"):
+    output = compose(*op.inputs)
+  ops = graph.get_operations()[before:]
+  within = _Within(ctx, op, output, ops)
+  known = {t.ref(): j for t, j in zip(op.inputs, jacs) if j is not None}
+  for inner in ops:
+    ins = [known.get(t.ref()) for t in inner.inputs]
+    if all(j is None for j in ins):
+      continue
+    rule = registry.RULES.get(inner.type)
+    if rule is None:
+      raise registry.Unsupported(
+        f"no forward rule for op type {inner.type} in {op.type} ({op.name})"
+      )
+    if not rule.diagonal:
+      ins = [
+        jacobians.materialize(j)
+        if isinstance(j, jacobians.Jacobian) and j.diagonal
+        else j
+        for j in ins
+      ]
+    for t, j in zip(inner.outputs, rule.fn(inner, ins, within)):
+      if j is not None and not isinstance(j, jacobians.Jacobian):
+        raise registry.Unsupported(
+          f"{inner.type} in {op.type} ({op.name}) gives {j!r}"
+        )
+      if j is not None:
+        known[t.ref()] = j
+  return [known.get(output.ref())]
+
+
+def _local_response_normalization(u, op):
+  """`u / (bias + alpha s)^beta`, `s` the sum of squares of `u` over
+  `depth_radius` channels each side, as TensorFlow's `LRN` kernel."""
+  channels = tf.compat.dimension_value(u.shape[-1])
+  if u.shape.rank != 4 or channels is None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has channels known only at run time"
+    )
+  radius = op.get_attr("depth_radius")
+  bias, alpha, beta = (op.get_attr(a) for a in ("bias", "alpha", "beta"))
+  i = np.arange(channels)
+  window = (np.abs(i[:, None] - i[None, :]) <= radius).astype(np.float64)
+  s = tf.einsum("nhwc,cd->nhwd", tf.square(u), tf.constant(window, u.dtype))
+  return u * tf.pow(bias + alpha * s, tf.constant(-beta, u.dtype))
+
+
+@registry.register("LRN")
+@registry.of_first_input
+def _lrn(op, j, ctx):
+  return walk(op, [j], ctx, lambda u: _local_response_normalization(u, op))
