@@ -644,7 +644,8 @@ _RULES = {
     ),
   ),
   # Right-hand sides (N, 3, 4) by a lower and an upper (adjoint) triangle,
-  # and the columns of tf.transpose(x) (a Mahalanobis distance's).
+  # the columns of tf.transpose(x) (a Mahalanobis distance's), and vectors
+  # (N, 2, 3, 1).
   "MatrixTriangularSolve": (
     "MatrixTriangularSolve",
     lambda x: tf.concat(
@@ -666,6 +667,12 @@ _RULES = {
         ),
         tf.transpose(
           tf.linalg.triangular_solve(_filter(_TRI, x), tf.transpose(x))
+        ),
+        tf.reshape(
+          tf.linalg.triangular_solve(
+            _filter(_TRI3, x), tf.reshape(tf.tanh(x[:, :6]), [-1, 2, 3, 1])
+          ),
+          [-1, 6],
         ),
       ],
       1,

@@ -80,6 +80,19 @@ def _solved(op, m):
   return registry.twin(op, matrix=tf.cast(op.inputs[0], m.dtype), rhs=m)
 
 
+def _inverse(op, dtype):
+  """The op's solve of the identity, `A^-1` (of the triangle, or of the
+  adjoint: what the op multiplies its right-hand side by), built once
+  outside the chunks; `None` unless `A` is one static square matrix."""
+  a = op.inputs[0]
+  if a.shape.rank != 2 or not a.shape.is_fully_defined():
+    return None
+  size = tf.compat.dimension_value(a.shape[0])
+  return jacobians.invariant(
+    lambda a: _solved(op, tf.eye(size, dtype=dtype)), a
+  )
+
+
 def _solves_by_a_constant(op, jacs):
   return jacs[0] is None
 
@@ -89,12 +102,17 @@ def _solves_by_a_constant(op, jacs):
 )
 def _solve(op, jacs, ctx):
   """`A^-1 B` (of a triangular `A`, or of its adjoint) for `A` that does
-  not depend on x: the tangents of `B` `(N, *b, M, P)` are solved as more
-  columns, `(N, *b, M, P K)`, so that `A` broadcasts against them as
-  against `B` (a matrix per sample too). A right-hand side whose batch
-  axis is its columns, `tf.transpose(x)` `(M, N)` (a Mahalanobis distance
-  by a Cholesky factor), is `registry.Moved`: each sample's tangents are
-  such columns."""
+  not depend on x is linear in `B`.
+
+  Where `A` is one matrix `(M, M)`, the tangents are multiplied by `A^-1`
+  (`_inverse`), one matmul by it: a right-hand side whose batch axis is its
+  columns, `tf.transpose(x)` `(M, N)` (a Mahalanobis distance by a
+  Cholesky factor; `registry.Moved`), has each sample's tangents `(K, M)`
+  times `A^-T`, and one of vectors `(N, *b, M, 1)` its tangents `(N K *b,
+  M)` times `A^-T` too. Else the tangents of `B` `(N, *b, M, P)` are solved
+  as more columns, `(N, *b, M, P K)`, so that `A` broadcasts against them
+  as against `B` (a matrix per sample too).
+  """
   if jacs[0] is not None:
     raise registry.Unsupported(
       f"{op.type} ({op.name}) solves by a matrix that depends on x"
@@ -104,17 +122,29 @@ def _solve(op, jacs, ctx):
     return [None]
   rhs = op.inputs[1]
   if isinstance(j, registry.Moved):
-    if j.perm != [1, 0] or registry.static_rank(op.inputs[0], op) != 2:
+    inverse = _inverse(op, j.jacobian.value.dtype)
+    if j.perm != [1, 0] or inverse is None:
       return [registry.MIXED]
     return [
       registry.Moved(
         jacobians.apply_per_sample(
-          j.jacobian, lambda m: tf.transpose(_solved(op, tf.transpose(m)))
+          j.jacobian, lambda m: tf.matmul(m, inverse, transpose_b=True)
         ),
         j.perm,
       )
     ]
   _check_batched(op, rhs, 2)
+  inverse = _inverse(op, j.value.dtype)
+  if inverse is not None and tf.compat.dimension_value(rhs.shape[-1]) == 1:
+    # Vectors: `(..., M, 1)` holds the entries of `(..., M)`.
+    def times_inverse(m):
+      shape = jacobians.dims(m)
+      rows = tf.reshape(m, [-1, shape[-2]])
+      return tf.reshape(
+        tf.matmul(rows, inverse, transpose_b=True), jacobians.concat(shape)
+      )
+
+    return [jacobians.apply_per_sample(j, times_inverse)]
   per_sample = registry.static_rank(op.inputs[0], op) == rhs.shape.rank
   if per_sample:
     j = jacobians.dense(jacobians.to_dense(j, ctx.n))
