@@ -905,6 +905,19 @@ def _differences(sess, x, y, x_val):
   )
 
 
+def _assert_declined(test, x, y, message):
+  """`method="forward"` raises `message` for `y` (in the default graph), and
+  auto gives the rows' Hessians."""
+  with test.assertRaisesRegex(ValueError, message):
+    tf1hess.batch_hessians(y, x, method="forward")
+  auto = tf1hess.batch_hessians(y, x)
+  rows = tf1hess.batch_hessians(y, x, method="while_loop")
+  with tf.compat.v1.Session() as sess:
+    feed = {x: _RNG.normal(size=(3, _K))}
+    auto_val, rows_val = sess.run([auto, rows], feed)
+  test.assertAllClose(auto_val, rows_val, atol=1e-12)
+
+
 def _check(test, x, y, x_val, rows=True, variables=False):
   """Checks the engine's Hessians, diagonals and Laplacians of `y`.
 
@@ -1831,21 +1844,6 @@ class MovedBatchAxisTest(
       ):
         tf1hess.batch_hessians(y, x, method="forward")
 
-  def test_other_reshapes_of_moved_tensors_mix_samples(self):
-    x_val = _RNG.normal(size=(3, _K))
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
-      steps = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
-      flat = tf.reshape(steps, [3, -1])  # (3, N 4): each row mixes samples
-      y = tf.reduce_sum(tf.tanh(flat)) * x[:, 1]
-      with self.assertRaisesRegex(ValueError, "nonlinear in a tensor"):
-        tf1hess.batch_hessians(y, x, method="forward")
-      auto = tf1hess.batch_hessians(y, x)
-      rows = tf1hess.batch_hessians(y, x, method="while_loop")
-      with tf.compat.v1.Session() as sess:
-        auto_val, rows_val = sess.run([auto, rows], {x: x_val})
-    self.assertAllClose(auto_val, rows_val, atol=1e-12)
-
   @parameterized.named_parameters(
     # tf.einsum of three operands contracts the weights with one first,
     # "ij,ni->jn": its batch index is second.
@@ -1890,23 +1888,18 @@ class MovedBatchAxisTest(
     ("samples_reversed", lambda moved: moved[:, ::-1]),
     ("new_axis", lambda moved: moved[None, :, 1:]),
     ("gathered_samples", lambda moved: tf.gather(moved, [1, 0], axis=1)),
+    # (3, N 4): not rows `t N + n`, each row mixes samples.
+    ("reshaped_across_samples", lambda moved: tf.reshape(moved, [3, -1])),
   )
   def test_slice_along_a_moved_batch_axis_mixes_samples(self, sliced):
     # A slice that takes part of the batch axis, or new axes: not followed,
     # and auto takes the rows.
-    x_val = _RNG.normal(size=(3, _K))
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       moved = tf.transpose(tf.reshape(x, [-1, 3, 4]), [1, 0, 2])
       h = tf.reshape(tf.tanh(sliced(moved)), [-1])
       y = x[:, 0] * tf.reduce_sum(tf.sin(h))
-      with self.assertRaisesRegex(ValueError, "nonlinear in a tensor"):
-        tf1hess.batch_hessians(y, x, method="forward")
-      auto = tf1hess.batch_hessians(y, x)
-      rows = tf1hess.batch_hessians(y, x, method="while_loop")
-      with tf.compat.v1.Session() as sess:
-        auto_val, rows_val = sess.run([auto, rows], {x: x_val})
-    self.assertAllClose(auto_val, rows_val, atol=1e-12)
+      _assert_declined(self, x, y, "nonlinear in a tensor")
 
 
 class DilatedBlockTest(
@@ -2253,21 +2246,12 @@ class DeclineTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(tf.linalg.triangular_solve, tf.linalg.solve)
   def test_solve_by_a_matrix_of_x(self, solve):
-    x_val = _RNG.normal(size=(3, _K))
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       a = tf.linalg.band_part(tf.reshape(tf.sin(x[:, :9]), [-1, 3, 3]), -1, 0)
       a += 3.0 * tf.eye(3, dtype=x.dtype)
       y = tf.reduce_sum(solve(a, tf.reshape(x[:, :6], [-1, 3, 2])), [1, 2])
-      with self.assertRaisesRegex(
-        ValueError, "solves by a matrix that depends on x"
-      ):
-        tf1hess.batch_hessians(y, x, method="forward")
-      auto = tf1hess.batch_hessians(y, x)
-      rows = tf1hess.batch_hessians(y, x, method="while_loop")
-      with tf.compat.v1.Session() as sess:
-        auto_val, rows_val = sess.run([auto, rows], {x: x_val})
-    self.assertAllClose(auto_val, rows_val, atol=1e-12)
+      _assert_declined(self, x, y, "solves by a matrix that depends on x")
 
   def test_filter_of_x(self):
     with tf.Graph().as_default():

@@ -25,13 +25,7 @@ class _Within:
     self._ctx = ctx
     self._op = op
     self._outputs = outputs
-    self.n, self.samples, self.k, self.dtype = (
-      ctx.n,
-      ctx.samples,
-      ctx.k,
-      ctx.dtype,
-    )
-    self.group, self.lead_one, self.time_major = 1, False, False
+    registry.of_samples(self, ctx)
     self.path = ctx.path | frozenset(ops)
 
   def dense_matmul(self):

@@ -744,13 +744,7 @@ class _MovedTwin:
 
   def __call__(self, ctx):
     self._ctx = ctx
-    self.n, self.samples, self.k, self.dtype = (
-      ctx.n,
-      ctx.samples,
-      ctx.k,
-      ctx.dtype,
-    )
-    self.group, self.lead_one, self.time_major = 1, False, False
+    registry.of_samples(self, ctx)
     self.path = ctx.path
     return self
 

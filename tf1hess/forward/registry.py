@@ -125,6 +125,18 @@ class Regrouped:
     return (self.group, self.lead_one, self.time_major)
 
 
+def of_samples(inner, ctx):
+  """Gives `inner`, a context that stands for the walk's `ctx` on tensors
+  whose rows are samples (a twin's, a composition's), `ctx`'s sizes."""
+  inner.n, inner.samples, inner.k, inner.dtype = (
+    ctx.n,
+    ctx.samples,
+    ctx.k,
+    ctx.dtype,
+  )
+  inner.group, inner.lead_one, inner.time_major = 1, False, False
+
+
 # Op types whose rules follow tensors `(1, N G, *e')` (see `Regrouped`).
 LEAD_ONE = frozenset(
   ["Reshape", "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"]
