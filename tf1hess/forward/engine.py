@@ -119,13 +119,6 @@ class Work:
     )
 
 
-def _static_size(shape):
-  """The number of entries of a static `TensorShape`, else `None`."""
-  if shape.rank is None or not shape.is_fully_defined():
-    return None
-  return shape.num_elements()
-
-
 def sample_size(shape, batch=None):
   """The entries per sample of a tensor of static `shape`, or `None`.
 
@@ -145,7 +138,7 @@ def sample_size(shape, batch=None):
     others = [d for i, d in enumerate(dims) if i not in inner]
     if len(inner) == 1 and None not in others:
       return int(np.prod(others, dtype=np.int64))
-  return _static_size(shape[1:])
+  return jacobians.static_size(shape[1:])
 
 
 # Ops whose outputs are views of their inputs: TensorFlow copies nothing.
@@ -207,7 +200,7 @@ def _inner_length(op):
   if op.type in ("Conv2D", "Conv3D", "DepthwiseConv2dNative"):
     kernel = op.inputs[1].shape
     kept = -2 if op.type == "DepthwiseConv2dNative" else -1
-    return _static_size(kernel[:kept]) if kernel.rank else None
+    return jacobians.static_size(kernel[:kept]) if kernel.rank else None
   if op.type in _CONV_BACKPROP_INPUT:
     # Each entry of the input's gradient sums over the kernel's window and
     # its output channels (or multiplier): all of the kernel but the input
@@ -242,12 +235,12 @@ def _jacobian_entries(jac):
     return (0, 0)
   shape = jac.value.shape
   if jac.diagonal:
-    size = _static_size(shape[1:])
+    size = jacobians.static_size(shape[1:])
     batch_of_one = tf.compat.dimension_value(shape[0]) == 1
     if size is None:
       return None
     return (size, 0) if batch_of_one else (0, size)
-  size = _static_size(shape[1:] if not jac.shared else shape)
+  size = jacobians.static_size(shape[1:] if not jac.shared else shape)
   if size is None:
     return None
   return (size, 0) if jac.shared else (0, size)
@@ -272,7 +265,7 @@ def _push(op, ins, outs, work, group=1):
     return
   flops = op_flops(op)
   out_size = sum(
-    _static_size(t.shape[1:]) or 0 for t in op.outputs if t.shape.rank
+    jacobians.static_size(t.shape[1:]) or 0 for t in op.outputs if t.shape.rank
   )
   per_entry = flops / out_size if flops and out_size else 1
   mine = Work()
@@ -344,7 +337,7 @@ def _factor_entries(factor, entry_rank):
   batched = (
     shape.rank == entry_rank + 1 and tf.compat.dimension_value(shape[0]) != 1
   )
-  count = _static_size(shape[1:] if batched else shape)
+  count = jacobians.static_size(shape[1:] if batched else shape)
   if count is None:
     return None
   return (0, count) if batched else (count, 0)
@@ -1075,7 +1068,7 @@ def second_derivatives(ys, x, mode):
   for term in terms:
     _contract_work(term, mode, x, batch, work)
   out = {jacobians.HESSIAN: 2, jacobians.DIAGONAL: 1}.get(mode, 0)
-  size = _static_size(x.shape[1:])
+  size = jacobians.static_size(x.shape[1:])
   # The sum of the parts, and of the halves with their transpose.
   sums = len(parts) + (len(halves) + 1 if halves else 0)
   work.add(entries=None if size is None else (0, sums * size**out))
@@ -1130,13 +1123,13 @@ def _merged_by_factor(terms, n, x, work):
   """`jacobians.merged_by_factor(terms, n)` for a static K of at least
   `_MERGE_MIN_K`, adding its work: `c` times a factor, summed, `(N, K, M)`
   for each term merged."""
-  k = _static_size(x.shape[1:])
+  k = jacobians.static_size(x.shape[1:])
   if k is None or k < _MERGE_MIN_K:
     return terms
   merged = jacobians.merged_by_factor(terms, n)
   for term in terms:
     if all(term is not t for t in merged):
-      m = _static_size(term.a.value.shape[term.a.lead :])
+      m = jacobians.static_size(term.a.value.shape[term.a.lead :])
       work.add(entries=None if m is None else (0, 3 * k * m))
   return merged
 
@@ -1146,16 +1139,16 @@ def _summed_over_broadcasts(term, n, x, work):
   times the other factor, `(N, K, *e)`, summed."""
   summed = jacobians.summed_over_broadcasts(term, n)
   if summed is not term and term.a is not term.b:
-    k = _static_size(x.shape[1:])
-    m = _static_size(term.a.value.shape[term.a.lead :])
+    k = jacobians.static_size(x.shape[1:])
+    m = jacobians.static_size(term.a.value.shape[term.a.lead :])
     work.add(entries=None if None in (k, m) else (0, 3 * k * m))
   return summed
 
 
 def _contract_work(term, mode, x, batch, work):
   """Adds the work of `jacobians.contract(term, mode, ...)`."""
-  k = _static_size(x.shape[1:])
-  m = _static_size(term.a.value.shape[term.a.lead :])
+  k = jacobians.static_size(x.shape[1:])
+  m = jacobians.static_size(term.a.value.shape[term.a.lead :])
   if k is None or m is None:
     work.known = False
     return

@@ -209,6 +209,13 @@ def dims(t, start=0, stop=None):
   return [dynamic[i] if static[i] is None else static[i] for i in axes]
 
 
+def static_size(shape):
+  """The number of entries of a static `TensorShape`, else `None`."""
+  if shape.rank is None or not shape.is_fully_defined():
+    return None
+  return shape.num_elements()
+
+
 def concat(*parts):
   """The shape made of `parts` (lists, as `dims` gives, or 1-D tensors): a
   list when they all are, else one tensor."""
@@ -306,14 +313,10 @@ def ungroup(jac, rows, n, time_major=False):
     )
     return shared(tf.reshape(value, tf.stack([k, rows * part])))
   k = dims(jac.value, 1, 2)[0]
-  if time_major:
-    value = tf.transpose(
-      tf.reshape(jac.value, tf.stack([rows, n, k, part])), [1, 2, 0, 3]
-    )
-  else:
-    value = tf.transpose(
-      tf.reshape(jac.value, tf.stack([n, rows, k, part])), [0, 2, 1, 3]
-    )
+  lead, perm = (
+    ([rows, n], [1, 2, 0, 3]) if time_major else ([n, rows], [0, 2, 1, 3])
+  )
+  value = tf.transpose(tf.reshape(jac.value, tf.stack([*lead, k, part])), perm)
   return dense(tf.reshape(value, tf.stack([n, k, rows * part])))
 
 

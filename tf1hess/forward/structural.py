@@ -185,11 +185,6 @@ def _one_row_per_sample(j, ctx, out):
   return registry.Regrouped(per_sample.with_value(value), 1)
 
 
-def _static_entries(shape):
-  """The number of entries of a static `TensorShape`, or `None`."""
-  return shape.num_elements() if shape.is_fully_defined() else None
-
-
 def _time_major_rows(op, j, ctx):
   """The Jacobian of a reshape of a time-major tensor `(T, N, *e)` (a
   `registry.Moved` with the batch axis second) to rows `(T N, *e')`: rows
@@ -203,7 +198,7 @@ def _time_major_rows(op, j, ctx):
     or j.perm[1] != 0
     or tf.compat.dimension_value(u.shape[0]) is None
     or e_out is None
-    or _static_entries(u.shape[2:]) != int(np.prod(e_out, dtype=np.int64))
+    or jacobians.static_size(u.shape[2:]) != int(np.prod(e_out, dtype=np.int64))
   ):
     return MIXED
   steps = tf.compat.dimension_value(u.shape[0])
@@ -229,8 +224,9 @@ def _time_major_back(op, j, ctx):
     out.shape.rank is None
     or out.shape.rank < 2
     or tf.compat.dimension_value(out.shape[0]) != ctx.group
-    or _static_entries(u.shape[1:]) is None
-    or _static_entries(out.shape[2:]) != _static_entries(u.shape[1:])
+    or jacobians.static_size(u.shape[1:]) is None
+    or jacobians.static_size(out.shape[2:])
+    != jacobians.static_size(u.shape[1:])
   ):
     raise registry.Unsupported(
       f"Reshape ({op.name}) reshapes the rows of a time-major tensor to "
@@ -1056,13 +1052,12 @@ def _time_major_steps(j, num, ctx):
   n` (see `_time_major_rows`), `num` dividing its T: each part has T / num
   steps of every sample (one step: a tensor of samples)."""
   steps = ctx.group // num
-  parts = [j] * num if j.shared else tf.split(j.value, num, axis=0)
-  return [
-    registry.Regrouped(
-      part if j.shared else jacobians.dense(part), steps, time_major=steps > 1
-    )
-    for part in parts
-  ]
+  parts = (
+    [j] * num
+    if j.shared
+    else [jacobians.dense(v) for v in tf.split(j.value, num, axis=0)]
+  )
+  return [registry.Regrouped(p, steps, time_major=steps > 1) for p in parts]
 
 
 @registry.register("Split", linear=True)
