@@ -388,6 +388,110 @@ _RULES = {
     ),
   ),
   "Tan": ("Tan", lambda x: tf.tan(0.4 * _lin(x))),
+  "Polygamma": (
+    "Polygamma",
+    lambda x: tf.math.polygamma(
+      tf.constant(1.0, x.dtype), 1 + tf.nn.softplus(_lin(x))
+    ),
+  ),
+  "Igamma_Igammac": (
+    "Igamma",
+    lambda x: (
+      tf.math.igamma(tf.constant(2.0, x.dtype), tf.nn.softplus(_lin(x)[:, :6]))
+      * tf.math.igammac(
+        tf.constant([[0.7]], x.dtype), 0.1 + tf.nn.softplus(_lin(x)[:, 6:])
+      )
+    ),
+  ),
+  "BesselI0e_BesselI1e": (
+    "BesselI0e",
+    lambda x: (
+      tf.math.bessel_i0e(_lin(x)[:, :6]) * tf.math.bessel_i1e(_lin(x)[:, 6:])
+    ),
+  ),
+  "BesselI0_BesselI1": (
+    "BesselI0",
+    lambda x: (
+      tf.math.bessel_i0(0.5 * _lin(x)[:, :6])
+      + tf.math.bessel_i1(_lin(x)[:, 6:])
+    ),
+  ),
+  "EnsureShape": (
+    "EnsureShape",
+    lambda x: tf.tanh(tf.ensure_shape(tf.sin(_lin(x)), [None, _K])),
+  ),
+  "DepthToSpace": (
+    "DepthToSpace",
+    lambda x: tf.tanh(
+      tf.nn.depth_to_space(_image(tf.sin(_lin(x)), (1, 3, 4)), 2)
+    ),
+  ),
+  "SpaceToDepth": (
+    "SpaceToDepth",
+    lambda x: tf.tanh(tf.nn.space_to_depth(_image(x, (2, 6, 1)), 2)),
+  ),
+  "ExtractImagePatches": (
+    "ExtractImagePatches",
+    lambda x: tf.tanh(
+      tf.image.extract_patches(
+        _image(tf.sin(_lin(x)), (3, 4, 1)),
+        [1, 2, 2, 1],
+        [1, 1, 2, 1],
+        [1, 1, 1, 1],
+        "SAME",
+      )
+    ),
+  ),
+  # Both vectors of x, then one constant.
+  "Cross": (
+    "Cross",
+    lambda x: (
+      tf.linalg.cross(
+        tf.reshape(tf.sin(_lin(x)), [-1, 4, 3]),
+        tf.reshape(tf.tanh(_lin2(x)), [-1, 4, 3]),
+      )
+      + tf.linalg.cross(
+        tf.reshape(x, [-1, 4, 3]),
+        tf.zeros_like(tf.reshape(x, [-1, 4, 3]))
+        + tf.constant([1.0, -2.0, 0.5], x.dtype),
+      )
+    ),
+  ),
+  # Matrices and diagonals of x; then a diagonal of x above the diagonal of
+  # constant matrices; then matrices of x with constant diagonals.
+  "MatrixSetDiagV3": (
+    "MatrixSetDiagV3",
+    lambda x: (
+      tf.linalg.set_diag(
+        tf.reshape(tf.sin(_lin(x))[:, :9], [-1, 3, 3]),
+        tf.tanh(_lin2(x))[:, 9:],
+      )
+      * tf.linalg.set_diag(
+        tf.zeros_like(tf.reshape(x[:, :9], [-1, 3, 3])) + 1.0,
+        tf.sin(x[:, :2]),
+        k=1,
+      )
+    ),
+  ),
+  "MatrixSetDiag": (
+    "MatrixSetDiag",
+    lambda x: tf.raw_ops.MatrixSetDiag(
+      input=tf.reshape(tf.sin(_lin(x))[:, :9], [-1, 3, 3]),
+      diagonal=tf.ones_like(x[:, :3]),
+    ),
+  ),
+  "CumulativeLogsumexp": (
+    "CumulativeLogsumexp",
+    lambda x: tf.math.cumulative_logsumexp(
+      tf.reshape(3.0 * _lin(x), [-1, 3, 4]), axis=1
+    ),
+  ),
+  "CumulativeLogsumexp_reverse": (
+    "CumulativeLogsumexp",
+    lambda x: tf.math.cumulative_logsumexp(
+      tf.reshape(tf.sin(_lin(x)), [-1, 3, 4]), axis=-1, reverse=True
+    ),
+  ),
   "Sinh_Cosh": (
     "Sinh",
     lambda x: tf.sinh(_lin(x)[:, :6]) + tf.cosh(_lin(x)[:, 6:]),
@@ -831,6 +935,21 @@ FLOAT32_OP_TYPES = {
 
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
+  "Polygamma",
+  "Igamma",
+  "Igammac",
+  "BesselI0e",
+  "BesselI1e",
+  "BesselI0",
+  "BesselI1",
+  "EnsureShape",
+  "DepthToSpace",
+  "SpaceToDepth",
+  "ExtractImagePatches",
+  "Cross",
+  "MatrixSetDiagV3",
+  "MatrixSetDiag",
+  "CumulativeLogsumexp",
   "MatrixTriangularSolve",
   "MatrixSolve",
   "TopKV2",
@@ -2302,6 +2421,21 @@ class DeclineTest(tf.test.TestCase, parameterized.TestCase):
         tf.space_to_batch_nd(_image(x), [2, 1], [[0, 0], [0, 1]])
       ),
       "Tanh .* nonlinear in a tensor that mixes samples",
+    ),
+    (
+      "cumulative_logsumexp_exclusive",
+      lambda x: tf.math.cumulative_logsumexp(x, axis=1, exclusive=True),
+      "CumulativeLogsumexp .* is exclusive",
+    ),
+    (
+      "cumulative_logsumexp_over_the_batch",
+      lambda x: tf.math.cumulative_logsumexp(x, axis=0),
+      "CumulativeLogsumexp .* runs along the batch axis",
+    ),
+    (
+      "polygamma_of_an_order_of_x",
+      lambda x: tf.math.polygamma(tf.round(x) * 0 + x, x),
+      "Polygamma .* has a first input \\(its order\\) that depends on x",
     ),
     (
       "prod_over_the_batch",

@@ -9,6 +9,11 @@ rules (`walk`). A curvature term of a tensor of the composition reads that
 tensor's adjoint, pulled back from the op's through the composition
 (`tf.gradients` with the op's adjoint as `grad_ys`); the op's outputs keep
 the model's values, the composition's Jacobians stand for theirs.
+
+`tf.linalg.cross` (`Cross`) and `tf.math.cumulative_logsumexp`
+(`CumulativeLogsumexp`) have first derivatives that TensorFlow can
+differentiate, but no rule of their own: they are walked the same way, as
+products of gathered components and as log-sum-exps of shifted entries.
 """
 
 import numpy as np
@@ -114,3 +119,63 @@ def _local_response_normalization(u, op):
 @registry.of_first_input
 def _lrn(op, j, ctx):
   return walk(op, [j], ctx, lambda u: _local_response_normalization(u, op))
+
+
+def _cross(a, b):
+  """`a x b` over the last axis: products of components taken by gathers."""
+
+  def components(t, order):
+    return tf.gather(t, order, axis=-1)
+
+  return components(a, [1, 2, 0]) * components(b, [2, 0, 1]) - components(
+    a, [2, 0, 1]
+  ) * components(b, [1, 2, 0])
+
+
+@registry.register("Cross")
+def _cross_rule(op, jacs, ctx):
+  """`tf.linalg.cross`: bilinear in its two vectors of 3 entries."""
+  if registry.static_rank(op.inputs[0], op) < 2:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) reads the batch axis as the vectors' axis"
+    )
+  return walk(op, jacs, ctx, _cross)
+
+
+def _cumulative_logsumexp(u, axis, op):
+  """`v_j = log sum_{i <= j} exp(u_i)` along `axis` (`i >= j` reversed),
+  written `v_j + log sum_{i <= j} exp(u_i - v_j)` with the op's own `v` as
+  a constant: the same derivatives, and no exponential of a positive
+  number (`u_i <= v_j` where `i <= j`)."""
+  rank = registry.static_rank(u, op)
+  axis = int(registry.static_value(axis, "axis", op)) % rank
+  size = tf.compat.dimension_value(u.shape[axis])
+  if axis == 0 or size is None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) runs along the batch axis or an axis whose "
+      "size is known only at run time"
+    )
+  if op.get_attr("exclusive"):
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) is exclusive: its first entries are -inf"
+    )
+  v = op.outputs[0]
+  i = np.arange(size)
+  # Row j, column i: the entries summed into v_j.
+  summed = (
+    i[None, :] >= i[:, None]
+    if op.get_attr("reverse")
+    else (i[None, :] <= i[:, None])
+  )
+  outside = np.where(summed, 0.0, -np.inf).reshape(
+    [size, size] + [1] * (rank - 1 - axis)
+  )
+  shifted = tf.expand_dims(u, axis) - tf.expand_dims(v, axis + 1)
+  terms = tf.exp(shifted + tf.constant(outside, u.dtype))
+  return v + tf.math.log(tf.reduce_sum(terms, axis + 1))
+
+
+@registry.register("CumulativeLogsumexp")
+@registry.of_first_input
+def _cumulative_logsumexp_rule(op, j, ctx):
+  return walk(op, [j], ctx, lambda u, axis: _cumulative_logsumexp(u, axis, op))

@@ -154,6 +154,20 @@ def _resize(op, j, ctx):
   return [jacobians.apply_per_sample(j, lambda m: registry.twin(op, images=m))]
 
 
+# Rearrangements of each image's pixels and channels: `tf.nn.depth_to_space`
+# (sub-pixel upsampling), `tf.nn.space_to_depth`, and the patches of
+# `tf.image.extract_patches`, each a fixed selection of the sample's entries.
+@registry.register(
+  "DepthToSpace", "SpaceToDepth", "ExtractImagePatches", linear=True
+)
+@registry.of_first_input
+def _rearrange(op, j, ctx):
+  name = op.op_def.input_arg[0].name  # `input`, or `images`.
+  return [
+    jacobians.apply_per_sample(j, lambda m: registry.twin(op, **{name: m}))
+  ]
+
+
 def _normalizes_per_sample(op, jacs):
   """Batch normalization for inference is linear in its input."""
   return _of_weights(op, jacs) and not op.get_attr("is_training")

@@ -72,6 +72,47 @@ def _polygammas(u, order):
   )
 
 
+def _bessel_i1e_first(u, v):
+  """`f'` of `bessel_i1e` (`v`), 1/2 at 0, as TensorFlow's gradient."""
+  zero = tf.equal(u, 0)
+  safe = tf.where(zero, tf.ones_like(u), u)
+  first = tf.math.bessel_i0e(safe) - v * (tf.sign(safe) + 1 / safe)
+  return tf.where(zero, tf.fill(tf.shape(u), tf.constant(0.5, u.dtype)), first)
+
+
+def _bessel_i0e(u, v):
+  """`f'` and `f''` of `bessel_i0e`: `f' = i1e - sign(u) f`."""
+  first = tf.math.bessel_i1e(u) - tf.sign(u) * v
+  return first, _bessel_i1e_first(u, tf.math.bessel_i1e(u)) - tf.sign(u) * first
+
+
+def _bessel_i1e(u, v):
+  """`f'` and `f''` of `bessel_i1e` (`f''` 0 at 0, as TensorFlow's gradient
+  of its gradient, which is constant there)."""
+  first = _bessel_i1e_first(u, v)
+  zero = tf.equal(u, 0)
+  safe = tf.where(zero, tf.ones_like(u), u)
+  i0e_first = tf.math.bessel_i1e(safe) - tf.sign(safe) * tf.math.bessel_i0e(
+    safe
+  )
+  second = i0e_first - first * (tf.sign(safe) + 1 / safe) + v / (safe * safe)
+  return first, _zeros_where(zero, second)
+
+
+def _bessel_i1(u, v):
+  """`f'` and `f''` of `bessel_i1`: `f' = i0 - f / u` (1/2 at 0, `f''` 0
+  there, as TensorFlow's gradients)."""
+  zero = tf.equal(u, 0)
+  safe = tf.where(zero, tf.ones_like(u), u)
+  first = tf.where(
+    zero,
+    tf.fill(tf.shape(u), tf.constant(0.5, u.dtype)),
+    tf.math.bessel_i0(safe) - v / safe,
+  )
+  second = v - first / safe + v / (safe * safe)
+  return first, _zeros_where(zero, second)
+
+
 def _inverse_of_gaussian(scaled_v, first):
   """`f'` and `f''` of `erfinv` or `ndtri`, the inverses of integrals of
   Gaussians: `f'' = a v f'^2`, where `scaled_v` is `a v` (`a` 2 for
@@ -129,6 +170,13 @@ _UNARY = {
   ),
   "Lgamma": lambda u, v, op: _polygammas(u, -1),
   "Digamma": lambda u, v, op: _polygammas(u, 0),
+  "BesselI0e": lambda u, v, op: _bessel_i0e(u, v),
+  "BesselI1e": lambda u, v, op: _bessel_i1e(u, v),
+  "BesselI0": lambda u, v, op: (
+    tf.math.bessel_i1(u),
+    _bessel_i1(u, tf.math.bessel_i1(u))[0],
+  ),
+  "BesselI1": lambda u, v, op: _bessel_i1(u, v),
   "Softsign": lambda u, v, op: (
     1 / tf.square(1 + tf.abs(u)),
     -2 * tf.sign(u) / (1 + tf.abs(u)) ** 3,
@@ -162,13 +210,18 @@ registry.moves(*_UNARY)
 
 
 @registry.register(
-  "Identity", "Snapshot", "CheckNumerics", linear=True, diagonal=True
+  "Identity",
+  "Snapshot",
+  "CheckNumerics",
+  "EnsureShape",
+  linear=True,
+  diagonal=True,
 )
 def _identity(op, jacs, ctx):
   return [jacs[0]]
 
 
-registry.moves("Identity", "Snapshot")
+registry.moves("Identity", "Snapshot", "EnsureShape")
 
 
 def _plain_identity_n(op, jacs):
@@ -429,6 +482,46 @@ def _xdivy(op, jacs, ctx):
       -tf.math.xdivy(nonzero, b * b),
       2 * tf.math.xdivy(a, b * b * b),
     ),
+  )
+
+
+def _of_second_input(op, jacs):
+  """Raises `Unsupported` when the first input (an order) depends on x."""
+  if jacs[0] is not None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has a first input (its order) that depends on x"
+    )
+
+
+@registry.register("Polygamma", diagonal=True)
+def _polygamma(op, jacs, ctx):
+  """`polygamma(a, b)`, differentiated in `b` only (as TensorFlow)."""
+  _of_second_input(op, jacs)
+  a, b = op.inputs
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (None, tf.math.polygamma(a + 1, b)),
+    lambda: (None, None, tf.math.polygamma(a + 2, b)),
+  )
+
+
+@registry.register("Igamma", "Igammac", diagonal=True)
+def _igamma(op, jacs, ctx):
+  """The regularized incomplete gamma functions `P(a, b)` and `Q(a, b) = 1 -
+  P(a, b)` in `b`: `P' = exp(-b) b^(a - 1) / Gamma(a)`, `P'' = P' ((a - 1)
+  / b - 1)`; the order `a` must not depend on x."""
+  _of_second_input(op, jacs)
+  a, b = op.inputs
+  sign = 1.0 if op.type == "Igamma" else -1.0
+  first = sign * tf.exp(-b + (a - 1) * tf.math.log(b) - tf.math.lgamma(a))
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: (None, first),
+    lambda: (None, None, first * ((a - 1) / b - 1)),
   )
 
 

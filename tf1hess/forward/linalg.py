@@ -8,6 +8,8 @@ through the op with the same diagonals and bands, the constant
 input of rank 2 would make the batch axis an axis of the matrices, which
 mixes samples.
 
+`tf.linalg.set_diag` is linear in the matrices and in the diagonals.
+
 `tf.linalg.triangular_solve` and `tf.linalg.solve` by a matrix that does
 not depend on x are linear in their right-hand side: its tangents are
 solved alike, as more columns of it.
@@ -72,6 +74,39 @@ def _diag(op, j, ctx):
 def _band_part(op, j, ctx):
   _check_batched(op, op.inputs[0], 2)
   return _on_tangents(op, j)
+
+
+@registry.register("MatrixSetDiag", "MatrixSetDiagV3", linear=True)
+def _set_diag(op, jacs, ctx):
+  """`tf.linalg.set_diag`: the matrices with their diagonals replaced,
+  linear in both; the tangents of each go where its entries go, zeros
+  where the other's do."""
+  ji, jd = jacs[:2]
+  if ji is None and jd is None:
+    return [None]
+  _check_batched(op, op.inputs[0], 2)
+  matrices, diagonals = op.inputs[:2]
+
+  def zeros(like, m):
+    shape = jacobians.concat(jacobians.dims(m)[:1], jacobians.dims(like, 1))
+    return tf.zeros(shape, m.dtype)
+
+  def of_matrices(m):
+    return registry.twin(op, input=m, diagonal=zeros(diagonals, m))
+
+  def of_diagonals(d):
+    return registry.twin(op, input=zeros(matrices, d), diagonal=d)
+
+  if jd is None:
+    return [jacobians.apply_per_sample(ji, of_matrices)]
+  if ji is None:
+    return [jacobians.apply_per_sample(jd, of_diagonals)]
+  value = registry.twin(
+    op,
+    input=jacobians.to_dense(ji, ctx.n),
+    diagonal=jacobians.to_dense(jd, ctx.n),
+  )
+  return [jacobians.dense(value)]
 
 
 def _solved(op, m):
@@ -173,4 +208,6 @@ registry.rowwise(
   "MatrixDiagV2",
   "MatrixDiagV3",
   "MatrixBandPart",
+  "MatrixSetDiag",
+  "MatrixSetDiagV3",
 )
