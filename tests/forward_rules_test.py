@@ -66,6 +66,17 @@ def _filter(f, like):
   return tf.constant(f, like.dtype)
 
 
+def _matrices(x):
+  """`(N, 3, 3)` matrices of the first 9 features of x, plus 3 I."""
+  m = tf.reshape(tf.sin(x[:, :9]), [-1, 3, 3])
+  return m + 3.0 * tf.eye(3, dtype=x.dtype)
+
+
+def _gram(m):
+  """`m m^T + I`: symmetric positive definite."""
+  return tf.matmul(m, m, transpose_b=True) + tf.eye(3, dtype=m.dtype)
+
+
 def _where_cond(x):
   return x[:, :1] * x[:, 1:2] > 0
 
@@ -478,6 +489,61 @@ _RULES = {
     lambda x: tf.raw_ops.MatrixSetDiag(
       input=tf.reshape(tf.sin(_lin(x))[:, :9], [-1, 3, 3]),
       diagonal=tf.ones_like(x[:, :3]),
+    ),
+  ),
+  # Matrices of x, well away from singular.
+  "MatrixInverse": (
+    "MatrixInverse",
+    lambda x: (
+      tf.linalg.inv(_matrices(x))
+      + tf.linalg.inv(_matrices(tf.tanh(_lin2(x))), adjoint=True)
+    ),
+  ),
+  "LogMatrixDeterminant": (
+    "LogMatrixDeterminant",
+    lambda x: (
+      tf.linalg.slogdet(_matrices(x))[1] * tf.linalg.slogdet(_matrices(-x))[0]
+    ),
+  ),
+  "MatrixDeterminant": (
+    "MatrixDeterminant",
+    lambda x: tf.linalg.det(_matrices(x)) + 0.0 * x[:, 0],
+  ),
+  "MatrixTriangularSolve_of_x": (
+    "MatrixTriangularSolve",
+    lambda x: (
+      tf.linalg.triangular_solve(
+        _matrices(x), tf.reshape(tf.sin(_lin2(x))[:, :6], [-1, 3, 2])
+      )
+      + tf.linalg.triangular_solve(
+        _matrices(x),
+        tf.reshape(x[:, 6:], [-1, 3, 2]),
+        lower=False,
+        adjoint=True,
+      )
+    ),
+  ),
+  "MatrixSolve_of_x": (
+    "MatrixSolve",
+    lambda x: (
+      tf.linalg.solve(
+        _matrices(tf.sin(_lin(x))), tf.reshape(x[:, :6], [-1, 3, 2])
+      )
+      + tf.linalg.solve(
+        _matrices(x),
+        tf.ones_like(tf.reshape(x[:, :3], [-1, 3, 1])),
+        adjoint=True,
+      )
+    ),
+  ),
+  # Positive definite: A A^T + I; `tf.linalg.logdet` by its factor.
+  "Cholesky": (
+    "Cholesky",
+    lambda x: (
+      tf.linalg.cholesky(_gram(_matrices(x)))
+      * tf.linalg.logdet(
+        _gram(tf.reshape(tf.tanh(_lin(x))[:, :9], [-1, 3, 3]))
+      )[:, None, None]
     ),
   ),
   "CumulativeLogsumexp": (
@@ -950,6 +1016,10 @@ NEW_OP_TYPES = {
   "MatrixSetDiagV3",
   "MatrixSetDiag",
   "CumulativeLogsumexp",
+  "MatrixInverse",
+  "LogMatrixDeterminant",
+  "MatrixDeterminant",
+  "Cholesky",
   "MatrixTriangularSolve",
   "MatrixSolve",
   "TopKV2",
@@ -2363,14 +2433,13 @@ class Float32LayerNormTest(tf.test.TestCase, parameterized.TestCase):
 class DeclineTest(tf.test.TestCase, parameterized.TestCase):
   """What the rules do not follow: `method="forward"` says why."""
 
-  @parameterized.parameters(tf.linalg.triangular_solve, tf.linalg.solve)
-  def test_solve_by_a_matrix_of_x(self, solve):
+  def test_eigenvalues_of_x(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
-      a = tf.linalg.band_part(tf.reshape(tf.sin(x[:, :9]), [-1, 3, 3]), -1, 0)
-      a += 3.0 * tf.eye(3, dtype=x.dtype)
-      y = tf.reduce_sum(solve(a, tf.reshape(x[:, :6], [-1, 3, 2])), [1, 2])
-      _assert_declined(self, x, y, "solves by a matrix that depends on x")
+      y = tf.reduce_sum(tf.linalg.eigvalsh(_gram(_matrices(x))) ** 2, 1)
+      _assert_declined(
+        self, x, y, "no forward rule for op type SelfAdjointEigV2"
+      )
 
   def test_filter_of_x(self):
     with tf.Graph().as_default():
