@@ -169,9 +169,9 @@ def _matrix_inverse(op, j, ctx):
 @registry.register("LogMatrixDeterminant", "MatrixDeterminant")
 @registry.of_first_input
 def _determinant(op, j, ctx):
-  """`log |det A|` (`tf.linalg.slogdet`, `tf.linalg.logdet`) and `det A` of
-  matrices of x: `d log |det| = tr(V T)` for `V = A^-1`, `d2 = -tr(V T_k V
-  T_l)`; `det` is `exp` of it, times its sign."""
+  """`log |det A|` (`tf.linalg.slogdet`; `tf.linalg.logdet` is built on
+  `Cholesky`) and `det A` of matrices of x: `d log |det| = tr(V T)` for `V =
+  A^-1`, `d2 = -tr(V T_k V T_l)`; `det` is `exp` of it, times its sign."""
   t = _tangents_of_matrices(op, j, ctx)
   v = tf.linalg.inv(op.inputs[0])
   g = _traces_by(v, t)  # (N, K, *b)
@@ -341,19 +341,16 @@ def _solve_by_matrices_of_x(op, jacs, ctx):
   _check_batched(op, a, 2)
   ta = jacobians.to_dense(ja, ctx.n)  # (N, K, *b, M, M)
   if op.type == "MatrixTriangularSolve":
-    ta = (
-      tf.linalg.band_part(ta, -1, 0)
-      if op.get_attr("lower")
-      else (tf.linalg.band_part(ta, 0, -1))
-    )
+    lower = op.get_attr("lower")
+    ta = tf.linalg.band_part(ta, -1 if lower else 0, 0 if lower else -1)
   adjoint = op.get_attr("adjoint")
   if adjoint:
     ta = tf.linalg.matrix_transpose(ta)
   ye = tf.expand_dims(y, 1)
-  moved = -tf.matmul(ta, ye)  # (N, K, *b, M, P)
+  rhs = -tf.matmul(ta, ye)  # T_B - T_A Y: (N, K, *b, M, P)
   if jb is not None:
-    moved += jacobians.to_dense(jb, ctx.n)
-  ty = _solved_as_columns(op, moved, 1)
+    rhs += jacobians.to_dense(jb, ctx.n)
+  ty = _solved_as_columns(op, rhs, 1)
 
   def terms(adj):
     attrs = {"lower": op.get_attr("lower")} if op.type != "MatrixSolve" else {}
@@ -386,6 +383,4 @@ registry.rowwise(
   "MatrixDiagV2",
   "MatrixDiagV3",
   "MatrixBandPart",
-  "MatrixSetDiag",
-  "MatrixSetDiagV3",
 )
