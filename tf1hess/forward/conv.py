@@ -146,26 +146,16 @@ def _conv_transpose(op, jacs, ctx):
 # has no second derivative of the nearest and bicubic ones, and takes the
 # bilinear one's as 0 (`dispatch._INEXACT_SECOND_DERIVATIVES`).
 _RESIZES = ("ResizeNearestNeighbor", "ResizeBilinear", "ResizeBicubic")
-
-
-@registry.register(*_RESIZES, linear=True)
-@registry.of_first_input
-def _resize(op, j, ctx):
-  return [jacobians.apply_per_sample(j, lambda m: registry.twin(op, images=m))]
-
-
 # Rearrangements of each image's pixels and channels: `tf.nn.depth_to_space`
 # (sub-pixel upsampling), `tf.nn.space_to_depth`, and the patches of
 # `tf.image.extract_patches`, each a fixed selection of the sample's entries.
-@registry.register(
-  "DepthToSpace", "SpaceToDepth", "ExtractImagePatches", linear=True
-)
+_REARRANGEMENTS = ("DepthToSpace", "SpaceToDepth", "ExtractImagePatches")
+
+
+@registry.register(*_RESIZES, *_REARRANGEMENTS, linear=True)
 @registry.of_first_input
-def _rearrange(op, j, ctx):
-  name = op.op_def.input_arg[0].name  # `input`, or `images`.
-  return [
-    jacobians.apply_per_sample(j, lambda m: registry.twin(op, **{name: m}))
-  ]
+def _resize_or_rearrange(op, j, ctx):
+  return [registry.on_tangents(op, j)]
 
 
 def _normalizes_per_sample(op, jacs):
@@ -264,10 +254,7 @@ def _avg_pool(op, jacs, ctx):
   if j is None:
     return [None]
   _check_format(op, _attrs(op, "data_format"), ("NHWC", "NDHWC"))
-  name = op.op_def.input_arg[0].name  # `value`, or `input` for AvgPool3D.
-  return [
-    jacobians.apply_per_sample(j, lambda m: registry.twin(op, **{name: m}))
-  ]
+  return [registry.on_tangents(op, j)]
 
 
 def _gather_entries(jac, index):

@@ -72,43 +72,55 @@ def _polygammas(u, order):
   )
 
 
-def _bessel_i1e_first(u, v):
-  """`f'` of `bessel_i1e` (`v`), 1/2 at 0, as TensorFlow's gradient."""
+def _at_zero(u):
+  """Where `u` is 0, and `u` with ones there, to divide by; TensorFlow's
+  gradients of the Bessel functions take their limits at 0."""
   zero = tf.equal(u, 0)
-  safe = tf.where(zero, tf.ones_like(u), u)
+  return zero, tf.where(zero, tf.ones_like(u), u)
+
+
+def _bessel_i1e_first(u, v):
+  """`f'` of `bessel_i1e` (`v`), 1/2 at 0."""
+  zero, safe = _at_zero(u)
   first = tf.math.bessel_i0e(safe) - v * (tf.sign(safe) + 1 / safe)
-  return tf.where(zero, tf.fill(tf.shape(u), tf.constant(0.5, u.dtype)), first)
+  return tf.where(zero, 0.5 * tf.ones_like(u), first)
 
 
 def _bessel_i0e(u, v):
   """`f'` and `f''` of `bessel_i0e`: `f' = i1e - sign(u) f`."""
-  first = tf.math.bessel_i1e(u) - tf.sign(u) * v
-  return first, _bessel_i1e_first(u, tf.math.bessel_i1e(u)) - tf.sign(u) * first
+  i1e = tf.math.bessel_i1e(u)
+  first = i1e - tf.sign(u) * v
+  return first, _bessel_i1e_first(u, i1e) - tf.sign(u) * first
 
 
 def _bessel_i1e(u, v):
   """`f'` and `f''` of `bessel_i1e` (`f''` 0 at 0, as TensorFlow's gradient
   of its gradient, which is constant there)."""
   first = _bessel_i1e_first(u, v)
-  zero = tf.equal(u, 0)
-  safe = tf.where(zero, tf.ones_like(u), u)
-  i0e_first = tf.math.bessel_i1e(safe) - tf.sign(safe) * tf.math.bessel_i0e(
-    safe
-  )
+  zero, safe = _at_zero(u)
+  i0e_first = v - tf.sign(u) * tf.math.bessel_i0e(u)
   second = i0e_first - first * (tf.sign(safe) + 1 / safe) + v / (safe * safe)
   return first, _zeros_where(zero, second)
 
 
-def _bessel_i1(u, v):
-  """`f'` and `f''` of `bessel_i1`: `f' = i0 - f / u` (1/2 at 0, `f''` 0
-  there, as TensorFlow's gradients)."""
-  zero = tf.equal(u, 0)
-  safe = tf.where(zero, tf.ones_like(u), u)
-  first = tf.where(
-    zero,
-    tf.fill(tf.shape(u), tf.constant(0.5, u.dtype)),
-    tf.math.bessel_i0(safe) - v / safe,
+def _bessel_i1_first(u, v):
+  """`f'` of `bessel_i1` (`v`): `i0 - v / u`, 1/2 at 0."""
+  zero, safe = _at_zero(u)
+  return tf.where(
+    zero, 0.5 * tf.ones_like(u), tf.math.bessel_i0(safe) - v / safe
   )
+
+
+def _bessel_i0(u):
+  """`f'` and `f''` of `bessel_i0`: `i1` and its derivative."""
+  i1 = tf.math.bessel_i1(u)
+  return i1, _bessel_i1_first(u, i1)
+
+
+def _bessel_i1(u, v):
+  """`f'` and `f''` of `bessel_i1` (`f''` 0 at 0, as TensorFlow's)."""
+  first = _bessel_i1_first(u, v)
+  zero, safe = _at_zero(u)
   second = v - first / safe + v / (safe * safe)
   return first, _zeros_where(zero, second)
 
@@ -172,10 +184,7 @@ _UNARY = {
   "Digamma": lambda u, v, op: _polygammas(u, 0),
   "BesselI0e": lambda u, v, op: _bessel_i0e(u, v),
   "BesselI1e": lambda u, v, op: _bessel_i1e(u, v),
-  "BesselI0": lambda u, v, op: (
-    tf.math.bessel_i1(u),
-    _bessel_i1(u, tf.math.bessel_i1(u))[0],
-  ),
+  "BesselI0": lambda u, v, op: _bessel_i0(u),
   "BesselI1": lambda u, v, op: _bessel_i1(u, v),
   "Softsign": lambda u, v, op: (
     1 / tf.square(1 + tf.abs(u)),

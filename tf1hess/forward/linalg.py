@@ -46,40 +46,27 @@ def _diagonals(op):
   return 1 if k.size == 1 or k[0] == k[-1] else 2
 
 
-def _on_tangents(op, j):
-  """`j` through the op itself (`registry.twin`), its first input the
-  tangents, a padding value 0."""
-  first = op.op_def.input_arg[0].name
-  padding = "padding_value" in [arg.name for arg in op.op_def.input_arg]
-
-  def apply(m):
-    zeros = {"padding_value": tf.zeros([], m.dtype)} if padding else {}
-    return registry.twin(op, **{first: m}, **zeros)
-
-  return [jacobians.apply_per_sample(j, apply)]
-
-
 @registry.register(
   "MatrixDiagPart", "MatrixDiagPartV2", "MatrixDiagPartV3", linear=True
 )
 @registry.of_first_input
 def _diag_part(op, j, ctx):
   _check_batched(op, op.inputs[0], 2)
-  return _on_tangents(op, j)
+  return [registry.on_tangents(op, j)]
 
 
 @registry.register("MatrixDiag", "MatrixDiagV2", "MatrixDiagV3", linear=True)
 @registry.of_first_input
 def _diag(op, j, ctx):
   _check_batched(op, op.inputs[0], _diagonals(op))
-  return _on_tangents(op, j)
+  return [registry.on_tangents(op, j)]
 
 
 @registry.register("MatrixBandPart", linear=True)
 @registry.of_first_input
 def _band_part(op, j, ctx):
   _check_batched(op, op.inputs[0], 2)
-  return _on_tangents(op, j)
+  return [registry.on_tangents(op, j)]
 
 
 @registry.register("MatrixSetDiag", "MatrixSetDiagV3", linear=True)
@@ -125,12 +112,12 @@ def _tangents_of_matrices(op, j, ctx):
   return t
 
 
-def _inverse_products(v, t):
-  """`(V T_k V)^T` for every tangent `T_k` `(N, K, *b, M, M)` of a matrix
-  whose inverse is `V` `(N, *b, M, M)`: what pairs with `T_l` in `tr(V T_k
-  V T_l)`, the curvature of `log |det|`."""
+def _sandwiched(v, t):
+  """`V T_k V` for every tangent `T_k` `(N, K, *b, M, M)` of a matrix whose
+  inverse is `V` `(N, *b, M, M)`: `-dV`, and the transpose of what pairs
+  with `T_l` in `tr(V T_k V T_l)`, the curvature of `log |det|`."""
   v = tf.expand_dims(v, 1)
-  return tf.linalg.matrix_transpose(tf.matmul(tf.matmul(v, t), v))
+  return tf.matmul(tf.matmul(v, t), v)
 
 
 def _traces_by(v, t):
@@ -163,7 +150,7 @@ def _matrix_inverse(op, j, ctx):
     ]
 
   ctx.curvature(v, terms)
-  return [jacobians.dense(-tf.matmul(tf.matmul(ve, t), ve))]
+  return [jacobians.dense(-_sandwiched(v, t))]
 
 
 @registry.register("LogMatrixDeterminant", "MatrixDeterminant")
@@ -175,7 +162,7 @@ def _determinant(op, j, ctx):
   t = _tangents_of_matrices(op, j, ctx)
   v = tf.linalg.inv(op.inputs[0])
   g = _traces_by(v, t)  # (N, K, *b)
-  paired = jacobians.dense(_inverse_products(v, t))
+  paired = jacobians.dense(tf.linalg.matrix_transpose(_sandwiched(v, t)))
   out = op.outputs[-1]  # log |det|, or det.
   scale = out if op.type == "MatrixDeterminant" else None
 
@@ -338,14 +325,12 @@ def _solve_by_matrices_of_x(op, jacs, ctx):
       f"{op.type} ({op.name}) solves by matrices of x a right-hand side "
       "whose batch axis is elsewhere"
     )
-  _check_batched(op, a, 2)
-  ta = jacobians.to_dense(ja, ctx.n)  # (N, K, *b, M, M)
-  if op.type == "MatrixTriangularSolve":
-    lower = op.get_attr("lower")
-    ta = tf.linalg.band_part(ta, -1 if lower else 0, 0 if lower else -1)
+  ta = _tangents_of_matrices(op, ja, ctx)  # (N, K, *b, M, M)
   adjoint = op.get_attr("adjoint")
-  if adjoint:
-    ta = tf.linalg.matrix_transpose(ta)
+  if op.type == "MatrixTriangularSolve":
+    # The triangle the op reads, transposed if it reads the adjoint.
+    lower = op.get_attr("lower") != adjoint
+    ta = tf.linalg.band_part(ta, -1 if lower else 0, 0 if lower else -1)
   ye = tf.expand_dims(y, 1)
   rhs = -tf.matmul(ta, ye)  # T_B - T_A Y: (N, K, *b, M, P)
   if jb is not None:

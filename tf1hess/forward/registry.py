@@ -17,6 +17,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
 
+from tf1hess.forward import jacobians
+
 
 class Unsupported(ValueError):
   """The forward engine cannot follow an op; the message says why."""
@@ -389,6 +391,20 @@ def twin(op, **inputs):
     if a.type not in ("type", "list(type)")
   }
   return getattr(tf.raw_ops, op.type)(**args, **attrs)
+
+
+def on_tangents(op, j):
+  """`j` through `op` itself (`twin`): the Jacobian of an op linear in its
+  first input that works sample by sample (a resize, a pool, a diagonal),
+  the tangents as its first input, a `padding_value` (if any) 0."""
+  first = op.op_def.input_arg[0].name
+  padding = "padding_value" in [arg.name for arg in op.op_def.input_arg]
+
+  def apply(m):
+    zeros = {"padding_value": tf.zeros([], m.dtype)} if padding else {}
+    return twin(op, **{first: m}, **zeros)
+
+  return jacobians.apply_per_sample(j, apply)
 
 
 def copied_outputs(op, inputs):
