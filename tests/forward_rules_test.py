@@ -546,6 +546,78 @@ _RULES = {
       )[:, None, None]
     ),
   ),
+  # TensorFlow's gradient ops, both inputs of x: the incoming gradient
+  # and the function's output or input.
+  "TanhGrad_SigmoidGrad": (
+    "TanhGrad",
+    lambda x: tf.concat(
+      [
+        tf.raw_ops.TanhGrad(
+          y=tf.tanh(_lin(x)[:, :6]), dy=tf.sin(_lin2(x)[:, :6])
+        ),
+        tf.raw_ops.SigmoidGrad(
+          y=tf.sigmoid(_lin(x)[:, 6:]), dy=tf.cos(_lin2(x)[:, 6:])
+        ),
+      ],
+      1,
+    ),
+  ),
+  "RsqrtGrad_SqrtGrad": (
+    "RsqrtGrad",
+    lambda x: (
+      tf.raw_ops.RsqrtGrad(
+        y=tf.math.rsqrt(1 + _lin(x) ** 2), dy=tf.tanh(_lin2(x))
+      )
+      * tf.raw_ops.SqrtGrad(y=tf.sqrt(2 + tf.sin(_lin2(x))), dy=_lin(x))
+    ),
+  ),
+  "ReciprocalGrad_InvGrad": (
+    "ReciprocalGrad",
+    lambda x: (
+      tf.raw_ops.ReciprocalGrad(y=tf.tanh(_lin(x)), dy=tf.sin(_lin2(x)))
+      + tf.raw_ops.InvGrad(y=tf.sin(_lin2(x)), dy=_lin(x) ** 2)
+    ),
+  ),
+  "SoftplusGrad": (
+    "SoftplusGrad",
+    lambda x: tf.raw_ops.SoftplusGrad(
+      gradients=tf.sin(_lin2(x)), features=2.0 * _lin(x)
+    ),
+  ),
+  "ReluGrad_Relu6Grad_LeakyReluGrad": (
+    "ReluGrad",
+    lambda x: (
+      tf.raw_ops.ReluGrad(gradients=tf.sin(_lin2(x)), features=_lin(x))
+      + tf.raw_ops.Relu6Grad(gradients=_lin2(x) ** 2, features=5.0 * _lin(x))
+      + tf.raw_ops.LeakyReluGrad(
+        gradients=tf.tanh(_lin(x)), features=_lin2(x), alpha=0.3
+      )
+    ),
+  ),
+  "EluGrad_SeluGrad": (
+    "EluGrad",
+    lambda x: (
+      tf.raw_ops.EluGrad(gradients=tf.sin(_lin2(x)), outputs=tf.nn.elu(_lin(x)))
+      * tf.raw_ops.SeluGrad(
+        gradients=tf.tanh(_lin(x)), outputs=tf.nn.selu(_lin2(x))
+      )
+    ),
+  ),
+  # Forces of an energy: a model with TensorFlow's gradient in it.
+  "forces_of_an_energy": (
+    "SigmoidGrad",
+    lambda x: tf.gradients(
+      tf.reduce_sum(tf.sigmoid(_lin2(tf.tanh(_lin(x)))), 1), x
+    )[0],
+  ),
+  # A biharmonic operator: the engine's Laplacian (its adjoint pass made of
+  # gradient ops) walked again.
+  "Laplacian_of_a_Laplacian": (
+    "TanhGrad",
+    lambda x: tf1hess.batch_laplacians(
+      tf.reduce_sum(tf.tanh(_lin2(tf.tanh(_lin(x)))), 1), x
+    )[:, None],
+  ),
   "CumulativeLogsumexp": (
     "CumulativeLogsumexp",
     lambda x: tf.math.cumulative_logsumexp(
@@ -1001,6 +1073,18 @@ FLOAT32_OP_TYPES = {
 
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
+  "TanhGrad",
+  "SigmoidGrad",
+  "RsqrtGrad",
+  "SqrtGrad",
+  "ReciprocalGrad",
+  "InvGrad",
+  "SoftplusGrad",
+  "ReluGrad",
+  "Relu6Grad",
+  "LeakyReluGrad",
+  "EluGrad",
+  "SeluGrad",
   "Polygamma",
   "Igamma",
   "Igammac",

@@ -615,6 +615,109 @@ def _floor_mod(op, jacs, ctx):
   )
 
 
+# TensorFlow's gradient ops of elementwise functions, `g * s(u)`: `g` the
+# incoming gradient, `u` the function's output (`TanhGrad(y, dy)`, ...) or
+# input (`SoftplusGrad(gradients, features)`, ...), the index of `g` among
+# the op's inputs, and `(s, s', s'')` of `u` (`s'` `None` where `s` is
+# piecewise constant; `s''` `None` where it is piecewise linear). Models
+# that contain gradients (forces of an energy, a Laplacian of a Laplacian)
+# are made of them.
+def _masked(mask, inside, outside):
+  return tf.where(mask, inside, outside)
+
+
+_GRADIENT_OF_FUNCTION = {
+  "TanhGrad": (1, lambda y, op: (1 - y * y, -2 * y, -2 * tf.ones_like(y))),
+  "SigmoidGrad": (
+    1,
+    lambda y, op: (y * (1 - y), 1 - 2 * y, -2 * tf.ones_like(y)),
+  ),
+  "RsqrtGrad": (1, lambda y, op: (-0.5 * y**3, -1.5 * y * y, -3 * y)),
+  "SqrtGrad": (1, lambda y, op: (0.5 / y, -0.5 / (y * y), 1 / y**3)),
+  "ReciprocalGrad": (1, lambda y, op: (-y * y, -2 * y, -2 * tf.ones_like(y))),
+  "InvGrad": (1, lambda y, op: (-y * y, -2 * y, -2 * tf.ones_like(y))),
+  "SoftplusGrad": (
+    0,
+    lambda u, op: (
+      tf.sigmoid(u),
+      tf.sigmoid(u) * tf.sigmoid(-u),
+      tf.sigmoid(u) * tf.sigmoid(-u) * tf.tanh(-u / 2),
+    ),
+  ),
+  "ReluGrad": (
+    0,
+    lambda u, op: (
+      _masked(u > 0, tf.ones_like(u), tf.zeros_like(u)),
+      None,
+      None,
+    ),
+  ),
+  "Relu6Grad": (
+    0,
+    lambda u, op: (
+      _masked((u > 0) & (u < 6), tf.ones_like(u), tf.zeros_like(u)),
+      None,
+      None,
+    ),
+  ),
+  "LeakyReluGrad": (
+    0,
+    lambda u, op: (
+      _masked(u > 0, tf.ones_like(u), op.get_attr("alpha") * tf.ones_like(u)),
+      None,
+      None,
+    ),
+  ),
+  # `g` where `u >= 0`, `g (u + 1)` below (the output of elu).
+  "EluGrad": (
+    0,
+    lambda u, op: (
+      _masked(u < 0, u + 1, tf.ones_like(u)),
+      _masked(u < 0, tf.ones_like(u), tf.zeros_like(u)),
+      None,
+    ),
+  ),
+  # `g scale` where `u >= 0`, `g (u + scale alpha)` below (that of selu).
+  "SeluGrad": (
+    0,
+    lambda u, op: (
+      _masked(u < 0, u + _SELU_SCALE * _SELU_ALPHA, _SELU_SCALE + 0 * u),
+      _masked(u < 0, tf.ones_like(u), tf.zeros_like(u)),
+      None,
+    ),
+  ),
+}
+
+
+@registry.register(*_GRADIENT_OF_FUNCTION, diagonal=True)
+def _gradient_of_function(op, jacs, ctx):
+  """`g * s(u)`, see `_GRADIENT_OF_FUNCTION`: linear in `g`, with the
+  derivatives of `s` in `u`."""
+  g_index, derivatives = _GRADIENT_OF_FUNCTION[op.type]
+  g, u = op.inputs[g_index], op.inputs[1 - g_index]
+  s, first, second = derivatives(u, op)
+  if first is None:
+    # Piecewise constant in `u`: `u` adds nothing.
+    jacs = list(jacs)
+    jacs[1 - g_index] = None
+
+  def in_order(of_g, of_u):
+    return (of_g, of_u) if g_index == 0 else (of_u, of_g)
+
+  def second_derivatives():
+    of_u = None if second is None else g * second
+    f_aa, f_bb = in_order(None, of_u)
+    return f_aa, first, f_bb
+
+  return _binary(
+    op,
+    jacs,
+    ctx,
+    lambda: in_order(s, None if first is None else g * first),
+    None if first is None else second_derivatives,
+  )
+
+
 def _condition(op):
   """The condition of a `Select`/`SelectV2`, broadcasting against the
   output as the op broadcasts it (a vector condition of `Select`, which
@@ -684,4 +787,5 @@ registry.rowwise(
   "FloorMod",
   "Select",
   "SelectV2",
+  *_GRADIENT_OF_FUNCTION,
 )

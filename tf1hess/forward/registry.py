@@ -303,8 +303,9 @@ def static_value(t, what, op):
   """The constant value of `t`, or raises `Unsupported` naming `what`."""
   value = fold(t)
   if value is None:
+    article = "an" if what[0] in "aeiou" else "a"
     raise Unsupported(
-      f"{op.type} ({op.name}) has a {what} known only at run time"
+      f"{op.type} ({op.name}) has {article} {what} known only at run time"
     )
   return value
 
