@@ -615,77 +615,66 @@ def _floor_mod(op, jacs, ctx):
   )
 
 
+def _step(mask, u):
+  """1 where `mask`, else 0, in the dtype of `u`."""
+  return tf.cast(mask, u.dtype)
+
+
+def _softplus_gradient(u, op):
+  del op
+  s = tf.sigmoid(u)
+  first = s * tf.sigmoid(-u)
+  return s, first, first * tf.tanh(-u / 2)
+
+
+def _reciprocal_gradient(y, op):
+  del op
+  return -y * y, -2 * y, -2.0
+
+
+def _leaky_relu_gradient(u, op):
+  alpha = op.get_attr("alpha")
+  return alpha + (1 - alpha) * _step(u > 0, u), None, None
+
+
+def _elu_gradient(u, op):
+  """`g` where the output `u >= 0`, `g (u + 1)` below."""
+  del op
+  below = _step(u < 0, u)
+  return 1 + below * u, below, None
+
+
+def _selu_gradient(u, op):
+  """`g scale` where the output `u >= 0`, `g (u + scale alpha)` below."""
+  del op
+  below = _step(u < 0, u)
+  return (
+    _SELU_SCALE + below * (u + _SELU_SCALE * (_SELU_ALPHA - 1)),
+    below,
+    None,
+  )
+
+
 # TensorFlow's gradient ops of elementwise functions, `g * s(u)`: `g` the
 # incoming gradient, `u` the function's output (`TanhGrad(y, dy)`, ...) or
-# input (`SoftplusGrad(gradients, features)`, ...), the index of `g` among
-# the op's inputs, and `(s, s', s'')` of `u` (`s'` `None` where `s` is
-# piecewise constant; `s''` `None` where it is piecewise linear). Models
-# that contain gradients (forces of an energy, a Laplacian of a Laplacian)
-# are made of them.
-def _masked(mask, inside, outside):
-  return tf.where(mask, inside, outside)
-
-
+# input (`SoftplusGrad(gradients, features)`, ...). Per op type: the index
+# of `g` among the op's inputs, and `(u, op) -> (s, s', s'')` (`s'` `None`
+# where `s` is piecewise constant, `s''` where it is piecewise linear).
+# Models that contain gradients (forces of an energy, a Laplacian of a
+# Laplacian) are made of them.
 _GRADIENT_OF_FUNCTION = {
-  "TanhGrad": (1, lambda y, op: (1 - y * y, -2 * y, -2 * tf.ones_like(y))),
-  "SigmoidGrad": (
-    1,
-    lambda y, op: (y * (1 - y), 1 - 2 * y, -2 * tf.ones_like(y)),
-  ),
+  "TanhGrad": (1, lambda y, op: (1 - y * y, -2 * y, -2.0)),
+  "SigmoidGrad": (1, lambda y, op: (y * (1 - y), 1 - 2 * y, -2.0)),
   "RsqrtGrad": (1, lambda y, op: (-0.5 * y**3, -1.5 * y * y, -3 * y)),
   "SqrtGrad": (1, lambda y, op: (0.5 / y, -0.5 / (y * y), 1 / y**3)),
-  "ReciprocalGrad": (1, lambda y, op: (-y * y, -2 * y, -2 * tf.ones_like(y))),
-  "InvGrad": (1, lambda y, op: (-y * y, -2 * y, -2 * tf.ones_like(y))),
-  "SoftplusGrad": (
-    0,
-    lambda u, op: (
-      tf.sigmoid(u),
-      tf.sigmoid(u) * tf.sigmoid(-u),
-      tf.sigmoid(u) * tf.sigmoid(-u) * tf.tanh(-u / 2),
-    ),
-  ),
-  "ReluGrad": (
-    0,
-    lambda u, op: (
-      _masked(u > 0, tf.ones_like(u), tf.zeros_like(u)),
-      None,
-      None,
-    ),
-  ),
-  "Relu6Grad": (
-    0,
-    lambda u, op: (
-      _masked((u > 0) & (u < 6), tf.ones_like(u), tf.zeros_like(u)),
-      None,
-      None,
-    ),
-  ),
-  "LeakyReluGrad": (
-    0,
-    lambda u, op: (
-      _masked(u > 0, tf.ones_like(u), op.get_attr("alpha") * tf.ones_like(u)),
-      None,
-      None,
-    ),
-  ),
-  # `g` where `u >= 0`, `g (u + 1)` below (the output of elu).
-  "EluGrad": (
-    0,
-    lambda u, op: (
-      _masked(u < 0, u + 1, tf.ones_like(u)),
-      _masked(u < 0, tf.ones_like(u), tf.zeros_like(u)),
-      None,
-    ),
-  ),
-  # `g scale` where `u >= 0`, `g (u + scale alpha)` below (that of selu).
-  "SeluGrad": (
-    0,
-    lambda u, op: (
-      _masked(u < 0, u + _SELU_SCALE * _SELU_ALPHA, _SELU_SCALE + 0 * u),
-      _masked(u < 0, tf.ones_like(u), tf.zeros_like(u)),
-      None,
-    ),
-  ),
+  "ReciprocalGrad": (1, _reciprocal_gradient),
+  "InvGrad": (1, _reciprocal_gradient),
+  "SoftplusGrad": (0, _softplus_gradient),
+  "ReluGrad": (0, lambda u, op: (_step(u > 0, u), None, None)),
+  "Relu6Grad": (0, lambda u, op: (_step((u > 0) & (u < 6), u), None, None)),
+  "LeakyReluGrad": (0, _leaky_relu_gradient),
+  "EluGrad": (0, _elu_gradient),
+  "SeluGrad": (0, _selu_gradient),
 }
 
 
