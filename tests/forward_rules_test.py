@@ -81,6 +81,20 @@ def _where_cond(x):
   return x[:, :1] * x[:, 1:2] > 0
 
 
+def _burgers_residual(x):
+  """`u_t + u u_x - 0.01 u_xx` of a tanh network of `(x, t, rest)`, read
+  from the columns of `x` as physics-informed code does."""
+  xs, ts = x[:, 0:1], x[:, 1:2]
+  u = tf.reduce_sum(
+    tf.tanh(_lin2(tf.tanh(_lin(tf.concat([xs, ts, x[:, 2:]], 1))))),
+    1,
+    keepdims=True,
+  )
+  u_x, u_t = tf.gradients(u, [xs, ts])
+  u_xx = tf.gradients(u_x, xs)[0]
+  return u_t + u * u_x - 0.01 * u_xx
+
+
 # name -> (op type that must be in the graph, per-sample model of (N, 12)).
 # Models start from x itself (a shared Jacobian reaches the op), from a
 # dense layer (shared) or from tanh of it (dense), to take each path.
@@ -610,6 +624,48 @@ _RULES = {
       tf.reduce_sum(tf.sigmoid(_lin2(tf.tanh(_lin(x)))), 1), x
     )[0],
   ),
+  "StridedSliceGrad": (
+    "StridedSliceGrad",
+    lambda x: tf.raw_ops.StridedSliceGrad(
+      shape=tf.shape(_lin(x)),
+      begin=[0, 2],
+      end=[0, 11],
+      strides=[1, 3],
+      dy=tf.tanh(_lin2(x))[:, 2:11:3] * _lin(x)[:, :3],
+      begin_mask=1,
+      end_mask=1,
+    ),
+  ),
+  # Gradients whose sums, reshapes and slices read the shapes of the
+  # model's tensors where N is not static: of products that broadcast
+  # (`BroadcastGradientArgs`), of a concatenation (`ConcatOffset`), of a
+  # slice.
+  "gradient_of_products": (
+    "Sum",
+    lambda x: tf.gradients(
+      tf.reduce_sum(
+        tf.tanh(_lin(x)) * tf.sin(_lin2(x))
+        + tf.tanh(_lin(x))[:, :1] * _lin2(x) ** 2,
+        1,
+      )
+      + tf.reduce_sum(
+        tf.reshape(tf.sigmoid(_lin(x)), [-1, 3, 4])
+        * tf.reshape(_lin2(x), [-1, 3, 4])[:, :1],
+        [1, 2],
+      ),
+      x,
+    )[0],
+  ),
+  "gradient_of_a_concatenation": (
+    "ConcatV2",
+    lambda x: tf.gradients(
+      tf.reduce_sum(
+        tf.tanh(_lin2(tf.concat([x[:, 0:3], tf.sin(x[:, 3:])], 1))) ** 2, 1
+      ),
+      x,
+    )[0],
+  ),
+  "burgers_residual": ("TanhGrad", _burgers_residual),
   # A biharmonic operator: the engine's Laplacian (its adjoint pass made of
   # gradient ops) walked again.
   "Laplacian_of_a_Laplacian": (
@@ -1073,6 +1129,7 @@ FLOAT32_OP_TYPES = {
 
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
+  "StridedSliceGrad",
   "TanhGrad",
   "SigmoidGrad",
   "RsqrtGrad",
@@ -2524,6 +2581,17 @@ class DeclineTest(tf.test.TestCase, parameterized.TestCase):
       _assert_declined(
         self, x, y, "no forward rule for op type SelfAdjointEigV2"
       )
+
+  def test_gradient_of_a_product_by_a_tensor_not_of_x(self):
+    # The shape of `z`, N unknown, may broadcast against x's samples.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      z = tf.compat.v1.placeholder_with_default(
+        tf.ones([3, _K], tf.float64), [None, _K]
+      )
+      energy = tf.reduce_sum(tf.sin(tf.tanh(_lin(x)) * z), 1)
+      y = tf.reduce_sum(tf.gradients(energy, x)[0] ** 2, 1)
+      _assert_declined(self, x, y, "Sum .* has an axis known only at run time")
 
   def test_filter_of_x(self):
     with tf.Graph().as_default():

@@ -526,7 +526,8 @@ def _ordered_ops(x, ys, dependent):
       continue
     state[op] = 1
     stack.append((op, True))
-    for t in registry.followed_inputs(op):
+    shapes_read = registry.shape_sources(op)
+    for t in list(registry.followed_inputs(op)) + shapes_read:
       if _key(t) in dependent and t.op is not x.op:
         stack.append((t.op, False))
   return order
@@ -550,6 +551,19 @@ class _Context:
     self.dtype = dtype
     self.path = frozenset(path)  # The ops the walk follows.
     self.pending = []  # (tensor, adj -> [Term])
+    # The walk's Jacobians and groups (`second_derivatives`), which
+    # `batch_first` reads.
+    self.jacobians = {}
+    self.groups = {}
+
+  def batch_first(self, t):
+    """Whether `t` holds the samples along its first axis, one row each:
+    a tensor of x whose Jacobian is an ordinary one."""
+    key = _key(t)
+    return (
+      isinstance(self.jacobians.get(key), jacobians.Jacobian)
+      and key not in self.groups
+    )
 
   def dense_matmul(self):
     """Marks a matmul of a dense Jacobian (N K rows).
@@ -921,6 +935,7 @@ def second_derivatives(ys, x, mode):
   # Jacobians made per sample again for their terms (`_GroupedContext`).
   groups, ungrouped = {}, {}
   ctx = _Context(n, k, x.dtype, path)
+  ctx.jacobians, ctx.groups = jacs, groups
   mixed = False
   for op in path:
     rule = registry.RULES.get(op.type)

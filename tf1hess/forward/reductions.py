@@ -36,10 +36,20 @@ def _axes_within_samples(op, does):
   return axes
 
 
-def reduction_axes(op):
-  """The axes, sorted and non-negative, that the reduction `op` reduces."""
+def reduction_axes(op, ctx=None):
+  """The axes, sorted and non-negative, that the reduction `op` reduces.
+
+  With the walk's `ctx`, also those of TensorFlow's gradient of a
+  broadcasting op where N is not static (`registry.broadcast_reductions`).
+  """
   rank = registry.static_rank(op.inputs[0], op)
-  axes = np.reshape(registry.static_value(op.inputs[1], "axis", op), [-1])
+  batch_first = getattr(ctx, "batch_first", None)
+  axes = None
+  if batch_first is not None:
+    axes = registry.broadcast_reductions(op.inputs[1], batch_first)
+  if axes is None:
+    axes = registry.static_value(op.inputs[1], "axis", op)
+  axes = np.reshape(axes, [-1])
   return sorted({int(a) % rank for a in axes}) if rank else []
 
 
@@ -85,7 +95,7 @@ def _diagonal_sum(op, j, axes, keepdims):
 @registry.register("Sum", "Mean", linear=True, diagonal=True)
 @registry.of_first_input
 def _sum(op, j, ctx):
-  axes = reduction_axes(op)
+  axes = reduction_axes(op, ctx)
   if 0 in axes or not axes and op.inputs[0].shape.rank == 0:
     return [registry.MIXED]
   keepdims = op.get_attr("keep_dims")

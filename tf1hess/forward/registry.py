@@ -236,6 +236,96 @@ def fold(t, depth=_FOLD_DEPTH):
   return np.asarray(value, dtype=t.dtype.as_numpy_dtype)
 
 
+def _shape_source(s):
+  """The tensor whose shape `s` is (a `Shape`, an output of `ShapeN`), or
+  `None`."""
+  if s.op.type == "Shape":
+    return s.op.inputs[0]
+  if s.op.type == "ShapeN":
+    return s.op.inputs[s.value_index]
+  return None
+
+
+def sample_shape(s, batch_first):
+  """The entries of a shape vector `s`, static but for the batch size N
+  (`None`) of a `Shape` of a tensor that holds the samples first, a row
+  each (`batch_first(u)`), or `None`.
+
+  TensorFlow's gradients read the shapes of the model's tensors at run
+  time where N is not static (`reshape(sum(g, axes), shape(a))`, the
+  slices of a concatenation's gradient): with N the only unknown, and
+  the same in every tensor of samples, what they compute is known.
+  """
+  value = fold(s)
+  if value is not None:
+    return [int(v) for v in np.reshape(value, [-1])]
+  u = _shape_source(s)
+  if u is None or not u.shape.rank:
+    return None
+  dims = u.shape.as_list()
+  if None in dims[1:] or not batch_first(u):
+    return None
+  return dims
+
+
+def shape_sources(op):
+  """The tensors whose shapes an input of `op` reads (see `sample_shape`),
+  directly or through a `BroadcastGradientArgs` or a `ConcatOffset`: a walk
+  reaches them before `op`, to know whether they hold the samples first."""
+  sources = []
+  for t in op.inputs:
+    read = t.op.type in ("BroadcastGradientArgs", "ConcatOffset")
+    for s in t.op.inputs if read else [t]:
+      u = _shape_source(s)
+      if u is not None:
+        sources.append(u)
+  return sources
+
+
+def broadcast_reductions(t, batch_first):
+  """The value of an output `t` of a `BroadcastGradientArgs` of shapes of
+  `sample_shape`, or `None`.
+
+  TensorFlow's gradient of a broadcasting op (`a * b`, ...) sums over the
+  axes that `BroadcastGradientArgs` gives for the shapes of `a` and `b`,
+  then reshapes to them. N is taken larger than 1: at N = 1, TensorFlow
+  sums over axes of size 1 (or not), and the reshape after it gives the
+  same values.
+  """
+  op = t.op
+  if op.type != "BroadcastGradientArgs":
+    return None
+  shapes = [sample_shape(s, batch_first) for s in op.inputs]
+  if None in shapes:
+    return None
+  shapes = [[2 if d is None else d for d in shape] for shape in shapes]
+  if shapes[0] == shapes[1]:
+    return np.zeros([0], t.dtype.as_numpy_dtype)
+  rank = max(len(shape) for shape in shapes)
+  padded = [[1] * (rank - len(shape)) + shape for shape in shapes]
+  axes = [i for i, d in enumerate(padded[t.value_index]) if d == 1]
+  return np.asarray(axes, t.dtype.as_numpy_dtype)
+
+
+def concat_offset(t, batch_first):
+  """The value of an output `t` of a `ConcatOffset` (where the gradient of a
+  concatenation slices it) of shapes of `sample_shape`, along another axis
+  than the batch's, or `None`."""
+  op = t.op
+  if op.type != "ConcatOffset":
+    return None
+  axis = fold(op.inputs[0])
+  shapes = [sample_shape(s, batch_first) for s in op.inputs[1:]]
+  if axis is None or None in shapes or int(axis) == 0:
+    return None
+  before = [shape[int(axis)] for shape in shapes[: t.value_index]]
+  if None in before:
+    return None
+  offset = [0] * len(shapes[0])
+  offset[int(axis)] = sum(before)
+  return np.asarray(offset, t.dtype.as_numpy_dtype)
+
+
 def partial_shape(t, depth=_FOLD_DEPTH):
   """The entries of a shape vector `t`, each an `int` or `None`, or `None`.
 

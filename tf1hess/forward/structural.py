@@ -81,6 +81,22 @@ def _same_rank_unknown_entries(op):
   )
 
 
+def _to_the_shape_of_samples(op, ctx):
+  """Whether a reshape of a tensor that holds the samples first, a row each,
+  is to the shape of another such tensor (`ctx.batch_first`): both have N
+  rows, so each sample keeps its entries. TensorFlow's gradient of a
+  broadcasting op reshapes its sums so, `reshape(sum(g, axes), shape(a))`,
+  whose entries static shapes do not know where N is not static."""
+  shape = op.inputs[1]
+  batch_first = getattr(ctx, "batch_first", None)
+  return (
+    ctx.group == 1
+    and batch_first is not None
+    and shape.op.type == "Shape"
+    and batch_first(shape.op.inputs[0])
+  )
+
+
 def _starts_with_a_batch_size(op):
   """Whether a reshape of `(N, *e)`, `e` static, asks for a first axis of
   `tf.shape(t)[0]`: TF1 code flattens with `tf.reshape(h, [tf.shape(h)[0],
@@ -287,6 +303,8 @@ def _reshape(op, j, ctx):
     raise registry.Unsupported(
       f"Reshape ({op.name}) regroups the rows of parts of samples"
     )
+  if _to_the_shape_of_samples(op, ctx):
+    return [_view(j, jacobians.apply_per_sample(j, _reshape_entries(out)), ctx)]
   if not (_same_rank_unknown_entries(op) or _starts_with_a_batch_size(op)):
     return [MIXED]
   check = tf.debugging.assert_equal(
@@ -491,11 +509,12 @@ def _joined_scales(jacs, values, axis):
   return jacobians.shared(root), tf.concat(factors, axis)
 
 
-def _axis_zero_is_whole(op):
-  """Whether a `StridedSlice` takes the whole batch axis as it is."""
+def _axis_zero_is_whole(op, sliced=None):
+  """Whether a `StridedSlice` (or its gradient, of the `sliced` tensor's
+  shape: its output) takes the whole batch axis as it is."""
   begin = registry.static_value(op.inputs[1], "begin", op)
   strides = registry.static_value(op.inputs[3], "strides", op)
-  rank = registry.static_rank(op.inputs[0], op)
+  rank = registry.static_rank(op.inputs[0] if sliced is None else sliced, op)
   ellipsis = op.get_attr("ellipsis_mask")
   new_axis = op.get_attr("new_axis_mask")
   if ellipsis & 1:
@@ -684,16 +703,7 @@ def _strided_slice(op, j, ctx):
   if not _axis_zero_is_whole(op):
     leading = _leading_new_axes(op)
     return [MIXED if leading is None else _before_the_batch(op, j, leading)]
-  attrs = {
-    name: op.get_attr(name)
-    for name in (
-      "begin_mask",
-      "end_mask",
-      "ellipsis_mask",
-      "new_axis_mask",
-      "shrink_axis_mask",
-    )
-  }
+  attrs = _slice_attrs(op)
   _, begin, end, strides = op.inputs
   if j.diagonal and _inserts_axes_only(op):
     out = j.with_value(tf.strided_slice(j.value, begin, end, strides, **attrs))
@@ -717,15 +727,71 @@ def _keeps_every_entry(op):
   )
 
 
+def _slice_attrs(op):
+  return {
+    name: op.get_attr(name)
+    for name in (
+      "begin_mask",
+      "end_mask",
+      "ellipsis_mask",
+      "new_axis_mask",
+      "shrink_axis_mask",
+    )
+  }
+
+
+@registry.register("StridedSliceGrad", linear=True)
+def _strided_slice_grad(op, jacs, ctx):
+  """TensorFlow's gradient of `u[spec]` (`x[:, 0:1]` in physics-informed
+  code): `dy` put at the slice into zeros shaped as `u`, linear in `dy`.
+  Followed where the slice takes the batch axis whole: per sample, the
+  tangents put as the values."""
+  shape, begin, end, strides, dy = op.inputs
+  if any(j is not None for j in jacs[:4]):
+    raise registry.Unsupported(f"{op.type} ({op.name}) has a shape of x")
+  j = jacs[4]
+  if j is None:
+    return [None]
+  if isinstance(j, registry.Moved) or not _axis_zero_is_whole(
+    op, op.outputs[0]
+  ):
+    return [MIXED]
+  attrs = _slice_attrs(op)
+
+  def put(m):
+    rows = tf.concat([tf.shape(m, out_type=shape.dtype)[:1], shape[1:]], 0)
+    return tf.raw_ops.StridedSliceGrad(
+      shape=rows, begin=begin, end=end, strides=strides, dy=m, **attrs
+    )
+
+  del dy
+  return [jacobians.apply_per_sample(j, put)]
+
+
 @registry.register("Slice", linear=True)
 @registry.of_first_input
 def _slice(op, j, ctx):
-  begin = registry.static_value(op.inputs[1], "begin", op)
-  size = registry.static_value(op.inputs[2], "size", op)
-  if int(begin[0]) != 0 or int(size[0]) != -1:
+  """`tf.slice` that takes the batch axis whole: per sample. Its begin and
+  size may be read from shapes of tensors of samples (the gradient of a
+  concatenation: `registry.concat_offset`, `registry.sample_shape`)."""
+  u, begin_t, size_t = op.inputs
+  batch_first = getattr(ctx, "batch_first", None)
+  begin = size = None
+  if batch_first is not None and ctx.group == 1:
+    begin = registry.concat_offset(begin_t, batch_first)
+    size = registry.sample_shape(size_t, batch_first)
+  if begin is None:
+    begin = registry.static_value(begin_t, "begin", op)
+  if size is None:
+    size = registry.static_value(size_t, "size", op)
+  begin, size = np.reshape(begin, [-1]), list(np.reshape(size, [-1]))
+  rows = tf.compat.dimension_value(u.shape[0])
+  if int(begin[0]) != 0 or size[0] not in (-1, None, rows or -1):
     return [MIXED]
-  _, begin_t, size_t = op.inputs
-  return [jacobians.apply_per_sample(j, lambda m: tf.slice(m, begin_t, size_t))]
+  # Per sample: every row of the tangents.
+  begin = tf.constant(begin, begin_t.dtype)
+  size = tf.constant([-1] + [int(d) for d in size[1:]], size_t.dtype)
+  return [jacobians.apply_per_sample(j, lambda m: tf.slice(m, begin, size))]
 
 
 @registry.register("Tile", linear=True)
@@ -1464,6 +1530,7 @@ registry.rowwise(
   "ConcatV2",
   "Pack",
   "StridedSlice",
+  "StridedSliceGrad",
   "Slice",
   "Tile",
   "ReverseV2",
