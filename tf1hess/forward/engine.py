@@ -526,8 +526,7 @@ def _ordered_ops(x, ys, dependent):
       continue
     state[op] = 1
     stack.append((op, True))
-    shapes_read = registry.shape_sources(op)
-    for t in list(registry.followed_inputs(op)) + shapes_read:
+    for t in [*registry.followed_inputs(op), *registry.shape_sources(op)]:
       if _key(t) in dependent and t.op is not x.op:
         stack.append((t.op, False))
   return order

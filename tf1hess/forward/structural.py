@@ -746,15 +746,13 @@ def _strided_slice_grad(op, jacs, ctx):
   code): `dy` put at the slice into zeros shaped as `u`, linear in `dy`.
   Followed where the slice takes the batch axis whole: per sample, the
   tangents put as the values."""
-  shape, begin, end, strides, dy = op.inputs
+  shape, begin, end, strides = op.inputs[:4]
   if any(j is not None for j in jacs[:4]):
     raise registry.Unsupported(f"{op.type} ({op.name}) has a shape of x")
   j = jacs[4]
   if j is None:
     return [None]
-  if isinstance(j, registry.Moved) or not _axis_zero_is_whole(
-    op, op.outputs[0]
-  ):
+  if not _axis_zero_is_whole(op, op.outputs[0]):
     return [MIXED]
   attrs = _slice_attrs(op)
 
@@ -764,7 +762,6 @@ def _strided_slice_grad(op, jacs, ctx):
       shape=rows, begin=begin, end=end, strides=strides, dy=m, **attrs
     )
 
-  del dy
   return [jacobians.apply_per_sample(j, put)]
 
 
@@ -785,8 +782,10 @@ def _slice(op, j, ctx):
   if size is None:
     size = registry.static_value(size_t, "size", op)
   begin, size = np.reshape(begin, [-1]), list(np.reshape(size, [-1]))
-  rows = tf.compat.dimension_value(u.shape[0])
-  if int(begin[0]) != 0 or size[0] not in (-1, None, rows or -1):
+  whole = size[0] in (-1, None) or size[0] == tf.compat.dimension_value(
+    u.shape[0]
+  )
+  if int(begin[0]) != 0 or not whole:
     return [MIXED]
   # Per sample: every row of the tangents.
   begin = tf.constant(begin, begin_t.dtype)
