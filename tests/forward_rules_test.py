@@ -656,6 +656,36 @@ _RULES = {
       x,
     )[0],
   ),
+  # A sum's gradient reshapes to its input's shape with ones at the summed
+  # axes (a `DynamicStitch` of shapes); a batched matmul's sums over the
+  # broadcast axes of slices of shapes.
+  "gradient_of_sums": (
+    "Sum",
+    lambda x: tf.gradients(
+      tf.reduce_sum(
+        tf.sin(tf.reduce_sum(tf.tanh(_lin(x)), 1))
+        + tf.reduce_mean(
+          tf.reshape(tf.sigmoid(_lin2(x)), [-1, 3, 4]) ** 2, [1, 2]
+        )
+        ** 2
+      ),
+      x,
+    )[0],
+  ),
+  "gradient_of_a_batched_matmul": (
+    "BatchMatMulV2",
+    lambda x: tf.gradients(
+      tf.reduce_sum(
+        tf.matmul(
+          tf.reshape(tf.tanh(_lin(x)), [-1, 3, 4]),
+          tf.reshape(_lin2(x), [-1, 4, 3]),
+        )
+        ** 2,
+        [1, 2],
+      ),
+      x,
+    )[0],
+  ),
   "gradient_of_a_concatenation": (
     "ConcatV2",
     lambda x: tf.gradients(

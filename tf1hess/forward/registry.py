@@ -246,26 +246,55 @@ def _shape_source(s):
   return None
 
 
-def sample_shape(s, batch_first):
+def sample_shape(s, batch_first, depth=_FOLD_DEPTH):
   """The entries of a shape vector `s`, static but for the batch size N
   (`None`) of a `Shape` of a tensor that holds the samples first, a row
   each (`batch_first(u)`), or `None`.
 
   TensorFlow's gradients read the shapes of the model's tensors at run
   time where N is not static (`reshape(sum(g, axes), shape(a))`, the
-  slices of a concatenation's gradient): with N the only unknown, and
-  the same in every tensor of samples, what they compute is known.
+  slices of a concatenation's gradient, the shape a sum's gradient
+  reshapes to, stitched from `shape(u)` and ones): with N the only
+  unknown, and the same in every tensor of samples, what they compute is
+  known. Followed through plain slices, concatenations and stitches of
+  such shapes; a `None` is always N.
   """
   value = fold(s)
   if value is not None:
     return [int(v) for v in np.reshape(value, [-1])]
+  if depth == 0 or s.shape.rank != 1:
+    return None
   u = _shape_source(s)
-  if u is None or not u.shape.rank:
-    return None
-  dims = u.shape.as_list()
-  if None in dims[1:] or not batch_first(u):
-    return None
-  return dims
+  if u is not None:
+    dims = u.shape.as_list() if u.shape.rank else None
+    if not dims or None in dims[1:] or not batch_first(u):
+      return None
+    return dims
+  op = s.op
+
+  def inner(t):
+    if t.shape.rank == 0:
+      value = fold(t)
+      return None if value is None else [int(value)]
+    return sample_shape(t, batch_first, depth - 1)
+
+  if op.type == "StridedSlice":
+    return _sliced(op, inner(op.inputs[0]))
+  if op.type == "ConcatV2" and fold(op.inputs[-1]) == 0:
+    parts = [inner(t) for t in op.inputs[:-1]]
+    return None if None in parts else sum(parts, [])
+  if op.type == "DynamicStitch":
+    half = len(op.inputs) // 2
+    merged = {}
+    for indices, data in zip(op.inputs[:half], op.inputs[half:]):
+      indices, data = fold(indices), inner(data)
+      if indices is None or data is None:
+        return None
+      merged.update(zip((int(i) for i in np.reshape(indices, [-1])), data))
+    if sorted(merged) != list(range(len(merged))):
+      return None
+    return [merged[i] for i in range(len(merged))]
+  return None
 
 
 def shape_sources(op):
@@ -361,10 +390,15 @@ def partial_shape(t, depth=_FOLD_DEPTH):
 
 def _partial_slice(op, depth):
   """`partial_shape` of a plain slice `v[b:e:s]` of a shape vector `v`."""
+  return _sliced(op, partial_shape(op.inputs[0], depth - 1))
+
+
+def _sliced(op, entries):
+  """`entries[b:e:s]` for the plain slice `op` (a `StridedSlice` of a shape
+  vector whose `entries` are known), or `None`."""
   masks = [op.get_attr(m) for m in ("ellipsis_mask", "new_axis_mask")]
   if any(masks) or op.get_attr("shrink_axis_mask"):
     return None
-  entries = partial_shape(op.inputs[0], depth - 1)
   begin, end, strides = (fold(u) for u in op.inputs[1:4])
   if entries is None or any(
     v is None or np.size(v) != 1 for v in (begin, end, strides)

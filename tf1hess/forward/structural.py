@@ -83,18 +83,16 @@ def _same_rank_unknown_entries(op):
 
 def _to_the_shape_of_samples(op, ctx):
   """Whether a reshape of a tensor that holds the samples first, a row each,
-  is to the shape of another such tensor (`ctx.batch_first`): both have N
-  rows, so each sample keeps its entries. TensorFlow's gradient of a
-  broadcasting op reshapes its sums so, `reshape(sum(g, axes), shape(a))`,
-  whose entries static shapes do not know where N is not static."""
-  shape = op.inputs[1]
+  is to a shape of N rows read from tensors of samples
+  (`registry.sample_shape`), so that each sample keeps its entries:
+  TensorFlow's gradients reshape so where N is not static (a broadcasting
+  op's `reshape(sum(g, axes), shape(a))`, a sum's to the shape of its
+  input with ones at the summed axes)."""
   batch_first = getattr(ctx, "batch_first", None)
-  return (
-    ctx.group == 1
-    and batch_first is not None
-    and shape.op.type == "Shape"
-    and batch_first(shape.op.inputs[0])
-  )
+  if ctx.group != 1 or batch_first is None:
+    return False
+  entries = registry.sample_shape(op.inputs[1], batch_first)
+  return bool(entries) and entries[0] is None and None not in entries[1:]
 
 
 def _starts_with_a_batch_size(op):
