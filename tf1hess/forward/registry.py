@@ -298,16 +298,22 @@ def sample_shape(s, batch_first, depth=_FOLD_DEPTH):
 
 
 def shape_sources(op):
-  """The tensors whose shapes an input of `op` reads (see `sample_shape`),
-  directly or through a `BroadcastGradientArgs` or a `ConcatOffset`: a walk
-  reaches them before `op`, to know whether they hold the samples first."""
-  sources = []
-  for t in op.inputs:
-    read = t.op.type in ("BroadcastGradientArgs", "ConcatOffset")
-    for s in t.op.inputs if read else [t]:
-      u = _shape_source(s)
-      if u is not None:
-        sources.append(u)
+  """The tensors whose shapes the integer inputs of `op` read (a `Shape`
+  of them, up to `_FOLD_DEPTH` integer ops back: see `sample_shape`): a
+  walk reaches them before `op`, to know whether they hold the samples
+  first."""
+  sources, seen = [], set()
+  stack = [(t, _FOLD_DEPTH) for t in op.inputs if t.dtype.is_integer]
+  while stack:
+    t, depth = stack.pop()
+    if t.ref() in seen:
+      continue
+    seen.add(t.ref())
+    u = _shape_source(t)
+    if u is not None:
+      sources.append(u)
+    elif depth > 0:
+      stack += [(i, depth - 1) for i in t.op.inputs if i.dtype.is_integer]
   return sources
 
 
