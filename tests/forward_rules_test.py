@@ -83,13 +83,20 @@ def _where_cond(x):
 
 def _burgers_residual(x):
   """`u_t + u u_x - 0.01 u_xx` of a tanh network of `(x, t, rest)`, read
-  from the columns of `x` as physics-informed code does."""
+  from the columns of `x` as physics-informed code does, its dense layers
+  a matmul and a `bias_add` as DeepXDE's. (Where a layer adds a scalar,
+  TensorFlow 2.12's second gradient reshapes to the shape of a sum whose
+  rank it does not know: the engine declines there, the rows take it.)"""
   xs, ts = x[:, 0:1], x[:, 1:2]
-  u = tf.reduce_sum(
-    tf.tanh(_lin2(tf.tanh(_lin(tf.concat([xs, ts, x[:, 2:]], 1))))),
-    1,
-    keepdims=True,
-  )
+  h = tf.concat([xs, ts, x[:, 2:]], 1)
+  for weights, bias in ((_W, 0.3), (_W2, -0.2)):
+    h = tf.tanh(
+      tf.nn.bias_add(
+        tf.matmul(h, tf.constant(weights, x.dtype)),
+        tf.fill([_K], tf.constant(bias, x.dtype)),
+      )
+    )
+  u = tf.reduce_sum(h, 1, keepdims=True)
   u_x, u_t = tf.gradients(u, [xs, ts])
   u_xx = tf.gradients(u_x, xs)[0]
   return u_t + u * u_x - 0.01 * u_xx
