@@ -540,7 +540,7 @@ class _Context:
   (`registry.Regrouped`).
   """
 
-  def __init__(self, n, k, dtype, path=()):
+  def __init__(self, n, k, dtype, path=(), jacs=None, groups=None):
     self.n = n
     self.samples = n
     self.group = 1
@@ -552,8 +552,8 @@ class _Context:
     self.pending = []  # (tensor, adj -> [Term])
     # The walk's Jacobians and groups (`second_derivatives`), which
     # `batch_first` reads.
-    self.jacobians = {}
-    self.groups = {}
+    self.jacobians = {} if jacs is None else jacs
+    self.groups = {} if groups is None else groups
 
   def batch_first(self, t):
     """Whether `t` holds the samples along its first axis, one row each:
@@ -933,8 +933,7 @@ def second_derivatives(ys, x, mode):
   # Rows per sample of the tensors where a reshape changed them, and the
   # Jacobians made per sample again for their terms (`_GroupedContext`).
   groups, ungrouped = {}, {}
-  ctx = _Context(n, k, x.dtype, path)
-  ctx.jacobians, ctx.groups = jacs, groups
+  ctx = _Context(n, k, x.dtype, path, jacs, groups)
   mixed = False
   for op in path:
     rule = registry.RULES.get(op.type)
