@@ -874,6 +874,59 @@ class ShapesTest(tf.test.TestCase):
         )
 
 
+def _every_tensor(unused_t):
+  return True
+
+
+class ShapeEntriesTest(tf.test.TestCase):
+  """`registry.sample_shape` and `partial_shape` against the shape vectors
+  they read, run."""
+
+  def test_entries_agree_with_the_run_values(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3, 4])
+      other = tf.compat.v1.placeholder(tf.float32, [None, 5])
+      shape = tf.shape(x)
+      vectors = [
+        shape,
+        shape[1:],
+        shape[:-1],
+        tf.stack([shape[0], -1]),
+        tf.stack([tf.shape(x)[0], tf.reduce_prod(shape[1:])]),
+        tf.concat([shape[:1], [-1]], 0),
+        tf.concat([tf.shape_n([x, other])[1][::-1], shape[2:]], 0),
+        tf.gather(shape, [2, 0]),
+        tf.dynamic_stitch([[0, 2], 1], [shape[1:], shape[0]]),
+      ]
+      entries = [registry.sample_shape(v, lambda u: u is x) for v in vectors]
+      partial = [registry.partial_shape(v) for v in vectors]
+      with tf.compat.v1.Session() as sess:
+        feed = {x: np.zeros([7, 3, 4]), other: np.zeros([7, 5])}
+        values = sess.run(vectors, feed)
+      for vector, got, loose, value in zip(vectors, entries, partial, values):
+        with self.subTest(vector=vector.name):
+          # N is the only entry static shapes do not know.
+          self.assertEqual(loose, [None if v == 7 else v for v in value])
+          if "ShapeN" in vector.name or "concat_1" in vector.name:
+            # `other`'s batch axis is not one of x's: not read as N.
+            self.assertIsNone(got)
+          else:
+            self.assertEqual(got, loose)
+
+  def test_entries_not_read_from_shapes_are_unknown(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3, None])
+      n = tf.compat.v1.placeholder(tf.int32, [])
+      batch_first = _every_tensor
+      self.assertIsNone(registry.sample_shape(tf.shape(x), batch_first))
+      self.assertEqual(
+        registry.sample_shape(tf.shape(x)[:2], batch_first), [None, 3]
+      )
+      self.assertIsNone(registry.sample_shape(tf.stack([n, 3]), batch_first))
+      self.assertEqual(registry.partial_shape(tf.stack([n, 3])), [None, 3])
+      self.assertEqual(registry.partial_shape(tf.shape(x)), [None, 3, None])
+
+
 class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
   """`jacobians.summed_over_broadcasts` after `pulled_back`, as the engine
   calls them, against the terms' definition, `sum_e c[n, e] J_a[n, :, e]

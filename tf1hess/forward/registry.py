@@ -246,55 +246,87 @@ def _shape_source(s):
   return None
 
 
-def sample_shape(s, batch_first, depth=_FOLD_DEPTH):
-  """The entries of a shape vector `s`, static but for the batch size N
-  (`None`) of a `Shape` of a tensor that holds the samples first, a row
-  each (`batch_first(u)`), or `None`.
+# An entry of a shape vector known only at run time, but for N (`None`).
+_UNKNOWN = "unknown"
 
-  TensorFlow's gradients read the shapes of the model's tensors at run
-  time where N is not static (`reshape(sum(g, axes), shape(a))`, the
-  slices of a concatenation's gradient, the shape a sum's gradient
-  reshapes to, stitched from `shape(u)` and ones): with N the only
-  unknown, and the same in every tensor of samples, what they compute is
-  known. Followed through plain slices, concatenations and stitches of
-  such shapes; a `None` is always N.
+
+def _entries(t, batch_first, depth=_FOLD_DEPTH):
+  """The entries of a shape vector or scalar `t`, or `None` where it is not
+  read from shapes and constants: `int`s, `None` for the first axis of a
+  tensor `u` with `batch_first(u)`, `_UNKNOWN` for other entries static
+  shapes do not know.
+
+  Followed through `Shape`, `ShapeN`, plain slices (those that take one
+  entry too), concatenations, stacks of scalars, gathers by constant
+  indices, stitches and products of static entries.
   """
-  value = fold(s)
+  value = fold(t)
   if value is not None:
     return [int(v) for v in np.reshape(value, [-1])]
-  if depth == 0 or s.shape.rank != 1:
+  rank = t.shape.rank
+  if depth == 0 or rank not in (0, 1) or not t.dtype.is_integer:
     return None
-  u = _shape_source(s)
+  u = _shape_source(t)
   if u is not None:
-    dims = u.shape.as_list() if u.shape.rank else None
-    if not dims or None in dims[1:] or not batch_first(u):
+    if u.shape.rank is None:
       return None
+    dims = [_UNKNOWN if d is None else d for d in u.shape.as_list()]
+    if dims and dims[0] is _UNKNOWN and batch_first(u):
+      dims[0] = None
     return dims
-  op = s.op
+  op = t.op
 
-  def inner(t):
-    if t.shape.rank == 0:
-      value = fold(t)
-      return None if value is None else [int(value)]
-    return sample_shape(t, batch_first, depth - 1)
+  def inner(i):
+    return _entries(op.inputs[i], batch_first, depth - 1)
 
   if op.type == "StridedSlice":
-    return _sliced(op, inner(op.inputs[0]))
+    return _sliced(op, inner(0))
   if op.type == "ConcatV2" and fold(op.inputs[-1]) == 0:
-    parts = [inner(t) for t in op.inputs[:-1]]
+    parts = [inner(i) for i in range(len(op.inputs) - 1)]
     return None if None in parts else sum(parts, [])
+  if op.type == "Pack" and op.get_attr("axis") == 0:
+    parts = [inner(i) or [_UNKNOWN] for i in range(len(op.inputs))]
+    return sum(parts, [])
+  if op.type == "GatherV2" and fold(op.inputs[2]) == 0:
+    entries, indices = inner(0), fold(op.inputs[1])
+    if entries is None or indices is None:
+      return None
+    return [entries[int(i)] for i in np.reshape(indices, [-1])]
   if op.type == "DynamicStitch":
     half = len(op.inputs) // 2
     merged = {}
-    for indices, data in zip(op.inputs[:half], op.inputs[half:]):
-      indices, data = fold(indices), inner(data)
+    for part in range(half):
+      indices, data = fold(op.inputs[part]), inner(half + part)
       if indices is None or data is None:
         return None
       merged.update(zip((int(i) for i in np.reshape(indices, [-1])), data))
     if sorted(merged) != list(range(len(merged))):
       return None
     return [merged[i] for i in range(len(merged))]
+  if op.type == "Prod" and np.array_equal(np.ravel(fold(op.inputs[1])), [0]):
+    # Of static entries (`tf.tensordot`'s `prod(gather(shape(a), axes))`).
+    entries = inner(0)
+    if entries is not None and all(isinstance(e, int) for e in entries):
+      return [int(np.prod(entries, dtype=np.int64))]
   return None
+
+
+def sample_shape(s, batch_first):
+  """The entries of a shape vector `s`, static but for the batch size N
+  (`None`) of tensors that hold the samples first, a row each
+  (`batch_first(u)`), or `None`.
+
+  TensorFlow's gradients read the shapes of the model's tensors at run
+  time where N is not static (`reshape(sum(g, axes), shape(a))`, the
+  slices of a concatenation's gradient, the shape a sum's gradient
+  reshapes to, stitched from `shape(u)` and ones): with N the only
+  unknown, and the same in every tensor of samples, what they compute is
+  known (see `_entries`).
+  """
+  entries = _entries(s, batch_first) if s.shape.rank == 1 else None
+  if entries is None or _UNKNOWN in entries:
+    return None
+  return entries
 
 
 def shape_sources(op):
@@ -361,72 +393,37 @@ def concat_offset(t, batch_first):
   return np.asarray(offset, t.dtype.as_numpy_dtype)
 
 
-def partial_shape(t, depth=_FOLD_DEPTH):
+def partial_shape(t):
   """The entries of a shape vector `t`, each an `int` or `None`, or `None`.
 
   What `fold` gives, and what it leaves unknown entry by entry: the
   products of static dimensions that `tf.tensordot` reshapes by
   (`prod(gather(shape(a), axes))`) beside those of the batch size.
   """
-  value = fold(t)
-  if value is not None:
-    return np.reshape(value, [-1]).tolist() if t.shape.rank == 1 else None
-  if depth == 0 or t.shape.rank != 1 or not t.dtype.is_integer:
+  entries = _entries(t, lambda u: False) if t.shape.rank == 1 else None
+  if entries is None:
     return None
-  op = t.op
-  if op.type == "Shape":
-    return op.inputs[0].shape.as_list() if op.inputs[0].shape.rank else None
-  if op.type == "Pack" and op.get_attr("axis") == 0:
-    return [_partial_scalar(u, depth - 1) for u in op.inputs]
-  if op.type == "ConcatV2" and fold(op.inputs[-1]) == 0:
-    parts = [partial_shape(u, depth - 1) for u in op.inputs[:-1]]
-    return None if any(p is None for p in parts) else sum(parts, [])
-  if op.type == "StridedSlice":
-    return _partial_slice(op, depth)
-  if op.type == "GatherV2" and fold(op.inputs[2]) == 0:
-    entries, indices = (
-      partial_shape(op.inputs[0], depth - 1),
-      fold(op.inputs[1]),
-    )
-    if entries is None or indices is None or np.ndim(indices) != 1:
-      return None
-    return [entries[int(i)] for i in indices]
-  return None
-
-
-def _partial_slice(op, depth):
-  """`partial_shape` of a plain slice `v[b:e:s]` of a shape vector `v`."""
-  return _sliced(op, partial_shape(op.inputs[0], depth - 1))
+  return [None if e is _UNKNOWN else e for e in entries]
 
 
 def _sliced(op, entries):
-  """`entries[b:e:s]` for the plain slice `op` (a `StridedSlice` of a shape
-  vector whose `entries` are known), or `None`."""
+  """`entries[b:e:s]`, or `[entries[b]]` where the slice takes one entry, for
+  the plain slice `op` (a `StridedSlice` of a shape vector whose `entries`
+  are known), or `None`."""
   masks = [op.get_attr(m) for m in ("ellipsis_mask", "new_axis_mask")]
-  if any(masks) or op.get_attr("shrink_axis_mask"):
-    return None
   begin, end, strides = (fold(u) for u in op.inputs[1:4])
-  if entries is None or any(
-    v is None or np.size(v) != 1 for v in (begin, end, strides)
+  if (
+    entries is None
+    or any(masks)
+    or any(v is None or np.size(v) != 1 for v in (begin, end, strides))
   ):
     return None
-  begin = None if op.get_attr("begin_mask") & 1 else int(np.ravel(begin)[0])
-  end = None if op.get_attr("end_mask") & 1 else int(np.ravel(end)[0])
-  return entries[begin : end : int(np.ravel(strides)[0])]
-
-
-def _partial_scalar(t, depth):
-  """A scalar of `partial_shape`: an `int`, or `None`."""
-  value = fold(t)
-  if value is not None:
-    return int(value) if np.ndim(value) == 0 else None
-  op = t.op
-  axes = fold(op.inputs[1]) if op.type == "Prod" else None
-  if depth > 0 and axes is not None and np.array_equal(np.ravel(axes), [0]):
-    entries = partial_shape(op.inputs[0], depth - 1)
-    if entries is not None and None not in entries:
-      return int(np.prod(entries, dtype=np.int64))
-  return None
+  begin, end, strides = (int(np.ravel(v)[0]) for v in (begin, end, strides))
+  if op.get_attr("shrink_axis_mask"):
+    return [entries[begin]] if -len(entries) <= begin < len(entries) else None
+  begin = None if op.get_attr("begin_mask") & 1 else begin
+  end = None if op.get_attr("end_mask") & 1 else end
+  return entries[begin:end:strides]
 
 
 def static_value(t, what, op):

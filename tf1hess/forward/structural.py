@@ -81,44 +81,21 @@ def _same_rank_unknown_entries(op):
   )
 
 
-def _to_the_shape_of_samples(op, ctx):
-  """Whether a reshape of a tensor that holds the samples first, a row each,
-  is to a shape of N rows read from tensors of samples
-  (`registry.sample_shape`), so that each sample keeps its entries:
+def _to_the_shape_of_samples(op, batch_first):
+  """Whether a reshape is to a shape of static entries after a first axis
+  of N (`registry.sample_shape`: the first axis of a tensor `u` with
+  `batch_first(u)`), so that each sample keeps its entries.
+
   TensorFlow's gradients reshape so where N is not static (a broadcasting
   op's `reshape(sum(g, axes), shape(a))`, a sum's to the shape of its
-  input with ones at the summed axes)."""
-  batch_first = getattr(ctx, "batch_first", None)
-  if ctx.group != 1 or batch_first is None:
-    return False
+  input with ones at the summed axes): the walk's `batch_first` tells the
+  tensors that hold the samples first, a row each, whose N is that of the
+  reshaped tensor. TF1 code flattens with `tf.reshape(h, [tf.shape(h)[0],
+  -1])` (or `tf.concat([tf.shape(h)[:1], [-1]], 0)`): with `batch_first`
+  true of every tensor, the first axis of any, checked at run time.
+  """
   entries = registry.sample_shape(op.inputs[1], batch_first)
   return bool(entries) and entries[0] is None and None not in entries[1:]
-
-
-def _starts_with_a_batch_size(op):
-  """Whether a reshape of `(N, *e)`, `e` static, asks for a first axis of
-  `tf.shape(t)[0]`: TF1 code flattens with `tf.reshape(h, [tf.shape(h)[0],
-  -1])` (or `tf.concat([tf.shape(h)[:1], [-1]], 0)`), whose entries static
-  shapes do not know when N is not static."""
-  u, shape = op.inputs
-  if u.shape.rank is None or u.shape.rank < 2:
-    return False
-  if not u.shape[1:].is_fully_defined():
-    return False
-  if shape.op.type not in ("Pack", "ConcatV2"):
-    return False
-  first = shape.op.inputs[0]
-  if first.op.type != "StridedSlice" or first.op.inputs[0].op.type != "Shape":
-    return False
-  begin, end, strides = (tf.get_static_value(t) for t in first.op.inputs[1:])
-  if begin is None or end is None or strides is None:
-    return False
-  shrink = first.op.get_attr("shrink_axis_mask") & 1
-  return (
-    list(np.reshape(begin, [-1]))[:1] == [0]
-    and list(np.reshape(strides, [-1]))[:1] == [1]
-    and (shrink or list(np.reshape(end, [-1]))[:1] == [1])
-  )
 
 
 def _entry_shape(op, lead_one=False):
@@ -301,9 +278,13 @@ def _reshape(op, j, ctx):
     raise registry.Unsupported(
       f"Reshape ({op.name}) regroups the rows of parts of samples"
     )
-  if _to_the_shape_of_samples(op, ctx):
+  batch_first = getattr(ctx, "batch_first", None)
+  if batch_first is not None and _to_the_shape_of_samples(op, batch_first):
     return [_view(j, jacobians.apply_per_sample(j, _reshape_entries(out)), ctx)]
-  if not (_same_rank_unknown_entries(op) or _starts_with_a_batch_size(op)):
+  if not (
+    _same_rank_unknown_entries(op)
+    or _to_the_shape_of_samples(op, lambda u: True)
+  ):
     return [MIXED]
   check = tf.debugging.assert_equal(
     tf.shape(out)[0],
