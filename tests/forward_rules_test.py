@@ -914,6 +914,12 @@ _RULES = {
       )
     )(tf.sin(tf.reshape(_lin(x), [-1, 2, 3, 2]))),
   ),
+  # `tf.repeat`: a `Tile` by multiples it stacks from its count, then a
+  # reshape to `shape(u)[1] * repeats` entries.
+  "Tile_by_repeat": (
+    "Tile",
+    lambda x: tf.repeat(tf.tanh(_lin(x)) * x, 2, axis=1),
+  ),
   "Reshape_rows_softmax": (
     "Softmax",
     lambda x: tf.reshape(

@@ -204,6 +204,9 @@ FOLDED = {
   "Neg": np.negative,
   "Identity": lambda v: v,
 }
+# Other ops that `fold` evaluates: `tf.repeat` reshapes its count to a
+# scalar and stacks it into the multiples of a `Tile`.
+_FOLDED_SHAPES = ("Range", "Pack", "ConcatV2", "Reshape")
 # How many ops deep `fold` looks.
 _FOLD_DEPTH = 8
 
@@ -220,7 +223,7 @@ def fold(t, depth=_FOLD_DEPTH):
   if value is not None or depth == 0 or not t.dtype.is_integer:
     return value
   op = t.op
-  if op.type not in FOLDED and op.type not in ("Range", "Pack", "ConcatV2"):
+  if op.type not in FOLDED and op.type not in _FOLDED_SHAPES:
     return None
   values = [fold(u, depth - 1) for u in op.inputs]
   if any(v is None for v in values):
@@ -231,6 +234,8 @@ def fold(t, depth=_FOLD_DEPTH):
     value = np.stack(values, axis=op.get_attr("axis"))
   elif op.type == "ConcatV2":
     value = np.concatenate(values[:-1], axis=int(values[-1]))
+  elif op.type == "Reshape":
+    value = np.reshape(*values)
   else:
     value = FOLDED[op.type](*values)
   return np.asarray(value, dtype=t.dtype.as_numpy_dtype)
@@ -303,11 +308,18 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
     if sorted(merged) != list(range(len(merged))):
       return None
     return [merged[i] for i in range(len(merged))]
-  if op.type == "Prod" and np.array_equal(np.ravel(fold(op.inputs[1])), [0]):
-    # Of static entries (`tf.tensordot`'s `prod(gather(shape(a), axes))`).
-    entries = inner(0)
-    if entries is not None and all(isinstance(e, int) for e in entries):
-      return [int(np.prod(entries, dtype=np.int64))]
+  if op.type in FOLDED or op.type == "Prod":
+    # Arithmetic of static entries (`tf.repeat`'s `shape(u)[1] * repeats`).
+    parts = [inner(i) for i in range(len(op.inputs))]
+    if any(p is None or not all(isinstance(e, int) for e in p) for p in parts):
+      return None
+    if op.type == "Prod":
+      # Of a vector: over its only axis, or over none.
+      value = np.prod(parts[0], dtype=np.int64) if parts[1] else parts[0]
+    else:
+      ranks = [[-1] if i.shape.rank else [] for i in op.inputs]
+      value = FOLDED[op.type](*map(np.reshape, parts, ranks))
+    return [int(v) for v in np.reshape(value, [-1])]
   return None
 
 
