@@ -691,6 +691,34 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     self.assertGreater(np.abs(got["rows"] - hessians).max(), 1e-2)
 
   @parameterized.named_parameters(*_MOMENTS.items())
+  def test_functions_of_gradients_of_moments(self, model):
+    # TensorFlow's gradient of the variance reads the stopped mean too:
+    # its values are the exact first derivative, and the engine follows
+    # the stop there as well (forces, residuals of normalized models).
+    x_val = np.random.default_rng(15).normal(size=(3, 12))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      (g,) = tf.gradients(model(x), x)
+      y = tf.reduce_sum(g * g, 1)
+      outs = {"forward": tf1hess.batch_hessians(y, x, method="forward")}
+      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
+        outs["auto"] = tf1hess.batch_hessians(y, x)
+      outs["laplacian"] = tf1hess.batch_laplacians(y, x, method="forward")
+      outs["rows"] = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(outs, {x: x_val})
+        hessians = finite_differences.finite_difference_hessians(
+          lambda batch: sess.run(y, {x: batch}), x_val
+        )
+    tol = dict(atol=1e-5, rtol=1e-5)  # Differences of differences.
+    self.assertAllClose(got["forward"], hessians, **tol)
+    self.assertAllClose(got["auto"], hessians, **tol)
+    self.assertAllClose(got["laplacian"], np.einsum("nii->n", hessians), **tol)
+    # TensorFlow's second derivatives of the gradient miss a few percent.
+    error = np.abs(got["rows"] - hessians).max() / np.abs(hessians).max()
+    self.assertGreater(error, 0.03)
+
+  @parameterized.named_parameters(*_MOMENTS.items())
   def test_hessian_vector_products_of_moments(self, model):
     # TensorFlow's backward pass through the gradient would miss the
     # curvature through the mean: the products come from the engine's

@@ -395,9 +395,9 @@ def _path(x, ys):
   """`(path_ops(x, ys), the dependent tensors)`.
 
   A `StopGradient` of `tf.nn.moments` is followed only where every op of
-  the path that reads it is a variance about the mean it stops
-  (`reductions.variance_of`): not where the model reads it otherwise, nor
-  on a path to TensorFlow's gradient of the variance.
+  the path that reads it is a variance about the mean it stops, or
+  TensorFlow's gradient of one (`reductions.variance_of`): not where the
+  model reads it otherwise.
   """
   stops = set()
   while True:
@@ -1021,13 +1021,13 @@ def second_derivatives(ys, x, mode):
   # An elementwise op's adjoint is taken after the sum or mean that is its
   # output's only use: one entry per summed group, not broadcast.
   sums = [_summed_by(t, ctx.path, ys) if e else None for t, _, e in ctx.pending]
-  adjoints = tf.gradients(
+  adjoints = _adjoints(
     ys,
     [
       t if summed is None else summed[0].outputs[0]
       for (t, _, _), summed in zip(ctx.pending, sums)
     ],
-    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    ctx.path,
   )
   grouped = {}
   for (t, build, _), adj, summed in zip(ctx.pending, adjoints, sums):
@@ -1092,6 +1092,45 @@ def second_derivatives(ys, x, mode):
   work.drop_unrun(_ran_ops(value, built), built)
   work.ops += len(new_ops)
   return Result(value, True, work, mixed)
+
+
+def _adjoints(ys, targets, path):
+  """`d sum(ys) / d t` for each of `targets` (zeros where unconnected),
+  where the `StopGradient`s of `tf.nn.moments` that the walk follows
+  (`path`'s) are the identity.
+
+  TensorFlow's gradients stop there. Where the path reads such a stop only
+  in variances, what the stop holds back is zero
+  (`reductions.stops_a_variance_mean`); where it reads it in TensorFlow's
+  gradient of a variance too (a `Sub`: `reductions.variance_of`), it is
+  not: the adjoint `a` of each such stop's output goes on to the mean it
+  stops, as the gradient of `<a, mean>`, the last stop first.
+  """
+  zero = tf.UnconnectedGradients.ZERO
+  stops = [
+    op
+    for op in path
+    if op.type == "StopGradient"
+    and any(
+      use.type == "Sub" and use in path for use in op.outputs[0].consumers()
+    )
+  ]
+  means, held = [], []
+  for op in reversed(stops):
+    (a,) = tf.gradients(
+      ys + means,
+      [op.outputs[0]],
+      grad_ys=[None] * len(ys) + held,
+      unconnected_gradients=zero,
+    )
+    means.append(op.inputs[0])
+    held.append(a)
+  return tf.gradients(
+    ys + means,
+    targets,
+    grad_ys=[None] * len(ys) + held,
+    unconnected_gradients=zero,
+  )
 
 
 def _summed_by(tensor, path, ys):

@@ -359,11 +359,29 @@ def variance_of(use, stop, path):
   """Whether `use` is a variance about the mean that `stop` stops: a
   `SquaredDifference` of the mean's input and `stop`, whose output the ops
   of `path` (the walk's) read only in means or sums over the axes of the
-  mean."""
+  mean; or TensorFlow's gradient of such a variance.
+
+  That gradient, `2 adj (u - stop)` (the `Sub` of `u` and `stop`), is the
+  exact first derivative (the stop changes none), and a function of x
+  whose own derivatives are those of the model's where the stop is the
+  identity: a Hessian of a function of gradients (forces, residuals) of a
+  model with `tf.nn.moments`.
+  """
   stopped = _stopped_mean(stop)
-  if stopped is None or use.type != "SquaredDifference":
+  if stopped is None:
     return False
   u, axes = stopped
+  if use.type == "Sub":
+    return [t.ref() for t in use.inputs] == [
+      u.ref(),
+      stop.outputs[0].ref(),
+    ] and any(
+      variance_of(v, stop, path)
+      for v in stop.outputs[0].consumers()
+      if v.type == "SquaredDifference" and v in path
+    )
+  if use.type != "SquaredDifference":
+    return False
   if {t.ref() for t in use.inputs} != {u.ref(), stop.outputs[0].ref()}:
     return False
   readers = [r for r in use.outputs[0].consumers() if r in path]
@@ -382,7 +400,9 @@ def stops_a_variance_mean(op):
   entries reduced (those of a layer normalization, by as much as the
   Hessian itself). The walk follows a stop of a `Mean` with `keep_dims`
   as the identity where the ops of its path read it only in such
-  variances (`variance_of`, checked by the walk), so that the engine's
+  variances and their gradients (`variance_of`, checked by the walk; the
+  adjoint pass carries what reaches it on: `engine._adjoints`), so that
+  the engine's
   second derivatives are those of the function the model computes; the
   rows are TensorFlow's (`dispatch.rows_are_exact`).
   """
