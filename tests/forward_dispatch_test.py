@@ -601,6 +601,40 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
         )
     self.assertAllClose(value, hessians, atol=1e-6)
 
+  @parameterized.named_parameters(
+    ("same_stride_1", 2, 1, "SAME"),
+    ("one_by_one", 1, 1, "VALID"),
+    ("valid_stride_2", 2, 2, "VALID"),
+  )
+  def test_gradients_of_max_pools(self, size, stride, padding):
+    # A max pool's gradient inside `ys`: TensorFlow's gradient of it
+    # (MaxPoolGradGrad) is wrong for some pools, in the rows and in the
+    # finite differences of `tf.gradients`; the engine's adjoint pass takes
+    # its own (`conv._max_pool_grad_adjoint`).
+    x_val = np.random.default_rng(12).normal(size=(3, 12))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      h = tf.sin(1.3 * tf.reshape(x, [-1, 3, 4, 1]))
+      pooled = tf.nn.max_pool2d(h, size, stride, padding)
+      energy = tf.reduce_sum(tf.square(pooled) * tf.cos(pooled), [1, 2, 3])
+      (forces,) = tf.gradients(energy, x)
+      y = tf.reduce_sum(tf.sin(forces), 1)
+      self.assertIn("MaxPoolGrad", {op.type for op in y.graph.get_operations()})
+      outs = {"forward": tf1hess.batch_hessians(y, x, method="forward")}
+      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
+        outs["auto"] = tf1hess.batch_hessians(y, x)
+      outs["rows"] = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(outs, {x: x_val})
+        hessians = finite_differences.finite_difference_hessians(
+          lambda batch: sess.run(y, {x: batch}), x_val
+        )
+    self.assertAllClose(got["forward"], hessians, atol=1e-6)
+    self.assertAllClose(got["auto"], hessians, atol=1e-6)
+    error = np.abs(got["rows"] - hessians).max() / np.abs(hessians).max()
+    if stride == 1:
+      self.assertGreater(error, 0.1)
+
   def test_rows_warn(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 12])

@@ -102,6 +102,13 @@ def _burgers_residual(x):
   return u_t + u * u_x - 0.01 * u_xx
 
 
+def _forces(pooled, x):
+  """The gradient of the energy `sum(sin(pooled(h)))` of a dense layer `h`
+  of x."""
+  energy = tf.reduce_sum(tf.sin(pooled(_lin(x))), [1, 2, 3])
+  return tf.gradients(energy, x)[0]
+
+
 # name -> (op type that must be in the graph, per-sample model of (N, 12)).
 # Models start from x itself (a shared Jacobian reaches the op), from a
 # dense layer (shared) or from tanh of it (dense), to take each path.
@@ -630,6 +637,20 @@ _RULES = {
     lambda x: tf.gradients(
       tf.reduce_sum(tf.sigmoid(_lin2(tf.tanh(_lin(x)))), 1), x
     )[0],
+  ),
+  # Forces of energies of pooled images: TensorFlow's gradients of pools.
+  "MaxPoolGrad": (
+    "MaxPoolGrad",
+    lambda x: _forces(
+      lambda h: tf.nn.max_pool2d(tf.tanh(_image(h, (3, 4, 1))), 2, 2, "VALID"),
+      x,
+    ),
+  ),
+  "AvgPoolGrad": (
+    "AvgPoolGrad",
+    lambda x: _forces(
+      lambda h: tf.nn.avg_pool2d(tf.tanh(_image(h)), 2, [1, 2], "SAME"), x
+    ),
   ),
   "StridedSliceGrad": (
     "StridedSliceGrad",
@@ -1163,6 +1184,7 @@ _L2_LOSSES = {
 FLOAT32_OP_TYPES = {
   "LRN",
   "AvgPool3D",
+  "AvgPool3DGrad",
   "FusedBatchNorm",
   "FusedBatchNormV2",
   "FusedBatchNormV3",
@@ -1172,6 +1194,8 @@ FLOAT32_OP_TYPES = {
 
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
+  "MaxPoolGrad",
+  "AvgPoolGrad",
   "StridedSliceGrad",
   "TanhGrad",
   "SigmoidGrad",
@@ -2430,6 +2454,27 @@ class Float32PoolTest(tf.test.TestCase):
       self,
       lambda x: model(x, lambda h: tf.nn.avg_pool3d(h, [1, 2, 2], 1, "VALID")),
       lambda x: model(x, by_convolution),
+    )
+
+  def test_gradient_of_avg_pool3d(self):
+    # Forces of an energy of pooled volumes: AvgPool3DGrad.
+    def model(x, pool):
+      volumes = _image(_lin(x), (2, 3, 2, 1))
+      energy = tf.reduce_sum(tf.sin(pool(tf.tanh(volumes))), [1, 2, 3, 4])
+      return tf.gradients(energy, x)[0]
+
+    def by_convolution(h):
+      ones = tf.ones([1, 2, 2, 1, 1], h.dtype) / 4.0
+      return tf.nn.conv3d(h, ones, [1, 1, 1, 1, 1], "VALID")
+
+    def pool(h):
+      return tf.nn.avg_pool3d(h, [1, 2, 2], 1, "VALID")
+
+    with tf.Graph().as_default() as graph:
+      model(tf.compat.v1.placeholder(tf.float32, [None, _K]), pool)
+      self.assertIn("AvgPool3DGrad", {op.type for op in graph.get_operations()})
+    _check_float32(
+      self, lambda x: model(x, pool), lambda x: model(x, by_convolution)
     )
 
 

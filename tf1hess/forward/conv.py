@@ -16,6 +16,13 @@ the first maximal entry of the window in row-major order, as TensorFlow's
 `MaxPoolGrad` and `MaxPoolGradGrad` do on CPU: the engine and the row loop
 agree there. No curvature either.
 
+TensorFlow's gradients of pools (in models with gradients inside `ys`)
+are linear in the incoming gradient: `AvgPoolGrad` is the same op on the
+tangents, `MaxPoolGrad` too, its pool's input and output repeated for the
+tangents of each sample; the adjoint pass takes the gradient of
+`MaxPoolGrad` from the maxima found as above, not from TensorFlow's
+`MaxPoolGradGrad`, which is wrong for some pools.
+
 A dilated convolution that `tf.nn.convolution` (and the `dilation_rate` of
 layers) builds as SpaceToBatchND, a convolution and BatchToSpaceND is
 followed block and all: inside the block, row `b N + n` of the batch is
@@ -108,12 +115,16 @@ def _convolution(op, jacs, ctx, image):
   def on_tangents(m):
     args = {names[1]: tf.cast(op.inputs[1], m.dtype), names[image]: m}
     if image == 2:
-      sizes = op.inputs[0]
-      batch = tf.cast(tf.shape(m)[:1], sizes.dtype)
-      args[names[0]] = tf.concat([batch, sizes[1:]], axis=0)
+      args[names[0]] = _sizes_of(m, op.inputs[0])
     return registry.twin(op, **args)
 
   return [jacobians.apply_per_sample(j, on_tangents)]
+
+
+def _sizes_of(m, sizes):
+  """The sizes `sizes` of an op's output, for a batch of tangents `m`."""
+  batch = tf.cast(tf.shape(m)[:1], sizes.dtype)
+  return tf.concat([batch, sizes[1:]], axis=0)
 
 
 @registry.register("Conv2D", "Conv3D", linear=_of_weights)
@@ -257,6 +268,54 @@ def _avg_pool(op, jacs, ctx):
   return [registry.on_tangents(op, j)]
 
 
+@registry.register("AvgPoolGrad", "AvgPool3DGrad", linear=True)
+def _avg_pool_grad(op, jacs, ctx):
+  """The gradient of an average pool (of a model's gradient inside `ys`):
+  linear in the incoming gradient (input 1); the same op on the tangents."""
+  del ctx  # Unused.
+  j = jacs[1]
+  if j is None:
+    return [None]
+  _check_format(op, _attrs(op, "data_format"), ("NHWC", "NDHWC"))
+
+  def on_tangents(m):
+    return registry.twin(
+      op, orig_input_shape=_sizes_of(m, op.inputs[0]), grad=m
+    )
+
+  return [jacobians.apply_per_sample(j, on_tangents)]
+
+
+@registry.register("MaxPoolGrad")
+def _max_pool_grad(op, jacs, ctx):
+  """The gradient of a max pool (of a model's gradient inside `ys`): each
+  entry of the incoming gradient (input 2) goes to the maximal entry of
+  its window of the pool's input (input 0). Linear in the incoming
+  gradient, by a choice of entries that is constant where the maxima are
+  distinct: no curvature, and the tangents of the pool's input and output
+  add nothing. The same op on the tangents, each sample's input and
+  output repeated for its K tangents, so that ties go where the op sends
+  them.
+  """
+  j = jacs[2]
+  if j is None:
+    return [None]
+  _check_format(op, _attrs(op, "data_format"), ("NHWC",))
+  u, pooled = op.inputs[:2]
+
+  def on_tangents(m):
+    out = registry.twin(
+      op,
+      orig_input=tf.repeat(u, ctx.k, axis=0),
+      orig_output=tf.repeat(pooled, ctx.k, axis=0),
+      grad=tf.cast(m, u.dtype),
+    )
+    return tf.cast(out, m.dtype)
+
+  dense = jacobians.dense(jacobians.to_dense(j, ctx.n))
+  return [jacobians.apply_per_sample(dense, on_tangents)]
+
+
 def _gather_entries(jac, index):
   """`J[n, k, index[n, p]]` over the flat entries: a dense Jacobian.
 
@@ -284,30 +343,64 @@ def _gather_entries(jac, index):
   return jacobians.dense(tf.reshape(value, tf.concat([[n, k], picked], axis=0)))
 
 
+def _window_maxima(op):
+  """`(pads, index)` for the max pool `op` reads (its input 0, its attrs):
+  `index` the flat index, among each sample's entries, of the maximal
+  entry of every window (the first in row-major order at ties); `pads`
+  `None`, or the explicit paddings of the entries `index` counts in."""
+  u = op.inputs[0]
+  padding = op.get_attr("padding").decode()
+  pads = None
+  if padding == "EXPLICIT":
+    # Pad with -inf (never picked over an entry) and pool without padding.
+    pads = np.reshape(op.get_attr("explicit_paddings"), [-1, 2])
+    u = tf.pad(u, pads, constant_values=-np.inf)
+    padding = "VALID"
+  _, index = tf.raw_ops.MaxPoolWithArgmax(
+    input=u,
+    ksize=op.get_attr("ksize"),
+    strides=op.get_attr("strides"),
+    padding=padding,
+    include_batch_in_index=False,
+  )
+  return pads, index
+
+
 @registry.register("MaxPool")
 def _max_pool(op, jacs, ctx):
   j = jacs[0]
   if j is None:
     return [None]
-  attrs = _attrs(op, *_POOL_ATTRS)
-  _check_format(op, attrs, ("NHWC",))
-  u = op.inputs[0]
-  padding = attrs["padding"]
-  if padding == "EXPLICIT":
-    # Pad with -inf (never picked over an entry) and pool without padding;
-    # the tangents of the padding are zeros.
-    pads = np.reshape(op.get_attr("explicit_paddings"), [-1, 2])
-    u = tf.pad(u, pads, constant_values=-np.inf)
+  _check_format(op, _attrs(op, "data_format"), ("NHWC",))
+  pads, index = _window_maxima(op)
+  if pads is not None:
+    # The tangents of the padding are zeros.
     j = jacobians.apply_per_sample(j, lambda m: tf.pad(m, pads))
-    padding = "VALID"
-  _, index = tf.raw_ops.MaxPoolWithArgmax(
-    input=u,
-    ksize=attrs["ksize"],
-    strides=attrs["strides"],
-    padding=padding,
-    include_batch_in_index=False,
-  )
   return [_gather_entries(j, index)]
+
+
+@registry.adjoint("MaxPoolGrad")
+def _max_pool_grad_adjoint(op, path):
+  """The adjoint of the incoming gradient of a max pool's gradient: that of
+  its output at the maximal entry of each window. TensorFlow's own
+  (`MaxPoolGradGrad`) is wrong for some pools (see
+  `dispatch._INEXACT_SECOND_DERIVATIVES`)."""
+  del path  # Unused.
+
+  def vjp(adj):
+    pads, index = _window_maxima(op)
+    if pads is not None:
+      adj = tf.pad(adj, pads)
+    n = tf.shape(adj)[0]
+    picked = tf.gather(
+      tf.reshape(adj, tf.stack([n, -1])),
+      tf.reshape(index, tf.stack([n, -1])),
+      batch_dims=1,
+    )
+    grad = op.inputs[2]
+    return [(grad, tf.reshape(picked, tf.shape(grad)))]
+
+  return vjp
 
 
 # What a dilated convolution (`tf.nn.convolution` with dilations > 1, the

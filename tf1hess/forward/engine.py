@@ -1096,41 +1096,39 @@ def second_derivatives(ys, x, mode):
 
 def _adjoints(ys, targets, path):
   """`d sum(ys) / d t` for each of `targets` (zeros where unconnected),
-  where the `StopGradient`s of `tf.nn.moments` that the walk follows
-  (`path`'s) are the identity.
+  where the ops of `path` whose TensorFlow gradient is not the one the
+  walk differentiates have theirs (`registry.ADJOINTS`).
 
-  TensorFlow's gradients stop there. Where the path reads such a stop only
-  in variances, what the stop holds back is zero
-  (`reductions.stops_a_variance_mean`); where it reads it in TensorFlow's
-  gradient of a variance too (a `Sub`: `reductions.variance_of`), it is
-  not: the adjoint `a` of each such stop's output goes on to the mean it
-  stops, as the gradient of `<a, mean>`, the last stop first.
+  Those are the `StopGradient` of `tf.nn.moments` that the walk follows
+  into TensorFlow's gradient of a variance (the identity there:
+  `reductions.variance_of`), and a max pool's gradient (TensorFlow's
+  `MaxPoolGradGrad` is wrong for some pools). The gradients stop at their
+  outputs; the adjoint that reaches each output (the last first) goes on
+  to its inputs by its own `vjp`, as the gradient of `<adjoint, input>`.
   """
   zero = tf.UnconnectedGradients.ZERO
-  stops = [
-    op
-    for op in path
-    if op.type == "StopGradient"
-    and any(
-      use.type == "Sub" and use in path for use in op.outputs[0].consumers()
-    )
-  ]
-  means, held = [], []
-  for op in reversed(stops):
-    (a,) = tf.gradients(
-      ys + means,
-      [op.outputs[0]],
+  cuts = []
+  for op in path:
+    vjp = registry.ADJOINTS.get(op.type, lambda op, path: None)(op, path)
+    if vjp is not None:
+      cuts.append((op, vjp))
+  stopped = [op.outputs[0] for op, _ in cuts]
+  inputs, held = [], []
+
+  def gradients(ts):
+    return tf.gradients(
+      ys + inputs,
+      ts,
       grad_ys=[None] * len(ys) + held,
+      stop_gradients=stopped,
       unconnected_gradients=zero,
     )
-    means.append(op.inputs[0])
-    held.append(a)
-  return tf.gradients(
-    ys + means,
-    targets,
-    grad_ys=[None] * len(ys) + held,
-    unconnected_gradients=zero,
-  )
+
+  for op, vjp in reversed(cuts):
+    for t, adj in vjp(gradients([op.outputs[0]])[0]):
+      inputs.append(t)
+      held.append(adj)
+  return gradients(targets)
 
 
 def _summed_by(tensor, path, ys):

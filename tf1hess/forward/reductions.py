@@ -417,6 +417,19 @@ def _moments_stop(op, jacs, ctx):
   return [jacs[0]]
 
 
+@registry.adjoint("StopGradient")
+def _moments_stop_adjoint(op, path):
+  """The identity, where the walk follows the `StopGradient` of
+  `tf.nn.moments` into TensorFlow's gradient of the variance (a `Sub`:
+  `variance_of`); elsewhere what it holds back is zero
+  (`stops_a_variance_mean`), and TensorFlow's gradient, none, is right."""
+  if not any(
+    use.type == "Sub" and use in path for use in op.outputs[0].consumers()
+  ):
+    return None
+  return lambda adj: [(op.inputs[0], adj)]
+
+
 registry.rowwise(
   "Sum", "Mean", "Max", "Min", "Prod", "EuclideanNorm", "L2Loss", "StopGradient"
 )

@@ -171,6 +171,24 @@ def register(*op_types, linear=False, diagonal=False):
   return decorate
 
 
+# Op types whose TensorFlow gradient the walk's adjoint pass must not take
+# (`engine._adjoints`), each with `fn(op, path)`: `None` where it may
+# (`path` the walk's ops), or `vjp(adj) -> [(input, adjoint)]` that gives
+# the adjoints of `op`'s inputs from `adj`, that of its output.
+ADJOINTS = {}
+
+
+def adjoint(*op_types):
+  """Registers the decorated `fn(op, path)` of `ADJOINTS` for `op_types`."""
+
+  def decorate(fn):
+    for op_type in op_types:
+      ADJOINTS[op_type] = fn
+    return fn
+
+  return decorate
+
+
 def of_first_input(rule):
   """A rule `rule(op, j, ctx)` of ops whose first input alone may depend on x.
 
