@@ -646,6 +646,30 @@ _RULES = {
       x,
     ),
   ),
+  # Input gradients of classifiers: TensorFlow's gradient of a
+  # cross-entropy reads its backprop output, softmax minus the labels (and
+  # reshapes it back to the logits' shape, whose entries the flattened
+  # logits lost).
+  "gradient_of_a_softmax_cross_entropy": (
+    "SoftmaxCrossEntropyWithLogits",
+    lambda x: tf.gradients(
+      tf.nn.softmax_cross_entropy_with_logits(
+        labels=tf.nn.softmax(_lin2(tf.ones_like(x))),
+        logits=_lin2(tf.tanh(_lin(x))),
+      ),
+      x,
+    )[0],
+  ),
+  "gradient_of_a_sparse_softmax_cross_entropy": (
+    "SparseSoftmaxCrossEntropyWithLogits",
+    lambda x: tf.gradients(
+      tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.zeros(tf.shape(x)[:1], tf.int32) + 5,
+        logits=_lin2(tf.tanh(_lin(x))),
+      ),
+      x,
+    )[0],
+  ),
   "AvgPoolGrad": (
     "AvgPoolGrad",
     lambda x: _forces(
@@ -1523,6 +1547,28 @@ class ForwardRulesTest(
           sess.run(hessians, {x: _RNG.normal(size=(2, _K)), other: [0] * 4})
         feed = {x: _RNG.normal(size=(2, _K)), other: [0] * 2}
         self.assertEqual(sess.run(hessians, feed).shape, (2, _K, _K))
+
+  def test_reshape_of_entries_static_shapes_lost(self):
+    # Reshapes to `[-1, C]` of a tensor whose entries static shapes do not
+    # know: followed per sample, checked at run time.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      width = tf.compat.v1.placeholder(tf.int32, [])
+      h = tf.reshape(tf.sin(_lin(x)), tf.stack([-1, width]))
+      self.assertEqual(h.shape.as_list(), [None, None])
+      ys = [tf.reduce_sum(tf.tanh(tf.reshape(h, [-1, c])), 1) for c in (12, 6)]
+      same, halves = [
+        tf1hess.batch_hessians(y, x, method="forward") for y in ys
+      ]
+      rows = tf1hess.batch_hessians(ys[0], x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        feed = {x: _RNG.normal(size=(2, _K)), width: _K}
+        got, expected = sess.run([same, rows], feed)
+        self.assertAllClose(got, expected, atol=1e-12)
+        # Two rows a sample: the check (or a product of the tangents of N
+        # samples with 2 N rows, run before it) raises.
+        with self.assertRaises(tf.errors.InvalidArgumentError):
+          sess.run(halves, feed)
 
   @parameterized.parameters(3, None)
   def test_dilated_convolution_by_auto(self, batch):

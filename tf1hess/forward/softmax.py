@@ -10,7 +10,9 @@ derivative below is a sum of `jacobians.Term`s of `J_u` and `J_m`:
 - cross-entropy `-<labels, log_softmax(u)>`: `L (<s, du^2> - m^2)` with
   `L = sum(labels)`. TensorFlow's kernel and gradient of
   `SoftmaxCrossEntropyWithLogits` take `L = 1` (labels are probabilities);
-  with other labels the loss, its gradient and these terms disagree.
+  with other labels the loss, its gradient and these terms disagree. Its
+  second output, `s - labels`, which TensorFlow's gradient of the loss
+  reads, has the derivatives of `softmax`.
 """
 
 import tensorflow as tf
@@ -66,6 +68,12 @@ def _softmax(op, jacs, ctx):
   if j is None:
     return [None]
   s = op.outputs[0]
+  return [_softmax_jacobian(j, s, s, ctx)]
+
+
+def _softmax_jacobian(j, s, out, ctx):
+  """The Jacobian of `out`, `s = softmax(u)` (`u` of Jacobian `j`) or `s`
+  minus a constant, and its curvature."""
   jm = _weighted_mean(j, s)
 
   def build(adj):
@@ -77,10 +85,10 @@ def _softmax(op, jacs, ctx):
       jacobians.Term(2 * total, jm),
     ]
 
-  ctx.curvature(s, build)
-  return [
-    jacobians.fit(_minus(jacobians.scale(j, s), jacobians.scale(jm, s)), s)
-  ]
+  ctx.curvature(out, build)
+  return jacobians.fit(
+    _minus(jacobians.scale(j, s), jacobians.scale(jm, s)), out
+  )
 
 
 def _cross_entropy(op, jacs, ctx, labels, label_sum):
@@ -103,7 +111,13 @@ def _cross_entropy(op, jacs, ctx, labels, label_sum):
     return [jacobians.Term(c * s, j), jacobians.Term(-c, jm)]
 
   ctx.curvature(loss, build)
-  return [grad, registry.Unfollowed(f"the backprop output of {op.name}")]
+  # The backprop output, `softmax(u) - labels` (the kernel's, whatever the
+  # labels sum to), which TensorFlow's gradient of the loss reads: walked
+  # where the path reads it (a function of that gradient in `ys`).
+  backprop = op.outputs[1]
+  if not any(use in ctx.path for use in backprop.consumers()):
+    return [grad, None]
+  return [grad, _softmax_jacobian(j, s, backprop, ctx)]
 
 
 @registry.register("SoftmaxCrossEntropyWithLogits")

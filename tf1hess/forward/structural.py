@@ -67,18 +67,19 @@ def _keeps_batch(op):
 
 
 def _same_rank_unknown_entries(op):
-  """A reshape of `(N, *e)`, `e` static, to the same rank, entries unknown.
+  """A reshape of `(N, *e)` to the same rank, where static shapes know the
+  entries of only one side.
 
   As `tf.nn.softmax_cross_entropy_with_logits` makes: `reshape(u, [-1,
-  shape(u)[-1]])`. Whether it keeps the batch is only known at run time.
+  shape(u)[-1]])` of a static `e`, and TensorFlow's gradient of it, the
+  reshape back to `[-1, C]` of the gradient of its output, whose entries
+  static shapes lost. Whether it keeps the batch is only known at run
+  time.
   """
   u, out = op.inputs[0], op.outputs[0]
-  return (
-    u.shape.rank is not None
-    and u.shape.rank >= 2
-    and out.shape.rank == u.shape.rank
-    and u.shape[1:].is_fully_defined()
-  )
+  if u.shape.rank is None or u.shape.rank < 2 or out.shape.rank != u.shape.rank:
+    return False
+  return u.shape[1:].is_fully_defined() or _entry_shape(op) is not None
 
 
 def _to_the_shape_of_samples(op, batch_first):
