@@ -238,11 +238,12 @@ def rows_can_differentiate(x, grad):
 #   ReLU that is off after it).
 # - `tf.nn.moments` stops the gradient of the mean in the variance, which
 #   changes no first derivative but drops the curvature through the mean
-#   (`reductions.stops_a_variance_mean`; the walk meets such a
-#   `StopGradient` only there): layer normalization built on it is off by
-#   as much as the Hessian.
-# The engine's rules of max pools, resizes, norms and moments are exact
-# there.
+#   (`reductions.stops_a_variance_mean`; the walk follows such a
+#   `StopGradient` only there and into TensorFlow's gradient of the
+#   variance): layer normalization built on it is off by as much as the
+#   Hessian, and so are functions of its gradients.
+# The engine's rules of max pools (and of their gradients), resizes, norms
+# and moments are exact there.
 _MAX_POOL_GRAD = (
   "a max pool's gradient with TensorFlow's MaxPoolGradGrad, which is wrong"
   " for 1 x 1 pools and pools of stride 1 with SAME padding"

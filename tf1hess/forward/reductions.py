@@ -402,9 +402,8 @@ def stops_a_variance_mean(op):
   as the identity where the ops of its path read it only in such
   variances and their gradients (`variance_of`, checked by the walk; the
   adjoint pass carries what reaches it on: `engine._adjoints`), so that
-  the engine's
-  second derivatives are those of the function the model computes; the
-  rows are TensorFlow's (`dispatch.rows_are_exact`).
+  the engine's second derivatives are those of the function the model
+  computes; the rows are TensorFlow's (`dispatch.rows_are_exact`).
   """
   return _stopped_mean(op) is not None
 
