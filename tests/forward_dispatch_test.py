@@ -572,6 +572,37 @@ _MOMENTS = {
 }
 
 
+# Builders of the methods `_hessians_of` runs: auto with the rows' margin
+# patched would take the rows on cost alone.
+def _auto_over_rows(y, x):
+  with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
+    return tf1hess.batch_hessians(y, x)
+
+
+_METHODS = {
+  "forward": lambda y, x: tf1hess.batch_hessians(y, x, method="forward"),
+  "auto": _auto_over_rows,
+  "rows": lambda y, x: tf1hess.batch_hessians(y, x, method="while_loop"),
+  "laplacian": tf1hess.batch_laplacians,
+}
+
+
+def _hessians_of(model, x_val, methods):
+  """Runs `methods` (names of `_METHODS`, built in that order) on the
+  float64 `model` of `x_val`; returns their values and float64 second
+  differences of `model`'s values."""
+  with tf.Graph().as_default():
+    x = tf.compat.v1.placeholder(tf.float64, [None, x_val.shape[1]])
+    y = model(x)
+    outs = {name: _METHODS[name](y, x) for name in methods}
+    with tf.compat.v1.Session() as sess:
+      got = sess.run(outs, {x: x_val})
+      hessians = finite_differences.finite_difference_hessians(
+        lambda batch: sess.run(y, {x: batch}), x_val
+      )
+  return got, hessians
+
+
 class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
   """TensorFlow's second derivative of some max pools (and of resizes and
   norms) is wrong."""
@@ -581,25 +612,19 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     ("one_by_one", 1, 1, "VALID"),
   )
   def test_auto_takes_the_engine(self, size, stride, padding):
-    # Inputs of the test's own, whatever ran before it: finite differences
-    # must not straddle a tie of two maxima of a pool.
-    x_val = np.random.default_rng(11).normal(size=(3, 12))
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+    def model(x):
       h = tf.sin(1.3 * tf.reshape(x, [-1, 3, 4, 1]))
       pooled = tf.nn.max_pool2d(h, size, stride, padding)
       y = tf.reduce_sum(tf.square(pooled) * tf.cos(pooled), axis=[1, 2, 3])
       (g,) = tf.gradients(y, x)
       self.assertFalse(dispatch.rows_are_exact([y], x, g))
-      # Rows would be chosen on cost alone.
-      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
-        auto = tf1hess.batch_hessians(y, x)
-      with tf.compat.v1.Session() as sess:
-        value = sess.run(auto, {x: x_val})
-        hessians = finite_differences.finite_difference_hessians(
-          lambda batch: sess.run(y, {x: batch}), x_val
-        )
-    self.assertAllClose(value, hessians, atol=1e-6)
+      return y
+
+    # Inputs of the test's own, whatever ran before it: finite differences
+    # must not straddle a tie of two maxima of a pool.
+    x_val = np.random.default_rng(11).normal(size=(3, 12))
+    got, hessians = _hessians_of(model, x_val, ["auto"])
+    self.assertAllClose(got["auto"], hessians, atol=1e-6)
 
   @parameterized.named_parameters(
     ("same_stride_1", 2, 1, "SAME"),
@@ -611,24 +636,17 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     # (MaxPoolGradGrad) is wrong for some pools, in the rows and in the
     # finite differences of `tf.gradients`; the engine's adjoint pass takes
     # its own (`conv._max_pool_grad_adjoint`).
-    x_val = np.random.default_rng(12).normal(size=(3, 12))
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+    def model(x):
       h = tf.sin(1.3 * tf.reshape(x, [-1, 3, 4, 1]))
       pooled = tf.nn.max_pool2d(h, size, stride, padding)
       energy = tf.reduce_sum(tf.square(pooled) * tf.cos(pooled), [1, 2, 3])
       (forces,) = tf.gradients(energy, x)
       y = tf.reduce_sum(tf.sin(forces), 1)
       self.assertIn("MaxPoolGrad", {op.type for op in y.graph.get_operations()})
-      outs = {"forward": tf1hess.batch_hessians(y, x, method="forward")}
-      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
-        outs["auto"] = tf1hess.batch_hessians(y, x)
-      outs["rows"] = tf1hess.batch_hessians(y, x, method="while_loop")
-      with tf.compat.v1.Session() as sess:
-        got = sess.run(outs, {x: x_val})
-        hessians = finite_differences.finite_difference_hessians(
-          lambda batch: sess.run(y, {x: batch}), x_val
-        )
+      return y
+
+    x_val = np.random.default_rng(12).normal(size=(3, 12))
+    got, hessians = _hessians_of(model, x_val, ["forward", "auto", "rows"])
     self.assertAllClose(got["forward"], hessians, atol=1e-6)
     self.assertAllClose(got["auto"], hessians, atol=1e-6)
     error = np.abs(got["rows"] - hessians).max() / np.abs(hessians).max()
@@ -698,24 +716,18 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     # tf.nn.moments stops the gradient of the mean in the variance: exact
     # to first order, but TensorFlow's second derivatives miss the
     # curvature through the mean.
-    x_val = np.random.default_rng(13).normal(size=(3, 12))
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+    def checked(x):
       y = model(x)
       (g,) = tf.gradients(y, x)
       self.assertFalse(dispatch.rows_are_exact([y], x, g))
-      # The rows first: their gradients and loop read the variance too.
-      with self.assertLogs(level="WARNING") as logs:
-        outs = {"rows": tf1hess.batch_hessians(y, x, method="while_loop")}
-      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
-        outs["auto"] = tf1hess.batch_hessians(y, x)
-      outs["forward"] = tf1hess.batch_hessians(y, x, method="forward")
-      outs["laplacian"] = tf1hess.batch_laplacians(y, x)
-      with tf.compat.v1.Session() as sess:
-        got = sess.run(outs, {x: x_val})
-        hessians = finite_differences.finite_difference_hessians(
-          lambda batch: sess.run(y, {x: batch}), x_val
-        )
+      return y
+
+    x_val = np.random.default_rng(13).normal(size=(3, 12))
+    # The rows first: their gradients and loop read the variance too.
+    with self.assertLogs(level="WARNING") as logs:
+      got, hessians = _hessians_of(
+        checked, x_val, ["rows", "auto", "forward", "laplacian"]
+      )
     self.assertIn("tf.nn.moments", "".join(logs.output))
     tol = dict(atol=1e-5, rtol=1e-5)  # Differences of differences.
     self.assertAllClose(got["auto"], hessians, **tol)
@@ -729,21 +741,14 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     # TensorFlow's gradient of the variance reads the stopped mean too:
     # its values are the exact first derivative, and the engine follows
     # the stop there as well (forces, residuals of normalized models).
-    x_val = np.random.default_rng(15).normal(size=(3, 12))
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+    def forces_squared(x):
       (g,) = tf.gradients(model(x), x)
-      y = tf.reduce_sum(g * g, 1)
-      outs = {"forward": tf1hess.batch_hessians(y, x, method="forward")}
-      with mock.patch.object(dispatch, "_ROWS_MARGIN", 1e9):
-        outs["auto"] = tf1hess.batch_hessians(y, x)
-      outs["laplacian"] = tf1hess.batch_laplacians(y, x, method="forward")
-      outs["rows"] = tf1hess.batch_hessians(y, x, method="while_loop")
-      with tf.compat.v1.Session() as sess:
-        got = sess.run(outs, {x: x_val})
-        hessians = finite_differences.finite_difference_hessians(
-          lambda batch: sess.run(y, {x: batch}), x_val
-        )
+      return tf.reduce_sum(g * g, 1)
+
+    x_val = np.random.default_rng(15).normal(size=(3, 12))
+    got, hessians = _hessians_of(
+      forces_squared, x_val, ["forward", "auto", "laplacian", "rows"]
+    )
     tol = dict(atol=1e-5, rtol=1e-5)  # Differences of differences.
     self.assertAllClose(got["forward"], hessians, **tol)
     self.assertAllClose(got["auto"], hessians, **tol)
