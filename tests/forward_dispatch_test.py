@@ -653,14 +653,22 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     if stride == 1:
       self.assertGreater(error, 0.1)
 
-  def test_rows_warn(self):
+  @parameterized.named_parameters(
+    ("max_pool", tf.float64, [-1, 3, 4, 1], tf.nn.max_pool2d),
+    # TensorFlow's MaxPool3D has no float64 kernel.
+    ("max_pool3d", tf.float32, [-1, 3, 2, 2, 1], tf.nn.max_pool3d),
+  )
+  def test_rows_warn(self, dtype, shape, pool):
     with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
-      pooled = tf.nn.max_pool2d(tf.reshape(x, [-1, 3, 4, 1]), 1, 1, "VALID")
-      y = tf.reduce_sum(tf.sin(pooled), axis=[1, 2, 3])
+      x = tf.compat.v1.placeholder(dtype, [None, 12])
+      pooled = pool(tf.reshape(x, shape), 1, 1, "VALID")
+      y = tf.reduce_sum(tf.sin(pooled), axis=list(range(1, len(shape))))
       with self.assertLogs(level="WARNING") as logs:
         tf1hess.batch_hessians(y, x, method="while_loop")
-    self.assertIn("MaxPoolGradGrad, which is wrong", "".join(logs.output))
+    self.assertIn(
+      "(MaxPoolGradGrad, MaxPool3DGradGrad), which is wrong",
+      "".join(logs.output),
+    )
 
   def test_rows_warn_of_a_bilinear_resize(self):
     # Newer TensorFlow (2.21) declares ResizeBilinearGrad not

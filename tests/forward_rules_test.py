@@ -1207,6 +1207,8 @@ _L2_LOSSES = {
 # Op types tested in float32 here (their CPU kernels have no float64).
 FLOAT32_OP_TYPES = {
   "LRN",
+  "MaxPool3D",
+  "MaxPool3DGrad",
   "AvgPool3D",
   "AvgPool3DGrad",
   "FusedBatchNorm",
@@ -2521,6 +2523,84 @@ class Float32PoolTest(tf.test.TestCase):
       self.assertIn("AvgPool3DGrad", {op.type for op in graph.get_operations()})
     _check_float32(
       self, lambda x: model(x, pool), lambda x: model(x, by_convolution)
+    )
+
+
+def _max_pool3d_by_slices(h, size, stride, padding):
+  """`tf.nn.max_pool3d` of the volumes `h` `(N, 2, 3, 2, 1)` in any dtype:
+  the maximum over one strided slice per offset in the window, SAME
+  padding as `-inf`."""
+  if padding == "SAME":
+    totals = [
+      max((-(-n // s) - 1) * s + k - n, 0)
+      for n, k, s in zip((2, 3, 2), size, stride)
+    ]
+    pads = [[0, 0]] + [[t // 2, t - t // 2] for t in totals] + [[0, 0]]
+    h = tf.pad(h, pads, constant_values=-np.inf)
+  n = h.shape[1:4]
+  ends = [(n[a] - size[a]) // stride[a] * stride[a] + 1 for a in range(3)]
+  slices = [
+    h[
+      :,
+      d : d + ends[0] : stride[0],
+      r : r + ends[1] : stride[1],
+      c : c + ends[2] : stride[2],
+    ]
+    for d in range(size[0])
+    for r in range(size[1])
+    for c in range(size[2])
+  ]
+  return tf.reduce_max(tf.stack(slices), 0)
+
+
+class Float32MaxPool3DTest(tf.test.TestCase, parameterized.TestCase):
+  """MaxPool3D and its gradient: TensorFlow's CPU kernels run them in
+  float32 only, and its gradient of the gradient (MaxPool3DGradGrad) is
+  wrong for 1 x 1 x 1 pools and pools of stride 1 with SAME padding."""
+
+  _POOLS = (
+    ("same_stride_1", (2, 2, 2), (1, 1, 1), "SAME"),
+    ("one_by_one", (1, 1, 1), (1, 1, 1), "VALID"),
+    ("valid_strides", (1, 2, 2), (1, 2, 1), "VALID"),
+    ("same_strides", (2, 3, 2), (1, 2, 2), "SAME"),
+  )
+
+  @parameterized.named_parameters(*_POOLS)
+  def test_max_pool3d(self, size, stride, padding):
+    def model(x, pool):
+      h = tf.tanh(_image(_lin(x), (2, 3, 2, 1)))
+      return tf.reduce_sum(tf.square(pool(h)) * h[:, :1, :1, :1], [1, 2, 3, 4])
+
+    _check_float32(
+      self,
+      lambda x: model(x, lambda h: tf.nn.max_pool3d(h, size, stride, padding)),
+      lambda x: model(
+        x, lambda h: _max_pool3d_by_slices(h, size, stride, padding)
+      ),
+      rows=False,
+    )
+
+  @parameterized.named_parameters(*_POOLS)
+  def test_gradient_of_max_pool3d(self, size, stride, padding):
+    # Forces of an energy of pooled volumes: MaxPool3DGrad.
+    def model(x, pool):
+      volumes = _image(_lin(x), (2, 3, 2, 1))
+      energy = tf.reduce_sum(tf.sin(pool(tf.tanh(volumes))), [1, 2, 3, 4])
+      return tf.reduce_sum(tf.sin(tf.gradients(energy, x)[0]), 1)
+
+    with tf.Graph().as_default() as graph:
+      model(
+        tf.compat.v1.placeholder(tf.float32, [None, _K]),
+        lambda h: tf.nn.max_pool3d(h, size, stride, padding),
+      )
+      self.assertIn("MaxPool3DGrad", {op.type for op in graph.get_operations()})
+    _check_float32(
+      self,
+      lambda x: model(x, lambda h: tf.nn.max_pool3d(h, size, stride, padding)),
+      lambda x: model(
+        x, lambda h: _max_pool3d_by_slices(h, size, stride, padding)
+      ),
+      rows=False,
     )
 
 

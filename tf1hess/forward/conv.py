@@ -46,6 +46,7 @@ format, so the rules could not be tested there), and
 for `MaxPool3D` (TensorFlow has no argmax of it to find the entries).
 """
 
+import itertools
 import numpy as np
 import tensorflow as tf
 
@@ -286,7 +287,7 @@ def _avg_pool_grad(op, jacs, ctx):
   return [jacobians.apply_per_sample(j, on_tangents)]
 
 
-@registry.register("MaxPoolGrad")
+@registry.register("MaxPoolGrad", "MaxPool3DGrad")
 def _max_pool_grad(op, jacs, ctx):
   """The gradient of a max pool (of a model's gradient inside `ys`): each
   entry of the incoming gradient (input 2) goes to the maximal entry of
@@ -300,7 +301,7 @@ def _max_pool_grad(op, jacs, ctx):
   j = jacs[2]
   if j is None:
     return [None]
-  _check_format(op, _attrs(op, "data_format"), ("NHWC",))
+  _check_format(op, _attrs(op, "data_format"), ("NHWC", "NDHWC"))
   u, pooled = op.inputs[:2]
 
   def on_tangents(m):
@@ -343,6 +344,52 @@ def _gather_entries(jac, index):
   return jacobians.dense(tf.reshape(value, tf.concat([[n, k], picked], axis=0)))
 
 
+def _volume_maxima(u, ksize, strides, padding):
+  """The flat index, among each sample's entries, of the maximal entry of
+  every window of the 3-D max pool of `u` `(N, D, H, W, C)` (TensorFlow
+  has no `MaxPoolWithArgmax` of volumes): the windows' entries and their
+  indices gathered by strided slices, one per offset in the window, SAME
+  padding as entries of `-inf` and index -1; the first maximum in
+  row-major order at ties. (Not `tf.extract_volume_patches`: TensorFlow's
+  graph optimizer slices the shape of its output wrongly.)"""
+  sizes = tf.shape(u, out_type=tf.int64)
+  ids = tf.reshape(tf.range(tf.reduce_prod(sizes[1:])), sizes[1:])[None]
+  window, stride = np.array(ksize[1:4]), np.array(strides[1:4])
+  spatial = sizes[1:4]
+  if padding == "SAME":
+    total = tf.maximum(
+      (spatial + stride - 1) // stride * stride - stride + window - spatial, 0
+    )
+    zero = tf.zeros([1, 2], tf.int64)
+    pads = tf.concat(
+      [zero, tf.stack([total // 2, total - total // 2], 1), zero], 0
+    )
+    u = tf.pad(u, pads, constant_values=-np.inf)
+    ids = tf.pad(ids, pads, constant_values=-1)
+    spatial += total
+  span = (spatial - window) // stride * stride + 1
+  # Axes 0 and 4 (the batch, the channels) whole.
+  whole = dict(begin_mask=0b10001, end_mask=0b10001)
+
+  def windows(t):
+    parts = []
+    for offset in itertools.product(*map(range, window)):
+      begin = np.array([0, *offset, 0], np.int64)
+      end = tf.pad(begin[1:4] + span, [[1, 1]])
+      parts.append(tf.strided_slice(t, begin, end, [1, *stride, 1], **whole))
+    return tf.stack(parts, 4)  # (N, D', H', W', window, C)
+
+  first = tf.one_hot(
+    tf.argmax(windows(u), axis=4),
+    int(np.prod(window)),
+    1,
+    0,
+    4,
+    tf.int64,
+  )
+  return tf.reduce_sum(first * windows(ids), 4)
+
+
 def _window_maxima(op):
   """`(pads, index)` for the max pool `op` reads (its input 0, its attrs):
   `index` the flat index, among each sample's entries, of the maximal
@@ -350,6 +397,10 @@ def _window_maxima(op):
   `None`, or the explicit paddings of the entries `index` counts in."""
   u = op.inputs[0]
   padding = op.get_attr("padding").decode()
+  if u.shape.rank == 5:
+    return None, _volume_maxima(
+      u, op.get_attr("ksize"), op.get_attr("strides"), padding
+    )
   pads = None
   if padding == "EXPLICIT":
     # Pad with -inf (never picked over an entry) and pool without padding.
@@ -366,12 +417,12 @@ def _window_maxima(op):
   return pads, index
 
 
-@registry.register("MaxPool")
+@registry.register("MaxPool", "MaxPool3D")
 def _max_pool(op, jacs, ctx):
   j = jacs[0]
   if j is None:
     return [None]
-  _check_format(op, _attrs(op, "data_format"), ("NHWC",))
+  _check_format(op, _attrs(op, "data_format"), ("NHWC", "NDHWC"))
   pads, index = _window_maxima(op)
   if pads is not None:
     # The tangents of the padding are zeros.
@@ -379,7 +430,7 @@ def _max_pool(op, jacs, ctx):
   return [_gather_entries(j, index)]
 
 
-@registry.adjoint("MaxPoolGrad")
+@registry.adjoint("MaxPoolGrad", "MaxPool3DGrad")
 def _max_pool_grad_adjoint(op, path):
   """The adjoint of the incoming gradient of a max pool's gradient: that of
   its output at the maximal entry of each window. TensorFlow's own

@@ -245,12 +245,14 @@ def rows_can_differentiate(x, grad):
 # The engine's rules of max pools (and of their gradients), resizes, norms
 # and moments are exact there.
 _MAX_POOL_GRAD = (
-  "a max pool's gradient with TensorFlow's MaxPoolGradGrad, which is wrong"
-  " for 1 x 1 pools and pools of stride 1 with SAME padding"
+  "a max pool's gradient with TensorFlow's gradient of it (MaxPoolGradGrad,"
+  " MaxPool3DGradGrad), which is wrong for 1 x 1 pools and pools of stride"
+  " 1 with SAME padding"
 )
 _INEXACT_SECOND_DERIVATIVES = {
   "MaxPoolGrad": _MAX_POOL_GRAD,
   "MaxPoolGradV2": _MAX_POOL_GRAD,
+  "MaxPool3DGrad": _MAX_POOL_GRAD,
   "ResizeBilinearGrad": (
     "a bilinear resize's gradient, which TensorFlow declares not"
     " differentiable: they miss the curvature through the resize"
