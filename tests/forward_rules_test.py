@@ -102,6 +102,15 @@ def _burgers_residual(x):
   return u_t + u * u_x - 0.01 * u_xx
 
 
+def _own_indices(x, entries):
+  """`(N, len(entries), 1 + depth)` indices `[n, *entry]` of each sample's
+  own `entries`."""
+  n = tf.shape(x)[0]
+  rows = tf.tile(tf.range(n)[:, None, None], [1, len(entries), 1])
+  tiled = tf.tile(tf.constant(entries)[None], tf.stack([n, 1, 1]))
+  return tf.concat([rows, tiled], 2)
+
+
 def _forces(pooled, x):
   """The gradient of the energy `sum(sin(pooled(h)))` of a dense layer `h`
   of x."""
@@ -645,6 +654,54 @@ _RULES = {
       lambda h: tf.nn.max_pool2d(tf.tanh(_image(h, (3, 4, 1))), 2, 2, "VALID"),
       x,
     ),
+  ),
+  # Forces of a depthwise convolution net: TensorFlow's gradient of it.
+  "DepthwiseConv2dNativeBackpropInput": (
+    "DepthwiseConv2dNativeBackpropInput",
+    lambda x: _forces(
+      lambda h: tf.nn.depthwise_conv2d(
+        tf.tanh(_image(h)), _filter(_FD, h), [1, 1, 1, 1], "SAME"
+      ),
+      x,
+    ),
+  ),
+  # TensorFlow's gradient of a transpose transposes by the inverse
+  # permutation, which it computes at run time.
+  "gradient_of_a_transpose": (
+    "Transpose",
+    lambda x: tf.gradients(
+      tf.reduce_sum(
+        tf.sin(tf.transpose(_image(tf.tanh(_lin(x))), [0, 2, 3, 1]))
+        * x[:, :1, None, None],
+        [1, 2, 3],
+      ),
+      x,
+    )[0],
+  ),
+  # Each sample's updates added at its own entries (twice at one).
+  "ScatterNd": (
+    "ScatterNd",
+    lambda x: tf.scatter_nd(
+      _own_indices(x, [[2, 0], [0, 3], [2, 0]]),
+      tf.reshape(tf.tanh(_lin(x))[:, :6], [-1, 3, 2]),
+      tf.stack([tf.shape(x)[0], 3, 4, 2]),
+    ),
+  ),
+  # Its gradient, TensorFlow's gradient of the gather of the entries a
+  # classifier's labels name.
+  "gradient_of_a_gather_nd": (
+    "ScatterNd",
+    lambda x: tf.gradients(
+      tf.reduce_sum(
+        tf.sin(
+          tf.gather_nd(
+            _image(tf.tanh(_lin(x)), (4, 3)), _own_indices(x, [[1], [3]])
+          )
+        ),
+        [1, 2],
+      ),
+      x,
+    )[0],
   ),
   # Input gradients of classifiers: TensorFlow's gradient of a
   # cross-entropy reads its backprop output, softmax minus the labels (and
@@ -1207,6 +1264,13 @@ _L2_LOSSES = {
 # Op types tested in float32 here (their CPU kernels have no float64).
 FLOAT32_OP_TYPES = {
   "LRN",
+  "SoftsignGrad",
+  "ResizeNearestNeighborGrad",
+  "ResizeBilinearGrad",
+  "ResizeBicubicGrad",
+  "FusedBatchNormGrad",
+  "FusedBatchNormGradV2",
+  "FusedBatchNormGradV3",
   "MaxPool3D",
   "MaxPool3DGrad",
   "AvgPool3D",
@@ -1220,6 +1284,8 @@ FLOAT32_OP_TYPES = {
 
 # The op types whose rules this file tests (tests/forward_test.py the rest).
 NEW_OP_TYPES = {
+  "DepthwiseConv2dNativeBackpropInput",
+  "ScatterNd",
   "MaxPoolGrad",
   "AvgPoolGrad",
   "StridedSliceGrad",
@@ -1518,6 +1584,28 @@ class ForwardRulesTest(
         self.assertEqual(sess.run(hessians, {x: x_val[:1]}).shape, (1, _K, _K))
         got, want = sess.run([auto, reference], {x: x_val})
     self.assertAllClose(got, want, atol=1e-12)
+
+  def test_scatter_nd_to_other_samples(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      h = tf.tanh(_lin(x))
+      n = tf.shape(x)[0]
+      # Indices known at run time only: a check stops a scatter that
+      # writes to other samples.
+      rows = tf.stack([tf.range(n)[::-1], tf.fill([n], 1)], 1)
+      y = tf.sin(tf.scatter_nd(rows, h[:, 0], tf.stack([n, 3])))
+      hessians = tf1hess.batch_hessians(y, x, method="forward")
+      # Constant indices that write to other samples mix them.
+      mixed = tf.scatter_nd([[1, 0], [0, 2], [2, 1]], h[:, 0], [3, 3])
+      with self.assertRaisesRegex(ValueError, "mixes samples"):
+        tf1hess.batch_hessians(tf.sin(mixed), x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        x_val = _RNG.normal(size=(3, _K))
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError, r"indices\[n, \.\.\., 0\] are not n"
+        ):
+          sess.run(hessians, {x: x_val})
+        self.assertEqual(sess.run(hessians, {x: x_val[:1]}).shape, (1, _K, _K))
 
   def test_matrices_across_the_batch_are_declined(self):
     # A rank-2 input: the batch axis is an axis of the matrices.
@@ -2406,6 +2494,26 @@ def _check_float32(test, model, equivalent, rows=True):
   )
 
 
+def _check_gradients(test, model, equivalent):
+  """Checks `batch_gradients` of the float32 `model` against
+  `tf.gradients` of its float64 `equivalent`; returns `model`'s graph."""
+  x_val = _RNG.normal(size=(3, _K))
+  gradients = []
+  for dtype, fn, gradient in (
+    (tf.float32, model, tf1hess.batch_gradients),
+    (tf.float64, equivalent, tf.gradients),
+  ):
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(dtype, [None, _K])
+      (g,) = gradient(fn(x), [x])
+      with tf.compat.v1.Session() as sess:
+        gradients.append(sess.run(g, {x: x_val}))
+    if dtype == tf.float32:
+      model_graph = graph
+  test.assertAllClose(*gradients, atol=1e-5, rtol=1e-4)
+  return model_graph
+
+
 def _lrn_by_windows(u, radius, bias, alpha, beta):
   """TensorFlow's `LRN` of `u` `(N, H, W, C)`, a window at a time."""
   channels = u.shape[-1]
@@ -2414,6 +2522,36 @@ def _lrn_by_windows(u, radius, bias, alpha, beta):
     for c in range(channels)
   ]
   return u / tf.pow(bias + alpha * tf.stack(sums, -1), beta)
+
+
+def _forces_of(model):
+  """`sum(sin(grad E))` of the energy `E = sum(model(x))`."""
+
+  def forces(x):
+    out = model(x)
+    energy = tf.reduce_sum(out, list(range(1, out.shape.rank)))
+    return tf.reduce_sum(tf.sin(tf.gradients(energy, x)[0]), 1)
+
+  return forces
+
+
+class Float32SoftsignGradTest(tf.test.TestCase):
+  """TensorFlow has no gradient of `SoftsignGrad`: the engine's adjoint
+  pass takes its own, as does the first gradient (`batch_gradients`)."""
+
+  def test_forces_of_softsign(self):
+    def model(x, softsign):
+      return softsign(_lin2(tf.tanh(_lin(x))))
+
+    forces = _forces_of(lambda x: model(x, tf.nn.softsign))
+    equivalent = _forces_of(lambda x: model(x, lambda u: u / (1 + tf.abs(u))))
+    _check_float32(self, forces, equivalent, rows=False)
+    graph = _check_gradients(self, forces, equivalent)
+    self.assertIn("SoftsignGrad", {op.type for op in graph.get_operations()})
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
+      with self.assertRaisesRegex(LookupError, "SoftsignGrad"):
+        tf1hess.batch_hessians(forces(x), x, method="while_loop")
 
 
 class Float32LocalResponseNormalizationTest(
@@ -2643,6 +2781,39 @@ class Float32ResizeTest(tf.test.TestCase, parameterized.TestCase):
       rows=False,
     )
 
+  # TensorFlow has no gradient of the resizes' gradients (and declares
+  # the bilinear one's not differentiable): the engine's adjoint pass takes
+  # its own, and so does the first gradient of a model with them
+  # (`batch_gradients`).
+  @parameterized.parameters(
+    ("bilinear", "ResizeBilinearGrad"),
+    ("bicubic", "ResizeBicubicGrad"),
+    ("nearest", "ResizeNearestNeighborGrad"),
+  )
+  def test_gradient_of_resize(self, method, op_type):
+    size = [3, 5]
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+      pixels = np.eye(6, dtype=np.float32).reshape(6, 2, 3, 1)
+      matrix = sess.run(tf.image.resize(pixels, size, method))
+      matrix = matrix.reshape(6, -1).T
+
+    def model(x, resize):
+      h = tf.tanh(_image(_lin(x)))  # (N, 2, 3, 2)
+      energy = tf.reduce_sum(tf.sin(tf.cast(resize(h), h.dtype)), [1, 2, 3])
+      return tf.reduce_sum(tf.sin(tf.gradients(energy, x)[0]), 1)
+
+    def by_matrix(h):
+      flat = tf.reshape(tf.transpose(h, [0, 3, 1, 2]), [-1, 2, 6])
+      out = tf.einsum("nci,oi->nco", flat, tf.constant(matrix, h.dtype))
+      return tf.transpose(tf.reshape(out, [-1, 2, *size]), [0, 2, 3, 1])
+
+    def resized(x):
+      return model(x, lambda h: tf.image.resize(h, size, method))
+
+    _check_float32(self, resized, lambda x: model(x, by_matrix), rows=False)
+    graph = _check_gradients(self, resized, lambda x: model(x, by_matrix))
+    self.assertIn(op_type, {op.type for op in graph.get_operations()})
+
 
 class Float32BatchNormTest(tf.test.TestCase, parameterized.TestCase):
   """FusedBatchNorm: TensorFlow's CPU kernels run it in float32."""
@@ -2686,6 +2857,14 @@ class Float32BatchNormTest(tf.test.TestCase, parameterized.TestCase):
     _check_float32(
       self, lambda x: model(x, under_test), lambda x: model(x, equivalent)
     )
+    # Forces of an energy of the normalized model: TensorFlow's gradient of
+    # the normalization for inference.
+    with tf.Graph().as_default() as graph:
+      forces = _forces_of(lambda x: model(x, under_test))
+      forces(tf.compat.v1.placeholder(tf.float32, [None, _K]))
+      types = {op.type for op in graph.get_operations()}
+    self.assertIn(op_type.replace("Norm", "NormGrad"), types)
+    _check_float32(self, forces, _forces_of(lambda x: model(x, equivalent)))
 
   def test_training_declines(self):
     with tf.Graph().as_default():

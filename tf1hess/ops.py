@@ -18,6 +18,7 @@ from tf1hess import _tf_errors
 from tf1hess import forward
 from tf1hess import plan as plan_lib
 from tf1hess.forward import dispatch
+from tf1hess.forward import engine
 from tf1hess.forward import loops as loops_lib
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -146,13 +147,27 @@ def _models(ys_list, xs_list, unroll=True):
   return [dispatch.without_loops(ys_list, x) for x in xs_list]
 
 
-def _gradients(models, xs_list, unconnected):
-  """The gradient of each of `models` with respect to its `x`."""
-  if all(model is models[0] for model in models):
+def _gradients(models, xs_list, unconnected, engine_may):
+  """The gradient of each of `models` with respect to its `x`.
+
+  Where TensorFlow's gradient of an op of a model is missing, declared
+  not differentiable or wrong, and the engine's adjoint pass has its own
+  (`engine.needs_own_gradient`: TensorFlow's gradients of softsign and of
+  resizes, in the forces of such models), that pass's gradient, if the
+  engine may be taken (`engine_may`): the rows cannot differentiate such a
+  model, or would be wrong, and auto takes the engine.
+  """
+  own = [
+    engine_may and engine.needs_own_gradient(model, x)
+    for model, x in zip(models, xs_list)
+  ]
+  if not any(own) and all(model is models[0] for model in models):
     return tf.gradients(models[0], xs_list, unconnected_gradients=unconnected)
   return [
-    tf.gradients(model, x, unconnected_gradients=unconnected)[0]
-    for model, x in zip(models, xs_list)
+    engine.gradient(model, x)
+    if mine
+    else tf.gradients(model, x, unconnected_gradients=unconnected)[0]
+    for model, x, mine in zip(models, xs_list, own)
   ]
 
 
@@ -225,7 +240,8 @@ def _derivatives(
     )
     models = _models(ys_list, xs_list, plan.method in ("auto", "forward"))
     v1_loops = _v1_loops(models, xs_list, order, walked)
-    grads = _gradients(models, xs_list, unconnected)
+    engine_may = walked or (order == 1 and plan.method in ("auto", "forward"))
+    grads = _gradients(models, xs_list, unconnected, engine_may)
     if order == 1:
       return _checks.restore_structure(grads, was_sequence)
     results = []
@@ -664,7 +680,7 @@ def batch_hessian_vector_products(
         )
     models = _models(ys_list, xs_list)
     _v1_loops(models, xs_list, 2, walked=False)
-    grads = _gradients(models, xs_list, unconnected)
+    grads = _gradients(models, xs_list, unconnected, False)
     results = []
     for x, g, v, model in zip(xs_list, grads, vs_list, models):
       if g is None:

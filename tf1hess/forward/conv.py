@@ -87,6 +87,7 @@ _FORMATS = {
   "Conv2D": ("NHWC", "NCHW"),
   "Conv2DBackpropInput": ("NHWC", "NCHW"),
   "DepthwiseConv2dNative": ("NHWC",),
+  "DepthwiseConv2dNativeBackpropInput": ("NHWC",),
   "Conv3D": ("NDHWC",),
   "Conv3DBackpropInputV2": ("NDHWC",),
 }
@@ -145,11 +146,15 @@ def _depthwise_conv2d(op, jacs, ctx):
 
 
 @registry.register(
-  "Conv2DBackpropInput", "Conv3DBackpropInputV2", linear=_of_filter_sizes
+  "Conv2DBackpropInput",
+  "Conv3DBackpropInputV2",
+  "DepthwiseConv2dNativeBackpropInput",
+  linear=_of_filter_sizes,
 )
 def _conv_transpose(op, jacs, ctx):
-  """`tf.nn.conv2d_transpose`, `tf.nn.conv3d_transpose`: linear in their
-  image (input 2) by a filter."""
+  """`tf.nn.conv2d_transpose`, `tf.nn.conv3d_transpose`, TensorFlow's
+  gradient of a depthwise convolution: linear in their image (input 2) by
+  a filter."""
   return _convolution(op, jacs, ctx, image=2)
 
 
@@ -168,6 +173,51 @@ _REARRANGEMENTS = ("DepthToSpace", "SpaceToDepth", "ExtractImagePatches")
 @registry.of_first_input
 def _resize_or_rearrange(op, j, ctx):
   return [registry.on_tangents(op, j)]
+
+
+# TensorFlow's gradients of resizes (of a model's gradient inside `ys`):
+# linear in the incoming gradient (input 0); the original image (input 1
+# of the bilinear and bicubic ones) gives only its size.
+_RESIZE_GRADIENTS = tuple(f"{resize}Grad" for resize in _RESIZES)
+
+
+@registry.register(*_RESIZE_GRADIENTS, linear=True)
+def _resize_gradient(op, jacs, ctx):
+  """The same op on the tangents (those of the original image add
+  nothing)."""
+  del ctx  # Unused.
+  if jacs[0] is None:
+    return [None]
+  grads, out = op.inputs[0], op.outputs[0]
+
+  def on_tangents(m):
+    # The bilinear and bicubic ones read float32 only, and write the
+    # original image's dtype.
+    return tf.cast(registry.twin(op, grads=tf.cast(m, grads.dtype)), out.dtype)
+
+  return [jacobians.apply_per_sample(jacs[0], on_tangents)]
+
+
+@registry.adjoint(*_RESIZE_GRADIENTS)
+def _resize_gradient_adjoint(op, path):
+  """The adjoint of the incoming gradient of a resize's gradient: the
+  resize itself, to the incoming gradient's size, of its output's adjoint.
+  TensorFlow has no gradient of these ops (and declares the bilinear one's
+  not differentiable)."""
+  del path  # Unused.
+  resize = getattr(tf.raw_ops, op.type[: -len("Grad")])
+
+  def vjp(adj):
+    grads = op.inputs[0]
+    resized = resize(
+      images=adj,
+      size=tf.shape(grads)[1:3],
+      align_corners=op.get_attr("align_corners"),
+      half_pixel_centers=op.get_attr("half_pixel_centers"),
+    )
+    return [(grads, tf.cast(resized, grads.dtype))]
+
+  return vjp
 
 
 def _normalizes_per_sample(op, jacs):
@@ -210,6 +260,47 @@ def _fused_batch_norm(op, jacs, ctx):
     rank = registry.static_rank(op.inputs[0], op)
     factor = tf.reshape(factor, [-1] + [1] * (rank - 2))
   outs[0] = jacobians.scale(jacs[0], factor)
+  return outs
+
+
+def _backprop_per_sample(op, jacs):
+  """TensorFlow's gradient of batch normalization for inference is linear
+  in the incoming gradient."""
+  return all(j is None for j in jacs[2:]) and not op.get_attr("is_training")
+
+
+@registry.register(
+  "FusedBatchNormGrad",
+  "FusedBatchNormGradV2",
+  "FusedBatchNormGradV3",
+  linear=_backprop_per_sample,
+)
+def _fused_batch_norm_grad(op, jacs, ctx):
+  """TensorFlow's gradient of `_fused_batch_norm` (of a model's gradient
+  inside `ys`): for inference, the incoming gradient (input 0) scaled per
+  channel by `scale / sqrt(variance + epsilon)` (the variance, input 4,
+  being the one the normalization read), whatever its input (input 1).
+  The gradients of the scale and offset are sums over the batch."""
+  del ctx  # Unused.
+  if op.get_attr("is_training") or any(j is not None for j in jacs[2:]):
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) is the gradient of a batch normalization in "
+      "training, or of one whose scale or statistics depend on x: samples "
+      "mix"
+    )
+  outs = [None] * len(op.outputs)
+  if jacs[0] is None and jacs[1] is None:
+    return outs
+  sums = registry.Unfollowed(
+    f"the gradients of the scale and offset of {op.name}, sums over the batch"
+  )
+  outs[1:3] = [sums, sums]
+  if jacs[0] is not None:
+    # TensorFlow's gradient transposes NCHW to NHWC for inference.
+    _check_format(op, _attrs(op, "data_format"), ("NHWC", "NDHWC"))
+    scale, variance = op.inputs[2], op.inputs[4]
+    factor = scale * tf.math.rsqrt(variance + op.get_attr("epsilon"))
+    outs[0] = jacobians.scale(jacs[0], factor)
   return outs
 
 
@@ -430,7 +521,8 @@ def _max_pool(op, jacs, ctx):
   return [_gather_entries(j, index)]
 
 
-@registry.adjoint("MaxPoolGrad", "MaxPool3DGrad")
+# TensorFlow's first derivative of a max pool's gradient is right.
+@registry.adjoint("MaxPoolGrad", "MaxPool3DGrad", first_order=False)
 def _max_pool_grad_adjoint(op, path):
   """The adjoint of the incoming gradient of a max pool's gradient: that of
   its output at the maximal entry of each window. TensorFlow's own

@@ -627,6 +627,13 @@ def _softplus_gradient(u, op):
   return s, first, first * tf.tanh(-u / 2)
 
 
+def _softsign_gradient(u, op):
+  del op
+  a = 1 + tf.abs(u)
+  s = 1 / (a * a)
+  return s, -2 * tf.sign(u) * s / a, 6 * s * s
+
+
 def _reciprocal_gradient(y, op):
   del op
   return -y * y, -2 * y, -2.0
@@ -670,6 +677,7 @@ _GRADIENT_OF_FUNCTION = {
   "ReciprocalGrad": (1, _reciprocal_gradient),
   "InvGrad": (1, _reciprocal_gradient),
   "SoftplusGrad": (0, _softplus_gradient),
+  "SoftsignGrad": (0, _softsign_gradient),
   "ReluGrad": (0, lambda u, op: (_step(u > 0, u), None, None)),
   "Relu6Grad": (0, lambda u, op: (_step((u > 0) & (u < 6), u), None, None)),
   "LeakyReluGrad": (0, _leaky_relu_gradient),
@@ -705,6 +713,24 @@ def _gradient_of_function(op, jacs, ctx):
     lambda: in_order(s, None if first is None else g * first),
     None if first is None else second_derivatives,
   )
+
+
+@registry.adjoint("SoftsignGrad")
+def _gradient_of_function_adjoint(op, path):
+  """The adjoints of `g` and `u` in `g * s(u)` (`_GRADIENT_OF_FUNCTION`),
+  for the gradient ops TensorFlow has no gradient of."""
+  del path  # Unused.
+  g_index, derivatives = _GRADIENT_OF_FUNCTION[op.type]
+  g, u = op.inputs[g_index], op.inputs[1 - g_index]
+
+  def vjp(adj):
+    s, first, _ = derivatives(u, op)
+    out = [(g, adj * s)]
+    if first is not None:
+      out.append((u, adj * g * first))
+    return out
+
+  return vjp
 
 
 def _condition(op):

@@ -423,6 +423,25 @@ def path_ops(x, ys):
   return _path(x, ys)[0]
 
 
+def gradient(ys, x):
+  """`d sum(ys) / dx` by the walk's adjoint pass (`_adjoints`), which has
+  its own gradients of some ops TensorFlow has none of (`SoftsignGrad`, in
+  the forces of a softsign model)."""
+  return _adjoints(ys, [x], path_ops(x, ys))[0]
+
+
+def needs_own_gradient(ys, x):
+  """Whether TensorFlow's gradient of an op from `x` to `ys` is missing or
+  wrong, and the walk's adjoint pass has its own (`registry.FIRST_ORDER`):
+  then `gradient`."""
+  path = path_ops(x, ys)
+  return any(
+    op.type in registry.FIRST_ORDER
+    and registry.ADJOINTS[op.type](op, path) is not None
+    for op in path
+  )
+
+
 def stopped_means(x, ys):
   """The `StopGradient`s of `tf.nn.moments` that the walk follows from `x`
   to `ys`, where TensorFlow's second derivatives miss the curvature
@@ -1101,8 +1120,10 @@ def _adjoints(ys, targets, path):
 
   Those are the `StopGradient` of `tf.nn.moments` that the walk follows
   into TensorFlow's gradient of a variance (the identity there:
-  `reductions.variance_of`), and a max pool's gradient (TensorFlow's
-  `MaxPoolGradGrad` is wrong for some pools). The gradients stop at their
+  `reductions.variance_of`), a max pool's gradient (TensorFlow's
+  `MaxPoolGradGrad` is wrong for some pools), and TensorFlow's gradients
+  of softsign and of resizes (it has no gradient of them, or declares it
+  none). The gradients stop at their
   outputs; the adjoint that reaches each output (the last first) goes on
   to its inputs by its own `vjp`, as the gradient of `<adjoint, input>`.
   """

@@ -416,7 +416,7 @@ def _moments_stop(op, jacs, ctx):
   return [jacs[0]]
 
 
-@registry.adjoint("StopGradient")
+@registry.adjoint("StopGradient", first_order=False)
 def _moments_stop_adjoint(op, path):
   """The identity, where the walk follows the `StopGradient` of
   `tf.nn.moments` into TensorFlow's gradient of the variance (a `Sub`:

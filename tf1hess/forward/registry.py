@@ -176,14 +176,21 @@ def register(*op_types, linear=False, diagonal=False):
 # (`path` the walk's ops), or `vjp(adj) -> [(input, adjoint)]` that gives
 # the adjoints of `op`'s inputs from `adj`, that of its output.
 ADJOINTS = {}
+# The op types of `ADJOINTS` whose TensorFlow gradient is missing or wrong
+# (not only its derivative): the first derivatives of models with them are
+# taken by the adjoint pass too (`engine.needs_own_gradient`).
+FIRST_ORDER = set()
 
 
-def adjoint(*op_types):
-  """Registers the decorated `fn(op, path)` of `ADJOINTS` for `op_types`."""
+def adjoint(*op_types, first_order=True):
+  """Registers the decorated `fn(op, path)` of `ADJOINTS` for `op_types`,
+  and with `first_order` in `FIRST_ORDER`."""
 
   def decorate(fn):
     for op_type in op_types:
       ADJOINTS[op_type] = fn
+      if first_order:
+        FIRST_ORDER.add(op_type)
     return fn
 
   return decorate
@@ -221,6 +228,8 @@ FOLDED = {
   "Minimum": np.minimum,
   "Neg": np.negative,
   "Identity": lambda v: v,
+  # TensorFlow's gradient of a transpose inverts its permutation.
+  "InvertPermutation": np.argsort,
 }
 # Other ops that `fold` evaluates: `tf.repeat` reshapes its count to a
 # scalar and stacks it into the multiples of a `Tile`.

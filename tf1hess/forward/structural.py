@@ -981,11 +981,14 @@ def _on_leading_axes(j, consumed, produced, fn):
   )
 
 
-def _picks_own_sample(op, indices):
+def _picks_own_sample(op, indices, n=None):
   """A run-time check that `indices[n, ..., 0]` is `n` for each of the N
-  samples: each row of the gather reads its own sample."""
+  samples (`n`, or the first axis of `op`'s input 0): each row of the
+  gather reads (of the scatter writes) its own sample."""
   first = indices[..., 0]
-  n = tf.shape(op.inputs[0], out_type=first.dtype)[0]
+  if n is None:
+    n = tf.shape(op.inputs[0], out_type=first.dtype)[0]
+  n = tf.cast(n, first.dtype)
   rows = tf.shape(first, out_type=first.dtype)[0]
   own = tf.reshape(
     tf.range(rows), tf.concat([[-1], tf.ones_like(tf.shape(first)[1:])], 0)
@@ -994,11 +997,36 @@ def _picks_own_sample(op, indices):
   return tf.debugging.Assert(
     ok,
     [
-      f"The forward engine followed {op.name} ({op.type}) as a gather of "
-      "each sample's own entries, but its indices[n, ..., 0] are not n for "
-      "the N samples; use method='while_loop'."
+      f"The forward engine followed {op.name} ({op.type}) as reading (or "
+      "writing) each sample's own entries, but its indices[n, ..., 0] are "
+      "not n for the N samples; use method='while_loop'."
     ],
   )
+
+
+def _index_depth(op, indices):
+  """The length of the index tuples of `op`'s `indices`."""
+  depth = tf.compat.dimension_value(indices.shape[-1])
+  if depth is None:
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has index tuples of a length unknown from "
+      "static shapes"
+    )
+  return depth
+
+
+def _own_rows(op, indices):
+  """Whether the rows of `indices` (`indices[n, ..., 0] = n`) name
+  samples: `False` where their static values show they do not, else a
+  run-time check (`_picks_own_sample`) is needed."""
+  index_rank = registry.static_rank(indices, op)
+  if index_rank < 2 or _index_depth(op, indices) == 0:
+    return False
+  static = tf.get_static_value(indices)
+  if static is None:
+    return True
+  own = np.arange(static.shape[0]).reshape([-1] + [1] * (index_rank - 2))
+  return bool(np.all(static[..., 0] == own))
 
 
 @registry.register("GatherNd", linear=True)
@@ -1014,26 +1042,17 @@ def _gather_nd(op, j, ctx):
   `registry.Moved` input) the index tuples must not reach the batch axis.
   """
   indices = op.inputs[1]
-  depth = tf.compat.dimension_value(indices.shape[-1])
-  index_rank = registry.static_rank(indices, op)
-  if depth is None:
-    raise registry.Unsupported(
-      f"{op.type} ({op.name}) has index tuples of a length unknown from "
-      "static shapes"
-    )
   if isinstance(j, registry.Moved):
     return [
       _on_leading_axes(
-        j, depth, index_rank - 1, lambda t: tf.gather_nd(t, indices)
+        j,
+        _index_depth(op, indices),
+        registry.static_rank(indices, op) - 1,
+        lambda t: tf.gather_nd(t, indices),
       )
     ]
-  if index_rank < 2 or depth == 0:
+  if not _own_rows(op, indices):
     return [MIXED]
-  static = tf.get_static_value(indices)
-  if static is not None:
-    own = np.arange(static.shape[0]).reshape([-1] + [1] * (index_rank - 2))
-    if not np.all(static[..., 0] == own):
-      return [MIXED]
   check = _picks_own_sample(op, indices)
   jac = jacobians.materialize(j)
   value = jac.value
@@ -1052,6 +1071,39 @@ def _gather_nd(op, j, ctx):
       picked, [0, out_rank - 1] + list(range(1, out_rank - 1))
     )
   return [jacobians.dense(picked)]
+
+
+@registry.register("ScatterNd", linear=True)
+def _scatter_nd(op, jacs, ctx):
+  """`tf.scatter_nd` (TensorFlow's gradient of `tf.gather_nd`, in a
+  model's gradient inside `ys`): the rows of `indices` name the entries of
+  the output that the updates (input 1) add to. Batch first, each row `n`
+  must write to sample `n` (`indices[n, ..., 0] = n`, as in the gradients
+  of the gathers `_gather_nd` follows), checked at run time. The tangents,
+  moved last, are scattered by the same indices."""
+  j = jacs[1]
+  if j is None:
+    return [None]
+  if isinstance(j, registry.Moved):
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) scatters a tensor whose batch axis is not "
+      "the first"
+    )
+  indices, shape = op.inputs[0], op.inputs[2]
+  if not _own_rows(op, indices):
+    return [MIXED]
+  value = jacobians.to_dense(j, ctx.n)  # (N, K, *updates)
+  rank = value.shape.rank
+  value = tf.transpose(value, [0] + list(range(2, rank)) + [1])
+  k = tf.shape(value, out_type=shape.dtype)[-1:]
+  with tf.control_dependencies([_picks_own_sample(op, indices, shape[0])]):
+    out = tf.scatter_nd(indices, value, tf.concat([shape, k], 0))
+  out_rank = out.shape.rank
+  return [
+    jacobians.dense(
+      tf.transpose(out, [0, out_rank - 1] + list(range(1, out_rank - 1)))
+    )
+  ]
 
 
 @registry.register("SegmentSum", "UnsortedSegmentSum", linear=True)
