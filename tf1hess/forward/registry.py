@@ -300,12 +300,7 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
     return None
   u = _shape_source(t)
   if u is not None:
-    if u.shape.rank is None:
-      return None
-    dims = [_UNKNOWN if d is None else d for d in u.shape.as_list()]
-    if dims and dims[0] is _UNKNOWN and batch_first(u):
-      dims[0] = None
-    return dims
+    return _shape_entries(u, batch_first, depth - 1)
   op = t.op
 
   def inner(i):
@@ -350,6 +345,52 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
   return None
 
 
+# Ops whose output has the shape of their input 0.
+_SAME_SHAPE = frozenset(["Identity", "OnesLike", "ZerosLike", "Neg"])
+
+
+def _made_to(u):
+  """`(shape, like)`: the shape vector the op of `u` makes it to (a
+  `Reshape`, `BroadcastTo` or `Fill`), or the tensor whose shape it keeps
+  (`_SAME_SHAPE`); `None` where it is not."""
+  op = u.op
+  if op.type in ("Reshape", "BroadcastTo"):
+    return op.inputs[1], None
+  if op.type == "Fill":
+    return op.inputs[0], None
+  if op.type in _SAME_SHAPE:
+    return None, op.inputs[0]
+  return None, None
+
+
+def _shape_entries(u, batch_first, depth):
+  """The entries of `u`'s shape, as `_entries` gives them: static shapes;
+  N where `batch_first(u)`; else, for a tensor made to a shape (a
+  `Reshape`, `Fill` or `BroadcastTo`, or an op that keeps its input's
+  shape, as TensorFlow's gradients make them from the shapes of the
+  model's tensors), the entries of that shape where static shapes do not
+  know them."""
+  if u.shape.rank is None:
+    return None
+  dims = [_UNKNOWN if d is None else d for d in u.shape.as_list()]
+  if dims and dims[0] is _UNKNOWN and batch_first(u):
+    dims[0] = None
+  if _UNKNOWN not in dims:
+    return dims
+  made = None
+  if depth > 0:
+    shape, like = _made_to(u)
+    if shape is not None:
+      made = _entries(shape, batch_first, depth - 1)
+      if made is not None and -1 in made:
+        made = None
+    elif like is not None:
+      made = _shape_entries(like, batch_first, depth - 1)
+  if made is None or len(made) != len(dims):
+    return dims
+  return [m if d is _UNKNOWN else d for d, m in zip(dims, made)]
+
+
 def sample_shape(s, batch_first):
   """The entries of a shape vector `s`, static but for the batch size N
   (`None`) of tensors that hold the samples first, a row each
@@ -381,10 +422,14 @@ def shape_sources(op):
       continue
     seen.add(t.ref())
     u = _shape_source(t)
-    if u is not None:
-      sources.append(u)
-    elif depth > 0:
+    if u is None and depth > 0:
       stack += [(i, depth - 1) for i in t.op.inputs if i.dtype.is_integer]
+    while u is not None:
+      # And the tensors whose shapes `u` is made to (`_shape_entries`).
+      sources.append(u)
+      shape, u = _made_to(u)
+      if shape is not None and depth > 0:
+        stack.append((shape, depth - 1))
   return sources
 
 
