@@ -2339,11 +2339,15 @@ class MovedBatchAxisTest(
       _check(self, x, y, x_val)
 
   @parameterized.parameters(
-    testing_utils.in_turn(layer=["SimpleRNN", "GRU", "LSTM", "Bidirectional"])
+    testing_utils.in_turn(
+      forces=[False, True], layer=["SimpleRNN", "GRU", "LSTM", "Bidirectional"]
+    )
   )
-  def test_keras_recurrent_layer_unrolled(self, layer, cf):
+  def test_keras_recurrent_layer_unrolled(self, forces, layer, cf):
     # unroll=True: Keras goes time-major and unstacks the steps. Against
     # finite differences only: the rows through these graphs take long.
+    # With `forces`, a function of the gradient of the layer's output: its
+    # steps start from zero states whose shapes the second gradient reads.
     keras = testing_utils.legacy_keras(self)
     self.control_flow(cf)
     x_val = _RNG.normal(size=(3, _K))
@@ -2363,6 +2367,8 @@ class MovedBatchAxisTest(
         )
       out = rnn(tf.reshape(x, [-1, 3, 4]))
       y = tf.reduce_sum(tf.sin(out), axis=[1, 2])
+      if forces:
+        y = tf.reduce_sum(tf.sin(tf.gradients(y, x)[0]), 1)
       _check(self, x, y, x_val, rows=False, variables=True)
 
   @parameterized.parameters(
@@ -2382,6 +2388,26 @@ class MovedBatchAxisTest(
       outputs, _ = tf.compat.v1.nn.static_rnn(rnn_cell, steps, dtype=tf.float64)
       y = tf.compat.v1.layers.dense(outputs[-1], 1, tf.nn.softplus)[:, 0]
       _check(self, x, y, x_val, variables=True)
+
+  @parameterized.parameters(
+    testing_utils.in_turn(cell=["LSTMCell", "GRUCell", "BasicRNNCell"])
+  )
+  def test_forces_of_static_rnn(self, cell, cf):
+    # A function of the gradient of a TF1 recurrent network: its steps
+    # start from a `zero_state` whose shape, made of the batch size, the
+    # second gradient reads. (Over steps unstacked batch first: gradients
+    # through time-major rows are not followed.)
+    testing_utils.legacy_keras(self)
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      steps = tf.unstack(tf.reshape(x, [-1, 3, 4]), axis=1)
+      rnn_cell = getattr(tf.compat.v1.nn.rnn_cell, cell)(3, dtype=tf.float64)
+      outputs, _ = tf.compat.v1.nn.static_rnn(rnn_cell, steps, dtype=tf.float64)
+      energy = tf.compat.v1.layers.dense(outputs[-1], 1, tf.nn.softplus)
+      y = tf.reduce_sum(tf.sin(tf.gradients(energy, x)[0]), 1)
+      _check(self, x, y, x_val, rows=False, variables=True)
 
   @parameterized.named_parameters(
     ("to_samples", lambda rows: tf.reshape(rows, [-1, 12])),

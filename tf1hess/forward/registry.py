@@ -289,8 +289,8 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
   shapes do not know.
 
   Followed through `Shape`, `ShapeN`, plain slices (those that take one
-  entry too), concatenations, stacks of scalars, gathers by constant
-  indices, stitches and products of static entries.
+  entry too), scalars made vectors, concatenations, stacks of scalars,
+  gathers by constant indices, stitches and products of static entries.
   """
   value = fold(t)
   if value is not None:
@@ -308,6 +308,8 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
 
   if op.type == "StridedSlice":
     return _sliced(op, inner(0))
+  if op.type in ("ExpandDims", "Reshape") and op.inputs[0].shape.rank == 0:
+    return inner(0)  # A scalar as a vector of one entry (`zero_state`).
   if op.type == "ConcatV2" and fold(op.inputs[-1]) == 0:
     parts = [inner(i) for i in range(len(op.inputs) - 1)]
     return None if None in parts else sum(parts, [])
@@ -345,50 +347,75 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
   return None
 
 
-# Ops whose output has the shape of their input 0.
-_SAME_SHAPE = frozenset(["Identity", "OnesLike", "ZerosLike", "Neg"])
+# Ops whose output's first axis is that of their inputs of its rank
+# (broadcasting): elementwise functions and arithmetic, as a recurrent
+# cell computes them from its zero initial state.
+_ELEMENTWISE = frozenset(
+  """Abs Add AddV2 BiasAdd BiasAddV1 Cast Cos Elu Exp Identity LeakyRelu Log
+  Maximum Minimum Mul Neg OnesLike RealDiv Relu Relu6 Rsqrt Selu Sigmoid Sin
+  Softplus Softsign Sqrt Square SquaredDifference Sub Tanh
+  ZerosLike""".split()
+)
 
 
 def _made_to(u):
-  """`(shape, like)`: the shape vector the op of `u` makes it to (a
-  `Reshape`, `BroadcastTo` or `Fill`), or the tensor whose shape it keeps
-  (`_SAME_SHAPE`); `None` where it is not."""
+  """`(shape, firsts)`: the shape vector the op of `u` makes it to (a
+  `Reshape`, `BroadcastTo` or `Fill`), else `None`; the inputs whose first
+  axis `u`'s first axis is (`_ELEMENTWISE`, a `MatMul`'s first factor, the
+  value of a split or the parts of a concatenation along another axis).
+  """
   op = u.op
   if op.type in ("Reshape", "BroadcastTo"):
-    return op.inputs[1], None
+    return op.inputs[1], []
   if op.type == "Fill":
-    return op.inputs[0], None
-  if op.type in _SAME_SHAPE:
-    return None, op.inputs[0]
-  return None, None
+    return op.inputs[0], []
+  rank = u.shape.rank
+  # Input of the axis, and the inputs split or concatenated along it.
+  along = {"Split": (0, [1]), "SplitV": (2, [0]), "ConcatV2": (-1, None)}
+  if op.type in along:
+    axis, parts = along[op.type]
+    axis = fold(op.inputs[axis])
+    if rank is None or axis is None or int(axis) % rank == 0:
+      return None, []
+    if parts is None:
+      return None, list(op.inputs)[:-1]
+    return None, [op.inputs[i] for i in parts]
+  if op.type == "MatMul" and not op.get_attr("transpose_a"):
+    return None, [op.inputs[0]]
+  if op.type in _ELEMENTWISE:
+    return None, [t for t in op.inputs if t.shape.rank == rank]
+  return None, []
 
 
 def _shape_entries(u, batch_first, depth):
   """The entries of `u`'s shape, as `_entries` gives them: static shapes;
-  N where `batch_first(u)`; else, for a tensor made to a shape (a
-  `Reshape`, `Fill` or `BroadcastTo`, or an op that keeps its input's
-  shape, as TensorFlow's gradients make them from the shapes of the
-  model's tensors), the entries of that shape where static shapes do not
-  know them."""
+  N where `batch_first(u)`; else, where static shapes do not know them,
+  for a tensor made to a shape (a `Reshape`, `Fill` or `BroadcastTo`, as
+  TensorFlow's gradients make them from the shapes of the model's
+  tensors), the entries of that shape, and the first axis of the inputs
+  that carry it (`_made_to`; N where one is N and the others N or 1)."""
   if u.shape.rank is None:
     return None
   dims = [_UNKNOWN if d is None else d for d in u.shape.as_list()]
   if dims and dims[0] is _UNKNOWN and batch_first(u):
     dims[0] = None
-  if _UNKNOWN not in dims:
+  if _UNKNOWN not in dims or depth == 0:
     return dims
-  made = None
-  if depth > 0:
-    shape, like = _made_to(u)
-    if shape is not None:
-      made = _entries(shape, batch_first, depth - 1)
-      if made is not None and -1 in made:
-        made = None
-    elif like is not None:
-      made = _shape_entries(like, batch_first, depth - 1)
-  if made is None or len(made) != len(dims):
-    return dims
-  return [m if d is _UNKNOWN else d for d, m in zip(dims, made)]
+  shape, firsts = _made_to(u)
+  if shape is not None:
+    made = _entries(shape, batch_first, depth - 1)
+    if made is not None and -1 not in made and len(made) == len(dims):
+      dims = [m if d is _UNKNOWN else d for d, m in zip(dims, made)]
+  if dims[0] is _UNKNOWN and firsts:
+    carried = set()
+    for t in firsts:
+      entries = _shape_entries(t, batch_first, depth - 1)
+      carried.add(_UNKNOWN if not entries else entries[0])
+    if None in carried and carried <= {None, 1}:
+      dims[0] = None
+    elif len(carried) == 1:
+      dims[0] = carried.pop()
+  return dims
 
 
 def sample_shape(s, batch_first):
@@ -424,12 +451,16 @@ def shape_sources(op):
     u = _shape_source(t)
     if u is None and depth > 0:
       stack += [(i, depth - 1) for i in t.op.inputs if i.dtype.is_integer]
-    while u is not None:
-      # And the tensors whose shapes `u` is made to (`_shape_entries`).
+    # And the tensors whose shapes `u` is made to (`_shape_entries`).
+    made = [] if u is None else [(u, depth)]
+    while made:
+      u, depth = made.pop()
       sources.append(u)
-      shape, u = _made_to(u)
-      if shape is not None and depth > 0:
-        stack.append((shape, depth - 1))
+      if depth > 0:
+        shape, firsts = _made_to(u)
+        if shape is not None:
+          stack.append((shape, depth - 1))
+        made += [(t, depth - 1) for t in firsts]
   return sources
 
 
