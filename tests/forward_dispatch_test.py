@@ -380,6 +380,31 @@ class StaticBatchCopyTest(tf.test.TestCase):
         h_val, reference_val = sess.run([h, reference], {x: x_val})
     self.assertAllClose(h_val, reference_val, atol=1e-10)
 
+  def test_copy_keeps_the_zero_states_whose_shapes_are_read(self):
+    # A function of the gradient of an unrolled recurrent layer: the second
+    # gradient reads the shapes of steps computed from the zero initial
+    # state, which the copy the estimates walk must keep (not make them
+    # placeholders of unknown batch size, where the walk would decline).
+    keras = testing_utils.legacy_keras(self)
+    x_val = _RNG.normal(size=(3, 12))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      rnn = keras.layers.GRU(3, unroll=True, dtype="float64")
+      energy = tf.reduce_sum(rnn(tf.reshape(x, [-1, 3, 4])), 1)
+      y = tf.reduce_sum(tf.sin(tf.gradients(energy, x)[0]), 1)
+      walked = dispatch.dry_run([y], x, forward.HESSIAN)
+      self.assertTrue(walked.work.known)
+      (g,) = tf.gradients(y, x)
+      self.assertTrue(dispatch.choose([y], x, g, forward.HESSIAN, walked).at(3))
+      outs = [
+        tf1hess.batch_hessians(y, x, method=method)
+        for method in ("auto", "while_loop")
+      ]
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        auto, rows_val = sess.run(outs, {x: x_val})
+    self.assertAllClose(auto, rows_val, atol=1e-10)
+
   def test_another_static_batch_gives_no_copy(self):
     # A constant of 6 rows against x: no copy with N = ASSUMED_BATCH (the
     # shapes are static without: N is 6 from the constant on).

@@ -439,17 +439,19 @@ def shaped(result, x, mode):
   return result
 
 
-def _copy_name(t, names, nodes, taken):
+def _copy_name(t, names, nodes, taken, shaped):
   """The name in the copy of tensor `t` (see `_copy`), adding its nodes."""
   key = (t.op.name, t.value_index)
   if key in names:
     return names[key]
   dtype = t.dtype.base_dtype
-  if dtype.is_integer and not any(
+  if (dtype.is_integer or key in shaped) and not any(
     value.HasField("func") for value in t.op.node_def.attr.values()
   ):
-    # Shapes, axes, indices: rules read their values, so copy their ops.
-    _copy_node(t.op, names, nodes, taken)
+    # Shapes, axes, indices: rules read their values, so copy their ops;
+    # and those of tensors whose shapes they read, made of the shapes of
+    # tensors of x (`registry.shape_sources`: a zero state).
+    _copy_node(t.op, names, nodes, taken, shaped)
     return names[key]
   # Anything else (weights, other inputs, ...) only needs its dtype and
   # static shape: a placeholder, whatever the value (no large constants).
@@ -465,7 +467,7 @@ def _copy_name(t, names, nodes, taken):
   return name
 
 
-def _copy_node(op, names, nodes, taken):
+def _copy_node(op, names, nodes, taken, shaped):
   """Adds the `NodeDef` of `op`, its data inputs renamed, no control inputs."""
   node = op.node_def
   node.ClearField("device")
@@ -475,7 +477,8 @@ def _copy_node(op, names, nodes, taken):
   for i in range(len(op.outputs)):
     names.setdefault((op.name, i), f"{op.name}:{i}")
   inputs = [
-    _copy_name(t, names, nodes, taken) for t in registry.followed_inputs(op)
+    _copy_name(t, names, nodes, taken, shaped)
+    for t in registry.followed_inputs(op)
   ]
   if registry.exact_custom_gradient(op):
     # Its gradient function reads tensors of the model, not of the copy.
@@ -494,7 +497,9 @@ def _copy(x, ys, path, batch=None):
   `x` becomes a placeholder (of static batch size `batch` if given);
   every other floating input of the path a placeholder of its shape; the
   integer tensors the path reads (shapes, axes) are copied with the ops
-  that compute them. The copies keep their names and static shapes, so
+  that compute them, and so are the tensors whose shapes they read where
+  those are made of other shapes (`registry.shape_made`: a recurrent
+  cell's zero state). The copies keep their names and static shapes, so
   that the walk meets the same ops as in the original graph and says the
   same when it cannot follow one.
   """
@@ -511,19 +516,25 @@ def _copy(x, ys, path, batch=None):
   node.attr["shape"].shape.CopyFrom(shape.as_proto())
   nodes.append(node)
   names[(x.op.name, x.value_index)] = x_name
+  shaped = {
+    (t.op.name, t.value_index): t
+    for op in path
+    for t in registry.shape_sources(op)
+    if registry.shape_made(t)
+  }
   for op in path:
-    _copy_node(op, names, nodes, taken)
+    _copy_node(op, names, nodes, taken, shaped)
   graph_def = tf.compat.v1.GraphDef()
   graph_def.node.extend(nodes)
   graph_def.versions.CopyFrom(x.graph.graph_def_versions)
   graph = tf.Graph()
   with graph.as_default():
     tf.graph_util.import_graph_def(graph_def, name="")
-  for op in path:
-    for t in op.outputs:
-      graph.get_tensor_by_name(names[(op.name, t.value_index)]).set_shape(
-        t.shape
-      )
+  outputs = [t for op in path for t in op.outputs] + list(shaped.values())
+  for t in outputs:
+    key = (t.op.name, t.value_index)
+    if key in names:
+      graph.get_tensor_by_name(names[key]).set_shape(t.shape)
   wanted = [(y.op.name, y.value_index) for y in ys]
   ys_copy = [graph.get_tensor_by_name(names[w]) for w in wanted if w in names]
   return graph, graph.get_tensor_by_name(x_name + ":0"), ys_copy

@@ -387,6 +387,13 @@ def _made_to(u):
   return None, []
 
 
+def shape_made(u):
+  """Whether `_shape_entries` reads `u`'s shape from its op's inputs
+  (`_made_to`): then a copy of the model copies that op (`dispatch`)."""
+  shape, firsts = _made_to(u)
+  return shape is not None or bool(firsts)
+
+
 def _shape_entries(u, batch_first, depth):
   """The entries of `u`'s shape, as `_entries` gives them: static shapes;
   N where `batch_first(u)`; else, where static shapes do not know them,
