@@ -9,8 +9,10 @@ H, W, C)` as a batch of K images. They add no curvature.
 
 A max pool is piecewise linear: each output entry is one input entry of its
 window, and its tangent is that entry's tangent. The rule finds the entry
-with `tf.nn.max_pool_with_argmax` and gathers the tangents there: exact, and
-the cost of one pool of the N inputs plus a gather. Ties (a measure-zero
+with `tf.nn.max_pool_with_argmax` (of volumes, which it does not take: the
+first maximum among strided slices, one per offset in the window) and
+gathers the tangents there: exact, and the cost of one pool of the N
+inputs plus a gather. Ties (a measure-zero
 set, but common after a `relu`, where they carry equal zero tangents) take
 the first maximal entry of the window in row-major order, as TensorFlow's
 `MaxPoolGrad` and `MaxPoolGradGrad` do on CPU: the engine and the row loop
@@ -19,9 +21,12 @@ agree there. No curvature either.
 TensorFlow's gradients of pools (in models with gradients inside `ys`)
 are linear in the incoming gradient: `AvgPoolGrad` is the same op on the
 tangents, `MaxPoolGrad` too, its pool's input and output repeated for the
-tangents of each sample; the adjoint pass takes the gradient of
-`MaxPoolGrad` from the maxima found as above, not from TensorFlow's
-`MaxPoolGradGrad`, which is wrong for some pools.
+tangents of each sample (and their 3-D twins); the adjoint pass takes the
+gradient of `MaxPoolGrad` from the maxima found as above, not from
+TensorFlow's `MaxPoolGradGrad`, which is wrong for some pools. Its
+gradients of a depthwise convolution, of batch normalization for
+inference and of resizes are linear too; it has no gradient of the
+resizes' (the adjoint pass has its own).
 
 A dilated convolution that `tf.nn.convolution` (and the `dilation_rate` of
 layers) builds as SpaceToBatchND, a convolution and BatchToSpaceND is
@@ -39,11 +44,11 @@ Batch normalization for inference (`FusedBatchNorm*` with `is_training`
 false) scales each channel by weights: linear too, in any data format.
 
 Data formats: `Conv2D` follows NHWC and NCHW (TensorFlow's CPU kernels run
-NCHW in float32); `Conv3D`, `AvgPool3D`, `DepthwiseConv2dNative`, `AvgPool`
-and `MaxPool` follow NHWC (NDHWC) only (their CPU kernels refuse the other
-format, so the rules could not be tested there), and
-`DepthwiseConv2dNative` dilations of 1 only (same reason). There is no rule
-for `MaxPool3D` (TensorFlow has no argmax of it to find the entries).
+NCHW in float32); `Conv3D`, `AvgPool3D`, `MaxPool3D`,
+`DepthwiseConv2dNative`, `AvgPool` and `MaxPool` follow NHWC (NDHWC) only
+(their CPU kernels refuse the other format, so the rules could not be
+tested there), and `DepthwiseConv2dNative` dilations of 1 only (same
+reason).
 """
 
 import itertools

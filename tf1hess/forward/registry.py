@@ -462,6 +462,9 @@ def shape_sources(op):
     made = [] if u is None else [(u, depth)]
     while made:
       u, depth = made.pop()
+      if u.ref() in seen:
+        continue
+      seen.add(u.ref())
       sources.append(u)
       if depth > 0:
         shape, firsts = _made_to(u)
