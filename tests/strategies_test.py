@@ -407,6 +407,71 @@ class GraphStrategiesTest(
     self.assertAllClose(out, expected)
     self.assertAllClose(out_pfor, expected)
 
+  @parameterized.parameters(
+    testing_utils.in_turn(
+      strategy=["while_loop", "pfor", "auto"], training=[False, True]
+    )
+  )
+  def test_functions_of_fused_batch_norm_gradients(
+    self, strategy, training, cf
+  ):
+    # TensorFlow's gradient of a fused batch norm's gradient builds its ops
+    # with a tape; under control flow v1, differentiated again inside the
+    # rows' loop, they gave rows off by half the Hessian. The rows are
+    # unrolled there.
+    self.control_flow(cf)
+    rng = np.random.default_rng(8)
+    x_val = rng.normal(size=(5, 4)).astype(np.float32)
+    w = rng.normal(size=(4, 6)).astype(np.float32)
+    scale = (rng.random(6) + 0.5).astype(np.float32)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 4])
+      h = tf.matmul(x, w)
+      if training:  # Keras LayerNormalization: one batch per sample.
+        ones = tf.ones(tf.shape(x)[:1])
+        normed, _, _ = tf.compat.v1.nn.fused_batch_norm(
+          tf.reshape(h, [1, -1, 6, 1]), ones, 0.0 * ones, data_format="NCHW"
+        )
+        normed = tf.reshape(normed, [-1, 6]) * scale
+      else:  # BatchNormalization at inference.
+        normed, _, _ = tf.compat.v1.nn.fused_batch_norm(
+          tf.reshape(h, [-1, 1, 1, 6]),
+          scale,
+          scale - 1.0,
+          mean=scale * 0.3,
+          variance=scale,
+          is_training=False,
+        )
+        normed = tf.reshape(normed, [-1, 6])
+      energy = tf.reduce_sum(tf.tanh(normed) ** 3, axis=1)
+      (force,) = tf.gradients(energy, x)
+      y = tf.reduce_sum(force**2, axis=1)
+      got = tf1hess.batch_hessians(y, x, **self.strategy(strategy))
+      (g,) = tf.gradients(y, x)
+      unrolled = tf.stack(
+        [tf.gradients(g[:, j], x)[0] for j in range(4)], axis=1
+      )
+      with tf.compat.v1.Session() as sess:
+        out, want = sess.run([got, unrolled], {x: x_val})
+        differences = testing_utils.central_difference_jacobian(
+          lambda v: sess.run(g, {x: v.astype(np.float32)}), x_val, eps=1e-2
+        )
+    top = np.abs(differences).max()
+    self.assertAllClose(out, want, atol=1e-5 * top, rtol=0)
+    self.assertAllClose(out, differences, atol=0.02 * top, rtol=0)
+
+  def test_functions_of_fused_batch_norm_gradients_need_static_features(self):
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, None])
+      ones = tf.ones(tf.shape(x)[:1])
+      normed, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        x[None, :, :, None], ones, 0.0 * ones, data_format="NCHW"
+      )
+      (force,) = tf.gradients(tf.reduce_sum(tf.tanh(normed) ** 3), x)
+      with self.assertRaisesRegex(ValueError, "static shape after the batch"):
+        tf1hess.batch_hessians(tf.reduce_sum(force**2), x, method="while_loop")
+
 
 class FunctionAndEagerStrategiesTest(
   StrategyMixin, tf.test.TestCase, parameterized.TestCase

@@ -167,7 +167,10 @@ def stack_rows(
     through_v1_loop: `bool`: `vjp` differentiates a control flow v1 loop
       (static `num_cols`). TensorFlow builds no gradient of such a loop in
       another loop (the rows' `tf.while_loop`), and `pfor`'s fails when
-      run: the rows are unrolled in Python, whatever `plan.method`.
+      run: the rows are unrolled in Python, whatever `plan.method`. The
+      same holds, found from the graph, for a `target` built by
+      TensorFlow's gradient of a fused batch norm's gradient (see
+      `_taped_in_v1_loop`).
 
   Returns:
     A `Tensor` of shape `(N, num_cols, x_cols)`, or `(N, num_cols)` when
@@ -175,6 +178,7 @@ def stack_rows(
   """
   source = _graph_source(source)
   no_loops = differentiated and control_flow_v1()
+  through_v1_loop = through_v1_loop or _taped_in_v1_loop(target, num_cols)
   if no_loops:
     chunk_size = None
   elif chunk_size is None:
@@ -222,6 +226,49 @@ def stack_rows(
         f"back to {_describe(after)}.",
       )
   return build(attempts[-1])
+
+
+# Op types whose TensorFlow gradient (`_FusedBatchNormGradGrad` of
+# nn_fused_batch_norm_grad.py) builds its ops with a `GradientTape`.
+_TAPED_GRADIENTS = frozenset(
+  ("FusedBatchNormGrad", "FusedBatchNormGradV2", "FusedBatchNormGradV3")
+)
+
+
+def _taped_in_v1_loop(target, num_cols):
+  """Whether the rows of `target` must be unrolled: under control flow v1,
+  `target` holds ops built by TensorFlow's gradient of a fused batch norm's
+  gradient (a function of gradients of Keras `BatchNormalization` or
+  `LayerNormalization`, or of `tf.compat.v1.nn.fused_batch_norm`).
+
+  Differentiated again inside a v1 `tf.while_loop` or `pfor`, those ops
+  give wrong rows (off by half the Hessian's largest entry), with no error;
+  rows unrolled in the graph are right. Raises `ValueError` when they
+  cannot be unrolled (`num_cols` known only at run time).
+  """
+  if tf.executing_eagerly() or not control_flow_v1(target.graph):
+    return False
+  seen, stack = set(), [target.op]
+  while stack:
+    op = stack.pop()
+    if op not in seen:
+      seen.add(op)
+      stack.extend(t.op for t in op.inputs)
+      stack.extend(op.control_inputs)
+  scopes = [f"{op.name}_grad/" for op in seen if op.type in _TAPED_GRADIENTS]
+  if not any(s in op.name for op in seen for s in scopes):
+    return False
+  if not isinstance(num_cols, int):
+    raise ValueError(
+      f"`{target.name}` is built by TensorFlow's gradient of the gradient "
+      "of a fused batch normalization, which gives wrong rows inside a "
+      "control flow v1 loop (tf.compat.v1.disable_v2_behavior()); the rows "
+      "are then unrolled, which needs a static number of features: saw "
+      f"`xs` with features known only at run time ({target.shape}). Give "
+      "`xs` a static shape after the batch axis, or use control flow v2: "
+      "tf.compat.v1.enable_control_flow_v2() before building the model."
+    )
+  return True
 
 
 def _attempts(plan, num_rows, shortcuts, no_loops, through_v1_loop):
