@@ -648,6 +648,27 @@ _RULES = {
       tf.reduce_sum(tf.sigmoid(_lin2(tf.tanh(_lin(x)))), 1), x
     )[0],
   ),
+  # Forces of a log-sum-exp (a mixture's log-density, an energy-based
+  # model): TensorFlow's gradient of the maximum it subtracts, stopped,
+  # whose shapes are made from that maximum's at run time.
+  "forces_of_a_logsumexp": (
+    "StopGradient",
+    lambda x: tf.gradients(
+      tf.reduce_logsumexp(_lin2(tf.tanh(_lin(x))), axis=1), x
+    )[0],
+  ),
+  "score_of_a_mixture": (
+    "Max",
+    lambda x: tf.gradients(
+      tf.reduce_logsumexp(
+        -tf.reduce_sum(
+          tf.square(x[:, None, :] - tf.constant(_W[:4], x.dtype)), axis=2
+        ),
+        axis=1,
+      ),
+      x,
+    )[0],
+  ),
   # Forces of energies of pooled images: TensorFlow's gradients of pools.
   "MaxPoolGrad": (
     "MaxPoolGrad",

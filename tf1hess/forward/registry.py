@@ -351,18 +351,24 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
 # (broadcasting): elementwise functions and arithmetic, as a recurrent
 # cell computes them from its zero initial state.
 _ELEMENTWISE = frozenset(
-  """Abs Add AddV2 BiasAdd BiasAddV1 Cast Cos Elu Exp Identity LeakyRelu Log
-  Maximum Minimum Mul Neg OnesLike RealDiv Relu Relu6 Rsqrt Selu Sigmoid Sin
-  Softplus Softsign Sqrt Square SquaredDifference Sub Tanh
-  ZerosLike""".split()
+  """Abs Add AddV2 BiasAdd BiasAddV1 Cast Cos Elu Exp Identity IsFinite
+  LeakyRelu Log Maximum Minimum Mul Neg OnesLike RealDiv Relu Relu6 Rsqrt
+  Select SelectV2 Selu Sigmoid Sin Softplus Softsign Sqrt Square
+  SquaredDifference StopGradient Sub Tanh ZerosLike""".split()
 )
+
+# Reductions: their output's first axis is their input's where the axes
+# they reduce leave the first one out (the maximum `tf.reduce_logsumexp`
+# subtracts, a mean over features kept for broadcasting).
+_REDUCTIONS = frozenset("All Any Max Mean Min Prod Sum".split())
 
 
 def _made_to(u):
   """`(shape, firsts)`: the shape vector the op of `u` makes it to (a
   `Reshape`, `BroadcastTo` or `Fill`), else `None`; the inputs whose first
   axis `u`'s first axis is (`_ELEMENTWISE`, a `MatMul`'s first factor, the
-  value of a split or the parts of a concatenation along another axis).
+  value of a split or the parts of a concatenation along another axis, the
+  input of a reduction over other axes).
   """
   op = u.op
   if op.type in ("Reshape", "BroadcastTo"):
@@ -381,6 +387,11 @@ def _made_to(u):
       return None, list(op.inputs)[:-1]
     return None, [op.inputs[i] for i in parts]
   if op.type == "MatMul" and not op.get_attr("transpose_a"):
+    return None, [op.inputs[0]]
+  if op.type in _REDUCTIONS:
+    axes, in_rank = fold(op.inputs[1]), op.inputs[0].shape.rank
+    if axes is None or not in_rank or 0 in np.reshape(axes, [-1]) % in_rank:
+      return None, []
     return None, [op.inputs[0]]
   if op.type in _ELEMENTWISE:
     return None, [t for t in op.inputs if t.shape.rank == rank]
