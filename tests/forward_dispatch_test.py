@@ -769,6 +769,33 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     # What TensorFlow's second derivatives miss is not small.
     self.assertGreater(np.abs(got["rows"] - hessians).max(), 1e-2)
 
+  def test_rows_say_whether_the_engine_follows_the_moments(self):
+    # A fused batch norm in training mode over one batch per sample (Keras
+    # LayerNormalization in float32): TensorFlow's gradient of its gradient
+    # stops the mean, and the engine does not follow its gradient.
+    def forces_squared(x):
+      ones = tf.ones(tf.shape(x)[:1])
+      normed, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        tf.reshape(tf.sin(x), [1, -1, 12, 1]),
+        ones,
+        0.0 * ones,
+        data_format="NCHW",
+      )
+      energy = tf.reduce_sum(tf.tanh(tf.reshape(normed, [-1, 12])) ** 3, 1)
+      (g,) = tf.gradients(energy, x)
+      return tf.reduce_sum(g * g, 1)
+
+    for method, says in [
+      ("auto", "the forward engine, exact there, cannot follow the model"),
+      ("while_loop", "method='forward' is exact there, where it can follow"),
+    ]:
+      with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 12])
+        with self.assertLogs(level="WARNING") as logs:
+          tf1hess.batch_hessians(forces_squared(x), x, method=method)
+      self.assertIn("tf.nn.moments", "".join(logs.output))
+      self.assertIn(says, "".join(logs.output))
+
   @parameterized.named_parameters(*_MOMENTS.items())
   def test_functions_of_gradients_of_moments(self, model):
     # TensorFlow's gradient of the variance reads the stopped mean too:

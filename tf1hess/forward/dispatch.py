@@ -779,11 +779,18 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
     reasons = {
       _INEXACT_SECOND_DERIVATIVES[t] for t in _inexact_gradients(ys, x, grad)
     }
+    # Auto takes the engine wherever the rows are inexact (`choose`): here
+    # it could not follow the model.
+    engine_too = (
+      " the forward engine, exact there, cannot follow the model (see its"
+      " warning)"
+      if plan.method == "auto"
+      else " method='forward' is exact there, where it can follow the model"
+    )
     for reason in sorted(reasons):
       _core.warn_once(
         x.graph,
-        f"tf1hess: the rows for {x.name} differentiate {reason};"
-        " method='forward' is exact there.",
+        f"tf1hess: the rows for {x.name} differentiate {reason};{engine_too}.",
       )
   return result
 
