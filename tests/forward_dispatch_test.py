@@ -770,13 +770,14 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     self.assertGreater(np.abs(got["rows"] - hessians).max(), 1e-2)
 
   def test_rows_say_whether_the_engine_follows_the_moments(self):
-    # A fused batch norm in training mode over one batch per sample (Keras
-    # LayerNormalization in float32): TensorFlow's gradient of its gradient
-    # stops the mean, and the engine does not follow its gradient.
+    # A fused batch norm in training mode over two rows per sample (Keras
+    # LayerNormalization in float32 of (N, 2, 6)): TensorFlow's gradient of
+    # its gradient stops the mean, and the engine does not follow its
+    # gradient on rows that are parts of samples.
     def forces_squared(x):
-      ones = tf.ones(tf.shape(x)[:1])
+      ones = tf.ones(2 * tf.shape(x)[:1])
       normed, _, _ = tf.compat.v1.nn.fused_batch_norm(
-        tf.reshape(tf.sin(x), [1, -1, 12, 1]),
+        tf.reshape(tf.sin(x), [1, -1, 6, 1]),
         ones,
         0.0 * ones,
         data_format="NCHW",

@@ -2972,12 +2972,7 @@ class Float32LayerNormTest(tf.test.TestCase, parameterized.TestCase):
 
     return normalize
 
-  @parameterized.named_parameters(("last_axis", [2]), ("two_axes", [1, 2]))
-  def test_fused_as_keras_builds_it(self, axes):
-    gamma, beta = (
-      v[0] if axes == [2] else v for v in (self._GAMMA, self._BETA)
-    )
-
+  def _fused(self, axes, gamma, beta):
     def fused(h):
       # tf_keras/src/layers/normalization/layer_normalization.py, fused.
       shape = tf.shape(h)
@@ -2995,9 +2990,39 @@ class Float32LayerNormTest(tf.test.TestCase, parameterized.TestCase):
         np.float32
       )
 
+    return fused
+
+  def _parameters(self, axes):
+    return [v[0] if axes == [2] else v for v in (self._GAMMA, self._BETA)]
+
+  @parameterized.named_parameters(("last_axis", [2]), ("two_axes", [1, 2]))
+  def test_fused_as_keras_builds_it(self, axes):
+    gamma, beta = self._parameters(axes)
     _check_float32(
-      self, self._model(fused), self._model(self._by_hand(axes, gamma, beta))
+      self,
+      self._model(self._fused(axes, gamma, beta)),
+      self._model(self._by_hand(axes, gamma, beta)),
     )
+
+  def test_forces(self):
+    # TensorFlow's gradient of the normalization (FusedBatchNormGradV3 in
+    # training) inside `ys`, one row per sample. TensorFlow's own gradient
+    # of it stops the mean: the rows miss curvature, auto takes the engine.
+    gamma, beta = self._parameters([1, 2])
+    _check_float32(
+      self,
+      _forces_of(self._model(self._fused([1, 2], gamma, beta))),
+      _forces_of(self._model(self._by_hand([1, 2], gamma, beta))),
+      rows=False,
+    )
+
+  def test_forces_of_rows_that_are_parts_of_samples_decline(self):
+    gamma, beta = self._parameters([2])
+    forces = _forces_of(self._model(self._fused([2], gamma, beta)))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
+      with self.assertRaisesRegex(ValueError, "one row per sample"):
+        tf1hess.batch_hessians(forces(x), x, method="forward")
 
   def test_keras_layer(self):
     keras = testing_utils.legacy_keras(self)
@@ -3018,6 +3043,27 @@ class Float32LayerNormTest(tf.test.TestCase, parameterized.TestCase):
 
     _check_float32(
       self, self._model(layer), self._model(self._by_hand([2], gamma, beta))
+    )
+
+  def test_forces_of_the_keras_layer(self):
+    keras = testing_utils.legacy_keras(self)
+    gamma = self._GAMMA.reshape(-1)
+    constant = keras.initializers.Constant
+
+    def model(x, normalize):
+      h = normalize(tf.tanh(_lin(x)) + x)
+      return tf.nn.softplus(h) * tf.sin(h)
+
+    def layer(h):
+      return keras.layers.LayerNormalization(
+        epsilon=0.01, gamma_initializer=constant(gamma)
+      )(h)
+
+    _check_float32(
+      self,
+      _forces_of(lambda x: model(x, layer)),
+      _forces_of(lambda x: model(x, self._by_hand([1], gamma, 0.0))),
+      rows=False,
     )
 
   def test_batch_statistics_are_not_followed(self):

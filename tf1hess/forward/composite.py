@@ -40,6 +40,9 @@ class _Within:
     del elementwise  # The adjoint is pulled back whole.
 
     def pulled_back(adj):
+      # The composition's output holds the op's entries, in the shape of
+      # its own inputs (`walk`'s `inputs`).
+      adj = tf.reshape(adj, tf.shape(self._outputs))
       (inner,) = tf.gradients(
         self._outputs,
         tensor,
@@ -51,14 +54,24 @@ class _Within:
     self._ctx.curvature(self._op.outputs[0], pulled_back)
 
 
-def walk(op, jacs, ctx, compose):
-  """The Jacobians of `op`'s first output, `compose(*op.inputs)`.
+def walk(op, jacs, ctx, compose, inputs=None):
+  """The Jacobians of `op`'s first output, `compose(*inputs)`.
+
+  Args:
+    op: the `tf.Operation` the composition stands for.
+    jacs: the Jacobians of `inputs`.
+    ctx: the walk's context at `op`.
+    compose: callable `(*inputs) -> Tensor`: `op`'s first output.
+    inputs: the tensors `compose` reads, whose rows are samples (default:
+      `op.inputs`): views of `op`'s inputs built before `walk`, such as the
+      rows of `(1, N, ...)` tensors of a layer normalization (`lead_one`,
+      one row per sample), whose Jacobians `jacs` are already.
 
   Raises:
     registry.Unsupported: where an op of the composition has no rule, or
       gives what the walk of the model would have to regroup.
   """
-  if ctx.group != 1 or ctx.lead_one:
+  if ctx.group != 1 or ctx.lead_one and inputs is None:
     raise registry.Unsupported(
       f"{op.type} ({op.name}) reads a tensor whose rows are not samples"
     )
@@ -68,11 +81,12 @@ def walk(op, jacs, ctx, compose):
     )
   graph = op.graph
   before = len(graph.get_operations())
+  inputs = op.inputs if inputs is None else inputs
   with tf.name_scope(f"{op.name.split('/')[-1]}_composed"):
-    output = compose(*op.inputs)
+    output = compose(*inputs)
   ops = graph.get_operations()[before:]
   within = _Within(ctx, op, output, ops)
-  known = {t.ref(): j for t, j in zip(op.inputs, jacs) if j is not None}
+  known = {t.ref(): j for t, j in zip(inputs, jacs) if j is not None}
   for inner in ops:
     ins = [known.get(t.ref()) for t in inner.inputs]
     if all(j is None for j in ins):

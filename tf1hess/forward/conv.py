@@ -55,6 +55,7 @@ import itertools
 import numpy as np
 import tensorflow as tf
 
+from tf1hess.forward import composite
 from tf1hess.forward import jacobians
 from tf1hess.forward import registry
 
@@ -230,12 +231,10 @@ def _normalizes_per_sample(op, jacs):
   return _of_weights(op, jacs) and not op.get_attr("is_training")
 
 
-@registry.register(
-  "FusedBatchNorm",
-  "FusedBatchNormV2",
-  "FusedBatchNormV3",
-  linear=_normalizes_per_sample,
-)
+_FUSED_BATCH_NORMS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+
+
+@registry.register(*_FUSED_BATCH_NORMS, linear=_normalizes_per_sample)
 def _fused_batch_norm(op, jacs, ctx):
   """`(v - mean) scale / sqrt(variance + epsilon) + offset` per channel.
 
@@ -274,19 +273,24 @@ def _backprop_per_sample(op, jacs):
   return all(j is None for j in jacs[2:]) and not op.get_attr("is_training")
 
 
-@registry.register(
+_BATCH_NORM_GRADS = (
   "FusedBatchNormGrad",
   "FusedBatchNormGradV2",
   "FusedBatchNormGradV3",
-  linear=_backprop_per_sample,
 )
+
+
+@registry.register(*_BATCH_NORM_GRADS, linear=_backprop_per_sample)
 def _fused_batch_norm_grad(op, jacs, ctx):
   """TensorFlow's gradient of `_fused_batch_norm` (of a model's gradient
   inside `ys`): for inference, the incoming gradient (input 0) scaled per
   channel by `scale / sqrt(variance + epsilon)` (the variance, input 4,
   being the one the normalization read), whatever its input (input 1).
-  The gradients of the scale and offset are sums over the batch."""
-  del ctx  # Unused.
+  In training, that of a layer normalization's rows (`_normalize_rows`):
+  `_normalize_rows_grad`. The gradients of the scale and offset are sums
+  over the batch."""
+  if op.get_attr("is_training") and ctx.lead_one:
+    return _normalize_rows_grad(op, jacs, ctx)
   if op.get_attr("is_training") or any(j is not None for j in jacs[2:]):
     raise registry.Unsupported(
       f"{op.type} ({op.name}) is the gradient of a batch normalization in "
@@ -306,6 +310,62 @@ def _fused_batch_norm_grad(op, jacs, ctx):
     scale, variance = op.inputs[2], op.inputs[4]
     factor = scale * tf.math.rsqrt(variance + op.get_attr("epsilon"))
     outs[0] = jacobians.scale(jacs[0], factor)
+  return outs
+
+
+def _rows_backprop(dy, u, scale, epsilon):
+  """TensorFlow's gradient of a batch normalization in training, of rows
+  `u` `(rows, H, W)` each normalized over its entries, for the incoming
+  gradient `dy`: `scale s (dy - mean(dy) - c s^2 mean(dy c))`, `c = u -
+  mean(u)`, `s = (mean(c^2) + epsilon)^(-1/2)`."""
+  axes = [1, 2]
+  c = u - tf.reduce_mean(u, axes, keepdims=True)
+  s = tf.math.rsqrt(tf.reduce_mean(tf.square(c), axes, keepdims=True) + epsilon)
+  projected = tf.reduce_mean(dy * c, axes, keepdims=True)
+  centered = dy - tf.reduce_mean(dy, axes, keepdims=True)
+  return (
+    tf.reshape(scale, [-1, 1, 1]) * s * (centered - c * (s * s) * projected)
+  )
+
+
+def _normalize_rows_grad(op, jacs, ctx):
+  """TensorFlow's gradient of `_normalize_rows` (of a layer normalization
+  inside `ys`), one row per sample: `_rows_backprop` of the incoming
+  gradient (input 0) and the normalized tensor (input 1), walked as a
+  composition of their rows. The batch statistics it reads (inputs 3 on)
+  are those of its input, recomputed."""
+  u = op.inputs[1]
+  statistics = [t.op for t in op.inputs[3:5]]
+  if (
+    ctx.group != 1
+    or op.get_attr("data_format").decode() != "NCHW"
+    or jacs[2] is not None
+    or any(s.type not in _FUSED_BATCH_NORMS for s in statistics)
+    or any(s.inputs[0].ref() != u.ref() for s in statistics)
+  ):
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) is the gradient of a batch normalization in "
+      "training other than that of a layer normalization of one row per "
+      "sample: samples mix"
+    )
+  sums = registry.Unfollowed(
+    f"the gradients of the scale and offset of {op.name}, sums over the batch"
+  )
+  outs = [None, sums, sums] + [None] * (len(op.outputs) - 3)
+  if jacs[0] is None and jacs[1] is None:
+    return outs
+  rows = [tf.squeeze(t, [0]) for t in op.inputs[:2]]
+  (j,) = composite.walk(
+    op,
+    jacs[:2],
+    ctx,
+    lambda dy, v: _rows_backprop(dy, v, op.inputs[2], op.get_attr("epsilon")),
+    inputs=rows,
+  )
+  if j is not None:
+    outs[0] = registry.Regrouped(
+      jacobians.dense(jacobians.to_dense(j, ctx.n)), 1, lead_one=True
+    )
   return outs
 
 
@@ -349,7 +409,10 @@ def _normalize_rows(op, j, ctx):
     ]
 
   ctx.curvature(y, terms)
-  statistics = registry.Unfollowed(f"the batch statistics of {op.name}")
+  # TensorFlow's gradient reads them; its rule recomputes them from `u`.
+  statistics = registry.Unfollowed(
+    f"the batch statistics of {op.name}", readers=_BATCH_NORM_GRADS
+  )
   return [jacobians.dense(jy)] + [statistics] * (len(op.outputs) - 1)
 
 

@@ -38,11 +38,13 @@ class Unfollowed:
   """The Jacobian marker of an output a rule does not follow.
 
   The walk raises `Unsupported` (with `reason`) only if an op on the way
-  to `ys` reads it.
+  to `ys` reads it, other than one of the op types `readers`, whose rules
+  do not need it (they recompute what it holds).
   """
 
-  def __init__(self, reason):
+  def __init__(self, reason, readers=()):
     self.reason = reason
+    self.readers = frozenset(readers)
 
 
 class Moved:
@@ -141,7 +143,8 @@ def of_samples(inner, ctx):
 
 # Op types whose rules follow tensors `(1, N G, *e')` (see `Regrouped`).
 LEAD_ONE = frozenset(
-  ["Reshape", "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"]
+  """Reshape FusedBatchNorm FusedBatchNormV2 FusedBatchNormV3
+  FusedBatchNormGrad FusedBatchNormGradV2 FusedBatchNormGradV3""".split()
 )
 
 
@@ -398,11 +401,26 @@ def _made_to(u):
   return None, []
 
 
+# Ops whose first output has the shape of their first input: a layer
+# normalization's fused batch normalization, whose shape its gradient reads.
+_SHAPED_LIKE_INPUT = frozenset(
+  ["FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"]
+)
+
+
+def _shaped_like(u):
+  """The input whose shape `u` has (`_SHAPED_LIKE_INPUT`), or `None`."""
+  if u.op.type in _SHAPED_LIKE_INPUT and u.value_index == 0:
+    return u.op.inputs[0]
+  return None
+
+
 def shape_made(u):
   """Whether `_shape_entries` reads `u`'s shape from its op's inputs
-  (`_made_to`): then a copy of the model copies that op (`dispatch`)."""
+  (`_made_to`, `_shaped_like`): then a copy of the model copies that op
+  (`dispatch`)."""
   shape, firsts = _made_to(u)
-  return shape is not None or bool(firsts)
+  return shape is not None or bool(firsts) or _shaped_like(u) is not None
 
 
 def _shape_entries(u, batch_first, depth):
@@ -418,6 +436,12 @@ def _shape_entries(u, batch_first, depth):
   if dims and dims[0] is _UNKNOWN and batch_first(u):
     dims[0] = None
   if _UNKNOWN not in dims or depth == 0:
+    return dims
+  like = _shaped_like(u)
+  if like is not None:
+    inner = _shape_entries(like, batch_first, depth - 1)
+    if inner is not None and len(inner) == len(dims):
+      dims = [i if d is _UNKNOWN else d for d, i in zip(dims, inner)]
     return dims
   shape, firsts = _made_to(u)
   if shape is not None:
@@ -482,6 +506,9 @@ def shape_sources(op):
         if shape is not None:
           stack.append((shape, depth - 1))
         made += [(t, depth - 1) for t in firsts]
+        like = _shaped_like(u)
+        if like is not None:
+          made.append((like, depth - 1))
   return sources
 
 
