@@ -3004,25 +3004,19 @@ class Float32LayerNormTest(tf.test.TestCase, parameterized.TestCase):
       self._model(self._by_hand(axes, gamma, beta)),
     )
 
-  def test_forces(self):
+  @parameterized.named_parameters(("last_axis", [2]), ("two_axes", [1, 2]))
+  def test_forces(self, axes):
     # TensorFlow's gradient of the normalization (FusedBatchNormGradV3 in
-    # training) inside `ys`, one row per sample. TensorFlow's own gradient
-    # of it stops the mean: the rows miss curvature, auto takes the engine.
-    gamma, beta = self._parameters([1, 2])
+    # training) inside `ys`: over the last axis, 3 rows per sample. Its
+    # own gradient of it stops the mean: the rows miss curvature, and auto
+    # takes the engine.
+    gamma, beta = self._parameters(axes)
     _check_float32(
       self,
-      _forces_of(self._model(self._fused([1, 2], gamma, beta))),
-      _forces_of(self._model(self._by_hand([1, 2], gamma, beta))),
+      _forces_of(self._model(self._fused(axes, gamma, beta))),
+      _forces_of(self._model(self._by_hand(axes, gamma, beta))),
       rows=False,
     )
-
-  def test_forces_of_rows_that_are_parts_of_samples_decline(self):
-    gamma, beta = self._parameters([2])
-    forces = _forces_of(self._model(self._fused([2], gamma, beta)))
-    with tf.Graph().as_default():
-      x = tf.compat.v1.placeholder(tf.float32, [None, _K])
-      with self.assertRaisesRegex(ValueError, "one row per sample"):
-        tf1hess.batch_hessians(forces(x), x, method="forward")
 
   def test_keras_layer(self):
     keras = testing_utils.legacy_keras(self)

@@ -31,6 +31,9 @@ class _Within:
     self._op = op
     self._outputs = outputs
     registry.of_samples(self, ctx)
+    # Rows that are parts of samples are the composition's samples; `ctx`
+    # regroups its curvature terms by sample.
+    self.samples = ctx.n
     self.path = ctx.path | frozenset(ops)
 
   def dense_matmul(self):
@@ -62,16 +65,16 @@ def walk(op, jacs, ctx, compose, inputs=None):
     jacs: the Jacobians of `inputs`.
     ctx: the walk's context at `op`.
     compose: callable `(*inputs) -> Tensor`: `op`'s first output.
-    inputs: the tensors `compose` reads, whose rows are samples (default:
-      `op.inputs`): views of `op`'s inputs built before `walk`, such as the
-      rows of `(1, N, ...)` tensors of a layer normalization (`lead_one`,
-      one row per sample), whose Jacobians `jacs` are already.
+    inputs: the tensors `compose` reads (default: `op.inputs`, whose rows
+      must be samples): views of `op`'s inputs built before `walk`, such as
+      the rows of `(1, N G, ...)` tensors of a layer normalization
+      (`lead_one`, G rows per sample), whose Jacobians `jacs` are already.
 
   Raises:
     registry.Unsupported: where an op of the composition has no rule, or
       gives what the walk of the model would have to regroup.
   """
-  if ctx.group != 1 or ctx.lead_one and inputs is None:
+  if inputs is None and (ctx.group != 1 or ctx.lead_one):
     raise registry.Unsupported(
       f"{op.type} ({op.name}) reads a tensor whose rows are not samples"
     )

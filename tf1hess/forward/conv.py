@@ -330,23 +330,21 @@ def _rows_backprop(dy, u, scale, epsilon):
 
 def _normalize_rows_grad(op, jacs, ctx):
   """TensorFlow's gradient of `_normalize_rows` (of a layer normalization
-  inside `ys`), one row per sample: `_rows_backprop` of the incoming
-  gradient (input 0) and the normalized tensor (input 1), walked as a
-  composition of their rows. The batch statistics it reads (inputs 3 on)
-  are those of its input, recomputed."""
+  inside `ys`): `_rows_backprop` of the incoming gradient (input 0) and
+  the normalized tensor (input 1), walked as a composition of their rows
+  (G per sample). The batch statistics it reads (inputs 3 on) are those
+  of its input, recomputed."""
   u = op.inputs[1]
   statistics = [t.op for t in op.inputs[3:5]]
   if (
-    ctx.group != 1
-    or op.get_attr("data_format").decode() != "NCHW"
+    op.get_attr("data_format").decode() != "NCHW"
     or jacs[2] is not None
     or any(s.type not in _FUSED_BATCH_NORMS for s in statistics)
     or any(s.inputs[0].ref() != u.ref() for s in statistics)
   ):
     raise registry.Unsupported(
       f"{op.type} ({op.name}) is the gradient of a batch normalization in "
-      "training other than that of a layer normalization of one row per "
-      "sample: samples mix"
+      "training other than that of a layer normalization: samples mix"
     )
   sums = registry.Unfollowed(
     f"the gradients of the scale and offset of {op.name}, sums over the batch"
@@ -364,7 +362,7 @@ def _normalize_rows_grad(op, jacs, ctx):
   )
   if j is not None:
     outs[0] = registry.Regrouped(
-      jacobians.dense(jacobians.to_dense(j, ctx.n)), 1, lead_one=True
+      jacobians.dense(jacobians.to_dense(j, ctx.n)), ctx.group, lead_one=True
     )
   return outs
 
