@@ -228,9 +228,10 @@ def stack_rows(
   return build(attempts[-1])
 
 
-# Op types whose TensorFlow gradient (`_FusedBatchNormGradGrad` of
-# nn_fused_batch_norm_grad.py) builds its ops with a `GradientTape`.
-_TAPED_GRADIENTS = frozenset(
+# TensorFlow's gradients of the fused batch normalization: op types whose own
+# gradient (`_FusedBatchNormGradGrad` of nn_fused_batch_norm_grad.py) builds
+# its ops with a `GradientTape`.
+TAPED_GRADIENTS = frozenset(
   ("FusedBatchNormGrad", "FusedBatchNormGradV2", "FusedBatchNormGradV3")
 )
 
@@ -255,7 +256,7 @@ def _taped_in_v1_loop(target, num_cols):
       seen.add(op)
       stack.extend(t.op for t in op.inputs)
       stack.extend(op.control_inputs)
-  scopes = [f"{op.name}_grad/" for op in seen if op.type in _TAPED_GRADIENTS]
+  scopes = [f"{op.name}_grad/" for op in seen if op.type in TAPED_GRADIENTS]
   if not any(s in op.name for op in seen for s in scopes):
     return False
   if not isinstance(num_cols, int):

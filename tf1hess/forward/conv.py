@@ -55,6 +55,7 @@ import itertools
 import numpy as np
 import tensorflow as tf
 
+from tf1hess import _core
 from tf1hess.forward import composite
 from tf1hess.forward import jacobians
 from tf1hess.forward import registry
@@ -273,14 +274,7 @@ def _backprop_per_sample(op, jacs):
   return all(j is None for j in jacs[2:]) and not op.get_attr("is_training")
 
 
-_BATCH_NORM_GRADS = (
-  "FusedBatchNormGrad",
-  "FusedBatchNormGradV2",
-  "FusedBatchNormGradV3",
-)
-
-
-@registry.register(*_BATCH_NORM_GRADS, linear=_backprop_per_sample)
+@registry.register(*_core.TAPED_GRADIENTS, linear=_backprop_per_sample)
 def _fused_batch_norm_grad(op, jacs, ctx):
   """TensorFlow's gradient of `_fused_batch_norm` (of a model's gradient
   inside `ys`): for inference, the incoming gradient (input 0) scaled per
@@ -409,7 +403,7 @@ def _normalize_rows(op, j, ctx):
   ctx.curvature(y, terms)
   # TensorFlow's gradient reads them; its rule recomputes them from `u`.
   statistics = registry.Unfollowed(
-    f"the batch statistics of {op.name}", readers=_BATCH_NORM_GRADS
+    f"the batch statistics of {op.name}", readers=_core.TAPED_GRADIENTS
   )
   return [jacobians.dense(jy)] + [statistics] * (len(op.outputs) - 1)
 

@@ -636,25 +636,20 @@ def _unsupported(x, method, error):
   )
 
 
-# Gradients whose own gradient differentiates with a `tf.GradientTape`
-# (TensorFlow's second derivative of the fused batch normalization). Under
-# control flow v1 such a tape inside a `tf.cond` raises, or, in the rows'
-# loop inside one, comes out wrong (Keras `LayerNormalization` in float32).
-_TAPE_GRADIENTS = frozenset(
-  ["FusedBatchNormGrad", "FusedBatchNormGradV2", "FusedBatchNormGradV3"]
-)
-
-
 def _rows_fit_in_cond(x, grad, fragile=None):
   """Whether the rows of `grad` may be built in a branch of a `tf.cond`.
 
   Under control flow v2 they may, unless the model has a custom gradient
   `fragile` in a cond's branch (`conds.custom_gradient_in_branch`): the
-  gradient of that cond then fails to build in a branch of another.
+  gradient of that cond then fails to build in a branch of another. Under
+  control flow v1 they may unless `grad` holds TensorFlow's gradient of a
+  fused batch normalization, whose own gradient runs a `tf.GradientTape`:
+  inside a `tf.cond` that raises, or in the rows' loop inside one comes out
+  wrong (Keras `LayerNormalization` in float32).
   """
   if tf.compat.v1.control_flow_v2_enabled():
     return fragile is None
-  return not _gradient_graph_has(x, grad, _TAPE_GRADIENTS)
+  return not _gradient_graph_has(x, grad, _core.TAPED_GRADIENTS)
 
 
 def _walk(ys, x, mode, planned):

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
 
+from tf1hess import _core
 from tf1hess.forward import jacobians
 
 
@@ -142,9 +143,9 @@ def of_samples(inner, ctx):
 
 
 # Op types whose rules follow tensors `(1, N G, *e')` (see `Regrouped`).
-LEAD_ONE = frozenset(
-  """Reshape FusedBatchNorm FusedBatchNormV2 FusedBatchNormV3
-  FusedBatchNormGrad FusedBatchNormGradV2 FusedBatchNormGradV3""".split()
+LEAD_ONE = (
+  frozenset("Reshape FusedBatchNorm FusedBatchNormV2 FusedBatchNormV3".split())
+  | _core.TAPED_GRADIENTS
 )
 
 
