@@ -769,6 +769,44 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     # What TensorFlow's second derivatives miss is not small.
     self.assertGreater(np.abs(got["rows"] - hessians).max(), 1e-2)
 
+  def test_forces_of_deep_moments_take_one_backward_pass(self):
+    # Four layer normalizations, and the squared forces: the walk follows
+    # each stopped mean into TensorFlow's gradient of its variance, and
+    # the adjoint of each stop reaches it through those after it. The
+    # walk's adjoints are one backward pass, about the ops of TensorFlow's
+    # gradient, not one pass per stop.
+    rng = np.random.default_rng(14)
+    weights = [rng.normal(size=(5, 5)) / 2 for _ in range(4)]
+
+    def forces_squared(x):
+      h = x
+      for w in weights:
+        h = _layer_norm(tf.tanh(h @ w), [1])
+      (g,) = tf.gradients(tf.reduce_sum(tf.sin(h), 1), x)
+      return tf.reduce_sum(g * g, 1)
+
+    x_val = rng.normal(size=(2, 5))
+    with self.assertLogs(level="WARNING"):
+      got, hessians = _hessians_of(forces_squared, x_val, ["rows", "auto"])
+    scale = np.abs(hessians).max()  # About 1e3: differences of differences.
+    self.assertAllClose(got["auto"], hessians, atol=1e-5 * scale)
+    self.assertGreater(np.abs(got["rows"] - hessians).max(), 1e-2 * scale)
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 5])
+      y = forces_squared(x)
+      path = engine.path_ops(x, [y])
+      stops = [op for op in path if op.type == "StopGradient"]
+      self.assertLen(
+        [op for op in stops if registry.ADJOINTS[op.type](op, path)], 4
+      )
+      before = len(graph.get_operations())
+      tf.gradients(y, x)
+      gradient_ops = len(graph.get_operations()) - before
+      before = len(graph.get_operations())
+      engine.gradient([y], x)
+      adjoint_ops = len(graph.get_operations()) - before
+    self.assertLess(adjoint_ops, 1.5 * gradient_ops)
+
   def test_rows_say_whether_the_engine_follows_the_moments(self):
     # Layer normalization with tf.nn.moments, then an op the engine has no
     # rule for.

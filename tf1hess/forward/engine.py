@@ -21,6 +21,7 @@ mixed tensor, raises `Unsupported`, and the caller falls back to the row loop.
 """
 
 import collections
+import contextlib
 
 import numpy as np
 import tensorflow as tf
@@ -1123,33 +1124,48 @@ def _adjoints(ys, targets, path):
   `reductions.variance_of`), a max pool's gradient (TensorFlow's
   `MaxPoolGradGrad` is wrong for some pools), and TensorFlow's gradients
   of softsign and of resizes (it has no gradient of them, or declares it
-  none). The gradients stop at their
-  outputs; the adjoint that reaches each output (the last first) goes on
-  to its inputs by its own `vjp`, as the gradient of `<adjoint, input>`.
+  none). One backward pass, in which each of those ops takes its own
+  `vjp` (`_own_gradients`): the work of the model's gradient, however many
+  of them the model has.
   """
-  zero = tf.UnconnectedGradients.ZERO
-  cuts = []
+  vjps = {}
   for op in path:
     vjp = registry.ADJOINTS.get(op.type, lambda op, path: None)(op, path)
     if vjp is not None:
-      cuts.append((op, vjp))
-  stopped = [op.outputs[0] for op, _ in cuts]
-  inputs, held = [], []
-
-  def gradients(ts):
+      vjps[op] = vjp
+  with _own_gradients(vjps):
     return tf.gradients(
-      ys + inputs,
-      ts,
-      grad_ys=[None] * len(ys) + held,
-      stop_gradients=stopped,
-      unconnected_gradients=zero,
+      ys, targets, unconnected_gradients=tf.UnconnectedGradients.ZERO
     )
 
-  for op, vjp in reversed(cuts):
-    for t, adj in vjp(gradients([op.outputs[0]])[0]):
-      inputs.append(t)
-      held.append(adj)
-  return gradients(targets)
+
+@contextlib.contextmanager
+def _own_gradients(vjps):
+  """Within the block, TensorFlow's gradients take `vjps[op]` as the
+  gradient of each op of `vjps`: `vjp(adj) -> [(input, adjoint)]`, from
+  `adj`, the adjoint of the op's output.
+
+  The op's own gradient function (`Operation._gradient_function`, which
+  `ops.get_gradient_function` reads first) is set for the block and put
+  back after it: the graph is not changed.
+  """
+
+  def gradient(op, adj):
+    adjoints = [None] * len(op.inputs)
+    for t, t_adj in vjps[op](adj):
+      for i, u in enumerate(op.inputs):
+        if _key(u) == _key(t):
+          adjoints[i] = t_adj if adjoints[i] is None else adjoints[i] + t_adj
+    return adjoints
+
+  before = {op: op._gradient_function for op in vjps}  # pylint: disable=protected-access
+  try:
+    for op in vjps:
+      op._gradient_function = gradient  # pylint: disable=protected-access
+    yield
+  finally:
+    for op, fn in before.items():
+      op._gradient_function = fn  # pylint: disable=protected-access
 
 
 def _summed_by(tensor, path, ys):
