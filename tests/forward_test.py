@@ -1069,12 +1069,15 @@ class SummedPartsTest(
           summed = jacobians.summed_parts(jac, axes, keepdims, n, k)
           self.assertFalse(summed.shared or summed.diagonal)
           sums[tuple(axes), keepdims] = summed.value
-          # Where every part's own axes are summed, a matmul each: no
-          # product (N, K, *e) is written.
+          # Where a part's own axes are all summed, or none of them, or
+          # its base is shared, no product (N, K, *e) is written: a
+          # matmul, a sum of the factor alone, an einsum. (The part of
+          # "add_parts" has one own axis: all or none.)
           own = {i + 1 for i in range(3) if i not in ones}
-          if then == "add_parts":
-            own.add(2)
-          if then != "add_dense" and own <= set(axes):
+          unwritten = (
+            base == "shared" or own <= set(axes) or not own & set(axes)
+          )
+          if then != "add_dense" and unwritten:
             self.assertNoProductWritten(summed.value, n * k * np.prod(e))
       with tf.compat.v1.Session() as sess:
         got = sess.run(sums)
@@ -1171,6 +1174,68 @@ class SummedPartsTest(
     self.assertTrue(any(c is not None for c in calls))
     self.assertAllClose(h_val, want, atol=1e-10)
     self.assertAllClose(h_val, reference, atol=1e-6)
+    self.assertAllClose(d_val, np.einsum("nii->ni", want), atol=1e-10)
+    self.assertAllClose(lap_val, np.einsum("nii->n", want), atol=1e-10)
+
+  @parameterized.parameters(
+    testing_utils.in_turn(dim=[2, 3], method=["auto", "forward"])
+  )
+  def test_pairwise_potential_against_its_analytic_hessian(
+    self, dim, method, cf
+  ):
+    # The energy of 4 particles, sum over i < j of phi(|r_i - r_j|^2): the
+    # squared distance sums the products of a pairwise difference, whose
+    # Jacobian is shared, over the coordinates it keeps apart per pair.
+    self.control_flow(cf)
+    p = 4
+    x_val = _RNG.normal(size=(5, p * dim))
+    upper = np.triu(np.ones((p, p)), 1)
+    calls, real = [], jacobians.summed_parts
+
+    def summed_parts(*args):
+      calls.append(real(*args))
+      return calls[-1]
+
+    with (
+      tf.Graph().as_default(),
+      mock.patch.object(jacobians, "summed_parts", summed_parts),
+    ):
+      x = tf.compat.v1.placeholder(tf.float64, [None, p * dim])
+      r = tf.reshape(x, [-1, p, dim])
+      diff = r[:, :, None, :] - r[:, None, :, :]
+      u = tf.reduce_sum(diff * diff, -1) + 1.0
+      phi = 4.0 * (tf.pow(u, -6.0) - tf.pow(u, -3.0))
+      y = tf.reduce_sum(phi * upper, [1, 2])
+      out = [
+        f(y, x, method=method)
+        for f in (
+          tf1hess.batch_hessians,
+          tf1hess.batch_hessian_diagonals,
+          tf1hess.batch_laplacians,
+        )
+      ]
+      with tf.compat.v1.Session() as sess:
+        h_val, d_val, lap_val = sess.run(out, {x: x_val})
+    self.assertTrue(any(c is not None for c in calls))
+    # d phi(|d|^2) / dd dd = 2 phi' I + 4 phi'' d d^T, with u = |d|^2 + 1:
+    # phi' = 4 (-6 u^-7 + 3 u^-4), phi'' = 4 (42 u^-8 - 12 u^-5).
+    want = np.zeros((len(x_val), p, dim, p, dim))
+    r_val = x_val.reshape(-1, p, dim)
+    for i in range(p):
+      for j in range(i + 1, p):
+        d = r_val[:, i] - r_val[:, j]
+        u_val = np.sum(d * d, -1) + 1.0
+        d1 = 4.0 * (-6.0 * u_val**-7 + 3.0 * u_val**-4)
+        d2 = 4.0 * (42.0 * u_val**-8 - 12.0 * u_val**-5)
+        block = 2.0 * d1[:, None, None] * np.eye(dim) + 4.0 * d2[
+          :, None, None
+        ] * (d[:, :, None] * d[:, None, :])
+        want[:, i, :, i] += block
+        want[:, j, :, j] += block
+        want[:, i, :, j] -= block
+        want[:, j, :, i] -= block
+    want = want.reshape(len(x_val), p * dim, p * dim)
+    self.assertAllClose(h_val, want, atol=1e-10)
     self.assertAllClose(d_val, np.einsum("nii->ni", want), atol=1e-10)
     self.assertAllClose(lap_val, np.einsum("nii->n", want), atol=1e-10)
 
