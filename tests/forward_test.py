@@ -1107,6 +1107,57 @@ class SummedPartsTest(
         self.assertLess(o.shape.num_elements() or 0, size, msg=op.name)
       stack.extend(i.op for i in op.inputs)
 
+  @parameterized.parameters(
+    dict(k=12, keepdims=False, ones=False),
+    dict(k=12, keepdims=True, ones=False),
+    dict(k=12, keepdims=False, ones=True),
+    dict(k=12, keepdims=True, ones=True, unit=True),
+    dict(k=12, keepdims=False, ones=False, unit=True),
+    dict(k=6, keepdims=False, ones=False),
+  )
+  def test_gram_of_shared_bases_gives_squared_norms(
+    self, k, keepdims, ones, unit=False
+  ):
+    # A squared distance of pairwise differences: parts of two shared bases
+    # `(K, 1, P, 3)` and `(K, P, 1, 3)`, summed over the 3 coordinates: R =
+    # 6, and a Gram where K is larger. With `ones`, the second base
+    # broadcasts along the summed axis: its factor is summed first, R = 4.
+    # With `unit`, every shape has an axis of 1 more (entries `(P, 1, P,
+    # 3)`).
+    def shape(lead, *entries):
+      entries = list(entries)
+      return lead + (entries[:1] + [1] + entries[1:] if unit else entries)
+
+    n = 3
+    e = shape([], 4, 4, 3)
+    second = shape([k], 4, 1, 1 if ones else 3)
+    bases = [_RNG.normal(size=shape([k], 1, 4, 3)), _RNG.normal(size=second)]
+    factors = [_RNG.normal(size=[n] + e), _RNG.normal(size=shape([n], 1, 4, 3))]
+    with tf.Graph().as_default():
+      out = tf.zeros([n] + e, tf.float64)
+      jac = None
+      for base, factor in zip(bases, factors):
+        part = jacobians.scale(
+          jacobians.fit(jacobians.shared(tf.constant(base)), out),
+          tf.constant(factor),
+        )
+        jac = part if jac is None else jacobians.add(jac, part)
+      summed = jacobians.summed_parts(jac, [len(e)], keepdims, n, k)
+      if k <= 6:
+        self.assertIsNone(summed.gram)
+        return
+      self.assertEqual(summed.gram.size, 4 if ones else 6)
+      with tf.compat.v1.Session() as sess:
+        norms, value = sess.run([summed.gram.squared_norms(), summed.value])
+    want = sum(
+      np.broadcast_to(b, [k] + e)[None] * np.broadcast_to(f, [n] + e)[:, None]
+      for b, f in zip(bases, factors)
+    ).sum(-1)
+    self.assertAllClose(value.reshape(want.shape), want, atol=1e-12)
+    self.assertAllClose(
+      norms, np.sum(want * want, 1).reshape(n, -1), atol=1e-12
+    )
+
   def test_jacobians_without_parts_are_not_summed(self):
     with tf.Graph().as_default():
       dense = jacobians.dense(tf.ones([2, 3, 4]))
@@ -1216,7 +1267,8 @@ class SummedPartsTest(
       ]
       with tf.compat.v1.Session() as sess:
         h_val, d_val, lap_val = sess.run(out, {x: x_val})
-    self.assertTrue(any(c is not None for c in calls))
+    # The squared distances' Laplacian terms take their Gram.
+    self.assertTrue(any(c is not None and c.gram is not None for c in calls))
     # d phi(|d|^2) / dd dd = 2 phi' I + 4 phi'' d d^T, with u = |d|^2 + 1:
     # phi' = 4 (-6 u^-7 + 3 u^-4), phi'' = 4 (42 u^-8 - 12 u^-5).
     want = np.zeros((len(x_val), p, dim, p, dim))

@@ -1248,6 +1248,12 @@ def _contract_work(term, mode, x, batch, work):
     # The products `(K K, M)`, written and read once; `c` and the output.
     work.add(flops=(0, 2 * k * k * m), entries=(2 * k * k * m, m + out))
     return
+  gram = term.a.gram if term.a is term.b else None
+  if mode == jacobians.LAPLACIAN and gram is not None:
+    # `F^T G F` per entry (`jacobians.Gram`): `F` read twice, `G F` written.
+    r = gram.size
+    work.add(flops=(0, 2 * m * r * (r + 1)), entries=(r * r * m, 3 * m * r + m))
+    return
   inner = k * m * (k if mode == jacobians.HESSIAN else 1)
   work.add(flops=(0, 2 * inner))
   for jac in (term.a, term.b):

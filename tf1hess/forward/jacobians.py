@@ -153,7 +153,10 @@ class Jacobian:
   different Jacobians, the list of `(root, s)` it is the sum of, `s` `None`
   for 1 (`linear_terms`); else `None`. `viewed`:
   where a reshape made it, the Jacobian reshaped (the same entries in the
-  same order), else `None`.
+  same order), else `None`. `gram`: where `summed_parts` made this dense
+  Jacobian from parts of shared bases, a `Gram` that gives it as
+  `sum_r B[k, e, r] F[n, e, r]` with R under K (for the squared norms of
+  a Laplacian), else `None`.
   """
 
   __slots__ = (
@@ -165,6 +168,7 @@ class Jacobian:
     "scaled",
     "summands",
     "viewed",
+    "gram",
   )
 
   def __init__(self, value, shared, diagonal=False):
@@ -176,6 +180,7 @@ class Jacobian:
     self.scaled = None
     self.summands = None
     self.viewed = None
+    self.gram = None
 
   @property
   def lead(self):
@@ -600,6 +605,7 @@ def summed_parts(jac, axes, keepdims, n, k):
     return "".join(_LETTERS[i] for i in axes)
 
   total = None
+  pieces = []  # Of `Gram`, while every part is of a shared base.
   for base, factor in jac.parts:
     have = base.value.shape[base.lead :]
     if have.rank != len(full) or not have.is_fully_defined():
@@ -614,6 +620,7 @@ def summed_parts(jac, axes, keepdims, n, k):
     )
     if factor is None and all(i in own for i in summed if i in big):
       # A sum of the base alone (an einsum of one operand is slower).
+      pieces = None
       out = [i for i in kept if i in own]
       part = tf.reduce_sum(
         value, [len(lead) + own.index(i) for i in summed if i in own]
@@ -633,18 +640,24 @@ def summed_parts(jac, axes, keepdims, n, k):
             [full[i] if i in own else 1 for i in kept],
           ),
         )
+        factor = tf.reduce_sum(factor, [1 + i for i in summed], keepdims=True)
         part = value * tf.expand_dims(
-          tf.reduce_sum(factor, [1 + i for i in summed]), 1
+          tf.squeeze(factor, [1 + i for i in summed]), 1
         )
+        sizes = [1 if i in summed else f for i, f in enumerate(full)]
       elif base.shared or all(i in summed for i in own):
         # A batched matmul `(N, K, own) x (N, own, rest)`; of a shared
         # base, `(K, own) x (own, N rest)`, batched over the own axes it
         # keeps (a pairwise difference's `(K, 1, P, 3)` summed over its 3
         # coordinates: 2.5-4 times faster than the product written and
         # summed, measured).
-        factor = tf.reshape(factor, concat([n], [full[i] for i in big]))
+        sizes = full
         equation = f"{lead}{subscripts(own)},n{subscripts(big)}"
-        part = tf.einsum(f"{equation}->nk{subscripts(out)}", value, factor)
+        part = tf.einsum(
+          f"{equation}->nk{subscripts(out)}",
+          value,
+          tf.reshape(factor, concat([n], [full[i] for i in big])),
+        )
       else:
         # A dense base keeps axes of its own, which an einsum would make
         # batch axes beside the samples' and the tangents' (3-4 times
@@ -652,6 +665,10 @@ def summed_parts(jac, axes, keepdims, n, k):
         part = tf.reduce_sum(
           base.value * tf.expand_dims(factor, 1), [2 + i for i in summed]
         )
+      if pieces is not None and base.shared:
+        pieces.append((base.value, factor, sizes))
+      else:
+        pieces = None
       lead = "nk"
     # The kept axes, of 1 where this part broadcasts along them.
     part = tf.reshape(
@@ -667,7 +684,60 @@ def summed_parts(jac, axes, keepdims, n, k):
       total,
       concat([n, k], [1 if i in summed else full[i] for i in range(len(full))]),
     )
-  return dense(total)
+  out = dense(total)
+  if pieces:
+    out.gram = Gram.of(pieces, kept, summed, k)
+  return out
+
+
+class Gram:
+  """A dense Jacobian `J[n, k, e] = sum_r B[k, e, r] F[n, e, r]`, `B`
+  `(K, E, R)` shared by all samples, `F` `(N, E, R)`, R under K: the
+  squared norm of its tangents, `sum_k J[n, k, e]^2`, is then `F^T G F`
+  with `G = B^T B` `(E, R, R)`, shared: `N E R^2` products instead of
+  `N K E R` to write `J` and `N K E` to square it.
+
+  A squared distance `sum_c d[c]^2` of pairwise differences `d`
+  (`jacobians.summed_parts`) is such a Jacobian: R = 6 (the 3 coordinates
+  of the two parts of `d`), where K is 3 per particle.
+  """
+
+  def __init__(self, size, build):
+    self.size = size  # R
+    self._build = build
+
+  @classmethod
+  def of(cls, pieces, kept, summed, k):
+    """The `Gram` of the parts `(base, factor, sizes)` of `summed_parts`
+    (`base` `(K, *e)` and `factor` `(N, *e)` broadcast to `sizes`, summed
+    over `summed`, kept along `kept`), or `None` where R is not under K."""
+    order = kept + summed
+    e = int(np.prod([pieces[0][2][i] for i in kept], dtype=np.int64))
+    sizes = [
+      int(np.prod([p[2][i] for i in summed], dtype=np.int64)) for p in pieces
+    ]
+    if not isinstance(k, int) or sum(sizes) >= k:
+      return None
+
+    def build():
+      bs, fs = [], []
+      for (base, factor, shape), r in zip(pieces, sizes):
+        perm = [0] + [1 + i for i in order]
+        b = tf.broadcast_to(base, [k] + shape)
+        bs.append(tf.reshape(tf.transpose(b, perm), [k, e, r]))
+        f = tf.broadcast_to(factor, concat(dims(factor, 0, 1), shape))
+        fs.append(
+          tf.reshape(tf.transpose(f, perm), concat(dims(f, 0, 1), [e, r]))
+        )
+      return tf.concat(bs, 2), tf.concat(fs, 2)
+
+    return cls(sum(sizes), build)
+
+  def squared_norms(self):
+    """`sum_k J[n, k, e]^2`, `(N, E)`."""
+    b, f = self._build()
+    g = invariant(lambda b: tf.einsum("ker,kes->ers", b, b), b)
+    return tf.reduce_sum(tf.einsum("ner,ers->nes", f, g) * f, 2)
 
 
 # Subscripts of entry axes in `summed_parts` (`n` and `k` are the batch's
@@ -1058,6 +1128,10 @@ def contract(term, mode, n, k, half=False, batch=None):
   """
   if term.a.diagonal and term.b.diagonal:
     return _contract_diagonals(term, mode, n)
+  if mode == LAPLACIAN and term.a is term.b and term.a.gram is not None:
+    c = _flat_c(term.c, term.a, n)
+    out = tf.reduce_sum(c * term.a.gram.squared_norms(), 1)
+    return 2.0 * out if term.symmetric else out
   a, b = materialize(term.a), materialize(term.b)
   c = _flat_c(term.c, a, n)  # (N, M)
   fa, fb = _flat(a), _flat(b)
