@@ -1108,19 +1108,20 @@ class SummedPartsTest(
       stack.extend(i.op for i in op.inputs)
 
   @parameterized.parameters(
+    dict(k=24, keepdims=False, ones=False),
+    dict(k=24, keepdims=True, ones=False),
+    dict(k=24, keepdims=False, ones=True),
+    dict(k=24, keepdims=True, ones=True, unit=True),
+    dict(k=24, keepdims=False, ones=False, unit=True),
     dict(k=12, keepdims=False, ones=False),
-    dict(k=12, keepdims=True, ones=False),
-    dict(k=12, keepdims=False, ones=True),
-    dict(k=12, keepdims=True, ones=True, unit=True),
-    dict(k=12, keepdims=False, ones=False, unit=True),
-    dict(k=6, keepdims=False, ones=False),
   )
   def test_gram_of_shared_bases_gives_squared_norms(
     self, k, keepdims, ones, unit=False
   ):
     # A squared distance of pairwise differences: parts of two shared bases
     # `(K, 1, P, 3)` and `(K, P, 1, 3)`, summed over the 3 coordinates: R =
-    # 6, and a Gram where K is larger. With `ones`, the second base
+    # 6, and a Gram where K (R + 1) is 4 R^2 or more (K = 24, not 12). With
+    # `ones`, the second base
     # broadcasts along the summed axis: its factor is summed first, R = 4.
     # With `unit`, every shape has an axis of 1 more (entries `(P, 1, P,
     # 3)`).
@@ -1143,7 +1144,7 @@ class SummedPartsTest(
         )
         jac = part if jac is None else jacobians.add(jac, part)
       summed = jacobians.summed_parts(jac, [len(e)], keepdims, n, k)
-      if k <= 6:
+      if k < 24:
         self.assertIsNone(summed.gram)
         return
       self.assertEqual(summed.gram.size, 4 if ones else 6)
@@ -1234,12 +1235,12 @@ class SummedPartsTest(
   def test_pairwise_potential_against_its_analytic_hessian(
     self, dim, method, cf
   ):
-    # The energy of 4 particles, sum over i < j of phi(|r_i - r_j|^2): the
+    # The energy of 8 particles, sum over i < j of phi(|r_i - r_j|^2): the
     # squared distance sums the products of a pairwise difference, whose
     # Jacobian is shared, over the coordinates it keeps apart per pair.
     self.control_flow(cf)
-    p = 4
-    x_val = _RNG.normal(size=(5, p * dim))
+    p = 8
+    x_val = 2.0 * _RNG.normal(size=(5, p * dim))
     upper = np.triu(np.ones((p, p)), 1)
     calls, real = [], jacobians.summed_parts
 
