@@ -9,6 +9,7 @@ diagonals and their traces. Models the engine cannot follow fall back to the
 rows with a warning, or raise with `method="forward"`.
 """
 
+import contextlib
 from unittest import mock
 import zlib
 
@@ -1023,6 +1024,19 @@ class BroadcastTermsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIs(jacobians.summed_over_broadcasts(term, 3), term)
 
 
+@contextlib.contextmanager
+def _summed_parts_calls():
+  """A list of what `jacobians.summed_parts` returns while it is open."""
+  calls, real = [], jacobians.summed_parts
+
+  def summed_parts(*args):
+    calls.append(real(*args))
+    return calls[-1]
+
+  with mock.patch.object(jacobians, "summed_parts", summed_parts):
+    yield calls
+
+
 class SummedPartsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
@@ -1182,16 +1196,7 @@ class SummedPartsTest(
     self.control_flow(cf)
     rng = np.random.default_rng(7)
     x_val = rng.normal(size=(4, _K))
-    calls, real = [], jacobians.summed_parts
-
-    def summed_parts(*args):
-      calls.append(real(*args))
-      return calls[-1]
-
-    with (
-      tf.Graph().as_default(),
-      mock.patch.object(jacobians, "summed_parts", summed_parts),
-    ):
+    with tf.Graph().as_default(), _summed_parts_calls() as calls:
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       h = tf.nn.softplus(_lin(x))
       cen = tf.constant(rng.normal(size=(3, _K)))
@@ -1242,16 +1247,7 @@ class SummedPartsTest(
     p = 8
     x_val = 2.0 * _RNG.normal(size=(5, p * dim))
     upper = np.triu(np.ones((p, p)), 1)
-    calls, real = [], jacobians.summed_parts
-
-    def summed_parts(*args):
-      calls.append(real(*args))
-      return calls[-1]
-
-    with (
-      tf.Graph().as_default(),
-      mock.patch.object(jacobians, "summed_parts", summed_parts),
-    ):
+    with tf.Graph().as_default(), _summed_parts_calls() as calls:
       x = tf.compat.v1.placeholder(tf.float64, [None, p * dim])
       r = tf.reshape(x, [-1, p, dim])
       diff = r[:, :, None, :] - r[:, None, :, :]
