@@ -326,6 +326,18 @@ _FD_TOLERANCE = {"Cast": 1e-2}
 _NO_ROWS = {"Softsign"}
 
 
+def _second_derivatives(y, x, method):
+  """The Hessians, their diagonals and their traces of `y` by `method`."""
+  return [
+    op(y, x, method=method)
+    for op in (
+      tf1hess.batch_hessians,
+      tf1hess.batch_hessian_diagonals,
+      tf1hess.batch_laplacians,
+    )
+  ]
+
+
 def _batch_reference(sess, x, y, x_val):
   """Central differences of `tf.gradients(y, x)`, `(N, K, K)` in float64."""
   (g,) = tf.gradients(y, x)
@@ -351,14 +363,7 @@ class ForwardRulesTest(
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       y = model(x)
       self.assertIn(op_type, {op.type for op in graph.get_operations()})
-      outs = [
-        op(y, x, method="forward")
-        for op in (
-          tf1hess.batch_hessians,
-          tf1hess.batch_hessian_diagonals,
-          tf1hess.batch_laplacians,
-        )
-      ]
+      outs = _second_derivatives(y, x, "forward")
       with tf.compat.v1.Session() as sess:
         h, d, lap = sess.run(outs, {x: x_val})
         reference = _batch_reference(sess, x, y, x_val)
@@ -527,13 +532,8 @@ class ForwardModelsTest(
           tf.reduce_sum((x[:, None, :] - centres) / 1.5, [1, 2]) + _lin(x)[:, 0]
         )
       outs = [
-        f(y, x, method=method)
-        for method in ("forward", "auto")
-        for f in (
-          tf1hess.batch_hessians,
-          tf1hess.batch_hessian_diagonals,
-          tf1hess.batch_laplacians,
-        )
+        *_second_derivatives(y, x, "forward"),
+        *_second_derivatives(y, x, "auto"),
       ]
       rows = tf1hess.batch_hessians(y, x, method="while_loop")
       with tf.compat.v1.Session() as sess:
@@ -1216,14 +1216,7 @@ class SummedPartsTest(
         q = tf.reshape(_lin(x), [-1, 2, 3])
         kk = tf.reshape(tf.tanh(_lin(tf.sin(x))), [-1, 2, 3])
         y = tf.tanh(tf.reduce_sum(q[:, :, None, :] * kk[:, None, :, :], -1))
-      h, d, lap = (
-        f(y, x, method="forward")
-        for f in (
-          tf1hess.batch_hessians,
-          tf1hess.batch_hessian_diagonals,
-          tf1hess.batch_laplacians,
-        )
-      )
+      h, d, lap = _second_derivatives(y, x, "forward")
       rows = tf1hess.batch_hessians(y, x, method="while_loop")
       with tf.compat.v1.Session() as sess:
         h_val, d_val, lap_val, want = sess.run([h, d, lap, rows], {x: x_val})
@@ -1254,14 +1247,7 @@ class SummedPartsTest(
       u = tf.reduce_sum(diff * diff, -1) + 1.0
       phi = 4.0 * (tf.pow(u, -6.0) - tf.pow(u, -3.0))
       y = tf.reduce_sum(phi * upper, [1, 2])
-      out = [
-        f(y, x, method=method)
-        for f in (
-          tf1hess.batch_hessians,
-          tf1hess.batch_hessian_diagonals,
-          tf1hess.batch_laplacians,
-        )
-      ]
+      out = _second_derivatives(y, x, method)
       with tf.compat.v1.Session() as sess:
         h_val, d_val, lap_val = sess.run(out, {x: x_val})
     # The squared distances' Laplacian terms take their Gram.
