@@ -649,8 +649,8 @@ def summed_parts(jac, axes, keepdims, n, k):
         # A batched matmul `(N, K, own) x (N, own, rest)`; of a shared
         # base, `(K, own) x (own, N rest)`, batched over the own axes it
         # keeps (a pairwise difference's `(K, 1, P, 3)` summed over its 3
-        # coordinates: 2.5-4 times faster than the product written and
-        # summed, measured).
+        # coordinates; 1.5 to 6 times, mostly 3 times, faster than the
+        # product written and summed, measured).
         sizes = full
         equation = f"{lead}{subscripts(own)},n{subscripts(big)}"
         part = tf.einsum(
@@ -694,7 +694,8 @@ def summed_parts(jac, axes, keepdims, n, k):
 # `N K E (R + 1)`, to those of its Gram, `N E R^2`, for which `Gram` is
 # taken: its `(R, R)` matmuls per entry run far slower per product. On the
 # squared distances of particles, side by side: 0.88x at a ratio of 2.3 (4
-# in 3-D), 1.22x to 1.41x at 4.7 to 9.3, 2.3x at 20 (32 in the plane).
+# in 3-D), 1.14x to 1.58x at 4.7 to 9.3, 2.1x to 2.3x at 20 (32 in the
+# plane).
 _GRAM_GAIN = 4
 
 
@@ -731,13 +732,13 @@ class Gram:
 
     def build():
       bs, fs = [], []
-      for (base, factor, shape), r in zip(pieces, sizes):
-        perm = [0] + [1 + i for i in order]
+      perm = [0] + [1 + i for i in order]
+      for (base, factor, shape), width in zip(pieces, sizes):
         b = tf.broadcast_to(base, [k] + shape)
-        bs.append(tf.reshape(tf.transpose(b, perm), [k, e, r]))
+        bs.append(tf.reshape(tf.transpose(b, perm), [k, e, width]))
         f = tf.broadcast_to(factor, concat(dims(factor, 0, 1), shape))
         fs.append(
-          tf.reshape(tf.transpose(f, perm), concat(dims(f, 0, 1), [e, r]))
+          tf.reshape(tf.transpose(f, perm), concat(dims(f, 0, 1), [e, width]))
         )
       return tf.concat(bs, 2), tf.concat(fs, 2)
 
