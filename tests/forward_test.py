@@ -1134,11 +1134,10 @@ class SummedPartsTest(
   ):
     # A squared distance of pairwise differences: parts of two shared bases
     # `(K, 1, P, 3)` and `(K, P, 1, 3)`, summed over the 3 coordinates: R =
-    # 6, and a Gram where K (R + 1) is 4 R^2 or more (K = 24, not 12). With
-    # `ones`, the second base
-    # broadcasts along the summed axis: its factor is summed first, R = 4.
-    # With `unit`, every shape has an axis of 1 more (entries `(P, 1, P,
-    # 3)`).
+    # 6, and a Gram where K (R + 1) is 4 R^2 or more (K = 24, not 12).
+    # With `ones`, the second base broadcasts along the summed axis: its
+    # factor is summed first, R = 4. With `unit`, every shape has an axis
+    # of 1 more (entries `(P, 1, P, 3)`).
     def shape(lead, *entries):
       entries = list(entries)
       return lead + (entries[:1] + [1] + entries[1:] if unit else entries)

@@ -1248,8 +1248,8 @@ def _contract_work(term, mode, x, batch, work):
     # The products `(K K, M)`, written and read once; `c` and the output.
     work.add(flops=(0, 2 * k * k * m), entries=(2 * k * k * m, m + out))
     return
-  gram = term.a.gram if term.a is term.b else None
-  if mode == jacobians.LAPLACIAN and gram is not None:
+  gram = jacobians.laplacian_gram(term, mode)
+  if gram is not None:
     # `F^T G F` per entry (`jacobians.Gram`): `F` read twice, `G F` written.
     r = gram.size
     work.add(flops=(0, 2 * m * r * (r + 1)), entries=(r * r * m, 3 * m * r + m))
