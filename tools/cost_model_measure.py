@@ -283,6 +283,45 @@ def lstm(x, rng, units=16, features=2):
   return tf.reduce_sum(_dense(h, 1, rng, "out"), axis=1)
 
 
+def gru(x, rng, units=16, features=2):
+  """A GRU cell of `units` over `K / features` steps of a batch-major
+  sequence, unrolled in Python, tanh read-out."""
+  k = x.shape[1]
+  features = features if k % features == 0 else 1
+  seq = tf.reshape(x, [-1, k // features, features])
+  h = tf.zeros_like(seq[:, 0, :1]) * tf.zeros([1, units], x.dtype)
+  for t in range(k // features):
+    gates = tf.sigmoid(
+      _dense(tf.concat([seq[:, t], h], 1), 2 * units, rng, f"g{t}")
+    )
+    r, u = tf.split(gates, 2, 1)
+    c = tf.tanh(_dense(tf.concat([seq[:, t], r * h], 1), units, rng, f"c{t}"))
+    h = u * h + (1.0 - u) * c
+  return tf.reduce_sum(tf.tanh(_dense(h, 1, rng, "out")), axis=1)
+
+
+def scan_lstm(x, rng, units=16, features=2):
+  """An LSTM cell of `units` over `K / features` steps in a `tf.scan` (a
+  loop, as `dynamic_rnn` builds), one set of weights, linear read-out."""
+  k = x.shape[1]
+  features = features if k % features == 0 else 1
+  seq = tf.transpose(tf.reshape(x, [-1, k // features, features]), [1, 0, 2])
+  w = tf.constant(
+    rng.normal(size=(features + units, 4 * units)) / np.sqrt(features + units),
+    x.dtype,
+  )
+  h0 = tf.zeros_like(seq[0, :, :1]) * tf.zeros([1, units], x.dtype)
+
+  def step(state, inputs):
+    c, h = state
+    i, j, f, o = tf.split(tf.matmul(tf.concat([inputs, h], 1), w), 4, 1)
+    c = c * tf.sigmoid(f + 1.0) + tf.sigmoid(i) * tf.tanh(j)
+    return c, tf.tanh(c) * tf.sigmoid(o)
+
+  _, hs = tf.scan(step, seq, initializer=(h0, h0))
+  return tf.reduce_sum(_dense(hs[-1], 1, rng, "out"), axis=1)
+
+
 MODELS = {
   "rbf_softplus": rbf_softplus,
   "wide_softplus": wide_softplus,
@@ -309,6 +348,8 @@ MODELS = {
   "rms_mlp": rms_mlp,
   "glu": glu,
   "lstm": lstm,
+  "gru": gru,
+  "scan_lstm": scan_lstm,
 }
 
 # The cases `--calibrate` fits the constants of `dispatch` to: models that
