@@ -446,11 +446,37 @@ class LoopsTest(
         lambda i, h: i < 100, lambda i, h: (i + 1, tf.sin(h) + x), [0, x]
       )
       y = tf.reduce_sum(h * h, axis=1)
-      with (
-        mock.patch.object(loops, "MAX_UNROLLED_OPS", 50),
-        self.assertRaisesRegex(ValueError, "more than 50 ops"),
+      with self.assertRaisesRegex(
+        ValueError, r"more than 50 ops \(raise `tf1hess.Plan\(max_unrolled_ops"
       ):
-        tf1hess.batch_hessians(y, x, method="forward")
+        tf1hess.batch_hessians(
+          y, x, plan=tf1hess.Plan(method="forward", max_unrolled_ops=50)
+        )
+
+  def test_the_plan_bounds_the_unrolled_copy(self):
+    # 30 steps of `sin(h) + x`: under a bound of 50 ops auto takes the rows
+    # through the loop, saying which bound; under the default the engine
+    # follows the loop unrolled. Against the rows of the loop itself.
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      _, h = tf.while_loop(
+        lambda i, h: i < 30, lambda i, h: (i + 1, tf.sin(h) + x), [0, x]
+      )
+      y = tf.reduce_sum(h * h, axis=1)
+      want = tf1hess.batch_hessians(y, x, method="while_loop")
+      with self.assertLogs(level="WARNING") as logs:
+        rows = tf1hess.batch_hessians(
+          y, x, plan=tf1hess.Plan(max_unrolled_ops=50)
+        )
+      self.assertIn("max_unrolled_ops", "".join(logs.output))
+      self.assertNotEmpty(_loops_before(rows))
+      walked = tf1hess.batch_hessians(y, x, method="forward")
+      self.assertEmpty(_loops_before(walked))
+      with tf.compat.v1.Session() as sess:
+        want, rows, walked = sess.run([want, rows, walked], {x: x_val})
+    self.assertAllClose(rows, want, atol=1e-12)
+    self.assertAllClose(walked, want, atol=1e-10)
 
   @parameterized.parameters(1, 2)
   def test_ops_built_after_a_session_ran_the_loop(self, cf):
@@ -552,8 +578,9 @@ class LoopsTest(
         tf.stack([tf.gradients(y[:, i], v)[0] for i in range(2)], 1)
         for v in (x, t)
       ]
-      with mock.patch.object(loops, "MAX_UNROLLED_OPS", 10):
-        got = tf1hess.batch_jacobians(y, [x, t], plan=rows)
+      got = tf1hess.batch_jacobians(
+        y, [x, t], plan=rows.replace(max_unrolled_ops=10)
+      )
       self.assertNotEmpty(_loops_before(got[0]))
       feed = {x: _RNG.normal(size=(3, 3)), t: _RNG.normal(size=(3, 1))}
       with tf.compat.v1.Session() as sess:

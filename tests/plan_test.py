@@ -37,6 +37,7 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIsNone(plan.chunk_size)
     self.assertEqual(plan.unroll_max_rows, plan_lib.UNROLL_MAX_ROWS)
     self.assertEqual(plan.max_factor_bytes, 1 << 28)
+    self.assertEqual(plan.max_unrolled_ops, 1000)
 
   def test_is_frozen(self):
     with self.assertRaises(dataclasses.FrozenInstanceError):
@@ -66,6 +67,11 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
       "`unroll_max_rows` must be a positive int; saw None",
     ),
     ("reads", {"max_reads": True}, "`max_reads` must be a positive int"),
+    (
+      "unrolled_ops",
+      {"max_unrolled_ops": 0},
+      "`max_unrolled_ops` must be a positive int; saw 0",
+    ),
   )
   def test_bad_field(self, kwargs, regex):
     with self.assertRaisesRegex(ValueError, regex):

@@ -137,14 +137,13 @@ def _v1_loops(models, xs_list, order, walked):
   return bool(loops)
 
 
-def _models(ys_list, xs_list, unroll=True):
-  """For each of `xs`, the outputs to differentiate: with `unroll`, the
-  model's loops unrolled where they can be (`dispatch.without_loops`: the
-  rows then differentiate a model without loops too); otherwise, and for
-  an `x` with no loop before `ys`, `ys_list` itself."""
-  if not unroll:
-    return [ys_list] * len(xs_list)
-  return [dispatch.without_loops(ys_list, x) for x in xs_list]
+def _models(ys_list, xs_list, plan):
+  """For each of `xs`, the outputs to differentiate: where `plan` (a
+  `tf1hess.Plan`) takes the engine, the model's loops unrolled where they
+  can be (`dispatch.without_loops`: the rows then differentiate a model
+  without loops too); otherwise, and for an `x` with no loop before `ys`,
+  `ys_list` itself."""
+  return [dispatch.without_loops(ys_list, x, plan) for x in xs_list]
 
 
 def _gradients(models, xs_list, unconnected, engine_may):
@@ -238,7 +237,7 @@ def _derivatives(
       and plan.method in ("auto", "forward")
       and not check_independence
     )
-    models = _models(ys_list, xs_list, plan.method in ("auto", "forward"))
+    models = _models(ys_list, xs_list, plan)
     v1_loops = _v1_loops(models, xs_list, order, walked)
     engine_may = walked or (order == 1 and plan.method in ("auto", "forward"))
     grads = _gradients(models, xs_list, unconnected, engine_may)
@@ -678,7 +677,7 @@ def batch_hessian_vector_products(
         raise ValueError(
           f"`vs` must have the shape of `xs` ({x.shape}); saw {v.shape}."
         )
-    models = _models(ys_list, xs_list)
+    models = _models(ys_list, xs_list, plan_lib.Plan())
     _v1_loops(models, xs_list, 2, walked=False)
     grads = _gradients(models, xs_list, unconnected, False)
     results = []

@@ -80,7 +80,7 @@ class Problem:
     self.x_dims = [x.shape[1:].as_list() for x in self.xs]
     self.x_cols = [int(x.shape[1:].num_elements()) for x in self.xs]
     self.n = _core.batch_size(self.xs[0])
-    self._unroll = plan.method in ("auto", "forward")
+    self._plan = plan
     self._model = None
     self._checked = set()  # The orders `check_loops` passed.
     self._moments = None
@@ -92,10 +92,8 @@ class Problem:
     it (a session that ran the model's loop cannot run TensorFlow's
     gradients of it; control flow v1 loops have no second derivatives)."""
     if self._model is None:
-      self._model = self.y
-      if self._unroll:
-        with self.y.graph.as_default():
-          (self._model,) = dispatch.without_loops([self.y], self.xs)
+      with self.y.graph.as_default():
+        (self._model,) = dispatch.without_loops([self.y], self.xs, self._plan)
     return self._model
 
   def check_loops(self, order):

@@ -40,6 +40,17 @@ UNROLL_MAX_ROWS = 16
 # shortcuts; a longer sum is left whole.
 MAX_TERMS = 16
 
+# The most ops a model's loops may copy when "auto" and "forward" unroll
+# them (`tf1hess.forward.loops`): the graph grows by the body's ops for each
+# iteration, and the engine's walk builds ops for each of them. `dynamic_rnn`
+# of an LSTM cell copies about 42 ops a step (16 units: over 12 steps the
+# engine's Hessians took 3.9 s to build against 0.5 s for the rows, each run
+# then 7 times faster; over 50 steps 14 s against 0.4 s, 4.8 times faster;
+# 32 units over 40 steps, unrolled with a larger limit: 23 s against 1.1 s,
+# runs 6.8, 3.2 and 2.1 times faster at batches of 64, 512 and 2048).
+# Longer loops take the rows.
+MAX_UNROLLED_OPS = 1000
+
 # The largest factor `P` (H x M x K entries) of the one-matmul shortcut for
 # a dense layer followed by elementwise ops (256 MiB).
 MAX_FACTOR_BYTES = 1 << 28
@@ -109,6 +120,13 @@ class Plan:
       all rows at once (default 1024).
     max_reads: `int`: up to this many rows, a loop's rows are read one by
       one into place (default 1024).
+    max_unrolled_ops: `int`: the most ops that `"auto"` and `"forward"`
+      copy to unroll the model's loops of static length (`dynamic_rnn`,
+      `tf.scan`, `tf.while_loop`) for the forward engine (default 1000,
+      about 24 steps of an LSTM cell). A longer loop takes the rows under
+      `"auto"`, and makes `"forward"` raise. Raise it for longer sequences:
+      the graph takes longer to build (a 40-step LSTM: 23 s instead of 1 s)
+      and then runs faster (2 to 7 times there).
 
   Raises:
     ValueError: when a field is out of range (checked on construction).
@@ -130,6 +148,7 @@ class Plan:
   max_factor_bytes: int = MAX_FACTOR_BYTES
   shortcut_max_rows: int = SHORTCUT_MAX_ROWS
   max_reads: int = MAX_READS
+  max_unrolled_ops: int = MAX_UNROLLED_OPS
 
   def __post_init__(self):
     check_method(self.method, self.chunk_size)
@@ -142,6 +161,7 @@ class Plan:
       "max_factor_bytes",
       "shortcut_max_rows",
       "max_reads",
+      "max_unrolled_ops",
     ):
       _check_count(name, getattr(self, name), False)
 

@@ -709,9 +709,10 @@ def _by_batch_size(ys, x, mode, choice, rows, planned, walked):
   )
 
 
-def without_loops(ys, xs):
+def without_loops(ys, xs, plan):
   """`ys`, or their copies with the loops between `xs` (a `Tensor` or a
-  list) and them unrolled.
+  list) and them unrolled, where `plan` (a `tf1hess.Plan`) takes the
+  engine (`method` "auto" or "forward").
 
   The copies (`loops.unrolled`) are the same function of `x` without the
   loops' ops, so that every build differentiates them, the rows too:
@@ -719,15 +720,17 @@ def without_loops(ys, xs):
   op, which a `tf.compat.v1.Session` that has already run the op does not
   see (its run then fails with "Connecting to invalid output"), and it has
   no second derivative of a control flow v1 loop. Where a loop cannot be
-  unrolled (`MAX_UNROLLED_OPS`, a length known only at run time without a
-  bound, ...) `ys` is returned unchanged; `_try_forward` says why.
+  unrolled (`plan.max_unrolled_ops`, a length known only at run time
+  without a bound, ...) `ys` is returned unchanged; `_try_forward` says why.
   """
+  if plan.method not in ("auto", "forward"):
+    return ys
   xs = list(xs) if isinstance(xs, (list, tuple)) else [xs]
   path = [op for x in xs for op in engine.path_ops(x, ys)]
   if not loops.on_path(path):
     return ys
   try:
-    return loops.unrolled(xs, ys, path)
+    return loops.unrolled(xs, ys, path, plan.max_unrolled_ops)
   except engine.Unsupported:
     return ys
 
@@ -828,7 +831,7 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
     # The walk follows the model with its loops unrolled; the rows
     # differentiate the model.
     try:
-      ys = loops.unrolled(x, ys, path)
+      ys = loops.unrolled(x, ys, path, plan.max_unrolled_ops)
     except engine.Unsupported as e:
       _unsupported(x, method, e)
       return None, False

@@ -34,13 +34,6 @@ WHILE = frozenset(["While", "StatelessWhile"])
 # The ops by which a control flow v1 loop hands out its values.
 EXIT = frozenset(["Exit", "RefExit"])
 _ENTER = frozenset(["Enter", "RefEnter"])
-# The most ops an unrolled copy may hold: the graph grows by the body's ops
-# for each iteration, and the walk of the copy builds ops for each of them
-# (`dynamic_rnn` of an LSTM cell of 16 units copies about 42 ops a step:
-# over 12 steps the engine's Hessians took 3.9 s to build against 0.5 s for
-# the rows, each run then 7 times faster; over 50 steps 14 s against 0.4 s,
-# 4.8 times faster). Longer loops take the rows.
-MAX_UNROLLED_OPS = 1000
 
 
 def on_path(path):
@@ -84,13 +77,14 @@ def _loop_of(context):
   return context
 
 
-def unrolled(xs, ys, path):
+def unrolled(xs, ys, path, max_ops):
   """The copies of `ys` with the loops of `path` (the walk's ops from `xs`,
   a `Tensor` or a list, to `ys`) unrolled (see module), in the current graph.
 
   Raises:
     registry.Unsupported: where a loop's number of iterations is not known
-      when the graph is built, a loop holds a random or stateful op (a
+      when the graph is built, unrolling takes more than `max_ops` ops
+      (`Plan.max_unrolled_ops`), a loop holds a random or stateful op (a
       copy would draw again), or an op reads a `TensorList` in a way that
       is not unrolled.
   """
@@ -101,7 +95,9 @@ def unrolled(xs, ys, path):
       " while context"
     )
   xs = xs if isinstance(xs, (list, tuple)) else [xs]
-  unroller = _Unroller(xs, [op for op in path if op.type in WHILE] + contexts)
+  unroller = _Unroller(
+    xs, [op for op in path if op.type in WHILE] + contexts, max_ops
+  )
   for op in unroller.order(ys):
     unroller.visit(op, inner=False)
   copies = [unroller.value(y) for y in ys]
@@ -380,9 +376,10 @@ def _consumer(t, types):
 class _Unroller:
   """Copies the ops that read a copy, unrolling loops."""
 
-  def __init__(self, xs, loops):
+  def __init__(self, xs, loops, max_ops):
     self._inputs = {x.op for x in xs}
     self._loops = set(loops)
+    self._max_ops = max_ops
     self._mapped = {}
     self._copied = 0
     self._read = set()  # The keys of the tensors that the ops copied read.
@@ -453,10 +450,12 @@ class _Unroller:
 
   def _count(self, more):
     """Counts `more` ops copied; raises where that makes the copy too
-    large (`MAX_UNROLLED_OPS`)."""
-    if self._copied + more > MAX_UNROLLED_OPS:
+    large (`max_ops`)."""
+    if self._copied + more > self._max_ops:
       raise registry.Unsupported(
-        f"unrolling the loops takes more than {MAX_UNROLLED_OPS} ops"
+        f"unrolling the loops takes more than {self._max_ops} ops (raise "
+        "`tf1hess.Plan(max_unrolled_ops=...)` to unroll them: the graph then "
+        "takes longer to build and runs faster)"
       )
     self._copied += more
 
