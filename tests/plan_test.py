@@ -39,6 +39,15 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(plan.max_factor_bytes, 1 << 28)
     self.assertEqual(plan.max_unrolled_ops, 1000)
 
+  def test_only_auto_and_forward_may_take_the_engine(self):
+    taken = {
+      m: tf1hess.Plan(method=m).may_take_engine for m in plan_lib.METHODS
+    }
+    self.assertEqual(
+      taken,
+      {"auto": True, "forward": True, "pfor": False, "while_loop": False},
+    )
+
   def test_is_frozen(self):
     with self.assertRaises(dataclasses.FrozenInstanceError):
       tf1hess.Plan().method = "pfor"

@@ -232,14 +232,10 @@ def _derivatives(
     mode = forward.DIAGONAL if diagonal else forward.HESSIAN
   with tf.name_scope(name or default_name):
     ys_list = [tf.convert_to_tensor(y) for y in ys_list]
-    walked = (
-      order == 2
-      and plan.method in ("auto", "forward")
-      and not check_independence
-    )
+    walked = order == 2 and plan.may_take_engine and not check_independence
     models = _models(ys_list, xs_list, plan)
     v1_loops = _v1_loops(models, xs_list, order, walked)
-    engine_may = walked or (order == 1 and plan.method in ("auto", "forward"))
+    engine_may = walked or (order == 1 and plan.may_take_engine)
     grads = _gradients(models, xs_list, unconnected, engine_may)
     if order == 1:
       return _checks.restore_structure(grads, was_sequence)

@@ -165,6 +165,13 @@ class Plan:
     ):
       _check_count(name, getattr(self, name), False)
 
+  @property
+  def may_take_engine(self):
+    """Whether this plan's `method` lets the forward engine build the
+    second derivatives: `"auto"` (where it can follow the model and the
+    cost model takes it) and `"forward"`."""
+    return self.method in ("auto", "forward")
+
   def vectorize_from(self, eager):
     """The number of rows from which `"auto"` vectorizes."""
     if eager:

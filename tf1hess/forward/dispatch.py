@@ -723,7 +723,7 @@ def without_loops(ys, xs, plan):
   unrolled (`plan.max_unrolled_ops`, a length known only at run time
   without a bound, ...) `ys` is returned unchanged; `_try_forward` says why.
   """
-  if plan.method not in ("auto", "forward"):
+  if not plan.may_take_engine:
     return ys
   xs = list(xs) if isinstance(xs, (list, tuple)) else [xs]
   path = [op for x in xs for op in engine.path_ops(x, ys)]
@@ -823,9 +823,9 @@ def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
   Raises:
     ValueError: with `method="forward"`, when the engine cannot follow an op.
   """
-  method = plan.method
-  if method not in ("forward", "auto"):
+  if not plan.may_take_engine:
     return None, False
+  method = plan.method
   path = engine.path_ops(x, ys)
   if loops.on_path(path):
     # The walk follows the model with its loops unrolled; the rows
