@@ -405,6 +405,44 @@ class StaticBatchCopyTest(tf.test.TestCase):
         auto, rows_val = sess.run(outs, {x: x_val})
     self.assertAllClose(auto, rows_val, atol=1e-10)
 
+  def test_a_dynamic_batch_is_walked_once(self):
+    # A time-major tensor `(T, None, F)` (`tf.scan` over steps) has no size
+    # per sample where N is not static: the walk of a plain copy would
+    # leave the estimates unknown. The dry run walks the copy with a static
+    # N alone, or, where there is none (features not static), the plain
+    # copy alone.
+    def scan(x):
+      steps = tf.transpose(tf.reshape(x, [-1, 4, 3]), [1, 0, 2])
+      w = tf.constant(_RNG.normal(size=(3, 3)) / 2.0, x.dtype)
+      states = tf.scan(
+        lambda h, s: tf.tanh(tf.matmul(h + s, w)), steps, steps[0] * 0.0
+      )
+      return tf.reduce_sum(tf.sin(states), [0, 2])
+
+    def elementwise(x):
+      return tf.reduce_sum(tf.sin(x) * x, 1)
+
+    for model, shape in ((scan, [None, 12]), (elementwise, [None, None])):
+      with self.subTest(model.__name__), tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float64, shape)
+        (y,) = dispatch.without_loops([model(x)], x, tf1hess.Plan())
+        path_types = {op.type for op in engine.path_ops(x, [y])}
+        self.assertNoCommonElements(path_types, {"While", "StatelessWhile"})
+        with mock.patch.object(
+          engine, "second_derivatives", wraps=engine.second_derivatives
+        ) as walk:
+          walked = dispatch.dry_run([y], x, forward.HESSIAN)
+        self.assertEqual(walk.call_count, 1)
+        x_walked = walk.call_args.args[1]
+        self.assertIsNot(x_walked.graph, x.graph)
+        static = shape[1] is not None
+        self.assertEqual(
+          x_walked.shape.as_list(),
+          [dispatch.ASSUMED_BATCH, 12] if static else [None, None],
+        )
+        if static:
+          self.assertTrue(walked.work.known)
+
   def test_another_static_batch_gives_no_copy(self):
     # A constant of 6 rows against x: no copy with N = ASSUMED_BATCH (the
     # shapes are static without: N is 6 from the constant on).

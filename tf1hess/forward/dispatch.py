@@ -560,22 +560,24 @@ def dry_run(ys, x, mode):
       raise engine.Unsupported(
         f"no forward rule for op type {op.type} ({op.name})"
       )
+  # Where N is not static, shape inference can lose other dimensions that
+  # the estimates need (`_static_batch_copy`; a time-major `(T, None, F)`
+  # has no size per sample): the copy with a static N is walked first, and
+  # its `Work`, per sample and per run, holds for every N.
+  static = _static_batch_copy(x, ys, path)
+  if static is not None:
+    graph, x_copy, ys_copy = static
+    with graph.as_default(), contextlib.suppress(engine.Unsupported):
+      walked = engine.second_derivatives(ys_copy, x_copy, mode)
+      if walked.work.known:
+        return walked
   try:
     graph, x_copy, ys_copy = _copy(x, ys, path)
   except (ValueError, TypeError, tf.errors.OpError) as e:
     logging.info("tf1hess: the model could not be copied (%s).", e)
     return None
   with graph.as_default():
-    walked = engine.second_derivatives(ys_copy, x_copy, mode)
-  if walked.work.known:
-    return walked
-  static = _static_batch_copy(x, ys, path)
-  if static is None:
-    return walked
-  graph, x_copy, ys_copy = static
-  with graph.as_default():
-    again = engine.second_derivatives(ys_copy, x_copy, mode)
-  return again if again.work.known else walked
+    return engine.second_derivatives(ys_copy, x_copy, mode)
 
 
 def _static_batch_copy(x, ys, path):
