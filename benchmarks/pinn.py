@@ -13,7 +13,15 @@ per-sample full Hessian `(N, d, d)` and Laplacian `(N, 1)` of every method:
   default (its own rows, up to `ROWS_MAX_FEATURES` features);
 * `Derivatives(method="auto")`: the same through `tf1hess.batch_hessians`
   and `tf1hess.batch_hessian_diagonals` (the package's row machinery, and
-  whatever engine those ops use).
+  whatever engine those ops use);
+* JAX, where `jax` and `folx` are installed (the `bench` extra): the same
+  network with the same weights, `jit(vmap(hessian))` and folx's
+  `forward_laplacian`.
+
+A third quantity, `training`, is what a physics-informed network trains by:
+the gradient, with respect to the network's weights, of the Poisson residual
+loss `mean((Δu + f)^2)` (`f = sum_i sin(π x_i)`), built on each method's
+Laplacian (JAX: `jit(grad)` of the loss on folx's).
 
 Every method's result is checked against DeepXDE's before timing. The time
 is the median of `runs` session runs after one warm-up run, the methods of a
@@ -24,6 +32,7 @@ this comparison is about; `scripts/benchmark.py --suite=forward` times
 `dde.grad.hessian` on the benchmark's own `fnn_3x64` beside the other peers.
 """
 
+import importlib.util
 import time
 
 import numpy as np
@@ -32,13 +41,21 @@ import tensorflow as tf
 import tf1hess
 import tf1hess.dde
 
-QUANTITIES = ("hessian", "laplacian")
+QUANTITIES = ("hessian", "laplacian", "training")
+JAX = "JAX"
 METHODS = (
   "dde.grad",
   "tf1hess.dde",
   "tf1hess.Derivatives",
   'Derivatives(method="auto")',
+  JAX,
 )
+
+
+def _source(x, d, sin):
+  """The right-hand side `f` of the residual loss, `(N, 1)`, by `sin`
+  (`tf.sin` or `jnp.sin`) of the points `x` `(N, d)`."""
+  return sum(sin(np.pi * x[:, i : i + 1]) for i in range(d))
 
 
 def _entries(hessian, y, x, d, quantity):
@@ -49,6 +66,54 @@ def _entries(hessian, y, x, d, quantity):
     tf.concat([hessian(y, x, i=i, j=j) for j in range(d)], 1) for i in range(d)
   ]
   return tf.stack(rows, 1)
+
+
+def _weight_gradient(laplacian, x, d, weights):
+  """The gradient of the residual loss with respect to `weights`, flat."""
+  loss = tf.reduce_mean(tf.square(laplacian + _source(x, d, tf.sin)))
+  grads = tf.gradients(loss, weights, unconnected_gradients="zero")
+  return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+
+def _jax_functions(weights, d):
+  """The quantities of JAX on the network of `weights` (the values of the
+  kernels and biases in order), or `None` without `jax` and `folx`."""
+  if not all(importlib.util.find_spec(m) for m in ("jax", "folx")):
+    return None
+  # pylint: disable=g-import-not-at-top
+  import folx
+  import jax
+  import jax.numpy as jnp
+
+  params = [jnp.asarray(w) for w in weights]
+
+  def net(params, point):
+    h = point
+    for layer in range(0, len(params), 2):
+      h = h @ params[layer] + params[layer + 1]
+      if layer + 2 < len(params):
+        h = jnp.tanh(h)
+    return h[0]
+
+  def laplacians(params, points):
+    def one(point):
+      return folx.forward_laplacian(lambda p: net(params, p))(point).laplacian
+
+    return jax.vmap(one)(points)[:, None]
+
+  def loss(params, points):
+    source = _source(points, d, jnp.sin)
+    return jnp.mean(jnp.square(laplacians(params, points) + source))
+
+  def flat_gradient(points):
+    grads = jax.grad(loss)(params, points)
+    return jnp.concatenate([jnp.ravel(g) for g in grads])
+
+  return {
+    "hessian": jax.jit(jax.vmap(jax.hessian(lambda p: net(params, p)))),
+    "laplacian": jax.jit(lambda points: laplacians(params, points)),
+    "training": jax.jit(flat_gradient),
+  }
 
 
 def compare(d, batch_size, runs, seed=0):
@@ -75,15 +140,15 @@ def compare(d, batch_size, runs, seed=0):
     net = dde.nn.FNN([d] + [64] * 3 + [1], "tanh", "Glorot normal")
     net.build()
     x, y = net.inputs, net.outputs
+    weights = tf.compat.v1.trainable_variables()
     fetches = {}
     for quantity in QUANTITIES:
       dde.grad.clear()
       tf1hess.dde.clear()
-      fetches[quantity, "dde.grad"] = _entries(
-        dde.grad.hessian, y, x, d, quantity
-      )
+      entry = "laplacian" if quantity == "training" else quantity
+      fetches[quantity, "dde.grad"] = _entries(dde.grad.hessian, y, x, d, entry)
       fetches[quantity, "tf1hess.dde"] = _entries(
-        tf1hess.dde.hessian, y, x, d, quantity
+        tf1hess.dde.hessian, y, x, d, entry
       )
       for method, cache in (
         ("tf1hess.Derivatives", tf1hess.Derivatives(y, x)),
@@ -92,26 +157,40 @@ def compare(d, batch_size, runs, seed=0):
         fetches[quantity, method] = (
           cache.hessian() if quantity == "hessian" else cache.laplacian()
         )
+      if quantity == "training":
+        for method in METHODS[:-1]:
+          fetches[quantity, method] = _weight_gradient(
+            fetches[quantity, method], x, d, weights
+          )
     init = tf.compat.v1.global_variables_initializer()
   points = np.random.default_rng(seed).uniform(-1, 1, (batch_size, d))
-  feed = {x: points.astype(np.float32), net.training: False}
+  points = points.astype(np.float32)
+  feed = {x: points, net.training: False}
   rows = []
   with tf.compat.v1.Session(graph=graph) as sess:
     sess.run(init)
+    jax_functions = _jax_functions(sess.run(weights), d)
+    methods = METHODS if jax_functions else METHODS[:-1]
+
+    def run(quantity, method):
+      if method == JAX:
+        return np.asarray(jax_functions[quantity](points).block_until_ready())
+      return sess.run(fetches[quantity, method], feed)
+
     for quantity in QUANTITIES:
       reference = sess.run(fetches[quantity, "dde.grad"], feed)
       times = {}
       diffs = {}
-      for method in METHODS:
-        out = sess.run(fetches[quantity, method], feed)  # warm-up
+      for method in methods:
+        out = run(quantity, method)  # warm-up (JAX: compiles)
         diffs[method] = float(np.max(np.abs(out - reference)))
         times[method] = []
       for _ in range(runs):
-        for method in METHODS:
+        for method in methods:
           start = time.perf_counter()
-          sess.run(fetches[quantity, method], feed)
+          run(quantity, method)
           times[method].append(time.perf_counter() - start)
-      for method in METHODS:
+      for method in methods:
         rows.append(
           {
             "d": d,
@@ -128,22 +207,33 @@ def compare(d, batch_size, runs, seed=0):
 def format_table(rows):
   """A Markdown table: one line per (d, quantity), ratios to `dde.grad`.
 
-  Times are "median (fastest)" in ms; the ratio is `dde.grad`'s time over
-  `tf1hess.Derivatives`' for the medians and (in parentheses) the fastest
-  runs, which a busy machine disturbs less.
+  Times are "median (fastest)" in ms ("n/a": JAX not installed); the ratios
+  are `dde.grad`'s and JAX's time over `tf1hess.Derivatives`' for the
+  medians and (in parentheses) the fastest runs, which a busy machine
+  disturbs less.
   """
   lines = [
     "| d | quantity | " + " | ".join(f"{m} (ms)" for m in METHODS) + " | "
-    "dde.grad / Derivatives |",
-    "|---" * (len(METHODS) + 3) + "|",
+    "dde.grad / Derivatives | JAX / Derivatives |",
+    "|---" * (len(METHODS) + 4) + "|",
   ]
   cases = {}
   for row in rows:
     case = cases.setdefault((row["d"], row["quantity"]), {})
     case[row["method"]] = (row["ms"], row["min_ms"])
   for (d, quantity), ms in cases.items():
-    ours, theirs = ms["tf1hess.Derivatives"], ms["dde.grad"]
-    ratio = f"{theirs[0] / ours[0]:.2f}x ({theirs[1] / ours[1]:.2f}x)"
-    times = " | ".join(f"{ms[m][0]:.1f} ({ms[m][1]:.1f})" for m in METHODS)
-    lines.append(f"| {d} | {quantity} | {times} | {ratio} |")
+    ours = ms["tf1hess.Derivatives"]
+
+    def ratio(method, ms=ms, ours=ours):
+      if method not in ms:
+        return "n/a"
+      theirs = ms[method]
+      return f"{theirs[0] / ours[0]:.2f}x ({theirs[1] / ours[1]:.2f}x)"
+
+    times = " | ".join(
+      f"{ms[m][0]:.1f} ({ms[m][1]:.1f})" if m in ms else "n/a" for m in METHODS
+    )
+    lines.append(
+      f"| {d} | {quantity} | {times} | {ratio('dde.grad')} | {ratio(JAX)} |"
+    )
   return "\n".join(lines)

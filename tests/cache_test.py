@@ -183,6 +183,25 @@ class BuiltOnceTest(tf.test.TestCase):
     self.assertNotEmpty(new)
     self.assertFalse(any("gradients" in op.name for op in new), new)
 
+  def test_full_hessian_of_one_input_asked_first_uses_the_op(self):
+    # Before any entry: `tf1hess.batch_hessians` (the forward engine where
+    # the cost model takes it), not K rows of the cache.
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      w = tf.constant(_RNG.normal(size=(3, 4)))
+      y = tf.reduce_sum(tf.tanh(tf.matmul(x, w)) ** 2, 1, keepdims=True)
+      d = tf1hess.Derivatives(y, x)
+      h = d.hessian()
+      self.assertTrue(
+        any("batch_hessians" in op.name for op in graph.get_operations())
+      )
+      reference = tf.hessians(tf.reduce_sum(y), x)[0]
+      x_val = _RNG.normal(size=(4, 3))
+      with tf.compat.v1.Session() as sess:
+        h_val, reference_val = sess.run([h, reference], {x: x_val})
+    for n in range(4):
+      self.assertAllClose(h_val[n], reference_val[n, :, n, :])
+
   def test_wide_inputs_use_the_ops(self):
     k = tf1hess.cache.ROWS_MAX_FEATURES + 1
     with tf.Graph().as_default():

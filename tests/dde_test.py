@@ -208,15 +208,31 @@ class WithDeepXDETest(tf.test.TestCase):
 
   def test_benchmark_checks_and_times_every_method(self):
     rows = self.results["benchmark"]["rows"]
-    self.assertLen(rows, 8)  # 2 quantities x 4 methods
+    tensorflow_methods = {
+      "dde.grad",
+      "tf1hess.dde",
+      "tf1hess.Derivatives",
+      'Derivatives(method="auto")',
+    }
+    # JAX where the `bench` extra is installed.
+    methods = tensorflow_methods | {"JAX"} & {row["method"] for row in rows}
+    self.assertCountEqual(
+      [(row["quantity"], row["method"]) for row in rows],
+      [
+        (quantity, method)
+        for quantity in ("hessian", "laplacian", "training")
+        for method in methods
+      ],
+    )
     for row in rows:
       self.assertEqual(row["d"], 3)
       self.assertLess(row["max_abs_diff"], 1e-4, row)
       self.assertGreater(row["ms"], 0.0)
       self.assertLessEqual(row["min_ms"], row["ms"])
     table = self.results["benchmark"]["table"].splitlines()
-    self.assertLen(table, 4)  # header, rule, hessian, laplacian
-    self.assertIn("| 3 | laplacian |", table[-1])
+    self.assertLen(table, 5)  # header, rule, hessian, laplacian, training
+    self.assertIn("| 3 | training |", table[-1])
+    self.assertEqual(table[-1].count("n/a"), 0 if "JAX" in methods else 2)
 
   def test_same_exceptions_as_deepxde(self):
     for name, (theirs, ours) in self.results["errors"].items():

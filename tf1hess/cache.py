@@ -16,14 +16,14 @@ from tf1hess import per_output
 from tf1hess import plan as plan_lib
 
 
-# Up to this many joint features, `method=None` builds the full Hessian, the
-# diagonal and the Laplacian from the cache's own rows, one backward pass per
-# row as `dde.grad` does (and shared with the entries asked for). Measured on
-# DeepXDE's FNN([d] + [64] * 3 + [1], "tanh") at N = 4096 (2 CPU cores,
-# `scripts/pinn_benchmark.py` and the Laplacian alone for d up to 64): these
-# plain rows were as fast as `tf1hess.batch_hessian_diagonals` and up to 1.5
-# times faster than `tf1hess.batch_hessians` (whose loop, from 17 rows on,
-# fell behind unrolled rows at d = 20).
+# Up to this many joint features, `method=None` builds the full Hessian and
+# the diagonal of an output whose entries have built rows, and the full
+# Hessian over several inputs, from the cache's own rows: one backward pass
+# per row, as `dde.grad` does, shared with the entries. A full Hessian over
+# one input asked before any entry comes from `tf1hess.batch_hessians`: on
+# DeepXDE's FNN([d] + [64] * 3 + [1], "tanh") at N = 4096
+# (`scripts/pinn_benchmark.py`, 2 CPU cores) it was as fast as the own rows
+# at d = 2 and 1.5x to 2x faster at d = 5, 10 and 20.
 ROWS_MAX_FEATURES = 64
 
 
@@ -79,21 +79,22 @@ class Derivatives:
     trace of the diagonal.
 
   With `method=None` (the default) and at most `ROWS_MAX_FEATURES` joint
-  features, the full Hessian is the cache's own rows (one backward pass
-  each, shared with the entries), the fastest way measured for PINN-sized
-  inputs; so is the diagonal once an entry of that output has built a row.
-  A diagonal or Laplacian asked before any entry comes from
+  features, the full Hessian and the diagonal of an output are the cache's
+  own rows (one backward pass each) once an entry of that output has built
+  a row, so that they share the rows; so is the full Hessian over several
+  inputs. A full Hessian over one input, a diagonal or a Laplacian asked
+  before any entry comes from `tf1hess.batch_hessians` or
   `tf1hess.batch_hessian_diagonals` (`method="auto"`: the forward engine
-  where it applies, without K backward passes). Beyond
-  `ROWS_MAX_FEATURES`, and with a `method` given, they are
-  `tf1hess.batch_hessians` and `tf1hess.batch_hessian_diagonals` (the rows
-  of the package's row machinery over the joint input, for several inputs).
+  where it applies, without K backward passes), the faster for PINN-sized
+  networks (see `ROWS_MAX_FEATURES`). Beyond `ROWS_MAX_FEATURES`, and with
+  a `method` given, they are those ops (the rows of the package's row
+  machinery over the joint input, for several inputs).
 
-  With the cache's own rows, entries, diagonals, Laplacians and the full
-  Hessian share the rows they need, in any order. With a `method`, ask for
-  the widest quantity first: a full Hessian built first serves every entry,
-  diagonal and Laplacian after it for free, while a diagonal built first
-  does not make the full Hessian any cheaper.
+  A full Hessian built first serves every entry, diagonal and Laplacian
+  after it for free. By default, entries built first build rows that a
+  full Hessian, diagonal or Laplacian after them reuse; with a `method`,
+  ask for the widest quantity first. A diagonal built first does not make
+  the full Hessian any cheaper.
 
   `component` picks the output and may be left out when `ys` has one.
 
@@ -339,7 +340,7 @@ class Derivatives:
   def _full_hessian(self, c):
     p = self._problem
     k = self.num_features
-    if self._own_rows():
+    if self._own_rows() and (len(p.xs) > 1 or self._has_rows(c)):
       return self._stacked_rows(c, diagonal=False)
     if len(p.xs) == 1:
       h = ops.batch_hessians(p.output(c), p.xs[0], plan=self._plan)
