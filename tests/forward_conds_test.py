@@ -207,6 +207,50 @@ class CondsTest(
     self.assertRegex("\n".join(logs.output), "is True: .* random or stateful")
 
   @parameterized.parameters(1, 2)
+  def test_a_branch_neither_can_differentiate_raises_when_taken(self, cf):
+    # TensorFlow has no gradient of SoftsignGrad: no rows of this model.
+    # Inference (the default) is walked; the dropout branch, which the
+    # engine cannot follow, raises when a run takes it, instead of failing
+    # the build.
+    self.control_flow(cf)
+    w0, w1 = _RNG.normal(size=(_K, 6)), _RNG.normal(size=(6, 1))
+    x_val = _RNG.normal(size=(5, _K))
+
+    def model(x, softsign):
+      training = tf.compat.v1.placeholder_with_default(False, [])
+      h = softsign(tf.matmul(x, tf.constant(w0)))
+      h = tf.compat.v1.layers.dropout(h, 0.5, training=training)
+      return tf.reduce_sum(tf.sin(tf.matmul(h, tf.constant(w1))), 1), training
+
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      # The same function, written with ops TensorFlow differentiates twice.
+      y, _ = model(x, lambda v: v / (1.0 + tf.abs(v)))
+      expected = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        expected = sess.run(expected, {x: x_val})
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y, training = model(x, tf.nn.softsign)
+      with self.assertLogs(level="WARNING") as logs:
+        outs = {name: op(y, x) for name, op in _OPS.items()}
+      self.assertRegex(
+        "\n".join(logs.output),
+        "falls back to an error at run time .* SoftsignGrad.* is True",
+      )
+      with tf.compat.v1.Session() as sess:
+        values = sess.run(outs, {x: x_val})
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError,
+          "no second derivatives .* is True: .* random or stateful.*"
+          " no gradient of SoftsignGrad",
+        ):
+          sess.run(outs["hessian"], {x: x_val, training: True})
+    self.assertAllClose(values["hessian"], expected, atol=1e-10, rtol=1e-10)
+    self.assertAllClose(values["diagonal"], np.einsum("nii->ni", expected))
+    self.assertAllClose(values["laplacian"], np.einsum("nii->n", expected))
+
+  @parameterized.parameters(1, 2)
   def test_batch_norm_in_training_takes_the_rows_in_its_branch(self, cf):
     keras = testing_utils.legacy_keras(self)
     self.control_flow(cf)

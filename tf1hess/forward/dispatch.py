@@ -439,6 +439,21 @@ def shaped(result, x, mode):
   return result
 
 
+def _raising(x, mode, message):
+  """Zeros shaped like the result, after an assertion that fails with
+  `message` when run: the branch of a `tf.cond` that cannot be built."""
+  n = tf.shape(x)[0]
+  k = tf.reduce_prod(tf.shape(x)[1:])
+  shape = {
+    jacobians.HESSIAN: tf.stack([n, k, k]),
+    jacobians.DIAGONAL: tf.stack([n, k]),
+    jacobians.LAPLACIAN: tf.reshape(n, [1]),
+  }[mode]
+  failed = tf.debugging.Assert(tf.constant(False), [message])
+  with tf.control_dependencies([failed]):
+    return shaped(tf.zeros(shape, x.dtype), x, mode)
+
+
 def _copy_name(t, names, nodes, taken, shaped):
   """The name in the copy of tensor `t` (see `_copy`), adding its nodes."""
   key = (t.op.name, t.value_index)
@@ -962,14 +977,33 @@ def _try_forward_with_conds(ys, x, grad, mode, plan, unconnected, path, rows):
     and not _shortcuts.Graph(x).depends(grad)
   ):
     return None, True
+  # Where the rows cannot be built either (TensorFlow has no gradient of an
+  # op of the gradient graph), a branch the engine cannot follow raises when
+  # a run takes it, instead of failing the build for the other branch.
+  missing = _without_gradient(x, grad) if errors else None
   for branch, error in errors.items():
+    instead = (
+      "the row loop"
+      if missing is None
+      else f"an error at run time (TensorFlow has no gradient of"
+      f" {missing.type}, which the row loop differentiates)"
+    )
     _core.warn_once(
       x.graph,
-      f"tf1hess: the forward engine falls back to the row loop for {x.name}"
+      f"tf1hess: the forward engine falls back to {instead} for {x.name}"
       f" where {resolved.predicate.name} is {branch}: {error}.",
     )
 
   def branch_fn(branch):
+    if branch in errors and missing is not None:
+      message = (
+        f"no second derivatives of `ys` with respect to {x.name} where"
+        f" {resolved.predicate.name} is {branch}: the forward engine cannot"
+        f" follow the model there ({errors[branch]}), and TensorFlow has no"
+        f" gradient of {missing.type} ({missing.name}), which the row loop"
+        " differentiates."
+      )
+      return lambda: _raising(x, mode, message)
     if branch in errors:
       return rows
     ys_copy = copies[branch][0]
