@@ -204,15 +204,16 @@ _CELLS = frozenset(
 )
 
 
-def _loops_before(t):
-  """The loops (v2 `While`s, v1 `Exit`s) that `t` is computed from."""
+def _loops_before(t, types=loops.WHILE | loops.EXIT):
+  """The loops (v2 `While`s, v1 `Exit`s), or other ops of `types`, that `t`
+  is computed from."""
   ops, seen, stack = [], set(), [t.op]
   while stack:
     op = stack.pop()
     if op in seen:
       continue
     seen.add(op)
-    if op.type in loops.WHILE or op.type in loops.EXIT:
+    if op.type in types:
       ops.append(op)
     stack.extend(s.op for s in op.inputs)
   return ops
@@ -315,6 +316,61 @@ class LoopsTest(
     with tf.compat.v1.Session() as sess:
       sess.run(tf.compat.v1.global_variables_initializer())
       self.assertAllClose(*sess.run([auto, rows], feed))
+
+  @parameterized.parameters(1, 2)
+  def test_function_calls_are_inlined(self, cf):
+    # `tf.function`s called while the graph is built: a call in a call, a
+    # captured resource variable, a constant argument.
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      v = tf.compat.v1.get_variable(
+        "v", initializer=_RNG.normal(size=(_K, 5)) / 4, use_resource=True
+      )
+
+      @tf.function
+      def block(h, w):
+        return tf.tanh(tf.matmul(h, w)) * tf.sin(h[:, :1])
+
+      @tf.function
+      def outer(h):
+        return tf.reduce_sum(block(h, v) ** 2, 1) + tf.reduce_sum(
+          tf.exp(h / 4), 1
+        )
+
+      y = outer(x) + tf.reduce_sum(block(x, _weights(_K, 3)), 1)
+      self.assertNotEmpty(_loops_before(y, loops.CALLS))
+      outs = self._check(x, y)
+      for out in outs.values():
+        self.assertEmpty(_loops_before(out, loops.CALLS))
+
+  def test_loop_recorded_by_a_tape(self):
+    # A tape that records the gradient of a loop makes TensorFlow wrap the
+    # loop's `While` in a `PartitionedCall` (the nested tapes of
+    # `tape.batch_jacobian` Hessians, in the same graph).
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+          inner.watch(x)
+          y = _MODELS["lstm"](x)
+        inner.gradient(y, x)
+      self.assertNotEmpty(_loops_before(y, loops.CALLS))
+      outs = self._check(x, y)
+      self.assertEmpty(_loops_before(outs["hessian"]))
+
+  def test_random_op_in_a_function_falls_back(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+
+      @tf.function
+      def noisy(h):
+        return tf.tanh(tf.nn.dropout(h, rate=0.5, seed=1))
+
+      y = tf.reduce_sum(tf.square(noisy(x)), axis=1)
+      with self.assertRaisesRegex(ValueError, "random or stateful"):
+        tf1hess.batch_hessians(y, x, method="forward")
 
   def test_loop_of_a_length_known_at_run_time_falls_back(self):
     with tf.Graph().as_default():

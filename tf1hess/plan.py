@@ -122,11 +122,12 @@ class Plan:
       one into place (default 1024).
     max_unrolled_ops: `int`: the most ops that `"auto"` and `"forward"`
       copy to unroll the model's loops of static length (`dynamic_rnn`,
-      `tf.scan`, `tf.while_loop`) for the forward engine (default 1000,
-      about 24 steps of an LSTM cell). A longer loop takes the rows under
-      `"auto"`, and makes `"forward"` raise. Raise it for longer sequences:
-      the graph takes longer to build (a 40-step LSTM: 23 s instead of 1 s)
-      and then runs faster (2 to 7 times there).
+      `tf.scan`, `tf.while_loop`) and inline its function calls (a
+      `tf.function` called in the graph) for the forward engine (default
+      1000, about 24 steps of an LSTM cell). A longer loop takes the rows
+      under `"auto"`, and makes `"forward"` raise. Raise it for longer
+      sequences: the graph takes longer to build (a 40-step LSTM: 12 s
+      instead of 1 s) and then runs faster (2 to 7 times there).
 
   Raises:
     ValueError: when a field is out of range (checked on construction).

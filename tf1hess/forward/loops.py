@@ -19,26 +19,34 @@ on a value known only at run time (the largest `sequence_length` given to
 loops (`Enter`, `Merge`, `Switch`, `NextIteration`, `Exit` frames, with
 `TensorArray`s) are unrolled the same way, from their while context; one
 imported from a GraphDef has none and is not.
+
+Function calls (`PartitionedCall`, `StatefulPartitionedCall`: a
+`tf.function` called while a graph is built, or a loop that TensorFlow wrapped
+in one because a `tf.GradientTape` was recording it) are inlined the same
+way: the copy holds their function's ops.
 """
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import tensor_util  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.ops import control_flow_ops  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.ops import control_flow_util_v2  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.ops import while_v2  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess.forward import conds
 from tf1hess.forward import registry
 
 WHILE = frozenset(["While", "StatelessWhile"])
+CALLS = frozenset(["PartitionedCall", "StatefulPartitionedCall"])
 # The ops by which a control flow v1 loop hands out its values.
 EXIT = frozenset(["Exit", "RefExit"])
 _ENTER = frozenset(["Enter", "RefEnter"])
 
 
 def on_path(path):
-  """Whether an op of `path` (the walk's ops) is a loop's."""
-  return any(op.type in WHILE or op.type in EXIT for op in path)
+  """Whether an op of `path` (the walk's ops) is a loop's or calls a
+  function."""
+  return any(op.type in WHILE | EXIT | CALLS for op in path)
 
 
 def v1_error(loop, reason=None):
@@ -79,7 +87,8 @@ def _loop_of(context):
 
 def unrolled(xs, ys, path, max_ops):
   """The copies of `ys` with the loops of `path` (the walk's ops from `xs`,
-  a `Tensor` or a list, to `ys`) unrolled (see module), in the current graph.
+  a `Tensor` or a list, to `ys`) unrolled and its function calls inlined
+  (see module), in the current graph.
 
   Raises:
     registry.Unsupported: where a loop's number of iterations is not known
@@ -96,7 +105,7 @@ def unrolled(xs, ys, path, max_ops):
     )
   xs = xs if isinstance(xs, (list, tuple)) else [xs]
   unroller = _Unroller(
-    xs, [op for op in path if op.type in WHILE] + contexts, max_ops
+    xs, [op for op in path if op.type in WHILE | CALLS] + contexts, max_ops
   )
   for op in unroller.order(ys):
     unroller.visit(op, inner=False)
@@ -420,6 +429,8 @@ class _Unroller:
       raise registry.Unsupported(f"{op.name} reads an output of a loop")
     if op.type in WHILE and (inner or op in self._loops):
       self._map(op, self._unroll(op, inputs))
+    elif op.type in CALLS and (inner or op in self._loops):
+      self._map(op, self._inline(op, inputs))
     elif op.type in _LIST_OPS and (inner or changed or lists):
       self._map(op, _LIST_OPS[op.type](op, self._lists(op, inputs)))
     elif lists and op.type in ("Identity", "IdentityN"):
@@ -453,7 +464,8 @@ class _Unroller:
     large (`max_ops`)."""
     if self._copied + more > self._max_ops:
       raise registry.Unsupported(
-        f"unrolling the loops takes more than {self._max_ops} ops (raise "
+        f"unrolling the loops (and inlining function calls) takes more than"
+        f" {self._max_ops} ops (raise "
         "`tf1hess.Plan(max_unrolled_ops=...)` to unroll them: the graph then "
         "takes longer to build and runs faster)"
       )
@@ -469,6 +481,25 @@ class _Unroller:
       if not op.outputs or conds.key(op.outputs[0]) not in inputs:
         self.visit(op, inner=True)
     return [self.value(t) for t in outputs]
+
+  def _inline(self, op, inputs):
+    """The outputs of the function call `op` on `inputs`: its function's
+    copies (`_UNUSED` for those that no op of the model reads)."""
+    try:
+      graph = control_flow_util_v2.get_func_graph(
+        op, [t.shape for t in op.inputs], op.get_attr("f").name
+      )
+    except (KeyError, ValueError, TypeError) as e:
+      raise registry.Unsupported(
+        f"the function that {op.type} ({op.name}) calls cannot be read: {e}"
+      ) from None
+    read = [t.value_index for t in op.outputs if conds.key(t) in self._read]
+    with tf.name_scope(op.name):
+      copies = self._run(graph, inputs, [graph.outputs[i] for i in read])
+    outputs = [_UNUSED] * len(op.outputs)
+    for i, t in zip(read, copies):
+      outputs[i] = t
+    return outputs
 
   def _unroll(self, op, inputs):
     """The outputs of the `While` `op` on `inputs`: its body's copies."""
