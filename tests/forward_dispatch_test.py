@@ -443,6 +443,25 @@ class StaticBatchCopyTest(tf.test.TestCase):
         if static:
           self.assertTrue(walked.work.known)
 
+  def test_a_walk_failing_with_a_static_batch_takes_the_plain_copy(self):
+    real = engine.second_derivatives
+
+    def walk(ys, x, mode):
+      if tf.compat.dimension_value(x.shape[0]) is not None:
+        raise ValueError("a rule's static shapes")
+      return real(ys, x, mode)
+
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = tf.reduce_sum(tf.sin(x) * x, 1)
+      with (
+        mock.patch.object(engine, "second_derivatives", side_effect=walk),
+        self.assertLogs(level="INFO") as logs,
+      ):
+        walked = dispatch.dry_run([y], x, forward.HESSIAN)
+      self.assertIsNotNone(walked)
+      self.assertRegex("\n".join(logs.output), "no walk with a static batch")
+
   def test_another_static_batch_gives_no_copy(self):
     # A constant of 6 rows against x: no copy with N = ASSUMED_BATCH (the
     # shapes are static without: N is 6 from the constant on).

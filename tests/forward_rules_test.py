@@ -2880,6 +2880,17 @@ class Float32ResizeTest(tf.test.TestCase, parameterized.TestCase):
     _check_float32(self, resized, lambda x: model(x, by_matrix), rows=False)
     graph = _check_gradients(self, resized, lambda x: model(x, by_matrix))
     self.assertIn(op_type, {op.type for op in graph.get_operations()})
+    # With a static batch, the original image's static batch (N) is not
+    # that of the tangents (N K): the same numbers as without.
+    x_val = _RNG.normal(size=(3, _K))
+    values = []
+    for batch in (None, 3):
+      with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [batch, _K])
+        h = tf1hess.batch_hessians(resized(x), x, method="forward")
+        with tf.compat.v1.Session() as sess:
+          values.append(sess.run(h, {x: x_val}))
+    self.assertAllClose(values[1], values[0])
 
 
 class Float32BatchNormTest(tf.test.TestCase, parameterized.TestCase):

@@ -196,11 +196,22 @@ def _resize_gradient(op, jacs, ctx):
   if jacs[0] is None:
     return [None]
   grads, out = op.inputs[0], op.outputs[0]
+  inputs = {}
+  if "original_image" in [arg.name for arg in op.op_def.input_arg]:
+    # Only its height and width are read. Its batch is the samples', not
+    # the tangents' rows: a static one would give the twin a wrong static
+    # shape (the kernel takes the batch of `grads`).
+    original = op.inputs[1]
+    shape = [None, *original.shape[1:]] if original.shape.rank else None
+    inputs["original_image"] = tf.compat.v1.placeholder_with_default(
+      original, shape
+    )
 
   def on_tangents(m):
     # The bilinear and bicubic ones read float32 only, and write the
     # original image's dtype.
-    return tf.cast(registry.twin(op, grads=tf.cast(m, grads.dtype)), out.dtype)
+    grads_m = tf.cast(m, grads.dtype)
+    return tf.cast(registry.twin(op, grads=grads_m, **inputs), out.dtype)
 
   return [jacobians.apply_per_sample(jacs[0], on_tangents)]
 

@@ -582,10 +582,16 @@ def dry_run(ys, x, mode):
   static = _static_batch_copy(x, ys, path)
   if static is not None:
     graph, x_copy, ys_copy = static
-    with graph.as_default(), contextlib.suppress(engine.Unsupported):
-      walked = engine.second_derivatives(ys_copy, x_copy, mode)
+    try:
+      with graph.as_default():
+        walked = engine.second_derivatives(ys_copy, x_copy, mode)
       if walked.work.known:
         return walked
+    except engine.Unsupported:
+      pass
+    except (ValueError, TypeError) as e:
+      # A rule that cannot build with N static: the copy without follows.
+      logging.info("tf1hess: no walk with a static batch size (%s).", e)
   try:
     graph, x_copy, ys_copy = _copy(x, ys, path)
   except (ValueError, TypeError, tf.errors.OpError) as e:
