@@ -11,6 +11,8 @@ model's `tf.gradients`. That the engine's result is computed without any
 loop is checked too.
 """
 
+import shutil
+import tempfile
 from unittest import mock
 
 from absl.testing import parameterized
@@ -343,6 +345,30 @@ class LoopsTest(
       outs = self._check(x, y)
       for out in outs.values():
         self.assertEmpty(_loops_before(out, loops.CALLS))
+
+  def test_saved_model_called_in_the_graph(self):
+    # A TF2 SavedModel loaded into a graph: a `StatefulPartitionedCall`
+    # reading the model's variables, inlined.
+    class Model(tf.Module):
+      def __init__(self):
+        super().__init__()
+        self.w = tf.Variable(_RNG.normal(size=(_K, 6)) / 4)
+        self.v = tf.Variable(_RNG.normal(size=(6, 1)) / 2)
+
+      @tf.function(input_signature=[tf.TensorSpec([None, _K], tf.float64)])
+      def __call__(self, x):
+        h = tf.nn.softplus(tf.matmul(tf.tanh(tf.matmul(x, self.w)), self.v))
+        return h[:, 0] + tf.reduce_sum(tf.sin(x), 1)
+
+    path = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    tf.saved_model.save(Model(), path)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.saved_model.load(path)(x)
+      self.assertNotEmpty(_loops_before(y, loops.CALLS))
+      outs = self._check(x, y)
+      self.assertEmpty(_loops_before(outs["hessian"], loops.CALLS))
 
   def test_loop_recorded_by_a_tape(self):
     # A tape that records the gradient of a loop makes TensorFlow wrap the
