@@ -442,16 +442,11 @@ def shaped(result, x, mode):
 def _raising(x, mode, message):
   """Zeros shaped like the result, after an assertion that fails with
   `message` when run: the branch of a `tf.cond` that cannot be built."""
-  n = tf.shape(x)[0]
   k = tf.reduce_prod(tf.shape(x)[1:])
-  shape = {
-    jacobians.HESSIAN: tf.stack([n, k, k]),
-    jacobians.DIAGONAL: tf.stack([n, k]),
-    jacobians.LAPLACIAN: tf.reshape(n, [1]),
-  }[mode]
   failed = tf.debugging.Assert(tf.constant(False), [message])
   with tf.control_dependencies([failed]):
-    return shaped(tf.zeros(shape, x.dtype), x, mode)
+    zeros = engine.zero_result(tf.shape(x)[0], k, mode, x.dtype)
+    return shaped(zeros, x, mode)
 
 
 def _copy_name(t, names, nodes, taken, shaped):

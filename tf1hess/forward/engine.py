@@ -921,6 +921,18 @@ def check_input(x):
     )
 
 
+def zero_result(n, k, mode, dtype):
+  """Zeros shaped like the result of `second_derivatives` for `n` samples
+  of `k` features (`int`s or scalar `Tensor`s): `(n, k, k)`, `(n, k)` or
+  `(n,)` by `mode`."""
+  shape = {
+    jacobians.HESSIAN: tf.stack([n, k, k]),
+    jacobians.DIAGONAL: tf.stack([n, k]),
+    jacobians.LAPLACIAN: tf.reshape(n, [1]),
+  }[mode]
+  return tf.zeros(shape, dtype)
+
+
 @tf.autograph.experimental.do_not_convert
 def second_derivatives(ys, x, mode):
   """Per-sample Hessians, diagonals or Laplacians of `sum(ys)` by the walk.
@@ -1027,12 +1039,7 @@ def second_derivatives(ys, x, mode):
         jacs[_key(t)] = j
 
   def zeros():
-    shape = {
-      jacobians.HESSIAN: tf.stack([n, k, k]),
-      jacobians.DIAGONAL: tf.stack([n, k]),
-      jacobians.LAPLACIAN: tf.reshape(n, [1]),
-    }[mode]
-    value = tf.zeros(shape, x.dtype)
+    value = zero_result(n, k, mode, x.dtype)
     work.ops += len(x.graph.get_operations()) - ops_before
     return Result(value, False, work, mixed)
 
