@@ -51,6 +51,13 @@ TENSORFLOW_METHODS = (
   'Derivatives(method="auto")',
 )
 METHODS = (*TENSORFLOW_METHODS, JAX)
+# The methods of `compare_space_time` but JAX.
+SPACE_TIME_METHODS = (
+  "tf.gradients",
+  "tf1hess.Derivatives",
+  "Derivatives after an entry",
+)
+SPACE_TIME_PEERS = ("tf.gradients", "Derivatives after an entry", JAX)
 
 
 def _source(x, d, sin):
@@ -76,10 +83,24 @@ def _weight_gradient(laplacian, x, d, weights):
   return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 
 
+def _tanh_network(params, h, tanh):
+  """The tanh network of `params` (kernels and biases in turn) on `h`, by
+  `tanh` (`tf.tanh` on a batch, `jnp.tanh` on one point)."""
+  for layer in range(0, len(params), 2):
+    h = h @ params[layer] + params[layer + 1]
+    if layer + 2 < len(params):
+      h = tanh(h)
+  return h
+
+
+def _jax_ready():
+  return all(importlib.util.find_spec(m) for m in ("jax", "folx"))
+
+
 def _jax_functions(weights, d):
   """The quantities of JAX on the network of `weights` (the values of the
   kernels and biases in order), or `None` without `jax` and `folx`."""
-  if not all(importlib.util.find_spec(m) for m in ("jax", "folx")):
+  if not _jax_ready():
     return None
   # pylint: disable=g-import-not-at-top
   import folx
@@ -89,12 +110,7 @@ def _jax_functions(weights, d):
   params = [jnp.asarray(w) for w in weights]
 
   def net(params, point):
-    h = point
-    for layer in range(0, len(params), 2):
-      h = h @ params[layer] + params[layer + 1]
-      if layer + 2 < len(params):
-        h = jnp.tanh(h)
-    return h[0]
+    return _tanh_network(params, point, jnp.tanh)[0]
 
   def laplacians(params, points):
     def one(point):
@@ -179,44 +195,134 @@ def compare(d, batch_size, runs, seed=0):
       return sess.run(fetches[quantity, method], feed)
 
     for quantity in QUANTITIES:
-      reference = sess.run(fetches[quantity, "dde.grad"], feed)
-      times = {}
-      diffs = {}
-      for method in methods:
-        out = run(quantity, method)  # warm-up (JAX: compiles)
-        diffs[method] = float(np.max(np.abs(out - reference)))
-        times[method] = []
-      for _ in range(runs):
-        for method in methods:
-          start = time.perf_counter()
-          run(quantity, method)
-          times[method].append(time.perf_counter() - start)
-      for method in methods:
-        rows.append(
-          {
-            "d": d,
-            "quantity": quantity,
-            "method": method,
-            "ms": 1e3 * float(np.median(times[method])),
-            "min_ms": 1e3 * float(np.min(times[method])),
-            "max_abs_diff": diffs[method],
-          }
-        )
+      rows += _timed(
+        d, quantity, lambda m, q=quantity: run(q, m), methods, runs
+      )
   return rows
 
 
-def format_table(rows):
-  """A Markdown table: one line per (d, quantity), ratios to `dde.grad`.
+def _timed(d, quantity, run, methods, runs):
+  """The rows of `compare`: each of `methods` run (`run(method)` returns
+  its value) once to warm up and be checked against the first's, then
+  `runs` times in turns."""
+  reference = run(methods[0])
+  times = {}
+  diffs = {}
+  for method in methods:
+    out = run(method)  # warm-up (JAX: compiles)
+    diffs[method] = float(np.max(np.abs(out - reference)))
+    times[method] = []
+  for _ in range(runs):
+    for method in methods:
+      start = time.perf_counter()
+      run(method)
+      times[method].append(time.perf_counter() - start)
+  return [
+    {
+      "d": d,
+      "quantity": quantity,
+      "method": method,
+      "ms": 1e3 * float(np.median(times[method])),
+      "min_ms": 1e3 * float(np.min(times[method])),
+      "max_abs_diff": diffs[method],
+    }
+    for method in methods
+  ]
 
-  Times are "median (fastest)" in ms ("n/a": JAX not installed); the ratios
-  are `dde.grad`'s and JAX's time over `tf1hess.Derivatives`' for the
-  medians and (in parentheses) the fastest runs, which a busy machine
-  disturbs less.
+
+def compare_space_time(d, batch_size, runs, seed=0):
+  """Times the joint Hessian of a network of space and time placeholders.
+
+  The hand-written physics-informed network of TF1 code: `x` `(N, d)` and
+  `t` `(N, 1)` placeholders, `u` a tanh network `[d + 1] + [64] * 3 + [1]`
+  (Glorot-normal weights of `seed`, in variables) of their concatenation,
+  and its per-sample Hessian over `[x, t]`, `(N, d + 1, d + 1)` with the
+  cross entries `u_xt`, by:
+
+  * `tf.gradients`: the textbook code, one backward pass per row of the
+    gradient over `[x, t]` (as `dde.grad.hessian` builds them);
+  * `tf1hess.Derivatives`: `Derivatives(u, [x, t]).hessian()` asked first
+    (the forward engine over a copy of the network that reads `[x, t]` as
+    one tensor, where it applies);
+  * `Derivatives after an entry`: the same asked after an entry (`u_xt`),
+    which stacks the cache's own rows;
+  * JAX, where installed: `jit(vmap(hessian))` of the same network on the
+    concatenated points.
+
+  Args:
+    d: `int`, the features of `x`.
+    batch_size, runs, seed: as in `compare`.
+
+  Returns:
+    The rows of `compare`, of quantity "joint hessian".
   """
+  rng = np.random.default_rng(seed)
+  sizes = [d + 1] + [64] * 3 + [1]
+  weights = []
+  for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    scale = np.sqrt(2.0 / (fan_in + fan_out))
+    weights += [
+      (scale * rng.normal(size=(fan_in, fan_out))).astype(np.float32),
+      np.zeros(fan_out, np.float32),
+    ]
+  graph = tf.Graph()
+  with graph.as_default():
+    x = tf.compat.v1.placeholder(tf.float32, [None, d], name="x")
+    t = tf.compat.v1.placeholder(tf.float32, [None, 1], name="t")
+    params = [tf.compat.v1.Variable(w) for w in weights]
+    u = _tanh_network(params, tf.concat([x, t], 1), tf.tanh)
+    gradient = tf.concat(tf.gradients(u, [x, t]), 1)
+    rows = [
+      tf.concat(tf.gradients(gradient[:, i], [x, t]), 1) for i in range(d + 1)
+    ]
+    entry_first = tf1hess.Derivatives(u, [x, t])
+    entry_first.hessian(0, d)
+    fetches = {
+      "tf.gradients": tf.stack(rows, 1),
+      "tf1hess.Derivatives": tf1hess.Derivatives(u, [x, t]).hessian(),
+      "Derivatives after an entry": entry_first.hessian(),
+    }
+    init = tf.compat.v1.global_variables_initializer()
+  points = rng.uniform(-1, 1, (batch_size, d + 1)).astype(np.float32)
+  feed = {x: points[:, :d], t: points[:, d:]}
+  methods = SPACE_TIME_METHODS
+  if _jax_ready():
+    # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+
+    def net(point):
+      return _tanh_network([jnp.asarray(w) for w in weights], point, jnp.tanh)[
+        0
+      ]
+
+    jax_hessian = jax.jit(jax.vmap(jax.hessian(net)))
+    methods += (JAX,)
+  with tf.compat.v1.Session(graph=graph) as sess:
+    sess.run(init)
+
+    def run(method):
+      if method == JAX:
+        return np.asarray(jax_hessian(points).block_until_ready())
+      return sess.run(fetches[method], feed)
+
+    return _timed(d, "joint hessian", run, methods, runs)
+
+
+def format_table(rows, methods=METHODS, peers=("dde.grad", JAX)):
+  """A Markdown table: one line per (d, quantity), ratios to `peers`.
+
+  Times of `methods` are "median (fastest)" in ms ("n/a": JAX not
+  installed); the ratios are each peer's time over `tf1hess.Derivatives`'
+  for the medians and (in parentheses) the fastest runs, which a busy
+  machine disturbs less. `compare_space_time`'s rows take
+  `SPACE_TIME_METHODS + (JAX,)` and `SPACE_TIME_PEERS`.
+  """
+  ratios = " | ".join(f"{peer} / Derivatives" for peer in peers)
   lines = [
-    "| d | quantity | " + " | ".join(f"{m} (ms)" for m in METHODS) + " | "
-    "dde.grad / Derivatives | JAX / Derivatives |",
-    "|---" * (len(METHODS) + 4) + "|",
+    "| d | quantity | " + " | ".join(f"{m} (ms)" for m in methods) + " | "
+    f"{ratios} |",
+    "|---" * (len(methods) + len(peers) + 2) + "|",
   ]
   cases = {}
   for row in rows:
@@ -232,9 +338,8 @@ def format_table(rows):
       return f"{theirs[0] / ours[0]:.2f}x ({theirs[1] / ours[1]:.2f}x)"
 
     times = " | ".join(
-      f"{ms[m][0]:.1f} ({ms[m][1]:.1f})" if m in ms else "n/a" for m in METHODS
+      f"{ms[m][0]:.1f} ({ms[m][1]:.1f})" if m in ms else "n/a" for m in methods
     )
-    lines.append(
-      f"| {d} | {quantity} | {times} | {ratio('dde.grad')} | {ratio(JAX)} |"
-    )
+    ratios = " | ".join(ratio(peer) for peer in peers)
+    lines.append(f"| {d} | {quantity} | {times} | {ratios} |")
   return "\n".join(lines)

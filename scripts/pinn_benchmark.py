@@ -3,7 +3,10 @@ r"""Times `tf1hess.Derivatives` and `tf1hess.dde` against DeepXDE's `dde.grad`.
 On DeepXDE's own `FNN([d] + [64] * 3 + [1], "tanh")` (backend
 `tensorflow.compat.v1`), the full Hessian and the Laplacian by each of them,
 in one session, checked against `dde.grad` and timed in turns; the work is
-`benchmarks/pinn.py`.
+`benchmarks/pinn.py`. Then, on a hand-written network of `x` `(N, d)` and
+`t` `(N, 1)` placeholders, the joint Hessian over `[x, t]` (cross entries
+`u_xt` included) by `tf.gradients`, `tf1hess.Derivatives` and JAX
+(`--space_time_dims`; empty to skip).
 
   python scripts/pinn_benchmark.py --dims=2,5,10,20 --batch_size=4096
 """
@@ -25,10 +28,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from benchmarks import pinn
 from benchmarks.pinn import compare  # noqa: F401  (tests/deepxde_checks.py)
+from benchmarks.pinn import compare_space_time  # noqa: F401
 from benchmarks.pinn import format_table  # noqa: F401
 
 _DIMS = flags.DEFINE_list("dims", ["2", "5", "10", "20"], "Input dimensions.")
+_SPACE_TIME_DIMS = flags.DEFINE_list(
+  "space_time_dims", ["1", "2", "3"], "Features of `x` beside `t`."
+)
 _BATCH_SIZE = flags.DEFINE_integer(
   "batch_size", 4096, "Points per run.", lower_bound=1
 )
@@ -44,7 +52,16 @@ def main(argv):
   for d in (int(v) for v in _DIMS.value):
     logging.info("d = %d", d)
     rows.extend(compare(d, _BATCH_SIZE.value, _RUNS.value))
-  print(format_table(rows))
+  if rows:
+    print(format_table(rows))
+  rows = []
+  for d in (int(v) for v in _SPACE_TIME_DIMS.value):
+    logging.info("[x (N, %d), t]", d)
+    rows.extend(compare_space_time(d, _BATCH_SIZE.value, _RUNS.value))
+  if rows:
+    methods = (*pinn.SPACE_TIME_METHODS, pinn.JAX)
+    print()
+    print(format_table(rows, methods, pinn.SPACE_TIME_PEERS))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from benchmarks import goals  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks import methods  # noqa: E402
 from benchmarks import models  # noqa: E402
+from benchmarks import pinn  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks import suites  # noqa: E402
 
@@ -579,6 +580,30 @@ class MainTest(tf.test.TestCase):
       self._error(chunk_cases=["tanh_mlp:256x16"]),
       r"^benchmark.py: error: `chunk_cases` entries must be like .*256x16'",
     )
+
+
+class SpaceTimeTest(tf.test.TestCase):
+  """`benchmarks.pinn.compare_space_time` and its table."""
+
+  def test_every_method_is_checked_against_tf_gradients_and_timed(self):
+    rows = pinn.compare_space_time(d=2, batch_size=16, runs=2)
+    jax = _HAVE["jax"] and _HAVE["folx"]
+    self.assertEqual(
+      [row["method"] for row in rows],
+      list(pinn.SPACE_TIME_METHODS) + ([pinn.JAX] if jax else []),
+    )
+    for row in rows:
+      self.assertEqual((row["d"], row["quantity"]), (2, "joint hessian"))
+      self.assertLess(row["max_abs_diff"], 1e-4, row)
+      self.assertGreater(row["ms"], 0.0)
+      self.assertLessEqual(row["min_ms"], row["ms"])
+    methods = (*pinn.SPACE_TIME_METHODS, pinn.JAX)
+    table = pinn.format_table(rows, methods, pinn.SPACE_TIME_PEERS)
+    table = table.splitlines()
+    self.assertLen(table, 3)
+    self.assertIn("| tf.gradients / Derivatives |", table[0])
+    self.assertIn("| 2 | joint hessian |", table[2])
+    self.assertEqual(table[2].count("n/a"), 0 if jax else 2)
 
 
 if __name__ == "__main__":

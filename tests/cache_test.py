@@ -4,12 +4,18 @@ References: nested `tf.gradients` of each output, entry by entry, in the
 same graph; the analytic derivatives of a polynomial.
 """
 
+from unittest import mock
+
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
 import testing_utils
 import tf1hess
+from tf1hess import _core
+from tf1hess import finite_differences
+from tf1hess import per_output
+from tf1hess.forward import dispatch
 
 _RNG = np.random.default_rng(0)
 _W1 = _RNG.normal(size=(3, 5))
@@ -42,15 +48,17 @@ def _num_ops():
   return len(tf.compat.v1.get_default_graph().get_operations())
 
 
+def _graph():
+  """`x (N, 2)`, `t (N, 1)`, `_model` of them and a feed of 5 samples."""
+  x = tf.compat.v1.placeholder(tf.float64, [None, 2])
+  t = tf.compat.v1.placeholder(tf.float64, [None, 1])
+  feed = {x: _RNG.normal(size=(5, 2)), t: _RNG.normal(size=(5, 1))}
+  return x, t, _model(x, t), feed
+
+
 class ValuesTest(
   tf.test.TestCase, parameterized.TestCase, testing_utils.ControlFlowMixin
 ):
-  def _graph(self):
-    x = tf.compat.v1.placeholder(tf.float64, [None, 2])
-    t = tf.compat.v1.placeholder(tf.float64, [None, 1])
-    feed = {x: _RNG.normal(size=(5, 2)), t: _RNG.normal(size=(5, 1))}
-    return x, t, _model(x, t), feed
-
   @parameterized.parameters(
     (1, False, None),
     (1, True, "auto"),
@@ -62,7 +70,7 @@ class ValuesTest(
   def test_every_quantity_matches_tf_gradients(self, cf, full_first, method):
     self.control_flow(cf)
     with tf.Graph().as_default():
-      x, t, y, feed = self._graph()
+      x, t, y, feed = _graph()
       d = tf1hess.Derivatives(y, [x, t], method=method)
       self.assertEqual((d.num_outputs, d.num_features), (2, 3))
       if full_first:
@@ -282,6 +290,99 @@ class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
       x = tf.compat.v1.placeholder(tf.float32, [None, 2])
       with self.assertRaisesRegex(ValueError, "`ys` must be one tensor"):
         tf1hess.Derivatives([x, x], x)
+
+
+class SeveralInputsTest(
+  tf.test.TestCase, parameterized.TestCase, testing_utils.ControlFlowMixin
+):
+  """The Hessian over several inputs, cross blocks included."""
+
+  @parameterized.parameters(1, 2)
+  def test_full_hessian_of_several_inputs_takes_one_walk(self, cf):
+    # `[x, t]` read as one tensor by a copy of the model: the engine's walk
+    # gives the cross blocks, with no rows over the inputs.
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x, t, y, feed = _graph()
+      d = tf1hess.Derivatives(y, [x, t], method="forward")
+      with (
+        mock.patch.object(
+          per_output, "joint_hessian_rows", side_effect=AssertionError
+        ),
+        mock.patch.object(_core, "stack_rows", side_effect=AssertionError),
+      ):
+        full = [d.hessian(component=c) for c in range(2)]
+        entry = d.hessian(2, 0, component=1)
+        joint = tf1hess.batch_output_hessians(y, [x, t], method="forward")
+      _, hessians = _references(y, [x, t])
+      with tf.compat.v1.Session() as sess:
+        full, entry, joint, hessians = sess.run(
+          [full, entry, joint, hessians], feed
+        )
+    for c in range(2):
+      self.assertAllClose(full[c], hessians[c])
+      blocks = [[joint[a][b][:, c] for b in range(2)] for a in range(2)]
+      self.assertAllClose(np.block(blocks), hessians[c])
+    self.assertAllClose(entry, hessians[1][:, 2, 0:1])
+
+  def test_several_inputs_through_a_loop_take_one_walk(self):
+    # A control flow v1 `dynamic_rnn` over `[x, t]`: TensorFlow has no
+    # second derivatives of the loop, the walk of the unrolled copy does.
+    # Reference: central differences over the joint input.
+    self.control_flow(1)
+    x_val = _RNG.normal(size=(3, 4))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      t = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      seq = tf.reshape(tf.concat([x, t], 1), [-1, 3, 2])
+      cell = tf.compat.v1.nn.rnn_cell.GRUCell(
+        4, kernel_initializer=tf.compat.v1.initializers.glorot_uniform(seed=1)
+      )
+      out, _ = tf.compat.v1.nn.dynamic_rnn(cell, seq, dtype=tf.float64)
+      y = tf.reduce_sum(out[:, -1] ** 2, 1, keepdims=True)
+      h = tf1hess.Derivatives(y, [x, t]).hessian()
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+
+        def values(batch):
+          return sess.run(y, {x: batch[:, :4], t: batch[:, 4:]})
+
+        batch = np.concatenate([x_val, _RNG.normal(size=(3, 2))], 1)
+        h_val = sess.run(h, {x: batch[:, :4], t: batch[:, 4:]})
+        reference = finite_differences.finite_difference_hessians(values, batch)
+    self.assertAllClose(h_val, reference, atol=1e-6, rtol=1e-6)
+
+  def test_inputs_the_copy_cannot_stand_for_take_the_rows(self):
+    # An input computed from another (the copy would hold it fixed), an op
+    # whose gradient is overridden (a copy's gradient would read the
+    # model), a random op (a copy would draw again): the rows over the
+    # inputs, as `tf.gradients` takes them.
+    @tf.custom_gradient
+    def cube(v):
+      return v**3, lambda dy: dy * 3 * v**2
+
+    models = {
+      "dependent": lambda x, t: (x, tf.sin(x[:, :1]) + t),
+      "custom": lambda x, t: (cube(x), t),
+      "random": lambda x, t: (tf.nn.dropout(x, rate=0.5, seed=1), t),
+    }
+    plan = tf1hess.Plan(method="auto")
+    for name, model in models.items():
+      with self.subTest(name), tf.Graph().as_default():
+        x, t, _, feed = _graph()
+        inputs = [x, t]
+        a, b = model(x, t)
+        if name == "dependent":
+          inputs = [x, b]
+        y = _model(a, b)
+        self.assertIsNone(dispatch.joint_input([y], inputs, plan))
+        if name == "random":
+          continue
+        h = tf1hess.Derivatives(y, inputs).hessian(component=0)
+        _, hessians = _references(y, inputs)
+        with tf.compat.v1.Session() as sess:
+          h, reference = sess.run([h, hessians[0]], feed)
+        self.assertAllClose(h, reference)
 
 
 if __name__ == "__main__":

@@ -999,7 +999,9 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
   def test_per_output_ops_and_derivatives_of_moments(self):
     # Two outputs of a layer normalization: the per-output ops and the
     # cache of PINN code, against differences of each output; over two
-    # inputs the joint rows are TensorFlow's, and say so.
+    # inputs the engine takes a copy of the model that reads them as one
+    # (exact), and the rows of `method="while_loop"` are TensorFlow's, and
+    # say so.
     x_val = np.random.default_rng(16).normal(size=(2, 12))
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 12])
@@ -1014,11 +1016,18 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
         "laplacian": d.laplacian(1),
       }
       t = tf.compat.v1.placeholder(tf.float64, [None, 1])
+      scaled = tf.reduce_sum(_layer_norm(x * t, [1])[:, :2] ** 2, 1)
+      joint = tf1hess.Derivatives(scaled, [x, t]).hessian()
       with self.assertLogs(level="WARNING") as logs:
-        tf1hess.batch_output_hessians(_layer_norm(x * t, [1])[:, :2], [x, t])
+        tf1hess.batch_output_hessians(scaled, [x, t], method="while_loop")
       self.assertIn("the rows over several inputs", "".join(logs.output))
       with tf.compat.v1.Session() as sess:
         got = sess.run(outs, {x: x_val})
+        xt_val = np.concatenate([x_val, [[0.7], [-1.3]]], 1)
+        got["joint"] = sess.run(joint, {x: xt_val[:, :12], t: xt_val[:, 12:]})
+        joint_hessians = finite_differences.finite_difference_hessians(
+          lambda b: sess.run(scaled, {x: b[:, :12], t: b[:, 12:]}), xt_val
+        )
         hessians = np.stack(
           [
             finite_differences.finite_difference_hessians(
@@ -1038,6 +1047,7 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(
       got["laplacian"][:, 0], np.einsum("nii->n", hessians[:, 1]), **tol
     )
+    self.assertAllClose(got["joint"], joint_hessians, **tol)
 
   def test_a_stop_gradient_read_otherwise_stays_a_stop(self):
     # The same variance, with the stopped mean also read as a constant:

@@ -81,14 +81,15 @@ class Derivatives:
   With `method=None` (the default) and at most `ROWS_MAX_FEATURES` joint
   features, the full Hessian and the diagonal of an output are the cache's
   own rows (one backward pass each) once an entry of that output has built
-  a row, so that they share the rows; so is the full Hessian over several
-  inputs. A full Hessian over one input, a diagonal or a Laplacian asked
-  before any entry comes from `tf1hess.batch_hessians` or
+  a row, so that they share the rows. A full Hessian, a diagonal or a
+  Laplacian asked before any entry comes from `tf1hess.batch_hessians` or
   `tf1hess.batch_hessian_diagonals` (`method="auto"`: the forward engine
   where it applies, without K backward passes), the faster for PINN-sized
-  networks (see `ROWS_MAX_FEATURES`). Beyond `ROWS_MAX_FEATURES`, and with
-  a `method` given, they are those ops (the rows of the package's row
-  machinery over the joint input, for several inputs).
+  networks (see `ROWS_MAX_FEATURES`); over several inputs, the full
+  Hessian is that op over a copy of the model that reads the joint input
+  as one tensor (`per_output.Problem.hessian`), or the cache's rows where
+  the model cannot be copied. Beyond `ROWS_MAX_FEATURES`, and with a
+  `method` given, they are those ops.
 
   A full Hessian built first serves every entry, diagonal and Laplacian
   after it for free. By default, entries built first build rows that a
@@ -258,7 +259,7 @@ class Derivatives:
     or of the full Hessian where TensorFlow's rows would miss curvature of
     one input (`tf.nn.moments`: the forward engine's is exact)."""
     full = self._hessian(c)
-    if full is None and self._rows_miss_moments() and len(self.xs) == 1:
+    if full is None and self._rows_miss_moments() and self._one_walk():
       full = self.hessian(component=c)
     if full is not None:
       return full[:, i]
@@ -340,15 +341,15 @@ class Derivatives:
   def _full_hessian(self, c):
     p = self._problem
     k = self.num_features
-    if self._own_rows() and (len(p.xs) > 1 or self._has_rows(c)):
+    if self._own_rows() and (self._has_rows(c) or not self._one_walk()):
       return self._stacked_rows(c, diagonal=False)
-    if len(p.xs) == 1:
-      h = ops.batch_hessians(p.output(c), p.xs[0], plan=self._plan)
-    else:
-      p.check_loops(2)
-      self._rows_miss_moments(warn=True)
-      h = per_output.joint_hessian_rows(self.gradient(c), p.xs, self._plan)
-    return p.reshape(h, [k, k])
+    return p.reshape(p.hessian(c), [k, k])
+
+  def _one_walk(self):
+    """Whether the full Hessians come from the engine's op over one tensor
+    (`per_output.Problem.hessian`): one input, or a copy of the model that
+    reads the joint input."""
+    return len(self.xs) == 1 or self._problem.joint is not None
 
   def diagonal(self, component=None):
     """The diagonal of the Hessian of output `component`, `(N, K)`.

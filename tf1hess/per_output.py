@@ -23,9 +23,12 @@ and the Laplacian its trace, summed over all of `xs`.
 The Jacobians are one build of the shared row machinery of the package (M
 rows, one backward pass each: vectorized, unrolled or looped, as `method`
 says). The Hessians of each output are `tf1hess.batch_hessians` of that
-output (one input), or the same rows over the joint input (several); the
-diagonals are `tf1hess.batch_hessian_diagonals` of each output. The forward
-pass is shared; each output takes its own K rows (see `_output_hessian`).
+output (one input), or, for several, `tf1hess.batch_hessians` of the
+output of a copy of the model that reads the joint input as one tensor
+(`dispatch.joint_input`: the engine takes it in one walk), or the same rows
+over the joint input where the model cannot be copied; the diagonals are
+`tf1hess.batch_hessian_diagonals` of each output. The forward pass is
+shared; each output takes its own K rows (see `_output_hessian`).
 """
 
 import tensorflow as tf
@@ -38,6 +41,7 @@ from tf1hess import plan as plan_lib
 from tf1hess.forward import dispatch
 
 _ZERO = tf.UnconnectedGradients.ZERO
+_UNBUILT = object()
 
 
 class Problem:
@@ -82,6 +86,7 @@ class Problem:
     self.n = _core.batch_size(self.xs[0])
     self._plan = plan
     self._model = None
+    self._joint = _UNBUILT
     self._checked = set()  # The orders `check_loops` passed.
     self._moments = None
 
@@ -95,6 +100,18 @@ class Problem:
       with self.y.graph.as_default():
         (self._model,) = dispatch.without_loops([self.y], self.xs, self._plan)
     return self._model
+
+  @property
+  def joint(self):
+    """`(z, model)` for several inputs: the inputs as one `(N, K)` tensor
+    and `y` computed from it (`dispatch.joint_input`), whose Hessians over
+    `z` hold the cross blocks, from one walk of the engine; or `None`, where
+    they are the rows over the inputs."""
+    if self._joint is _UNBUILT:
+      with self.y.graph.as_default():
+        found = dispatch.joint_input([self.y], self.xs, self._plan)
+      self._joint = None if found is None else (found[0], found[1][0])
+    return self._joint
 
   def check_loops(self, order):
     """Raises `ValueError` where a control flow v1 loop that is left in
@@ -118,12 +135,26 @@ class Problem:
     between = ops.ops_between([self.model], self.xs)
     return any(control_flow_util.IsLoopEnter(op) for op in between)
 
-  def output(self, m):
-    """Output `m` of every sample, `(N,)`."""
-    if self.model.shape.rank == 1:
-      return self.model
-    n = _core.batch_size(self.model)
-    return _core.flatten_samples(self.model, n, self.num_outputs)[:, m]
+  def output(self, m, model=None):
+    """Output `m` of every sample of `model` (default `model`), `(N,)`."""
+    model = self.model if model is None else model
+    if model.shape.rank == 1:
+      return model
+    n = _core.batch_size(model)
+    return _core.flatten_samples(model, n, self.num_outputs)[:, m]
+
+  def hessian(self, m):
+    """The Hessian `(N, K, K)` of output `m` over the joint input: of one
+    input or of `joint` by `tf1hess.batch_hessians`, else the rows over the
+    inputs."""
+    if len(self.xs) == 1:
+      return ops.batch_hessians(self.output(m), self.xs[0], plan=self._plan)
+    if self.joint is not None:
+      z, model = self.joint
+      return ops.batch_hessians(self.output(m, model), z, plan=self._plan)
+    self.check_loops(2)
+    self.rows_miss_moments(warn=True)
+    return joint_hessian_rows(self.gradient(m), self.xs, self._plan)
 
   def gradient(self, m):
     """The gradient of output `m` over the joint input, `(N, K)`."""
@@ -274,7 +305,7 @@ def _split(t, sizes, axis):
   return tf.split(t, sizes, axis=axis)
 
 
-def _output_hessian(p, m, plan):
+def _output_hessian(p, m):
   """The Hessian `(N, K, K)` of output `m` over the joint input of `p`.
 
   Each output takes its own K rows: rows of the gradients of all outputs
@@ -283,13 +314,7 @@ def _output_hessian(p, m, plan):
   with 3 outputs (K = 5 and 10, N = 4096).
   """
   k = sum(p.x_cols)
-  if len(p.xs) == 1:
-    h = ops.batch_hessians(p.output(m), p.xs[0], plan=plan)
-  else:
-    p.check_loops(2)
-    p.rows_miss_moments(warn=True)
-    h = joint_hessian_rows(p.gradient(m), p.xs, plan)
-  return tf.reshape(h, p.shape([k, k]))
+  return tf.reshape(p.hessian(m), p.shape([k, k]))
 
 
 def batch_output_hessians(
@@ -341,7 +366,7 @@ def batch_output_hessians(
     p = Problem(ys, xs, "batch_output_hessians", plan)
     k = sum(p.x_cols)
     rows = tf.stack(
-      [_output_hessian(p, m, plan) for m in range(p.num_outputs)],
+      [_output_hessian(p, m) for m in range(p.num_outputs)],
       axis=1,
     )  # (N, M, K, K)
     if not p.was_sequence:

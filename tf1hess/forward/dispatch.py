@@ -753,6 +753,61 @@ def without_loops(ys, xs, plan):
     return ys
 
 
+def joint_input(ys, xs, plan):
+  """`(z, copies)`: the inputs `xs` as one input, and `ys` computed from it.
+
+  `z` is `(N, K)`, the flattened features of `xs` (a list of `(N, d...)`
+  with static feature dimensions) concatenated in their order, and `copies`
+  are `ys` copied with each input replaced by its columns of `z` (and the
+  loops between unrolled, as `without_loops`). The per-sample Hessian of a
+  copy over `z` holds the cross blocks between the inputs, and the engine,
+  which walks from one tensor, takes it in one walk instead of `K` rows.
+
+  `None` where `plan` does not take the engine, where the inputs are not
+  distinct graph tensors of one dtype, where an input depends on another
+  (the copies would hold it fixed), where an op between has its
+  gradient overridden (a copy's gradient would read the model's tensors),
+  or where a loop or call between cannot be copied (`loops.unrolled`); the
+  rows over the inputs then differentiate `ys`.
+  """
+  if not plan.may_take_engine or len(xs) < 2:
+    return None
+  if not all(isinstance(x, tf.Tensor) and hasattr(x, "op") for x in xs):
+    return None
+  if (
+    len({conds.key(x) for x in xs}) < len(xs) or len({x.dtype for x in xs}) > 1
+  ):
+    return None
+  path = [op for x in xs for op in engine.path_ops(x, ys)]
+  if any(engine.path_ops(a, [b]) for a in xs for b in xs if a is not b):
+    return None
+  if any(engine.gradient_overridden(op) for op in path):
+    return None
+  n = _core.batch_size(xs[0])
+  cols = [x.shape[1:].num_elements() for x in xs]
+  with tf.compat.v1.name_scope(SCOPE):
+    z = tf.concat([_core.flatten_samples(x, n, k) for x, k in zip(xs, cols)], 1)
+    parts = tf.split(z, cols, axis=1)
+    values = [
+      tf.reshape(part, [-1] + x.shape[1:].as_list())
+      for x, part in zip(xs, parts)
+    ]
+    try:
+      copies = loops.unrolled(xs, ys, path, plan.max_unrolled_ops, values)
+    except engine.Unsupported:
+      return None
+  # Where a copy reads the model's tensors that depend on `xs`, some of the
+  # model was not copied, and the Hessians over `z` would miss its terms.
+  model = {conds.key(t) for op in path for t in op.outputs}
+  model.update(conds.key(x) for x in xs)
+  read = list(copies) + [
+    t for op in engine.path_ops(z, copies) for t in op.inputs
+  ]
+  if any(conds.key(t) in model for t in read):
+    return None
+  return z, copies
+
+
 def try_forward(ys, x, grad, mode, plan, unconnected, rows):
   """`(result, True)` from the engine for `x`, or `(None, False)` for rows.
 

@@ -881,7 +881,7 @@ def _identity_jacobian(x, k):
   )
 
 
-def _gradient_overridden(op):
+def gradient_overridden(op):
   """Whether `op` has a gradient of its own that its rule may not match
   (`tf.custom_gradient`, `gradient_override_map`)."""
   return registry.gradient_overridden(op) and not (
@@ -971,7 +971,7 @@ def second_derivatives(ys, x, mode):
     rule = registry.RULES.get(op.type)
     if rule is None:
       raise Unsupported(f"no forward rule for op type {op.type} ({op.name})")
-    if _gradient_overridden(op):
+    if gradient_overridden(op):
       raise Unsupported(
         f"{op.type} ({op.name}) has its gradient overridden "
         "(gradient_override_map): its rule would not match its gradient"

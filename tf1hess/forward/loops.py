@@ -85,10 +85,13 @@ def _loop_of(context):
   return context
 
 
-def unrolled(xs, ys, path, max_ops):
+def unrolled(xs, ys, path, max_ops, values=None):
   """The copies of `ys` with the loops of `path` (the walk's ops from `xs`,
   a `Tensor` or a list, to `ys`) unrolled and its function calls inlined
   (see module), in the current graph.
+
+  With `values` (a `Tensor` per input), the copies compute `ys` from them in
+  place of `xs`: every op that reads one is copied too.
 
   Raises:
     registry.Unsupported: where a loop's number of iterations is not known
@@ -107,6 +110,8 @@ def unrolled(xs, ys, path, max_ops):
   unroller = _Unroller(
     xs, [op for op in path if op.type in WHILE | CALLS] + contexts, max_ops
   )
+  for x, value in zip(xs, values or ()):
+    unroller.replace(x, value)
   for op in unroller.order(ys):
     unroller.visit(op, inner=False)
   copies = [unroller.value(y) for y in ys]
@@ -402,6 +407,10 @@ class _Unroller:
     self._read.update(conds.key(t) for t in outputs)
     return ops
 
+  def replace(self, t, value):
+    """Makes `value` the copy of `t`."""
+    self._mapped[conds.key(t)] = value
+
   def value(self, t):
     """The copy of `t`, or `t` itself where it was not copied."""
     return self._mapped.get(conds.key(t), t)
@@ -475,7 +484,7 @@ class _Unroller:
     """The copies of `outputs` of the function `graph` on `values` (its
     inputs' copies)."""
     for inner, value in zip(graph.inputs, values):
-      self._mapped[conds.key(inner)] = value
+      self.replace(inner, value)
     inputs = {conds.key(t) for t in graph.inputs}
     for op in self.order(outputs):
       if not op.outputs or conds.key(op.outputs[0]) not in inputs:
