@@ -139,22 +139,35 @@ def _derivatives(
       ys = fn(x)
       for y in _checks.as_list(ys)[0]:
         _checks.check_float(tf.convert_to_tensor(y), "fn(x)")
-      if order == 2 and plan.method == "auto" and _misses_moments(fn, x):
-        # The tapes' second derivatives would miss the curvature through
-        # the mean of tf.nn.moments; the engine's are exact.
-        return walked()
-      grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
-      if grad is None or order == 1:
-        return grad
-      return _core.per_sample_derivatives(
-        x,
-        grad,
-        lambda level: tapes.gradient_fn(level, unconnected),
-        order,
-        plan,
-        diagonal=diagonal,
-        check_independence=check_independence,
-      )
+      fail = order == 2 and _tapes_fail(fn, x)
+      if fail and plan.method != "auto":
+        _core.warn_once(
+          None,
+          "tf1hess: TensorFlow's second derivatives of the function are wrong"
+          " or missing here (a max pool that keeps its input's shape, a"
+          " bilinear resize, a Euclidean norm, tf.nn.moments, ...), and"
+          f" method={plan.method!r} takes them; method='auto' takes the"
+          " forward engine, exact there.",
+        )
+      if not fail or plan.method != "auto":
+        grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
+        if grad is None or order == 1:
+          return grad
+        return _core.per_sample_derivatives(
+          x,
+          grad,
+          lambda level: tapes.gradient_fn(level, unconnected),
+          order,
+          plan,
+          diagonal=diagonal,
+          check_independence=check_independence,
+        )
+    # The tapes' second derivatives would be wrong or fail (the curvature
+    # through the mean of tf.nn.moments, a bilinear resize, ...); the
+    # engine's are exact. Built after the tapes stop: a function called
+    # while they record is differentiated, through ops that TensorFlow may
+    # have no gradient of.
+    return walked()
   except (LookupError, TypeError) as e:
     # TensorFlow has no gradient of an op of the first derivative (the
     # gradient of `tf.nn.softsign` has none), or one that cannot take the
@@ -171,29 +184,39 @@ def _derivatives(
 
 
 # Per function (weakly held): its input signatures and whether TensorFlow's
-# second derivatives of it miss curvature through `tf.nn.moments`.
-_MOMENTS = weakref.WeakKeyDictionary()
+# second derivatives of it fail (`_tapes_fail`).
+_TRACED = weakref.WeakKeyDictionary()
 
 
-def _misses_moments(fn, x):
-  """Whether TensorFlow's second derivatives of `fn` at inputs like `x` miss
-  the curvature through the mean that `tf.nn.moments` stops
-  (`dispatch.rows_miss_moments`), executing eagerly: from a trace of `fn`
-  (once per function and signature, after `fn` has run, so that its
-  variables exist). `False` where `fn` cannot be traced."""
+def _tapes_fail(fn, x):
+  """Whether TensorFlow's second derivatives of `fn` at inputs like `x` are
+  wrong or cannot be built (`dispatch.tensorflow_fails`: the curvature
+  through the mean that `tf.nn.moments` stops, a bilinear resize, a
+  Euclidean norm, the gradient of `tf.nn.softsign`, ...), executing
+  eagerly: from a trace of `fn` and its gradient (once per function and
+  signature, after `fn` has run, so that its variables exist). `False`
+  where `fn` cannot be traced."""
   if not tf.executing_eagerly():
     return False
   spec = tf.TensorSpec([None, *x.shape[1:]], x.dtype)
   try:
-    seen = _MOMENTS.setdefault(fn, {})
+    seen = _TRACED.setdefault(fn, {})
   except TypeError:  # Not weakly referenceable: traced every call.
     seen = {}
   if spec not in seen:
-    try:
-      traced = tf.function(fn, autograph=False).get_concrete_function(spec)
-      seen[spec] = forward_dispatch.rows_miss_moments(
-        traced.outputs, traced.inputs[:1]
+    found = []
+
+    def trace(inputs):
+      ys, _ = _checks.as_list(fn(inputs))
+      (grad,) = tf.gradients(ys, inputs)
+      found.append(
+        grad is not None and forward_dispatch.tensorflow_fails(ys, inputs, grad)
       )
+      return ys
+
+    try:
+      tf.function(trace, autograph=False).get_concrete_function(spec)
+      seen[spec] = found[-1]
     except Exception:  # pylint: disable=broad-except
       seen[spec] = False
   return seen[spec]
@@ -649,12 +672,13 @@ def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
     )
   with _Tapes(x, 2) as tapes:
     ys = fn(x)
-    if _misses_moments(fn, x):
-      # Exact where the tapes' products would not be (see above).
-      return tf.function(batch_hessian_vector_products, autograph=False)(
-        fn, tf.convert_to_tensor(x), v, unconnected_gradients
-      )
-    grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
-    if grad is None:
-      return None
-    return tapes.gradient_fn(2, unconnected)(grad, v)
+    if not _tapes_fail(fn, x):
+      grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
+      if grad is None:
+        return None
+      return tapes.gradient_fn(2, unconnected)(grad, v)
+  # Exact where the tapes' products would not be, after the tapes stop
+  # (see `_derivatives`).
+  return tf.function(batch_hessian_vector_products, autograph=False)(
+    fn, tf.convert_to_tensor(x), v, unconnected_gradients
+  )

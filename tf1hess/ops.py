@@ -620,9 +620,11 @@ def batch_hessian_vector_products(
 
   One extra backward pass through the gradient, no loop over features:
   `tf.gradients(grad, x, grad_ys=v)`. Where TensorFlow's second derivatives
-  miss curvature (the mean that `tf.nn.moments` stops in its variance, as
-  layer normalization uses it), `H v` of the forward engine's Hessian
-  instead (docs/forward.md).
+  are wrong or missing (the mean that `tf.nn.moments` stops in its
+  variance, as layer normalization uses it; max pools that keep their
+  input's shape; bilinear resizes; Euclidean norms; the gradient of
+  `tf.nn.softsign`), `H v` of the forward engine's Hessian instead, at the
+  cost of the full Hessian (docs/forward.md).
 
   Args:
     ys: as in `batch_hessians`.
@@ -681,28 +683,36 @@ def batch_hessian_vector_products(
       if g is None:
         results.append(None)
         continue
-      hv = _through_moments(model, x, v)
+      hv = _exact_products(model, x, g, v)
       if hv is None:
         (hv,) = tf.gradients(g, x, grad_ys=v, unconnected_gradients=unconnected)
       results.append(hv)
     return _checks.restore_structure(results, was_sequence)
 
 
-def _through_moments(model, x, v):
-  """`H v` from the engine's Hessian of `model` where TensorFlow's second
-  derivatives miss curvature through `tf.nn.moments`
-  (`dispatch.rows_miss_moments`: a layer normalization built on it), else
-  `None`; warns once where the engine cannot follow the model either.
+def _exact_products(model, x, grad, v):
+  """`H v` from the engine's Hessian of `model` where TensorFlow's backward
+  pass through `grad` would be wrong or cannot be built
+  (`dispatch.tensorflow_fails`: max pools that keep their input's shape,
+  bilinear resizes, Euclidean norms, `tf.nn.moments`, the gradient of
+  `tf.nn.softsign`, ...), else `None`.
 
-  Exact, at the cost of the full Hessian (K^2 entries per sample) where
-  the backward pass would be wrong.
+  Exact, at the cost of the full Hessian (K^2 entries per sample) where the
+  backward pass is not. Where the engine cannot follow the model either,
+  `None`, with a warning (once) of what the backward pass misses.
   """
-  if not dispatch.rows_miss_moments(model, [x]):
+  if not dispatch.tensorflow_fails(model, x, grad):
     return None
   try:
     h = batch_hessians(model, x, method="forward")
-  except ValueError:
-    dispatch.warn_of_moments(x.graph, "Hessian-vector products")
+  except ValueError as e:
+    dispatch.warn_of_inexact_rows(
+      model,
+      x,
+      grad,
+      f"the Hessian-vector products for {x.name}",
+      f" the forward engine, exact there, cannot follow the model: {e}",
+    )
     return None
   shape = tf.shape(x)
   k = tf.reduce_prod(shape[1:])

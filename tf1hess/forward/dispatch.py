@@ -225,9 +225,10 @@ def rows_can_differentiate(x, grad):
 
 # Gradients whose TensorFlow gradient (the rows' second derivative) is
 # wrong, with what the rows' warning says of it:
-# - `MaxPoolGradGrad` of a max pool with stride 1 and SAME padding, or of
-#   a 1 x 1 pool, differs from float64 differences by as much as the
-#   Hessian itself;
+# - `MaxPoolGradGrad` of a max pool whose output has its input's shape
+#   (stride 1 with SAME padding, 1 x 1 windows of stride 1; 2-D and 3-D)
+#   differs from the engine's Hessians and float64 differences by as much
+#   as the Hessian itself; of other pools it is right (`_inexact`);
 # - TensorFlow declares `ResizeBilinearGrad` not differentiable: the rows
 #   take the second derivative through a bilinear resize as 0 (off by half
 #   the Hessian on a tanh layer, resize and sine); older TensorFlow (2.12)
@@ -246,9 +247,10 @@ def rows_can_differentiate(x, grad):
 # and moments are exact there.
 _MAX_POOL_GRAD = (
   "a max pool's gradient with TensorFlow's gradient of it (MaxPoolGradGrad,"
-  " MaxPool3DGradGrad), which is wrong for 1 x 1 pools and pools of stride"
-  " 1 with SAME padding"
+  " MaxPool3DGradGrad), which is wrong where the pool keeps its input's"
+  " shape (stride 1 with SAME padding, or 1 x 1 windows of stride 1)"
 )
+_MAX_POOL_GRADS = frozenset(["MaxPoolGrad", "MaxPoolGradV2", "MaxPool3DGrad"])
 _INEXACT_SECOND_DERIVATIVES = {
   "MaxPoolGrad": _MAX_POOL_GRAD,
   "MaxPoolGradV2": _MAX_POOL_GRAD,
@@ -273,11 +275,28 @@ def _gradient_graph_has(x, grad, op_types):
   return any(op.type in op_types for op in engine.path_ops(x, [grad]))
 
 
+def _inexact(op):
+  """Whether TensorFlow's gradient of `op`, of a type of
+  `_INEXACT_SECOND_DERIVATIVES`, is wrong: a max pool's gradient's only
+  where the pool's output has the shape of its input (or a shape not
+  known)."""
+  if op.type not in _MAX_POOL_GRADS:
+    return True
+  original, pooled = op.inputs[0].shape[1:], op.inputs[1].shape[1:]
+  known = original.is_fully_defined() and pooled.is_fully_defined()
+  return not known or original == pooled
+
+
 def _inexact_gradients(ys, x, grad):
-  """The op types of `_INEXACT_SECOND_DERIVATIVES` from `x` to `grad`, and
-  `StopGradient` where `tf.nn.moments` stops one from `x` to `ys`."""
+  """The op types of `_INEXACT_SECOND_DERIVATIVES` from `x` to `grad` whose
+  gradient is wrong there (`_inexact`), and `StopGradient` where
+  `tf.nn.moments` stops one from `x` to `ys`."""
   path = engine.path_ops(x, [grad])
-  types = {op.type for op in path} & set(_INEXACT_SECOND_DERIVATIVES)
+  types = {
+    op.type
+    for op in path
+    if op.type in _INEXACT_SECOND_DERIVATIVES and _inexact(op)
+  }
   if engine.stopped_means(x, ys):
     types.add("StopGradient")
   return sorted(types)
@@ -305,6 +324,15 @@ def rows_are_exact(ys, x, grad):
   """Whether TensorFlow's gradients of the ops from `x` to `grad` are exact
   (see `_INEXACT_SECOND_DERIVATIVES`)."""
   return not _inexact_gradients(ys, x, grad)
+
+
+def tensorflow_fails(ys, x, grad):
+  """Whether TensorFlow's second derivatives of `ys` with respect to `x`
+  (its gradients of `grad`, the gradient of `sum(ys)`) are wrong
+  (`rows_are_exact`) or cannot be built (`rows_can_differentiate`): those
+  of the rows, the tapes and the backward pass of Hessian-vector
+  products."""
+  return not rows_can_differentiate(x, grad) or not rows_are_exact(ys, x, grad)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,7 +415,7 @@ def choose(ys, x, grad, mode, walked, plan=None):
     A `Choice`.
   """
   plan = plan or plan_lib.Plan()
-  if not rows_can_differentiate(x, grad) or not rows_are_exact(ys, x, grad):
+  if tensorflow_fails(ys, x, grad):
     return Choice(True)
   if mode != jacobians.HESSIAN:
     return Choice(_shortcut(x, grad, plan) is None)
@@ -786,7 +814,8 @@ def joint_input(ys, xs, plan):
   n = _core.batch_size(xs[0])
   cols = [x.shape[1:].num_elements() for x in xs]
   with tf.compat.v1.name_scope(SCOPE):
-    z = tf.concat([_core.flatten_samples(x, n, k) for x, k in zip(xs, cols)], 1)
+    flat = [_core.flatten_samples(x, n, k) for x, k in zip(xs, cols)]
+    z = tf.concat(flat, 1, name="joint_input")  # Named in warnings.
     parts = tf.split(z, cols, axis=1)
     values = [
       tf.reshape(part, [-1] + x.shape[1:].as_list())
@@ -847,9 +876,6 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
       f" the row loop differentiates{engine_too}."
     )
   if not result[1]:
-    reasons = {
-      _INEXACT_SECOND_DERIVATIVES[t] for t in _inexact_gradients(ys, x, grad)
-    }
     # Auto takes the engine wherever the rows are inexact (`choose`): here
     # it could not follow the model.
     engine_too = (
@@ -858,12 +884,21 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
       if plan.method == "auto"
       else " method='forward' is exact there, where it can follow the model"
     )
-    for reason in sorted(reasons):
-      _core.warn_once(
-        x.graph,
-        f"tf1hess: the rows for {x.name} differentiate {reason};{engine_too}.",
-      )
+    warn_of_inexact_rows(ys, x, grad, f"the rows for {x.name}", engine_too)
   return result
+
+
+def warn_of_inexact_rows(ys, x, grad, what, engine_too):
+  """Warns once per reason that `what`, TensorFlow's second derivatives of
+  `ys` through `grad`, inherit a wrong gradient of TensorFlow's
+  (`rows_are_exact`); `engine_too` says what of the engine."""
+  reasons = {
+    _INEXACT_SECOND_DERIVATIVES[t] for t in _inexact_gradients(ys, x, grad)
+  }
+  for reason in sorted(reasons):
+    _core.warn_once(
+      x.graph, f"tf1hess: {what} differentiate {reason};{engine_too}."
+    )
 
 
 def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
