@@ -216,6 +216,39 @@ class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
       h, testing_utils.tanh_mlp_hessians(x_val, *weights), atol=1e-5
     )
 
+  def test_legacy_session_without_the_legacy_keras_variable(self):
+    # From TensorFlow 2.16 on without TF_USE_LEGACY_KERAS, tf.compat.v1.keras
+    # is Keras 3 (no get_session): legacy_session() is tf_keras' own, which
+    # holds the model's variables.
+    script = textwrap.dedent(
+      """
+      import numpy as np, tensorflow as tf
+      import tf1hess.keras
+      k = tf1hess.keras.legacy_keras()
+      with tf.Graph().as_default():
+        model = k.Sequential([k.Input((3,)), k.layers.Dense(4, "tanh"),
+                              k.layers.Dense(1)])
+        h = tf1hess.keras.model_hessians(model)
+        sess = tf1hess.keras.legacy_session()
+        x = np.ones((2, 3), np.float32)
+        print(np.abs(sess.run(h, {model.input: x})).max() > 0,
+              np.allclose(sess.run(model.output, {model.input: x}),
+                          model.predict(x, verbose=0)))
+      """
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    result = subprocess.run(
+      [sys.executable, "-c", script],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+      check=False,
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertEqual(result.stdout.split()[-2:], ["True", "True"])
+
   def test_script_after_disable_v2_behavior(self):
     # A TF1 script: global graph mode and control flow v1, in its own
     # process (the mode is global).

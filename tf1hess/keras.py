@@ -7,8 +7,8 @@ Three ways in, one per kind of Keras code:
   code:
   `model_hessians(model)` is `tf1hess.batch_hessians(model.output,
   model.input)`, built in the model's graph, to be run in the session that
-  holds the model's variables (initialised or restored). The batch dimension
-  stays `None`.
+  holds the model's variables (initialised or restored; Keras' own is
+  `legacy_session()`). The batch dimension stays `None`.
 * Models called eagerly, of either generation (Keras 3 `keras` and
   Keras 2): pass the model as the function,
   `tf1hess.eager.batch_hessians(model, x)`.
@@ -27,6 +27,8 @@ loading a saved model that holds a `BatchDerivatives` layer, so that Keras
 knows the layer.
 """
 
+import importlib
+
 import tensorflow as tf
 
 from tf1hess import _checks
@@ -35,6 +37,38 @@ from tf1hess import ops
 
 legacy_keras = _compat.legacy_keras
 keras3 = _compat.keras3
+
+
+def legacy_session():
+  """The session of graph-mode Keras 2 (`legacy_keras()`), which holds its
+  models' variables: `get_session()` of its backend.
+
+  `tf.compat.v1.keras.backend.get_session()` is that session only where
+  `tf.compat.v1.keras` is Keras 2 (TensorFlow <= 2.15, or
+  `TF_USE_LEGACY_KERAS=1`); from TensorFlow 2.16 on without that variable
+  it is Keras 3, which has no sessions, and this returns tf_keras' own.
+
+  Returns:
+    A `tf.compat.v1.Session` for the current default graph.
+
+  Raises:
+    ImportError: as `legacy_keras()`.
+
+  Example:
+    >>> import tensorflow as tf, tf1hess.keras
+    >>> with tf.Graph().as_default():
+    ...   sess = tf1hess.keras.legacy_session()
+    ...   float(sess.run(tf.constant(2.0)))
+    2.0
+  """
+  keras = legacy_keras()
+  get_session = getattr(tf.compat.v1.keras.backend, "get_session", None)
+  if get_session is None:  # tf.compat.v1.keras is Keras 3.
+    get_session = importlib.import_module(
+      f"{keras.__name__}.src.backend"
+    ).get_session
+  return get_session()
+
 
 # The layers of the generations that are installed; the error for the others.
 _MISSING = {}
@@ -150,7 +184,7 @@ def model_derivatives(
     ...       k.layers.Dense(8, activation="tanh"),
     ...       k.layers.Dense(1)])
     ...   d3 = tf1hess.keras.model_derivatives(model, order=3)
-    ...   sess = tf.compat.v1.keras.backend.get_session()
+    ...   sess = tf1hess.keras.legacy_session()
     ...   sess.run(d3, {model.input: np.ones((5, 3), np.float32)}).shape
     (5, 3, 3, 3)
   """
@@ -185,8 +219,8 @@ def model_hessians(
 
   `tf1hess.batch_hessians(model.outputs, model.inputs)`, built in the
   model's graph: `H[i] = d^2 sum(model(x)[i]) / d x[i]^2`. Run it in the
-  session that holds the model's variables (for example
-  `tf.compat.v1.keras.backend.get_session()`, or your own session after
+  session that holds the model's variables (for example Keras' own,
+  `tf1hess.keras.legacy_session()`, or your own session after
   `global_variables_initializer()` or a `Saver.restore`).
 
   Args:
@@ -225,7 +259,7 @@ def model_hessians(
     ...       k.layers.Dense(10),
     ...       k.layers.Dense(1)])
     ...   h = tf1hess.keras.model_hessians(model)
-    ...   sess = tf.compat.v1.keras.backend.get_session()
+    ...   sess = tf1hess.keras.legacy_session()
     ...   out = sess.run(h, {model.input: np.ones((100, 24), np.float32)})
     >>> out.shape, float(abs(out).max())  # linear: zeros, not None
     ((100, 24, 24), 0.0)
