@@ -854,6 +854,38 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(got, differences, atol=tolerance, rtol=tolerance)
 
   @parameterized.named_parameters(*_TENSORFLOW_FAILS)
+  def test_independence_checked_where_tensorflow_fails(self, layer, *_):
+    # TensorFlow's full product, which the run-time check compares with, is
+    # wrong or missing there: the engine's walk checks the samples instead,
+    # without a false alarm.
+    x_val = _RNG.normal(size=(3, 6))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 6])
+      y = _failing_model(layer)(x)
+      checked = tf1hess.batch_hessians(y, x, check_independence=True)
+      forward = tf1hess.batch_hessians(y, x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        checked, forward = sess.run([checked, forward], {x: x_val})
+    self.assertAllClose(checked, forward)
+
+  def test_independence_of_coupled_samples_through_a_max_pool(self):
+    # Centered over the batch before a max pool that keeps its shape: the
+    # walk declines, and the rows' check (TensorFlow's products on both
+    # sides) catches the coupling.
+    layer = _TENSORFLOW_FAILS[0][1]
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 6])
+      centered = x - tf.reduce_mean(x, 0, keepdims=True)
+      coupled = tf1hess.batch_hessians(
+        _failing_model(layer)(centered), x, check_independence=True
+      )
+      with tf.compat.v1.Session() as sess:
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError, "not independent"
+        ):
+          sess.run(coupled, {x: _RNG.normal(size=(3, 6))})
+
+  @parameterized.named_parameters(*_TENSORFLOW_FAILS)
   def test_eager_derivatives_where_tensorflow_fails(
     self, layer, eps=1e-6, tolerance=1e-6
   ):

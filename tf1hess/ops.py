@@ -269,15 +269,22 @@ def _derivatives(
           ys_list, x, g, mode, plan, unconnected, None if v1_loops else rows
         )
         if done and result is not None and check_independence:
-          result = _checked(x, g, result, unconnected)
+          result = _checked(ys_list, x, g, result, unconnected)
       if not done:
         result = rows(check_independence)
       results.append(result)
     return _checks.restore_structure(results, was_sequence)
 
 
-def _checked(x, grad, hessian, unconnected):
-  """`hessian` after `_core.independence_check` passes at run time."""
+def _checked(ys, x, grad, hessian, unconnected):
+  """`hessian` of the engine after `_core.independence_check` passes at run
+  time, or as it is where TensorFlow's full Hessian-vector product, which
+  the check compares with, is wrong or cannot be built
+  (`dispatch.tensorflow_fails`). The walk has checked the samples there: it
+  declines a model where an op that curves reads several samples (a sum,
+  reshape or slice over the batch axis, a transpose that moves it)."""
+  if dispatch.tensorflow_fails(ys, x, grad):
+    return hessian
   gradient = _graph_gradient(x, unconnected)
   check = _core.independence_check(
     x, hessian, lambda v: gradient(grad, v), x.name
@@ -325,7 +332,11 @@ def batch_hessians(
       compares one random full Hessian-vector product with the per-sample
       product, and fails with `tf.errors.InvalidArgumentError` when samples
       are coupled (batch norm in training mode, reductions over the batch).
-      It costs one more backward pass.
+      It costs one more backward pass. Where TensorFlow's second
+      derivatives are wrong or missing (see
+      `batch_hessian_vector_products`), that product is too; the engine's
+      Hessians there are checked by its walk instead, which declines a
+      model where an op that curves reads several samples.
     parallel_iterations: `int` or `None`: iterations of the row loop that
       may run in parallel (`tf.while_loop`'s argument; default 10).
     method: `str`, how the K rows of each Hessian are built; default
