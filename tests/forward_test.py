@@ -37,6 +37,14 @@ def _lin(x):
   return tf.matmul(x, tf.constant(_W, x.dtype)) + 0.3
 
 
+def _cross_entropy_of_steps(logits):
+  """Softmax cross-entropy of each step of `logits` `(N, 2, 3)`, `(N, 2)`."""
+  labels = tf.constant([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]], logits.dtype)
+  return tf.nn.softmax_cross_entropy_with_logits(
+    labels=tf.broadcast_to(labels, tf.shape(logits)), logits=logits
+  )
+
+
 def _c(value, like):
   return tf.constant(value, like.dtype)
 
@@ -281,6 +289,12 @@ _RULES = {
     lambda x: tf.nn.sparse_softmax_cross_entropy_with_logits(
       labels=tf.constant([1, 0, 5, 2]), logits=tf.sin(_lin(x))
     ),
+  ),
+  # Per step of a sequence: TensorFlow flattens logits `(N, T, C)` to rows
+  # `(N T, C)` of the last entry of their shape (`tf.slice`).
+  "SoftmaxCrossEntropyWithLogits_of_steps": (
+    "SoftmaxCrossEntropyWithLogits",
+    lambda x: _cross_entropy_of_steps(tf.reshape(_lin(x), [-1, 2, 3])),
   ),
   # Diagonal Jacobians: x broadcast against weights, kept K times smaller.
   "Diagonal_ExpandDims_Mean": (

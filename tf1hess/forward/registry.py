@@ -293,7 +293,7 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
   shapes do not know.
 
   Followed through `Shape`, `ShapeN`, plain slices (those that take one
-  entry too), scalars made vectors, concatenations, stacks of scalars,
+  entry too, and `tf.slice`s), scalars made vectors, concatenations, stacks of scalars,
   gathers by constant indices, stitches and products of static entries.
   """
   value = fold(t)
@@ -312,6 +312,14 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
 
   if op.type == "StridedSlice":
     return _sliced(op, inner(0))
+  if op.type == "Slice":
+    # `tf.slice(shape, [rank - 1], [1])`: the last entry (TensorFlow's
+    # softmax cross-entropy flattens its logits to rows of it).
+    entries, begin, size = inner(0), fold(op.inputs[1]), fold(op.inputs[2])
+    if entries is None or begin is None or size is None or len(begin) != 1:
+      return None
+    start, size = int(begin[0]), int(size[0])
+    return entries[start:] if size == -1 else entries[start : start + size]
   if op.type in ("ExpandDims", "Reshape") and op.inputs[0].shape.rank == 0:
     return inner(0)  # A scalar as a vector of one entry (`zero_state`).
   if op.type == "ConcatV2" and fold(op.inputs[-1]) == 0:
