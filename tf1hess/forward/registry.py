@@ -293,8 +293,9 @@ def _entries(t, batch_first, depth=_FOLD_DEPTH):
   shapes do not know.
 
   Followed through `Shape`, `ShapeN`, plain slices (those that take one
-  entry too, and `tf.slice`s), scalars made vectors, concatenations, stacks of scalars,
-  gathers by constant indices, stitches and products of static entries.
+  entry too, and `tf.slice`s), scalars made vectors, concatenations, stacks
+  of scalars, gathers by constant indices, stitches and products of static
+  entries.
   """
   value = fold(t)
   if value is not None:
