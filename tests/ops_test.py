@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import testing_utils
 import tf1hess
+import tf1hess.dde
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -469,6 +470,24 @@ class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
         TypeError, r"`xs` must be a tf.Tensor .* saw ndarray"
       ):
         tf1hess.batch_hessians(tf.reduce_sum(x), np.ones((2, 3)))
+
+  def test_variable_xs(self):
+    # Resource and reference variables, each read by ops of its own.
+    for resource in (True, False):
+      with self.subTest(resource=resource), tf.Graph().as_default():
+        v = tf.compat.v1.get_variable(
+          "x", initializer=np.ones((4, 2)), use_resource=resource
+        )
+        y = tf.reduce_sum(v**3, 1)
+        for build in (
+          tf1hess.batch_hessians,
+          lambda y, v: tf1hess.Derivatives(y, v).hessian(),
+          lambda y, v: tf1hess.dde.hessian(y[:, None], v, i=0, j=0),
+        ):
+          with self.assertRaisesRegex(
+            TypeError, r"`xs` must be tensors .* saw the variable x"
+          ):
+            build(y, v)
 
   def test_tensor_of_another_graph(self):
     with tf.Graph().as_default():

@@ -59,6 +59,14 @@ def _prepare(ys, xs, op_name):
           "being built, e.g. a tf.compat.v1.placeholder; saw "
           f"{type(value).__name__}."
         )
+      if arg == "xs" and isinstance(value, tf.Variable):
+        # The derivatives follow the ops from `x`; a variable's reads are
+        # ops of their own, one per read.
+        raise TypeError(
+          "`xs` must be tensors of the graph, the batch that `ys` is "
+          f"computed from; saw the variable {value.name}. Read it once, "
+          "`x = tf.identity(variable)`, and compute `ys` from `x`."
+        )
       if value.graph is not graph:
         raise ValueError(
           f"`{arg}` holds a tensor of another graph ({value.name}); build "

@@ -769,9 +769,9 @@ def without_loops(ys, xs, plan):
   unrolled (`plan.max_unrolled_ops`, a length known only at run time
   without a bound, ...) `ys` is returned unchanged; `_try_forward` says why.
   """
-  if not plan.may_take_engine:
-    return ys
   xs = list(xs) if isinstance(xs, (list, tuple)) else [xs]
+  if not plan.may_take_engine or not all(map(engine.walkable, xs)):
+    return ys
   path = [op for x in xs for op in engine.path_ops(x, ys)]
   if not loops.on_path(path):
     return ys
@@ -800,7 +800,7 @@ def joint_input(ys, xs, plan):
   """
   if not plan.may_take_engine or len(xs) < 2:
     return None
-  if not all(isinstance(x, tf.Tensor) and hasattr(x, "op") for x in xs):
+  if not all(map(engine.walkable, xs)):
     return None
   if (
     len({conds.key(x) for x in xs}) < len(xs) or len({x.dtype for x in xs}) > 1
