@@ -268,7 +268,16 @@ class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, f"`{arg}` must be in \\[0, 3\\)"):
         d.hessian(**{"i": 0, "j": 0, arg: value})
 
-  @parameterized.parameters(True, 1.0, "0")
+  def test_numpy_integer_indices(self):
+    # As `dde.grad.hessian` takes them (a loop over np.arange(d)): the same
+    # tensors as Python ints.
+    with tf.Graph().as_default():
+      d = self._derivatives(outputs=2)
+      i, j, c = np.arange(3)[[2, 1, 1]]
+      self.assertIs(d.hessian(i, j, component=c), d.hessian(2, 1, 1))
+      self.assertIs(d.jacobian(c, j), d.jacobian(1, 1))
+
+  @parameterized.parameters(True, np.bool_(True), 1.0, "0")
   def test_index_not_an_int(self, value):
     with tf.Graph().as_default():
       d = self._derivatives(outputs=1)

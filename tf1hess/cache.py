@@ -7,6 +7,9 @@ is asked for and serves it, or a slice of a wider one already built (an
 entry of a full Hessian, a trace of its diagonal), from then on.
 """
 
+import numbers
+
+import numpy as np
 import tensorflow as tf
 
 from tf1hess import _core
@@ -46,11 +49,14 @@ def check_index(value, arg, size, what, allow_none=False):
   """
   if value is None and allow_none:
     return None
-  if isinstance(value, bool) or not isinstance(value, int):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+    value, numbers.Integral
+  ):
     raise TypeError(
       f"`{arg}` must be an int{' or None' if allow_none else ''} indexing the "
       f"{size} {what}; saw {value!r}."
     )
+  value = int(value)  # A numpy integer too (a loop over np.arange(d)).
   if not 0 <= value < size:
     raise ValueError(
       f"`{arg}` must be in [0, {size}) for the {size} {what}; saw {value}."
@@ -234,8 +240,8 @@ class Derivatives:
       ValueError: when `i` or `j` is out of range.
     """
     if i is not None:
-      check_index(i, "i", self.num_outputs, "outputs of `ys`")
-    self._feature(j, "j")
+      i = check_index(i, "i", self.num_outputs, "outputs of `ys`")
+    j = self._feature(j, "j")
     if i is not None and j is None:
       return self.gradient(i)
     if i is not None:
@@ -306,8 +312,8 @@ class Derivatives:
         with several outputs.
     """
     c = self._component(component)
-    self._feature(i, "i")
-    self._feature(j, "j")
+    i = self._feature(i, "i")
+    j = self._feature(j, "j")
     if i is None and j is None:
       return self._get(("hessian", c), lambda: self._full_hessian(c))
     if i is None or j is None:
