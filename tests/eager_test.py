@@ -1,5 +1,7 @@
 """The eager (GradientTape) path gives the numbers of the graph path."""
 
+from unittest import mock
+
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
@@ -142,6 +144,28 @@ class EagerMatchesGraphTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(
       tf1hess.eager.batch_hessian_vector_products(_mlp, x_val, v_val),
       np.einsum("nij,nj->ni", hessians, v_val),
+    )
+
+  def test_laplacians_executing_eagerly_keep_the_tapes(self):
+    # No function traced per call: the sum of the tapes' diagonal, for a
+    # rank-3 input too; inside a tf.function, the graph op's.
+    rng = np.random.default_rng(1)
+    x_val = rng.normal(size=(5, 4))
+    hessians = testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS)
+    cube = lambda x: tf.reduce_sum(x**3, [1, 2])  # noqa: E731
+    cube_val = rng.normal(size=(3, 2, 2))
+    with mock.patch.object(tf1hess.eager, "_graph_walk") as walk:
+      laplacians = tf1hess.eager.batch_laplacians(_mlp, x_val)
+      cube_laplacians = tf1hess.eager.batch_laplacians(cube, cube_val)
+    walk.assert_not_called()
+    self.assertAllClose(laplacians, np.einsum("nii->n", hessians))
+    self.assertAllClose(cube_laplacians, 6 * cube_val.sum((1, 2)))
+    traced = tf.function(lambda x: tf1hess.eager.batch_laplacians(_mlp, x))
+    self.assertAllClose(traced(tf.constant(x_val)), laplacians)
+    self.assertIsNone(
+      tf1hess.eager.batch_laplacians(
+        lambda x: tf.reduce_sum(x, 1), x_val, unconnected_gradients="none"
+      )
     )
 
   def test_linear_gives_zeros_or_none(self):

@@ -103,11 +103,13 @@ def _derivatives(
   plan = plan or plan_lib.Plan()
   x = _as_input(fn, x)
   _checks.check_output_fits(x, 1 if diagonal or laplacian else order)
-  # The forward engine walks a graph: always for `"forward"` and the
-  # Laplacian; for `"auto"` where a graph is being built (a `tf.function`),
-  # whose cost model then picks the engine or the rows.
-  walk = plan.method == "forward" or laplacian
-  if plan.method == "auto" and not tf.executing_eagerly():
+  # The forward engine walks a graph: always for `"forward"`; for `"auto"`
+  # and the Laplacian where a graph is being built (a `tf.function`), whose
+  # cost model then picks the engine or the rows. Executing eagerly, the
+  # others keep the tapes (a walk would trace `fn` again at every call), but
+  # where they would be wrong (`_tapes_fail`).
+  walk = plan.method == "forward"
+  if (plan.method == "auto" or laplacian) and not tf.executing_eagerly():
     walk = True
 
   def walked():
@@ -153,15 +155,18 @@ def _derivatives(
         grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
         if grad is None or order == 1:
           return grad
-        return _core.per_sample_derivatives(
+        result = _core.per_sample_derivatives(
           x,
           grad,
           lambda level: tapes.gradient_fn(level, unconnected),
           order,
           plan,
-          diagonal=diagonal,
+          diagonal=diagonal or laplacian,
           check_independence=check_independence,
         )
+        if laplacian and result is not None:
+          result = tf.reduce_sum(result, axis=list(range(1, x.shape.rank)))
+        return result
     # The tapes' second derivatives would be wrong or fail (the curvature
     # through the mean of tf.nn.moments, a bilinear resize, ...); the
     # engine's are exact. Built after the tapes stop: a function called
@@ -370,9 +375,11 @@ def batch_laplacians(
   """Per-sample Laplacians (Hessian traces) of `fn` at `x`, shape `(N,)`.
 
   The numbers of `tf1hess.batch_laplacians(fn(x), x)`: built by the graph
-  ops (the forward engine where it can), inside a `tf.function` when called
-  eagerly (traced at each call: wrap the caller in a `tf.function` to trace
-  once).
+  ops (the forward engine where it can) inside a `tf.function`; executing
+  eagerly, the sum of the tapes' diagonal (as `batch_hessian_diagonals`),
+  but with `method="forward"` or where the tapes would be wrong, inside a
+  `tf.function` traced at each call (wrap the caller in a `tf.function` to
+  trace once).
 
   Args:
     fn: as in `batch_hessians`.
