@@ -228,6 +228,16 @@ class EagerErrorsTest(tf.test.TestCase):
         lambda x: tf.cast(x, tf.int32), tf.ones([2, 2])
       )
 
+  def test_numpy_output(self):
+    for op in (
+      tf1hess.eager.batch_hessians,
+      lambda fn, x: tf1hess.eager.batch_hessian_vector_products(fn, x, x),
+    ):
+      with self.assertRaisesRegex(
+        TypeError, "`fn` must return tf.Tensors .* saw ndarray"
+      ):
+        op(lambda x: np.sum(np.sin(x), axis=1), np.ones((2, 2)))
+
   def test_rank_below_two(self):
     with self.assertRaisesRegex(ValueError, "`x` must have rank >= 2"):
       tf1hess.eager.batch_hessians(tf.reduce_sum, tf.ones([3]))

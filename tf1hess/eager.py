@@ -138,9 +138,7 @@ def _derivatives(
     )
   try:
     with _Tapes(x, order) as tapes:
-      ys = fn(x)
-      for y in _checks.as_list(ys)[0]:
-        _checks.check_float(tf.convert_to_tensor(y), "fn(x)")
+      ys = _outputs(fn, x)
       fail = order == 2 and _tapes_fail(fn, x)
       if fail and plan.method != "auto":
         _core.warn_once(
@@ -186,6 +184,20 @@ def _derivatives(
       None, f"tf1hess: the rows cannot be built ({e}); taking the engine."
     )
     return walked()
+
+
+def _outputs(fn, x):
+  """`fn(x)`, checked: floating tensors of TensorFlow's ops, which the tapes
+  record (a numpy array is no function of `x` to them)."""
+  ys = fn(x)
+  for y in _checks.as_list(ys)[0]:
+    if not isinstance(y, (tf.Tensor, tf.Variable)):
+      raise TypeError(
+        "`fn` must return tf.Tensors computed from `x` by TensorFlow ops, "
+        f"which the gradient tapes record; saw {type(y).__name__}."
+      )
+    _checks.check_float(y, "fn(x)")
+  return ys
 
 
 # Per function (weakly held): its input signatures and whether TensorFlow's
@@ -678,7 +690,7 @@ def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
       fn(x), x, v, unconnected_gradients=unconnected_gradients
     )
   with _Tapes(x, 2) as tapes:
-    ys = fn(x)
+    ys = _outputs(fn, x)
     if not _tapes_fail(fn, x):
       grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
       if grad is None:
