@@ -334,6 +334,16 @@ class SeveralInputsTest(
       self.assertAllClose(np.block(blocks), hessians[c])
     self.assertAllClose(entry, hessians[1][:, 2, 0:1])
 
+  def test_inputs_of_different_batch_sizes(self):
+    with tf.Graph().as_default():
+      x, t, y, _ = _graph()
+      h = tf1hess.Derivatives(y, [x, t]).hessian(component=0)
+      with tf.compat.v1.Session() as sess:
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError, "`xs` must have one batch size N"
+        ):
+          sess.run(h, {x: np.ones((4, 2)), t: np.ones((2, 1))})
+
   def test_several_inputs_through_a_loop_take_one_walk(self):
     # A control flow v1 `dynamic_rnn` over `[x, t]`: TensorFlow has no
     # second derivatives of the loop, the walk of the unrolled copy does.

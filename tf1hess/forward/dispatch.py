@@ -814,8 +814,20 @@ def joint_input(ys, xs, plan):
   n = _core.batch_size(xs[0])
   cols = [x.shape[1:].num_elements() for x in xs]
   with tf.compat.v1.name_scope(SCOPE):
+    checks = [
+      tf.debugging.assert_equal(
+        tf.shape(x)[0],
+        tf.shape(xs[0])[0],
+        message=(
+          f"`xs` must have one batch size N; {x.name} and {xs[0].name} were"
+          " fed with different ones"
+        ),
+      )
+      for x in xs[1:]
+    ]
     flat = [_core.flatten_samples(x, n, k) for x, k in zip(xs, cols)]
-    z = tf.concat(flat, 1, name="joint_input")  # Named in warnings.
+    with tf.control_dependencies(checks):
+      z = tf.concat(flat, 1, name="joint_input")  # Named in warnings.
     parts = tf.split(z, cols, axis=1)
     values = [
       tf.reshape(part, [-1] + x.shape[1:].as_list())
