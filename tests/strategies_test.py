@@ -596,6 +596,21 @@ class FallbackTest(RowsOnlyMixin, StrategyMixin, tf.test.TestCase):
       "linear shortcuts.*no shortcut.*falling back to while_loop\\.",
     )
 
+  def test_the_warning_gives_the_line_that_says_what_failed(self):
+    # A function's error announces a traceback ("in user code:") before
+    # the line that says what failed.
+    error = ValueError(
+      "in user code:\n\n    File x.py, line 3\n\n"
+      "    ValueError: Required handle data not set\n"
+    )
+    with mock.patch.object(_shortcuts, "tail_terms", side_effect=error):
+      with self.assertLogs("absl", "WARNING") as logs:
+        self._run()
+    self.assertRegex(
+      "\n".join(logs.output),
+      r"\(ValueError: Required handle data not set\); falling back",
+    )
+
   def test_an_unexpected_error_is_not_hidden_by_a_fallback(self):
     with mock.patch.object(
       _shortcuts, "tail_terms", side_effect=RuntimeError("a bug")

@@ -218,14 +218,24 @@ def stack_rows(
       with _kept_control_flow_context(graph), _quiet_tensorflow_logger():
         return build(attempt)
     except FALLBACK_ERRORS as error:
-      lines = str(error).splitlines()
       warn_once(
         graph,
         f"tf1hess: the rows could not be built by {_describe(attempt)} "
-        f"({type(error).__name__}: {lines[0] if lines else ''}); falling "
+        f"({type(error).__name__}: {_gist(error)}); falling "
         f"back to {_describe(after)}.",
       )
   return build(attempts[-1])
+
+
+def _gist(error):
+  """The line of `error`'s message that says what went wrong: its first,
+  or its last where the first only announces the others (pfor's "in user
+  code:" before a traceback)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return ""
+  gist = lines[-1] if lines[0].endswith(":") else lines[0]
+  return gist.removeprefix(f"{type(error).__name__}: ")
 
 
 # TensorFlow's gradients of the fused batch normalization: op types whose own
