@@ -391,6 +391,9 @@ def batch_hessians(
       is not a positive int, `plan` comes with `method`, `chunk_size` or
       `parallel_iterations`, `ys` contains a control flow v1 loop (enable
       control flow v2), or `method='forward'` meets an op without a rule.
+    LookupError: when the rows are built (the engine cannot follow the
+      model, or another `method` is asked) and TensorFlow has no gradient
+      of an op of the first derivative (`SoftsignGrad`, ...), naming it.
     tf.errors.InvalidArgumentError: at run time, when `check_independence`
       finds samples that are not independent.
 
