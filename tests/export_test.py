@@ -20,6 +20,7 @@ import tensorflow as tf
 import testing_utils
 
 from tf1hess import export
+from tf1hess import keras as tf1hess_keras
 from tf1hess import legacy
 from tf1hess.forward import dispatch
 
@@ -285,6 +286,38 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       if hessians_name:
         added["hessians"] = tf.identity(added["hessians"], hessians_name)
       return legacy.HessianModel(graph, x, y, **added)
+
+  def test_keras_batch_normalization_under_control_flow_v2(self):
+    # Its moving averages read variables in the branches of v2 conds, whose
+    # reads TensorFlow's freezing leaves returning a `value` output its
+    # Identity does not have: the frozen graph runs, with the numbers of
+    # the model's session, at every batch size.
+    keras = testing_utils.legacy_keras(self)
+    tf.compat.v1.enable_control_flow_v2()
+    with tf.Graph().as_default() as graph:
+      model = keras.Sequential(
+        [
+          keras.Input((3,), name="x"),
+          keras.layers.Dense(4, activation="tanh"),
+          keras.layers.BatchNormalization(),
+          keras.layers.Dense(1),
+        ]
+      )
+      x, y = model.input, model.output
+      self.assertIn("If", {op.type for op in graph.get_operations()})
+      hessian_model = legacy.HessianModel(
+        graph, x, y, **legacy.add_hessian_ops(graph, x, y)
+      )
+      sess = tf1hess_keras.legacy_session()
+      graph_def = export.frozen_graph_def(hessian_model, sess)
+      batches = [np.ones((n, 3), np.float32) * 0.3 for n in (0, 1, 3)]
+      want = [sess.run(hessian_model.hessians, {x: b}) for b in batches]
+    with tf.Graph().as_default():
+      tf.graph_util.import_graph_def(graph_def, name="")
+      with tf.compat.v1.Session() as sess:
+        got = [sess.run("hessians:0", {x.name: b}) for b in batches]
+    for g, w in zip(got, want):
+      self.assertAllClose(g, w)
 
   def test_text_graph_parses_back_with_quote_bytes(self):
     # Bytes 0x22 ('"') in a constant's tensor_content: protobuf 5's str()

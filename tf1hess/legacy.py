@@ -186,11 +186,40 @@ def freeze_session_graph(session, outputs=None):
   with deprecation.silence():  # TF1 APIs warn on every use.
     if not any(node.op in VARIABLE_OPS for node in graph_def.node):
       return graph_util_impl.extract_sub_graph(graph_def, outputs)
-    return (
+    frozen = (
       convert_to_constants.convert_variables_to_constants_from_session_graph(
         session, graph_def, outputs
       )
     )
+  return _with_reads_renamed(frozen)
+
+
+def _with_reads_renamed(graph_def):
+  """`graph_def` with the outputs of the variable reads that freezing made
+  `Identity` ops in functions named as `Identity`'s.
+
+  TensorFlow's freezing turns a `ReadVariableOp` in a function (the
+  branches of a control flow v2 cond: a Keras 2 BatchNormalization built
+  after `disable_eager_execution()`) into an `Identity` and keeps its
+  output's name, `value`, where the function returns it or another node
+  reads it; TensorFlow then refuses to run the graph ("Return readvariableop
+  -> ReadVariableOp:value:0 is not found"). An `Identity`'s output is
+  `output`.
+  """
+  for function in graph_def.library.function:
+    identities = {n.name for n in function.node_def if n.op == "Identity"}
+
+    def renamed(ref, identities=identities):
+      name, _, rest = ref.partition(":")
+      if name in identities and rest.startswith("value:"):
+        return f"{name}:output:{rest[len('value:') :]}"
+      return ref
+
+    for key in list(function.ret):
+      function.ret[key] = renamed(function.ret[key])
+    for node in function.node_def:
+      node.input[:] = [renamed(ref) for ref in node.input]
+  return graph_def
 
 
 _CALL_OPS = frozenset(("PartitionedCall", "StatefulPartitionedCall"))
