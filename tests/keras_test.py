@@ -83,6 +83,21 @@ def _third_derivatives(x, w1, b1, w2):
   return np.einsum("nh,ah,bh,ch->nabc", third, w1, w1, w1)
 
 
+def _run_script(test, script, env):
+  """Runs the Python `script` in a process of its own with `env` (TensorFlow
+  quiet); asserts that it succeeds and returns what it printed."""
+  result = subprocess.run(
+    [sys.executable, "-c", script],
+    capture_output=True,
+    text=True,
+    env=dict(env, TF_CPP_MIN_LOG_LEVEL="2"),
+    timeout=300,
+    check=False,
+  )
+  test.assertEqual(result.returncode, 0, result.stderr[-3000:])
+  return result.stdout
+
+
 def _linear(k):
   """The classic trap: a linear model, whose Hessian is zeros."""
   return k.Sequential([k.Input((24,)), k.layers.Dense(10), k.layers.Dense(1)])
@@ -236,18 +251,10 @@ class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
                           model.predict(x, verbose=0)))
       """
     )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ)
     env.pop("TF_USE_LEGACY_KERAS", None)
-    result = subprocess.run(
-      [sys.executable, "-c", script],
-      capture_output=True,
-      text=True,
-      env=env,
-      timeout=300,
-      check=False,
-    )
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    self.assertEqual(result.stdout.split()[-2:], ["True", "True"])
+    stdout = _run_script(self, script, env)
+    self.assertEqual(stdout.split()[-2:], ["True", "True"])
 
   def test_script_after_disable_v2_behavior(self):
     # A TF1 script: global graph mode and control flow v1, in its own
@@ -275,16 +282,7 @@ class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
                *model.get_weights(), *loaded.predict(x_val))
       """
     )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(
-      [sys.executable, "-c", script],
-      capture_output=True,
-      text=True,
-      env=env,
-      timeout=300,
-      check=False,
-    )
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    _run_script(self, script, dict(os.environ))
     data = np.load(out)
     x_val = data["x"]
     w1, b1, w2, b2 = [data[f"arr_{i}"].astype(np.float64) for i in range(4)]
