@@ -885,6 +885,26 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
         ):
           sess.run(coupled, {x: _RNG.normal(size=(3, 6))})
 
+  def test_eager_rows_warn_where_tensorflow_fails(self):
+    # The tapes of another method take TensorFlow's wrong second
+    # derivatives, executing eagerly and inside a tf.function: with a
+    # warning.
+    fn = _failing_model(_TENSORFLOW_FAILS[1][1])  # A bilinear resize.
+    x = tf.constant(_RNG.normal(size=(3, 6)))
+    traced = tf.function(
+      lambda v: tf1hess.eager.batch_hessians(fn, v, method="pfor")
+    )
+    for build in (
+      lambda: tf1hess.eager.batch_hessians(fn, x, method="while_loop"),
+      lambda: traced(x),
+    ):
+      with mock.patch.object(tf1hess._core, "_WARNED_EAGERLY", set()):  # pylint: disable=protected-access
+        with self.assertLogs(level="WARNING") as logs:
+          build()
+      self.assertIn(
+        "second derivatives of the function are wrong", "\n".join(logs.output)
+      )
+
   @parameterized.named_parameters(*_TENSORFLOW_FAILS)
   def test_eager_derivatives_where_tensorflow_fails(
     self, layer, eps=1e-6, tolerance=1e-6

@@ -140,19 +140,22 @@ def _derivatives(
     with _Tapes(x, order) as tapes:
       ys = _outputs(fn, x)
       fail = order == 2 and _tapes_fail(fn, x)
-      if fail and plan.method != "auto":
-        _core.warn_once(
-          None,
-          "tf1hess: TensorFlow's second derivatives of the function are wrong"
-          " or missing here (a max pool that keeps its input's shape, a"
-          " bilinear resize, a Euclidean norm, tf.nn.moments, ...), and"
-          f" method={plan.method!r} takes them; method='auto' takes the"
-          " forward engine, exact there.",
-        )
       if not fail or plan.method != "auto":
         grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
         if grad is None or order == 1:
           return grad
+        if order == 2 and not tf.executing_eagerly():  # In a tf.function.
+          ys_list = _checks.as_list(ys)[0]
+          fail = forward_dispatch.tensorflow_fails(ys_list, x, grad)
+        if fail:
+          _core.warn_once(
+            None if tf.executing_eagerly() else x.graph,
+            "tf1hess: TensorFlow's second derivatives of the function are"
+            " wrong or missing here (a max pool that keeps its input's shape,"
+            " a bilinear resize, a Euclidean norm, tf.nn.moments, ...), and"
+            f" method={plan.method!r} takes them; method='auto' takes the"
+            " forward engine, exact there.",
+          )
         result = _core.per_sample_derivatives(
           x,
           grad,
