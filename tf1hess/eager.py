@@ -503,6 +503,7 @@ def batch_derivatives(
   )
 
 
+@tf.autograph.experimental.do_not_convert
 def _per_output(op, fn, x, method, chunk_size, plan):
   """`op(fn(x), x)` of `tf1hess.per_output`: in a `tf.function` if eager."""
   plan = plan_lib.make(plan, method, chunk_size)
