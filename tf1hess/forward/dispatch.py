@@ -770,7 +770,7 @@ def without_loops(ys, xs, plan):
   without a bound, ...) `ys` is returned unchanged; `_try_forward` says why.
   """
   xs = list(xs) if isinstance(xs, (list, tuple)) else [xs]
-  if not plan.may_take_engine or not all(map(engine.walkable, xs)):
+  if not plan.may_take_engine:
     return ys
   path = [op for x in xs for op in engine.path_ops(x, ys)]
   if not loops.on_path(path):
@@ -792,15 +792,13 @@ def joint_input(ys, xs, plan):
   which walks from one tensor, takes it in one walk instead of `K` rows.
 
   `None` where `plan` does not take the engine, where the inputs are not
-  distinct graph tensors of one dtype, where an input depends on another
+  distinct or not of one dtype, where an input depends on another
   (the copies would hold it fixed), where an op between has its
   gradient overridden (a copy's gradient would read the model's tensors),
   or where a loop or call between cannot be copied (`loops.unrolled`); the
   rows over the inputs then differentiate `ys`.
   """
   if not plan.may_take_engine or len(xs) < 2:
-    return None
-  if not all(map(engine.walkable, xs)):
     return None
   if (
     len({conds.key(x) for x in xs}) < len(xs) or len({x.dtype for x in xs}) > 1

@@ -912,15 +912,9 @@ def _set_static_shape(jac, t, x, group=1, lead_one=False):
   jac.value.set_shape(shape)
 
 
-def walkable(x):
-  """Whether `x` is a graph tensor the walk can start at (not a variable,
-  whose reads are ops of their own)."""
-  return isinstance(x, tf.Tensor) and hasattr(x, "op")
-
-
 def check_input(x):
-  """Raises `Unsupported` unless `walkable(x)`."""
-  if not walkable(x):
+  """Raises `Unsupported` unless `x` is a graph tensor the walk can start at."""
+  if not isinstance(x, tf.Tensor) or not hasattr(x, "op"):
     raise Unsupported(
       f"the input is a {type(x).__name__}, not a graph tensor (variables are"
       " read through ops the walk does not follow)"
