@@ -702,6 +702,25 @@ class ForwardModelsTest(
         )
         self.assertAllEqual(sess.run(relu, feed), np.zeros((3, _K, _K)))
 
+  def test_a_second_build_walks_only_the_model(self):
+    # Earlier Hessians read `x` too: the walk from `x` must not visit them
+    # (under control flow v1 every later build of a recurrent model took
+    # longer than the one before), and the numbers stay the same.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.tanh(_lin(x))
+      with tf.name_scope("first"):
+        first = tf1hess.batch_hessians(y, x, method="forward")
+      path, dependent = engine._path(x, [y])
+      model = {op.name for op in engine.ancestor_ops([y])}
+      self.assertTrue(path)
+      self.assertEqual({name for name, _ in dependent} - model, set())
+      self.assertEqual(tf1hess.ops.ops_between([y], [x]), set(path))
+      second = tf1hess.batch_hessians(y, x, method="forward")
+      with tf.compat.v1.Session() as sess:
+        a, b = sess.run([first, second], {x: x_val_of(3)})
+      self.assertAllEqual(a, b)
+
 
 def x_val_of(n):
   return np.random.default_rng(n).normal(size=(n, _K))

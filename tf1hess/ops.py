@@ -97,18 +97,13 @@ def ops_between(ys_list, xs_list):
     A `set` of `tf.Operation`s; empty when `ys` does not depend on `xs`.
   """
   x_ops = {x.op for x in xs_list}
-  downstream, stack = set(), [c for x in xs_list for c in x.consumers()]
+  upstream = engine.ancestor_ops(ys_list)  # Not the graph's other readers.
+  between, stack = set(), [c for x in xs_list for c in x.consumers()]
   while stack:
     op = stack.pop()
-    if op not in downstream and op not in x_ops:
-      downstream.add(op)
-      stack.extend(c for t in op.outputs for c in t.consumers())
-  between, stack = set(), [y.op for y in ys_list]
-  while stack:
-    op = stack.pop()
-    if op in downstream and op not in between:
+    if op in upstream and op not in between and op not in x_ops:
       between.add(op)
-      stack.extend(t.op for t in op.inputs)
+      stack.extend(c for t in op.outputs for c in t.consumers())
   return between
 
 

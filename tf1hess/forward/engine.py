@@ -368,17 +368,33 @@ def _differentiable(t):
   return not (dtype.is_integer or dtype.is_bool or dtype == tf.string)
 
 
-def _dependent_tensors(x, stops=frozenset()):
-  """The tensors a gradient can flow to from `x`, and the outputs of the
-  `StopGradient`s of `tf.nn.moments` but for `stops`
-  (`reductions.stops_a_variance_mean`: there the stop changes no first
-  derivative, and drops curvature)."""
+def ancestor_ops(ys):
+  """The ops whose outputs `ys` read, theirs included, through data inputs.
+
+  The graph's other ops may be many: earlier Hessians of the same model
+  read `x` too, and a walk forward from `x` alone would visit them all.
+  """
+  seen, stack = set(), [y.op for y in ys]
+  while stack:
+    op = stack.pop()
+    if op not in seen:
+      seen.add(op)
+      stack.extend(t.op for t in op.inputs)
+  return seen
+
+
+def _dependent_tensors(x, within, stops=frozenset()):
+  """The tensors of the ops `within` that a gradient can flow to from `x`,
+  and the outputs of the `StopGradient`s of `tf.nn.moments` but for
+  `stops` (`reductions.stops_a_variance_mean`: there the stop changes no
+  first derivative, and drops curvature)."""
   out, stack = {_key(x)}, [x]
   while stack:
     t = stack.pop()
     for op in t.consumers():
-      if op.type in _NO_GRADIENT and (
-        op in stops or not reductions.stops_a_variance_mean(op)
+      if op not in within or (
+        op.type in _NO_GRADIENT
+        and (op in stops or not reductions.stops_a_variance_mean(op))
       ):
         continue
       for o in op.outputs:
@@ -400,9 +416,9 @@ def _path(x, ys):
   TensorFlow's gradient of one (`reductions.variance_of`): not where the
   model reads it otherwise.
   """
-  stops = set()
+  stops, within = set(), ancestor_ops(ys)
   while True:
-    dependent = _dependent_tensors(x, stops)
+    dependent = _dependent_tensors(x, within, stops)
     path = _ordered_ops(x, ys, dependent)
     within = set(path)
     wrong = {
