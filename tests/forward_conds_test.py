@@ -334,6 +334,36 @@ class CondsTest(
         self.assertAllClose(*sess.run([auto, rows], feed))
 
   @parameterized.parameters(1, 2)
+  def test_conds_of_an_imported_graph(self, cf):
+    # A GraphDef keeps no v1 cond contexts: auto takes the rows there.
+    self.control_flow(cf)
+    with tf.Graph().as_default() as model:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K], name="x")
+      training = tf.compat.v1.placeholder_with_default(False, [], "training")
+      h = tf.cond(training, lambda: tf.sin(x) * 2.0, lambda: tf.sin(x))
+      tf.reduce_sum(h * h, axis=1, name="y")
+    with tf.Graph().as_default() as graph:
+      tf.compat.v1.import_graph_def(model.as_graph_def(), name="m")
+      x, y, training = (
+        graph.get_tensor_by_name(f"m/{name}:0")
+        for name in ("x", "y", "training")
+      )
+      if cf == 1:
+        with self.assertRaisesRegex(ValueError, "cond of an imported graph"):
+          tf1hess.batch_hessians(y, x, method="forward")
+      outs = {name: op(y, x) for name, op in _OPS.items()}
+      x_val = _RNG.normal(size=(3, _K))
+      with tf.compat.v1.Session() as sess:
+        for scale in (1.0, 2.0):
+          values = sess.run(outs, {x: x_val, training: scale == 2.0})
+          # d2/dx2 (s sin x)^2 = 2 s^2 cos 2x, per feature.
+          want = 2 * scale**2 * np.cos(2 * x_val)
+          self.assertAllClose(values["diagonal"], want)
+          hessians = np.stack([np.diag(w) for w in want])
+          self.assertAllClose(values["hessian"], hessians)
+          self.assertAllClose(values["laplacian"], want.sum(1))
+
+  @parameterized.parameters(1, 2)
   def test_predicate_of_x_falls_back(self, cf):
     self.control_flow(cf)
     with tf.Graph().as_default():

@@ -118,6 +118,12 @@ class Resolved:
           raise registry.Unsupported(
             f"{op.type} ({op.name}) is part of a loop, not of a cond"
           )
+        if op.type in SWITCH and context is None:
+          # Imported from a GraphDef, where TensorFlow keeps no contexts:
+          # which branch each op is in is not known.
+          raise registry.Unsupported(
+            f"{op.type} ({op.name}) is part of a cond of an imported graph"
+          )
         if op.type in SWITCH:
           predicate = _source(context.pred)
           predicates[key(predicate)] = predicate
