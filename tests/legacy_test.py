@@ -357,6 +357,39 @@ class WhileLoopTest(tf.test.TestCase, parameterized.TestCase):
         tf1hess.batch_gradients(y, x)
 
 
+class CondTest(tf.test.TestCase):
+  def test_saved_model_with_a_variable_read_in_a_cond_branch(self):
+    # As a v1 batch_normalization(training=placeholder) under control flow
+    # v2: freezing makes the branch's variable handle a value, and the
+    # frozen graph must still be differentiable.
+    directory = os.path.join(tempfile.mkdtemp(), "cond")
+    self.addCleanup(shutil.rmtree, os.path.dirname(directory), True)
+    mean = np.array([0.5, -0.5, 1.0], np.float32)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3], name="x")
+      training = tf.compat.v1.placeholder_with_default(False, [])
+      variable = tf.compat.v1.get_variable(
+        "mean", initializer=mean, use_resource=True
+      )
+      h = tf.cond(
+        training, lambda: x - tf.reduce_mean(x, 0), lambda: x - variable
+      )
+      y = tf.identity(tf.reduce_sum(tf.sin(h) ** 2, axis=1), name="y")
+      self.assertTrue(any(op.type == "If" for op in x.graph.get_operations()))
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        tf.compat.v1.saved_model.simple_save(
+          sess, directory, {"x": x}, {"y": y}
+        )
+    model = legacy.load("x:0", "y:0", saved_model=directory)
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    with tf.compat.v1.Session(graph=model.graph) as sess:
+      h = sess.run(model.hessians, {model.xs: x})
+    # d2/du2 sin(u)^2 = 2 cos(2u), u = x - mean, per feature.
+    want = np.stack([np.diag(2 * np.cos(2 * (row - mean))) for row in x])
+    self.assertAllClose(h, want, atol=1e-5)
+
+
 class FindTensorTest(tf.test.TestCase, parameterized.TestCase):
   def setUp(self):
     super().setUp()

@@ -22,6 +22,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 import tensorflow as tf
 
+from tensorflow.core.framework import types_pb2  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.core.protobuf import config_pb2  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.core.protobuf import meta_graph_pb2  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.core.protobuf import rewriter_config_pb2  # pylint: disable=g-direct-tensorflow-import
@@ -191,22 +192,30 @@ def freeze_session_graph(session, outputs=None):
         session, graph_def, outputs
       )
     )
-  return _with_reads_renamed(frozen)
+  return _with_functions_mended(frozen)
 
 
-def _with_reads_renamed(graph_def):
-  """`graph_def` with the outputs of the variable reads that freezing made
-  `Identity` ops in functions named as `Identity`'s.
+def _with_functions_mended(graph_def):
+  """`graph_def` with two leftovers of freezing in its functions mended.
 
-  TensorFlow's freezing turns a `ReadVariableOp` in a function (the
+  TensorFlow's freezing turns the variables that a function reads (the
   branches of a control flow v2 cond: a Keras 2 BatchNormalization built
-  after `disable_eager_execution()`) into an `Identity` and keeps its
-  output's name, `value`, where the function returns it or another node
-  reads it; TensorFlow then refuses to run the graph ("Return readvariableop
-  -> ReadVariableOp:value:0 is not found"). An `Identity`'s output is
-  `output`.
+  after `disable_eager_execution()`) into constants, but:
+  - a `ReadVariableOp` becomes an `Identity` that keeps its output's name,
+    `value`, where the function returns it or another node reads it;
+    TensorFlow then refuses to run the graph ("Return readvariableop ->
+    ReadVariableOp:value:0 is not found"). An `Identity`'s output is
+    `output`.
+  - an argument that was a variable's handle keeps the handle's data (its
+    variable's shape) though it is now the value; TensorFlow then fails to
+    differentiate the graph ("Shapes must be equal rank, but are 1 and 0",
+    giving it the shape `[]` of a handle).
   """
   for function in graph_def.library.function:
+    signature = function.signature
+    for arg in [*signature.input_arg, *signature.output_arg]:
+      if arg.type != types_pb2.DT_RESOURCE:
+        del arg.handle_data[:]
     identities = {n.name for n in function.node_def if n.op == "Identity"}
 
     def renamed(ref, identities=identities):
