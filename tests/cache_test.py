@@ -403,6 +403,30 @@ class SeveralInputsTest(
           h, reference = sess.run([h, hessians[0]], feed)
         self.assertAllClose(h, reference)
 
+  @parameterized.parameters(1, 2)
+  def test_a_cond_in_the_model_and_the_callers_own_gradients(self, cf):
+    # The copy of a control flow v2 cond has branch functions of its own:
+    # the caller's later second derivatives of the model, which rewrite the
+    # model's branches, failed on a duplicate function name.
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x, t, _, feed = _graph()
+      tanh = tf.compat.v1.placeholder_with_default(True, [])
+      y = tf.compat.v1.cond(
+        tanh, lambda: _model(x, t)[:, :1], lambda: _model(tf.sin(x), t)[:, 1:]
+      )
+      h = tf1hess.Derivatives(y, [x, t]).hessian()
+      (g,) = tf.gradients(y, x)  # Built after the copy.
+      (g_xt,) = tf.gradients(g[:, 0], t)
+      _, (hessians,) = _references(y, [x, t])
+      with tf.compat.v1.Session() as sess:
+        for value in (True, False):
+          h_val, g_xt_val, reference = sess.run(
+            [h, g_xt, hessians], {**feed, tanh: value}
+          )
+          self.assertAllClose(h_val, reference)
+          self.assertAllClose(g_xt_val, reference[:, 0, 2:])
+
 
 if __name__ == "__main__":
   tf.test.main()

@@ -119,10 +119,11 @@ class Resolved:
             f"{op.type} ({op.name}) is part of a loop, not of a cond"
           )
         if op.type in SWITCH and context is None:
-          # Imported from a GraphDef, where TensorFlow keeps no contexts:
-          # which branch each op is in is not known.
+          # Imported from a GraphDef, or a copy of a model's ops, which
+          # have no contexts: which branch each op is in is not known.
           raise registry.Unsupported(
-            f"{op.type} ({op.name}) is part of a cond of an imported graph"
+            f"{op.type} ({op.name}) is part of a cond without its control"
+            " flow context (imported from a GraphDef, or copied)"
           )
         if op.type in SWITCH:
           predicate = _source(context.pred)

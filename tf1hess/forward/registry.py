@@ -16,6 +16,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.ops import control_flow_util_v2  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _core
 from tf1hess.forward import jacobians
@@ -708,6 +709,33 @@ def on_tangents(op, j):
   return jacobians.apply_per_sample(j, apply)
 
 
+# The function attributes of the ops that TensorFlow's gradient rewrites.
+_BRANCHES = {
+  "If": ("then_branch", "else_branch"),
+  "StatelessIf": ("then_branch", "else_branch"),
+}
+
+
+def _renamed_branch(op, attr):
+  """`op`'s function `attr` as an `AttrValue` naming a copy of it.
+
+  The gradient of a control flow v2 cond rewrites its branches to output
+  what the gradient reads, and names them after the branch
+  (`cond_true_7_rewritten`). A copy of the cond that shared the model's
+  branch functions would have them rewritten under the same names as the
+  model's own, and a later gradient of the model would fail ("Attempting
+  to add a duplicate function with name: cond_true_7_rewritten").
+  """
+  value = tf.compat.v1.AttrValue()
+  value.CopyFrom(op.node_def.attr[attr])
+  graph = control_flow_util_v2.get_func_graph(
+    op, [t.shape for t in op.inputs[1:]], value.func.name
+  )
+  graph.name = f"{value.func.name}_copy_{tf_ops.uid()}"
+  value.func.name = control_flow_util_v2.create_new_tf_function(graph)
+  return value
+
+
 def copied_outputs(op, inputs):
   """The outputs of a copy of `op` in the current graph that reads `inputs`
   (no control inputs), for walks of copies of the model (`chunks`,
@@ -727,6 +755,8 @@ def copied_outputs(op, inputs):
   attrs = {
     name: value for name, value in op.node_def.attr.items() if name != "_class"
   }
+  for name in _BRANCHES.get(op.type, ()):
+    attrs[name] = _renamed_branch(op, name)
   if exact_custom_gradient(op):
     attrs["_gradient_op_type"] = tf.compat.v1.AttrValue(
       s=COPY_GRADIENT.encode()
