@@ -403,6 +403,29 @@ class SeveralInputsTest(
           h, reference = sess.run([h, hessians[0]], feed)
         self.assertAllClose(h, reference)
 
+  def test_a_gradient_tape_sees_the_copy(self):
+    # A loss of the joint Hessian (a residual of physics-informed training),
+    # differentiated with respect to the weights by a GradientTape, as by
+    # tf.gradients: the ops of the copy are recorded on the tape. (Tapes
+    # cannot differentiate control flow v1.)
+    with tf.Graph().as_default():
+      x, t, _, feed = _graph()
+      w1 = tf.Variable(_W1)
+      b1 = tf.Variable(_RNG.normal(size=5))
+      with tf.GradientTape() as tape:
+        h = tf.tanh(tf.matmul(tf.concat([x, t], 1), w1) + b1)
+        y = tf.matmul(h, tf.constant(_W2[:, :1]))
+        d = tf1hess.Derivatives(y, [x, t], method="forward")
+        loss = tf.reduce_sum(d.hessian() ** 2)
+      self.assertIsNotNone(dispatch.joint_input([y], [x, t], tf1hess.Plan()))
+      taped = tape.gradient(loss, [w1, b1])
+      reference = tf.gradients(loss, [w1, b1])
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        taped, reference = sess.run([taped, reference], feed)
+    for a, b in zip(taped, reference):
+      self.assertAllClose(a, b)
+
   @parameterized.parameters(1, 2)
   def test_a_cond_in_the_model_and_the_callers_own_gradients(self, cf):
     # The copy of a control flow v2 cond has branch functions of its own:

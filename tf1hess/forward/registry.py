@@ -15,8 +15,14 @@ import collections
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import execute  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.ops import control_flow_util_v2  # pylint: disable=g-direct-tensorflow-import
+
+try:  # TensorFlow 2.13 and later.
+  from tensorflow.python.eager import record as _tape  # pylint: disable=g-direct-tensorflow-import
+except ImportError:
+  from tensorflow.python.eager import tape as _tape  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _core
 from tf1hess.forward import jacobians
@@ -763,19 +769,36 @@ def copied_outputs(op, inputs):
     )
     _, u, beta = inputs
     inputs[0] = u * tf.sigmoid(beta * u)
-  return (
-    tf.compat.v1.get_default_graph()
-    .create_op(
-      op.type,
-      inputs,
-      [t.dtype for t in op.outputs],
-      # The model's name under the current scope: messages that name a copy
-      # name the model's op too.
-      name=op.name,
-      attrs=attrs,
-    )
-    .outputs
+  copy = tf.compat.v1.get_default_graph().create_op(
+    op.type,
+    inputs,
+    [t.dtype for t in op.outputs],
+    # The model's name under the current scope: messages that name a copy
+    # name the model's op too.
+    name=op.name,
+    attrs=attrs,
   )
+  _record(copy)
+  return copy.outputs
+
+
+def _record(op):
+  """Records `op` on the `tf.GradientTape`s that are recording, as
+  TensorFlow's op functions do and `Graph.create_op` does not: a tape
+  would see no path through a copy, and its gradients with respect to the
+  weights (of a loss of Hessians) would miss what flows through the copy.
+  """
+  if not execute.must_record_gradient():
+    return
+
+  def backward(*grads):
+    function = tf_ops.get_gradient_function(op)  # LookupError: none.
+    if function is None:  # Not differentiable.
+      return [None] * len(op.inputs)
+    result = function(op, *grads)
+    return list(result) if isinstance(result, (list, tuple)) else [result]
+
+  _tape.record_operation(op.type, op.outputs, op.inputs, backward)
 
 
 def followed_inputs(op):
