@@ -298,6 +298,15 @@ class CompanionsTest(tf.test.TestCase, parameterized.TestCase):
         tf1hess.batch_hessian_vector_products(y, x, tf.ones([3, 5]))
       with self.assertRaisesRegex(TypeError, r"`vs` must have the dtype"):
         tf1hess.batch_hessian_vector_products(y, x, tf.ones([3, 2], tf.float64))
+      v = tf.compat.v1.placeholder(tf.float32, [None, None])
+      hv = tf1hess.batch_hessian_vector_products(tf.sin(x), x, v)
+      with tf.compat.v1.Session() as sess:
+        feed = {x: np.ones((3, 2)), v: np.ones((3, 2))}
+        self.assertAllClose(sess.run(hv, feed), -np.sin(feed[x]))
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError, r"`vs` must have the shape of `xs`"
+        ):
+          sess.run(hv, {x: np.ones((3, 2)), v: np.ones((3, 3))})
 
 
 class LegacyModelsTest(

@@ -692,6 +692,7 @@ def batch_hessian_vector_products(
         raise ValueError(
           f"`vs` must have the shape of `xs` ({x.shape}); saw {v.shape}."
         )
+    vs_list = [_fed_like(v, x) for v, x in zip(vs_list, xs_list)]
     models = _models(ys_list, xs_list, plan_lib.Plan())
     _v1_loops(models, xs_list, 2, walked=False)
     grads = _gradients(models, xs_list, unconnected, False)
@@ -705,6 +706,21 @@ def batch_hessian_vector_products(
         (hv,) = tf.gradients(g, x, grad_ys=v, unconnected_gradients=unconnected)
       results.append(hv)
     return _checks.restore_structure(results, was_sequence)
+
+
+def _fed_like(v, x):
+  """`v`, checked at run time to have the shape of `x` where either shape
+  is not static (else a mismatch fails deep in the backward pass, naming
+  none of them)."""
+  if v.shape.is_fully_defined() and x.shape.is_fully_defined():
+    return v
+  check = tf.debugging.assert_equal(
+    tf.shape(v),
+    tf.shape(x),
+    message=f"`vs` must have the shape of `xs` ({x.name}), as fed",
+  )
+  with tf.control_dependencies([check]):
+    return tf.identity(v)
 
 
 def _exact_products(model, x, grad, v):
