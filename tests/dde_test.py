@@ -7,11 +7,13 @@ process: importing DeepXDE with the `tensorflow.compat.v1` backend disables
 TF2 behavior for the whole process.
 """
 
+import gc
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 from absl.testing import parameterized
 import numpy as np
@@ -106,6 +108,19 @@ class SignatureTest(tf.test.TestCase, parameterized.TestCase):
       )
       grad.clear()
       self.assertIsNot(grad.hessian(y, x, i=0, j=1), first)
+
+  def test_the_cache_goes_with_its_graph(self):
+    # A sweep that builds one graph per model keeps none of them alive.
+    graphs = []
+    for _ in range(3):
+      graph = tf.Graph()
+      with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+        grad.laplacian(tf.reduce_sum(tf.sin(x), axis=1, keepdims=True), x)
+      graphs.append(weakref.ref(graph))
+      del graph, x
+    gc.collect()
+    self.assertEqual([g() for g in graphs], [None] * 3)
 
   def test_is_a_public_module(self):
     self.assertIs(tf1hess.dde, grad)

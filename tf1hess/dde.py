@@ -18,11 +18,28 @@ with `tf1hess.batch_hessian_diagonals` and `tf1hess.batch_hessians`. This
 module does not import DeepXDE.
 """
 
+import weakref
+
 import tensorflow as tf
 
 from tf1hess import cache
 
-_DERIVATIVES = {}
+# The cache of a graph is an attribute of the graph, and goes with it: a
+# sweep that builds one graph per model keeps none of the old ones alive.
+# Tensors outside any graph (executing eagerly) are cached here.
+_ATTRIBUTE = "_tf1hess_dde_derivatives"
+_GRAPHS = weakref.WeakSet()
+_EAGER = {}
+
+
+def _cache_of(t):
+  graph = getattr(t, "graph", None)  # An eager tensor has none.
+  if graph is None:
+    return _EAGER
+  if not hasattr(graph, _ATTRIBUTE):
+    setattr(graph, _ATTRIBUTE, {})
+    _GRAPHS.add(graph)
+  return getattr(graph, _ATTRIBUTE)
 
 
 def _derivatives(ys, xs):
@@ -37,10 +54,11 @@ def _derivatives(ys, xs):
         f"`{arg}` must have shape (batch_size, dim_{arg[0]}); saw shape "
         f"{value.shape}."
       )
+  derivatives = _cache_of(ys)
   key = (ys.ref(), xs.ref())
-  if key not in _DERIVATIVES:
-    _DERIVATIVES[key] = cache.Derivatives(ys, xs)
-  return _DERIVATIVES[key]
+  if key not in derivatives:
+    derivatives[key] = cache.Derivatives(ys, xs)
+  return derivatives[key]
 
 
 def jacobian(ys, xs, i=None, j=None):
@@ -165,4 +183,7 @@ def laplacian(ys, xs, component=0):
 
 def clear():
   """Forgets the cached derivatives of every `(ys, xs)`, as `dde.grad.clear`."""
-  _DERIVATIVES.clear()
+  for graph in list(_GRAPHS):
+    delattr(graph, _ATTRIBUTE)
+  _GRAPHS.clear()
+  _EAGER.clear()
