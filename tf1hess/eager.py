@@ -505,7 +505,12 @@ def batch_derivatives(
 
 @tf.autograph.experimental.do_not_convert
 def _per_output(op, fn, x, method, chunk_size, plan):
-  """`op(fn(x), x)` of `tf1hess.per_output`: in a `tf.function` if eager."""
+  """`op(fn(x), x)` of `tf1hess.per_output`, in the graph being built.
+
+  Executing eagerly, the tapes (`_taped_per_output`) for every method but
+  `"forward"`, where TensorFlow's second derivatives are right
+  (`_tapes_fail`); else `op` in a `tf.function` traced for this call.
+  """
   plan = plan_lib.make(plan, method, chunk_size)
   x = _as_input(fn, x)
 
@@ -514,14 +519,68 @@ def _per_output(op, fn, x, method, chunk_size, plan):
 
   if not tf.executing_eagerly():
     return build(x)
+  order = 1 if op is per_output.batch_jacobians else 2
+  if plan.method != "forward" and (order == 1 or not _tapes_fail(fn, x)):
+    return _taped_per_output(op, fn, x, order)
   return tf.function(build, autograph=False)(x)
+
+
+def _taped_per_output(op, fn, x, order):
+  """Executing eagerly, `op(fn(x), x)` by persistent tapes: one gradient
+  per output for the Jacobians `(N, m..., d...)`, and for `order` 2 one
+  per output and feature for the Hessians `(N, m..., d..., d...)`, reduced
+  to what `op` returns. (Not `tf.GradientTape.batch_jacobian`, which traces
+  a `tf.function` at every call where it vectorizes.)"""
+  zero = tf.UnconnectedGradients.ZERO
+  n = tf.shape(x)[0]
+  k = x.shape[1:].num_elements()
+  with tf.GradientTape(persistent=True) as outer:
+    outer.watch(x)
+    with tf.GradientTape(persistent=True) as inner:
+      inner.watch(x)
+      y = _outputs(fn, x)
+      if not isinstance(y, (tf.Tensor, tf.Variable)):
+        raise TypeError(
+          "`fn` must return one tensor of per-sample outputs; saw "
+          f"{type(y).__name__}."
+        )
+      m = y.shape[1:].num_elements()
+      outputs = tf.reshape(y, [n, m])
+      columns = [outputs[:, i] for i in range(m)]
+    # Each `(N, K)`: the samples are independent.
+    rows = [
+      tf.reshape(inner.gradient(c, x, unconnected_gradients=zero), [n, k])
+      for c in columns
+    ]
+    jacobians = tf.stack(rows, axis=1)  # (N, M, K)
+    entries = [r[:, j] for r in rows for j in range(k)] if order == 2 else []
+  if order == 1:
+    return tf.reshape(jacobians, tf.concat([tf.shape(y), tf.shape(x)[1:]], 0))
+  hessians = tf.reshape(
+    tf.stack(
+      [
+        tf.reshape(outer.gradient(e, x, unconnected_gradients=zero), [n, k])
+        for e in entries
+      ],
+      axis=1,
+    ),
+    [n, m, k, k],
+  )
+  if op is per_output.batch_output_laplacians:
+    return tf.reshape(tf.linalg.trace(hessians), tf.shape(y))
+  if op is per_output.batch_output_hessian_diagonals:
+    diagonals = tf.linalg.diag_part(hessians)
+    return tf.reshape(diagonals, tf.concat([tf.shape(y), tf.shape(x)[1:]], 0))
+  dims = tf.shape(x)[1:]
+  return tf.reshape(hessians, tf.concat([tf.shape(y), dims, dims], 0))
 
 
 def batch_jacobians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Jacobians of every output of `fn` at `x`, not summed.
 
-  Runs `tf1hess.batch_jacobians(fn(x), x)`: executing eagerly, inside a
-  `tf.function` traced for this call.
+  Runs `tf1hess.batch_jacobians(fn(x), x)`; executing eagerly,
+  `tf.GradientTape.batch_jacobian` (in a `tf.function` traced for the call
+  for `method="forward"`).
 
   Args:
     fn: callable mapping a batch `(N, d...)` to per-sample outputs
@@ -554,8 +613,10 @@ def batch_jacobians(fn, x, method="auto", chunk_size=None, plan=None):
 def batch_output_hessians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Hessians of every output of `fn` at `x`, not summed.
 
-  Runs `tf1hess.batch_output_hessians(fn(x), x)` (in a `tf.function` when
-  executing eagerly).
+  Runs `tf1hess.batch_output_hessians(fn(x), x)`; executing eagerly,
+  nested tapes' `batch_jacobian` where TensorFlow's second derivatives of
+  `fn` are right (else, and for `method="forward"`, the graph op in a
+  `tf.function` traced for the call).
 
   Args:
     fn: as in `batch_jacobians`.
@@ -591,8 +652,8 @@ def batch_output_hessian_diagonals(
 ):
   """Diagonals of the per-sample Hessians of every output of `fn` at `x`.
 
-  Runs `tf1hess.batch_output_hessian_diagonals(fn(x), x)` (in a
-  `tf.function` when executing eagerly).
+  Runs `tf1hess.batch_output_hessian_diagonals(fn(x), x)`; executing
+  eagerly, the diagonals of `batch_output_hessians`' tapes, as there.
 
   Args:
     fn: as in `batch_jacobians`.
@@ -623,8 +684,8 @@ def batch_output_hessian_diagonals(
 def batch_output_laplacians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Laplacians of every output of `fn` at `x`, shape of `fn(x)`.
 
-  Runs `tf1hess.batch_output_laplacians(fn(x), x)` (in a `tf.function` when
-  executing eagerly).
+  Runs `tf1hess.batch_output_laplacians(fn(x), x)`; executing eagerly,
+  the traces of `batch_output_hessians`' tapes, as there.
 
   Args:
     fn: as in `batch_jacobians`.
