@@ -578,9 +578,9 @@ def _taped_per_output(op, fn, x, order):
 def batch_jacobians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Jacobians of every output of `fn` at `x`, not summed.
 
-  Runs `tf1hess.batch_jacobians(fn(x), x)`; executing eagerly,
-  `tf.GradientTape.batch_jacobian` (in a `tf.function` traced for the call
-  for `method="forward"`).
+  Runs `tf1hess.batch_jacobians(fn(x), x)`; executing eagerly, a tape's
+  gradient of each output (in a `tf.function` traced for the call for
+  `method="forward"`).
 
   Args:
     fn: callable mapping a batch `(N, d...)` to per-sample outputs
@@ -614,9 +614,9 @@ def batch_output_hessians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Hessians of every output of `fn` at `x`, not summed.
 
   Runs `tf1hess.batch_output_hessians(fn(x), x)`; executing eagerly,
-  nested tapes' `batch_jacobian` where TensorFlow's second derivatives of
-  `fn` are right (else, and for `method="forward"`, the graph op in a
-  `tf.function` traced for the call).
+  nested tapes' gradients of each output and feature where TensorFlow's
+  second derivatives of `fn` are right (else, and for `method="forward"`,
+  the graph op in a `tf.function` traced for the call).
 
   Args:
     fn: as in `batch_jacobians`.
