@@ -386,6 +386,35 @@ class LoopsTest(
       outs = self._check(x, y)
       self.assertEmpty(_loops_before(outs["hessian"]))
 
+  def test_weight_gradients_by_a_tape_through_the_unrolled_copy(self):
+    # A loss of the Hessians of a recurrent layer (the walk's unrolled copy
+    # of its loop): a tape's gradients with respect to the weights are
+    # tf.gradients' (they were None: the copy's ops were not recorded).
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      w = tf.Variable(_RNG.normal(size=(_D, 4)) / 2.0)
+      u = tf.Variable(_RNG.normal(size=(4, 4)) / 2.0)
+
+      def step(i, h):
+        return i + 1, tf.tanh(tf.matmul(_sequence(x)[:, i], w) + h @ u)
+
+      with tf.GradientTape() as tape:
+        _, h = tf.while_loop(
+          lambda i, h: i < _T, step, [0, tf.zeros_like(x[:, :4])]
+        )
+        y = tf.reduce_sum(tf.square(h), axis=1)
+        loss = tf.reduce_sum(tf1hess.batch_hessians(y, x) ** 2)
+      taped = tape.gradient(loss, [w, u])
+      reference = tf.gradients(loss, [w, u])
+      self.assertNotIn(None, taped)
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        taped, reference = sess.run(
+          [taped, reference], {x: _RNG.normal(size=(3, _K))}
+        )
+    for a, b in zip(taped, reference):
+      self.assertAllClose(a, b)
+
   def test_random_op_in_a_function_falls_back(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
