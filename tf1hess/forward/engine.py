@@ -416,17 +416,17 @@ def _path(x, ys):
   TensorFlow's gradient of one (`reductions.variance_of`): not where the
   model reads it otherwise.
   """
-  stops, within = set(), ancestor_ops(ys)
+  stops, upstream = set(), ancestor_ops(ys)
   while True:
-    dependent = _dependent_tensors(x, within, stops)
+    dependent = _dependent_tensors(x, upstream, stops)
     path = _ordered_ops(x, ys, dependent)
-    within = set(path)
+    on_path = set(path)
     wrong = {
       op
       for op in path
       if op.type == "StopGradient"
       and any(
-        use in within and not reductions.variance_of(use, op, within)
+        use in on_path and not reductions.variance_of(use, op, on_path)
         for use in op.outputs[0].consumers()
       )
     }
