@@ -20,6 +20,7 @@ import tensorflow as tf
 import testing_utils
 
 import tf1hess
+from tf1hess import _core
 from tf1hess import finite_differences
 from tf1hess import forward
 from tf1hess.forward import chunks as forward_chunks
@@ -1540,6 +1541,36 @@ class ByBatchSizeTest(
           below_val, above_val = sess.run([below, above], {x: x_val[:n]})
           self.assertAllClose(below_val, (3 - factor) * want, atol=1e-10)
           self.assertAllClose(above_val, factor * want, atol=1e-10)
+
+  @parameterized.product(version=[1, 2], engine_below=[True, False])
+  def test_rows_past_the_switch_are_a_loop(self, version, engine_below):
+    # Rows that run only from the switch on are built as a loop over rows
+    # (one backward pass to build), not unrolled (one pass a row); rows
+    # that run below it are unrolled, as without a switch.
+    self.control_flow(version)
+    weights = testing_utils.mlp_weights(3, 6, seed=3)
+    x_val = _RNG.normal(size=(6, 3))
+    loops = []
+
+    def attempts(*args, **kwargs):
+      found = original(*args, **kwargs)
+      loops.append(found[0].loop)
+      return found
+
+    original = _core._attempts  # pylint: disable=protected-access
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = testing_utils.tanh_mlp(x, *weights)
+      with mock.patch.object(_core, "_attempts", side_effect=attempts):
+        hessians = self._switched(y, x, engine_below)
+      with tf.compat.v1.Session() as sess:
+        for n in (3, 6):
+          self.assertAllClose(
+            sess.run(hessians, {x: x_val[:n]}),
+            testing_utils.tanh_mlp_hessians(x_val[:n], *weights),
+            atol=1e-10,
+          )
+    self.assertEqual(loops, ["while_loop" if engine_below else "unrolled"])
 
   @parameterized.product(version=[1, 2], chunked=[True, False])
   def test_the_engine_runs_none_of_the_rows_passes(self, version, chunked):

@@ -73,7 +73,12 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
     (
       "unroll",
       {"unroll_max_rows": None},
-      "`unroll_max_rows` must be a positive int; saw None",
+      "`unroll_max_rows` must be a non-negative int; saw None",
+    ),
+    (
+      "unroll_negative",
+      {"unroll_max_rows": -1},
+      "`unroll_max_rows` must be a non-negative int; saw -1",
     ),
     ("reads", {"max_reads": True}, "`max_reads` must be a positive int"),
     (

@@ -245,7 +245,7 @@ def _derivatives(
     results = []
     for x, g, ys_list in zip(xs_list, grads, models):
 
-      def rows(check=False, x=x, g=g, model=None):
+      def rows(check=False, x=x, g=g, model=None, plan=plan):
         if model is not None:
           # In a branch of `dispatch`'s `tf.cond` on N: the rows of this
           # copy of the model `(ys, x)`, so that a run that takes the other

@@ -70,11 +70,14 @@ def bfc_allocator(value):
   return value.strip().lower() in ("1", "true")
 
 
-def _check_count(name, value, allow_none):
+def _check_count(name, value, allow_none, allow_zero=False):
   if value is None and allow_none:
     return
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    expected = "None or a positive int" if allow_none else "a positive int"
+  least = 0 if allow_zero else 1
+  if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    expected = "a non-negative int" if allow_zero else "a positive int"
+    if allow_none:
+      expected = f"None or {expected}"
     raise ValueError(f"`{name}` must be {expected}; saw {value!r}.")
 
 
@@ -111,7 +114,7 @@ class Plan:
       without it.
     eager_pfor_min_rows: `int`: the same, executing eagerly (default 64).
     unroll_max_rows: `int`: up to this many rows, `"auto"` unrolls the rows
-      into the graph (default 16).
+      into the graph (default 16; 0: never).
     max_terms: `int`: the most tensors a row is split into by the linear
       shortcuts (default 16).
     max_factor_bytes: `int`: the largest factor of the one-matmul shortcut
@@ -155,9 +158,9 @@ class Plan:
     check_method(self.method, self.chunk_size)
     _check_count("parallel_iterations", self.parallel_iterations, True)
     _check_count("pfor_min_rows", self.pfor_min_rows, True)
+    _check_count("unroll_max_rows", self.unroll_max_rows, False, True)
     for name in (
       "eager_pfor_min_rows",
-      "unroll_max_rows",
       "max_terms",
       "max_factor_bytes",
       "shortcut_max_rows",
