@@ -275,6 +275,32 @@ class CondsTest(
     # The op named is the model's (in the copy's scope where it is copied).
     self.assertRegex("\n".join(logs.output), r"\(\S*batch_normalization/\S+\)")
 
+  @parameterized.parameters(1, 2)
+  def test_independence_checked_in_the_rows_of_a_branch(self, cf):
+    # The batch norm's statistics in training (`tf.nn.moments` over the
+    # batch) couple the samples; there TensorFlow's full product, which the
+    # check of the whole result compares with, is wrong, and the rows that
+    # the engine leaves the branch must check the samples themselves.
+    keras = testing_utils.legacy_keras(self)
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(4, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      training = tf.compat.v1.placeholder_with_default(False, [])
+      h = keras.layers.Dense(6, dtype="float64")(x)
+      h = tf.compat.v1.layers.batch_normalization(h, training=training)
+      y = tf.reduce_sum(tf.tanh(h), axis=1)
+      checked = tf1hess.batch_hessians(y, x, check_independence=True)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        got, expected = sess.run([checked, rows], {x: x_val})
+        with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError, "not independent"
+        ):
+          sess.run(checked, {x: x_val, training: True})
+    self.assertAllClose(got, expected, atol=1e-10, rtol=1e-10)
+
   @parameterized.parameters((1, "silu"), (2, "silu"), (1, "own"))
   def test_custom_gradient_in_a_branch(self, cf, custom):
     # TensorFlow's second derivatives through such a branch fail (v1: when

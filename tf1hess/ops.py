@@ -244,8 +244,22 @@ def _derivatives(
       return _checks.restore_structure(grads, was_sequence)
     results = []
     for x, g, ys_list in zip(xs_list, grads, models):
+      # Whether the engine's result is checked as a whole (`_checked`);
+      # where it cannot be, rows that the engine's result holds (in a
+      # branch of a cond on N or of the model's cond) check themselves.
+      whole = (
+        check_independence
+        and g is not None
+        and not dispatch.tensorflow_fails(ys_list, x, g)
+      )
 
-      def rows(check=False, x=x, g=g, model=None, plan=plan):
+      def rows(
+        check=check_independence and not whole,
+        x=x,
+        g=g,
+        model=None,
+        plan=plan,
+      ):
         if model is not None:
           # In a branch of `dispatch`'s `tf.cond` on N: the rows of this
           # copy of the model `(ys, x)`, so that a run that takes the other
@@ -271,23 +285,25 @@ def _derivatives(
         result, done = dispatch.try_forward(
           ys_list, x, g, mode, plan, unconnected, None if v1_loops else rows
         )
-        if done and result is not None and check_independence:
-          result = _checked(ys_list, x, g, result, unconnected)
+        if done and result is not None and whole:
+          result = _checked(x, g, result, unconnected)
       if not done:
         result = rows(check_independence)
       results.append(result)
     return _checks.restore_structure(results, was_sequence)
 
 
-def _checked(ys, x, grad, hessian, unconnected):
+def _checked(x, grad, hessian, unconnected):
   """`hessian` of the engine after `_core.independence_check` passes at run
-  time, or as it is where TensorFlow's full Hessian-vector product, which
-  the check compares with, is wrong or cannot be built
-  (`dispatch.tensorflow_fails`). The walk has checked the samples there: it
-  declines a model where an op that curves reads several samples (a sum,
-  reshape or slice over the batch axis, a transpose that moves it)."""
-  if dispatch.tensorflow_fails(ys, x, grad):
-    return hessian
+  time.
+
+  Not where TensorFlow's full Hessian-vector product, which the check
+  compares with, is wrong or cannot be built (`dispatch.tensorflow_fails`):
+  the walk checks the samples there (it declines a model where an op that
+  curves reads several samples: a sum, reshape or slice over the batch
+  axis, a transpose that moves it), and the rows it leaves a branch to
+  check their own (TensorFlow's products on both sides).
+  """
   gradient = _graph_gradient(x, unconnected)
   check = _core.independence_check(
     x, hessian, lambda v: gradient(grad, v), x.name
