@@ -23,6 +23,7 @@ import tensorflow as tf
 
 import testing_utils
 import tf1hess
+from tf1hess.forward import conv
 from tf1hess.forward import dispatch
 from tf1hess.forward import jacobians
 from tf1hess.forward import registry
@@ -2731,6 +2732,33 @@ class Float32PoolTest(tf.test.TestCase):
     _check_float32(
       self, lambda x: model(x, pool), lambda x: model(x, by_convolution)
     )
+
+
+class EmptyBatchMaxPoolTest(tf.test.TestCase, parameterized.TestCase):
+  """The maxima a max pool's rule reads at N = 0, where TensorFlow's
+  MaxPoolWithArgmax refuses an empty batch. (The rows and the engine's
+  adjoint, TensorFlow's MaxPoolGrad, run there only without oneDNN, whose
+  kernel aborts the process on an empty batch.)"""
+
+  @parameterized.parameters(
+    ("VALID",), ("SAME",), ([[0, 0], [1, 0], [0, 1], [0, 0]],)
+  )
+  def test_window_maxima_of_an_empty_batch(self, padding):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 4, 5, 2])
+      pooled = tf.nn.max_pool2d(x, 2, [2, 1], padding)
+      _, index = conv._window_maxima(pooled.op)  # pylint: disable=protected-access
+      with tf.compat.v1.Session() as sess:
+        for n in (0, 3):
+          x_val = _RNG.normal(size=(n, 4, 5, 2)).astype(np.float32)
+          got, maxima = sess.run([index, pooled], {x: x_val})
+          self.assertEqual(got.shape, maxima.shape)
+          if n and isinstance(padding, str):
+            # The index of each window's maximum, per sample (explicit
+            # paddings count in the padded input).
+            flat = x_val.reshape(n, -1)
+            picked = np.take_along_axis(flat, got.reshape(n, -1), 1)
+            self.assertAllEqual(picked, maxima.reshape(n, -1))
 
 
 def _max_pool3d_by_slices(h, size, stride, padding):

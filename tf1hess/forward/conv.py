@@ -569,14 +569,23 @@ def _window_maxima(op):
     pads = np.reshape(op.get_attr("explicit_paddings"), [-1, 2])
     u = tf.pad(u, pads, constant_values=-np.inf)
     padding = "VALID"
-  _, index = tf.raw_ops.MaxPoolWithArgmax(
-    input=u,
-    ksize=op.get_attr("ksize"),
-    strides=op.get_attr("strides"),
-    padding=padding,
-    include_batch_in_index=False,
+
+  def index():
+    return tf.raw_ops.MaxPoolWithArgmax(
+      input=u,
+      ksize=op.get_attr("ksize"),
+      strides=op.get_attr("strides"),
+      padding=padding,
+      include_batch_in_index=False,
+    ).argmax
+
+  # MaxPoolWithArgmax refuses an empty batch ("tensor_in must not be
+  # empty"), which the model's max pool takes.
+  return pads, tf.cond(
+    tf.shape(u)[0] > 0,
+    index,
+    lambda: tf.zeros_like(op.outputs[0], dtype=tf.int64),
   )
-  return pads, index
 
 
 @registry.register("MaxPool", "MaxPool3D")
