@@ -390,6 +390,134 @@ class CondTest(tf.test.TestCase):
     self.assertAllClose(h, want, atol=1e-5)
 
 
+class BatchNormalizationTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  """Models with `tf.compat.v1.layers.batch_normalization(training=t)`.
+
+  `t` a placeholder: the updates of the moving averages are conds that
+  assign variables, in their branch functions under control flow v2 (an
+  `If`), as plain graph ops under control flow v1 (`Switch`/`Merge`).
+  """
+
+  def _write(self, directory, dtype, use_resource, x):
+    """Writes the model as SavedModel and MetaGraph + checkpoint.
+
+    Returns:
+      The op types of the graph; a `dict` from `training` (False, True) to
+      `y` and `tf.hessians` of `sum(y)` `(N, K, N, K)` at `x`; the `load`
+      keyword arguments of both artifacts.
+    """
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(3, 4)).astype(dtype.as_numpy_dtype)
+    with tf.Graph().as_default() as graph:
+      xs = tf.compat.v1.placeholder(dtype, [None, 3], name="x")
+      training = tf.compat.v1.placeholder_with_default(False, [], "training")
+      with tf.compat.v1.variable_scope("bn", use_resource=use_resource):
+        h = tf.compat.v1.layers.batch_normalization(xs @ w, training=training)
+      y = tf.identity(tf.reduce_sum(tf.tanh(h) ** 2, axis=1), name="y")
+      full = tf.hessians(tf.reduce_sum(y), xs)[0]
+      saver = tf.compat.v1.train.Saver()
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        for variable in tf.compat.v1.global_variables():  # Not 0 and 1.
+          value = rng.uniform(0.5, 1.5, variable.shape.as_list())
+          variable.load(value.astype(dtype.as_numpy_dtype), sess)
+        want = {
+          t: sess.run([y, full], {xs: x, training: t}) for t in (False, True)
+        }
+        saved_model = os.path.join(directory, "saved_model")
+        tf.compat.v1.saved_model.simple_save(
+          sess, saved_model, {"x": xs}, {"y": y}
+        )
+        prefix = saver.save(sess, os.path.join(directory, "model.ckpt"))
+    types = {op.type for op in graph.get_operations()}
+    return (
+      types,
+      want,
+      (
+        {"saved_model": saved_model},
+        {"meta_graph": prefix + ".meta", "checkpoint": prefix},
+      ),
+    )
+
+  @parameterized.named_parameters(
+    ("cf2_resource_float32", 2, True, tf.float32),
+    ("cf2_resource_float64", 2, True, tf.float64),
+    ("cf1_ref_float32", 1, False, tf.float32),
+    ("cf1_resource_float64", 1, True, tf.float64),
+  )
+  def test_hessians_match_tf_hessians(self, cf, use_resource, dtype):
+    # (Keras cannot update a ref variable's moving average in a v2 cond.)
+    self.control_flow(cf)
+    directory = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    x = (
+      np.random.default_rng(2).normal(size=(3, 3)).astype(dtype.as_numpy_dtype)
+    )
+    types, want, kinds = self._write(directory, dtype, use_resource, x)
+    self.assertEqual("If" in types, cf == 2)
+    self.assertEqual("Switch" in types, cf == 1)
+    tolerance = 1e-5 if dtype == tf.float32 else 1e-10
+    for kwargs in kinds:
+      model = legacy.load("x:0", "y:0", **kwargs)
+      with tf.compat.v1.Session(graph=model.graph) as sess:
+        for training in (False, True):
+          with self.subTest(kind=sorted(kwargs)[-1], training=training):
+            y, h = sess.run(
+              [model.ys, model.hessians],
+              {model.xs: x, "training:0": training},
+            )
+            want_y, full = want[training]
+            if training:
+              # Batch statistics couple the samples: no per-sample Hessian
+              # exists (check_independence says so), and the row trick gives
+              # for sample n the sum over m of the blocks (m, n).
+              want_h = np.moveaxis(full.sum(axis=0), 1, 0)
+            else:
+              want_h = testing_utils.diagonal_blocks(full)
+            self.assertAllClose(y, want_y, atol=tolerance, rtol=tolerance)
+            self.assertAllClose(h, want_h, atol=tolerance, rtol=tolerance)
+
+  def test_ops_running_functions_that_assign_are_left_out(self):
+    # An assignment inside a cond inside a loop body, and one in a call.
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+      flag = tf.compat.v1.placeholder_with_default(True, [], name="flag")
+      counter = tf.compat.v1.get_variable(
+        "counter", initializer=0.0, use_resource=True
+      )
+
+      def body(i):
+        changed = tf.cond(
+          flag, lambda: counter.assign_add(1.0), counter.read_value
+        )
+        with tf.control_dependencies([changed]):
+          return i + 1
+
+      tf.while_loop(lambda i: i < 3, body, [0])
+      tf.function(lambda: counter.assign_add(2.0))()
+      tf.identity(tf.reduce_sum(tf.sin(x), axis=1), name="y")
+    graph_def = graph.as_graph_def()
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    loops = [node for node in graph_def.node if node.op == "While"]
+    self.assertLen(loops, 1)  # Its body assigns in an If, not itself.
+    body_ops = {
+      n.op for n in functions[loops[0].attr["body"].func.name].node_def
+    }
+    self.assertIn("If", body_ops)
+    self.assertFalse(any(op.startswith("Assign") for op in body_ops))
+    names = legacy.model_node_names(graph_def)
+    self.assertContainsSubset(["x", "y"], names)
+    ops = {node.name: node.op for node in graph_def.node}
+    self.assertContainsSubset(
+      {"While", "StatefulPartitionedCall"}, ops.values()
+    )
+    self.assertNoCommonElements(
+      {ops[name] for name in names}, {"While", "StatefulPartitionedCall", "If"}
+    )
+
+
 class FindTensorTest(tf.test.TestCase, parameterized.TestCase):
   def setUp(self):
     super().setUp()

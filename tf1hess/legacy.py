@@ -119,11 +119,52 @@ def _model_kind(saved_model, graph, meta_graph, checkpoint):
   return given[0]
 
 
-def _changes_state(node):
-  if node.op in _STATE_OPS or node.op.startswith(_STATE_OP_PREFIXES):
+def _op_changes_state(op):
+  if op in _STATE_OPS or op.startswith(_STATE_OP_PREFIXES):
     return True
-  op_def = op_def_registry.get(node.op)
+  op_def = op_def_registry.get(op)
   return op_def is not None and any(arg.is_ref for arg in op_def.input_arg)
+
+
+def _called_functions(node, names):
+  """The functions (of those named `names`) that `node` runs.
+
+  Those in its attributes (the branches of `If` and `Case`, the condition
+  and body of `While`, the `f` of `PartitionedCall`, ...), and the one its
+  op names when it calls a library function directly.
+  """
+  if node.op in names:
+    yield node.op
+  for value in node.attr.values():
+    if value.HasField("func"):
+      yield value.func.name
+    elif value.HasField("list"):
+      yield from (func.name for func in value.list.func)
+
+
+def _state_changing_functions(library):
+  """Names of the functions of `library` that change state.
+
+  A function changes state when one of its nodes does, or runs a function
+  that does (a `While` body holding an `If` whose branch assigns, ...).
+  """
+  names = {function.signature.name for function in library.function}
+  callers = collections.defaultdict(set)
+  stack = []
+  for function in library.function:
+    name = function.signature.name
+    for node in function.node_def:
+      if _op_changes_state(node.op):
+        stack.append(name)
+      for callee in _called_functions(node, names):
+        callers[callee].add(name)
+  found = set()
+  while stack:
+    name = stack.pop()
+    if name not in found:
+      found.add(name)
+      stack.extend(callers[name])
+  return found
 
 
 def _input_node(name):
@@ -136,7 +177,12 @@ def model_node_names(graph_def):
   Drops variables themselves (freezing brings back those the model reads),
   ops that change state or read and write checkpoints (initializers, savers,
   train ops), every op that depends on one of those, and every op whose
-  outputs only feed dropped ops.
+  outputs only feed dropped ops. An op that runs functions (`If`, `While`,
+  `PartitionedCall`, ...) changes state when one of its functions does,
+  directly or through the functions that one runs: the control flow v2
+  conds that update a batch normalization's moving averages (`training` a
+  placeholder) are dropped, as their control flow v1 form (`Switch`,
+  `AssignSub`) is.
 
   Args:
     graph_def: a `tf.compat.v1.GraphDef`.
@@ -150,8 +196,15 @@ def model_node_names(graph_def):
     inputs[node.name] = [_input_node(name) for name in node.input]
     for name in inputs[node.name]:
       consumers[name].append(node.name)
+  names = {function.signature.name for function in graph_def.library.function}
+  changing = _state_changing_functions(graph_def.library)
   dropped = set()
-  stack = [node.name for node in graph_def.node if _changes_state(node)]
+  stack = [
+    node.name
+    for node in graph_def.node
+    if _op_changes_state(node.op)
+    or any(f in changing for f in _called_functions(node, names))
+  ]
   while stack:  # What depends on a state op.
     name = stack.pop()
     if name not in dropped:
@@ -381,9 +434,10 @@ def load_graph_def(
 
   Exactly one kind of model must be given: a TF1 SavedModel directory, a
   frozen GraphDef file, or a MetaGraph file with its checkpoint. Variables
-  are folded into constants; initializers, savers and train ops are left
-  out (so is, for a SavedModel, its init op: lookup tables are not
-  initialized in the result). Function calls are inlined (see
+  are folded into constants; initializers, savers, train ops and the
+  updates of batch normalization's moving averages are left out (see
+  `model_node_names`; so is, for a SavedModel, its init op: lookup tables
+  are not initialized in the result). Function calls are inlined (see
   `inline_function_calls`), so a SavedModel written by TF2's
   `tf.saved_model.save` loads too: what its signatures compute, with
   tensors named like "serving_default_x:0" and "StatefulPartitionedCall:0".
