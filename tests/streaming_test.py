@@ -303,6 +303,56 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       streaming.output_files(self.path("h.npy")), [self.path("h.npy")]
     )
 
+  def test_sharded_relative_output_is_kept(self):
+    # `finish` took the shards it had just written under a relative
+    # `output` for stale ones, and removed them.
+    x = _samples(11)
+    write_input(self.dir, x, "npy")
+    cwd = os.getcwd()
+    os.chdir(self.dir)
+    self.addCleanup(os.chdir, cwd)
+    args = (mlp_graph_def(), "x:0", "y:0", "x.npy")
+    streaming.compute_hessians(*args, "h.npy", batch_size=2)  # Out of date.
+    # Rows of 36 (Hessian) and 12 (gradient) bytes: a file holds one batch
+    # of 2 Hessians, two batches of gradients.
+    summary = streaming.compute_hessians(
+      *args,
+      "h.npy",
+      batch_size=2,
+      max_file_bytes=48,
+      gradients_output="g.npy",
+      overwrite=True,
+    )
+    hessian_names = [f"h-{i:05d}-of-00006.npy" for i in range(6)]
+    gradient_names = [f"g-{i:05d}-of-00003.npy" for i in range(3)]
+    self.assertCountEqual(
+      self.files(), ["x.npy"] + hessian_names + gradient_names
+    )
+    self.assertEqual(
+      summary.output_files, tuple(map(os.path.abspath, hessian_names))
+    )
+    self.assertEqual(
+      summary.gradients_files, tuple(map(os.path.abspath, gradient_names))
+    )
+    self.assertEqual(streaming.output_files("h.npy"), hessian_names)
+    self.assertEqual(streaming.output_files("g.npy"), gradient_names)
+    self.assertAllClose(
+      np.concatenate([np.load(f) for f in hessian_names]),
+      testing_utils.tanh_mlp_hessians(x, *_WEIGHTS),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+    self.assertAllClose(
+      np.concatenate([np.load(f) for f in gradient_names]),
+      testing_utils.tanh_mlp_gradients(x, *_WEIGHTS),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+    # An unsharded run over the shards replaces them all.
+    streaming.compute_hessians(*args, "h.npy", batch_size=2, overwrite=True)
+    self.assertCountEqual(self.files(), ["x.npy", "h.npy"] + gradient_names)
+    self.assertEqual(streaming.output_files("h.npy"), ["h.npy"])
+
   @parameterized.named_parameters(*_STRATEGIES)
   def test_strategies_match_analytic_hessians(self, strategy):
     x = _samples(7)

@@ -81,8 +81,9 @@ class RunSummary:
 
   Attributes:
     output_files: `tuple` of `str`: the `.npy` files of the Hessians, in row
-      order (one unless sharded).
-    gradients_files: `tuple` of `str`: the files of the gradients, or `()`.
+      order (one unless sharded), as absolute paths.
+    gradients_files: `tuple` of `str`: the files of the gradients (absolute
+      paths), or `()`.
     num_samples: `int`, N.
     num_features: `int`, K.
     num_batches: `int`: batches of the whole run.
@@ -259,7 +260,7 @@ def compute_hessians(
   output = check_output_path(output, "output")
   if gradients_output is not None:
     gradients_output = check_output_path(gradients_output, "gradients_output")
-    if os.path.abspath(gradients_output) == os.path.abspath(output):
+    if gradients_output == output:
       raise ValueError(
         f"`gradients_output` must differ from `output`; both are {output}."
       )
@@ -270,7 +271,7 @@ def compute_hessians(
     )
   reader = open_input(input, input_key)
   for arg, path in (("output", output), ("gradients_output", gradients_output)):
-    if path and os.path.abspath(path) == os.path.abspath(reader.path):
+    if path and path == os.path.abspath(reader.path):
       raise ValueError(f"`{arg}` must not overwrite `input` {reader.path}.")
   if not os.path.exists(output + ".progress.json"):  # Again under the lock.
     _check_overwrite([output, gradients_output], overwrite)
@@ -313,9 +314,7 @@ def compute_hessians(
         "feature_shape": list(reader.feature_shape),
         "batch_size": batch_size,
         "dtype": (out_dtype or engine.hessian_dtype).name,
-        "gradients_output": (
-          os.path.abspath(gradients_output) if gradients_output else None
-        ),
+        "gradients_output": gradients_output,
         "max_file_bytes": max_file_bytes,
         "check_independence": bool(check_independence),
       },
@@ -371,9 +370,7 @@ def _run(
       locks.enter_context(_lock(f.output))
     manifest = Manifest(output, settings, plan.record())
     checksums = Checksums(output, len(files))
-    manifest.partial_files = [
-      os.path.abspath(p) for f in files for p in f.partials
-    ]
+    manifest.partial_files = [p for f in files for p in f.partials]
     state = manifest.load()
     if state is not None and not resume:
       logging.info("Discarding the unfinished run of %s.", output)

@@ -29,13 +29,17 @@ def _shard_paths(output, num_files):
 
 
 def _shard_sets(output):
-  """`{num_files: [names]}` of the shard files of `output` that exist."""
+  """`{num_files: [names]}` of the shard files of `output` that exist.
+
+  The names are in the form of `output` (relative when it is), as
+  `_shard_paths` makes them.
+  """
   stem = output[: -len(".npy")] if output.endswith(".npy") else output
-  directory = os.path.dirname(os.path.abspath(output))
+  directory = os.path.dirname(output)
   base = os.path.basename(stem)
   pattern = re.compile(re.escape(base) + r"-(\d{5})-of-(\d{5})\.npy$")
   shards = {}
-  for name in os.listdir(directory):
+  for name in os.listdir(directory or os.curdir):
     match = pattern.match(name)
     if match:
       shards.setdefault(int(match.group(2)), []).append(
@@ -434,10 +438,18 @@ class Manifest:
 
 
 def check_output_path(path, arg):
+  """Checks the output path `path` (argument `arg`); returns it absolute.
+
+  Every file of a run is named from the returned path, so that names of
+  the same file compare equal whatever the current directory: a relative
+  `output` must not make `finish` take the shards it wrote (named from
+  `output`) for stale ones (found in its directory).
+  """
   path = os.fspath(path)
   if not path.endswith(".npy"):
     raise ValueError(f"`{arg}` must be a .npy file name; saw {path}.")
-  directory = os.path.dirname(os.path.abspath(path))
+  path = os.path.abspath(path)
+  directory = os.path.dirname(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"`{arg}` directory does not exist: {directory}")
   if os.path.isdir(path):
