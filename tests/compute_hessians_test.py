@@ -267,6 +267,7 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
         "graph": self._dawson_graph(),
         "method": "forward",
       },
+      "fixed_batch": {"graph": self._fixed_batch_graph(), "batch_size": 8},
     }[case]
     return {**base, **changes}
 
@@ -306,6 +307,13 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
       r"`method`='forward' cannot differentiate `ys` with respect to x:0: "
       r"no forward rule for op type",
     ),
+    (
+      "fixed_batch",
+      r"`xs` x:0 has a fixed batch dimension of 8 \(shape \(8, 3\)\), so "
+      r"every batch fed must hold exactly 8 samples: `batch_size` 8 and a "
+      r"number of samples that is a multiple of 8 .*; saw `batch_size` 8 and "
+      r"4 samples in .*x\.npy, fed in batches of 4\.$",
+    ),
   )
 
   def _dawson_graph(self):
@@ -315,6 +323,16 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
       tf.identity(tf.reduce_sum(tf.math.special.dawsn(x), 1), name="y")
     tf.io.write_graph(graph, self.models_dir, "dawsn.pb", as_text=False)
     return os.path.join(self.models_dir, "dawsn.pb")
+
+  def _fixed_batch_graph(self):
+    """The frozen MLP with a static batch dimension of 8."""
+    w1, b1, w2 = _WEIGHTS
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [8, _K], name="x")
+      hidden = tf.tanh(tf.matmul(x, w1.astype(np.float32)) + b1)
+      tf.identity(tf.reduce_sum(hidden * w2, axis=1), name="y")
+    tf.io.write_graph(graph, self.models_dir, "fixed8.pb", as_text=False)
+    return os.path.join(self.models_dir, "fixed8.pb")
 
   @parameterized.named_parameters((name, name, regex) for name, regex in _BAD)
   def test_bad_input_is_one_line_and_writes_nothing(self, case, regex):

@@ -32,11 +32,16 @@ _WEIGHTS = testing_utils.mlp_weights(_K, hidden=5, seed=1)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def mlp_graph_def(dtype=tf.float32, feature_shape=(_K,), weights=_WEIGHTS):
-  """Frozen graph of `y = w2 . tanh(x w1 + b1)` on `x:0`, output `y:0`."""
+def mlp_graph_def(
+  dtype=tf.float32, feature_shape=(_K,), weights=_WEIGHTS, batch=None
+):
+  """Frozen graph of `y = w2 . tanh(x w1 + b1)` on `x:0`, output `y:0`.
+
+  `batch`: the static batch dimension of `x:0`, `None` (default) or an int.
+  """
   k = int(np.prod(feature_shape))
   with tf.Graph().as_default() as graph:
-    x = tf.compat.v1.placeholder(dtype, (None,) + feature_shape, name="x")
+    x = tf.compat.v1.placeholder(dtype, (batch,) + feature_shape, name="x")
     flat = tf.reshape(x, [-1, k])
     tf.identity(testing_utils.tanh_mlp(flat, *weights), name="y")
   return graph.as_graph_def()
@@ -302,6 +307,25 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     self.assertEqual(
       streaming.output_files(self.path("h.npy")), [self.path("h.npy")]
     )
+
+  @parameterized.named_parameters(
+    ("batches_of_b", 12, 4), ("one_batch_of_b", 4, 256)
+  )
+  def test_fixed_batch_dimension(self, n, batch_size):
+    # `xs` of shape (4, K) takes every batch when each holds 4 samples.
+    x = _samples(n)
+    path, _ = write_input(self.dir, x, "npy")
+    summary = streaming.compute_hessians(
+      mlp_graph_def(batch=4),
+      "x:0",
+      "y:0",
+      path,
+      self.path("h.npy"),
+      batch_size=batch_size,
+      gradients_output=self.path("g.npy"),
+    )
+    self.assertEqual(summary.num_batches, n // min(batch_size, n))
+    _assert_analytic(self, x)
 
   def test_sharded_relative_output_is_kept(self):
     # `finish` took the shards it had just written under a relative
@@ -1042,6 +1066,38 @@ _BAD_INPUTS = (
     ValueError,
     r"`method`='forward' cannot differentiate `ys` with respect to x:0: no "
     r"forward rule for op type",
+  ),
+  (
+    "fixed_batch_last_short",
+    lambda d: {
+      "graph_def": mlp_graph_def(batch=8),
+      "input": _save(d, _samples(20)),
+      "batch_size": 8,
+    },
+    ValueError,
+    r"^`xs` x:0 has a fixed batch dimension of 8 \(shape \(8, 3\)\), so "
+    r"every batch fed must hold exactly 8 samples: `batch_size` 8 and a "
+    r"number of samples that is a multiple of 8 \(or give `xs` a batch "
+    r"dimension of None\); saw `batch_size` 8 and 20 samples in .*x\.npy, "
+    r"fed in batches of 8 and 4\.$",
+  ),
+  (
+    "fixed_batch_other_batch_size",
+    lambda d: {
+      "graph_def": mlp_graph_def(batch=8),
+      "input": _save(d, _samples(16)),
+      "batch_size": 4,
+    },
+    ValueError,
+    r"^`xs` x:0 has a fixed batch dimension of 8 .*; saw `batch_size` 4 and "
+    r"16 samples in .*x\.npy, fed in batches of 4\.$",
+  ),
+  (
+    "fixed_batch_fewer_samples",
+    lambda d: {"graph_def": mlp_graph_def(batch=8)},
+    ValueError,
+    r"^`xs` x:0 has a fixed batch dimension of 8 .*; saw `batch_size` 256 "
+    r"and 4 samples in .*x\.npy, fed in batches of 4\.$",
   ),
   (
     "batch_size",

@@ -54,6 +54,35 @@ def _feed_shape(x, reader):
   )
 
 
+def _check_batch_axis(x, reader, batch_size):
+  """Refuses an `x` with a static batch dimension that a fed batch misses.
+
+  `x` is fed batches of `batch_size` samples, the last one holding the
+  rest; a static batch dimension B (a placeholder `[B, d...]`) takes only
+  batches of exactly B samples, so every batch must hold B: `batch_size`
+  B and a number of samples that is a multiple of B (or N = B, one batch
+  whatever `batch_size`).
+  """
+  if x.shape.rank is None or x.shape.rank == 0:
+    return
+  fixed = tf.compat.dimension_value(x.shape[0])
+  if fixed is None:
+    return
+  n = reader.num_samples
+  num_batches = -(-n // batch_size)
+  sizes = sorted({min(batch_size, n), n - (num_batches - 1) * batch_size})
+  if sizes == [fixed]:
+    return
+  raise ValueError(
+    f"`xs` {x.name} has a fixed batch dimension of {fixed} (shape "
+    f"{x.shape}), so every batch fed must hold exactly {fixed} samples: "
+    f"`batch_size` {fixed} and a number of samples that is a multiple of "
+    f"{fixed} (or give `xs` a batch dimension of None); saw `batch_size` "
+    f"{batch_size} and {n} samples in {reader.path}, fed in batches of "
+    f"{' and '.join(map(str, reversed(sizes)))}."
+  )
+
+
 def _model_tensors(graph, xs, ys, scope=""):
   """Returns `(x, ys)` of `graph`: `ys` a tensor or a list, like the names."""
   prefix = scope + "/" if scope else ""
@@ -79,6 +108,7 @@ class Engine:
     xs,
     ys,
     reader,
+    batch_size,
     gradients,
     check_independence,
     plan,
@@ -89,6 +119,7 @@ class Engine:
     graph = legacy.import_graph_def(graph_def)
     x, y = _model_tensors(graph, xs, ys)
     self.feed_shape = _feed_shape(x, reader)
+    _check_batch_axis(x, reader, batch_size)
     added = legacy.add_hessian_ops(
       graph,
       x,

@@ -171,7 +171,9 @@ def compute_hessians(
     graph_def: a frozen `tf.compat.v1.GraphDef` (variables folded into
       constants), e.g. from `tf1hess.legacy.load_graph_def`.
     xs: `str`, name of the input tensor (e.g. "x:0"), batch first, of shape
-      `(None, d...)`; it is fed the samples (cast to its dtype).
+      `(None, d...)`; it is fed the samples (cast to its dtype). A fixed
+      batch dimension B (`(B, d...)`) takes only batches of B samples:
+      `batch_size` B and N a multiple of B (or N = B).
     ys: `str`, name of the output tensor; per-sample outputs (`(N,)`,
       `(N, 1)`) or their sum, as in `tf1hess.batch_hessians`.
     input: `str`, the samples: `.npy`, `.npz`, `.csv` or TFRecord (see
@@ -220,7 +222,8 @@ def compute_hessians(
     TypeError: when `input` is not floating-point, `xs` or `ys` is not a
       floating tensor, or `dtype` is not one of `OUTPUT_DTYPES`.
     ValueError: for unknown tensor names (the message lists the closest
-      names), input samples whose shape does not match `xs`, an empty or
+      names), input samples whose shape does not match `xs`, an `xs` with a
+      fixed batch dimension that not every batch matches, an empty or
       malformed input, an output name that is not `.npy`, `ys` that does
       not depend on `xs`, malformed `worker_hosts`, an unknown `method`, a
       `chunk_size` or `parallel_iterations` that is not a positive int, an
@@ -283,6 +286,7 @@ def compute_hessians(
     xs,
     ys,
     reader,
+    batch_size,
     gradients_output is not None,
     check_independence,
     plan,
