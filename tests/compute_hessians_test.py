@@ -77,6 +77,22 @@ _MODELS = (
 )
 
 
+def _unwritable_directory():
+  """A directory no one, root included, can create a file in, or `None`.
+
+  Permission bits do not stop root (these tests may run as root); /sys and
+  /proc take no new files from anyone.
+  """
+  for directory in ("/sys", "/proc"):
+    try:
+      fd, probe = tempfile.mkstemp(dir=directory)
+    except OSError:
+      return directory
+    os.close(fd)
+    os.remove(probe)
+  return None
+
+
 class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
@@ -345,6 +361,30 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     self.assertNotIn("\n", message)
     self.assertRegex(message, r"^compute_hessians: error: " + regex)
     self.assertEqual(sorted(os.listdir(self.dir)), before)
+
+  @parameterized.parameters("output", "gradients_output")
+  def test_unwritable_output_directory_is_one_line(self, flag):
+    unwritable = _unwritable_directory()
+    if unwritable is None:
+      self.skipTest("no directory refuses new files here")
+    path, _ = self.save_samples(4)
+    flag_values = {
+      "graph": self.paths["graph"],
+      "xs": "x:0",
+      "ys": ["y:0"],
+      "input": path,
+      "output": self.path("h.npy"),
+      flag: os.path.join(unwritable, "out.npy"),
+    }
+    with self.assertRaises(SystemExit) as raised:
+      self._run_main(**flag_values)
+    self.assertRegex(
+      raised.exception.code,
+      rf"^compute_hessians: error: `{flag}` directory is not writable: "
+      rf"{unwritable} \(creating a file there fails: [^\n]*\); choose "
+      r"another directory\.$",
+    )
+    self.assertEqual(os.listdir(self.dir), ["x.npy"])
 
   def test_coupled_samples_fail_in_one_line(self):
     with tf.Graph().as_default() as graph:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -124,6 +125,22 @@ def _run_script(*args):
     env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
     check=False,
   )
+
+
+def _unwritable_directory():
+  """A directory no one, root included, can create a file in, or `None`.
+
+  Permission bits do not stop root (these tests may run as root); /sys and
+  /proc take no new files from anyone.
+  """
+  for directory in ("/sys", "/proc"):
+    try:
+      fd, probe = tempfile.mkstemp(dir=directory)
+    except OSError:
+      return directory
+    os.close(fd)
+    os.remove(probe)
+  return None
 
 
 class ExportScriptTest(tf.test.TestCase, parameterized.TestCase):
@@ -458,6 +475,33 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
     last_line = result.stderr.strip().splitlines()[-1]
     self.assertRegex(last_line, r"^export_hessian_graph: error: " + regex)
     self._check_nothing_written(out, existing)
+
+  @parameterized.parameters(
+    ("export_dir", "hessians_model"),
+    ("output_graph", "hessians.pb"),
+    ("logdir", "logs/run"),
+  )
+  def test_unwritable_directory_is_refused_before_loading(self, flag, name):
+    unwritable = _unwritable_directory()
+    if unwritable is None:
+      self.skipTest("no directory refuses new files here")
+    values, out, _ = self._flags(
+      {"graph": "{model}/frozen.pb", "xs": "x:0", "ys": "y:0"}
+    )
+    values[flag] = os.path.join(unwritable, name)
+    with (
+      mock.patch.object(legacy, "load") as load,
+      flagsaver.as_parsed(**values),
+      self.assertRaises(SystemExit) as raised,
+    ):
+      script.main(["export_hessian_graph"])
+    load.assert_not_called()  # Checked before the model is loaded.
+    self.assertRegex(
+      raised.exception.code,
+      rf"^export_hessian_graph: error: `{flag}` must be in a writable "
+      rf"directory; creating a file in '{unwritable}' fails: [^\n]*\.$",
+    )
+    self._check_nothing_written(out, [])
 
   def test_missing_required_flag(self):
     result = _run_script("--graph=" + os.path.join(self.model_dir, "frozen.pb"))

@@ -1114,6 +1114,22 @@ _BAD_INPUTS = (
 )
 
 
+def _unwritable_directory():
+  """A directory no one, root included, can create a file in, or `None`.
+
+  Permission bits do not stop root (these tests may run as root); /sys and
+  /proc take no new files from anyone.
+  """
+  for directory in ("/sys", "/proc"):
+    try:
+      fd, probe = tempfile.mkstemp(dir=directory)
+    except OSError:
+      return directory
+    os.close(fd)
+    os.remove(probe)
+  return None
+
+
 def _dawson_graph_def():
   """A sum of Dawson's integrals of x: its op has no rule in the forward
   engine."""
@@ -1172,6 +1188,31 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(error, regex):
       streaming.compute_hessians(**kwargs)
     self.assertEqual(set(os.listdir(directory)), before)
+
+  @parameterized.parameters("output", "gradients_output")
+  def test_unwritable_output_directory_fails_before_writing(self, arg):
+    unwritable = _unwritable_directory()
+    if unwritable is None:
+      self.skipTest("no directory refuses new files here")
+    directory = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    kwargs = {
+      "output": os.path.join(directory, "h.npy"),
+      arg: os.path.join(unwritable, "out.npy"),
+    }
+    with (
+      mock.patch.object(streaming.run, "Engine") as engine,
+      self.assertRaisesRegex(
+        PermissionError,
+        rf"^`{arg}` directory is not writable: {unwritable} \(creating a "
+        r"file there fails: .*\); choose another directory\.$",
+      ),
+    ):
+      streaming.compute_hessians(
+        mlp_graph_def(), "x:0", "y:0", _save(directory, _samples(4)), **kwargs
+      )
+    engine.assert_not_called()  # Checked before the model is built.
+    self.assertEqual(os.listdir(directory), ["x.npy"])
 
 
 _RSS_CHILD = """

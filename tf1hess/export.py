@@ -22,6 +22,7 @@ Example:
 
 import contextlib
 import os
+import tempfile
 
 from google.protobuf import text_format
 import tensorflow as tf
@@ -126,12 +127,49 @@ def frozen_graph_def(model, session=None):
   return graph_def
 
 
+def _check_writable(directory, arg):
+  """Raises unless a file can be created in `directory` (of argument `arg`).
+
+  A file is created and removed: permission bits (`os.access`) say nothing
+  to root, nor of file systems that take no new files (/sys, /proc).
+  """
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".tf1hess-write-check-", dir=directory)
+  except OSError as error:
+    raise PermissionError(
+      f"`{arg}` must be in a writable directory; creating a file in "
+      f"{directory!r} fails: {error.strerror}."
+    ) from None
+  os.close(fd)
+  os.remove(probe)
+
+
 def _check_parent(path, arg):
+  """The directory of `path` must exist and take new files (temporaries)."""
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
     raise FileNotFoundError(
       f"`{arg}` must be in an existing directory; {parent!r} does not exist."
     )
+  _check_writable(parent, arg)
+
+
+def _check_logdir(logdir):
+  """`logdir`, or the directory it is to be made in, must take new files.
+
+  Only local paths are checked: a `gs://...` log directory is left to
+  TensorFlow's file system.
+  """
+  if os.path.isfile(logdir):
+    raise FileExistsError(
+      f"`logdir` must be a directory; {logdir!r} is a file."
+    )
+  if "://" in logdir:
+    return
+  existing = os.path.abspath(logdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  _check_writable(existing, "logdir")
 
 
 def check_output_paths(
@@ -146,10 +184,12 @@ def check_output_paths(
 
   Args:
     export_dir: `str` or `None`: must not be a file or a non-empty
-      directory unless `overwrite`, and its parent must exist.
+      directory unless `overwrite`, and its parent must exist and be
+      writable.
     output_graph: `str` or `None`: must not be a directory, nor an existing
-      file unless `overwrite`, and its parent must exist.
-    logdir: `str` or `None`: must not be a file.
+      file unless `overwrite`, and its parent must exist and be writable.
+    logdir: `str` or `None`: must not be a file; a local one must be
+      writable, or be creatable (its nearest existing parent writable).
     overwrite: `bool`, default `False`: replace an existing `export_dir`
       or `output_graph`.
 
@@ -159,6 +199,9 @@ def check_output_paths(
       `output_graph` is a directory, or `logdir` a file.
     FileNotFoundError: when the parent of `export_dir` or `output_graph`
       does not exist.
+    PermissionError: when no file can be created in the parent of
+      `export_dir` or `output_graph`, or in a local `logdir` (or where it
+      is to be made).
   """
   replace = "; pass --overwrite (overwrite=True) to replace it."
   if export_dir:
@@ -181,10 +224,8 @@ def check_output_paths(
       raise FileExistsError(
         f"`output_graph` must not exist; {output_graph!r} does{replace}"
       )
-  if logdir and os.path.isfile(logdir):
-    raise FileExistsError(
-      f"`logdir` must be a directory; {logdir!r} is a file."
-    )
+  if logdir:
+    _check_logdir(logdir)
 
 
 def _write_graph_def(graph_def, path, as_text):
@@ -275,7 +316,8 @@ def export_hessian_graph(
 
   Raises:
     ValueError: when no output is given, and as `frozen_graph_def`.
-    FileExistsError, FileNotFoundError: as `check_output_paths`.
+    FileExistsError, FileNotFoundError, PermissionError: as
+      `check_output_paths`.
   """
   if not (export_dir or output_graph or logdir):
     raise ValueError(

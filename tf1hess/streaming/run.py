@@ -219,6 +219,7 @@ def compute_hessians(
 
   Raises:
     FileNotFoundError: when `input` or an output directory does not exist.
+    PermissionError: when a file cannot be created in an output directory.
     TypeError: when `input` is not floating-point, `xs` or `ys` is not a
       floating tensor, or `dtype` is not one of `OUTPUT_DTYPES`.
     ValueError: for unknown tensor names (the message lists the closest
