@@ -77,22 +77,6 @@ _MODELS = (
 )
 
 
-def _unwritable_directory():
-  """A directory no one, root included, can create a file in, or `None`.
-
-  Permission bits do not stop root (these tests may run as root); /sys and
-  /proc take no new files from anyone.
-  """
-  for directory in ("/sys", "/proc"):
-    try:
-      fd, probe = tempfile.mkstemp(dir=directory)
-    except OSError:
-      return directory
-    os.close(fd)
-    os.remove(probe)
-  return None
-
-
 class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
@@ -364,7 +348,7 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters("output", "gradients_output")
   def test_unwritable_output_directory_is_one_line(self, flag):
-    unwritable = _unwritable_directory()
+    unwritable = testing_utils.unwritable_directory()
     if unwritable is None:
       self.skipTest("no directory refuses new files here")
     path, _ = self.save_samples(4)

@@ -127,22 +127,6 @@ def _run_script(*args):
   )
 
 
-def _unwritable_directory():
-  """A directory no one, root included, can create a file in, or `None`.
-
-  Permission bits do not stop root (these tests may run as root); /sys and
-  /proc take no new files from anyone.
-  """
-  for directory in ("/sys", "/proc"):
-    try:
-      fd, probe = tempfile.mkstemp(dir=directory)
-    except OSError:
-      return directory
-    os.close(fd)
-    os.remove(probe)
-  return None
-
-
 class ExportScriptTest(tf.test.TestCase, parameterized.TestCase):
   """Exports in setUpClass (in-process and as a program), reloads them."""
 
@@ -482,7 +466,7 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
     ("logdir", "logs/run"),
   )
   def test_unwritable_directory_is_refused_before_loading(self, flag, name):
-    unwritable = _unwritable_directory()
+    unwritable = testing_utils.unwritable_directory()
     if unwritable is None:
       self.skipTest("no directory refuses new files here")
     values, out, _ = self._flags(
@@ -498,8 +482,9 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
     load.assert_not_called()  # Checked before the model is loaded.
     self.assertRegex(
       raised.exception.code,
-      rf"^export_hessian_graph: error: `{flag}` must be in a writable "
-      rf"directory; creating a file in '{unwritable}' fails: [^\n]*\.$",
+      rf"^export_hessian_graph: error: `{flag}` directory is not writable: "
+      rf"{unwritable} \(creating a file there fails: [^\n]*\); choose "
+      "another directory.$",
     )
     self._check_nothing_written(out, [])
 

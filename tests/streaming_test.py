@@ -1114,22 +1114,6 @@ _BAD_INPUTS = (
 )
 
 
-def _unwritable_directory():
-  """A directory no one, root included, can create a file in, or `None`.
-
-  Permission bits do not stop root (these tests may run as root); /sys and
-  /proc take no new files from anyone.
-  """
-  for directory in ("/sys", "/proc"):
-    try:
-      fd, probe = tempfile.mkstemp(dir=directory)
-    except OSError:
-      return directory
-    os.close(fd)
-    os.remove(probe)
-  return None
-
-
 def _dawson_graph_def():
   """A sum of Dawson's integrals of x: its op has no rule in the forward
   engine."""
@@ -1191,7 +1175,7 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters("output", "gradients_output")
   def test_unwritable_output_directory_fails_before_writing(self, arg):
-    unwritable = _unwritable_directory()
+    unwritable = testing_utils.unwritable_directory()
     if unwritable is None:
       self.skipTest("no directory refuses new files here")
     directory = tempfile.mkdtemp()

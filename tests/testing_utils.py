@@ -258,3 +258,19 @@ def legacy_keras(test):
     return _compat.legacy_keras()
   except ImportError as error:
     test.skipTest(str(error))
+
+
+def unwritable_directory():
+  """A directory no one, root included, can create a file in, or `None`.
+
+  Permission bits do not stop root (these tests may run as root); /sys and
+  /proc take no new files from anyone.
+  """
+  for directory in ("/sys", "/proc"):
+    try:
+      fd, probe = tempfile.mkstemp(dir=directory)
+    except OSError:
+      return directory
+    os.close(fd)
+    os.remove(probe)
+  return None

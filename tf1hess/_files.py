@@ -12,6 +12,24 @@ import shutil
 import tempfile
 
 
+def check_writable(directory, arg):
+  """Raises `PermissionError` unless a file can be created in `directory`
+  (of argument `arg`).
+
+  A file is created and removed: permission bits (`os.access`) say nothing
+  to root, nor of file systems that take no new files (/sys, /proc).
+  """
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".tf1hess-write-check-", dir=directory)
+  except OSError as error:
+    raise PermissionError(
+      f"`{arg}` directory is not writable: {directory} (creating a file "
+      f"there fails: {error.strerror}); choose another directory."
+    ) from None
+  os.close(fd)
+  os.remove(probe)
+
+
 def _temporary_name(path, suffix):
   """`(directory, prefix, suffix)` of `atomic_output`'s temporaries."""
   path = os.path.abspath(path)

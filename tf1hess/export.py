@@ -22,7 +22,6 @@ Example:
 
 import contextlib
 import os
-import tempfile
 
 from google.protobuf import text_format
 import tensorflow as tf
@@ -127,23 +126,6 @@ def frozen_graph_def(model, session=None):
   return graph_def
 
 
-def _check_writable(directory, arg):
-  """Raises unless a file can be created in `directory` (of argument `arg`).
-
-  A file is created and removed: permission bits (`os.access`) say nothing
-  to root, nor of file systems that take no new files (/sys, /proc).
-  """
-  try:
-    fd, probe = tempfile.mkstemp(prefix=".tf1hess-write-check-", dir=directory)
-  except OSError as error:
-    raise PermissionError(
-      f"`{arg}` must be in a writable directory; creating a file in "
-      f"{directory!r} fails: {error.strerror}."
-    ) from None
-  os.close(fd)
-  os.remove(probe)
-
-
 def _check_parent(path, arg):
   """The directory of `path` must exist and take new files (temporaries)."""
   parent = os.path.dirname(os.path.abspath(path))
@@ -151,7 +133,7 @@ def _check_parent(path, arg):
     raise FileNotFoundError(
       f"`{arg}` must be in an existing directory; {parent!r} does not exist."
     )
-  _check_writable(parent, arg)
+  _files.check_writable(parent, arg)
 
 
 def _check_logdir(logdir):
@@ -169,7 +151,7 @@ def _check_logdir(logdir):
   existing = os.path.abspath(logdir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  _check_writable(existing, "logdir")
+  _files.check_writable(existing, "logdir")
 
 
 def check_output_paths(

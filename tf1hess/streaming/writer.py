@@ -13,7 +13,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 import zlib
 
 import numpy as np
@@ -438,23 +437,6 @@ class Manifest:
     _files.remove_stale_temporaries(self.path, suffix=".json")
 
 
-def _check_writable(directory, arg):
-  """Raises unless a file can be created in `directory` (of argument `arg`).
-
-  A file is created and removed: permission bits (`os.access`) say nothing
-  to root, nor of file systems that take no new files (/sys, /proc).
-  """
-  try:
-    fd, probe = tempfile.mkstemp(prefix=".tf1hess-write-check-", dir=directory)
-  except OSError as error:
-    raise PermissionError(
-      f"`{arg}` directory is not writable: {directory} (creating a file "
-      f"there fails: {error.strerror}); choose another directory."
-    ) from None
-  os.close(fd)
-  os.remove(probe)
-
-
 def check_output_path(path, arg):
   """Checks the output path `path` (argument `arg`); returns it absolute.
 
@@ -470,7 +452,7 @@ def check_output_path(path, arg):
   directory = os.path.dirname(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"`{arg}` directory does not exist: {directory}")
-  _check_writable(directory, arg)
+  _files.check_writable(directory, arg)
   if os.path.isdir(path):
     raise ValueError(f"`{arg}` must be a file name; saw the directory {path}.")
   return path
