@@ -744,10 +744,11 @@ def _by_batch_size(ys, x, mode, choice, rows, planned, walked, plan):
     return shaped(_walk(ys, x, mode, planned).value, x, mode)
 
   # Rows that run only from the switch on are not unrolled: there a loop
-  # over them ran as fast (1024 to 8192 samples: a 3 x 64 tanh MLP at
-  # K = 10, 6 tanh layers of 16, a 5-step LSTM of 16 units at K = 15), and
-  # unrolled, each row is a backward pass to build (the LSTM: 12.3 s to
-  # build and 6.6 s to run first, against 2.6 and 1.5 s for the loop).
+  # over them took 0.93x to 1.2x the unrolled rows' time (1024 to 8192
+  # samples: a 3 x 64 tanh MLP at K = 10, 6 tanh layers of 16, a 5-step
+  # LSTM of 16 units at K = 15), and unrolled, each row is a backward pass
+  # to build (the LSTM's rows: 7.2 s to build and 4.6 s to run first,
+  # against 1.5 and 0.85 s for the loop).
   if choice.engine:
     plan = dataclasses.replace(plan, unroll_max_rows=0)
 
