@@ -107,6 +107,18 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     with flagsaver.flagsaver(**flag_values):
       compute_hessians.main(["compute_hessians"])
 
+  def _flags(self, path, **changes):
+    """The flags of a run of the graph on the samples at `path` into
+    h.npy, with `changes`."""
+    return {
+      "graph": self.paths["graph"],
+      "xs": "x:0",
+      "ys": ["y:0"],
+      "input": path,
+      "output": self.path("h.npy"),
+      **changes,
+    }
+
   @parameterized.named_parameters(*_MODELS)
   def test_main_writes_analytic_hessians(self, model_flags):
     path, x = self.save_samples(10)
@@ -186,13 +198,7 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     path, x = self.save_samples(6)
     with open(self.path("h.npy"), "w", encoding="utf-8") as f:
       f.write("someone else's")
-    flag_values = {
-      "graph": self.paths["graph"],
-      "xs": "x:0",
-      "ys": ["y:0"],
-      "input": path,
-      "output": self.path("h.npy"),
-    }
+    flag_values = self._flags(path)
     with self.assertRaises(SystemExit) as raised:
       self._run_main(**flag_values)
     self.assertRegex(
@@ -238,13 +244,7 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
 
   def _bad_flags(self, case):
     path, _ = self.save_samples(4)
-    base = {
-      "graph": self.paths["graph"],
-      "xs": "x:0",
-      "ys": ["y:0"],
-      "input": path,
-      "output": self.path("h.npy"),
-    }
+    base = self._flags(path)
     np.save(self.path("ints.npy"), np.ones((4, _K), np.int64))
     np.save(self.path("wide.npy"), np.ones((4, _K + 2), np.float32))
     changes = {
@@ -352,14 +352,9 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     if unwritable is None:
       self.skipTest("no directory refuses new files here")
     path, _ = self.save_samples(4)
-    flag_values = {
-      "graph": self.paths["graph"],
-      "xs": "x:0",
-      "ys": ["y:0"],
-      "input": path,
-      "output": self.path("h.npy"),
-      flag: os.path.join(unwritable, "out.npy"),
-    }
+    flag_values = self._flags(
+      path, **{flag: os.path.join(unwritable, "out.npy")}
+    )
     with self.assertRaises(SystemExit) as raised:
       self._run_main(**flag_values)
     self.assertRegex(
