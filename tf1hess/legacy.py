@@ -142,13 +142,12 @@ def _called_functions(node, names):
       yield from (func.name for func in value.list.func)
 
 
-def _state_changing_functions(library):
-  """Names of the functions of `library` that change state.
+def _state_changing_functions(library, names):
+  """Names of the functions of `library` (named `names`) that change state.
 
   A function changes state when one of its nodes does, or runs a function
   that does (a `While` body holding an `If` whose branch assigns, ...).
   """
-  names = {function.signature.name for function in library.function}
   callers = collections.defaultdict(set)
   stack = []
   for function in library.function:
@@ -197,7 +196,7 @@ def model_node_names(graph_def):
     for name in inputs[node.name]:
       consumers[name].append(node.name)
   names = {function.signature.name for function in graph_def.library.function}
-  changing = _state_changing_functions(graph_def.library)
+  changing = _state_changing_functions(graph_def.library, names)
   dropped = set()
   stack = [
     node.name
