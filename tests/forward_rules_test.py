@@ -2474,6 +2474,35 @@ class MovedBatchAxisTest(
       v = _filter(_RNG.normal(size=(_K, 3, 2)), x)
       _check(self, x, model(x, w, v), x_val)
 
+  def test_the_op_that_mixed_the_samples_is_named(self):
+    # Not the nonlinear op alone: the one it reads the mixing from, through
+    # the linear ops between.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      centered = 2.0 * (x - tf.reduce_mean(x, 0, name="batch_mean"))
+      y = tf.reduce_sum(tf.tanh(centered, name="squash"), axis=1)
+      with self.assertRaisesRegex(
+        ValueError,
+        r"Tanh \(squash\) is nonlinear in a tensor that mixes samples "
+        r"\(Mean \(batch_mean\) sums, reshapes or slices over the batch "
+        r"axis\)",
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+      # Time-major sequences reversed per sample: the walk follows the
+      # transpose, not the reverse along the moved batch axis.
+      lengths = tf.fill([tf.shape(x)[0]], 3)
+      steps = tf.transpose(tf.reshape(x[:, :4], [-1, 4, 1]), [1, 0, 2])
+      reversed_steps = tf.reverse_sequence(
+        steps, lengths, seq_axis=0, batch_axis=1, name="backward"
+      )
+      y = tf.reduce_sum(tf.sin(reversed_steps), axis=[0, 2])
+      with self.assertRaisesRegex(
+        ValueError,
+        r"mixes samples \(ReverseSequence \(backward\) reads a tensor "
+        r"whose batch axis a transpose moved, and cannot follow it there\)",
+      ):
+        tf1hess.batch_hessians(y, x, method="forward")
+
   def test_nonlinear_op_on_a_moved_tensor_raises(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
@@ -2482,7 +2511,9 @@ class MovedBatchAxisTest(
       # entries (it runs for N = 4, mixing samples).
       y = tf.reduce_sum(tf.transpose(moved * x[:, :4]), axis=1)
       with self.assertRaisesRegex(
-        ValueError, "a transpose that moves the batch axis before it"
+        ValueError,
+        r"Mul \(mul\) is nonlinear in a tensor that mixes samples \(Mul "
+        r"\(mul\) reads a tensor whose batch axis a transpose moved",
       ):
         tf1hess.batch_hessians(y, x, method="forward")
 

@@ -949,6 +949,20 @@ def zero_result(n, k, mode, dtype):
   return tf.zeros(shape, dtype)
 
 
+def _mixed_by(op, mixed_by, lost=False):
+  """What mixed the samples of the outputs of `op`, said of the op that did
+  (`lost`: `op` reads a moved batch axis that it cannot follow)."""
+  if lost:
+    return (
+      f"{op.type} ({op.name}) reads a tensor whose batch axis a transpose"
+      " moved, and cannot follow it there"
+    )
+  found = [mixed_by[_key(t)] for t in op.inputs if _key(t) in mixed_by]
+  if found:
+    return found[0]
+  return f"{op.type} ({op.name}) sums, reshapes or slices over the batch axis"
+
+
 @tf.autograph.experimental.do_not_convert
 def second_derivatives(ys, x, mode):
   """Per-sample Hessians, diagonals or Laplacians of `sum(ys)` by the walk.
@@ -983,6 +997,8 @@ def second_derivatives(ys, x, mode):
   groups, ungrouped = {}, {}
   ctx = _Context(n, k, x.dtype, path, jacs, groups)
   mixed = False
+  # What mixed the samples of a tensor, said where a nonlinear op reads it.
+  mixed_by = {}
   for op in path:
     rule = registry.RULES.get(op.type)
     if rule is None:
@@ -1000,9 +1016,11 @@ def second_derivatives(ys, x, mode):
         raise Unsupported(f"{op.type} ({op.name}) reads {j.reason}")
     moved = any(isinstance(j, registry.Moved) for j in ins)
     twin = None
+    lost = False
     if moved and op.type not in registry.MOVES:
       twin = _unmoved_twin(op, ins, groups)
-      if twin is None:
+      lost = twin is None
+      if lost:
         ins = [
           registry.MIXED if isinstance(j, registry.Moved) else j for j in ins
         ]
@@ -1017,14 +1035,9 @@ def second_derivatives(ys, x, mode):
     elif any(j is registry.MIXED for j in ins):
       linear = rule.linear(op, ins) if callable(rule.linear) else rule.linear
       if not linear:
-        before = (
-          "a transpose that moves the batch axis"
-          if moved
-          else "a sum, reshape or slice over the batch axis"
-        )
         raise Unsupported(
           f"{op.type} ({op.name}) is nonlinear in a tensor that mixes samples"
-          f" ({before} before it)"
+          f" ({_mixed_by(op, mixed_by, lost)})"
         )
       outs = [registry.MIXED] * len(op.outputs)
       rows = _SAMPLES
@@ -1044,6 +1057,8 @@ def second_derivatives(ys, x, mode):
       _push(op, ins, outs, work, rows[0])
     mixed = mixed or any(j is registry.MIXED for j in outs)
     for t, j in zip(op.outputs, outs):
+      if j is registry.MIXED:
+        mixed_by[_key(t)] = _mixed_by(op, mixed_by, lost)
       out = rows
       if isinstance(j, registry.Regrouped):
         j, out = j.jacobian, j.rows
