@@ -43,6 +43,7 @@ from tf1hess import _cli
 from tf1hess import cluster
 from tf1hess import legacy
 from tf1hess import streaming
+from tf1hess.streaming import writer
 
 _MODEL = _cli.define_model_flags()
 _PLAN = _cli.define_plan_flags()
@@ -157,6 +158,10 @@ def compute(
     As `tf1hess.legacy.load_graph_def` and
     `tf1hess.streaming.compute_hessians`.
   """
+  # Before the model, which may take minutes to load and freeze.
+  writer.check_output_path(output, "output")
+  if kwargs.get("gradients_output") is not None:
+    writer.check_output_path(kwargs["gradients_output"], "gradients_output")
   graph_def = legacy.load_graph_def(
     saved_model=saved_model,
     graph=graph,

@@ -355,8 +355,14 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     flag_values = self._flags(
       path, **{flag: os.path.join(unwritable, "out.npy")}
     )
-    with self.assertRaises(SystemExit) as raised:
+    load = mock.patch.object(
+      compute_hessians.legacy,
+      "load_graph_def",
+      wraps=compute_hessians.legacy.load_graph_def,
+    )
+    with load as loaded, self.assertRaises(SystemExit) as raised:
       self._run_main(**flag_values)
+    loaded.assert_not_called()  # Refused before the model is loaded.
     self.assertRegex(
       raised.exception.code,
       rf"^compute_hessians: error: `{flag}` directory is not writable: "
