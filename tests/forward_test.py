@@ -908,6 +908,27 @@ class ShapesTest(tf.test.TestCase):
         )
 
 
+class DiagonalHessianTest(tf.test.TestCase):
+  """A diagonal Hessian, made into matrices by the engine, keeps exact
+  zeros off its diagonal beside infinite entries (`exp` overflowing)."""
+
+  def test_off_diagonal_zeros_beside_infinities(self):
+    x_val = np.array([[100.0, 0.0, 1.0], [0.5, -1.0, 2.0]], np.float32)
+    expected = np.zeros((2, 3, 3), np.float32)
+    for i in range(2):
+      np.fill_diagonal(expected[i], np.exp(x_val[i]))  # exp(100) is inf.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      h = tf1hess.batch_hessians(
+        tf.reduce_sum(tf.exp(x), 1), x, method="forward"
+      )
+      with self.session() as sess:
+        got = sess.run(h, {x: x_val})
+    self.assertTrue(np.isinf(got[0, 0, 0]))
+    np.testing.assert_array_equal(np.isnan(got), False)
+    self.assertAllClose(got, expected, rtol=1e-6)
+
+
 def _every_tensor(unused_t):
   return True
 
