@@ -741,7 +741,9 @@ def _walks(test):
   test.assertTrue(walked.called)
 
 
-class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
+class RowsInexactTest(
+  testing_utils.ControlFlowMixin, parameterized.TestCase, tf.test.TestCase
+):
   """TensorFlow's second derivative of some max pools (and of resizes and
   norms) is wrong."""
 
@@ -1094,8 +1096,10 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
       return tf.reduce_sum(g * g, 1)
 
     x_val = np.random.default_rng(15).normal(size=(3, 12))
+    # The rows first: after a walk TensorFlow's gradients of the stops are
+    # the identity (`test_weight_gradients_of_moments`).
     got, hessians = _hessians_of(
-      forces_squared, x_val, ["forward", "auto", "laplacian", "rows"]
+      forces_squared, x_val, ["rows", "forward", "auto", "laplacian"]
     )
     tol = dict(atol=1e-5, rtol=1e-5)  # Differences of differences.
     self.assertAllClose(got["forward"], hessians, **tol)
@@ -1104,6 +1108,42 @@ class RowsInexactTest(parameterized.TestCase, tf.test.TestCase):
     # TensorFlow's second derivatives of the gradient miss a few percent.
     error = np.abs(got["rows"] - hessians).max() / np.abs(hessians).max()
     self.assertGreater(error, 0.03)
+
+  @parameterized.parameters(
+    testing_utils.in_turn(model=list(_MOMENTS), op=["hessians", "laplacians"])
+  )
+  def test_weight_gradients_of_moments(self, model, op, cf):
+    # A loss of the Hessians, trained on: its gradient with respect to the
+    # weights reads the stopped mean through the engine's result, which
+    # TensorFlow's stop would hold back (off by 1% of the largest entry).
+    self.control_flow(cf)
+    rng = np.random.default_rng(18)
+    x_val = rng.normal(size=(3, 12))
+    w_val = rng.normal(size=(12, 12)) / 3
+    ops = {
+      "hessians": tf1hess.batch_hessians,
+      "laplacians": tf1hess.batch_laplacians,
+    }
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 12])
+      w = tf.compat.v1.placeholder(tf.float64, [12, 12])
+      y = _MOMENTS[model](tf.matmul(x, w))
+      (model_grad,) = tf.gradients(y, w)
+      loss = tf.reduce_sum(tf.square(ops[op](y, x)))
+      (got,) = tf.gradients(loss, w)
+      (model_grad_after,) = tf.gradients(y, w)
+      with tf.compat.v1.Session() as sess:
+        feed = {x: x_val, w: w_val}
+        got, before, after = sess.run([got, model_grad, model_grad_after], feed)
+        want = finite_differences.finite_difference_gradients(
+          lambda ws: np.array(
+            [sess.run(loss, {x: x_val, w: v.reshape(12, 12)}) for v in ws]
+          ),
+          w_val.reshape(1, -1),
+        ).reshape(12, 12)
+    self.assertAllClose(got, want, atol=1e-6 * np.abs(want).max(), rtol=1e-5)
+    # The model's own gradient is the same.
+    self.assertAllClose(after, before, atol=1e-12, rtol=1e-12)
 
   @parameterized.named_parameters(*_MOMENTS.items())
   def test_hessian_vector_products_of_moments(self, model):

@@ -462,8 +462,36 @@ def needs_own_gradient(ys, x):
 def stopped_means(x, ys):
   """The `StopGradient`s of `tf.nn.moments` that the walk follows from `x`
   to `ys`, where TensorFlow's second derivatives miss the curvature
-  through the mean (`reductions.stops_a_variance_mean`)."""
-  return [op for op in path_ops(x, ys) if op.type == "StopGradient"]
+  through the mean (`reductions.stops_a_variance_mean`), but for those
+  that a walk made differentiable (`_differentiate_stops`)."""
+  return [
+    op
+    for op in path_ops(x, ys)
+    if op.type == "StopGradient"
+    and op._gradient_function is not _identity_gradient  # pylint: disable=protected-access
+  ]
+
+
+def _identity_gradient(op, grad):
+  del op  # Unused.
+  return grad
+
+
+def _differentiate_stops(path):
+  """Gives the `StopGradient`s of `tf.nn.moments` that the walk followed
+  (those of `path`) the identity as their gradient in TensorFlow.
+
+  The walk takes them as the identity, the derivative of the function
+  the model computes; the result reads their outputs (in its Jacobians and
+  adjoints), and TensorFlow's derivatives of it (with respect to weights,
+  to train on it) must read them the same way, or they miss what flows
+  through the mean. The model's own first derivatives stay the same (the
+  stop holds back zero there), and TensorFlow's second derivatives of it
+  built from then on are exact (`stopped_means` leaves these stops out).
+  """
+  for op in path:
+    if op.type == "StopGradient":
+      op._gradient_function = _identity_gradient  # pylint: disable=protected-access
 
 
 # Elementwise functions that cost several plain entries each (measured on
@@ -1068,6 +1096,8 @@ def second_derivatives(ys, x, mode):
         if out != _SAMPLES:
           groups[_key(t)] = out
         jacs[_key(t)] = j
+
+  _differentiate_stops(path)
 
   def zeros():
     value = zero_result(n, k, mode, x.dtype)
