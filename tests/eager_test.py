@@ -207,7 +207,44 @@ class EagerIndependenceCheckTest(tf.test.TestCase):
     self.assertAllClose(out, testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS))
 
 
+class CapturedInputTest(tf.test.TestCase, parameterized.TestCase):
+  """`x` a tensor of the eager context or a variable, inside a
+  `tf.function`: the derivatives are built on its value there."""
+
+  @parameterized.product(
+    kind=["captured", "variable"],
+    method=["auto", "forward", "while_loop"],
+  )
+  def test_in_tf_function(self, kind, method):
+    x_val = np.random.default_rng(3).normal(size=(5, 4))
+    x = tf.constant(x_val) if kind == "captured" else tf.Variable(x_val)
+    v_val = np.random.default_rng(4).normal(size=(5, 4))
+    want = testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS)
+    eager = tf1hess.eager
+
+    @tf.function
+    def derivatives():
+      return (
+        eager.batch_hessians(_mlp, x, method=method),
+        eager.batch_laplacians(_mlp, x, method=method),
+        eager.batch_output_hessians(_mlp, x, method=method),
+        eager.batch_hessian_vector_products(_mlp, x, tf.constant(v_val)),
+      )
+
+    hessians, laplacians, per_output, products = derivatives()
+    self.assertAllClose(hessians, want)
+    self.assertAllClose(laplacians, np.einsum("nii->n", want))
+    self.assertAllClose(per_output, want)
+    self.assertAllClose(products, np.einsum("nij,nj->ni", want, v_val))
+
+
 class EagerErrorsTest(tf.test.TestCase):
+  def test_x_none(self):
+    with self.assertRaisesRegex(
+      TypeError, r"^`x` must be a floating tensor `\(N, d...\)`; saw None\.$"
+    ):
+      tf1hess.eager.batch_hessians(tf.reduce_sum, None)
+
   def test_fn_not_callable(self):
     with self.assertRaisesRegex(TypeError, "`fn` must be a callable"):
       tf1hess.eager.batch_hessians(tf.ones([2, 2]), tf.ones([2, 2]))

@@ -33,10 +33,18 @@ def _as_input(fn, x):
       "`x` must be a floating tensor (float16, bfloat16, float32 or "
       f"float64); saw dtype {x.dtype}."
     )
+  if x is None:
+    raise TypeError("`x` must be a floating tensor `(N, d...)`; saw None.")
   if not isinstance(x, (tf.Tensor, tf.Variable)):
     x = tf.convert_to_tensor(x)
   _checks.check_float(x, "x")
   _checks.check_batched(x, "x")
+  if not tf.executing_eagerly() and (
+    isinstance(x, tf.Variable) or not hasattr(x, "graph")
+  ):
+    # A variable, or an eager tensor captured by a `tf.function`: `fn` and
+    # the derivatives are built on a tensor of the graph being built.
+    x = tf.identity(x)
   return x
 
 
@@ -291,7 +299,9 @@ def batch_hessians(
   Args:
     fn: callable mapping a batch `(N, d...)` to per-sample outputs (`(N,)`,
       `(N, 1)`, ...) or to their sum; a Keras model works.
-    x: a floating `Tensor` or numpy array of rank >= 2, batch first.
+    x: a floating `Tensor`, `tf.Variable` or numpy array of rank >= 2,
+      batch first; inside a `tf.function` also a tensor of the eager
+      context it captures, or a variable: the derivatives at their values.
     unconnected_gradients: 'zero' (default) or 'none', as in
       `tf1hess.batch_hessians`.
     check_independence: `bool`, default `False`: check that samples are
@@ -749,8 +759,6 @@ def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
   if not tf.executing_eagerly():
     # Built into a graph (a `tf.function`): the graph op's products, exact
     # through `tf.nn.moments` too (`ops.batch_hessian_vector_products`).
-    if isinstance(x, tf.Variable):
-      x = tf.convert_to_tensor(x)
     return ops.batch_hessian_vector_products(
       fn(x), x, v, unconnected_gradients=unconnected_gradients
     )
