@@ -201,6 +201,25 @@ class EagerIndependenceCheckTest(tf.test.TestCase):
         lambda x: tf.reduce_sum(x) ** 2, x_val, check_independence=True
       )
 
+  def test_says_so_first_where_the_graph_walk_runs(self):
+    # Batch statistics (tf.nn.moments): executing eagerly, auto takes the
+    # graph walk in a tf.function, whose error TensorFlow starts with the
+    # assert's traceback.
+    def batch_normalized(x):
+      mean, variance = tf.nn.moments(x, [0], keepdims=True)
+      return tf.reduce_sum(tf.tanh((x - mean) * tf.math.rsqrt(variance)), 1)
+
+    x_val = np.random.default_rng(1).normal(size=(8, 3))
+    with self.assertLogs(level="WARNING"):
+      with self.assertRaisesRegex(
+        tf.errors.InvalidArgumentError,
+        r"^The samples of `x:0` are not independent: .* compute the full "
+        r"Hessian\. Condition x <= y did not hold",
+      ):
+        tf1hess.eager.batch_hessians(
+          batch_normalized, x_val, check_independence=True
+        )
+
   def test_silent_on_independent_samples(self):
     x_val = np.random.default_rng(0).normal(size=(8, 4))
     out = tf1hess.eager.batch_hessians(_mlp, x_val, check_independence=True)

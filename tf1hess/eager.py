@@ -281,7 +281,24 @@ def _graph_walk(fn, x, unconnected_gradients, plan, **kwargs):
     x = tf.convert_to_tensor(x)
   if not tf.executing_eagerly():
     return build(x)
-  return tf.function(build, autograph=False)(x)
+  return _traced_call(build, x)
+
+
+def _traced_call(fn, *args):
+  """`fn(*args)` in a `tf.function` traced for the call, executing eagerly.
+
+  Where the independence check fails in it, the error says so first:
+  TensorFlow's starts with the traceback of the assert's node.
+  """
+  try:
+    return tf.function(fn, autograph=False)(*args)
+  except tf.errors.InvalidArgumentError as e:
+    start = e.message.find("The samples of `")
+    if start < 0:
+      raise
+    # The check's message, then `] [Condition x <= y ...` and the values.
+    message = e.message[start:].split("\n")[0].replace("] [", " ", 1)
+    raise tf.errors.InvalidArgumentError(e.node_def, e.op, message) from e
 
 
 def batch_hessians(
@@ -532,7 +549,7 @@ def _per_output(op, fn, x, method, chunk_size, plan):
   order = 1 if op is per_output.batch_jacobians else 2
   if plan.method != "forward" and (order == 1 or not _tapes_fail(fn, x)):
     return _taped_per_output(op, fn, x, order)
-  return tf.function(build, autograph=False)(x)
+  return _traced_call(build, x)
 
 
 def _taped_per_output(op, fn, x, order):
@@ -771,6 +788,10 @@ def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
       return tapes.gradient_fn(2, unconnected)(grad, v)
   # Exact where the tapes' products would not be, after the tapes stop
   # (see `_derivatives`).
-  return tf.function(batch_hessian_vector_products, autograph=False)(
-    fn, tf.convert_to_tensor(x), v, unconnected_gradients
+  return _traced_call(
+    batch_hessian_vector_products,
+    fn,
+    tf.convert_to_tensor(x),
+    v,
+    unconnected_gradients,
   )
