@@ -1047,9 +1047,10 @@ def _contract_diagonals(term, mode, n):
 
 def _diagonal_matrices(v):
   """`tf.linalg.diag(v)` of `v` `(B, K)`: a select against the identity,
-  2 to 3 times faster than TensorFlow's `MatrixDiagV3` on CPU (B = 256 to
-  1024, K = 8 to 64), with the same zeros off the diagonal (a product by
-  the identity would make them NaN beside an infinite entry)."""
+  faster than TensorFlow's `MatrixDiagV3` on CPU (a session run of either
+  alone: 1.3x at 1024 x 8, 2.2x at 1024 x 32, 2.7x at 256 x 64), with the
+  same zeros off the diagonal (a product by the identity would make them
+  NaN beside an infinite entry)."""
   k = dims(v, -1)[0]
   eye = tf.eye(k, dtype=tf.bool)
   return tf.where(eye, tf.expand_dims(v, -1), tf.zeros([], v.dtype))
