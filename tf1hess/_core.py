@@ -463,6 +463,8 @@ def per_sample_derivatives(
   return result
 
 
+# How the message of a failed independence check starts.
+INDEPENDENCE_MESSAGE_START = "The samples of `"
 _INDEPENDENCE_RTOL = {
   tf.float16: 5e-2,
   tf.bfloat16: 1e-1,
@@ -530,7 +532,7 @@ def independence_check(x, hessian, full_hvp_fn, name):
     err,
     tol,
     message=(
-      f"The samples of `{name}` are not independent: a random full "
+      f"{INDEPENDENCE_MESSAGE_START}{name}` are not independent: a random full "
       "Hessian-vector product differs from the per-sample (block-diagonal)"
       " one, so the output of sample i also depends on other samples "
       "(batch norm in training mode, a reduction over the batch such as "

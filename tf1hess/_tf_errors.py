@@ -73,3 +73,19 @@ def is_sparse_gradient_error(error):
   for *: 'IndexedSlices' and 'float'" (TensorFlow 2.12 to 2.21).
   """
   return isinstance(error, TypeError) and "'IndexedSlices'" in str(error)
+
+
+def assertion_message(error, start):
+  """The message of a failed assert (`tf.debugging.assert_*`) in `error`,
+  from the text `start` on, or `None` where `error_summary` does not hold
+  `start`.
+
+  Its run-time error says "assertion failed: [<message>] [<what held>]
+  [<values>] ..." (TensorFlow 2.12 to 2.21) on the line `error_summary`
+  keeps; the first bracket after the message is joined to it.
+  """
+  summary = error_summary(error)
+  at = summary.find(start)
+  if at < 0:
+    return None
+  return summary[at:].replace("] [", " ", 1)

@@ -293,11 +293,9 @@ def _traced_call(fn, *args):
   try:
     return tf.function(fn, autograph=False)(*args)
   except tf.errors.InvalidArgumentError as e:
-    start = e.message.find("The samples of `")
-    if start < 0:
+    message = _tf_errors.assertion_message(e, _core.INDEPENDENCE_MESSAGE_START)
+    if message is None:
       raise
-    # The check's message, then `] [Condition x <= y ...` and the values.
-    message = e.message[start:].split("\n")[0].replace("] [", " ", 1)
     raise tf.errors.InvalidArgumentError(e.node_def, e.op, message) from e
 
 
