@@ -1999,6 +1999,76 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
     self.assertFoldsAndAgrees(activation=activation)
 
   @parameterized.named_parameters(
+    ("swish", lambda z: z * tf.sigmoid(z)),
+    ("mish", lambda z: z * tf.tanh(tf.nn.softplus(z))),
+    ("gelu", tf.nn.gelu),
+    ("gelu_tanh", lambda z: tf.nn.gelu(z, approximate=True)),
+  )
+  def test_terms_of_one_layer_contract_once(self, activation):
+    """The cross term of `u * f(u)` is a term on the Jacobian of `u`
+    twice: summed with `f''`'s, one contraction for the layer."""
+    x_val = np.random.default_rng(5).normal(size=(4, _K))
+    contracted = []
+
+    def contract(term, *args, **kwargs):
+      contracted.append(term)
+      return original(term, *args, **kwargs)
+
+    original = jacobians.contract
+    counted = mock.patch.object(jacobians, "contract", contract)
+    with tf.Graph().as_default(), counted:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.reduce_sum(activation(_lin(x)), 1)
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      self.assertLen(contracted, 1)
+      self.assertFalse(contracted[0].symmetric)
+      contracted.clear()
+      lap = tf1hess.batch_laplacians(y, x, method="forward")
+      self.assertLen(contracted, 1)
+      with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+          inner.watch(x)
+          y_tape = tf.reduce_sum(activation(_lin(x)), 1)
+        g = inner.gradient(y_tape, x)
+      want = outer.batch_jacobian(g, x)
+      with tf.compat.v1.Session() as sess:
+        h, lap, want = sess.run([h, lap, want], {x: x_val})
+    self.assertAllClose(h, want, atol=1e-12, rtol=1e-12)
+    self.assertAllClose(lap, np.einsum("nii->n", want), atol=1e-12)
+
+  @parameterized.parameters(tf.float32, tf.float64)
+  def test_layers_that_read_x_contract_as_one_matmul(self, dtype):
+    """The terms of two layers of `x` and of their product (gate and
+    value), each of two factors shared by all samples: one matmul."""
+    x_val = np.random.default_rng(6).normal(size=(5, _K))
+    sizes = []
+
+    def together(terms, *args):
+      sizes.append(len(terms))
+      return original(terms, *args)
+
+    original = jacobians.contract_outer_of_shared
+    counted = mock.patch.object(jacobians, "contract_outer_of_shared", together)
+
+    def model(x):
+      v = _lin2(x)
+      return tf.reduce_sum(
+        tf.nn.gelu(_lin(x)) * tf.nn.softplus(v) + tf.tanh(v), 1
+      )
+
+    with tf.Graph().as_default(), counted:
+      x = tf.compat.v1.placeholder(dtype, [None, _K])
+      h = tf1hess.batch_hessians(model(x), x, method="forward")
+      # gelu'' on _lin, softplus'' and tanh'' on _lin2, the cross term.
+      self.assertEqual(sizes, [3])
+      want = tf1hess.batch_hessians(model(x), x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        h, want = sess.run([h, want], {x: x_val.astype(dtype.as_numpy_dtype)})
+    tol = 1e-5 if dtype == tf.float32 else 1e-12
+    self.assertAllClose(h, want, atol=tol, rtol=tol)
+
+  @parameterized.named_parameters(
     (
       "fourier_features",
       lambda x: tf.concat([tf.sin(_lin(x)), tf.cos(_lin(x))], 1),

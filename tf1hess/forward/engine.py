@@ -1152,7 +1152,11 @@ def second_derivatives(ys, x, mode):
   if mode == jacobians.HESSIAN:
     terms = _merged_by_factor(terms, n, x, work)
   parts, halves = [], []
-  for term in terms:
+  together, terms_apart = _together(terms, mode, batch)
+  for group in together:
+    value = jacobians.contract_outer_of_shared(group, n, k)
+    parts.append(tf.cast(value, x.dtype))
+  for term in terms_apart:
     half = deferred(term)
     value = jacobians.contract(term, mode, n, k, half, batch)
     value = tf.cast(value, x.dtype)
@@ -1272,6 +1276,31 @@ def _adjoint_before(summed, tensor, adj):
 # a batched matmul `(K, M) x (M, K)` per sample costs about the elementwise
 # passes that merging adds.
 _MERGE_MIN_K = 8
+
+
+def _together(terms, mode, batch):
+  """`(groups, apart)`: the lists of two or more full-Hessian terms (of one
+  dtype) of two factors shared by all samples, which
+  `jacobians.contract_outer_of_shared` contracts as one matmul, and the
+  other terms."""
+  by_dtype = collections.defaultdict(list)
+  apart = []
+  for term in terms:
+    if (
+      term.a.shared
+      and term.b.shared
+      and jacobians.outer_of_shared(term, mode, batch)
+    ):
+      by_dtype[term.a.value.dtype].append(term)
+    else:
+      apart.append(term)
+  groups = []
+  for group in by_dtype.values():
+    if len(group) > 1:
+      groups.append(group)
+    else:
+      apart.extend(group)
+  return groups, apart
 
 
 def _merged_by_factor(terms, n, x, work):

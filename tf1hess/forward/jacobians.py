@@ -796,6 +796,12 @@ def pulled_back(term, n):
   factor shared by all samples before an elementwise scale contracts as a
   matmul by weights. The factors are never larger for it.
 
+  A symmetric term whose two factors are then one Jacobian `J` (the cross
+  term of `u * f(u)`: GELU, swish, mish) is `X + X^T = 2 X`, with `X = sum_e
+  c J J^T` symmetric: it comes back as the term `2 c` on `J`, not
+  symmetric, so that it is summed with the other terms on `J` (`f''`'s)
+  and contracted once with them.
+
   Args:
     term: a `Term`.
     n: the batch size.
@@ -809,6 +815,8 @@ def pulled_back(term, n):
     if step is None:
       break
     c, a, b = step
+  if term.symmetric and a is b:
+    return Term(2 * c, a)
   if a is term.a and b is term.b:
     return term
   return Term(c, a, b, term.symmetric)
@@ -1127,6 +1135,44 @@ def symmetric_outer(term, mode, batch=None):
   return term.a.shared and term.b.shared and outer_of_shared(term, mode, batch)
 
 
+def contract_outer_of_shared(terms, n, k):
+  """The sum of the Hessians `(N, K, K)` of `terms`, each of two shared
+  factors (`outer_of_shared`), as one matmul `(N, M_1 + M_2 + ...) x (M_1 +
+  M_2 + ..., K K)` by the products of their factors (those of a symmetric
+  term summed with their transposes): the terms of the layers that read
+  `x` (a gate and its value, two towers) in one op, not one each and
+  their sum."""
+  cs, products = [], []
+  for term in terms:
+    m = _size(term.a)
+    cs.append(_flat_c(term.c, term.a, n))
+    products.append(
+      invariant(
+        functools.partial(_outer_products, symmetric=term.symmetric),
+        term.a.value,
+        term.b.value,
+        k,
+        m,
+      )
+    )
+  if len(terms) > 1:
+    cs = [tf.concat(cs, 1)]
+    products = [invariant(lambda *p: tf.concat(p, 1), *products)]
+  out = tf.matmul(cs[0], products[0], transpose_b=True)
+  return tf.reshape(out, tf.stack([n, k, k]))
+
+
+def _outer_products(ua, ub, k, m, symmetric):
+  """`P[k l, m] = ua[k, m] ub[l, m]` `(K K, M)`, plus `P[l k, m]` when
+  `symmetric`."""
+  ua = tf.reshape(ua, tf.stack([k, 1, m]))
+  ub = tf.reshape(ub, tf.stack([1, k, m]))
+  prods = ua * ub
+  if symmetric:
+    prods += tf.transpose(prods, [1, 0, 2])
+  return tf.reshape(prods, tf.stack([k * k, m]))
+
+
 def _is_one(c):
   """Whether `c` is the scalar 1, known when the graph is built."""
   value = tf.get_static_value(c) if isinstance(c, tf.Tensor) else c
@@ -1167,22 +1213,10 @@ def contract(term, mode, n, k, half=False, batch=None):
 
   if mode == HESSIAN:
     if outer_of_shared(Term(c, a, b), mode, batch):
-      # (N, M) @ (M, K K): one matmul by the products of the factors, and
-      # of their transposes in a symmetric term (`symmetric_outer`).
+      # The products of a symmetric term hold their transposes
+      # (`symmetric_outer`): its whole Hessian.
       both = term.symmetric and symmetric_outer(term, mode, batch)
-
-      def products(ua, ub, k, m):
-        ua = tf.reshape(ua, tf.stack([k, 1, m]))
-        ub = tf.reshape(ub, tf.stack([1, k, m]))
-        prods = ua * ub
-        if both:
-          prods += tf.transpose(prods, [1, 0, 2])
-        return tf.reshape(prods, tf.stack([k * k, m]))
-
-      prods = invariant(products, a.value, b.value, k, m)
-      out = tf.reshape(
-        tf.matmul(c, prods, transpose_b=True), tf.stack([n, k, k])
-      )
+      out = contract_outer_of_shared([Term(term.c, a, b, both)], n, k)
       if both:
         return out
     elif b.shared:
