@@ -453,6 +453,43 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     _, err = proc.communicate(timeout=_TIMEOUT)
     return proc.returncode, err
 
+  def test_interrupted_run_on_a_csv_input_exits(self):
+    """A CSV is read through `tf.data` in a session of the reader's own,
+    which the interrupt must not leave to be closed at the interpreter's
+    exit: the run hung there."""
+    x = np.random.default_rng(2).normal(size=(500, _K)).astype(np.float32)
+    np.savetxt(self.path("x.csv"), x, delimiter=",", fmt="%.9g")
+    args = [
+      f"--graph={self.paths['graph']}",
+      "--xs=x:0",
+      "--ys=y:0",
+      f"--input={self.path('x.csv')}",
+      f"--output={self.path('h.npy')}",
+      "--batch_size=1",
+    ]
+    code, err = self._start_and_stop(args, signal.SIGINT, 1)
+    self.assertEqual(code, 130, err)
+    self.assertIn(
+      "compute_hessians: interrupted; finished batches are kept", err
+    )
+    done = self._progress("h.npy")
+    self.assertBetween(done, 1, 499)
+    summary = compute_hessians.compute(
+      "x:0",
+      "y:0",
+      self.path("x.csv"),
+      self.path("h.npy"),
+      graph=self.paths["graph"],
+      batch_size=1,
+    )
+    self.assertEqual(summary.resumed_batches, done)
+    self.assertAllClose(
+      np.load(self.path("h.npy")),
+      testing_utils.tanh_mlp_hessians(x.astype(np.float64), *_WEIGHTS),
+      atol=1e-5,
+      rtol=1e-4,
+    )
+
   def test_interrupted_and_killed_runs_resume_to_the_same_bytes(self):
     path, _ = self.save_samples(500)
     kwargs = {"batch_size": 1, "gradients_output": self.path("g.npy")}

@@ -208,13 +208,21 @@ class _DatasetReader(InputReader):
 
 
 def _run_dataset(make_dataset):
-  """Yields the elements of `make_dataset()` as numpy values."""
+  """Yields the elements of `make_dataset()` as numpy values.
+
+  The session is closed by `close()`, not by leaving a `with` block:
+  `Session.__exit__` on an exception (the `GeneratorExit` of a generator
+  closed unfinished) closes it from a new thread, and a generator left
+  open until the interpreter exits (an interrupted run) is closed where
+  no thread starts any more: the process hung.
+  """
   graph = tf.Graph()
   with graph.as_default():
     element = tf.compat.v1.data.make_one_shot_iterator(
       make_dataset()
     ).get_next()
-  with tf.compat.v1.Session(graph=graph) as session:
+  session = tf.compat.v1.Session(graph=graph)
+  try:
     while True:
       try:
         with _signals.interrupts_held():
@@ -222,6 +230,8 @@ def _run_dataset(make_dataset):
       except tf.errors.OutOfRangeError:
         return
       yield element_value
+  finally:
+    session.close()
 
 
 # Lines per step of the validation pass over a CSV or TFRecord file.

@@ -636,10 +636,12 @@ def _compute_missing(
   pending = reader.batches(
     batch_size, done.first_missing(), lambda i: i not in done
   )
-  if engine.hosts is None:
-    computed = 0
-    for index, batch in pending:
-      record(index, engine.run(0, batch))
-      computed += 1
-    return computed
-  return dispatch(engine, pending, record)
+  # Closed on the way out, an interrupt too: the reader's files and session.
+  with contextlib.closing(pending):
+    if engine.hosts is None:
+      computed = 0
+      for index, batch in pending:
+        record(index, engine.run(0, batch))
+        computed += 1
+      return computed
+    return dispatch(engine, pending, record)
