@@ -1042,6 +1042,30 @@ _BAD_INPUTS = (
     r"`gradients_output` must differ from `output`",
   ),
   (
+    "gradients_output_named_like_a_shard",
+    lambda d: {"gradients_output": os.path.join(d, "h-00001-of-00002.npy")},
+    ValueError,
+    r"`gradients_output` must not be named like a shard of `output` .*; saw "
+    r".*h-00001-of-00002\.npy beside .*h\.npy\.",
+  ),
+  (
+    "output_named_like_a_shard",
+    lambda d: {
+      "output": os.path.join(d, "g-00000-of-00003.npy"),
+      "gradients_output": os.path.join(d, "g.npy"),
+    },
+    ValueError,
+    r"`output` must not be named like a shard of `gradients_output`",
+  ),
+  (
+    "input_named_like_a_shard",
+    lambda d: {
+      "input": _save(d, _samples(4), "h-00000-of-00002.npy"),
+    },
+    ValueError,
+    r"`output` must not overwrite `input` .*h-00000-of-00002\.npy",
+  ),
+  (
     "method",
     lambda d: {"method": "rows"},
     ValueError,
@@ -1133,8 +1157,8 @@ def _mkdir(path):
   return path
 
 
-def _save(directory, array):
-  path = os.path.join(directory, "x.npy")
+def _save(directory, array, name="x.npy"):
+  path = os.path.join(directory, name)
   np.save(path, array)
   return path
 

@@ -31,6 +31,7 @@ from tf1hess.streaming.writer import NO_SPACE
 from tf1hess.streaming.writer import NpyFiles
 from tf1hess.streaming.writer import check_output_path
 from tf1hess.streaming.writer import existing_outputs
+from tf1hess.streaming.writer import is_file_of
 
 try:
   import fcntl  # pylint: disable=g-import-not-at-top
@@ -268,6 +269,16 @@ def compute_hessians(
       raise ValueError(
         f"`gradients_output` must differ from `output`; both are {output}."
       )
+    for arg, path, of, other in (
+      ("gradients_output", gradients_output, "output", output),
+      ("output", output, "gradients_output", gradients_output),
+    ):
+      if is_file_of(path, other):
+        raise ValueError(
+          f"`{arg}` must not be named like a shard of `{of}` (a large "
+          f"`{of}` is split into NAME-00000-of-0000S.npy files); saw {path} "
+          f"beside {other}."
+        )
   if not isinstance(graph_def, tf.compat.v1.GraphDef):
     raise TypeError(
       "`graph_def` must be a tf.compat.v1.GraphDef; saw "
@@ -275,7 +286,7 @@ def compute_hessians(
     )
   reader = open_input(input, input_key)
   for arg, path in (("output", output), ("gradients_output", gradients_output)):
-    if path and path == os.path.abspath(reader.path):
+    if path and is_file_of(os.path.abspath(reader.path), path):
       raise ValueError(f"`{arg}` must not overwrite `input` {reader.path}.")
   if not os.path.exists(output + ".progress.json"):  # Again under the lock.
     _check_overwrite([output, gradients_output], overwrite)

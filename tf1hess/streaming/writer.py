@@ -28,16 +28,32 @@ def _shard_paths(output, num_files):
   return [f"{stem}-{i:05d}-of-{num_files:05d}.npy" for i in range(num_files)]
 
 
+def _shard_pattern(output):
+  """The names of the shard files of `output`, as a regular expression of
+  the base name."""
+  stem = output[: -len(".npy")] if output.endswith(".npy") else output
+  base = os.path.basename(stem)
+  return re.compile(re.escape(base) + r"-(\d{5})-of-(\d{5})\.npy$")
+
+
+def is_file_of(path, output):
+  """Whether `path` names `output` or one of the shards it may be split
+  into (`NAME-00000-of-0000S.npy` beside it)."""
+  if path == output:
+    return True
+  return os.path.dirname(path) == os.path.dirname(output) and bool(
+    _shard_pattern(output).match(os.path.basename(path))
+  )
+
+
 def _shard_sets(output):
   """`{num_files: [names]}` of the shard files of `output` that exist.
 
   The names are in the form of `output` (relative when it is), as
   `_shard_paths` makes them.
   """
-  stem = output[: -len(".npy")] if output.endswith(".npy") else output
   directory = os.path.dirname(output)
-  base = os.path.basename(stem)
-  pattern = re.compile(re.escape(base) + r"-(\d{5})-of-(\d{5})\.npy$")
+  pattern = _shard_pattern(output)
   shards = {}
   for name in os.listdir(directory or os.curdir):
     match = pattern.match(name)
