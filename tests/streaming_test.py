@@ -650,14 +650,16 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       progress[-1], r"6/6 samples \(100\.0%\), batch 3/3, .* samples/s, ETA"
     )
 
-  def test_locked_output_is_refused(self):
+  @parameterized.parameters(("h", "output"), ("g", "gradients_output"))
+  def test_locked_output_is_refused(self, name, arg):
     args = self._interrupted_run(_samples(9))
-    before = {name: self._read(name) for name in self.files()}
-    with open(self.path("h.npy.lock"), "wb") as f:
+    before = {file: self._read(file) for file in self.files()}
+    with open(self.path(f"{name}.npy.lock"), "wb") as f:
       fcntl.flock(f, fcntl.LOCK_EX)
       for resume in (True, False):
         with self.assertRaisesRegex(
-          ValueError, r"`output` is being written by another run"
+          ValueError,
+          rf"^`{arg}` is being written by another run \(.*{name}\.npy\.lock",
         ):
           streaming.compute_hessians(
             *args,
@@ -667,8 +669,8 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
             resume=resume,
           )
       self.assertEqual(
-        {name: self._read(name) for name in self.files()},
-        dict(before, **{"h.npy.lock": b""}),
+        {file: self._read(file) for file in self.files()},
+        dict(before, **{f"{name}.npy.lock": b""}),
       )
 
   def _read(self, name):

@@ -383,7 +383,8 @@ def _run(
     files.insert(0, grads)  # Renamed first: `output` appears last.
   with contextlib.ExitStack() as locks:
     for f in files:  # Before any other file is created or removed.
-      locks.enter_context(_lock(f.output))
+      arg = "output" if f.output == output else "gradients_output"
+      locks.enter_context(_lock(f.output, arg))
     manifest = Manifest(output, settings, plan.record())
     checksums = Checksums(output, len(files))
     manifest.partial_files = [p for f in files for p in f.partials]
@@ -566,8 +567,9 @@ def _mib(nbytes):
 
 
 @contextlib.contextmanager
-def _lock(output):
-  """Holds the exclusive lock `OUTPUT.lock` during the run, or raises.
+def _lock(output, arg="output"):
+  """Holds the exclusive lock `OUTPUT.lock` during the run, or raises
+  naming the argument `arg` that `output` was given as.
 
   The lock is taken before any other file of the run is created or
   removed, so a second run on the same output touches nothing of the
@@ -585,7 +587,7 @@ def _lock(output):
     except BlockingIOError:
       os.close(fd)
       raise ValueError(
-        f"`output` is being written by another run ({path} is locked); "
+        f"`{arg}` is being written by another run ({path} is locked); "
         "wait for it or stop it first."
       ) from None
     try:
