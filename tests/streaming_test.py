@@ -542,13 +542,17 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     x = _samples(9)
     args = self._interrupted_run(x)
     state = self._progress_file()
-    self.assertCountEqual(state["settings"], _SETTINGS_BEFORE_STRATEGIES)
+    self.assertCountEqual(
+      state["settings"],
+      _SETTINGS_BEFORE_STRATEGIES + streaming.writer.Manifest.ADDED_SETTINGS,
+    )
+    settings = {k: state["settings"][k] for k in _SETTINGS_BEFORE_STRATEGIES}
     old = {
       "format": "tf1hess.streaming/1",
       "fingerprint": hashlib.sha256(
-        json.dumps(state["settings"], sort_keys=True).encode()
+        json.dumps(settings, sort_keys=True).encode()
       ).hexdigest(),
-      "settings": state["settings"],
+      "settings": settings,
       "num_batches": 5,
       "completed": [[0, 2]],
       "partial_files": [self.path("g.npy.partial"), self.path("h.npy.partial")],
@@ -590,6 +594,30 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       streaming.compute_hessians(*args, self.path("h.npy"), batch_size=3)
     with open(self.path("h.npy.progress.json"), encoding="utf-8") as f:
       self.assertEqual(json.load(f)["completed"], [[0, 2]])
+
+  @parameterized.parameters(100, 500_000)  # All of it; 64 blocks of 6 MB.
+  def test_input_replaced_with_the_same_size_and_time_is_refused(self, n):
+    """Another input of the same size, given the old one's modification
+    time (`cp -p`): its bytes differ (all of them read up to 4 MiB, 64
+    blocks of a larger file)."""
+    x = _samples(n)
+    path, _ = write_input(self.dir, x, "npy")
+    args = (mlp_graph_def(), "x:0", "y:0", path, self.path("h.npy"))
+    with (
+      testing_utils.interrupt_after(streaming.engine.Engine, 1),
+      self.assertRaises(KeyboardInterrupt),
+    ):
+      streaming.compute_hessians(*args, batch_size=n // 4)
+    stat = os.stat(path)
+    self.assertEqual(stat.st_size > 64 * 65536, n > 100)
+    np.save(path, _samples(n, seed=1))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    self.assertEqual(os.path.getsize(path), stat.st_size)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"unfinished run with other settings \(input_sample_sha256 differ",
+    ):
+      streaming.compute_hessians(*args, batch_size=n // 4)
 
   def test_restart_after_rename_only_cleans_up(self):
     path, _ = write_input(self.dir, _samples(5), "npy")

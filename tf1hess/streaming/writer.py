@@ -347,6 +347,12 @@ class Intervals:
     return self.ranges[0][1] if self.ranges and self.ranges[0][0] == 0 else 0
 
 
+def _fingerprint(settings):
+  return hashlib.sha256(
+    json.dumps(settings, sort_keys=True).encode()
+  ).hexdigest()
+
+
 class Manifest:
   """The progress file of a run: its settings and its completed batches.
 
@@ -359,13 +365,14 @@ class Manifest:
   """
 
   FORMAT = "tf1hess.streaming/1"
+  # Settings recorded since a later version: a progress file without one
+  # is compared without it.
+  ADDED_SETTINGS = ("input_sample_sha256",)
 
   def __init__(self, output, settings, strategy):
     self.path = output + ".progress.json"
     self.settings = settings
-    self.fingerprint = hashlib.sha256(
-      json.dumps(settings, sort_keys=True).encode()
-    ).hexdigest()
+    self.fingerprint = _fingerprint(settings)
     self.done = Intervals()
     self.partial_files = []
     self.strategies = [strategy]
@@ -390,13 +397,16 @@ class Manifest:
     return state
 
   def check_same_run(self, state):
-    if state["fingerprint"] == self.fingerprint:
-      return
     old = state.get("settings", {})
+    settings = {
+      k: v
+      for k, v in self.settings.items()
+      if k in old or k not in self.ADDED_SETTINGS
+    }
+    if state["fingerprint"] == _fingerprint(settings):
+      return
     changed = sorted(
-      k
-      for k in set(old) | set(self.settings)
-      if old.get(k) != self.settings.get(k)
+      k for k in set(old) | set(settings) if old.get(k) != settings.get(k)
     )
     raise ValueError(
       f"`output` has an unfinished run with other settings "
