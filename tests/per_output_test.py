@@ -80,6 +80,24 @@ class JacobiansTest(
     self.assertAllClose(out_x[:, :, 0], ref_x)
     self.assertAllClose(out_t[:, :, 0], ref_t)
 
+  @parameterized.product(
+    method=["auto", "forward", "pfor", "while_loop"], cf=[1, 2], n=[0, 1, 5]
+  )
+  def test_float32_outputs_of_a_float64_input(self, method, cf, n):
+    """`tf.compat.v1.losses` cast a float64 model's outputs to float32: the
+    rows are derivatives with respect to the float64 input."""
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      z = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      y64 = _two_layer(z)
+      y = tf.cast(y64, tf.float32)
+      j = tf1hess.batch_jacobians(y, z, method=method)
+      self.assertEqual(j.dtype, tf.float64)
+      refs = tf.stack([tf.gradients(y64[:, m], z)[0] for m in range(3)], 1)
+      out, ref = _run([j, refs], {z: _RNG.normal(size=(n, 4))})
+    self.assertEqual(out.shape, (n, 3, 4))
+    self.assertAllClose(out, ref, rtol=1e-6, atol=1e-6)
+
   def test_one_dimensional_output_is_the_gradient(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 2])

@@ -283,6 +283,11 @@ def batch_jacobians(
       )[:, None, :]
     else:
       y = _flat(p.model, p.n, p.num_outputs)
+      dtypes = {x.dtype for x in p.xs}
+      if len(dtypes) == 1 and y.dtype not in dtypes:
+        # The rows are derivatives with respect to `xs`, in their dtype
+        # (a float32 loss of a float64 model: `tf.compat.v1.losses`).
+        y = tf.cast(y, dtypes.pop())
       n, x_cols = p.n, p.x_cols
       rows = _core.stack_rows(
         joint_vjp(p.xs, n, x_cols),
