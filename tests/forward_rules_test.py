@@ -2069,6 +2069,73 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(h, want, atol=tol, rtol=tol)
 
   @parameterized.named_parameters(
+    ("gate_logsumexp", lambda a, b: tf.reduce_logsumexp(a * tf.sigmoid(b), 1)),
+    (
+      "skip_softplus",
+      lambda a, b: tf.reduce_sum(tf.nn.softplus(a + tf.tanh(b)), 1),
+    ),
+    (
+      "gate_tanh_skip",
+      lambda a, b: tf.reduce_sum(tf.tanh(tf.tanh(a) * tf.sin(b) + 0.5 * a), 1),
+    ),
+    ("gate_norm", lambda a, b: tf.norm(a * tf.nn.softplus(b), axis=1)),
+    (
+      "log_mean_skip",
+      lambda a, b: tf.math.log1p(
+        tf.square(tf.reduce_mean(a + tf.sin(b), 1, keepdims=True))
+      ),
+    ),
+  )
+  def test_a_sum_of_layers_is_not_written(self, model):
+    """The Jacobian `sum_i A_i s_i` of a sum of scales of dense layers `a`,
+    `b` of `x` is neither written for its terms (`jacobians.by_summands`)
+    nor for its sum over the units (`jacobians.summed_by_roots`): no op
+    that runs makes a `(N, K, M)` tensor."""
+    rng = np.random.default_rng(8)
+    # A static N of at least K (`jacobians.outer_of_shared`).
+    x_val = rng.normal(size=(16, _K))
+    units = 20  # Not K: the Hessians are (N, K, K).
+    w1, w2 = rng.normal(size=(2, _K, units)) / np.sqrt(_K)
+    for batch in (None, 16):
+      with tf.Graph().as_default() as graph:
+        x = tf.compat.v1.placeholder(tf.float64, [batch, _K])
+        a = tf.matmul(x, _filter(w1, x)) + 0.3
+        y = model(a, tf.matmul(x, _filter(w2, x)) - 0.2)
+        outs = [
+          tf1hess.batch_hessians(y, x, method="forward"),
+          tf1hess.batch_hessian_diagonals(y, x, method="forward"),
+          tf1hess.batch_laplacians(y, x, method="forward"),
+        ]
+        want = tf1hess.batch_hessians(y, x, method="while_loop")
+        with tf.compat.v1.Session() as sess:
+          meta = tf.compat.v1.RunMetadata()
+          got = sess.run(
+            outs[0],
+            {x: x_val},
+            options=tf.compat.v1.RunOptions(trace_level=3),
+            run_metadata=meta,
+          )
+          diagonals, laplacians, want = sess.run(outs[1:] + [want], {x: x_val})
+      ran = {
+        s.node_name.split(":")[0]
+        for d in meta.step_stats.dev_stats
+        for s in d.node_stats
+      }
+      written = [
+        op.name
+        for op in graph.get_operations()
+        if op.name in ran
+        and any(
+          t.shape.rank == 3 and t.shape[1:].as_list() == [_K, units]
+          for t in op.outputs
+        )
+      ]
+      self.assertEqual(written, [])
+      self.assertAllClose(got, want, atol=1e-12, rtol=1e-12)
+      self.assertAllClose(diagonals, np.einsum("nii->ni", want), atol=1e-12)
+      self.assertAllClose(laplacians, np.einsum("nii->n", want), atol=1e-12)
+
+  @parameterized.named_parameters(
     (
       "fourier_features",
       lambda x: tf.concat([tf.sin(_lin(x)), tf.cos(_lin(x))], 1),

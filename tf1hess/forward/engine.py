@@ -1118,21 +1118,23 @@ def second_derivatives(ys, x, mode):
     ctx.path,
   )
   grouped = {}
+  batch = tf.compat.dimension_value(x.shape[0])
   for (t, build, _), adj, summed in zip(ctx.pending, adjoints, sums):
     if summed is not None:
       adj = _adjoint_before(summed, t, adj)
-    for term in build(adj):
-      term = jacobians.pulled_back(term, n)
-      key = (id(term.a), id(term.b), term.symmetric)
-      if key in grouped:
-        old = grouped[key]
-        term = jacobians.Term(
-          old.c + jacobians.in_dtype(term.c, old.c.dtype),
-          old.a,
-          old.b,
-          old.symmetric,
-        )
-      grouped[key] = term
+    for whole in build(adj):
+      whole = jacobians.pulled_back(whole, n)
+      for term in jacobians.by_summands(whole, mode, batch):
+        key = (id(term.a), id(term.b), term.symmetric)
+        if key in grouped:
+          old = grouped[key]
+          term = jacobians.Term(
+            old.c + jacobians.in_dtype(term.c, old.c.dtype),
+            old.a,
+            old.b,
+            old.symmetric,
+          )
+        grouped[key] = term
 
   def deferred(term):
     # A symmetric term's Hessian `X + X^T`: its `X` is summed with the
@@ -1147,7 +1149,6 @@ def second_derivatives(ys, x, mode):
   if not grouped:
     # Ops that may curve did not here (`x / 2`: a division by a constant).
     return zeros()
-  batch = tf.compat.dimension_value(x.shape[0])
   terms = [_summed_over_broadcasts(t, n, x, work) for t in grouped.values()]
   if mode == jacobians.HESSIAN:
     terms = _merged_by_factor(terms, n, x, work)

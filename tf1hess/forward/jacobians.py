@@ -573,6 +573,44 @@ def fit(jac, out):
   return fitted
 
 
+def summed_by_roots(jac, axes, keepdims, n):
+  """`J` of `reduce_sum(v, axes, keepdims)` over every entry axis of `v`,
+  from `linear_terms(jac)` when each root is shared by all samples and of
+  the entries of `v`: `sum_e A_i[:, e] s_i[n, e]` is one matmul `(N, M) x
+  (M, K)` per root (`sum(tanh(x A))`, the gated units of `summands`), where
+  the sum of the dense `J` writes and reads `(N, K, M)`. `None` otherwise.
+  """
+  entries = jac.value.shape[jac.lead :]
+  if (
+    jac.shared
+    or jac.diagonal
+    or jac.parts is not None
+    or not entries.is_fully_defined()
+    or list(axes) != list(range(1, entries.rank + 1))
+  ):
+    return None
+  terms = linear_terms(jac)
+  if not terms or not all(
+    u.shared and u.value.shape[1:] == entries for u, _ in terms
+  ):
+    return None
+  m = entries.num_elements()
+  total = None
+  for u, s in terms:
+    flat = tf.reshape(u.value, concat(dims(u.value, 0, 1), [m]))  # (K, M)
+    if s is None:
+      part = tf.reduce_sum(flat, 1)  # The same in every sample.
+    else:
+      s = tf.broadcast_to(in_dtype(s, flat.dtype), concat([n], entries))
+      part = tf.matmul(tf.reshape(s, [n, m]), flat, transpose_b=True)
+    total = part if total is None else total + part
+  if total.shape.rank == 1:
+    return None  # No factor: `jac` is shared, summed elsewhere.
+  if keepdims:
+    total = tf.reshape(total, concat([n], dims(total, 1, 2), [1] * len(axes)))
+  return dense(total)
+
+
 def summed_parts(jac, axes, keepdims, n, k):
   """`J` of `reduce_sum(v, axes, keepdims)` from the parts of `jac`, the
   dense Jacobian of `v` `(N, *e)`, without writing their products: a base
@@ -820,6 +858,55 @@ def pulled_back(term, n):
   if a is term.a and b is term.b:
     return term
   return Term(c, a, b, term.symmetric)
+
+
+def by_summands(term, mode, batch=None):
+  """`term` on a sum of scales of Jacobians shared by all samples, as terms
+  on them: `[term]` itself otherwise.
+
+  The Jacobian `J = sum_i A_i s_i` of a sum of dense layers of `x` (a gate
+  and its value `(x A) * sigmoid(x B)`, a skip `x A + tanh(x B)`) is
+  written `(N, K, M)` to contract `sum_e c J J^T` per sample; as the terms
+  `c s_i s_j` on `A_i, A_j`, each a full Hessian of two shared factors
+  (`outer_of_shared`), it is one matmul with the others
+  (`contract_outer_of_shared`), and nothing writes `J` unless another rule
+  reads it.
+
+  Args:
+    term: a `Term`, as `pulled_back` leaves it.
+    mode: `HESSIAN`, `DIAGONAL` or `LAPLACIAN`; only full Hessians are
+      split.
+    batch: the static N, or `None`.
+
+  Returns:
+    A list of `Term`s.
+  """
+  summands = term.a.summands
+  if (
+    mode != HESSIAN
+    or term.a is not term.b
+    or term.symmetric
+    or not summands
+    or not all(
+      u.shared and outer_of_shared(Term(1, u), mode, batch) for u, _ in summands
+    )
+  ):
+    return [term]
+  c = term.c
+
+  def times(*factors):
+    out = c
+    for f in factors:
+      if f is not None:
+        out = in_dtype(out, f.dtype) * f
+    return out
+
+  terms = []
+  for i, (u, s) in enumerate(summands):
+    terms.append(Term(times(s, s), u))
+    for w, t in summands[i + 1 :]:
+      terms.append(Term(times(s, t), u, w, symmetric=True))
+  return terms
 
 
 def _pulled_back_once(c, a, b, n):

@@ -105,6 +105,8 @@ def _sum(op, j, ctx):
   if j.diagonal:
     return [_diagonal_sum(op, j, axes, keepdims)]
   summed = jacobians.summed_parts(j, axes, keepdims, ctx.n, ctx.k)
+  if summed is None:
+    summed = jacobians.summed_by_roots(j, axes, keepdims, ctx.n)
   if summed is not None:
     if op.type == "Mean":
       summed = jacobians.scale(summed, 1 / count(op.inputs[0], axes))
