@@ -928,6 +928,42 @@ class DiagonalHessianTest(tf.test.TestCase):
     np.testing.assert_array_equal(np.isnan(got), False)
     self.assertAllClose(got, expected, rtol=1e-6)
 
+  def test_diagonal_terms_are_added_to_the_diagonal_of_the_others(self):
+    """`sum(x^3) + sum(exp(x))` beside a tanh layer: the two diagonal terms
+    are added to the diagonal of the layer's Hessian, not made into
+    matrices; an infinite entry stays on the diagonal."""
+    x_val = np.array([[100.0, 0.0, 1.0], [0.5, -1.0, 2.0]], np.float32)
+    w = np.random.default_rng(4).normal(size=(3, 5)).astype(np.float32)
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3])
+      layer = tf.reduce_sum(tf.tanh(tf.matmul(x, w)), 1)
+      y = layer + tf.reduce_sum(x**3 + tf.exp(x), 1)
+      h = tf1hess.batch_hessians(y, x, method="forward")
+      rows = tf1hess.batch_hessians(layer, x, method="while_loop")
+      with self.session() as sess:
+        meta = tf.compat.v1.RunMetadata()
+        got = sess.run(
+          h,
+          {x: x_val},
+          options=tf.compat.v1.RunOptions(trace_level=3),
+          run_metadata=meta,
+        )
+        want = sess.run(rows, {x: x_val})
+    ran = {
+      s.node_name.split(":")[0]
+      for d in meta.step_stats.dev_stats
+      for s in d.node_stats
+    }
+    types = {op.type for op in graph.get_operations() if op.name in ran}
+    # No select against the identity (`jacobians._diagonal_matrices`).
+    self.assertNotIn("SelectV2", types)
+    self.assertIn("MatrixSetDiagV3", types)
+    for i in range(2):
+      want[i] += np.diag(6 * x_val[i] + np.exp(x_val[i]))
+    self.assertTrue(np.isinf(got[0, 0, 0]))
+    np.testing.assert_array_equal(np.isnan(got), False)
+    self.assertAllClose(got, want, rtol=1e-5, atol=1e-5)
+
 
 def _every_tensor(unused_t):
   return True

@@ -1157,7 +1157,12 @@ def second_derivatives(ys, x, mode):
   for group in together:
     value = jacobians.contract_outer_of_shared(group, n, k)
     parts.append(tf.cast(value, x.dtype))
+  diagonals = []  # Of full Hessians, `(N, K)`: added to the sum's diagonal.
   for term in terms_apart:
+    if mode == jacobians.HESSIAN and term.a.diagonal and term.b.diagonal:
+      value = jacobians.contract(term, jacobians.DIAGONAL, n, k)
+      diagonals.append(tf.cast(value, x.dtype))
+      continue
     half = deferred(term)
     value = jacobians.contract(term, mode, n, k, half, batch)
     value = tf.cast(value, x.dtype)
@@ -1165,7 +1170,10 @@ def second_derivatives(ys, x, mode):
   if halves:
     half = tf.add_n(halves)
     parts.append(half + tf.transpose(half, [0, 2, 1]))
-  value = tf.add_n(parts)
+  value = jacobians.plus_diagonal(
+    tf.add_n(parts) if parts else None,
+    tf.add_n(diagonals) if diagonals else None,
+  )
   # The adjoints: one backward pass, about the work of the forward one.
   backward = pass_work(path, batch=tf.compat.dimension_value(x.shape[0]))
   work.add(flops=backward.flops, entries=backward.entries)

@@ -1140,6 +1140,17 @@ def _contract_diagonals(term, mode, n):
   return v if mode == DIAGONAL else tf.reduce_sum(v, axis=1)
 
 
+def plus_diagonal(h, d):
+  """`h` `(B, K, K)` plus the diagonal matrices of `d` `(B, K)`, either
+  `None`: the diagonal of `h` rewritten (`tf.linalg.set_diag`), `B K`
+  entries, where the diagonal matrices written and added are `2 B K K`."""
+  if d is None:
+    return h
+  if h is None:
+    return _diagonal_matrices(d)
+  return tf.linalg.set_diag(h, tf.linalg.diag_part(h) + d)
+
+
 def _diagonal_matrices(v):
   """`tf.linalg.diag(v)` of `v` `(B, K)`: a select against the identity,
   faster than TensorFlow's `MatrixDiagV3` on CPU (a session run of either
