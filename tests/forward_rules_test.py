@@ -2075,8 +2075,8 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
       lambda a, b: tf.reduce_sum(tf.nn.softplus(a + tf.tanh(b)), 1),
     ),
     (
-      "gate_tanh_skip",
-      lambda a, b: tf.reduce_sum(tf.tanh(tf.tanh(a) * tf.sin(b) + 0.5 * a), 1),
+      "gated_tanh",
+      lambda a, b: tf.reduce_sum(tf.tanh(tf.tanh(a) * tf.sin(b)), 1),
     ),
     ("gate_norm", lambda a, b: tf.norm(a * tf.nn.softplus(b), axis=1)),
     (

@@ -870,7 +870,9 @@ def by_summands(term, mode, batch=None):
   `c s_i s_j` on `A_i, A_j`, each a full Hessian of two shared factors
   (`outer_of_shared`), it is one matmul with the others
   (`contract_outer_of_shared`), and nothing writes `J` unless another rule
-  reads it.
+  reads it. Only a sum of two: its three terms are faster than the one
+  contraction of `J` (1.2x to 1.8x, measured), the ten terms of a sum of
+  four slower (1.4x).
 
   Args:
     term: a `Term`, as `pulled_back` leaves it.
@@ -887,6 +889,7 @@ def by_summands(term, mode, batch=None):
     or term.a is not term.b
     or term.symmetric
     or not summands
+    or len(summands) > 2
     or not all(
       u.shared and outer_of_shared(Term(1, u), mode, batch) for u, _ in summands
     )
