@@ -436,6 +436,18 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     except (FileNotFoundError, ValueError):
       return 0
 
+  def _batch_by_batch(self, path, *flags_):
+    """The script's flags for `h.npy` of `path`, one sample a batch."""
+    return [
+      f"--graph={self.paths['graph']}",
+      "--xs=x:0",
+      "--ys=y:0",
+      f"--input={path}",
+      f"--output={self.path('h.npy')}",
+      "--batch_size=1",
+      *flags_,
+    ]
+
   def _start_and_stop(self, args, sig, at_least):
     """Starts the script; sends `sig` once `at_least` batches are done."""
     proc = subprocess.Popen(
@@ -459,14 +471,7 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
     exit: the run hung there."""
     x = np.random.default_rng(2).normal(size=(500, _K)).astype(np.float32)
     np.savetxt(self.path("x.csv"), x, delimiter=",", fmt="%.9g")
-    args = [
-      f"--graph={self.paths['graph']}",
-      "--xs=x:0",
-      "--ys=y:0",
-      f"--input={self.path('x.csv')}",
-      f"--output={self.path('h.npy')}",
-      "--batch_size=1",
-    ]
+    args = self._batch_by_batch(self.path("x.csv"))
     code, err = self._start_and_stop(args, signal.SIGINT, 1)
     self.assertEqual(code, 130, err)
     self.assertIn(
@@ -493,15 +498,9 @@ class ComputeHessiansTest(tf.test.TestCase, parameterized.TestCase):
   def test_interrupted_and_killed_runs_resume_to_the_same_bytes(self):
     path, _ = self.save_samples(500)
     kwargs = {"batch_size": 1, "gradients_output": self.path("g.npy")}
-    args = [
-      f"--graph={self.paths['graph']}",
-      "--xs=x:0",
-      "--ys=y:0",
-      f"--input={path}",
-      f"--output={self.path('h.npy')}",
-      f"--gradients_output={self.path('g.npy')}",
-      "--batch_size=1",
-    ]
+    args = self._batch_by_batch(
+      path, f"--gradients_output={self.path('g.npy')}"
+    )
     # Ctrl-C: exit 130 and a hint; the partial files stay.
     code, err = self._start_and_stop(args, signal.SIGINT, 1)
     self.assertEqual(code, 130, err)

@@ -560,6 +560,31 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     _write(self.path("h.npy.progress.json"), json.dumps(old))
     self._resume_and_check(args, x, strategy, _DEFAULT_STRATEGY)
 
+  def test_tensors_named_by_op_or_in_full_resume(self):
+    """ "x" and "x:0" name one tensor: a run stopped with one resumes with
+    the other."""
+    x = _samples(9)
+    graph_def, _, _, path = self._interrupted_run(x)
+    self.assertEqual(
+      [self._progress_file()["settings"][k] for k in ("xs", "ys")],
+      ["x:0", "y:0"],
+    )
+    self._resume_and_check(
+      (graph_def, "x", "y", path), x, {}, _DEFAULT_STRATEGY
+    )
+
+  def test_progress_file_with_names_as_typed_resumes(self):
+    """The version before recorded the names as typed ("x" for "x:0")."""
+    x = _samples(9)
+    args = self._interrupted_run(x)
+    state = self._progress_file()
+    state["settings"].update(xs="x", ys="y")
+    state["fingerprint"] = hashlib.sha256(
+      json.dumps(state["settings"], sort_keys=True).encode()
+    ).hexdigest()
+    _write(self.path("h.npy.progress.json"), json.dumps(state))
+    self._resume_and_check(args, x, {}, _DEFAULT_STRATEGY)
+
   def test_noresume_starts_over(self):
     args = self._interrupted_run(_samples(9))
     summary = streaming.compute_hessians(

@@ -14,6 +14,13 @@ def as_list(value):
   return [value], False
 
 
+def full_tensor_names(names):
+  """Tensor names in full: an op name "x" means "x:0"; lists alike."""
+  if isinstance(names, (list, tuple)):
+    return [full_tensor_names(n) for n in names]
+  return names if ":" in names else names + ":0"
+
+
 def restore_structure(values, was_sequence):
   return values if was_sequence else values[0]
 

@@ -521,7 +521,7 @@ def find_tensor(graph, name, arg):
       f"`{arg}` must be a tensor name like 'x:0' (a str); saw "
       f"{type(name).__name__}."
     )
-  full = name if ":" in name else name + ":0"
+  full = _checks.full_tensor_names(name)
   try:
     return graph.get_tensor_by_name(full)
   except (KeyError, ValueError):

@@ -345,8 +345,8 @@ def compute_hessians(
       plan=plan,
       settings={
         "graph_sha256": _graph_digest(graph_def),
-        "xs": xs,
-        "ys": ys,
+        "xs": _checks.full_tensor_names(xs),
+        "ys": _checks.full_tensor_names(ys),
         "input": os.path.abspath(reader.path),
         "input_bytes": os.path.getsize(reader.path),
         "input_mtime_ns": os.stat(reader.path).st_mtime_ns,
@@ -409,8 +409,7 @@ def _run(
     files.insert(0, grads)  # Renamed first: `output` appears last.
   with contextlib.ExitStack() as locks:
     for f in files:  # Before any other file is created or removed.
-      arg = "output" if f.output == output else "gradients_output"
-      locks.enter_context(_lock(f.output, arg))
+      locks.enter_context(_lock(f.output, _ARGS[f.key]))
     manifest = Manifest(output, settings, plan.record())
     checksums = Checksums(output, len(files))
     manifest.partial_files = [p for f in files for p in f.partials]
@@ -586,6 +585,10 @@ def _check_space(files, checksums, num_batches):
         f"`output` needs {_mib(nbytes)} more in {directory} and only "
         f"{_mib(free)} are free; free some space or write elsewhere."
       )
+
+
+# The argument each output file is given as, by its key in the results.
+_ARGS = {"hessians": "output", "gradients": "gradients_output"}
 
 
 def _mib(nbytes):

@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from tf1hess import _checks
 from tf1hess import _files
 from tf1hess.streaming.readers import read_npy_header
 
@@ -368,6 +369,8 @@ class Manifest:
   # Settings recorded since a later version: a progress file without one
   # is compared without it.
   ADDED_SETTINGS = ("input_sample_sha256",)
+  # Tensor names, recorded in full ("x:0" for "x") since a later version.
+  NAME_SETTINGS = ("xs", "ys")
 
   def __init__(self, output, settings, strategy):
     self.path = output + ".progress.json"
@@ -403,6 +406,9 @@ class Manifest:
       for k, v in self.settings.items()
       if k in old or k not in self.ADDED_SETTINGS
     }
+    for k in self.NAME_SETTINGS:  # Recorded as typed by earlier versions.
+      if k in old and _checks.full_tensor_names(old[k]) == settings.get(k):
+        settings[k] = old[k]
     if state["fingerprint"] == _fingerprint(settings):
       return
     changed = sorted(
