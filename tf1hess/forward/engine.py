@@ -1347,8 +1347,9 @@ def _contract_work(term, mode, x, batch, work):
     return
   out = {jacobians.HESSIAN: k * k, jacobians.DIAGONAL: k}.get(mode, 1)
   if term.a.diagonal and term.b.diagonal:
-    # Elementwise products of two (N, M) factors, summed to (N, K).
-    work.add(entries=(0, 3 * m + out))
+    # Elementwise products of two (N, M) factors, summed to (N, K): a full
+    # Hessian adds them to its diagonal (`jacobians.plus_diagonal`).
+    work.add(entries=(0, 3 * m + min(out, k)))
     return
   if jacobians.outer_of_shared(term, mode, batch):
     # The products `(K K, M)`, written and read once; `c` and the output.
