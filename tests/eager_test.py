@@ -190,6 +190,28 @@ class EagerMatchesGraphTest(tf.test.TestCase, parameterized.TestCase):
       np.zeros((3, 2)),
     )
 
+  def test_samples_gathered_along_the_batch_axis(self):
+    # The tapes' gradient of a gather of x is IndexedSlices.
+    x_val = np.random.default_rng(3).normal(size=(4, 3))
+
+    def reversed_samples(x):
+      return tf.reduce_sum(tf.sin(tf.gather(x, tf.range(4)[::-1])), 1)
+
+    expected = np.stack([np.diag(-np.sin(row)) for row in x_val])
+    for method in ("auto", "while_loop"):
+      self.assertAllClose(
+        tf1hess.eager.batch_hessians(reversed_samples, x_val, method=method),
+        expected,
+        atol=1e-12,
+      )
+    self.assertAllClose(
+      tf1hess.eager.batch_hessian_vector_products(
+        reversed_samples, x_val, np.ones_like(x_val)
+      ),
+      -np.sin(x_val),
+      atol=1e-12,
+    )
+
 
 class EagerIndependenceCheckTest(tf.test.TestCase):
   def test_fires_on_coupled_samples(self):

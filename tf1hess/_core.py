@@ -45,6 +45,14 @@ def num_columns(x):
   return tf.reduce_prod(tf.shape(x)[1:])
 
 
+def dense(gradient):
+  """`gradient` as a `Tensor`: that of an `x` gathered along its batch axis
+  (`tf.gather(x, indices)`) is `IndexedSlices`."""
+  if isinstance(gradient, tf.IndexedSlices):
+    return tf.convert_to_tensor(gradient)
+  return gradient
+
+
 def batch_size(x):
   """Returns `N` of `x`: a Python int when static, else a scalar `Tensor`."""
   n = tf.compat.dimension_value(x.shape[0])

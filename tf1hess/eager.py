@@ -83,11 +83,13 @@ class _Tapes:
     tape = self.tape(level)
 
     def gradient(target, cotangent, source=None):
-      return tape.gradient(
-        target,
-        self._x if source is None else source,
-        output_gradients=cotangent,
-        unconnected_gradients=unconnected,
+      return _core.dense(
+        tape.gradient(
+          target,
+          self._x if source is None else source,
+          output_gradients=cotangent,
+          unconnected_gradients=unconnected,
+        )
       )
 
     return gradient
@@ -149,7 +151,9 @@ def _derivatives(
       ys = _outputs(fn, x)
       fail = order == 2 and _tapes_fail(fn, x)
       if not fail or plan.method != "auto":
-        grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
+        grad = _core.dense(
+          tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
+        )
         if grad is None or order == 1:
           return grad
         if order == 2 and not tf.executing_eagerly():  # In a tf.function.
@@ -780,7 +784,9 @@ def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
   with _Tapes(x, 2) as tapes:
     ys = _outputs(fn, x)
     if not _tapes_fail(fn, x):
-      grad = tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
+      grad = _core.dense(
+        tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
+      )
       if grad is None:
         return None
       return tapes.gradient_fn(2, unconnected)(grad, v)

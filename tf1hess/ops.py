@@ -164,13 +164,15 @@ def _gradients(models, xs_list, unconnected, engine_may):
     for model, x in zip(models, xs_list)
   ]
   if not any(own) and all(model is models[0] for model in models):
-    return tf.gradients(models[0], xs_list, unconnected_gradients=unconnected)
-  return [
-    engine.gradient(model, x)
-    if mine
-    else tf.gradients(model, x, unconnected_gradients=unconnected)[0]
-    for model, x, mine in zip(models, xs_list, own)
-  ]
+    grads = tf.gradients(models[0], xs_list, unconnected_gradients=unconnected)
+  else:
+    grads = [
+      engine.gradient(model, x)
+      if mine
+      else tf.gradients(model, x, unconnected_gradients=unconnected)[0]
+      for model, x, mine in zip(models, xs_list, own)
+    ]
+  return [_core.dense(g) for g in grads]
 
 
 def _graph_gradient(x, unconnected):
@@ -181,12 +183,14 @@ def _graph_gradient(x, unconnected):
 
   def gradient(target, cotangent, source=None):
     try:
-      return tf.gradients(
-        target,
-        x if source is None else source,
-        grad_ys=cotangent,
-        unconnected_gradients=unconnected,
-      )[0]
+      return _core.dense(
+        tf.gradients(
+          target,
+          x if source is None else source,
+          grad_ys=cotangent,
+          unconnected_gradients=unconnected,
+        )[0]
+      )
     except TypeError as e:
       if not _tf_errors.is_sparse_gradient_error(e):
         raise
