@@ -1583,6 +1583,142 @@ class ForwardRulesTest(
     self.assertAllClose(got, want, atol=1e-12)
 
   @parameterized.named_parameters(
+    ("dot", lambda x, u: tf.einsum("nk,nk->", x, u)),
+    ("dot_per_feature", lambda x, u: tf.einsum("nk,nk->k", x, u)),
+    ("outer", lambda x, u: tf.einsum("ni,nj->ij", x, u) * _W),
+    ("quadratic_form", lambda x, u: tf.einsum("ni,ij,nj->", x, _W, u)),
+    (
+      "features_first",
+      lambda x, u: tf.einsum("kn,kn->k", tf.transpose(x), tf.transpose(u)),
+    ),
+  )
+  def test_einsum_of_two_tensors_of_x_summed_over_the_batch(self, product):
+    # Each sample's products summed over the batch: every sample has the
+    # cross terms of its own; the sum is read by linear ops only.
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.reduce_sum(product(tf.sin(_lin(x)), tf.tanh(_lin2(x))))
+      _check(self, x, y, x_val)
+
+  def test_einsum_pairing_samples_with_others_falls_back(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.einsum("nk,mk->", tf.sin(x), tf.tanh(x))
+      _assert_declined(self, x, y, "samples paired with other samples")
+
+  def test_reshape_of_two_samples_into_one_row_falls_back(self):
+    # Per sample, but a row of the reshape holds two samples.
+    x_val = _RNG.normal(size=(4, _K))
+    expected = np.stack([np.diag(-np.sin(row)) for row in x_val])
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      for y in (
+        tf.reduce_sum(tf.sin(tf.reshape(x, [-1, 2 * _K]))),
+        tf.reduce_sum(tf.reshape(tf.sin(x), [-1, 2 * _K]) ** 1),
+      ):
+        with self.assertRaisesRegex(ValueError, "mixes samples"):
+          tf1hess.batch_hessians(y, x, method="forward")
+        outs = [
+          tf1hess.batch_hessians(y, x),
+          tf1hess.batch_hessian_diagonals(y, x),
+        ]
+        with tf.compat.v1.Session() as sess:
+          h, d = sess.run(outs, {x: x_val})
+        self.assertAllClose(h, expected, atol=1e-12)
+        self.assertAllClose(d, np.einsum("nii->ni", expected), atol=1e-12)
+
+  @parameterized.parameters(1, 2)
+  def test_cross_entropy_of_labels_of_x(self, cf):
+    """Labels that depend on x (soft targets of the model itself): the
+    rows miss the curvature through them, and auto takes the engine."""
+    self.control_flow(cf)
+    x_val = _RNG.normal(size=(3, _K))
+
+    def loss(x, by_hand):
+      logits = tf.tanh(_lin(x))
+      labels = tf.nn.softmax(0.5 * _lin2(x))
+      if by_hand:
+        return -tf.reduce_sum(labels * tf.nn.log_softmax(logits), 1)
+      return tf.nn.softmax_cross_entropy_with_logits(
+        labels=labels, logits=logits
+      )
+
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = loss(x, by_hand=False)
+      h = _check(self, x, y, x_val, rows=False)
+      with self.assertLogs(level="WARNING") as logs:
+        auto = tf1hess.batch_hessians(y, x)
+        rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      self.assertIn("miss the curvature through the labels", logs.output[0])
+      reference = tf1hess.batch_hessians(loss(x, by_hand=True), x)
+      with tf.compat.v1.Session() as sess:
+        auto, rows, reference = sess.run([auto, rows, reference], {x: x_val})
+    self.assertAllClose(auto, h, atol=1e-12)
+    self.assertAllClose(reference, h, atol=1e-12)
+    self.assertGreater(np.abs(rows - h).max(), 1e-3)  # TensorFlow's.
+
+  @parameterized.named_parameters(
+    ("prod", lambda x: tf.reduce_prod(x, 1)),
+    ("cumprod", lambda x: tf.reduce_sum(tf.math.cumprod(x, axis=1), 1)),
+  )
+  def test_products_with_zeros_by_auto(self, model):
+    """TensorFlow's second derivatives of products are wrong at zeros:
+    auto takes the engine."""
+    x_val = np.array([[0.0, 2.0, 3.0, 5.0], [1.5, 0.0, -2.0, 0.0]])
+    cumulative = "cumprod" in self.id()
+    expected = np.zeros((2, 4, 4))
+    for n, row in enumerate(x_val):
+      for i in range(4):
+        for j in range(4):
+          if i != j:
+            ends = range(max(i, j), 4) if cumulative else [3]
+            expected[n, i, j] = sum(
+              np.prod(np.delete(row[: e + 1], [i, j])) for e in ends
+            )
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 4])
+      with self.assertNoLogs(level="WARNING"):
+        auto = tf1hess.batch_hessians(model(x), x)
+      with self.assertLogs(level="WARNING") as logs:
+        rows = tf1hess.batch_hessians(model(x), x, method="while_loop")
+      self.assertIn("wrong (or NaN) wherever an entry", logs.output[0])
+      with tf.compat.v1.Session() as sess:
+        auto, rows = sess.run([auto, rows], {x: x_val})
+    self.assertAllClose(auto, expected, atol=1e-12)
+    self.assertGreater(np.abs(rows - expected).max(), 1.0)  # TensorFlow's.
+
+  def test_gather_of_samples(self):
+    # The gradient of x gathered along its batch axis is IndexedSlices.
+    x_val = _RNG.normal(size=(4, _K))
+    expected = np.stack([np.diag(-np.sin(row)) for row in x_val])
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      order = tf.range(tf.shape(x)[0])[::-1]
+      y = tf.reduce_sum(tf.sin(tf.gather(x, order)), 1)
+      outs = [
+        tf1hess.batch_hessians(y, x, method=method)
+        for method in ("auto", "while_loop", "pfor")
+      ] + [tf1hess.batch_gradients(y, x)]
+      with tf.compat.v1.Session() as sess:
+        *hessians, g = sess.run(outs, {x: x_val})
+    for h in hessians:
+      self.assertAllClose(h, expected, atol=1e-12)
+    self.assertAllClose(g, np.cos(x_val), atol=1e-12)
+
+  def test_falling_back_on_samples_that_mix_says_what_the_rows_give(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = tf.reduce_sum(tf.tanh(x - tf.reduce_mean(x, 0)) ** 2, 1)
+      with self.assertLogs(level="WARNING") as logs:
+        tf1hess.batch_hessians(y, x)
+    (message,) = logs.output
+    self.assertIn("mixes samples", message)
+    self.assertIn("not its own block", message)
+    self.assertIn("check_independence=True makes that an error", message)
+
+  @parameterized.named_parameters(
     (
       "gather_nd",
       lambda h, rows, n: tf.gather_nd(h, rows),

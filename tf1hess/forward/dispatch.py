@@ -267,6 +267,16 @@ _INEXACT_SECOND_DERIVATIVES = {
     "the variance of tf.nn.moments with the gradient of its mean stopped,"
     " exact to first order only: they miss the curvature through the mean"
   ),
+  "SoftmaxCrossEntropyWithLogits": (
+    "the gradient of tf.nn.softmax_cross_entropy_with_logits of labels that"
+    " depend on x, which TensorFlow differentiates without the labels' part:"
+    " they miss the curvature through the labels"
+  ),
+  "Cumprod": (
+    "a product's gradient (tf.reduce_prod, tf.math.cumprod), which"
+    " TensorFlow computes with cumulative products, and theirs by dividing"
+    " by the input: wrong (or NaN) wherever an entry of it is 0"
+  ),
 }
 
 
@@ -275,11 +285,14 @@ def _gradient_graph_has(x, grad, op_types):
   return any(op.type in op_types for op in engine.path_ops(x, [grad]))
 
 
-def _inexact(op):
+def _inexact(op, path):
   """Whether TensorFlow's gradient of `op`, of a type of
   `_INEXACT_SECOND_DERIVATIVES`, is wrong: a max pool's gradient's only
   where the pool's output has the shape of its input (or a shape not
-  known)."""
+  known), a cross-entropy's where its labels are on `path` (a set of
+  ops)."""
+  if op.type == "SoftmaxCrossEntropyWithLogits":
+    return op.inputs[1].op in path
   if op.type not in _MAX_POOL_GRADS:
     return True
   original, pooled = op.inputs[0].shape[1:], op.inputs[1].shape[1:]
@@ -292,10 +305,11 @@ def _inexact_gradients(ys, x, grad):
   gradient is wrong there (`_inexact`), and `StopGradient` where
   `tf.nn.moments` stops one from `x` to `ys`."""
   path = engine.path_ops(x, [grad])
+  on_path = set(path)
   types = {
     op.type
     for op in path
-    if op.type in _INEXACT_SECOND_DERIVATIVES and _inexact(op)
+    if op.type in _INEXACT_SECOND_DERIVATIVES and _inexact(op, on_path)
   }
   if engine.stopped_means(x, ys):
     types.add("StopGradient")
@@ -360,7 +374,7 @@ def choose(ys, x, grad, mode, walked, plan=None):
   The engine whenever the rows cannot be built (`rows_can_differentiate`)
   or would inherit a wrong second derivative of TensorFlow's
   (`rows_are_exact`: max pooling, bilinear resizes, Euclidean norms,
-  `tf.nn.moments`).
+  `tf.nn.moments`, products).
 
   Diagonals and Laplacians take the engine unless the rows need no pass
   per row (`_shortcut`: a Hessian shared by all samples, or one dense
@@ -675,10 +689,19 @@ def _unsupported(x, method, error):
       f"{x.name}: {error}. Use method='auto' to fall back to the row loop.",
       error,
     ) from None
+  mixing = ""
+  if isinstance(error, registry.MixesSamples):
+    mixing = (
+      " If the model mixes samples there (a mean, a norm or a"
+      " normalization over the batch), its per-sample Hessians are not"
+      " defined, and the rows give each sample the sum of its row of"
+      " blocks of the whole batch's Hessian, not its own block;"
+      " check_independence=True makes that an error"
+    )
   _core.warn_once(
     x.graph,
     f"tf1hess: the forward engine falls back to the row loop for {x.name}:"
-    f" {error}.",
+    f" {error}.{mixing}",
   )
 
 

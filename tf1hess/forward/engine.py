@@ -1063,7 +1063,7 @@ def second_derivatives(ys, x, mode):
     elif any(j is registry.MIXED for j in ins):
       linear = rule.linear(op, ins) if callable(rule.linear) else rule.linear
       if not linear:
-        raise Unsupported(
+        raise registry.MixesSamples(
           f"{op.type} ({op.name}) is nonlinear in a tensor that mixes samples"
           f" ({_mixed_by(op, mixed_by, lost)})"
         )

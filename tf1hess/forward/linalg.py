@@ -32,7 +32,7 @@ def _check_batched(op, t, matrix_axes):
   """Raises `Unsupported` unless `t` has an axis before its `matrix_axes`
   (its last ones), the batch axis."""
   if registry.static_rank(t, op) <= matrix_axes:
-    raise registry.Unsupported(
+    raise registry.MixesSamples(
       f"{op.type} ({op.name}) reads the batch axis as an axis of its matrices"
     )
 

@@ -30,7 +30,7 @@ def _axes_within_samples(op, does):
   """The reduction axes of `op`; raises `Unsupported` for the batch axis."""
   axes = reduction_axes(op)
   if 0 in axes:
-    raise registry.Unsupported(
+    raise registry.MixesSamples(
       f"{op.type} ({op.name}) {does} over the batch axis"
     )
   return axes
@@ -246,7 +246,7 @@ def _cumprod(op, j, ctx):
   rank = registry.static_rank(u, op)
   axis = int(registry.static_value(op.inputs[1], "axis", op)) % rank
   if axis == 0:
-    raise registry.Unsupported(
+    raise registry.MixesSamples(
       f"{op.type} ({op.name}) multiplies entries over the batch axis"
     )
   exclusive, reverse = op.get_attr("exclusive"), op.get_attr("reverse")

@@ -32,6 +32,12 @@ class Unsupported(ValueError):
   """The forward engine cannot follow an op; the message says why."""
 
 
+class MixesSamples(Unsupported):
+  """An op combines the samples nonlinearly (a product, an extremum or a
+  norm over the batch axis, a function of a sum over it), or may: a
+  gather along the batch axis only moves them."""
+
+
 class _Mixed:
   """The Jacobian marker of a tensor that mixes samples (a batch sum)."""
 

@@ -12,11 +12,13 @@ derivative below is a sum of `jacobians.Term`s of `J_u` and `J_m`:
   `SoftmaxCrossEntropyWithLogits` take `L = 1` (labels are probabilities);
   with other labels the loss, its gradient and these terms disagree. Its
   second output, `s - labels`, which TensorFlow's gradient of the loss
-  reads, has the derivatives of `softmax`.
+  reads, has the derivatives of `softmax`. Labels that depend on x make
+  the loss the composition `-<labels, log_softmax(u)>` (`composite.walk`).
 """
 
 import tensorflow as tf
 
+from tf1hess.forward import composite
 from tf1hess.forward import jacobians
 from tf1hess.forward import registry
 
@@ -35,14 +37,6 @@ def _weighted_mean(jac, s):
 
 def _minus(a, b):
   return jacobians.add(a, jacobians.negate(b))
-
-
-def _check_input(op, jacs, dependent=(0,)):
-  for i, j in enumerate(jacs):
-    if j is not None and i not in dependent:
-      raise registry.Unsupported(
-        f"{op.type} ({op.name}) has labels that depend on x"
-      )
 
 
 @registry.register("LogSoftmax")
@@ -122,11 +116,32 @@ def _cross_entropy(op, jacs, ctx, labels, label_sum):
 
 @registry.register("SoftmaxCrossEntropyWithLogits")
 def _softmax_cross_entropy(op, jacs, ctx):
-  _check_input(op, jacs)
+  if jacs[1] is not None:
+    return _with_labels_of_x(op, jacs, ctx)
   labels = tf.cast(op.inputs[1], op.inputs[0].dtype)
   return _cross_entropy(
     op, jacs, ctx, labels, tf.reduce_sum(labels, -1, keepdims=True)
   )
+
+
+def _with_labels_of_x(op, jacs, ctx):
+  """The loss of labels that depend on x (soft targets made by the model,
+  distillation): the composition `-<labels, log_softmax(u)>`, as the
+  kernel computes it. TensorFlow's gradient of its second output, `s -
+  labels`, has no part for the labels, so the rows miss the curvature
+  through them (`dispatch`)."""
+  if any(use in ctx.path for use in op.outputs[1].consumers()):
+    raise registry.Unsupported(
+      f"{op.type} ({op.name}) has labels that depend on x, and its gradient "
+      "is read"
+    )
+  if registry.static_rank(op.inputs[0], op) != 2:
+    raise registry.Unsupported(f"{op.type} ({op.name}) has logits of rank != 2")
+
+  def loss(u, labels):
+    return -tf.reduce_sum(labels * tf.nn.log_softmax(u), axis=-1)
+
+  return composite.walk(op, jacs, ctx, loss) + [None]
 
 
 @registry.register("SparseSoftmaxCrossEntropyWithLogits")

@@ -79,7 +79,8 @@ def _same_rank_unknown_entries(op):
   u, out = op.inputs[0], op.outputs[0]
   if u.shape.rank is None or u.shape.rank < 2 or out.shape.rank != u.shape.rank:
     return False
-  return u.shape[1:].is_fully_defined() or _entry_shape(op) is not None
+  # Where both are known, so is what the reshape does with the samples.
+  return u.shape[1:].is_fully_defined() != (_entry_shape(op) is not None)
 
 
 def _to_the_shape_of_samples(op, batch_first):
@@ -1480,30 +1481,48 @@ def _einsum(op, jacs, ctx):
       subs[i] = "".join(subs[i][j.perm.index(p)] for p in range(len(j.perm)))
   batches = {sub[:1] for sub, j in zip(subs, jacs) if j is not None}
   (batch,) = batches if len(batches) == 1 else ("",)
-  if not batch or batch not in result:
-    return [MIXED]
-  if any(j is not None and sub.count(batch) != 1 for sub, j in zip(subs, jacs)):
-    return [MIXED]
-  # The result with the batch index first, and the transpose back.
-  first = batch + result.replace(batch, "")
-  perm = [first.index(c) for c in result]
-  fresh = next(c for c in "ZYXWVUTSRQ" if c not in equation)
-  outs = [
-    _einsum_by(op, j, i, subs, first, fresh, ctx)
-    for i, j in enumerate(jacs)
-    if j is not None
-  ]
-  if len(outs) == 1:
-    return [_transposed(outs[0], perm)]
-  ja, jb = jacs
+  of_x = [(sub, j) for sub, j in zip(subs, jacs) if j is not None]
+  apart = batch and all(sub.count(batch) == 1 for sub, _ in of_x)
+  if len(of_x) == 1:
+    if not apart or batch not in result:
+      return [MIXED]
+    return [_einsum_jacobian(op, jacs, subs, result, batch, ctx)]
   a_sub, b_sub = subs
-  if any(len(set(sub)) != len(sub) for sub in (a_sub, b_sub, result)) or (
-    set(a_sub) - set(b_sub) - set(result)
+  if (
+    not apart
+    or any(len(set(sub)) != len(sub) for sub in (a_sub, b_sub, result))
+    or set(a_sub) - set(b_sub) - set(result)
   ):
     raise registry.Unsupported(
       f"Einsum ({op.name}) multiplies two tensors of x with a repeated "
-      "index or an index summed in one of them only"
+      "index, an index summed in one of them only, or samples paired with "
+      "other samples"
     )
+  _einsum_curvature(op, jacs, subs, result, batch, ctx)
+  if batch not in result:
+    # The products summed over the samples: their curvature is each
+    # sample's own; what reads the sum must be linear.
+    return [MIXED]
+  return [_einsum_jacobian(op, jacs, subs, result, batch, ctx)]
+
+
+def _einsum_jacobian(op, jacs, subs, result, batch, ctx):
+  """The Jacobian of einsum `op`: the sum of those along its operands of x,
+  made with the batch index first and transposed back."""
+  first = batch + result.replace(batch, "")
+  fresh = next(c for c in "ZYXWVUTSRQ" if c not in "".join(subs) + result)
+  out = None
+  for i, j in enumerate(jacs):
+    if j is not None:
+      out = jacobians.add(out, _einsum_by(op, j, i, subs, first, fresh, ctx))
+  return _transposed(out, [first.index(c) for c in result])
+
+
+def _einsum_curvature(op, jacs, subs, result, batch, ctx):
+  """Registers the cross terms of an einsum of two tensors of x."""
+  ja, jb = jacs
+  a_sub, b_sub = subs
+  fresh = next(c for c in "ZYXWVUTSRQ" if c not in a_sub + b_sub + result)
 
   def build(adj):
     # The Hessian of <adj, einsum(a, b)> pairs a tangent of a with one of
@@ -1521,7 +1540,6 @@ def _einsum(op, jacs, ctx):
     ]
 
   ctx.curvature(op.outputs[0], build)
-  return [_transposed(jacobians.add(*outs), perm)]
 
 
 def _einsum_by(op, j, i, subs, result, fresh, ctx):
