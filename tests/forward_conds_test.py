@@ -390,6 +390,56 @@ class CondsTest(
           self.assertAllClose(values["laplacian"], want.sum(1))
 
   @parameterized.parameters(1, 2)
+  def test_cond_in_a_tf_function(self, cf):
+    """A Python `if` on a tensor in a `tf.function` is a cond in the body
+    of the function the model calls: its copies' branches must be found
+    from the graph they are made in."""
+    self.control_flow(cf)
+
+    @tf.function
+    def model(x, training):
+      if training:
+        h = tf.sin(x) * 2.0
+      else:
+        h = tf.sin(x)
+      return tf.reduce_sum(h * h, axis=1)
+
+    @tf.function
+    def of_x(x):
+      if tf.reduce_sum(x) > 0.0:
+        return tf.reduce_sum(tf.sin(x) ** 2, axis=1)
+      return tf.reduce_sum(tf.sin(x) ** 2, axis=1) * 0.5
+
+    x_val = _RNG.normal(size=(3, _K))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      training = tf.compat.v1.placeholder_with_default(False, [])
+      y = model(x, training)
+      outs = [
+        op(y, x, method=method)
+        for method in ("forward", "auto")
+        for op in _OPS.values()
+      ]
+      with self.assertLogs(level="WARNING"):  # Falls back: a cond of x.
+        outs.append(tf1hess.batch_hessians(of_x(x), x))
+      outs.append(tf1hess.batch_hessians(y, x, method="while_loop"))
+      with tf.compat.v1.Session() as sess:
+        for scale in (1.0, 2.0):
+          *values, by_x, rows = sess.run(
+            outs, {x: x_val, training: scale == 2.0}
+          )
+          want = 2 * scale**2 * np.cos(2 * x_val)
+          for h, d, lap in (values[:3], values[3:]):
+            self.assertAllClose(h, [np.diag(w) for w in want])
+            self.assertAllClose(d, want)
+            self.assertAllClose(lap, want.sum(1))
+          self.assertAllClose(rows, values[0])
+          half = 1.0 if x_val.sum() > 0 else 0.5
+          self.assertAllClose(
+            by_x, [np.diag(w) for w in 2 * half * np.cos(2 * x_val)]
+          )
+
+  @parameterized.parameters(1, 2)
   def test_predicate_of_x_falls_back(self, cf):
     self.control_flow(cf)
     with tf.Graph().as_default():

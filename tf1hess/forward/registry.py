@@ -744,6 +744,15 @@ def _renamed_branch(op, attr):
     op, [t.shape for t in op.inputs[1:]], value.func.name
   )
   graph.name = f"{value.func.name}_copy_{tf_ops.uid()}"
+  # The copy's graph must find the function: where `op` is in the body of
+  # a function called by the model (a `tf.function` with a cond), not in
+  # a graph around the copy's, the copy's own graph holds it.
+  here = tf.compat.v1.get_default_graph()
+  around = here
+  while around is not None and around is not op.graph:
+    around = getattr(around, "outer_graph", None)
+  if around is None:
+    graph.outer_graph = here
   value.func.name = control_flow_util_v2.create_new_tf_function(graph)
   return value
 
