@@ -256,6 +256,24 @@ class OrderValidationTest(tf.test.TestCase, parameterized.TestCase):
         tf1hess.batch_derivatives(y, x, order)
       self.assertLen(graph.get_operations(), ops_before)
 
+  def test_numpy_integers_are_orders(self):
+    x_val = np.array([[0.3, -0.7]])
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      y = tf.reduce_sum(tf.sin(x), axis=1)
+      third = tf1hess.batch_derivatives(y, x, np.int64(3))
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(third, {x: x_val})
+    expected = np.zeros((1, 2, 2, 2))
+    expected[0, [0, 1], [0, 1], [0, 1]] = -np.cos(x_val[0])
+    self.assertAllClose(got, expected, atol=1e-12)
+    eager = tf1hess.eager.batch_derivatives(
+      lambda t: tf.reduce_sum(tf.sin(t), axis=1), x_val, np.int32(3)
+    )
+    self.assertAllClose(eager, expected, atol=1e-12)
+    with self.assertRaisesRegex(ValueError, r"saw np\.False_\."):
+      tf1hess.eager.batch_derivatives(tf.sin, x_val, np.False_)
+
   @parameterized.named_parameters(
     ("zero", 0, r"saw 0\."),
     ("float", 1.5, r"saw 1\.5\."),

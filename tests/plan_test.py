@@ -52,6 +52,14 @@ class PlanTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaises(dataclasses.FrozenInstanceError):
       tf1hess.Plan().method = "pfor"
 
+  def test_numpy_integers_are_ints(self):
+    plan = tf1hess.Plan(chunk_size=np.int64(4), unroll_max_rows=np.int32(0))
+    self.assertEqual(plan.record()["chunk_size"], 4)
+    self.assertIs(type(plan.chunk_size), int)
+    self.assertIs(type(plan.unroll_max_rows), int)
+    with self.assertRaisesRegex(ValueError, r"`chunk_size` must be.*np\.True_"):
+      tf1hess.Plan(chunk_size=np.True_)
+
   def test_replace_checks_again(self):
     self.assertEqual(tf1hess.Plan().replace(chunk_size=4).chunk_size, 4)
     with self.assertRaisesRegex(ValueError, "`chunk_size` must be"):

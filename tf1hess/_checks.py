@@ -1,7 +1,9 @@
 """Argument checks shared by the graph and eager paths."""
 
+import numbers
 import os
 
+import numpy as np
 import tensorflow as tf
 
 FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -60,9 +62,18 @@ def check_unconnected(unconnected_gradients):
     ) from None
 
 
+def is_int(value):
+  """Whether `value` is an integer: a Python or numpy one, not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(
+    value, (bool, np.bool_)
+  )
+
+
 def check_positive_int(value, arg):
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+  """Returns `value` as an `int`, or raises naming `arg`."""
+  if not is_int(value) or value < 1:
     raise ValueError(f"`{arg}` must be a positive int; saw {value!r}.")
+  return int(value)
 
 
 def physical_memory_bytes():

@@ -638,7 +638,7 @@ def batch_derivatives(
     ...     print(sess.run(d3, {x: [[1.]]}).ravel())
     [0.07407407]
   """
-  _checks.check_positive_int(order, "order")
+  order = _checks.check_positive_int(order, "order")
   return _derivatives(
     ys,
     xs,

@@ -14,6 +14,8 @@ import dataclasses
 import os
 from typing import Optional
 
+from tf1hess import _checks
+
 METHODS = ("auto", "forward", "pfor", "while_loop")
 
 # "auto" vectorizes the rows from this many rows (a static count) on, and
@@ -74,7 +76,7 @@ def _check_count(name, value, allow_none, allow_zero=False):
   if value is None and allow_none:
     return
   least = 0 if allow_zero else 1
-  if isinstance(value, bool) or not isinstance(value, int) or value < least:
+  if not _checks.is_int(value) or value < least:
     expected = "a non-negative int" if allow_zero else "a positive int"
     if allow_none:
       expected = f"None or {expected}"
@@ -159,15 +161,25 @@ class Plan:
     _check_count("parallel_iterations", self.parallel_iterations, True)
     _check_count("pfor_min_rows", self.pfor_min_rows, True)
     _check_count("unroll_max_rows", self.unroll_max_rows, False, True)
-    for name in (
+    counts = (
       "eager_pfor_min_rows",
       "max_terms",
       "max_factor_bytes",
       "shortcut_max_rows",
       "max_reads",
       "max_unrolled_ops",
-    ):
+    )
+    for name in counts:
       _check_count(name, getattr(self, name), False)
+    for name in counts + (
+      "chunk_size",
+      "parallel_iterations",
+      "pfor_min_rows",
+      "unroll_max_rows",
+    ):
+      value = getattr(self, name)
+      if value is not None:  # Numpy integers as ints, for records (JSON).
+        object.__setattr__(self, name, int(value))
 
   @property
   def may_take_engine(self):
