@@ -329,6 +329,24 @@ class CheckHessiansTest(tf.test.TestCase, parameterized.TestCase):
       check_hessians(_sin_form, x, hessians=h).passed, [False, True]
     )
 
+  def test_nan_of_fn_at_a_step_is_reported(self):
+    # log(x) at 1e-9: the step of x crosses 0, where log is NaN.
+    def fn(x):
+      return np.log(x[:, 0]) + x[:, 1] ** 3
+
+    x = np.array([[0.5, 1.0], [1e-9, 1.0]])
+    exact = np.zeros((2, 2, 2))
+    exact[:, 0, 0] = -1.0 / x[:, 0] ** 2
+    exact[:, 1, 1] = 6.0 * x[:, 1]
+    check = tf1hess.check_hessians(fn, x, exact)
+    self.assertAllEqual(check.passed, [True, False])
+    self.assertTrue(np.isnan(check.rel_error[1]))
+    self.assertTrue(np.isfinite(check.tolerance).all())
+    summary = check.summary()
+    self.assertIn("at [0, 0]: autodiff -1e+18, finite differences nan", summary)
+    self.assertIn("(3 entries are NaN)", summary)
+    self.assertIn("`fn` is NaN at a point the steps reach", summary)
+
   def test_computes_the_autodiff_hessians_itself(self):
     x = np.random.default_rng(13).normal(size=(3, 4))
     w = tf.constant(_A)
@@ -546,10 +564,19 @@ class TrapsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_reduce_prod_at_zero_is_caught(self):
     # TensorFlow 2.21's second derivative of reduce_prod is wrong where an
-    # input is 0 (tensorflow issue 21130); finite differences are exact.
+    # input is 0 (tensorflow issue 21130), that of the rows too; finite
+    # differences are exact, and so is auto (the forward engine).
     x = np.array([[0.0, 2.0, 3.0], [0.5, 2.0, 3.0], [0.0, 0.0, 3.0]])
-    check = check_hessians(lambda b: tf.reduce_prod(b, axis=1), x)
+
+    def prod(b):
+      return tf.reduce_prod(b, axis=1)
+
+    rows = tf1hess.eager.batch_hessians(prod, x, method="while_loop")
+    check = check_hessians(prod, x, rows.numpy())
     self.assertAllEqual(check.passed, [False, True, False])
+    auto = check_hessians(prod, x)
+    self.assertTrue(auto.ok, auto.summary())
+    self.assertAllClose(auto.hessians, auto.fd_hessians, atol=1e-8)
     expected = np.array(
       [
         [[0, 3, 2], [3, 0, 0], [2, 0, 0]],

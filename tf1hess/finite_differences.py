@@ -139,7 +139,8 @@ class _Stepper:
     x: the batch as a numpy array, `x`'s dtype, shape `(N, d...)`.
     n, k: `N` and the features per sample `K = prod(d...)`.
     f0: float64 `(N,)`: `fn` at `x`, summed per sample.
-    f_max: float64 `(N,)`: the largest `|fn|` of each sample so far.
+    f_max: float64 `(N,)`: the largest `|fn|` of each sample so far (NaN
+      values aside).
     eps_m: machine epsilon of the precision `fn` computes in: the coarser
       of `precision` and the dtype it returns.
     float32_valued: whether every value of a float64 `fn` so far is a
@@ -219,7 +220,7 @@ class _Stepper:
         )
       batch = chunk.reshape((-1,) + self.shape[1:])
       out[sl] = _evaluate(self.fn, batch)[0].reshape(-1, self.n)
-    self.f_max = np.maximum(self.f_max, np.max(np.abs(out), axis=0, initial=0))
+    self.f_max = np.fmax(self.f_max, np.nanmax(np.abs(out), axis=0, initial=0))
     self._watch(out)
     return out
 
@@ -378,7 +379,8 @@ class HessianCheck:
     abs_error: float64 `(N,)`: the largest `|hessians - fd_hessians|` of
       each sample.
     rel_error: float64 `(N,)`: `abs_error` over the sample's scale (the
-      largest `|entry|` of either Hessian); 0 when both are zero.
+      largest finite `|entry|` of either Hessian); 0 when both are zero,
+      NaN where either has a NaN entry.
     tolerance: float64 `(N,)`: `atol + rtol * scale` for each sample.
     passed: bool `(N,)`: `abs_error <= tolerance` (NaN fails).
     rtol: `float`: the relative tolerance used.
@@ -427,18 +429,29 @@ class HessianCheck:
     ]
     d = self.hessians.reshape(n, -1) - self.fd_hessians.reshape(n, -1)
     tail = self.hessians.shape[1:]
+    fd_nan = np.isnan(self.fd_hessians.reshape(n, -1))
     for i in order[:max_samples]:
-      j = int(np.nanargmax(np.abs(d[i]))) if np.any(~np.isnan(d[i])) else 0
+      nans = np.flatnonzero(np.isnan(d[i]))
+      j = int(nans[0]) if nans.size else int(np.argmax(np.abs(d[i])))
       entry = np.unravel_index(j, tail)
-      lines.append(
+      line = (
         f"  sample {i}: max abs error {self.abs_error[i]:.3g} > tolerance "
         f"{self.tolerance[i]:.3g} (rel error {self.rel_error[i]:.3g}) at "
         f"{list(map(int, entry))}: autodiff "
         f"{self.hessians.reshape(n, -1)[i, j]:.6g}, finite differences "
         f"{self.fd_hessians.reshape(n, -1)[i, j]:.6g}"
       )
+      if nans.size:
+        line += f" ({nans.size} entries are NaN)"
+      lines.append(line)
     if failed.size > max_samples:
       lines.append(f"  ... and {failed.size - max_samples} more samples")
+    if fd_nan[failed[:max_samples]].any():
+      lines.append(
+        "Finite differences are NaN where `fn` is NaN at a point the steps "
+        "reach (a step across the edge of its domain, as log(x) near 0): "
+        "pass a smaller `eps`, or check points farther from the edge."
+      )
     if self.note:
       lines.append(self.note)
     return "\n".join(lines)
@@ -571,12 +584,12 @@ def check_hessians(
   abs_error = np.max(diff, axis=1, initial=0.0)
   abs_error = np.where(np.any(np.isnan(diff), axis=1), np.nan, abs_error)
   scale = np.maximum(
-    np.max(np.abs(fd).reshape(n, -1), axis=1, initial=0.0),
+    np.max(np.nan_to_num(np.abs(fd)).reshape(n, -1), axis=1, initial=0.0),
     np.max(np.nan_to_num(np.abs(hessians)).reshape(n, -1), axis=1, initial=0.0),
   )
   with np.errstate(divide="ignore", invalid="ignore"):
     rel_error = np.where(
-      scale > 0, abs_error / scale, np.where(abs_error > 0, np.inf, 0.0)
+      scale > 0, abs_error / scale, np.where(abs_error != 0, np.inf, 0.0)
     )
   if rtol is None:
     rtol = 100.0 * np.sqrt(s.eps_m)
