@@ -562,6 +562,50 @@ class FindTensorTest(tf.test.TestCase, parameterized.TestCase):
       legacy.find_tensor(self.graph, 3, "xs")
 
 
+class FreezeSessionGraphTest(tf.test.TestCase, parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.graph = tf.Graph()
+    with self.graph.as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2], name="x")
+      w = tf.compat.v1.get_variable(
+        "w", initializer=np.array([[1.0], [-2.0]]), use_resource=False
+      )
+      self.y = tf.identity(tf.reduce_sum(tf.tanh(x @ w), 1), name="y")
+      tf.identity(x * 2.0, name="other")
+    self.session = tf.compat.v1.Session(graph=self.graph)
+    self.addCleanup(self.session.close)
+    self.session.run(w.initializer)
+
+  @parameterized.named_parameters(
+    ("op_name", ["y"]),
+    ("tensor_name", ["y:0"]),
+    ("one_name", "y"),
+    ("tensor", None),
+  )
+  def test_outputs_by_op_or_tensor(self, outputs):
+    frozen = legacy.freeze_session_graph(self.session, outputs or [self.y])
+    names = {node.name for node in frozen.node}
+    self.assertIn("y", names)
+    self.assertNotIn("other", names)
+    self.assertEmpty([n for n in frozen.node if n.op in legacy.VARIABLE_OPS])
+    with tf.Graph().as_default():
+      tf.compat.v1.import_graph_def(frozen, name="")
+      with tf.compat.v1.Session() as sess:
+        got = sess.run("y:0", {"x:0": [[0.5, 0.25]]})
+    self.assertAllClose(got, [0.0])
+
+  def test_unknown_name_error(self):
+    with self.assertRaisesRegex(
+      ValueError,
+      r"`outputs` names no tensor of the model: 'yy:0'\. "
+      r"Closest names: 'y:0'",
+    ):
+      legacy.freeze_session_graph(self.session, ["yy"])
+    with self.assertRaisesRegex(TypeError, r"`outputs` must hold names"):
+      legacy.freeze_session_graph(self.session, [3])
+
+
 class AddHessianOpsTest(tf.test.TestCase, parameterized.TestCase):
   def test_second_call_gets_own_scope(self):
     with tf.Graph().as_default() as graph:

@@ -227,15 +227,26 @@ def freeze_session_graph(session, outputs=None):
 
   Args:
     session: a `tf.compat.v1.Session` whose variables hold the values to keep.
-    outputs: optional `list` of node names to keep (with what they need);
-      default: every node of the model proper (see `model_node_names`).
+    outputs: optional node to keep (with what it needs), or a `list` of
+      them: names of ops ("y") or tensors ("y:0"), tensors or ops; default:
+      every node of the model proper (see `model_node_names`).
 
   Returns:
     A `tf.compat.v1.GraphDef` without variables.
+
+  Raises:
+    TypeError: when an output is neither a name, a tensor nor an op.
+    ValueError: when a name names nothing in the graph; the message lists
+      the closest names.
   """
   graph_def = session.graph.as_graph_def()
   if outputs is None:
     outputs = model_node_names(graph_def)
+  else:
+    outputs = [
+      _node_name(session.graph, output)
+      for output in _checks.as_list(outputs)[0]
+    ]
   with deprecation.silence():  # TF1 APIs warn on every use.
     if not any(node.op in VARIABLE_OPS for node in graph_def.node):
       return graph_util_impl.extract_sub_graph(graph_def, outputs)
@@ -245,6 +256,23 @@ def freeze_session_graph(session, outputs=None):
       )
     )
   return _with_functions_mended(frozen)
+
+
+def _node_name(graph, output):
+  """The name of the op of `output` (see `freeze_session_graph`)."""
+  if isinstance(output, (tf.Tensor, tf.Operation)):
+    return output.op.name if isinstance(output, tf.Tensor) else output.name
+  if not isinstance(output, str):
+    raise TypeError(
+      "`outputs` must hold names of ops or tensors ('y', 'y:0'), tensors or "
+      f"ops; saw {type(output).__name__}."
+    )
+  if ":" not in output:
+    try:
+      return graph.get_operation_by_name(output).name
+    except KeyError:
+      pass
+  return find_tensor(graph, output, "outputs").op.name
 
 
 def _with_functions_mended(graph_def):
