@@ -260,8 +260,10 @@ def freeze_session_graph(session, outputs=None):
 
 def _node_name(graph, output):
   """The name of the op of `output` (see `freeze_session_graph`)."""
-  if isinstance(output, (tf.Tensor, tf.Operation)):
-    return output.op.name if isinstance(output, tf.Tensor) else output.name
+  if isinstance(output, tf.Tensor):
+    return output.op.name
+  if isinstance(output, tf.Operation):
+    return output.name
   if not isinstance(output, str):
     raise TypeError(
       "`outputs` must hold names of ops or tensors ('y', 'y:0'), tensors or "

@@ -73,14 +73,17 @@ def bfc_allocator(value):
 
 
 def _check_count(name, value, allow_none, allow_zero=False):
+  """`value` as an `int` (numpy integers too: records are JSON), or `None`
+  where allowed; raises naming `name` otherwise."""
   if value is None and allow_none:
-    return
+    return None
   least = 0 if allow_zero else 1
   if not _checks.is_int(value) or value < least:
     expected = "a non-negative int" if allow_zero else "a positive int"
     if allow_none:
       expected = f"None or {expected}"
     raise ValueError(f"`{name}` must be {expected}; saw {value!r}.")
+  return int(value)
 
 
 def check_method(method, chunk_size):
@@ -89,13 +92,16 @@ def check_method(method, chunk_size):
   Args:
     method: one of `METHODS`.
     chunk_size: `None` or a positive `int`.
+
+  Returns:
+    `chunk_size`, an `int` (or `None`).
   """
   if not isinstance(method, str) or method not in METHODS:
     raise ValueError(
       "`method` must be one of 'auto', 'forward', 'pfor' or 'while_loop'; "
       f"saw {method!r}."
     )
-  _check_count("chunk_size", chunk_size, allow_none=True)
+  return _check_count("chunk_size", chunk_size, allow_none=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,29 +163,22 @@ class Plan:
   max_unrolled_ops: int = MAX_UNROLLED_OPS
 
   def __post_init__(self):
-    check_method(self.method, self.chunk_size)
-    _check_count("parallel_iterations", self.parallel_iterations, True)
-    _check_count("pfor_min_rows", self.pfor_min_rows, True)
-    _check_count("unroll_max_rows", self.unroll_max_rows, False, True)
-    counts = (
-      "eager_pfor_min_rows",
-      "max_terms",
-      "max_factor_bytes",
-      "shortcut_max_rows",
-      "max_reads",
-      "max_unrolled_ops",
-    )
-    for name in counts:
-      _check_count(name, getattr(self, name), False)
-    for name in counts + (
-      "chunk_size",
-      "parallel_iterations",
-      "pfor_min_rows",
-      "unroll_max_rows",
-    ):
-      value = getattr(self, name)
-      if value is not None:  # Numpy integers as ints, for records (JSON).
-        object.__setattr__(self, name, int(value))
+    chunk_size = check_method(self.method, self.chunk_size)
+    object.__setattr__(self, "chunk_size", chunk_size)
+    counts = {
+      "parallel_iterations": (True, False),
+      "pfor_min_rows": (True, False),
+      "unroll_max_rows": (False, True),
+      "eager_pfor_min_rows": (False, False),
+      "max_terms": (False, False),
+      "max_factor_bytes": (False, False),
+      "shortcut_max_rows": (False, False),
+      "max_reads": (False, False),
+      "max_unrolled_ops": (False, False),
+    }
+    for name, (allow_none, allow_zero) in counts.items():
+      value = _check_count(name, getattr(self, name), allow_none, allow_zero)
+      object.__setattr__(self, name, value)
 
   @property
   def may_take_engine(self):
