@@ -546,7 +546,8 @@ class LoopsTest(
         lambda i, h: i < steps, lambda i, h: (i + 1, tf.sin(h) * x), [0, x]
       )
       with self.assertRaisesRegex(
-        ValueError, "cannot follow it: the condition of .* is not known"
+        tf1hess.ForwardUnsupportedError,
+        "cannot follow it: the condition of .* is not known",
       ):
         tf1hess.batch_hessian_diagonals(tf.reduce_sum(h, axis=1), x)
 

@@ -745,10 +745,12 @@ class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
       with self.assertRaisesRegex(
-        ValueError,
+        tf1hess.ForwardUnsupportedError,
         "`method`='forward' cannot .* no forward rule for op type Dawsn",
-      ):
+      ) as raised:
         tf1hess.batch_hessians(tf.math.special.dawsn(x), x, method="forward")
+      self.assertIsInstance(raised.exception, ValueError)
+      self.assertIn("op type Dawsn", str(raised.exception.reason))
 
   def test_samples_mixed_before_a_nonlinear_op(self):
     with tf.Graph().as_default():

@@ -16,6 +16,7 @@ from tf1hess.finite_differences import HessianCheck
 from tf1hess.finite_differences import check_hessians
 from tf1hess.finite_differences import finite_difference_gradients
 from tf1hess.finite_differences import finite_difference_hessians
+from tf1hess.forward.dispatch import ForwardUnsupportedError
 from tf1hess.ops import batch_derivatives
 from tf1hess.ops import batch_gradients
 from tf1hess.ops import batch_hessian_diagonals
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "Derivatives",
+  "ForwardUnsupportedError",
   "HessianCheck",
   "Plan",
   "batch_derivatives",

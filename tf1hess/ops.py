@@ -404,8 +404,10 @@ def batch_hessians(
     ValueError: when an `x` has rank < 2, a tensor is eager or from another
       graph, `unconnected_gradients` or `method` is unknown, `chunk_size`
       is not a positive int, `plan` comes with `method`, `chunk_size` or
-      `parallel_iterations`, `ys` contains a control flow v1 loop (enable
-      control flow v2), or `method='forward'` meets an op without a rule.
+      `parallel_iterations`. `tf1hess.ForwardUnsupportedError`, a
+      `ValueError` that names the op: when the forward engine cannot follow
+      the model where it must (`method='forward'`, or `ys` computed
+      through a control flow v1 loop).
     LookupError: when the rows are built (the engine cannot follow the
       model, or another `method` is asked) and TensorFlow has no gradient
       of an op of the first derivative (`SoftsignGrad`, ...), naming it.
@@ -525,8 +527,9 @@ def batch_laplacians(
     A `Tensor` of shape `(N,)` for each `x`, in the structure of `xs`.
 
   Raises:
-    ValueError: with `method='forward'`, when the engine cannot follow an
-      op of the model (the message names it), and as `batch_hessians`.
+    ValueError: as `batch_hessians` (`tf1hess.ForwardUnsupportedError`
+      with `method='forward'`, when the engine cannot follow an op of the
+      model).
     RuntimeError, TypeError: as `batch_hessians`.
 
   Example:

@@ -673,8 +673,14 @@ def _rows_work_with_static_batch(ys, x, mode, plan):
     return rows_work(ys_copy, x_copy, grad, mode, plan)
 
 
-class _Declined(ValueError):
-  """The engine cannot follow the model under `method="forward"`."""
+class ForwardUnsupportedError(ValueError):
+  """The forward engine cannot follow the model, and nothing else may.
+
+  Raised by `method="forward"`, and where `ys` is computed through a
+  control flow v1 loop (which TensorFlow does not differentiate twice, so
+  the engine is the only way). A `ValueError`: `reason` is the engine's,
+  naming the op (`registry.Unsupported`).
+  """
 
   def __init__(self, message, reason):
     super().__init__(message)
@@ -684,7 +690,7 @@ class _Declined(ValueError):
 def _unsupported(x, method, error):
   """Raises for `method="forward"`; warns once for `"auto"`."""
   if method == "forward":
-    raise _Declined(
+    raise ForwardUnsupportedError(
       f"`method`='forward' cannot differentiate `ys` with respect to "
       f"{x.name}: {error}. Use method='auto' to fall back to the row loop.",
       error,
@@ -899,10 +905,12 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
       return _try_forward(
         ys, x, grad, mode, plan.replace(method="forward"), unconnected, rows
       )
-    except _Declined as e:
+    except ForwardUnsupportedError as e:
       exits = [op for op in engine.path_ops(x, ys) if op.type in loops.EXIT]
       loop = exits[-1].name if exits else "a loop"
-      raise ValueError(loops.v1_error(loop, e.reason)) from None
+      raise ForwardUnsupportedError(
+        loops.v1_error(loop, e.reason), e.reason
+      ) from None
   result = _try_forward(ys, x, grad, mode, plan, unconnected, rows)
   missing = None if result[1] else _without_gradient(x, grad)
   if missing is not None:
