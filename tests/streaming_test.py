@@ -483,6 +483,13 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     with open(self.path("h.npy.progress.json"), encoding="utf-8") as f:
       return json.load(f)
 
+  def _edit_progress_file(self, **settings):
+    """Sets `settings` in the progress file, with their fingerprint."""
+    state = self._progress_file()
+    state["settings"].update(settings)
+    state["fingerprint"] = _fingerprint(state["settings"])
+    _write(self.path("h.npy.progress.json"), json.dumps(state))
+
   def _resume_and_check(self, args, x, strategy, earlier):
     """Resumes `h.npy` with `strategy`; checks the result and the warning.
 
@@ -549,9 +556,7 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     settings = {k: state["settings"][k] for k in _SETTINGS_BEFORE_STRATEGIES}
     old = {
       "format": "tf1hess.streaming/1",
-      "fingerprint": hashlib.sha256(
-        json.dumps(settings, sort_keys=True).encode()
-      ).hexdigest(),
+      "fingerprint": _fingerprint(settings),
       "settings": settings,
       "num_batches": 5,
       "completed": [[0, 2]],
@@ -577,13 +582,22 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
     """The version before recorded the names as typed ("x" for "x:0")."""
     x = _samples(9)
     args = self._interrupted_run(x)
-    state = self._progress_file()
-    state["settings"].update(xs="x", ys="y")
-    state["fingerprint"] = hashlib.sha256(
-      json.dumps(state["settings"], sort_keys=True).encode()
-    ).hexdigest()
-    _write(self.path("h.npy.progress.json"), json.dumps(state))
+    self._edit_progress_file(xs="x", ys="y")
     self._resume_and_check(args, x, {}, _DEFAULT_STRATEGY)
+
+  def test_progress_file_with_names_of_another_type_is_refused(self):
+    """A hand-edited progress file: its `xs` is no name."""
+    args = self._interrupted_run(_samples(9))
+    self._edit_progress_file(xs=7)
+    with self.assertRaisesRegex(
+      ValueError, r"unfinished run with other settings \(xs differ"
+    ):
+      streaming.compute_hessians(
+        *args,
+        self.path("h.npy"),
+        batch_size=2,
+        gradients_output=self.path("g.npy"),
+      )
 
   def test_noresume_starts_over(self):
     args = self._interrupted_run(_samples(9))
@@ -842,6 +856,13 @@ class ClusterStrategyTest(
     ):
       self.assertEqual(a.read(), b.read())
     _assert_analytic(self, x, gradients=False)
+
+
+def _fingerprint(settings):
+  """A progress file's fingerprint of its `settings`."""
+  return hashlib.sha256(
+    json.dumps(settings, sort_keys=True).encode()
+  ).hexdigest()
 
 
 def _write(path, data):

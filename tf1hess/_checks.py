@@ -17,10 +17,11 @@ def as_list(value):
 
 
 def full_tensor_names(names):
-  """Tensor names in full: an op name "x" means "x:0"; lists alike."""
+  """Tensor names in full: an op name "x" means "x:0"; lists alike, and
+  anything but names as it is."""
   if isinstance(names, (list, tuple)):
     return [full_tensor_names(n) for n in names]
-  return names if ":" in names else names + ":0"
+  return names + ":0" if isinstance(names, str) and ":" not in names else names
 
 
 def restore_structure(values, was_sequence):
