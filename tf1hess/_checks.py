@@ -70,10 +70,17 @@ def is_int(value):
   )
 
 
-def check_positive_int(value, arg):
-  """Returns `value` as an `int`, or raises naming `arg`."""
-  if not is_int(value) or value < 1:
-    raise ValueError(f"`{arg}` must be a positive int; saw {value!r}.")
+def check_count(value, arg, allow_none=False, allow_zero=False):
+  """Returns `value` as an `int` (numpy integers too), or `None` where
+  `allow_none`; raises `ValueError` naming `arg` otherwise."""
+  if value is None and allow_none:
+    return None
+  least = 0 if allow_zero else 1
+  if not is_int(value) or value < least:
+    expected = "a non-negative int" if allow_zero else "a positive int"
+    if allow_none:
+      expected = f"None or {expected}"
+    raise ValueError(f"`{arg}` must be {expected}; saw {value!r}.")
   return int(value)
 
 

@@ -35,7 +35,7 @@ class DerivativesMixin:
         f"`layer` must be a {self._generation} layer or model mapping a "
         f"batch to one value per sample; saw {type(layer).__name__}."
       )
-    order = _checks.check_positive_int(order, "order")
+    order = _checks.check_count(order, "order")
     if isinstance(plan, dict):  # From `get_config`.
       plan = plan_lib.Plan(**plan)
     plan = plan_lib.make(plan)

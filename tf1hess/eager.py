@@ -522,7 +522,7 @@ def batch_derivatives(
     >>> float(d.numpy().ravel()[0])  # -6/81
     -0.07407407407407407
   """
-  order = _checks.check_positive_int(order, "order")
+  order = _checks.check_count(order, "order")
   return _derivatives(
     fn,
     x,

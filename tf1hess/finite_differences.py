@@ -152,7 +152,7 @@ class _Stepper:
   def __init__(self, fn, x, eps, power, batch_size, precision=None):
     _check_fn(fn)
     _check_eps(eps)
-    batch_size = _checks.check_positive_int(batch_size, "batch_size")
+    batch_size = _checks.check_count(batch_size, "batch_size")
     precision = _precision_dtype(precision)
     self.fn = fn
     self.x = _as_batch(x)

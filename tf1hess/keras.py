@@ -188,7 +188,7 @@ def model_derivatives(
     ...   sess.run(d3, {model.input: np.ones((5, 3), np.float32)}).shape
     (5, 3, 3, 3)
   """
-  order = _checks.check_positive_int(order, "order")
+  order = _checks.check_count(order, "order")
   inputs, outputs, single = _symbolic_io(model)
   with outputs[0].graph.as_default():
     result = ops.batch_derivatives(

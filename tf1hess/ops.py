@@ -641,7 +641,7 @@ def batch_derivatives(
     ...     print(sess.run(d3, {x: [[1.]]}).ravel())
     [0.07407407]
   """
-  order = _checks.check_positive_int(order, "order")
+  order = _checks.check_count(order, "order")
   return _derivatives(
     ys,
     xs,

@@ -72,20 +72,6 @@ def bfc_allocator(value):
   return value.strip().lower() in ("1", "true")
 
 
-def _check_count(name, value, allow_none, allow_zero=False):
-  """`value` as an `int` (numpy integers too: records are JSON), or `None`
-  where allowed; raises naming `name` otherwise."""
-  if value is None and allow_none:
-    return None
-  least = 0 if allow_zero else 1
-  if not _checks.is_int(value) or value < least:
-    expected = "a non-negative int" if allow_zero else "a positive int"
-    if allow_none:
-      expected = f"None or {expected}"
-    raise ValueError(f"`{name}` must be {expected}; saw {value!r}.")
-  return int(value)
-
-
 def check_method(method, chunk_size):
   """Raises `ValueError` unless `method` and `chunk_size` are valid.
 
@@ -101,7 +87,7 @@ def check_method(method, chunk_size):
       "`method` must be one of 'auto', 'forward', 'pfor' or 'while_loop'; "
       f"saw {method!r}."
     )
-  return _check_count("chunk_size", chunk_size, allow_none=True)
+  return _checks.check_count(chunk_size, "chunk_size", allow_none=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +163,9 @@ class Plan:
       "max_unrolled_ops": (False, False),
     }
     for name, (allow_none, allow_zero) in counts.items():
-      value = _check_count(name, getattr(self, name), allow_none, allow_zero)
+      value = _checks.check_count(
+        getattr(self, name), name, allow_none, allow_zero
+      )
       object.__setattr__(self, name, value)
 
   @property

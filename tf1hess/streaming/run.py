@@ -280,8 +280,8 @@ def compute_hessians(
     array([[6., 0.],
            [0., 6.]], dtype=float32)
   """
-  batch_size = _checks.check_positive_int(batch_size, "batch_size")
-  max_file_bytes = _checks.check_positive_int(max_file_bytes, "max_file_bytes")
+  batch_size = _checks.check_count(batch_size, "batch_size")
+  max_file_bytes = _checks.check_count(max_file_bytes, "max_file_bytes")
   plan = plan_lib.make(plan, method, chunk_size, parallel_iterations)
   out_dtype = _output_dtype(dtype)
   hosts = (
