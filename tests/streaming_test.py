@@ -931,6 +931,13 @@ _BAD_INPUTS = (
     r"`input` must be stored in C \(row-major\) order",
   ),
   (
+    # One sample, but not one row: its features are stored transposed.
+    "fortran_npy_of_one_sample",
+    lambda d: {"input": _save(d, np.asfortranarray(np.ones((1, 2, _K))))},
+    ValueError,
+    r"`input` must be stored in C \(row-major\) order",
+  ),
+  (
     "not_npy",
     lambda d: {"input": _touch(os.path.join(d, "x.npy"), "hello")},
     ValueError,

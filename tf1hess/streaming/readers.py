@@ -92,7 +92,8 @@ def _check_samples(shape, fortran, dtype, path):
       "`input` must have rank >= 2 (samples, features...); saw shape "
       f"{shape} in {path}."
     )
-  if fortran and len(shape) > 1 and shape[0] > 1 and np.prod(shape[1:]) > 1:
+  if fortran and sum(d > 1 for d in shape) > 1:
+    # Fortran order is C order only where one axis at most is longer than 1.
     raise ValueError(
       "`input` must be stored in C (row-major) order to be read batch by "
       f"batch; {path} is in Fortran order. Re-save it with "
