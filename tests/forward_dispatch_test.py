@@ -1205,15 +1205,48 @@ class RowsInexactTest(
     self.assertFalse(tf1hess.eager._tapes_fail(fn, x))  # pylint: disable=protected-access
 
   def test_hessian_vector_products_of_moments_the_engine_cannot_follow(self):
-    # tf.math.special.dawsn has no forward rule: TensorFlow's products, and a
-    # warning that they miss the curvature through the mean.
+    # tf.math.special.dawsn has no forward rule: TensorFlow's products,
+    # with the curvature through the mean (the stops' gradient made the
+    # identity).
+    rng = np.random.default_rng(19)
+    x_val, v_val = rng.normal(size=(3, 12)), rng.normal(size=(3, 12))
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 12])
       h = _layer_norm(tf.tanh(x), [1])
       y = tf.reduce_sum(tf.math.special.dawsn(h * h), 1)
-      with self.assertLogs(level="WARNING") as logs:
-        tf1hess.batch_hessian_vector_products(y, x, tf.ones_like(x))
-    self.assertIn("Hessian-vector products", "".join(logs.output))
+      with mock.patch.object(_core, "warn_once") as warn:
+        hv = tf1hess.batch_hessian_vector_products(y, x, tf.constant(v_val))
+      warn.assert_not_called()
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(hv, {x: x_val})
+        hessians = finite_differences.finite_difference_hessians(
+          lambda batch: sess.run(y, {x: batch}), x_val
+        )
+    want = np.einsum("nij,nj->ni", hessians, v_val)
+    self.assertAllClose(got, want, atol=1e-5, rtol=1e-5)
+
+  def test_rows_take_the_curvature_of_moments_the_engine_cannot_follow(self):
+    # Auto falls back to the rows (dawsn has no forward rule); with the
+    # stops' gradient made the identity they are exact, as the engine
+    # would be. The rows asked for keep TensorFlow's, with a warning.
+    x_val = np.random.default_rng(20).normal(size=(3, 12))
+
+    def model(x):
+      return tf.reduce_sum(
+        tf.math.special.dawsn(_layer_norm(tf.tanh(x), [1])), 1
+      )
+
+    with self.assertLogs(level="WARNING") as logs:
+      got, hessians = _hessians_of(model, x_val, ["rows"])
+    self.assertIn("tf.nn.moments", "".join(logs.output))
+    self.assertGreater(np.abs(got["rows"] - hessians).max(), 1e-2)
+    with mock.patch.object(_core, "warn_once", wraps=_core.warn_once) as warn:
+      got, _ = _hessians_of(model, x_val, ["auto", "laplacian"])
+    for call in warn.call_args_list:
+      self.assertNotIn("tf.nn.moments", call.args[1])
+    tol = dict(atol=1e-5, rtol=1e-5)
+    self.assertAllClose(got["auto"], hessians, **tol)
+    self.assertAllClose(got["laplacian"], np.einsum("nii->n", hessians), **tol)
 
   def test_keras_layer_normalization_in_float64(self):
     # Keras 2 normalizes with tf.nn.moments outside float32 (no fused
@@ -1257,10 +1290,12 @@ class RowsInexactTest(
       }
       t = tf.compat.v1.placeholder(tf.float64, [None, 1])
       scaled = tf.reduce_sum(_layer_norm(x * t, [1])[:, :2] ** 2, 1)
-      joint = tf1hess.Derivatives(scaled, [x, t]).hessian()
+      # The rows first: auto gives TensorFlow's gradients of the stops the
+      # identity.
       with self.assertLogs(level="WARNING") as logs:
         tf1hess.batch_output_hessians(scaled, [x, t], method="while_loop")
       self.assertIn("the rows over several inputs", "".join(logs.output))
+      joint = tf1hess.Derivatives(scaled, [x, t]).hessian()
       with tf.compat.v1.Session() as sess:
         got = sess.run(outs, {x: x_val})
         xt_val = np.concatenate([x_val, [[0.7], [-1.3]]], 1)

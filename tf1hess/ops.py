@@ -755,13 +755,16 @@ def _exact_products(model, x, grad, v):
 
   Exact, at the cost of the full Hessian (K^2 entries per sample) where the
   backward pass is not. Where the engine cannot follow the model either,
-  `None`, with a warning (once) of what the backward pass misses.
+  `None`: the backward pass, with the curvature through `tf.nn.moments`
+  where it can have it (`dispatch.differentiate_moments_for_rows`), and a
+  warning (once) of what it misses.
   """
   if not dispatch.tensorflow_fails(model, x, grad):
     return None
   try:
     h = batch_hessians(model, x, method="forward")
   except ValueError as e:
+    dispatch.differentiate_moments_for_rows(model, [x], plan_lib.Plan())
     dispatch.warn_of_inexact_rows(
       model,
       x,

@@ -122,9 +122,11 @@ class Problem:
 
   def rows_miss_moments(self, warn=False):
     """Whether TensorFlow's rows miss curvature through `tf.nn.moments`
-    (`dispatch.rows_miss_moments`); with `warn`, warns once if so that the
-    rows over the joint input are built."""
+    (`dispatch.rows_miss_moments`), once auto has given them what it can
+    (`dispatch.differentiate_moments_for_rows`); with `warn`, warns once
+    if so that the rows over the joint input are built."""
     if self._moments is None:
+      dispatch.differentiate_moments_for_rows([self.model], self.xs, self._plan)
       self._moments = dispatch.rows_miss_moments([self.model], self.xs)
     if warn and self._moments:
       dispatch.warn_of_moments(self.y.graph, "the rows over several inputs")

@@ -293,6 +293,8 @@ def _inexact(op, path):
   ops)."""
   if op.type == "SoftmaxCrossEntropyWithLogits":
     return op.inputs[1].op in path
+  if op.type == "StopGradient":
+    return not engine.differentiated(op)
   if op.type not in _MAX_POOL_GRADS:
     return True
   original, pooled = op.inputs[0].shape[1:], op.inputs[1].shape[1:]
@@ -314,6 +316,16 @@ def _inexact_gradients(ys, x, grad):
   if engine.stopped_means(x, ys):
     types.add("StopGradient")
   return sorted(types)
+
+
+def differentiate_moments_for_rows(ys, xs, plan):
+  """Where `plan` (`method="auto"`) takes TensorFlow's rows of `ys`: gives
+  them the curvature through the means that `tf.nn.moments` stops
+  (`engine.differentiate_stops_for_rows`), as the engine has it. The other
+  methods keep TensorFlow's derivatives, and warn."""
+  if plan.method == "auto":
+    for x in xs:
+      engine.differentiate_stops_for_rows(x, ys)
 
 
 def rows_miss_moments(ys, xs):
@@ -928,6 +940,7 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
   if not result[1]:
     # Auto takes the engine wherever the rows are inexact (`choose`): here
     # it could not follow the model.
+    differentiate_moments_for_rows(ys, [x], plan)
     engine_too = (
       " the forward engine, exact there, cannot follow the model (see its"
       " warning)"
@@ -1135,6 +1148,9 @@ def _try_forward_with_conds(ys, x, grad, mode, plan, unconnected, path, rows):
       f"tf1hess: the forward engine falls back to {instead} for {x.name}"
       f" where {resolved.predicate.name} is {branch}: {error}.",
     )
+
+  if errors:
+    differentiate_moments_for_rows(ys, [x], plan)
 
   def branch_fn(branch):
     if branch in errors and missing is not None:

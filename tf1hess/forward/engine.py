@@ -467,9 +467,45 @@ def stopped_means(x, ys):
   return [
     op
     for op in path_ops(x, ys)
-    if op.type == "StopGradient"
-    and op._gradient_function is not _identity_gradient  # pylint: disable=protected-access
+    if op.type == "StopGradient" and not differentiated(op)
   ]
+
+
+def differentiated(op):
+  """Whether `op`, a `StopGradient`, has the identity as its gradient in
+  TensorFlow (`_differentiate_stops`)."""
+  return op._gradient_function is _identity_gradient  # pylint: disable=protected-access
+
+
+def differentiate_stops_for_rows(x, ys):
+  """Where TensorFlow's rows of `ys` are to be built: makes their
+  curvature through the means that `tf.nn.moments` stops from `x` to `ys`
+  exact, as the walk's (`_differentiate_stops` of `stopped_means`).
+
+  The rows differentiate the first derivative, whose gradient of each
+  variance, `2 adj (u - stop_gradient(m))`, reads the stop: with the
+  identity as its gradient, the rows take the curvature through `m`
+  (whenever the first derivative was built). Not where `ys` read such a
+  gradient themselves (forces of a normalized network: a `Sub` of the
+  stop on the way to `ys`): the first derivative then holds the model's
+  second derivatives, which missed the curvature when it was built, and
+  the rows stay TensorFlow's, which `stopped_means` still reports. Nor
+  where the mean is over the batch axis (a batch normalization in
+  training): that model mixes samples, and has no per-sample Hessians to
+  make exact.
+  """
+  stops = [
+    op
+    for op in stopped_means(x, ys)
+    if reductions.stops_a_mean_within_samples(op)
+  ]
+  path = set(path_ops(x, ys))
+  if not any(
+    use.type == "Sub" and use in path
+    for stop in stops
+    for use in stop.outputs[0].consumers()
+  ):
+    _differentiate_stops(stops)
 
 
 def _identity_gradient(op, grad):

@@ -390,6 +390,14 @@ def variance_of(use, stop, path):
   return all(_same_reduction(r, axes) for r in readers)
 
 
+def stops_a_mean_within_samples(op):
+  """Whether `op` may be the `StopGradient` of `tf.nn.moments` over axes
+  of each sample (a layer normalization), not over the batch axis (a batch
+  normalization in training, which mixes samples)."""
+  stopped = _stopped_mean(op)
+  return stopped is not None and 0 not in stopped[1]
+
+
 def stops_a_variance_mean(op):
   """Whether `op` may be the `StopGradient` of `tf.nn.moments`.
 
