@@ -81,6 +81,13 @@ def write_input(directory, x, kind):
       for row in np.asarray(x, np.float64):
         f.write(", ".join(repr(float(v)) for v in row) + "\n")
     return path, None
+  if kind == "csv_spreadsheet":
+    # A spreadsheet's "CSV UTF-8": a byte-order mark, every field quoted.
+    path = os.path.join(directory, "x.csv")
+    with open(path, "w", encoding="utf-8-sig") as f:
+      for row in np.asarray(x, np.float64):
+        f.write(",".join(f'"{float(v)!r}"' for v in row) + "\r\n")
+    return path, None
   if kind in ("tfrecord", "tfrecord_gzip"):
     gzip = kind == "tfrecord_gzip"
     path = os.path.join(directory, "x.tfrecord" + (".gz" if gzip else ""))
@@ -98,6 +105,7 @@ _FORMATS = (
   "npz_compressed",
   "csv",
   "csv_header",
+  "csv_spreadsheet",
   "tfrecord",
   "tfrecord_gzip",
 )
@@ -956,6 +964,13 @@ _BAD_INPUTS = (
     TypeError,
     r"`input` must hold floating-point numbers only; .*x\.csv line 3 field 2 "
     r"is 'abc'",
+  ),
+  (
+    "csv_trailing_commas",
+    lambda d: {"input": _touch(os.path.join(d, "x.csv"), "1,2,3,\n4,5,6,\n")},
+    TypeError,
+    r"`input` must hold floating-point numbers only; .*x\.csv line 1 field 4 "
+    r"is '' \(do the rows end with a comma\?\)",
   ),
   (
     "csv_ragged",

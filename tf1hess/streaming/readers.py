@@ -5,6 +5,7 @@ before the first output file is written (`open_input`).
 """
 
 import abc
+import codecs
 import contextlib
 import os
 import re
@@ -30,6 +31,14 @@ _NUMBER = (
   r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf(inity)?|nan)"
 )
 _NUMBER_RE = re.compile(_NUMBER, re.IGNORECASE)
+# A field in double quotes, as spreadsheets write every field.
+_QUOTED = r'^"(.*)"$'
+
+
+def _csv_fields(line):
+  """The fields of a CSV line, stripped, out of their double quotes."""
+  fields = [field.strip() for field in line.split(",")]
+  return [re.sub(_QUOTED, r"\1", field).strip() for field in fields]
 
 
 class InputReader(abc.ABC):
@@ -242,9 +251,11 @@ _SCAN_BATCH = 8192
 class _CsvReader(_DatasetReader):
   """Numeric comma-separated rows, read through `tf.data` in batches.
 
-  Blank lines are skipped; a first line that is not all numbers is a header.
-  A validation pass at open time counts the rows and finds the first bad
-  line, so that a bad file fails before any output is written.
+  Blank lines are skipped; a first line with a field that is neither a
+  number nor empty is a header. Fields may be in double quotes, and the
+  file may start with a byte-order mark. A validation pass at open time
+  counts the rows and finds the first bad line, so that a bad file fails
+  before any output is written.
   """
 
   def __init__(self, path):
@@ -252,13 +263,17 @@ class _CsvReader(_DatasetReader):
     self.dtype = np.dtype(np.float64)
     self._header_line = 0
     width = None
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, "rb") as f:
+      self._bom = f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
       for lineno, line in enumerate(f, start=1):
         if not line.strip():
           continue
-        fields = [field.strip() for field in line.split(",")]
+        fields = _csv_fields(line)
         width = len(fields)
-        if not all(_NUMBER_RE.fullmatch(field) for field in fields):
+        if not all(
+          not field or _NUMBER_RE.fullmatch(field) for field in fields
+        ):
           self._header_line = lineno
         break
     if width is None:
@@ -271,6 +286,10 @@ class _CsvReader(_DatasetReader):
 
   def _lines(self):
     lines = tf.data.TextLineDataset(self.path).enumerate(start=1)
+    if self._bom:
+      lines = lines.map(
+        lambda n, line: (n, tf.strings.regex_replace(line, "^\ufeff", ""))
+      )
     header = self._header_line
     return lines.filter(
       lambda n, line: tf.logical_and(
@@ -280,7 +299,9 @@ class _CsvReader(_DatasetReader):
 
   @staticmethod
   def _fields(lines):
-    return tf.strings.strip(tf.strings.split(lines, ","))
+    """`_csv_fields` of each line, a ragged tensor."""
+    fields = tf.strings.strip(tf.strings.split(lines, ","))
+    return tf.strings.strip(tf.strings.regex_replace(fields, _QUOTED, r"\1"))
 
   def _scan(self):
     width = self.feature_shape[0]
@@ -311,7 +332,7 @@ class _CsvReader(_DatasetReader):
     return count
 
   def _raise_bad_line(self, lineno, line):
-    fields = [field.strip() for field in line.split(",")]
+    fields = _csv_fields(line)
     width = self.feature_shape[0]
     if len(fields) != width:
       raise ValueError(
@@ -321,9 +342,10 @@ class _CsvReader(_DatasetReader):
     column, field = next(
       (i, f) for i, f in enumerate(fields, 1) if not _NUMBER_RE.fullmatch(f)
     )
+    empty = "" if field else " (do the rows end with a comma?)"
     raise TypeError(
       "`input` must hold floating-point numbers only; "
-      f"{self.path} line {lineno} field {column} is {field!r}."
+      f"{self.path} line {lineno} field {column} is {field!r}{empty}."
     )
 
   def _dataset(self, batch_size, first_batch):
