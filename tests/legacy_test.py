@@ -231,6 +231,34 @@ class LoadGraphDefTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(FileNotFoundError, regex):
           legacy.load_graph_def(**kwargs)
 
+  def test_saved_model_of_several_tags(self):
+    """A MetaGraph tagged {serve, gpu}: its tags separated by commas, in any
+    order, or a list."""
+    path = os.path.join(self.dir, "two_tags")
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+      w1, b1, w2 = (tf.constant(w) for w in self.weights)
+      y = tf.identity(tf.linalg.matvec(tf.tanh(x @ w1 + b1), w2), name="y")
+      with tf.compat.v1.Session() as sess:
+        builder = tf.compat.v1.saved_model.Builder(path)
+        signature = tf.compat.v1.saved_model.predict_signature_def(
+          {"x": x}, {"y": y}
+        )
+        builder.add_meta_graph_and_variables(
+          sess, ["serve", "gpu"], {"serving_default": signature}
+        )
+        builder.save()
+    for tag in ("serve,gpu", "gpu, serve", ["gpu", "serve"]):
+      with self.subTest(tag=tag):
+        graph_def = legacy.load_graph_def(saved_model=path, tag=tag)
+        self._check_hessians(graph_def, self.weights)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"`tag` 'serve' names no MetaGraph .* tag sets are \[\['gpu', 'serve'\]\]"
+      r" \(give a set of several tags separated by commas",
+    ):
+      legacy.load_graph_def(saved_model=path, tag="serve")
+
   def test_unknown_tag_error(self):
     with self.assertRaisesRegex(
       ValueError, r"`tag` 'train' names no MetaGraph .* tag sets are \[\['s"

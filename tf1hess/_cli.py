@@ -86,7 +86,10 @@ def define_model_flags():
           "The checkpoint prefix (or directory) of --meta_graph's variables.",
         ),
         tag=flags.DEFINE_string(
-          "tag", "serve", "The SavedModel's MetaGraph tag."
+          "tag",
+          "serve",
+          "The tag of the SavedModel's MetaGraph; several separated by"
+          " commas (serve,gpu) for a MetaGraph of several tags.",
         ),
         xs=flags.DEFINE_string(
           "xs",

@@ -392,6 +392,21 @@ def _load_frozen(path):
   return graph_def
 
 
+def _tag_set(tag):
+  """The sorted tags of `tag`: one tag, tags separated by commas, or a list
+  of tags."""
+  if isinstance(tag, str):
+    tag = tag.split(",")
+  if not isinstance(tag, (list, tuple)) or not all(
+    isinstance(t, str) for t in tag
+  ):
+    raise TypeError(
+      f"`tag` must be a string (tags separated by commas) or a list of "
+      f"strings; saw {tag!r}."
+    )
+  return sorted({t.strip() for t in tag})
+
+
 def _load_saved_model(path, tag):
   _check_exists(path, "saved_model", directory=True)
   if not loader_impl.contains_saved_model(path):
@@ -403,12 +418,14 @@ def _load_saved_model(path, tag):
   tag_sets = [
     sorted(meta.meta_info_def.tags) for meta in loader.saved_model.meta_graphs
   ]
-  if [tag] not in tag_sets:
+  tags = _tag_set(tag)
+  if tags not in tag_sets:
     raise ValueError(
       f"`tag` {tag!r} names no MetaGraph of the SavedModel {path!r}; its tag "
-      f"sets are {tag_sets}."
+      f"sets are {tag_sets} (give a set of several tags separated by commas:"
+      " 'serve,gpu')."
     )
-  meta_graph = loader.get_meta_graph_def_from_tags([tag])
+  meta_graph = loader.get_meta_graph_def_from_tags(tags)
   outputs = None
   if meta_graph.object_graph_def.nodes:
     # Written by tf.saved_model.save (TF2): its graph also holds the
@@ -423,7 +440,7 @@ def _load_saved_model(path, tag):
     )
   with tf.Graph().as_default():
     with tf.compat.v1.Session() as sess:
-      loader.load(sess, [tag], clear_devices=True)
+      loader.load(sess, tags, clear_devices=True)
       return inline_function_calls(freeze_session_graph(sess, outputs))
 
 
@@ -481,7 +498,9 @@ def load_graph_def(
     checkpoint: `str`, optional: the checkpoint prefix (e.g.
       `/tmp/model.ckpt-100`) or a directory (its latest checkpoint); only
       with `meta_graph`.
-    tag: `str`, default "serve": the SavedModel's MetaGraph tag.
+    tag: `str`, default "serve": the tag of the SavedModel's MetaGraph;
+      several separated by commas ("serve,gpu"), or a list of them, for a
+      MetaGraph of several tags.
 
   Returns:
     A `tf.compat.v1.GraphDef` without variables.
