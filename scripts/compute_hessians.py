@@ -204,7 +204,7 @@ def main(argv):
       "command again to resume.",
       file=sys.stderr,
     )
-    sys.exit(130)
+    _cli.exit_with(130)
   logging.info(
     "%d Hessians (%d x %d) in %s (%d batches computed, %d resumed).",
     summary.num_samples,

@@ -1,10 +1,12 @@
 """Tests of tf1hess._cli, the scripts' shared helpers: errors and flags."""
 
 import gc
+import io
 import signal
 import sys
 import time
 import types
+from unittest import mock
 
 from absl import flags
 from absl.testing import flagsaver
@@ -44,6 +46,29 @@ class ExitOnErrorTest(tf.test.TestCase):
     self.assertEqual(
       self._exit_message(KeyError("no key 'a'")), "prog: error: no key 'a'"
     )
+
+  def test_ends_at_once_where_a_cluster_session_is_left_closing(self):
+    # Python's exit would abort in the thread that waits for a lost worker.
+    for status, code, printed in (
+      ("prog: error: lost", 1, True),
+      (130, 130, False),
+    ):
+      with self.subTest(status=status):
+        with (
+          mock.patch.object(
+            _cli.streaming_engine, "closing_left", return_value=True
+          ),
+          mock.patch.object(
+            _cli.os, "_exit", side_effect=SystemExit
+          ) as exit_now,
+          mock.patch.object(sys, "stderr", io.StringIO()) as stderr,
+        ):
+          with self.assertRaises(SystemExit):
+            _cli.exit_with(status)
+        exit_now.assert_called_once_with(code)
+        self.assertEqual(
+          stderr.getvalue(), "prog: error: lost\n" if printed else ""
+        )
 
   def test_other_errors_propagate(self):
     with self.assertRaises(ZeroDivisionError):

@@ -13,10 +13,12 @@ import sys
 import threading
 
 from absl import flags
+from absl import logging
 import tensorflow as tf
 
 from tf1hess import plan as plan_lib
 from tf1hess import _tf_errors
+from tf1hess.streaming import engine as streaming_engine
 
 # What a script reports as a one-line error instead of a traceback: bad
 # arguments, missing or unreadable files, and TensorFlow run-time errors.
@@ -218,7 +220,24 @@ def exit_on_error(prog):
   try:
     yield
   except USER_ERRORS as error:
-    sys.exit(f"{prog}: error: {_tf_errors.error_summary(error)}")
+    exit_with(f"{prog}: error: {_tf_errors.error_summary(error)}")
+
+
+def exit_with(status):
+  """`sys.exit(status)`, but where a cluster session is still closing in a
+  thread left behind (`streaming.engine.closing_left`), whose end at
+  Python's exit would abort the process: then `status` (a message is
+  printed to stderr and exits 1, as `sys.exit`) ends it at once, the
+  buffers and logs flushed."""
+  if not streaming_engine.closing_left():
+    sys.exit(status)
+  if isinstance(status, str):
+    print(status, file=sys.stderr)
+    status = 1
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _interrupt_again(unraisable):

@@ -19,6 +19,19 @@ from tf1hess import legacy
 
 # Seconds to wait for a cluster session to close.
 _CLOSE_WAIT_SECS = 5
+# The threads of cluster sessions whose closing was left hanging (`close`).
+_LEFT_CLOSING = []
+
+
+def closing_left():
+  """Whether a cluster session is still closing in a thread left behind.
+
+  Such a thread waits inside TensorFlow for a lost worker. When Python
+  exits, a thread that is still there is ended by unwinding its C++ frames,
+  which aborts the process ("FATAL: exception not rethrown"): a script
+  then ends with `os._exit` (`tf1hess._cli.exit_with`) instead.
+  """
+  return any(thread.is_alive() for thread in _LEFT_CLOSING)
 
 
 def without_devices(graph_def):
@@ -188,6 +201,7 @@ class Engine:
     closer.start()
     closer.join(_CLOSE_WAIT_SECS)
     if closer.is_alive():
+      _LEFT_CLOSING.append(closer)
       logging.warning(
         "Closing the cluster session did not finish in %d s (a worker is "
         "down); leaving it.",
