@@ -117,12 +117,16 @@ def _by_predicate(graph):
 class CondsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
-  def _check(self, x, feeds, method="forward", variables=False):
-    """The ops of `method` against the rows, on each feed."""
+  def _check(self, x, feeds, method="forward", variables=False, branches=True):
+    """The ops of `method` against the rows, on each feed; walked by branch
+    (or, without `branches`, the rows of the whole model)."""
     graph = x.graph
     y = graph.get_tensor_by_name("y:0")
     outs = {name: op(y, x, method=method) for name, op in _OPS.items()}
-    self.assertNotEmpty(_by_predicate(graph))
+    if branches:
+      self.assertNotEmpty(_by_predicate(graph))
+    else:
+      self.assertEmpty(_by_predicate(graph))
     rows = tf1hess.batch_hessians(y, x, method="while_loop")
     with tf.compat.v1.Session() as sess:
       if variables:
@@ -178,7 +182,7 @@ class CondsTest(
       )
       phase = keras.backend.learning_phase()
       x_val = _RNG.normal(size=(5, _K))
-      self._check_dropout(x, [{x: x_val}, {x: x_val, phase: True}])
+      self._check_dropout(x, [{x: x_val}, {x: x_val, phase: True}], cf)
 
   @parameterized.parameters(1, 2)
   def test_layers_dropout_with_a_training_placeholder(self, cf):
@@ -191,11 +195,12 @@ class CondsTest(
       tf.identity(tf.compat.v1.layers.dense(h, 1, tf.sin, name="d1"), "y")
       x_val = _RNG.normal(size=(5, _K))
       self._check_dropout(
-        x, [{x: x_val, training: False}, {x: x_val, training: True}]
+        x, [{x: x_val, training: False}, {x: x_val, training: True}], cf
       )
 
-  def _check_dropout(self, x, feeds):
-    """Inference walked, training on the rows (the model's own mask)."""
+  def _check_dropout(self, x, feeds, cf):
+    """Inference walked, training on the rows (the model's own mask); under
+    control flow v1 the rows of the whole model (`_rows_in_a_branch`)."""
     y = x.graph.get_tensor_by_name("y:0")
     with self.assertRaisesRegex(ValueError, "random or stateful"):
       tf1hess.batch_hessians(y, x, method="forward")
@@ -204,8 +209,53 @@ class CondsTest(
       self.assertLogs(level="WARNING") as logs,
       mock.patch.object(dispatch, "choose", return_value=choice),
     ):
-      self._check(x, feeds, "auto", variables=True)
-    self.assertRegex("\n".join(logs.output), "is True: .* random or stateful")
+      self._check(x, feeds, "auto", variables=True, branches=cf == 2)
+    self.assertRegex(
+      "\n".join(logs.output),
+      ("is True" if cf == 2 else r"falls back to the row loop for \S+")
+      + ": .* random or stateful",
+    )
+
+  @parameterized.product(
+    op=["diagonal", "laplacian", "hessian"], cf=[1, 2], dropout=[0.0, 0.3]
+  )
+  def test_weight_gradients_through_dropout(self, op, cf, dropout):
+    """Training on the second derivatives of a network with dropout behind
+    a `training` placeholder (DeepXDE's `dropout_rate`): the gradient with
+    respect to the weights is that of TensorFlow's nested gradients, in the
+    same run (the same mask), in training and in inference."""
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      training = tf.compat.v1.placeholder(tf.bool, [])
+      weights = [
+        tf.Variable(_RNG.normal(size=shape) / np.sqrt(shape[0]))
+        for shape in ((2, 8), (8, 8), (8, 1))
+      ]
+      h = x
+      for w in weights[:-1]:
+        h = tf.compat.v1.layers.dropout(
+          tf.tanh(h @ w), dropout, training=training
+        )
+      y = h @ weights[-1]
+      (g,) = tf.gradients(y, x)
+      rows = tf.stack([tf.gradients(g[:, i], x)[0] for i in range(2)], 1)
+      want = {
+        "hessian": rows,
+        "diagonal": tf.linalg.diag_part(rows),
+        "laplacian": tf.linalg.trace(rows),
+      }[op]
+      got = _OPS[op](y, x)
+      gradients = [
+        tf.gradients(tf.reduce_sum(tf.square(value - 1.0)), weights)
+        for value in (got, want)
+      ]
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        x_val = _RNG.normal(size=(5, 2))
+        for phase in (False, True):
+          got_val, want_val = sess.run(gradients, {x: x_val, training: phase})
+          self.assertAllClose(got_val, want_val, atol=1e-10, rtol=1e-10)
 
   @parameterized.parameters(1, 2)
   def test_a_branch_neither_can_differentiate_raises_when_taken(self, cf):
@@ -252,7 +302,8 @@ class CondsTest(
     self.assertAllClose(values["laplacian"], np.einsum("nii->n", expected))
 
   @parameterized.parameters(1, 2)
-  def test_batch_norm_in_training_takes_the_rows_in_its_branch(self, cf):
+  def test_batch_norm_in_training_takes_the_rows(self, cf):
+    # In its branch under control flow v2; under v1 the whole model's.
     keras = testing_utils.legacy_keras(self)
     self.control_flow(cf)
     with tf.Graph().as_default():
@@ -268,10 +319,15 @@ class CondsTest(
         mock.patch.object(dispatch, "choose", return_value=choice),
       ):
         self._check(
-          x, [{x: x_val}, {x: x_val, phase: True}], "auto", variables=True
+          x,
+          [{x: x_val}, {x: x_val, phase: True}],
+          "auto",
+          variables=True,
+          branches=cf == 2,
         )
     self.assertRegex(
-      "\n".join(logs.output), "falls back to the row loop .* is True"
+      "\n".join(logs.output),
+      "falls back to the row loop " + (".* is True" if cf == 2 else "for"),
     )
     # The op named is the model's (in the copy's scope where it is copied).
     self.assertRegex("\n".join(logs.output), r"\(\S*batch_normalization/\S+\)")

@@ -739,6 +739,28 @@ def _rows_fit_in_cond(x, grad, fragile=None):
   return not _gradient_graph_has(x, grad, _core.TAPED_GRADIENTS)
 
 
+def _rows_in_a_branch(x, grad, fragile, missing):
+  """Whether the rows of a branch that the engine cannot follow are built
+  in that branch of `_try_forward_with_conds`' `tf.cond`, rather than the
+  rows of the whole model taken.
+
+  Under control flow v2, where they fit (`_rows_fit_in_cond`). Under v1,
+  only where the whole model's rows would not do: a custom gradient in a
+  branch (`fragile`, see `_try_forward_with_conds`), or TensorFlow has no
+  gradient of an op of the gradient graph (`missing`: the branch raises
+  when a run takes it). Elsewhere in a v1 cond, the rows of a model with
+  conds of its own (dropout behind a `training` placeholder) have values,
+  but TensorFlow's gradients of them (with respect to weights, to train
+  on a Laplacian) have none when a run takes that branch ("Retval[0] does
+  not have value"; inside `optimizer.minimize`, the updates of the weights
+  they reach do not run).
+  """
+  if not _rows_fit_in_cond(x, grad, fragile):
+    return False
+  v1 = not tf.compat.v1.control_flow_v2_enabled()
+  return not v1 or fragile is not None or missing is not None
+
+
 def _walk(ys, x, mode, planned):
   """The engine's `Result` for `x` in the graph of `ys`: in the chunks of
   the batch `planned` (`chunks.plan`), or whole where it is `None`."""
@@ -1110,8 +1132,14 @@ def _try_forward_with_conds(ys, x, grad, mode, plan, unconnected, path, rows):
     except engine.Unsupported as e:
       errors[branch] = e
   fragile = conds.custom_gradient_in_branch(path)
+  # Where the rows cannot be built either (TensorFlow has no gradient of an
+  # op of the gradient graph), a branch the engine cannot follow raises when
+  # a run takes it, instead of failing the build for the other branch.
+  missing = _without_gradient(x, grad) if errors else None
   if errors and (
-    method == "forward" or not walks or not _rows_fit_in_cond(x, grad, fragile)
+    method == "forward"
+    or not walks
+    or not _rows_in_a_branch(x, grad, fragile, missing)
   ):
     _unsupported(x, method, next(iter(errors.values())))
     return None, False
@@ -1132,10 +1160,6 @@ def _try_forward_with_conds(ys, x, grad, mode, plan, unconnected, path, rows):
     and not _shortcuts.Graph(x).depends(grad)
   ):
     return None, True
-  # Where the rows cannot be built either (TensorFlow has no gradient of an
-  # op of the gradient graph), a branch the engine cannot follow raises when
-  # a run takes it, instead of failing the build for the other branch.
-  missing = _without_gradient(x, grad) if errors else None
   for branch, error in errors.items():
     instead = (
       "the row loop"
