@@ -141,6 +141,30 @@ class BatchHessiansTest(
     self.assertAllEqual(a, np.zeros((4, 3, 3)))
     self.assertAllEqual(b, np.zeros((4, 3, 3)))
 
+  @parameterized.product(
+    method=["auto", "while_loop", "pfor", "forward"], cf=[1, 2]
+  )
+  def test_no_features(self, method, cf):
+    """`x` of shape `(N, 0)`: empty derivatives, of every order."""
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 0])
+      y = tf.reduce_sum(tf.tanh(x), axis=1) + 1.0
+      outs = {
+        "hessians": tf1hess.batch_hessians(y, x, method=method),
+        "diagonals": tf1hess.batch_hessian_diagonals(y, x, method=method),
+        "laplacians": tf1hess.batch_laplacians(y, x, method=method),
+      }
+      if method != "forward":
+        outs["third"] = tf1hess.batch_derivatives(y, x, 3, method=method)
+      with tf.compat.v1.Session() as sess:
+        got = sess.run(outs, {x: np.zeros((3, 0))})
+    self.assertEqual(got["hessians"].shape, (3, 0, 0))
+    self.assertEqual(got["diagonals"].shape, (3, 0))
+    self.assertAllEqual(got["laplacians"], np.zeros(3))
+    if method != "forward":
+      self.assertEqual(got["third"].shape, (3, 0, 0, 0))
+
   def test_unconnected_none_gives_none(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float32, [None, 3])

@@ -184,6 +184,11 @@ def stack_rows(
     A `Tensor` of shape `(N, num_cols, x_cols)`, or `(N, num_cols)` when
     `select_column` is set.
   """
+  if isinstance(num_cols, int) and num_cols == 0:
+    # No features: no rows to stack (a stack of none has no shape).
+    n = tf.shape(target)[0]
+    shape = [n, 0] if select_column else [n, 0, x_cols]
+    return tf.zeros(tf.stack(shape), target.dtype)
   source = _graph_source(source)
   no_loops = differentiated and control_flow_v1()
   through_v1_loop = through_v1_loop or _taped_in_v1_loop(target, num_cols)
