@@ -1618,6 +1618,55 @@ class ByBatchSizeTest(
           self.assertAllClose(below_val, (3 - factor) * want, atol=1e-10)
           self.assertAllClose(above_val, factor * want, atol=1e-10)
 
+  @parameterized.product(
+    version=[1, 2],
+    model=["cross", "cumulative_logsumexp", "cross_entropy"],
+  )
+  def test_compositions_in_a_cond(self, version, model):
+    # The rules that walk a composition of ops with rules (`composite`)
+    # build it in a cond's branch: in the switch's, a function graph under
+    # control flow v2, and, under v1, in a user's cond too, whose ops read
+    # the model's tensors through a `Switch`. They gave zeros or no terms.
+    self.control_flow(version)
+    w = _RNG.normal(size=(6, 12)) / 3.0
+    x_val = _RNG.normal(size=(3, 6))
+
+    def y_of(x):
+      h = tf.tanh(tf.matmul(x, w))
+      if model == "cross":
+        h = tf.linalg.cross(
+          tf.reshape(h[:, :6], [-1, 2, 3]), tf.reshape(x, [-1, 2, 3])
+        )
+      elif model == "cumulative_logsumexp":
+        h = tf.math.cumulative_logsumexp(h, axis=1)
+      else:
+        h = tf.nn.softmax_cross_entropy_with_logits(
+          labels=tf.nn.softmax(h[:, :6] + x), logits=h[:, 6:]
+        )
+      return tf.reduce_sum(tf.reshape(h, [tf.shape(x)[0], -1]) ** 2, axis=1)
+
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 6])
+      y = y_of(x)
+      (g,) = tf.gradients(y, x)
+      got = [self._switched(y, x, True)]  # The engine for 3 samples.
+      if version == 1:  # Under v2, a branch's ops are of another graph.
+        got.append(
+          tf.cond(
+            tf.shape(x)[0] < 4,
+            lambda: tf1hess.batch_laplacians(y, x, method="forward"),
+            lambda: tf.zeros(tf.shape(x)[:1], x.dtype),
+          )
+        )
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(got, {x: x_val})
+        want = testing_utils.central_difference_jacobian(
+          lambda v: sess.run(g, {x: v}), x_val
+        )
+    self.assertAllClose(out[0], want, atol=1e-6)
+    if version == 1:
+      self.assertAllClose(out[1], np.trace(want, axis1=1, axis2=2), atol=1e-6)
+
   @parameterized.product(version=[1, 2], engine_below=[True, False])
   def test_rows_past_the_switch_are_a_loop(self, version, engine_below):
     # Rows that run only from the switch on are built as a loop over rows

@@ -62,7 +62,8 @@ def walk(op, jacs, ctx, compose, inputs=None):
 
   Args:
     op: the `tf.Operation` the composition stands for.
-    jacs: the Jacobians of `inputs`.
+    jacs: the Jacobians of `inputs` (the first ones: the others do not
+      depend on x).
     ctx: the walk's context at `op`.
     compose: callable `(*inputs) -> Tensor`: `op`'s first output.
     inputs: the tensors `compose` reads (default: `op.inputs`, whose rows
@@ -82,10 +83,18 @@ def walk(op, jacs, ctx, compose, inputs=None):
     raise registry.Unsupported(
       f"{op.type} ({op.name}) reads a tensor whose batch axis is moved"
     )
-  graph = op.graph
+  # Where ops are built: in a branch of a `tf.cond` (`dispatch`'s choice
+  # on N), a function graph, not `op`'s.
+  graph = tf.compat.v1.get_default_graph()
   before = len(graph.get_operations())
   inputs = op.inputs if inputs is None else inputs
+  jacs = list(jacs) + [None] * (len(inputs) - len(jacs))
   with tf.name_scope(f"{op.name.split('/')[-1]}_composed"):
+    # Views made here of the inputs that depend on x, that the composition
+    # reads as they are: within a control flow context (a walk in a `tf.
+    # cond`'s branch), an op reads a tensor from outside through a `Switch`
+    # (v1) or a placeholder (v2).
+    inputs = [t if j is None else tf.identity(t) for t, j in zip(inputs, jacs)]
     output = compose(*inputs)
   ops = graph.get_operations()[before:]
   within = _Within(ctx, op, output, ops)

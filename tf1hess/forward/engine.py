@@ -1048,7 +1048,8 @@ def second_derivatives(ys, x, mode):
       it; the message says which op and why.
   """
   check_input(x)
-  ops_before = len(x.graph.get_operations())
+  graph = tf.compat.v1.get_default_graph()  # A cond's branch: not x's.
+  ops_before = len(graph.get_operations())
   n = tf.shape(x)[0]
   k = x.shape[1:].num_elements()  # Static where it can be: fewer shape ops.
   if k is None:
@@ -1137,7 +1138,7 @@ def second_derivatives(ys, x, mode):
 
   def zeros():
     value = zero_result(n, k, mode, x.dtype)
-    work.ops += len(x.graph.get_operations()) - ops_before
+    work.ops += len(graph.get_operations()) - ops_before
     return Result(value, False, work, mixed)
 
   if not ctx.pending:
@@ -1224,7 +1225,7 @@ def second_derivatives(ys, x, mode):
   work.add(entries=None if size is None else (0, sums * size**out))
   # Not the values of Jacobians that only their parts or scales were read
   # of, or that nothing reads.
-  new_ops = x.graph.get_operations()[ops_before:]
+  new_ops = graph.get_operations()[ops_before:]
   built = set(new_ops)
   work.drop_unrun(_ran_ops(value, built), built)
   work.ops += len(new_ops)
