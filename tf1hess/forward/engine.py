@@ -459,14 +459,15 @@ def needs_own_gradient(ys, x):
   )
 
 
-def stopped_means(x, ys):
+def stopped_means(x, ys, path=None):
   """The `StopGradient`s of `tf.nn.moments` that the walk follows from `x`
-  to `ys`, where TensorFlow's second derivatives miss the curvature
-  through the mean (`reductions.stops_a_variance_mean`), but for those
-  that a walk made differentiable (`_differentiate_stops`)."""
+  to `ys` (on `path`, their `path_ops` if given), where TensorFlow's
+  second derivatives miss the curvature through the mean (`reductions.
+  stops_a_variance_mean`), but for those that a walk made differentiable
+  (`_differentiate_stops`)."""
   return [
     op
-    for op in path_ops(x, ys)
+    for op in (path_ops(x, ys) if path is None else path)
     if op.type == "StopGradient" and not differentiated(op)
   ]
 
@@ -494,14 +495,15 @@ def differentiate_stops_for_rows(x, ys):
   training): that model mixes samples, and has no per-sample Hessians to
   make exact.
   """
+  path = path_ops(x, ys)
   stops = [
     op
-    for op in stopped_means(x, ys)
+    for op in stopped_means(x, ys, path)
     if reductions.stops_a_mean_within_samples(op)
   ]
-  path = set(path_ops(x, ys))
+  on_path = set(path)
   if not any(
-    use.type == "Sub" and use in path
+    use.type == "Sub" and use in on_path
     for stop in stops
     for use in stop.outputs[0].consumers()
   ):

@@ -1506,11 +1506,17 @@ def _einsum(op, jacs, ctx):
   return [_einsum_jacobian(op, jacs, subs, result, batch, ctx)]
 
 
+def _fresh_index(subs, result):
+  """A subscript for the K tangents that no operand's `subs` nor `result`
+  of an einsum uses."""
+  return next(c for c in "ZYXWVUTSRQ" if c not in "".join(subs) + result)
+
+
 def _einsum_jacobian(op, jacs, subs, result, batch, ctx):
   """The Jacobian of einsum `op`: the sum of those along its operands of x,
   made with the batch index first and transposed back."""
   first = batch + result.replace(batch, "")
-  fresh = next(c for c in "ZYXWVUTSRQ" if c not in "".join(subs) + result)
+  fresh = _fresh_index(subs, result)
   out = None
   for i, j in enumerate(jacs):
     if j is not None:
@@ -1522,7 +1528,7 @@ def _einsum_curvature(op, jacs, subs, result, batch, ctx):
   """Registers the cross terms of an einsum of two tensors of x."""
   ja, jb = jacs
   a_sub, b_sub = subs
-  fresh = next(c for c in "ZYXWVUTSRQ" if c not in a_sub + b_sub + result)
+  fresh = _fresh_index(subs, result)
 
   def build(adj):
     # The Hessian of <adj, einsum(a, b)> pairs a tangent of a with one of
