@@ -1196,13 +1196,59 @@ class RowsInexactTest(
     want = np.einsum("nij,nj->ni", hessians, v_val)
     self.assertAllClose(got["products"], want, **tol)
 
+  @parameterized.parameters("static_batch", "fixed_signature", "function")
+  def test_eager_derivatives_of_moments_in_functions_of_a_batch(self, wrap):
+    # A function that reads the static batch size, or is a tf.function of
+    # a fixed signature, cannot be traced with a batch of None: it is
+    # traced at the shape of x. A tf.function's moments are in the function
+    # it calls.
+    layer_norm = _MOMENTS["layer_norm"]
+    x_val = np.random.default_rng(23).normal(size=(3, 12))
+    if wrap == "static_batch":
+      model = lambda x: tf.reshape(layer_norm(x), [x.shape[0]])  # noqa: E731
+    else:
+      shape = [3 if wrap == "fixed_signature" else None, 12]
+      model = tf.function(
+        layer_norm, input_signature=[tf.TensorSpec(shape, tf.float64)]
+      )
+    x = tf.constant(x_val)
+    hessians = finite_differences.finite_difference_hessians(
+      lambda batch: layer_norm(tf.constant(batch)).numpy(), x_val
+    )
+    tol = dict(atol=1e-5, rtol=1e-5)
+    self.assertAllClose(tf1hess.eager.batch_hessians(model, x), hessians, **tol)
+    self.assertAllClose(
+      tf1hess.eager.batch_laplacians(model, x),
+      np.trace(hessians, axis1=1, axis2=2),
+      **tol,
+    )
+
+  @parameterized.parameters("hessians", "laplacians", "products")
+  def test_eager_derivatives_of_moments_run_the_function_once(self, op):
+    # Where the tapes would miss the curvature through the mean, the
+    # function is not also run under them: its side effects (a batch
+    # normalization's moving statistics) happen once a call.
+    calls = tf.Variable(0)
+
+    def model(x):
+      calls.assign_add(1)
+      return _MOMENTS["layer_norm"](x)
+
+    x = tf.constant(np.random.default_rng(29).normal(size=(3, 12)))
+    for n in (1, 2):
+      if op == "products":
+        tf1hess.eager.batch_hessian_vector_products(model, x, x)
+      else:
+        getattr(tf1hess.eager, f"batch_{op}")(model, x)
+      self.assertEqual(calls.numpy(), n)
+
   def test_eager_functions_without_moments_keep_the_tapes(self):
     fn = lambda x: tf.reduce_sum(tf.sin(x) * x, 1)  # noqa: E731
     x = tf.constant(np.ones((2, 3)))
     with mock.patch.object(tf1hess.eager, "_graph_walk") as walk:
       tf1hess.eager.batch_hessians(fn, x)
     walk.assert_not_called()
-    self.assertFalse(tf1hess.eager._tapes_fail(fn, x))  # pylint: disable=protected-access
+    self.assertFalse(tf1hess.eager._tapes_fail(fn, x, True))  # pylint: disable=protected-access
 
   def test_hessian_vector_products_of_moments_the_engine_cannot_follow(self):
     # tf.math.special.dawsn has no forward rule: TensorFlow's products,

@@ -133,7 +133,11 @@ def _derivatives(
       check_independence=check_independence,
     )
 
-  if order == 2 and walk:
+  # Known before `fn` runs where it could be traced: a function whose tapes
+  # fail is not also run under them, which would repeat its side effects
+  # (the updates of a batch normalization's moving statistics).
+  fail = order == 2 and _tapes_fail(fn, x, False)
+  if order == 2 and (walk or (fail and plan.method == "auto")):
     return walked()
   if order >= 3 and _core.control_flow_v1():
     # The levels below the last are differentiated again, and they hold v1
@@ -149,7 +153,8 @@ def _derivatives(
   try:
     with _Tapes(x, order) as tapes:
       ys = _outputs(fn, x)
-      fail = order == 2 and _tapes_fail(fn, x)
+      if fail is None:
+        fail = _tapes_fail(fn, x, True)
       if not fail or plan.method != "auto":
         grad = _core.dense(
           tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
@@ -216,42 +221,66 @@ def _outputs(fn, x):
 
 
 # Per function (weakly held): its input signatures and whether TensorFlow's
-# second derivatives of it fail (`_tapes_fail`).
+# second derivatives of it fail (`_tapes_fail`), or that it could not be
+# traced: before it had run (`_NOT_YET`), or at all (`_UNTRACEABLE`).
 _TRACED = weakref.WeakKeyDictionary()
+_NOT_YET = "not yet"
+_UNTRACEABLE = "untraceable"
 
 
-def _tapes_fail(fn, x):
+def _tapes_fail(fn, x, ran):
   """Whether TensorFlow's second derivatives of `fn` at inputs like `x` are
   wrong or cannot be built (`dispatch.tensorflow_fails`: the curvature
   through the mean that `tf.nn.moments` stops, a bilinear resize, a
   Euclidean norm, the gradient of `tf.nn.softsign`, ...), executing
-  eagerly: from a trace of `fn` and its gradient (once per function and
-  signature, after `fn` has run, so that its variables exist). `False`
-  where `fn` cannot be traced."""
+  eagerly: from a trace of `fn` and its gradient, once per function and
+  signature. The signature has a batch of `None`, or, where `fn` cannot
+  be traced so (it reads the static batch size, or is a `tf.function` of
+  a fixed signature), the shape of `x`.
+
+  Returns `False` where a graph is being built or `fn` cannot be traced,
+  and `None` where it could not be traced before it `ran` once (a model
+  whose first call makes its variables): then ask again after a run.
+  """
   if not tf.executing_eagerly():
     return False
-  spec = tf.TensorSpec([None, *x.shape[1:]], x.dtype)
   try:
     seen = _TRACED.setdefault(fn, {})
   except TypeError:  # Not weakly referenceable: traced every call.
     seen = {}
-  if spec not in seen:
-    found = []
+  for spec in (
+    tf.TensorSpec([None, *x.shape[1:]], x.dtype),
+    tf.TensorSpec(x.shape, x.dtype),
+  ):
+    known = seen.get(spec)
+    if known is None or (ran and known is _NOT_YET):
+      known = seen[spec] = _trace_fails(fn, spec, ran)
+    if isinstance(known, bool):
+      return known
+  return False if ran else None
 
-    def trace(inputs):
-      ys, _ = _checks.as_list(fn(inputs))
-      (grad,) = tf.gradients(ys, inputs)
-      found.append(
-        grad is not None and forward_dispatch.tensorflow_fails(ys, inputs, grad)
-      )
-      return ys
 
-    try:
-      tf.function(trace, autograph=False).get_concrete_function(spec)
-      seen[spec] = found[-1]
-    except Exception:  # pylint: disable=broad-except
-      seen[spec] = False
-  return seen[spec]
+def _trace_fails(fn, spec, ran):
+  """`_tapes_fail` of a trace of `fn` at `spec`: a `bool`, or `_NOT_YET`
+  or `_UNTRACEABLE` where it cannot be traced."""
+  found = []
+
+  def trace(inputs):
+    ys, _ = _checks.as_list(fn(inputs))
+    # The ops of the functions it calls (a `tf.function` model) and loops
+    # it runs, which the tapes differentiate as well.
+    ys = forward_dispatch.without_loops(ys, inputs, plan_lib.Plan())
+    (grad,) = tf.gradients(ys, inputs)
+    found.append(
+      grad is not None and forward_dispatch.tensorflow_fails(ys, inputs, grad)
+    )
+    return ys
+
+  try:
+    tf.function(trace, autograph=False).get_concrete_function(spec)
+  except Exception:  # pylint: disable=broad-except
+    return _UNTRACEABLE if ran else _NOT_YET
+  return found[-1]
 
 
 @tf.autograph.experimental.do_not_convert
@@ -549,7 +578,7 @@ def _per_output(op, fn, x, method, chunk_size, plan):
   if not tf.executing_eagerly():
     return build(x)
   order = 1 if op is per_output.batch_jacobians else 2
-  if plan.method != "forward" and (order == 1 or not _tapes_fail(fn, x)):
+  if plan.method != "forward" and (order == 1 or not _tapes_fail(fn, x, False)):
     return _taped_per_output(op, fn, x, order)
   return _traced_call(build, x)
 
@@ -781,15 +810,19 @@ def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
     return ops.batch_hessian_vector_products(
       fn(x), x, v, unconnected_gradients=unconnected_gradients
     )
-  with _Tapes(x, 2) as tapes:
-    ys = _outputs(fn, x)
-    if not _tapes_fail(fn, x):
-      grad = _core.dense(
-        tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
-      )
-      if grad is None:
-        return None
-      return tapes.gradient_fn(2, unconnected)(grad, v)
+  fail = _tapes_fail(fn, x, False)  # Before `fn` runs: see `_derivatives`.
+  if not fail:
+    with _Tapes(x, 2) as tapes:
+      ys = _outputs(fn, x)
+      if fail is None:
+        fail = _tapes_fail(fn, x, True)
+      if not fail:
+        grad = _core.dense(
+          tapes.tape(1).gradient(ys, x, unconnected_gradients=unconnected)
+        )
+        if grad is None:
+          return None
+        return tapes.gradient_fn(2, unconnected)(grad, v)
   # Exact where the tapes' products would not be, after the tapes stop
   # (see `_derivatives`).
   return _traced_call(
