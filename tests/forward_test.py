@@ -10,6 +10,8 @@ rows with a warning, or raise with `method="forward"`.
 """
 
 import contextlib
+import shutil
+import tempfile
 from unittest import mock
 import zlib
 
@@ -861,6 +863,37 @@ class AutoTest(tf.test.TestCase):
         (gu, gb), (cu, cb) = sess.run(grads, {u: u_val, beta: 0.7})
     self.assertAllClose(cu, gu, atol=1e-12)
     self.assertAllClose(cb, gb, atol=1e-12)
+
+  def test_saved_model_of_silu_hessians(self):
+    # Auto's rows of a copy of the model in the switch on N: the copy's
+    # silu has TensorFlow's gradients of its ops, not a registered
+    # gradient function, which a SavedModel traces without an op (it
+    # failed to save).
+    class Model(tf.Module):
+      def __init__(self):
+        super().__init__()
+        self.w = tf.Variable(_W[:, :4] / 2)
+
+      def net(self, x):
+        return tf.reduce_sum(tf.nn.silu(tf.matmul(x, self.w)), 1)
+
+      @tf.function(input_signature=[tf.TensorSpec([None, _K], tf.float64)])
+      def hessians(self, x):
+        return tf1hess.eager.batch_hessians(self.net, x)
+
+    model = Model()
+    names = [
+      op.name
+      for op in model.hessians.get_concrete_function().graph.get_operations()
+    ]
+    self.assertTrue(any("by_batch_size" in name for name in names))
+    path = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    tf.saved_model.save(model, path)
+    x = tf.constant(x_val_of(5))
+    want = testing_utils.tape_hessians(model.net, x)
+    loaded = tf.saved_model.load(path)
+    self.assertAllClose(loaded.hessians(x), want)
 
   def test_auto_diagonals_agree_with_the_rows(self):
     with tf.Graph().as_default():

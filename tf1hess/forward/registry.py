@@ -779,9 +779,10 @@ def copied_outputs(op, inputs):
   for name in _BRANCHES.get(op.type, ()):
     attrs[name] = _renamed_branch(op, name)
   if exact_custom_gradient(op):
-    attrs["_gradient_op_type"] = tf.compat.v1.AttrValue(
-      s=COPY_GRADIENT.encode()
-    )
+    # TensorFlow's gradients of the ops of `u sigmoid(beta u)`, through an
+    # `IdentityN` of its own gradient: no gradient function of the model's
+    # (nor one that a SavedModel would trace without the op, and fail).
+    del attrs["_gradient_op_type"]
     _, u, beta = inputs
     inputs[0] = u * tf.sigmoid(beta * u)
   copy = tf.compat.v1.get_default_graph().create_op(
