@@ -1638,6 +1638,27 @@ class ByBatchSizeTest(
     expected = testing_utils.tape_hessians(fn, x_val)
     self.assertAllClose(hessians(x_val), expected, atol=1e-10)
 
+  def test_xla_takes_the_engine_for_every_batch_size(self):
+    # XLA compiles both branches of a switch, and failed on the weight
+    # gradients of the one a run does not take: no switch there.
+    weights = [tf.Variable(w) for w in _switching_weights()]
+    fn = _switching_mlp(weights)
+    spec = [tf.TensorSpec([None, _SWITCH_K], tf.float64)]
+
+    def loss(x):
+      with tf.GradientTape() as tape:
+        value = tf.reduce_sum(tf1hess.batch_hessians(fn(x), x) ** 2)
+      return value, tape.gradient(value, weights)
+
+    compiled = tf.function(loss, input_signature=spec, jit_compile=True)
+    graph = compiled.get_concrete_function().graph
+    names = [op.name for op in graph.get_operations()]
+    self.assertFalse(any("by_batch_size" in name for name in names))
+    x_val = _RNG.normal(size=(3, _SWITCH_K))
+    self.assertAllClose(
+      compiled(x_val), tf.function(loss, input_signature=spec)(x_val)
+    )
+
   def _switched(self, y, x, engine_below, fn=tf1hess.batch_hessians):
     choice = dispatch.Choice(engine_below, 4)
     with mock.patch.object(dispatch, "choose", return_value=choice):
