@@ -300,6 +300,16 @@ class EagerErrorsTest(tf.test.TestCase):
     with self.assertRaisesRegex(TypeError, "`x` must be a floating tensor"):
       tf1hess.eager.batch_hessians(tf.reduce_sum, tf.ones([2, 2], tf.int32))
 
+  def test_ragged_and_sparse_x(self):
+    for x in (
+      tf.ragged.constant([[1.0, 2.0], [3.0]]),
+      tf.sparse.from_dense(tf.constant([[1.0, 0.0]])),
+    ):
+      with self.assertRaisesRegex(
+        TypeError, f"must be a dense floating tensor .*saw a {type(x).__name__}"
+      ):
+        tf1hess.eager.batch_hessians(tf.reduce_sum, x)
+
   def test_integer_output(self):
     with self.assertRaisesRegex(TypeError, r"`fn\(x\)` must be a floating"):
       tf1hess.eager.batch_hessians(

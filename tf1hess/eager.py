@@ -35,6 +35,12 @@ def _as_input(fn, x):
     )
   if x is None:
     raise TypeError("`x` must be a floating tensor `(N, d...)`; saw None.")
+  if isinstance(x, (tf.RaggedTensor, tf.SparseTensor, tf.IndexedSlices)):
+    raise TypeError(
+      "`x` must be a dense floating tensor `(N, d...)`; saw a "
+      f"{type(x).__name__}. Make it dense first (`x.to_tensor()`, "
+      "`tf.sparse.to_dense(x)`), with the features of every sample."
+    )
   if not isinstance(x, (tf.Tensor, tf.Variable)):
     x = tf.convert_to_tensor(x)
   _checks.check_float(x, "x")
