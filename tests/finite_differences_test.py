@@ -280,6 +280,11 @@ class ArgumentErrorsTest(tf.test.TestCase, parameterized.TestCase):
           ValueError, rf"`{arg}` must be None or a number >= 0; saw"
         ):
           check_hessians(fn, x, **{arg: value})
+    with tf.Graph().as_default():  # A session's function: no eager path.
+      with self.assertRaisesRegex(
+        ValueError, r"`hessians` must be given where eager execution is off"
+      ):
+        check_hessians(fn, x)
 
 
 class CheckHessiansTest(tf.test.TestCase, parameterized.TestCase):

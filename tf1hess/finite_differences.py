@@ -543,8 +543,9 @@ def check_hessians(
 
   Raises:
     AssertionError: when `raise_on_failure` is set and a sample fails.
-    ValueError: when `hessians` does not have shape `(N, d..., d...)`,
-      `rtol` or `atol` is negative, and as `finite_difference_hessians`.
+    ValueError: when `hessians` does not have shape `(N, d..., d...)`, or
+      is `None` where eager execution is off; when `rtol` or `atol` is
+      negative; and as `finite_difference_hessians`.
     TypeError: as `finite_difference_hessians`, and when `hessians` is not
       floating.
 
@@ -565,6 +566,14 @@ def check_hessians(
   x = _as_batch(x)
   want = x.shape + x.shape[1:]
   if hessians is None:
+    if not tf.executing_eagerly():
+      raise ValueError(
+        "`hessians` must be given where eager execution is off (after "
+        "tf.compat.v1.disable_eager_execution(), or in a graph): without "
+        "it, check_hessians computes tf1hess.eager.batch_hessians(fn, x) "
+        "and needs eager tensors. Pass the values to check, e.g. "
+        "hessians=sess.run(tf1hess.batch_hessians(y, x_ph), {x_ph: x})."
+      )
     hessians = eager.batch_hessians(fn, tf.convert_to_tensor(x))
   if isinstance(hessians, (tf.Tensor, tf.Variable)):
     hessians = hessians.numpy()
