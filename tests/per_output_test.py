@@ -230,6 +230,29 @@ class ErrorsTest(tf.test.TestCase, parameterized.TestCase):
         op(y, x)
 
   @parameterized.named_parameters(*_OPS)
+  def test_inputs_of_two_dtypes(self, op):
+    # The ops that join the inputs' features refuse them; the diagonals
+    # are per input.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, 1], name="x")
+      t = tf.compat.v1.placeholder(tf.float64, [None, 1], name="t")
+      u = tf.cast(tf.sin(x), tf.float64) * t**2
+      if op is tf1hess.batch_output_hessian_diagonals:
+        diagonals = op(u, [x, t])
+        with tf.compat.v1.Session() as sess:
+          out = sess.run(diagonals, {x: [[0.5]], t: [[2.0]]})
+        self.assertAllClose(
+          out, [[[[-4 * np.sin(0.5)]]], [[[2 * np.sin(0.5)]]]]
+        )
+        return
+      with self.assertRaisesRegex(
+        TypeError, r"`xs` must have one dtype .*x:0: float32, t:0: float64"
+      ):
+        op(u, [x, t])
+      with self.assertRaisesRegex(TypeError, "`xs` must have one dtype"):
+        tf1hess.Derivatives(u, [x, t])
+
+  @parameterized.named_parameters(*_OPS)
   def test_dynamic_feature_dims(self, op):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float32, [None, None])

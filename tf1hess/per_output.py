@@ -56,9 +56,12 @@ class Problem:
     n: the batch size (`int` or scalar `Tensor`).
     x_dims: per input, the `list` of feature dimensions.
     x_cols: per input, the `int` number of features.
+
+  With `joined`, the op's results join the features of `xs`, which must
+  then have one dtype.
   """
 
-  def __init__(self, ys, xs, op_name, plan):
+  def __init__(self, ys, xs, op_name, plan, joined=True):
     ys_list, self.xs, self.was_sequence = ops._prepare(ys, xs, op_name)  # pylint: disable=protected-access
     if len(ys_list) != 1:
       raise ValueError(
@@ -81,6 +84,12 @@ class Problem:
           f"`xs` must have static dimensions after the batch (N, d...) for "
           f"`{op_name}`; saw shape {x.shape} ({x.name})."
         )
+    if joined and len({x.dtype.base_dtype for x in self.xs}) > 1:
+      seen = ", ".join(f"{x.name}: {x.dtype.name}" for x in self.xs)
+      raise TypeError(
+        f"`xs` must have one dtype for `{op_name}`, whose results join "
+        f"their features; saw {seen}. Cast them to one dtype."
+      )
     self.x_dims = [x.shape[1:].as_list() for x in self.xs]
     self.x_cols = [int(x.shape[1:].num_elements()) for x in self.xs]
     self.n = _core.batch_size(self.xs[0])
@@ -425,7 +434,7 @@ def batch_output_hessian_diagonals(
   """
   plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_hessian_diagonals"):
-    p = Problem(ys, xs, "batch_output_hessian_diagonals", plan)
+    p = Problem(ys, xs, "batch_output_hessian_diagonals", plan, joined=False)
     per_output = [
       ops.batch_hessian_diagonals(p.output(m), p.xs, plan=plan)
       for m in range(p.num_outputs)
