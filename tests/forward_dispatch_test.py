@@ -1294,6 +1294,22 @@ class RowsInexactTest(
     self.assertAllClose(got["auto"], hessians, **tol)
     self.assertAllClose(got["laplacian"], np.einsum("nii->n", hessians), **tol)
 
+  @parameterized.parameters("while_loop", "pfor")
+  def test_rows_of_batch_moments_warn_that_samples_mix(self, method):
+    # A batch normalization in training: no method has per-sample
+    # Hessians of it, the engine neither.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      h = tf.matmul(x, _RNG.normal(size=(2, 8)))
+      mean, variance = tf.nn.moments(h, [0])
+      y = tf.reduce_sum(tf.tanh((h - mean) / tf.sqrt(variance + 1e-3)), 1)
+      with self.assertLogs(level="WARNING") as logs:
+        tf1hess.batch_hessians(y, x, method=method)
+    logged = "".join(logs.output)
+    self.assertIn("over the batch axis", logged)
+    self.assertIn("check_independence=True", logged)
+    self.assertNotIn("method='forward' is exact", logged)
+
   def test_keras_layer_normalization_in_float64(self):
     # Keras 2 normalizes with tf.nn.moments outside float32 (no fused
     # kernel): the engine's Hessians are those of the function.

@@ -26,6 +26,7 @@ from tf1hess.forward import conds
 from tf1hess.forward import engine
 from tf1hess.forward import jacobians
 from tf1hess.forward import loops
+from tf1hess.forward import reductions
 from tf1hess.forward import registry
 
 
@@ -252,6 +253,9 @@ _MAX_POOL_GRAD = (
   " shape (stride 1 with SAME padding, or 1 x 1 windows of stride 1)"
 )
 _MAX_POOL_GRADS = frozenset(["MaxPoolGrad", "MaxPoolGradV2", "MaxPool3DGrad"])
+# The reason of `_inexact_gradients` for a `StopGradient` of a mean over the
+# batch axis, of which the engine has no exact derivatives either.
+_BATCH_MEAN = "StopGradient of a batch mean"
 _INEXACT_SECOND_DERIVATIVES = {
   "MaxPoolGrad": _MAX_POOL_GRAD,
   "MaxPoolGradV2": _MAX_POOL_GRAD,
@@ -278,6 +282,12 @@ _INEXACT_SECOND_DERIVATIVES = {
     " TensorFlow computes with cumulative products, and theirs by dividing"
     " by the input: wrong (or NaN) wherever an entry of it is 0"
   ),
+  _BATCH_MEAN: (
+    "the variance of tf.nn.moments over the batch axis (a batch"
+    " normalization in training), which mixes the samples: no method gives"
+    " per-sample Hessians of such a model, and check_independence=True"
+    " says so when it runs"
+  ),
 }
 
 
@@ -294,8 +304,6 @@ def _inexact(op, path):
   ops)."""
   if op.type == "SoftmaxCrossEntropyWithLogits":
     return op.inputs[1].op in path
-  if op.type == "StopGradient":
-    return not engine.differentiated(op)
   if op.type not in _MAX_POOL_GRADS:
     return True
   original, pooled = op.inputs[0].shape[1:], op.inputs[1].shape[1:]
@@ -304,18 +312,25 @@ def _inexact(op, path):
 
 
 def _inexact_gradients(ys, x, grad):
-  """The op types of `_INEXACT_SECOND_DERIVATIVES` from `x` to `grad` whose
-  gradient is wrong there (`_inexact`), and `StopGradient` where
-  `tf.nn.moments` stops one from `x` to `ys`."""
+  """The keys of `_INEXACT_SECOND_DERIVATIVES` for the ops from `x` to
+  `grad` whose gradient is wrong there (`_inexact`), and for the
+  `StopGradient`s of `tf.nn.moments` from `x` to `ys`: their op types, but
+  `_BATCH_MEAN` for a stop of a mean over the batch axis."""
   path = engine.path_ops(x, [grad])
   on_path = set(path)
+  stops = [op for op in path if op.type == "StopGradient"]
+  stops += engine.stopped_means(x, ys)
   types = {
     op.type
     for op in path
-    if op.type in _INEXACT_SECOND_DERIVATIVES and _inexact(op, on_path)
+    if op.type in _INEXACT_SECOND_DERIVATIVES
+    and op.type != "StopGradient"
+    and _inexact(op, on_path)
   }
-  if engine.stopped_means(x, ys):
-    types.add("StopGradient")
+  for op in stops:
+    if not engine.differentiated(op):
+      within = reductions.stops_a_mean_within_samples(op)
+      types.add("StopGradient" if within else _BATCH_MEAN)
   return sorted(types)
 
 
@@ -996,13 +1011,11 @@ def warn_of_inexact_rows(ys, x, grad, what, engine_too):
   """Warns once per reason that `what`, TensorFlow's second derivatives of
   `ys` through `grad`, inherit a wrong gradient of TensorFlow's
   (`rows_are_exact`); `engine_too` says what of the engine."""
-  reasons = {
-    _INEXACT_SECOND_DERIVATIVES[t] for t in _inexact_gradients(ys, x, grad)
-  }
-  for reason in sorted(reasons):
-    _core.warn_once(
-      x.graph, f"tf1hess: {what} differentiate {reason};{engine_too}."
-    )
+  for t in _inexact_gradients(ys, x, grad):
+    reason = _INEXACT_SECOND_DERIVATIVES[t]
+    if t != _BATCH_MEAN:  # The engine cannot differentiate that either.
+      reason = f"{reason};{engine_too}"
+    _core.warn_once(x.graph, f"tf1hess: {what} differentiate {reason}.")
 
 
 def _try_forward(ys, x, grad, mode, plan, unconnected, rows):
