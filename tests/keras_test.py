@@ -248,13 +248,16 @@ class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
         x = np.ones((2, 3), np.float32)
         print(np.abs(sess.run(h, {model.input: x})).max() > 0,
               np.allclose(sess.run(model.output, {model.input: x}),
-                          model.predict(x, verbose=0)))
+                          model.predict(x, verbose=0)),
+              tf1hess.keras.legacy_session(model) is sess)
       """
     )
     env = dict(os.environ)
     env.pop("TF_USE_LEGACY_KERAS", None)
     stdout = _run_script(self, script, env)
-    self.assertEqual(stdout.split()[-2:], ["True", "True"])
+    self.assertEqual(stdout.split()[-3:], ["True", "True", "True"])
+    with self.assertRaisesRegex(TypeError, "`model` must be a Keras 2 model"):
+      tf1hess.keras.legacy_session(model=object())
 
   def test_script_after_disable_v2_behavior(self):
     # A TF1 script: global graph mode and control flow v1, in its own
@@ -507,7 +510,7 @@ class BatchDerivativesLayerTest(tf.test.TestCase, parameterized.TestCase):
     other = tf_keras if k is keras else keras
     other_name = "Keras 2" if k is keras else "Keras 3"
     with self.assertRaisesRegex(
-      TypeError, r"`layer` must be a .* layer or model .*; saw function\."
+      TypeError, r"`layer` must be a .* layer or model of .*; saw function of"
     ):
       cls(lambda x: x)
     if other is not None:

@@ -31,9 +31,19 @@ class DerivativesMixin:
           f"{type(self).__name__}; saw a {other_generation} "
           f"{type(layer).__name__}: use tf1hess.keras.{other_class}."
         )
+      package = self._layer_type.__module__.split(".")[0]
+      seen = type(layer).__module__.split(".")[0]
+      hint = ""
+      if seen == "tf_keras" != package:
+        # TensorFlow <= 2.15 with tf-keras installed too: another Keras 2.
+        hint = (
+          " To wrap tf_keras models, set TF_USE_LEGACY_KERAS=1 before "
+          "importing TensorFlow: tf.keras is then tf_keras."
+        )
       raise TypeError(
-        f"`layer` must be a {self._generation} layer or model mapping a "
-        f"batch to one value per sample; saw {type(layer).__name__}."
+        f"`layer` must be a {self._generation} layer or model of {package} "
+        f"mapping a batch to one value per sample; saw {type(layer).__name__}"
+        f" of {seen}.{hint}"
       )
     order = _checks.check_count(order, "order")
     if isinstance(plan, dict):  # From `get_config`.

@@ -39,7 +39,7 @@ legacy_keras = _compat.legacy_keras
 keras3 = _compat.keras3
 
 
-def legacy_session():
+def legacy_session(model=None):
   """The session of graph-mode Keras 2 (`legacy_keras()`), which holds its
   models' variables: `get_session()` of its backend.
 
@@ -48,11 +48,18 @@ def legacy_session():
   `TF_USE_LEGACY_KERAS=1`); from TensorFlow 2.16 on without that variable
   it is Keras 3, which has no sessions, and this returns tf_keras' own.
 
+  Args:
+    model: `None`, or a Keras 2 model: the session of the Keras it is
+      from. On TensorFlow <= 2.15 with tf-keras installed too, `tf.keras`
+      and `tf_keras` are two Keras 2, each with its own session, and only
+      that of a model's Keras has initialized its variables.
+
   Returns:
     A `tf.compat.v1.Session` for the current default graph.
 
   Raises:
     ImportError: as `legacy_keras()`.
+    TypeError: when `model` is not a Keras 2 model.
 
   Example:
     >>> import tensorflow as tf, tf1hess.keras
@@ -62,6 +69,13 @@ def legacy_session():
     2.0
   """
   keras = legacy_keras()
+  if model is not None and not isinstance(model, keras.Model):
+    if not isinstance(model, _compat.legacy_keras_models()):
+      raise TypeError(
+        f"`model` must be a Keras 2 model ({keras.__name__}, or tf_keras); "
+        f"saw {type(model).__name__}."
+      )
+    return importlib.import_module("tf_keras.src.backend").get_session()
   get_session = getattr(tf.compat.v1.keras.backend, "get_session", None)
   if get_session is None:  # tf.compat.v1.keras is Keras 3.
     get_session = importlib.import_module(
@@ -220,7 +234,7 @@ def model_hessians(
   `tf1hess.batch_hessians(model.outputs, model.inputs)`, built in the
   model's graph: `H[i] = d^2 sum(model(x)[i]) / d x[i]^2`. Run it in the
   session that holds the model's variables (for example Keras' own,
-  `tf1hess.keras.legacy_session()`, or your own session after
+  `tf1hess.keras.legacy_session(model)`, or your own session after
   `global_variables_initializer()` or a `Saver.restore`).
 
   Args:
