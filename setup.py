@@ -35,9 +35,11 @@ setuptools.setup(
     "tensorflow": [f"tensorflow{_TENSORFLOW}"],
     "and-cuda": ["tensorflow[and-cuda]>=2.14,<2.22"],
     # Keras 2 for TensorFlow >= 2.16 (tf.compat.v1.layers, rnn_cell, tf1hess
-    # .keras on graph-mode models). tf-keras depends on the `tensorflow`
-    # distribution of its own version: in an existing environment install
-    # `tf-keras~=2.X.0` matching your TensorFlow instead.
+    # .keras on graph-mode models), for a new environment with `tensorflow`.
+    # tf-keras depends on the `tensorflow` distribution of its own version:
+    # pip would upgrade an existing TensorFlow to the newest (or put a second
+    # one beside tensorflow-cpu). In an existing environment install
+    # `tf-keras~=2.X.0` matching your TensorFlow instead (README).
     "keras2": ["tf-keras>=2.16,<2.22"],
     "test": [
       "pytest>=8,<10",
