@@ -537,6 +537,21 @@ class LoopsTest(
         ):
           tf1hess.batch_hessians(y, x, method=method)
 
+  def test_row_loop_of_an_earlier_op_under_v1_raises(self):
+    # A Laplacian of a Laplacian whose inner rows are a v1 loop: the error
+    # says whose loop it is, and what to build instead.
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      u = tf.reduce_sum(tf.tanh(tf.matmul(x, _weights(2, 4))), 1)
+      inner = tf1hess.batch_laplacians(u, x, method="while_loop")
+      with self.assertRaisesRegex(
+        ValueError,
+        r"row loop of an earlier tf1hess op \(batch_laplacians/tf1hess_rows/"
+        r".*method='auto', 'forward' or 'pfor'",
+      ):
+        tf1hess.batch_laplacians(inner, x, method="while_loop")
+
   def test_v1_loop_of_a_length_known_at_run_time_raises(self):
     self.control_flow(1)
     with tf.Graph().as_default():

@@ -17,6 +17,10 @@ import tensorflow as tf
 
 from tensorflow.python.ops.parallel_for import control_flow_ops as pfor_ops  # pylint: disable=g-direct-tensorflow-import
 
+# The name of the loops over rows (and chunks of rows), by which errors
+# tell them from a model's loops.
+LOOP_NAME = "tf1hess_rows"
+
 LOOPS = ("while_loop", "pfor", "unrolled")
 
 
@@ -101,6 +105,7 @@ def stack(row, num_rows, width, dtype, loop, plan, target, chunk_size=None):
     lambda j, ta: (j + 1, ta.write(j, row(j))),
     [tf.constant(0), ta],
     parallel_iterations=plan.parallel_iterations or 10,
+    name=LOOP_NAME,
   )
   if isinstance(num_rows, int) and 0 < num_rows <= plan.max_reads:
     # One copy into the (N, M, ...) layout, not a stack and a transpose.
@@ -195,6 +200,7 @@ def _pfor_rows(row, num_rows, dtype, row_shape, plan, chunk_size):
     chunk,
     [tf.constant(0), ta],
     parallel_iterations=plan.parallel_iterations or 1,
+    name=LOOP_NAME,
   )
   stacked = ta.stack()  # (num_chunks, chunk_size, N, ...)
   rows = tf.reshape(

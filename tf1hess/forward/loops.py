@@ -33,6 +33,7 @@ from tensorflow.python.ops import control_flow_ops  # pylint: disable=g-direct-t
 from tensorflow.python.ops import control_flow_util_v2  # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.ops import while_v2  # pylint: disable=g-direct-tensorflow-import
 
+from tf1hess import _rows
 from tf1hess.forward import conds
 from tf1hess.forward import registry
 
@@ -53,6 +54,17 @@ def v1_error(loop, reason=None):
   """The message of the `ValueError` for `ys` computed through the control
   flow v1 loop whose op is named `loop`, which the engine cannot follow for
   `reason` (or which is not for the engine)."""
+  if _rows.LOOP_NAME in loop.split("/"):
+    return (
+      f"`ys` is computed through the row loop of an earlier tf1hess op"
+      f" ({loop}: method='while_loop', or 'auto' where it took the rows),"
+      " a control-flow-v1 tf.while_loop under"
+      " tf.compat.v1.disable_v2_behavior(), and TensorFlow cannot take"
+      " second-order gradients through v1 loops. Build that op with"
+      " method='auto', 'forward' or 'pfor', or take the derivatives of both"
+      " orders in one op: tf1hess.batch_derivatives(ys, xs, order), or"
+      " Derivatives."
+    )
   engine = (
     f" The forward engine, which differentiates such a loop unrolled where"
     f" its length is known when the graph is built, cannot follow it: {reason}."
