@@ -141,6 +141,27 @@ class BatchHessiansTest(
     self.assertAllEqual(a, np.zeros((4, 3, 3)))
     self.assertAllEqual(b, np.zeros((4, 3, 3)))
 
+  @parameterized.parameters("auto", "while_loop", "pfor", "forward")
+  def test_weight_gradients_compiled_by_xla(self, method):
+    # A loss of Hessians trained in a tf.function with jit_compile=True and
+    # a batch of None: the loop of rows has a bound XLA knows, which its
+    # gradient needs ("XLA compilation requires a fixed tensor list size").
+    rng = np.random.default_rng(31)
+    weights = [tf.Variable(rng.normal(size=s) / 2) for s in ((3, 8), (8, 1))]
+
+    def loss(x):
+      with tf.GradientTape() as tape:
+        y = tf.matmul(tf.tanh(tf.matmul(x, weights[0])), weights[1])
+        value = tf.reduce_sum(tf1hess.batch_hessians(y, x, method=method) ** 2)
+      return value, tape.gradient(value, weights)
+
+    spec = [tf.TensorSpec([None, 3], tf.float64)]
+    x_val = rng.normal(size=(5, 3))
+    compiled = tf.function(loss, input_signature=spec, jit_compile=True)
+    self.assertAllClose(
+      compiled(x_val), tf.function(loss, input_signature=spec)(x_val)
+    )
+
   @parameterized.product(
     method=["auto", "while_loop", "pfor", "forward"], cf=[1, 2]
   )

@@ -103,8 +103,11 @@ def stack(row, num_rows, width, dtype, loop, plan, target, chunk_size=None):
   _, ta = tf.while_loop(
     lambda j, _: j < num_rows,
     lambda j, ta: (j + 1, ta.write(j, row(j))),
-    [tf.constant(0), ta],
+    (tf.constant(0), ta),  # A tuple, as the body's: with a bound, v1 compares.
     parallel_iterations=plan.parallel_iterations or 10,
+    # A bound XLA knows (`jit_compile=True`): its gradient's accumulators
+    # need one.
+    maximum_iterations=num_rows if isinstance(num_rows, int) else None,
     name=LOOP_NAME,
   )
   if isinstance(num_rows, int) and 0 < num_rows <= plan.max_reads:
