@@ -144,19 +144,22 @@ class BatchHessiansTest(
   @parameterized.parameters("auto", "while_loop", "pfor", "forward")
   def test_weight_gradients_compiled_by_xla(self, method):
     # A loss of Hessians trained in a tf.function with jit_compile=True and
-    # a batch of None: the loop of rows has a bound XLA knows, which its
-    # gradient needs ("XLA compilation requires a fixed tensor list size").
+    # a batch of None: XLA needs a bound it knows on the loops whose
+    # gradients it compiles ("XLA compilation requires a fixed tensor list
+    # size"). The rows' loop has one; the engine takes no chunks of N.
     rng = np.random.default_rng(31)
-    weights = [tf.Variable(rng.normal(size=s) / 2) for s in ((3, 8), (8, 1))]
+    shapes = ((10, 64), (64, 64), (64, 1))
+    weights = [tf.Variable(rng.normal(size=s) / s[0]) for s in shapes]
 
     def loss(x):
       with tf.GradientTape() as tape:
         y = tf.matmul(tf.tanh(tf.matmul(x, weights[0])), weights[1])
+        y = tf.matmul(tf.tanh(y), weights[2])
         value = tf.reduce_sum(tf1hess.batch_hessians(y, x, method=method) ** 2)
       return value, tape.gradient(value, weights)
 
-    spec = [tf.TensorSpec([None, 3], tf.float64)]
-    x_val = rng.normal(size=(5, 3))
+    spec = [tf.TensorSpec([None, 10], tf.float64)]
+    x_val = rng.normal(size=(700, 10))
     compiled = tf.function(loss, input_signature=spec, jit_compile=True)
     self.assertAllClose(
       compiled(x_val), tf.function(loss, input_signature=spec)(x_val)

@@ -554,3 +554,12 @@ def independence_check(x, hessian, full_hvp_fn, name):
       "compute the full Hessian."
     ),
   )
+
+
+def compiled_by_xla():
+  """Whether the graph being built is compiled by XLA: a `tf.function` with
+  `jit_compile=True` (Keras' `jit_compile`, which Keras 3 turns on where
+  there is a GPU). The gradients of a loop there need a bound XLA knows
+  (a static number of iterations), and both branches of a cond compile."""
+  graph = tf.compat.v1.get_default_graph()
+  return control_flow_util.GraphOrParentsInXlaContext(graph)

@@ -23,6 +23,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from tf1hess import _core
 from tf1hess.forward import engine
 from tf1hess.forward import jacobians
 from tf1hess.forward import registry
@@ -179,15 +180,17 @@ def may_chunk(x, ys):
 def _size(x, path, largest=None):
   """The samples per chunk for the walk of the ops `path` (`_chunk_size`),
   or `None` when the sizes are not static, a chunk would hold more than
-  `MAX_CHUNK`, a GPU is visible, or the static batch size is under two
-  chunks."""
+  `MAX_CHUNK`, a GPU is visible, XLA compiles the graph, or the static
+  batch size is under two chunks."""
   size = _chunk_size(x, path, largest) if x.shape.rank else None
   if size is None or size > MAX_CHUNK:
     return None
   batch = tf.compat.dimension_value(x.shape[0]) if x.shape.rank else None
   if batch is not None and batch < 2 * size:
     return None
-  return None if tf.config.list_physical_devices("GPU") else size
+  if tf.config.list_physical_devices("GPU") or _core.compiled_by_xla():
+    return None  # Under XLA, a loop of chunks of N has no bound it knows.
+  return size
 
 
 class _Shared(Exception):

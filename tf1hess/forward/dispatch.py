@@ -16,7 +16,6 @@ from typing import Optional
 from absl import logging
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
-from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _core
 from tf1hess import _shortcuts
@@ -444,7 +443,11 @@ def choose(ys, x, grad, mode, walked, plan=None):
   (1.71x: glu at 512 x 48, where the rows are the faster).
   docs/forward.md validates them on 17 other models, none in the fit.
 
-  Where XLA compiles the graph (`_compiled_by_xla`), the engine.
+  Where XLA compiles the graph (`_core.compiled_by_xla`), the engine: XLA
+  compiles both branches of a switch on N, and failed to compile the
+  weight gradients of a loss of Hessians in a switch with a batch of `None`
+  ("Incompatible shapes" in TensorFlow's gradient of a `BroadcastTo` of the
+  branch that a run did not take).
 
   Args:
     ys: the list of outputs.
@@ -459,7 +462,7 @@ def choose(ys, x, grad, mode, walked, plan=None):
     A `Choice`.
   """
   plan = plan or plan_lib.Plan()
-  if tensorflow_fails(ys, x, grad) or _compiled_by_xla():
+  if tensorflow_fails(ys, x, grad) or _core.compiled_by_xla():
     return Choice(True)
   if mode != jacobians.HESSIAN:
     return Choice(_shortcut(x, grad, plan) is None)
@@ -487,22 +490,6 @@ def choose(ys, x, grad, mode, walked, plan=None):
     else:
       high = middle
   return Choice(below, high)
-
-
-def _compiled_by_xla():
-  """Whether the graph being built is compiled by XLA (a `tf.function` with
-  `jit_compile=True`, as Keras' `jit_compile`, which Keras 3 turns on where
-  there is a GPU).
-
-  There the engine is taken for every N. XLA compiles both branches of a
-  switch on N, and failed to compile the weight gradients of a loss of
-  Hessians in a switch with a batch of `None` ("Incompatible shapes" in
-  TensorFlow's gradient of a `BroadcastTo` of the branch that a run did
-  not take); and TensorFlow's gradients of a loop of rows need a size of
-  its `TensorArray` that XLA knows.
-  """
-  graph = tf.compat.v1.get_default_graph()
-  return control_flow_util.GraphOrParentsInXlaContext(graph)
 
 
 def prefers_forward(ys, x, grad, mode, walked, plan=None):
