@@ -142,7 +142,7 @@ def _derivatives(
   # Known before `fn` runs where it could be traced: a function whose tapes
   # fail is not also run under them, which would repeat its side effects
   # (the updates of a batch normalization's moving statistics).
-  fail = order == 2 and _tapes_fail(fn, x, False)
+  fail = order == 2 and not walk and _tapes_fail(fn, x, False)
   if order == 2 and (walk or (fail and plan.method == "auto")):
     return walked()
   if order >= 3 and _core.control_flow_v1():
