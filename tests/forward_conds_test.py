@@ -566,6 +566,174 @@ class CondsTest(
         tf1hess.batch_hessians(y, x, method="forward")
 
 
+def _in_a_cond(pred, build, like):
+  """`build()` in the true branch of a user's `tf.cond` on `pred`, zeros
+  in the other."""
+  return tf.cond(
+    pred, build, lambda: tf.nest.map_structure(tf.zeros_like, like)
+  )
+
+
+class CallsInAUsersCondTest(
+  testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
+):
+  """The ops called in a branch of the user's own `tf.cond`, against the
+  row loop outside it (nested `tf.gradients` of the same model)."""
+
+  _METHODS = ("auto", "forward", "while_loop")
+
+  def _compare(self, pairs, feeds):
+    with tf.compat.v1.Session() as sess:
+      for feed in feeds:
+        for got, want in sess.run(pairs, feed):
+          self.assertAllClose(got, want, atol=1e-10, rtol=1e-10)
+
+  @parameterized.product(cf=[1, 2], built=["outside", "inside"])
+  def test_model_without_conds(self, cf, built):
+    # Under control flow v2 a branch is a function graph: the model outside
+    # is read through captures, and a model built in the branch reads the
+    # capture of `x`. Under v1 the model inside reads `x` through the
+    # cond's `Switch`.
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      p = tf.compat.v1.placeholder(tf.bool, [])
+      w1, w2 = _weights(_K, 6), _weights(6, 1)
+
+      def model():
+        h = tf.nn.softplus(tf.matmul(x, w1)) * tf.sin(x[:, :1])
+        return tf.reduce_sum(tf.tanh(tf.matmul(h, w2)), axis=1)
+
+      y = model()
+      want = tf1hess.batch_hessians(y, x, method="while_loop")
+      pairs = []
+      for method in self._METHODS:
+        for name, op in _OPS.items():
+
+          def build(op=op, method=method):
+            return op(y if built == "outside" else model(), x, method=method)
+
+          like = {"hessian": want}.get(name, op(y, x, method="while_loop"))
+          pairs.append((_in_a_cond(p, build, like), like))
+      x_val = _RNG.normal(size=(5, _K))
+      self._compare(pairs, [{x: x_val, p: True}, {x: x_val[:0], p: True}])
+
+  def test_v2_model_built_in_the_branch_of_a_layer_outside_raises(self):
+    # `ys` read `x` through another capture: a walk in the branch from the
+    # capture of `x` would miss that path.
+    self.control_flow(2)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      h = tf.tanh(tf.matmul(x, _weights(_K, 3)))
+      with self.assertRaisesRegex(ValueError, "depend on `xs` through Tanh"):
+        tf.cond(
+          tf.constant(True),
+          lambda: tf1hess.batch_hessians(tf.reduce_sum(h * x[:, :3], 1), x),
+          lambda: tf.zeros([tf.shape(x)[0], _K, _K], tf.float64),
+        )
+
+  def test_eager_ops_under_a_python_if_in_a_tf_function(self):
+    # AutoGraph makes the `if` a cond: `fn(x)` is built in its branch.
+    def fn(x):
+      return tf.reduce_sum(tf.sin(x) ** 2, axis=1)
+
+    @tf.function
+    def hessians(x, flag):
+      if flag > 0:
+        return tf1hess.eager.batch_hessians(fn, x)
+      return tf1hess.eager.batch_hessians(fn, x, method="while_loop") * 0.5
+
+    x_val = _RNG.normal(size=(4, 3))
+    want = np.stack([np.diag(2 * np.cos(2 * r)) for r in x_val])
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      flag = tf.compat.v1.placeholder(tf.int32, [])
+      out = hessians(x, flag)
+      with tf.compat.v1.Session() as sess:
+        self.assertAllClose(sess.run(out, {x: x_val, flag: 1}), want)
+        self.assertAllClose(sess.run(out, {x: x_val, flag: 0}), want / 2)
+
+  def test_model_with_a_v1_cond_outside_a_users_v1_cond(self):
+    # TensorFlow's second derivatives through the model's cond, of a
+    # gradient built in the user's branch, were wrong (all methods, and
+    # the per-output ops): the ops are built outside the branch.
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      p = tf.compat.v1.placeholder(tf.bool, [])
+      training = tf.compat.v1.placeholder_with_default(False, [])
+      y = tf.squeeze(_two_conds(x, training), 1)
+      y2 = tf.stack([y, tf.reduce_sum(tf.sin(x), 1) * y], 1)
+      v = tf.ones_like(x)
+      builds = {
+        "auto": lambda: tf1hess.batch_hessians(y, x),
+        "while_loop": lambda: tf1hess.batch_hessians(y, x, method="while_loop"),
+        "pfor": lambda: tf1hess.batch_hessians(y, x, method="pfor"),
+        "diagonals": lambda: tf1hess.batch_hessian_diagonals(y, x),
+        "laplacians": lambda: tf1hess.batch_laplacians(y, x),
+        "products": lambda: tf1hess.batch_hessian_vector_products(y, x, v),
+        "outputs": lambda: tf1hess.batch_output_hessians(y2, x),
+        "output laplacians": lambda: tf1hess.batch_output_laplacians(y2, x),
+        "Derivatives": lambda: tf1hess.Derivatives(y2, x).hessian(component=1),
+      }
+      pairs = {}
+      for name, build in builds.items():
+        want = build()
+        pairs[name] = (_in_a_cond(p, build, want), want)
+      want = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        x_val = _RNG.normal(size=(5, _K))
+        for phase in (False, True):
+          feed = {x: x_val, p: True, training: phase}
+          hessians = sess.run(want, feed)
+          # The reference: central differences of the gradient.
+          (g,) = tf.gradients(y, x)
+          steps = [1e-5 * np.eye(_K)[i] for i in range(_K)]
+          differences = (
+            np.stack(
+              [
+                sess.run(g, {**feed, x: x_val + s})
+                - sess.run(g, {**feed, x: x_val - s})
+                for s in steps
+              ],
+              axis=1,
+            )
+            / 2e-5
+          )
+          self.assertAllClose(hessians, differences, atol=1e-6)
+          for name, (got, outside) in pairs.items():
+            got, outside = sess.run([got, outside], feed)
+            self.assertAllClose(got, outside, atol=1e-10, msg=name)
+          got = sess.run(pairs["auto"][0], feed)
+          self.assertAllClose(got, hessians, atol=1e-10)
+
+  def test_model_with_a_v1_cond_built_in_a_users_v1_cond_raises(self):
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      training = tf.compat.v1.placeholder_with_default(False, [])
+      y = tf.squeeze(_two_conds(x, training), 1)
+      zeros = tf.zeros([tf.shape(x)[0], _K, _K], tf.float64)
+      for build, where in (
+        (
+          lambda: tf1hess.batch_hessians(
+            tf.squeeze(_two_conds(x, training), 1), x
+          ),
+          "built in that branch",
+        ),
+        (lambda: tf1hess.batch_hessians(y * 2.0, x), "built in that branch"),
+      ):
+        with self.assertRaisesRegex(ValueError, f"cond of its own.*{where}"):
+          tf.cond(tf.constant(True), build, lambda: zeros)
+
+      def under_a_dependency():
+        with tf.control_dependencies([tf.no_op()]):
+          return tf1hess.batch_hessians(y, x)
+
+      with self.assertRaisesRegex(ValueError, "control dependencies"):
+        tf.cond(tf.constant(True), under_a_dependency, lambda: zeros)
+
+
 if __name__ == "__main__":
   tf.compat.v1.disable_eager_execution()
   tf.test.main()

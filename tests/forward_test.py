@@ -450,6 +450,10 @@ class ForwardRulesTest(
             # tf.nn.moments' stop: forward_dispatch_test (RowsInexactTest),
             # against differences (the rows are off there).
             "StopGradient",
+            # Of a user's v1 cond around the call: forward_conds_test
+            # (CallsInAUsersCondTest).
+            "Switch",
+            "RefSwitch",
           },
         )
 

@@ -180,8 +180,9 @@ class Derivatives:
 
   def _get(self, key, build):
     if key not in self._built:
-      with self._graph.as_default(), tf.compat.v1.name_scope(self._scope):
-        self._built[key] = build()
+      with self._graph.as_default(), self._problem.build_context():
+        with tf.compat.v1.name_scope(self._scope):
+          self._built[key] = build()
     return self._built[key]
 
   def _component(self, component):

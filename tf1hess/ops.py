@@ -7,6 +7,8 @@ blocks of the `(N, K, N, K)` tensor `tf.hessians` would build, computed with
 K backward passes whatever N is.
 """
 
+import contextlib
+
 import tensorflow as tf
 
 from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-direct-tensorflow-import
@@ -17,6 +19,7 @@ from tf1hess import _core
 from tf1hess import _tf_errors
 from tf1hess import forward
 from tf1hess import plan as plan_lib
+from tf1hess.forward import conds
 from tf1hess.forward import dispatch
 from tf1hess.forward import engine
 from tf1hess.forward import loops as loops_lib
@@ -27,6 +30,70 @@ _NONE = tf.UnconnectedGradients.NONE
 
 def _is_tensor_like(value):
   return isinstance(value, (tf.Tensor, tf.Variable))
+
+
+def _around(graph, other):
+  """Whether `other` is `graph` or a graph around it (`outer_graph`)."""
+  while graph is not None and graph is not other:
+    graph = getattr(graph, "outer_graph", None)
+  return graph is not None
+
+
+def _captures(graph):
+  """`{id(internal): external}` of the tensors that `graph` captures."""
+  return {id(internal): external for external, internal in graph.captures}
+
+
+def _captured(graph, ys_list, xs_list, op_name):
+  """`ys` and `xs` as tensors of one graph, for a call in a function graph.
+
+  In a branch of a control flow v2 `tf.cond`, a loop body or a
+  `tf.function`, the ops read the tensors of the graphs around them
+  through captures. Where `ys` and `xs` are all of one graph, the ops
+  built here read them so (as TensorFlow's gradients do, and auto's own
+  `tf.cond` on N). Where the model is built here on a captured `x`, `x`
+  stands for its capture: the tensor that `ys` read. A path from `x` to
+  `ys` through another capture (a layer built outside on `x`, the rest
+  here) would be missed: it raises.
+  """
+  if len({t.graph for t in ys_list + xs_list}) == 1:
+    return ys_list, xs_list
+  captures = _captures(graph)
+  ys_list = [y if y.graph is graph else graph.capture(y) for y in ys_list]
+  outside = {x.op for x in xs_list if x.graph is not graph}
+  xs_list = [x if x.graph is graph else graph.capture(x) for x in xs_list]
+  xs_inside = {x.op for x in xs_list}
+  for op in engine.ancestor_ops(ys_list):
+    external = (
+      captures.get(id(op.outputs[0])) if op.type == "Placeholder" else None
+    )
+    if (
+      op not in xs_inside and external is not None and _reads(external, outside)
+    ):
+      raise ValueError(
+        f"`ys` depend on `xs` through {external.name}, which is computed "
+        f"outside the function graph {graph.name} where `{op_name}` is "
+        "built (a tf.cond branch, a loop body or a tf.function): build the "
+        f"ops from `xs` to `ys` and `{op_name}` in the same graph."
+      )
+  return ys_list, xs_list
+
+
+def _reads(tensor, ops):
+  """Whether `tensor` is computed from an op of `ops`, through the
+  captures of function graphs too."""
+  seen, stack = set(), [tensor]
+  while stack:
+    t = stack.pop()
+    if t.op in ops:
+      return True
+    if t.op not in seen:
+      seen.add(t.op)
+      stack.extend(t.op.inputs)
+      if t.op.type == "Placeholder" and hasattr(t.graph, "captures"):
+        external = _captures(t.graph).get(id(t))
+        stack.extend([] if external is None else [external])
+  return False
 
 
 def _prepare(ys, xs, op_name):
@@ -67,11 +134,12 @@ def _prepare(ys, xs, op_name):
           f"computed from; saw the variable {value.name}. Read it once, "
           "`x = tf.identity(variable)`, and compute `ys` from `x`."
         )
-      if value.graph is not graph:
+      if not _around(graph, value.graph):
         raise ValueError(
           f"`{arg}` holds a tensor of another graph ({value.name}); build "
           f"`{op_name}` inside `with {arg}.graph.as_default():`."
         )
+  ys_list, xs_list = _captured(graph, ys_list, xs_list, op_name)
   if graph.finalized:
     raise RuntimeError(
       f"The graph is finalized and `{op_name}` cannot add its ops to it; "
@@ -138,6 +206,49 @@ def _v1_loops(models, xs_list, order, walked):
   if loops and (not walked or any(_imported(op) for op in loops)):
     raise ValueError(loops_lib.v1_error(loops[0].name))
   return bool(loops)
+
+
+def build_context(ys_list, xs_list, order, op_name):
+  """Where to build derivatives of `order` of `ys`: a context manager.
+
+  TensorFlow's second derivatives through a control flow v1 cond of a
+  model (batch normalization or dropout on a `training` placeholder) are
+  wrong, off by half the largest entry, where the gradient they
+  differentiate was built in the branch of another v1 cond (a user's
+  `tf.cond(p, lambda: batch_hessians(y, x), ...)`): its `Switch`es of the
+  model's predicate take the context of that branch, whose gradient then
+  reads them as the branch's own. So the ops of a model outside the branch
+  are built outside it (`tf.control_dependencies(None)`, as TensorFlow
+  lifts initializers); they then run whether the branch does or not. A
+  model built in the branch, or control dependencies given around the
+  call, raise.
+  """
+  graph = tf.compat.v1.get_default_graph()
+  if order < 2 or not conds.built_in_a_branch(graph):
+    return contextlib.nullcontext()
+  between = ops_between(ys_list, xs_list) | {x.op for x in xs_list}
+  own = sorted(
+    op.name
+    for op in between
+    if op.type in conds.SWITCH | conds.MERGE and not conds.enclosing(op)
+  )
+  if not own:
+    return contextlib.nullcontext()
+  where = None
+  if any(conds.in_the_branch_built(op) for op in between):
+    where = "the model (`xs` to `ys`) is built in that branch too"
+  elif graph._control_dependencies_stack:  # pylint: disable=protected-access
+    where = "control dependencies are given around the call"
+  if where is not None:
+    raise ValueError(
+      f"`{op_name}` is built in the branch of a control flow v1 tf.cond, "
+      f"of a model with a cond of its own ({own[0]}), and {where}: "
+      "TensorFlow's second derivatives through that cond are wrong there. "
+      f"Build `{op_name}` outside the tf.cond (a branch may read its "
+      "result), or use control flow v2 "
+      "(tf.compat.v1.disable_eager_execution())."
+    )
+  return tf.control_dependencies(None)
 
 
 def _models(ys_list, xs_list, plan):
@@ -237,7 +348,8 @@ def _derivatives(
     mode = forward.LAPLACIAN
   else:
     mode = forward.DIAGONAL if diagonal else forward.HESSIAN
-  with tf.name_scope(name or default_name):
+  context = build_context(ys_list, xs_list, order, default_name)
+  with context, tf.name_scope(name or default_name):
     ys_list = [tf.convert_to_tensor(y) for y in ys_list]
     walked = order == 2 and plan.may_take_engine and not check_independence
     models = _models(ys_list, xs_list, plan)
@@ -700,7 +812,8 @@ def batch_hessian_vector_products(
       f"`vs` must hold one tensor per tensor of `xs` ({len(xs_list)}); saw "
       f"{len(vs_list)}."
     )
-  with tf.name_scope(name or default_name):
+  context = build_context(ys_list, xs_list, 2, default_name)
+  with context, tf.name_scope(name or default_name):
     vs_list = [
       tf.convert_to_tensor(v, dtype_hint=x.dtype)
       for v, x in zip(vs_list, xs_list)

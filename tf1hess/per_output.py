@@ -63,6 +63,7 @@ class Problem:
 
   def __init__(self, ys, xs, op_name, plan, joined=True):
     ys_list, self.xs, self.was_sequence = ops._prepare(ys, xs, op_name)  # pylint: disable=protected-access
+    self._op_name = op_name
     if len(ys_list) != 1:
       raise ValueError(
         f"`ys` must be one tensor of per-sample outputs (N, m...) for "
@@ -98,6 +99,10 @@ class Problem:
     self._joint = _UNBUILT
     self._checked = set()  # The orders `check_loops` passed.
     self._moments = None
+
+  def build_context(self):
+    """Where to build second derivatives (`tf1hess.ops.build_context`)."""
+    return ops.build_context([self.y], self.xs, 2, self._op_name)
 
   @property
   def model(self):
@@ -380,22 +385,23 @@ def batch_output_hessians(
   plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_hessians"):
     p = Problem(ys, xs, "batch_output_hessians", plan)
-    k = sum(p.x_cols)
-    rows = tf.stack(
-      [_output_hessian(p, m) for m in range(p.num_outputs)],
-      axis=1,
-    )  # (N, M, K, K)
-    if not p.was_sequence:
-      return p.reshape(rows, p.out_dims, p.x_dims[0], p.x_dims[0])
-    rows = tf.reshape(rows, p.shape([p.num_outputs, k, k]))
-    blocks = []
-    for a, row_block in enumerate(_split(rows, p.x_cols, axis=2)):
-      blocks.append([])
-      for b, block in enumerate(_split(row_block, p.x_cols, axis=3)):
-        blocks[-1].append(
-          p.reshape(block, p.out_dims, p.x_dims[a], p.x_dims[b])
-        )
-    return blocks
+    with p.build_context():
+      k = sum(p.x_cols)
+      rows = tf.stack(
+        [_output_hessian(p, m) for m in range(p.num_outputs)],
+        axis=1,
+      )  # (N, M, K, K)
+      if not p.was_sequence:
+        return p.reshape(rows, p.out_dims, p.x_dims[0], p.x_dims[0])
+      rows = tf.reshape(rows, p.shape([p.num_outputs, k, k]))
+      blocks = []
+      for a, row_block in enumerate(_split(rows, p.x_cols, axis=2)):
+        blocks.append([])
+        for b, block in enumerate(_split(row_block, p.x_cols, axis=3)):
+          blocks[-1].append(
+            p.reshape(block, p.out_dims, p.x_dims[a], p.x_dims[b])
+          )
+      return blocks
 
 
 def batch_output_hessian_diagonals(
@@ -435,15 +441,18 @@ def batch_output_hessian_diagonals(
   plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_hessian_diagonals"):
     p = Problem(ys, xs, "batch_output_hessian_diagonals", plan, joined=False)
-    per_output = [
-      ops.batch_hessian_diagonals(p.output(m), p.xs, plan=plan)
-      for m in range(p.num_outputs)
-    ]
-    results = []
-    for a in range(len(p.xs)):
-      stacked = tf.stack([_flat(d[a], p.n, p.x_cols[a]) for d in per_output], 1)
-      results.append(p.reshape(stacked, p.out_dims, p.x_dims[a]))
-    return _checks.restore_structure(results, p.was_sequence)
+    with p.build_context():
+      per_output = [
+        ops.batch_hessian_diagonals(p.output(m), p.xs, plan=plan)
+        for m in range(p.num_outputs)
+      ]
+      results = []
+      for a in range(len(p.xs)):
+        stacked = tf.stack(
+          [_flat(d[a], p.n, p.x_cols[a]) for d in per_output], 1
+        )
+        results.append(p.reshape(stacked, p.out_dims, p.x_dims[a]))
+      return _checks.restore_structure(results, p.was_sequence)
 
 
 def batch_output_laplacians(
@@ -484,12 +493,13 @@ def batch_output_laplacians(
   plan = plan_lib.make(plan, method, chunk_size)
   with tf.name_scope(name or "batch_output_laplacians"):
     p = Problem(ys, xs, "batch_output_laplacians", plan)
-    diagonals = batch_output_hessian_diagonals(p.y, p.xs, plan=plan)
-    num_out = len(p.out_dims)
-    terms = [
-      tf.reduce_sum(d, axis=list(range(1 + num_out, d.shape.rank)))
-      for d in diagonals
-    ]
-    out = tf.add_n(terms) if len(terms) > 1 else terms[0]
-    out.set_shape(p.static_shape(p.out_dims))
-    return out
+    with p.build_context():
+      diagonals = batch_output_hessian_diagonals(p.y, p.xs, plan=plan)
+      num_out = len(p.out_dims)
+      terms = [
+        tf.reduce_sum(d, axis=list(range(1 + num_out, d.shape.rank)))
+        for d in diagonals
+      ]
+      out = tf.add_n(terms) if len(terms) > 1 else terms[0]
+      out.set_shape(p.static_shape(p.out_dims))
+      return out

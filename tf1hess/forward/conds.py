@@ -34,8 +34,61 @@ _DEAD = object()
 
 
 def on_path(path):
-  """Whether an op of `path` (the walk's ops) is part of a cond."""
-  return any(op.type in CONDS for op in path)
+  """Whether an op of `path` (the walk's ops) is part of a cond, other than
+  one the ops being built are in (`enclosing`)."""
+  return any(op.type in CONDS and not enclosing(op) for op in path)
+
+
+def enclosing(op):
+  """Whether `op` is a `Switch` of a control flow v1 cond whose branch the
+  ops being built are in: a model built in the branch of a user's cond
+  (`tf.cond(p, lambda: batch_hessians(model(x), x), ...)`) reads `x`
+  through it, and so do the ops built there. Where they run, the branch
+  runs: the `Switch` passes its input on."""
+  return op.type in SWITCH and _building_in(op.graph, op._control_flow_context)  # pylint: disable=protected-access
+
+
+def built_in_a_branch(graph):
+  """Whether the ops built now in `graph` go in a branch of a control flow
+  v1 cond."""
+  context = graph._get_control_flow_context()  # pylint: disable=protected-access
+  while context is not None:
+    if isinstance(context, control_flow_ops.CondContext):
+      return True
+    context = context.outer_context
+  return False
+
+
+def in_the_branch_built(op):
+  """Whether `op` is in the control flow v1 context that the ops built now
+  are in, or in a context nested in it."""
+  context = op._control_flow_context  # pylint: disable=protected-access
+  while context is not None:
+    if _building_in(op.graph, context):
+      return True
+    context = context.outer_context
+  return False
+
+
+def _building_in(graph, context):
+  """Whether the ops being built in `graph` are in the v1 control flow
+  context `context` (directly or in a context nested in it)."""
+  current = graph._get_control_flow_context()  # pylint: disable=protected-access
+  while current is not None and current is not context:
+    current = current.outer_context
+  return context is not None and current is not None
+
+
+@registry.register("Switch", "RefSwitch", linear=True, diagonal=True)
+def _switch(op, jacs, ctx):
+  """A `Switch` around the ops being built (`enclosing`): its output of the
+  branch they are in is its input."""
+  del ctx  # Unused.
+  if not enclosing(op):
+    raise registry.Unsupported(f"{op.type} ({op.name}) is part of a cond")
+  outs = [None, None]
+  outs[op._control_flow_context.branch] = jacs[0]  # pylint: disable=protected-access
+  return outs
 
 
 def custom_gradient_in_branch(path):
@@ -111,7 +164,7 @@ class Resolved:
       if op.type in _IF:
         predicate = _source(op.inputs[0])
         predicates[key(predicate)] = predicate
-      elif op.type in CONDS:
+      elif op.type in CONDS and not enclosing(op):
         # A cond's `Switch` is in its context, its `Merge` after it.
         context = op._control_flow_context  # pylint: disable=protected-access
         if _in_loop(op):
@@ -208,7 +261,7 @@ class _Copier:
     `None` (in no cond)."""
     side = None
     context = op._control_flow_context  # pylint: disable=protected-access
-    while context is not None:
+    while context is not None and not _building_in(op.graph, context):
       if isinstance(context, control_flow_ops.CondContext):
         if not self._ours(context.pred):
           side = side or "foreign"

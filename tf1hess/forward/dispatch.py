@@ -553,7 +553,17 @@ def _copy_name(t, names, nodes, taken, shaped):
 
 
 def _copy_node(op, names, nodes, taken, shaped):
-  """Adds the `NodeDef` of `op`, its data inputs renamed, no control inputs."""
+  """Adds the `NodeDef` of `op`, its data inputs renamed, no control inputs.
+
+  A `Switch` of the cond that the ops are built in (`conds.enclosing`)
+  adds none: its output there is its input.
+  """
+  if conds.enclosing(op):
+    branch = op._control_flow_context.branch  # pylint: disable=protected-access
+    names[(op.name, branch)] = _copy_name(
+      op.inputs[0], names, nodes, taken, shaped
+    )
+    return
   node = op.node_def
   node.ClearField("device")
   if "_class" in node.attr:
