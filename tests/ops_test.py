@@ -333,6 +333,19 @@ class CompanionsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(diagonals, np.einsum("nii->ni", hessians))
     self.assertAllClose(products, np.einsum("nij,nj->ni", hessians, v_val))
 
+  def test_products_of_a_batch_gathered_are_dense(self):
+    # TensorFlow's gradient of a `tf.gather` is `IndexedSlices`.
+    x_val = np.random.default_rng(3).normal(size=(4, 3))
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      reverse = tf.range(tf.shape(x)[0])[::-1]
+      y = tf.reduce_sum(tf.sin(tf.gather(x, reverse)) ** 2, 1)
+      hv = tf1hess.batch_hessian_vector_products(y, x, tf.ones_like(x))
+      self.assertIsInstance(hv, tf.Tensor)
+      with tf.compat.v1.Session() as sess:
+        out = sess.run(hv, {x: x_val})
+    self.assertAllClose(out, 2 * np.cos(2 * x_val))
+
   def test_companions_give_zeros_for_linear(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float32, [None, 2])

@@ -840,7 +840,7 @@ def batch_hessian_vector_products(
       hv = _exact_products(model, x, g, v)
       if hv is None:
         (hv,) = tf.gradients(g, x, grad_ys=v, unconnected_gradients=unconnected)
-      results.append(hv)
+      results.append(_core.dense(hv))
     return _checks.restore_structure(results, was_sequence)
 
 
