@@ -556,6 +556,33 @@ class CondsTest(
           )
 
   @parameterized.parameters(1, 2)
+  def test_state_changed_in_a_branch_falls_back(self, cf):
+    # A copy of the branch would not update the counter: auto takes the
+    # rows, which run the model's cond, once per run.
+    self.control_flow(cf)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      training = tf.compat.v1.placeholder_with_default(False, [])
+      counter = tf.Variable(0, dtype=tf.int64)
+      u = tf.matmul(x, _weights(_K, 5))
+
+      def counted():
+        with tf.control_dependencies([counter.assign_add(1)]):
+          return tf.reduce_sum(tf.tanh(u), 1)
+
+      y = tf.cond(training, counted, lambda: tf.reduce_sum(u * u, 1))
+      with self.assertRaisesRegex(ValueError, "AssignAddVariableOp"):
+        tf1hess.batch_hessians(y, x, method="forward")
+      auto = tf1hess.batch_hessians(y, x)
+      rows = tf1hess.batch_hessians(y, x, method="while_loop")
+      with tf.compat.v1.Session() as sess:
+        sess.run(counter.initializer)
+        feed = {x: _RNG.normal(size=(3, _K)), training: True}
+        self.assertAllClose(sess.run(auto, feed), sess.run(rows, feed))
+        sess.run(auto, feed)
+        self.assertEqual(sess.run(counter), 3)
+
+  @parameterized.parameters(1, 2)
   def test_predicate_of_x_falls_back(self, cf):
     self.control_flow(cf)
     with tf.Graph().as_default():

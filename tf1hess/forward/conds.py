@@ -238,6 +238,22 @@ def ancestors_in_order(ys, stop=frozenset()):
   return order
 
 
+def _stateful_before(op):
+  """The name of a stateful op (but for `READS`) that the control inputs of
+  `op` run, or `None`."""
+  seen, stack = set(), list(op.control_inputs)
+  while stack:
+    before = stack.pop()
+    if before in seen:
+      continue
+    seen.add(before)
+    if before.op_def.is_stateful and before.type not in READS:
+      return before.name
+    stack.extend(t.op for t in before.inputs)
+    stack.extend(before.control_inputs)
+  return None
+
+
 class _Copier:
   """Copies ops that read a copy, or that a cond holds, taking one branch."""
 
@@ -314,6 +330,9 @@ class _Copier:
     """Maps the outputs of the `If` `op` to a copy of the branch's ops."""
     graphs = cond_v2.get_func_graphs(op)
     graph = graphs[0] if self._branch else graphs[1]
+    for inner_op in graph.get_operations():  # Run by the branch, if stateful.
+      if inner_op.op_def.is_stateful and inner_op.type not in READS:
+        self.random = self.random or inner_op.name
     for inner, outer in zip(graph.inputs, op.inputs[1:]):
       self._mapped[key(inner)] = self.value(outer)
     # Not the intermediates that gradients of the cond read (variants).
@@ -344,6 +363,9 @@ class _Copier:
   def _copy(self, op, inputs):
     if op.op_def.is_stateful and op.type not in READS:
       self.random = self.random or op.name
+    # The copy has no control inputs: what the model runs before `op` (a
+    # counter's update in a branch) would not run.
+    self.random = self.random or _stateful_before(op)
     self._map(op, registry.copied_outputs(op, inputs))
 
   def _map(self, op, outs):

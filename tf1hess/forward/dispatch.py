@@ -1155,7 +1155,8 @@ def _try_forward_with_conds(ys, x, grad, mode, plan, unconnected, path, rows):
     try:
       if random:
         raise engine.Unsupported(
-          f"{random} is random or stateful, and a copy would draw again"
+          f"{random} is random or stateful, and a copy would not run it as"
+          " the model does"
         )
       walks[branch] = dry_run(ys_copy, x, mode)
     except engine.Unsupported as e:
