@@ -428,8 +428,10 @@ class BatchNormalizationTest(
   `If`), as plain graph ops under control flow v1 (`Switch`/`Merge`).
   """
 
-  def _write(self, directory, dtype, use_resource, x):
-    """Writes the model as SavedModel and MetaGraph + checkpoint.
+  def _write(self, directory, dtype, use_resource, x, after_updates):
+    """Writes the model as SavedModel and MetaGraph + checkpoint; with
+    `after_updates`, `y` runs after the updates of the moving averages
+    (`tf.control_dependencies(UPDATE_OPS)`), as TF1 training code writes.
 
     Returns:
       The op types of the graph; a `dict` from `training` (False, True) to
@@ -443,7 +445,9 @@ class BatchNormalizationTest(
       training = tf.compat.v1.placeholder_with_default(False, [], "training")
       with tf.compat.v1.variable_scope("bn", use_resource=use_resource):
         h = tf.compat.v1.layers.batch_normalization(xs @ w, training=training)
-      y = tf.identity(tf.reduce_sum(tf.tanh(h) ** 2, axis=1), name="y")
+      updates = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+      with tf.control_dependencies(updates if after_updates else []):
+        y = tf.identity(tf.reduce_sum(tf.tanh(h) ** 2, axis=1), name="y")
       full = tf.hessians(tf.reduce_sum(y), xs)[0]
       saver = tf.compat.v1.train.Saver()
       with tf.compat.v1.Session() as sess:
@@ -451,14 +455,16 @@ class BatchNormalizationTest(
         for variable in tf.compat.v1.global_variables():  # Not 0 and 1.
           value = rng.uniform(0.5, 1.5, variable.shape.as_list())
           variable.load(value.astype(dtype.as_numpy_dtype), sess)
-        want = {
-          t: sess.run([y, full], {xs: x, training: t}) for t in (False, True)
-        }
         saved_model = os.path.join(directory, "saved_model")
         tf.compat.v1.saved_model.simple_save(
           sess, saved_model, {"x": xs}, {"y": y}
         )
         prefix = saver.save(sess, os.path.join(directory, "model.ckpt"))
+        # After saving: with `after_updates` a run in training moves the
+        # averages.
+        want = {
+          t: sess.run([y, full], {xs: x, training: t}) for t in (False, True)
+        }
     types = {op.type for op in graph.get_operations()}
     return (
       types,
@@ -474,8 +480,12 @@ class BatchNormalizationTest(
     ("cf2_resource_float64", 2, True, tf.float64),
     ("cf1_ref_float32", 1, False, tf.float32),
     ("cf1_resource_float64", 1, True, tf.float64),
+    ("cf2_after_updates", 2, True, tf.float64, True),
+    ("cf1_after_updates", 1, False, tf.float64, True),
   )
-  def test_hessians_match_tf_hessians(self, cf, use_resource, dtype):
+  def test_hessians_match_tf_hessians(
+    self, cf, use_resource, dtype, after_updates=False
+  ):
     # (Keras cannot update a ref variable's moving average in a v2 cond.)
     self.control_flow(cf)
     directory = tempfile.mkdtemp()
@@ -483,7 +493,9 @@ class BatchNormalizationTest(
     x = (
       np.random.default_rng(2).normal(size=(3, 3)).astype(dtype.as_numpy_dtype)
     )
-    types, want, kinds = self._write(directory, dtype, use_resource, x)
+    types, want, kinds = self._write(
+      directory, dtype, use_resource, x, after_updates
+    )
     self.assertEqual("If" in types, cf == 2)
     self.assertEqual("Switch" in types, cf == 1)
     tolerance = 1e-5 if dtype == tf.float32 else 1e-10

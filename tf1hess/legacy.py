@@ -175,13 +175,15 @@ def model_node_names(graph_def):
 
   Drops variables themselves (freezing brings back those the model reads),
   ops that change state or read and write checkpoints (initializers, savers,
-  train ops), every op that depends on one of those, and every op whose
-  outputs only feed dropped ops. An op that runs functions (`If`, `While`,
-  `PartitionedCall`, ...) changes state when one of its functions does,
-  directly or through the functions that one runs: the control flow v2
-  conds that update a batch normalization's moving averages (`training` a
-  placeholder) are dropped, as their control flow v1 form (`Switch`,
-  `AssignSub`) is.
+  train ops), every op that reads a value of one of those, and every op
+  whose outputs only feed dropped ops. An op that only runs after one of
+  those (`tf.control_dependencies(UPDATE_OPS)` around the output) is kept,
+  without that control input (`_without_control_inputs`). An op that runs
+  functions (`If`, `While`, `PartitionedCall`, ...) changes state when one
+  of its functions does, directly or through the functions that one runs:
+  the control flow v2 conds that update a batch normalization's moving
+  averages (`training` a placeholder) are dropped, as their control flow
+  v1 form (`Switch`, `AssignSub`) is.
 
   Args:
     graph_def: a `tf.compat.v1.GraphDef`.
@@ -190,25 +192,33 @@ def model_node_names(graph_def):
     A `list` of node names, in the order of `graph_def`.
   """
   consumers = collections.defaultdict(list)
-  inputs = {}
+  inputs, data_inputs, ops = {}, {}, {}
   for node in graph_def.node:
+    ops[node.name] = node.op
     inputs[node.name] = [_input_node(name) for name in node.input]
+    data_inputs[node.name] = [
+      _input_node(name) for name in node.input if not name.startswith("^")
+    ]
     for name in inputs[node.name]:
       consumers[name].append(node.name)
   names = {function.signature.name for function in graph_def.library.function}
   changing = _state_changing_functions(graph_def.library, names)
-  dropped = set()
-  stack = [
+  changes = {
     node.name
     for node in graph_def.node
     if _op_changes_state(node.op)
     or any(f in changing for f in _called_functions(node, names))
-  ]
+  }
+  dropped, stack = set(), list(changes)
   while stack:  # What depends on a state op.
     name = stack.pop()
     if name not in dropped:
       dropped.add(name)
       stack.extend(consumers[name])
+  # But what only runs after one, and reads a placeholder and no state op,
+  # is the model's (`y` under `tf.control_dependencies(UPDATE_OPS)`).
+  fed = _reads_a_feed(graph_def, data_inputs, changes)
+  dropped = {n for n in dropped if ops[n] == "NoOp" or fed[n] is not True}
   stack = list(dropped)
   while stack:  # What only feeds dropped ops (saver constants, ...).
     for name in inputs.get(stack.pop(), ()):
@@ -220,6 +230,33 @@ def model_node_names(graph_def):
     for node in graph_def.node
     if node.name not in dropped and node.op not in VARIABLE_OPS
   ]
+
+
+def _reads_a_feed(graph_def, data_inputs, changes):
+  """`{name: whether}` each node reads a `Placeholder` through data inputs:
+  `None` where it reads a node of `changes` (or is one).
+
+  In the order of `graph_def`, inputs first (a loop's edge back reads as
+  `False`).
+  """
+  fed = {}
+  for node in graph_def.node:
+    reads = [fed.get(name, False) for name in data_inputs[node.name]]
+    if node.name in changes or None in reads:
+      fed[node.name] = None
+    else:
+      fed[node.name] = node.op == "Placeholder" or any(reads)
+  return fed
+
+
+def _without_control_inputs(graph_def, kept):
+  """Drops the control inputs from nodes of `graph_def` on nodes neither in
+  `kept` nor variables (`model_node_names` dropped them)."""
+  known = set(kept) | {n.name for n in graph_def.node if n.op in VARIABLE_OPS}
+  for node in graph_def.node:
+    node.input[:] = [
+      ref for ref in node.input if not ref.startswith("^") or ref[1:] in known
+    ]
 
 
 def freeze_session_graph(session, outputs=None):
@@ -242,6 +279,7 @@ def freeze_session_graph(session, outputs=None):
   graph_def = session.graph.as_graph_def()
   if outputs is None:
     outputs = model_node_names(graph_def)
+    _without_control_inputs(graph_def, outputs)
   else:
     outputs = [
       _node_name(session.graph, output)
