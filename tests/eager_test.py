@@ -1,5 +1,8 @@
 """The eager (GradientTape) path gives the numbers of the graph path."""
 
+import subprocess
+import sys
+import textwrap
 from unittest import mock
 
 from absl.testing import parameterized
@@ -277,6 +280,42 @@ class CapturedInputTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(laplacians, np.einsum("nii->n", want))
     self.assertAllClose(per_output, want)
     self.assertAllClose(products, np.einsum("nij,nj->ni", want, v_val))
+
+
+class EmptyBatchTest(tf.test.TestCase):
+  def test_engine_of_an_empty_float32_batch(self):
+    # At a static batch of 0, TensorFlow's graph optimizers divided by zero
+    # in the engine's ops: the process died (SIGFPE). In a child process.
+    code = textwrap.dedent(
+      """
+      import os
+      os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+      import tensorflow as tf
+      import tf1hess
+
+      def fn(x):
+        mean, variance = tf.nn.moments(x, [1], keepdims=True)
+        z = (x - mean) * tf.math.rsqrt(variance + 1.0)
+        return tf.stack([tf.reduce_sum(z ** 2, 1) * x[:, 0], x[:, 1]], 1)
+
+      x = tf.zeros((0, 3), tf.float32)
+      for method in ("auto", "forward"):
+        print(tf1hess.eager.batch_output_hessians(fn, x, method=method).shape)
+        print(tf1hess.eager.batch_hessians(fn, x, method=method).shape)
+      """
+    )
+    result = subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    self.assertEqual(
+      result.stdout.split("\n")[:4],
+      ["(0, 2, 3, 3)", "(0, 3, 3)", "(0, 2, 3, 3)", "(0, 3, 3)"],
+    )
 
 
 class EagerErrorsTest(tf.test.TestCase):
