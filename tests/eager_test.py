@@ -349,6 +349,18 @@ class EagerErrorsTest(tf.test.TestCase):
       ):
         tf1hess.eager.batch_hessians(tf.reduce_sum, x)
 
+  def test_list_of_inputs(self):
+    # Stacked, they would be a batch of 2 (the inputs).
+    x, t = tf.ones([2, 1]), np.ones((2, 1), np.float32)
+    for op in (tf1hess.eager.batch_hessians, tf1hess.eager.batch_jacobians):
+      with self.assertRaisesRegex(TypeError, "saw a list of 2 tensors"):
+        op(lambda xt: tf.reduce_sum(xt**3, [1, 2]), [x, t])
+    # A batch written as nested lists of numbers is one tensor.
+    h = tf1hess.eager.batch_hessians(
+      lambda x: tf.reduce_sum(x**3, 1), [[1.0, 2.0]]
+    )
+    self.assertAllClose(h, [[[6.0, 0.0], [0.0, 12.0]]])
+
   def test_integer_output(self):
     with self.assertRaisesRegex(TypeError, r"`fn\(x\)` must be a floating"):
       tf1hess.eager.batch_hessians(

@@ -35,6 +35,16 @@ def _as_input(fn, x):
     )
   if x is None:
     raise TypeError("`x` must be a floating tensor `(N, d...)`; saw None.")
+  if isinstance(x, (list, tuple)) and any(
+    isinstance(a, (tf.Tensor, tf.Variable, np.ndarray)) for a in x
+  ):
+    # `tf.convert_to_tensor` would stack them: a batch of the inputs.
+    raise TypeError(
+      "`x` must be one tensor `(N, d...)`; saw a "
+      f"{type(x).__name__} of {len(x)} tensors. Concatenate the inputs "
+      "(`tf.concat([x, t], axis=1)`) and split them in `fn`, or call the "
+      "graph ops in a tf.function, whose `xs` may be a list."
+    )
   if isinstance(x, (tf.RaggedTensor, tf.SparseTensor, tf.IndexedSlices)):
     raise TypeError(
       "`x` must be a dense floating tensor `(N, d...)`; saw a "
