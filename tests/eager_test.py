@@ -282,6 +282,48 @@ class CapturedInputTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(products, np.einsum("nij,nj->ni", want, v_val))
 
 
+class AutoGraphTest(tf.test.TestCase):
+  def test_python_if_on_a_tensor_in_fn(self):
+    # In a `tf.function`, AutoGraph makes the `if` a `tf.cond` where `fn`
+    # is called directly; so in the ops, whose own code it does not convert.
+    def model(x, flag):
+      if flag > 0:
+        return tf.reduce_sum(tf.sin(x) ** 2, 1)
+      return tf.reduce_sum(tf.cos(x) ** 2, 1)
+
+    def wave(x, flag):
+      return model(x, flag)[:, None] * tf.constant([[1.0, 2.0]], x.dtype)
+
+    @tf.function
+    def derivatives(x, flag):
+      def fn(v):
+        return model(v, flag)
+
+      return (
+        tf1hess.eager.batch_hessians(fn, x),
+        tf1hess.eager.batch_hessians(fn, x, method="while_loop"),
+        tf1hess.eager.batch_laplacians(fn, x),
+        tf1hess.eager.batch_gradients(fn, x),
+        tf1hess.eager.batch_output_hessians(lambda v: wave(v, flag), x),
+      )
+
+    x = np.random.default_rng(4).normal(size=(4, 3))
+    for flag, sign in ((1, 1.0), (0, -1.0)):
+      diagonal = 2 * sign * np.cos(2 * x)  # sin^2'' and cos^2''.
+      gradients = sign * np.sin(2 * x)
+      hessians = [np.diag(d) for d in diagonal]
+      h, rows, laplacians, g, outputs = derivatives(
+        tf.constant(x), tf.constant(flag)
+      )
+      self.assertAllClose(h, hessians)
+      self.assertAllClose(rows, hessians)
+      self.assertAllClose(laplacians, diagonal.sum(1))
+      self.assertAllClose(g, gradients)
+      self.assertAllClose(
+        outputs, np.stack([hessians, 2 * np.asarray(hessians)], 1)
+      )
+
+
 class EmptyBatchTest(tf.test.TestCase):
   def test_engine_of_an_empty_float32_batch(self):
     # At a static batch of 0, TensorFlow's graph optimizers divided by zero

@@ -7,10 +7,14 @@ The twin of `tf1hess.ops` for code that holds a function instead of a graph:
 graph, and uses the same row loop as the graph ops.
 """
 
+import functools
+import inspect
 import weakref
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.autograph.core import ag_ctx  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.autograph.impl import api as autograph_api  # pylint: disable=g-direct-tensorflow-import
 
 from tf1hess import _checks
 from tf1hess import _core
@@ -19,6 +23,38 @@ from tf1hess import ops
 from tf1hess import plan as plan_lib
 from tf1hess import per_output
 from tf1hess.forward import dispatch as forward_dispatch
+
+
+def _converting_fn(public):
+  """`public(fn, ...)` with `fn` converted by AutoGraph where the code that
+  calls it is (a `tf.function`'s), as `tf.map_fn` does: a Python `if` on a
+  tensor in `fn` then builds a `tf.cond`, as where `fn` is called directly.
+  The ops' own code is not converted (`do_not_convert`), and would call
+  `fn` as it is. Functions and methods only: Keras models and
+  `tf.function`s convert themselves."""
+
+  @functools.wraps(public)
+  def wrapped(fn, *args, **kwargs):
+    context = ag_ctx.control_status_ctx()
+    if context.status == ag_ctx.Status.ENABLED and (
+      inspect.isfunction(fn) or inspect.ismethod(fn)
+    ):
+      fn = _with_autograph(autograph_api.tf_convert(fn, context), context)
+    return public(fn, *args, **kwargs)
+
+  return wrapped
+
+
+def _with_autograph(converted, context):
+  """`converted` called with AutoGraph on: a lambda of converted code is
+  converted already, and converts what it calls where AutoGraph is on,
+  which is not so in the ops' code."""
+
+  def call(*args, **kwargs):
+    with ag_ctx.ControlStatusCtx(ag_ctx.Status.ENABLED, context.options):
+      return converted(*args, **kwargs)
+
+  return call
 
 
 def _as_input(fn, x):
@@ -383,6 +419,7 @@ def _empty_batch_call(fn, args):
   return (function(*[args[i] for i in at]),)
 
 
+@_converting_fn
 def batch_hessians(
   fn,
   x,
@@ -445,6 +482,7 @@ def batch_hessians(
   )
 
 
+@_converting_fn
 def batch_hessian_diagonals(
   fn,
   x,
@@ -487,6 +525,7 @@ def batch_hessian_diagonals(
   )
 
 
+@_converting_fn
 def batch_laplacians(
   fn,
   x,
@@ -538,6 +577,7 @@ def batch_laplacians(
   )
 
 
+@_converting_fn
 def batch_gradients(fn, x, unconnected_gradients="zero"):
   """Per-sample gradients of `fn` at `x`, shape of `x`.
 
@@ -561,6 +601,7 @@ def batch_gradients(fn, x, unconnected_gradients="zero"):
   return _derivatives(fn, x, 1, unconnected_gradients)
 
 
+@_converting_fn
 def batch_derivatives(
   fn,
   x,
@@ -684,6 +725,7 @@ def _taped_per_output(op, fn, x, order):
   return tf.reshape(hessians, tf.concat([tf.shape(y), dims, dims], 0))
 
 
+@_converting_fn
 def batch_jacobians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Jacobians of every output of `fn` at `x`, not summed.
 
@@ -719,6 +761,7 @@ def batch_jacobians(fn, x, method="auto", chunk_size=None, plan=None):
   )
 
 
+@_converting_fn
 def batch_output_hessians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Hessians of every output of `fn` at `x`, not summed.
 
@@ -756,6 +799,7 @@ def batch_output_hessians(fn, x, method="auto", chunk_size=None, plan=None):
   )
 
 
+@_converting_fn
 def batch_output_hessian_diagonals(
   fn, x, method="auto", chunk_size=None, plan=None
 ):
@@ -790,6 +834,7 @@ def batch_output_hessian_diagonals(
   )
 
 
+@_converting_fn
 def batch_output_laplacians(fn, x, method="auto", chunk_size=None, plan=None):
   """Per-sample Laplacians of every output of `fn` at `x`, shape of `fn(x)`.
 
@@ -821,6 +866,7 @@ def batch_output_laplacians(fn, x, method="auto", chunk_size=None, plan=None):
   )
 
 
+@_converting_fn
 def batch_hessian_vector_products(fn, x, v, unconnected_gradients="zero"):
   """Per-sample Hessian-vector products of `fn` at `x` with `v`.
 
