@@ -288,6 +288,26 @@ class GraphStrategiesTest(
     self.assertAllClose(out, testing_utils.diagonal_blocks(full_val))
     self.assertAllClose(out, plain_val)
 
+  @parameterized.parameters(1, 2)
+  def test_vectorized_rank3_product_of_one_sample(self, cf):
+    # oneDNN's batched product of the `(6, 1, 3, 2) @ (2, 2)` that pfor
+    # makes here gave wrong numbers (off by 1.7 of 6) or corrupted memory.
+    self.control_flow(cf)
+    w = np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float32, [None, None, 2])
+      y = tf.reduce_sum(tf.tanh(x @ tf.constant(w)) ** 2, [1, 2])
+      h = tf1hess.batch_hessians(y, x, method="pfor")
+      full = tf.hessians(y, x)[0]
+      with tf.compat.v1.Session() as sess:
+        for n in (1, 2):
+          x_val = np.random.default_rng(n).normal(size=(n, 3, 2))
+          for _ in range(3):
+            out, full_val = sess.run([h, full], {x: x_val})
+            self.assertAllClose(
+              out, testing_utils.diagonal_blocks(full_val), atol=1e-5
+            )
+
   @parameterized.product(strategy=list(_STRATEGIES))
   def test_list_of_xs(self, strategy):
     kwargs = self.strategy(strategy)

@@ -201,6 +201,19 @@ def stack_rows(
   )
 
   def build(attempt):
+    if attempt.loop == "pfor" and (
+      tf.executing_eagerly() or _batched_matmuls(target)
+    ):
+      return _one_sample_by_loop(
+        target,
+        lambda: vectorized(attempt),
+        lambda: _rows.reference(
+          vjp, target, num_cols, x_cols, plan, select_column
+        ),
+      )
+    return vectorized(attempt)
+
+  def vectorized(attempt):
     if attempt.shortcuts:
       rows = _shortcuts.rows(
         vjp,
@@ -240,6 +253,54 @@ def stack_rows(
   return build(attempts[-1])
 
 
+# Batched products: `pfor` vectorizes a `(N, T, F) @ (F, U)` of the model's
+# gradient as `(R, N, T, F) @ (F, U)`, R rows at once.
+_BATCHED_MATMULS = frozenset(
+  ("BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
+)
+
+
+def _batched_matmuls(target):
+  """Whether `target` is computed from a batched product of rank >= 3."""
+  return any(
+    op.type in _BATCHED_MATMULS
+    and any(t.shape.rank is None or t.shape.rank >= 3 for t in op.inputs)
+    for op in _ancestor_ops(target)
+  )
+
+
+def _ancestor_ops(target, control_inputs=False):
+  """The ops that `target` is computed from (and those that run before
+  them, with `control_inputs`), its own included."""
+  seen, stack = set(), [target.op]
+  while stack:
+    op = stack.pop()
+    if op not in seen:
+      seen.add(op)
+      stack.extend(t.op for t in op.inputs)
+      if control_inputs:
+        stack.extend(op.control_inputs)
+  return seen
+
+
+def _one_sample_by_loop(target, vectorized, looped):
+  """`vectorized()`, but `looped()` for a batch of one sample.
+
+  oneDNN's batched product (TensorFlow's CPU kernel) gives wrong numbers,
+  or corrupts memory, on the `(R, 1, T, F) @ (F, U)` that `pfor` makes of
+  a rank-3 product's gradient for one sample (seen with R = 6, T = 3,
+  F = U = 2, and not with R = 2): a loop over the rows, for one sample,
+  costs little. Executing eagerly, where no graph tells, every batch of
+  one sample is looped.
+  """
+  n = tf.compat.dimension_value(target.shape[0])
+  if n is None and tf.executing_eagerly():
+    n = int(tf.shape(target)[0])
+  if n is not None:
+    return looped() if n == 1 else vectorized()
+  return tf.cond(tf.equal(tf.shape(target)[0], 1), looped, vectorized)
+
+
 def _gist(error):
   """The line of `error`'s message that says what went wrong: its first,
   or its last where the first only announces the others (pfor's "in user
@@ -272,13 +333,7 @@ def _taped_in_v1_loop(target, num_cols):
   """
   if tf.executing_eagerly() or not control_flow_v1(target.graph):
     return False
-  seen, stack = set(), [target.op]
-  while stack:
-    op = stack.pop()
-    if op not in seen:
-      seen.add(op)
-      stack.extend(t.op for t in op.inputs)
-      stack.extend(op.control_inputs)
+  seen = _ancestor_ops(target, control_inputs=True)
   scopes = [f"{op.name}_grad/" for op in seen if op.type in TAPED_GRADIENTS]
   if not any(s in op.name for op in seen for s in scopes):
     return False
