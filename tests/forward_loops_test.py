@@ -552,6 +552,37 @@ class LoopsTest(
       ):
         tf1hess.batch_laplacians(inner, x, method="while_loop")
 
+  def test_x_the_final_state_of_a_v1_loop(self):
+    # No loop between x and ys; TensorFlow's gradients with respect to an
+    # output of a v1 loop cannot be built in the rows' v1 loop.
+    self.control_flow(1)
+    with tf.Graph().as_default():
+      p = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      _, x = tf.while_loop(
+        lambda i, z: i < 3, lambda i, z: (i + 1, tf.tanh(z) + 0.1), [0, p]
+      )
+      y = tf.reduce_sum(tf.sin(x) ** 3, 1)
+      (g,) = tf.gradients(y, x)
+      nested = tf.stack([tf.gradients(g[:, j], x)[0] for j in range(3)], 1)
+      third = tf.stack(
+        [
+          tf.stack([tf.gradients(nested[:, j, k], x)[0] for k in range(3)], 1)
+          for j in range(3)
+        ],
+        1,
+      )
+      outs = [
+        tf1hess.batch_hessians(y, x, method="while_loop"),
+        tf1hess.batch_hessians(y, x),
+        tf1hess.batch_derivatives(y, x, order=3),
+      ]
+      with tf.compat.v1.Session() as sess:
+        feed = {p: _RNG.normal(size=(4, 3))}
+        rows, auto, d3, want, want3 = sess.run(outs + [nested, third], feed)
+    self.assertAllClose(rows, want)
+    self.assertAllClose(auto, want)
+    self.assertAllClose(d3, want3)
+
   def test_v1_loop_of_a_length_known_at_run_time_raises(self):
     self.control_flow(1)
     with tf.Graph().as_default():

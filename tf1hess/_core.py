@@ -190,7 +190,7 @@ def stack_rows(
     shape = [n, 0] if select_column else [n, 0, x_cols]
     return tf.zeros(tf.stack(shape), target.dtype)
   source = _graph_source(source)
-  no_loops = differentiated and control_flow_v1()
+  no_loops = (differentiated and control_flow_v1()) or _v1_loop_output(source)
   through_v1_loop = through_v1_loop or _taped_in_v1_loop(target, num_cols)
   if no_loops:
     chunk_size = None
@@ -318,6 +318,18 @@ def _gist(error):
 TAPED_GRADIENTS = frozenset(
   ("FusedBatchNormGrad", "FusedBatchNormGradV2", "FusedBatchNormGradV3")
 )
+
+
+def _v1_loop_output(source):
+  """Whether `source` (`x`) is an output of a control flow v1 loop (the
+  final state of a `dynamic_rnn`): TensorFlow's gradients with respect to
+  it cannot be built in a v1 `tf.while_loop` ("Cannot use ... in different
+  while loops"), so its rows are vectorized or unrolled."""
+  return (
+    source is not None
+    and not tf.executing_eagerly()
+    and control_flow_util.IsLoopExit(source.op)
+  )
 
 
 def _taped_in_v1_loop(target, num_cols):
