@@ -265,14 +265,18 @@ def _batched_matmuls(target):
   return any(
     op.type in _BATCHED_MATMULS
     and any(t.shape.rank is None or t.shape.rank >= 3 for t in op.inputs)
-    for op in _ancestor_ops(target)
+    for op in ancestor_ops([target])
   )
 
 
-def _ancestor_ops(target, control_inputs=False):
-  """The ops that `target` is computed from (and those that run before
-  them, with `control_inputs`), its own included."""
-  seen, stack = set(), [target.op]
+def ancestor_ops(ys, control_inputs=False):
+  """The ops whose outputs `ys` read, theirs included, through data inputs
+  (and the ops that run before them, with `control_inputs`).
+
+  The graph's other ops may be many: earlier Hessians of the same model
+  read `x` too, and a walk forward from `x` alone would visit them all.
+  """
+  seen, stack = set(), [y.op for y in ys]
   while stack:
     op = stack.pop()
     if op not in seen:
@@ -281,6 +285,14 @@ def _ancestor_ops(target, control_inputs=False):
       if control_inputs:
         stack.extend(op.control_inputs)
   return seen
+
+
+def graph_within(graph, other):
+  """Whether `graph` is `other` or a function graph built within it (a
+  cond's branch, a loop's body, a `tf.function`), through `outer_graph`."""
+  while graph is not None and graph is not other:
+    graph = getattr(graph, "outer_graph", None)
+  return graph is not None
 
 
 def _one_sample_by_loop(target, vectorized, looped):
@@ -345,7 +357,7 @@ def _taped_in_v1_loop(target, num_cols):
   """
   if tf.executing_eagerly() or not control_flow_v1(target.graph):
     return False
-  seen = _ancestor_ops(target, control_inputs=True)
+  seen = ancestor_ops([target], control_inputs=True)
   scopes = [f"{op.name}_grad/" for op in seen if op.type in TAPED_GRADIENTS]
   if not any(s in op.name for op in seen for s in scopes):
     return False

@@ -32,13 +32,6 @@ def _is_tensor_like(value):
   return isinstance(value, (tf.Tensor, tf.Variable))
 
 
-def _around(graph, other):
-  """Whether `other` is `graph` or a graph around it (`outer_graph`)."""
-  while graph is not None and graph is not other:
-    graph = getattr(graph, "outer_graph", None)
-  return graph is not None
-
-
 def _captures(graph):
   """`{id(internal): external}` of the tensors that `graph` captures."""
   return {id(internal): external for external, internal in graph.captures}
@@ -63,7 +56,7 @@ def _captured(graph, ys_list, xs_list, op_name):
   outside = {x.op for x in xs_list if x.graph is not graph}
   xs_list = [x if x.graph is graph else graph.capture(x) for x in xs_list]
   xs_inside = {x.op for x in xs_list}
-  for op in engine.ancestor_ops(ys_list):
+  for op in _core.ancestor_ops(ys_list):
     external = (
       captures.get(id(op.outputs[0])) if op.type == "Placeholder" else None
     )
@@ -134,7 +127,7 @@ def _prepare(ys, xs, op_name):
           f"computed from; saw the variable {value.name}. Read it once, "
           "`x = tf.identity(variable)`, and compute `ys` from `x`."
         )
-      if not _around(graph, value.graph):
+      if not _core.graph_within(graph, value.graph):
         raise ValueError(
           f"`{arg}` holds a tensor of another graph ({value.name}); build "
           f"`{op_name}` inside `with {arg}.graph.as_default():`."
@@ -165,7 +158,7 @@ def ops_between(ys_list, xs_list):
     A `set` of `tf.Operation`s; empty when `ys` does not depend on `xs`.
   """
   x_ops = {x.op for x in xs_list}
-  upstream = engine.ancestor_ops(ys_list)  # Not the graph's other readers.
+  upstream = _core.ancestor_ops(ys_list)  # Not the graph's other readers.
   between, stack = set(), [c for x in xs_list for c in x.consumers()]
   while stack:
     op = stack.pop()

@@ -26,6 +26,7 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
+from tf1hess import _core
 from tf1hess import _shortcuts
 from tf1hess.forward import jacobians
 from tf1hess.forward import reductions
@@ -368,21 +369,6 @@ def _differentiable(t):
   return not (dtype.is_integer or dtype.is_bool or dtype == tf.string)
 
 
-def ancestor_ops(ys):
-  """The ops whose outputs `ys` read, theirs included, through data inputs.
-
-  The graph's other ops may be many: earlier Hessians of the same model
-  read `x` too, and a walk forward from `x` alone would visit them all.
-  """
-  seen, stack = set(), [y.op for y in ys]
-  while stack:
-    op = stack.pop()
-    if op not in seen:
-      seen.add(op)
-      stack.extend(t.op for t in op.inputs)
-  return seen
-
-
 def _dependent_tensors(x, within, stops=frozenset()):
   """The tensors of the ops `within` that a gradient can flow to from `x`,
   and the outputs of the `StopGradient`s of `tf.nn.moments` but for
@@ -416,7 +402,7 @@ def _path(x, ys):
   TensorFlow's gradient of one (`reductions.variance_of`): not where the
   model reads it otherwise.
   """
-  stops, upstream = set(), ancestor_ops(ys)
+  stops, upstream = set(), _core.ancestor_ops(ys)
   while True:
     dependent = _dependent_tensors(x, upstream, stops)
     path = _ordered_ops(x, ys, dependent)

@@ -748,10 +748,7 @@ def _renamed_branch(op, attr):
   # a function called by the model (a `tf.function` with a cond), not in
   # a graph around the copy's, the copy's own graph holds it.
   here = tf.compat.v1.get_default_graph()
-  around = here
-  while around is not None and around is not op.graph:
-    around = getattr(around, "outer_graph", None)
-  if around is None:
+  if not _core.graph_within(here, op.graph):
     graph.outer_graph = here
   value.func.name = control_flow_util_v2.create_new_tf_function(graph)
   return value
