@@ -52,11 +52,7 @@ def built_in_a_branch(graph):
   """Whether the ops built now in `graph` go in a branch of a control flow
   v1 cond."""
   context = graph._get_control_flow_context()  # pylint: disable=protected-access
-  while context is not None:
-    if isinstance(context, control_flow_ops.CondContext):
-      return True
-    context = context.outer_context
-  return False
+  return _nested_in(context, control_flow_ops.CondContext)
 
 
 def in_the_branch_built(op):
@@ -132,7 +128,12 @@ def _in_loop(op):
 def _in_context(op, kind):
   """Whether `op` is in a v1 control flow context of type `kind`, directly
   or through the contexts it is nested in."""
-  context = op._control_flow_context  # pylint: disable=protected-access
+  return _nested_in(op._control_flow_context, kind)  # pylint: disable=protected-access
+
+
+def _nested_in(context, kind):
+  """Whether the v1 control flow context `context`, or one it is nested in,
+  is of type `kind`."""
   while context is not None:
     if isinstance(context, kind):
       return True
