@@ -687,5 +687,77 @@ class GraphModeEntriesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(lines[-1], "OK")
 
 
+_STATIC_EMPTY_SCRIPT = textwrap.dedent(
+  """
+  import os
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  import tensorflow as tf
+  import tf1hess
+
+  def layer_norm(x):
+    mean, variance = tf.nn.moments(x, [1], keepdims=True)
+    z = (x - mean) * tf.math.rsqrt(variance + 1.0)
+    return tf.reduce_sum(z ** 2, 1) * x[:, 0]
+
+  def product(x):
+    return tf.reduce_sum(x ** 2, 1) * x[:, 0]
+
+  calls = {
+    "hessians": lambda y, x, m: tf1hess.batch_hessians(y, x, method=m),
+    "diagonals": lambda y, x, m: tf1hess.batch_hessian_diagonals(
+      y, x, method=m),
+    "laplacians": lambda y, x, m: tf1hess.batch_laplacians(y, x, method=m),
+    "order 3": lambda y, x, m: tf1hess.batch_derivatives(y, x, 3),
+    "products": lambda y, x, m: tf1hess.batch_hessian_vector_products(
+      y, x, tf.ones_like(x)),
+    "joint blocks": lambda y, x, m: tf1hess.batch_output_hessians(
+      tf.stack([y, 2 * y], 1), [x[:, :1] + 0, x], method=m)[0][1],
+    "entry": lambda y, x, m: tf1hess.Derivatives(y, x).hessian(0, 1),
+  }
+  for model in (layer_norm, product):
+    for name, call in calls.items():
+      for method in ("auto", "forward"):
+
+        @tf.function(input_signature=[tf.TensorSpec([0, 3], tf.float32)])
+        def f(x):
+          return call(model(x), x, method)
+
+        print(model.__name__, name, method, f(tf.zeros([0, 3])).shape)
+  """
+)
+
+
+class StaticEmptyBatchTest(tf.test.TestCase):
+  def test_tf_function_with_an_empty_signature(self):
+    # TensorFlow's arithmetic optimizer divided by the static batch of 0 in
+    # second derivatives of these models (float32): the process died of
+    # SIGFPE. In a child process.
+    result = subprocess.run(
+      [sys.executable, "-c", _STATIC_EMPTY_SCRIPT],
+      capture_output=True,
+      text=True,
+      cwd=_ROOT,
+      timeout=600,
+      check=False,
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    shapes = {
+      "hessians": "(0, 3, 3)",
+      "diagonals": "(0, 3)",
+      "laplacians": "(0,)",
+      "order 3": "(0, 3, 3, 3)",
+      "products": "(0, 3)",
+      "joint blocks": "(0, 2, 1, 3)",
+      "entry": "(0, 1)",
+    }
+    expected = [
+      f"{model} {name} {method} {shape}"
+      for model in ("layer_norm", "product")
+      for name, shape in shapes.items()
+      for method in ("auto", "forward")
+    ]
+    self.assertEqual(result.stdout.strip().splitlines(), expected)
+
+
 if __name__ == "__main__":
   tf.test.main()

@@ -59,6 +59,43 @@ def batch_size(x):
   return n if n is not None else tf.shape(x)[0]
 
 
+def derivative_shape(x, order):
+  """The shape `(N,) + (d1, ..., dm) * order` of derivatives of `order` of
+  `x` `(N, d1, ..., dm)`: a list, or a `Tensor` where a dimension is
+  dynamic, and the static `tf.TensorShape`."""
+  n, dims = batch_size(x), x.shape[1:]
+  if dims.is_fully_defined():
+    shape = [n] + dims.as_list() * order
+  else:
+    tail = tf.shape(x)[1:]
+    shape = tf.concat([tf.reshape(n, [1])] + [tail] * order, axis=0)
+  static = tf.TensorShape([x.shape[0]]).concatenate(
+    tf.TensorShape(dims.as_list() * order)
+  )
+  return shape, static
+
+
+def statically_empty(x):
+  """Whether the batch of `x` is empty in its static shape, `(0, ...)`.
+
+  The derivatives of such a batch are known to be empty when the graph is
+  built. TensorFlow's arithmetic optimizer divides by that zero (SIGFPE,
+  in `ReplaceMulWithBroadcastByTile`) on a product of a tensor of static
+  batch 0 with one it folds to an empty constant, as a `tf.function` with
+  an input signature `[0, K]` has them in the second derivatives of many
+  models: the ops build none.
+  """
+  return tf.compat.dimension_value(x.shape[0]) == 0
+
+
+def empty_derivatives(x, order):
+  """Zeros of `derivative_shape(x, order)`, for a `statically_empty` `x`."""
+  shape, static = derivative_shape(x, order)
+  result = tf.zeros(shape, x.dtype)
+  result.set_shape(static)
+  return result
+
+
 def flatten_samples(t, n, k):
   """Reshapes `t` of shape `(N, ...)` into `(N, k)`, also when `N == 0`.
 
@@ -494,7 +531,6 @@ def per_sample_derivatives(
     and `gradient_fn` returned `None`.
   """
   n, k = batch_size(x), num_columns(x)
-  dims = x.shape[1:]
   unconnected = []
 
   def vjp(level):
@@ -531,18 +567,9 @@ def per_sample_derivatives(
       break
     cols = cols * k
     result = flatten_samples(result, n, cols)
-  out_order = 1 if diagonal else order
-  if dims.is_fully_defined():
-    shape = [n] + dims.as_list() * out_order
-  else:
-    tail = tf.shape(x)[1:]
-    shape = tf.concat([tf.reshape(n, [1])] + [tail] * out_order, axis=0)
+  shape, static_shape = derivative_shape(x, 1 if diagonal else order)
   result = tf.reshape(result, shape)
-  result.set_shape(
-    tf.TensorShape([x.shape[0]]).concatenate(
-      tf.TensorShape(dims.as_list() * out_order)
-    )
-  )
+  result.set_shape(static_shape)
   if unconnected:
     return None
   if check_independence:

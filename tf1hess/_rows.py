@@ -80,6 +80,13 @@ def stack(row, num_rows, width, dtype, loop, plan, target, chunk_size=None):
   widths = [] if width is None else [width]
   static = [w if isinstance(w, int) else None for w in widths]
   row_shape = [target.shape[0]] + static
+  if tf.compat.dimension_value(target.shape[0]) == 0:
+    # Known empty: no backward pass to build (`_core.statically_empty`).
+    empty = tf.zeros(tf.stack([0, num_rows] + widths), dtype)
+    empty.set_shape(
+      [0, num_rows if isinstance(num_rows, int) else None] + static
+    )
+    return empty
   if loop == "unrolled":
     if not isinstance(num_rows, int):
       raise ValueError(

@@ -270,8 +270,12 @@ class Derivatives:
       full = self.hessian(component=c)
     if full is not None:
       return full[:, i]
-    self._rows_miss_moments(warn=True)
     p = self._problem
+    if _core.statically_empty(p.xs[0]):
+      return self._get(
+        ("row", c, i), lambda: tf.zeros([0, self.num_features], p.xs[0].dtype)
+      )
+    self._rows_miss_moments(warn=True)
     p.check_loops(2)
     g = self.gradient(c)
     vjp = per_output.joint_vjp(p.xs, p.n, p.x_cols)

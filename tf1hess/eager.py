@@ -376,47 +376,12 @@ def _traced_call(fn, *args):
   TensorFlow's starts with the traceback of the assert's node.
   """
   try:
-    empty = _empty_batch_call(fn, args)
-    if empty is not None:
-      return empty[0]
     return tf.function(fn, autograph=False)(*args)
   except tf.errors.InvalidArgumentError as e:
     message = _tf_errors.assertion_message(e, _core.INDEPENDENCE_MESSAGE_START)
     if message is None:
       raise
     raise tf.errors.InvalidArgumentError(e.node_def, e.op, message) from e
-
-
-def _empty_batch_call(fn, args):
-  """`fn(*args)` traced with a batch of `None` where a tensor of `args` has
-  an empty one, as a `tuple`; or `None` (not empty, or `fn` cannot be
-  traced so).
-
-  TensorFlow's graph optimizers (the arithmetic optimizer) divide an
-  integer by zero in the engine's ops of float32 at a static batch of 0:
-  the process dies of SIGFPE.
-  """
-  at = [
-    i
-    for i, a in enumerate(args)
-    if isinstance(a, tf.Tensor) and a.shape.rank and a.shape[0] == 0
-  ]
-  if not at:
-    return None
-
-  def call(*tensors):
-    full = list(args)
-    for i, t in zip(at, tensors):
-      full[i] = t
-    return fn(*full)
-
-  specs = [tf.TensorSpec([None, *args[i].shape[1:]], args[i].dtype) for i in at]
-  try:
-    function = tf.function(call, autograph=False, input_signature=specs)
-    function = function.get_concrete_function()
-  except (TypeError, ValueError):
-    return None
-  return (function(*[args[i] for i in at]),)
 
 
 @_converting_fn

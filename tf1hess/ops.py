@@ -390,6 +390,9 @@ def _derivatives(
         return result
 
       result, done = (None, True) if g is None else (None, False)
+      if not done and _core.statically_empty(x):
+        out_order = 1 if diagonal else 0 if laplacian else order
+        result, done = _core.empty_derivatives(x, out_order), True
       if not done and order == 2:
         result, done = dispatch.try_forward(
           ys_list, x, g, mode, plan, unconnected, None if v1_loops else rows
@@ -829,6 +832,9 @@ def batch_hessian_vector_products(
     for x, g, v, model in zip(xs_list, grads, vs_list, models):
       if g is None:
         results.append(None)
+        continue
+      if _core.statically_empty(x):
+        results.append(_core.empty_derivatives(x, 1))
         continue
       hv = _exact_products(model, x, g, v)
       if hv is None:
