@@ -154,6 +154,31 @@ class SignatureTest(tf.test.TestCase, parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, r"`ys` must have shape \(batch"):
         grad.hessian(tf.reduce_sum(x, 1), x)
 
+  def test_ys_that_does_not_depend_on_xs(self):
+    # A slice of the input is a new tensor that the network does not read:
+    # dde.grad's derivatives are None there, and zeros would train a model
+    # on a wrong residual.
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = _net(x)
+      for call in (
+        lambda: grad.jacobian(y, x[:, 1:2], i=0),
+        lambda: grad.hessian(y, x[:, 1:2]),
+        lambda: grad.laplacian(tf.ones_like(x[:, :1]) * 2.0, x),
+      ):
+        with self.assertRaisesRegex(ValueError, r"`ys` \(.*\) does not depend"):
+          call()
+      # A linear network depends on `xs`: its second derivatives are zeros.
+      linear = tf.matmul(x, tf.constant(_W1, tf.float64))
+      self.assertAllEqual(
+        self._run(grad.hessian(linear, x, i=0, j=1), x, np.ones((2, 3))),
+        np.zeros((2, 1)),
+      )
+      self.assertAllEqual(
+        self._run(grad.jacobian(x, x, i=1, j=1), x, np.ones((2, 3))),
+        np.ones((2, 1)),
+      )
+
   def test_not_a_tensor(self):
     with self.assertRaisesRegex(TypeError, "`xs` must be a tf.Tensor"):
       grad.hessian(tf.ones([2, 1]), np.ones((2, 1)))

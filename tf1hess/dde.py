@@ -57,8 +57,27 @@ def _derivatives(ys, xs):
   derivatives = _cache_of(ys)
   key = (ys.ref(), xs.ref())
   if key not in derivatives:
-    derivatives[key] = cache.Derivatives(ys, xs)
+    d = cache.Derivatives(ys, xs)
+    _check_connected(d.ys, d.xs[0], xs)
+    derivatives[key] = d
   return derivatives[key]
+
+
+def _check_connected(ys, x, given):
+  """Raises `ValueError` where `ys` does not depend on `x` at all (no path
+  that `tf.gradients` differentiates): there `dde.grad` gets `None` and
+  DeepXDE fails, where zeros would let a model train on a wrong residual."""
+  with ys.graph.as_default():
+    if tf.gradients(ys, x)[0] is not None:
+      return
+  raise ValueError(
+    f"`ys` ({ys.name}) does not depend on `xs` ({given.name}): no path in "
+    "the graph leads from `xs` to `ys`, so every derivative would be zero "
+    "(dde.grad's are None, and DeepXDE fails). A slice of the network's "
+    "input such as `x[:, 1:2]` is a new tensor, not an input of the "
+    "network: differentiate with respect to the input `x` and pick the "
+    "feature with `j` (`jacobian(y, x, j=1)`)."
+  )
 
 
 def jacobian(ys, xs, i=None, j=None):
@@ -79,8 +98,9 @@ def jacobian(ys, xs, i=None, j=None):
 
   Raises:
     TypeError: when `ys`/`xs` are not tensors, or `i`/`j` not ints.
-    ValueError: when `ys`/`xs` are not of rank 2, `i` or `j` is out of
-      range, or both are `None` for a Jacobian with more than one element.
+    ValueError: when `ys`/`xs` are not of rank 2, `ys` does not depend on
+      `xs`, `i` or `j` is out of range, or both are `None` for a Jacobian
+      with more than one element.
 
   Example:
     >>> import tensorflow as tf
@@ -133,8 +153,8 @@ def hessian(ys, xs, component=0, i=0, j=0):
 
   Raises:
     TypeError: when `ys`/`xs` are not tensors, or an index is not an int.
-    ValueError: when `ys`/`xs` are not of rank 2, or `component`, `i` or `j`
-      is out of range.
+    ValueError: when `ys`/`xs` are not of rank 2, `ys` does not depend on
+      `xs`, or `component`, `i` or `j` is out of range.
 
   Example:
     >>> import tensorflow as tf
