@@ -325,6 +325,9 @@ class CheckHessiansTest(tf.test.TestCase, parameterized.TestCase):
       r"  sample 3: max abs error .* > tolerance .* at \[1, 2\]: autodiff",
     ):
       check_hessians(fn, x, hessians=wrong, raise_on_failure=True)
+    # A float32 `fn` may compute in float16 inside: the report says so.
+    hint = "computes in float16 or bfloat16 and returns float32"
+    self.assertEqual(hint in check.summary(), dtype == np.float32)
 
   def test_nan_fails(self):
     x = np.random.default_rng(12).normal(size=(2, 4))
@@ -379,6 +382,69 @@ class CheckHessiansTest(tf.test.TestCase, parameterized.TestCase):
     loose = check_hessians(_sin_form, x, hessians=wrong, atol=2e-3)
     self.assertTrue(loose.ok)
     self.assertAllClose(loose.tolerance, np.full(3, 2e-3), rtol=0.01)
+
+  @parameterized.named_parameters(
+    ("float16", tf.float16, None, "float16"),
+    ("bfloat16", tf.bfloat16, None, "bfloat16"),
+    ("float32_as_float16", tf.float32, np.float16, "float16"),
+  )
+  def test_half_precision_cannot_be_checked(self, dtype, precision, name):
+    # There the default rtol is 3.1 (float16) or 8.8 (bfloat16): Hessians
+    # negated, zeros or doubled passed.
+    x = tf.constant(np.random.default_rng(16).normal(size=(4, 3)), dtype)
+
+    def fn(b):
+      return tf.reduce_sum(tf.sin(b) ** 3, axis=1)
+
+    wrong = -np.ones((4, 3, 3))
+    with self.assertRaisesRegex(
+      ValueError, rf"`fn` computes in {name} .*a Hessian off by its own size"
+    ):
+      check_hessians(fn, x, hessians=wrong, precision=precision)
+    # Tolerances given: the caller's choice.
+    check = check_hessians(
+      fn, x, hessians=wrong, rtol=0.2, atol=0.0, precision=precision
+    )
+    self.assertFalse(check.ok)
+
+  @parameterized.named_parameters(
+    ("float16", tf.float16, 0.1), ("bf16", tf.bfloat16, 1.0)
+  )
+  def test_half_precision_x_of_a_float64_fn(self, dtype, size):
+    # The step is 8 eps of x, far above float64's eps^(1/4): the tolerance
+    # counts its truncation error (rtol 6e-3 and 0.39), where exact
+    # Hessians failed.
+    x = tf.constant(np.random.default_rng(17).normal(size=(5, 4)), dtype)
+    x = x.numpy()
+
+    def fn(b):
+      return _sin_form(np.asarray(b, np.float64))
+
+    exact = _sin_form_hessians(x)
+    check = check_hessians(fn, x, hessians=exact)
+    self.assertTrue(check.ok, check.summary())
+    wrong = exact.copy()
+    wrong[2, 1, 3] += size * np.abs(exact[2]).max()
+    self.assertAllEqual(
+      check_hessians(fn, x, hessians=wrong).passed, [1, 1, 0, 1, 1]
+    )
+
+  def test_numpy_bfloat16_batch(self):
+    # numpy does not count bfloat16 (of ml_dtypes) as floating.
+    x = tf.constant(np.random.default_rng(18).normal(size=(3, 2)), tf.bfloat16)
+
+    def fn(b):
+      return tf.reduce_sum(b**3, axis=1)
+
+    h = tf1hess.eager.batch_hessians(fn, x.numpy())
+    self.assertEqual(h.dtype, tf.bfloat16)
+    exact = np.einsum("ni,ij->nij", 6 * x.numpy().astype(float), np.eye(2))
+    self.assertAllClose(tf.cast(h, tf.float64), exact, rtol=1e-2, atol=0)
+    g = tf1hess.eager.batch_gradients(fn, x.numpy())
+    exact = 3 * x.numpy().astype(float) ** 2
+    self.assertAllClose(tf.cast(g, tf.float64), exact, rtol=1e-2, atol=0)
+    check = check_hessians(fn, x.numpy(), rtol=0.1, atol=0.0)
+    self.assertTrue(check.ok, check.summary())
 
 
 class RealModelsTest(tf.test.TestCase, parameterized.TestCase):

@@ -37,6 +37,12 @@ def check_float(t, arg):
     )
 
 
+def is_floating_array(dtype):
+  """Whether a numpy dtype is floating, bfloat16 (of `ml_dtypes`, which
+  numpy does not count as floating) included."""
+  return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
 def check_batched(t, arg):
   """Raises `ValueError` unless `t` has a known rank >= 2."""
   rank = t.shape.rank

@@ -64,7 +64,7 @@ def _as_input(fn, x):
       "`fn` must be a callable mapping a batch to per-sample outputs; saw "
       f"{type(fn).__name__}."
     )
-  if isinstance(x, np.ndarray) and not np.issubdtype(x.dtype, np.floating):
+  if isinstance(x, np.ndarray) and not _checks.is_floating_array(x.dtype):
     raise TypeError(
       "`x` must be a floating tensor (float16, bfloat16, float32 or "
       f"float64); saw dtype {x.dtype}."

@@ -80,7 +80,7 @@ def _as_batch(x):
   """Converts `x` to a floating numpy array of rank >= 2 or raises."""
   x = _concrete(x, "x")
   x = np.asarray(x)
-  if not (np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"):
+  if not _checks.is_floating_array(x.dtype):
     raise TypeError(
       "`x` must be a floating array (float16, bfloat16, float32 or "
       f"float64); saw dtype {x.dtype}."
@@ -117,9 +117,7 @@ def _check_eps(eps):
 def _evaluate(fn, batch):
   """Calls `fn` on `batch`; returns `(per-sample float64 values, dtype)`."""
   out = np.asarray(_concrete(fn(batch), "fn(x)"))
-  if not (
-    np.issubdtype(out.dtype, np.floating) or out.dtype.name == "bfloat16"
-  ):
+  if not _checks.is_floating_array(out.dtype):
     raise TypeError(f"`fn(x)` must be floating; saw dtype {out.dtype}.")
   rows = batch.shape[0]
   if out.ndim < 1 or out.shape[0] != rows:
@@ -141,8 +139,10 @@ class _Stepper:
     f0: float64 `(N,)`: `fn` at `x`, summed per sample.
     f_max: float64 `(N,)`: the largest `|fn|` of each sample so far (NaN
       values aside).
-    eps_m: machine epsilon of the precision `fn` computes in: the coarser
-      of `precision` and the dtype it returns.
+    precision: the numpy dtype `fn` computes in: the coarser of
+      `precision` and the dtype it returns.
+    eps_m: its machine epsilon.
+    factor: the relative step, before rounding to a power of two.
     float32_valued: whether every value of a float64 `fn` so far is a
       float32 number with a fraction (a hint of hidden float32 arithmetic).
     plus, minus: `(N, K)` in `x`'s dtype: each coordinate moved up or down.
@@ -166,15 +166,19 @@ class _Stepper:
     else:
       self.f0, out_dtype = np.zeros(0), self.x.dtype
     self.f_max = np.abs(self.f0)
-    self.eps_m = _machine_eps(out_dtype)
-    if precision is not None:
-      self.eps_m = max(self.eps_m, _machine_eps(precision))
+    self.precision = np.dtype(out_dtype)
+    if precision is not None and _machine_eps(precision) > _machine_eps(
+      out_dtype
+    ):
+      self.precision = precision
+    self.eps_m = _machine_eps(self.precision)
     self.float32_valued = self.eps_m < _machine_eps(np.float32)
     self._has_fraction = False
     self._watch(self.f0)
     factor = eps
     if factor is None:
       factor = max(self.eps_m ** (1.0 / power), 8 * _machine_eps(self.x.dtype))
+    self.factor = factor
     wide = self.flat.astype(np.float64)
     target = factor * np.maximum(np.abs(wide), 1.0)
     h = 2.0 ** np.round(np.log2(target))
@@ -471,6 +475,24 @@ def _check_tol(value, arg):
     raise ValueError(f"`{arg}` must be None or a number >= 0; saw {value!r}.")
 
 
+def _note(stepper, passed):
+  """A hint on the precision of the differences for the report, or ""."""
+  if stepper.hidden_float32:
+    return (
+      "Note: `fn` returns float64 values that are all float32 numbers, as "
+      "if it computed in float32 (tf.compat.v1.losses do); pass "
+      "precision=np.float32 for steps and tolerances of that precision."
+    )
+  if stepper.precision == np.float32 and not np.all(passed):
+    return (
+      "Note: where `fn` computes in float16 or bfloat16 and returns float32 "
+      "(a Keras mixed precision policy), its differences have that "
+      "precision, too coarse to check Hessians: check the model built in "
+      "float32."
+    )
+  return ""
+
+
 def check_hessians(
   fn,
   x,
@@ -487,10 +509,14 @@ def check_hessians(
   Sample `i` passes when `max |H_i - FD_i| <= atol + rtol * scale_i`, with
   `scale_i` the largest `|entry|` of `H_i` or `FD_i`. The defaults follow
   the precision `eps_m` that `fn` works in (see `finite_difference_hessians`):
-  `rtol = 100 * sqrt(eps_m)` (1.5e-6 for float64, 3.5e-2 for float32), and
-  `atol = 10 * eps_m * max|f_i| / h_i^2`, the rounding error the differences
-  can have for sample `i` (`max|f_i|`: its largest value of `fn`, `h_i`: its
-  smallest step).
+  `rtol = 100 * max(sqrt(eps_m), r^2)` with `r` the relative step (1.5e-6
+  for float64, 3.5e-2 for float32; `r^2`, the truncation error, counts
+  where the step is larger than `eps_m^(1/4)`: a half-precision `x`, or
+  `eps`), and `atol = 10 * eps_m * max|f_i| / h_i^2`, the rounding error the
+  differences can have for sample `i` (`max|f_i|`: its largest value of
+  `fn`, `h_i`: its smallest step). In float16 and bfloat16 that `rtol` is
+  3.1 and 8.8: a Hessian off by its own size would pass, so the check
+  raises there unless both `rtol` and `atol` are given.
 
   What autodiff and finite differences give at the known traps (TensorFlow
   2.21):
@@ -545,7 +571,8 @@ def check_hessians(
     AssertionError: when `raise_on_failure` is set and a sample fails.
     ValueError: when `hessians` does not have shape `(N, d..., d...)`, or
       is `None` where eager execution is off; when `rtol` or `atol` is
-      negative; and as `finite_difference_hessians`.
+      negative; when `fn` computes in float16 or bfloat16 and `rtol` or
+      `atol` is not given; and as `finite_difference_hessians`.
     TypeError: as `finite_difference_hessians`, and when `hessians` is not
       floating.
 
@@ -565,6 +592,18 @@ def check_hessians(
   _check_tol(atol, "atol")
   x = _as_batch(x)
   want = x.shape + x.shape[1:]
+  s = _Stepper(fn, x, eps, 4, batch_size, precision)
+  default_rtol = 100.0 * max(np.sqrt(s.eps_m), s.factor**2)
+  if default_rtol >= 1 and (rtol is None or atol is None):
+    raise ValueError(
+      f"`fn` computes in {s.precision.name} (machine epsilon "
+      f"{s.eps_m:.2g}), where finite differences cannot check Hessians: "
+      f"the default tolerance would be rtol={default_rtol:.2g}, and a "
+      "Hessian off by its own size would pass. Check the model in float32 "
+      "or float64 (a Keras model under a mixed precision policy: build it "
+      "again under the policy 'float32' and copy the weights), or pass "
+      "both `rtol` and `atol`."
+    )
   if hessians is None:
     if not tf.executing_eagerly():
       raise ValueError(
@@ -578,7 +617,7 @@ def check_hessians(
   if isinstance(hessians, (tf.Tensor, tf.Variable)):
     hessians = hessians.numpy()
   hessians = np.asarray(hessians)
-  if not np.issubdtype(hessians.dtype, np.floating):
+  if not _checks.is_floating_array(hessians.dtype):
     raise TypeError(f"`hessians` must be floating; saw dtype {hessians.dtype}.")
   if hessians.shape != want:
     raise ValueError(
@@ -586,7 +625,6 @@ def check_hessians(
       f"shape {x.shape}; saw {hessians.shape}."
     )
   hessians = hessians.astype(np.float64)
-  s = _Stepper(fn, x, eps, 4, batch_size, precision)
   fd = s.hessians()
   n = x.shape[0]
   diff = np.abs(hessians - fd).reshape(n, -1)
@@ -601,7 +639,7 @@ def check_hessians(
       scale > 0, abs_error / scale, np.where(abs_error != 0, np.inf, 0.0)
     )
   if rtol is None:
-    rtol = 100.0 * np.sqrt(s.eps_m)
+    rtol = default_rtol
   if atol is None:
     h_min = np.min(np.minimum(s.h_plus, s.h_minus), axis=1, initial=np.inf)
     atol = 10.0 * s.eps_m * s.f_max / h_min**2
@@ -615,13 +653,7 @@ def check_hessians(
     tolerance=np.broadcast_to(tolerance, (n,)).astype(np.float64),
     passed=passed,
     rtol=float(rtol),
-    note=(
-      "Note: `fn` returns float64 values that are all float32 numbers, as "
-      "if it computed in float32 (tf.compat.v1.losses do); pass "
-      "precision=np.float32 for steps and tolerances of that precision."
-      if s.hidden_float32
-      else ""
-    ),
+    note=_note(s, passed),
   )
   if raise_on_failure and not check.ok:
     raise AssertionError(check.summary())
