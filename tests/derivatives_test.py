@@ -194,6 +194,63 @@ class ThirdOrderTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIsNone(d3)
 
 
+def _layer_norm_model(x, moments):
+  """A normalized sine of `x` times `x`, `(N,)`: with `tf.nn.moments`,
+  whose mean TensorFlow stops in the variance's gradient, or with the same
+  mean and variance written out."""
+  if moments:
+    mean, variance = tf.nn.moments(x, [1], keepdims=True)
+  else:
+    mean = tf.reduce_mean(x, 1, keepdims=True)
+    variance = tf.reduce_mean(tf.square(x - mean), 1, keepdims=True)
+  z = (x - mean) * tf.math.rsqrt(variance + 0.5)
+  return tf.reduce_sum(tf.sin(z) * x, axis=1)
+
+
+class InexactSecondDerivativesTest(tf.test.TestCase, parameterized.TestCase):
+  """Orders >= 3 differentiate TensorFlow's second derivatives again."""
+
+  def test_moments_are_exact_by_default(self):
+    # Built alone in its graph, the order-3 derivatives missed the
+    # curvature through the stopped mean (15% of the largest entry).
+    x_val = np.random.default_rng(20).normal(size=(4, 3))
+    out = _graph(lambda x: _layer_norm_model(x, True), x_val, 3)
+    written_out = _graph(lambda x: _layer_norm_model(x, False), x_val, 3)
+    self.assertAllClose(out, written_out, rtol=1e-9, atol=1e-9)
+
+  def test_while_loop_through_moments_warns(self):
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = _layer_norm_model(x, True)
+      with self.assertLogs(level="WARNING") as logs:
+        tf1hess.batch_derivatives(y, x, 3, method="while_loop")
+    self.assertRegex(
+      "\n".join(logs.output),
+      r"derivatives of order 3 for .* miss the curvature through the mean;"
+      r" method='auto' is exact at any order through tf.nn.moments",
+    )
+
+  def test_product_at_zero_warns(self):
+    # TensorFlow's gradient of the gradient of a product is wrong where an
+    # entry is 0: order 2 is the engine's, exact; order 3 says so.
+    x_val = np.array([[0.0, 2.0, 3.0]])
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 3])
+      y = tf.reduce_prod(x, axis=1)
+      with self.assertNoLogs(level="WARNING"):
+        h = tf1hess.batch_hessians(y, x)
+      with self.assertLogs(level="WARNING") as logs:
+        tf1hess.batch_derivatives(y, x, 3)
+      with tf.compat.v1.Session() as sess:
+        h = sess.run(h, {x: x_val})
+    self.assertAllClose(h[0], [[0, 3, 2], [3, 0, 0], [2, 0, 0]])
+    self.assertRegex(
+      "\n".join(logs.output),
+      r"derivatives of order 3 for .* a product's gradient .* the forward"
+      r" engine, exact there, computes order 2 only",
+    )
+
+
 class MemoryRefusalTest(tf.test.TestCase, parameterized.TestCase):
   # 1000^5 float32 numbers per sample are 4 PB: no machine holds them.
 

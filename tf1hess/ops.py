@@ -399,6 +399,21 @@ def _derivatives(
         )
         if done and result is not None and whole:
           result = _checked(x, g, result, unconnected)
+      if not done and order > 2:
+        # TensorFlow's second derivatives, differentiated again: exact
+        # through `tf.nn.moments` by default, as the engine's Hessians are;
+        # a warning where they are wrong.
+        dispatch.differentiate_moments_for_rows(ys_list, [x], plan)
+        dispatch.warn_of_inexact_rows(
+          ys_list,
+          x,
+          g,
+          f"the derivatives of order {order} for {x.name}",
+          " the forward engine, exact there, computes order 2 only"
+          if plan.method == "auto"
+          else " method='auto' is exact at any order through tf.nn.moments,"
+          " and the forward engine at order 2 through the others",
+        )
       if not done:
         result = rows(check_independence)
       results.append(result)
