@@ -238,6 +238,17 @@ def stack_rows(
   )
 
   def build(attempt):
+    pieces = None
+    if attempt.loop == "unrolled" and not select_column:
+      pieces = _stacked_pieces(target)
+    if pieces:
+      # The rows of each piece apart: from `target`, every row would run
+      # back through all the pieces (a level of rows below, for orders >=
+      # 3), with zero cotangents that TensorFlow does not prune.
+      width = int(pieces[0].shape[1])
+      return tf.concat(
+        [vectorized(attempt, piece, width) for piece in pieces], axis=1
+      )
     if attempt.loop == "pfor" and (
       tf.executing_eagerly() or _batched_matmuls(target)
     ):
@@ -250,7 +261,7 @@ def stack_rows(
       )
     return vectorized(attempt)
 
-  def vectorized(attempt):
+  def vectorized(attempt, target=target, num_cols=num_cols):
     if attempt.shortcuts:
       rows = _shortcuts.rows(
         vjp,
@@ -288,6 +299,24 @@ def stack_rows(
         f"back to {_describe(after)}.",
       )
   return build(attempts[-1])
+
+
+def _stacked_pieces(target):
+  """The tensors `(N, w)` that `target` `(N, M * w)` stacks, a level of rows
+  unrolled and flattened (`_rows.stack`, `flatten_samples`), or `None`."""
+  stacked = target.op.inputs[0] if target.op.type == "Reshape" else target
+  if stacked.op.type != "Pack" or stacked.op.get_attr("axis") != 1:
+    return None
+  pieces = list(stacked.op.inputs)
+  width = tf.compat.dimension_value(pieces[0].shape[-1])
+  if (
+    width is None
+    or any(p.shape.rank != 2 or p.shape[1] != width for p in pieces)
+    or tf.compat.dimension_value(target.shape[-1]) != len(pieces) * width
+    or target.shape.rank != 2
+  ):
+    return None
+  return pieces
 
 
 # Batched products: `pfor` vectorizes a `(N, T, F) @ (F, U)` of the model's
