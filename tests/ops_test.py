@@ -664,6 +664,21 @@ _MODE_SCRIPT = textwrap.dedent(
 )
 
 
+def _run_child(test, script, *args):
+  """The lines `script` prints, run in a child Python; fails `test` where
+  the child fails (or dies)."""
+  result = subprocess.run(
+    [sys.executable, "-c", script, *args],
+    capture_output=True,
+    text=True,
+    cwd=_ROOT,
+    timeout=600,
+    check=False,
+  )
+  test.assertEqual(result.returncode, 0, result.stderr[-3000:])
+  return result.stdout.strip().splitlines()
+
+
 class GraphModeEntriesTest(tf.test.TestCase, parameterized.TestCase):
   """The two global ways into graph mode, in fresh processes."""
 
@@ -673,16 +688,7 @@ class GraphModeEntriesTest(tf.test.TestCase, parameterized.TestCase):
     ("disable_v2_behavior_then_cf2", "disable_v2_behavior", "enable_cf2"),
   )
   def test_dynamic_rnn_model(self, entry, extra):
-    result = subprocess.run(
-      [sys.executable, "-c", _MODE_SCRIPT, entry, extra],
-      capture_output=True,
-      text=True,
-      cwd=_ROOT,
-      timeout=300,
-      check=False,
-    )
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    lines = result.stdout.strip().splitlines()
+    lines = _run_child(self, _MODE_SCRIPT, entry, extra)
     self.assertEqual(lines[0], "MLP OK")
     self.assertEqual(lines[-1], "OK")
 
@@ -732,15 +738,7 @@ class StaticEmptyBatchTest(tf.test.TestCase):
     # TensorFlow's arithmetic optimizer divided by the static batch of 0 in
     # second derivatives of these models (float32): the process died of
     # SIGFPE. In a child process.
-    result = subprocess.run(
-      [sys.executable, "-c", _STATIC_EMPTY_SCRIPT],
-      capture_output=True,
-      text=True,
-      cwd=_ROOT,
-      timeout=600,
-      check=False,
-    )
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    lines = _run_child(self, _STATIC_EMPTY_SCRIPT)
     shapes = {
       "hessians": "(0, 3, 3)",
       "diagonals": "(0, 3)",
@@ -756,7 +754,7 @@ class StaticEmptyBatchTest(tf.test.TestCase):
       for name, shape in shapes.items()
       for method in ("auto", "forward")
     ]
-    self.assertEqual(result.stdout.strip().splitlines(), expected)
+    self.assertEqual(lines, expected)
 
 
 if __name__ == "__main__":
