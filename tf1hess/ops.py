@@ -403,11 +403,11 @@ def _derivatives(
         # TensorFlow's second derivatives, differentiated again: exact
         # through `tf.nn.moments` by default, as the engine's Hessians are;
         # a warning where they are wrong.
-        dispatch.differentiate_moments_for_rows(ys_list, [x], plan)
-        dispatch.warn_of_inexact_rows(
+        dispatch.tensorflow_rows(
           ys_list,
           x,
           g,
+          plan,
           f"the derivatives of order {order} for {x.name}",
           " the forward engine, exact there, computes order 2 only"
           if plan.method == "auto"
@@ -883,19 +883,19 @@ def _exact_products(model, x, grad, v):
   Exact, at the cost of the full Hessian (K^2 entries per sample) where the
   backward pass is not. Where the engine cannot follow the model either,
   `None`: the backward pass, with the curvature through `tf.nn.moments`
-  where it can have it (`dispatch.differentiate_moments_for_rows`), and a
-  warning (once) of what it misses.
+  where it can have it (`dispatch.tensorflow_rows`), and a warning (once)
+  of what it misses.
   """
   if not dispatch.tensorflow_fails(model, x, grad):
     return None
   try:
     h = batch_hessians(model, x, method="forward")
   except ValueError as e:
-    dispatch.differentiate_moments_for_rows(model, [x], plan_lib.Plan())
-    dispatch.warn_of_inexact_rows(
+    dispatch.tensorflow_rows(
       model,
       x,
       grad,
+      plan_lib.Plan(),
       f"the Hessian-vector products for {x.name}",
       f" the forward engine, exact there, cannot follow the model: {e}",
     )

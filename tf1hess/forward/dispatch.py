@@ -993,21 +993,23 @@ def try_forward(ys, x, grad, mode, plan, unconnected, rows):
   if not result[1]:
     # Auto takes the engine wherever the rows are inexact (`choose`): here
     # it could not follow the model.
-    differentiate_moments_for_rows(ys, [x], plan)
     engine_too = (
       " the forward engine, exact there, cannot follow the model (see its"
       " warning)"
       if plan.method == "auto"
       else " method='forward' is exact there, where it can follow the model"
     )
-    warn_of_inexact_rows(ys, x, grad, f"the rows for {x.name}", engine_too)
+    tensorflow_rows(ys, x, grad, plan, f"the rows for {x.name}", engine_too)
   return result
 
 
-def warn_of_inexact_rows(ys, x, grad, what, engine_too):
-  """Warns once per reason that `what`, TensorFlow's second derivatives of
-  `ys` through `grad`, inherit a wrong gradient of TensorFlow's
-  (`rows_are_exact`); `engine_too` says what of the engine."""
+def tensorflow_rows(ys, x, grad, plan, what, engine_too):
+  """Readies TensorFlow's second derivatives of `ys` through `grad` for
+  `what`, which is to differentiate them: the curvature through
+  `tf.nn.moments` where `plan` gives it (`differentiate_moments_for_rows`),
+  and a warning once per reason where they inherit a wrong gradient of
+  TensorFlow's (`rows_are_exact`); `engine_too` says what of the engine."""
+  differentiate_moments_for_rows(ys, [x], plan)
   for t in _inexact_gradients(ys, x, grad):
     reason = _INEXACT_SECOND_DERIVATIVES[t]
     if t != _BATCH_MEAN:  # The engine cannot differentiate that either.
