@@ -429,14 +429,15 @@ class BatchNormalizationTest(
   """
 
   def _write(self, directory, dtype, use_resource, x, after_updates):
-    """Writes the model as SavedModel and MetaGraph + checkpoint; with
-    `after_updates`, `y` runs after the updates of the moving averages
-    (`tf.control_dependencies(UPDATE_OPS)`), as TF1 training code writes.
+    """Writes the model as SavedModel, MetaGraph + checkpoint and frozen
+    GraphDef; with `after_updates`, `y` runs after the updates of the moving
+    averages (`tf.control_dependencies(UPDATE_OPS)`), as TF1 training code
+    writes.
 
     Returns:
       The op types of the graph; a `dict` from `training` (False, True) to
       `y` and `tf.hessians` of `sum(y)` `(N, K, N, K)` at `x`; the `load`
-      keyword arguments of both artifacts.
+      keyword arguments of the artifacts.
     """
     rng = np.random.default_rng(1)
     w = rng.normal(size=(3, 4)).astype(dtype.as_numpy_dtype)
@@ -460,6 +461,15 @@ class BatchNormalizationTest(
           sess, saved_model, {"x": xs}, {"y": y}
         )
         prefix = saver.save(sess, os.path.join(directory, "model.ckpt"))
+        # Frozen by TensorFlow itself, as TF1 code froze graphs: under
+        # control flow v2 the branch functions of the conds keep leftovers
+        # of the variables (`load` must mend them). With `after_updates`,
+        # TensorFlow's frozen graph keeps the assignments and does not
+        # import.
+        frozen = tf.compat.v1.graph_util.convert_variables_to_constants(
+          sess, graph.as_graph_def(), ["y"]
+        )
+        frozen_path = tf.io.write_graph(frozen, directory, "frozen.pb", False)
         # After saving: with `after_updates` a run in training moves the
         # averages.
         want = {
@@ -472,7 +482,8 @@ class BatchNormalizationTest(
       (
         {"saved_model": saved_model},
         {"meta_graph": prefix + ".meta", "checkpoint": prefix},
-      ),
+      )
+      + (() if after_updates else ({"graph": frozen_path},)),
     )
 
   @parameterized.named_parameters(

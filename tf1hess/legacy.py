@@ -427,7 +427,9 @@ def _load_frozen(path):
       f"({variables[0]!r}, ...) whose values it does not contain. Give "
       "`meta_graph` and `checkpoint` (or `saved_model`) instead."
     )
-  return graph_def
+  # Frozen by TensorFlow's `convert_variables_to_constants`, whose functions
+  # keep the leftovers `freeze_session_graph` mends.
+  return _with_functions_mended(graph_def)
 
 
 def _tag_set(tag):
@@ -735,6 +737,8 @@ def add_hessian_ops(
         plan=plan,
       )
     except LookupError as error:  # An op without a (second) gradient.
+      if isinstance(error, KeyError):  # A lookup failing in TensorFlow.
+        raise
       raise ValueError(
         "`ys` must be twice differentiable with respect to `xs`; "
         + _tf_errors.first_sentence(error)
