@@ -58,6 +58,9 @@ SPACE_TIME_METHODS = (
   "Derivatives after an entry",
 )
 SPACE_TIME_PEERS = ("tf.gradients", "Derivatives after an entry", JAX)
+# The methods of `compare_orders` but JAX, and the one the peers are to.
+ORDERS_OURS = "tf1hess.batch_derivatives"
+ORDERS_METHODS = ("tf.gradients", ORDERS_OURS)
 
 
 def _source(x, d, sin):
@@ -230,6 +233,19 @@ def _timed(d, quantity, run, methods, runs):
   ]
 
 
+def _glorot_weights(sizes, rng):
+  """Kernels (Glorot normal) and zero biases, in turn, of a network of
+  layers of `sizes`, float32."""
+  weights = []
+  for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    scale = np.sqrt(2.0 / (fan_in + fan_out))
+    weights += [
+      (scale * rng.normal(size=(fan_in, fan_out))).astype(np.float32),
+      np.zeros(fan_out, np.float32),
+    ]
+  return weights
+
+
 def compare_space_time(d, batch_size, runs, seed=0):
   """Times the joint Hessian of a network of space and time placeholders.
 
@@ -257,14 +273,7 @@ def compare_space_time(d, batch_size, runs, seed=0):
     The rows of `compare`, of quantity "joint hessian".
   """
   rng = np.random.default_rng(seed)
-  sizes = [d + 1] + [64] * 3 + [1]
-  weights = []
-  for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-    scale = np.sqrt(2.0 / (fan_in + fan_out))
-    weights += [
-      (scale * rng.normal(size=(fan_in, fan_out))).astype(np.float32),
-      np.zeros(fan_out, np.float32),
-    ]
+  weights = _glorot_weights([d + 1] + [64] * 3 + [1], rng)
   graph = tf.Graph()
   with graph.as_default():
     x = tf.compat.v1.placeholder(tf.float32, [None, d], name="x")
@@ -309,16 +318,86 @@ def compare_space_time(d, batch_size, runs, seed=0):
     return _timed(d, "joint hessian", run, methods, runs)
 
 
-def format_table(rows, methods=METHODS, peers=("dde.grad", JAX)):
+def compare_orders(d, order, batch_size, runs, seed=0):
+  """Times the per-sample derivatives of `order` >= 3 of a tanh network.
+
+  `u` a tanh network `[d] + [64] * 3 + [1]` (Glorot-normal weights of
+  `seed`, in variables) of `x` `(N, d)`, and its tensor of derivatives
+  `(N,) + (d,) * order` (KdV's `u_xxx`, a biharmonic's `u_xxyy` are entries
+  of it), by:
+
+  * `tf.gradients`: the textbook code, one backward pass per entry of the
+    level below, level by level (`1 + d + ... + d^(order - 1)` passes);
+  * `tf1hess.batch_derivatives` (the default method);
+  * JAX, where installed: `jit(vmap(...))` of `jacfwd` nested `order - 2`
+    times around `hessian`.
+
+  Args:
+    d: `int`, the features of `x`.
+    order: `int` >= 3.
+    batch_size, runs, seed: as in `compare`.
+
+  Returns:
+    The rows of `compare`, of quantity "order `order`".
+  """
+  rng = np.random.default_rng(seed)
+  weights = _glorot_weights([d] + [64] * 3 + [1], rng)
+  graph = tf.Graph()
+  with graph.as_default():
+    x = tf.compat.v1.placeholder(tf.float32, [None, d], name="x")
+    params = [tf.compat.v1.Variable(w) for w in weights]
+    u = _tanh_network(params, x, tf.tanh)
+    level = tf.gradients(u, x)[0]  # (N, d ** (l - 1)), l = 1
+    for _ in range(order - 1):
+      rows = [tf.gradients(level[:, i], x)[0] for i in range(level.shape[1])]
+      level = tf.reshape(tf.stack(rows, 1), [-1, len(rows) * d])
+    fetches = {
+      "tf.gradients": tf.reshape(level, [-1] + [d] * order),
+      ORDERS_OURS: tf1hess.batch_derivatives(u, x, order),
+    }
+    init = tf.compat.v1.global_variables_initializer()
+  points = rng.uniform(-1, 1, (batch_size, d)).astype(np.float32)
+  methods = ORDERS_METHODS
+  if _jax_ready():
+    # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+
+    def net(point):
+      return _tanh_network([jnp.asarray(w) for w in weights], point, jnp.tanh)[
+        0
+      ]
+
+    derivatives = jax.hessian(net)
+    for _ in range(order - 2):
+      derivatives = jax.jacfwd(derivatives)
+    jax_derivatives = jax.jit(jax.vmap(derivatives))
+    methods += (JAX,)
+  with tf.compat.v1.Session(graph=graph) as sess:
+    sess.run(init)
+
+    def run(method):
+      if method == JAX:
+        return np.asarray(jax_derivatives(points).block_until_ready())
+      return sess.run(fetches[method], {x: points})
+
+    return _timed(d, f"order {order}", run, methods, runs)
+
+
+def format_table(
+  rows, methods=METHODS, peers=("dde.grad", JAX), ours="tf1hess.Derivatives"
+):
   """A Markdown table: one line per (d, quantity), ratios to `peers`.
 
   Times of `methods` are "median (fastest)" in ms ("n/a": JAX not
-  installed); the ratios are each peer's time over `tf1hess.Derivatives`'
-  for the medians and (in parentheses) the fastest runs, which a busy
-  machine disturbs less. `compare_space_time`'s rows take
-  `SPACE_TIME_METHODS + (JAX,)` and `SPACE_TIME_PEERS`.
+  installed); the ratios are each peer's time over `ours`' for the medians
+  and (in parentheses) the fastest runs, which a busy machine disturbs
+  less. `compare_space_time`'s rows take `SPACE_TIME_METHODS + (JAX,)` and
+  `SPACE_TIME_PEERS`; `compare_orders`' take `ORDERS_METHODS + (JAX,)`,
+  peers `("tf.gradients", JAX)` and `ours=ORDERS_OURS`.
   """
-  ratios = " | ".join(f"{peer} / Derivatives" for peer in peers)
+  short = ours.split(".")[-1]
+  ratios = " | ".join(f"{peer} / {short}" for peer in peers)
   lines = [
     "| d | quantity | " + " | ".join(f"{m} (ms)" for m in methods) + " | "
     f"{ratios} |",
@@ -329,13 +408,13 @@ def format_table(rows, methods=METHODS, peers=("dde.grad", JAX)):
     case = cases.setdefault((row["d"], row["quantity"]), {})
     case[row["method"]] = (row["ms"], row["min_ms"])
   for (d, quantity), ms in cases.items():
-    ours = ms["tf1hess.Derivatives"]
+    mine = ms[ours]
 
-    def ratio(method, ms=ms, ours=ours):
+    def ratio(method, ms=ms, mine=mine):
       if method not in ms:
         return "n/a"
       theirs = ms[method]
-      return f"{theirs[0] / ours[0]:.2f}x ({theirs[1] / ours[1]:.2f}x)"
+      return f"{theirs[0] / mine[0]:.2f}x ({theirs[1] / mine[1]:.2f}x)"
 
     times = " | ".join(
       f"{ms[m][0]:.1f} ({ms[m][1]:.1f})" if m in ms else "n/a" for m in methods

@@ -6,7 +6,10 @@ in one session, checked against `dde.grad` and timed in turns; the work is
 `benchmarks/pinn.py`. Then, on a hand-written network of `x` `(N, d)` and
 `t` `(N, 1)` placeholders, the joint Hessian over `[x, t]` (cross entries
 `u_xt` included) by `tf.gradients`, `tf1hess.Derivatives` and JAX
-(`--space_time_dims`; empty to skip).
+(`--space_time_dims`; empty to skip). Last, the tensors of derivatives of
+orders 3 and 4 (`u_xxx`, `u_xxyy` are entries) of such a network of `x`
+alone by nested `tf.gradients`, `tf1hess.batch_derivatives` and JAX
+(`--orders` at each of `--order_dims`; empty to skip).
 
   python scripts/pinn_benchmark.py --dims=2,5,10,20 --batch_size=4096
 """
@@ -37,6 +40,10 @@ _DIMS = flags.DEFINE_list("dims", ["2", "5", "10", "20"], "Input dimensions.")
 _SPACE_TIME_DIMS = flags.DEFINE_list(
   "space_time_dims", ["1", "2", "3"], "Features of `x` beside `t`."
 )
+_ORDERS = flags.DEFINE_list("orders", ["3", "4"], "Orders >= 3 to time.")
+_ORDER_DIMS = flags.DEFINE_list(
+  "order_dims", ["2"], "Input dimensions of the orders >= 3."
+)
 _BATCH_SIZE = flags.DEFINE_integer(
   "batch_size", 4096, "Points per run.", lower_bound=1
 )
@@ -62,6 +69,21 @@ def main(argv):
     methods = (*pinn.SPACE_TIME_METHODS, pinn.JAX)
     print()
     print(format_table(rows, methods, pinn.SPACE_TIME_PEERS))
+  rows = []
+  for d in (int(v) for v in _ORDER_DIMS.value):
+    for order in (int(v) for v in _ORDERS.value):
+      if order < 3:
+        raise app.UsageError(f"--orders must be >= 3; saw {order}.")
+      logging.info("d = %d, order %d", d, order)
+      rows.extend(pinn.compare_orders(d, order, _BATCH_SIZE.value, _RUNS.value))
+  if rows:
+    methods = (*pinn.ORDERS_METHODS, pinn.JAX)
+    print()
+    print(
+      format_table(
+        rows, methods, ("tf.gradients", pinn.JAX), ours=pinn.ORDERS_OURS
+      )
+    )
 
 
 if __name__ == "__main__":

@@ -606,5 +606,31 @@ class SpaceTimeTest(tf.test.TestCase):
     self.assertEqual(table[2].count("n/a"), 0 if jax else 2)
 
 
+class OrdersTest(tf.test.TestCase):
+  """`benchmarks.pinn.compare_orders` and its table."""
+
+  def test_every_method_is_checked_against_tf_gradients_and_timed(self):
+    rows = pinn.compare_orders(d=2, order=3, batch_size=16, runs=2)
+    jax = _HAVE["jax"] and _HAVE["folx"]
+    self.assertEqual(
+      [row["method"] for row in rows],
+      list(pinn.ORDERS_METHODS) + ([pinn.JAX] if jax else []),
+    )
+    for row in rows:
+      self.assertEqual((row["d"], row["quantity"]), (2, "order 3"))
+      self.assertLess(row["max_abs_diff"], 1e-4, row)
+      self.assertGreater(row["ms"], 0.0)
+    table = pinn.format_table(
+      rows,
+      (*pinn.ORDERS_METHODS, pinn.JAX),
+      ("tf.gradients", pinn.JAX),
+      ours=pinn.ORDERS_OURS,
+    ).splitlines()
+    self.assertLen(table, 3)
+    self.assertIn("| tf.gradients / batch_derivatives |", table[0])
+    self.assertIn("| 2 | order 3 |", table[2])
+    self.assertEqual(table[2].count("n/a"), 0 if jax else 2)
+
+
 if __name__ == "__main__":
   tf.test.main()

@@ -18,6 +18,7 @@ and propagates.
 
 import collections
 import contextlib
+import itertools
 import weakref
 
 from absl import logging
@@ -245,9 +246,8 @@ def stack_rows(
       # The rows of each piece apart: from `target`, every row would run
       # back through all the pieces (a level of rows below, for orders >=
       # 3), with zero cotangents that TensorFlow does not prune.
-      width = int(pieces[0].shape[1])
       return tf.concat(
-        [vectorized(attempt, piece, width) for piece in pieces], axis=1
+        [vectorized(attempt, p, int(p.shape[1])) for p in pieces], axis=1
       )
     if attempt.loop == "pfor" and (
       tf.executing_eagerly() or _batched_matmuls(target)
@@ -302,21 +302,53 @@ def stack_rows(
 
 
 def _stacked_pieces(target):
-  """The tensors `(N, w)` that `target` `(N, M * w)` stacks, a level of rows
-  unrolled and flattened (`_rows.stack`, `flatten_samples`), or `None`."""
-  stacked = target.op.inputs[0] if target.op.type == "Reshape" else target
-  if stacked.op.type != "Pack" or stacked.op.get_attr("axis") != 1:
+  """The tensors `(N, w_i)` that `target` `(N, sum w_i)` joins, or `None`.
+
+  Rows unrolled and flattened (`_rows.stack`, `flatten_samples`: a `Pack` on
+  axis 1 under a `Reshape`), or the columns of several rows that a level of
+  `symmetric_levels` differentiates (a `ConcatV2` on axis 1).
+  """
+  if target.shape.rank != 2:
     return None
-  pieces = list(stacked.op.inputs)
-  width = tf.compat.dimension_value(pieces[0].shape[-1])
-  if (
-    width is None
-    or any(p.shape.rank != 2 or p.shape[1] != width for p in pieces)
-    or tf.compat.dimension_value(target.shape[-1]) != len(pieces) * width
-    or target.shape.rank != 2
+  joined = target.op.inputs[0] if target.op.type == "Reshape" else target
+  if joined.op.type == "Pack" and joined.op.get_attr("axis") == 1:
+    pieces = list(joined.op.inputs)
+  elif joined is target and joined.op.type == "ConcatV2":
+    pieces = list(joined.op.inputs[:-1])
+    if tf.get_static_value(joined.op.inputs[-1]) not in (1, -1):
+      return None
+  else:
+    return None
+  widths = [
+    tf.compat.dimension_value(p.shape[-1]) if p.shape.rank == 2 else None
+    for p in pieces
+  ]
+  if None in widths or tf.compat.dimension_value(target.shape[1]) != sum(
+    widths
   ):
     return None
   return pieces
+
+
+def _rows_of(stacked):
+  """The rows `(N, K)` of `stacked` `(N, R, K)`: the tensors that it stacks
+  where `stack_rows` unrolled them (a `Pack` on axis 1, or a `ConcatV2` of
+  those), so that differentiating one row does not run back through the
+  others; else slices."""
+  if tf.executing_eagerly():
+    return tf.unstack(stacked, axis=1)
+  parts = [stacked]
+  if stacked.op.type == "ConcatV2" and tf.get_static_value(
+    stacked.op.inputs[-1]
+  ) in (1, -1):
+    parts = list(stacked.op.inputs[:-1])
+  rows = []
+  for part in parts:
+    if part.op.type == "Pack" and part.op.get_attr("axis") == 1:
+      rows.extend(part.op.inputs)
+    else:
+      rows.extend(tf.unstack(part, axis=1))
+  return rows
 
 
 # Batched products: `pfor` vectorizes a `(N, T, F) @ (F, U)` of the model's
@@ -579,8 +611,11 @@ def per_sample_derivatives(
     return flat_vjp
 
   result = flatten_samples(grad, n, k)
+  symmetric = order > 2 and isinstance(k, int) and k > 0 and not diagonal
+  if symmetric:
+    result = _symmetric_levels(vjp, result, n, k, order, plan, x)
   cols = k
-  for level in range(2, order + 1):
+  for level in () if symmetric else range(2, order + 1):
     result = stack_rows(
       vjp(level),
       result,
@@ -609,6 +644,62 @@ def per_sample_derivatives(
       with tf.control_dependencies([check]):
         result = tf.identity(result)
   return result
+
+
+def _symmetric_levels(vjp, grad, n, k, order, plan, x):
+  """The derivatives of `order` >= 3, flattened `(N, K**order)`, from the
+  flattened gradient `grad` `(N, K)` and its rows of sorted indices only.
+
+  Derivatives do not depend on the order of their indices. The row of level
+  `l` for the sorted indices `m` (`l - 1` of them) holds the entries
+  `m + (b,)` for every `b`; those with `b < m[-1]` are entries of another
+  sorted row. So level `l + 1` differentiates only the columns
+  `b >= m[-1]` of each row of level `l`: C(K + l - 1, l) rows in place of
+  K**l (K = 2, order 4: 2 + 3 + 4 backward passes in place of
+  2 + 4 + 8), and the entries of unsorted indices are copies.
+
+  Args:
+    vjp: callable `level -> flat_vjp`, as in `per_sample_derivatives`.
+    grad: `Tensor` `(N, K)`.
+    n: the batch size (`int` or scalar `Tensor`).
+    k: `int` K.
+    order: `int` >= 3.
+    plan: the call's `Plan`.
+    x: the input, the source of the linear shortcuts.
+
+  Returns:
+    A `Tensor` `(N, K**order)`.
+  """
+  rows = {(): grad}  # Sorted indices -> the row of their derivative.
+  for level in range(2, order + 1):
+    # The columns to differentiate, taken before `vjp(level)` (where the
+    # eager path stops the tape that records them).
+    firsts = [m[-1] if m else 0 for m in rows]
+    columns = [
+      row[:, first:] if first else row
+      for row, first in zip(rows.values(), firsts)
+    ]
+    target = columns[0] if len(columns) == 1 else tf.concat(columns, axis=1)
+    stacked = stack_rows(
+      vjp(level),
+      target,
+      sum(k - first for first in firsts),
+      k,
+      plan,
+      source=x,
+      differentiated=level < order,
+      chunk_size=k if plan.chunk_size is None and level > 2 else None,
+    )
+    keys = [m + (b,) for m, first in zip(rows, firsts) for b in range(first, k)]
+    rows = dict(zip(keys, _rows_of(stacked)))
+  position = {m: i for i, m in enumerate(rows)}
+  flat = flatten_samples(
+    tf.stack(list(rows.values()), axis=1), n, len(rows) * k
+  )
+  entries = (sorted(m) for m in itertools.product(range(k), repeat=order))
+  return tf.gather(
+    flat, [position[tuple(m[:-1])] * k + m[-1] for m in entries], axis=1
+  )
 
 
 # How the message of a failed independence check starts.
