@@ -530,6 +530,45 @@ class BatchNormalizationTest(
             self.assertAllClose(y, want_y, atol=tolerance, rtol=tolerance)
             self.assertAllClose(h, want_h, atol=tolerance, rtol=tolerance)
 
+  @parameterized.named_parameters(
+    ("placeholder_with_default", "default"),
+    ("iterator", "iterator"),
+  )
+  def test_input_not_a_placeholder_after_updates(self, kind):
+    # `y` runs after the updates and reads no `Placeholder`: its input is a
+    # placeholder with a default, or a tf.data iterator's next batch.
+    directory = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    w = rng.normal(size=(3, 5)).astype(np.float32)
+    with tf.Graph().as_default():
+      if kind == "default":
+        xs = tf.compat.v1.placeholder_with_default(x[:1], [None, 3], "x")
+      else:
+        dataset = tf.data.Dataset.from_tensor_slices(x).batch(2)
+        iterator = tf.compat.v1.data.make_one_shot_iterator(dataset)
+        xs = tf.identity(iterator.get_next(), name="x")
+      h = tf.compat.v1.layers.batch_normalization(
+        xs @ w, training=tf.compat.v1.placeholder_with_default(False, [])
+      )
+      updates = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+      with tf.control_dependencies(updates):
+        y = tf.identity(tf.reduce_sum(tf.sin(h), axis=1), name="y")
+      full = tf.hessians(tf.reduce_sum(y), xs)[0]
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        want = testing_utils.diagonal_blocks(sess.run(full, {xs: x}))
+        prefix = tf.compat.v1.train.Saver().save(
+          sess, os.path.join(directory, "model.ckpt")
+        )
+    model = legacy.load(
+      "x:0", "y:0", meta_graph=prefix + ".meta", checkpoint=prefix
+    )
+    with tf.compat.v1.Session(graph=model.graph) as sess:
+      got = sess.run(model.hessians, {model.xs: x})
+    self.assertAllClose(got, want, atol=1e-5, rtol=1e-5)
+
   def test_ops_running_functions_that_assign_are_left_out(self):
     # An assignment inside a cond inside a loop body, and one in a call.
     with tf.Graph().as_default() as graph:

@@ -68,6 +68,27 @@ _STATE_OPS = frozenset(
   )
 )
 
+# Where a model's input comes from: a placeholder, a `tf.data` iterator's
+# next element, a queue's, or a floating placeholder with a default (a
+# `Saver`'s file name is a string one).
+_FEED_OPS = frozenset(
+  (
+    "Placeholder",
+    "IteratorGetNext",
+    "IteratorGetNextSync",
+    "QueueDequeueV2",
+    "QueueDequeueManyV2",
+    "QueueDequeueUpToV2",
+  )
+)
+
+
+def _is_feed(node):
+  if node.op == "PlaceholderWithDefault":
+    return tf.as_dtype(node.attr["dtype"].type).is_floating
+  return node.op in _FEED_OPS
+
+
 HessianModel = collections.namedtuple(
   "HessianModel", ["graph", "xs", "ys", "hessians", "gradients"]
 )
@@ -178,7 +199,9 @@ def model_node_names(graph_def):
   train ops), every op that reads a value of one of those, and every op
   whose outputs only feed dropped ops. An op that only runs after one of
   those (`tf.control_dependencies(UPDATE_OPS)` around the output) is kept,
-  without that control input (`_without_control_inputs`). An op that runs
+  without that control input (`_without_control_inputs`), where it reads a
+  feed (a placeholder, a floating one with a default, or the next element
+  of a `tf.data` iterator or of a queue). An op that runs
   functions (`If`, `While`, `PartitionedCall`, ...) changes state when one
   of its functions does, directly or through the functions that one runs:
   the control flow v2 conds that update a batch normalization's moving
@@ -215,8 +238,9 @@ def model_node_names(graph_def):
     if name not in dropped:
       dropped.add(name)
       stack.extend(consumers[name])
-  # But what only runs after one, and reads a placeholder and no state op,
-  # is the model's (`y` under `tf.control_dependencies(UPDATE_OPS)`).
+  # But what only runs after one, and reads a feed (a placeholder, an
+  # iterator's or a queue's next element) and no state op, is the model's
+  # (`y` under `tf.control_dependencies(UPDATE_OPS)`).
   fed = _reads_a_feed(graph_def, data_inputs, changes)
   dropped = {n for n in dropped if ops[n] == "NoOp" or fed[n] is not True}
   stack = list(dropped)
@@ -233,8 +257,8 @@ def model_node_names(graph_def):
 
 
 def _reads_a_feed(graph_def, data_inputs, changes):
-  """`{name: whether}` each node reads a `Placeholder` through data inputs:
-  `None` where it reads a node of `changes` (or is one).
+  """`{name: whether}` each node reads a feed (`_is_feed`) through data
+  inputs: `None` where it reads a node of `changes` (or is one).
 
   In the order of `graph_def`, inputs first (a loop's edge back reads as
   `False`).
@@ -245,7 +269,7 @@ def _reads_a_feed(graph_def, data_inputs, changes):
     if node.name in changes or None in reads:
       fed[node.name] = None
     else:
-      fed[node.name] = node.op == "Placeholder" or any(reads)
+      fed[node.name] = _is_feed(node) or any(reads)
   return fed
 
 
