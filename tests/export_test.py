@@ -338,6 +338,40 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       h = sess.run("hessians:0", {"x:0": [[1.0, 2.0]]})
     self.assertAllClose(h, [np.diag(6 * scale * [1.0, 2.0])])
 
+  def test_signature_takes_every_input_and_output(self):
+    # A model of x and t, differentiated in x: the signature must take t
+    # too (TF2 cannot load it otherwise), and keep two ys whose keys would
+    # be the same (`split:1` and `split_1:0`).
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+      t = tf.compat.v1.placeholder(tf.float32, [None, 1], name="t")
+      y = tf.identity(tf.reduce_sum(tf.sin(x) * t, axis=1), name="y")
+      _, second = tf.split(x**2, 2, axis=1)
+      third, _ = tf.split(x**3, 2, axis=1)
+      self.assertEqual([second.name, third.name], ["split:1", "split_1:0"])
+      ys = [y, second, third]
+      model = legacy.HessianModel(
+        graph, x, ys, **legacy.add_hessian_ops(graph, x, ys)
+      )
+    path = os.path.join(self.dir, "saved_model")
+    export.export_saved_model(model, path)
+    signature = tf.saved_model.load(path).signatures["hessians"]
+    self.assertCountEqual(signature.structured_input_signature[1], ["x", "t"])
+    rng = np.random.default_rng(0)
+    xv = rng.normal(size=(4, 2)).astype(np.float32)
+    tv = rng.normal(size=(4, 1)).astype(np.float32)
+    out = signature(x=tf.constant(xv), t=tf.constant(tv))
+    self.assertCountEqual(
+      out, ["hessians", "gradients", "y", "split_1", "split_1_1"]
+    )
+    self.assertAllClose(out["split_1"], xv[:, 1:] ** 2)  # split:1
+    self.assertAllClose(out["split_1_1"], xv[:, :1] ** 3)  # split_1:0
+    # d2/dx2 of sin(x) t + x_1^2 + x_0^3, per feature.
+    want = -np.sin(xv) * tv + np.array([6.0, 0.0]) * xv * [1, 0] + [0, 2]
+    self.assertAllClose(
+      out["hessians"], np.stack([np.diag(row) for row in want]), atol=1e-5
+    )
+
   def test_graph_without_variables_needs_no_session(self):
     model = self._constant_model()
     graph_def = export.export_frozen_graph(model, os.path.join(self.dir, "m"))

@@ -64,8 +64,17 @@ def _check_model(model, session):
   return graph, model.xs, ys_list
 
 
-def _output_key(t):
-  return t.op.name if t.value_index == 0 else f"{t.op.name}_{t.value_index}"
+def _unique_key(t, taken):
+  """The signature key of `t`: its op's name (with its output's index where
+  not 0), and a suffix `_1`, `_2`, ... where an earlier key is the same;
+  added to `taken`."""
+  key = t.op.name if t.value_index == 0 else f"{t.op.name}_{t.value_index}"
+  unique, suffix = key, 0
+  while unique in taken:
+    suffix += 1
+    unique = f"{key}_{suffix}"
+  taken.add(unique)
+  return unique
 
 
 def _node_input(t):
@@ -227,11 +236,19 @@ def _write_saved_model(graph_def, export_dir, xs, ys_list, tag, signature):
     HESSIANS: graph.get_tensor_by_name(HESSIANS + ":0"),
     GRADIENTS: graph.get_tensor_by_name(GRADIENTS + ":0"),
   }
-  for y in ys_list:  # Names are unique and not "hessians" or "gradients".
-    outputs[_output_key(y)] = graph.get_tensor_by_name(y.name)
+  taken = set(outputs)
+  for y in ys_list:
+    outputs[_unique_key(y, taken)] = graph.get_tensor_by_name(y.name)
+  # Every other input the outputs read (`t` of a model of `x` and `t`): a
+  # signature without it cannot be served, nor loaded by TF2.
+  inputs = {INPUT_KEY: graph.get_tensor_by_name(xs.name)}
+  taken = set(inputs)
+  for op in graph.get_operations():
+    if op.type == "Placeholder" and op.outputs[0].name != xs.name:
+      inputs[_unique_key(op.outputs[0], taken)] = op.outputs[0]
   with graph.as_default(), deprecation.silence():  # TF1 APIs warn on use.
     signature_def = tf.compat.v1.saved_model.predict_signature_def(
-      inputs={INPUT_KEY: graph.get_tensor_by_name(xs.name)}, outputs=outputs
+      inputs=inputs, outputs=outputs
     )
     builder = tf.compat.v1.saved_model.Builder(export_dir)
     with tf.compat.v1.Session(graph=graph) as sess:
@@ -332,9 +349,12 @@ def export_saved_model(
 ):
   """Writes a TF1 SavedModel whose signature gives the per-sample Hessians.
 
-  The signature `signature_name` has the input key "x" (the model's `xs`)
-  and the outputs "hessians" `(N, K, K)`, "gradients" `(N, K)` and each of
-  `ys` under its op name. Variables are folded into constants.
+  The signature `signature_name` has the input key "x" (the model's `xs`),
+  every other placeholder that the outputs read under its op name (`t` of
+  a model of `x` and `t`), and the outputs "hessians" `(N, K, K)`,
+  "gradients" `(N, K)` and each of `ys` under its op name (its output's
+  index appended where not 0; `_1`, `_2`, ... where two keys would be the
+  same). Variables are folded into constants.
 
   Args:
     model: a `tf1hess.legacy.HessianModel`.
