@@ -959,6 +959,19 @@ _BAD_INPUTS = (
     r"sample \(shape \(None, 3\)\); saw 4 features per sample",
   ),
   (
+    # As many values, in another layout (channels first for channels last).
+    "axes_of_another_shape",
+    lambda d: {
+      "graph_def": mlp_graph_def(
+        feature_shape=(2, 3), weights=testing_utils.mlp_weights(6, 4, 2)
+      ),
+      "input": _save(d, np.ones((4, 3, 2), np.float32)),
+    },
+    ValueError,
+    r"`input` samples must have the shape of `xs` x:0 \(2, 3\), or be flat "
+    r"rows of its 6 values; saw samples of shape \(3, 2\) in .*x\.npy",
+  ),
+  (
     "csv_not_a_number",
     lambda d: {"input": _touch(os.path.join(d, "x.csv"), "1,2,3\n\n4,abc,6\n")},
     TypeError,

@@ -53,8 +53,20 @@ def _feed_shape(x, reader):
   k = int(np.prod(features))
   if dims.is_compatible_with(features):
     return tuple(features)
-  if dims.is_fully_defined() and dims.num_elements() == k:
+  flat = len(features) == 1 or dims.rank == 1
+  if dims.is_fully_defined() and dims.num_elements() == k and flat:
+    # A flat row of K values for `(None, d...)`, or the reverse; samples of
+    # another shape of K values (channels first for channels last) would
+    # be reordered silently.
     return tuple(dims.as_list())
+  if dims.is_fully_defined() and dims.num_elements() == k:
+    raise ValueError(
+      f"`input` samples must have the shape of `xs` {x.name} "
+      f"{tuple(dims.as_list())}, or be flat rows of its {k} values; saw "
+      f"samples of shape {tuple(features)} in {reader.path} (channels "
+      "first for channels last?). Reorder the axes of the data, or "
+      "flatten it to (N, K) in the order the model takes."
+    )
   per = (
     f"{dims.num_elements()} features per sample (shape {x.shape})"
     if dims.is_fully_defined()
