@@ -76,10 +76,13 @@ def write_input(directory, x, kind):
   if kind in ("csv", "csv_header"):
     path = os.path.join(directory, "x.csv")
     with open(path, "w", encoding="utf-8") as f:
+      # With a header, the fields also end in a non-breaking space, as
+      # spreadsheets of some locales write them.
+      comma = ",\u00a0" if kind == "csv_header" else ", "
       if kind == "csv_header":
         f.write(",".join(f"f{i}" for i in range(x.shape[1])) + "\n\n")
       for row in np.asarray(x, np.float64):
-        f.write(", ".join(repr(float(v)) for v in row) + "\n")
+        f.write(comma.join(repr(float(v)) for v in row) + "\n")
     return path, None
   if kind == "csv_spreadsheet":
     # A spreadsheet's "CSV UTF-8": a byte-order mark, every field quoted.
@@ -977,6 +980,16 @@ _BAD_INPUTS = (
     TypeError,
     r"`input` must hold floating-point numbers only; .*x\.csv line 3 field 2 "
     r"is 'abc'",
+  ),
+  (
+    # An Arabic-Indic digit: a digit to Python, not to strtod.
+    "csv_not_an_ascii_digit",
+    lambda d: {
+      "input": _touch(os.path.join(d, "x.csv"), "1,2,3\n4,\u0665,6\n")
+    },
+    TypeError,
+    r"`input` must hold floating-point numbers only; .*x\.csv line 2 field 2 "
+    r"is '\u0665'",
   ),
   (
     "csv_trailing_commas",

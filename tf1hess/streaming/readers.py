@@ -30,9 +30,19 @@ _GZIP = ".gz"
 _NUMBER = (
   r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf(inity)?|nan)"
 )
-_NUMBER_RE = re.compile(_NUMBER, re.IGNORECASE)
+# ASCII digits only, as RE2's `\d` (the validation pass, `tf.strings`).
+_NUMBER_RE = re.compile(_NUMBER, re.IGNORECASE | re.ASCII)
 # A field in double quotes, as spreadsheets write every field.
 _QUOTED = r'^"(.*)"$'
+# Spaces at either end of a field or line, for RE2: those of Python's
+# `str.strip()` (a spreadsheet's non-breaking space, U+00A0, among them),
+# not only the ASCII ones of `tf.strings.strip`.
+_EDGE_SPACES = r"^[\t-\r\x1c-\x1f\x{85}\p{Z}]+|[\t-\r\x1c-\x1f\x{85}\p{Z}]+$"
+
+
+def _strip(strings):
+  """`tf.strings` without the spaces at their ends (`_EDGE_SPACES`)."""
+  return tf.strings.regex_replace(strings, _EDGE_SPACES, "")
 
 
 def _csv_fields(line):
@@ -293,15 +303,15 @@ class _CsvReader(_DatasetReader):
     header = self._header_line
     return lines.filter(
       lambda n, line: tf.logical_and(
-        n > header, tf.strings.length(tf.strings.strip(line)) > 0
+        n > header, tf.strings.length(_strip(line)) > 0
       )
     )
 
   @staticmethod
   def _fields(lines):
     """`_csv_fields` of each line, a ragged tensor."""
-    fields = tf.strings.strip(tf.strings.split(lines, ","))
-    return tf.strings.strip(tf.strings.regex_replace(fields, _QUOTED, r"\1"))
+    fields = _strip(tf.strings.split(lines, ","))
+    return _strip(tf.strings.regex_replace(fields, _QUOTED, r"\1"))
 
   def _scan(self):
     width = self.feature_shape[0]
