@@ -224,6 +224,30 @@ class ClusterRunTest(tf.test.TestCase):
       rtol=1e-4,
     )
 
+  def test_error_of_a_batch_names_it(self):
+    path, x = self.samples(14)
+    x[9, 1] = np.nan
+    np.save(path, x)
+    with tf.Graph().as_default() as graph:
+      xs = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+      checked = tf.debugging.check_numerics(xs, "bad input")
+      tf.identity(testing_utils.tanh_mlp(checked, *_WEIGHTS), name="y")
+    with self.assertRaisesRegex(
+      tf.errors.InvalidArgumentError,
+      r"^bad input : Tensor had NaN values \(batch 2: samples 8 to 11 of "
+      r".*x\.npy\)\n",
+    ):
+      streaming.compute_hessians(
+        graph.as_graph_def(),
+        "x:0",
+        "y:0",
+        path,
+        self.path("h.npy"),
+        batch_size=4,
+        worker_hosts=self.hosts,
+        timeout=_TIMEOUT,
+      )
+
   def test_unreachable_worker_fails_before_writing(self):
     path, _ = self.samples(4)
     down = f"127.0.0.1:{testing_utils.free_port()}"

@@ -246,6 +246,28 @@ class StreamingTest(testing_utils.TempDirTestCase, parameterized.TestCase):
       rtol=1e-4,
     )
 
+  def test_error_of_a_batch_names_it(self):
+    x = _samples(14)
+    x[9, 1] = np.nan
+    path, _ = write_input(self.dir, x, "npy")
+    with tf.Graph().as_default() as graph:
+      xs = tf.compat.v1.placeholder(tf.float32, [None, _K], name="x")
+      checked = tf.debugging.check_numerics(xs, "bad input")
+      tf.identity(testing_utils.tanh_mlp(checked, *_WEIGHTS), name="y")
+    with self.assertRaisesRegex(
+      tf.errors.InvalidArgumentError,
+      r"^bad input : Tensor had NaN values \(batch 2: samples 8 to 11 of "
+      r".*x\.npy\)\n",
+    ):
+      streaming.compute_hessians(
+        graph.as_graph_def(),
+        "x:0",
+        "y:0",
+        path,
+        self.path("h.npy"),
+        batch_size=4,
+      )
+
   def test_float64_model_and_list_of_ys(self):
     x = np.random.default_rng(3).normal(size=(7, _K))
     path, _ = write_input(self.dir, x, "npy")

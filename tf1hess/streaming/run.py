@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf1hess import _checks
+from tf1hess import _tf_errors
 from tf1hess import cluster
 from tf1hess import plan as plan_lib
 from tf1hess.streaming.engine import Engine
@@ -675,6 +676,20 @@ def _compute_missing(
     manifest.save(num_batches, new)
     progress.update(values["hessians"].shape[0], len(new))
 
+  def failed(index, error):
+    """`error` of batch `index`, its message naming the batch and its
+    samples, or `error` itself where it is not TensorFlow's."""
+    if not isinstance(error, tf.errors.OpError):
+      return error
+    start = index * batch_size
+    stop = min(start + batch_size, reader.num_samples)
+    return type(error)(
+      error.node_def,
+      error.op,
+      f"{_tf_errors.error_summary(error)} (batch {index}: samples {start} "
+      f"to {stop - 1} of {reader.path})\n{error.message}",
+    )
+
   pending = reader.batches(
     batch_size, done.first_missing(), lambda i: i not in done
   )
@@ -683,7 +698,11 @@ def _compute_missing(
     if engine.hosts is None:
       computed = 0
       for index, batch in pending:
-        record(index, engine.run(0, batch))
+        try:
+          values = engine.run(0, batch)
+        except tf.errors.OpError as error:
+          raise failed(index, error) from error
+        record(index, values)
         computed += 1
       return computed
-    return dispatch(engine, pending, record)
+    return dispatch(engine, pending, record, failed)

@@ -33,7 +33,7 @@ _WORKER_ERRORS = (
 )
 
 
-def dispatch(engine, pending, record):
+def dispatch(engine, pending, record, failed):
   """Runs batches on every replica at once; records results as they come.
 
   Each batch runs in a daemon thread, at most one per worker, while this
@@ -43,7 +43,9 @@ def dispatch(engine, pending, record):
   up on batches that cannot return (a session whose master, worker 0, is
   gone waits for it for ever). On a failure no new batch is sent; the
   batches still running are recorded if they finish while the workers are
-  watched, then the failure is raised naming the worker.
+  watched, then the failure is raised naming the worker; an error of the
+  batch itself (a `tf.debugging.check_numerics` of the model) is raised as
+  `failed(index, error)` returns it.
   """
   results = queue.Queue()
   free = list(range(len(engine.replicas)))
@@ -104,7 +106,7 @@ def dispatch(engine, pending, record):
       raise cluster.worker_failure(
         engine.hosts, replica, index, _tf_errors.error_summary(error)
       ) from error
-    raise error
+    raise failed(index, error) from error
   return computed
 
 
