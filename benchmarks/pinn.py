@@ -298,14 +298,8 @@ def compare_space_time(d, batch_size, runs, seed=0):
   if _jax_ready():
     # pylint: disable=g-import-not-at-top
     import jax
-    import jax.numpy as jnp
 
-    def net(point):
-      return _tanh_network([jnp.asarray(w) for w in weights], point, jnp.tanh)[
-        0
-      ]
-
-    jax_hessian = jax.jit(jax.vmap(jax.hessian(net)))
+    jax_hessian = jax.jit(jax.vmap(jax.hessian(_jax_network(weights))))
     methods += (JAX,)
   with tf.compat.v1.Session(graph=graph) as sess:
     sess.run(init)
@@ -316,6 +310,15 @@ def compare_space_time(d, batch_size, runs, seed=0):
       return sess.run(fetches[method], feed)
 
     return _timed(d, "joint hessian", run, methods, runs)
+
+
+def _jax_network(weights):
+  """The tanh network of `weights` on one point, a JAX function (needs
+  `jax`)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  params = [jnp.asarray(w) for w in weights]
+  return lambda point: _tanh_network(params, point, jnp.tanh)[0]
 
 
 def compare_orders(d, order, batch_size, runs, seed=0):
@@ -361,14 +364,8 @@ def compare_orders(d, order, batch_size, runs, seed=0):
   if _jax_ready():
     # pylint: disable=g-import-not-at-top
     import jax
-    import jax.numpy as jnp
 
-    def net(point):
-      return _tanh_network([jnp.asarray(w) for w in weights], point, jnp.tanh)[
-        0
-      ]
-
-    derivatives = jax.hessian(net)
+    derivatives = jax.hessian(_jax_network(weights))
     for _ in range(order - 2):
       derivatives = jax.jacfwd(derivatives)
     jax_derivatives = jax.jit(jax.vmap(derivatives))

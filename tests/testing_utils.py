@@ -48,6 +48,24 @@ def tanh_mlp(x, w1, b1, w2):
   return tf.reduce_sum(tf.tanh(a) * tf.constant(w2, dtype), axis=1)
 
 
+# The error of `checking_mlp_graph_def` on a NaN in sample 9 (row 9 of
+# `x.npy`), batches of 4.
+NAN_IN_BATCH_2 = (
+  r"^bad input : Tensor had NaN values \(batch 2: samples 8 to 11 of "
+  r".*x\.npy\)\n"
+)
+
+
+def checking_mlp_graph_def(weights):
+  """The `GraphDef` of `tanh_mlp` ("x:0" -> "y:0") of float32 inputs that
+  `tf.debugging.check_numerics` checks first ("bad input")."""
+  with tf.Graph().as_default() as graph:
+    x = tf.compat.v1.placeholder(tf.float32, [None, len(weights[0])], name="x")
+    checked = tf.debugging.check_numerics(x, "bad input")
+    tf.identity(tanh_mlp(checked, *weights), name="y")
+  return graph.as_graph_def()
+
+
 def tanh_mlp_hessians(x, w1, b1, w2):
   """Analytic per-sample Hessians of `tanh_mlp`, float64 `(N, K, K)`.
 
