@@ -306,7 +306,7 @@ def _stacked_pieces(target):
 
   Rows unrolled and flattened (`_rows.stack`, `flatten_samples`: a `Pack` on
   axis 1 under a `Reshape`), or the columns of several rows that a level of
-  `symmetric_levels` differentiates (a `ConcatV2` on axis 1).
+  `_symmetric_levels` differentiates (a `ConcatV2` on axis 1).
   """
   if target.shape.rank != 2:
     return None
