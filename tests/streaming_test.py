@@ -1008,6 +1008,13 @@ _BAD_INPUTS = (
     r"is '\u0665'",
   ),
   (
+    "csv_empty_field",
+    lambda d: {"input": _touch(os.path.join(d, "x.csv"), "1,2,3\n4,,6\n")},
+    TypeError,
+    r"`input` must hold floating-point numbers only; .*x\.csv line 2 field 2 "
+    r"is '' \(empty\)\.$",
+  ),
+  (
     "csv_trailing_commas",
     lambda d: {"input": _touch(os.path.join(d, "x.csv"), "1,2,3,\n4,5,6,\n")},
     TypeError,

@@ -352,7 +352,10 @@ class _CsvReader(_DatasetReader):
     column, field = next(
       (i, f) for i, f in enumerate(fields, 1) if not _NUMBER_RE.fullmatch(f)
     )
-    empty = "" if field else " (do the rows end with a comma?)"
+    empty = ""
+    if not field:
+      last = column == len(fields)
+      empty = " (do the rows end with a comma?)" if last else " (empty)"
     raise TypeError(
       "`input` must hold floating-point numbers only; "
       f"{self.path} line {lineno} field {column} is {field!r}{empty}."
