@@ -784,6 +784,19 @@ class AddHessianOpsTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(error, regex):
           legacy.add_hessian_ops(*args)
 
+  def test_scalar_ys_warns(self):
+    # A batch mean (a loss) as `ys`: its per-sample Hessians depend on the
+    # batch size.
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+      loss = tf.reduce_mean(tf.reduce_sum(x**3, axis=1), name="loss")
+      with self.assertLogs(level="WARNING") as logs:
+        added = legacy.add_hessian_ops(graph, x, loss)
+      with tf.compat.v1.Session() as sess:
+        h = sess.run(added["hessians"], {x: [[1.0, 2.0], [0.0, 1.0]]})
+    self.assertIn("`ys` loss:0 is a scalar", "\n".join(logs.output))
+    self.assertAllClose(h, [[[3, 0], [0, 6]], [[0, 0], [0, 3]]])
+
   def test_integer_xs_error(self):
     with self.assertRaisesRegex(
       TypeError, r"`xs` must be a floating tensor .* saw dtype int32\."

@@ -18,6 +18,7 @@ import collections
 import difflib
 import os
 
+from absl import logging
 from google.protobuf import message as pb_message
 from google.protobuf import text_format
 import tensorflow as tf
@@ -742,6 +743,15 @@ def add_hessian_ops(
   _checks.check_batched(x, "xs")
   for y in ys_list:
     _checks.check_float(y, "ys")
+    if y.shape.rank == 0:
+      logging.warning(
+        "tf1hess: `ys` %s is a scalar, not one output per sample: the "
+        "Hessians are those of its total over the batch, and those of a "
+        "mean over the batch (a loss) scale with 1 / the batch size (the "
+        "last, shorter batch of a file with its own). Give the outputs per "
+        "sample, (N,) or (N, ...): a loss before its reduce_mean.",
+        y.name,
+      )
   between = ops.ops_between(ys_list, [x])
   if not between and not any(y.name == x.name for y in ys_list):
     raise ValueError(
