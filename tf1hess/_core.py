@@ -330,13 +330,13 @@ def _stacked_pieces(target):
   return pieces
 
 
-def _rows_of(stacked):
-  """The rows `(N, K)` of `stacked` `(N, R, K)`: the tensors that it stacks
-  where `stack_rows` unrolled them (a `Pack` on axis 1, or a `ConcatV2` of
-  those), so that differentiating one row does not run back through the
-  others; else slices."""
+def _rows_of(stacked, num_rows):
+  """The `num_rows` rows `(N, K)` of `stacked` `(N, R, K)`: the tensors that
+  it stacks where `stack_rows` unrolled them (a `Pack` on axis 1, or a
+  `ConcatV2` of those), so that differentiating one row does not run back
+  through the others; else slices."""
   if tf.executing_eagerly():
-    return tf.unstack(stacked, axis=1)
+    return tf.unstack(stacked, num=num_rows, axis=1)
   parts = [stacked]
   if stacked.op.type == "ConcatV2" and tf.get_static_value(
     stacked.op.inputs[-1]
@@ -346,8 +346,10 @@ def _rows_of(stacked):
   for part in parts:
     if part.op.type == "Pack" and part.op.get_attr("axis") == 1:
       rows.extend(part.op.inputs)
-    else:
+    elif tf.compat.dimension_value(part.shape[1]) is not None:
       rows.extend(tf.unstack(part, axis=1))
+    else:  # A loop's rows, their number unknown to the graph.
+      return tf.unstack(stacked, num=num_rows, axis=1)
   return rows
 
 
@@ -691,7 +693,7 @@ def _symmetric_levels(vjp, grad, n, k, order, plan, x):
       chunk_size=k if plan.chunk_size is None and level > 2 else None,
     )
     keys = [m + (b,) for m, first in zip(rows, firsts) for b in range(first, k)]
-    rows = dict(zip(keys, _rows_of(stacked)))
+    rows = dict(zip(keys, _rows_of(stacked, len(keys))))
   position = {m: i for i, m in enumerate(rows)}
   flat = flatten_samples(
     tf.stack(list(rows.values()), axis=1), n, len(rows) * k
