@@ -53,13 +53,12 @@ def _feed_shape(x, reader):
   k = int(np.prod(features))
   if dims.is_compatible_with(features):
     return tuple(features)
-  flat = len(features) == 1 or dims.rank == 1
-  if dims.is_fully_defined() and dims.num_elements() == k and flat:
-    # A flat row of K values for `(None, d...)`, or the reverse; samples of
-    # another shape of K values (channels first for channels last) would
-    # be reordered silently.
-    return tuple(dims.as_list())
   if dims.is_fully_defined() and dims.num_elements() == k:
+    if len(features) == 1 or dims.rank == 1:
+      # A flat row of K values for `(None, d...)`, or the reverse; samples
+      # of another shape of K values (channels first for channels last)
+      # would be reordered silently.
+      return tuple(dims.as_list())
     raise ValueError(
       f"`input` samples must have the shape of `xs` {x.name} "
       f"{tuple(dims.as_list())}, or be flat rows of its {k} values; saw "

@@ -677,10 +677,8 @@ def _compute_missing(
     progress.update(values["hessians"].shape[0], len(new))
 
   def failed(index, error):
-    """`error` of batch `index`, its message naming the batch and its
-    samples, or `error` itself where it is not TensorFlow's."""
-    if not isinstance(error, tf.errors.OpError):
-      return error
+    """TensorFlow's `error` of batch `index`, its message naming the batch
+    and its samples."""
     start = index * batch_size
     stop = min(start + batch_size, reader.num_samples)
     return type(error)(

@@ -43,9 +43,9 @@ def dispatch(engine, pending, record, failed):
   up on batches that cannot return (a session whose master, worker 0, is
   gone waits for it for ever). On a failure no new batch is sent; the
   batches still running are recorded if they finish while the workers are
-  watched, then the failure is raised naming the worker; an error of the
-  batch itself (a `tf.debugging.check_numerics` of the model) is raised as
-  `failed(index, error)` returns it.
+  watched, then the failure is raised naming the worker; TensorFlow's error
+  of the batch itself (a `tf.debugging.check_numerics` of the model) is
+  raised as `failed(index, error)` returns it.
   """
   results = queue.Queue()
   free = list(range(len(engine.replicas)))
@@ -106,7 +106,9 @@ def dispatch(engine, pending, record, failed):
       raise cluster.worker_failure(
         engine.hosts, replica, index, _tf_errors.error_summary(error)
       ) from error
-    raise failed(index, error) from error
+    if isinstance(error, tf.errors.OpError):
+      raise failed(index, error) from error
+    raise error
   return computed
 
 
