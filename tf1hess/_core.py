@@ -301,6 +301,17 @@ def stack_rows(
   return build(attempts[-1])
 
 
+def _joined(t):
+  """The tensors that `t` joins on axis 1 (a `Pack` or a `ConcatV2`), or
+  `None`."""
+  if t.op.type == "Pack" and t.op.get_attr("axis") == 1:
+    return list(t.op.inputs)
+  if t.op.type == "ConcatV2":
+    if tf.get_static_value(t.op.inputs[-1]) in (1, -1):
+      return list(t.op.inputs[:-1])
+  return None
+
+
 def _stacked_pieces(target):
   """The tensors `(N, w_i)` that `target` `(N, sum w_i)` joins, or `None`.
 
@@ -310,14 +321,13 @@ def _stacked_pieces(target):
   """
   if target.shape.rank != 2:
     return None
-  joined = target.op.inputs[0] if target.op.type == "Reshape" else target
-  if joined.op.type == "Pack" and joined.op.get_attr("axis") == 1:
-    pieces = list(joined.op.inputs)
-  elif joined is target and joined.op.type == "ConcatV2":
-    pieces = list(joined.op.inputs[:-1])
-    if tf.get_static_value(joined.op.inputs[-1]) not in (1, -1):
+  joined = target
+  if target.op.type == "Reshape":  # Of a `Pack` only.
+    joined = target.op.inputs[0]
+    if joined.op.type != "Pack":
       return None
-  else:
+  pieces = _joined(joined)
+  if pieces is None:
     return None
   widths = [
     tf.compat.dimension_value(p.shape[-1]) if p.shape.rank == 2 else None
@@ -338,14 +348,13 @@ def _rows_of(stacked, num_rows):
   if tf.executing_eagerly():
     return tf.unstack(stacked, num=num_rows, axis=1)
   parts = [stacked]
-  if stacked.op.type == "ConcatV2" and tf.get_static_value(
-    stacked.op.inputs[-1]
-  ) in (1, -1):
-    parts = list(stacked.op.inputs[:-1])
+  if stacked.op.type == "ConcatV2":
+    parts = _joined(stacked) or parts
   rows = []
   for part in parts:
-    if part.op.type == "Pack" and part.op.get_attr("axis") == 1:
-      rows.extend(part.op.inputs)
+    packed = _joined(part) if part.op.type == "Pack" else None
+    if packed is not None:
+      rows.extend(packed)
     elif tf.compat.dimension_value(part.shape[1]) is not None:
       rows.extend(tf.unstack(part, axis=1))
     else:  # A loop's rows, their number unknown to the graph.
