@@ -12,6 +12,7 @@ import re
 # Lines of a TensorFlow run-time error that do not say what went wrong.
 _TF_NOISE = re.compile(
   r"^(Graph execution error:|Detected at node|Node: |From /job:|"
+  r"[A-Z_]+: From /job:|"
   r"Additional GRPC error|File \"|\[\[|Traceback|\(\d+\) )"
 )
 
