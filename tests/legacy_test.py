@@ -569,6 +569,38 @@ class BatchNormalizationTest(
       got = sess.run(model.hessians, {model.xs: x})
     self.assertAllClose(got, want, atol=1e-5, rtol=1e-5)
 
+  def test_input_of_unknown_rank(self):
+    # A queue's dequeue has no shape in the saved graph: `load` says how to
+    # give it one, and that way gives the Hessians.
+    directory = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    w = rng.normal(size=(3, 5)).astype(np.float32)
+    with tf.Graph().as_default():
+      queue = tf.queue.FIFOQueue(8, tf.float32, shapes=[[3]])
+      xs = tf.identity(queue.dequeue_many(4), name="x")
+      y = tf.identity(tf.reduce_sum(tf.sin(xs @ w), axis=1), name="y")
+      full = tf.hessians(tf.reduce_sum(y), xs)[0]
+      tf.compat.v1.Variable(1.0)  # A checkpoint needs a variable.
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        want = testing_utils.diagonal_blocks(sess.run(full, {xs: x}))
+        prefix = tf.compat.v1.train.Saver().save(
+          sess, os.path.join(directory, "model.ckpt")
+        )
+    paths = {"meta_graph": prefix + ".meta", "checkpoint": prefix}
+    with self.assertRaisesRegex(
+      ValueError, r"`xs` must have a known rank .* x:0 has none .*set_shape"
+    ):
+      legacy.load("x:0", "y:0", **paths)
+    graph = legacy.import_graph_def(legacy.load_graph_def(**paths))
+    graph.get_tensor_by_name("x:0").set_shape([None, 3])
+    added = legacy.add_hessian_ops(graph, "x:0", "y:0")
+    with tf.compat.v1.Session(graph=graph) as sess:
+      got = sess.run(added["hessians"], {"x:0": x})
+    self.assertAllClose(got, want, atol=1e-5, rtol=1e-5)
+
   def test_ops_running_functions_that_assign_are_left_out(self):
     # An assignment inside a cond inside a loop body, and one in a call.
     with tf.Graph().as_default() as graph:

@@ -828,7 +828,9 @@ def load(
     A `HessianModel(graph, xs, ys, hessians, gradients)`.
 
   Raises:
-    As `load_graph_def` and `add_hessian_ops`.
+    As `load_graph_def` and `add_hessian_ops`; and `ValueError` when `xs`
+    has no rank in the saved graph (a queue's dequeue): the message says
+    how to give it one.
 
   Example:
     >>> import tempfile, tensorflow as tf, tf1hess
@@ -851,6 +853,15 @@ def load(
   )
   loaded = import_graph_def(graph_def)
   x = find_tensor(loaded, xs, "xs")
+  if x.shape.rank is None:
+    raise ValueError(
+      f"`xs` must have a known rank >= 2 (batch, features...); {x.name} has "
+      "none in the saved graph (a queue's dequeue records none). Give it "
+      "one and add the ops: graph = tf1hess.legacy.import_graph_def("
+      "tf1hess.legacy.load_graph_def(...)); "
+      f"graph.get_tensor_by_name({x.name!r}).set_shape([None, ...]); "
+      "tf1hess.legacy.add_hessian_ops(graph, ...)."
+    )
   ys_names, was_sequence = _checks.as_list(ys)
   ys_list = [find_tensor(loaded, y, "ys") for y in ys_names]
   added = add_hessian_ops(
