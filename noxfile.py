@@ -6,7 +6,9 @@ runs `tests` once per TensorFlow version (each in its own virtualenv under
 .nox/, reused by later runs), then `compatibility`, which writes
 COMPATIBILITY.md from the JUnit reports and the versions each session
 recorded. `nox -s "tests(tensorflow='2.12')"` runs one version; arguments
-after `--` go to pytest (`nox -s tests -- tests/ops_test.py`).
+after `--` go to pytest in place of `--slow tests` (`nox -s tests --
+tests/ops_test.py`), so the slow tests, skipped by a plain `pytest`, run
+only where `--slow` is among them.
 
 TensorFlow 2.12 to 2.15 are tested with the `tensorflow-cpu` build, which
 includes Keras 2 as `tf.keras`; 2.16 and later with the `tensorflow` build
@@ -96,7 +98,7 @@ def tests(session, tensorflow):
     "-p",
     "no:cacheprovider",
     f"--junitxml={report}.xml",
-    *(session.posargs or ["tests"]),
+    *(session.posargs or ["--slow", "tests"]),
     env={"TF_CPP_MIN_LOG_LEVEL": "2"},
   )
 

@@ -28,3 +28,35 @@ def _inputs_of_each_tests_own(request):
   if isinstance(rng, np.random.Generator):
     seed = zlib.crc32(request.node.nodeid.encode())
     rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+    "--slow",
+    action="store_true",
+    help="also run the slow tests (a minute or more each on 2 cores); nox "
+    "runs them on every TensorFlow version",
+  )
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+    "markers", "slow: skipped unless pytest runs with --slow (nox does)"
+  )
+
+
+def pytest_collection_modifyitems(config, items):
+  """Skips the slow tests unless --slow.
+
+  A test is slow when marked `@pytest.mark.slow` (under the
+  `parameterized` decorators, so that each case carries the mark), or when
+  its name is in its class's `slow_cases` (one case of a parameterized
+  test).
+  """
+  if config.getoption("--slow"):
+    return
+  skip = pytest.mark.skip(reason="slow: run with --slow (nox does)")
+  for item in items:
+    cases = getattr(item.cls, "slow_cases", ())
+    if "slow" in item.keywords or item.name in cases:
+      item.add_marker(skip)

@@ -362,6 +362,9 @@ def _classifier(x, bias=None):
 class StaticBatchCopyTest(tf.test.TestCase):
   """Estimates from a copy with a static N where shapes are lost without."""
 
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = ("test_copy_keeps_the_zero_states_whose_shapes_are_read",)
+
   def test_softmax_cross_entropy_is_estimated_and_takes_the_engine(self):
     x_val = _RNG.normal(size=(6, 32))
     with tf.Graph().as_default() as graph:
@@ -746,6 +749,38 @@ class RowsInexactTest(
 ):
   """TensorFlow's second derivative of some max pools (and of resizes and
   norms) is wrong."""
+
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_eager_derivatives_of_moments_in_functions_of_a_batch1",
+    "test_eager_derivatives_of_moments_instance_norm",
+    "test_eager_derivatives_of_moments_not_kept_dims",
+    "test_eager_derivatives_of_moments_run_the_function_once0",
+    "test_eager_derivatives_of_moments_run_the_function_once1",
+    "test_eager_derivatives_of_moments_variance",
+    "test_forces_of_deep_moments_take_one_backward_pass",
+    "test_functions_of_gradients_of_moments_instance_norm",
+    "test_functions_of_gradients_of_moments_layer_norm",
+    "test_functions_of_gradients_of_moments_not_kept_dims",
+    "test_functions_of_gradients_of_moments_variance",
+    "test_gradients_of_max_pools_same_stride_1",
+    "test_gradients_of_max_pools_valid_stride_2",
+    "test_hessian_vector_products_of_moments_instance_norm",
+    "test_hessian_vector_products_of_moments_layer_norm",
+    "test_hessian_vector_products_of_moments_not_kept_dims",
+    "test_moments_take_the_engine_layer_norm",
+    "test_moments_take_the_engine_not_kept_dims",
+    "test_per_output_ops_and_derivatives_of_moments",
+    "test_rows_say_whether_the_engine_follows_the_moments",
+    "test_rows_take_the_curvature_of_moments_the_engine_cannot_follow",
+    "test_weight_gradients_of_moments0",
+    "test_weight_gradients_of_moments2",
+    "test_weight_gradients_of_moments3",
+    "test_weight_gradients_of_moments4",
+    "test_weight_gradients_of_moments5",
+    "test_weight_gradients_of_moments6",
+    "test_weight_gradients_of_moments7",
+  )
 
   @parameterized.named_parameters(
     ("same_stride_1", 2, 1, "SAME"),
@@ -1443,6 +1478,9 @@ class RowsInexactTest(
 class EagerInFunctionTest(tf.test.TestCase):
   """Inside a `tf.function`, `tf1hess.eager` takes the graph ops' choice."""
 
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = ("test_the_engine_where_it_pays",)
+
   def test_softsign_takes_the_engine(self):
     w = _RNG.normal(size=(4, 8)) / 2
 
@@ -1493,6 +1531,12 @@ class EagerInFunctionTest(tf.test.TestCase):
 
 
 class NoDeadOpsTest(tf.test.TestCase):
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_a_model_not_copied_is_walked_in_its_graph",
+    "test_the_copy_keeps_shapes_axes_and_variables",
+  )
+
   def test_rows_leave_no_engine_ops(self):
     with tf.Graph().as_default() as graph:
       x = tf.compat.v1.placeholder(tf.float64, [None, 16])
@@ -1574,6 +1618,24 @@ class ByBatchSizeTest(
   parameterized.TestCase, tf.test.TestCase, testing_utils.ControlFlowMixin
 ):
   """Where the choice depends on N, a `tf.cond` on N makes it at run time."""
+
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_auto_builds_both_and_agrees_with_the_rows",
+    "test_compositions_in_a_cond0",
+    "test_compositions_in_a_cond1",
+    "test_compositions_in_a_cond2",
+    "test_derivatives_with_respect_to_weights1",
+    "test_fused_batch_norm_rows_stay_out_of_a_v1_cond0",
+    "test_fused_batch_norm_rows_stay_out_of_a_v1_cond1",
+    "test_graph_ops_inside_an_autograph_tf_function",
+    "test_inside_a_tf_function",
+    "test_the_engine_runs_none_of_the_rows_passes0",
+    "test_the_engine_runs_none_of_the_rows_passes1",
+    "test_the_engine_runs_none_of_the_rows_passes2",
+    "test_the_engine_runs_none_of_the_rows_passes3",
+    "test_xla_takes_the_engine_for_every_batch_size",
+  )
 
   def _choice(self, n):
     # Three tanh layers of 32 on 128 features: the rows' K passes cost a
@@ -1924,6 +1986,28 @@ class ByBatchSizeTest(
 
 class SameNumbersTest(parameterized.TestCase, tf.test.TestCase):
   """auto, the rows and the engine agree, whichever auto takes."""
+
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_measure_reports_both_engines",
+    "test_validation_models_deep_tanh_diagonal",
+    "test_validation_models_deep_tanh_hessian",
+    "test_validation_models_deep_tanh_laplacian",
+    "test_validation_models_fourier_diagonal",
+    "test_validation_models_fourier_hessian",
+    "test_validation_models_fourier_laplacian",
+    "test_validation_models_glu_laplacian",
+    "test_validation_models_gru_diagonal",
+    "test_validation_models_gru_hessian",
+    "test_validation_models_gru_laplacian",
+    "test_validation_models_inverse_quadratic_diagonal",
+    "test_validation_models_inverse_quadratic_hessian",
+    "test_validation_models_inverse_quadratic_laplacian",
+    "test_validation_models_layer_norm_elu_diagonal",
+    "test_validation_models_layer_norm_elu_hessian",
+    "test_validation_models_layer_norm_elu_laplacian",
+    "test_validation_models_lstm_diagonal",
+  )
 
   @parameterized.named_parameters(
     (f"{model}_{quantity}", model, quantity)

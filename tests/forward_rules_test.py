@@ -1467,6 +1467,79 @@ def _check(test, x, y, x_val, rows=True, variables=False):
 class ForwardRulesTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_cross_entropy_of_labels_of_x0",
+    "test_cross_entropy_of_labels_of_x1",
+    "test_cumprod_of_zeros0",
+    "test_cumprod_of_zeros2",
+    "test_cumprod_of_zeros3",
+    "test_dilated_convolution_by_auto1",
+    "test_einsum_pairing_samples_with_others_falls_back",
+    "test_every_new_rule_has_a_test",
+    "test_residual_of_a_hard_constrained_network",
+    "test_rule_Asin_Acos",
+    "test_rule_AvgPool",
+    "test_rule_AvgPoolGrad",
+    "test_rule_BesselI0e_BesselI1e",
+    "test_rule_Cholesky",
+    "test_rule_Conv2DBackpropInput",
+    "test_rule_Conv3DBackpropInputV2",
+    "test_rule_Cross",
+    "test_rule_Cumprod",
+    "test_rule_Cumprod_of_x",
+    "test_rule_Cumsum",
+    "test_rule_CumulativeLogsumexp_reverse",
+    "test_rule_DepthwiseConv2dNativeBackpropInput",
+    "test_rule_EluGrad_SeluGrad",
+    "test_rule_Erfinv_Ndtri",
+    "test_rule_EuclideanNorm",
+    "test_rule_ExtractImagePatches",
+    "test_rule_FloorMod",
+    "test_rule_GatherV2_batch_dims",
+    "test_rule_GatherV2_batch_dims_of_x",
+    "test_rule_Igamma_Igammac",
+    "test_rule_Laplacian_of_a_Laplacian",
+    "test_rule_Lgamma_Digamma",
+    "test_rule_LogMatrixDeterminant",
+    "test_rule_MatrixBandPart",
+    "test_rule_MatrixDiagPartV3",
+    "test_rule_MatrixDiagPart_older",
+    "test_rule_MatrixDiag_older",
+    "test_rule_MatrixInverse",
+    "test_rule_MatrixSetDiagV3",
+    "test_rule_MatrixSolve_of_x",
+    "test_rule_MatrixTriangularSolve",
+    "test_rule_MatrixTriangularSolve_of_x",
+    "test_rule_MaxPoolGrad",
+    "test_rule_Mean_of_products",
+    "test_rule_Prod",
+    "test_rule_Prod_keepdims_of_x",
+    "test_rule_ReciprocalGrad_InvGrad",
+    "test_rule_ReluGrad_Relu6Grad_LeakyReluGrad",
+    "test_rule_Reshape_rows_softmax",
+    "test_rule_RsqrtGrad_SqrtGrad",
+    "test_rule_Select",
+    "test_rule_SelectV2_broadcast",
+    "test_rule_Sign_Floor_Ceil_Round_Rint",
+    "test_rule_Softmax_middle_axis",
+    "test_rule_TanhGrad_SigmoidGrad",
+    "test_rule_Tensordot_rows",
+    "test_rule_Tile_by_repeat",
+    "test_rule_burgers_residual",
+    "test_rule_forces_of_a_logsumexp",
+    "test_rule_forces_of_an_energy",
+    "test_rule_gradient_of_a_batched_matmul",
+    "test_rule_gradient_of_a_concatenation",
+    "test_rule_gradient_of_a_gather_nd",
+    "test_rule_gradient_of_a_softmax_cross_entropy",
+    "test_rule_gradient_of_a_sparse_softmax_cross_entropy",
+    "test_rule_gradient_of_a_transpose",
+    "test_rule_gradient_of_products",
+    "test_rule_gradient_of_sums",
+    "test_rule_score_of_a_mixture",
+  )
+
   @parameterized.named_parameters(*[(name, name) for name in _RULES])
   def test_rule(self, name):
     op_type, model = _RULES[name]
@@ -2082,6 +2155,23 @@ class FoldTest(tf.test.TestCase):
 class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
   """A matmul by weights of a function of a dense layer, as one matmul."""
 
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_a_sum_of_layers_is_not_written_gate_logsumexp",
+    "test_a_sum_of_layers_is_not_written_gate_norm",
+    "test_a_sum_of_layers_is_not_written_gated_tanh",
+    "test_a_sum_of_layers_is_not_written_log_mean_skip",
+    "test_a_sum_of_layers_is_not_written_skip_softplus",
+    "test_folds_chains_and_sums_of_functions_difference",
+    "test_folds_concatenated_scales_feature_map_of_x",
+    "test_folds_concatenated_scales_fourier_features",
+    "test_folds_concatenated_scales_layer_and_x",
+    "test_folds_sums_of_scales_of_several_layers_dense_and_shared",
+    "test_folds_sums_of_scales_of_several_layers_modified_mlp",
+    "test_layers_that_read_x_contract_as_one_matmul0",
+    "test_sums_of_more_scales_than_kept",
+  )
+
   def _hessians(self, dtype, folds, activation=tf.tanh, layer=None, also=None):
     """`layer(x)` (else `activation` of a dense layer) by weights, tanh;
     plus `also` of the layer, when given."""
@@ -2349,6 +2439,28 @@ class FoldedMatMulTest(tf.test.TestCase, parameterized.TestCase):
 class ForwardRuleModelsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_image_input0",
+    "test_image_input1",
+    "test_keras_decoder0",
+    "test_keras_decoder1",
+    "test_keras_multi_head_attention0",
+    "test_keras_multi_head_attention1",
+    "test_model1",
+    "test_model10",
+    "test_model2",
+    "test_model3",
+    "test_model4",
+    "test_model5",
+    "test_model6",
+    "test_model7",
+    "test_model8",
+    "test_model9",
+    "test_rows_of_parts_with_a_static_batch0",
+    "test_rows_of_parts_with_a_static_batch1",
+  )
+
   @parameterized.parameters(testing_utils.in_turn(model=list(_MODELS)))
   def test_model(self, model, cf):
     self.control_flow(cf)
@@ -2603,6 +2715,12 @@ class MovedBatchAxisTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
   """Transposes that move the batch axis, and back (`registry.Moved`)."""
+
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_forces_of_static_rnn0",
+    "test_forces_of_static_rnn1",
+  )
 
   @parameterized.parameters(
     testing_utils.in_turn(

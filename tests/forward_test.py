@@ -366,6 +366,12 @@ def _batch_reference(sess, x, y, x_val):
 class ForwardRulesTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_rule_BatchMatMulV2_both",
+    "test_rule_BatchMatMulV2_large",
+  )
+
   @parameterized.named_parameters(*[(name, name) for name in _RULES])
   def test_rule(self, name):
     op_type, model = _RULES[name]
@@ -511,6 +517,9 @@ _MODELS = {
 class ForwardModelsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = ("test_model2",)
+
   @parameterized.parameters(testing_utils.in_turn(model=list(_MODELS)))
   def test_model(self, model, cf):
     self.control_flow(cf)
@@ -734,6 +743,9 @@ def x_val_of(n):
 
 
 class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = ("test_loops_are_unrolled",)
+
   def test_unsupported_op_falls_back_and_says_so(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
@@ -804,6 +816,9 @@ class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
 
 
 class AutoTest(tf.test.TestCase):
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = ("test_saved_model_of_silu_hessians",)
+
   def test_auto_hessians_of_a_mixture_take_the_engine(self):
     # 64 features: terms 4 wide against 64 row passes over (N, 4, 64).
     k = 64
@@ -1172,6 +1187,15 @@ class SummedPartsTest(
 ):
   """`jacobians.summed_parts` against the sum of the Jacobian written whole
   by numpy, and models whose Jacobians it sums against the rows."""
+
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = (
+    "test_models_against_the_rows0",
+    "test_models_against_the_rows3",
+    "test_pairwise_potential_against_its_analytic_hessian1",
+    "test_pairwise_potential_against_its_analytic_hessian2",
+    "test_pairwise_potential_against_its_analytic_hessian3",
+  )
 
   @parameterized.product(
     base=["dense", "shared"],

@@ -1385,6 +1385,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 class MemoryTest(tf.test.TestCase):
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = ("test_peak_memory_does_not_grow_with_n",)
+
   def test_peak_memory_does_not_grow_with_n(self):
     """Peak RSS of a run over N = 400k equals that of a run over 2 batches.
 
