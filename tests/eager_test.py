@@ -251,6 +251,37 @@ class EagerIndependenceCheckTest(tf.test.TestCase):
     self.assertAllClose(out, testing_utils.tanh_mlp_hessians(x_val, *_WEIGHTS))
 
 
+class WrongSecondDerivativesWarnTest(tf.test.TestCase):
+  def test_once_per_model(self):
+    # The rows asked for take TensorFlow's second derivatives through
+    # tf.nn.moments, which are wrong: each model says so once, not only the
+    # first of the process, and the steps of a training loop do not repeat
+    # it (a lambda made again at each step included).
+    def normalized(x):
+      mean, variance = tf.nn.moments(x, [1], keepdims=True)
+      return (x - mean) * tf.math.rsqrt(variance + 1e-3)
+
+    def first(x):
+      return tf.reduce_sum(tf.sin(normalized(x)), 1)
+
+    def second(x):
+      return tf.reduce_sum(tf.cos(2.0 * normalized(x)), 1)
+
+    x_val = np.random.default_rng(3).normal(size=(4, 3))
+    for fn in (first, second):
+      with self.assertLogs(level="WARNING") as logs:
+        tf1hess.eager.batch_hessians(fn, x_val, method="while_loop")
+      self.assertIn("tf.nn.moments", "".join(logs.output))
+    with mock.patch.object(tf1hess._core.logging, "warning") as warning:
+      for _ in range(3):
+        tf1hess.eager.batch_hessians(first, x_val, method="while_loop")
+        tf1hess.eager.batch_hessians(
+          lambda z: second(z), x_val, method="while_loop"
+        )
+    self.assertLen(warning.call_args_list, 1)
+    self.assertIn("tf.nn.moments", warning.call_args.args[1])
+
+
 class CapturedInputTest(tf.test.TestCase, parameterized.TestCase):
   """`x` a tensor of the eager context or a variable, inside a
   `tf.function`: the derivatives are built on its value there."""

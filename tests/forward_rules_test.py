@@ -1861,6 +1861,31 @@ class ForwardRulesTest(
       with tf.compat.v1.Session() as sess:
         self.assertAllClose(sess.run(auto, {x: x_val}), h, atol=1e-6)
 
+  def test_gradient_of_a_concatenation_of_inputs(self):
+    # `psi(tf.concat([x, t], 1))` and its velocity `u = d psi / d t`, as in
+    # the Navier-Stokes residual: the gradient of the concatenation slices
+    # at an offset and to a shape read from `t` and `x`, each of which does
+    # not depend on the other but has its N rows.
+    rng = np.random.default_rng(32)
+    feed_vals = [rng.normal(size=(4, 2)), rng.normal(size=(4, 1))]
+    with tf.Graph().as_default():
+      x = tf.compat.v1.placeholder(tf.float64, [None, 2])
+      t = tf.compat.v1.placeholder(tf.float64, [None, 1])
+      w1 = tf.constant(rng.normal(size=(3, 8)))
+      w2 = tf.constant(rng.normal(size=(8, 1)))
+      psi = tf.matmul(tf.tanh(tf.matmul(tf.concat([x, t], 1), w1)), w2)
+      (u,) = tf.gradients(psi, t)
+      got = tf1hess.batch_hessians(u, [x, t], method="forward")
+      want = []
+      for v in (x, t):
+        (g,) = tf.gradients(u, v)
+        rows = [tf.gradients(g[:, j], v)[0] for j in range(v.shape[1])]
+        want.append(tf.stack(rows, axis=1))
+      with tf.compat.v1.Session() as sess:
+        got, want = sess.run([got, want], dict(zip((x, t), feed_vals)))
+    for g, w in zip(got, want):
+      self.assertAllClose(g, w, atol=1e-12)
+
   def test_matrices_across_the_batch_are_declined(self):
     # A rank-2 input: the batch axis is an axis of the matrices.
     with tf.Graph().as_default():

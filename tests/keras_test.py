@@ -328,6 +328,39 @@ class GraphModeTest(tf.test.TestCase, parameterized.TestCase):
       ):
         tfh_keras.model_derivatives(model, order=0)
 
+  def test_integer_input_names_it_and_the_floating_ones(self):
+    # Token ids beside features: the message names the ids and says how to
+    # take the Hessians of the features, and that way matches nested
+    # tf.gradients.
+    layers = tf_keras.layers
+    x_val = np.random.default_rng(2).normal(size=(4, 2))
+    ids_val = np.array([[0, 3, 6], [1, 1, 2], [5, 4, 0], [2, 6, 3]])
+    with tf.Graph().as_default():
+      ids = tf_keras.Input((3,), dtype="int32", name="ids")
+      feats = tf_keras.Input((2,), name="feats")
+      embedded = layers.Flatten()(layers.Embedding(7, 2)(ids))
+      hidden = layers.Dense(8, activation="tanh")(
+        layers.Concatenate()([embedded, feats])
+      )
+      model = tf_keras.Model([ids, feats], layers.Dense(1)(hidden))
+      for build in (tfh_keras.model_hessians, tfh_keras.model_derivatives):
+        with self.assertRaisesRegex(
+          ValueError,
+          r"Every input of `model` must be floating.*; saw ids:0 \(int32\)\."
+          r".*tf1hess.batch_hessians\(model.outputs, \[model.inputs\[i\] "
+          r"for i in \[1\]\]\)",
+        ):
+          build(
+            model, **({} if build is tfh_keras.model_hessians else {"order": 2})
+          )
+      h = tf1hess.batch_hessians(model.outputs, [model.inputs[1]])[0]
+      (g,) = tf.gradients(tf.reduce_sum(model.output), feats)
+      rows = [tf.gradients(g[:, j], feats)[0] for j in range(2)]
+      sess = tf.compat.v1.keras.backend.get_session()
+      feed = {ids: ids_val, feats: x_val}
+      got, want = sess.run([h, tf.stack(rows, axis=1)], feed)
+    self.assertAllClose(got, want, atol=1e-6)
+
 
 class EagerModelsTest(tf.test.TestCase, parameterized.TestCase):
   """Models called eagerly, of both generations, as `fn` of tf1hess.eager."""

@@ -548,15 +548,29 @@ def _describe(attempt):
   return attempt.loop + (" with linear shortcuts" if attempt.shortcuts else "")
 
 
-# Messages already logged, per graph (`None`: executing eagerly): one
-# warning per graph and reason, not one per op built on the same model.
+# Messages already logged, per graph or per function executed eagerly
+# (`None`: once per process): one warning per model and reason, not one per
+# op built on the same model or per call in a training loop.
 _WARNED = weakref.WeakKeyDictionary()
 _WARNED_EAGERLY = set()
 
 
-def warn_once(graph, message):
-  """Logs `message` at WARNING once per `graph` (`None`: eager)."""
-  seen = _WARNED_EAGERLY if graph is None else _WARNED.setdefault(graph, set())
+def warn_once(owner, message):
+  """Logs `message` at WARNING once per `owner`.
+
+  Args:
+    owner: the `tf.Graph` the ops are built in, or the function (a Keras
+      model, say) executed eagerly; `None`: once per process. An owner that
+      cannot be referred to weakly gets the message every time.
+    message: `str`.
+  """
+  if owner is None:
+    seen = _WARNED_EAGERLY
+  else:
+    try:
+      seen = _WARNED.setdefault(owner, set())
+    except TypeError:  # Not weakly referable.
+      seen = set()
   if message not in seen:
     seen.add(message)
     logging.warning("%s", message)

@@ -9,6 +9,7 @@ graph, and uses the same row loop as the graph ops.
 
 import functools
 import inspect
+import types
 import weakref
 
 import numpy as np
@@ -218,7 +219,7 @@ def _derivatives(
           fail = forward_dispatch.tensorflow_fails(ys_list, x, grad)
         if fail:
           _core.warn_once(
-            None if tf.executing_eagerly() else x.graph,
+            _owner(fn) if tf.executing_eagerly() else x.graph,
             "tf1hess: TensorFlow's second derivatives of the function are"
             " wrong or missing here (a max pool that keeps its input's shape,"
             " a bilinear resize, a Euclidean norm, tf.nn.moments, ...), and"
@@ -256,6 +257,15 @@ def _derivatives(
       None, f"tf1hess: the rows cannot be built ({e}); taking the engine."
     )
     return walked()
+
+
+def _owner(fn):
+  """What a warning about `fn` executed eagerly is given once for: a model
+  (any callable object) itself; a Python function by its code, so that a
+  lambda made again at each step of a training loop warns once."""
+  if isinstance(fn, types.FunctionType):
+    return fn.__code__
+  return fn
 
 
 def _outputs(fn, x):

@@ -141,6 +141,17 @@ def _symbolic_io(model):
       "graph mode (inside `with tf.Graph().as_default():` or after "
       "tf.compat.v1.disable_eager_execution())."
     )
+  not_floating = [t for t in inputs if not t.dtype.is_floating]
+  if not_floating:
+    floating = [i for i, t in enumerate(inputs) if t.dtype.is_floating]
+    raise ValueError(
+      "Every input of `model` must be floating, since the derivatives are "
+      "taken with respect to each; saw "
+      + ", ".join(f"{t.name} ({t.dtype.name})" for t in not_floating)
+      + ". For the floating ones only, call tf1hess.batch_hessians("
+      f"model.outputs, [model.inputs[i] for i in {floating}]) (or another "
+      "op of tf1hess) in the model's graph."
+    )
   return list(inputs), list(outputs), len(inputs) == 1
 
 

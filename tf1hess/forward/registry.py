@@ -579,6 +579,40 @@ def concat_offset(t, batch_first):
   return np.asarray(offset, t.dtype.as_numpy_dtype)
 
 
+def concat_slice(begin_t, size_t, batch_first):
+  """The begin and size of a slice of a concatenation's gradient along
+  another axis than the batch's, where one of the concatenated tensors
+  holds the samples first (`batch_first`), or `None`.
+
+  The begin is a `ConcatOffset` of the `ShapeN` of the concatenated
+  tensors and the size one of those shapes. `ConcatOffset` checks when it
+  runs that the shapes agree but along the axis joined, so every tensor
+  has the N rows of the one of samples, even one that does not depend on
+  x (`tf.concat([x, t], 1)` differentiated with respect to `x`).
+  """
+  op = begin_t.op
+  if op.type != "ConcatOffset" or size_t.op.type != "ShapeN":
+    return None
+  shapes = list(op.inputs[1:])
+  refs = [s.ref() for s in shapes]
+  rank = tf.compat.dimension_value(size_t.shape[0])
+  axis = fold(op.inputs[0])
+  if size_t.ref() not in refs or rank is None or axis is None:
+    return None
+  axis = int(axis) % rank
+  sources = [_shape_source(s) for s in shapes]
+  if axis == 0 or None in sources or not any(map(batch_first, sources)):
+    return None
+  dims = []
+  for u in sources:
+    if u.shape.rank != rank or None in u.shape.as_list()[1:]:
+      return None
+    dims.append([None] + u.shape.as_list()[1:])
+  offset = [0] * rank
+  offset[axis] = sum(d[axis] for d in dims[: begin_t.value_index])
+  return offset, dims[refs.index(size_t.ref())]
+
+
 def partial_shape(t):
   """The entries of a shape vector `t`, each an `int` or `None`, or `None`.
 

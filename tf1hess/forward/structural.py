@@ -751,13 +751,18 @@ def _strided_slice_grad(op, jacs, ctx):
 def _slice(op, j, ctx):
   """`tf.slice` that takes the batch axis whole: per sample. Its begin and
   size may be read from shapes of tensors of samples (the gradient of a
-  concatenation: `registry.concat_offset`, `registry.sample_shape`)."""
+  concatenation: `registry.concat_slice`, `registry.concat_offset`,
+  `registry.sample_shape`)."""
   u, begin_t, size_t = op.inputs
   batch_first = getattr(ctx, "batch_first", None)
   begin = size = None
   if batch_first is not None and ctx.group == 1:
-    begin = registry.concat_offset(begin_t, batch_first)
-    size = registry.sample_shape(size_t, batch_first)
+    joined = registry.concat_slice(begin_t, size_t, batch_first)
+    if joined is not None:
+      begin, size = joined
+    else:
+      begin = registry.concat_offset(begin_t, batch_first)
+      size = registry.sample_shape(size_t, batch_first)
   if begin is None:
     begin = registry.static_value(begin_t, "begin", op)
   if size is None:
