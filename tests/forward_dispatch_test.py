@@ -14,6 +14,7 @@ import sys
 from unittest import mock
 
 from absl import flags
+from absl import logging
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
@@ -456,6 +457,9 @@ class StaticBatchCopyTest(tf.test.TestCase):
         raise ValueError("a rule's static shapes")
       return real(ys, x, mode)
 
+    # Flags parsed by a test before this one set absl's logger to WARNING.
+    self.addCleanup(logging.set_verbosity, logging.get_verbosity())
+    logging.set_verbosity(logging.INFO)
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, 3])
       y = tf.reduce_sum(tf.sin(x) * x, 1)
