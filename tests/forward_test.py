@@ -368,8 +368,24 @@ class ForwardRulesTest(
 ):
   # Seconds to minutes each on 2 cores: run with --slow (nox does).
   slow_cases = (
+    "test_rule_AddN",
+    "test_rule_BatchMatMulV2_adjoint",
     "test_rule_BatchMatMulV2_both",
     "test_rule_BatchMatMulV2_large",
+    "test_rule_BroadcastTo_dynamic_batch",
+    "test_rule_Diagonal_ExpandDims_Mean",
+    "test_rule_Diagonal_Sum_not_over_features",
+    "test_rule_Diagonal_Sum_over_features",
+    "test_rule_Diagonal_ellipsis_new_axis",
+    "test_rule_DivNoNan_denominator",
+    "test_rule_Einsum_attention_scores",
+    "test_rule_Max_Min",
+    "test_rule_Maximum",
+    "test_rule_Mul_input_by_itself",
+    "test_rule_Pow_both",
+    "test_rule_RealDiv",
+    "test_rule_SoftmaxCrossEntropyWithLogits_of_steps",
+    "test_rule_Sum_Mean",
   )
 
   @parameterized.named_parameters(*[(name, name) for name in _RULES])
@@ -518,7 +534,14 @@ class ForwardModelsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
   # Seconds to minutes each on 2 cores: run with --slow (nox does).
-  slow_cases = ("test_model2",)
+  slow_cases = (
+    "test_attention",
+    "test_dynamic_features",
+    "test_linear_models_with_divisions_are_zeros1",
+    "test_model0",
+    "test_model2",
+    "test_model3",
+  )
 
   @parameterized.parameters(testing_utils.in_turn(model=list(_MODELS)))
   def test_model(self, model, cf):
@@ -744,7 +767,10 @@ def x_val_of(n):
 
 class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
   # Seconds to minutes each on 2 cores: run with --slow (nox does).
-  slow_cases = ("test_loops_are_unrolled",)
+  slow_cases = (
+    "test_loops_are_unrolled",
+    "test_unsupported_op_falls_back_and_says_so",
+  )
 
   def test_unsupported_op_falls_back_and_says_so(self):
     with tf.Graph().as_default():
@@ -817,7 +843,11 @@ class FallbackTest(testing_utils.ControlFlowMixin, tf.test.TestCase):
 
 class AutoTest(tf.test.TestCase):
   # Seconds to minutes each on 2 cores: run with --slow (nox does).
-  slow_cases = ("test_saved_model_of_silu_hessians",)
+  slow_cases = (
+    "test_auto_follows_silu_without_a_warning",
+    "test_auto_hessians_of_a_mixture_take_the_engine",
+    "test_saved_model_of_silu_hessians",
+  )
 
   def test_auto_hessians_of_a_mixture_take_the_engine(self):
     # 64 features: terms 4 wide against 64 row passes over (N, 4, 64).
@@ -1191,6 +1221,8 @@ class SummedPartsTest(
   # Seconds to minutes each on 2 cores: run with --slow (nox does).
   slow_cases = (
     "test_models_against_the_rows0",
+    "test_models_against_the_rows1",
+    "test_models_against_the_rows2",
     "test_models_against_the_rows3",
     "test_pairwise_potential_against_its_analytic_hessian1",
     "test_pairwise_potential_against_its_analytic_hessian2",
@@ -1578,6 +1610,9 @@ class ScaleChainTest(tf.test.TestCase, parameterized.TestCase):
 class MergedTermsTest(tf.test.TestCase):
   """`jacobians.merged_by_factor` against the terms it replaces."""
 
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = ("test_gated_model_against_the_rows",)
+
   def _hessian(self, terms, n, k):
     return tf.add_n(
       [jacobians.contract(t, jacobians.HESSIAN, n, k) for t in terms]
@@ -1663,6 +1698,9 @@ class SummedAdjointsTest(
 ):
   """The adjoint of a sum taken before its broadcast, and the contraction of
   diagonal factors by such a `c` as a matmul, against numpy."""
+
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = ("test_a_summed_tensor_that_is_also_an_output0",)
 
   @parameterized.parameters("Sum", "Mean")
   def test_adjoint_before_a_sum(self, reduction):
@@ -1755,6 +1793,9 @@ class SummedAdjointsTest(
 
 
 class EagerTest(tf.test.TestCase):
+  # Seconds to minutes each on 2 cores: run with --slow (nox does).
+  slow_cases = ("test_eager_laplacians_and_forward_hessians",)
+
   def test_eager_laplacians_and_forward_hessians(self):
     x = tf.constant(x_val_of(4))
 
