@@ -1,5 +1,6 @@
 """Tests of the graph ops against analytic Hessians, tf.hessians and FD."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -172,6 +173,57 @@ class BatchHessiansTest(
     self.assertAllClose(
       compiled(x_val), tf.function(loss, input_signature=spec)(x_val)
     )
+
+  @parameterized.parameters("auto", "while_loop", "pfor", "forward")
+  def test_third_derivatives_compiled_by_xla(self, method):
+    # Under XLA the levels of rows that are differentiated again are
+    # unrolled: a `tf.while_loop` of rows in the gradient of another does
+    # not compile ("Cannot find body function"), and pfor's vectorized
+    # gradients of pfor's rows mix up branch shapes.
+    version = _compat.parse_version(tf.__version__)
+    if method == "pfor" and version < (2, 17):
+      self.skipTest("XLA of TensorFlow <= 2.15 cannot compile pfor's rows")
+    w = np.random.default_rng(32).normal(size=(3, 4))
+
+    def fn(x):
+      product = x[:, 0] * x[:, 1] ** 2
+      return tf.reduce_sum(tf.sin(tf.matmul(x, w)), axis=1) + product
+
+    spec = [tf.TensorSpec([None, 3], tf.float64)]
+    compiled = tf.function(
+      lambda x: tf1hess.eager.batch_derivatives(fn, x, 3, method=method),
+      input_signature=spec,
+      jit_compile=True,
+    )
+    x = np.random.default_rng(33).normal(size=(5, 3))
+    # d3/dx_i dx_j dx_k of sum_u sin(z_u), z = x w: -cos(z_u) w_iu w_ju w_ku.
+    expected = np.einsum("nu,iu,ju,ku->nijk", -np.cos(x @ w), w, w, w)
+    for i, j, k in set(itertools.permutations((0, 1, 1))):
+      expected[:, i, j, k] += 2.0  # Of x0 x1^2.
+    self.assertAllClose(compiled(x), expected)
+    if method != "pfor":  # pfor's vectorized gradients fail on N = 0 there.
+      self.assertEqual(compiled(np.zeros((0, 3))).shape, (0, 3, 3, 3))
+
+  @parameterized.parameters("auto", "while_loop", "pfor")
+  def test_third_derivatives_of_dynamic_features_compiled_by_xla(self, method):
+    # With K known only at run time the rows differentiated again are
+    # vectorized without chunks, not looped.
+    version = _compat.parse_version(tf.__version__)
+    if version < (2, 17):
+      self.skipTest("XLA of TensorFlow <= 2.15 cannot compile pfor's rows")
+    compiled = tf.function(
+      lambda x: tf1hess.eager.batch_derivatives(
+        lambda x: tf.reduce_sum(tf.sin(x) ** 3, axis=1), x, 3, method=method
+      ),
+      input_signature=[tf.TensorSpec([None, None], tf.float64)],
+      jit_compile=True,
+    )
+    x = np.random.default_rng(34).normal(size=(4, 3))
+    s, c = np.sin(x), np.cos(x)
+    expected = np.zeros((4, 3, 3, 3))
+    for i in range(3):  # The third derivative of sin^3.
+      expected[:, i, i, i] = 6 * c[:, i] ** 3 - 21 * s[:, i] ** 2 * c[:, i]
+    self.assertAllClose(compiled(x), expected)
 
   @parameterized.product(
     method=["auto", "while_loop", "pfor", "forward"], cf=[1, 2]

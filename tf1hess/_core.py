@@ -190,7 +190,10 @@ def stack_rows(
   Under control flow v1, TensorFlow cannot differentiate a while loop inside
   another, so rows that will be differentiated again (`differentiated`, the
   levels below the last of a derivative of order >= 3) are vectorized
-  without chunks, or else unrolled in Python (static `num_cols`).
+  without chunks, or else unrolled in Python (static `num_cols`). Under XLA
+  (`compiled_by_xla`) they are unrolled (static `num_cols`), or else
+  vectorized without chunks: XLA compiles neither loop's gradient inside
+  another loop, nor, for some models, pfor's gradients of pfor's rows.
 
   Args:
     vjp: callable `(targets, cotangents, source) -> Tensor (N, P)`: the
@@ -228,8 +231,18 @@ def stack_rows(
     shape = [n, 0] if select_column else [n, 0, x_cols]
     return tf.zeros(tf.stack(shape), target.dtype)
   source = _graph_source(source)
-  no_loops = (differentiated and control_flow_v1()) or _v1_loop_output(source)
-  through_v1_loop = through_v1_loop or _taped_in_v1_loop(target, num_cols)
+  static = isinstance(num_cols, int)
+  xla_levels = differentiated and compiled_by_xla()
+  no_loops = (
+    (differentiated and control_flow_v1())
+    or _v1_loop_output(source)
+    or (xla_levels and not static)
+  )
+  through_v1_loop = (
+    through_v1_loop
+    or _taped_in_v1_loop(target, num_cols)
+    or (xla_levels and static)
+  )
   if no_loops:
     chunk_size = None
   elif chunk_size is None:

@@ -90,9 +90,12 @@ def stack(row, num_rows, width, dtype, loop, plan, target, chunk_size=None):
   if loop == "unrolled":
     if not isinstance(num_rows, int):
       raise ValueError(
-        "Under control flow v1 (tf.compat.v1.disable_v2_behavior()), "
-        "derivatives of order >= 3 of a model that `pfor` cannot vectorize "
-        "need a static number of features, or control flow v2: call "
+        "Under control flow v1 (tf.compat.v1.disable_v2_behavior()) or XLA "
+        "(tf.function(jit_compile=True)), derivatives of order >= 3 of a "
+        "model that `pfor` cannot vectorize unroll the rows that are "
+        "differentiated again, which needs a static number of features: saw "
+        "one known only at run time. Give `xs` a static shape after the "
+        "batch axis, or, under control flow v1, call "
         "tf.compat.v1.enable_control_flow_v2() before building the model."
       )
     return tf.stack([row(j) for j in range(num_rows)], axis=1)
