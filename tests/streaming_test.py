@@ -84,6 +84,14 @@ def write_input(directory, x, kind):
       for row in np.asarray(x, np.float64):
         f.write(comma.join(repr(float(v)) for v in row) + "\n")
     return path, None
+  if kind == "csv_pandas":
+    # pandas' `DataFrame(x).to_csv(path, index=False)`: the column numbers.
+    path = os.path.join(directory, "x.csv")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(",".join(str(i) for i in range(x.shape[1])) + "\n")
+      for row in np.asarray(x, np.float64):
+        f.write(",".join(repr(float(v)) for v in row) + "\n")
+    return path, None
   if kind == "csv_spreadsheet":
     # A spreadsheet's "CSV UTF-8": a byte-order mark, every field quoted.
     path = os.path.join(directory, "x.csv")
@@ -108,6 +116,7 @@ _FORMATS = (
   "npz_compressed",
   "csv",
   "csv_header",
+  "csv_pandas",
   "csv_spreadsheet",
   "tfrecord",
   "tfrecord_gzip",
@@ -1032,6 +1041,16 @@ _BAD_INPUTS = (
     lambda d: {"input": _touch(os.path.join(d, "x.csv"), "\n\n")},
     ValueError,
     r"`input` holds no samples: .*x\.csv has no rows",
+  ),
+  (
+    # pandas' `to_csv(path)` with the index: its rows start with their number.
+    "csv_pandas_index",
+    lambda d: {
+      "input": _touch(os.path.join(d, "x.csv"), ",0,1,2\n0,1.5,2.5,3.5\n")
+    },
+    ValueError,
+    r"`input` .*x\.csv line 1 is the header of pandas' `DataFrame.to_csv` "
+    r"with the index: .* `to_csv\(path, index=False\)`",
   ),
   (
     "csv_header_only",

@@ -51,6 +51,28 @@ def _csv_fields(line):
   return [re.sub(_QUOTED, r"\1", field).strip() for field in fields]
 
 
+def _is_csv_header(fields, path, lineno):
+  """Whether the first line's `fields` are a header, not a sample.
+
+  A header has a field that is neither a number nor empty, or is pandas'
+  default, the column numbers 0 to K - 1 of `DataFrame(x).to_csv(path,
+  index=False)` (K >= 2: a sample of one feature "0" is data). With the
+  index (`to_csv(path)`) the rows would start with their row number, which
+  is not a feature: that file is refused.
+  """
+  names = [str(i) for i in range(len(fields))]
+  if len(fields) >= 2 and fields[0] == "" and fields[1:] == names[:-1]:
+    raise ValueError(
+      f"`input` {path} line {lineno} is the header of pandas' "
+      "`DataFrame.to_csv` with the index: every row then starts with its "
+      "row number, which is not a feature. Write the file with "
+      "`to_csv(path, index=False)`."
+    )
+  if len(fields) >= 2 and fields == names:
+    return True
+  return not all(not f or _NUMBER_RE.fullmatch(f) for f in fields)
+
+
 class InputReader(abc.ABC):
   """Samples `(N, d...)` of a file, read a batch at a time, never whole.
 
@@ -262,7 +284,8 @@ class _CsvReader(_DatasetReader):
   """Numeric comma-separated rows, read through `tf.data` in batches.
 
   Blank lines are skipped; a first line with a field that is neither a
-  number nor empty is a header. Fields may be in double quotes, and the
+  number nor empty, or of pandas' default column names (0, 1, ..., K - 1),
+  is a header. Fields may be in double quotes, and the
   file may start with a byte-order mark. A validation pass at open time
   counts the rows and finds the first bad line, so that a bad file fails
   before any output is written.
@@ -281,9 +304,7 @@ class _CsvReader(_DatasetReader):
           continue
         fields = _csv_fields(line)
         width = len(fields)
-        if not all(
-          not field or _NUMBER_RE.fullmatch(field) for field in fields
-        ):
+        if _is_csv_header(fields, path, lineno):
           self._header_line = lineno
         break
     if width is None:
@@ -602,7 +623,8 @@ def open_input(input, input_key=None):  # pylint: disable=redefined-builtin
   - `.npz`: its array `input_key` (or its only array); memory-mapped one
     batch at a time when stored uncompressed (`np.savez`), decompressed as a
     stream when compressed (`np.savez_compressed`);
-  - `.csv`: numeric comma-separated rows of K values, optional header line,
+  - `.csv`: numeric comma-separated rows of K values, optional header line
+    (with a field that is not a number, or pandas' default 0, ..., K - 1),
     blank lines skipped; read through `tf.data`;
   - `.tfrecord`, `.tfrecords`, `.tfr` (`.gz` for GZIP): one
     `tf.train.Example` per sample with a `float_list` feature `input_key`
