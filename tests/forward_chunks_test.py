@@ -99,6 +99,10 @@ _CHUNKED = {
     tf.sin(tf.reshape(x, [-1, 2, 2])) ** 3, axis=[1, 2]
   ),
   "added_to_itself": _added_to_itself,
+  # The cube of its input, by an exponent the chunks copy.
+  "approximate_gelu": lambda x: _mlp(
+    x, lambda u: tf.nn.gelu(u, approximate=True)
+  ),
   # Each sample's entry of class 1, by indices made from the batch size:
   # a chunk's copy gathers its own rows.
   "picked_class": lambda x: (
@@ -204,6 +208,34 @@ class ChunksTest(
     for t in hoisted:
       self.assertIs(t.graph, graph)
       self.assertFalse(control_flow_util.IsInWhileLoop(t.op), t.name)
+
+  @parameterized.parameters(1, 2)
+  def test_no_pow_kernel_for_a_constant_exponent(self, cf):
+    # The chunks copy a `Pow`'s constant exponent into their loop, where
+    # TensorFlow's graph optimizers take `u ** 3` (and the walk's and the
+    # gradient's powers of `u`) by products, as they do in the model: its
+    # `Pow` kernel costs tens of products per entry.
+    self.control_flow(cf)
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      y = _CHUNKED["approximate_gelu"](x)
+      lap = tf1hess.batch_laplacians(y, x, method="forward")
+      metadata = tf.compat.v1.RunMetadata()
+      with tf.compat.v1.Session() as sess:
+        sess.run(
+          lap,
+          {x: _RNG.normal(size=(11, _K))},
+          options=tf.compat.v1.RunOptions(trace_level=3),
+          run_metadata=metadata,
+        )
+    self.assertTrue(_chunked(graph))
+    labels = [
+      node.timeline_label
+      for device in metadata.step_stats.dev_stats
+      for node in device.node_stats
+    ]
+    self.assertTrue(any("chunks" in label for label in labels))
+    self.assertEmpty([label for label in labels if "= Pow(" in label])
 
   @parameterized.parameters(1, 2)
   def test_derivatives_with_respect_to_weights(self, cf):

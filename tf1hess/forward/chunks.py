@@ -244,6 +244,9 @@ def _copied_ops(x, path):
     _check_copyable(op)
     for t in registry.followed_inputs(op):
       kind = _kind(t.op, kinds)
+      if _copied_exponent(op, t):
+        copied.add(t.op)
+        continue
       if kind is None and t.dtype.is_integer and _copyable(t.op):
         # Axes, shapes, permutations: rules read their values, which the
         # walk can only fold (`registry.fold`) on the ops that compute them.
@@ -262,6 +265,25 @@ def _copied_ops(x, path):
         copied.add(t.op)
         stack.append(t.op)
   return copied
+
+
+def _copied_exponent(op, t):
+  """Whether `t`, an input of `op`, is a `Pow`'s scalar constant exponent,
+  which a chunk copies into its loop.
+
+  TensorFlow's graph optimizers then see it in the loop body as in the
+  model, and take `u ** 3` (an approximate GELU), its derivatives in the
+  walk and TensorFlow's gradient of it by products and squares, instead of
+  the `Pow` kernel of an exponent captured from outside the loop, which
+  costs tens of products per entry. TensorFlow's gradients with respect to
+  that constant itself (not a variable) miss the path through the chunks.
+  """
+  return (
+    op.type == "Pow"
+    and t is op.inputs[1]
+    and t.op.type == "Const"
+    and t.shape.rank == 0
+  )
 
 
 # What an op's outputs depend on: the values of `x` (the walked ops, and
