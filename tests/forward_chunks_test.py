@@ -99,9 +99,13 @@ _CHUNKED = {
     tf.sin(tf.reshape(x, [-1, 2, 2])) ** 3, axis=[1, 2]
   ),
   "added_to_itself": _added_to_itself,
-  # The cube of its input, by an exponent the chunks copy.
+  # Powers by constant exponents, which the chunks copy: a cube, squares.
   "approximate_gelu": lambda x: _mlp(
     x, lambda u: tf.nn.gelu(u, approximate=True)
+  ),
+  "squares": lambda x: (
+    tf.reduce_sum(_mlp(x, lambda u: tf.tanh(u) + 0.1 * u**2), 1)
+    + tf.reduce_sum(tf.exp(-((x[:, None, :] - _weights(3, _K)) ** 2)), [1, 2])
   ),
   # Each sample's entry of class 1, by indices made from the batch size:
   # a chunk's copy gathers its own rows.
@@ -209,16 +213,16 @@ class ChunksTest(
       self.assertIs(t.graph, graph)
       self.assertFalse(control_flow_util.IsInWhileLoop(t.op), t.name)
 
-  @parameterized.parameters(1, 2)
-  def test_no_pow_kernel_for_a_constant_exponent(self, cf):
+  @parameterized.product(model=["approximate_gelu", "squares"], cf=[1, 2])
+  def test_no_pow_kernel_for_a_constant_exponent(self, model, cf):
     # The chunks copy a `Pow`'s constant exponent into their loop, where
-    # TensorFlow's graph optimizers take `u ** 3` (and the walk's and the
-    # gradient's powers of `u`) by products, as they do in the model: its
-    # `Pow` kernel costs tens of products per entry.
+    # TensorFlow's graph optimizers take `u ** 3` by products, as they do in
+    # the model, and the walk's derivatives and adjoint take the exponent
+    # as a number: the `Pow` kernel costs tens of products per entry.
     self.control_flow(cf)
     with tf.Graph().as_default() as graph:
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
-      y = _CHUNKED["approximate_gelu"](x)
+      y = _CHUNKED[model](x)
       lap = tf1hess.batch_laplacians(y, x, method="forward")
       metadata = tf.compat.v1.RunMetadata()
       with tf.compat.v1.Session() as sess:
@@ -250,6 +254,7 @@ class ChunksTest(
       for w in weights[:2]:
         h = tf.tanh(tf.matmul(h, w) + 0.1)
       y = tf.matmul(h, weights[2])
+      y += 0.1 * y**3  # A copied exponent: its own derivatives and adjoint.
       losses = []
       for method in ("forward", "while_loop"):
         hess = tf1hess.batch_hessians(y, x, method=method)

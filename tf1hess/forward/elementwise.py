@@ -565,10 +565,68 @@ def _squared_difference(op, jacs, ctx):
   )
 
 
+# The largest whole exponent taken by products (`_power`).
+_MAX_WHOLE_EXPONENT = 8
+
+
+def _power(a, e):
+  """`a ** e` for a Python number `e`: by products and squares for a whole
+  `e` from 0 to `_MAX_WHOLE_EXPONENT`, else by `Pow` of a constant."""
+  if not (float(e).is_integer() and 0 <= e <= _MAX_WHOLE_EXPONENT):
+    return tf.pow(a, tf.constant(e, a.dtype))
+  n = int(e)
+  if n == 0:
+    return tf.ones_like(a)
+  result, square = None, a
+  while True:
+    if n & 1:
+      result = square if result is None else result * square
+    n >>= 1
+    if not n:
+      return result
+    square = square * square
+
+
+def _pow_first(a, e):
+  """The derivative `e a^(e - 1)` of `a ** e`, for a Python number `e`."""
+  if e == 0:
+    return tf.zeros_like(a)
+  return tf.constant(e, a.dtype) * _power(a, e - 1)
+
+
+@registry.adjoint("Pow", first_order=False)
+def _pow_adjoint(op, path):
+  """The adjoint of a `Pow` whose exponent the chunks copied (`registry.
+  copied_constant`), with the exponent as a number: TensorFlow's gradient
+  takes `pow(a, b - 1)`, which the graph optimizers may leave to the `Pow`
+  kernel in a loop body."""
+  del path  # Unused.
+  e = registry.copied_constant(op.inputs[1])
+  if e is None:
+    return None
+  a = op.inputs[0]
+  return lambda adj: [(a, adj * _pow_first(a, e))]
+
+
 @registry.register("Pow", diagonal=True)
 def _pow(op, jacs, ctx):
   a, b = op.inputs
   v = op.outputs[0]
+  e = registry.copied_constant(b)
+  if e is not None:
+    return _binary(
+      op,
+      jacs,
+      ctx,
+      lambda: (_pow_first(a, e), None),
+      lambda: (
+        None
+        if e in (0, 1)
+        else tf.constant(e * (e - 1), a.dtype) * _power(a, e - 2),
+        None,
+        None,
+      ),
+    )
   # As TensorFlow's gradient: log(a) taken as 0 where a <= 0.
   log_a = tf.where(
     a > 0, tf.math.log(tf.where(a > 0, a, tf.ones_like(a))), 0 * a
