@@ -213,32 +213,36 @@ class ChunksTest(
       self.assertIs(t.graph, graph)
       self.assertFalse(control_flow_util.IsInWhileLoop(t.op), t.name)
 
-  @parameterized.product(model=["approximate_gelu", "squares"], cf=[1, 2])
-  def test_no_pow_kernel_for_a_constant_exponent(self, model, cf):
-    # The chunks copy a `Pow`'s constant exponent into their loop, where
-    # TensorFlow's graph optimizers take `u ** 3` by products, as they do in
-    # the model, and the walk's derivatives and adjoint take the exponent
-    # as a number: the `Pow` kernel costs tens of products per entry.
+  @parameterized.product(
+    model=["approximate_gelu", "squares"], cf=[1, 2], batch=[None, 7]
+  )
+  def test_no_pow_kernel_for_a_constant_exponent(self, model, cf, batch):
+    # The walk's derivatives and adjoint of `u ** 3` take the exponent as a
+    # number, in chunks (`batch` None) and in a walk of the whole batch
+    # (7 samples, under two chunks): the `Pow` kernel costs tens of
+    # products per entry. The chunks also copy the exponent into their
+    # loop, where TensorFlow's graph optimizers then take the model's own
+    # `u ** 3` by products, as they do outside the loop.
     self.control_flow(cf)
     with tf.Graph().as_default() as graph:
-      x = tf.compat.v1.placeholder(tf.float64, [None, _K])
+      x = tf.compat.v1.placeholder(tf.float64, [batch, _K])
       y = _CHUNKED[model](x)
       lap = tf1hess.batch_laplacians(y, x, method="forward")
       metadata = tf.compat.v1.RunMetadata()
       with tf.compat.v1.Session() as sess:
         sess.run(
           lap,
-          {x: _RNG.normal(size=(11, _K))},
+          {x: _RNG.normal(size=(batch or 11, _K))},
           options=tf.compat.v1.RunOptions(trace_level=3),
           run_metadata=metadata,
         )
-    self.assertTrue(_chunked(graph))
+    self.assertEqual(_chunked(graph), batch is None)
     labels = [
       node.timeline_label
       for device in metadata.step_stats.dev_stats
       for node in device.node_stats
     ]
-    self.assertTrue(any("chunks" in label for label in labels))
+    self.assertEqual(any("chunks" in label for label in labels), batch is None)
     self.assertEmpty([label for label in labels if "= Pow(" in label])
 
   @parameterized.parameters(1, 2)
@@ -254,7 +258,7 @@ class ChunksTest(
       for w in weights[:2]:
         h = tf.tanh(tf.matmul(h, w) + 0.1)
       y = tf.matmul(h, weights[2])
-      y += 0.1 * y**3  # A copied exponent: its own derivatives and adjoint.
+      y += 0.1 * y**3  # A constant exponent: its own derivatives and adjoint.
       losses = []
       for method in ("forward", "while_loop"):
         hess = tf1hess.batch_hessians(y, x, method=method)

@@ -125,6 +125,16 @@ _RULES = {
     lambda x: tf.math.squared_difference(_lin(x), tf.sin(x)),
   ),
   "Pow_constant": ("Pow", lambda x: tf.pow(tf.square(_lin(x)) + 1.0, 1.5)),
+  # Whole and negative constant exponents, taken as numbers: by products,
+  # and by a `Pow` of a constant; the adjoint through the tanh and sine.
+  "Pow_whole": (
+    "Pow",
+    lambda x: tf.tanh(tf.pow(_lin(x), 3.0)) + tf.pow(tf.sin(x), 2.0),
+  ),
+  "Pow_negative": (
+    "Pow",
+    lambda x: tf.sin(2.0 * tf.pow(tf.square(_lin(x)) + 1.0, -1.5)),
+  ),
   "Pow_both": ("Pow", lambda x: tf.pow(tf.square(x) + 1.0, tf.tanh(_lin(x)))),
   "Sub_Neg": ("Neg", lambda x: tf.tanh(-_lin(x) - tf.sin(x))),
   "AddN": ("AddN", lambda x: tf.tanh(tf.add_n([_lin(x), x, tf.sin(x)]))),

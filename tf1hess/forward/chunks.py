@@ -74,8 +74,6 @@ class Chunks:
     for op in self._ops:
       inputs = [mapped.get(_key(t), t) for t in op.inputs]
       outputs = registry.copied_outputs(op, inputs)
-      if op.type == "Const" and op.outputs[0].dtype.is_floating:
-        registry.mark_copied_constant(outputs[0])  # A `Pow`'s exponent.
       for old, t in zip(op.outputs, outputs):
         # The static shapes that Python code set on the model's tensors
         # (`tf.tensordot` does), but for the batch size.
@@ -277,12 +275,9 @@ def _copied_exponent(op, t):
   model, and take `u ** 3` (an approximate GELU), its derivatives in the
   walk and TensorFlow's gradient of it by products and squares, instead of
   the `Pow` kernel of an exponent captured from outside the loop, which
-  costs tens of products per entry. The walk's derivatives and adjoint of
-  the copied `Pow` take the exponent as a number (`registry.
-  copied_constant`): the graph optimizers did not fold all of their
-  arithmetic of it in the loop (`pow(u, 2.0 - 2.0)` ran as a `Pow`).
-  TensorFlow's gradients with respect to that constant itself (not a
-  variable) miss the path through the chunks.
+  costs tens of products per entry (the walk's own derivatives and adjoint
+  of the `Pow` take the exponent as a number, `elementwise.
+  constant_exponent`).
   """
   return (
     op.type == "Pow"

@@ -12,7 +12,6 @@ and raises `Unsupported` when it cannot follow the op.
 """
 
 import collections
-import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -284,25 +283,6 @@ def fold(t, depth=_FOLD_DEPTH):
   else:
     value = FOLDED[op.type](*values)
   return np.asarray(value, dtype=t.dtype.as_numpy_dtype)
-
-
-# The scalar constants that the chunks copied into their loop (`chunks`),
-# by name in each graph: TensorFlow's gradients with respect to them reach
-# nothing of the model, so rules may take their values as numbers.
-_COPIED_CONSTANTS = weakref.WeakKeyDictionary()
-
-
-def mark_copied_constant(t):
-  """Records `t` as a scalar constant that the chunks copied."""
-  _COPIED_CONSTANTS.setdefault(t.graph, set()).add(t.name)
-
-
-def copied_constant(t):
-  """The value of `t`, a Python float, where it is a scalar constant that
-  the chunks copied (`mark_copied_constant`); else `None`."""
-  if t.name not in _COPIED_CONSTANTS.get(t.graph, ()):
-    return None
-  return float(tf.get_static_value(t))
 
 
 def _shape_source(s):
