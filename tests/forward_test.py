@@ -717,6 +717,35 @@ class ForwardModelsTest(
       lambda y, xs: tf1hess.batch_hessians(y, xs, method="forward"),
     )
 
+  @parameterized.parameters(1, 2)
+  def test_one_feature_of_x_and_t(self, cf):
+    # A PINN's `u_xx` and `u_tt` of placeholders `x` and `t` of one
+    # feature each: the Hessian `(N, 1, 1)` is its diagonal, walked without
+    # batched matmuls of `(1, M)` by `(M, 1)`; against TensorFlow's
+    # gradients taken twice (exact here: one feature per sample).
+    self.control_flow(cf)
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float64, [None, 1])
+      t = tf.compat.v1.placeholder(tf.float64, [None, 1])
+      h = tf.concat([x, t], 1)
+      for rows in (2, 8):
+        w = _RNG.normal(size=(rows, 8)) / np.sqrt(rows)
+        h = tf.tanh(tf.matmul(h, tf.constant(w)) + 0.1)
+      u = tf.matmul(h, tf.constant(_RNG.normal(size=(8, 1)))) + tf.sin(x) * t**2
+      with tf.name_scope("engine"):
+        hessians = tf1hess.batch_hessians(u, [x, t], method="forward")
+      engine_ops = [
+        op.type for op in graph.get_operations() if "engine/" in op.name
+      ]
+      self.assertNotIn("BatchMatMulV2", engine_ops)
+      want = [tf.gradients(tf.gradients(u, v)[0], v)[0] for v in (x, t)]
+      feed = {x: _RNG.normal(size=(6, 1)), t: _RNG.normal(size=(6, 1))}
+      with tf.compat.v1.Session() as sess:
+        got, want = sess.run([hessians, want], feed)
+    for g, w in zip(got, want):
+      self.assertEqual(g.shape, (6, 1, 1))
+      self.assertAllClose(g[:, :, 0], w, atol=1e-12)
+
   def test_independence_check_passes(self):
     with tf.Graph().as_default():
       x = tf.compat.v1.placeholder(tf.float64, [None, _K])
