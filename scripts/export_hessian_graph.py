@@ -10,6 +10,10 @@ runs (tf1hess not needed) for any batch size:
 - `--output_graph`: a frozen GraphDef with "hessians:0" and "gradients:0";
 - `--logdir`: a TensorBoard log of that graph.
 
+With several inputs (`--xs=x:0,t:0`), each has its Hessians and gradients:
+"hessians_0", "gradients_0", "hessians_1", ... in the order of `--xs`, and
+the signature's inputs are keyed by their names ("x", "t").
+
   python scripts/export_hessian_graph.py --saved_model=/tmp/model \
     --xs=x:0 --ys=y:0 --export_dir=/tmp/model_hessians \
     --output_graph=/tmp/hessians.pb
@@ -29,6 +33,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from tf1hess import _checks
 from tf1hess import _cli
 from tf1hess import export
 from tf1hess import legacy
@@ -71,7 +76,7 @@ def export_model(
   """Loads a model, adds its Hessian ops and writes the exports.
 
   Args:
-    xs: `str`, the input tensor's name.
+    xs: `str`, the input tensor's name, or a list of names.
     ys: `str` or list of `str`, the output tensors' names.
     saved_model: as in `tf1hess.legacy.load_graph_def`.
     graph: as in `tf1hess.legacy.load_graph_def`.
@@ -108,14 +113,19 @@ def export_model(
     check_independence=check_independence,
     plan=plan,
   )
-  logging.info(
-    "Hessians %s and gradients %s of %s with respect to %s %s",
-    model.hessians.shape,
-    model.gradients.shape,
-    ys,
-    model.xs.name,
-    model.xs.shape,
-  )
+  for x, hessians, gradients in zip(
+    *(
+      _checks.as_list(v)[0] for v in (model.xs, model.hessians, model.gradients)
+    )
+  ):
+    logging.info(
+      "Hessians %s and gradients %s of %s with respect to %s %s",
+      hessians.shape,
+      gradients.shape,
+      ys,
+      x.name,
+      x.shape,
+    )
   export.export_hessian_graph(
     model,
     export_dir=export_dir,
@@ -137,7 +147,7 @@ def main(argv):
   try:
     with _cli.exit_on_error("export_hessian_graph"):
       export_model(
-        _MODEL.xs.value,
+        _MODEL.xs_value(),
         _MODEL.ys_value(),
         **_MODEL.model_kwargs(),
         export_dir=_EXPORT_DIR.value,

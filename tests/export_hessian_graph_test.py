@@ -278,6 +278,35 @@ class ExportScriptTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(model.hessians.shape.as_list(), [None, _K, _K])
     self.assertEqual(os.listdir(out), ["h.pb"])
 
+  def test_several_xs(self):
+    # `--xs=x:0,t:0`: Hessians of each, "hessians_0" and "hessians_1",
+    # against TensorFlow's diagonal blocks on the model's own graph.
+    out = tempfile.mkdtemp(dir=self.dir)
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+      t = tf.compat.v1.placeholder(tf.float32, [None, 1], name="t")
+      y = tf.identity(tf.reduce_sum(tf.sin(x) * t**3, 1), name="y")
+      full = tf.hessians(tf.reduce_sum(y), [x, t])
+    path = tf.io.write_graph(graph, out, "model.pb", as_text=False)
+    rng = np.random.default_rng(8)
+    xv = rng.normal(size=(3, 2)).astype(np.float32)
+    tv = rng.normal(size=(3, 1)).astype(np.float32)
+    with tf.compat.v1.Session(graph=graph) as sess:
+      full = sess.run(full, {x: xv, t: tv})
+    output_graph = os.path.join(out, "hessians.pb")
+    with flagsaver.flagsaver(
+      xs="x:0,t:0", ys=["y:0"], graph=path, output_graph=output_graph
+    ):
+      script.main(["export_hessian_graph"])
+    graph_def = tf.compat.v1.GraphDef()
+    with open(output_graph, "rb") as f:
+      graph_def.ParseFromString(f.read())
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+      tf.compat.v1.import_graph_def(graph_def, name="")
+      got = sess.run(["hessians_0:0", "hessians_1:0"], {"x:0": xv, "t:0": tv})
+    for g, f in zip(got, full):
+      self.assertAllClose(g, np.stack([f[i, :, i, :] for i in range(3)]))
+
   def test_extra_argument_is_usage_error(self):
     with flagsaver.flagsaver(xs="x:0", ys=["y:0"]):
       with self.assertRaisesRegex(app.UsageError, "Too many"):

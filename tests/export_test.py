@@ -372,6 +372,117 @@ class ExportTest(tf.test.TestCase, parameterized.TestCase):
       out["hessians"], np.stack([np.diag(row) for row in want]), atol=1e-5
     )
 
+  def _x_and_t(self):
+    """A physics-informed network of placeholders `x` (N, 2) and `t`
+    (N, 1), with variables: `(graph, x, t, y)`."""
+    rng = np.random.default_rng(5)
+    with tf.Graph().as_default() as graph:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 2], name="x")
+      t = tf.compat.v1.placeholder(tf.float32, [None, 1], name="t")
+      w = tf.compat.v1.Variable(rng.normal(size=(3, 5)).astype(np.float32))
+      v = tf.compat.v1.Variable(rng.normal(size=(5, 1)).astype(np.float32))
+      h = tf.tanh(tf.matmul(tf.concat([x, t], 1), w))
+      y = tf.identity(tf.matmul(h, v)[:, 0] + tf.sin(x[:, 0]) * t[:, 0], "y")
+    return graph, x, t, y
+
+  def _blocks(self, graph, x, t, y, feed):
+    """TensorFlow's Hessians (diagonal blocks) and gradients of `y` in `x`
+    and `t`, in a session on the model's own graph."""
+    with graph.as_default():
+      full = tf.hessians(tf.reduce_sum(y), [x, t])
+      grads = tf.gradients(y, [x, t])
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        full, grads = sess.run([full, grads], feed)
+    n = len(feed[x])
+    return [np.stack([f[i, :, i, :] for i in range(n)]) for f in full], grads
+
+  def test_list_of_xs(self):
+    # Each of `x` and `t` gets its Hessians and gradients ("hessians_0",
+    # "hessians_1", ...), in the frozen graph and the SavedModel, whose
+    # signature keys the inputs by name.
+    graph, x, t, y = self._x_and_t()
+    added = legacy.add_hessian_ops(graph, [x, t], y)
+    self.assertEqual(
+      [h.name for h in added["hessians"]],
+      ["tf1hess/hessians_0:0", "tf1hess/hessians_1:0"],
+    )
+    model = legacy.HessianModel(graph, [x, t], y, **added)
+    rng = np.random.default_rng(6)
+    xv = rng.normal(size=(4, 2)).astype(np.float32)
+    tv = rng.normal(size=(4, 1)).astype(np.float32)
+    hessians, gradients = self._blocks(graph, x, t, y, {x: xv, t: tv})
+    saved = os.path.join(self.dir, "saved_model")
+    frozen = os.path.join(self.dir, "frozen.pb")
+    with tf.compat.v1.Session(graph=graph) as sess:
+      sess.run(
+        tf.compat.v1.variables_initializer(graph.get_collection("variables"))
+      )
+      export.export_hessian_graph(
+        model, export_dir=saved, output_graph=frozen, session=sess
+      )
+    names = ["hessians_0", "hessians_1", "gradients_0", "gradients_1"]
+    want = dict(zip(names, hessians + gradients))
+    signature = tf.saved_model.load(saved).signatures["hessians"]
+    self.assertCountEqual(signature.structured_input_signature[1], ["x", "t"])
+    out = signature(x=tf.constant(xv), t=tf.constant(tv))
+    self.assertCountEqual(out, names + ["y"])
+    graph_def = tf.compat.v1.GraphDef()
+    with open(frozen, "rb") as f:
+      graph_def.ParseFromString(f.read())
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+      tf.compat.v1.import_graph_def(graph_def, name="")
+      fetched = sess.run(
+        [name + ":0" for name in names], {"x:0": xv, "t:0": tv}
+      )
+    for name, got in zip(names, fetched):
+      self.assertAllClose(got, want[name], atol=1e-5, msg=name)
+      self.assertAllClose(out[name], want[name], atol=1e-5, msg=name)
+
+  def test_load_list_of_xs(self):
+    graph, x, t, y = self._x_and_t()
+    with tf.compat.v1.Session(graph=graph) as sess:
+      sess.run(
+        tf.compat.v1.variables_initializer(graph.get_collection("variables"))
+      )
+      graph_def = legacy.freeze_session_graph(sess, ["y"])
+    path = os.path.join(self.dir, "m.pb")
+    with open(path, "wb") as f:
+      f.write(graph_def.SerializeToString())
+    model = legacy.load(["x:0", "t"], "y:0", graph=path)
+    self.assertEqual([v.name for v in model.xs], ["x:0", "t:0"])
+    rng = np.random.default_rng(7)
+    xv = rng.normal(size=(3, 2)).astype(np.float32)
+    tv = rng.normal(size=(3, 1)).astype(np.float32)
+    want, _ = self._blocks(graph, x, t, y, {x: xv, t: tv})
+    with tf.compat.v1.Session(graph=model.graph) as sess:
+      got = sess.run(model.hessians, dict(zip(model.xs, (xv, tv))))
+    for g, w in zip(got, want):
+      self.assertAllClose(g, w, atol=1e-5)
+
+  def test_list_of_xs_errors(self):
+    graph, x, t, y = self._x_and_t()
+    for xs, error, regex in (
+      ([], ValueError, r"`xs` must be a tensor or a non-empty list; saw \[\]"),
+      (
+        [x, "x:0"],
+        ValueError,
+        r"`xs` must name each tensor once; saw x:0 twice",
+      ),
+      ([x, 3], TypeError, r"`xs` must be a tf.Tensor of `graph`"),
+    ):
+      with self.subTest(regex=regex):
+        with self.assertRaisesRegex(error, regex):
+          legacy.add_hessian_ops(graph, xs, y)
+    added = legacy.add_hessian_ops(graph, [x, t], y)
+    model = legacy.HessianModel(graph, x, y, **added)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"`model.hessians` must be one tensor for each of `model.xs` \(a list "
+      r"where `model.xs` is one\); saw 2 for 1",
+    ):
+      export.frozen_graph_def(model)
+
   def test_graph_without_variables_needs_no_session(self):
     model = self._constant_model()
     graph_def = export.export_frozen_graph(model, os.path.join(self.dir, "m"))

@@ -53,6 +53,12 @@ class ModelFlags:
     ys = self.ys.value
     return ys[0] if len(ys) == 1 else ys
 
+  def xs_value(self):
+    """`--xs` as one name, or a list where names are separated by commas
+    (for the scripts that take several)."""
+    xs = [name.strip() for name in self.xs.value.split(",")]
+    return xs[0] if len(xs) == 1 else xs
+
 
 _MODEL_FLAGS = []
 
@@ -96,7 +102,8 @@ def define_model_flags():
         xs=flags.DEFINE_string(
           "xs",
           None,
-          "Name of the batched input tensor, e.g. x:0.",
+          "Name of the batched input tensor, e.g. x:0 (export_hessian_graph:"
+          " several, separated by commas, x:0,t:0).",
           required=True,
         ),
         ys=flags.DEFINE_list(

@@ -14,6 +14,11 @@ accepts.
 - `write_graph_log`: a TensorBoard log of the exported graph.
 - `export_hessian_graph`: any of the three at once, all or nothing.
 
+A model of a list of inputs (`xs=["x:0", "t:0"]`) has the Hessians and
+gradients of each: "hessians_0", "gradients_0" for the first, "hessians_1",
+... in the order of `xs`, and its SavedModel signature keys every input by
+its op name ("x", "t").
+
 Example:
 
     model = tf1hess.legacy.load("x:0", "y:0", saved_model="/tmp/model")
@@ -39,20 +44,28 @@ SIGNATURE_NAME = "hessians"
 
 
 def _check_model(model, session):
-  """Returns `(graph, xs, ys_list)` of a `HessianModel`, or raises."""
+  """Returns `(graph, xs_list, ys_list, aliases)` of a `HessianModel`, or
+  raises; `aliases`: `(name, tensor)` of its Hessians and gradients, under
+  the names the export gives them ("hessians", or "hessians_0", ... for a
+  list of `xs`)."""
   if not isinstance(model, legacy.HessianModel):
     raise TypeError(
       "`model` must be a tf1hess.legacy.HessianModel (from "
       f"tf1hess.legacy.load); saw {type(model).__name__}."
     )
   graph = model.graph
+  xs_list, xs_sequence = _checks.as_list(model.xs)
   ys_list, _ = _checks.as_list(model.ys)
-  for arg, values in (
-    ("xs", [model.xs]),
-    ("ys", ys_list),
-    ("hessians", [model.hessians]),
-    ("gradients", [model.gradients]),
-  ):
+  fields = {"xs": xs_list, "ys": ys_list}
+  for arg in ("hessians", "gradients"):
+    values, sequence = _checks.as_list(getattr(model, arg))
+    if sequence != xs_sequence or len(values) != len(xs_list):
+      raise ValueError(
+        f"`model.{arg}` must be one tensor for each of `model.xs` (a list "
+        f"where `model.xs` is one); saw {len(values)} for {len(xs_list)}."
+      )
+    fields[arg] = values
+  for arg, values in fields.items():
     for value in values:
       if not isinstance(value, tf.Tensor) or value.graph is not graph:
         raise ValueError(
@@ -61,7 +74,14 @@ def _check_model(model, session):
         )
   if session is not None and session.graph is not graph:
     raise ValueError("`session` must run `model.graph`; it runs another graph.")
-  return graph, model.xs, ys_list
+  aliases = []
+  for alias in (HESSIANS, GRADIENTS):
+    values = fields[alias.lower()]
+    if xs_sequence:
+      aliases += [(f"{alias}_{i}", t) for i, t in enumerate(values)]
+    else:
+      aliases.append((alias, values[0]))
+  return graph, xs_list, ys_list, aliases
 
 
 def _unique_key(t, taken):
@@ -86,7 +106,8 @@ def frozen_graph_def(model, session=None):
 
   Keeps what the Hessians, the gradients and `ys` need, folds variables into
   constants, and names the Hessians "hessians" and the gradients "gradients"
-  (Identity ops added when they are named otherwise).
+  ("hessians_0", "gradients_0", ... for a list of `xs`; Identity ops added
+  when they are named otherwise).
 
   Args:
     model: a `tf1hess.legacy.HessianModel`.
@@ -102,10 +123,8 @@ def frozen_graph_def(model, session=None):
       tensor is not of `model.graph`, or the graph already has another op
       named "hessians" or "gradients".
   """
-  graph, _, ys_list = _check_model(model, session)
-  outputs = [model.hessians.op.name, model.gradients.op.name] + [
-    y.op.name for y in ys_list
-  ]
+  graph, _, ys_list, aliases = _check_model(model, session)
+  outputs = [t.op.name for _, t in aliases] + [y.op.name for y in ys_list]
   variables = [
     op.name for op in graph.get_operations() if op.type in legacy.VARIABLE_OPS
   ]
@@ -121,7 +140,7 @@ def frozen_graph_def(model, session=None):
   else:
     graph_def = legacy.freeze_session_graph(session, outputs)
   names = {node.name for node in graph_def.node}
-  for alias, t in ((HESSIANS, model.hessians), (GRADIENTS, model.gradients)):
+  for alias, t in aliases:
     if t.name == alias + ":0":
       continue
     if alias in names:
@@ -229,22 +248,29 @@ def _write_graph_def(graph_def, path, as_text):
       f.write(graph_def.SerializeToString())
 
 
-def _write_saved_model(graph_def, export_dir, xs, ys_list, tag, signature):
+def _write_saved_model(graph_def, export_dir, model, tag, signature):
   """Writes `graph_def` as a SavedModel with the Hessian signature."""
   graph = legacy.import_graph_def(graph_def)
+  _, xs_list, ys_list, aliases = _check_model(model, None)
   outputs = {
-    HESSIANS: graph.get_tensor_by_name(HESSIANS + ":0"),
-    GRADIENTS: graph.get_tensor_by_name(GRADIENTS + ":0"),
+    alias: graph.get_tensor_by_name(alias + ":0") for alias, _ in aliases
   }
   taken = set(outputs)
   for y in ys_list:
     outputs[_unique_key(y, taken)] = graph.get_tensor_by_name(y.name)
-  # Every other input the outputs read (`t` of a model of `x` and `t`): a
-  # signature without it cannot be served, nor loaded by TF2.
-  inputs = {INPUT_KEY: graph.get_tensor_by_name(xs.name)}
-  taken = set(inputs)
+  # The input "x"; a list of `xs` keyed by their names. Then every other
+  # input the outputs read (`t` of a model of `x` and `t`): a signature
+  # without it cannot be served, nor loaded by TF2.
+  taken = set()
+  if isinstance(model.xs, (list, tuple)):
+    inputs = {_unique_key(x, taken): x for x in xs_list}
+  else:
+    inputs = {INPUT_KEY: xs_list[0]}
+    taken.add(INPUT_KEY)
+  inputs = {key: graph.get_tensor_by_name(x.name) for key, x in inputs.items()}
+  fed = {x.name for x in xs_list}
   for op in graph.get_operations():
-    if op.type == "Placeholder" and op.outputs[0].name != xs.name:
+    if op.type == "Placeholder" and op.outputs[0].name not in fed:
       inputs[_unique_key(op.outputs[0], taken)] = op.outputs[0]
   with graph.as_default(), deprecation.silence():  # TF1 APIs warn on use.
     signature_def = tf.compat.v1.saved_model.predict_signature_def(
@@ -324,13 +350,12 @@ def export_hessian_graph(
     )
   check_output_paths(export_dir, output_graph, logdir, overwrite)
   graph_def = frozen_graph_def(model, session)
-  _, xs, ys_list = _check_model(model, session)
   with contextlib.ExitStack() as stack:
     if export_dir:
       tmp = stack.enter_context(
         _files.atomic_output(export_dir, directory=True)
       )
-      _write_saved_model(graph_def, tmp, xs, ys_list, tag, signature_name)
+      _write_saved_model(graph_def, tmp, model, tag, signature_name)
     if output_graph:
       tmp = stack.enter_context(_files.atomic_output(output_graph))
       _write_graph_def(graph_def, tmp, output_graph.endswith(".pbtxt"))
@@ -354,7 +379,9 @@ def export_saved_model(
   a model of `x` and `t`), and the outputs "hessians" `(N, K, K)`,
   "gradients" `(N, K)` and each of `ys` under its op name (its output's
   index appended where not 0; `_1`, `_2`, ... where two keys would be the
-  same). Variables are folded into constants.
+  same). For a list of `xs`, each input is keyed by its op name, and the
+  outputs are "hessians_0", "gradients_0", "hessians_1", ... in the order
+  of `xs`. Variables are folded into constants.
 
   Args:
     model: a `tf1hess.legacy.HessianModel`.
@@ -402,6 +429,8 @@ def export_frozen_graph(model, output_graph, session=None, overwrite=False):
   """Writes a frozen GraphDef with "hessians:0" and "gradients:0".
 
   The input and `ys` keep their names; variables are folded into constants.
+  For a list of `xs`: "hessians_0:0", "gradients_0:0", "hessians_1:0", ...
+  in the order of `xs`.
 
   Args:
     model: a `tf1hess.legacy.HessianModel`.

@@ -102,11 +102,13 @@ HessianModel.__doc__ = """A model graph with its per-sample Hessian ops.
 
 Fields:
   graph: the `tf.Graph` holding the model and the added ops.
-  xs: the input `Tensor` `(N, K)` (or `(N, d...)`) to feed.
+  xs: the input `Tensor` `(N, K)` (or `(N, d...)`) to feed, or a list of
+    them (`x` and `t` of a physics-informed network).
   ys: the output `Tensor` (or list of them) whose per-sample values are
     differentiated.
-  hessians: `Tensor` `(N, K, K)` (`(N, d..., d...)`).
-  gradients: `Tensor` `(N, K)` (`(N, d...)`).
+  hessians: `Tensor` `(N, K, K)` (`(N, d..., d...)`); a list, one per
+    tensor of `xs`, when `xs` is a list.
+  gradients: `Tensor` `(N, K)` (`(N, d...)`); a list as `hessians`.
 """
 
 
@@ -689,12 +691,16 @@ def add_hessian_ops(
   Built with `tf1hess.batch_hessians` and `tf1hess.batch_gradients` under
   the name scope `name`, and named `"<name>/hessians"` and
   `"<name>/gradients"` (for the default name: "tf1hess/hessians:0" and
-  "tf1hess/gradients:0"; a second call gets "tf1hess_1/...").
+  "tf1hess/gradients:0"; a second call gets "tf1hess_1/..."). For a list
+  of `xs`, those of its `i`-th tensor are `"<name>/hessians_<i>"` and
+  `"<name>/gradients_<i>"`.
 
   Args:
     graph: the `tf.Graph` of the model (not finalized).
     xs: `tf.Tensor` or `str` name ("x:0"): the batched input `(N, K)` (or
-      `(N, d...)`), floating.
+      `(N, d...)`), floating; or a list of them (`["x:0", "t:0"]`), each
+      with its own Hessians (the per-sample blocks of each input with
+      itself, as `tf1hess.batch_hessians` of a list).
     ys: `tf.Tensor` or `str` name, or a list of them: the per-sample
       outputs, floating; their sum is differentiated.
     name: `str`, default "tf1hess": the name scope of the added ops.
@@ -709,13 +715,15 @@ def add_hessian_ops(
 
   Returns:
     A `dict` with "hessians", a `Tensor` `(N, K, K)` (`(N, d..., d...)`),
-    and "gradients", a `Tensor` `(N, K)` (`(N, d...)`).
+    and "gradients", a `Tensor` `(N, K)` (`(N, d...)`); lists of them, in
+    the order of `xs`, when `xs` is a list.
 
   Raises:
     TypeError: when `graph` is not a `tf.Graph`, or `xs` or `ys` is not a
       floating tensor of it.
     ValueError: when a name is not in the graph (the message lists the
-      closest), `xs` has rank < 2, `ys` does not depend on `xs`, an op
+      closest), `xs` is an empty list or names a tensor twice, has rank
+      < 2, `ys` does not depend on (each of) `xs`, an op
       between them has no second derivative in TensorFlow, or a
       control-flow-v1 loop lies between them (as in `batch_hessians`).
 
@@ -734,13 +742,11 @@ def add_hessian_ops(
   """
   if not isinstance(graph, tf.Graph):
     raise TypeError(f"`graph` must be a tf.Graph; saw {type(graph).__name__}.")
-  x = _as_graph_tensor(graph, xs, "xs")
+  x_list, xs_sequence = _inputs(graph, xs)
   ys_list, was_sequence = _checks.as_list(ys)
   if not ys_list:
     raise ValueError("`ys` must be a tensor or a non-empty list; saw [].")
   ys_list = [_as_graph_tensor(graph, y, "ys") for y in ys_list]
-  _checks.check_float(x, "xs")
-  _checks.check_batched(x, "xs")
   for y in ys_list:
     _checks.check_float(y, "ys")
     if y.shape.rank == 0:
@@ -752,18 +758,20 @@ def add_hessian_ops(
         "sample, (N,) or (N, ...): a loss before its reduce_mean.",
         y.name,
       )
-  between = ops.ops_between(ys_list, [x])
-  if not between and not any(y.name == x.name for y in ys_list):
-    raise ValueError(
-      f"`ys` must depend on `xs`; {', '.join(y.name for y in ys_list)} is "
-      f"not computed from {x.name}."
-    )
+  for x in x_list:
+    between = ops.ops_between(ys_list, [x])
+    if not between and not any(y.name == x.name for y in ys_list):
+      raise ValueError(
+        f"`ys` must depend on `xs`; {', '.join(y.name for y in ys_list)} "
+        f"is not computed from {x.name}."
+      )
   target = ys_list if was_sequence else ys_list[0]
+  inputs = x_list if xs_sequence else x_list[0]
   with graph.as_default(), tf.name_scope(name):
     try:
       hessians = ops.batch_hessians(
         target,
-        x,
+        inputs,
         check_independence=check_independence,
         parallel_iterations=parallel_iterations,
         method=method,
@@ -778,11 +786,33 @@ def add_hessian_ops(
         + _tf_errors.first_sentence(error)
         + "."
       ) from error
-    gradients = ops.batch_gradients(target, x)
+    gradients = ops.batch_gradients(target, inputs)
+    if not xs_sequence:
+      return {
+        "hessians": tf.identity(hessians, name="hessians"),
+        "gradients": tf.identity(gradients, name="gradients"),
+      }
     return {
-      "hessians": tf.identity(hessians, name="hessians"),
-      "gradients": tf.identity(gradients, name="gradients"),
+      key: [tf.identity(t, name=f"{key}_{i}") for i, t in enumerate(values)]
+      for key, values in (("hessians", hessians), ("gradients", gradients))
     }
+
+
+def _inputs(graph, xs):
+  """`(list of tensors, was_sequence)` of `xs`, checked: floating, batched,
+  each once."""
+  names, was_sequence = _checks.as_list(xs)
+  if not names:
+    raise ValueError("`xs` must be a tensor or a non-empty list; saw [].")
+  x_list = [_as_graph_tensor(graph, x, "xs") for x in names]
+  seen = set()
+  for x in x_list:
+    _checks.check_float(x, "xs")
+    _checks.check_batched(x, "xs")
+    if x.name in seen:
+      raise ValueError(f"`xs` must name each tensor once; saw {x.name} twice.")
+    seen.add(x.name)
+  return x_list, was_sequence
 
 
 def import_graph_def(graph_def):
@@ -811,7 +841,9 @@ def load(
   and `add_hessian_ops` adds the ops. Run them in a session on that graph.
 
   Args:
-    xs: `str`, the input tensor's name, e.g. "x:0".
+    xs: `str`, the input tensor's name, e.g. "x:0"; or a list of names
+      (`["x:0", "t:0"]`): then `hessians` and `gradients` are lists, one
+      for each (see `add_hessian_ops`).
     ys: `str` or list of `str`, the output tensors' names, e.g. "y:0".
     saved_model: as in `load_graph_def`.
     graph: as in `load_graph_def` (a file path).
@@ -852,30 +884,30 @@ def load(
     tag=tag,
   )
   loaded = import_graph_def(graph_def)
-  x = find_tensor(loaded, xs, "xs")
-  if x.shape.rank is None:
-    raise ValueError(
-      f"`xs` must have a known rank >= 2 (batch, features...); {x.name} has "
-      "none in the saved graph (a queue's dequeue records none). Give it "
-      "one and add the ops: graph = tf1hess.legacy.import_graph_def("
-      "tf1hess.legacy.load_graph_def(...)); "
-      f"graph.get_tensor_by_name({x.name!r}).set_shape([None, ...]); "
-      "tf1hess.legacy.add_hessian_ops(graph, ...)."
-    )
+  xs_names, xs_sequence = _checks.as_list(xs)
+  x_list = [find_tensor(loaded, x, "xs") for x in xs_names]
+  for x in x_list:
+    if x.shape.rank is None:
+      raise ValueError(
+        f"`xs` must have a known rank >= 2 (batch, features...); {x.name} "
+        "has none in the saved graph (a queue's dequeue records none). Give "
+        "it one and add the ops: graph = tf1hess.legacy.import_graph_def("
+        "tf1hess.legacy.load_graph_def(...)); "
+        f"graph.get_tensor_by_name({x.name!r}).set_shape([None, ...]); "
+        "tf1hess.legacy.add_hessian_ops(graph, ...)."
+      )
   ys_names, was_sequence = _checks.as_list(ys)
   ys_list = [find_tensor(loaded, y, "ys") for y in ys_names]
+  inputs = x_list if xs_sequence else x_list[0]
+  outputs = ys_list if was_sequence else ys_list[0]
   added = add_hessian_ops(
     loaded,
-    x,
-    ys_list if was_sequence else ys_list[0],
+    inputs,
+    outputs,
     name=name,
     check_independence=check_independence,
     plan=plan,
   )
   return HessianModel(
-    loaded,
-    x,
-    ys_list if was_sequence else ys_list[0],
-    added["hessians"],
-    added["gradients"],
+    loaded, inputs, outputs, added["hessians"], added["gradients"]
   )
