@@ -738,13 +738,24 @@ class ForwardModelsTest(
         op.type for op in graph.get_operations() if "engine/" in op.name
       ]
       self.assertNotIn("BatchMatMulV2", engine_ops)
+      # Auto chooses as for diagonals: the engine.
+      choices, choose = [], dispatch.choose
+
+      def spy(*args):
+        choices.append(choose(*args))
+        return choices[-1]
+
+      with mock.patch.object(dispatch, "choose", side_effect=spy):
+        auto = tf1hess.batch_hessians(u, [x, t])
+      self.assertEqual(choices, [dispatch.Choice(True)] * 2)
       want = [tf.gradients(tf.gradients(u, v)[0], v)[0] for v in (x, t)]
       feed = {x: _RNG.normal(size=(6, 1)), t: _RNG.normal(size=(6, 1))}
       with tf.compat.v1.Session() as sess:
-        got, want = sess.run([hessians, want], feed)
-    for g, w in zip(got, want):
+        got, auto, want = sess.run([hessians, auto, want], feed)
+    for g, a, w in zip(got, auto, want):
       self.assertEqual(g.shape, (6, 1, 1))
       self.assertAllClose(g[:, :, 0], w, atol=1e-12)
+      self.assertAllClose(a[:, :, 0], w, atol=1e-12)
 
   def test_independence_check_passes(self):
     with tf.Graph().as_default():

@@ -403,9 +403,10 @@ def choose(ys, x, grad, mode, walked, plan=None):
   (`rows_are_exact`: max pooling, bilinear resizes, Euclidean norms,
   `tf.nn.moments`, products).
 
-  Diagonals and Laplacians take the engine unless the rows need no pass
-  per row (`_shortcut`: a Hessian shared by all samples, or one dense
-  layer then elementwise ops): the engine contracts its terms in `N K M`
+  Diagonals and Laplacians, and the Hessians of one feature (their own
+  diagonals), take the engine unless the rows need no pass per row
+  (`_shortcut`: a Hessian shared by all samples, or one dense layer then
+  elementwise ops): the engine contracts its terms in `N K M`
   where the rows make K backward passes, and it was the faster (or within
   5%) on every model measured without such a shortcut: the 9 of
   `tools/cost_model_measure.py` and the 6 of the benchmark, among them a
@@ -464,7 +465,9 @@ def choose(ys, x, grad, mode, walked, plan=None):
   plan = plan or plan_lib.Plan()
   if tensorflow_fails(ys, x, grad) or _core.compiled_by_xla():
     return Choice(True)
-  if mode != jacobians.HESSIAN:
+  if mode != jacobians.HESSIAN or x.shape[1:].num_elements() == 1:
+    # One feature: the Hessian is its diagonal, and the engine walks it as
+    # one (`engine.second_derivatives`).
     return Choice(_shortcut(x, grad, plan) is None)
   rows = rows_work(ys, x, grad, mode, plan)
   if seconds(rows, 1) is None:
