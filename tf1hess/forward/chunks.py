@@ -243,10 +243,10 @@ def _copied_ops(x, path):
     op = stack.pop()
     _check_copyable(op)
     for t in registry.followed_inputs(op):
-      kind = _kind(t.op, kinds)
       if _copied_exponent(op, t):
         copied.add(t.op)
         continue
+      kind = _kind(t.op, kinds)
       if kind is None and t.dtype.is_integer and _copyable(t.op):
         # Axes, shapes, permutations: rules read their values, which the
         # walk can only fold (`registry.fold`) on the ops that compute them.

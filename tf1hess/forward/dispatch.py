@@ -465,9 +465,8 @@ def choose(ys, x, grad, mode, walked, plan=None):
   plan = plan or plan_lib.Plan()
   if tensorflow_fails(ys, x, grad) or _core.compiled_by_xla():
     return Choice(True)
-  if mode != jacobians.HESSIAN or x.shape[1:].num_elements() == 1:
-    # One feature: the Hessian is its diagonal, and the engine walks it as
-    # one (`engine.second_derivatives`).
+  if engine.walked_mode(x, mode) != jacobians.HESSIAN:
+    # Diagonals, Laplacians, and a Hessian the engine walks as a diagonal.
     return Choice(_shortcut(x, grad, plan) is None)
   rows = rows_work(ys, x, grad, mode, plan)
   if seconds(rows, 1) is None:
