@@ -262,7 +262,7 @@ def _write_saved_model(graph_def, export_dir, model, tag, signature):
   # input the outputs read (`t` of a model of `x` and `t`): a signature
   # without it cannot be served, nor loaded by TF2.
   taken = set()
-  if isinstance(model.xs, (list, tuple)):
+  if _checks.as_list(model.xs)[1]:
     inputs = {_unique_key(x, taken): x for x in xs_list}
   else:
     inputs = {INPUT_KEY: xs_list[0]}

@@ -765,8 +765,8 @@ def add_hessian_ops(
         f"`ys` must depend on `xs`; {', '.join(y.name for y in ys_list)} "
         f"is not computed from {x.name}."
       )
-  target = ys_list if was_sequence else ys_list[0]
-  inputs = x_list if xs_sequence else x_list[0]
+  target = _checks.restore_structure(ys_list, was_sequence)
+  inputs = _checks.restore_structure(x_list, xs_sequence)
   with graph.as_default(), tf.name_scope(name):
     try:
       hessians = ops.batch_hessians(
@@ -898,8 +898,8 @@ def load(
       )
   ys_names, was_sequence = _checks.as_list(ys)
   ys_list = [find_tensor(loaded, y, "ys") for y in ys_names]
-  inputs = x_list if xs_sequence else x_list[0]
-  outputs = ys_list if was_sequence else ys_list[0]
+  inputs = _checks.restore_structure(x_list, xs_sequence)
+  outputs = _checks.restore_structure(ys_list, was_sequence)
   added = add_hessian_ops(
     loaded,
     inputs,
