@@ -59,6 +59,12 @@ def _graph():
 class ValuesTest(
   tf.test.TestCase, parameterized.TestCase, testing_utils.ControlFlowMixin
 ):
+  slow_cases = (
+    "test_every_quantity_matches_tf_gradients0",
+    "test_every_quantity_matches_tf_gradients1",
+    "test_every_quantity_matches_tf_gradients2",
+  )
+
   @parameterized.parameters(
     (1, False, None),
     (1, True, "auto"),
@@ -305,6 +311,8 @@ class SeveralInputsTest(
   tf.test.TestCase, parameterized.TestCase, testing_utils.ControlFlowMixin
 ):
   """The Hessian over several inputs, cross blocks included."""
+
+  slow_cases = ("test_a_cond_in_the_model_and_the_callers_own_gradients1",)
 
   @parameterized.parameters(1, 2)
   def test_full_hessian_of_several_inputs_takes_one_walk(self, cf):

@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One thread in each of TensorFlow's pools: the README's `pytest -n 2` runs
+# two workers on two cores, and pools of a thread per core in each worker
+# spun against the other's (12% of the time of forward_test and
+# forward_chunks_test). The tests' subprocesses inherit it.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 # Legacy graph-mode Keras (tf_keras) behind tf.compat.v1.layers and
 # tf.compat.v1.nn.rnn_cell, as in the code bases tf1hess serves.
 # Only where tf-keras is installed: TensorFlow 2.15 with the variable set and

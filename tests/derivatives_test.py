@@ -115,6 +115,11 @@ class LogOrdersTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class ThirdOrderTest(tf.test.TestCase, parameterized.TestCase):
+  slow_cases = (
+    "test_exp_ridge_varies_per_sample_function_order4",
+    "test_exp_ridge_varies_per_sample_graph_order4",
+  )
+
   @parameterized.named_parameters(*_PATHS)
   def test_cubic_form_matches_symmetrised_coefficients(self, path):
     k = 3

@@ -41,6 +41,11 @@ def _graph_path(fn, x_val, order=2):
 
 
 class EagerMatchesGraphTest(tf.test.TestCase, parameterized.TestCase):
+  slow_cases = (
+    "test_in_tf_function_with_none_batch2",
+    "test_while_building_a_graph4",
+  )
+
   @parameterized.product(name=list(_FUNCTIONS), n=[0, 1, 7])
   def test_eagerly(self, name, n):
     x_val = np.random.default_rng(n).normal(size=(n, 4))
@@ -285,6 +290,8 @@ class WrongSecondDerivativesWarnTest(tf.test.TestCase):
 class CapturedInputTest(tf.test.TestCase, parameterized.TestCase):
   """`x` a tensor of the eager context or a variable, inside a
   `tf.function`: the derivatives are built on its value there."""
+
+  slow_cases = ("test_in_tf_function0",)
 
   @parameterized.product(
     kind=["captured", "variable"],

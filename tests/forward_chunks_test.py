@@ -147,6 +147,11 @@ def _chunked(graph):
 class ChunksTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  slow_cases = (
+    "test_chunks_agree_with_the_rows16",
+    "test_derivatives_with_respect_to_weights0",
+  )
+
   def setUp(self):
     super().setUp()
     patches = [

@@ -117,6 +117,22 @@ def _by_predicate(graph):
 class CondsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  slow_cases = (
+    "test_auto_walks_the_branches_where_the_engine_is_chosen1",
+    "test_batch_norm_in_training_takes_the_rows1",
+    "test_cond_in_a_tf_function1",
+    "test_keras_dropout1",
+    "test_layers_dropout_with_a_training_placeholder1",
+    "test_model_both_branches2",
+    "test_model_both_branches3",
+    "test_rows_in_a_branch_take_the_curvature_through_moments1",
+    "test_rows_of_an_imported_cond_take_the_curvature_through_moments1",
+    "test_state_changed_in_a_branch_falls_back1",
+    "test_weight_gradients_through_dropout3",
+    "test_weight_gradients_through_dropout5",
+    "test_weight_gradients_through_dropout7",
+  )
+
   def _check(self, x, feeds, method="forward", variables=False, branches=True):
     """The ops of `method` against the rows, on each feed; walked by branch
     (or, without `branches`, the rows of the whole model)."""
@@ -606,6 +622,12 @@ class CallsInAUsersCondTest(
 ):
   """The ops called in a branch of the user's own `tf.cond`, against the
   row loop outside it (nested `tf.gradients` of the same model)."""
+
+  slow_cases = (
+    "test_model_without_conds0",
+    "test_model_without_conds2",
+    "test_model_without_conds3",
+  )
 
   _METHODS = ("auto", "forward", "while_loop")
 

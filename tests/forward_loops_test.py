@@ -224,6 +224,27 @@ def _loops_before(t, types=loops.WHILE | loops.EXIT):
 class LoopsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  slow_cases = (
+    "test_auto_where_the_engine_is_chosen0",
+    "test_keras_recurrent_layer1",
+    "test_keras_recurrent_layer2",
+    "test_model1",
+    "test_model15",
+    "test_model2",
+    "test_model20",
+    "test_model21",
+    "test_model3",
+    "test_model4",
+    "test_model5",
+    "test_model6",
+    "test_model7",
+    "test_model8",
+    "test_model9",
+    "test_ops_built_after_a_session_ran_the_loop0",
+    "test_per_output_ops_built_after_a_session_ran_the_loop0",
+    "test_sequence_lengths_known_at_run_time1",
+  )
+
   def setUp(self):
     super().setUp()
     self.control_flow(2)

@@ -2806,6 +2806,16 @@ class MovedBatchAxisTest(
     "test_einsum_three_way",
     "test_forces_of_static_rnn0",
     "test_forces_of_static_rnn1",
+    "test_keras_recurrent_layer_unrolled1",
+    "test_keras_recurrent_layer_unrolled2",
+    "test_keras_recurrent_layer_unrolled5",
+    "test_keras_recurrent_layer_unrolled6",
+    "test_keras_recurrent_layer_unrolled7",
+    "test_model10",
+    "test_model4",
+    "test_model8",
+    "test_model9",
+    "test_static_rnn_over_split_time_major_rows1",
   )
 
   @parameterized.parameters(
@@ -3456,6 +3466,12 @@ class Float32ResizeTest(tf.test.TestCase, parameterized.TestCase):
 
 class Float32BatchNormTest(tf.test.TestCase, parameterized.TestCase):
   """FusedBatchNorm: TensorFlow's CPU kernels run it in float32."""
+
+  slow_cases = (
+    "test_inference0",
+    "test_inference1",
+    "test_inference2",
+  )
 
   @parameterized.parameters(
     ("NHWC", "FusedBatchNormV3"),

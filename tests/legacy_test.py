@@ -428,6 +428,8 @@ class BatchNormalizationTest(
   `If`), as plain graph ops under control flow v1 (`Switch`/`Merge`).
   """
 
+  slow_cases = ("test_hessians_match_tf_hessians_cf2_resource_float64",)
+
   def _write(self, directory, dtype, use_resource, x, after_updates):
     """Writes the model as SavedModel, MetaGraph + checkpoint and frozen
     GraphDef; with `after_updates`, `y` runs after the updates of the moving

@@ -33,6 +33,14 @@ def _quadratic(x, a):
 class BatchHessiansTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  slow_cases = (
+    "test_third_derivatives_compiled_by_xla2",
+    "test_third_derivatives_of_dynamic_features_compiled_by_xla1",
+    "test_third_derivatives_of_dynamic_features_compiled_by_xla2",
+    "test_weight_gradients_compiled_by_xla0",
+    "test_weight_gradients_compiled_by_xla1",
+  )
+
   @parameterized.product(
     n=[0, 1, 7, 64],
     dtype=[tf.float16, tf.bfloat16, tf.float32, tf.float64],
@@ -434,6 +442,11 @@ class LegacyModelsTest(
   testing_utils.ControlFlowMixin, tf.test.TestCase, parameterized.TestCase
 ):
   """Models built the way TF1 code builds them, against tf.hessians blocks."""
+
+  slow_cases = (
+    "test_lstm_dynamic_rnn_under_control_flow_v2",
+    "test_lstm_unrolled0",
+  )
 
   def _compare_with_tf_hessians(self, build, x_shape, n=3, atol=1e-6):
     with tf.Graph().as_default():

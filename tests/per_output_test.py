@@ -175,6 +175,8 @@ class OutputHessiansTest(
 class DiagonalsAndLaplaciansTest(
   tf.test.TestCase, parameterized.TestCase, testing_utils.ControlFlowMixin
 ):
+  slow_cases = ("test_match_the_joint_reference1",)
+
   @parameterized.parameters(1, 2)
   def test_match_the_joint_reference(self, cf):
     self.control_flow(cf)
@@ -285,6 +287,18 @@ def _fn(x):
 
 
 class EagerTest(tf.test.TestCase, parameterized.TestCase):
+  slow_cases = (
+    "test_eagerly_with_rank_three_inputs_and_outputs10",
+    "test_eagerly_with_rank_three_inputs_and_outputs11",
+    "test_eagerly_with_rank_three_inputs_and_outputs3",
+    "test_eagerly_with_rank_three_inputs_and_outputs4",
+    "test_eagerly_with_rank_three_inputs_and_outputs5",
+    "test_eagerly_with_rank_three_inputs_and_outputs6",
+    "test_eagerly_with_rank_three_inputs_and_outputs7",
+    "test_eagerly_with_rank_three_inputs_and_outputs8",
+    "test_eagerly_with_rank_three_inputs_and_outputs9",
+  )
+
   _PAIRS = (
     ("jacobians", "batch_jacobians"),
     ("hessians", "batch_output_hessians"),

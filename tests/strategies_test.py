@@ -94,6 +94,17 @@ class StrategyMixin(testing_utils.ControlFlowMixin):
 class GraphStrategiesTest(
   StrategyMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  slow_cases = (
+    "test_functions_of_fused_batch_norm_gradients1",
+    "test_functions_of_fused_batch_norm_gradients2",
+    "test_functions_of_fused_batch_norm_gradients3",
+    "test_functions_of_fused_batch_norm_gradients5",
+    "test_one_dense_layer_then_activations13",
+    "test_scan_model_under_control_flow_v21",
+    "test_scan_model_under_control_flow_v22",
+    "test_scan_model_under_control_flow_v27",
+  )
+
   @parameterized.parameters(
     testing_utils.in_turn(
       strategy=list(_STRATEGIES), dtype=[tf.float32, tf.float64], n=[0, 1, 7]
@@ -499,6 +510,12 @@ class GraphStrategiesTest(
 class FunctionAndEagerStrategiesTest(
   StrategyMixin, tf.test.TestCase, parameterized.TestCase
 ):
+  slow_cases = (
+    "test_eager_scan_model_in_tf_function0",
+    "test_eager_scan_model_in_tf_function2",
+    "test_eager_scan_model_in_tf_function9",
+  )
+
   @parameterized.product(strategy=list(_STRATEGIES), path=["graph", "eager"])
   def test_tf_function_with_none_batch(self, strategy, path):
     kwargs = self.strategy(strategy)
