@@ -25,6 +25,7 @@ Example:
     tf1hess.export.export_saved_model(model, "/tmp/model_hessians")
 """
 
+import collections
 import contextlib
 import os
 
@@ -43,11 +44,16 @@ INPUT_KEY = "x"
 SIGNATURE_NAME = "hessians"
 
 
+_Checked = collections.namedtuple(
+  "_Checked", ["graph", "xs_list", "xs_sequence", "ys_list", "aliases"]
+)
+
+
 def _check_model(model, session):
-  """Returns `(graph, xs_list, ys_list, aliases)` of a `HessianModel`, or
-  raises; `aliases`: `(name, tensor)` of its Hessians and gradients, under
-  the names the export gives them ("hessians", or "hessians_0", ... for a
-  list of `xs`)."""
+  """Returns the `_Checked` fields of a `HessianModel`, or raises:
+  `xs_sequence` whether `model.xs` is a list; `aliases` the `(name,
+  tensor)` of its Hessians and gradients, under the names the export gives
+  them ("hessians", or "hessians_0", ... for a list of `xs`)."""
   if not isinstance(model, legacy.HessianModel):
     raise TypeError(
       "`model` must be a tf1hess.legacy.HessianModel (from "
@@ -81,7 +87,7 @@ def _check_model(model, session):
       aliases += [(f"{alias}_{i}", t) for i, t in enumerate(values)]
     else:
       aliases.append((alias, values[0]))
-  return graph, xs_list, ys_list, aliases
+  return _Checked(graph, xs_list, xs_sequence, ys_list, aliases)
 
 
 def _unique_key(t, taken):
@@ -123,7 +129,12 @@ def frozen_graph_def(model, session=None):
       tensor is not of `model.graph`, or the graph already has another op
       named "hessians" or "gradients".
   """
-  graph, _, ys_list, aliases = _check_model(model, session)
+  return _frozen(_check_model(model, session), session)
+
+
+def _frozen(checked, session):
+  """`frozen_graph_def` of a model checked by `_check_model`."""
+  graph, _, _, ys_list, aliases = checked
   outputs = [t.op.name for _, t in aliases] + [y.op.name for y in ys_list]
   variables = [
     op.name for op in graph.get_operations() if op.type in legacy.VARIABLE_OPS
@@ -248,10 +259,11 @@ def _write_graph_def(graph_def, path, as_text):
       f.write(graph_def.SerializeToString())
 
 
-def _write_saved_model(graph_def, export_dir, model, tag, signature):
-  """Writes `graph_def` as a SavedModel with the Hessian signature."""
+def _write_saved_model(graph_def, export_dir, checked, tag, signature):
+  """Writes `graph_def`, frozen from the model `checked` (`_check_model`),
+  as a SavedModel with the Hessian signature."""
   graph = legacy.import_graph_def(graph_def)
-  _, xs_list, ys_list, aliases = _check_model(model, None)
+  _, xs_list, xs_sequence, ys_list, aliases = checked
   outputs = {
     alias: graph.get_tensor_by_name(alias + ":0") for alias, _ in aliases
   }
@@ -262,7 +274,7 @@ def _write_saved_model(graph_def, export_dir, model, tag, signature):
   # input the outputs read (`t` of a model of `x` and `t`): a signature
   # without it cannot be served, nor loaded by TF2.
   taken = set()
-  if _checks.as_list(model.xs)[1]:
+  if xs_sequence:
     inputs = {_unique_key(x, taken): x for x in xs_list}
   else:
     inputs = {INPUT_KEY: xs_list[0]}
@@ -349,13 +361,14 @@ def export_hessian_graph(
       "Give at least one output: `export_dir`, `output_graph` or `logdir`."
     )
   check_output_paths(export_dir, output_graph, logdir, overwrite)
-  graph_def = frozen_graph_def(model, session)
+  checked = _check_model(model, session)
+  graph_def = _frozen(checked, session)
   with contextlib.ExitStack() as stack:
     if export_dir:
       tmp = stack.enter_context(
         _files.atomic_output(export_dir, directory=True)
       )
-      _write_saved_model(graph_def, tmp, model, tag, signature_name)
+      _write_saved_model(graph_def, tmp, checked, tag, signature_name)
     if output_graph:
       tmp = stack.enter_context(_files.atomic_output(output_graph))
       _write_graph_def(graph_def, tmp, output_graph.endswith(".pbtxt"))
